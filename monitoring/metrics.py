@@ -1,0 +1,162 @@
+"""Prometheus metrics of streamrec, on a registry owned by (or passed to) each object.
+
+Nothing here touches prometheus_client's global ``REGISTRY``, so several workers, tests or
+monitors can live in one process.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from monitoring.calibration import CalibrationSnapshot
+
+__all__ = ["StreamrecMetrics", "serve_metrics"]
+
+_WS = ("window", "segment")
+
+
+class StreamrecMetrics:
+    """Every streamrec metric, as attributes named without the ``streamrec_`` prefix and the
+    ``_total`` suffix (``metrics.calibration_ratio``, ``metrics.dead_letters``, ...).
+
+    Window gauges are labelled ``window`` (e.g. ``"20k"``, ``"lifetime"``) and ``segment``
+    (keep its cardinality bounded: a handful of segments plus ``"all"``).
+
+    Args:
+        registry: where the metrics are registered; a fresh ``CollectorRegistry`` if None.
+
+    >>> from monitoring.calibration import CalibrationWindow
+    >>> m = StreamrecMetrics()
+    >>> m.impressions.inc(3)
+    >>> cw = CalibrationWindow(size=100)
+    >>> cw.update(predictions=[0.2, 0.4], labels=[0, 1])
+    >>> m.publish_snapshot(cw.window(), window="100")
+    >>> m.registry.get_sample_value("streamrec_impressions_total")
+    3.0
+    >>> m.registry.get_sample_value(
+    ...     "streamrec_calibration_ratio", {"window": "100", "segment": "all"})
+    0.6000000000000001
+    >>> "streamrec_drift_alarms_total" in m.metric_names()
+    True
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"streamrec_{name}", doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            # prometheus_client appends _total to the exported sample name.
+            return Counter(f"streamrec_{name}", doc, labels, registry=r)
+
+        # Calibration per window and segment.
+        self.predicted_ctr = gauge("predicted_ctr", "Mean predicted CTR, in [0, 1].", _WS)
+        self.actual_ctr = gauge("actual_ctr", "Observed click-through rate, in [0, 1].", _WS)
+        self.calibration_ratio = gauge(
+            "calibration_ratio", "Predicted over actual clicks, sum(p)/sum(y); 1 is ideal.", _WS
+        )
+        self.expected_calibration_error = gauge(
+            "expected_calibration_error",
+            "Expected calibration error over equal-mass bins, in [0, 1].",
+            _WS,
+        )
+        self.normalized_entropy = gauge(
+            "normalized_entropy", "Log loss over base-rate entropy; below 1 beats the prior.", _WS
+        )
+        self.auc = gauge("auc", "ROC AUC of predictions against clicks, in [0, 1].", _WS)
+        self.log_loss = gauge("log_loss", "Mean binary cross-entropy in nats.", _WS)
+        self.drift_z = gauge(
+            "drift_z",
+            "Calibration drift statistic (sum y - sum p)/sqrt(sum p(1-p)) over the drift window.",
+            ("segment",),
+        )
+        # Versions and sizes.
+        self.model_version = gauge("model_version", "Version of the ranker serving predictions.")
+        self.calibrator_version = gauge("calibrator_version", "Version of the active calibrator.")
+        self.index_version = gauge("index_version", "Version of the serving FAISS index.")
+        self.index_items = gauge("index_items", "Items in the serving FAISS index.")
+        self.hard_negative_pool_users = gauge(
+            "hard_negative_pool_users", "Users with a hard-negative pool."
+        )
+        self.pending_impressions = gauge(
+            "pending_impressions", "Impressions waiting in the join window for a click."
+        )
+        self.train_loss = gauge("train_loss", "Training loss of the latest micro-batch.")
+        self.event_time_watermark_seconds = gauge(
+            "event_time_watermark_seconds", "Event-time watermark of the joiner, epoch seconds."
+        )
+        # Counters.
+        self.impressions = counter("impressions", "Impressions received.")
+        self.clicks = counter("clicks", "Clicks received.")
+        self.labeled = counter("labeled", "Labelled examples emitted by the joiner.", ("label",))
+        for label in ("positive", "negative"):
+            self.labeled.labels(label=label)  # export zeros before the first example
+        self.duplicate_impressions = counter(
+            "duplicate_impressions", "Impressions dropped as duplicates of a seen impression_id."
+        )
+        self.duplicate_clicks = counter(
+            "duplicate_clicks", "Clicks counted once and dropped as duplicates."
+        )
+        self.late_clicks = counter(
+            "late_clicks", "Clicks arriving after their negative was emitted (corrections)."
+        )
+        self.dead_letters = counter(
+            "dead_letters", "Events sent to the dead-letter topic, by reason.", ("reason",)
+        )
+        self.scored = counter("scored", "Progressive predictions scored before training.")
+        self.train_batches = counter("train_batches", "Training micro-batches applied.")
+        self.nonfinite_batches = counter(
+            "nonfinite_batches", "Training micro-batches skipped for a non-finite loss."
+        )
+        self.drift_alarms = counter("drift_alarms", "Calibration drift alarms raised.")
+        self.recalibrations = counter("recalibrations", "Calibrator refits accepted.")
+        self.recalibrations_rejected = counter(
+            "recalibrations_rejected", "Calibrator refits rejected (no held-out improvement)."
+        )
+        self.index_refreshes = counter("index_refreshes", "FAISS index rebuilds swapped in.")
+
+    def publish_snapshot(
+        self, snapshot: CalibrationSnapshot, *, window: str, segment: str = "all"
+    ) -> None:
+        """Set the 7 window gauges for ``(window, segment)`` from ``snapshot``.
+
+        Undefined (``nan``) statistics are exported as NaN rather than skipped, so a stale
+        value never lingers on a dashboard and alerts comparing against it do not fire.
+        """
+        values = {
+            self.predicted_ctr: snapshot.mean_p,
+            self.actual_ctr: snapshot.actual_ctr,
+            self.calibration_ratio: snapshot.ratio,
+            self.expected_calibration_error: snapshot.ece,
+            self.normalized_entropy: snapshot.ne,
+            self.auc: snapshot.auc,
+            self.log_loss: snapshot.log_loss,
+        }
+        for gauge, value in values.items():
+            gauge.labels(window=window, segment=segment).set(float(value))
+
+    def metric_names(self) -> set[str]:
+        """Sample names as queried in PromQL: gauges by name, counters with ``_total``.
+
+        Includes labelled metrics that have no series yet; excludes ``_created`` samples.
+        """
+        names: set[str] = set()
+        for family in self.registry.collect():
+            names.add(f"{family.name}_total" if family.type == "counter" else family.name)
+        return names
+
+
+def serve_metrics(
+    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0
+) -> tuple[WSGIServer, int]:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    ``port=0`` binds a free port; the bound one is returned. Stop with ``server.shutdown()``
+    (then ``server.server_close()`` to release the socket).
+    """
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_address[1])

@@ -1,0 +1,376 @@
+"""``streamrec demo``: the whole pipeline on the embedded broker, end to end.
+
+Generates (or takes) a log, starts Tansu and one worker process, replays the log as fast as
+possible, waits until every impression is labelled and scored, then reads the ``scored``
+topic back and prints a summary (also written as JSON and Markdown under the run dir).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitoring.calibration import (
+    auc,
+    calibration_ratio,
+    expected_calibration_error,
+    log_loss,
+    normalized_entropy,
+)
+from stream.app import topic_plan
+from stream.broker import EmbeddedBroker, create_topics, free_port, wait_for_port
+from stream.events import TOPIC_CONTROL, TOPIC_SCORED, ScoredBatch
+from stream.replay import replay
+from stream.settings import Settings
+from stream.synthetic import SyntheticConfig, read_meta, write_synthetic
+
+log = logging.getLogger(__name__)
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Fetch a Prometheus text endpoint; returns ``{'name{labels}': value}`` (sums too)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310  # loopback only
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+            out[f"sum:{s.name}"] = out.get(f"sum:{s.name}", 0.0) + s.value
+    return out
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[bytes]:
+    """Every record value of ``topic`` from the beginning up to its current end."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","),
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        if not parts:
+            raise RuntimeError(f"topic {topic!r} does not exist on {bootstrap}")
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading the {topic} topic took over {timeout_s}s")
+            for records in consumer.poll(timeout_ms=500).values():
+                values.extend(r.value for r in records)
+        return values
+    finally:
+        consumer.close()
+
+
+def read_scored(bootstrap: str, timeout_s: float = 60.0) -> list[ScoredBatch]:
+    """Read the whole ``scored`` topic from the beginning."""
+    return [ScoredBatch.from_json(v) for v in read_topic(bootstrap, TOPIC_SCORED, timeout_s)]
+
+
+@dataclass
+class ScoredArrays:
+    ts: np.ndarray
+    y: np.ndarray
+    p: np.ndarray
+    p_raw: np.ndarray
+    true_p: np.ndarray  # nan where unknown
+    ids: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def of(batches: list[ScoredBatch]) -> ScoredArrays:
+        def cat(name: str) -> np.ndarray:
+            return np.asarray([v for b in batches for v in getattr(b, name)], dtype=np.float64)
+
+        tp = np.asarray(
+            [math.nan if v is None else v for b in batches for v in b.true_p], dtype=np.float64
+        )
+        ids = [i for b in batches for i in b.impression_ids]
+        return ScoredArrays(cat("ts"), cat("label"), cat("p"), cat("p_raw"), tp, ids)
+
+
+def summarize(arr: ScoredArrays, drift_ts: float | None) -> dict[str, Any]:
+    """Quality and calibration of the progressive (test-then-train) scores."""
+
+    def part(mask: np.ndarray) -> dict[str, float]:
+        p, y, tp = arr.p[mask], arr.y[mask], arr.true_p[mask]
+        d = {
+            "n": int(mask.sum()),
+            "clicks": int(y.sum()),
+            "ctr": float(y.mean()) if len(y) else math.nan,
+            "mean_p": float(p.mean()) if len(p) else math.nan,
+            "calibration_ratio": calibration_ratio(p, y),
+            "calibration_ratio_raw": calibration_ratio(arr.p_raw[mask], y),
+        }
+        known = np.isfinite(tp)
+        if known.any():
+            d["ratio_vs_true_p"] = float(p[known].sum() / tp[known].sum())
+        return d
+
+    everything = np.ones(len(arr.y), bool)
+    out: dict[str, Any] = {
+        "examples": len(arr.y),
+        "auc": auc(arr.p, arr.y),
+        "log_loss": log_loss(arr.p, arr.y),
+        "normalized_entropy": normalized_entropy(arr.p, arr.y),
+        "ece": expected_calibration_error(arr.p, arr.y),
+        "all": part(everything),
+    }
+    known = np.isfinite(arr.true_p)
+    if known.any():
+        out["oracle_normalized_entropy"] = normalized_entropy(arr.true_p[known], arr.y[known])
+    if drift_ts is not None:
+        before = arr.ts < drift_ts
+        out["before_drift"] = part(before)
+        out["after_drift"] = part(~before)
+        # the tail after drift: the last half of post-drift examples
+        idx = np.flatnonzero(~before)
+        tail = np.zeros(len(arr.y), bool)
+        tail[idx[len(idx) // 2 :]] = True
+        out["after_drift_second_half"] = part(tail)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}")
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render_table(rows: list[tuple[str, Any]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{'metric'.ljust(w)}  value", f"{'-' * w}  {'-' * 12}"]
+    lines += [f"{k.ljust(w)}  {_fmt(v)}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run_demo(
+    run_dir: str | Path = "runs/demo",
+    *,
+    log_path: str | Path | None = None,
+    n_impressions: int = 200_000,
+    seed: int = 0,
+    settings: Settings | None = None,
+    timeout_s: float = 600.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo; returns the report dict (also written to ``run_dir/report.json``)."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    if log_path is None:
+        log_path = run / f"synthetic-{n_impressions}-s{seed}.csv.gz"
+        if not Path(log_path).exists() or read_meta(log_path) is None:
+            print(f"generating {n_impressions:,} synthetic impressions -> {log_path}", flush=True)
+            write_synthetic(SyntheticConfig(n_impressions=n_impressions, seed=seed), log_path)
+    meta = read_meta(log_path) or {}
+    drift_ts = meta.get("drift_ts")
+
+    settings = settings or Settings()
+    metrics_port = free_port()
+    with EmbeddedBroker(log_path=run / "tansu.log") as broker:
+        settings = settings.replace(
+            broker=broker.url, metrics_port=metrics_port, data_dir=str(run / "worker-data")
+        )
+        create_topics(broker.url, topic_plan(settings))
+        worker = _start_worker(settings, run)
+        try:
+            wait_for_port("127.0.0.1", metrics_port, timeout_s=60)
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            print(f"broker {broker.url} (tansu, pid {broker.pid}); worker pid {worker.pid}; "
+                  f"metrics {metrics_url}", flush=True)  # fmt: skip
+            t0 = time.monotonic()
+            stats = replay(
+                log_path,
+                broker.url,
+                watermark_every=settings.replay_watermark_every,
+                final_watermark_gap_s=settings.join.window_s + settings.join.lateness_s + 1,
+                progress=progress,
+            )
+            print(
+                f"replayed {stats.impressions:,} impressions and {stats.clicks:,} clicks in "
+                f"{stats.seconds:.1f}s ({stats.events_per_s:,.0f} events/s)",
+                flush=True,
+            )
+            final = _wait_done(metrics_url, stats.impressions, worker, t0 + timeout_s, progress)
+            t_done = time.monotonic()
+            batches = read_scored(broker.url)
+            controls = [json.loads(v) for v in read_topic(broker.url, TOPIC_CONTROL)]
+        finally:
+            _stop(worker)
+    arr = ScoredArrays.of(batches)
+    np.savez_compressed(
+        run / "scored.npz", ts=arr.ts, y=arr.y, p=arr.p, p_raw=arr.p_raw, true_p=arr.true_p
+    )
+    summary = summarize(arr, drift_ts)
+    alarms = [c for c in controls if c.get("kind") == "drift"]
+    delays = []
+    if drift_ts is not None:
+        ts_sorted = np.sort(arr.ts)
+        for a in alarms:
+            if float(a["event_ts"]) >= drift_ts:
+                n_after = int(np.searchsorted(ts_sorted, float(a["event_ts"]), side="right")
+                              - np.searchsorted(ts_sorted, drift_ts))  # fmt: skip
+                delays.append(n_after)
+    n_ids = len(arr.ids)
+    distinct = len(set(arr.ids))
+    wall = t_done - t0
+    report: dict[str, Any] = {
+        "log": str(log_path),
+        "impressions": stats.impressions,
+        "clicks": stats.clicks,
+        "labeled": int(final.get("sum:streamrec_labeled_total", 0)),
+        "scored_records": n_ids,
+        "scored_distinct_impressions": distinct,
+        "drift_ts": drift_ts,
+        "drift_alarms": int(final.get("streamrec_drift_alarms_total", 0)),
+        "drift_alarm_events": alarms,
+        "first_alarm_after_drift_impressions": delays[0] if delays else None,
+        "recalibrations": int(final.get("streamrec_recalibrations_total", 0)),
+        "recalibrations_rejected": int(final.get("streamrec_recalibrations_rejected_total", 0)),
+        "index_refreshes": int(final.get("streamrec_index_refreshes_total", 0)),
+        "index_items": int(final.get("streamrec_index_items", 0)),
+        "hard_negative_pool_users": int(final.get("streamrec_hard_negative_pool_users", 0)),
+        "dead_letters": int(final.get("sum:streamrec_dead_letters_total", 0)),
+        "duplicate_clicks": int(final.get("streamrec_duplicate_clicks_total", 0)),
+        "late_clicks": int(final.get("streamrec_late_clicks_total", 0)),
+        "replay_seconds": stats.seconds,
+        "pipeline_seconds": wall,
+        "events_per_s": (stats.impressions + stats.clicks) / wall,
+        "impressions_per_s": stats.impressions / wall,
+        "total_seconds": time.monotonic() - t_start,
+        "quality": summary,
+    }
+    (run / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    table = render_table(_rows(report))
+    (run / "summary.md").write_text("# streamrec demo summary\n\n```\n" + table + "\n```\n")
+    print()
+    print(table)
+    print(f"\nreport: {run / 'report.json'}; logs: {run}/worker.log, {run}/tansu.log")
+    return report
+
+
+def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    q = r["quality"]
+    rows: list[tuple[str, Any]] = [
+        ("impressions replayed", r["impressions"]),
+        ("clicks replayed", r["clicks"]),
+        ("labelled", r["labeled"]),
+        ("scored (distinct impressions)", r["scored_distinct_impressions"]),
+        ("AUC (progressive)", q["auc"]),
+        ("log loss", q["log_loss"]),
+        ("normalised entropy", q["normalized_entropy"]),
+    ]
+    if "oracle_normalized_entropy" in q:
+        rows.append(("normalised entropy of true_p (oracle)", q["oracle_normalized_entropy"]))
+    rows.append(("ECE (equal-mass, 10 bins)", q["ece"]))
+    rows.append(("calibration ratio sum(p)/sum(y), all", q["all"]["calibration_ratio"]))
+    for key, name in (
+        ("before_drift", "before drift"),
+        ("after_drift", "after drift"),
+        ("after_drift_second_half", "after drift, 2nd half"),
+    ):
+        if key in q:
+            rows.append((f"CTR {name}", q[key]["ctr"]))
+            rows.append((f"calibration ratio {name} (served)", q[key]["calibration_ratio"]))
+            rows.append((f"calibration ratio {name} (raw)", q[key]["calibration_ratio_raw"]))
+            if "ratio_vs_true_p" in q[key]:
+                rows.append((f"sum(p)/sum(true_p) {name}", q[key]["ratio_vs_true_p"]))
+    rows += [
+        ("drift alarms", r["drift_alarms"]),
+        (
+            "first alarm after the drift (impressions later)",
+            r["first_alarm_after_drift_impressions"],
+        ),
+        ("recalibrations (accepted)", r["recalibrations"]),
+        ("recalibrations rejected", r["recalibrations_rejected"]),
+        ("index refreshes", r["index_refreshes"]),
+        ("index items", r["index_items"]),
+        ("hard-negative pool users", r["hard_negative_pool_users"]),
+        ("dead letters", r["dead_letters"]),
+        ("replay seconds", r["replay_seconds"]),
+        ("pipeline seconds (replay start -> all scored)", r["pipeline_seconds"]),
+        ("events per second (end to end)", r["events_per_s"]),
+        ("impressions per second (end to end)", r["impressions_per_s"]),
+    ]
+    return rows
+
+
+def _start_worker(settings: Settings, run: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "stream.cli", "worker",
+        "--broker", settings.broker,
+        "--metrics-port", str(settings.metrics_port),
+        "--data-dir", settings.data_dir,
+    ]  # fmt: skip
+    out = open(run / "worker.log", "ab")  # noqa: SIM115  # handed to the child
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    finally:
+        out.close()
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_done(
+    url: str,
+    impressions: int,
+    worker: subprocess.Popen[bytes],
+    deadline: float,
+    progress: bool,
+) -> dict[str, float]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=impressions, unit="imp", desc="labelled+scored", disable=not progress)
+    done = 0
+    while True:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {worker.returncode}; see worker.log")
+        m = scrape(url)
+        labeled = m.get("sum:streamrec_labeled_total", 0.0)
+        scored = m.get("streamrec_scored_total", 0.0)
+        now_done = int(min(labeled, scored))
+        bar.update(max(0, min(now_done, impressions) - done))
+        done = max(done, min(now_done, impressions))
+        if labeled >= impressions and scored >= labeled:
+            bar.close()
+            time.sleep(1.5)  # one more gauge publication and index refresh
+            return scrape(url)
+        if time.monotonic() > deadline:
+            bar.close()
+            raise TimeoutError(
+                f"not done in time: {labeled:.0f} labelled, {scored:.0f} scored of {impressions}"
+            )
+        time.sleep(0.5)

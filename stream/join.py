@@ -1,0 +1,260 @@
+"""The online joiner: impressions + clicks -> labelled examples, in event time.
+
+A plain object (no Kafka): the ``joiner`` agent keeps one :class:`OnlineJoiner` per input
+partition (impressions and clicks are co-partitioned by impression_id) and feeds it.
+
+Semantics (all times are event times, epoch seconds):
+
+* An impression waits in ``pending`` for its attribution window ``W``.
+* A click at ``t_click <= ts + W`` on a pending impression makes it a **positive**. With
+  ``emit_positives="window_close"`` (the default) the positive is emitted when the window
+  closes, like the negatives: examples then leave the joiner in impression-time order and
+  any slice of the labelled stream has the true click rate (no delayed-feedback bias, at
+  the price of W of label latency). With ``"click"`` it is emitted at once (fresher, but
+  a stream whose recent part is enriched in positives; see issue on delayed feedback).
+* The watermark is ``min(max ts seen on impressions, max ts seen on clicks) - lateness``
+  (each input's event time can run ahead of the other's when consumers lag). An impression
+  whose window closed (``ts + W < watermark``) is emitted as a **negative**.
+* A click that arrives before its impression waits in ``orphan_clicks`` (bounded by
+  ``orphan_grace_s`` of event time), then is counted as an orphan.
+* Duplicate impressions and duplicate clicks are counted once (the ids of recently
+  labelled impressions are remembered for ``dedup_horizon_s``).
+* A click inside the window on an impression already emitted as a negative (possible only
+  when a click is later than the lateness bound) is a **late click**; it is counted and, if
+  ``emit_corrections``, emitted as a ``correction`` positive.
+
+>>> j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0))
+>>> j.on_impression(Impression("a", 100.0, "u", "i"))
+[]
+>>> [e.kind for e in j.on_click(Click("a", 130.0))]
+[]
+>>> j.on_impression(Impression("b", 200.0, "u", "i"))
+[]
+>>> [e.impression.impression_id for e in j.on_watermark(300.0, source="impressions")]
+[]
+>>> [(e.impression.impression_id, e.kind) for e in j.on_watermark(300.0, source="clicks")]
+[('a', 'positive'), ('b', 'negative')]
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from stream.events import Click, Impression, LabeledExample
+
+__all__ = ["JoinConfig", "JoinCounters", "OnlineJoiner", "offline_join"]
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """Joiner settings, seconds of event time.
+
+    Args:
+        window_s: attribution window W: a click counts if ``t_click - ts <= window_s``.
+        lateness_s: allowed lateness: the watermark trails the max event time by this much.
+        orphan_grace_s: how long a click may wait for its impression.
+        dedup_horizon_s: how long labelled ids are remembered for duplicate detection.
+        max_pending: bound on waiting impressions; beyond it the oldest is emitted early.
+        emit_corrections: emit a ``correction`` positive for a late click.
+    """
+
+    window_s: float = 1800.0
+    lateness_s: float = 60.0
+    orphan_grace_s: float = 600.0
+    dedup_horizon_s: float = 7200.0
+    max_pending: int = 2_000_000
+    emit_corrections: bool = True
+    emit_positives: str = "window_close"  # "window_close" | "click"
+
+    def __post_init__(self) -> None:
+        for name in ("window_s", "lateness_s", "orphan_grace_s", "dedup_horizon_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"JoinConfig.{name} must be >= 0")
+        if self.max_pending < 1:
+            raise ValueError("JoinConfig.max_pending must be >= 1")
+        if self.emit_positives not in ("window_close", "click"):
+            raise ValueError("JoinConfig.emit_positives must be 'window_close' or 'click'")
+
+
+@dataclass
+class JoinCounters:
+    impressions: int = 0
+    clicks: int = 0
+    positives: int = 0
+    negatives: int = 0
+    corrections: int = 0
+    duplicate_impressions: int = 0
+    duplicate_clicks: int = 0
+    late_clicks: int = 0
+    orphan_clicks: int = 0
+    forced_negatives: int = 0
+
+
+class OnlineJoiner:
+    """Event-time join of one partition's impressions and clicks (see the module doc)."""
+
+    def __init__(self, config: JoinConfig | None = None) -> None:
+        self.config = config or JoinConfig()
+        self.pending: dict[str, Impression] = {}
+        self.clicked: dict[str, float] = {}  # pending impression id -> first click ts
+        self._deadlines: list[tuple[float, str]] = []  # (ts + W, impression_id) min-heap
+        self.orphan_clicks: OrderedDict[str, float] = OrderedDict()  # id -> click ts
+        # impression_id -> (label, label time, the impression if negative); insertion order
+        # is emission order. Negatives keep their impression so a late click can correct it.
+        self.done: OrderedDict[str, tuple[int, float, Impression | None]] = OrderedDict()
+        self.max_ts = {"impressions": float("-inf"), "clicks": float("-inf")}
+        self.counters = JoinCounters()
+        self.limit = float("inf")
+
+    @property
+    def watermark(self) -> float:
+        return min(self.max_ts.values()) - self.config.lateness_s
+
+    def _see(self, source: str, ts: float) -> None:
+        if ts > self.max_ts[source]:
+            self.max_ts[source] = ts
+
+    def on_impression(self, imp: Impression) -> list[LabeledExample]:
+        self._see("impressions", imp.ts)
+        iid = imp.impression_id
+        if iid in self.pending or iid in self.done:
+            self.counters.duplicate_impressions += 1
+            return self._expire()
+        self.counters.impressions += 1
+        out: list[LabeledExample] = []
+        click_ts = self.orphan_clicks.pop(iid, None)
+        in_window = click_ts is not None and click_ts - imp.ts <= self.config.window_s
+        if click_ts is not None and in_window and self.config.emit_positives == "click":
+            self._label(imp, 1, max(click_ts, imp.ts), "positive", out)
+        else:
+            self.pending[iid] = imp
+            if click_ts is not None and in_window:
+                self.clicked[iid] = click_ts
+            heapq.heappush(self._deadlines, (imp.ts + self.config.window_s, iid))
+            if len(self.pending) > self.config.max_pending:
+                self._force_oldest(out)
+        out.extend(self._expire())
+        return out
+
+    def on_click(self, click: Click) -> list[LabeledExample]:
+        self._see("clicks", click.ts)
+        iid = click.impression_id
+        out: list[LabeledExample] = []
+        imp = self.pending.get(iid)
+        if imp is not None:
+            if iid in self.clicked:
+                self.counters.duplicate_clicks += 1
+            else:
+                self.counters.clicks += 1
+                if click.ts - imp.ts <= self.config.window_s:
+                    if self.config.emit_positives == "click":
+                        del self.pending[iid]
+                        self._label(imp, 1, click.ts, "positive", out)
+                    else:
+                        self.clicked[iid] = click.ts
+            # a click after the window on a pending impression: the negative will follow
+        elif iid in self.done:
+            label, _, negative = self.done[iid]
+            if label == 1 or negative is None:
+                self.counters.duplicate_clicks += 1
+            elif click.ts - negative.ts > self.config.window_s:
+                self.counters.clicks += 1  # a click after the window: the negative stands
+            else:
+                self.counters.clicks += 1
+                self.counters.late_clicks += 1
+                self.done[iid] = (1, click.ts, None)
+                if self.config.emit_corrections:
+                    self.counters.corrections += 1
+                    out.append(LabeledExample(negative, 1, click.ts, 1.0, "correction"))
+        elif iid in self.orphan_clicks:
+            self.counters.duplicate_clicks += 1
+        else:
+            self.counters.clicks += 1
+            self.orphan_clicks[iid] = click.ts
+        out.extend(self._expire())
+        return out
+
+    def release(self, limit: float) -> list[LabeledExample]:
+        """Cap emission at event time ``limit`` (``inf`` removes the cap) and emit what is due.
+
+        A worker that owns several partitions caps each one at the minimum watermark of
+        all of them, so the labelled stream leaves in (near) event-time order even when the
+        consumer reads some partitions ahead of others.
+        """
+        self.limit = limit
+        return self._expire()
+
+    def on_watermark(self, ts: float, source: str) -> list[LabeledExample]:
+        """A producer watermark on ``source`` ("impressions" or "clicks")."""
+        self._see(source, ts)
+        return self._expire()
+
+    def _label(
+        self, imp: Impression, label: int, label_ts: float, kind: str, out: list[LabeledExample]
+    ) -> None:
+        out.append(LabeledExample(imp, label, label_ts, 1.0, kind))
+        self.done[imp.impression_id] = (label, label_ts, None if label else imp)
+        if label:
+            self.counters.positives += 1
+        else:
+            self.counters.negatives += 1
+
+    def _close(self, imp: Impression, deadline: float, out: list[LabeledExample]) -> None:
+        click_ts = self.clicked.pop(imp.impression_id, None)
+        if click_ts is None:
+            self._label(imp, 0, deadline, "negative", out)
+        else:
+            self._label(imp, 1, click_ts, "positive", out)
+
+    def _force_oldest(self, out: list[LabeledExample]) -> None:
+        while self._deadlines:
+            _, iid = heapq.heappop(self._deadlines)
+            imp = self.pending.pop(iid, None)
+            if imp is not None:
+                self.counters.forced_negatives += 1
+                self._close(imp, imp.ts + self.config.window_s, out)
+                return
+
+    def _expire(self) -> list[LabeledExample]:
+        wm = min(self.watermark, self.limit)
+        out: list[LabeledExample] = []
+        dl = self._deadlines
+        while dl and dl[0][0] < wm:
+            deadline, iid = heapq.heappop(dl)
+            imp = self.pending.pop(iid, None)
+            if imp is not None:
+                self._close(imp, deadline, out)
+        grace = wm - self.config.orphan_grace_s
+        while self.orphan_clicks:
+            iid, cts = next(iter(self.orphan_clicks.items()))
+            if cts >= grace:
+                break
+            self.orphan_clicks.popitem(last=False)
+            self.counters.orphan_clicks += 1
+        horizon = wm - self.config.dedup_horizon_s
+        while self.done:
+            iid, (_, lts, _) = next(iter(self.done.items()))
+            if lts >= horizon:
+                break
+            self.done.popitem(last=False)
+        return out
+
+
+def offline_join(
+    impressions: list[Impression], clicks: list[Click], window_s: float
+) -> dict[str, int]:
+    """Reference batch join: impression_id -> label (1 iff some click within ``window_s``).
+
+    Duplicate impressions keep the first occurrence; clicks on unknown ids are ignored.
+    """
+    first: dict[str, float] = {}
+    for imp in impressions:
+        first.setdefault(imp.impression_id, imp.ts)
+    labels = dict.fromkeys(first, 0)
+    for c in clicks:
+        ts = first.get(c.impression_id)
+        if ts is not None and c.ts - ts <= window_s:
+            labels[c.impression_id] = 1
+    return labels

@@ -1,0 +1,749 @@
+"""Readers and writer for the canonical impression log (see ``LOG_FORMAT.md``).
+
+One row per impression, ordered by event time. Reserved columns:
+
+========================  ============================================================
+``ts``                    impression event time, epoch seconds (UTC), float64
+``impression_id``         unique string id (the impression/click join key)
+``user_id``, ``item_id``  strings (read as text, so ``"007"`` stays ``"007"``)
+``position``              1-based slot in the slate, nullable ``Int64`` (``<NA>`` = unknown)
+``click``                 0 / 1, int64
+``click_ts``              epoch seconds (UTC) of the click, float64; NaN exactly when
+                          ``click == 0``; ``click_ts >= ts``
+``true_p``                true click probability in [0, 1] (synthetic logs); never a feature
+``propensity``            logging-policy probability in (0, 1] (OBD); never a feature
+========================  ============================================================
+
+Every other column is a feature. A feature column is *numeric* (float64) when every
+non-empty value parses as a finite number, otherwise *categorical* (``str`` values); an empty
+cell is a missing value (NaN), never the category ``"nan"``. Id and categorical columns use
+the dtype pandas gives a list of strings (``str`` on pandas >= 3, ``object`` before).
+
+:func:`read_log_frame` returns frames in one normal form whatever the file format (CSV,
+CSV.gz, JSONL, JSONL.gz, Parquet): the reserved columns present in
+:data:`RESERVED_COLUMNS` order (``position`` and ``click_ts`` are always there, filled
+with missing values when the file lacks them; ``true_p`` / ``propensity`` only when the
+file has them), then the features sorted by name, with a fresh ``RangeIndex``.
+
+Unsorted input is an error, not silently fixed: a replay must see exactly the order the
+writer meant, and ties keep the writer's order, so only the writer can sort (stably).
+
+Example:
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> df = pd.DataFrame({
+...     "ts": [1700000000.25, 1700000000.25],
+...     "impression_id": ["imp-1", "imp-2"],
+...     "user_id": ["u17", "u17"],
+...     "item_id": ["i230", "007"],
+...     "position": [1, 2],
+...     "click": [0, 1],
+...     "click_ts": [float("nan"), 1700000093.1],
+...     "ctx_device": ["mobile", None],
+...     "item_price": [12.5, 3.0],
+... })
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     path = Path(tmp) / "log.csv"
+...     write_log(df, path)
+...     rows = list(iter_log(path))
+>>> rows[1].item_id, rows[1].click_ts, rows[1].features
+('007', 1700000093.1, {'item_price': 3.0})
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "RESERVED_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "LogFormatError",
+    "LogRow",
+    "read_log_frame",
+    "iter_log",
+    "frame_to_rows",
+    "write_log",
+    "read_obd",
+    "convert_obd",
+]
+
+RESERVED_COLUMNS: tuple[str, ...] = (
+    "ts",
+    "impression_id",
+    "user_id",
+    "item_id",
+    "position",
+    "click",
+    "click_ts",
+    "true_p",
+    "propensity",
+)
+REQUIRED_COLUMNS: tuple[str, ...] = ("ts", "impression_id", "user_id", "item_id", "click")
+
+_ID_COLUMNS = ("impression_id", "user_id", "item_id")
+_ALWAYS_PRESENT = ("position", "click_ts")
+
+_Kind = Literal["csv", "jsonl", "parquet", "frame"]
+
+# the dtype pandas gives a column of Python strings: "str" on pandas >= 3, object before;
+# the normal form uses it so frames built from plain lists of str compare equal
+_TEXT_DTYPE = pd.Series(["a"]).dtype
+
+
+def _is_text(dtype: Any) -> bool:
+    return pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+
+
+class LogFormatError(ValueError):
+    """A log file (or frame) does not follow the canonical format.
+
+    The message names the file, the column and, where it makes sense, the data row
+    (1-based) and the line of the file (CSV: the header is line 1).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """One impression of a canonical log.
+
+    ``ts`` and ``click_ts`` are epoch seconds (UTC); ``click_ts`` is None unless
+    ``click == 1``. ``position`` is 1-based or None when unknown. ``features`` maps feature
+    column names to values (categorical: ``str``, numeric: ``float``); it never holds a
+    reserved column, and a missing (empty) cell is left out of the dict. ``true_p`` (true
+    click probability) and ``propensity`` (logging-policy probability) are evaluation
+    metadata, never model inputs.
+    """
+
+    ts: float
+    impression_id: str
+    user_id: str
+    item_id: str
+    position: int | None
+    click: int
+    click_ts: float | None
+    features: dict[str, str | float]
+    true_p: float | None = None
+    propensity: float | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _kind_of(path: Path) -> tuple[_Kind, bool]:
+    """Return (format, gzipped) from the file name suffixes."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if gz:
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last == ".csv":
+        return "csv", gz
+    if last in (".jsonl", ".ndjson"):
+        return "jsonl", gz
+    if last in (".parquet", ".pq") and not gz:
+        return "parquet", gz
+    raise LogFormatError(
+        f"{path}: unknown log format; expected a name ending in .csv, .csv.gz, .jsonl, "
+        ".jsonl.gz or .parquet"
+    )
+
+
+def _locator(kind: _Kind) -> Callable[[int], str]:
+    """Map a 0-based data row to a human-readable position."""
+    if kind == "csv":
+        return lambda i: f"row {i + 1} (line {i + 2})"
+    if kind == "jsonl":
+        return lambda i: f"row {i + 1} (line {i + 1})"
+    return lambda i: f"row {i + 1}"
+
+
+def _as_object_str(s: pd.Series) -> pd.Series:
+    """Values as ``str`` in an object Series; missing and empty strings become NaN."""
+    out = s.astype(object)
+    missing = out.isna().to_numpy()
+    if pd.api.types.infer_dtype(out, skipna=True) not in ("string", "empty"):
+        out = pd.Series(
+            [v if m or isinstance(v, str) else str(v) for v, m in zip(out, missing, strict=True)],
+            index=s.index,
+            dtype=object,
+        )
+    empty = (out == "").to_numpy(dtype=bool)
+    if empty.any():
+        out = out.where(~empty, np.nan)
+    return out.where(out.notna(), np.nan)
+
+
+def _parse_numbers(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a column as float64. Returns (values, unparsable) where unparsable flags
+    non-empty cells that are not numbers; empty cells are NaN and not flagged."""
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return s.to_numpy(dtype=float), np.zeros(len(s), dtype=bool)
+    if pd.api.types.is_numeric_dtype(s.dtype):
+        return s.to_numpy(dtype=float, na_value=np.nan), np.zeros(len(s), dtype=bool)
+    text = _as_object_str(s)
+    present = text.notna().to_numpy()
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    return values, present & np.isnan(values)
+
+
+def _feature_column(s: pd.Series) -> pd.Series:
+    """Type a feature column by the spec's rule (numeric iff every non-empty value parses
+    as a finite number)."""
+    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+        values = s.to_numpy(dtype=float, na_value=np.nan)
+        if np.isfinite(values[~np.isnan(values)]).all():
+            return pd.Series(values, dtype="float64")
+        return _as_object_str(s).reset_index(drop=True)
+    text = _as_object_str(s).reset_index(drop=True)
+    try:
+        # raise mode stops at the first non-number, so categorical columns cost ~nothing
+        values = pd.to_numeric(text).to_numpy(dtype=float, na_value=np.nan)
+    except (ValueError, TypeError):
+        return text
+    if np.isfinite(values[~np.isnan(values)]).all():
+        return pd.Series(values, dtype="float64")
+    return text
+
+
+def _normalize(raw: pd.DataFrame, *, source: str, kind: _Kind) -> pd.DataFrame:
+    """Validate a raw log table and return it in the normal form described in the module
+    docstring. Raises LogFormatError naming ``source``, the column and the row."""
+    raw = raw.reset_index(drop=True)
+    raw.columns = [str(c) for c in raw.columns]
+    where = _locator(kind)
+
+    def fail(col: str, i: int, msg: str) -> LogFormatError:
+        return LogFormatError(f"{source}: column {col!r}, {where(i)}: {msg}")
+
+    dupes = sorted({c for c in raw.columns if list(raw.columns).count(c) > 1})
+    if dupes:
+        raise LogFormatError(f"{source}: duplicate column(s) {', '.join(map(repr, dupes))}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
+    if missing:
+        raise LogFormatError(
+            f"{source}: missing required column(s) {', '.join(map(repr, missing))}; "
+            f"found {list(raw.columns)}"
+        )
+    n = len(raw)
+    out: dict[str, pd.Series] = {}
+
+    # ts: finite, non-negative epoch seconds, non-decreasing
+    ts, bad = _parse_numbers(raw["ts"])
+    invalid = bad | ~np.isfinite(ts) | (ts < 0)
+    if invalid.any():
+        i = int(np.argmax(invalid))
+        raise fail("ts", i, f"expected finite non-negative epoch seconds, got {raw['ts'][i]!r}")
+    if n > 1:
+        back = np.diff(ts) < 0
+        if back.any():
+            i = int(np.argmax(back)) + 1
+            raise fail(
+                "ts",
+                i,
+                f"ts {ts[i]!r} is before the previous row's {ts[i - 1]!r}; rows must be "
+                "ordered by ts (non-decreasing; sort stably before writing)",
+            )
+    out["ts"] = pd.Series(ts, dtype="float64")
+
+    for col in _ID_COLUMNS:
+        ids = _as_object_str(raw[col])
+        empty = ids.isna().to_numpy()
+        if empty.any():
+            raise fail(col, int(np.argmax(empty)), "empty id")
+        out[col] = ids.reset_index(drop=True).astype(_TEXT_DTYPE)
+    dup = out["impression_id"].duplicated().to_numpy()
+    if dup.any():
+        i = int(np.argmax(dup))
+        raise fail("impression_id", i, f"duplicate impression_id {out['impression_id'][i]!r}")
+
+    # position: optional, 1-based integer, empty = unknown
+    if "position" in raw.columns:
+        pos, bad = _parse_numbers(raw["position"])
+        present = ~np.isnan(pos)
+        with np.errstate(invalid="ignore"):
+            invalid = bad | (present & (~np.isfinite(pos) | (pos < 1) | (pos != np.floor(pos))))
+        if invalid.any():
+            i = int(np.argmax(invalid))
+            raise fail(
+                "position", i, f"expected a 1-based integer or empty, got {raw['position'][i]!r}"
+            )
+        out["position"] = pd.Series(pos, dtype="float64").astype("Int64")
+    else:
+        out["position"] = pd.Series(pd.array([pd.NA] * n, dtype="Int64"))
+
+    click, bad = _parse_numbers(raw["click"])
+    invalid = bad | ~np.isin(click, (0.0, 1.0))
+    if invalid.any():
+        i = int(np.argmax(invalid))
+        raise fail("click", i, f"expected 0 or 1, got {raw['click'][i]!r}")
+    out["click"] = pd.Series(click.astype(np.int64))
+
+    # click_ts: set exactly on clicked rows, never before ts; absent column = unknown times
+    if "click_ts" in raw.columns:
+        cts, bad = _parse_numbers(raw["click_ts"])
+        present = ~np.isnan(cts)
+        checks = (
+            (bad, "expected epoch seconds or empty"),
+            (present & ~np.isfinite(cts), "expected finite epoch seconds"),
+            ((click == 1) & ~present, "click is 1 but click_ts is empty"),
+            ((click == 0) & present, "click_ts is set on a row with click 0"),
+            (present & (cts < ts), "click_ts is before the impression ts"),
+        )
+        for mask, msg in checks:
+            if mask.any():
+                i = int(np.argmax(mask))
+                raise fail("click_ts", i, f"{msg} (click_ts={raw['click_ts'][i]!r}, ts={ts[i]!r})")
+        out["click_ts"] = pd.Series(cts, dtype="float64")
+    else:
+        out["click_ts"] = pd.Series(np.full(n, np.nan), dtype="float64")
+
+    for col, low_open in (("true_p", False), ("propensity", True)):
+        if col not in raw.columns:
+            continue
+        vals, bad = _parse_numbers(raw[col])
+        present = ~np.isnan(vals)
+        with np.errstate(invalid="ignore"):
+            low = vals <= 0 if low_open else vals < 0
+            invalid = bad | (present & (~np.isfinite(vals) | low | (vals > 1)))
+        if invalid.any():
+            i = int(np.argmax(invalid))
+            rng = "(0, 1]" if low_open else "[0, 1]"
+            raise fail(col, i, f"expected a probability in {rng} or empty, got {raw[col][i]!r}")
+        out[col] = pd.Series(vals, dtype="float64")
+
+    for col in sorted(c for c in raw.columns if c not in RESERVED_COLUMNS):
+        feature = _feature_column(raw[col])
+        out[col] = feature if feature.dtype == np.float64 else feature.astype(_TEXT_DTYPE)
+
+    frame = pd.DataFrame(out)
+    frame.index = pd.RangeIndex(n)
+    return frame
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_log_frame(path: str | Path) -> pd.DataFrame:
+    """Read and validate a canonical log: ``.csv``, ``.csv.gz``, ``.jsonl(.gz)`` /
+    ``.ndjson(.gz)`` or ``.parquet``, chosen by suffix.
+
+    Returns the normal form described in the module docstring (``ts``/``click_ts`` in
+    epoch seconds UTC). Raises :class:`LogFormatError` (naming the file, column and first
+    offending row) on: missing required columns, empty ids, non-finite or negative ``ts``,
+    rows not ordered by ``ts``, duplicate ``impression_id``, ``click`` outside {0, 1},
+    ``click_ts`` missing on a click / set on a non-click / before ``ts``, ``position`` not
+    a positive integer, ``true_p`` / ``propensity`` outside [0, 1].
+    """
+    path = Path(path)
+    kind, _ = _kind_of(path)
+    try:
+        if kind == "csv":
+            # everything as text with only empty cells missing: "007" stays "007", "NA" is a
+            # category, and feature types follow the spec's rule instead of pandas' guesses
+            raw = pd.read_csv(
+                path,
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
+                encoding="utf-8",
+                compression="infer",
+            )
+        elif kind == "jsonl":
+            raw = _read_jsonl(path)
+        else:
+            raw = pd.read_parquet(path)
+    except pd.errors.EmptyDataError as exc:
+        raise LogFormatError(f"{path}: empty file (no header)") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise LogFormatError(f"{path}: cannot parse as {kind}: {exc}") from exc
+    except ValueError as exc:
+        if isinstance(exc, LogFormatError):
+            raise
+        raise LogFormatError(f"{path}: cannot parse as {kind}: {exc}") from exc
+    return _normalize(raw, source=str(path), kind=kind)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line (a trailing newline is fine); absent keys and nulls are
+    missing values. Parsed with the json module: exact floats, no date or dtype guessing."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise LogFormatError(f"{path}: empty file (no rows and no columns)")
+    decode = json.JSONDecoder().decode
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rec = decode(line)
+        except json.JSONDecodeError as exc:
+            raise LogFormatError(f"{path}: line {number}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(rec, dict):
+            raise LogFormatError(f"{path}: line {number}: expected a JSON object per line")
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def frame_to_rows(df: pd.DataFrame) -> list[LogRow]:
+    """Convert a log frame (normal form, or any frame with the required columns) to
+    :class:`LogRow` objects, in frame order.
+
+    Feature dicts leave out missing cells; values of numeric (non-bool) columns become
+    ``float``, everything else ``str``. Reserved columns never appear in ``features``.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise LogFormatError(
+            f"frame_to_rows: missing required column(s) {', '.join(map(repr, missing))}"
+        )
+    n = len(df)
+    none_list: list[Any] = [None] * n
+
+    def floats(col: str) -> list[Any]:
+        if col not in df.columns:
+            return none_list
+        vals = df[col].to_numpy(dtype=float, na_value=np.nan)
+        return [None if math.isnan(v) else v for v in vals.tolist()]
+
+    def strs(col: str) -> list[str]:
+        return [v if isinstance(v, str) else str(v) for v in df[col].tolist()]
+
+    ts = df["ts"].to_numpy(dtype=float).tolist()
+    click = df["click"].to_numpy(dtype=np.int64).tolist()
+    position = [None if v is None else int(v) for v in floats("position")]
+    click_ts, true_p, propensity = floats("click_ts"), floats("true_p"), floats("propensity")
+
+    names = [str(c) for c in df.columns if str(c) not in RESERVED_COLUMNS]
+    columns: list[list[Any]] = []
+    for name in names:
+        s = df[name]
+        if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+            columns.append(floats(name))
+        else:
+            miss = s.isna().to_numpy()
+            columns.append(
+                [
+                    None if m else (v if isinstance(v, str) else str(v))
+                    for v, m in zip(s.tolist(), miss.tolist(), strict=True)
+                ]
+            )
+    feature_rows: Iterator[tuple[Any, ...]] = (
+        zip(*columns, strict=True) if columns else iter([()] * n)
+    )
+
+    def features(vals: tuple[Any, ...]) -> dict[str, str | float]:
+        if None in vals:
+            return {k: v for k, v in zip(names, vals, strict=True) if v is not None}
+        return dict(zip(names, vals, strict=True))
+
+    # positional arguments: LogRow field order (ts, impression_id, user_id, item_id,
+    # position, click, click_ts, features, true_p, propensity); keywords cost ~30% here
+    return [
+        LogRow(t, imp, user, item, pos, c, cts, features(vals), tp, pr)
+        for t, imp, user, item, pos, c, cts, tp, pr, vals in zip(
+            ts,
+            strs("impression_id"),
+            strs("user_id"),
+            strs("item_id"),
+            position,
+            click,
+            click_ts,
+            true_p,
+            propensity,
+            feature_rows,
+            strict=True,
+        )
+    ]
+
+
+def iter_log(path: str | Path, *, chunksize: int = 50_000) -> Iterator[LogRow]:
+    """Stream the rows of a canonical log (any format :func:`read_log_frame` reads).
+
+    The whole file is read and validated first (column types are decided over the whole
+    file, and a bad row anywhere fails before the first row is yielded); :class:`LogRow`
+    objects are then built ``chunksize`` rows at a time to bound memory. Fine for files up
+    to a few million rows.
+    """
+    if chunksize < 1:
+        raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+    df = read_log_frame(path)
+    for start in range(0, len(df), chunksize):
+        yield from frame_to_rows(df.iloc[start : start + chunksize])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _format_epoch(values: np.ndarray) -> list[str]:
+    """Epoch seconds as text with microsecond precision (shortest form); NaN -> ''."""
+    return ["" if math.isnan(v) else repr(round(v, 6)) for v in values.tolist()]
+
+
+def write_log(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` as a canonical CSV log (gzip-compressed when ``path`` ends in ``.gz``).
+
+    The frame is validated like :func:`read_log_frame` validates a file. Columns are written
+    in canonical order (reserved columns first, then features sorted by name); ``ts`` and
+    ``click_ts`` (epoch seconds) with microsecond precision, ``click_ts`` empty when there
+    is no click, missing values as empty cells. A categorical (text) feature whose values
+    all look like numbers is rejected, since it would read back as numeric: prefix such
+    codes (e.g. ``c12``).
+    """
+    path = Path(path)
+    kind, _ = _kind_of(path)
+    if kind != "csv":
+        raise LogFormatError(f"{path}: write_log writes CSV only (.csv or .csv.gz)")
+    source = f"write_log({path})"
+    frame = _normalize(df, source=source, kind="frame")
+    for col in frame.columns:
+        if col in RESERVED_COLUMNS or col not in df.columns:
+            continue
+        text_in = not pd.api.types.is_numeric_dtype(df[col].dtype)
+        if text_in and frame[col].dtype == np.float64 and frame[col].notna().any():
+            raise LogFormatError(
+                f"{source}: column {col!r} holds categorical codes that all look like numbers "
+                "and would read back as numeric; make them non-numeric (e.g. 'c12')"
+            )
+    cells = [_format_column(str(col), frame[col]) for col in frame.columns]
+    # the csv module quotes a field holding "\n" (our line terminator) but not a bare "\r",
+    # which CSV readers take as a line break: quote every field in that (rare) case
+    quote_all = any(
+        _is_text(frame[col].dtype) and frame[col].str.contains("\r", regex=False, na=False).any()
+        for col in frame.columns
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gz":
+        # no name, mtime=0: the same frame always gives the same bytes
+        with (
+            open(path, "wb") as raw,
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+            io.TextIOWrapper(gz, encoding="utf-8", newline="") as text,
+        ):
+            _write_rows(text, list(frame.columns), cells, quote_all)
+    else:
+        with open(path, "w", encoding="utf-8", newline="") as text:
+            _write_rows(text, list(frame.columns), cells, quote_all)
+
+
+def _format_column(name: str, s: pd.Series) -> list[str]:
+    """One column of a normal-form frame as CSV cells; missing -> ''."""
+    if name in ("ts", "click_ts"):
+        return _format_epoch(s.to_numpy(dtype=float))
+    if isinstance(s.dtype, pd.Int64Dtype):
+        missing = s.isna().to_numpy().tolist()
+        ints = s.to_numpy(dtype=np.int64, na_value=0).tolist()
+        return ["" if m else str(v) for v, m in zip(ints, missing, strict=True)]
+    if pd.api.types.is_integer_dtype(s.dtype):
+        return list(map(str, s.tolist()))
+    if pd.api.types.is_float_dtype(s.dtype):
+        # repr is the shortest text that reads back to the same float64
+        return ["" if math.isnan(v) else repr(v) for v in s.to_numpy(dtype=float).tolist()]
+    return [v if isinstance(v, str) else "" for v in s.tolist()]
+
+
+def _write_rows(text: TextIO, header: list[str], cells: list[list[str]], quote_all: bool) -> None:
+    writer = csv.writer(
+        text, lineterminator="\n", quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL
+    )
+    writer.writerow(header)
+    writer.writerows(zip(*cells, strict=True))
+
+
+# --------------------------------------------------------------------------- Open Bandit
+
+
+def _non_numeric_codes(s: pd.Series, prefix: str) -> pd.Series:
+    """Categorical codes as str; when every code looks like a number, prefix them all so
+    the column stays categorical when read back (spec rule)."""
+    text = _as_object_str(s).reset_index(drop=True)
+    present = text.notna()
+    if not present.any():
+        return text
+    values = pd.to_numeric(text, errors="coerce")
+    if values[present].notna().all():
+        return text.where(~present, prefix + text.astype(str))
+    return text
+
+
+def read_obd(
+    csv_path: str | Path,
+    *,
+    item_context: str | Path | None = None,
+    click_delay_s: float = 30.0,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Convert an Open Bandit Dataset file (Saito et al., NeurIPS 2021 D&B, CC BY 4.0) to a
+    canonical log frame (normal form of :func:`read_log_frame`, sorted stably by ``ts``).
+
+    Input layout: an unnamed row-index column, ``timestamp`` (ISO-8601, UTC), ``item_id``,
+    ``position`` (1-based), ``click``, ``propensity_score``, ``user_feature_0..3`` (hashed
+    categorical) and ``user-item_affinity_<k>``. Mapping:
+
+    - ``ts``: ``timestamp`` as epoch seconds (UTC), rounded to microseconds.
+    - ``impression_id``: ``obd-<row index>`` (the file's unnamed index, else the 0-based row
+      number), stable across runs.
+    - ``user_id``: OBD has no user id; the user is identified by the concatenation
+      ``"u" + "-".join(user_feature_0..3)`` (users with identical features collapse).
+    - ``item_id``: ``"i" + item_id``; ``position`` kept; ``propensity`` from
+      ``propensity_score`` (reserved, never a feature).
+    - ``click_ts``: OBD has no click time. For clicked rows it is derived as
+      ``ts + delay`` with ``delay ~ Exponential(mean=click_delay_s)`` seconds, drawn from
+      ``np.random.default_rng(seed)`` (one draw per row in file order, so the result depends
+      only on the file and the seed); empty for non-clicks.
+    - features: ``user_feature_k`` (categorical str); ``affinity_shown`` (numeric), the
+      ``user-item_affinity_<item_id>`` value of the shown item; and, when ``item_context``
+      (the ``item_context.csv`` file, columns ``item_id``, ``item_feature_0..3``) is given,
+      its columns joined on ``item_id`` (named ``item_*``): float columns stay numeric
+      (``item_feature_0``), others are categorical, prefixed ``c`` if all look like numbers.
+      ``item_context=None`` means no item features.
+    """
+    csv_path = Path(csv_path)
+    if not (math.isfinite(click_delay_s) and click_delay_s >= 0):
+        raise ValueError(f"click_delay_s must be finite and >= 0, got {click_delay_s}")
+    src = str(csv_path)
+    try:
+        raw = pd.read_csv(csv_path, dtype={f"user_feature_{k}": str for k in range(4)})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise LogFormatError(f"{src}: cannot read as an Open Bandit Dataset CSV: {exc}") from exc
+    needed = ("timestamp", "item_id", "position", "click", "propensity_score")
+    missing = [c for c in needed if c not in raw.columns]
+    if missing:
+        raise LogFormatError(
+            f"{src}: not an Open Bandit Dataset file, missing column(s) "
+            f"{', '.join(map(repr, missing))}"
+        )
+    n = len(raw)
+    first = str(raw.columns[0])
+    if first == "" or first.startswith("Unnamed"):
+        row_ids = raw[raw.columns[0]].astype(np.int64).to_numpy()
+    else:
+        row_ids = np.arange(n, dtype=np.int64)
+
+    try:
+        stamps = pd.to_datetime(raw["timestamp"], utc=True)
+    except (ValueError, TypeError) as exc:
+        raise LogFormatError(f"{src}: column 'timestamp': not ISO-8601 ({exc})") from exc
+    epoch = pd.Timestamp("1970-01-01", tz="UTC")
+    ts = ((stamps - epoch) / pd.Timedelta(seconds=1)).to_numpy(dtype=float).round(6)
+
+    item_num = pd.to_numeric(raw["item_id"], errors="coerce").to_numpy(dtype=float)
+    if np.isnan(item_num).any() or (item_num != np.floor(item_num)).any():
+        i = int(np.argmax(np.isnan(item_num) | (item_num != np.floor(item_num))))
+        raise LogFormatError(
+            f"{src}: column 'item_id', row {i + 1} (line {i + 2}): expected an integer id, "
+            f"got {raw['item_id'][i]!r}"
+        )
+    items = item_num.astype(np.int64)
+
+    user_cols = sorted(
+        (str(c) for c in raw.columns if re.fullmatch(r"user_feature_\d+", str(c))),
+        key=lambda c: int(c.rsplit("_", 1)[1]),
+    )
+    user_id = pd.Series(["u"] * n, dtype=object)
+    for k, col in enumerate(user_cols):
+        part = raw[col].astype(object).where(raw[col].notna(), "").astype(str)
+        user_id = user_id + ("-" if k else "") + part.to_numpy(dtype=object)
+
+    rng = np.random.default_rng(seed)
+    delays = rng.exponential(click_delay_s, size=n) if click_delay_s > 0 else np.zeros(n)
+    click = pd.to_numeric(raw["click"], errors="coerce").to_numpy(dtype=float)
+    click_ts = np.where(click == 1, np.round(ts + delays, 6), np.nan)
+
+    frame: dict[str, Any] = {
+        "ts": ts,
+        "impression_id": [f"obd-{i}" for i in row_ids.tolist()],
+        "user_id": user_id.to_numpy(dtype=object),
+        "item_id": [f"i{i}" for i in items.tolist()],
+        "position": raw["position"].to_numpy(),
+        "click": raw["click"].to_numpy(),
+        "click_ts": click_ts,
+        "propensity": raw["propensity_score"].to_numpy(),
+    }
+    for col in user_cols:
+        frame[str(col)] = _non_numeric_codes(raw[col], "c").to_numpy(dtype=object)
+
+    aff_cols = {
+        int(m.group(1)): c
+        for c in raw.columns
+        if (m := re.fullmatch(r"user-item_affinity_(\d+)", str(c)))
+    }
+    if aff_cols:
+        keys = sorted(aff_cols)
+        matrix = raw[[aff_cols[k] for k in keys]].to_numpy(dtype=float)
+        col_of = {k: j for j, k in enumerate(keys)}
+        j = np.array([col_of.get(int(i), -1) for i in items.tolist()], dtype=np.int64)
+        shown = np.full(n, np.nan)
+        ok = j >= 0
+        shown[ok] = matrix[np.flatnonzero(ok), j[ok]]
+        frame["affinity_shown"] = shown
+
+    if item_context is not None:
+        frame.update(_obd_item_features(Path(item_context), items))
+
+    df = pd.DataFrame(frame)
+    df = df.sort_values("ts", kind="stable").reset_index(drop=True)
+    return _normalize(df, source=src, kind="frame")
+
+
+def _obd_item_features(path: Path, items: np.ndarray) -> dict[str, np.ndarray]:
+    """Item features from an OBD ``item_context.csv``, aligned with ``items``."""
+    ctx = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    if "item_id" not in ctx.columns:
+        raise LogFormatError(f"{path}: column 'item_id' missing from the item context file")
+    ctx = ctx.drop(columns=[c for c in ctx.columns if str(c).startswith("Unnamed")])
+    ids = pd.to_numeric(ctx["item_id"], errors="coerce")
+    if ids.isna().any():
+        i = int(np.argmax(ids.isna().to_numpy()))
+        raise LogFormatError(f"{path}: column 'item_id', row {i + 1} (line {i + 2}): not an id")
+    ctx.index = ids.astype(np.int64)
+    if ctx.index.duplicated().any():
+        raise LogFormatError(f"{path}: column 'item_id': duplicate item ids")
+    out: dict[str, np.ndarray] = {}
+    for col in ctx.columns:
+        if col == "item_id":
+            continue
+        name = str(col) if str(col).startswith("item_") else f"item_{col}"
+        s = ctx[col].reindex(items)
+        text = _as_object_str(s)
+        values = pd.to_numeric(text, errors="coerce")
+        # float-valued columns (item_feature_0) are numeric; integer-like or text codes are
+        # categorical and get a prefix when they look like numbers
+        is_float = (
+            values[text.notna()].notna().all()
+            and text.dropna().str.contains(r"[.eE]", regex=True).any()
+        )
+        if is_float:
+            out[name] = values.to_numpy(dtype=float)
+        else:
+            out[name] = _non_numeric_codes(s, "c").to_numpy(dtype=object)
+    return out
+
+
+def convert_obd(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    item_context: str | Path | None = None,
+    click_delay_s: float = 30.0,
+    seed: int = 0,
+) -> int:
+    """Convert an Open Bandit Dataset CSV to a canonical log at ``dst`` (see
+    :func:`read_obd` for the mapping) and return the number of rows written."""
+    df = read_obd(src, item_context=item_context, click_delay_s=click_delay_s, seed=seed)
+    write_log(df, dst)
+    return len(df)

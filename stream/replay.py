@@ -1,0 +1,184 @@
+"""Replay an impression log into Kafka in event-time order.
+
+Each log row gives one ``impressions`` record at ``ts`` and, when clicked, one ``clicks``
+record at ``click_ts``; both are keyed by impression_id (so they are co-partitioned).
+The two streams are merged by event time (an impression before a click at equal times).
+Every ``watermark_every`` events and at the end, a :class:`~stream.events.Watermark` goes to
+every partition of both topics; the final one is past the last event time by the join
+window plus lateness, so the joiner can label every impression.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
+from stream.logs import RESERVED_COLUMNS, read_log_frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayStats:
+    impressions: int = 0
+    clicks: int = 0
+    watermarks: int = 0
+    seconds: float = 0.0
+    first_ts: float = math.nan
+    last_ts: float = math.nan
+
+    @property
+    def events_per_s(self) -> float:
+        return (self.impressions + self.clicks) / self.seconds if self.seconds > 0 else math.nan
+
+
+def _impressions(df: pd.DataFrame) -> list[bytes]:
+    """JSON of every row's impression (features: the non-reserved columns, absent if NaN)."""
+    feats = [c for c in df.columns if c not in RESERVED_COLUMNS]
+    cols = {c: df[c].to_numpy(dtype=object) for c in feats}
+    ids = df["impression_id"].to_numpy(dtype=object)
+    users = df["user_id"].to_numpy(dtype=object)
+    items = df["item_id"].to_numpy(dtype=object)
+    ts = df["ts"].to_numpy(dtype=np.float64)
+    pos = df["position"].to_numpy(dtype=object, na_value=None) if "position" in df else None
+    true_p = df["true_p"].to_numpy(dtype=np.float64) if "true_p" in df else None
+    out: list[bytes] = []
+    for i in range(len(df)):
+        features: dict[str, str | float] = {}
+        for c, col in cols.items():
+            v = col[i]
+            if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+                continue
+            features[c] = v if isinstance(v, str) else float(v)
+        position = pos[i] if pos is not None else None
+        tp = None if true_p is None or math.isnan(true_p[i]) else float(true_p[i])
+        imp = Impression(
+            impression_id=str(ids[i]),
+            ts=float(ts[i]),
+            user_id=str(users[i]),
+            item_id=str(items[i]),
+            position=None if position is None else int(position),
+            features=features,
+            true_p=tp,
+        )
+        out.append(imp.to_json())
+    return out
+
+
+def event_order(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merged event-time order: arrays (event ts, row index, is_click) sorted stably."""
+    n = len(df)
+    ts = df["ts"].to_numpy(dtype=np.float64)
+    clicked = df["click"].to_numpy() == 1
+    click_ts = df["click_ts"].to_numpy(dtype=np.float64)
+    click_rows = np.flatnonzero(clicked & np.isfinite(click_ts))
+    ev_ts = np.concatenate([ts, click_ts[click_rows]])
+    ev_row = np.concatenate([np.arange(n), click_rows])
+    ev_click = np.concatenate([np.zeros(n, bool), np.ones(len(click_rows), bool)])
+    order = np.lexsort((ev_click, ev_ts))  # by time, impressions first at ties
+    return ev_ts[order], ev_row[order], ev_click[order]
+
+
+def replay(
+    log_path: str | Path,
+    bootstrap: str,
+    *,
+    speedup: float | None = None,
+    watermark_every: int = 2000,
+    final_watermark_gap_s: float = 1860.0,
+    limit: int | None = None,
+    progress: bool = True,
+    on_progress: Callable[[int], None] | None = None,
+) -> ReplayStats:
+    """Publish a canonical log to ``impressions`` and ``clicks``.
+
+    Args:
+        log_path: a canonical log (CSV, CSV.gz, JSONL or Parquet).
+        bootstrap: Kafka bootstrap ``host:port[,...]``.
+        speedup: event-time seconds per wall second; None replays as fast as possible.
+        watermark_every: send watermarks to every partition after this many events.
+        final_watermark_gap_s: the final watermark is ``last_ts`` plus this (set it to at
+            least the join window + lateness so that every impression gets labelled).
+        limit: replay only the first ``limit`` rows.
+    """
+    from kafka import KafkaProducer
+    from tqdm import tqdm
+
+    df = read_log_frame(log_path)
+    if limit is not None:
+        df = df.iloc[:limit].reset_index(drop=True)
+    stats = ReplayStats()
+    if df.empty:
+        log.warning("%s has no rows; nothing to replay", log_path)
+        return stats
+    payloads = _impressions(df)
+    ids = df["impression_id"].to_numpy(dtype=object)
+    ev_ts, ev_row, ev_click = event_order(df)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap.split("://", 1)[-1].split(","),
+        client_id="streamrec-replay",
+        acks=1,
+        linger_ms=20,
+        batch_size=512 * 1024,
+        max_request_size=4 * 1024 * 1024,
+    )
+    try:
+        parts = {
+            t: sorted(producer.partitions_for(t) or []) for t in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)
+        }
+        for t, p in parts.items():
+            if not p:
+                raise RuntimeError(f"topic {t!r} does not exist on {bootstrap}; create it first")
+
+        def watermark(ts: float) -> None:
+            wm = Watermark(ts).to_json()
+            for t, ps in parts.items():
+                for p in ps:
+                    producer.send(t, value=wm, partition=p)
+            stats.watermarks += 1
+
+        t0 = time.monotonic()
+        ts0 = float(ev_ts[0])
+        stats.first_ts = ts0
+        bar = tqdm(total=len(ev_ts), unit="ev", disable=not progress, desc="replay")
+        for k, (ts, row, is_click) in enumerate(_iter(ev_ts, ev_row, ev_click)):
+            if speedup:
+                delay = (ts - ts0) / speedup - (time.monotonic() - t0)
+                if delay > 0:
+                    time.sleep(delay)
+            key = str(ids[row]).encode()
+            if is_click:
+                producer.send(TOPIC_CLICKS, key=key, value=Click(str(ids[row]), ts).to_json())
+                stats.clicks += 1
+            else:
+                producer.send(TOPIC_IMPRESSIONS, key=key, value=payloads[row])
+                stats.impressions += 1
+            if (k + 1) % watermark_every == 0:
+                watermark(ts)
+            if (k + 1) % 1000 == 0:
+                bar.update(1000)
+                if on_progress:
+                    on_progress(k + 1)
+        stats.last_ts = float(ev_ts[-1])
+        watermark(stats.last_ts + final_watermark_gap_s)
+        producer.flush()
+        bar.update(len(ev_ts) % 1000)
+        bar.close()
+        stats.seconds = time.monotonic() - t0
+    finally:
+        producer.close(timeout=10)
+    return stats
+
+
+def _iter(
+    ev_ts: np.ndarray, ev_row: np.ndarray, ev_click: np.ndarray
+) -> Iterator[tuple[float, int, bool]]:
+    return zip(ev_ts.tolist(), ev_row.tolist(), ev_click.tolist(), strict=True)

@@ -1,0 +1,208 @@
+"""The real worker process against the embedded broker (Tansu), end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from stream.app import topic_plan
+from stream.broker import EmbeddedBroker, create_topics, free_port, wait_for_port
+from stream.demo import read_scored, read_topic, scrape
+from stream.events import TOPIC_CLICKS, TOPIC_DEAD_LETTER, TOPIC_IMPRESSIONS, TOPIC_LABELED
+from stream.logs import read_log_frame
+from stream.replay import replay
+from stream.settings import Settings
+from stream.synthetic import SyntheticConfig, write_synthetic
+
+pytestmark = pytest.mark.integration
+
+N_IMPRESSIONS = 3000
+WINDOW_S = 1800.0
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """Broker + one worker process + a replayed synthetic log with bad records and
+    duplicate clicks mixed in; yields what the tests need once everything is labelled."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    log_path = tmp / "log.csv"
+    write_synthetic(SyntheticConfig(n_impressions=N_IMPRESSIONS, seed=7, drift_at=None), log_path)
+    df = read_log_frame(log_path)
+    clicked = df[(df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)]
+    broker = EmbeddedBroker(log_path=tmp / "tansu.log").start()
+    port = free_port()
+    settings = Settings(broker=broker.url, metrics_port=port, data_dir=str(tmp / "data"))
+    create_topics(broker.url, topic_plan(settings))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp / "worker.log", "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker", "--broker", broker.url,
+             "--metrics-port", str(port), "--data-dir", str(tmp / "data")],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", port, timeout_s=60)
+        # bad records first: the worker must survive them and dead-letter each one
+        bad = [
+            (TOPIC_IMPRESSIONS, b"not json"),
+            (TOPIC_IMPRESSIONS, b'{"ts": 1700000000, "user_id": "u", "item_id": "i"}'),
+            (TOPIC_IMPRESSIONS, b'{"impression_id": "x", "ts": NaN, "user_id": "u"}'),
+            (TOPIC_IMPRESSIONS, b'{"impression_id": "y", "ts": -5, "user_id": "u"}'),
+            (TOPIC_CLICKS, b"[1, 2, 3]"),
+            (TOPIC_CLICKS, b'{"impression_id": "z", "ts": 99999999999}'),
+        ]  # fmt: skip
+        producer = KafkaProducer(bootstrap_servers=[broker.url])
+        for topic, value in bad:
+            producer.send(topic, key=b"bad", value=value)
+        producer.flush()
+        stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=WINDOW_S + 61)
+        # duplicate clicks on clicked impressions, after they were labelled
+        dups = clicked.head(5)
+        for iid, cts in zip(dups["impression_id"], dups["click_ts"], strict=True):
+            producer.send(
+                TOPIC_CLICKS, key=iid.encode(),
+                value=json.dumps({"impression_id": iid, "ts": float(cts) + 1}).encode(),
+            )  # fmt: skip
+        producer.flush()
+        producer.close()
+        url = f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + 120
+        while True:
+            assert worker.poll() is None, (tmp / "worker.log").read_text()[-3000:]
+            m = scrape(url)
+            if (
+                m.get("sum:streamrec_labeled_total", 0) >= N_IMPRESSIONS
+                and m.get("streamrec_scored_total", 0) >= N_IMPRESSIONS
+                and m.get("streamrec_duplicate_clicks_total", 0) >= len(dups)
+            ):
+                break
+            assert time.monotonic() < deadline, f"pipeline did not finish: {m}"
+            time.sleep(0.5)
+        time.sleep(1.5)  # let the 1 s gauge timer publish the final window
+        yield {
+            "broker": broker.url,
+            "metrics": scrape(url),
+            "metrics_url": url,
+            "df": df,
+            "clicked": clicked,
+            "bad": bad,
+            "dups": len(dups),
+            "stats": stats,
+            "worker": worker,
+        }
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        broker.stop()
+
+
+def labeled_examples(bootstrap: str) -> list[dict[str, object]]:
+    return [e for raw in read_topic(bootstrap, TOPIC_LABELED) for e in json.loads(raw)["examples"]]
+
+
+def test_every_impression_is_labelled_exactly_once(pipeline: dict) -> None:
+    examples = labeled_examples(pipeline["broker"])
+    ids = [e["impression_id"] for e in examples]
+    assert len(ids) == N_IMPRESSIONS
+    assert set(ids) == set(pipeline["df"]["impression_id"])
+
+
+def test_positives_equal_distinct_clicked_impressions_inside_the_window(pipeline: dict) -> None:
+    examples = labeled_examples(pipeline["broker"])
+    positives = {e["impression_id"] for e in examples if e["label"] == 1}
+    assert positives == set(pipeline["clicked"]["impression_id"])
+    assert all(e["kind"] in ("positive", "negative") for e in examples)
+
+
+def test_duplicate_clicks_are_counted_once(pipeline: dict) -> None:
+    m = pipeline["metrics"]
+    assert m["streamrec_duplicate_clicks_total"] == pipeline["dups"]
+    assert m["streamrec_clicks_total"] == pipeline["stats"].clicks + pipeline["dups"]
+    assert m['streamrec_labeled_total{label="positive"}'] == len(pipeline["clicked"])
+
+
+def test_bad_records_are_dead_lettered_with_a_reason_and_the_worker_survives(
+    pipeline: dict,
+) -> None:
+    m = pipeline["metrics"]
+    assert pipeline["worker"].poll() is None
+    assert m["sum:streamrec_dead_letters_total"] == len(pipeline["bad"])
+    assert m['streamrec_dead_letters_total{reason="bad_json"}'] == 1
+    assert m['streamrec_dead_letters_total{reason="non_finite"}'] == 1  # a NaN literal
+    assert m['streamrec_dead_letters_total{reason="missing_field"}'] == 1
+    assert m['streamrec_dead_letters_total{reason="bad_timestamp"}'] == 2
+    assert m['streamrec_dead_letters_total{reason="not_an_object"}'] == 1
+    letters = [json.loads(r) for r in read_topic(pipeline["broker"], TOPIC_DEAD_LETTER)]
+    assert len(letters) == len(pipeline["bad"])
+    assert {(d["topic"], d["reason"]) for d in letters} >= {
+        (TOPIC_IMPRESSIONS, "bad_json"),
+        (TOPIC_CLICKS, "not_an_object"),
+    }
+    assert all(d["raw_b64"] and d["detail"] for d in letters)
+
+
+def test_metrics_serve_plausible_calibration_gauges(pipeline: dict) -> None:
+    m = pipeline["metrics"]
+    ctr = len(pipeline["clicked"]) / N_IMPRESSIONS
+    life = '{segment="all",window="lifetime"}'
+    assert m[f"streamrec_actual_ctr{life}"] == pytest.approx(ctr, abs=1e-9)
+    predicted = m[f"streamrec_predicted_ctr{life}"]
+    assert 0.005 < predicted < 0.2
+    ratio = m[f"streamrec_calibration_ratio{life}"]
+    assert ratio == pytest.approx(predicted / ctr, rel=1e-6)
+    assert 0 <= m['streamrec_expected_calibration_error{segment="all",window="20k"}'] < 0.2
+    assert math.isfinite(m['streamrec_drift_z{segment="all"}'])
+    assert m["streamrec_scored_total"] == N_IMPRESSIONS
+    assert m["streamrec_train_batches_total"] >= N_IMPRESSIONS / 1024
+    # per-segment gauges exist for the slate positions
+    assert 'streamrec_calibration_ratio{segment="1",window="20k"}' in m
+
+
+def test_scored_topic_has_progressive_scores_for_every_impression(pipeline: dict) -> None:
+    batches = read_scored(pipeline["broker"])
+    ids = [i for b in batches for i in b.impression_ids]
+    assert sorted(ids) == sorted(pipeline["df"]["impression_id"])
+    for b in batches:
+        assert all(0.0 < p < 1.0 for p in b.p_raw)
+        assert all(tp is not None for tp in b.true_p)  # synthetic log carries true_p
+
+
+def test_indexer_refreshes_the_faiss_index_over_seen_items(pipeline: dict) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        m = scrape(pipeline["metrics_url"])
+        if m.get("streamrec_index_refreshes_total", 0) >= 1:
+            break
+        assert time.monotonic() < deadline, "no index refresh within 15 s"
+        time.sleep(0.5)
+    assert m["streamrec_index_version"] >= 1
+    n_items = pipeline["df"]["item_id"].nunique()
+    assert 0 < m["streamrec_index_items"] <= n_items
+    assert m["streamrec_hard_negative_pool_users"] > 0
+
+
+def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
+    run = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "demo", "--impressions", "4000",
+         "--run-dir", str(run), "--timeout", "180"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["labeled"] == report["impressions"] == 4000
+    assert report["scored_distinct_impressions"] == 4000
+    assert 0.0 < report["quality"]["auc"] < 1.0
+    assert "calibration ratio before drift (served)" in proc.stdout

@@ -1,0 +1,192 @@
+"""One shared check suite run over every learner, River peers included."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from learners.baselines import RiverLogisticRegression
+from learners.encoding import EncoderConfig
+from learners.ranker import RankerConfig, TorchRanker
+
+SMALL = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=3)
+
+
+def _torch(**kw: Any) -> Callable[[], TorchRanker]:
+    cfg = RankerConfig(device="cpu", encoder=SMALL, hidden=(32, 16), embedding_dim=8, **kw)
+    return lambda: TorchRanker(cfg, seed=7, online=False)
+
+
+LEARNERS: dict[str, Callable[[], Any]] = {
+    "torch-logreg": _torch(model="logreg"),
+    "torch-dcnv2": _torch(model="dcnv2"),
+    "torch-dcnv2-focal": _torch(model="dcnv2", loss="focal", focal_gamma=2.0),
+    "river-logreg": lambda: RiverLogisticRegression(seed=7, lr=0.05),
+}
+TORCH_LEARNERS = [k for k in LEARNERS if k.startswith("torch")]
+
+
+@pytest.fixture(params=list(LEARNERS))
+def make(request: pytest.FixtureRequest) -> Callable[[], Any]:
+    return LEARNERS[request.param]
+
+
+@pytest.fixture(params=TORCH_LEARNERS)
+def make_torch(request: pytest.FixtureRequest) -> Callable[[], TorchRanker]:
+    return LEARNERS[request.param]
+
+
+def planted_stream(n: int, seed: int) -> tuple[list[dict[str, object]], np.ndarray]:
+    """Segment s1 users click category c1 items often; everything else rarely."""
+    rng = np.random.default_rng(seed)
+    seg = rng.integers(0, 4, n)
+    cat = rng.integers(0, 4, n)
+    item = rng.integers(0, 50, n)
+    rows: list[dict[str, object]] = [
+        {
+            "user_id": f"u{rng.integers(500)}",
+            "item_id": f"i{item[i]}",
+            "position": int(rng.integers(1, 6)),
+            "user_segment": f"s{seg[i]}",
+            "item_category": f"c{cat[i]}",
+            "item_price": float(rng.uniform(1, 100)),
+        }
+        for i in range(n)
+    ]
+    p = np.where((seg == 1) & (cat == 1), 0.7, 0.03)
+    return rows, (rng.random(n) < p).astype(np.float64)
+
+
+def auc(scores: np.ndarray, y: np.ndarray) -> float:
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # average ranks over ties
+    for s in np.unique(scores):
+        m = scores == s
+        ranks[m] = ranks[m].mean()
+    pos = y == 1
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def feed(model: Any, rows: list[dict[str, object]], y: np.ndarray, batch: int = 64) -> None:
+    for i in range(0, len(rows), batch):
+        model.learn_many(rows[i : i + batch], y[i : i + batch])
+
+
+ROWS, Y = planted_stream(512, seed=1)
+
+
+def test_input_rows_are_not_mutated(make: Callable[[], Any]) -> None:
+    model = make()
+    rows = ROWS[:64]
+    before = copy.deepcopy(rows)
+    model.score_and_learn(rows, Y[:64])
+    model.learn_many(rows, Y[:64], np.ones(64))
+    model.predict_proba_many(rows)
+    assert rows == before
+
+
+def test_predict_proba_shape_and_range(make: Callable[[], Any]) -> None:
+    model = make()
+    feed(model, ROWS[:256], Y[:256])
+    p = model.predict_proba_many(ROWS[256:320])
+    assert p.shape == (64,) and p.dtype == np.float64
+    assert np.all((p >= 0) & (p <= 1))
+    assert model.predict_proba_many([]).shape == (0,)
+
+
+def test_save_load_round_trip_gives_identical_predictions(
+    make: Callable[[], Any], tmp_path: Path
+) -> None:
+    model = make()
+    feed(model, ROWS[:256], Y[:256])
+    path = tmp_path / "model.ckpt"
+    model.save(path)
+    loaded = type(model).load(path)
+    np.testing.assert_array_equal(
+        loaded.predict_proba_many(ROWS[256:]), model.predict_proba_many(ROWS[256:])
+    )
+    # Learning continues identically (optimizer state was saved too).
+    loaded.learn_many(ROWS[256:320], Y[256:320])
+    model.learn_many(ROWS[256:320], Y[256:320])
+    np.testing.assert_allclose(
+        loaded.predict_proba_many(ROWS[320:]), model.predict_proba_many(ROWS[320:]), atol=1e-7
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # no temp files left
+
+
+def test_seeded_clones_agree_after_learning_the_same_batches(make: Callable[[], Any]) -> None:
+    model = make()
+    feed(model, ROWS[:64], Y[:64])
+    a, b = model.clone(), model.clone()
+    np.testing.assert_array_equal(a.predict_proba_many(ROWS), b.predict_proba_many(ROWS))
+    feed(a, ROWS[:256], Y[:256])
+    feed(b, ROWS[:256], Y[:256])
+    np.testing.assert_array_equal(a.predict_proba_many(ROWS), b.predict_proba_many(ROWS))
+
+
+def test_clone_is_untrained(make: Callable[[], Any]) -> None:
+    model = make()
+    fresh = model.predict_proba_many(ROWS[:32])
+    feed(model, ROWS, Y)
+    np.testing.assert_array_equal(model.clone().predict_proba_many(ROWS[:32]), fresh)
+
+
+def test_unseen_categories_and_missing_features_are_handled(make: Callable[[], Any]) -> None:
+    model = make()
+    feed(model, ROWS[:128], Y[:128])
+    odd: list[dict[str, object]] = [
+        {"user_id": "never-seen", "item_id": "new-item", "user_segment": "s99"},
+        {"item_id": "i1"},
+        {},
+        {"user_id": None, "item_price": None, "brand_new_field": "x", "extra_num": 3.5},
+        {"user_id": "u1", "item_id": "i1", "item_price": float("nan")},
+    ]
+    p = model.score_and_learn(odd, np.array([0, 1, 0, 0, 1]))
+    assert p.shape == (5,) and np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))
+
+
+def test_score_and_learn_returns_pre_update_scores(make: Callable[[], Any]) -> None:
+    model = make()
+    feed(model, ROWS[:128], Y[:128])
+    batch, y = ROWS[128:192], Y[128:192]
+    before = model.predict_proba_many(batch)
+    scores = model.score_and_learn(batch, y)
+    np.testing.assert_allclose(scores, before, rtol=0, atol=1e-7)
+    assert not np.allclose(model.predict_proba_many(batch), before, rtol=0, atol=1e-7)
+
+
+def test_learns_a_planted_signal(make: Callable[[], Any]) -> None:
+    rows, y = planted_stream(5000, seed=2)
+    model = make()
+    feed(model, rows[:3500], y[:3500])
+    assert auc(model.predict_proba_many(rows[3500:]), y[3500:]) > 0.65
+
+
+@pytest.mark.parametrize("bad", ["label", "weight"])
+def test_non_finite_loss_skips_the_batch_and_counts_it(
+    make_torch: Callable[[], TorchRanker], bad: str
+) -> None:
+    model = make_torch()
+    feed(model, ROWS[:128], Y[:128])
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    n_updates = model.n_updates
+    y, w = Y[:64].copy(), np.ones(64)
+    if bad == "label":
+        y[3] = np.nan
+    else:
+        w[5] = np.nan
+    model.learn_many(ROWS[:64], y, w)
+    assert model.n_skipped_nonfinite == 1 and model.n_updates == n_updates
+    for k, v in model.model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    model.learn_many(ROWS[:64], Y[:64])  # the next good batch still learns
+    assert model.n_updates == n_updates + 1 and np.isfinite(model.last_loss or np.nan)

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitoring.calibration import CalibrationSnapshot, CalibrationWindow
+from monitoring.metrics import StreamrecMetrics, serve_metrics
+
+WINDOW_GAUGES = {
+    "predicted_ctr",
+    "actual_ctr",
+    "calibration_ratio",
+    "expected_calibration_error",
+    "normalized_entropy",
+    "auc",
+    "log_loss",
+}
+OTHER_GAUGES = {
+    "drift_z",
+    "model_version",
+    "calibrator_version",
+    "index_version",
+    "index_items",
+    "hard_negative_pool_users",
+    "pending_impressions",
+    "train_loss",
+    "event_time_watermark_seconds",
+}
+COUNTERS = {
+    "impressions",
+    "clicks",
+    "labeled",
+    "duplicate_impressions",
+    "duplicate_clicks",
+    "late_clicks",
+    "dead_letters",
+    "scored",
+    "train_batches",
+    "nonfinite_batches",
+    "drift_alarms",
+    "recalibrations",
+    "recalibrations_rejected",
+    "index_refreshes",
+}
+EXPECTED_NAMES = {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES} | {
+    f"streamrec_{c}_total" for c in COUNTERS
+}
+
+
+@pytest.fixture
+def metrics() -> StreamrecMetrics:
+    return StreamrecMetrics()
+
+
+def test_metric_names_are_exactly_the_specified_set(metrics: StreamrecMetrics) -> None:
+    assert metrics.metric_names() == EXPECTED_NAMES
+
+
+def test_every_metric_is_an_attribute_and_has_help_text(metrics: StreamrecMetrics) -> None:
+    for name in WINDOW_GAUGES | OTHER_GAUGES | COUNTERS:
+        assert hasattr(metrics, name), name
+    for family in metrics.registry.collect():
+        assert family.name.startswith("streamrec_")
+        assert family.documentation.strip(), family.name
+
+
+def test_labels_are_as_specified(metrics: StreamrecMetrics) -> None:
+    for name in WINDOW_GAUGES:
+        getattr(metrics, name).labels(window="1h", segment="all").set(0.5)
+    metrics.drift_z.labels(segment="all").set(1.0)
+    metrics.labeled.labels(label="positive").inc()
+    metrics.dead_letters.labels(reason="bad_json").inc()
+    with pytest.raises(ValueError):
+        metrics.drift_z.labels(window="1h", segment="all")
+    with pytest.raises(ValueError):
+        metrics.labeled.labels(reason="x")
+    r = metrics.registry
+    assert r.get_sample_value("streamrec_auc", {"window": "1h", "segment": "all"}) == 0.5
+    assert r.get_sample_value("streamrec_labeled_total", {"label": "positive"}) == 1.0
+    assert r.get_sample_value("streamrec_labeled_total", {"label": "negative"}) == 0.0
+    assert r.get_sample_value("streamrec_dead_letters_total", {"reason": "bad_json"}) == 1.0
+
+
+def test_each_instance_has_its_own_registry_and_leaves_the_global_one_alone() -> None:
+    before = {f.name for f in REGISTRY.collect()}
+    a, b = StreamrecMetrics(), StreamrecMetrics()
+    a.clicks.inc()
+    assert b.registry.get_sample_value("streamrec_clicks_total") == 0.0
+    after = {f.name for f in REGISTRY.collect()}
+    assert after == before and not any(n.startswith("streamrec_") for n in after)
+    shared = CollectorRegistry()
+    assert StreamrecMetrics(shared).registry is shared
+
+
+def test_publish_snapshot_sets_the_seven_window_gauges(metrics: StreamrecMetrics) -> None:
+    snap = CalibrationSnapshot(
+        n=10,
+        positives=2.0,
+        mean_p=0.1,
+        actual_ctr=0.2,
+        ratio=0.5,
+        ece=0.05,
+        ne=0.9,
+        auc=0.7,
+        log_loss=0.3,
+        z=-1.0,
+    )
+    metrics.publish_snapshot(snap, window="20k", segment="mobile")
+    labels = {"window": "20k", "segment": "mobile"}
+    got = {
+        name: metrics.registry.get_sample_value(f"streamrec_{name}", labels)
+        for name in WINDOW_GAUGES
+    }
+    assert got == {
+        "predicted_ctr": 0.1,
+        "actual_ctr": 0.2,
+        "calibration_ratio": 0.5,
+        "expected_calibration_error": 0.05,
+        "normalized_entropy": 0.9,
+        "auc": 0.7,
+        "log_loss": 0.3,
+    }
+
+
+def test_publish_snapshot_exports_nan_for_undefined_values(metrics: StreamrecMetrics) -> None:
+    cw = CalibrationWindow(size=10)
+    cw.update(predictions=[0.2, 0.3], labels=[0, 0])  # no clicks: ratio, auc, ne undefined
+    metrics.publish_snapshot(cw.lifetime(), window="lifetime")
+    labels = {"window": "lifetime", "segment": "all"}
+    ratio = metrics.registry.get_sample_value("streamrec_calibration_ratio", labels)
+    assert ratio is not None and math.isnan(ratio)
+    assert metrics.registry.get_sample_value("streamrec_predicted_ctr", labels) == 0.25
+
+
+@pytest.fixture
+def served(metrics: StreamrecMetrics) -> Iterator[tuple[StreamrecMetrics, int]]:
+    server, port = serve_metrics(metrics.registry, host="127.0.0.1", port=0)
+    try:
+        yield metrics, port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_scrape_over_http_returns_parseable_metrics(served: tuple[StreamrecMetrics, int]) -> None:
+    metrics, port = served
+    assert port > 0
+    metrics.impressions.inc(7)
+    metrics.model_version.set(3)
+    metrics.publish_snapshot(
+        CalibrationSnapshot(
+            n=1,
+            positives=1.0,
+            mean_p=0.04,
+            actual_ctr=0.05,
+            ratio=0.8,
+            ece=0.01,
+            ne=0.95,
+            auc=0.6,
+            log_loss=0.2,
+            z=0.0,
+        ),
+        window="20k",
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        body = resp.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    assert samples[("streamrec_impressions_total", ())] == 7.0
+    assert samples[("streamrec_model_version", ())] == 3.0
+    key = ("streamrec_calibration_ratio", (("segment", "all"), ("window", "20k")))
+    assert samples[key] == 0.8
+    scraped = {name for name, _ in samples}
+    assert {"streamrec_index_refreshes_total", "streamrec_train_loss"} <= scraped

@@ -1,0 +1,115 @@
+"""Event-time merge of a log and the impression payloads the replay publishes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stream.events import parse_impression
+from stream.replay import _impressions, event_order
+from stream.synthetic import SyntheticConfig, generate
+
+
+@pytest.fixture(scope="module")
+def log() -> pd.DataFrame:
+    return generate(SyntheticConfig(n_impressions=2000, seed=1))
+
+
+def test_events_are_in_non_decreasing_event_time(log: pd.DataFrame) -> None:
+    ev_ts, _, _ = event_order(log)
+    assert np.all(np.diff(ev_ts) >= 0)
+
+
+def test_every_impression_appears_once_and_every_click_once(log: pd.DataFrame) -> None:
+    ev_ts, ev_row, ev_click = event_order(log)
+    assert sorted(ev_row[~ev_click].tolist()) == list(range(len(log)))
+    clicked = np.flatnonzero(log["click"].to_numpy() == 1)
+    assert sorted(ev_row[ev_click].tolist()) == clicked.tolist()
+    assert len(clicked) > 0
+    np.testing.assert_array_equal(ev_ts[~ev_click], log["ts"].to_numpy()[ev_row[~ev_click]])
+    np.testing.assert_array_equal(ev_ts[ev_click], log["click_ts"].to_numpy()[ev_row[ev_click]])
+
+
+def test_each_click_comes_after_its_impression(log: pd.DataFrame) -> None:
+    _, ev_row, ev_click = event_order(log)
+    position = {}
+    for k, (row, is_click) in enumerate(zip(ev_row.tolist(), ev_click.tolist(), strict=True)):
+        if is_click:
+            assert position[row] < k
+        else:
+            position[row] = k
+
+
+T0 = 1_700_000_000.0
+
+
+def tiny_log() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "ts": [T0 + 10, T0 + 10, T0 + 20, T0 + 30],
+            "impression_id": ["a", "b", "c", "d"],
+            "user_id": ["u"] * 4,
+            "item_id": ["i"] * 4,
+            "position": [1, 2, 1, 1],
+            "click": [1, 0, 1, 1],
+            "click_ts": [T0 + 20, np.nan, T0 + 20, np.nan],  # d: a click without a time
+        }
+    )
+
+
+def test_impressions_come_before_clicks_at_equal_times() -> None:
+    ev_ts, ev_row, ev_click = event_order(tiny_log())
+    events = list(zip((ev_ts - T0).tolist(), ev_row.tolist(), ev_click.tolist(), strict=True))
+    assert events == [
+        (10.0, 0, False),
+        (10.0, 1, False),
+        (20.0, 2, False),  # the impression at 20 before the click at 20
+        (20.0, 0, True),
+        (20.0, 2, True),  # a click at its impression's own time still follows it
+        (30.0, 3, False),
+    ]
+
+
+def test_clicks_without_a_finite_time_are_not_replayed() -> None:
+    _, ev_row, ev_click = event_order(tiny_log())
+    assert 3 not in ev_row[ev_click].tolist()
+
+
+def test_impression_payloads_parse_and_carry_true_p_only_at_top_level(
+    log: pd.DataFrame,
+) -> None:
+    payloads = _impressions(log)
+    assert len(payloads) == len(log)
+    for raw, (_, row) in zip(payloads, log.iterrows(), strict=True):
+        obj = json.loads(raw)
+        assert "true_p" not in obj["features"] and "propensity" not in obj["features"]
+        imp = parse_impression(raw)
+        assert imp.true_p == pytest.approx(row["true_p"])
+        assert (imp.impression_id, imp.user_id, imp.item_id) == (
+            row["impression_id"],
+            row["user_id"],
+            row["item_id"],
+        )
+        assert imp.ts == row["ts"] and imp.position == row["position"]
+        assert set(imp.features) == {"ctx_device", "item_category", "item_price", "user_segment"}
+        assert imp.features["item_price"] == pytest.approx(row["item_price"])
+
+
+def test_propensity_and_missing_values_never_become_features() -> None:
+    df = tiny_log().assign(
+        true_p=[0.1, np.nan, 0.3, 0.4],
+        propensity=[0.5, 0.5, 0.5, 0.5],
+        dev=["ios", None, "web", "ios"],
+        price=[1.5, 2.5, np.nan, 4.0],
+    )
+    imps = [parse_impression(raw) for raw in _impressions(df)]
+    assert [im.features for im in imps] == [
+        {"dev": "ios", "price": 1.5},
+        {"price": 2.5},
+        {"dev": "web"},
+        {"dev": "ios", "price": 4.0},
+    ]
+    assert [im.true_p for im in imps] == [0.1, None, 0.3, 0.4]
