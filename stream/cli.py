@@ -12,6 +12,12 @@ import click
 from stream.settings import load_settings
 
 
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    from kafka.errors import KafkaError
+
+    return (KafkaError, ConnectionError)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -49,8 +55,9 @@ def demo(
     timeout: float,
 ) -> None:  # fmt: skip
     """Embedded broker + worker + replay of a synthetic log with a drift; prints a summary."""
-    from stream.broker import BrokerNotFound
+    from stream.broker import BrokerNotFound, BrokerStartError
     from stream.demo import run_demo
+    from stream.logs import LogFormatError
 
     try:
         run_demo(
@@ -61,7 +68,7 @@ def demo(
             settings=load_settings(config),
             timeout_s=timeout,
         )
-    except BrokerNotFound as exc:
+    except (BrokerNotFound, BrokerStartError, LogFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -84,7 +91,11 @@ def worker(
         data_dir=data_dir,
     )  # fmt: skip
     level = ctx.obj["log_level"]
-    run_worker(settings, loglevel="INFO" if level == "WARNING" else level)
+    try:
+        run_worker(settings, loglevel="INFO" if level == "WARNING" else level)
+    except _broker_errors() as exc:
+        msg = f"cannot use the broker at {settings.bootstrap}: {exc!r}"
+        raise click.ClickException(msg) from None
 
 
 @main.command("replay")
@@ -113,9 +124,9 @@ def replay_cmd(
     settings = load_settings(config, broker=broker, partitions=partitions)
     if speedup is not None and speedup <= 0:
         raise click.BadParameter("must be > 0", param_hint="--speedup")
-    if create_topics:
-        broker_mod.create_topics(settings.bootstrap, topic_plan(settings))
     try:
+        if create_topics:
+            broker_mod.create_topics(settings.bootstrap, topic_plan(settings))
         stats = replay(
             log_path, settings.bootstrap, speedup=speedup, limit=limit,
             watermark_every=settings.replay_watermark_every,
@@ -123,6 +134,8 @@ def replay_cmd(
         )  # fmt: skip
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None
+    except _broker_errors() as exc:
+        raise click.ClickException(f"cannot use the broker at {broker}: {exc!r}") from None
     click.echo(
         f"replayed {stats.impressions:,} impressions and {stats.clicks:,} clicks in "
         f"{stats.seconds:.1f}s ({stats.events_per_s:,.0f} events/s)"
