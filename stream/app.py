@@ -208,16 +208,41 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         rt.monitor.publish()
         rt.join.update_gauges()
 
-    @app.agent(control, name="control")
-    async def control_agent(stream: faust.StreamT[bytes]) -> None:
-        async for value in stream:
-            try:
-                msg = json.loads(value)
-            except ValueError:
-                log.warning("ignoring undecodable control message")
-                continue
-            if isinstance(msg, dict):
-                rt.trainer.apply_control(msg)
+    @app.task
+    async def control_listener() -> None:
+        """Every worker applies every ``control`` message, so this reads the topic outside
+        the consumer group (no group id), from the beginning: a restarted worker gets the
+        newest calibrator back."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap.split(","),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(TOPIC_CONTROL) or {0}
+            consumer.assign([TopicPartition(TOPIC_CONTROL, p) for p in sorted(parts)])
+            await consumer.seek_to_beginning()
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        apply_control(record.value)
+        finally:
+            await consumer.stop()
+
+    def apply_control(value: bytes | None) -> None:
+        try:
+            msg = json.loads(value or b"")
+        except ValueError:
+            log.warning("ignoring an undecodable control message")
+            return
+        if isinstance(msg, dict):
+            rt.trainer.apply_control(msg)
+            rt.monitor.apply_control(msg)
 
     @app.timer(interval=settings.indexer.refresh_s)
     async def indexer() -> None:

@@ -300,6 +300,15 @@ class MonitorService:
             return self._on_drift(max(batch.ts) if batch.ts else 0.0)
         return []
 
+    def apply_control(self, msg: dict[str, object]) -> None:
+        """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
+        so that this monitor's next version number continues from it."""
+        if msg.get("kind") == "calibrator":
+            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
+            if version > self.calibrator_version:
+                self.calibrator = PlattCalibrator.from_dict(msg["params"])  # type: ignore[arg-type]
+                self.calibrator_version = version
+
     def publish(self) -> None:
         """Push window/lifetime/segment snapshots to the gauges (cheap enough per second)."""
         m = self.metrics

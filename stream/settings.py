@@ -60,7 +60,7 @@ class MonitorConfig:
 
     window: int = 20_000
     warmup: int = 50_000
-    recal_window: int = 5_000
+    recal_window: int = 2_500
     holdout_fraction: float = 0.25
     max_segments: int = 16
 
@@ -95,9 +95,12 @@ class Settings:
     join: JoinConfig = field(default_factory=JoinConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # 4 sigma over the newest 10k examples: sensitive enough to see a CTR jump within a
-    # few thousand impressions; the warm-up (MonitorConfig) keeps a cold model quiet.
-    drift: DriftConfig = field(default_factory=lambda: DriftConfig(threshold_z=4.0, window=10_000))
+    # 4 sigma over the newest 2,500 examples: the online model itself absorbs a CTR jump
+    # within ~5k impressions, so a slower test would never fire; the warm-up
+    # (MonitorConfig) keeps a cold, fast-moving model quiet.
+    drift: DriftConfig = field(
+        default_factory=lambda: DriftConfig(threshold_z=4.0, window=2_500, cooldown=2_500)
+    )
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     indexer: IndexerConfig = field(default_factory=IndexerConfig)

@@ -17,7 +17,13 @@ from kafka import KafkaProducer
 from stream.app import topic_plan
 from stream.broker import EmbeddedBroker, create_topics, free_port, wait_for_port
 from stream.demo import read_scored, read_topic, scrape
-from stream.events import TOPIC_CLICKS, TOPIC_DEAD_LETTER, TOPIC_IMPRESSIONS, TOPIC_LABELED
+from stream.events import (
+    TOPIC_CLICKS,
+    TOPIC_CONTROL,
+    TOPIC_DEAD_LETTER,
+    TOPIC_IMPRESSIONS,
+    TOPIC_LABELED,
+)
 from stream.logs import read_log_frame
 from stream.replay import replay
 from stream.settings import Settings
@@ -206,3 +212,15 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert report["scored_distinct_impressions"] == 4000
     assert 0.0 < report["quality"]["auc"] < 1.0
     assert "calibration ratio before drift (served)" in proc.stdout
+
+
+def test_every_worker_applies_a_calibrator_published_on_control(pipeline: dict) -> None:
+    producer = KafkaProducer(bootstrap_servers=[pipeline["broker"]])
+    msg = {"kind": "calibrator", "version": 99, "params": {"a": 1.0, "b": 0.1}}
+    producer.send(TOPIC_CONTROL, key=b"calibrator", value=json.dumps(msg).encode())
+    producer.flush()
+    producer.close()
+    deadline = time.monotonic() + 15
+    while scrape(pipeline["metrics_url"]).get("streamrec_calibrator_version") != 99:
+        assert time.monotonic() < deadline, "the worker did not apply the control message"
+        time.sleep(0.3)
