@@ -45,9 +45,10 @@ from stream.settings import Settings
 log = logging.getLogger(__name__)
 
 
-#: Topics and partition counts; ``labeled``/``scored``/``control`` carry batches and are
-#: read by one consumer each.
 def topic_plan(settings: Settings) -> dict[str, int]:
+    """Topic name -> partition count. ``impressions``/``clicks`` scale out with
+    ``settings.partitions``; ``labeled`` and ``scored`` carry micro-batches for the single
+    trainer and monitor; ``control`` is read by every worker."""
     return {
         TOPIC_IMPRESSIONS: settings.partitions,
         TOPIC_CLICKS: settings.partitions,
@@ -58,6 +59,8 @@ def topic_plan(settings: Settings) -> dict[str, int]:
     }
 
 
+#: Examples per ``labeled`` record (~250 bytes each: far below the 1 MB message limit) and
+#: the longest a released label waits in the joiner's output buffer (wall seconds).
 LABELED_FLUSH_SIZE = 1000
 LABELED_FLUSH_S = 0.2
 
@@ -77,7 +80,8 @@ class Runtime:
 
 
 def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> faust.App:
-    """Build the Faust app with the joiner, trainer, monitor, control and indexer agents.
+    """Build the Faust app: joiner, trainer and monitor agents, the control listener, and
+    the indexer and flush timers.
 
     The :class:`Runtime` is available as ``app.streamrec``.
     """
@@ -150,6 +154,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     @app.timer(interval=LABELED_FLUSH_S)
     async def labeled_flusher() -> None:
+        released = rt.join.tick()
+        if released:
+            rt.out.setdefault(-1, []).extend(released)
         await flush_labeled(force=True)
 
     async def train_due() -> None:

@@ -39,7 +39,9 @@ Semantics (all times are event times, epoch seconds):
 from __future__ import annotations
 
 import heapq
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stream.events import Click, Impression, LabeledExample
@@ -58,6 +60,10 @@ class JoinConfig:
         dedup_horizon_s: how long labelled ids are remembered for duplicate detection.
         max_pending: bound on waiting impressions; beyond it the oldest is emitted early.
         emit_corrections: emit a ``correction`` positive for a late click.
+        emit_positives: ``"window_close"`` or ``"click"`` (see the module doc).
+        idle_timeout_s: WALL seconds after which an input that sent nothing (no event, no
+            watermark) stops holding the watermark back, so a quiet click stream or an
+            empty partition cannot stall labelling forever; None: pure event time.
     """
 
     window_s: float = 1800.0
@@ -67,6 +73,7 @@ class JoinConfig:
     max_pending: int = 2_000_000
     emit_corrections: bool = True
     emit_positives: str = "window_close"  # "window_close" | "click"
+    idle_timeout_s: float | None = 30.0
 
     def __post_init__(self) -> None:
         for name in ("window_s", "lateness_s", "orphan_grace_s", "dedup_horizon_s"):
@@ -95,8 +102,13 @@ class JoinCounters:
 class OnlineJoiner:
     """Event-time join of one partition's impressions and clicks (see the module doc)."""
 
-    def __init__(self, config: JoinConfig | None = None) -> None:
+    def __init__(
+        self, config: JoinConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config or JoinConfig()
+        self._clock = clock
+        created = clock()
+        self.last_seen = {"impressions": created, "clicks": created}  # wall clock
         self.pending: dict[str, Impression] = {}
         self.clicked: dict[str, float] = {}  # pending impression id -> first click ts
         self._deadlines: list[tuple[float, str]] = []  # (ts + W, impression_id) min-heap
@@ -109,10 +121,23 @@ class OnlineJoiner:
         self.limit = float("inf")
 
     @property
+    def last_activity(self) -> float:
+        """Wall-clock time of the newest record on either input."""
+        return max(self.last_seen.values())
+
+    @property
     def watermark(self) -> float:
-        return min(self.max_ts.values()) - self.config.lateness_s
+        timeout = self.config.idle_timeout_s
+        if timeout is None:
+            return min(self.max_ts.values()) - self.config.lateness_s
+        now = self._clock()
+        live = [ts for src, ts in self.max_ts.items() if now - self.last_seen[src] < timeout]
+        # every input idle: nothing new is coming, the newest time seen anywhere holds
+        base = min(live) if live else max(self.max_ts.values())
+        return base - self.config.lateness_s
 
     def _see(self, source: str, ts: float) -> None:
+        self.last_seen[source] = self._clock()
         if ts > self.max_ts[source]:
             self.max_ts[source] = ts
 

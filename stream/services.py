@@ -64,8 +64,18 @@ class JoinService:
         return j
 
     def _release(self) -> list[LabeledExample]:
-        """Advance every partition to the minimum watermark of all of them."""
-        low = min(j.watermark for j in self.joiners.values())
+        """Advance every partition to the minimum watermark of all of them (partitions idle
+        longer than ``join.idle_timeout_s`` wall seconds do not hold the others back)."""
+        if not self.joiners:
+            return []
+        timeout = self.settings.join.idle_timeout_s
+        marks = [j.watermark for j in self.joiners.values()]
+        if timeout is not None:
+            now = time.monotonic()
+            live = [j.watermark for j in self.joiners.values() if now - j.last_activity < timeout]
+            low = min(live) if live else max(marks)
+        else:
+            low = min(marks)
         if low <= self._released_to:
             return []
         self._released_to = low
@@ -107,6 +117,13 @@ class JoinService:
         for e in out:
             self.metrics.labeled.labels(label="positive" if e.label else "negative").inc()
         return out, None
+
+    def tick(self) -> list[LabeledExample]:
+        """Called periodically: releases what became due because inputs went idle."""
+        out = self._release()
+        for e in out:
+            self.metrics.labeled.labels(label="positive" if e.label else "negative").inc()
+        return out
 
     def update_gauges(self) -> None:
         self.metrics.pending_impressions.set(sum(len(j.pending) for j in self.joiners.values()))

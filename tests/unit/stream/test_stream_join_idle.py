@@ -1,0 +1,72 @@
+"""Idle inputs must not stall the joiner's watermark forever (wall-clock idleness)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from monitoring.metrics import StreamrecMetrics
+from stream.events import Impression
+from stream.join import JoinConfig, OnlineJoiner
+from stream.services import JoinService
+from stream.settings import Settings
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_quiet_click_stream_holds_the_watermark_until_the_idle_timeout() -> None:
+    clock = FakeClock()
+    j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=30), clock=clock)
+    assert j.on_impression(Impression("a", 100.0, "u", "i")) == []
+    clock.now += 10
+    assert j.on_impression(Impression("b", 500.0, "u", "i")) == []  # clicks not idle yet
+    clock.now += 25  # clicks silent for 35 s of wall time
+    out = j.on_impression(Impression("c", 501.0, "u", "i"))
+    assert [(e.impression.impression_id, e.label) for e in out] == [("a", 0)]
+
+
+def test_idle_timeout_none_keeps_pure_event_time() -> None:
+    clock = FakeClock()
+    j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=None), clock=clock)
+    j.on_impression(Impression("a", 100.0, "u", "i"))
+    clock.now += 10_000
+    assert j.on_impression(Impression("b", 5000.0, "u", "i")) == []
+
+
+T0 = 1_700_000_000.0
+
+
+def imp(iid: str, ts: float) -> bytes:
+    body = {"impression_id": iid, "ts": T0 + ts, "user_id": "u", "item_id": "i"}
+    return json.dumps(body).encode()
+
+
+def wm(ts: float) -> bytes:
+    return json.dumps({"type": "watermark", "ts": T0 + ts}).encode()
+
+
+def test_an_idle_partition_stops_holding_back_the_others() -> None:
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
+    svc = JoinService(settings, StreamrecMetrics())
+    # partition 1 saw early times only, then went quiet
+    svc.handle(wm(50.0), "impressions", 1, 0)
+    svc.handle(wm(50.0), "clicks", 1, 1)
+    svc.handle(imp("a", 100.0), "impressions", 0, 0)
+    out, dead = svc.handle(wm(1000.0), "clicks", 0, 1)
+    out2, dead2 = svc.handle(wm(1000.0), "impressions", 0, 2)
+    assert dead is None and dead2 is None
+    assert out + out2 == []  # partition 1's watermark (50) holds partition 0 back
+    assert svc.tick() == []
+    time.sleep(0.25)  # partition 1 is idle now
+    released = svc.tick()
+    assert [(e.impression.impression_id, e.label) for e in released] == [("a", 0)]
+    labeled = svc.metrics.registry.get_sample_value(
+        "streamrec_labeled_total", {"label": "negative"}
+    )
+    assert labeled == 1
