@@ -7,6 +7,7 @@ topic back and prints a summary (also written as JSON and Markdown under the run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -171,24 +172,59 @@ def run_demo(
     *,
     log_path: str | Path | None = None,
     n_impressions: int = 200_000,
+    pretrain_impressions: int = 50_000,
     seed: int = 0,
     settings: Settings | None = None,
     timeout_s: float = 600.0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the demo; returns the report dict (also written to ``run_dir/report.json``)."""
+    """Run the demo; returns the report dict (also written to ``run_dir/report.json``).
+
+    With a generated log, the synthetic world first yields ``pretrain_impressions`` of
+    history that :func:`stream.offline.pretrain` learns from at the base learning rate; the
+    worker warm-starts from that checkpoint and learns online from the replayed
+    ``n_impressions`` (the CTR shift is half-way through those) at the reduced rate.
+    """
+    from stream.logs import read_log_frame, write_log
+    from stream.offline import log_examples, pretrain
+
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    if log_path is None:
-        log_path = run / f"synthetic-{n_impressions}-s{seed}.csv.gz"
-        if not Path(log_path).exists() or read_meta(log_path) is None:
-            print(f"generating {n_impressions:,} synthetic impressions -> {log_path}", flush=True)
-            write_synthetic(SyntheticConfig(n_impressions=n_impressions, seed=seed), log_path)
-    meta = read_meta(log_path) or {}
-    drift_ts = meta.get("drift_ts")
-
     settings = settings or Settings()
+    pretrain_report: dict[str, Any] | None = None
+    if log_path is None:
+        total = n_impressions + pretrain_impressions
+        full = run / f"synthetic-{pretrain_impressions}+{n_impressions}-s{seed}.csv.gz"
+        if not full.exists() or read_meta(full) is None:
+            print(f"generating {total:,} synthetic impressions -> {full}", flush=True)
+            drift_at = (pretrain_impressions + n_impressions / 2) / total
+            write_synthetic(
+                SyntheticConfig(n_impressions=total, seed=seed, drift_at=drift_at), full
+            )
+        drift_ts = (read_meta(full) or {}).get("drift_ts")
+        df = read_log_frame(full)
+        log_path = run / "replay.csv.gz"
+        write_log(df.iloc[pretrain_impressions:].reset_index(drop=True), log_path)
+        if pretrain_impressions > 0:
+            ckpt = run / "pretrained.pt"
+            history = log_examples(df.iloc[:pretrain_impressions])
+            pretrain_report = pretrain(
+                history, ckpt, config=settings.ranker, seed=seed, progress=progress
+            )
+            print(
+                f"pretrained on {pretrain_impressions:,} impressions of history in "
+                f"{pretrain_report['seconds']:.1f}s -> {ckpt}",
+                flush=True,
+            )
+            settings = settings.replace(
+                trainer=dataclasses.replace(settings.trainer, warm_start=str(ckpt))
+            )
+    else:
+        drift_ts = (read_meta(log_path) or {}).get("drift_ts")
+    settings = settings.replace(
+        trainer=dataclasses.replace(settings.trainer, checkpoint_dir=str(run / "checkpoints"))
+    )
     metrics_port = free_port()
     with EmbeddedBroker(log_path=run / "tansu.log") as broker:
         settings = settings.replace(
@@ -239,6 +275,7 @@ def run_demo(
     wall = t_done - t0
     report: dict[str, Any] = {
         "log": str(log_path),
+        "pretrain": pretrain_report,
         "impressions": stats.impressions,
         "clicks": stats.clicks,
         "labeled": int(final.get("sum:streamrec_labeled_total", 0)),
@@ -274,7 +311,10 @@ def run_demo(
 
 def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     q = r["quality"]
-    rows: list[tuple[str, Any]] = [
+    rows: list[tuple[str, Any]] = []
+    if r.get("pretrain"):
+        rows.append(("pretrained on (impressions of history)", r["pretrain"]["examples"]))
+    rows += [
         ("impressions replayed", r["impressions"]),
         ("clicks replayed", r["clicks"]),
         ("labelled", r["labeled"]),
@@ -325,6 +365,10 @@ def _start_worker(settings: Settings, run: Path) -> subprocess.Popen[bytes]:
         "--metrics-port", str(settings.metrics_port),
         "--data-dir", settings.data_dir,
     ]  # fmt: skip
+    if settings.trainer.warm_start:
+        cmd += ["--warm-start", settings.trainer.warm_start]
+    if settings.trainer.checkpoint_dir:
+        cmd += ["--checkpoint-dir", settings.trainer.checkpoint_dir]
     out = open(run / "worker.log", "ab")  # noqa: SIM115  # handed to the child
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:

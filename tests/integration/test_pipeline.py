@@ -202,13 +202,15 @@ def test_indexer_refreshes_the_faiss_index_over_seen_items(pipeline: dict) -> No
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "demo", "--impressions", "4000",
-         "--run-dir", str(run), "--timeout", "180"],
+        [sys.executable, "-m", "stream.cli", "demo", "--impressions", "4000", "--pretrain",
+         "2000", "--run-dir", str(run), "--timeout", "180"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["labeled"] == report["impressions"] == 4000
+    assert report["pretrain"]["examples"] == 2000  # warm start from offline history
+    assert list((run / "checkpoints").glob("ranker-v*.pt"))  # final checkpoint on shutdown
     assert report["scored_distinct_impressions"] == 4000
     assert 0.0 < report["quality"]["auc"] < 1.0
     assert "calibration ratio before drift (served)" in proc.stdout
