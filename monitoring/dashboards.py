@@ -1,0 +1,599 @@
+"""Grafana dashboards of streamrec: built here as dicts, committed as JSON, uploaded on demand.
+
+The JSON files in ``monitoring/grafana/dashboards/`` are the output of
+:func:`build_dashboards`; regenerate them after editing a panel with::
+
+    python -m monitoring.dashboards
+
+Grafana provisions them from that folder (``provisioning/dashboards/streamrec.yml``);
+:func:`publish_dashboards` uploads them to a running Grafana through its HTTP API instead.
+Every query names the Prometheus data source by the provisioned uid ``prometheus``.
+
+>>> boards = load_dashboards()
+>>> sorted(boards)
+['calibration', 'operations']
+>>> boards["calibration"]["uid"]
+'streamrec-calibration'
+>>> sorted(dashboard_metric_names({"panels": [{"targets": [
+...     {"expr": 'rate(streamrec_clicks_total[1m]) / rate(streamrec_impressions_total[1m])'},
+...     {"expr": 'up{job="streamrec"}'}]}]}))
+['streamrec_clicks_total', 'streamrec_impressions_total', 'up']
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DASHBOARD_DIR",
+    "DATASOURCE",
+    "DashboardPublishError",
+    "build_dashboards",
+    "calibration_dashboard",
+    "dashboard_expressions",
+    "dashboard_metric_names",
+    "load_dashboards",
+    "operations_dashboard",
+    "promql_metric_names",
+    "publish_dashboards",
+    "render_dashboard",
+    "write_dashboards",
+]
+
+Dashboard = dict[str, Any]
+
+DASHBOARD_DIR = Path(__file__).resolve().parent / "grafana" / "dashboards"
+"""Where the committed dashboard JSON files live (one ``<name>.json`` per dashboard)."""
+
+DATASOURCE: dict[str, str] = {"type": "prometheus", "uid": "prometheus"}
+"""The Prometheus data source as provisioned in ``provisioning/datasources/prometheus.yml``."""
+
+SCHEMA_VERSION = 39
+_GRID_WIDTH = 24
+
+# PromQL: string literals (label values) are dropped, then every identifier that is a
+# streamrec metric, or Prometheus' own `up`, is a metric name.
+_STRING_RE = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)""")
+_IDENT_RE = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+class DashboardPublishError(RuntimeError):
+    """Grafana could not be reached, refused the credentials or rejected a dashboard."""
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _target(expr: str, legend: str = "__auto", ref_id: str = "A") -> dict[str, Any]:
+    return {
+        "datasource": dict(DATASOURCE),
+        "expr": expr,
+        "legendFormat": legend,
+        "range": True,
+        "refId": ref_id,
+    }
+
+
+def _thresholds(*steps: tuple[float | None, str]) -> dict[str, Any]:
+    """Absolute threshold steps; the first step's value is None (from minus infinity)."""
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
+
+
+def _band(low: float, high: float) -> dict[str, Any]:
+    """Red outside ``[low, high]``, transparent inside: drawn as a shaded band."""
+    return _thresholds((None, "red"), (low, "transparent"), (high, "red"))
+
+
+class _Layout:
+    """Places panels left to right on Grafana's 24-column grid, wrapping to a new row,
+    and numbers them 1, 2, ... so that ids are unique within a dashboard."""
+
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self._x = 0
+        self._y = 0
+        self._row_h = 0
+
+    def add(self, body: dict[str, Any], w: int, h: int) -> None:
+        if self._x + w > _GRID_WIDTH:
+            self._x, self._y, self._row_h = 0, self._y + self._row_h, 0
+        grid = {"h": h, "w": w, "x": self._x, "y": self._y}
+        self.panels.append({"id": len(self.panels) + 1, "gridPos": grid, **body})
+        self._x += w
+        self._row_h = max(self._row_h, h)
+
+    def timeseries(
+        self,
+        title: str,
+        targets: list[tuple[str, str]],
+        *,
+        w: int,
+        h: int = 8,
+        unit: str = "short",
+        description: str = "",
+        thresholds: dict[str, Any] | None = None,
+        soft_range: tuple[float, float] | None = None,
+    ) -> None:
+        custom: dict[str, Any] = {
+            "drawStyle": "line",
+            "lineWidth": 1,
+            "fillOpacity": 0,
+            "showPoints": "never",
+            "spanNulls": False,
+            "thresholdsStyle": {"mode": "line+area" if thresholds else "off"},
+        }
+        if soft_range is not None:
+            custom["axisSoftMin"], custom["axisSoftMax"] = soft_range
+        body = {
+            "type": "timeseries",
+            "title": title,
+            "description": description,
+            "datasource": dict(DATASOURCE),
+            "targets": [_target(e, lg, chr(ord("A") + i)) for i, (e, lg) in enumerate(targets)],
+            "fieldConfig": {
+                "defaults": {
+                    "unit": unit,
+                    "color": {"mode": "palette-classic"},
+                    "custom": custom,
+                    "thresholds": thresholds or _thresholds((None, "green")),
+                },
+                "overrides": [],
+            },
+            "options": {
+                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "multi", "sort": "none"},
+            },
+        }
+        self.add(body, w, h)
+
+    def stat(
+        self,
+        title: str,
+        expr: str,
+        *,
+        w: int,
+        h: int = 4,
+        unit: str = "none",
+        description: str = "",
+        thresholds: dict[str, Any] | None = None,
+    ) -> None:
+        body = {
+            "type": "stat",
+            "title": title,
+            "description": description,
+            "datasource": dict(DATASOURCE),
+            "targets": [_target(expr, "__auto")],
+            "fieldConfig": {
+                "defaults": {
+                    "unit": unit,
+                    "color": {"mode": "thresholds"},
+                    "thresholds": thresholds or _thresholds((None, "blue")),
+                },
+                "overrides": [],
+            },
+            "options": {
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "colorMode": "value",
+                "graphMode": "none",
+                "justifyMode": "auto",
+                "textMode": "auto",
+            },
+        }
+        self.add(body, w, h)
+
+
+def _annotation(name: str, expr: str, color: str, title: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "datasource": dict(DATASOURCE),
+        "enable": True,
+        "hide": False,
+        "iconColor": color,
+        "expr": expr,
+        "step": "15s",
+        "titleFormat": title,
+        "textFormat": "",
+        "useValueForTime": False,
+    }
+
+
+def _dashboard(
+    uid: str,
+    title: str,
+    description: str,
+    layout: _Layout,
+    annotations: list[dict[str, Any]],
+    variables: list[dict[str, Any]],
+) -> Dashboard:
+    return {
+        "id": None,
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["streamrec"],
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "timezone": "browser",
+        "links": [
+            {
+                "type": "dashboards",
+                "title": "streamrec",
+                "tags": ["streamrec"],
+                "asDropdown": False,
+                "includeVars": False,
+                "keepTime": True,
+                "targetBlank": False,
+            }
+        ],
+        "annotations": {"list": annotations},
+        "templating": {"list": variables},
+        "panels": layout.panels,
+    }
+
+
+def calibration_dashboard() -> Dashboard:
+    """Predicted vs actual CTR, calibration ratio, ECE, drift z, NE and AUC, overall and per
+    slate position, with drift alarms and recalibrations as annotations."""
+    window_var = {
+        "name": "window",
+        "label": "Count window",
+        "type": "query",
+        "datasource": dict(DATASOURCE),
+        "definition": "label_values(streamrec_calibration_ratio, window)",
+        "query": "label_values(streamrec_calibration_ratio, window)",
+        "refresh": 2,
+        "current": {"selected": True, "text": "20k", "value": "20k"},
+        "includeAll": False,
+        "multi": False,
+        "sort": 1,
+        "hide": 0,
+    }
+    w = 'window="$window"'
+    ratio_band = _band(0.9, 1.1)
+    lay = _Layout()
+    lay.timeseries(
+        "Predicted vs actual CTR",
+        [
+            (f'streamrec_predicted_ctr{{{w},segment="all"}}', "predicted"),
+            (f'streamrec_actual_ctr{{{w},segment="all"}}', "actual"),
+        ],
+        w=12,
+        unit="percentunit",
+        description="Mean served prediction and observed click rate over the count window.",
+    )
+    lay.timeseries(
+        "Calibration ratio (predicted / actual clicks)",
+        [('streamrec_calibration_ratio{segment="all"}', "{{window}}")],
+        w=12,
+        description="sum(p)/sum(y); 1 is ideal. The shaded area is outside 1 ± 0.1, where "
+        "StreamrecCalibrationOutOfBand fires after 5 minutes on the 20k window.",
+        thresholds=ratio_band,
+        soft_range=(0.8, 1.2),
+    )
+    lay.timeseries(
+        "Expected calibration error",
+        [('streamrec_expected_calibration_error{segment="all"}', "{{window}}")],
+        w=6,
+        description="Equal-mass-bin ECE, in [0, 1]; lower is better.",
+    )
+    lay.timeseries(
+        "Drift z",
+        [('streamrec_drift_z{segment="all"}', "z")],
+        w=6,
+        description="(sum y - sum p)/sqrt(sum p(1-p)) over the drift window; shaded beyond ±4, "
+        "where StreamrecCalibrationDrift fires after 2 minutes.",
+        thresholds=_band(-4.0, 4.0),
+        soft_range=(-5.0, 5.0),
+    )
+    lay.timeseries(
+        "Drift alarms and recalibrations",
+        [
+            ("increase(streamrec_drift_alarms_total[5m])", "drift alarms"),
+            ("increase(streamrec_recalibrations_total[5m])", "recalibrations accepted"),
+            ("increase(streamrec_recalibrations_rejected_total[5m])", "recalibrations rejected"),
+        ],
+        w=6,
+        description="Events per 5 minutes.",
+    )
+    lay.timeseries(
+        "Log loss",
+        [('streamrec_log_loss{segment="all"}', "{{window}}")],
+        w=6,
+        description="Mean binary cross-entropy of served predictions, nats.",
+    )
+    lay.timeseries(
+        "Calibration ratio by slate position",
+        [(f'streamrec_calibration_ratio{{{w},segment!="all"}}', "position {{segment}}")],
+        w=24,
+        h=9,
+        description="Per-segment windows; a position far from 1 while the total is fine "
+        "means position bias the model does not capture.",
+        thresholds=ratio_band,
+        soft_range=(0.5, 1.5),
+    )
+    lay.timeseries(
+        "Normalised entropy",
+        [('streamrec_normalized_entropy{segment="all"}', "{{window}}")],
+        w=12,
+        description="Log loss over the base-rate entropy; below 1 beats predicting the prior.",
+        thresholds=_thresholds((None, "transparent"), (1.0, "red")),
+    )
+    lay.timeseries(
+        "Normalised entropy by slate position",
+        [(f'streamrec_normalized_entropy{{{w},segment!="all"}}', "position {{segment}}")],
+        w=12,
+    )
+    lay.timeseries(
+        "AUC",
+        [('streamrec_auc{segment="all"}', "{{window}}")],
+        w=12,
+        unit="percentunit",
+        description="ROC AUC of served predictions against clicks; 0.5 is random.",
+        thresholds=_thresholds((None, "red"), (0.5, "transparent")),
+    )
+    lay.timeseries(
+        "AUC by slate position",
+        [(f'streamrec_auc{{{w},segment!="all"}}', "position {{segment}}")],
+        w=12,
+        unit="percentunit",
+    )
+    annotations = [
+        _annotation(
+            "Recalibrations",
+            "changes(streamrec_recalibrations_total[1m]) > 0",
+            "green",
+            "Calibrator refit accepted",
+        ),
+        _annotation(
+            "Drift alarms",
+            "changes(streamrec_drift_alarms_total[1m]) > 0",
+            "red",
+            "Calibration drift alarm",
+        ),
+    ]
+    return _dashboard(
+        "streamrec-calibration",
+        "streamrec / Calibration",
+        "Predicted vs actual CTR of the online ranker, by window and slate position.",
+        lay,
+        annotations,
+        [window_var],
+    )
+
+
+def operations_dashboard() -> Dashboard:
+    """Throughput, dead letters, join state, watermark lag, versions, index and training."""
+    ri = "$__rate_interval"
+    lay = _Layout()
+    lay.timeseries(
+        "Throughput (events/s)",
+        [
+            (f"rate(streamrec_impressions_total[{ri}])", "impressions"),
+            (f"rate(streamrec_clicks_total[{ri}])", "clicks"),
+            (f"sum by (label) (rate(streamrec_labeled_total[{ri}]))", "labelled {{label}}"),
+            (f"rate(streamrec_scored_total[{ri}])", "scored"),
+        ],
+        w=12,
+        unit="reqps",
+    )
+    lay.timeseries(
+        "Dead letters by reason (/s)",
+        [(f"sum by (reason) (rate(streamrec_dead_letters_total[{ri}]))", "{{reason}}")],
+        w=12,
+        unit="reqps",
+        description="Malformed records sent to the dead-letter topic; see "
+        "StreamrecDeadLettersRising.",
+    )
+    lay.timeseries(
+        "Pending impressions",
+        [("streamrec_pending_impressions", "pending")],
+        w=8,
+        description="Impressions waiting in the join window for a click.",
+    )
+    lay.timeseries(
+        "Event-time watermark lag",
+        [("time() - streamrec_event_time_watermark_seconds", "lag")],
+        w=8,
+        unit="s",
+        description="Wall clock minus the joiner's event-time watermark. Replayed logs lag "
+        "by their age; what matters is that it does not grow.",
+    )
+    lay.timeseries(
+        "Duplicates and late clicks (/s)",
+        [
+            (f"rate(streamrec_duplicate_impressions_total[{ri}])", "duplicate impressions"),
+            (f"rate(streamrec_duplicate_clicks_total[{ri}])", "duplicate clicks"),
+            (f"rate(streamrec_late_clicks_total[{ri}])", "late clicks"),
+        ],
+        w=8,
+        unit="reqps",
+    )
+    lay.stat(
+        "Worker up",
+        'up{job="streamrec"}',
+        w=4,
+        thresholds=_thresholds((None, "red"), (1.0, "green")),
+    )
+    lay.stat("Model version", "streamrec_model_version", w=4)
+    lay.stat("Calibrator version", "streamrec_calibrator_version", w=4)
+    lay.stat("Index version", "streamrec_index_version", w=4)
+    lay.stat("Index items", "streamrec_index_items", w=4)
+    lay.stat("Hard-negative pool users", "streamrec_hard_negative_pool_users", w=4)
+    lay.timeseries(
+        "Train loss",
+        [("streamrec_train_loss", "loss")],
+        w=8,
+        description="Loss of the latest training micro-batch.",
+    )
+    lay.timeseries(
+        "Train batches (/s)",
+        [(f"rate(streamrec_train_batches_total[{ri}])", "batches")],
+        w=8,
+        unit="reqps",
+        description="Micro-batches applied; see StreamrecModelStale.",
+    )
+    lay.timeseries(
+        "Non-finite batches (per 5m)",
+        [("increase(streamrec_nonfinite_batches_total[5m])", "skipped")],
+        w=8,
+        description="Micro-batches skipped for a non-finite loss; should stay at 0.",
+        thresholds=_thresholds((None, "transparent"), (1.0, "red")),
+    )
+    lay.timeseries(
+        "Versions",
+        [
+            ("streamrec_model_version", "model"),
+            ("streamrec_calibrator_version", "calibrator"),
+            ("streamrec_index_version", "index"),
+        ],
+        w=12,
+    )
+    lay.timeseries(
+        "Index refreshes (/s)",
+        [(f"rate(streamrec_index_refreshes_total[{ri}])", "refreshes")],
+        w=12,
+        unit="reqps",
+        description="FAISS rebuilds swapped in; see StreamrecIndexStale.",
+    )
+    return _dashboard(
+        "streamrec-operations",
+        "streamrec / Operations",
+        "Throughput, dead letters, join state, versions, index and training of the worker.",
+        lay,
+        [],
+        [],
+    )
+
+
+def build_dashboards() -> dict[str, Dashboard]:
+    """Every dashboard by file stem (``calibration`` → ``calibration.json``)."""
+    return {"calibration": calibration_dashboard(), "operations": operations_dashboard()}
+
+
+def render_dashboard(dashboard: Dashboard) -> str:
+    """The committed text of ``dashboard``: 2-space indented JSON and a final newline."""
+    return json.dumps(dashboard, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_dashboards(directory: Path = DASHBOARD_DIR) -> list[Path]:
+    """(Re)write ``<name>.json`` for every dashboard of :func:`build_dashboards`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, dashboard in build_dashboards().items():
+        path = directory / f"{name}.json"
+        path.write_text(render_dashboard(dashboard), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_dashboards(directory: Path = DASHBOARD_DIR) -> dict[str, Dashboard]:
+    """The committed dashboards, by file stem, parsed from ``directory/*.json``."""
+    boards: dict[str, Dashboard] = {}
+    for path in sorted(directory.glob("*.json")):
+        boards[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+    return boards
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, those nested in collapsed rows included."""
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def dashboard_expressions(dashboard: Dashboard) -> list[str]:
+    """Every PromQL expression of ``dashboard``: panel targets, annotations, variables."""
+    exprs = [
+        t["expr"]
+        for p in _panels(dashboard.get("panels", []))
+        for t in p.get("targets", [])
+        if "expr" in t
+    ]
+    exprs += [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
+    for var in dashboard.get("templating", {}).get("list", []):
+        query = var.get("query")
+        if isinstance(query, dict):
+            query = query.get("query")
+        if isinstance(query, str) and var.get("type") == "query":
+            exprs.append(query)
+    return exprs
+
+
+def dashboard_metric_names(dashboard: Dashboard) -> set[str]:
+    """Metric names (``streamrec_*`` and ``up``) used by any expression of ``dashboard``."""
+    return {name for expr in dashboard_expressions(dashboard) for name in promql_metric_names(expr)}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names (``streamrec_*`` and ``up``) in the PromQL expression ``expr``.
+
+    >>> sorted(promql_metric_names('abs(streamrec_drift_z{segment="streamrec_x"}) > up'))
+    ['streamrec_drift_z', 'up']
+    """
+    idents = _IDENT_RE.findall(_STRING_RE.sub('""', expr))
+    return {i for i in idents if i.startswith("streamrec_") or i == "up"}
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def publish_dashboards(
+    url: str, token: str | None = None, *, folder: str | None = None, timeout_s: float = 10
+) -> list[str]:
+    """Upload every committed dashboard to the Grafana at ``url`` (overwriting same uids).
+
+    Args:
+        url: Grafana base URL, e.g. ``http://grafana:3000`` (``http://user:pass@host:3000``
+            for basic auth).
+        token: service-account token sent as ``Authorization: Bearer``; None for none.
+        folder: uid of the Grafana folder to put them in; None for the General folder.
+        timeout_s: per-request timeout, seconds.
+
+    Returns:
+        The uids Grafana reports for the uploaded dashboards, in upload order.
+
+    Raises:
+        DashboardPublishError: Grafana unreachable, credentials refused, upload rejected.
+    """
+    from grafana_client import GrafanaApi
+    from grafana_client.client import GrafanaException, GrafanaUnauthorizedError
+
+    api = GrafanaApi.from_url(url, credential=token, timeout=timeout_s)
+    uids: list[str] = []
+    for dashboard in load_dashboards().values():
+        body: dict[str, Any] = {"dashboard": dashboard, "overwrite": True}
+        if folder is not None:
+            body["folderUid"] = folder
+        where = f"dashboard {dashboard['uid']!r} to Grafana at {url}"
+        try:
+            response = api.dashboard.update_dashboard(body)
+        except GrafanaUnauthorizedError as e:
+            raise DashboardPublishError(
+                f"cannot upload {where}: 401 Unauthorized (check the API token)"
+            ) from e
+        except GrafanaException as e:
+            # status_code 0: the request itself failed (HTTP error below the API).
+            raise DashboardPublishError(f"cannot upload {where}: {e.message}") from e
+        except OSError as e:  # connection refused, DNS, TLS: niquests errors are OSErrors
+            raise DashboardPublishError(f"cannot connect to Grafana at {url}: {e}") from e
+        if not isinstance(response, dict) or response.get("status") != "success":
+            raise DashboardPublishError(f"Grafana rejected {where}: {response!r}")
+        uids.append(str(response.get("uid", dashboard["uid"])))
+    return uids
+
+
+if __name__ == "__main__":
+    for written in write_dashboards():
+        print(written)
