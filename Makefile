@@ -8,9 +8,18 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup system-deps demo test lint typecheck bench clean
 
 setup: $(STAMP)
+
+# Real servers the tests use: Prometheus + promtool (scrape and alert-rule tests) and
+# docker-compose v1 (validates docker-compose.yml without a Docker engine). Debian/Ubuntu.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose; \
+	fi
 
 # torch first, pinned: this installs the local CPU build; an open range would pull a
 # multi-GB CUDA build. The project's torch>=2.13 range is then already satisfied.
@@ -24,7 +33,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/streamrec demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -6,10 +6,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from stream.settings import load_settings
+
+if TYPE_CHECKING:
+    from learners.ranker import RankerConfig
 
 
 def _broker_errors() -> tuple[type[BaseException], ...]:
@@ -47,12 +51,19 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.option(
     "--impressions", default=200_000, show_default=True, help="Size of the generated synthetic log."
 )
+@click.option(
+    "--pretrain",
+    "pretrain_n",
+    default=50_000,
+    show_default=True,
+    help="Impressions of generated history to pretrain on before streaming (0: cold).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the end.")
 def demo(
-    run_dir: str, log_path: str | None, impressions: int, seed: int, config: str | None,
-    timeout: float,
+    run_dir: str, log_path: str | None, impressions: int, pretrain_n: int, seed: int,
+    config: str | None, timeout: float,
 ) -> None:  # fmt: skip
     """Embedded broker + worker + replay of a synthetic log with a drift; prints a summary."""
     from stream.broker import BrokerNotFound, BrokerStartError
@@ -64,6 +75,7 @@ def demo(
             run_dir,
             log_path=log_path,
             n_impressions=impressions,
+            pretrain_impressions=pretrain_n,
             seed=seed,
             settings=load_settings(config),
             timeout_s=timeout,
@@ -78,18 +90,39 @@ def demo(
 @click.option("--metrics-port", default=None, type=int, help="Port of /metrics (0 = any).")
 @click.option("--metrics-host", default=None, help="Address /metrics binds to.")
 @click.option("--data-dir", default=None, type=click.Path())
+@click.option(
+    "--warm-start",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A checkpoint (e.g. from `streamrec pretrain`) to continue from online.",
+)
+@click.option(
+    "--checkpoint-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Write versioned ranker checkpoints here.",
+)
 @click.pass_context
 def worker(
     ctx: click.Context, broker: str | None, config: str | None, metrics_port: int | None,
-    metrics_host: str | None, data_dir: str | None,
+    metrics_host: str | None, data_dir: str | None, warm_start: str | None,
+    checkpoint_dir: str | None,
 ) -> None:  # fmt: skip
     """Run a worker: joiner, trainer, calibration monitor, indexer."""
+    import dataclasses
+
     from stream.worker import run_worker
 
     settings = load_settings(
         config, broker=broker, metrics_port=metrics_port, metrics_host=metrics_host,
         data_dir=data_dir,
     )  # fmt: skip
+    trainer = settings.trainer
+    if warm_start:
+        trainer = dataclasses.replace(trainer, warm_start=warm_start)
+    if checkpoint_dir:
+        trainer = dataclasses.replace(trainer, checkpoint_dir=checkpoint_dir)
+    settings = settings.replace(trainer=trainer)
     level = ctx.obj["log_level"]
     try:
         run_worker(settings, loglevel="INFO" if level == "WARNING" else level)
@@ -210,6 +243,214 @@ def broker(port: int) -> None:
         pass
     finally:
         b.stop()
+
+
+def _ranker_config(
+    model: str | None, loss: str | None, base_lr: float | None, config: str | None
+) -> RankerConfig:
+    import dataclasses
+
+    ranker = load_settings(config).ranker
+    changes: dict[str, Any] = {
+        k: v for k, v in (("model", model), ("loss", loss), ("base_lr", base_lr)) if v
+    }
+    try:
+        return dataclasses.replace(ranker, **changes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("pretrain")
+@click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint path.")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--model", default=None, help="Ranker model (default from settings: dcnv2).")
+@click.option("--loss", default=None, help="Training loss (default from settings: bce).")
+@click.option("--base-lr", default=None, type=float, help="Offline learning rate.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="First N rows only.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+def pretrain_cmd(
+    log_path: str, out: str, epochs: int, batch_size: int, model: str | None, loss: str | None,
+    base_lr: float | None, limit: int | None, seed: int, config: str | None,
+) -> None:  # fmt: skip
+    """Train a ranker offline on a canonical log; the worker warm-starts from --out."""
+    from stream.logs import LogFormatError
+    from stream.offline import load_examples, pretrain
+
+    cfg = _ranker_config(model, loss, base_lr, config)
+    try:
+        examples = load_examples(log_path, limit=limit)
+    except LogFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+    report = pretrain(examples, out, config=cfg, epochs=epochs, batch_size=batch_size, seed=seed)
+    click.echo(
+        f"pretrained {cfg.model} on {report['examples']:,} examples x {epochs} epoch(s) in "
+        f"{report['seconds']:.1f}s ({report['examples_per_s']:,.0f} ex/s); train log loss "
+        f"{report['train_log_loss']:.4f}; checkpoint {out}"
+    )
+
+
+@main.command("evaluate")
+@click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", default=None, help="dcnv2, logreg, ... or river-logreg (the peer).")
+@click.option("--loss", default=None, help="Training loss (torch models).")
+@click.option("--base-lr", default=None, type=float)
+@click.option(
+    "--online/--offline-lr",
+    default=False,
+    show_default=True,
+    help="Learn at base_lr x online_lr_scale (as a warm-started worker) or base_lr.",
+)
+@click.option("--warm-start", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=None, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+@click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+def evaluate_cmd(
+    log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
+    warm_start: str | None, batch_size: int, limit: int | None, seed: int,
+    json_out: str | None, config: str | None,
+) -> None:  # fmt: skip
+    """Prequential (test-then-train) evaluation in process, no Kafka."""
+    import json
+
+    from learners.ranker import TorchRanker
+    from stream.logs import LogFormatError
+    from stream.offline import evaluate, load_examples
+    from stream.synthetic import read_meta
+
+    try:
+        examples = load_examples(log_path, limit=limit)
+    except LogFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+    learner: object
+    if model == "river-logreg":
+        from learners.baselines import RiverLogisticRegression
+
+        learner = RiverLogisticRegression(seed=seed)
+    elif warm_start:
+        learner = TorchRanker.load(warm_start, online=True)
+    else:
+        learner = TorchRanker(_ranker_config(model, loss, base_lr, config), seed=seed,
+                              online=online)  # fmt: skip
+    drift_ts = (read_meta(log_path) or {}).get("drift_ts")
+    report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts)
+    report.pop("scores")
+    report.update(log=log_path, model=model or "dcnv2", batch_size=batch_size)
+    text = json.dumps(report, indent=2, default=float)
+    if json_out:
+        Path(json_out).write_text(text)
+    q = report["all"]
+    click.echo(
+        f"{report['examples']:,} examples, {report['examples_per_s']:,.0f} ex/s: "
+        f"AUC {q['auc']:.4f}  log loss {q['log_loss']:.4f}  NE {q['normalized_entropy']:.4f}  "
+        f"calibration ratio {q['calibration_ratio']:.4f}  ECE {q['ece']:.4f}"
+        + (f"  ratio vs true_p {q['ratio_vs_true_p']:.4f}" if "ratio_vs_true_p" in q else "")
+    )
+
+
+@main.group()
+def dashboards() -> None:
+    """Grafana dashboards (monitoring/grafana/dashboards)."""
+
+
+@dashboards.command("publish")
+@click.option("--url", required=True, help="Grafana base URL, e.g. http://127.0.0.1:3000.")
+@click.option(
+    "--token",
+    envvar="GRAFANA_TOKEN",
+    default=None,
+    help="Grafana API token (or env GRAFANA_TOKEN).",
+)
+@click.option("--folder", default=None, help="Folder uid to put the dashboards in.")
+def dashboards_publish(url: str, token: str | None, folder: str | None) -> None:
+    """Upload (overwrite) the calibration and operations dashboards through grafana-client."""
+    from monitoring.dashboards import DashboardPublishError, publish_dashboards
+
+    try:
+        uids = publish_dashboards(url, token, folder=folder)
+    except DashboardPublishError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"published {len(uids)} dashboards to {url}: {', '.join(uids)}")
+
+
+@main.group()
+def stack() -> None:
+    """The compose topology as local processes (no Docker): broker, workers, Prometheus."""
+
+
+@stack.command("up")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--run-dir", default="runs/stack", show_default=True, type=click.Path())
+@click.option("--broker-port", default=9092, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--metrics-base-port",
+    default=9464,
+    show_default=True,
+    help="Worker i serves /metrics on this port + i; 0 picks free ports.",
+)
+@click.option(
+    "--prometheus/--no-prometheus",
+    default=None,
+    help="Start Prometheus (default: when a prometheus binary is installed).",
+)
+@click.option("--prometheus-port", default=9090, show_default=True, help="0 picks a free port.")
+@click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait per process.")
+def stack_up(
+    workers: int, run_dir: str, broker_port: int, metrics_base_port: int,
+    prometheus: bool | None, prometheus_port: int, config: str | None, timeout: float,
+) -> None:  # fmt: skip
+    """Start the broker, the topics, N workers and Prometheus as detached processes."""
+    from stream.broker import BrokerNotFound, BrokerStartError
+    from stream.stack import StackConfig, StackError, up
+
+    cfg = StackConfig(
+        run_dir=Path(run_dir), workers=workers, broker_port=broker_port,
+        metrics_base_port=metrics_base_port, prometheus=prometheus,
+        prometheus_port=prometheus_port, config=config, timeout_s=timeout,
+    )  # fmt: skip
+    try:
+        up(cfg, echo=click.echo)
+    except (StackError, BrokerNotFound, BrokerStartError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except _broker_errors() as exc:
+        raise click.ClickException(f"cannot create the topics: {exc!r}") from None
+
+
+@stack.command("down")
+@click.option("--run-dir", default="runs/stack", show_default=True, type=click.Path())
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds before SIGKILL.")
+def stack_down(run_dir: str, timeout: float) -> None:
+    """Stop the stack's processes (workers first, broker last) and remove stack.json."""
+    from stream.stack import StackError, down
+
+    try:
+        down(run_dir, timeout_s=timeout, echo=click.echo)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@stack.command("status")
+@click.option("--run-dir", default="runs/stack", show_default=True, type=click.Path())
+def stack_status(run_dir: str) -> None:
+    """Print each process of the stack alive/dead and its URLs; exit 1 if any is dead."""
+    from stream.stack import StackError, describe, read_state, status
+
+    try:
+        procs = status(run_dir)
+        state = read_state(run_dir) or {}
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    for p, alive in procs:
+        click.echo(f"{p['name']:<11} pid {p['pid']:<8} {'alive' if alive else 'dead'}")
+    for line in describe(state):
+        click.echo(line)
+    if not all(alive for _, alive in procs):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -116,11 +116,19 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     metrics.impressions.inc(6)
     metrics_server, metrics_port = serve_metrics(metrics.registry)
 
-    config = (PROM_DIR / "prometheus.yml").read_text()
-    assert "worker:9464" in config and "5s" in config
-    config = config.replace("worker:9464", f"127.0.0.1:{metrics_port}")
-    config = re.sub(r"(_interval:\s*)5s", r"\g<1>1s", config)
-    (tmp / "prometheus.yml").write_text(config)
+    import yaml
+
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["job_name"] == "streamrec"
+    assert job["dns_sd_configs"][0]["names"] == ["worker"]  # compose service, any replica
+    assert job["dns_sd_configs"][0]["port"] == 9464
+    # here: the same job and rules, pointed at a local endpoint, 1 s intervals
+    del job["dns_sd_configs"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    job["scrape_interval"] = "1s"
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(PROM_DIR / "alerts.yml", tmp / "alerts.yml")  # rule_files is relative
     port = free_port()
     log = tmp / "prometheus.log"

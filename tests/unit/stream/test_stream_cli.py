@@ -1,0 +1,33 @@
+"""CLI error paths a user meets first: clear messages, non-zero exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from stream.broker import free_port
+from stream.cli import main
+
+
+def test_dashboards_publish_reports_an_unreachable_grafana() -> None:
+    port = free_port()
+    r = CliRunner().invoke(main, ["dashboards", "publish", "--url", f"http://127.0.0.1:{port}"])
+    assert r.exit_code == 1
+    assert "cannot connect to Grafana" in r.output
+
+
+def test_generate_rejects_bad_settings_with_a_message(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["generate", str(tmp_path / "x.csv"), "--impressions", "0"])
+    assert r.exit_code == 1
+    assert "Error" in r.output and "n_impressions" in r.output
+
+
+def test_replay_reports_a_malformed_log(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ts,impression_id,user_id,item_id\n1700000000,a,u,i\n")  # no click column
+    r = CliRunner().invoke(
+        main, ["replay", str(bad), "--broker", "127.0.0.1:1", "--no-create-topics"]
+    )
+    assert r.exit_code == 1
+    assert "click" in r.output

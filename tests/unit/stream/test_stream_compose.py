@@ -1,0 +1,277 @@
+"""Static checks of docker-compose.yml, the Dockerfile and .dockerignore (no Docker engine).
+
+The compose file is parsed with PyYAML (a dev dependency); when the
+``docker-compose`` tool (v1, Debian package ``docker-compose``) or the ``docker compose``
+plugin is installed, ``config -q`` validates the file against the Compose schema too: it
+needs no engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream.app import topic_plan
+from stream.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+ONE_SHOT = {"kafka-init", "replay", "pretrain"}
+DEFAULT_RE = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def _default(value: object) -> str:
+    """Resolve ``${VAR:-default}`` to its default, as compose does with VAR unset."""
+    return DEFAULT_RE.sub(lambda m: m.group(2), str(value))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    import yaml  # the dev extra
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def test_compose_specification_without_version_key(compose: dict[str, Any]) -> None:
+    assert "version" not in compose
+    assert set(compose["services"]) >= {
+        "kafka", "kafka-init", "worker", "worker-gpu", "prometheus", "grafana", "replay",
+        "pretrain",
+    }  # fmt: skip
+
+
+def test_every_service_declares_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    for name, svc in services.items():
+        hc = svc.get("healthcheck")
+        assert hc, f"{name} has no healthcheck"
+        if name in ONE_SHOT:
+            # one-shot jobs disable the check explicitly (the streamrec image's HEALTHCHECK
+            # probes the worker's /metrics, which replay and pretrain do not serve)
+            assert hc == {"disable": True}, name
+        else:
+            assert hc["test"][0] in ("CMD", "CMD-SHELL"), name
+            assert "interval" in hc and "retries" in hc, name
+
+
+def test_kafka_is_single_node_kraft_with_a_volume(compose: dict[str, Any]) -> None:
+    kafka = compose["services"]["kafka"]
+    assert kafka["image"] == "apache/kafka:3.9.0"
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert "CONTROLLER" in env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "1@kafka:9093"
+    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert "kafka-data:/var/lib/kafka/data" in kafka["volumes"]
+    assert "kafka-data" in compose["volumes"]
+    test = " ".join(kafka["healthcheck"]["test"])
+    assert "/opt/kafka/bin/kafka-broker-api-versions.sh --bootstrap-server localhost:9092" in test
+
+
+def test_depends_on_conditions(services: dict[str, dict[str, Any]]) -> None:
+    def cond(svc: str, dep: str) -> str:
+        return str(services[svc]["depends_on"][dep]["condition"])
+
+    assert cond("kafka-init", "kafka") == "service_healthy"
+    for svc in ("worker", "worker-gpu", "replay"):
+        assert cond(svc, "kafka-init") == "service_completed_successfully", svc
+    assert "prometheus" in services["grafana"]["depends_on"]
+
+
+def test_published_ports_are_bound_to_loopback(services: dict[str, dict[str, Any]]) -> None:
+    published = 0
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), (name, port)
+            published += 1
+    assert published >= 3
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+
+
+def test_workers_scale_no_fixed_host_port(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("worker", "worker-gpu"):
+        svc = services[name]
+        assert "ports" not in svc and "container_name" not in svc, name
+        assert [str(p) for p in svc["expose"]] == ["9464"], name
+
+
+def test_grafana_has_no_default_password(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    pw = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", pw), pw
+    assert "admin" not in pw.lower().replace("grafana_admin_password", "")
+    assert grafana["image"].startswith("grafana/grafana")
+    vols = grafana["volumes"]
+    assert any(v.startswith("./monitoring/grafana/provisioning:/etc/grafana/provisioning")
+               for v in vols)  # fmt: skip
+    assert any(v.startswith("./monitoring/grafana/dashboards:/var/lib/grafana/dashboards")
+               for v in vols)  # fmt: skip
+
+
+def test_worker_environment_points_at_kafka(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("worker", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["STREAMREC_BROKER"] == "kafka:9092", name
+        assert env["STREAMREC_METRICS_HOST"] == "0.0.0.0", name
+        assert str(env["STREAMREC_METRICS_PORT"]) == "9464", name
+        assert "build" in services[name], name
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+
+
+def test_topic_creation_covers_the_topic_plan(services: dict[str, dict[str, Any]]) -> None:
+    init = services["kafka-init"]
+    assert init["image"] == "apache/kafka:3.9.0"
+    script = " ".join(init.get("entrypoint", [])) + " " + " ".join(init["command"])
+    assert "kafka-topics.sh" in script
+    created: dict[str, int] = {}
+    for line in script.splitlines():
+        m = re.search(r"--topic\s+(\S+)\s+--partitions\s+(\S+)", line)
+        if m:
+            created[m.group(1)] = int(_default(m.group(2)))
+    assert created == topic_plan(Settings())
+    # impressions/clicks follow STREAMREC_PARTITIONS, as the worker's settings do
+    assert script.count("--partitions ${STREAMREC_PARTITIONS:-4}") == 2
+    assert services["worker"]["environment"]["STREAMREC_PARTITIONS"] == "${STREAMREC_PARTITIONS:-4}"
+    dead = next(ln for ln in script.splitlines() if "--topic dead-letter" in ln)
+    assert "retention.ms=604800000" in dead  # 7 days
+    assert "compact" not in script  # control is read from the beginning, not compacted
+
+
+def test_replay_and_pretrain_profiles(services: dict[str, dict[str, Any]]) -> None:
+    replay = services["replay"]
+    assert replay["profiles"] == ["replay"]
+    assert replay["command"] == [
+        "replay", "/data/log.csv.gz", "--broker", "kafka:9092", "--no-create-topics",
+    ]  # fmt: skip
+    assert "${REPLAY_LOG:-./runs/log.csv.gz}:/data/log.csv.gz:ro" in replay["volumes"]
+    pretrain = services["pretrain"]
+    assert pretrain["profiles"] == ["pretrain"]
+    assert pretrain["command"] == ["pretrain", "/data/log.csv.gz", "--out", "/data/out/ranker.pt"]
+    assert replay["image"] == services["worker"]["image"] == pretrain["image"]
+
+
+def test_bind_mount_sources_in_the_repository_exist(services: dict[str, dict[str, Any]]) -> None:
+    checked = 0
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src = _default(vol.split(":", 1)[0])
+            if not src.startswith("./") or src.startswith("./runs/"):
+                continue  # named volumes, and run-time artefacts (the replay log)
+            assert (ROOT / src).exists(), f"{name}: {src} does not exist"
+            checked += 1
+    assert checked >= 3
+    assert (ROOT / "monitoring/prometheus/prometheus.yml").is_file()
+    assert (ROOT / "monitoring/prometheus/alerts.yml").is_file()
+    assert "worker:9464" in (ROOT / "monitoring/prometheus/prometheus.yml").read_text()
+    prom = services["prometheus"]
+    assert "./monitoring/prometheus:/etc/prometheus:ro" in prom["volumes"]
+    assert prom["image"].startswith("prom/prometheus")
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[str]:
+    """Instructions, one per item, continuation lines joined, comments dropped."""
+    out: list[str] = []
+    buf = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        out.append(buf + line)
+        buf = ""
+    return out
+
+
+def _index(lines: list[str], pred: Any) -> int:
+    return next(i for i, ln in enumerate(lines) if pred(ln))
+
+
+def test_dockerfile_base_user_entrypoint(dockerfile: list[str]) -> None:
+    assert dockerfile[0] == "FROM python:3.11-slim"
+    users = [ln.split()[1] for ln in dockerfile if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0", "0:0")
+    assert 'ENTRYPOINT ["streamrec"]' in dockerfile
+    assert 'CMD ["worker"]' in dockerfile
+    assert "EXPOSE 9464" in dockerfile
+
+
+def test_dockerfile_installs_torch_before_the_project(dockerfile: list[str]) -> None:
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in dockerfile
+    torch = _index(dockerfile, lambda ln: "torch==" in ln and "pip install" in ln)
+    assert '--index-url "${TORCH_INDEX}"' in dockerfile[torch]
+    pyproject = _index(dockerfile, lambda ln: ln.startswith("COPY pyproject.toml"))
+    deps = _index(dockerfile, lambda ln: "pip install -r" in ln)
+    source = _index(dockerfile, lambda ln: ln.startswith("COPY stream"))
+    project = _index(dockerfile, lambda ln: "pip install --no-deps ." in ln)
+    assert torch < pyproject < deps < source < project
+    user = _index(dockerfile, lambda ln: ln.startswith("USER "))
+    assert project < user  # installed as root, run as the unprivileged user
+
+
+def test_dockerfile_healthcheck_fetches_metrics(dockerfile: list[str]) -> None:
+    (hc,) = [ln for ln in dockerfile if ln.startswith("HEALTHCHECK")]
+    assert "urllib.request" in hc and "http://127.0.0.1:" in hc and "/metrics" in hc
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "runs", ".env"} <= ignored
+
+
+# ----------------------------------------------------------------------------- compose CLIs
+
+
+def _compose_commands() -> list[list[str]]:
+    cmds = []
+    if shutil.which("docker-compose"):
+        cmds.append(["docker-compose"])
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            cmds.append(["docker", "compose"])
+    return cmds
+
+
+@pytest.mark.parametrize("tool", _compose_commands() or [None], ids=lambda t: " ".join(t or []))
+def test_compose_config_validates_without_an_engine(tool: list[str] | None,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    if tool is None:
+        pytest.fail(
+            "neither docker-compose nor the docker compose plugin is installed: "
+            "apt-get install -y docker-compose (make system-deps does it)"
+        )
+    empty_env = tmp_path / "empty.env"
+    empty_env.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"}
+    base = [*tool, "--env-file", str(empty_env), "-f", str(COMPOSE),
+            "--profile", "gpu", "--profile", "replay", "--profile", "pretrain"]  # fmt: skip
+    ok = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, cwd=ROOT,
+                        env={**env, "GRAFANA_ADMIN_PASSWORD": "test-only"}, timeout=60)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    # no default Grafana credentials: without the variable the file does not resolve
+    missing = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, cwd=ROOT,
+                             env=env, timeout=60)  # fmt: skip
+    assert missing.returncode != 0
+    assert "GRAFANA_ADMIN_PASSWORD" in missing.stderr + missing.stdout
