@@ -253,6 +253,28 @@ class FeatureEncoder:
             (bucket_of(field, v, nb) for v in values), dtype=np.int64, count=len(values)
         )
 
+    def collision_rate(self, field: str, values: Sequence[str]) -> float:
+        """Fraction, in [0, 1], of the distinct ``values`` of ``field`` that share a bucket
+        with another distinct value (0.0 for fewer than two distinct values).
+
+        Repeated values are counted once; two values collide only if they are different
+        after encoding (``1`` and ``1.0`` are one value). Use it on a sample of real ids to
+        size ``num_buckets``: for ``n`` random ids it is about ``1 - exp(-n / num_buckets)``.
+
+        Example:
+            >>> FeatureEncoder(EncoderConfig(num_buckets=2)).collision_rate("item_id", ["a", "b"])
+            1.0
+        """
+        distinct = {_value_str(v) for v in values}
+        if len(distinct) < 2:
+            return 0.0
+        nb = self.config.num_buckets
+        buckets = np.fromiter(
+            (bucket_of(field, v, nb) for v in distinct), dtype=np.int64, count=len(distinct)
+        )
+        _, inverse, counts = np.unique(buckets, return_inverse=True, return_counts=True)
+        return float((counts[inverse] > 1).sum() / len(distinct))
+
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Slot assignment as plain containers (safe for ``torch.load(weights_only=True)``)."""

@@ -2,8 +2,13 @@
 
 Every model maps ``cat``: int64 ``(B, Fc)`` bucket ids (0 = padding/absent) and ``num``:
 float32 ``(B, Fn)`` to logits ``(B,)``. Categorical slot 0 is ``user_id`` and slot 1 is
-``item_id``; both models add ``<e(user), e(item)>`` (rows of ``self.embedding``) to the
-logit so that user and item embeddings are meaningful for inner-product retrieval.
+``item_id``; every model adds ``<e(user), e(item)>`` (rows of ``self.embedding``, the shared
+``nn.Embedding(num_buckets, embedding_dim, padding_idx=0)``) to the (click) logit so that
+user and item embeddings are meaningful for inner-product retrieval. The final bias starts
+at ``logit(INITIAL_CTR)``.
+
+The multi-task :class:`MMoE` also has ``forward_tasks(cat, num) -> (B, T)`` logits; its
+``forward`` returns task 0 (click).
 
 Models have no dropout or batch norm, so train-mode and eval-mode forwards are identical.
 Parameters are initialised by ``reset_parameters(generator)`` so that randomness is owned
@@ -17,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DCNv2", "LogisticModel", "INITIAL_CTR"]
+__all__ = ["DCNv2", "DeepFM", "INITIAL_CTR", "LogisticModel", "MMoE", "WideAndDeep"]
 
 INITIAL_CTR = 0.03
 _INITIAL_BIAS = math.log(INITIAL_CTR / (1 - INITIAL_CTR))
@@ -41,6 +46,22 @@ def _init_linear(lin: nn.Linear, generator: torch.Generator | None) -> None:
     nn.init.xavier_uniform_(lin.weight, generator=generator)
     if lin.bias is not None:
         nn.init.zeros_(lin.bias)
+
+
+def _mlp(width: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """``Linear -> ReLU`` per entry of ``hidden``; returns the stack and its output width."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers), width
+
+
+def _init_linears(module: nn.Module, generator: torch.Generator | None) -> None:
+    """Xavier-initialise every ``nn.Linear`` inside ``module`` (in registration order)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            _init_linear(m, generator)
 
 
 class LogisticModel(nn.Module):
@@ -161,3 +182,204 @@ class DCNv2(nn.Module):
         logit = self.head(torch.cat([x, h], dim=1)).squeeze(-1)
         dot = (emb[:, 0] * emb[:, 1]).sum(-1)
         return logit + dot
+
+
+class WideAndDeep(nn.Module):
+    """Wide & Deep (Cheng et al. 2016), plus a user x item dot term.
+
+    Wide: a scalar weight per bucket and a linear numeric term (memorisation, as in
+    :class:`LogisticModel`). Deep: an MLP over ``[e(cat_1), ..., e(cat_Fc), num]``
+    (B, Fc*D + Fn) into a linear head whose bias starts at ``logit(INITIAL_CTR)``.
+    ``logit = wide + deep + <e(user), e(item)>``.
+
+    Example:
+        >>> m = WideAndDeep(num_buckets=100, num_cat_fields=3, num_num_fields=2,
+        ...                 embedding_dim=4, hidden=(8,),
+        ...                 generator=torch.Generator().manual_seed(0))
+        >>> m(torch.tensor([[5, 7, 0], [1, 0, 0]]), torch.zeros(2, 2)).shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        num_buckets: int,
+        num_cat_fields: int,
+        num_num_fields: int,
+        embedding_dim: int = 16,
+        hidden: tuple[int, ...] = (128, 64),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_cat_fields = num_cat_fields
+        self.num_num_fields = num_num_fields
+        self.wide = nn.Embedding(num_buckets, 1, padding_idx=0)
+        self.wide_numeric = nn.Linear(num_num_fields, 1, bias=False)
+        self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
+        self.deep, width = _mlp(num_cat_fields * embedding_dim + num_num_fields, hidden)
+        self.head = nn.Linear(width, 1)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Zero wide weights, Xavier deep linears, small embeddings, bias = logit(INITIAL_CTR)."""
+        with torch.no_grad():
+            self.wide.weight.zero_()
+            self.wide_numeric.weight.zero_()
+        _init_embedding(self.embedding, _EMB_STD, generator)
+        _init_linears(self.deep, generator)
+        _init_linear(self.head, generator)
+        with torch.no_grad():
+            self.head.bias.fill_(_INITIAL_BIAS)
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
+        wide = self.wide(cat).squeeze(-1).sum(-1)
+        if self.num_num_fields:
+            wide = wide + self.wide_numeric(num).squeeze(-1)
+        emb = self.embedding(cat)  # (B, Fc, D)
+        deep = self.head(self.deep(torch.cat([emb.flatten(1), num], dim=1))).squeeze(-1)
+        dot = (emb[:, 0] * emb[:, 1]).sum(-1)
+        return wide + deep + dot
+
+
+class DeepFM(nn.Module):
+    """DeepFM (Guo et al. 2017): first order + FM second order + a deep MLP.
+
+    Field vectors are ``e(cat_f)`` for categorical fields (absent: the zero padding row) and
+    ``num_f * v_f`` for numeric fields, ``v_f`` learned. The FM term
+    ``sum_{f < g} <x_f, x_g>`` is computed in O(F D) as
+    ``((sum_f x_f)^2 - sum_f x_f^2).sum() / 2``; it contains ``<e(user), e(item)>`` with
+    coefficient 1, which is the user x item dot term of the other models (not added twice).
+    The deep MLP reads ``[e(cat_1), ..., e(cat_Fc), num]`` into a linear head whose bias
+    starts at ``logit(INITIAL_CTR)``.
+
+    Example:
+        >>> m = DeepFM(num_buckets=100, num_cat_fields=3, num_num_fields=2, embedding_dim=4,
+        ...            hidden=(8,), generator=torch.Generator().manual_seed(0))
+        >>> m(torch.tensor([[5, 7, 0], [1, 0, 0]]), torch.zeros(2, 2)).shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        num_buckets: int,
+        num_cat_fields: int,
+        num_num_fields: int,
+        embedding_dim: int = 16,
+        hidden: tuple[int, ...] = (128, 64),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_cat_fields = num_cat_fields
+        self.num_num_fields = num_num_fields
+        self.first_order = nn.Embedding(num_buckets, 1, padding_idx=0)
+        self.first_order_numeric = nn.Linear(num_num_fields, 1, bias=False)
+        self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
+        self.numeric_embedding = nn.Parameter(torch.empty(num_num_fields, embedding_dim))
+        self.deep, width = _mlp(num_cat_fields * embedding_dim + num_num_fields, hidden)
+        self.head = nn.Linear(width, 1)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Zero first order, small embeddings, Xavier linears, bias = logit(INITIAL_CTR)."""
+        with torch.no_grad():
+            self.first_order.weight.zero_()
+            self.first_order_numeric.weight.zero_()
+        _init_embedding(self.embedding, _EMB_STD, generator)
+        nn.init.normal_(self.numeric_embedding, 0.0, _EMB_STD, generator=generator)
+        _init_linears(self.deep, generator)
+        _init_linear(self.head, generator)
+        with torch.no_grad():
+            self.head.bias.fill_(_INITIAL_BIAS)
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
+        first = self.first_order(cat).squeeze(-1).sum(-1)
+        emb = self.embedding(cat)  # (B, Fc, D)
+        fields = emb
+        if self.num_num_fields:
+            first = first + self.first_order_numeric(num).squeeze(-1)
+            num_vecs = num[:, :, None] * self.numeric_embedding[None]  # (B, Fn, D)
+            fields = torch.cat([emb, num_vecs], dim=1)
+        fm = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(-1)
+        deep = self.head(self.deep(torch.cat([emb.flatten(1), num], dim=1))).squeeze(-1)
+        return first + fm + deep
+
+
+class MMoE(nn.Module):
+    """Multi-gate mixture of experts (Ma et al. 2018, KDD) over the shared embeddings.
+
+    ``x0 = [e(cat_1), ..., e(cat_Fc), num]`` (B, Fc*D + Fn) feeds ``num_experts`` MLPs
+    (layers ``hidden``) and one softmax gate per task; task ``t`` mixes the experts with its
+    gate and maps the mixture through its tower (``Linear -> ReLU -> Linear``) to a logit
+    whose bias starts at ``logit(INITIAL_CTR)``. Task 0 is the click and also gets
+    ``<e(user), e(item)>``.
+
+    Example:
+        >>> m = MMoE(num_buckets=100, num_cat_fields=3, num_num_fields=2, embedding_dim=4,
+        ...          hidden=(8,), num_experts=3, num_tasks=2,
+        ...          generator=torch.Generator().manual_seed(0))
+        >>> cat, num = torch.tensor([[5, 7, 0], [1, 0, 0]]), torch.zeros(2, 2)
+        >>> m.forward_tasks(cat, num).shape, m(cat, num).shape
+        (torch.Size([2, 2]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        num_buckets: int,
+        num_cat_fields: int,
+        num_num_fields: int,
+        embedding_dim: int = 16,
+        hidden: tuple[int, ...] = (128, 64),
+        num_experts: int = 4,
+        num_tasks: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not hidden:
+            raise ValueError("MMoE needs at least one hidden layer per expert")
+        if num_experts < 1 or num_tasks < 1:
+            raise ValueError(f"need num_experts, num_tasks >= 1, got {num_experts}, {num_tasks}")
+        self.num_cat_fields = num_cat_fields
+        self.num_num_fields = num_num_fields
+        self.num_experts = num_experts
+        self.num_tasks = num_tasks
+        self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
+        d0 = num_cat_fields * embedding_dim + num_num_fields
+        self.experts = nn.ModuleList(_mlp(d0, hidden)[0] for _ in range(num_experts))
+        width = hidden[-1]
+        self.gates = nn.ModuleList(nn.Linear(d0, num_experts) for _ in range(num_tasks))
+        self.towers = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+            for _ in range(num_tasks)
+        )
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Small embeddings, Xavier linears, tower output biases = logit(INITIAL_CTR)."""
+        _init_embedding(self.embedding, _EMB_STD, generator)
+        for group in (self.experts, self.gates, self.towers):
+            _init_linears(group, generator)
+        with torch.no_grad():
+            for tower in self.towers:
+                assert isinstance(tower, nn.Sequential)
+                out = tower[-1]
+                assert isinstance(out, nn.Linear)
+                out.bias.fill_(_INITIAL_BIAS)
+
+    def forward_tasks(self, cat: Tensor, num: Tensor) -> Tensor:
+        """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B, T)."""
+        emb = self.embedding(cat)  # (B, Fc, D)
+        x0 = torch.cat([emb.flatten(1), num], dim=1)
+        experts = torch.stack([e(x0) for e in self.experts], dim=1)  # (B, E, H)
+        logits = []
+        for gate, tower in zip(self.gates, self.towers, strict=True):
+            g = torch.softmax(gate(x0), dim=-1)  # (B, E)
+            mixed = (g[:, :, None] * experts).sum(1)  # (B, H)
+            logits.append(tower(mixed).squeeze(-1))
+        out = torch.stack(logits, dim=1)  # (B, T)
+        dot = (emb[:, 0] * emb[:, 1]).sum(-1)
+        return torch.cat([(out[:, 0] + dot)[:, None], out[:, 1:]], dim=1)
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        """Click logits, float32 (B,): column 0 of :meth:`forward_tasks`."""
+        return self.forward_tasks(cat, num)[:, 0]

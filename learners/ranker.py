@@ -1,12 +1,15 @@
 """The online PyTorch CTR ranker: encoder + model + Adam, with the River-style interface.
 
 ``X`` is a sequence of flat example dicts (see :mod:`learners.encoding`), ``y`` an array
-``(B,)`` of 0/1 labels and ``w`` optional per-example weights ``(B,)``.
+``(B,)`` of 0/1 labels and ``w`` optional per-example weights ``(B,)``. ``y2`` (optional,
+``model="mmoe"`` only) is a ``(B,)`` second label (e.g. conversion) for task 1, NaN where
+unknown.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -20,27 +23,44 @@ import torch
 from torch import Tensor, nn
 
 from learners.encoding import EncodedBatch, EncoderConfig, FeatureEncoder
-from learners.losses import LOSSES
-from learners.models import DCNv2, LogisticModel
+from learners.losses import LOSSES, bce_with_logits
+from learners.models import DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 
-__all__ = ["RankerConfig", "TorchRanker", "pick_device"]
+__all__ = ["MODELS", "RankerConfig", "TorchRanker", "pick_device"]
 
 Rows = Sequence[Mapping[str, object]]
 
-_MODELS = ("logreg", "dcnv2")
+MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe")
+"""Values accepted by ``RankerConfig.model``."""
+
+# loss name -> {keyword of LOSSES[name]: RankerConfig field}
+_LOSS_PARAMS: dict[str, dict[str, str]] = {
+    "weighted_bce": {"pos_weight": "pos_weight"},
+    "focal": {"gamma": "focal_gamma", "alpha": "focal_alpha"},
+    "combined_pair": {"alpha": "pair_alpha"},
+}
 
 
 @dataclass(frozen=True)
 class RankerConfig:
-    """Ranker settings. ``lr`` used = ``base_lr * online_lr_scale`` when online."""
+    """Ranker settings. ``lr`` used = ``base_lr * online_lr_scale`` when online.
 
-    model: str = "dcnv2"  # "logreg" | "dcnv2"
+    ``pos_weight`` is used by ``loss="weighted_bce"``, ``pair_alpha`` (the BCE share) by
+    ``loss="combined_pair"``, ``focal_*`` by ``loss="focal"``; ``num_experts`` and
+    ``num_tasks`` by ``model="mmoe"`` (task 0 = click, task 1 = the optional ``y2`` label).
+    """
+
+    model: str = "dcnv2"  # one of MODELS
     embedding_dim: int = 16
     cross_layers: int = 2
     hidden: tuple[int, ...] = (128, 64)
-    loss: str = "bce"  # "bce" | "focal"
+    loss: str = "bce"  # a key of learners.losses.LOSSES
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
+    pos_weight: float = 1.0
+    pair_alpha: float = 0.5
+    num_experts: int = 4
+    num_tasks: int = 2
     base_lr: float = 0.01
     online_lr_scale: float = 0.1
     grad_clip_norm: float = 10.0
@@ -48,8 +68,8 @@ class RankerConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
     def __post_init__(self) -> None:
-        if self.model not in _MODELS:
-            raise ValueError(f"unknown model {self.model!r}; expected one of {_MODELS}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {MODELS}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {tuple(LOSSES)}")
         if self.embedding_dim < 1:
@@ -62,6 +82,16 @@ class RankerConfig:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
             raise ValueError(f"focal_alpha must be in [0, 1] or None, got {self.focal_alpha}")
+        if not (math.isfinite(self.pos_weight) and self.pos_weight > 0):
+            raise ValueError(f"pos_weight must be a positive finite number, got {self.pos_weight}")
+        if not 0.0 <= self.pair_alpha <= 1.0:
+            raise ValueError(f"pair_alpha must be in [0, 1], got {self.pair_alpha}")
+        if self.num_experts < 1 or self.num_tasks < 1:
+            raise ValueError(
+                f"num_experts and num_tasks must be >= 1, got {self.num_experts}, {self.num_tasks}"
+            )
+        if self.model == "mmoe" and not self.hidden:
+            raise ValueError("model='mmoe' needs at least one hidden layer (the experts)")
         for name in ("base_lr", "online_lr_scale", "grad_clip_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -126,6 +156,8 @@ class TorchRanker:
         self.encoder = FeatureEncoder(config.encoder)
         self._generator = torch.Generator().manual_seed(seed)
         self.model = self._build_model().to(self.device)
+        params = {kw: getattr(config, f) for kw, f in _LOSS_PARAMS.get(config.loss, {}).items()}
+        self._loss_fn = functools.partial(LOSSES[config.loss], **params)
         # The fused kernel is ~10x faster than the default for-loop Adam on CPU over large
         # embedding tables (the dense update touches every row).
         fused = self.device.type in ("cpu", "cuda")
@@ -136,22 +168,29 @@ class TorchRanker:
 
     def _build_model(self) -> nn.Module:
         cfg, enc = self.config, self.config.encoder
+        shape = (enc.num_buckets, enc.max_cat_fields, enc.max_num_fields)
+        dim, gen = cfg.embedding_dim, self._generator
         if cfg.model == "logreg":
-            return LogisticModel(
-                enc.num_buckets,
-                enc.max_cat_fields,
-                enc.max_num_fields,
-                embedding_dim=cfg.embedding_dim,
-                generator=self._generator,
+            return LogisticModel(*shape, embedding_dim=dim, generator=gen)
+        if cfg.model == "wide_deep":
+            return WideAndDeep(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen)
+        if cfg.model == "deepfm":
+            return DeepFM(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen)
+        if cfg.model == "mmoe":
+            return MMoE(
+                *shape,
+                embedding_dim=dim,
+                hidden=cfg.hidden,
+                num_experts=cfg.num_experts,
+                num_tasks=cfg.num_tasks,
+                generator=gen,
             )
         return DCNv2(
-            enc.num_buckets,
-            enc.max_cat_fields,
-            enc.max_num_fields,
-            embedding_dim=cfg.embedding_dim,
+            *shape,
+            embedding_dim=dim,
             cross_layers=cfg.cross_layers,
             hidden=cfg.hidden,
-            generator=self._generator,
+            generator=gen,
         )
 
     @property
@@ -179,17 +218,43 @@ class TorchRanker:
             raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
         return t, torch.from_numpy(w_arr).to(self.device)
 
-    def _loss(self, logits: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
-        cfg = self.config
-        if cfg.loss == "focal":
-            return LOSSES["focal"](
-                logits, targets, gamma=cfg.focal_gamma, alpha=cfg.focal_alpha, weights=weights
-            )
-        return LOSSES[cfg.loss](logits, targets, weights=weights)
+    def _second_targets(self, X: Rows, y2: Any) -> Tensor | None:
+        """``y2`` as a (B,) tensor when the model has a task 1 to train, else None."""
+        if y2 is None or not isinstance(self.model, MMoE) or self.model.num_tasks < 2:
+            return None
+        y2_arr = np.asarray(y2, dtype=np.float32).reshape(-1)
+        if y2_arr.shape[0] != len(X):
+            raise ValueError(f"len(y2)={y2_arr.shape[0]} does not match len(X)={len(X)}")
+        return torch.from_numpy(y2_arr).to(self.device)
 
-    def _step(self, logits: Tensor, targets: Tensor, weights: Tensor | None) -> None:
+    def _forward(self, cat: Tensor, num: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Click logits (B,) and, for MMoE, all task logits (B, T)."""
+        if isinstance(self.model, MMoE):
+            tasks = self.model.forward_tasks(cat, num)
+            return tasks[:, 0], tasks
+        return self.model(cat, num), None
+
+    def _loss(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        weights: Tensor | None,
+        task_logits: Tensor | None = None,
+        targets2: Tensor | None = None,
+    ) -> Tensor:
+        """Configured loss on the click; plus, for MMoE with ``y2``, BCE of task 1 on the rows
+        where ``y2`` is finite (mean over those rows; 0 when there are none)."""
+        loss = self._loss_fn(logits, targets, weights=weights)
+        if task_logits is None or targets2 is None:
+            return loss
+        known = torch.isfinite(targets2)
+        w2 = None if weights is None else weights[known]
+        # The sum over zero known rows is 0, not the NaN of an empty mean.
+        task1 = bce_with_logits(task_logits[known, 1], targets2[known], weights=w2, reduction="sum")
+        return loss + task1 / known.sum().clamp(min=1)
+
+    def _step(self, loss: Tensor) -> None:
         """One clipped Adam step; non-finite loss or gradient skips it (weights unchanged)."""
-        loss = self._loss(logits, targets, weights)
         if not bool(torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped_nonfinite += 1
@@ -222,30 +287,36 @@ class TorchRanker:
         logits = self.predict_logit_many(X)
         return _sigmoid(logits)
 
-    def learn_many(self, X: Rows, y: Any, w: Any = None) -> None:
-        """One optimiser step on the batch (``y``: (B,) 0/1, ``w``: optional (B,) weights)."""
-        if len(X) == 0:
-            return
-        targets, weights = self._targets(X, y, w)
-        cat, num = self._tensors(X)
-        self.model.train()
-        self._step(self.model(cat, num), targets, weights)
+    def learn_many(self, X: Rows, y: Any, w: Any = None, y2: Any = None) -> None:
+        """One optimiser step on the batch (``y``: (B,) 0/1, ``w``: optional (B,) weights).
 
-    def score_and_learn(self, X: Rows, y: Any, w: Any = None) -> np.ndarray:
+        ``y2``: optional (B,) task-1 labels, NaN where unknown; used by ``model="mmoe"``
+        only (ignored by single-task models).
+        """
+        self._learn(X, y, w, y2, scores=False)
+
+    def score_and_learn(self, X: Rows, y: Any, w: Any = None, y2: Any = None) -> np.ndarray:
         """Progressive validation: P(click) float64 ``(B,)`` BEFORE the update, then learn.
 
         The models have no dropout/batch norm, so the training forward pass yields the
-        same scores as :meth:`predict_proba_many` and is reused.
+        same scores as :meth:`predict_proba_many` and is reused. ``y2`` as in
+        :meth:`learn_many`.
         """
+        out = self._learn(X, y, w, y2, scores=True)
+        assert out is not None
+        return out
+
+    def _learn(self, X: Rows, y: Any, w: Any, y2: Any, scores: bool) -> np.ndarray | None:
         if len(X) == 0:
-            return np.zeros(0, dtype=np.float64)
+            return np.zeros(0, dtype=np.float64) if scores else None
         targets, weights = self._targets(X, y, w)
+        targets2 = self._second_targets(X, y2)
         cat, num = self._tensors(X)
         self.model.train()
-        logits = self.model(cat, num)
-        scores = _sigmoid(logits.detach().cpu().numpy().astype(np.float64))
-        self._step(logits, targets, weights)
-        return scores
+        logits, task_logits = self._forward(cat, num)
+        p = _sigmoid(logits.detach().cpu().numpy().astype(np.float64)) if scores else None
+        self._step(self._loss(logits, targets, weights, task_logits, targets2))
+        return p
 
     def _vectors(self, field_name: str, values: Sequence[str]) -> np.ndarray:
         ids = torch.from_numpy(self.encoder.bucket_ids(field_name, values)).to(self.device)

@@ -154,3 +154,41 @@ def _timed(enc: FeatureEncoder, rows: list) -> float:
     t = time.perf_counter()
     enc.encode(rows)
     return time.perf_counter() - t
+
+
+def naive_collision_rate(field: str, values: list[str], num_buckets: int) -> float:
+    distinct = sorted(set(values))
+    buckets = [expected_bucket(field, v, num_buckets) for v in distinct]
+    colliding = [
+        v
+        for i, v in enumerate(distinct)
+        if any(buckets[i] == buckets[j] for j in range(len(distinct)) if j != i)
+    ]
+    return len(colliding) / len(distinct) if len(distinct) > 1 else 0.0
+
+
+@pytest.mark.parametrize("num_buckets", [2, 3, 5, 17, 64])
+def test_collision_rate_matches_naive_count_on_tiny_bucket_space(num_buckets: int) -> None:
+    enc = FeatureEncoder(EncoderConfig(num_buckets=num_buckets))
+    values = [f"i{k}" for k in range(20)] + ["i3", "i3"]  # repeats are one value
+    rate = enc.collision_rate("item_id", values)
+    assert rate == naive_collision_rate("item_id", values, num_buckets)
+    if num_buckets <= 17:  # 20 distinct values in < 20 buckets: pigeonhole
+        assert rate > 0
+
+
+def test_collision_rate_edge_cases() -> None:
+    tiny = FeatureEncoder(EncoderConfig(num_buckets=2))  # one usable bucket
+    assert tiny.collision_rate("item_id", ["a", "b", "c"]) == 1.0
+    assert tiny.collision_rate("item_id", ["a", "a"]) == 0.0  # one distinct value
+    assert tiny.collision_rate("item_id", []) == 0.0
+    wide = FeatureEncoder(EncoderConfig(num_buckets=1 << 20))
+    assert wide.collision_rate("item_id", ["a", "b", "c"]) == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.text(max_size=4), max_size=30), st.integers(2, 40))
+def test_collision_rate_is_a_fraction_equal_to_naive(values: list[str], num_buckets: int) -> None:
+    rate = FeatureEncoder(EncoderConfig(num_buckets=num_buckets)).collision_rate("f", values)
+    assert 0.0 <= rate <= 1.0
+    assert rate == pytest.approx(naive_collision_rate("f", values, num_buckets))

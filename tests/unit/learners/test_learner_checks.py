@@ -1,4 +1,9 @@
-"""One shared check suite run over every learner, River peers included."""
+"""One shared check suite run over every learner, River peers included.
+
+Every ranker model (``learners.ranker.MODELS``) and every ranker loss
+(``learners.losses.LOSSES``, on DCN-v2) is a learner here, so a new one is checked as soon
+as it is registered.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import torch
 
 from learners.baselines import RiverLogisticRegression
 from learners.encoding import EncoderConfig
-from learners.ranker import RankerConfig, TorchRanker
+from learners.losses import LOSSES
+from learners.ranker import MODELS, RankerConfig, TorchRanker
 
 SMALL = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=3)
 
@@ -23,10 +29,20 @@ def _torch(**kw: Any) -> Callable[[], TorchRanker]:
     return lambda: TorchRanker(cfg, seed=7, online=False)
 
 
+# Non-default loss parameters, so that e.g. weighted_bce is not plain BCE.
+LOSS_SETTINGS: dict[str, dict[str, Any]] = {
+    "focal": {"focal_gamma": 2.0},
+    "weighted_bce": {"pos_weight": 4.0},
+    "combined_pair": {"pair_alpha": 0.5},
+}
+
 LEARNERS: dict[str, Callable[[], Any]] = {
-    "torch-logreg": _torch(model="logreg"),
-    "torch-dcnv2": _torch(model="dcnv2"),
-    "torch-dcnv2-focal": _torch(model="dcnv2", loss="focal", focal_gamma=2.0),
+    **{f"torch-{m}": _torch(model=m, num_experts=2) for m in MODELS},
+    **{
+        f"torch-dcnv2-{name}": _torch(model="dcnv2", loss=name, **LOSS_SETTINGS.get(name, {}))
+        for name in LOSSES
+        if name != "bce"  # torch-dcnv2 is the bce one
+    },
     "river-logreg": lambda: RiverLogisticRegression(seed=7, lr=0.05),
 }
 TORCH_LEARNERS = [k for k in LEARNERS if k.startswith("torch")]
@@ -190,3 +206,19 @@ def test_non_finite_loss_skips_the_batch_and_counts_it(
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     model.learn_many(ROWS[:64], Y[:64])  # the next good batch still learns
     assert model.n_updates == n_updates + 1 and np.isfinite(model.last_loss or np.nan)
+
+
+def test_second_label_with_unknowns_is_accepted_by_every_torch_learner(
+    make_torch: Callable[[], TorchRanker],
+) -> None:
+    # y2 trains task 1 of multi-task models and is ignored by the others; either way the
+    # click scores are the pre-update ones and the step is taken.
+    model = make_torch()
+    feed(model, ROWS[:64], Y[:64])
+    batch, y = ROWS[64:128], Y[64:128]
+    y2 = np.where(np.arange(64) % 3 == 0, np.nan, y)
+    before = model.predict_proba_many(batch)
+    scores = model.score_and_learn(batch, y, y2=y2)
+    np.testing.assert_allclose(scores, before, rtol=0, atol=1e-7)
+    model.learn_many(batch, y, None, y2)
+    assert model.n_updates == 3 and model.n_skipped_nonfinite == 0

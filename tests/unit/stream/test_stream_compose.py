@@ -35,6 +35,7 @@ def _default(value: object) -> str:
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     import yaml  # the dev extra
+
     data = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(data, dict)
     return data
@@ -178,7 +179,13 @@ def test_bind_mount_sources_in_the_repository_exist(services: dict[str, dict[str
     assert checked >= 3
     assert (ROOT / "monitoring/prometheus/prometheus.yml").is_file()
     assert (ROOT / "monitoring/prometheus/alerts.yml").is_file()
-    assert "worker:9464" in (ROOT / "monitoring/prometheus/prometheus.yml").read_text()
+    import yaml
+
+    prom_cfg = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
+    sd = prom_cfg["scrape_configs"][0]["dns_sd_configs"][0]
+    # every replica of the worker service (--scale worker=N), on the port the image exposes
+    assert sd["names"] == ["worker"] and sd["port"] == 9464
+    assert "worker" in services and "9464" in (ROOT / "Dockerfile").read_text()
     prom = services["prometheus"]
     assert "./monitoring/prometheus:/etc/prometheus:ro" in prom["volumes"]
     assert prom["image"].startswith("prom/prometheus")

@@ -1,0 +1,171 @@
+"""TorchRanker and RankerConfig specifics; the behaviour shared by every learner is in
+``test_learner_checks.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from learners.encoding import EncoderConfig
+from learners.losses import LOSSES
+from learners.models import MMoE
+from learners.ranker import MODELS, RankerConfig, TorchRanker
+
+SMALL = EncoderConfig(num_buckets=256, max_cat_fields=4, max_num_fields=2)
+ROWS: list[dict[str, object]] = [
+    {"user_id": f"u{i % 7}", "item_id": f"i{i % 11}", "seg": f"s{i % 3}", "x": float(i)}
+    for i in range(32)
+]
+Y = (np.arange(32) % 5 == 0).astype(np.float64)
+
+
+def _mmoe(**kw: Any) -> TorchRanker:
+    cfg = RankerConfig(
+        model="mmoe", device="cpu", encoder=SMALL, hidden=(8,), embedding_dim=4, **kw
+    )
+    return TorchRanker(cfg, seed=3, online=False)
+
+
+def test_unknown_model_is_rejected_listing_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown model 'xgb'") as err:
+        RankerConfig(model="xgb")
+    assert all(name in str(err.value) for name in MODELS)
+    assert set(MODELS) == {"logreg", "wide_deep", "deepfm", "dcnv2", "mmoe"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pos_weight", 0.0),
+        ("pos_weight", float("inf")),
+        ("pair_alpha", -0.1),
+        ("pair_alpha", 1.5),
+        ("num_experts", 0),
+        ("num_tasks", 0),
+        ("loss", "hinge"),
+    ],
+)
+def test_invalid_new_settings_are_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        RankerConfig(**{field: value})  # type: ignore[arg-type]  # deliberately invalid
+
+
+def test_mmoe_without_hidden_layers_is_rejected() -> None:
+    with pytest.raises(ValueError, match="hidden"):
+        RankerConfig(model="mmoe", hidden=())
+
+
+def test_config_round_trips_new_fields_through_plain_containers() -> None:
+    cfg = RankerConfig(
+        model="mmoe",
+        loss="combined_pair",
+        pos_weight=3.0,
+        pair_alpha=0.2,
+        num_experts=2,
+        num_tasks=3,
+        hidden=(8,),
+        encoder=SMALL,
+    )
+    d = cfg.to_dict()
+    assert d["pos_weight"] == 3.0 and d["pair_alpha"] == 0.2
+    assert d["num_experts"] == 2 and d["num_tasks"] == 3
+    assert RankerConfig.from_dict(d) == cfg
+
+
+def test_config_dict_from_before_the_new_fields_loads_with_defaults() -> None:
+    d = RankerConfig(encoder=SMALL).to_dict()
+    for key in ("pos_weight", "pair_alpha", "num_experts", "num_tasks"):
+        del d[key]
+    assert RankerConfig.from_dict(d) == RankerConfig(encoder=SMALL)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_checkpoint_of_each_model_loads_with_weights_only(model: str, tmp_path: Path) -> None:
+    cfg = RankerConfig(model=model, device="cpu", encoder=SMALL, hidden=(8,), embedding_dim=4)
+    ranker = TorchRanker(cfg, seed=1)
+    ranker.learn_many(ROWS, Y)
+    ranker.save(tmp_path / "m.ckpt")
+    torch.load(tmp_path / "m.ckpt", weights_only=True)  # plain containers only
+    loaded = TorchRanker.load(tmp_path / "m.ckpt", device="cpu", online=False)
+    assert loaded.config == cfg and not loaded.online
+    np.testing.assert_array_equal(loaded.predict_proba_many(ROWS), ranker.predict_proba_many(ROWS))
+
+
+@pytest.mark.parametrize(
+    ("loss", "param", "kwarg", "value"),
+    [
+        ("weighted_bce", "pos_weight", "pos_weight", 4.0),
+        ("combined_pair", "pair_alpha", "alpha", 0.25),
+        ("focal", "focal_gamma", "gamma", 1.0),
+    ],
+)
+def test_loss_parameters_come_from_the_config(
+    loss: str, param: str, kwarg: str, value: float
+) -> None:
+    settings: dict[str, Any] = {param: value}
+    cfg = RankerConfig(model="logreg", device="cpu", encoder=SMALL, loss=loss, **settings)
+    ranker = TorchRanker(cfg, seed=0, online=False)
+    ranker.learn_many(ROWS, Y)
+    # The first step's training loss is the registry loss with the config's parameter.
+    logits = torch.from_numpy(ranker.clone().predict_logit_many(ROWS))
+    expected = LOSSES[loss](logits, torch.from_numpy(Y), **{kwarg: value})
+    assert ranker.last_loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def _task_params(ranker: TorchRanker, task: int) -> list[torch.Tensor]:
+    assert isinstance(ranker.model, MMoE)
+    return [p.detach().clone() for p in ranker.model.towers[task].parameters()]
+
+
+def test_mmoe_trains_task_one_only_from_finite_y2() -> None:
+    no_y2, nan_y2, with_y2 = _mmoe(), _mmoe(), _mmoe()
+    before = _task_params(no_y2, 1)
+    no_y2.learn_many(ROWS, Y)
+    nan_y2.learn_many(ROWS, Y, y2=np.full(32, np.nan))
+    y2 = np.where(np.arange(32) % 2 == 0, Y, np.nan)  # half the rows have a second label
+    with_y2.learn_many(ROWS, Y, y2=y2)
+    for b, a in zip(before, _task_params(no_y2, 1), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # All-unknown y2 is the same as no y2.
+    np.testing.assert_array_equal(nan_y2.predict_proba_many(ROWS), no_y2.predict_proba_many(ROWS))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _task_params(with_y2, 1), strict=True))
+    assert with_y2.n_updates == 1 and with_y2.n_skipped_nonfinite == 0
+
+
+def test_mmoe_multitask_loss_is_click_loss_plus_task_one_bce_on_known_rows() -> None:
+    ranker = _mmoe()
+    fresh = ranker.clone()
+    y2 = np.where(np.arange(32) < 10, 1.0 - Y, np.nan)
+    p = ranker.score_and_learn(ROWS, Y, y2=y2)
+    with torch.no_grad():
+        assert isinstance(fresh.model, MMoE)
+        batch = fresh.encoder.encode(ROWS)
+        tasks = fresh.model.forward_tasks(torch.from_numpy(batch.cat), torch.from_numpy(batch.num))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    t, t2 = torch.tensor(Y, dtype=torch.float32), torch.tensor(y2[:10], dtype=torch.float32)
+    expected = bce(tasks[:, 0], t) + bce(tasks[:10, 1], t2)
+    assert ranker.last_loss == pytest.approx(float(expected), rel=1e-6)
+    np.testing.assert_allclose(p, torch.sigmoid(tasks[:, 0]).numpy(), rtol=0, atol=1e-7)
+
+
+def test_y2_of_the_wrong_length_is_rejected() -> None:
+    with pytest.raises(ValueError, match="y2"):
+        _mmoe().learn_many(ROWS, Y, y2=np.zeros(3))
+
+
+def test_single_task_models_ignore_y2() -> None:
+    cfg = RankerConfig(model="dcnv2", device="cpu", encoder=SMALL, hidden=(8,), embedding_dim=4)
+    a, b = TorchRanker(cfg, seed=0), TorchRanker(cfg, seed=0)
+    a.learn_many(ROWS, Y, y2=np.ones(32))
+    b.learn_many(ROWS, Y)
+    np.testing.assert_array_equal(a.predict_proba_many(ROWS), b.predict_proba_many(ROWS))
+
+
+def test_replace_keeps_validation() -> None:
+    with pytest.raises(ValueError, match="pair_alpha"):
+        dataclasses.replace(RankerConfig(), pair_alpha=2.0)
