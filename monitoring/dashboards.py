@@ -272,9 +272,13 @@ def calibration_dashboard() -> Dashboard:
     )
     lay.timeseries(
         "Calibration ratio (predicted / actual clicks)",
-        [('streamrec_calibration_ratio{segment="all"}', "{{window}}")],
+        [
+            ('streamrec_calibration_ratio{segment="all"}', "served {{window}}"),
+            ('streamrec_raw_calibration_ratio{segment="all"}', "raw ranker {{window}}"),
+        ],
         w=12,
-        description="sum(p)/sum(y); 1 is ideal. The shaded area is outside 1 ± 0.1, where "
+        description="sum(p)/sum(y) of served (calibrated) and raw ranker scores; 1 is ideal. "
+        "The shaded area is outside 1 ± 0.1, where "
         "StreamrecCalibrationOutOfBand fires after 5 minutes on the 20k window.",
         thresholds=ratio_band,
         soft_range=(0.8, 1.2),
@@ -457,6 +461,23 @@ def operations_dashboard() -> Dashboard:
         ],
         w=12,
     )
+    for title, metric, unit in (
+        ("Label-to-update freshness (wall)", "streamrec_update_freshness_seconds", "s"),
+        ("Train step duration", "streamrec_train_step_seconds", "s"),
+        ("Label delay (event time)", "streamrec_label_delay_seconds", "s"),
+    ):
+        lay.timeseries(
+            title,
+            [
+                (
+                    f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket[{ri}])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ],
+            w=8,
+            unit=unit,
+        )
     lay.timeseries(
         "Index refreshes (/s)",
         [(f"rate(streamrec_index_refreshes_total[{ri}])", "refreshes")],

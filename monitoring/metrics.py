@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from monitoring.calibration import CalibrationSnapshot
 
@@ -118,6 +118,32 @@ class StreamrecMetrics:
             "recalibrations_rejected", "Calibrator refits rejected (no held-out improvement)."
         )
         self.index_refreshes = counter("index_refreshes", "FAISS index rebuilds swapped in.")
+        # The raw (uncalibrated) ranker scores, next to the served ones above.
+        self.raw_predicted_ctr = gauge(
+            "raw_predicted_ctr", "Mean raw (uncalibrated) ranker prediction, in [0, 1].", _WS
+        )
+        self.raw_calibration_ratio = gauge(
+            "raw_calibration_ratio", "sum(p_raw)/sum(y) of the uncalibrated ranker scores.", _WS
+        )
+        # Latencies and delays, base unit seconds.
+        self.label_delay_seconds = Histogram(
+            "streamrec_label_delay_seconds",
+            "Event time from an impression to its label (click time or window close), seconds.",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 2700, 3600, 7200),
+            registry=r,
+        )
+        self.update_freshness_seconds = Histogram(
+            "streamrec_update_freshness_seconds",
+            "Wall time from the joiner emitting a label to the ranker learning from it, seconds.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.train_step_seconds = Histogram(
+            "streamrec_train_step_seconds",
+            "Wall time to score and learn one micro-batch, seconds.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
 
     def publish_snapshot(
         self, snapshot: CalibrationSnapshot, *, window: str, segment: str = "all"
@@ -139,14 +165,27 @@ class StreamrecMetrics:
         for gauge, value in values.items():
             gauge.labels(window=window, segment=segment).set(float(value))
 
+    def publish_raw_snapshot(
+        self, snapshot: CalibrationSnapshot, *, window: str, segment: str = "all"
+    ) -> None:
+        """Set the raw-score gauges (``raw_predicted_ctr``, ``raw_calibration_ratio``)."""
+        self.raw_predicted_ctr.labels(window=window, segment=segment).set(float(snapshot.mean_p))
+        self.raw_calibration_ratio.labels(window=window, segment=segment).set(float(snapshot.ratio))
+
     def metric_names(self) -> set[str]:
         """Sample names as queried in PromQL: gauges by name, counters with ``_total``.
 
-        Includes labelled metrics that have no series yet; excludes ``_created`` samples.
+        Histograms give their ``_bucket``, ``_sum`` and ``_count`` series. Includes labelled
+        metrics that have no series yet; excludes ``_created`` samples.
         """
         names: set[str] = set()
         for family in self.registry.collect():
-            names.add(f"{family.name}_total" if family.type == "counter" else family.name)
+            if family.type == "counter":
+                names.add(f"{family.name}_total")
+            elif family.type == "histogram":
+                names |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count")}
+            else:
+                names.add(family.name)
         return names
 
 

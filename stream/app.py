@@ -174,13 +174,12 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             except InvalidEvent as exc:
                 await dead_letter(event, exc)
                 continue
-            rt.trainer.add(examples)
+            rt.trainer.add(examples, emitted_at=event.message.timestamp)
             try:
                 await train_due()
             except Exception as exc:
                 log.exception("trainer step failed; the micro-batch is dead-lettered")
-                rt.trainer.buffer.clear()
-                rt.trainer.buffer_since = None
+                rt.trainer.drop_buffer()
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
 
     @app.timer(interval=max(0.05, settings.trainer.flush_s / 2))
@@ -189,9 +188,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             await train_due()
         except Exception:
             log.exception("trainer step failed on a timed flush; buffer dropped")
-            rt.metrics.dead_letters.labels(reason="processing_error").inc(len(rt.trainer.buffer))
-            rt.trainer.buffer.clear()
-            rt.trainer.buffer_since = None
+            dropped = rt.trainer.drop_buffer()
+            rt.metrics.dead_letters.labels(reason="processing_error").inc(dropped)
 
     @app.agent(scored, name="monitor")
     async def monitor(stream: faust.StreamT[bytes]) -> None:

@@ -182,6 +182,7 @@ class TrainerService:
         self.calibrator_version = 0
         self.model_version = 0
         self.buffer: list[LabeledExample] = []
+        self.emitted_at: list[float | None] = []  # parallel to buffer
         self.buffer_since: float | None = None
         self.catalogue = Catalogue(settings.indexer.max_items, settings.indexer.max_users)
         self.n_examples = 0
@@ -190,10 +191,21 @@ class TrainerService:
         metrics.model_version.set(0)
         metrics.calibrator_version.set(0)
 
-    def add(self, examples: list[LabeledExample]) -> None:
+    def add(self, examples: list[LabeledExample], emitted_at: float | None = None) -> None:
+        """Buffer examples; ``emitted_at``: wall time (epoch s) the joiner sent them, for the
+        label-to-update freshness histogram."""
         if examples and self.buffer_since is None:
             self.buffer_since = time.monotonic()
         self.buffer.extend(examples)
+        self.emitted_at.extend([emitted_at] * len(examples))
+
+    def drop_buffer(self) -> int:
+        """Discard the buffered examples (after a failed step); returns how many."""
+        n = len(self.buffer)
+        self.buffer.clear()
+        self.emitted_at.clear()
+        self.buffer_since = None
+        return n
 
     def due(self, now: float | None = None) -> bool:
         if len(self.buffer) >= self.settings.trainer.batch_size:
@@ -208,6 +220,7 @@ class TrainerService:
         """Score then learn one micro-batch from the buffer; None if the buffer is empty."""
         bs = self.settings.trainer.batch_size
         batch, self.buffer = self.buffer[:bs], self.buffer[bs:]
+        emitted, self.emitted_at = self.emitted_at[:bs], self.emitted_at[bs:]
         self.buffer_since = time.monotonic() if self.buffer else None
         if not batch:
             return None
@@ -215,7 +228,15 @@ class TrainerService:
         y = np.fromiter((e.label for e in batch), dtype=np.float64, count=len(batch))
         w = np.fromiter((e.weight for e in batch), dtype=np.float64, count=len(batch))
         skipped_before = self.ranker.n_skipped_nonfinite
+        t0 = time.perf_counter()
         p_raw = self.ranker.score_and_learn(rows, y, w)
+        m = self.metrics
+        m.train_step_seconds.observe(time.perf_counter() - t0)
+        now = time.time()
+        for e, sent in zip(batch, emitted, strict=True):
+            m.label_delay_seconds.observe(max(0.0, e.label_ts - e.impression.ts))
+            if sent is not None:
+                m.update_freshness_seconds.observe(max(0.0, now - sent))
         if self.ranker.n_skipped_nonfinite > skipped_before:
             self.metrics.nonfinite_batches.inc()
         else:
@@ -281,6 +302,9 @@ class MonitorService:
         cfg = settings.monitor
         self.served = CalibrationWindow(size=cfg.window)
         self.raw = CalibrationWindow(size=max(cfg.window, cfg.recal_window))
+        self.raw_gauge = (
+            self.raw if cfg.window >= cfg.recal_window else CalibrationWindow(size=cfg.window)
+        )
         self.segments: dict[str, CalibrationWindow] = {}
         self.detector = CalibrationDriftDetector(settings.drift)
         self.calibrator = PlattCalibrator()
@@ -301,6 +325,8 @@ class MonitorService:
         y = np.asarray(batch.label, dtype=np.float64)
         self.served.update(predictions=p, labels=y)
         self.raw.update(predictions=p_raw, labels=y)
+        if self.raw_gauge is not self.raw:
+            self.raw_gauge.update(predictions=p_raw, labels=y)
         segs = np.asarray(batch.segment)
         for seg in np.unique(segs):
             win = self.segments.get(seg)
@@ -331,6 +357,8 @@ class MonitorService:
         m = self.metrics
         m.publish_snapshot(self.served.window(), window=self.window_label)
         m.publish_snapshot(self.served.lifetime(), window="lifetime")
+        m.publish_raw_snapshot(self.raw_gauge.window(), window=self.window_label)
+        m.publish_raw_snapshot(self.raw.lifetime(), window="lifetime")
         for seg, win in self.segments.items():
             m.publish_snapshot(win.window(), window=self.window_label, segment=seg)
 

@@ -174,6 +174,13 @@ def test_metrics_serve_plausible_calibration_gauges(pipeline: dict) -> None:
     assert m["streamrec_train_batches_total"] >= N_IMPRESSIONS / 1024
     # per-segment gauges exist for the slate positions
     assert 'streamrec_calibration_ratio{segment="1",window="20k"}' in m
+    # the raw ranker scores are monitored beside the served (calibrated) ones
+    assert 0.005 < m[f"streamrec_raw_predicted_ctr{life}"] < 0.2
+    # latency histograms: one observation per example / micro-batch
+    assert m["streamrec_label_delay_seconds_count"] == N_IMPRESSIONS
+    assert m["streamrec_update_freshness_seconds_count"] == N_IMPRESSIONS
+    assert 0 < m["streamrec_update_freshness_seconds_sum"] / N_IMPRESSIONS < 30  # seconds
+    assert m["streamrec_train_step_seconds_count"] == m["streamrec_train_batches_total"]
 
 
 def test_scored_topic_has_progressive_scores_for_every_impression(pipeline: dict) -> None:

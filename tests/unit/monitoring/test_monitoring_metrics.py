@@ -47,9 +47,13 @@ COUNTERS = {
     "recalibrations_rejected",
     "index_refreshes",
 }
-EXPECTED_NAMES = {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES} | {
-    f"streamrec_{c}_total" for c in COUNTERS
-}
+RAW_GAUGES = {"raw_predicted_ctr", "raw_calibration_ratio"}
+HISTOGRAMS = {"label_delay_seconds", "update_freshness_seconds", "train_step_seconds"}
+EXPECTED_NAMES = (
+    {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES | RAW_GAUGES}
+    | {f"streamrec_{c}_total" for c in COUNTERS}
+    | {f"streamrec_{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
+)
 
 
 @pytest.fixture
@@ -181,3 +185,20 @@ def test_scrape_over_http_returns_parseable_metrics(served: tuple[StreamrecMetri
     assert samples[key] == 0.8
     scraped = {name for name, _ in samples}
     assert {"streamrec_index_refreshes_total", "streamrec_train_loss"} <= scraped
+
+
+def test_raw_snapshot_and_histograms_are_exported(metrics: StreamrecMetrics) -> None:
+    cw = CalibrationWindow(size=10)
+    cw.update(predictions=[0.2, 0.4], labels=[0, 1])
+    metrics.publish_raw_snapshot(cw.window(), window="10")
+    labels = {"window": "10", "segment": "all"}
+    assert metrics.registry.get_sample_value(
+        "streamrec_raw_calibration_ratio", labels
+    ) == pytest.approx(0.6)
+    metrics.train_step_seconds.observe(0.02)
+    metrics.label_delay_seconds.observe(1800)
+    assert metrics.registry.get_sample_value("streamrec_train_step_seconds_count") == 1
+    assert (
+        metrics.registry.get_sample_value("streamrec_label_delay_seconds_bucket", {"le": "1800.0"})
+        == 1
+    )
