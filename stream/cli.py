@@ -352,6 +352,26 @@ def evaluate_cmd(
     )
 
 
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="HTML file (default RUN_DIR/report.html).",
+)
+def report_cmd(run_dir: str, out: str | None) -> None:
+    """Write an HTML calibration report (reliability diagram, CTR and ratio over time with
+    drift alarms and recalibrations) for a demo run directory."""
+    from monitoring.report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {path}")
+
+
 @main.group()
 def dashboards() -> None:
     """Grafana dashboards (monitoring/grafana/dashboards)."""

@@ -303,9 +303,12 @@ def run_demo(
     (run / "report.json").write_text(json.dumps(report, indent=2, default=float))
     table = render_table(_rows(report))
     (run / "summary.md").write_text("# streamrec demo summary\n\n```\n" + table + "\n```\n")
+    from monitoring.report import write_report
+
+    html = write_report(run)
     print()
     print(table)
-    print(f"\nreport: {run / 'report.json'}; logs: {run}/worker.log, {run}/tansu.log")
+    print(f"\nreport: {html} (and report.json); logs: {run}/worker.log, {run}/tansu.log")
     return report
 
 

@@ -221,6 +221,8 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert report["scored_distinct_impressions"] == 4000
     assert 0.0 < report["quality"]["auc"] < 1.0
     assert "calibration ratio before drift (served)" in proc.stdout
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
 
 
 def test_every_worker_applies_a_calibrator_published_on_control(pipeline: dict) -> None:
