@@ -382,7 +382,7 @@ class HistogramBinningCalibrator:
                 raise ValueError("edges must be non-decreasing")
             self.edges, self.rates = e, r
 
-    eps = _EPS
+    eps = _EPS  # output clip; the Beta prior already keeps fitted rates off 0 and 1
 
     @property
     def is_identity(self) -> bool:

@@ -17,10 +17,15 @@ import numpy as np
 
 from index.faiss_index import IndexHolder, build_snapshot
 from index.hard_negatives import HardNegativePool
-from learners.calibration import PlattCalibrator, fit_if_better
+from learners.calibration import (
+    Calibrator,
+    PlattCalibrator,
+    calibrator_from_dict,
+    fit_if_better,
+)
 from learners.ranker import TorchRanker
 from monitoring.calibration import CalibrationWindow
-from monitoring.drift import CalibrationDriftDetector
+from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
 from stream.events import (
     TOPIC_CLICKS,
@@ -178,7 +183,7 @@ class TrainerService:
             else:
                 ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
         self.ranker = ranker
-        self.calibrator = PlattCalibrator()
+        self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
         self.model_version = 0
         self.buffer: list[LabeledExample] = []
@@ -270,7 +275,7 @@ class TrainerService:
         if msg.get("kind") == "calibrator":
             version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
             if version > self.calibrator_version:
-                self.calibrator = PlattCalibrator.from_dict(msg["params"])  # type: ignore[arg-type]
+                self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
                 self.calibrator_version = version
                 self.metrics.calibrator_version.set(version)
                 log.info("calibrator v%d applied: %s", version, self.calibrator)
@@ -306,8 +311,12 @@ class MonitorService:
             self.raw if cfg.window >= cfg.recal_window else CalibrationWindow(size=cfg.window)
         )
         self.segments: dict[str, CalibrationWindow] = {}
-        self.detector = CalibrationDriftDetector(settings.drift)
-        self.calibrator = PlattCalibrator()
+        self.detector: DriftDetector = (
+            CalibrationDriftDetector(settings.drift)
+            if cfg.detector == "window_z"
+            else make_detector(cfg.detector)
+        )
+        self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
         self.n_seen = 0
         self.n_alarms = 0
@@ -338,7 +347,7 @@ class MonitorService:
             win.update(predictions=p[mask], labels=y[mask])
         self.detector.update_many(p, y)
         self.n_seen += len(y)
-        self.metrics.drift_z.labels(segment="all").set(self.detector.z)
+        self.metrics.drift_z.labels(segment="all").set(self.detector.statistic)
         if self.detector.drift_detected and self.n_seen >= self.settings.monitor.warmup:
             return self._on_drift(max(batch.ts) if batch.ts else 0.0)
         return []
@@ -349,7 +358,7 @@ class MonitorService:
         if msg.get("kind") == "calibrator":
             version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
             if version > self.calibrator_version:
-                self.calibrator = PlattCalibrator.from_dict(msg["params"])  # type: ignore[arg-type]
+                self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
                 self.calibrator_version = version
 
     def publish(self) -> None:
@@ -366,14 +375,15 @@ class MonitorService:
         cfg = self.settings.monitor
         self.n_alarms += 1
         self.metrics.drift_alarms.inc()
-        z = self.detector.z
+        z = float(getattr(self.detector, "last_alarm_statistic", self.detector.statistic))
         self.detector.reset()  # starts the cooldown
         p_raw, y = self.raw.window_arrays()
         p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]
         n_hold = max(1, int(len(y) * cfg.holdout_fraction))
         chosen, accepted, ll_old, ll_new = fit_if_better(
-            p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], self.calibrator
-        )
+            p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], self.calibrator,
+            kind=cfg.calibrator,
+        )  # fmt: skip
         event: dict[str, object] = {
             "kind": "drift",
             "event_ts": event_ts,

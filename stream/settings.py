@@ -63,10 +63,22 @@ class MonitorConfig:
     recal_window: int = 2_500
     holdout_fraction: float = 0.25
     max_segments: int = 16
+    #: drift test: "window_z" (configured by [drift]), "cusum", "page_hinkley", "adwin",
+    #: "river_page_hinkley" (their library defaults; see bench/results/drift.json)
+    detector: str = "window_z"
+    #: calibrator refitted on an alarm: "platt", "isotonic" or "histogram"
+    calibrator: str = "platt"
 
     def __post_init__(self) -> None:
+        from learners.calibration import CALIBRATOR_KINDS
+        from monitoring.drift import DETECTOR_NAMES
+
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError("monitor.holdout_fraction must be in (0, 1)")
+        if self.detector not in DETECTOR_NAMES:
+            raise ValueError(f"monitor.detector must be one of {DETECTOR_NAMES}")
+        if self.calibrator not in CALIBRATOR_KINDS:
+            raise ValueError(f"monitor.calibrator must be one of {CALIBRATOR_KINDS}")
 
 
 @dataclass(frozen=True)
