@@ -21,6 +21,7 @@ __all__ = [
     "Calibrator",
     "HistogramBinningCalibrator",
     "IsotonicCalibrator",
+    "LogitShiftCalibrator",
     "PlattCalibrator",
     "calibrator_from_dict",
     "fit_if_better",
@@ -469,7 +470,66 @@ class HistogramBinningCalibrator:
     __hash__ = None  # type: ignore[assignment]  # mutable arrays: equal but not hashable
 
 
-_KINDS: dict[str, type[PlattCalibrator | IsotonicCalibrator | HistogramBinningCalibrator]] = {
+class LogitShiftCalibrator:
+    """Shift every logit by ``b``: ``p -> sigmoid(logit(p) + b)``, slope fixed at 1.
+
+    One parameter, so it is stable on the small, recent windows a drift alarm leaves
+    (a few hundred clicks), where Platt's slope is poorly determined. It corrects a change
+    of the base rate, the commonest calibration drift.
+
+    >>> rng = np.random.default_rng(0)
+    >>> p = rng.uniform(0.02, 0.08, 20_000)
+    >>> y = (rng.random(20_000) < np.minimum(1.6 * p, 1)).astype(float)
+    >>> cal = LogitShiftCalibrator().fit(p, y)
+    >>> 0.06 < float(cal.transform(np.array([0.04]))[0]) < 0.07  # 0.04 x 1.6 = 0.064
+    True
+    """
+
+    kind = "shift"
+
+    def __init__(self, b: float = 0.0) -> None:
+        self.b = float(b)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.b == 0.0
+
+    def transform(self, p: Any) -> np.ndarray:
+        """``p``: (N,) probabilities -> (N,) shifted probabilities."""
+        return _sigmoid(_logit(p) + self.b)
+
+    def fit(self, p: Any, y: Any, w: Any = None, max_iter: int = 50) -> LogitShiftCalibrator:
+        """Newton's method on the weighted log loss in ``b`` (a tiny L2 toward 0)."""
+        z = _logit(p)
+        yy = np.asarray(y, dtype=np.float64)
+        ww = _weights(w, len(yy))
+        b = 0.0
+        for _ in range(max_iter):
+            q = _sigmoid(z + b)
+            grad = float((ww * (q - yy)).sum()) + _L2 * b
+            hess = float((ww * q * (1 - q)).sum()) + _L2
+            step = grad / hess
+            b -= step
+            if abs(step) < 1e-10:
+                break
+        return LogitShiftCalibrator(b if np.isfinite(b) else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "b": self.b}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LogitShiftCalibrator:
+        return cls(float(d["b"]))
+
+    def __repr__(self) -> str:
+        return f"LogitShiftCalibrator(b={self.b:.6g})"
+
+
+_KINDS: dict[
+    str,
+    type[PlattCalibrator | IsotonicCalibrator | HistogramBinningCalibrator | LogitShiftCalibrator],
+] = {
+    "shift": LogitShiftCalibrator,
     "platt": PlattCalibrator,
     "isotonic": IsotonicCalibrator,
     "histogram": HistogramBinningCalibrator,

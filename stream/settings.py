@@ -66,8 +66,9 @@ class MonitorConfig:
     #: drift test: "window_z" (configured by [drift]), "cusum", "page_hinkley", "adwin",
     #: "river_page_hinkley" (their library defaults; see bench/results/drift.json)
     detector: str = "window_z"
-    #: calibrator refitted on an alarm: "platt", "isotonic" or "histogram"
-    calibrator: str = "platt"
+    #: calibrator refitted on an alarm: "shift" (logit shift, 1 parameter: stable on the
+    #: small post-alarm window), "platt", "isotonic" or "histogram"
+    calibrator: str = "shift"
 
     def __post_init__(self) -> None:
         from learners.calibration import CALIBRATOR_KINDS

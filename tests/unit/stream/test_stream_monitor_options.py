@@ -47,9 +47,13 @@ def run(detector: str, calibrator: str, recal_window: int) -> tuple[MonitorServi
     return svc, [m for m in messages if m["kind"] == "calibrator"]
 
 
+@pytest.mark.parametrize("calibrator", ["shift", "platt"])
 @pytest.mark.parametrize("detector", ["window_z", "cusum", "page_hinkley", "adwin"])
-def test_each_detector_triggers_a_recalibration_after_an_abrupt_ctr_jump(detector: str) -> None:
-    svc, cal = run(detector, "platt", 2_500)
+def test_each_detector_triggers_a_recalibration_after_an_abrupt_ctr_jump(
+    detector: str, calibrator: str
+) -> None:
+    svc, cal = run(detector, calibrator, 2_500)
+    assert all(m["params"]["kind"] == calibrator for m in cal)
     assert cal, f"{detector}: no accepted recalibration after a x1.6 jump"
     assert svc.calibrator.transform(np.array([0.04]))[0] > 0.05
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learners.calibration import PlattCalibrator
+from learners.calibration import PlattCalibrator, calibrator_from_dict
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from monitoring.metrics import StreamrecMetrics
@@ -288,7 +288,7 @@ def test_ctr_jump_with_unchanged_predictions_fires_an_alarm_and_recalibrates(
     assert msg["version"] == 1
     params = msg["params"]
     assert isinstance(params, dict)
-    new_p = PlattCalibrator.from_dict(params).transform(np.array([0.04]))[0]
+    new_p = calibrator_from_dict(params).transform(np.array([0.04]))[0]
     assert 0.045 < new_p < 0.09
     assert svc.n_alarms == 1 and svc.calibrator_version == 1
     assert sample(metrics, "streamrec_drift_alarms_total") == 1
