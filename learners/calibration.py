@@ -524,6 +524,12 @@ class LogitShiftCalibrator:
     def __repr__(self) -> str:
         return f"LogitShiftCalibrator(b={self.b:.6g})"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LogitShiftCalibrator) and self.b == other.b
+
+    def __hash__(self) -> int:
+        return hash(("shift", self.b))
+
 
 _KINDS: dict[
     str,

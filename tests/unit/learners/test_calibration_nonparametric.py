@@ -15,6 +15,7 @@ from learners.calibration import (
     Calibrator,
     HistogramBinningCalibrator,
     IsotonicCalibrator,
+    LogitShiftCalibrator,
     PlattCalibrator,
     calibrator_from_dict,
     fit_if_better,
@@ -51,9 +52,13 @@ def miscalibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make(kind: str) -> Calibrator:
-    return {"platt": PlattCalibrator, "isotonic": IsotonicCalibrator}.get(
-        kind, HistogramBinningCalibrator
-    )()
+    classes: dict[str, type[Calibrator]] = {
+        "platt": PlattCalibrator,
+        "isotonic": IsotonicCalibrator,
+        "histogram": HistogramBinningCalibrator,
+        "shift": LogitShiftCalibrator,
+    }
+    return classes[kind]()
 
 
 @settings(max_examples=60, deadline=None)
