@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from monitoring.metrics import StreamrecMetrics
 from stream.events import (
@@ -152,8 +153,21 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 if len(rt.out[msg.partition]) >= LABELED_FLUSH_SIZE:
                     await flush_labeled(force=False)
 
+    def input_lags() -> dict[tuple[str, int], int]:
+        """Unconsumed records per input partition (from the last fetch's high watermark)."""
+        lags: dict[tuple[str, int], int] = {}
+        for (topic, partition), offset in rt.join.offsets.items():
+            try:
+                high = app.consumer.highwater(TP(topic, partition))
+            except Exception:  # no fetch yet, or a rebalance in progress
+                continue
+            if high is not None:
+                lags[(topic, partition)] = int(high) - 1 - offset
+        return lags
+
     @app.timer(interval=LABELED_FLUSH_S)
     async def labeled_flusher() -> None:
+        rt.join.note_backlog(input_lags())
         released = rt.join.tick()
         if released:
             rt.out.setdefault(-1, []).extend(released)

@@ -73,7 +73,7 @@ class JoinConfig:
     max_pending: int = 2_000_000
     emit_corrections: bool = True
     emit_positives: str = "window_close"  # "window_close" | "click"
-    idle_timeout_s: float | None = 30.0
+    idle_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         for name in ("window_s", "lateness_s", "orphan_grace_s", "dedup_horizon_s"):

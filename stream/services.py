@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class JoinService:
         self.metrics = metrics
         self.joiners: dict[int, OnlineJoiner] = {}
         self._released_to = float("-inf")
+        self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset
 
     def joiner(self, partition: int) -> OnlineJoiner:
         j = self.joiners.get(partition)
@@ -93,6 +95,7 @@ class JoinService:
         self, raw: bytes, topic: str, partition: int, offset: int
     ) -> tuple[list[LabeledExample], DeadLetter | None]:
         """Process one raw record; returns the labels it released, or a dead letter."""
+        self.offsets[(topic, partition)] = offset
         try:
             event = parse_input(raw, topic)
         except InvalidEvent as exc:
@@ -122,6 +125,16 @@ class JoinService:
         for e in out:
             self.metrics.labeled.labels(label="positive" if e.label else "negative").inc()
         return out, None
+
+    def note_backlog(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """``lags``: (topic, partition) -> records not consumed yet. An input with a backlog
+        is not idle, however long the consumer has been busy elsewhere: only a caught-up
+        quiet input may stop holding the watermark back."""
+        now = time.monotonic()
+        for (topic, partition), lag in lags.items():
+            j = self.joiners.get(partition)
+            if j is not None and lag > 0:
+                j.last_seen["clicks" if topic == TOPIC_CLICKS else "impressions"] = now
 
     def tick(self) -> list[LabeledExample]:
         """Called periodically: releases what became due because inputs went idle."""

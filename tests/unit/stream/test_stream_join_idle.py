@@ -70,3 +70,20 @@ def test_an_idle_partition_stops_holding_back_the_others() -> None:
         "streamrec_labeled_total", {"label": "negative"}
     )
     assert labeled == 1
+
+
+def test_a_partition_with_unconsumed_records_is_not_idle() -> None:
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
+    svc = JoinService(settings, StreamrecMetrics())
+    svc.handle(wm(50.0), "impressions", 1, 0)
+    svc.handle(wm(50.0), "clicks", 1, 1)
+    svc.handle(imp("a", 100.0), "impressions", 0, 0)
+    svc.handle(wm(1000.0), "clicks", 0, 1)
+    svc.handle(wm(1000.0), "impressions", 0, 2)
+    time.sleep(0.25)
+    # partition 1 has a backlog: the consumer is just busy elsewhere
+    svc.note_backlog({("impressions", 1): 5000, ("clicks", 1): 0, ("impressions", 0): 0})
+    assert svc.tick() == []
+    time.sleep(0.25)  # caught up and quiet now
+    svc.note_backlog({("impressions", 1): 0, ("clicks", 1): 0})
+    assert [e.impression.impression_id for e in svc.tick()] == ["a"]
