@@ -43,5 +43,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy learners index monitoring stream
 
+bench: $(STAMP)
+	$(PY) -m bench.run
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

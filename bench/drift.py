@@ -265,5 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(quick: bool = False, results_dir: Path | None = None) -> dict[str, Any]:
+    """``bench.run``'s entry point: :func:`main` with ``--quick`` (and ``--out`` under
+    ``results_dir`` when given); the report it wrote."""
+    name = "drift_quick.json" if quick else "drift.json"
+    out = (results_dir or RESULTS.parent) / name
+    argv = ["--quick"] if quick else []
+    if results_dir is not None:
+        argv += ["--out", str(out)]
+    main(argv)
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

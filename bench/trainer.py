@@ -1,0 +1,142 @@
+"""Trainer throughput: examples/s of ``TorchRanker.score_and_learn`` on CPU.
+
+Run ``python -m bench.trainer`` (full: every model in ``learners.ranker.MODELS`` at batch
+sizes 256, 1024, 4096, 8192 on 100k synthetic impressions, under a minute on 2 cores) or
+``python -m bench.trainer --quick`` (dcnv2 and logreg at 1024 on 20k).
+
+``score_and_learn`` is the streaming trainer's step (score the batch, then one Adam step).
+Each (model, batch) pair gets a fresh online ranker (``RankerConfig(model=...)``
+defaults, seed 0), one untimed warm-up batch, then every remaining full batch of the log,
+timed end to end (feature encoding included). ``encode_share`` is the time
+``ranker.encoder.encode`` takes on the same batches afterwards (cache warm, as in steady
+state), divided by the timed step time: the rest is the torch forward/backward/Adam step.
+
+Goal (from the issue): >= 100,000 examples/s for DCN-v2 at batch 4096 on 2 cores.
+Writes ``bench/results/trainer.json`` (``trainer_quick.json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.run import machine, results_path, stamp, write_report
+from learners.ranker import MODELS, RankerConfig, TorchRanker
+from stream.offline import LogExamples, log_examples
+from stream.synthetic import SyntheticConfig, generate
+
+FULL_BATCHES = (256, 1024, 4096, 8192)
+QUICK_BATCHES = (1024,)
+QUICK_MODELS = ("dcnv2", "logreg")
+FULL_N = 100_000
+QUICK_N = 20_000
+GOAL_MODEL, GOAL_BATCH, GOAL_EXAMPLES_PER_S = "dcnv2", 4096, 100_000.0
+
+
+def measure(examples: LogExamples, model: str, batch_size: int) -> dict[str, Any]:
+    """Throughput of one (model, batch size) over ``examples``; the first batch warms up."""
+    ranker = TorchRanker(RankerConfig(model=model), seed=0, online=True)
+    rows, y = examples.rows, examples.y
+    ranker.score_and_learn(rows[:batch_size], y[:batch_size])
+    # Whole batches only, so each timed step has the nominal size.
+    starts = range(batch_size, len(rows) - batch_size + 1, batch_size)
+    if not starts:
+        raise ValueError(f"need at least {2 * batch_size} examples for batch {batch_size}")
+    t0 = time.perf_counter()
+    for s in starts:
+        ranker.score_and_learn(rows[s : s + batch_size], y[s : s + batch_size])
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for s in starts:
+        ranker.encoder.encode(rows[s : s + batch_size])
+    encode_seconds = time.perf_counter() - t1
+    n = len(starts) * batch_size
+    return {
+        "model": model,
+        "batch": batch_size,
+        "examples": n,
+        "steps": len(starts),
+        "seconds": seconds,
+        "examples_per_s": n / seconds,
+        "encode_share": encode_seconds / seconds,
+        "parameters": sum(p.numel() for p in ranker.model.parameters()),
+    }
+
+
+def main(
+    quick: bool = False, *, results_dir: Path | None = None, n: int | None = None
+) -> dict[str, Any]:
+    """Run the benchmark, write its JSON, print its table; the report.
+
+    ``n`` overrides the number of impressions (tests use a tiny log).
+    """
+    n_impressions = n or (QUICK_N if quick else FULL_N)
+    models = QUICK_MODELS if quick else MODELS
+    batches = QUICK_BATCHES if quick else FULL_BATCHES
+    t0 = time.perf_counter()
+    examples = log_examples(generate(SyntheticConfig(n_impressions=n_impressions, seed=0)))
+    rows = [measure(examples, m, b) for m in models for b in batches]
+    goal_row = next(
+        (r for r in rows if r["model"] == GOAL_MODEL and r["batch"] == GOAL_BATCH), None
+    )
+    report: dict[str, Any] = {
+        **stamp("trainer", quick),
+        "machine": {
+            **machine(),
+            "device": str(TorchRanker(RankerConfig(model="logreg")).device),
+        },
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "data": f"log_examples(generate(SyntheticConfig(n_impressions={n_impressions}, seed=0)))",
+        "step": "TorchRanker.score_and_learn, online=True, RankerConfig defaults per model",
+        "goal": {
+            "target": f">= {GOAL_EXAMPLES_PER_S:,.0f} examples/s for {GOAL_MODEL} at batch "
+            f"{GOAL_BATCH} on 2 cores",
+            "examples_per_s": None if goal_row is None else goal_row["examples_per_s"],
+            "ratio": None if goal_row is None else goal_row["examples_per_s"] / GOAL_EXAMPLES_PER_S,
+        },
+        "results": rows,
+    }
+    write_report(report, out := results_path(results_dir, "trainer", quick))
+    print(table(report))
+    print(f"\ndevice {report['machine']['device']}, torch threads {torch.get_num_threads()}")
+    g = report["goal"]
+    if g["ratio"] is not None:
+        print(f"goal {g['target']}: {g['examples_per_s']:,.0f} ex/s = {g['ratio']:.2f}x")
+    print(f"wrote {out}")
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown table: one row per model, one column per batch size (ex/s, encode share)."""
+    rows = report["results"]
+    batches = sorted({r["batch"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["batch"]): r for r in rows}
+    head = "| model | " + " | ".join(f"batch {b}: ex/s (encode share)" for b in batches) + " |"
+    lines = [head, "|" + "---|" * (len(batches) + 1)]
+    for m in models:
+        cells = []
+        for b in batches:
+            r = by.get((m, b))
+            cells.append(
+                "-" if r is None else f"{r['examples_per_s']:,.0f} ({r['encode_share']:.0%})"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.trainer", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="dcnv2 + logreg at 1024, 20k rows")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    main(args.quick, results_dir=args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
