@@ -123,7 +123,31 @@ class DriftConfig:
     window: int = 20_000
 
 
-class CalibrationDriftDetector:
+class _AlarmState:
+    """Alarm bookkeeping every detector shares: the one-shot alarm flag and the cooldown."""
+
+    _drift: bool
+    _cooldown_left: int
+
+    @property
+    def drift_detected(self) -> bool:
+        """True right after the ``update_many`` that raised an alarm; read-only."""
+        return self._drift
+
+    @property
+    def in_cooldown(self) -> bool:
+        """True while alarms are suppressed after a reset or an alarm."""
+        return self._cooldown_left > 0
+
+    def update(self, p: float, y: float) -> None:
+        """Add one example: prediction ``p`` in [0, 1] and label ``y`` in {0, 1}."""
+        self.update_many(np.array([p]), np.array([y]))
+
+    def update_many(self, p: npt.ArrayLike, y: npt.ArrayLike) -> None:
+        raise NotImplementedError
+
+
+class CalibrationDriftDetector(_AlarmState):
     """Alarms when recent clicks stray from predicted clicks: ``z = (Σy − Σp) / sqrt(Σp(1−p))``.
 
     The sums run over the last ``config.window`` examples (a ring buffer with O(1)-per-example
@@ -175,11 +199,6 @@ class CalibrationDriftDetector:
         self.n_alarms = 0
 
     @property
-    def drift_detected(self) -> bool:
-        """True right after the ``update_many`` that raised an alarm; read-only."""
-        return self._drift
-
-    @property
     def z(self) -> float:
         """Current statistic over the window (0.0 while the window is empty)."""
         return drift_z(self._sum_y, self._sum_p, self._sum_var)
@@ -193,15 +212,6 @@ class CalibrationDriftDetector:
     def positives(self) -> float:
         """Clicks in the current window."""
         return self._sum_y
-
-    @property
-    def in_cooldown(self) -> bool:
-        """True while alarms are suppressed after a reset or an alarm."""
-        return self._cooldown_left > 0
-
-    def update(self, p: float, y: float) -> None:
-        """Add one example: prediction ``p`` in [0, 1] and label ``y`` in {0, 1}."""
-        self.update_many(np.array([p]), np.array([y]))
 
     def update_many(self, p: npt.ArrayLike, y: npt.ArrayLike) -> None:
         """Add a batch: ``p`` (B,) predictions in [0, 1], ``y`` (B,) labels 0/1, then test."""
@@ -263,7 +273,7 @@ class CalibrationDriftDetector:
         self._cooldown_left = self.config.cooldown
 
 
-class _SequentialDetector:
+class _SequentialDetector(_AlarmState):
     """Shared alarm logic of the per-example detectors on the standardized residual.
 
     Subclasses implement ``_scan(r)``: the statistic after each example of ``r`` (B,) from the
@@ -291,11 +301,6 @@ class _SequentialDetector:
         self._n_alarms = 0
 
     @property
-    def drift_detected(self) -> bool:
-        """True right after the ``update_many`` that raised an alarm; read-only."""
-        return self._drift
-
-    @property
     def statistic(self) -> float:
         """Statistic after the latest example, signed: ``+`` for the upward test, ``−`` for
         the downward one. It restarts at an alarm, so read :attr:`last_alarm_statistic` for
@@ -316,11 +321,6 @@ class _SequentialDetector:
     def positives(self) -> float:
         """Clicks since the last restart (alarm or :meth:`reset`)."""
         return self._positives
-
-    @property
-    def in_cooldown(self) -> bool:
-        """True while alarms are suppressed after a reset or an alarm."""
-        return self._cooldown_left > 0
 
     def _scan(self, r: FloatArray) -> tuple[FloatArray, Callable[[int], None]]:
         raise NotImplementedError
@@ -588,7 +588,7 @@ _RIVER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class RiverDriftDetector:
+class RiverDriftDetector(_AlarmState):
     """A ``river.drift`` detector (ADWIN or Page-Hinkley) fed the standardized residual.
 
     River detectors take one value at a time (``update(x)``, ``drift_detected``), so this
@@ -657,19 +657,9 @@ class RiverDriftDetector:
         self._n_alarms = 0
 
     @property
-    def drift_detected(self) -> bool:
-        """True right after the ``update_many`` that raised an alarm; read-only."""
-        return self._drift
-
-    @property
     def n_alarms(self) -> int:
         """Lifetime alarm count (kept by :meth:`reset`)."""
         return self._n_alarms
-
-    @property
-    def in_cooldown(self) -> bool:
-        """True while alarms are suppressed after a reset or an alarm."""
-        return self._cooldown_left > 0
 
     @property
     def statistic(self) -> float:
