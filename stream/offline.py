@@ -28,7 +28,7 @@ from monitoring.calibration import (
     log_loss,
     normalized_entropy,
 )
-from stream.logs import RESERVED_COLUMNS, read_log_frame
+from stream.logs import frame_to_rows, read_log_frame
 
 
 @dataclass
@@ -51,23 +51,13 @@ class LogExamples:
 
 def log_examples(df: pd.DataFrame) -> LogExamples:
     """Rows as the trainer sees them: ids, position and features; never true_p/propensity."""
-    feats = [c for c in df.columns if c not in RESERVED_COLUMNS]
-    cols: dict[str, np.ndarray] = {c: df[c].to_numpy(dtype=object) for c in feats}
-    users = df["user_id"].to_numpy(dtype=object)
-    items = df["item_id"].to_numpy(dtype=object)
-    pos = df["position"].to_numpy(dtype=object, na_value=None) if "position" in df else None
     rows: list[dict[str, object]] = []
-    for i in range(len(df)):
-        row: dict[str, object] = {}
-        for c, col in cols.items():
-            v = col[i]
-            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-                continue
-            row[c] = v if isinstance(v, str) else float(v)
-        row["user_id"] = users[i]
-        row["item_id"] = items[i]
-        if pos is not None and pos[i] is not None:
-            row["position"] = int(pos[i])
+    for r in frame_to_rows(df):
+        row: dict[str, object] = dict(r.features)
+        row["user_id"] = r.user_id
+        row["item_id"] = r.item_id
+        if r.position is not None:
+            row["position"] = r.position
         rows.append(row)
     y = df["click"].to_numpy(dtype=np.float64)
     ts = df["ts"].to_numpy(dtype=np.float64)

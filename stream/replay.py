@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
-from stream.logs import RESERVED_COLUMNS, read_log_frame
+from stream.logs import frame_to_rows, read_log_frame
 
 log = logging.getLogger(__name__)
 
@@ -41,36 +41,20 @@ class ReplayStats:
 
 
 def _impressions(df: pd.DataFrame) -> list[bytes]:
-    """JSON of every row's impression (features: the non-reserved columns, absent if NaN)."""
-    feats = [c for c in df.columns if c not in RESERVED_COLUMNS]
-    cols = {c: df[c].to_numpy(dtype=object) for c in feats}
-    ids = df["impression_id"].to_numpy(dtype=object)
-    users = df["user_id"].to_numpy(dtype=object)
-    items = df["item_id"].to_numpy(dtype=object)
-    ts = df["ts"].to_numpy(dtype=np.float64)
-    pos = df["position"].to_numpy(dtype=object, na_value=None) if "position" in df else None
-    true_p = df["true_p"].to_numpy(dtype=np.float64) if "true_p" in df else None
-    out: list[bytes] = []
-    for i in range(len(df)):
-        features: dict[str, str | float] = {}
-        for c, col in cols.items():
-            v = col[i]
-            if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
-                continue
-            features[c] = v if isinstance(v, str) else float(v)
-        position = pos[i] if pos is not None else None
-        tp = None if true_p is None or math.isnan(true_p[i]) else float(true_p[i])
-        imp = Impression(
-            impression_id=str(ids[i]),
-            ts=float(ts[i]),
-            user_id=str(users[i]),
-            item_id=str(items[i]),
-            position=None if position is None else int(position),
-            features=features,
-            true_p=tp,
-        )
-        out.append(imp.to_json())
-    return out
+    """JSON of every row's impression (features: the non-reserved columns, absent if empty;
+    ``true_p`` travels as its own field, never as a feature)."""
+    return [
+        Impression(
+            impression_id=r.impression_id,
+            ts=r.ts,
+            user_id=r.user_id,
+            item_id=r.item_id,
+            position=r.position,
+            features=r.features,
+            true_p=r.true_p,
+        ).to_json()
+        for r in frame_to_rows(df)
+    ]
 
 
 def event_order(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -76,13 +76,10 @@ class JoinService:
         if not self.joiners:
             return []
         timeout = self.settings.join.idle_timeout_s
-        marks = [j.watermark for j in self.joiners.values()]
-        if timeout is not None:
-            now = time.monotonic()
-            live = [j.watermark for j in self.joiners.values() if now - j.last_activity < timeout]
-            low = min(live) if live else max(marks)
-        else:
-            low = min(marks)
+        now = time.monotonic()
+        marks = [(j.watermark, j.last_activity) for j in self.joiners.values()]
+        live = [wm for wm, seen in marks if timeout is None or now - seen < timeout]
+        low = min(live) if live else max(wm for wm, _ in marks)
         if low <= self._released_to:
             return []
         self._released_to = low
