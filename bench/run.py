@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NAMES = ("drift", "trainer", "quality")
+NAMES = ("drift", "trainer", "quality", "delayed_feedback", "e2e", "index", "calibration", "joiner")
 
 
 def machine() -> dict[str, Any]:
@@ -67,6 +67,22 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 def _runner(name: str) -> Callable[[bool, Path | None], dict[str, Any]]:
     # Imported lazily: the benchmark modules import the helpers above.
+    if name == "joiner":
+        from bench import joiner
+
+        return lambda quick, results_dir: joiner.main(quick, results_dir=results_dir)
+    if name == "calibration":
+        from bench import calibration
+
+        return calibration.run
+    if name == "index":
+        from bench import index
+
+        return lambda quick, results_dir: index.main(quick, results_dir=results_dir)
+    if name == "e2e":
+        from bench import e2e
+
+        return e2e.run
     if name == "drift":
         from bench import drift
 
@@ -75,12 +91,32 @@ def _runner(name: str) -> Callable[[bool, Path | None], dict[str, Any]]:
         from bench import trainer
 
         return lambda quick, results_dir: trainer.main(quick, results_dir=results_dir)
+    if name == "delayed_feedback":
+        from bench import delayed_feedback
+
+        return lambda quick, results_dir: delayed_feedback.main(quick, results_dir=results_dir)
     from bench import quality
 
     return lambda quick, results_dir: quality.main(quick, results_dir=results_dir)
 
 
 def _table(name: str, report: dict[str, Any]) -> str:
+    if name == "joiner":
+        from bench import joiner
+
+        return joiner.table(report)
+    if name == "calibration":
+        from bench import calibration
+
+        return calibration.table(report) + "\n\n" + calibration.goal_line(report["goal"])
+    if name == "index":
+        from bench import index
+
+        return index.table(report)
+    if name == "e2e":
+        from bench import e2e
+
+        return e2e.table(report) + "\n\n" + e2e.goal_line(report["goal"])
     if name == "drift":
         from bench import drift
 
@@ -89,6 +125,10 @@ def _table(name: str, report: dict[str, Any]) -> str:
         from bench import trainer
 
         return trainer.table(report)
+    if name == "delayed_feedback":
+        from bench import delayed_feedback
+
+        return delayed_feedback.table(report)
     from bench import quality
 
     return quality.table(report)
@@ -147,16 +187,9 @@ def trainer_goal_line(goal: dict[str, Any]) -> str:
 
 
 def quality_goal_line(goal: dict[str, Any]) -> str:
-    lines = [f"Goal: {goal['target']}."]
-    for key, g in goal.items():
-        if not isinstance(g, dict):
-            continue
-        lines.append(
-            f"- {key}: best streamrec `{g['best_streamrec']}` NE {g['best_streamrec_ne']:.4f} vs "
-            f"best peer `{g['best_peer']}` NE {g['best_peer_ne']:.4f}: ratio "
-            f"{g['ne_ratio']:.4f} ({'met' if g['met'] else 'not met'})"
-        )
-    return "\n".join(lines)
+    from bench import quality
+
+    return quality.goal_text(goal)
 
 
 def main(

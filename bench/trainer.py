@@ -1,13 +1,17 @@
-"""Trainer throughput: examples/s of ``TorchRanker.score_and_learn`` on CPU.
+"""Trainer throughput: examples/s of ``TorchRanker.score_and_learn`` on CPU (and CUDA).
 
 Run ``python -m bench.trainer`` (full: every model in ``learners.ranker.MODELS`` at batch
-sizes 256, 1024, 4096, 8192 on 100k synthetic impressions, under a minute on 2 cores) or
-``python -m bench.trainer --quick`` (dcnv2 and logreg at 1024 on 20k).
+sizes 256, 512, 1024, 2048, 4096, 8192 on 100k synthetic impressions, about a minute on 2
+idle cores) or ``python -m bench.trainer --quick`` (dcnv2 and logreg at 1024 on 20k, CPU
+only). When CUDA is available the full run repeats the grid on the GPU (named in the
+report), with ``amp`` off and on (bf16 autocast); the CPU rows never use amp (it is
+ignored there).
 
 ``score_and_learn`` is the streaming trainer's step (score the batch, then one Adam step).
-Each (model, batch) pair gets a fresh online ranker (``RankerConfig(model=...)``
-defaults, seed 0), one untimed warm-up batch, then every remaining full batch of the log,
-timed end to end (feature encoding included). ``encode_share`` is the time
+Each (device, model, batch) gets a fresh online ranker (``RankerConfig(model=...)``
+defaults on that device, seed 0), one untimed warm-up batch, then every remaining full
+batch of the log, timed end to end (feature encoding and the copy of the scores back to the
+host, which synchronises CUDA, included). ``encode_share`` is the time
 ``ranker.encoder.encode`` takes on the same batches afterwards (cache warm, as in steady
 state), divided by the timed step time: the rest is the torch forward/backward/Adam step.
 
@@ -29,7 +33,7 @@ from learners.ranker import MODELS, RankerConfig, TorchRanker
 from stream.offline import LogExamples, log_examples
 from stream.synthetic import SyntheticConfig, generate
 
-FULL_BATCHES = (256, 1024, 4096, 8192)
+FULL_BATCHES = (256, 512, 1024, 2048, 4096, 8192)
 QUICK_BATCHES = (1024,)
 QUICK_MODELS = ("dcnv2", "logreg")
 FULL_N = 100_000
@@ -37,9 +41,12 @@ QUICK_N = 20_000
 GOAL_MODEL, GOAL_BATCH, GOAL_EXAMPLES_PER_S = "dcnv2", 4096, 100_000.0
 
 
-def measure(examples: LogExamples, model: str, batch_size: int) -> dict[str, Any]:
-    """Throughput of one (model, batch size) over ``examples``; the first batch warms up."""
-    ranker = TorchRanker(RankerConfig(model=model), seed=0, online=True)
+def measure(
+    examples: LogExamples, model: str, batch_size: int, device: str = "cpu", amp: bool = False
+) -> dict[str, Any]:
+    """Throughput of one (model, batch size, device, amp) over ``examples``; the first batch
+    warms up."""
+    ranker = TorchRanker(RankerConfig(model=model, device=device, amp=amp), seed=0, online=True)
     rows, y = examples.rows, examples.y
     ranker.score_and_learn(rows[:batch_size], y[:batch_size])
     # Whole batches only, so each timed step has the nominal size.
@@ -57,6 +64,8 @@ def measure(examples: LogExamples, model: str, batch_size: int) -> dict[str, Any
     n = len(starts) * batch_size
     return {
         "model": model,
+        "device": device,
+        "amp": amp,
         "batch": batch_size,
         "examples": n,
         "steps": len(starts),
@@ -79,19 +88,36 @@ def main(
     batches = QUICK_BATCHES if quick else FULL_BATCHES
     t0 = time.perf_counter()
     examples = log_examples(generate(SyntheticConfig(n_impressions=n_impressions, seed=0)))
-    rows = [measure(examples, m, b) for m in models for b in batches]
+    runs = [("cpu", False)]
+    if torch.cuda.is_available() and not quick:
+        runs += [("cuda", False), ("cuda", True)]
+    rows = []
+    for device, amp in runs:
+        for m in models:
+            for b in batches:
+                rows.append(measure(examples, m, b, device, amp))
+                r = rows[-1]
+                print(f"  {device}{' amp' if amp else ''} {m} {b}: "
+                      f"{r['examples_per_s']:,.0f} ex/s", flush=True)  # fmt: skip
     goal_row = next(
-        (r for r in rows if r["model"] == GOAL_MODEL and r["batch"] == GOAL_BATCH), None
+        (
+            r
+            for r in rows
+            if r["model"] == GOAL_MODEL and r["batch"] == GOAL_BATCH and r["device"] == "cpu"
+        ),
+        None,
     )
     report: dict[str, Any] = {
         **stamp("trainer", quick),
         "machine": {
             **machine(),
             "device": str(TorchRanker(RankerConfig(model="logreg")).device),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "data": f"log_examples(generate(SyntheticConfig(n_impressions={n_impressions}, seed=0)))",
         "step": "TorchRanker.score_and_learn, online=True, RankerConfig defaults per model",
+        "devices": [f"{d}{' amp' if a else ''}" for d, a in runs],
         "goal": {
             "target": f">= {GOAL_EXAMPLES_PER_S:,.0f} examples/s for {GOAL_MODEL} at batch "
             f"{GOAL_BATCH} on 2 cores",
@@ -110,22 +136,33 @@ def main(
     return report
 
 
+def _label(r: dict[str, Any], cuda_name: str | None) -> str:
+    """Row label: the model on CPU; ``model (GPU name[, amp])`` elsewhere."""
+    device = r.get("device", "cpu")
+    if device == "cpu":
+        return str(r["model"])
+    name = cuda_name if device == "cuda" and cuda_name else device
+    return f"{r['model']} ({name}{', amp' if r.get('amp') else ''})"
+
+
 def table(report: dict[str, Any]) -> str:
-    """Markdown table: one row per model, one column per batch size (ex/s, encode share)."""
+    """Markdown table: one row per (device, model), one column per batch size (ex/s,
+    encode share)."""
     rows = report["results"]
+    cuda_name = report.get("machine", {}).get("cuda_device")
     batches = sorted({r["batch"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    by = {(r["model"], r["batch"]): r for r in rows}
+    labels = list(dict.fromkeys(_label(r, cuda_name) for r in rows))
+    by = {(_label(r, cuda_name), r["batch"]): r for r in rows}
     head = "| model | " + " | ".join(f"batch {b}: ex/s (encode share)" for b in batches) + " |"
     lines = [head, "|" + "---|" * (len(batches) + 1)]
-    for m in models:
+    for label in labels:
         cells = []
         for b in batches:
-            r = by.get((m, b))
+            r = by.get((label, b))
             cells.append(
                 "-" if r is None else f"{r['examples_per_s']:,.0f} ({r['encode_share']:.0%})"
             )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,12 @@
 Item vectors are L2-normalised and searched by inner product, so scores are cosine
 similarities in ``[-1, 1]`` (0 for a zero vector). A refresh builds a new snapshot off to the
 side and swaps it in; readers never see a half-built index.
+
+The index kind follows the catalogue size (``IndexConfig.kind="auto"``): exact flat inner
+product up to ``exact_max_items`` items, an approximate index above (``auto_approx``: HNSW
+by default, or IVF-flat). :func:`verify_snapshot` checks a built snapshot (size, unit norms,
+recall@k of its search against exact search on a seeded sample of queries), and
+:meth:`IndexHolder.swap_if_valid` swaps in only a snapshot that passes.
 """
 
 from __future__ import annotations
@@ -12,37 +18,103 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["IndexConfig", "IndexHolder", "IndexSnapshot", "build_snapshot"]
+__all__ = [
+    "IndexConfig",
+    "IndexHolder",
+    "IndexSnapshot",
+    "SnapshotCheck",
+    "build_snapshot",
+    "verify_snapshot",
+]
 
 _KINDS = ("auto", "flat", "hnsw", "ivf")
+_APPROX_KINDS = ("hnsw", "ivf")
+_VERIFY_CHUNK = 65_536  # vectors read back per step of verify_snapshot
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How :func:`build_snapshot` builds the FAISS index.
+    """How :func:`build_snapshot` builds the FAISS index and :func:`verify_snapshot` checks it.
 
     Attributes:
-        kind: "auto" (flat up to ``flat_max_items`` items, HNSW above), "flat", "hnsw", "ivf".
-        flat_max_items: largest catalogue "auto" serves with exact search.
-        hnsw_m: HNSW graph degree.
+        kind: "auto" (flat up to ``exact_max_items`` items, ``auto_approx`` above), "flat",
+            "hnsw" or "ivf".
+        exact_max_items: largest catalogue "auto" serves with exact (flat) search.
+        auto_approx: the approximate kind "auto" uses above ``exact_max_items``.
+        hnsw_m: HNSW graph degree (memory ~ ``2 * hnsw_m`` ints per item; build time grows
+            with it).
+        hnsw_ef_construction: HNSW build beam.
         hnsw_ef_search: HNSW search beam (raised to ``k`` per query when ``k`` is larger).
         ivf_nlist: IVF cells; None means ~4·sqrt(N), capped at N/39 so k-means has enough
             points per centroid.
         ivf_nprobe: IVF cells visited per query.
+        ivf_train_per_list: k-means trains on a seeded sample of ``ivf_train_per_list *
+            nlist`` vectors (all of them when fewer); FAISS warns below 39.
+        seed: seeds the IVF training sample and k-means, and the queries of
+            :func:`verify_snapshot`.
+        min_recall: :func:`verify_snapshot` fails below this recall@``verify_k``.
+        verify_queries: queries :func:`verify_snapshot` samples.
+        verify_k: the ``k`` of the recall check.
+        norm_tolerance: largest ``| ||v|| - 1 |`` :func:`verify_snapshot` accepts.
     """
 
     kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf"
-    flat_max_items: int = 50_000
-    hnsw_m: int = 32
+    exact_max_items: int = 50_000
+    auto_approx: str = "hnsw"  # "hnsw" | "ivf"
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 40
     hnsw_ef_search: int = 64
     ivf_nlist: int | None = None  # None → ~4*sqrt(N)
     ivf_nprobe: int = 16
+    ivf_train_per_list: int = 39
+    seed: int = 0
+    min_recall: float = 0.9
+    verify_queries: int = 200
+    verify_k: int = 10
+    norm_tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"IndexConfig.kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.auto_approx not in _APPROX_KINDS:
+            raise ValueError(
+                f"IndexConfig.auto_approx must be one of {_APPROX_KINDS}, got {self.auto_approx!r}"
+            )
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ivf_train_per_list", "verify_queries", "verify_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ivf_nlist is not None and self.ivf_nlist < 1:
+            raise ValueError(f"IndexConfig.ivf_nlist must be >= 1 or None, got {self.ivf_nlist}")
+        if self.exact_max_items < 0:
+            raise ValueError(
+                f"IndexConfig.exact_max_items must be >= 0, got {self.exact_max_items}"
+            )
+        if not 0.0 <= self.min_recall <= 1.0:
+            raise ValueError(f"IndexConfig.min_recall must be in [0, 1], got {self.min_recall}")
+        if not (math.isfinite(self.norm_tolerance) and self.norm_tolerance >= 0):
+            raise ValueError(f"IndexConfig.norm_tolerance must be >= 0, got {self.norm_tolerance}")
+
+    def resolve_kind(self, n_items: int) -> str:
+        """The concrete kind ("flat", "hnsw" or "ivf") built for ``n_items`` items."""
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if n_items <= self.exact_max_items else self.auto_approx
+
+    def ivf_cells(self, n_items: int) -> int:
+        """IVF cells for ``n_items`` items: ``ivf_nlist``, or ~4·sqrt(N) capped at N/39."""
+        nlist = self.ivf_nlist
+        if nlist is None:
+            nlist = min(round(4 * math.sqrt(n_items)), n_items // 39)
+        return max(1, min(nlist, n_items))
 
 
 def _normalize(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -52,16 +124,25 @@ def _normalize(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return x
 
 
+def _kind_of(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    return "flat"
+
+
 @dataclass(frozen=True)
 class IndexSnapshot:
     """A built, immutable index: ``ids`` (N,) object array of item ids, ``index`` over the
-    L2-normalised (N, dim) vectors, ``built_at`` in epoch seconds.
+    L2-normalised (N, dim) vectors, ``built_at`` in epoch seconds, and the ``config`` it was
+    built with (its verification settings are the defaults of :func:`verify_snapshot`).
 
     >>> import numpy as np
     >>> snap = build_snapshot(["a", "b", "c"], np.eye(3, dtype=np.float32), version=1)
     >>> scores, ids = snap.search(np.array([[0.0, 2.0, 0.1]], dtype=np.float32), k=5)
-    >>> ids.tolist(), scores.shape, len(snap)
-    ([['b', 'c', 'a']], (1, 3), 3)
+    >>> ids.tolist(), scores.shape, len(snap), snap.kind
+    ([['b', 'c', 'a']], (1, 3), 3, 'flat')
     """
 
     version: int
@@ -69,9 +150,15 @@ class IndexSnapshot:
     index: faiss.Index
     dim: int
     built_at: float  # epoch s
+    config: IndexConfig = field(default_factory=IndexConfig)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+    @property
+    def kind(self) -> str:
+        """The FAISS index kind: "flat", "hnsw" or "ivf"."""
+        return _kind_of(self.index)
 
     def search(
         self, queries: npt.ArrayLike, k: int
@@ -95,14 +182,7 @@ class IndexSnapshot:
         if not np.all(np.isfinite(q)):
             raise ValueError("queries must be finite")
         _normalize(q)
-        kk = min(k, len(self))
-        if isinstance(self.index, faiss.IndexHNSW):
-            # Per-call parameters: setting efSearch on the shared index would race readers.
-            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in stubs
-            params.efSearch = max(int(self.index.hnsw.efSearch), kk)
-            scores, labels = self.index.search(q, kk, params=params)
-        else:
-            scores, labels = self.index.search(q, kk)
+        scores, labels = self._search_labels(q, min(k, len(self)))
         missing = labels < 0
         ids = self.ids[np.where(missing, 0, labels)]
         if missing.any():
@@ -110,30 +190,42 @@ class IndexSnapshot:
             scores[missing] = -np.inf
         return scores, ids
 
+    def _search_labels(
+        self, q: npt.NDArray[np.float32], kk: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """FAISS search of normalised queries: scores (Q, kk) and int labels (-1: none)."""
+        if isinstance(self.index, faiss.IndexHNSW):
+            # Per-call parameters: setting efSearch on the shared index would race readers.
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in stubs
+            params.efSearch = max(int(self.index.hnsw.efSearch), kk)
+            scores, labels = self.index.search(q, kk, params=params)
+        else:
+            scores, labels = self.index.search(q, kk)
+        return scores, labels
+
 
 def _make_index(vectors: npt.NDArray[np.float32], config: IndexConfig) -> faiss.Index:
     n, d = vectors.shape
-    kind = config.kind
-    if kind == "auto":
-        kind = "flat" if n <= config.flat_max_items else "hnsw"
+    kind = config.resolve_kind(n)
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
         hnsw = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = config.hnsw_ef_construction
         hnsw.hnsw.efSearch = config.hnsw_ef_search
         index = hnsw
-    elif kind == "ivf":
-        nlist = config.ivf_nlist
-        if nlist is None:
-            nlist = min(round(4 * math.sqrt(n)), n // 39)
-        nlist = max(1, min(nlist, n))
+    else:
+        nlist = config.ivf_cells(n)
         quantizer = faiss.IndexFlatIP(d)
         ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(vectors)
+        ivf.cp.seed = config.seed
+        n_train = min(n, config.ivf_train_per_list * nlist)
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else None
+        ivf.train(vectors if sample is None else vectors[sample])
         ivf.nprobe = min(config.ivf_nprobe, nlist)
+        ivf.make_direct_map()  # reconstruct() by id, for verify_snapshot
         index = ivf  # faiss's Python wrapper keeps the quantizer alive via the IVF index
-    else:
-        raise ValueError(f"IndexConfig.kind must be one of {_KINDS}, got {config.kind!r}")
     index.add(vectors)
     return index
 
@@ -148,8 +240,8 @@ def build_snapshot(
     """Build an :class:`IndexSnapshot` over ``vectors`` (N, D) for items ``ids`` (N,).
 
     Normalises a float32 copy (the input is never mutated; zero vectors stay zero and score
-    0 against everything). Raises ValueError on empty input, length mismatch, non-2-D or
-    non-finite vectors, or duplicate ids.
+    0 against everything). The kind is ``config.resolve_kind(N)``. Raises ValueError on
+    empty input, length mismatch, non-2-D or non-finite vectors, or duplicate ids.
     """
     cfg = config if config is not None else IndexConfig()
     id_list = list(ids)
@@ -170,12 +262,166 @@ def build_snapshot(
     id_arr = np.empty(len(id_list), dtype=object)
     id_arr[:] = id_list
     return IndexSnapshot(
-        version=version, ids=id_arr, index=index, dim=int(vecs.shape[1]), built_at=time.time()
+        version=version,
+        ids=id_arr,
+        index=index,
+        dim=int(vecs.shape[1]),
+        built_at=time.time(),
+        config=cfg,
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotCheck:
+    """What :func:`verify_snapshot` found. ``ok`` is True when every check passed.
+
+    Attributes:
+        version: the snapshot's version.
+        ok: size, norms and recall all passed.
+        n_items: ``len(snapshot)``.
+        size_ok: the FAISS index holds exactly one vector of the snapshot's ``dim`` per id.
+        norm_checked: vectors whose norm was read back (every one when the index allows).
+        max_norm_error: largest ``| ||v|| - 1 |`` seen (``inf`` for a non-finite vector).
+        recall: mean recall@``k`` of the snapshot's search against exact search, in [0, 1]
+            (NaN when it could not be measured).
+        k: the ``k`` of the recall check.
+        n_queries: queries used for the recall check.
+        reasons: why it failed, one short line per failed check (empty when ``ok``).
+        seconds: wall time of the check.
+    """
+
+    version: int
+    ok: bool
+    n_items: int
+    size_ok: bool
+    norm_checked: int
+    max_norm_error: float
+    recall: float
+    k: int
+    n_queries: int
+    reasons: tuple[str, ...]
+    seconds: float
+
+
+def _read_vectors(index: faiss.Index, start: int, n: int) -> npt.NDArray[np.float32]:
+    return np.asarray(index.reconstruct_n(start, n), dtype=np.float32).reshape(n, -1)
+
+
+def verify_snapshot(
+    snapshot: IndexSnapshot,
+    sample: int | None = None,
+    *,
+    k: int | None = None,
+    min_recall: float | None = None,
+    seed: int | None = None,
+) -> SnapshotCheck:
+    """Check ``snapshot`` before it serves; arguments left as None come from
+    ``snapshot.config`` (``verify_queries``, ``verify_k``, ``min_recall``, ``seed``).
+
+    Checks, reading every stored vector back in chunks (O(N·D) memory per chunk only):
+
+    - size: the FAISS index holds ``len(snapshot.ids)`` vectors of dimension ``dim`` and
+      the ids are distinct;
+    - norms: every vector has norm within ``config.norm_tolerance`` of 1 (zero or
+      non-finite vectors fail);
+    - recall: ``sample`` queries (stored vectors of seeded random items plus Gaussian noise
+      of norm ~0.5, then normalised) are searched with :meth:`IndexSnapshot.search`; recall
+      @``k`` against exact inner-product search over the stored vectors must be at least
+      ``min_recall``. Exact search costs ``sample * N * D`` multiply-adds.
+
+    >>> import numpy as np
+    >>> vecs = np.random.default_rng(0).standard_normal((500, 8))
+    >>> snap = build_snapshot([str(i) for i in range(500)], vecs, version=1)
+    >>> check = verify_snapshot(snap, sample=50)
+    >>> check.ok, check.size_ok, check.recall, check.reasons
+    (True, True, 1.0, ())
+    """
+    t0 = time.perf_counter()
+    cfg = snapshot.config
+    n_queries = cfg.verify_queries if sample is None else sample
+    k = cfg.verify_k if k is None else k
+    min_recall = cfg.min_recall if min_recall is None else min_recall
+    seed = cfg.seed if seed is None else seed
+    if n_queries < 1 or k < 1:
+        raise ValueError(f"sample and k must be >= 1, got {n_queries}, {k}")
+    index = snapshot.index
+    n = len(snapshot)
+    reasons: list[str] = []
+
+    size_ok = int(index.ntotal) == n and int(index.d) == snapshot.dim and n > 0
+    if not size_ok:
+        reasons.append(
+            f"size: index holds {int(index.ntotal)} vectors of dim {int(index.d)}, "
+            f"snapshot has {n} ids of dim {snapshot.dim}"
+        )
+    elif len(set(snapshot.ids.tolist())) != n:
+        size_ok = False
+        reasons.append("size: duplicate ids")
+
+    max_err = math.nan
+    norm_checked = 0
+    recall = math.nan
+    kk = min(k, n)
+    n_q = 0
+    if size_ok:
+        rng = np.random.default_rng(seed)
+        q_items = rng.choice(n, size=min(n_queries, n), replace=False)
+        n_q = len(q_items)
+        try:
+            base = np.stack([np.asarray(index.reconstruct(int(i)), np.float32) for i in q_items])
+        except RuntimeError as exc:  # e.g. an IVF index without a direct map
+            reasons.append(f"vectors: cannot read stored vectors back ({str(exc)[:80]})")
+            base = None
+        if base is not None:
+            noise = rng.standard_normal(base.shape).astype(np.float32)
+            queries = np.nan_to_num(base) + noise * (0.5 / math.sqrt(snapshot.dim))
+            _normalize(queries)
+            best_s = np.full((n_q, kk), -np.inf, dtype=np.float32)
+            best_i = np.full((n_q, kk), -1, dtype=np.int64)
+            max_err = 0.0
+            for start in range(0, n, _VERIFY_CHUNK):
+                m = min(_VERIFY_CHUNK, n - start)
+                x = _read_vectors(index, start, m)
+                err = np.abs(np.linalg.norm(x.astype(np.float64), axis=1) - 1.0)
+                max_err = max(max_err, float(np.max(np.where(np.isfinite(err), err, np.inf))))
+                norm_checked += m
+                sims = queries @ np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).T
+                cand_s = np.concatenate([best_s, sims], axis=1)
+                cand_i = np.concatenate(
+                    [best_i, np.broadcast_to(np.arange(start, start + m), sims.shape)], axis=1
+                )
+                top = np.argpartition(-cand_s, kk - 1, axis=1)[:, :kk]
+                best_s = np.take_along_axis(cand_s, top, axis=1)
+                best_i = np.take_along_axis(cand_i, top, axis=1)
+            if max_err > cfg.norm_tolerance:
+                reasons.append(f"norms: max | ||v|| - 1 | = {max_err:.3g} > {cfg.norm_tolerance:g}")
+            _, got = snapshot._search_labels(queries, kk)
+            hits = sum(
+                len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, best_i, strict=True)
+            )
+            recall = hits / (n_q * kk)
+            if recall < min_recall:
+                reasons.append(f"recall@{kk}: {recall:.3f} < {min_recall:g}")
+    return SnapshotCheck(
+        version=snapshot.version,
+        ok=not reasons,
+        n_items=n,
+        size_ok=size_ok,
+        norm_checked=norm_checked,
+        max_norm_error=max_err,
+        recall=recall,
+        k=kk,
+        n_queries=n_q,
+        reasons=tuple(reasons),
+        seconds=time.perf_counter() - t0,
     )
 
 
 class IndexHolder:
     """Holds the serving :class:`IndexSnapshot`; swaps are atomic reference replacements.
+
+    ``n_swaps`` counts swaps; ``n_rejected`` counts snapshots :meth:`swap_if_valid`
+    refused, and ``last_check`` is its latest :class:`SnapshotCheck`.
 
     >>> import numpy as np
     >>> holder = IndexHolder()
@@ -186,12 +432,19 @@ class IndexHolder:
     (1, 2, 2)
     >>> holder.search(np.array([[1.0, 0.0]]), k=1)[1].tolist()
     [['a']]
+    >>> bad = build_snapshot(["a", "b", "c"], np.eye(3)[:, :2], version=3)  # a zero vector
+    >>> holder.swap_if_valid(bad).reasons
+    ('norms: max | ||v|| - 1 | = 1 > 0.001',)
+    >>> holder.current.version, holder.n_rejected
+    (2, 1)
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: IndexSnapshot | None = None
         self.n_swaps = 0
+        self.n_rejected = 0
+        self.last_check: SnapshotCheck | None = None
 
     @property
     def current(self) -> IndexSnapshot | None:
@@ -213,6 +466,36 @@ class IndexHolder:
             self.n_swaps += 1
             return old
 
+    def swap_if_valid(
+        self,
+        snapshot: IndexSnapshot,
+        sample: int | None = None,
+        *,
+        min_recall: float | None = None,
+    ) -> SnapshotCheck:
+        """Verify ``snapshot`` (:func:`verify_snapshot`, outside the lock; readers keep
+        searching the current one meanwhile), then swap it in atomically if it passed.
+
+        A failed check, or a version not newer than the current one at swap time, leaves the
+        current snapshot serving, increments ``n_rejected`` and returns a check with
+        ``ok=False`` (a stale version adds a ``version:`` reason). Returns the check.
+        """
+        check = verify_snapshot(snapshot, sample, min_recall=min_recall)
+        if check.ok:
+            with self._lock:
+                old = self._current
+                if old is not None and snapshot.version <= old.version:
+                    check = _failed(
+                        check, f"version: {snapshot.version} is not newer than {old.version}"
+                    )
+                else:
+                    self._current = snapshot
+                    self.n_swaps += 1
+        if not check.ok:
+            self.n_rejected += 1
+        self.last_check = check
+        return check
+
     def search(
         self, queries: npt.ArrayLike, k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.object_]]:
@@ -224,3 +507,7 @@ class IndexHolder:
         if snap is None:
             raise RuntimeError("no index snapshot has been swapped in yet")
         return snap.search(queries, k)
+
+
+def _failed(check: SnapshotCheck, reason: str) -> SnapshotCheck:
+    return replace(check, ok=False, reasons=(*check.reasons, reason))

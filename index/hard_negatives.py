@@ -23,6 +23,8 @@ class HardNegativePool:
     Args:
         per_user: hard negatives kept per user (>= 1), best-ranked first.
         max_users: users kept per refresh (>= 1).
+        depth: retrieved items examined per user when ``refresh`` is given ``seen``
+            (default ``5 * per_user``).
 
     >>> import numpy as np
     >>> from index.faiss_index import build_snapshot
@@ -34,11 +36,16 @@ class HardNegativePool:
     (['b', 'c'], 1, 2, 30.0)
     """
 
-    def __init__(self, per_user: int = 20, max_users: int = 10_000) -> None:
+    def __init__(
+        self, per_user: int = 20, max_users: int = 10_000, depth: int | None = None
+    ) -> None:
         if per_user < 1 or max_users < 1:
             raise ValueError(f"per_user and max_users must be >= 1, got {per_user}, {max_users}")
+        if depth is not None and depth < per_user:
+            raise ValueError(f"depth must be >= per_user ({per_user}), got {depth}")
         self.per_user = per_user
         self.max_users = max_users
+        self.depth = 5 * per_user if depth is None else depth
         self._pools: dict[str, tuple[str, ...]] = {}
         self._built_at: float | None = None
 
@@ -70,6 +77,7 @@ class HardNegativePool:
         user_vectors: npt.ArrayLike,
         positives: Mapping[str, set[str]],
         now: float,
+        seen: Mapping[str, set[str]] | None = None,
     ) -> None:
         """Rebuild every pool from ``snapshot``.
 
@@ -80,6 +88,12 @@ class HardNegativePool:
             user_vectors: (U, snapshot.dim) user embeddings (normalised on a copy).
             positives: user id -> items they clicked; these never enter that user's pool.
             now: refresh time, epoch seconds.
+            seen: user id -> items shown to them (clicked or not), or None when unknown.
+                None: a pool is the user's top-ranked non-clicked items. Given: among the
+                user's top ``depth`` retrieved items, only those they saw without clicking
+                or that the index ranks above at least one of their clicks qualify (a
+                click not retrieved ranks below every retrieved item), best-ranked first,
+                so unseen items that might be unknown positives stay out of the pool.
         """
         uv = np.asarray(user_vectors, dtype=np.float32)
         if uv.ndim != 2 or uv.shape[0] != len(user_ids) or uv.shape[1] != snapshot.dim:
@@ -88,17 +102,25 @@ class HardNegativePool:
             )
         rows: list[int] = []
         chosen: list[str] = []
-        seen: set[str] = set()
+        seen_users: set[str] = set()
         for row, uid in enumerate(user_ids):
             if len(chosen) >= self.max_users:
                 break
-            if uid not in seen:
-                seen.add(uid)
+            if uid not in seen_users:
+                seen_users.add(uid)
                 rows.append(row)
                 chosen.append(uid)
 
         pools: dict[str, tuple[str, ...]] = {}
-        if chosen:
+        if chosen and seen is not None:
+            n_items = len(snapshot)
+            depth = min(n_items, self.depth)
+            _, ids = snapshot.search(uv[rows], depth)
+            for j, uid in enumerate(chosen):
+                pools[uid] = self._qualified(
+                    ids[j], positives.get(uid, set()), seen.get(uid, set())
+                )
+        elif chosen:
             n_items = len(snapshot)
             clicked = [positives.get(uid, set()) for uid in chosen]
             # One batched search deep enough for a typical user; users with many clicks in
@@ -115,6 +137,25 @@ class HardNegativePool:
                 pools[uid] = pool
         self._pools = pools
         self._built_at = now
+
+    def _qualified(
+        self, ranked: npt.NDArray[np.object_], clicked: set[str], seen: set[str]
+    ) -> tuple[str, ...]:
+        """Seen-not-clicked items, or items ranked above the lowest retrieved click."""
+        items = [i for i in ranked if i is not None]
+        retrieved_clicks = [r for r, i in enumerate(items) if i in clicked]
+        all_retrieved = bool(clicked) and len(retrieved_clicks) == len(clicked)
+        # Every retrieved item outranks a click the index did not retrieve at all.
+        above = retrieved_clicks[-1] if all_retrieved else (len(items) if clicked else 0)
+        out: list[str] = []
+        for r, item in enumerate(items):
+            if item in clicked:
+                continue
+            if r < above or item in seen:
+                out.append(item)
+                if len(out) == self.per_user:
+                    break
+        return tuple(out)
 
     def _filter(self, ranked: npt.NDArray[np.object_], clicked: set[str]) -> tuple[str, ...]:
         out: list[str] = []

@@ -1,4 +1,12 @@
-"""River peers behind the same interface as :class:`learners.ranker.TorchRanker`."""
+"""River peers behind the same interface as :class:`learners.ranker.TorchRanker`.
+
+:class:`RiverLogisticRegression` (plain SGD) and :class:`RiverFTRLProximal` (the same
+logistic regression trained with FTRL-Proximal, McMahan et al. 2013, the classic online
+CTR learner) share one implementation: rows become river feature dicts
+(:func:`river_features`), each batch is scored before any of it is learned (test-then-train)
+and then learned one example at a time, in order. The Vowpal Wabbit peer is in
+:mod:`learners.peers`.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +17,14 @@ import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from river import linear_model, optim
 
 from learners.models import INITIAL_CTR
 
-__all__ = ["RiverLogisticRegression", "river_features"]
+__all__ = ["RiverFTRLProximal", "RiverLogisticRegression", "river_features"]
 
 Rows = Sequence[Mapping[str, object]]
 
@@ -45,7 +53,74 @@ def river_features(
     return out
 
 
-class RiverLogisticRegression:
+class _RiverPeer:
+    """A river binary classifier (``self.model``) behind the ranker's batch interface.
+
+    Subclasses build ``self.model`` and set ``n_updates = 0`` in ``__init__``, and define
+    :meth:`clone`.
+    """
+
+    model: Any
+    n_updates: int
+
+    def predict_proba_many(self, X: Rows) -> np.ndarray:
+        """P(click), float64 ``(B,)`` in [0, 1]."""
+        return np.fromiter(
+            (self.model.predict_proba_one(river_features(r)).get(True, 0.0) for r in X),
+            dtype=np.float64,
+            count=len(X),
+        )
+
+    def learn_many(self, X: Rows, y: Any, w: Any = None) -> None:
+        """One update per example, in order (``y``: (B,) 0/1, ``w``: optional (B,) weights).
+
+        Examples with a non-finite label or weight are skipped.
+        """
+        y_arr = np.asarray(y).reshape(-1)
+        if y_arr.shape[0] != len(X):
+            raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
+        w_arr = None if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
+        if w_arr is not None and w_arr.shape[0] != len(X):
+            raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+        for i, row in enumerate(X):
+            weight = 1.0 if w_arr is None else float(w_arr[i])
+            label = float(y_arr[i])
+            if not (math.isfinite(weight) and math.isfinite(label)):
+                continue
+            self.model.learn_one(river_features(row), bool(label), w=weight)
+        self.n_updates += 1
+
+    def score_and_learn(self, X: Rows, y: Any, w: Any = None) -> np.ndarray:
+        """Progressive validation: scores (B,) for the whole batch BEFORE learning it."""
+        scores = self.predict_proba_many(X)
+        self.learn_many(X, y, w)
+        return scores
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomically pickle the learner (temp file in the same directory, fsync, replace)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Load a learner written by :meth:`save` (pickle: only load trusted files)."""
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+        if not isinstance(obj, cls):
+            raise TypeError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
+        return obj
+
+
+class RiverLogisticRegression(_RiverPeer):
     """``river.linear_model.LogisticRegression`` with the ranker's batch interface.
 
     ``seed`` is kept for interface parity (the model is deterministic); ``lr`` is the SGD
@@ -69,57 +144,49 @@ class RiverLogisticRegression:
         )
         self.n_updates = 0
 
-    def predict_proba_many(self, X: Rows) -> np.ndarray:
-        """P(click), float64 ``(B,)`` in [0, 1]."""
-        return np.fromiter(
-            (self.model.predict_proba_one(river_features(r)).get(True, 0.0) for r in X),
-            dtype=np.float64,
-            count=len(X),
-        )
-
-    def learn_many(self, X: Rows, y: Any, w: Any = None) -> None:
-        """One SGD step per example, in order (``y``: (B,) 0/1, ``w``: optional (B,))."""
-        y_arr = np.asarray(y).reshape(-1)
-        if y_arr.shape[0] != len(X):
-            raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
-        w_arr = None if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
-        for i, row in enumerate(X):
-            weight = 1.0 if w_arr is None else float(w_arr[i])
-            label = float(y_arr[i])
-            if not (math.isfinite(weight) and math.isfinite(label)):
-                continue
-            self.model.learn_one(river_features(row), bool(label), w=weight)
-        self.n_updates += 1
-
-    def score_and_learn(self, X: Rows, y: Any, w: Any = None) -> np.ndarray:
-        """Progressive validation: scores (B,) for the whole batch BEFORE learning it."""
-        scores = self.predict_proba_many(X)
-        self.learn_many(X, y, w)
-        return scores
-
     def clone(self) -> RiverLogisticRegression:
         """An untrained copy with the same settings."""
         return RiverLogisticRegression(seed=self.seed, lr=self.lr)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically pickle the learner (temp file in the same directory, fsync, replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RiverLogisticRegression:
-        """Load a learner written by :meth:`save` (pickle: only load trusted files)."""
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-        if not isinstance(obj, cls):
-            raise TypeError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
-        return obj
+class RiverFTRLProximal(_RiverPeer):
+    """``river.linear_model.LogisticRegression`` trained by ``river.optim.FTRLProximal``.
+
+    ``alpha``, ``beta``, ``l1``, ``l2`` are FTRL-Proximal's per-coordinate learning-rate and
+    regularisation settings (river's defaults). The intercept is learned by river's own
+    SGD (``intercept_lr`` 0.01) from ``logit(INITIAL_CTR)``. ``seed`` is kept for interface
+    parity (the model is deterministic).
+
+    Example:
+        >>> m = RiverFTRLProximal(seed=0)
+        >>> p = m.score_and_learn([{"user_id": "u1", "item_id": "i1", "price": 3.0}],
+        ...                       np.array([1]))
+        >>> p.shape, bool(0 <= p[0] <= 1), m.n_updates
+        ((1,), True, 1)
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        alpha: float = 0.05,
+        beta: float = 1.0,
+        l1: float = 0.0,
+        l2: float = 1.0,
+    ) -> None:
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        for name, value in (("l1", l1), ("l2", l2)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.seed = seed
+        self.alpha, self.beta, self.l1, self.l2 = alpha, beta, l1, l2
+        self.model = linear_model.LogisticRegression(
+            optimizer=optim.FTRLProximal(alpha=alpha, beta=beta, l1=l1, l2=l2),
+            intercept_init=_INTERCEPT_INIT,
+        )
+        self.n_updates = 0
+
+    def clone(self) -> RiverFTRLProximal:
+        """An untrained copy with the same settings."""
+        return RiverFTRLProximal(self.seed, self.alpha, self.beta, self.l1, self.l2)

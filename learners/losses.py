@@ -30,6 +30,7 @@ __all__ = [
     "bce_with_logits",
     "bpr_loss",
     "combined_pair_loss",
+    "fnw_loss_with_logits",
     "focal_loss_with_logits",
     "info_nce_loss",
     "ranknet_loss",
@@ -155,6 +156,42 @@ def focal_loss_with_logits(
     if alpha is not None:
         ce = ce * (alpha * t + (1 - alpha) * (1 - t))
     return _reduce(ce, weights, reduction)
+
+
+def fnw_loss_with_logits(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Fake-negative weighted BCE (FNW; Ktena et al., RecSys 2019), in nats.
+
+    For the *fake-negative* stream (``JoinConfig(delayed_feedback="fake_negative")``): every
+    impression is trained on at once as a negative, and again as a positive when its click
+    arrives. That stream draws label 1 with probability ``b = p / (1 + p)`` where ``p`` is
+    the true CTR, so plain BCE learns ``b``. FNW importance-weights each term by
+    ``p(y|x) / b(y|x)``, with ``p`` replaced by the model's own ``f = sigmoid(logits)``
+    treated as a constant (no gradient flows through the weights)::
+
+        loss = -[ y (1 + f) log sigmoid(z) + (1 - y) (1 - f) (1 + f) log(1 - sigmoid(z)) ]
+
+    The expected gradient under the fake-negative stream is ``(1 + f)(1 - f)(f - p)``, zero
+    exactly at ``f = p``: the model is calibrated to the true CTR. On a stream WITHOUT fake
+    negatives it over-predicts; see :func:`learners.delayed_feedback.check_loss_for_scheme`.
+
+    ``logits``: (B,) float, ``targets``: (B,) in [0, 1], ``weights``: optional (B,)
+    per-example weights; ``reduction`` as in :func:`bce_with_logits`.
+
+    Example:
+        >>> x, t = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])
+        >>> fnw_loss_with_logits(x, t, reduction="none")  # f = 1/2: weights 3/2 and 3/4
+        tensor([1.0397, 0.5199])
+    """
+    t = targets.to(logits.dtype)
+    f = torch.sigmoid(logits).detach()
+    # softplus(-z) = -log sigmoid(z), softplus(z) = -log(1 - sigmoid(z)), stable for large |z|
+    per = t * (1 + f) * F.softplus(-logits) + (1 - t) * (1 - f) * (1 + f) * F.softplus(logits)
+    return _reduce(per, weights, reduction)
 
 
 def ranknet_loss(
@@ -358,10 +395,12 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "focal": _focal_entry,
     "ranknet": ranknet_loss,
     "combined_pair": _combined_pair_entry,
+    "fnw": fnw_loss_with_logits,
 }
 """Ranker losses: ``LOSSES[name](logits, targets, weights=None, reduction="mean")``.
 
 Extra parameters are keyword-only with defaults (``weighted_bce``: ``pos_weight``;
 ``focal``: ``gamma``, ``alpha``; ``combined_pair``: ``alpha``), so
-``functools.partial(LOSSES[name], **params)`` keeps the common signature.
+``functools.partial(LOSSES[name], **params)`` keeps the common signature. ``fnw`` is for
+the fake-negative stream only (see :mod:`learners.delayed_feedback`).
 """

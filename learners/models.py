@@ -5,7 +5,8 @@ float32 ``(B, Fn)`` to logits ``(B,)``. Categorical slot 0 is ``user_id`` and sl
 ``item_id``; every model adds ``<e(user), e(item)>`` (rows of ``self.embedding``, the shared
 ``nn.Embedding(num_buckets, embedding_dim, padding_idx=0)``) to the (click) logit so that
 user and item embeddings are meaningful for inner-product retrieval. The final bias starts
-at ``logit(INITIAL_CTR)``.
+at ``logit(INITIAL_CTR)``; every model exposes it as ``output_bias`` (the click logit's
+additive scalar parameter) so that a caller can re-centre it, e.g. on an observed CTR.
 
 The multi-task :class:`MMoE` also has ``forward_tasks(cat, num) -> (B, T)`` logits; its
 ``forward`` returns task 0 (click).
@@ -101,6 +102,11 @@ class LogisticModel(nn.Module):
             self.bias.fill_(_INITIAL_BIAS)
         _init_embedding(self.embedding, _EMB_STD, generator)
 
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The click logit's additive bias parameter (shape ``()``)."""
+        return self.bias
+
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
         logit = self.weights(cat).squeeze(-1).sum(-1) + self.bias
@@ -171,6 +177,11 @@ class DCNv2(nn.Module):
         with torch.no_grad():
             self.head.bias.fill_(_INITIAL_BIAS)
 
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The click logit's additive bias parameter (shape ``(1,)``)."""
+        return self.head.bias
+
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
         emb = self.embedding(cat)  # (B, Fc, D)
@@ -229,6 +240,11 @@ class WideAndDeep(nn.Module):
         _init_linear(self.head, generator)
         with torch.no_grad():
             self.head.bias.fill_(_INITIAL_BIAS)
+
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The click logit's additive bias parameter (shape ``(1,)``)."""
+        return self.head.bias
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
@@ -290,6 +306,11 @@ class DeepFM(nn.Module):
         _init_linear(self.head, generator)
         with torch.no_grad():
             self.head.bias.fill_(_INITIAL_BIAS)
+
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The click logit's additive bias parameter (shape ``(1,)``)."""
+        return self.head.bias
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
@@ -365,6 +386,15 @@ class MMoE(nn.Module):
                 out = tower[-1]
                 assert isinstance(out, nn.Linear)
                 out.bias.fill_(_INITIAL_BIAS)
+
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The click (task 0) tower's output bias parameter (shape ``(1,)``)."""
+        tower = self.towers[0]
+        assert isinstance(tower, nn.Sequential)
+        out = tower[-1]
+        assert isinstance(out, nn.Linear)
+        return out.bias
 
     def forward_tasks(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B, T)."""

@@ -20,10 +20,16 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "DEFAULT_RELIABILITY_EDGES",
     "CalibrationSnapshot",
     "CalibrationWindow",
+    "Reliability",
+    "TimeCalibrationWindow",
     "auc",
+    "binned_sums",
     "calibration_ratio",
+    "compute_reliability",
+    "compute_snapshot",
     "drift_z",
     "expected_calibration_error",
     "log_loss",
@@ -33,6 +39,11 @@ __all__ = [
 
 EPS = 1e-7
 """Probabilities are clipped to ``[EPS, 1 - EPS]`` before taking logs."""
+
+DEFAULT_RELIABILITY_EDGES: tuple[float, ...] = (
+    0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+)  # fmt: skip
+"""Fixed reliability-bin edges in [0, 1], dense where click-through rates live (near 0)."""
 
 ArrayLike = npt.ArrayLike
 FloatArray = npt.NDArray[np.float64]
@@ -183,20 +194,116 @@ def expected_calibration_error(
 
 
 def reliability_bins(
-    p: ArrayLike, y: ArrayLike, n_bins: int = 10
+    p: ArrayLike,
+    y: ArrayLike,
+    n_bins: int = 10,
+    strategy: Literal["mass", "width"] = "mass",
+    edges: ArrayLike | None = None,
 ) -> list[tuple[float, float, int]]:
-    """Reliability diagram data: ``(mean p, mean y, count)`` per equal-mass bin, ascending p.
+    """Reliability diagram data: ``(mean p, mean y, count)`` per bin, ascending p.
 
-    Empty bins (when ``N < n_bins``) are omitted, so the list may be shorter than ``n_bins``.
+    Bins are equal-mass (``strategy="mass"``, the default: equally many examples each),
+    equal-width on ``[0, 1]`` (``"width"``) or, when ``edges`` is given, the fixed bins
+    ``[edges[k], edges[k+1])`` (``n_bins`` and ``strategy`` are then ignored; see
+    :func:`binned_sums`). Empty bins are omitted, so the list may be shorter than the
+    number of bins.
 
     >>> reliability_bins([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], n_bins=2)
     [(0.15000000000000002, 0.0, 2), (0.8500000000000001, 1.0, 2)]
+    >>> reliability_bins([0.01, 0.02, 0.03], [0, 0, 1], edges=[0.0, 0.025, 1.0])
+    [(0.015, 0.0, 2), (0.03, 1.0, 1)]
     """
     pa, ya, _ = _validate(p, y)
+    if edges is not None:
+        rel = compute_reliability(*binned_sums(pa, ya, edges=edges), edges=edges)
+        keep = rel.count > 0
+        return [
+            (float(mp), float(my), int(n))
+            for mp, my, n in zip(rel.mean_p[keep], rel.mean_y[keep], rel.count[keep], strict=True)
+        ]
     return [
         (float(pa[idx].mean()), float(ya[idx].mean()), int(idx.size))
-        for idx in _bin_indices(pa, n_bins, "mass")
+        for idx in _bin_indices(pa, n_bins, strategy)
     ]
+
+
+def _check_edges(edges: ArrayLike) -> FloatArray:
+    e = np.asarray(edges, dtype=np.float64).reshape(-1)
+    if e.size < 2 or not np.all(np.diff(e) > 0) or e[0] < 0.0 or e[-1] > 1.0:
+        raise ValueError(f"edges must be >= 2 strictly increasing values in [0, 1], got {e}")
+    return e
+
+
+def binned_sums(
+    p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None, *, edges: ArrayLike
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per fixed bin ``[edges[k], edges[k+1])``: ``(Σw, Σw·p, Σw·y)``, each ``(K,)`` float64.
+
+    ``edges``: ``K + 1`` strictly increasing values in ``[0, 1]``; predictions below
+    ``edges[0]`` go to the first bin and those at or above ``edges[-1]`` to the last, so every
+    example is counted. Sums add up over batches, which is what makes fixed bins suit
+    running (time-bucketed) windows where equal-mass bins would need the examples.
+
+    >>> [s.tolist() for s in binned_sums([0.01, 0.02, 0.5], [0, 1, 1], edges=[0, 0.1, 1])]
+    [[2.0, 1.0], [0.03, 0.5], [1.0, 1.0]]
+    """
+    pa, ya, wa = _validate(p, y, w)
+    e = _check_edges(edges)
+    k = e.size - 1
+    which = np.clip(np.searchsorted(e, pa, side="right") - 1, 0, k - 1)
+    sums = [
+        np.bincount(which, weights=v, minlength=k).astype(np.float64)
+        for v in (wa, wa * pa, wa * ya)
+    ]
+    return sums[0], sums[1], sums[2]
+
+
+@dataclass(frozen=True, eq=False)  # array fields: compare them with numpy, not ==
+class Reliability:
+    """Reliability-diagram bins, ascending in predicted probability; ``K`` bins.
+
+    ``mean_p``, ``mean_y``: (K,) weighted mean prediction and click rate per bin, in
+    ``[0, 1]`` (``nan`` for an empty bin); ``count``: (K,) summed weight (the example count
+    for unit weights); ``edges``: (K + 1,) fixed bin edges, or ``None`` for equal-mass bins.
+    """
+
+    mean_p: FloatArray
+    mean_y: FloatArray
+    count: FloatArray
+    edges: FloatArray | None = None
+
+    @property
+    def ece(self) -> float:
+        """``Σ_k (n_k / N) |mean_p_k − mean_y_k|`` over the non-empty bins; ``nan`` if none."""
+        keep = self.count > 0
+        total = float(self.count[keep].sum())
+        if total == 0.0:
+            return math.nan
+        gap = np.abs(self.mean_p[keep] - self.mean_y[keep])
+        return float(np.dot(self.count[keep], gap)) / total
+
+
+def compute_reliability(
+    count: ArrayLike, sum_p: ArrayLike, sum_y: ArrayLike, edges: ArrayLike | None = None
+) -> Reliability:
+    """:class:`Reliability` from per-bin sums ``Σw``, ``Σw·p``, ``Σw·y`` (each ``(K,)``).
+
+    >>> r = compute_reliability([2.0, 0.0], [0.03, 0.0], [1.0, 0.0], edges=[0, 0.1, 1])
+    >>> r.mean_p.tolist(), r.mean_y.tolist(), r.count.tolist(), r.ece
+    ([0.015, nan], [0.5, nan], [2.0, 0.0], 0.485)
+    """
+    n = np.asarray(count, dtype=np.float64).reshape(-1)
+    sp = np.asarray(sum_p, dtype=np.float64).reshape(-1)
+    sy = np.asarray(sum_y, dtype=np.float64).reshape(-1)
+    if not n.shape == sp.shape == sy.shape:
+        raise ValueError(f"count, sum_p, sum_y must have one shape, got {n.shape}, {sp.shape}")
+    e = None if edges is None else _check_edges(edges)
+    if e is not None and e.size != n.size + 1:
+        raise ValueError(f"need {n.size + 1} edges for {n.size} bins, got {e.size}")
+    nan = np.full(n.shape, math.nan)
+    mean_p = np.divide(sp, n, out=nan.copy(), where=n > 0)
+    mean_y = np.divide(sy, n, out=nan.copy(), where=n > 0)
+    return Reliability(mean_p=mean_p, mean_y=mean_y, count=n, edges=e)
 
 
 def drift_z(sum_y: float, sum_p: float, sum_var: float) -> float:
@@ -250,6 +357,55 @@ _EMPTY = CalibrationSnapshot(
 )
 
 
+def compute_snapshot(
+    n: int,
+    sum_w: float,
+    sum_wp: float,
+    sum_wy: float,
+    sum_var: float,
+    sum_wll: float,
+    *,
+    ece: float = math.nan,
+    auc: float = math.nan,
+) -> CalibrationSnapshot:
+    """A :class:`CalibrationSnapshot` from running sums (pure; O(1)).
+
+    ``n`` examples with ``Σw``, ``Σw·p``, ``Σw·y``, ``Σw²·p(1−p)`` (the drift variance) and
+    ``Σw·logloss`` (nats). ``ece`` and ``auc`` need more than sums and are passed through.
+
+    >>> s = compute_snapshot(4, 4.0, 0.4, 0.5, 0.3, 1.2)
+    >>> s.mean_p, s.actual_ctr, s.ratio, s.log_loss
+    (0.1, 0.125, 0.8, 0.3)
+    """
+    if n == 0:
+        return _EMPTY
+    ll = sum_wll / sum_w if sum_w else math.nan
+    h = _entropy(sum_wy / sum_w) if sum_w else math.nan
+    return CalibrationSnapshot(
+        n=int(n),
+        positives=sum_wy,
+        mean_p=sum_wp / sum_w if sum_w else math.nan,
+        actual_ctr=sum_wy / sum_w if sum_w else math.nan,
+        ratio=sum_wp / sum_wy if sum_wy else math.nan,
+        ece=ece,
+        ne=ll / h if not math.isnan(h) else math.nan,
+        auc=auc,
+        log_loss=ll,
+        z=drift_z(sum_wy, sum_wp, sum_var),
+    )
+
+
+def _check_batch(
+    predictions: ArrayLike, labels: ArrayLike, weights: ArrayLike | None
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    p, y, w = _validate(predictions, labels, weights)
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(y)) and np.all(np.isfinite(w))):
+        raise ValueError("predictions, labels and weights must be finite")
+    if np.any((p < 0.0) | (p > 1.0)) or np.any((y < 0.0) | (y > 1.0)):
+        raise ValueError("predictions and labels must lie in [0, 1]")
+    return p, y, w
+
+
 class CalibrationWindow:
     """Lifetime running sums plus a ring buffer of the last ``size`` examples.
 
@@ -301,11 +457,7 @@ class CalibrationWindow:
         Raises ValueError on mismatched shapes, non-finite or out-of-range values; a rejected
         batch leaves the state unchanged.
         """
-        p, y, w = _validate(predictions, labels, weights)
-        if not (np.all(np.isfinite(p)) and np.all(np.isfinite(y)) and np.all(np.isfinite(w))):
-            raise ValueError("predictions, labels and weights must be finite")
-        if np.any((p < 0.0) | (p > 1.0)) or np.any((y < 0.0) | (y > 1.0)):
-            raise ValueError("predictions and labels must lie in [0, 1]")
+        p, y, w = _check_batch(predictions, labels, weights)
         b = p.size
         if b == 0:
             return
@@ -364,23 +516,27 @@ class CalibrationWindow:
 
     def lifetime(self) -> CalibrationSnapshot:
         """O(1) statistics over every example seen; ``auc`` and ``ece`` are ``nan``."""
-        if self._n == 0:
-            return _EMPTY
-        sw = self._sum_w
-        ll = self._sum_wll / sw if sw else math.nan
-        h = _entropy(self._sum_wy / sw) if sw else math.nan
-        return CalibrationSnapshot(
-            n=self._n,
-            positives=self._sum_wy,
-            mean_p=self._sum_wp / sw if sw else math.nan,
-            actual_ctr=self._sum_wy / sw if sw else math.nan,
-            ratio=self._sum_wp / self._sum_wy if self._sum_wy else math.nan,
-            ece=math.nan,
-            ne=ll / h if not math.isnan(h) else math.nan,
-            auc=math.nan,
-            log_loss=ll,
-            z=drift_z(self._sum_wy, self._sum_wp, self._sum_var),
+        return compute_snapshot(
+            self._n, self._sum_w, self._sum_wp, self._sum_wy, self._sum_var, self._sum_wll
         )
+
+    def reliability(self, n_bins: int = 10, edges: ArrayLike | None = None) -> Reliability:
+        """Reliability bins of the window: ``n_bins`` equal-mass bins (``edges=None``, weighted
+        means, bins of equally many examples) or the fixed bins ``edges``. Empty window: all
+        ``n_bins`` (or ``len(edges) − 1``) bins empty."""
+        if n_bins < 1:
+            raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        idx = self._window_index()
+        p, y, w = self._p[idx], self._y[idx], self._w[idx]
+        if edges is not None:
+            return compute_reliability(*binned_sums(p, y, w, edges=edges), edges=edges)
+        count, sum_p, sum_y = np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
+        if p.size:
+            for k, b in enumerate(np.array_split(np.argsort(p, kind="mergesort"), n_bins)):
+                count[k] = w[b].sum()
+                sum_p[k] = np.dot(w[b], p[b])
+                sum_y[k] = np.dot(w[b], y[b])
+        return compute_reliability(count, sum_p, sum_y)
 
     def reset_window(self) -> None:
         """Empty the window (e.g. after a recalibration); lifetime sums are kept."""
@@ -389,3 +545,146 @@ class CalibrationWindow:
         self._w[:] = 0.0
         self._head = 0
         self._count = 0
+
+
+_N_SUMS = 6  # per bucket: n, Σw, Σw·p, Σw·y, Σw²·p(1−p), Σw·logloss
+
+
+class TimeCalibrationWindow:
+    """Lifetime running sums plus the sums of the last ``span_s`` seconds of event time.
+
+    Event time is cut into buckets of ``bucket_s`` seconds (bucket ``k`` holds
+    ``k·bucket_s <= ts < (k+1)·bucket_s``); each bucket keeps the running sums of
+    :class:`CalibrationWindow` plus per-bin sums for the fixed reliability ``edges``. The
+    window is the newest ``ceil(span_s / bucket_s)`` buckets up to the newest event seen
+    (the :attr:`watermark`), so it spans between ``span_s − bucket_s`` and ``span_s``
+    seconds of elapsed event time plus the current bucket. Memory is O(buckets x bins),
+    whatever the traffic. An example older than the window when it arrives counts towards
+    :meth:`lifetime` and :attr:`n_late` only.
+
+    Everything is computed from sums, so ``window().auc`` is ``nan`` and ``window().ece``
+    uses the fixed bins (the equal-mass ECE of :class:`CalibrationWindow` needs examples).
+
+    Args:
+        span_s: window length in seconds (> 0).
+        bucket_s: bucket length in seconds (> 0, at most ``span_s``); the window's
+            resolution.
+        edges: fixed reliability-bin edges, ``K + 1`` increasing values in ``[0, 1]``.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> tw = TimeCalibrationWindow(span_s=600.0, bucket_s=60.0)
+    >>> ts = 1_699_999_980.0 + np.arange(20_000) * 0.1  # 2,000 s of events, 10 per second
+    >>> p = np.full(20_000, 0.05)
+    >>> tw.update(predictions=p, labels=rng.random(20_000) < p, ts=ts)
+    >>> tw.window().n, tw.lifetime().n  # 9 whole one-minute buckets and the newest 20 s
+    (5600, 20000)
+    >>> 0.8 < tw.window().ratio < 1.25
+    True
+    """
+
+    def __init__(
+        self,
+        span_s: float = 3600.0,
+        bucket_s: float = 60.0,
+        edges: ArrayLike = DEFAULT_RELIABILITY_EDGES,
+    ) -> None:
+        if not (math.isfinite(span_s) and span_s > 0):
+            raise ValueError(f"span_s must be > 0, got {span_s}")
+        if not (math.isfinite(bucket_s) and 0 < bucket_s <= span_s):
+            raise ValueError(f"bucket_s must be in (0, span_s], got {bucket_s}")
+        self.span_s = float(span_s)
+        self.bucket_s = float(bucket_s)
+        self.edges = _check_edges(edges)
+        self.n_buckets = math.ceil(self.span_s / self.bucket_s - 1e-9)
+        k = self.edges.size - 1
+        self._ids = np.full(self.n_buckets, np.iinfo(np.int64).min, dtype=np.int64)
+        self._sums = np.zeros((self.n_buckets, _N_SUMS))
+        self._bins = np.zeros((self.n_buckets, 3, k))
+        self._life = np.zeros(_N_SUMS)
+        self._life_bins = np.zeros((3, k))
+        self._newest: int | None = None
+        self._watermark = -math.inf
+        self.n_late = 0
+
+    @property
+    def watermark(self) -> float:
+        """Newest event time seen, epoch seconds (``-inf`` before the first example)."""
+        return self._watermark
+
+    @staticmethod
+    def _sums_of(p: FloatArray, y: FloatArray, w: FloatArray) -> FloatArray:
+        return np.array(
+            [
+                float(p.size),
+                float(w.sum()),
+                float(np.dot(w, p)),
+                float(np.dot(w, y)),
+                float(np.dot(w * w, p * (1.0 - p))),
+                float(np.dot(w, _log_loss_terms(p, y))),
+            ]
+        )
+
+    def update(
+        self,
+        *,
+        predictions: ArrayLike,
+        labels: ArrayLike,
+        ts: ArrayLike,
+        weights: ArrayLike | None = None,
+    ) -> None:
+        """Add a batch: ``predictions`` (B,) in [0, 1], ``labels`` (B,) 0/1, ``ts`` (B,) event
+        times in epoch seconds (any order), ``weights`` (B,) or None.
+
+        Raises ValueError on mismatched shapes, non-finite or out-of-range values; a rejected
+        batch leaves the state unchanged.
+        """
+        p, y, w = _check_batch(predictions, labels, weights)
+        t = np.asarray(ts, dtype=np.float64).reshape(-1)
+        if t.shape != p.shape:
+            raise ValueError(f"ts must have shape {p.shape}, got {t.shape}")
+        if not np.all(np.isfinite(t)):
+            raise ValueError("ts must be finite")
+        if p.size == 0:
+            return
+        self._life += self._sums_of(p, y, w)
+        self._life_bins += np.stack(binned_sums(p, y, w, edges=self.edges))
+        self._watermark = max(self._watermark, float(t.max()))
+        ids = np.floor(t / self.bucket_s).astype(np.int64)
+        newest = int(ids.max()) if self._newest is None else max(self._newest, int(ids.max()))
+        self._newest = newest
+        oldest = newest - self.n_buckets + 1
+        live = ids >= oldest
+        self.n_late += int(p.size - live.sum())
+        for k in np.unique(ids[live]).tolist():
+            slot = k % self.n_buckets
+            if self._ids[slot] != k:  # an expired bucket (or never used): start afresh
+                self._ids[slot] = k
+                self._sums[slot] = 0.0
+                self._bins[slot] = 0.0
+            m = ids == k
+            self._sums[slot] += self._sums_of(p[m], y[m], w[m])
+            self._bins[slot] += np.stack(binned_sums(p[m], y[m], w[m], edges=self.edges))
+
+    def _live(self) -> npt.NDArray[np.bool_]:
+        if self._newest is None:
+            return np.zeros(self.n_buckets, dtype=bool)
+        return self._ids > self._newest - self.n_buckets
+
+    def window(self) -> CalibrationSnapshot:
+        """Statistics over the window's buckets; ``auc`` ``nan``, ``ece`` on the fixed bins."""
+        live = self._live()
+        n, sw, swp, swy, svar, swll = self._sums[live].sum(axis=0).tolist()
+        return compute_snapshot(int(n), sw, swp, swy, svar, swll, ece=self.reliability().ece)
+
+    def lifetime(self) -> CalibrationSnapshot:
+        """Statistics over every example seen; ``auc`` ``nan``, ``ece`` on the fixed bins."""
+        n, sw, swp, swy, svar, swll = self._life.tolist()
+        count, sum_p, sum_y = self._life_bins
+        ece = compute_reliability(count, sum_p, sum_y, edges=self.edges).ece
+        return compute_snapshot(int(n), sw, swp, swy, svar, swll, ece=ece)
+
+    def reliability(self) -> Reliability:
+        """Fixed-bin reliability of the window (bins of :attr:`edges`)."""
+        count, sum_p, sum_y = self._bins[self._live()].sum(axis=0)
+        return compute_reliability(count, sum_p, sum_y, edges=self.edges)

@@ -185,6 +185,53 @@ class _Layout:
         }
         self.add(body, w, h)
 
+    def table(
+        self,
+        title: str,
+        targets: list[tuple[str, str]],
+        *,
+        w: int,
+        h: int = 8,
+        description: str = "",
+    ) -> None:
+        """Instant queries as table columns, merged into one row per label set."""
+        body = {
+            "type": "table",
+            "title": title,
+            "description": description,
+            "datasource": dict(DATASOURCE),
+            "targets": [
+                {
+                    **_target(e, lg, chr(ord("A") + i)),
+                    "format": "table",
+                    "instant": True,
+                    "range": False,
+                }
+                for i, (e, lg) in enumerate(targets)
+            ],
+            "transformations": [
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {
+                            "Time": True,
+                            "__name__": True,
+                            "job": True,
+                            "instance": True,
+                            "window": True,
+                        },
+                        "renameByName": {
+                            f"Value #{chr(ord('A') + i)}": lg for i, (_, lg) in enumerate(targets)
+                        },
+                    },
+                },
+            ],
+            "fieldConfig": {"defaults": {"unit": "none"}, "overrides": []},
+            "options": {"showHeader": True, "sortBy": [{"displayName": "bin", "desc": False}]},
+        }
+        self.add(body, w, h)
+
 
 def _annotation(name: str, expr: str, color: str, title: str) -> dict[str, Any]:
     return {
@@ -304,9 +351,11 @@ def calibration_dashboard() -> Dashboard:
             ("increase(streamrec_drift_alarms_total[5m])", "drift alarms"),
             ("increase(streamrec_recalibrations_total[5m])", "recalibrations accepted"),
             ("increase(streamrec_recalibrations_rejected_total[5m])", "recalibrations rejected"),
+            ("increase(streamrec_calibrator_updates_total[5m])", "calibrator versions"),
         ],
         w=6,
-        description="Events per 5 minutes.",
+        description="Events per 5 minutes. While the calibrator tracks the model after an "
+        "alarm it publishes a version per refit: accepted refits and level updates.",
     )
     lay.timeseries(
         "Log loss",
@@ -349,6 +398,75 @@ def calibration_dashboard() -> Dashboard:
         [(f'streamrec_auc{{{w},segment!="all"}}', "position {{segment}}")],
         w=12,
         unit="percentunit",
+    )
+    lay.timeseries(
+        "Reliability by bucket (predicted / actual)",
+        [
+            (
+                f"streamrec_reliability_predicted_ctr{{{w}}}"
+                f" / streamrec_reliability_actual_ctr{{{w}}}",
+                "bin {{bin}}",
+            )
+        ],
+        w=12,
+        h=9,
+        description="Mean prediction over click rate per reliability bin (bin 01 holds the "
+        "lowest predictions): equal-mass bins on the count window, fixed bins on the time "
+        "window. 1 is calibrated; a fanning out of the bins with a total near 1 is a slope "
+        "problem that a base-rate shift cannot fix.",
+        thresholds=ratio_band,
+        soft_range=(0.5, 1.5),
+    )
+    lay.table(
+        "Reliability bins (now)",
+        [
+            (f"streamrec_reliability_predicted_ctr{{{w}}}", "mean prediction"),
+            (f"streamrec_reliability_actual_ctr{{{w}}}", "click rate"),
+            (f"streamrec_reliability_impressions{{{w}}}", "impressions"),
+        ],
+        w=12,
+        h=9,
+        description="The reliability diagram of the selected window as a table: per bin the "
+        "mean served prediction, the observed click rate and the impressions.",
+    )
+    lay.timeseries(
+        "Drift statistic by slate position",
+        [('streamrec_drift_z{segment!="all"}', "position {{segment}}")],
+        w=12,
+        description="One drift detector per position on the served predictions (the "
+        "configured test; window z by default, shaded beyond ±4). A position alarming "
+        "alone is counted but does not recalibrate.",
+        thresholds=_band(-4.0, 4.0),
+        soft_range=(-5.0, 5.0),
+    )
+    lay.timeseries(
+        "Drift alarms by slate position (per 5m)",
+        [
+            (
+                "sum by (segment) (increase(streamrec_segment_drift_alarms_total[5m]))",
+                "position {{segment}}",
+            )
+        ],
+        w=12,
+    )
+    lay.timeseries(
+        "Tracking calibrator: target base rate",
+        [
+            ("streamrec_calibration_target_ctr", "target (accepted window click rate)"),
+            (f'streamrec_predicted_ctr{{{w},segment="all"}}', "served mean prediction"),
+            (f'streamrec_raw_predicted_ctr{{{w},segment="all"}}', "raw mean prediction"),
+        ],
+        w=12,
+        unit="percentunit",
+        description="After a drift alarm the calibrator brings the served base rate to the "
+        "target while the model adapts; empty when it is not tracking.",
+    )
+    lay.timeseries(
+        "Tracking calibrator: logit offset",
+        [("streamrec_calibrator_offset", "offset")],
+        w=12,
+        description="Logit offset added to the raw scores; it shrinks as the model learns "
+        "the new base rate, and the calibrator returns to identity near 0.",
     )
     annotations = [
         _annotation(

@@ -12,6 +12,9 @@ recalibrating: it restarts the statistic and starts the cooldown).
 - :class:`RiverDriftDetector` (``"adwin"``, ``"river_page_hinkley"``): River's detectors fed
   one residual at a time.
 
+:class:`SegmentedDriftDetector` runs one of these per segment (e.g. slate position) of a
+bounded set, so a drift confined to one segment is seen even when the total hides it.
+
 The sequential detectors (all but ``window_z``) work on the standardized click residual
 ``r = (y − p) / sqrt(p (1 − p))`` (:func:`standardized_residual`), which has mean 0 and
 variance 1 per example under a calibrated model whatever the prediction. They test after
@@ -41,6 +44,7 @@ __all__ = [
     "PageHinkleyConfig",
     "PageHinkleyDriftDetector",
     "RiverDriftDetector",
+    "SegmentedDriftDetector",
     "make_detector",
     "standardized_residual",
 ]
@@ -729,3 +733,88 @@ def make_detector(name: str, **params: Any) -> DriftDetector:
     if name == "river_page_hinkley":
         return RiverDriftDetector("page_hinkley", **params)
     raise ValueError(f"unknown detector {name!r}; expected one of {DETECTOR_NAMES}")
+
+
+class SegmentedDriftDetector:
+    """One drift detector per segment (slate position, device, ...) of a bounded set.
+
+    ``update_many(p, y, segments)`` routes each example to its segment's detector, created
+    by ``factory`` on the segment's first example; examples of new segments beyond
+    ``max_segments`` are not tested (counted in :attr:`n_dropped`), which keeps memory and
+    the exported label cardinality bounded. After an update, :attr:`drifted_segments` lists
+    the segments whose detector raised an alarm on it and :attr:`drift_detected` is True if
+    any did; each alarming detector is ``reset()`` right away (it restarts its statistic and
+    starts its cooldown), since a per-segment alarm triggers no recalibration that would.
+
+    Args:
+        factory: builds a fresh detector, e.g. ``lambda: make_detector("cusum")``.
+        max_segments: most segments tested (>= 1).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(3)
+    >>> det = SegmentedDriftDetector(lambda: make_detector("cusum"), max_segments=4)
+    >>> seg = np.array(["1", "2", "3"] * 400)
+    >>> p = np.full(seg.size, 0.05)
+    >>> for _ in range(30):  # 36k calibrated examples, 12k per position
+    ...     det.update_many(p, rng.random(p.size) < p, seg)
+    >>> det.n_alarms
+    {'1': 0, '2': 0, '3': 0}
+    >>> alarmed = set()
+    >>> for _ in range(30):  # position 3 alone now clicks 1.6x as often as predicted
+    ...     det.update_many(p, rng.random(p.size) < np.where(seg == "3", 0.08, 0.05), seg)
+    ...     alarmed |= set(det.drifted_segments)
+    >>> sorted(alarmed), det.n_alarms["3"] >= 1
+    (['3'], True)
+    """
+
+    def __init__(self, factory: Callable[[], DriftDetector], max_segments: int = 16) -> None:
+        if max_segments < 1:
+            raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+        self.factory = factory
+        self.max_segments = max_segments
+        self.detectors: dict[str, DriftDetector] = {}
+        self.drifted_segments: list[str] = []
+        self.n_dropped = 0
+
+    @property
+    def drift_detected(self) -> bool:
+        """True if any segment raised an alarm on the latest update; read-only."""
+        return bool(self.drifted_segments)
+
+    @property
+    def statistics(self) -> dict[str, float]:
+        """Current statistic of each tested segment (see :attr:`DriftDetector.statistic`)."""
+        return {seg: float(d.statistic) for seg, d in self.detectors.items()}
+
+    @property
+    def n_alarms(self) -> dict[str, int]:
+        """Lifetime alarms of each tested segment."""
+        return {seg: int(d.n_alarms) for seg, d in self.detectors.items()}
+
+    def update_many(self, p: npt.ArrayLike, y: npt.ArrayLike, segments: npt.ArrayLike) -> None:
+        """Add a batch: ``p`` (B,) predictions in [0, 1], ``y`` (B,) labels 0/1 and
+        ``segments`` (B,) segment labels (strings); test each segment's detector."""
+        pa, ya = _validate(p, y)
+        sa = np.asarray(segments).reshape(-1)
+        if sa.shape != pa.shape:
+            raise ValueError(f"segments must have shape {pa.shape}, got {sa.shape}")
+        self.drifted_segments = []
+        for seg in np.unique(sa).tolist():
+            key = str(seg)
+            mask = sa == seg
+            det = self.detectors.get(key)
+            if det is None:
+                if len(self.detectors) >= self.max_segments:
+                    self.n_dropped += int(mask.sum())
+                    continue
+                det = self.detectors[key] = self.factory()
+            det.update_many(pa[mask], ya[mask])
+            if det.drift_detected:
+                self.drifted_segments.append(key)
+                det.reset()
+
+    def reset(self) -> None:
+        """Reset every segment's detector (lifetime alarm counts are kept)."""
+        for det in self.detectors.values():
+            det.reset()
+        self.drifted_segments = []

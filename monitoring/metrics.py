@@ -10,11 +10,12 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from monitoring.calibration import CalibrationSnapshot
+from monitoring.calibration import CalibrationSnapshot, Reliability
 
 __all__ = ["StreamrecMetrics", "serve_metrics"]
 
 _WS = ("window", "segment")
+_WB = ("window", "bin")
 
 
 class StreamrecMetrics:
@@ -85,6 +86,17 @@ class StreamrecMetrics:
         self.pending_impressions = gauge(
             "pending_impressions", "Impressions waiting in the join window for a click."
         )
+        self.join_state_entries = gauge(
+            "join_state_entries",
+            "Entries of the joiner's durable state table (pending impressions, orphan clicks,"
+            " watermarks) on this worker.",
+        )
+        self.duplicate_examples = counter(
+            "duplicate_examples",
+            "Labelled examples dropped because this stage already applied them"
+            " (at-least-once redelivery).",
+            ("stage",),
+        )
         self.train_loss = gauge("train_loss", "Training loss of the latest micro-batch.")
         self.event_time_watermark_seconds = gauge(
             "event_time_watermark_seconds", "Event-time watermark of the joiner, epoch seconds."
@@ -117,7 +129,60 @@ class StreamrecMetrics:
         self.recalibrations_rejected = counter(
             "recalibrations_rejected", "Calibrator refits rejected (no held-out improvement)."
         )
+        self.calibrator_updates = counter(
+            "calibrator_updates",
+            "Calibrator versions published: accepted refits and level updates while tracking.",
+        )
+        self.calibrator_offset = gauge(
+            "calibrator_offset",
+            "Logit offset the tracking calibrator adds to bring the served base rate to its "
+            "target (0 when not tracking).",
+        )
+        self.calibration_target_ctr = gauge(
+            "calibration_target_ctr",
+            "Base rate the tracking calibrator aims at (accepted window click rate), in [0, 1];"
+            " NaN when not tracking.",
+        )
+        self.segment_drift_alarms = counter(
+            "segment_drift_alarms",
+            "Calibration drift alarms of a single segment's detector (no recalibration).",
+            ("segment",),
+        )
+        # Reliability diagram of a window: one series per bin, ascending in prediction.
+        self.reliability_predicted_ctr = gauge(
+            "reliability_predicted_ctr",
+            "Mean served prediction of the reliability bin, in [0, 1]; NaN for an empty bin.",
+            _WB,
+        )
+        self.reliability_actual_ctr = gauge(
+            "reliability_actual_ctr",
+            "Observed click-through rate of the reliability bin, in [0, 1]; NaN when empty.",
+            _WB,
+        )
+        self.reliability_impressions = gauge(
+            "reliability_impressions", "Impressions in the reliability bin.", _WB
+        )
         self.index_refreshes = counter("index_refreshes", "FAISS index rebuilds swapped in.")
+        self.index_rejected = counter(
+            "index_rejected",
+            "FAISS index rebuilds that failed verification (size, norms, recall@K against"
+            " exact search); the previous index kept serving.",
+        )
+        self.hard_negative_pool_items = gauge(
+            "hard_negative_pool_items", "Item ids held in all hard-negative pools."
+        )
+        self.hard_negative_pool_age_seconds = gauge(
+            "hard_negative_pool_age_seconds", "Seconds since the hard-negative pools were rebuilt."
+        )
+        self.retrieval_negative_cosine = gauge(
+            "retrieval_negative_cosine",
+            "Mean user-item cosine of the two-tower model's hard and random negatives (hard"
+            " far above random hints at false negatives in the pools).",
+            ("kind",),
+        )
+        self.retrieval_hard_share = gauge(
+            "retrieval_hard_share", "Share of hard negatives in the two-tower curriculum now."
+        )
         # The raw (uncalibrated) ranker scores, next to the served ones above.
         self.raw_predicted_ctr = gauge(
             "raw_predicted_ctr", "Mean raw (uncalibrated) ranker prediction, in [0, 1].", _WS
@@ -143,6 +208,19 @@ class StreamrecMetrics:
             "Wall time to score and learn one micro-batch, seconds.",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
+        )
+        self.serving_seconds = Histogram(
+            "streamrec_serving_seconds",
+            "Wall time to answer a /recommend or /score request (retrieve, rank, calibrate),"
+            " seconds.",
+            ("endpoint",),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+        self.serving_errors = counter(
+            "serving_errors",
+            "Requests to /recommend or /score answered with an error, by HTTP status.",
+            ("endpoint", "status"),
         )
 
     def publish_snapshot(
@@ -171,6 +249,20 @@ class StreamrecMetrics:
         """Set the raw-score gauges (``raw_predicted_ctr``, ``raw_calibration_ratio``)."""
         self.raw_predicted_ctr.labels(window=window, segment=segment).set(float(snapshot.mean_p))
         self.raw_calibration_ratio.labels(window=window, segment=segment).set(float(snapshot.ratio))
+
+    def publish_reliability(self, reliability: Reliability, *, window: str) -> None:
+        """Set the reliability gauges of ``window``, one series per bin.
+
+        Bins are labelled ``bin="01"``, ``"02"``, ... in ascending prediction order (zero
+        padded so that they sort); an empty bin exports NaN means and a count of 0.
+        """
+        width = max(2, len(str(len(reliability.count))))
+        rows = zip(reliability.mean_p, reliability.mean_y, reliability.count, strict=True)
+        for k, (mean_p, mean_y, count) in enumerate(rows, start=1):
+            labels = {"window": window, "bin": f"{k:0{width}d}"}
+            self.reliability_predicted_ctr.labels(**labels).set(float(mean_p))
+            self.reliability_actual_ctr.labels(**labels).set(float(mean_y))
+            self.reliability_impressions.labels(**labels).set(float(count))
 
     def metric_names(self) -> set[str]:
         """Sample names as queried in PromQL: gauges by name, counters with ``_total``.

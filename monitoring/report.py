@@ -10,7 +10,9 @@ no JavaScript, with the figures embedded as base64 PNG. It holds
 4. the calibration ratio ``Σp / Σy`` over event time with a ±10% band,
 
 with the planted drift, every drift alarm and every accepted recalibration marked on the
-time axes. :func:`render_html` does the same from a :class:`ReportData` in memory.
+time axes. :func:`render_html` does the same from a :class:`ReportData` in memory;
+:func:`render_png` and :func:`write_figures` give the figures as PNG images instead (one
+stacked image, or one file per figure), e.g. ``streamrec report RUN --out report.png``.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (Agg canvas, no
 ``pyplot``), so rendering touches no global matplotlib state.
@@ -45,7 +47,16 @@ from monitoring.calibration import (
     reliability_bins,
 )
 
-__all__ = ["ReportData", "build_figures", "format_value", "render_html", "write_report"]
+__all__ = [
+    "ReportData",
+    "build_figures",
+    "format_value",
+    "load_run",
+    "render_html",
+    "render_png",
+    "write_figures",
+    "write_report",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -610,19 +621,65 @@ def render_html(data: ReportData, *, n_points: int = 200, n_bins: int = 15) -> s
 # --- run directories ----------------------------------------------------------------------
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Render ``run_dir/report.json`` + ``run_dir/scored.npz`` to ``report.html``.
+def _figure_pixels(fig: Figure, dpi: int) -> FloatArray:
+    """The figure rendered as an RGBA array (H, W, 4) of floats in [0, 1]."""
+    from matplotlib.image import imread
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    return np.asarray(imread(buf, format="png"), dtype=np.float64)
+
+
+def render_png(data: ReportData, *, n_points: int = 200, n_bins: int = 15, dpi: int = 100) -> bytes:
+    """The report's figures (reliability, CTR over time, ratio over time) stacked top to
+    bottom in one PNG image on a white background.
+
+    Raises:
+        ValueError: if ``data`` holds no examples.
+    """
+    from matplotlib.image import imsave
+
+    images = [_figure_pixels(fig, dpi) for fig in build_figures(data, n_points=n_points,
+                                                               n_bins=n_bins).values()]  # fmt: skip
+    width = max(img.shape[1] for img in images)
+    padded = []
+    for img in images:
+        canvas = np.ones((img.shape[0], width, 4))
+        canvas[:, : img.shape[1]] = img
+        padded.append(canvas)
+    buf = io.BytesIO()
+    imsave(buf, np.concatenate(padded, axis=0), format="png")
+    return buf.getvalue()
+
+
+def write_figures(
+    data: ReportData,
+    directory: str | Path,
+    *,
+    n_points: int = 200,
+    n_bins: int = 15,
+    dpi: int = 100,
+) -> list[Path]:
+    """Write each figure as ``<directory>/<name>.png`` (``reliability``, ``ctr_over_time``,
+    ``ratio_over_time``); the paths, in that order."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in build_figures(data, n_points=n_points, n_bins=n_bins).items():
+        path = out / f"{name}.png"
+        fig.savefig(path, format="png", dpi=dpi)
+        paths.append(path)
+    return paths
+
+
+def load_run(run_dir: str | Path) -> ReportData:
+    """The :class:`ReportData` of a ``streamrec demo`` run directory (``report.json`` and
+    ``scored.npz``).
 
     Alarms are the ``drift_alarm_events`` of kind ``"drift"`` (events without a kind count
     as drift alarms); recalibrations are those with ``accepted`` true. An all-``nan``
     ``true_p`` is treated as unknown.
-
-    Args:
-        run_dir: a run directory written by ``streamrec demo``.
-        out: where to write the page; default ``run_dir/report.html``.
-
-    Returns:
-        The path written.
 
     Raises:
         FileNotFoundError: naming whichever of the two input files is missing.
@@ -648,7 +705,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     events = report.get("drift_alarm_events") or []
     alarms = [e for e in events if e.get("kind", "drift") == "drift"]
     drift_ts = report.get("drift_ts")
-    data = ReportData(
+    return ReportData(
         ts=arrays["ts"],
         y=arrays["y"],
         p=arrays["p"],
@@ -659,6 +716,35 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         recalibrations=[e for e in alarms if e.get("accepted")],
         title=f"streamrec calibration report: {run.resolve().name}",
     )
+
+
+def write_report(
+    run_dir: str | Path, out: str | Path | None = None, *, png_dir: str | Path | None = None
+) -> Path:
+    """Render a ``streamrec demo`` run directory (see :func:`load_run`) to a report.
+
+    Args:
+        run_dir: a run directory written by ``streamrec demo``.
+        out: where to write; default ``run_dir/report.html``. A name ending in ``.png``
+            writes the figures stacked in one PNG image (:func:`render_png`) instead of the
+            HTML page.
+        png_dir: also write each figure as a PNG file into this folder
+            (:func:`write_figures`).
+
+    Returns:
+        The path of the page (or image) written.
+
+    Raises:
+        FileNotFoundError: naming whichever of the two input files is missing.
+        ValueError: if ``scored.npz`` lacks ``ts``, ``y`` or ``p``.
+    """
+    run = Path(run_dir)
+    data = load_run(run)
     target = Path(out) if out is not None else run / "report.html"
-    target.write_text(render_html(data), encoding="utf-8")
+    if target.suffix.lower() == ".png":
+        target.write_bytes(render_png(data))
+    else:
+        target.write_text(render_html(data), encoding="utf-8")
+    if png_dir is not None:
+        write_figures(data, png_dir)
     return target

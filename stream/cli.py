@@ -102,11 +102,18 @@ def demo(
     type=click.Path(file_okay=False),
     help="Write versioned ranker checkpoints here.",
 )
+@click.option(
+    "--web-port",
+    default=None,
+    type=int,
+    help="Port of GET /recommend and POST /score [default: a free port, printed].",
+)
+@click.option("--web-host", default=None, help="Bind address of the web server.")
 @click.pass_context
 def worker(
     ctx: click.Context, broker: str | None, config: str | None, metrics_port: int | None,
     metrics_host: str | None, data_dir: str | None, warm_start: str | None,
-    checkpoint_dir: str | None,
+    checkpoint_dir: str | None, web_port: int | None, web_host: str | None,
 ) -> None:  # fmt: skip
     """Run a worker: joiner, trainer, calibration monitor, indexer."""
     import dataclasses
@@ -115,7 +122,7 @@ def worker(
 
     settings = load_settings(
         config, broker=broker, metrics_port=metrics_port, metrics_host=metrics_host,
-        data_dir=data_dir,
+        data_dir=data_dir, web_port=web_port, web_host=web_host,
     )  # fmt: skip
     trainer = settings.trainer
     if warm_start:
@@ -149,8 +156,7 @@ def replay_cmd(
     partitions: int, config: str | None,
 ) -> None:  # fmt: skip
     """Publish a canonical log (CSV, CSV.gz, JSONL, Parquet) in event-time order."""
-    from stream import broker as broker_mod
-    from stream.app import topic_plan
+    from stream.app import create_worker_topics
     from stream.logs import LogFormatError
     from stream.replay import replay
 
@@ -159,7 +165,7 @@ def replay_cmd(
         raise click.BadParameter("must be > 0", param_hint="--speedup")
     try:
         if create_topics:
-            broker_mod.create_topics(settings.bootstrap, topic_plan(settings))
+            create_worker_topics(settings)
         stats = replay(
             log_path, settings.bootstrap, speedup=speedup, limit=limit,
             watermark_every=settings.replay_watermark_every,
@@ -358,11 +364,11 @@ def evaluate_cmd(
     "--out",
     default=None,
     type=click.Path(dir_okay=False),
-    help="HTML file (default RUN_DIR/report.html).",
+    help="HTML file, or a .png file for one stacked image (default RUN_DIR/report.html).",
 )
 def report_cmd(run_dir: str, out: str | None) -> None:
-    """Write an HTML calibration report (reliability diagram, CTR and ratio over time with
-    drift alarms and recalibrations) for a demo run directory."""
+    """Write a calibration report, HTML or PNG (reliability diagram, CTR and ratio over
+    time with drift alarms and recalibrations), for a demo run directory."""
     from monitoring.report import write_report
 
     try:

@@ -23,6 +23,18 @@ Semantics (all times are event times, epoch seconds):
   when a click is later than the lateness bound) is a **late click**; it is counted and, if
   ``emit_corrections``, emitted as a ``correction`` positive.
 
+``delayed_feedback`` picks the labelling scheme. ``"window"`` is all of the above.
+``"fake_negative"`` (Ktena et al., RecSys 2019) trades label correctness for freshness:
+every new impression is emitted AT ONCE as a negative of kind ``fake_negative`` (label 0,
+``label_ts = ts``), and every in-window click (even one that arrives after the watermark
+passed ``ts + W``, up to ``dedup_horizon_s`` later) emits the impression again as a
+``positive`` when the click arrives. An orphan click still waits for its impression, which
+then emits its negative and its positive together. Nothing is emitted when a window
+closes and there are no corrections (``emit_positives`` and ``emit_corrections`` are not
+used). The stream over-represents positives (label 1 with probability ``p / (1 + p)``):
+train it with the ``fnw`` loss, or with BCE and
+:func:`learners.delayed_feedback.fnc_correct` on the scores.
+
 >>> j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0))
 >>> j.on_impression(Impression("a", 100.0, "u", "i"))
 []
@@ -41,12 +53,15 @@ from __future__ import annotations
 import heapq
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from stream.events import Click, Impression, LabeledExample
 
-__all__ = ["JoinConfig", "JoinCounters", "OnlineJoiner", "offline_join"]
+__all__ = ["DELAYED_FEEDBACK_SCHEMES", "JoinConfig", "JoinCounters", "OnlineJoiner", "offline_join"]
+
+#: Values of ``JoinConfig.delayed_feedback`` (see the module doc).
+DELAYED_FEEDBACK_SCHEMES = ("window", "fake_negative")
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class JoinConfig:
         idle_timeout_s: WALL seconds after which an input that sent nothing (no event, no
             watermark) stops holding the watermark back, so a quiet click stream or an
             empty partition cannot stall labelling forever; None: pure event time.
+        delayed_feedback: ``"window"`` or ``"fake_negative"`` (see the module doc).
     """
 
     window_s: float = 1800.0
@@ -74,6 +90,7 @@ class JoinConfig:
     emit_corrections: bool = True
     emit_positives: str = "window_close"  # "window_close" | "click"
     idle_timeout_s: float | None = 60.0
+    delayed_feedback: str = "window"  # one of DELAYED_FEEDBACK_SCHEMES
 
     def __post_init__(self) -> None:
         for name in ("window_s", "lateness_s", "orphan_grace_s", "dedup_horizon_s"):
@@ -83,6 +100,11 @@ class JoinConfig:
             raise ValueError("JoinConfig.max_pending must be >= 1")
         if self.emit_positives not in ("window_close", "click"):
             raise ValueError("JoinConfig.emit_positives must be 'window_close' or 'click'")
+        if self.delayed_feedback not in DELAYED_FEEDBACK_SCHEMES:
+            raise ValueError(
+                f"JoinConfig.delayed_feedback must be one of {DELAYED_FEEDBACK_SCHEMES}, "
+                f"got {self.delayed_feedback!r}"
+            )
 
 
 @dataclass
@@ -97,6 +119,7 @@ class JoinCounters:
     late_clicks: int = 0
     orphan_clicks: int = 0
     forced_negatives: int = 0
+    fake_negatives: int = 0  # delayed_feedback="fake_negative": negatives sent at impression
 
 
 class OnlineJoiner:
@@ -119,6 +142,41 @@ class OnlineJoiner:
         self.max_ts = {"impressions": float("-inf"), "clicks": float("-inf")}
         self.counters = JoinCounters()
         self.limit = float("inf")
+        #: (impression_id, click ts) of orphan clicks given up on since the last drain; the
+        #: caller dead-letters them (reason ``orphan_click``) and clears the list.
+        self.expired_orphans: list[tuple[str, float]] = []
+        #: labelled impression ids that left the dedup horizon since the last drain
+        self.forgotten: list[str] = []
+
+    def restore(
+        self,
+        pending: list[tuple[Impression, float | None]],
+        orphans: list[tuple[str, float]],
+        max_ts: dict[str, float],
+        done: Iterable[tuple[str, int, float, Impression | None]] = (),
+    ) -> None:
+        """Reload durable state after a restart or a rebalance (see ``JoinService``):
+        ``pending`` impressions with their in-window click time (or None), waiting orphan
+        clicks (impression_id, click ts), the event time reached on each input, and the
+        labelled impressions still inside the dedup horizon (id, label, label ts, the
+        impression if negative), so that records read again after a crash are duplicates
+        rather than new impressions."""
+        for iid, label, lts, negative in sorted(done, key=lambda d: d[2]):
+            if iid not in self.pending:
+                self.done[iid] = (label, lts, negative)
+        for imp, click_ts in pending:
+            iid = imp.impression_id
+            if iid in self.pending:
+                continue
+            self.pending[iid] = imp
+            if click_ts is not None:
+                self.clicked[iid] = click_ts
+            heapq.heappush(self._deadlines, (imp.ts + self.config.window_s, iid))
+        for iid, ts in sorted(orphans, key=lambda o: o[1]):
+            self.orphan_clicks.setdefault(iid, ts)
+        for source, ts in max_ts.items():
+            if source in self.max_ts and ts > self.max_ts[source]:
+                self.max_ts[source] = ts
 
     @property
     def last_activity(self) -> float:
@@ -151,7 +209,10 @@ class OnlineJoiner:
         out: list[LabeledExample] = []
         click_ts = self.orphan_clicks.pop(iid, None)
         in_window = click_ts is not None and click_ts - imp.ts <= self.config.window_s
-        if click_ts is not None and in_window and self.config.emit_positives == "click":
+        if self.config.delayed_feedback == "fake_negative":
+            self.counters.fake_negatives += 1
+            out.append(LabeledExample(imp, 0, imp.ts, 1.0, "fake_negative"))
+        if click_ts is not None and in_window and self._positives_at_click:
             self._label(imp, 1, max(click_ts, imp.ts), "positive", out)
         else:
             self.pending[iid] = imp
@@ -174,7 +235,7 @@ class OnlineJoiner:
             else:
                 self.counters.clicks += 1
                 if click.ts - imp.ts <= self.config.window_s:
-                    if self.config.emit_positives == "click":
+                    if self._positives_at_click:
                         del self.pending[iid]
                         self._label(imp, 1, click.ts, "positive", out)
                     else:
@@ -186,6 +247,9 @@ class OnlineJoiner:
                 self.counters.duplicate_clicks += 1
             elif click.ts - negative.ts > self.config.window_s:
                 self.counters.clicks += 1  # a click after the window: the negative stands
+            elif self.config.delayed_feedback == "fake_negative":
+                self.counters.clicks += 1  # the negative was provisional: add the positive
+                self._label(negative, 1, click.ts, "positive", out)
             else:
                 self.counters.clicks += 1
                 self.counters.late_clicks += 1
@@ -226,9 +290,18 @@ class OnlineJoiner:
         else:
             self.counters.negatives += 1
 
+    @property
+    def _positives_at_click(self) -> bool:
+        c = self.config
+        return c.emit_positives == "click" or c.delayed_feedback == "fake_negative"
+
     def _close(self, imp: Impression, deadline: float, out: list[LabeledExample]) -> None:
         click_ts = self.clicked.pop(imp.impression_id, None)
-        if click_ts is None:
+        if click_ts is None and self.config.delayed_feedback == "fake_negative":
+            # its (fake) negative left at the impression; remembered so that a click later
+            # than the lateness bound still yields its positive, and for duplicates
+            self.done[imp.impression_id] = (0, deadline, imp)
+        elif click_ts is None:
             self._label(imp, 0, deadline, "negative", out)
         else:
             self._label(imp, 1, click_ts, "positive", out)
@@ -258,12 +331,14 @@ class OnlineJoiner:
                 break
             self.orphan_clicks.popitem(last=False)
             self.counters.orphan_clicks += 1
+            self.expired_orphans.append((iid, cts))
         horizon = wm - self.config.dedup_horizon_s
         while self.done:
             iid, (_, lts, _) = next(iter(self.done.items()))
             if lts >= horizon:
                 break
             self.done.popitem(last=False)
+            self.forgotten.append(iid)
         return out
 
 

@@ -2,7 +2,8 @@
 
 * :func:`pretrain` trains a ranker offline at its base learning rate and writes a
   checkpoint; a worker warm-starts from it (``trainer.warm_start``) and continues online at
-  ``base_lr * online_lr_scale``.
+  ``base_lr * online_lr_scale``. With ``half_life_s`` older history weighs less
+  (:func:`learners.weighting.time_decay_weights`, relative to the newest example).
 * :func:`evaluate` runs the same learner prequentially (test-then-train, as the streaming
   trainer does) and reports AUC, log loss, normalised entropy, calibration ratio, ECE,
   examples per second and, when the log carries ``true_p``, the gap to the truth.
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from learners.ranker import RankerConfig, TorchRanker
+from learners.weighting import time_decay_weights
 from monitoring.calibration import (
     auc,
     calibration_ratio,
@@ -78,8 +80,13 @@ def pretrain(
     batch_size: int = 1024,
     seed: int = 0,
     progress: bool = True,
+    half_life_s: float | None = None,
 ) -> dict[str, Any]:
     """Train offline at the base learning rate (shuffled each epoch) and save a checkpoint.
+
+    ``half_life_s`` (seconds, or None for equal weights): each example is weighted by
+    ``0.5 ** (age / half_life_s)``, its age counted back from the newest ``ts`` in
+    ``examples``, so that older history weighs less.
 
     Returns a summary (examples, epochs, seconds, final training log loss on the data).
     """
@@ -89,6 +96,11 @@ def pretrain(
         raise ValueError("pretrain needs at least one example")
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
+    weights = (
+        None
+        if half_life_s is None
+        else time_decay_weights(examples.ts, float(examples.ts.max()), half_life_s)
+    )
     ranker = TorchRanker(config or RankerConfig(), seed=seed, online=False)
     rng = np.random.default_rng(seed)
     n = len(examples)
@@ -98,7 +110,8 @@ def pretrain(
         order = rng.permutation(n)
         for s in _batches(n, batch_size):
             idx = order[s]
-            ranker.learn_many([examples.rows[i] for i in idx], examples.y[idx])
+            w = None if weights is None else weights[idx]
+            ranker.learn_many([examples.rows[i] for i in idx], examples.y[idx], w)
             bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - t0
@@ -113,6 +126,7 @@ def pretrain(
         "train_log_loss": log_loss(p, examples.y),
         "train_calibration_ratio": calibration_ratio(p, examples.y),
         "lr": ranker.lr,
+        "half_life_s": half_life_s,
     }
 
 

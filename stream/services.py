@@ -10,9 +10,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -24,7 +25,10 @@ from learners.calibration import (
     calibrator_from_dict,
     fit_if_better,
 )
+from learners.delayed_feedback import fnc_correct
 from learners.ranker import TorchRanker
+from learners.two_tower import TwoTowerModel
+from learners.weighting import time_decay_weights
 from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
@@ -38,6 +42,7 @@ from stream.events import (
     ScoredBatch,
     Watermark,
     example_row,
+    parse_impression,
     parse_input,
 )
 from stream.join import OnlineJoiner
@@ -53,22 +58,125 @@ def segment_of(position: int | None) -> str:
     return str(position) if position < 10 else "10+"
 
 
-class JoinService:
-    """One :class:`OnlineJoiner` per input partition; counts into the metrics."""
+class JoinState(Protocol):
+    """The joiner's durable state, per input partition: a Faust table with a changelog in the
+    worker (:class:`stream.app.TableJoinState`), :class:`MemoryJoinState` in process.
 
-    def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
+    Keys inside a partition: ``i/<impression_id>`` a pending impression (value: JSON
+    ``{"i": impression, "c": in-window click ts or null}``) or, once its label is sent, a
+    labelled one kept for the dedup horizon (``{"d": label, "t": label ts, "i": impression
+    (negatives only, for a late click's correction)}``), ``c/<impression_id>`` an orphan
+    click waiting for its impression (value: the click ts), ``w`` the event time reached on
+    each input (value: JSON ``{"impressions": ts, "clicks": ts}``).
+    """
+
+    def put(self, partition: int, key: str, value: bytes) -> None: ...
+
+    def delete(self, partition: int, key: str) -> None: ...
+
+    def items(self, partition: int) -> Iterable[tuple[str, bytes]]: ...
+
+
+class MemoryJoinState:
+    """:class:`JoinState` in a dict (tests, in-process runs); not durable."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, dict[str, bytes]] = {}
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        self.data.setdefault(partition, {})[key] = value
+
+    def delete(self, partition: int, key: str) -> None:
+        self.data.get(partition, {}).pop(key, None)
+
+    def items(self, partition: int) -> Iterable[tuple[str, bytes]]:
+        return list(self.data.get(partition, {}).items())
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.data.values())
+
+
+def _pending_value(imp: Impression, click_ts: float | None) -> bytes:
+    return b'{"c":%s,"i":%s}' % (b"null" if click_ts is None else repr(click_ts).encode(),
+                                 imp.to_json())  # fmt: skip
+
+
+class JoinService:
+    """One :class:`OnlineJoiner` per input partition, its durable state, and the outbox.
+
+    Durability (at-least-once, see the README): every change to a partition's pending
+    impressions and orphan clicks is written to :class:`JoinState` while the input record
+    that caused it is processed, so it is in the changelog before that record's offset is
+    committed. A pending impression's entry is deleted only once its label has been handed
+    to the producer (:meth:`sent`), so a crash between labelling and sending re-emits the
+    label after the restart instead of losing it. A restarted (or newly assigned) partition
+    is rebuilt from the state by :meth:`joiner`.
+    """
+
+    #: wall seconds between persisted input event times of a partition (key ``w``)
+    WATERMARK_PERSIST_S = 1.0
+    #: records between two global releases (see :meth:`handle`; :meth:`tick` releases too)
+    RELEASE_EVERY = 256
+
+    def __init__(
+        self, settings: Settings, metrics: StreamrecMetrics, state: JoinState | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.state: JoinState = state if state is not None else MemoryJoinState()
         self.joiners: dict[int, OnlineJoiner] = {}
         self._released_to = float("-inf")
         self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset
+        self.outbox: dict[int, list[LabeledExample]] = {}  # partition -> labels to send
+        self.orphans: list[DeadLetter] = []  # orphan clicks given up on, to dead-letter
+        self._wm_saved: dict[int, float] = {}  # partition -> wall time of the last save
+        self.n_restored = 0
+        self._since_release = 0
 
     def joiner(self, partition: int) -> OnlineJoiner:
+        """The partition's joiner, rebuilt from the durable state on first use."""
         j = self.joiners.get(partition)
         if j is None:
             j = self.joiners[partition] = OnlineJoiner(self.settings.join)
             j.limit = self._released_to
+            self._restore(partition, j)
         return j
+
+    def _restore(self, partition: int, j: OnlineJoiner) -> None:
+        pending: list[tuple[Impression, float | None]] = []
+        done: list[tuple[str, int, float, Impression | None]] = []
+        orphans: list[tuple[str, float]] = []
+        max_ts: dict[str, float] = {}
+        for key, value in self.state.items(partition):
+            try:
+                if key.startswith("i/"):
+                    d = json.loads(value)
+                    imp = parse_impression(json.dumps(d["i"])) if "i" in d else None
+                    if "d" in d:
+                        done.append((key[2:], int(d["d"]), float(d["t"]), imp))
+                    elif imp is not None:
+                        pending.append((imp, d["c"]))
+                elif key.startswith("c/"):
+                    orphans.append((key[2:], float(value)))
+                elif key == "w":
+                    max_ts = {k: float(v) for k, v in json.loads(value).items()}
+            except (ValueError, KeyError, TypeError, InvalidEvent) as exc:
+                log.error("join state of partition %d: unreadable entry %r: %s", partition,
+                          key, exc)  # fmt: skip
+        if pending or orphans or max_ts or done:
+            j.restore(pending, orphans, max_ts, done)
+            self.n_restored += len(pending)
+            log.info("partition %d: restored %d pending impressions, %d labelled ones and %d"
+                     " orphan clicks", partition, len(pending), len(done),
+                     len(orphans))  # fmt: skip
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget revoked partitions (their state stays in the changelog for the next
+        owner); labels not sent yet stay pending in the state and are emitted again there."""
+        for p in partitions:
+            self.joiners.pop(p, None)
+            self.outbox.pop(p, None)
+            self._wm_saved.pop(p, None)
 
     def _release(self) -> list[LabeledExample]:
         """Advance every partition to the minimum watermark of all of them (partitions idle
@@ -80,18 +188,42 @@ class JoinService:
         marks = [(j.watermark, j.last_activity) for j in self.joiners.values()]
         live = [wm for wm, seen in marks if timeout is None or now - seen < timeout]
         low = min(live) if live else max(wm for wm, _ in marks)
+        self._since_release = 0
         if low <= self._released_to:
             return []
         self._released_to = low
         out: list[LabeledExample] = []
-        for j in self.joiners.values():
-            out.extend(j.release(low))
+        for p, j in self.joiners.items():
+            released = j.release(low)
+            if released:
+                self.outbox.setdefault(p, []).extend(released)
+                out.extend(released)
+            self._drain_orphans(p, j)
         return out
+
+    def _drain_orphans(self, partition: int, j: OnlineJoiner) -> None:
+        if j.forgotten:
+            # a label still in the outbox stays pending in the state until it is sent
+            unsent = {e.impression.impression_id for e in self.outbox.get(partition, ())}
+            for iid in j.forgotten:
+                if iid not in unsent:
+                    self.state.delete(partition, "i/" + iid)
+            j.forgotten.clear()
+        for iid, cts in j.expired_orphans:
+            self.state.delete(partition, "c/" + iid)
+            self.metrics.dead_letters.labels(reason="orphan_click").inc()
+            exc = InvalidEvent("orphan_click", f"no impression within {j.config.orphan_grace_s}"
+                               " s of event time after the click")  # fmt: skip
+            self.orphans.append(
+                DeadLetter.of(TOPIC_CLICKS, partition, -1, exc, Click(iid, cts).to_json())
+            )
+        j.expired_orphans.clear()
 
     def handle(
         self, raw: bytes, topic: str, partition: int, offset: int
     ) -> tuple[list[LabeledExample], DeadLetter | None]:
-        """Process one raw record; returns the labels it released, or a dead letter."""
+        """Process one raw record; returns the labels it released (also queued in
+        :attr:`outbox`), or a dead letter."""
         self.offsets[(topic, partition)] = offset
         try:
             event = parse_input(raw, topic)
@@ -99,29 +231,95 @@ class JoinService:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return [], DeadLetter.of(topic, partition, offset, exc, raw)
         j = self.joiner(partition)
-        before = (
-            j.counters.duplicate_impressions,
-            j.counters.duplicate_clicks,
-            j.counters.late_clicks,
-        )
+        c = j.counters
+        before = (c.duplicate_impressions, c.duplicate_clicks, c.late_clicks)
+        state = self.state
         if isinstance(event, Watermark):
             source = "clicks" if topic == TOPIC_CLICKS else "impressions"
             out = j.on_watermark(event.ts, source)
+            self._save_watermark(partition, j, force=True)
         elif isinstance(event, Click):
             self.metrics.clicks.inc()
+            iid = event.impression_id
+            had_orphan = iid in j.orphan_clicks
             out = j.on_click(event)
+            imp = j.pending.get(iid)
+            if imp is not None and iid in j.clicked:
+                state.put(partition, "i/" + iid, _pending_value(imp, j.clicked[iid]))
+            elif not had_orphan and iid in j.orphan_clicks:
+                state.put(partition, "c/" + iid, repr(event.ts).encode())
+            self._save_watermark(partition, j)
         else:
             assert isinstance(event, Impression)
             self.metrics.impressions.inc()
+            iid = event.impression_id
+            had_orphan = iid in j.orphan_clicks
+            known = iid in j.pending
             out = j.on_impression(event)
-        out.extend(self._release())
-        c = j.counters
-        self.metrics.duplicate_impressions.inc(c.duplicate_impressions - before[0])
-        self.metrics.duplicate_clicks.inc(c.duplicate_clicks - before[1])
-        self.metrics.late_clicks.inc(c.late_clicks - before[2])
-        for e in out:
-            self.metrics.labeled.labels(label="positive" if e.label else "negative").inc()
+            if not known and iid in j.pending:
+                click_ts = j.clicked.get(iid)
+                state.put(partition, "i/" + iid, b'{"c":%s,"i":%s}' % (
+                    b"null" if click_ts is None else repr(click_ts).encode(), raw))  # fmt: skip
+            if had_orphan and iid not in j.orphan_clicks:
+                state.delete(partition, "c/" + iid)
+            self._save_watermark(partition, j)
+        if out:
+            self.outbox.setdefault(partition, []).extend(out)
+        if j.expired_orphans or j.forgotten:
+            self._drain_orphans(partition, j)
+        # the global release looks at every partition's watermark: every RELEASE_EVERY
+        # records and on producer watermarks is plenty (windows are minutes long)
+        self._since_release += 1
+        if self._since_release >= self.RELEASE_EVERY or isinstance(event, Watermark):
+            out.extend(self._release())
+        m = self.metrics
+        after = (c.duplicate_impressions, c.duplicate_clicks, c.late_clicks)
+        if after != before:
+            m.duplicate_impressions.inc(after[0] - before[0])
+            m.duplicate_clicks.inc(after[1] - before[1])
+            m.late_clicks.inc(after[2] - before[2])
+        if out:
+            self._count_labels(out)
         return out, None
+
+    def _count_labels(self, out: list[LabeledExample]) -> None:
+        positives = sum(e.label for e in out)
+        if positives:
+            self.metrics.labeled.labels(label="positive").inc(positives)
+        if len(out) > positives:
+            self.metrics.labeled.labels(label="negative").inc(len(out) - positives)
+
+    def _save_watermark(self, partition: int, j: OnlineJoiner, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._wm_saved.get(partition, -1e18) < self.WATERMARK_PERSIST_S:
+            return
+        self._wm_saved[partition] = now
+        marks = {k: v for k, v in j.max_ts.items() if np.isfinite(v)}
+        if marks:
+            self.state.put(partition, "w", json.dumps(marks).encode())
+
+    def take_outbox(self) -> dict[int, list[LabeledExample]]:
+        """Hand over the queued labels (partition -> examples); call :meth:`sent` once the
+        producer has them."""
+        out, self.outbox = self.outbox, {}
+        return out
+
+    def sent(self, partition: int, examples: Iterable[LabeledExample]) -> None:
+        """The labels are with the producer: their impressions turn from pending into
+        labelled in the durable state (kept for the dedup horizon, then deleted)."""
+        j = self.joiners.get(partition)
+        if j is None:  # revoked meanwhile: the new owner re-emits them
+            return
+        for e in examples:
+            iid = e.impression.impression_id
+            if iid in j.pending:  # a fake negative: the impression still waits for a click
+                continue
+            if iid not in j.done:  # already past the dedup horizon: forgotten
+                self.state.delete(partition, "i/" + iid)
+                continue
+            imp = b"" if e.label else b',"i":' + e.impression.to_json()
+            self.state.put(partition, "i/" + iid,
+                           b'{"d":%d,"t":%r%s}' % (e.label, e.label_ts, imp))  # fmt: skip
 
     def note_backlog(self, lags: Mapping[tuple[str, int], int]) -> None:
         """``lags``: (topic, partition) -> records not consumed yet. An input with a backlog
@@ -134,10 +332,11 @@ class JoinService:
                 j.last_seen["clicks" if topic == TOPIC_CLICKS else "impressions"] = now
 
     def tick(self) -> list[LabeledExample]:
-        """Called periodically: releases what became due because inputs went idle."""
+        """Called periodically: releases what became due (inputs went idle, or the records
+        since the last release moved the watermarks)."""
         out = self._release()
-        for e in out:
-            self.metrics.labeled.labels(label="positive" if e.label else "negative").inc()
+        if out:
+            self._count_labels(out)
         return out
 
     def update_gauges(self) -> None:
@@ -172,6 +371,58 @@ class Catalogue:
             self.users.popitem(last=False)
 
 
+class _FncThen:
+    """``calibrator.transform(fnc_correct(p))`` (serving with fake-negative calibration)."""
+
+    def __init__(self, calibrator: Calibrator) -> None:
+        self.calibrator = calibrator
+
+    def transform(self, p: np.ndarray) -> np.ndarray:
+        return self.calibrator.transform(fnc_correct(p))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.calibrator, name)
+
+
+class SeenKeys:
+    """The newest ``horizon`` keys seen, to drop redelivered records (delivery is
+    at-least-once).
+
+    >>> seen = SeenKeys(horizon=2)
+    >>> [seen.first_time(k) for k in ("a", "a", "b", "c", "a")]
+    [True, False, True, True, True]
+    """
+
+    def __init__(self, horizon: int) -> None:
+        self.horizon = horizon
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+
+    def first_time(self, key: Hashable) -> bool:
+        keys = self._keys
+        if key in keys:
+            return False
+        keys[key] = None
+        if len(keys) > self.horizon:
+            keys.popitem(last=False)
+        return True
+
+    def filter(self, examples: Iterable[LabeledExample]) -> list[LabeledExample]:
+        """The examples whose (impression_id, label) is new: a correction (label 1 after a
+        label 0) or a fake negative's positive is not a duplicate.
+
+        >>> seen = SeenKeys(horizon=10)
+        >>> imp = Impression("a", 0.0, "u", "i")
+        >>> neg = LabeledExample(imp, 0, 1.0, kind="negative")
+        >>> fix = LabeledExample(imp, 1, 2.0, kind="correction")
+        >>> [e.kind for e in seen.filter([neg, neg, fix])]
+        ['negative', 'correction']
+        """
+        return [e for e in examples if self.first_time((e.impression.impression_id, e.label))]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class TrainerService:
     """Micro-batches labelled examples, scores each batch, then learns from it.
 
@@ -193,6 +444,14 @@ class TrainerService:
             else:
                 ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
         self.ranker = ranker
+        #: the retrieval model (``settings.retrieval == "two_tower"``), trained on the
+        #: positives of every micro-batch after the ranker; None: serving retrieves with
+        #: the ranker's own user and item embeddings
+        self.two_tower: TwoTowerModel | None = (
+            TwoTowerModel(settings.two_tower, seed=cfg.seed)
+            if settings.retrieval == "two_tower"
+            else None
+        )
         self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
         self.model_version = 0
@@ -200,19 +459,33 @@ class TrainerService:
         self.emitted_at: list[float | None] = []  # parallel to buffer
         self.buffer_since: float | None = None
         self.catalogue = Catalogue(settings.indexer.max_items, settings.indexer.max_users)
+        self.applied = SeenKeys(cfg.dedup_horizon)
+        self.checkpoints: list[Path] = []
         self.n_examples = 0
         self.n_corrections = 0
         self._last_checkpoint = time.monotonic()
         metrics.model_version.set(0)
         metrics.calibrator_version.set(0)
 
-    def add(self, examples: list[LabeledExample], emitted_at: float | None = None) -> None:
+    def add(self, examples: list[LabeledExample], emitted_at: float | None = None) -> int:
         """Buffer examples; ``emitted_at``: wall time (epoch s) the joiner sent them, for the
-        label-to-update freshness histogram."""
+        label-to-update freshness histogram. Returns how many were buffered.
+
+        Idempotent within a horizon: an example whose (impression_id, label) this trainer
+        already applied (a redelivery after a crash or a rebalance, delivery being
+        at-least-once) is dropped and counted in ``streamrec_duplicate_examples_total``.
+        A correction (label 1 after a label 0) and a fake negative's positive are not
+        duplicates.
+        """
+        fresh = self.applied.filter(examples)
+        if len(fresh) < len(examples):
+            self.metrics.duplicate_examples.labels(stage="trainer").inc(len(examples) - len(fresh))
+        examples = fresh
         if examples and self.buffer_since is None:
             self.buffer_since = time.monotonic()
         self.buffer.extend(examples)
         self.emitted_at.extend([emitted_at] * len(examples))
+        return len(examples)
 
     def drop_buffer(self) -> int:
         """Discard the buffered examples (after a failed step); returns how many."""
@@ -242,9 +515,24 @@ class TrainerService:
         rows = [example_row(e.impression) for e in batch]
         y = np.fromiter((e.label for e in batch), dtype=np.float64, count=len(batch))
         w = np.fromiter((e.weight for e in batch), dtype=np.float64, count=len(batch))
+        if (half_life := self.settings.trainer.time_decay_half_life_s) is not None:
+            ts = np.fromiter((e.impression.ts for e in batch), dtype=np.float64, count=len(batch))
+            w *= time_decay_weights(ts, float(ts.max()), half_life)
         skipped_before = self.ranker.n_skipped_nonfinite
         t0 = time.perf_counter()
         p_raw = self.ranker.score_and_learn(rows, y, w)
+        if self.settings.trainer.fnc:  # the model learnt p / (1 + p) from fake negatives
+            p_raw = fnc_correct(p_raw)
+        if self.two_tower is not None and y.any():
+            self.two_tower.learn_many(rows, y)
+            tt = self.two_tower
+            if tt.mean_hard_score is not None:
+                self.metrics.retrieval_negative_cosine.labels(kind="hard").set(tt.mean_hard_score)
+            if tt.mean_random_score is not None:
+                self.metrics.retrieval_negative_cosine.labels(kind="random").set(
+                    tt.mean_random_score
+                )
+            self.metrics.retrieval_hard_share.set(tt.hard_share)
         m = self.metrics
         m.train_step_seconds.observe(time.perf_counter() - t0)
         now = time.time()
@@ -281,8 +569,31 @@ class TrainerService:
         )
 
     def apply_control(self, msg: dict[str, object]) -> None:
-        """Apply a ``control`` message (calibrator updates from the monitor)."""
-        if msg.get("kind") == "calibrator":
+        """Apply a ``control`` message: a calibrator from the monitor, or a model checkpoint
+        announced by the worker that trains (a serving-only worker, which owns no
+        ``labeled`` partition, loads it; the trainer itself ignores its own versions)."""
+        if msg.get("kind") == "model":
+            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
+            path = Path(str(msg.get("path", "")))
+            if version <= self.model_version or self.n_examples > 0:
+                return  # not newer, or this worker is the one training
+            if not path.is_file():
+                log.warning(
+                    "model v%d announced at %s: no such file here (the checkpoint directory"
+                    " must be shared between workers)", version, path,
+                )  # fmt: skip
+                return
+            try:
+                ranker = TorchRanker.load(path, device=self.settings.ranker.device, online=True)
+            except Exception:
+                log.exception("model v%d at %s could not be loaded; keeping v%d", version,
+                              path, self.model_version)  # fmt: skip
+                return
+            self.ranker = ranker
+            self.model_version = version
+            self.metrics.model_version.set(version)
+            log.info("model v%d loaded from %s", version, path)
+        elif msg.get("kind") == "calibrator":
             version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
             if version > self.calibrator_version:
                 self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
@@ -305,13 +616,40 @@ class TrainerService:
         tmp = d / ".latest.tmp"
         tmp.write_text(path.name)
         os.replace(tmp, d / "LATEST")
+        self.checkpoints.append(path)
         return path
+
+    def serving_calibrator(self) -> Calibrator:
+        """What /recommend applies to the ranker's scores: the calibrator, after the FNC
+        correction when ``trainer.fnc`` is on (as :meth:`step` does for the monitor)."""
+        if not self.settings.trainer.fnc:
+            return self.calibrator
+        return _FncThen(self.calibrator)  # type: ignore[return-value]  # transform only
+
+    def announcement(self, path: Path) -> dict[str, object]:
+        """The ``control`` message that tells serving workers about a checkpoint."""
+        return {"kind": "model", "version": self.model_version, "path": str(path.resolve())}
 
 
 class MonitorService:
-    """Calibration gauges per window and segment, the drift test, and recalibration."""
+    """Calibration gauges per window and segment, the drift tests, and recalibration.
+
+    Windows (served and raw scores): the newest ``monitor.window`` examples (gauge label
+    e.g. ``"20k"``; equal-mass reliability bins), the newest ``monitor.time_window_s`` seconds
+    of event time (label e.g. ``"1h"``; fixed reliability bins) and the lifetime; one count
+    window and one drift detector per segment (slate position; at most ``max_segments``).
+    An alarm of the drift test on all examples after the warm-up recalibrates by
+    ``monitor.recalibration`` (see :class:`stream.settings.MonitorConfig` and
+    :class:`learners.calibration.TrackingRecalibrator`); a per-segment alarm is counted
+    (``streamrec_segment_drift_alarms_total``) but recalibrates nothing.
+    """
 
     def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
+        # Imported here rather than at the top: this class is the only user in the module.
+        from learners.calibration import TrackingConfig, TrackingRecalibrator
+        from monitoring.calibration import TimeCalibrationWindow
+        from monitoring.drift import SegmentedDriftDetector
+
         self.settings = settings
         self.metrics = metrics
         cfg = settings.monitor
@@ -320,11 +658,22 @@ class MonitorService:
         self.raw_gauge = (
             self.raw if cfg.window >= cfg.recal_window else CalibrationWindow(size=cfg.window)
         )
+        self.served_time = TimeCalibrationWindow(cfg.time_window_s, cfg.time_bucket_s)
+        self.raw_time = TimeCalibrationWindow(cfg.time_window_s, cfg.time_bucket_s)
         self.segments: dict[str, CalibrationWindow] = {}
-        self.detector: DriftDetector = (
-            CalibrationDriftDetector(settings.drift)
-            if cfg.detector == "window_z"
-            else make_detector(cfg.detector)
+        self.detector: DriftDetector = self._new_detector()
+        self.segment_detector = SegmentedDriftDetector(self._new_detector, cfg.max_segments)
+        self.tracker = TrackingRecalibrator(
+            TrackingConfig(
+                kind=cfg.calibrator,
+                recal_window=cfg.recal_window,
+                max_window=cfg.recal_max_window,
+                refit_every=cfg.refit_every,
+                holdout_fraction=cfg.holdout_fraction,
+                trend=cfg.level_trend,
+                identity_tolerance=cfg.identity_tolerance,
+                settle_refits=0 if cfg.recalibration == "continuous" else cfg.settle_refits,
+            )
         )
         self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
@@ -334,52 +683,127 @@ class MonitorService:
         self.n_rejected = 0
         self.events: list[dict[str, object]] = []
         self.window_label = f"{cfg.window // 1000}k" if cfg.window >= 1000 else str(cfg.window)
+        s = cfg.time_window_s
+        self.time_label = (
+            f"{s / 3600:g}h" if s % 3600 == 0 else f"{s / 60:g}m" if s % 60 == 0 else f"{s:g}s"
+        )
+
+    def _new_detector(self) -> DriftDetector:
+        cfg = self.settings.monitor
+        if cfg.detector == "window_z":
+            return CalibrationDriftDetector(self.settings.drift)
+        return make_detector(cfg.detector)
 
     def observe(self, batch: ScoredBatch) -> list[dict[str, object]]:
         """Update statistics with one scored batch; returns the control messages to
-        publish: a ``drift`` record per alarm, and a ``calibrator`` when a recalibration
-        was accepted."""
+        publish: a ``drift`` record per alarm, and a ``calibrator`` whenever a new version
+        is published (an accepted refit, or a level update while tracking)."""
+        cfg = self.settings.monitor
         p = np.asarray(batch.p, dtype=np.float64)
         p_raw = np.asarray(batch.p_raw, dtype=np.float64)
         y = np.asarray(batch.label, dtype=np.float64)
+        ts = np.asarray(batch.ts, dtype=np.float64)
         self.served.update(predictions=p, labels=y)
         self.raw.update(predictions=p_raw, labels=y)
         if self.raw_gauge is not self.raw:
             self.raw_gauge.update(predictions=p_raw, labels=y)
+        self.served_time.update(predictions=p, labels=y, ts=ts)
+        self.raw_time.update(predictions=p_raw, labels=y, ts=ts)
         segs = np.asarray(batch.segment)
         for seg in np.unique(segs):
             win = self.segments.get(seg)
             if win is None:
-                if len(self.segments) >= self.settings.monitor.max_segments:
+                if len(self.segments) >= cfg.max_segments:
                     continue
-                win = self.segments[seg] = CalibrationWindow(size=self.settings.monitor.window)
+                win = self.segments[seg] = CalibrationWindow(size=cfg.window)
             mask = segs == seg
             win.update(predictions=p[mask], labels=y[mask])
+        self.segment_detector.update_many(p, y, segs)
         self.detector.update_many(p, y)
+        if cfg.recalibration != "alarm":
+            self.tracker.update(p_raw=p_raw, labels=y)
         self.n_seen += len(y)
         self.metrics.drift_z.labels(segment="all").set(self.detector.statistic)
-        if self.detector.drift_detected and self.n_seen >= self.settings.monitor.warmup:
-            return self._on_drift(max(batch.ts) if batch.ts else 0.0)
+        for seg, stat in self.segment_detector.statistics.items():
+            self.metrics.drift_z.labels(segment=seg).set(stat)
+        if self.n_seen < cfg.warmup:
+            return []
+        for seg in self.segment_detector.drifted_segments:
+            self.metrics.segment_drift_alarms.labels(segment=seg).inc()
+            log.info("drift alarm on segment %s (no recalibration)", seg)
+        event_ts = float(ts.max()) if ts.size else 0.0
+        if self.detector.drift_detected:
+            return self._on_drift(event_ts)
+        if cfg.recalibration == "continuous" and not self.tracker.armed:
+            self.tracker.arm()
+        if self.tracker.due:
+            return self._on_refit(event_ts)
         return []
 
     def apply_control(self, msg: dict[str, object]) -> None:
         """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
-        so that this monitor's next version number continues from it."""
+        so that this monitor's next version number continues from it; tracking resumes
+        from it when it is not the identity."""
         if msg.get("kind") == "calibrator":
             version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
             if version > self.calibrator_version:
                 self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
                 self.calibrator_version = version
+                if self.settings.monitor.recalibration != "alarm":
+                    self.tracker.adopt(self.calibrator)
 
     def publish(self) -> None:
-        """Push window/lifetime/segment snapshots to the gauges (cheap enough per second)."""
-        m = self.metrics
+        """Push window/lifetime/segment snapshots and reliability bins to the gauges (cheap
+        enough per second)."""
+        m, cfg = self.metrics, self.settings.monitor
         m.publish_snapshot(self.served.window(), window=self.window_label)
         m.publish_snapshot(self.served.lifetime(), window="lifetime")
+        m.publish_snapshot(self.served_time.window(), window=self.time_label)
         m.publish_raw_snapshot(self.raw_gauge.window(), window=self.window_label)
         m.publish_raw_snapshot(self.raw.lifetime(), window="lifetime")
+        m.publish_raw_snapshot(self.raw_time.window(), window=self.time_label)
+        reliability = self.served.reliability(cfg.reliability_bins)
+        m.publish_reliability(reliability, window=self.window_label)
+        m.publish_reliability(self.served_time.reliability(), window=self.time_label)
         for seg, win in self.segments.items():
             m.publish_snapshot(win.window(), window=self.window_label, segment=seg)
+        tracking = self.tracker.armed and self.tracker.target is not None
+        m.calibrator_offset.set(self.tracker.offset if tracking else 0.0)
+        target = self.tracker.target if tracking else None
+        m.calibration_target_ctr.set(float("nan") if target is None else target)
+
+    def _calibrator_message(
+        self, calibrator: Calibrator, event_ts: float, reason: str
+    ) -> dict[str, object]:
+        self.calibrator = calibrator
+        self.calibrator_version += 1
+        self.metrics.calibrator_updates.inc()
+        return {
+            "kind": "calibrator",
+            "version": self.calibrator_version,
+            "params": calibrator.to_dict(),
+            "event_ts": event_ts,
+            "reason": reason,
+        }
+
+    def _count_refit(self, accepted: bool) -> None:
+        if accepted:
+            self.n_recalibrations += 1
+            self.metrics.recalibrations.inc()
+        else:
+            self.n_rejected += 1
+            self.metrics.recalibrations_rejected.inc()
+
+    def _on_refit(self, event_ts: float) -> list[dict[str, object]]:
+        """A periodic refit while tracking: counted, and published when it changes."""
+        result = self.tracker.refit()
+        if result.accepted is None:  # too few clicks in the window yet
+            return []
+        self._count_refit(result.accepted)
+        if result.published is None:
+            return []
+        reason = "identity" if result.disarmed else "refit" if result.accepted else "level"
+        return [self._calibrator_message(result.published, event_ts, reason)]
 
     def _on_drift(self, event_ts: float) -> list[dict[str, object]]:
         cfg = self.settings.monitor
@@ -387,13 +811,22 @@ class MonitorService:
         self.metrics.drift_alarms.inc()
         z = float(getattr(self.detector, "last_alarm_statistic", self.detector.statistic))
         self.detector.reset()  # starts the cooldown
-        p_raw, y = self.raw.window_arrays()
-        p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]
-        n_hold = max(1, int(len(y) * cfg.holdout_fraction))
-        chosen, accepted, ll_old, ll_new = fit_if_better(
-            p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], self.calibrator,
-            kind=cfg.calibrator,
-        )  # fmt: skip
+        published: Calibrator | None
+        if cfg.recalibration == "alarm":
+            p_raw, y = self.raw.window_arrays()
+            p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]
+            n_hold = max(1, int(len(y) * cfg.holdout_fraction))
+            chosen, accepted, ll_old, ll_new = fit_if_better(
+                p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], self.calibrator,
+                kind=cfg.calibrator,
+            )  # fmt: skip
+            published = chosen if accepted else None
+        else:
+            self.tracker.restart()
+            result = self.tracker.refit()
+            accepted = bool(result.accepted)
+            ll_old, ll_new = result.holdout_logloss_old, result.holdout_logloss_new
+            published = result.published
         event: dict[str, object] = {
             "kind": "drift",
             "event_ts": event_ts,
@@ -404,29 +837,19 @@ class MonitorService:
             "holdout_logloss_new": ll_new,
         }
         self.events.append(event)
+        self._count_refit(accepted)
         if not accepted:
-            self.n_rejected += 1
-            self.metrics.recalibrations_rejected.inc()
             log.info("drift z=%.1f: recalibration rejected (%.5f -> %.5f)", z, ll_old, ll_new)
+        else:
+            self.served.reset_window()  # its examples were served by the old calibrator
+        if published is None:
             return [event]
-        self.calibrator = chosen
-        self.calibrator_version += 1
-        self.n_recalibrations += 1
-        self.metrics.recalibrations.inc()
-        self.served.reset_window()
+        msg = self._calibrator_message(published, event_ts, "alarm")
         log.info(
             "drift z=%.1f at event time %.0f: calibrator v%d %s (holdout log loss %.5f -> %.5f)",
-            z, event_ts, self.calibrator_version, chosen, ll_old, ll_new,
+            z, event_ts, self.calibrator_version, published, ll_old, ll_new,
         )  # fmt: skip
-        return [
-            event,
-            {
-                "kind": "calibrator",
-                "version": self.calibrator_version,
-                "params": chosen.to_dict(),
-                "event_ts": event_ts,
-            },
-        ]
+        return [event, msg]
 
 
 class IndexerService:
@@ -440,32 +863,53 @@ class IndexerService:
             per_user=settings.indexer.pool_per_user, max_users=settings.indexer.max_users
         )
         self.version = 0
+        #: ``user_ids -> (U, D)`` vectors in the index's space for serving; None: the
+        #: ranker's user embeddings (the index holds the ranker's item embeddings)
+        self.user_vectors: Callable[[list[str]], np.ndarray] | None = None
 
-    def refresh(self, ranker: TorchRanker, catalogue: Catalogue) -> dict[str, object] | None:
+    def refresh(
+        self, ranker: TorchRanker, catalogue: Catalogue, two_tower: TwoTowerModel | None = None
+    ) -> dict[str, object] | None:
+        """Build a new snapshot off the serving path from the retrieval model's item
+        vectors (``two_tower``, else the ranker's embeddings), verify it (size, unit norms,
+        recall@K against exact search on a sample) and swap it in atomically; a snapshot
+        that fails keeps the old one serving and is counted. Then refresh the hard-negative
+        pools from it. Returns the ``control`` message (``index`` or ``index_rejected``)."""
         items = list(catalogue.items)
         if not items:
             return None
         t0 = time.perf_counter()
-        vectors = ranker.item_vectors(items)
+        model: TorchRanker | TwoTowerModel = two_tower if two_tower is not None else ranker
+        vectors = model.item_vectors(items)
         snapshot = build_snapshot(
             items, vectors, version=self.version + 1, config=self.settings.index
         )
-        self.holder.swap(snapshot)
-        self.version = snapshot.version
-        users = list(reversed(catalogue.users))  # most recent first
-        if users:
-            self.pool.refresh(
-                snapshot, users, ranker.user_vectors(users), catalogue.users, now=time.time()
-            )
+        check = self.holder.swap_if_valid(snapshot)
         m = self.metrics
+        if not check.ok:
+            m.index_rejected.inc()
+            log.warning("index v%d rejected, v%d keeps serving: %s", snapshot.version,
+                        self.version, "; ".join(check.reasons))  # fmt: skip
+            return {"kind": "index_rejected", "version": snapshot.version,
+                    "reasons": list(check.reasons)}  # fmt: skip
+        self.version = snapshot.version
+        self.user_vectors = None if two_tower is None else two_tower.user_vectors
+        users = list(reversed(catalogue.users))  # most recent first
+        now = time.time()
+        if users:
+            self.pool.refresh(snapshot, users, model.user_vectors(users), catalogue.users, now=now)
         m.index_refreshes.inc()
         m.index_version.set(self.version)
         m.index_items.set(len(snapshot))
         m.hard_negative_pool_users.set(self.pool.n_users)
+        m.hard_negative_pool_items.set(self.pool.size)
         return {
             "kind": "index",
             "version": self.version,
             "items": len(snapshot),
+            "index_kind": snapshot.kind,
+            "recall_check": check.recall,
+            "retrieval_model": "ranker_embeddings" if two_tower is None else "two_tower",
             "pool_users": self.pool.n_users,
             "build_s": time.perf_counter() - t0,
         }

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from index.faiss_index import IndexConfig
+from learners.delayed_feedback import check_loss_for_scheme
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from learners.two_tower import TwoTowerConfig
 from monitoring.drift import DriftConfig
 from stream.join import JoinConfig
+from stream.serving import ServingConfig
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,21 @@ class TrainerConfig:
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 60.0
     warm_start: str | None = None
+    #: the newest (impression_id, label) keys remembered to drop redelivered examples
+    dedup_horizon: int = 1_000_000
+    #: fake-negative calibration (Ktena et al. 2019): with ``join.delayed_feedback =
+    #: "fake_negative"`` and BCE, served scores are mapped b -> b / (1 - b)
+    fnc: bool = False
+    #: seconds; when set, each example is weighted 0.5 ** (age / half-life), its age counted
+    #: back from the newest impression ts of its micro-batch (learners.weighting)
+    time_decay_half_life_s: float | None = None
 
     def __post_init__(self) -> None:
+        h = self.time_decay_half_life_s
+        if h is not None and not 0 < h < float("inf"):  # NaN fails too
+            raise ValueError("trainer.time_decay_half_life_s must be > 0 (or unset)")
+        if self.dedup_horizon < 1:
+            raise ValueError("trainer.dedup_horizon must be >= 1")
         if self.batch_size < 1:
             raise ValueError("trainer.batch_size must be >= 1")
         if self.flush_s <= 0:
@@ -69,6 +85,24 @@ class MonitorConfig:
     #: calibrator refitted on an alarm: "shift" (logit shift, 1 parameter: stable on the
     #: small post-alarm window), "platt", "isotonic" or "histogram"
     calibrator: str = "shift"
+    #: recalibration policy (learners.calibration.TrackingRecalibrator): "track" (an alarm
+    #: restarts the label window at recal_window and arms refits every refit_every examples,
+    #: each validated on the newest slice, while the served base rate is kept on target as
+    #: the model itself adapts; disarms after settle_refits refits within
+    #: identity_tolerance of identity), "continuous" (the same, armed from the end of the
+    #: warm-up, never disarms) or "alarm" (one validated refit per alarm, then fixed)
+    recalibration: str = "track"
+    refit_every: int = 1_024
+    recal_max_window: int = 50_000
+    level_trend: float = 0.5
+    identity_tolerance: float = 0.02
+    settle_refits: int = 20
+    #: event-time window of the gauges (window label e.g. "1h"), in time_bucket_s buckets
+    time_window_s: float = 3600.0
+    time_bucket_s: float = 60.0
+    #: equal-mass reliability bins exported for the count window (fixed bins for the time
+    #: window: monitoring.calibration.DEFAULT_RELIABILITY_EDGES)
+    reliability_bins: int = 10
 
     def __post_init__(self) -> None:
         from learners.calibration import CALIBRATOR_KINDS
@@ -80,6 +114,14 @@ class MonitorConfig:
             raise ValueError(f"monitor.detector must be one of {DETECTOR_NAMES}")
         if self.calibrator not in CALIBRATOR_KINDS:
             raise ValueError(f"monitor.calibrator must be one of {CALIBRATOR_KINDS}")
+        if self.recalibration not in ("track", "continuous", "alarm"):
+            raise ValueError("monitor.recalibration must be 'track', 'continuous' or 'alarm'")
+        if self.refit_every < 1 or self.recal_max_window < self.recal_window:
+            raise ValueError("monitor: need refit_every >= 1, recal_max_window >= recal_window")
+        if not 0.0 < self.time_bucket_s <= self.time_window_s:
+            raise ValueError("monitor: need 0 < time_bucket_s <= time_window_s")
+        if self.reliability_bins < 1:
+            raise ValueError("monitor.reliability_bins must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -105,6 +147,19 @@ class Settings:
     rebalance_timeout_s: float = 3.0
     session_timeout_s: float = 6.0
     replay_watermark_every: int = 2000
+    #: the joiner's durable state table: "rocksdb" (local RocksDB under data_dir, restored
+    #: from the changelog only past its own offsets: production) or "memory" (restored from
+    #: the whole changelog on every start)
+    table_store: str = "rocksdb"
+    #: the worker's web server (GET /recommend, POST /score); 0 = a free port picked at
+    #: start and printed (several workers on one host), the compose stack uses 6066
+    web_host: str = "127.0.0.1"
+    web_port: int = 0
+    #: Faust's check that a RocksDB table's persisted changelog offset is not beyond the
+    #: changelog's end. Tansu (the embedded broker) reports the end of a partition as the
+    #: base offset of its last record batch + 1 in ListOffsets, which trips the check on
+    #: every restart: the embedded set-ups turn it off; keep it on with Apache Kafka.
+    recovery_consistency_check: bool = True
     join: JoinConfig = field(default_factory=JoinConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -117,6 +172,22 @@ class Settings:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     indexer: IndexerConfig = field(default_factory=IndexerConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    #: the retrieval model behind the index and /recommend: "two_tower" (trained online on
+    #: the labelled positives with hard negatives from the pools) or "ranker" (the
+    #: ranker's own user and item embeddings)
+    retrieval: str = "two_tower"
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+
+    def __post_init__(self) -> None:
+        if self.table_store not in ("rocksdb", "memory"):
+            raise ValueError(f"table_store must be 'rocksdb' or 'memory', got {self.table_store!r}")
+        # a delayed-feedback scheme needs its matching loss (clear error at start-up)
+        check_loss_for_scheme(self.join.delayed_feedback, self.ranker.loss, fnc=self.trainer.fnc)
+        if self.retrieval not in ("two_tower", "ranker"):
+            raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
+        if self.partitions < 1:
+            raise ValueError("partitions must be >= 1")
 
     @property
     def bootstrap(self) -> str:
@@ -138,6 +209,8 @@ _SECTIONS: dict[str, type] = {
     "monitor": MonitorConfig,
     "index": IndexConfig,
     "indexer": IndexerConfig,
+    "serving": ServingConfig,
+    "two_tower": TwoTowerConfig,
 }
 _TOP = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream.broker import EmbeddedBroker, create_topics, free_port
+from stream.broker import EmbeddedBroker, free_port
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
@@ -260,7 +260,7 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
         prom_port = cfg.prometheus_port or free_port(HOST)
         _check_port_free(prom_port, "Prometheus")
 
-    from stream.app import topic_plan  # heavy (faust, torch): only once the checks passed
+    from stream.app import create_worker_topics  # heavy (faust, torch): only once the checks passed
     from stream.settings import load_settings
 
     settings = load_settings(cfg.config)
@@ -281,11 +281,12 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
         assert broker.pid is not None
         state["broker"] = {"url": broker.url, "port": broker.port, "log": str(broker_log)}
         _record(state, run, "broker", "broker", broker.pid, broker_log, port=broker.port)
-        created = create_topics(broker.url, topic_plan(settings.replace(broker=broker.url)))
+        created = create_worker_topics(settings.replace(broker=broker.url))
         echo(f"broker   {broker.url} (pid {broker.pid}); topics {', '.join(created)}")
 
         # -- workers
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the embedded broker's ListOffsets trips Faust's RocksDB check (see Settings)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "STREAMREC_RECOVERY_CONSISTENCY_CHECK": "0"}
         procs: list[tuple[subprocess.Popen[bytes], int, Path, str]] = []
         for i, port in enumerate(metrics_ports):
             name = f"worker-{i}"

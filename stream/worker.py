@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from monitoring.metrics import StreamrecMetrics, serve_metrics
-from stream.app import create_app, topic_plan
-from stream.broker import create_topics
+from stream.app import create_app, create_worker_topics
+from stream.broker import free_port
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,9 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     SIGINT/SIGTERM."""
     import faust
 
-    created = create_topics(settings.bootstrap, topic_plan(settings))
+    if settings.web_port == 0:
+        settings = settings.replace(web_port=free_port(settings.web_host))
+    created = create_worker_topics(settings)
     if created:
         log.info("created topics %s", created)
     metrics = StreamrecMetrics()
@@ -26,6 +28,9 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     )
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     print(f"streamrec worker: metrics on http://{settings.metrics_host}:{port}/metrics", flush=True)
+    web = f"http://{settings.web_host}:{settings.web_port}"
+    log.info("serving on %s/recommend and %s/score", web, web)
+    print(f"streamrec worker: recommendations on {web}/recommend?user_id=...&k=10", flush=True)
     app = create_app(settings, metrics)
     rt = app.streamrec  # type: ignore[attr-defined]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
-from stream.app import topic_plan
-from stream.broker import EmbeddedBroker, create_topics, free_port, wait_for_port
+from stream.app import create_worker_topics
+from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.demo import read_scored, read_topic, scrape
 from stream.events import (
     TOPIC_CLICKS,
@@ -46,13 +46,15 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
     clicked = df[(df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)]
     broker = EmbeddedBroker(log_path=tmp / "tansu.log").start()
     port = free_port()
+    web_port = free_port()
     settings = Settings(broker=broker.url, metrics_port=port, data_dir=str(tmp / "data"))
-    create_topics(broker.url, topic_plan(settings))
+    create_worker_topics(settings)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(tmp / "worker.log", "wb") as out:
         worker = subprocess.Popen(
             [sys.executable, "-m", "stream.cli", "worker", "--broker", broker.url,
-             "--metrics-port", str(port), "--data-dir", str(tmp / "data")],
+             "--metrics-port", str(port), "--data-dir", str(tmp / "data"),
+             "--web-port", str(web_port)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
@@ -98,6 +100,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             "broker": broker.url,
             "metrics": scrape(url),
             "metrics_url": url,
+            "web": f"http://127.0.0.1:{web_port}",
             "df": df,
             "clicked": clicked,
             "bad": bad,
@@ -235,3 +238,52 @@ def test_every_worker_applies_a_calibrator_published_on_control(pipeline: dict) 
     while scrape(pipeline["metrics_url"]).get("streamrec_calibrator_version") != 99:
         assert time.monotonic() < deadline, "the worker did not apply the control message"
         time.sleep(0.3)
+
+
+def http(method: str, url: str, body: object = None) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310  # loopback
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_recommend_and_score_answer_from_the_live_index_model_and_calibrator(
+    pipeline: dict,
+) -> None:
+    web = pipeline["web"]
+    user = str(pipeline["df"]["user_id"].iloc[-1])
+    deadline = time.monotonic() + 30  # the indexer refreshes every 5 s
+    while True:
+        status, out = http("GET", f"{web}/recommend?user_id={user}&k=5")
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status == 200, out
+    items = out["items"]
+    assert isinstance(items, list) and len(items) == 5
+    scores = [it["score"] for it in items]
+    assert scores == sorted(scores, reverse=True) and all(0 <= p <= 1 for p in scores)
+    known = set(pipeline["df"]["item_id"].astype(str))
+    assert {it["item_id"] for it in items} <= known
+    assert out["index_version"] >= 1 and out["model_version"] >= 1
+
+    body = {"user_id": user, "item_ids": [it["item_id"] for it in items]}
+    status, scored = http("POST", f"{web}/score", body)
+    assert status == 200, scored
+    assert [it["item_id"] for it in scored["items"]] == [it["item_id"] for it in items]
+
+    for bad in (f"user_id={user}&k=0", f"user_id={user}&k=1000", f"user_id={user}&k=x",
+                "user_id=&k=3"):  # fmt: skip
+        status, err = http("GET", f"{web}/recommend?{bad}")
+        assert status == 400 and "error" in err, (bad, status, err)
+    status, err = http("POST", f"{web}/score", {"user_id": user, "item_ids": "notalist"})
+    assert status == 400 and "error" in err
+    m = scrape(pipeline["metrics_url"])
+    assert m['streamrec_serving_errors_total{endpoint="recommend",status="400"}'] >= 3
+    assert m['streamrec_serving_seconds_count{endpoint="recommend"}'] >= 1

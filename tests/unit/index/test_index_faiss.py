@@ -39,8 +39,8 @@ def test_flat_search_equals_brute_force_inner_product_on_normalized_vectors() ->
 
 def test_auto_uses_flat_for_small_and_hnsw_above_threshold() -> None:
     ids, vecs = random_items(200, 8, seed=0)
-    small = build_snapshot(ids, vecs, version=1, config=IndexConfig(flat_max_items=200))
-    large = build_snapshot(ids, vecs, version=1, config=IndexConfig(flat_max_items=199))
+    small = build_snapshot(ids, vecs, version=1, config=IndexConfig(exact_max_items=200))
+    large = build_snapshot(ids, vecs, version=1, config=IndexConfig(exact_max_items=199))
     assert "Flat" in type(small.index).__name__ and "HNSW" not in type(small.index).__name__
     assert "HNSW" in type(large.index).__name__
 

@@ -124,3 +124,45 @@ def test_refresh_rejects_mismatched_user_vectors() -> None:
         pool.refresh(snap, users, np.zeros((2, 5)), {}, now=0.0)
     with pytest.raises(ValueError):
         HardNegativePool(per_user=0)
+
+
+def line_world(n_items: int) -> tuple[list[str], np.ndarray]:
+    """Items on the unit circle at increasing angles: the user at angle 0 ranks i0, i1, ..."""
+    angles = np.linspace(0.0, 3.0, n_items)
+    return [f"i{j}" for j in range(n_items)], np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
+def test_with_seen_items_only_seen_or_outranking_items_enter_the_pool() -> None:
+    items, vecs = line_world(30)
+    snap = build_snapshot(items, vecs, version=1, config=IndexConfig(kind="flat"))
+    user = np.array([[1.0, 0.0]])
+    pool = HardNegativePool(per_user=10, depth=20)
+    # Clicked i4 (rank 4): i0..i3 outrank it; of the rest only the seen ones qualify.
+    seen = {"u": {"i4", "i7", "i12", "i25"}}
+    pool.refresh(snap, ["u"], user, {"u": {"i4"}}, now=0.0, seen=seen)
+    # i25 was seen but lies beyond the search depth of 20.
+    assert pool.negatives("u") == ["i0", "i1", "i2", "i3", "i7", "i12"]
+
+
+def test_with_seen_and_no_clicks_the_pool_is_the_seen_retrieved_items() -> None:
+    items, vecs = line_world(30)
+    snap = build_snapshot(items, vecs, version=1, config=IndexConfig(kind="flat"))
+    pool = HardNegativePool(per_user=3, depth=10)
+    seen = {"u": {"i9", "i2", "i5", "i6"}}
+    pool.refresh(snap, ["u", "v"], np.array([[1.0, 0.0], [1.0, 0.0]]), {}, now=0.0, seen=seen)
+    assert pool.negatives("u") == ["i2", "i5", "i6"]  # best-ranked first, capped at per_user
+    assert pool.negatives("v") == [] and pool.n_users == 2  # nothing seen, nothing clicked
+
+
+def test_with_seen_a_click_outside_the_retrieved_items_lets_every_retrieved_item_in() -> None:
+    items, vecs = line_world(30)
+    snap = build_snapshot(items, vecs, version=1, config=IndexConfig(kind="flat"))
+    pool = HardNegativePool(per_user=4, depth=10)
+    pool.refresh(snap, ["u"], np.array([[1.0, 0.0]]), {"u": {"i1", "i29"}}, now=0.0, seen={})
+    assert pool.negatives("u") == ["i0", "i2", "i3", "i4"]
+
+
+def test_depth_must_cover_per_user() -> None:
+    with pytest.raises(ValueError, match="depth"):
+        HardNegativePool(per_user=10, depth=5)
+    assert HardNegativePool(per_user=4).depth == 20

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from learners.baselines import RiverLogisticRegression
+from learners.baselines import RiverFTRLProximal, RiverLogisticRegression
 from learners.encoding import EncoderConfig
 from learners.losses import LOSSES
+from learners.peers import VowpalWabbitLogistic, VWConfig
 from learners.ranker import MODELS, RankerConfig, TorchRanker
+from learners.two_tower import TwoTowerConfig, TwoTowerModel
 
 SMALL = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=3)
 
@@ -44,6 +46,13 @@ LEARNERS: dict[str, Callable[[], Any]] = {
         if name != "bce"  # torch-dcnv2 is the bce one
     },
     "river-logreg": lambda: RiverLogisticRegression(seed=7, lr=0.05),
+    "river-ftrl": lambda: RiverFTRLProximal(seed=7),
+    "vw": lambda: VowpalWabbitLogistic(VWConfig(bits=16), seed=7),
+    "vw-ui": lambda: VowpalWabbitLogistic(VWConfig(bits=16, interactions=("ui",)), seed=7),
+    # Retrieval, not a CTR model: its "probability" is the affinity (1 + cosine) / 2.
+    "two-tower": lambda: TwoTowerModel(
+        TwoTowerConfig(device="cpu", user_encoder=SMALL, item_encoder=SMALL), seed=7
+    ),
 }
 TORCH_LEARNERS = [k for k in LEARNERS if k.startswith("torch")]
 

@@ -353,7 +353,7 @@ def test_logq_correction_lowers_the_loss_against_popular_negatives() -> None:
 
 
 def test_loss_registry_names() -> None:
-    assert set(LOSSES) == {"bce", "weighted_bce", "focal", "ranknet", "combined_pair"}
+    assert set(LOSSES) == {"bce", "weighted_bce", "focal", "ranknet", "combined_pair", "fnw"}
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

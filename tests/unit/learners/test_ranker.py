@@ -26,7 +26,13 @@ Y = (np.arange(32) % 5 == 0).astype(np.float64)
 
 def _mmoe(**kw: Any) -> TorchRanker:
     cfg = RankerConfig(
-        model="mmoe", device="cpu", encoder=SMALL, hidden=(8,), embedding_dim=4, **kw
+        model="mmoe",
+        device="cpu",
+        encoder=SMALL,
+        hidden=(8,),
+        embedding_dim=4,
+        bias_prior_strength=None,  # the first step sees the initial logits
+        **kw,
     )
     return TorchRanker(cfg, seed=3, online=False)
 
@@ -108,7 +114,14 @@ def test_loss_parameters_come_from_the_config(
     loss: str, param: str, kwarg: str, value: float
 ) -> None:
     settings: dict[str, Any] = {param: value}
-    cfg = RankerConfig(model="logreg", device="cpu", encoder=SMALL, loss=loss, **settings)
+    cfg = RankerConfig(
+        model="logreg",
+        device="cpu",
+        encoder=SMALL,
+        loss=loss,
+        bias_prior_strength=None,  # the first step sees the initial logits
+        **settings,
+    )
     ranker = TorchRanker(cfg, seed=0, online=False)
     ranker.learn_many(ROWS, Y)
     # The first step's training loss is the registry loss with the config's parameter.

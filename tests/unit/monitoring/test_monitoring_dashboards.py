@@ -175,7 +175,35 @@ def test_calibration_dashboard_shows_the_ratio_band_and_recalibration_events(
         "streamrec_calibration_ratio",
         "streamrec_normalized_entropy",
         "streamrec_auc",
+        "streamrec_drift_z",
     }
+
+
+def test_calibration_dashboard_shows_reliability_bins_and_per_segment_drift(
+    dashboards: dict[str, dict[str, Any]],
+) -> None:
+    board = dashboards["calibration"]
+    by_title = {p["title"]: p for p in board["panels"]}
+    ratio = by_title["Reliability by bucket (predicted / actual)"]
+    (target,) = ratio["targets"]
+    assert target["expr"] == (
+        'streamrec_reliability_predicted_ctr{window="$window"}'
+        ' / streamrec_reliability_actual_ctr{window="$window"}'
+    )
+    assert target["legendFormat"] == "bin {{bin}}"
+    table = by_title["Reliability bins (now)"]
+    assert table["type"] == "table"
+    assert all(t["instant"] and t["format"] == "table" for t in table["targets"])
+    assert {m for t in table["targets"] for m in re.findall(r"streamrec_\w+", t["expr"])} == {
+        "streamrec_reliability_predicted_ctr",
+        "streamrec_reliability_actual_ctr",
+        "streamrec_reliability_impressions",
+    }
+    drift = by_title["Drift statistic by slate position"]
+    assert [t["expr"] for t in drift["targets"]] == ['streamrec_drift_z{segment!="all"}']
+    exprs = dashboard_expressions(board)
+    assert any("streamrec_segment_drift_alarms_total" in e for e in exprs)
+    assert any("streamrec_calibrator_offset" in e for e in exprs)
 
 
 def test_operations_dashboard_shows_watermark_lag_and_rates(

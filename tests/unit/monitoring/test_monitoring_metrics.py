@@ -8,7 +8,12 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.calibration import CalibrationSnapshot, CalibrationWindow
+from monitoring.calibration import (
+    CalibrationSnapshot,
+    CalibrationWindow,
+    TimeCalibrationWindow,
+    compute_reliability,
+)
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 
 WINDOW_GAUGES = {
@@ -30,6 +35,9 @@ OTHER_GAUGES = {
     "pending_impressions",
     "train_loss",
     "event_time_watermark_seconds",
+    "join_state_entries",
+    "calibrator_offset",
+    "calibration_target_ctr",
 }
 COUNTERS = {
     "impressions",
@@ -46,11 +54,32 @@ COUNTERS = {
     "recalibrations",
     "recalibrations_rejected",
     "index_refreshes",
+    "duplicate_examples",
+    "calibrator_updates",
+    "segment_drift_alarms",
+    "serving_errors",
+    "index_rejected",
 }
-RAW_GAUGES = {"raw_predicted_ctr", "raw_calibration_ratio"}
-HISTOGRAMS = {"label_delay_seconds", "update_freshness_seconds", "train_step_seconds"}
+RETRIEVAL_GAUGES = {
+    "hard_negative_pool_items",
+    "hard_negative_pool_age_seconds",
+    "retrieval_negative_cosine",
+    "retrieval_hard_share",
+}
+RAW_GAUGES = {"raw_predicted_ctr", "raw_calibration_ratio"} | RETRIEVAL_GAUGES
+RELIABILITY_GAUGES = {
+    "reliability_predicted_ctr",
+    "reliability_actual_ctr",
+    "reliability_impressions",
+}
+HISTOGRAMS = {
+    "label_delay_seconds",
+    "update_freshness_seconds",
+    "train_step_seconds",
+    "serving_seconds",
+}
 EXPECTED_NAMES = (
-    {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES | RAW_GAUGES}
+    {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES | RAW_GAUGES | RELIABILITY_GAUGES}
     | {f"streamrec_{c}_total" for c in COUNTERS}
     | {f"streamrec_{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 )
@@ -66,7 +95,7 @@ def test_metric_names_are_exactly_the_specified_set(metrics: StreamrecMetrics) -
 
 
 def test_every_metric_is_an_attribute_and_has_help_text(metrics: StreamrecMetrics) -> None:
-    for name in WINDOW_GAUGES | OTHER_GAUGES | COUNTERS:
+    for name in WINDOW_GAUGES | OTHER_GAUGES | COUNTERS | RELIABILITY_GAUGES:
         assert hasattr(metrics, name), name
     for family in metrics.registry.collect():
         assert family.name.startswith("streamrec_")
@@ -202,3 +231,36 @@ def test_raw_snapshot_and_histograms_are_exported(metrics: StreamrecMetrics) -> 
         metrics.registry.get_sample_value("streamrec_label_delay_seconds_bucket", {"le": "1800.0"})
         == 1
     )
+
+
+def test_publish_reliability_sets_one_series_per_bin_with_sortable_labels(
+    metrics: StreamrecMetrics,
+) -> None:
+    rel = compute_reliability([2.0, 0.0, 4.0], [0.1, 0.0, 0.8], [1.0, 0.0, 1.0])
+    metrics.publish_reliability(rel, window="20k")
+    r = metrics.registry
+
+    def value(name: str, b: str) -> float | None:
+        return r.get_sample_value(f"streamrec_reliability_{name}", {"window": "20k", "bin": b})
+
+    assert value("predicted_ctr", "01") == pytest.approx(0.05)
+    assert value("actual_ctr", "01") == 0.5
+    assert value("impressions", "03") == 4.0
+    empty = value("predicted_ctr", "02")
+    assert empty is not None and math.isnan(empty) and value("impressions", "02") == 0.0
+    assert value("impressions", "1") is None  # labels are zero padded
+
+
+def test_time_window_reliability_is_published_with_the_fixed_bins(
+    metrics: StreamrecMetrics,
+) -> None:
+    tw = TimeCalibrationWindow(span_s=60.0, bucket_s=10.0, edges=[0.0, 0.05, 1.0])
+    tw.update(predictions=[0.01, 0.02, 0.5], labels=[0, 1, 1], ts=[0.0, 1.0, 2.0])
+    metrics.publish_reliability(tw.reliability(), window="1m")
+    metrics.publish_snapshot(tw.window(), window="1m")
+    r = metrics.registry
+    labels = {"window": "1m", "bin": "02"}
+    assert r.get_sample_value("streamrec_reliability_impressions", labels) == 1.0
+    assert r.get_sample_value(
+        "streamrec_calibration_ratio", {"window": "1m", "segment": "all"}
+    ) == pytest.approx(0.53 / 2)

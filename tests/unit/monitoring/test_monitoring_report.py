@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import re
@@ -13,7 +14,16 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from monitoring.report import ReportData, build_figures, format_value, render_html, write_report
+from monitoring.report import (
+    ReportData,
+    build_figures,
+    format_value,
+    load_run,
+    render_html,
+    render_png,
+    write_figures,
+    write_report,
+)
 
 T0 = 1_700_000_000.0
 DRIFT_AFTER_S = 5_400.0  # the planted shift, 90 minutes into a 3-hour stream
@@ -284,3 +294,44 @@ def test_write_report_names_the_missing_input(tmp_path: Path) -> None:
         write_report(run)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_report(tmp_path / "nowhere")
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_out_ending_in_png_writes_the_figures_stacked_in_one_image(tmp_path: Path) -> None:
+    run = make_run_dir(tmp_path / "demo", planted_drift(n=2_000))
+    written = write_report(run, tmp_path / "report.png")
+    assert written == tmp_path / "report.png"
+    image = written.read_bytes()
+    figures = build_figures(load_run(run), n_points=200, n_bins=15)
+    sizes = [png_size(_png(fig)) for fig in figures.values()]
+    assert png_size(image) == (max(w for w, _ in sizes), sum(h for _, h in sizes))
+    assert image == render_png(load_run(run))
+    assert not (run / "report.html").exists()
+
+
+def test_png_dir_writes_one_file_per_figure_next_to_the_html(tmp_path: Path) -> None:
+    run = make_run_dir(tmp_path / "demo", planted_drift(n=2_000))
+    written = write_report(run, png_dir=tmp_path / "figs")
+    assert written == run / "report.html" and written.is_file()
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == ["ctr_over_time.png", "ratio_over_time.png", "reliability.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (tmp_path / "figs").iterdir())
+    assert [p.name for p in write_figures(load_run(run), tmp_path / "again")] == [
+        "reliability.png",
+        "ctr_over_time.png",
+        "ratio_over_time.png",
+    ]
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()

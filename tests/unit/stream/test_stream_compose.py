@@ -147,11 +147,13 @@ def test_topic_creation_covers_the_topic_plan(services: dict[str, dict[str, Any]
             created[m.group(1)] = int(_default(m.group(2)))
     assert created == topic_plan(Settings())
     # impressions/clicks follow STREAMREC_PARTITIONS, as the worker's settings do
-    assert script.count("--partitions ${STREAMREC_PARTITIONS:-4}") == 2
+    assert script.count("--partitions ${STREAMREC_PARTITIONS:-4}") == 3
     assert services["worker"]["environment"]["STREAMREC_PARTITIONS"] == "${STREAMREC_PARTITIONS:-4}"
     dead = next(ln for ln in script.splitlines() if "--topic dead-letter" in ln)
     assert "retention.ms=604800000" in dead  # 7 days
-    assert "compact" not in script  # control is read from the beginning, not compacted
+    # control is read from the beginning, not compacted; only the join-state changelog is
+    (compacted,) = [line for line in script.splitlines() if "compact" in line]
+    assert "--topic streamrec-join-state-changelog" in compacted
 
 
 def test_replay_and_pretrain_profiles(services: dict[str, dict[str, Any]]) -> None:

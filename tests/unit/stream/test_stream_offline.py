@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,3 +85,26 @@ def test_cli_pretrain_then_evaluate(tmp_path: Path) -> None:
     assert report["examples"] == 2000 and "before_drift" in report and "after_drift" in report
     r = runner.invoke(main, ["evaluate", str(log), "--model", "no-such-model"])
     assert r.exit_code != 0 and "unknown model" in r.output
+
+
+def test_pretrain_with_a_half_life_follows_the_recent_history(examples, tmp_path: Path) -> None:
+    # Old history clicks on everything, recent history rarely: with a short half-life the
+    # pretrained model's CTR is the recent one.
+    recent = examples.ts >= np.median(examples.ts)
+    y = np.where(recent, (np.arange(len(examples)) % 20 == 0).astype(np.float64), 1.0)
+    log = dataclasses.replace(examples, y=y)
+    span = float(examples.ts.max() - examples.ts.min())
+    means = {}
+    for half_life in (None, span / 20):
+        out = tmp_path / f"{half_life}.pt"
+        report = pretrain(log, out, config=SMALL, batch_size=256, progress=False,
+                          half_life_s=half_life, epochs=3)  # fmt: skip
+        assert report["half_life_s"] == half_life
+        means[half_life] = TorchRanker.load(out).predict_proba_many(log.rows).mean()
+    assert means[None] > 0.3  # the old clicks dominate without decay
+    assert means[span / 20] < 0.15
+
+
+def test_pretrain_rejects_a_non_positive_half_life(examples, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="half_life_s"):
+        pretrain(examples, tmp_path / "m.pt", config=SMALL, progress=False, half_life_s=0.0)

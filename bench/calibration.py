@@ -1,0 +1,574 @@
+"""Recalibration after a CTR drift: streamrec's monitor vs peers that adapt on their own.
+
+Run ``python -m bench.calibration`` (full, about 3 min on 2 cores) or ``--quick`` (< 1 min).
+In process, no Kafka: for each (scenario, seed) a synthetic log with known ``true_p``
+(:mod:`stream.synthetic`) is split into a history segment and an online segment.
+
+- **streamrec**: a ``TorchRanker`` with the default ``RankerConfig`` (DCN-v2), warm-started
+  by :func:`stream.offline.pretrain` on the history at the base learning rate (as
+  ``streamrec demo`` does), then learning online (``base_lr * online_lr_scale``) inside a
+  :class:`stream.services.TrainerService`, micro-batches of 1024: each step scores the
+  batch, learns from it and returns the :class:`stream.events.ScoredBatch` the worker
+  publishes. A :class:`stream.services.MonitorService` (``Settings()`` defaults, a fresh
+  registry) observes every batch; every ``calibrator`` control message it returns is
+  applied to the trainer at once (``TrainerService.apply_control``), so the next batch is
+  served through it. ``streamrec (recalibrated)`` is the served score ``p`` (the default
+  ``monitor.recalibration="track"``: armed by a drift alarm); ``streamrec raw`` is
+  ``p_raw`` of the same run, observed by a second monitor whose calibrators are not
+  applied; ``streamrec (continuous)`` is ``p_raw`` served through the calibrators of a
+  third monitor with ``recalibration="continuous"`` (armed from the end of its warm-up),
+  applied as the trainer applies them. Calibration never changes what the model learns, so
+  one ranker run serves all three.
+- **peers**, adapting on their own (their monitors' calibrators are not applied):
+  ``river_logreg`` (:class:`learners.baselines.RiverLogisticRegression`, SGD lr 0.05) and
+  ``vw_logistic`` (:class:`learners.peers.VowpalWabbitLogistic`, VW's defaults), each
+  trained on the history first, then test-then-train on the same micro-batches.
+
+Scenarios: ``abrupt`` (the generator's default drift: every ``true_p`` x1.6 from the middle
+of the online segment, 4.0% -> 6.4%), ``gradual`` (no drift in the generator; the bench
+ramps the multiplier linearly from 1 to 1.6 over ``RAMP`` impressions from the middle of
+the online segment and redraws those clicks) and ``no_drift``.
+
+Measured per learner (impressions are counted in the online segment; the drift is at
+online row ``D``; ratios are ``Σp / Σtrue_p`` over the trailing ``WINDOW`` impressions,
+evaluated at the end of every micro-batch from ``D`` on):
+
+- ``detection delay``: impressions from ``D`` to the end of the batch on which the
+  learner's monitor raised its first drift alarm (alarms count after the monitor's
+  warm-up, as in the worker);
+- ``false alarms / M``: alarms per million monitored impressions before any drift (after
+  the warm-up), over the no-drift logs and the pre-drift parts of the others;
+- ``back within ±10% / ±5%``: impressions from ``D`` to the end of the first batch after
+  which the windowed ratio stays within the band to the end of the log (0: it never left;
+  ``never``: still outside at the end).
+
+Goal (issue #8): streamrec (recalibrated) back within ±10% and staying there, in fewer
+impressions than the fastest peer (median over the abrupt seeds).
+Writes ``bench/results/calibration.json`` (``calibration_quick.json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prometheus_client import CollectorRegistry
+
+from bench.run import machine, results_path, stamp, write_report
+from learners.baselines import RiverLogisticRegression
+from learners.calibration import Calibrator, PlattCalibrator, calibrator_from_dict
+from learners.ranker import TorchRanker
+from monitoring.calibration import log_loss
+from monitoring.metrics import StreamrecMetrics
+from stream.events import Impression, LabeledExample, ScoredBatch, example_row
+from stream.logs import frame_to_rows
+from stream.offline import log_examples, pretrain
+from stream.services import MonitorService, TrainerService, segment_of
+from stream.settings import MonitorConfig, Settings
+from stream.synthetic import SyntheticConfig, generate
+
+BATCH = 1024
+WINDOW = 5_000
+RAMP = 50_000
+SHIFT = 1.6
+SCENARIOS = ("abrupt", "gradual", "no_drift")
+RECAL = "streamrec (recalibrated)"
+CONTINUOUS = "streamrec (continuous)"
+RAW = "streamrec raw"
+PEERS = ("river_logreg", "vw_logistic")
+LEARNERS = (RECAL, CONTINUOUS, RAW, *PEERS)
+BANDS = (0.10, 0.05)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run; ``warmup``: the monitor's warm-up (``MonitorConfig.warmup``) when
+    it differs from the default (the quick logs are too short for 50k)."""
+
+    history: int
+    online: int
+    seeds: dict[str, tuple[int, ...]]
+    warmup: int | None = None
+
+
+FULL = Plan(
+    history=50_000,
+    online=200_000,
+    seeds={"abrupt": (0, 1, 2), "gradual": (0, 1), "no_drift": (0, 1)},
+)
+QUICK = Plan(
+    history=10_000,
+    online=50_000,
+    seeds={"abrupt": (0,), "gradual": (), "no_drift": (0,)},
+    warmup=10_000,
+)
+
+
+def settings_for(plan: Plan) -> Settings:
+    """``Settings()``, with the plan's monitor warm-up when it sets one."""
+    settings = Settings()
+    if plan.warmup is not None:
+        settings = settings.replace(monitor=MonitorConfig(warmup=plan.warmup))
+    return settings
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def make_log(scenario: str, seed: int, plan: Plan) -> tuple[pd.DataFrame, int | None]:
+    """The log (history then online rows) and the online row ``D`` of the drift (None)."""
+    total = plan.history + plan.online
+    middle = plan.online // 2
+    if scenario == "abrupt":
+        cfg = SyntheticConfig(
+            n_impressions=total, seed=seed, drift_at=(plan.history + middle) / total
+        )
+        # The generator starts the drift at a request (slate) boundary.
+        assert cfg.drift_at is not None
+        first = round(cfg.drift_at * total / cfg.slate_size) * cfg.slate_size
+        return generate(cfg), first - plan.history
+    df = generate(SyntheticConfig(n_impressions=total, seed=seed, drift_at=None))
+    if scenario == "no_drift":
+        return df, None
+    start = plan.history + middle
+    t = np.arange(total) - start
+    mult = 1.0 + (SHIFT - 1.0) * np.clip(t / RAMP, 0.0, 1.0)
+    true_p = np.minimum(df["true_p"].to_numpy() * mult, 0.99)
+    rng = np.random.default_rng([seed, 7])
+    click = df["click"].to_numpy().copy()
+    after = t >= 0
+    click[after] = (rng.random(int(after.sum())) < true_p[after]).astype(np.int64)
+    ts = df["ts"].to_numpy()
+    delay = rng.exponential(60.0, size=total)
+    df = df.assign(true_p=true_p, click=click, click_ts=np.where(click == 1, ts + delay, np.nan))
+    return df, middle
+
+
+def labelled(df: pd.DataFrame) -> list[LabeledExample]:
+    """Every row as the joiner would emit it: a positive at its click, else a negative."""
+    out = []
+    for r in frame_to_rows(df):
+        imp = Impression(
+            impression_id=r.impression_id,
+            ts=r.ts,
+            user_id=r.user_id,
+            item_id=r.item_id,
+            position=r.position,
+            features=r.features,
+            true_p=r.true_p,
+        )
+        if r.click:
+            out.append(LabeledExample(imp, 1, r.click_ts or r.ts, kind="positive"))
+        else:
+            out.append(LabeledExample(imp, 0, r.ts + 1800.0, kind="negative"))
+    return out
+
+
+def _monitor(settings: Settings) -> MonitorService:
+    return MonitorService(settings, StreamrecMetrics(registry=CollectorRegistry()))
+
+
+def _peer_batch(examples: list[LabeledExample], p: np.ndarray) -> ScoredBatch:
+    imps = [e.impression for e in examples]
+    return ScoredBatch(
+        model_version=0,
+        calibrator_version=0,
+        impression_ids=[i.impression_id for i in imps],
+        ts=[i.ts for i in imps],
+        label=[int(e.label) for e in examples],
+        p_raw=[float(x) for x in p],
+        p=[float(x) for x in p],
+        segment=[segment_of(i.position) for i in imps],
+        true_p=[i.true_p for i in imps],
+    )
+
+
+def _alarm_rows(monitor: MonitorService) -> list[int]:
+    """Online rows at which the monitor's drift alarms fired (end of the alarming batch)."""
+    return [int(e["examples_seen"]) for e in monitor.events]  # type: ignore[call-overload]
+
+
+def run_streamrec(
+    settings: Settings, history: Any, online: list[LabeledExample], seed: int
+) -> dict[str, dict[str, Any]]:
+    """The trainer + monitor loop of the worker, in process; served and raw scores."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "pretrained.pt"
+        pretrain(history, ckpt, config=settings.ranker, seed=seed, progress=False)
+        ranker = TorchRanker.load(ckpt, device=settings.ranker.device, online=True)
+    trainer = TrainerService(settings, StreamrecMetrics(registry=CollectorRegistry()), ranker)
+    monitor, raw_monitor = _monitor(settings), _monitor(settings)
+    continuous = settings.replace(
+        monitor=dataclasses.replace(settings.monitor, recalibration="continuous")
+    )
+    cont_monitor = _monitor(continuous)
+    cont_calibrator: Calibrator = PlattCalibrator()
+    p, p_raw, p_cont = (np.empty(len(online)) for _ in range(3))
+    t0 = time.perf_counter()
+    for s in range(0, len(online), BATCH):
+        trainer.add(online[s : s + BATCH])
+        batch = trainer.step()
+        assert batch is not None
+        rows = slice(s, s + len(batch.p))
+        p[rows], p_raw[rows] = batch.p, batch.p_raw
+        for msg in monitor.observe(batch):
+            trainer.apply_control(msg)
+        raw_monitor.observe(dataclasses.replace(batch, p=batch.p_raw, calibrator_version=0))
+        # The continuous policy on the same raw scores: what the trainer would serve with
+        # its calibrators (calibration never changes what the model learns).
+        p_cont[rows] = served = cont_calibrator.transform(p_raw[rows])
+        for msg in cont_monitor.observe(dataclasses.replace(batch, p=served.tolist())):
+            if msg["kind"] == "calibrator":
+                cont_calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
+    seconds = time.perf_counter() - t0
+
+    def served_by(m: MonitorService, scores: np.ndarray) -> dict[str, Any]:
+        return {
+            "p": scores,
+            "alarms": _alarm_rows(m),
+            "seconds": seconds,
+            "recalibrations": m.n_recalibrations,
+            "rejected": m.n_rejected,
+            "calibrator_versions": m.calibrator_version,
+        }
+
+    return {
+        RECAL: served_by(monitor, p),
+        CONTINUOUS: served_by(cont_monitor, p_cont),
+        RAW: {"p": p_raw, "alarms": _alarm_rows(raw_monitor), "seconds": seconds},
+    }
+
+
+def _peer(name: str, seed: int) -> Any:
+    if name == "river_logreg":
+        return RiverLogisticRegression(seed=seed)
+    from learners.peers import VowpalWabbitLogistic
+
+    return VowpalWabbitLogistic(seed=seed)
+
+
+def run_peer(
+    name: str, settings: Settings, history: Any, online: list[LabeledExample], seed: int
+) -> dict[str, Any]:
+    """A peer learns the history, then test-then-train on the online micro-batches."""
+    learner = _peer(name, seed)
+    for s in range(0, len(history), BATCH):
+        learner.learn_many(history.rows[s : s + BATCH], history.y[s : s + BATCH])
+    monitor = _monitor(settings)
+    p = np.empty(len(online))
+    t0 = time.perf_counter()
+    for s in range(0, len(online), BATCH):
+        chunk = online[s : s + BATCH]
+        rows = [example_row(e.impression) for e in chunk]
+        y = np.array([e.label for e in chunk], dtype=np.float64)
+        p[s : s + len(chunk)] = scores = learner.score_and_learn(rows, y)
+        monitor.observe(_peer_batch(chunk, scores))
+    return {"p": p, "alarms": _alarm_rows(monitor), "seconds": time.perf_counter() - t0}
+
+
+# --- measures -----------------------------------------------------------------------------
+
+
+def windowed_ratio(p: np.ndarray, true_p: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """``Σp / Σtrue_p`` over the trailing ``window`` rows ending at each row (N,); nan
+    before the first full window."""
+    cp = np.concatenate(([0.0], np.cumsum(p)))
+    ct = np.concatenate(([0.0], np.cumsum(true_p)))
+    out = np.full(p.size, np.nan)
+    if p.size >= window:
+        out[window - 1 :] = (cp[window:] - cp[:-window]) / (ct[window:] - ct[:-window])
+    return out
+
+
+def batch_ends(n: int, start: int) -> np.ndarray:
+    """Rows (0-based, inclusive) ending a micro-batch at or after ``start``."""
+    ends = np.arange(BATCH, n + BATCH, BATCH).clip(max=n) - 1
+    return ends[ends >= start]
+
+
+def recovery(ratio: np.ndarray, ends: np.ndarray, start: int, band: float) -> int | None:
+    """Rows from ``start`` to the end of the batch after which ``|ratio − 1| <= band`` holds
+    at every later batch end: 0 if it never left the band, None if it is out at the end."""
+    out = ~(np.abs(ratio[ends] - 1.0) <= band)  # nan counts as out
+    if not out.any():
+        return 0
+    last = int(np.flatnonzero(out)[-1])
+    if last == ends.size - 1:
+        return None
+    return int(ends[last + 1] + 1 - start)
+
+
+def measure(
+    p: np.ndarray,
+    true_p: np.ndarray,
+    y: np.ndarray,
+    alarms: list[int],
+    drift: int | None,
+    warmup: int,
+) -> dict[str, Any]:
+    """The per-run numbers of one learner (see the module docstring)."""
+    ratio = windowed_ratio(p, true_p)
+    n = p.size
+    stop = n if drift is None else drift
+    out: dict[str, Any] = {
+        "alarms_before_drift": sum(1 for a in alarms if a <= stop),
+        "monitored_before_drift": max(0, stop - warmup),
+    }
+    settled = max(warmup, WINDOW)
+    ends = batch_ends(stop, settled)
+    pre = ratio[ends] if ends.size else np.array([np.nan])
+    out["max_abs_dev_before_drift"] = _finite(np.nanmax(np.abs(pre - 1.0)))
+    for band in BANDS:
+        out[f"share_within_{round(band * 100)}_before_drift"] = float(
+            np.mean(np.abs(pre - 1.0) <= band)
+        )
+    if drift is None:
+        return out
+    after = [a for a in alarms if a > drift]
+    out["detection_delay"] = after[0] - drift if after else None
+    ends = batch_ends(n, drift)
+    for band in BANDS:
+        out[f"recovery_{round(band * 100)}"] = recovery(ratio, ends, drift, band)
+    post = slice(drift, None)
+    half = slice(drift + (n - drift) // 2, None)
+    out["ratio_after"] = float(p[post].sum() / true_p[post].sum())
+    out["ratio_after_second_half"] = float(p[half].sum() / true_p[half].sum())
+    late = ends[ends >= drift + 30_000]
+    out["max_abs_dev_from_30k"] = (
+        _finite(np.nanmax(np.abs(ratio[late] - 1.0))) if late.size else None
+    )
+    out["log_loss_after"] = log_loss(np.clip(p[post], 0.0, 1.0), y[post])
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def run_task(scenario: str, seed: int, plan: Plan) -> dict[str, Any]:
+    """One log: every learner over it; per-learner measures."""
+    import torch
+
+    torch.set_num_threads(1)  # one task per core
+    t0, c0 = time.perf_counter(), time.process_time()
+    settings = settings_for(plan)
+    df, drift = make_log(scenario, seed, plan)
+    history = log_examples(df.iloc[: plan.history])
+    online_df = df.iloc[plan.history :].reset_index(drop=True)
+    online = labelled(online_df)
+    true_p = online_df["true_p"].to_numpy(dtype=np.float64)
+    y = online_df["click"].to_numpy(dtype=np.float64)
+    runs = run_streamrec(settings, history, online, seed)
+    for name in PEERS:
+        runs[name] = run_peer(name, settings, history, online, seed)
+    warmup = settings.monitor.warmup
+    out: dict[str, Any] = {"scenario": scenario, "seed": seed, "drift_row": drift, "learners": {}}
+    for name, r in runs.items():
+        m = measure(r["p"], true_p, y, r["alarms"], drift, warmup)
+        m["alarms"] = r["alarms"]
+        m["seconds"] = round(float(r["seconds"]), 2)
+        for key in ("recalibrations", "rejected", "calibrator_versions"):
+            if key in r:
+                m[key] = r[key]
+        out["learners"][name] = m
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["cpu_seconds"] = round(time.process_time() - c0, 1)
+    return out
+
+
+def _run_task_args(args: tuple[str, int, Plan]) -> dict[str, Any]:
+    return run_task(*args)
+
+
+# --- summary ------------------------------------------------------------------------------
+
+
+def _median(values: list[int | None]) -> float | None:
+    """Median with None as +inf; None when the median itself is infinite."""
+    if not values:
+        return None
+    x = np.array([math.inf if v is None else v for v in values], dtype=float)
+    med = float(np.quantile(x, 0.5, method="higher"))
+    return med if math.isfinite(med) else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per learner: medians over seeds per scenario, false alarms over every pre-drift part."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in LEARNERS:
+        rows = [(r["scenario"], r["learners"][name]) for r in runs]
+        alarms = sum(m["alarms_before_drift"] for _, m in rows)
+        monitored = sum(m["monitored_before_drift"] for _, m in rows)
+        s: dict[str, Any] = {
+            "false_alarms": alarms,
+            "monitored_impressions": monitored,
+            "false_alarms_per_million": alarms / monitored * 1e6 if monitored else None,
+        }
+        nd = [m for sc, m in rows if sc == "no_drift"]
+        if nd:
+            s["no_drift_max_abs_dev"] = max(m["max_abs_dev_before_drift"] or 0.0 for m in nd)
+            for band in BANDS:
+                key = f"share_within_{round(band * 100)}_before_drift"
+                s[f"no_drift_{key.removesuffix('_before_drift')}"] = float(
+                    np.mean([m[key] for m in nd])
+                )
+        for scenario in ("abrupt", "gradual"):
+            ms = [m for sc, m in rows if sc == scenario]
+            if not ms:
+                continue
+            block: dict[str, Any] = {"seeds": len(ms)}
+            for key in ("detection_delay", "recovery_10", "recovery_5"):
+                block[key] = [m[key] for m in ms]
+                block[f"{key}_median"] = _median(block[key])
+            for key in ("ratio_after", "ratio_after_second_half", "log_loss_after"):
+                block[f"{key}_mean"] = float(np.mean([m[key] for m in ms]))
+            devs = [m["max_abs_dev_from_30k"] for m in ms if m["max_abs_dev_from_30k"] is not None]
+            block["max_abs_dev_from_30k"] = max(devs) if devs else None
+            s[scenario] = block
+        summary[name] = s
+    return summary
+
+
+def goal(summary: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Median abrupt recovery within ±10% of streamrec (recalibrated) vs the fastest peer."""
+    if "abrupt" not in summary[RECAL]:
+        return None
+    inf = math.inf
+
+    def rec(name: str) -> float:
+        v = summary[name]["abrupt"]["recovery_10_median"]
+        return inf if v is None else float(v)
+
+    ours = rec(RECAL)
+    fastest = min(PEERS, key=rec)
+    return {
+        "target": "streamrec (recalibrated) back within ±10% of true_p and staying there in "
+        "fewer impressions than the fastest peer (median over the abrupt seeds)",
+        "streamrec_recovery_10": None if ours == inf else ours,
+        "fastest_peer": fastest,
+        "fastest_peer_recovery_10": None if rec(fastest) == inf else rec(fastest),
+        "met": ours < rec(fastest),
+    }
+
+
+def _n(x: float | int | None) -> str:
+    return "never" if x is None else f"{x:,.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _seeds(xs: list[int | None]) -> str:
+    return ", ".join(_n(x) for x in xs)
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown table: one row per learner."""
+    head = (
+        "| learner | detection delay, abrupt (per seed) | back within ±10%, abrupt (per seed)"
+        " | back within ±5%, abrupt (per seed) | back within ±10% / ±5%, gradual"
+        " | Σp/Σtrue_p after drift, 2nd half | max dev from +30k | false alarms / M (count)"
+        " | no drift: share within ±5% | log loss after drift |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for name, s in report["learners"].items():
+        ab, gr = s.get("abrupt"), s.get("gradual")
+
+        def cell(block: dict[str, Any] | None, key: str) -> str:
+            if block is None:
+                return "-"
+            return f"{_n(block[f'{key}_median'])} ({_seeds(block[key])})"
+
+        gradual = (
+            "-" if gr is None else f"{_n(gr['recovery_10_median'])} / {_n(gr['recovery_5_median'])}"
+        )
+        fa = s["false_alarms_per_million"]
+        dev = None if ab is None else ab["max_abs_dev_from_30k"]
+        lines.append(
+            f"| {name} | {cell(ab, 'detection_delay')} | {cell(ab, 'recovery_10')} "
+            f"| {cell(ab, 'recovery_5')} | {gradual} "
+            f"| {'-' if ab is None else format(ab['ratio_after_second_half_mean'], '.3f')} "
+            f"| {'-' if dev is None else format(dev, '.3f')} "
+            f"| {'-' if fa is None else format(fa, '.1f')} ({s['false_alarms']}) "
+            f"| {_pct(s.get('no_drift_share_within_5'))} "
+            f"| {'-' if ab is None else format(ab['log_loss_after_mean'], '.5f')} |"
+        )
+    return "\n".join(lines)
+
+
+def goal_line(g: dict[str, Any]) -> str:
+    return (
+        f"Goal: {g['target']}. Measured: streamrec {_n(g['streamrec_recovery_10'])} vs "
+        f"{g['fastest_peer']} {_n(g['fastest_peer_recovery_10'])} impressions "
+        f"({'met' if g['met'] else 'not met'})."
+    )
+
+
+def main(
+    quick: bool = False, *, results_dir: Path | None = None, workers: int | None = None
+) -> dict[str, Any]:
+    """Run the benchmark, write its JSON, print its table; the report."""
+    plan = QUICK if quick else FULL
+    tasks = [(sc, seed, plan) for sc in SCENARIOS for seed in plan.seeds[sc]]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        runs = list(pool.map(_run_task_args, tasks))
+    for r in runs:
+        print(
+            f"  {r['scenario']} seed {r['seed']}: {r['seconds']:.1f} s ({r['cpu_seconds']} s CPU)",
+            flush=True,
+        )
+    summary = summarise(runs)
+    settings = settings_for(plan)
+    report: dict[str, Any] = {
+        **stamp("calibration", quick),
+        "machine": {**machine(), "workers": workers},
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "notes": [
+            f"history {plan.history:,} + online {plan.online:,} impressions per log; "
+            f"drift at online row ~{plan.online // 2:,}; ratio window {WINDOW:,} impressions",
+        ],
+        "plan": dataclasses.asdict(plan),
+        "monitor": dataclasses.asdict(settings.monitor),
+        "drift_test": dataclasses.asdict(settings.drift),
+        "goal": goal(summary),
+        "learners": summary,
+        "runs": runs,
+    }
+    write_report(report, out := results_path(results_dir, "calibration", quick))
+    print(table(report))
+    if report["goal"]:
+        print(goal_line(report["goal"]))
+    print(f"wrote {out}")
+    return report
+
+
+def run(quick: bool = False, results_dir: Path | None = None) -> dict[str, Any]:
+    """``bench.run``'s entry point."""
+    return main(quick, results_dir=results_dir)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke sizes (< 60 s)")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="default os.cpu_count()")
+    args = parser.parse_args(argv)
+    main(args.quick, results_dir=args.results_dir, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

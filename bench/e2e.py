@@ -1,0 +1,770 @@
+"""End-to-end streaming throughput: embedded broker + one worker process + replay.
+
+Run ``python -m bench.e2e`` (100k impressions, about 4 minutes on 2 cores) or
+``python -m bench.e2e --quick`` (10k). Everything runs on this machine: Tansu (memory
+storage), one ``python -m stream.cli worker`` process with default settings, and
+:func:`stream.replay.replay` publishing a synthetic log as fast as it can. Three phases,
+each on a fresh broker:
+
+1. **producer alone**: ``replay`` into the broker with no worker (records/s; records are
+   impressions, clicks and watermarks), then two consumers of the same ``impressions`` and
+   ``clicks`` records: a plain aiokafka consumer (bytes only, no group) and the same with
+   :func:`stream.events.parse_input` on every record (the validation floor of the joiner).
+2. **pipeline**: a worker that has joined its group, then ``replay``; ``/metrics`` is
+   sampled every 0.5 s until every impression is scored. Throughput:
+
+   - ``impressions_per_s``: impressions / (CreateTime of the last ``scored`` record minus
+     CreateTime of the first ``impressions`` record; both stamped by their producers on
+     this host);
+   - ``steady_impressions_per_s``: the slope of ``streamrec_scored_total`` between 10% and
+     90% of the impressions scored (excludes start-up and the final release);
+   - ``ingest_impressions_per_s``: the same slope of ``streamrec_impressions_total``.
+
+   Lag: replayed events (``on_progress``) minus events the joiner counted
+   (``impressions_total + clicks_total``), sampled over time; its least-squares slope
+   while the replay runs (``slope_events_per_s_during_replay``; positive: the worker
+   falls behind the producer).
+   Latency: for every clicked impression scored with label 1, the CreateTime of its
+   ``scored`` record minus that of its ``clicks`` record (wall seconds from the click
+   entering the broker to the model having learned from it, p50/p99; with the default
+   ``emit_positives="window_close"`` the positive leaves the joiner when its window closes
+   in event time, so in a replay this includes the wall time the replay takes to move the
+   watermark 30 minutes of event time on); the same from the impression; and the
+   quantiles the worker's histograms give
+   (``streamrec_update_freshness_seconds``: label emitted -> model updated, wall;
+   ``streamrec_label_delay_seconds``: impression -> label, event time) by linear
+   interpolation inside buckets, as PromQL's ``histogram_quantile``.
+   CPU seconds of the worker, the broker and this process (the producer) come from
+   ``/proc`` and ``getrusage``.
+3. **profile** (unless ``--no-profile``): the pipeline again on the first 20k impressions
+   of the log, with ``py-spy record --nonblocking --threads`` attached to the worker once
+   it is ready (start-up excluded).
+   Reported: samples per thread, the top functions by self and by inclusive samples, and
+   the share of samples by the library the leaf frame is in. Without py-spy (``pip install
+   py-spy``) this phase is skipped with a note; a cProfile alternative that needs no
+   change to ``stream/``: ``python -m cProfile -o worker.prof -m stream.cli worker ...``
+   (main thread only, written when the worker exits on SIGTERM).
+
+The synthetic log has 10 impressions per second of event time, so the 30-minute join
+window (+60 s lateness) holds ~18,600 impressions: labels flow from about then on and the
+final watermark releases the last window at once.
+
+Goal (issue #8): >= 20,000 impressions/s end to end on 2 cores.
+Writes ``bench/results/e2e.json`` (``e2e_quick.json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.run import machine, results_path, stamp, write_report
+from stream.app import topic_plan
+from stream.broker import (
+    EmbeddedBroker,
+    create_topics,
+    free_port,
+    read_records,
+    wait_for_port,
+)
+from stream.demo import scrape
+from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_SCORED, parse_input
+from stream.logs import read_log_frame, write_log
+from stream.replay import ReplayStats, replay
+from stream.settings import Settings
+from stream.synthetic import SyntheticConfig, write_synthetic
+
+FULL_N = 100_000
+QUICK_N = 10_000
+EVENT_RATE = 10.0  # impressions per second of event time in the synthetic log
+FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impression labelled
+GOAL_IMPRESSIONS_PER_S = 20_000.0
+SAMPLE_S = 0.5
+WAIT_MIN_S, WAIT_RATE = 180.0, 100.0  # after the replay: wait max(180 s, n / 100/s)
+PROFILE_N = 20_000  # impressions of the profiled run (a prefix of the log)
+PROFILE_RATE = 100  # py-spy samples per second
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux ``/proc``); nan elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def self_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class WorkerProc:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    metrics_url: str
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_url)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            text = self.log_path.read_text(errors="replace")
+            first = [ln[:400] for ln in text.splitlines() if "[ERROR]" in ln][:15]
+            raise RuntimeError(
+                f"the worker exited with {self.proc.returncode} (log {self.log_path}); first "
+                "errors:\n" + "\n".join(first) + "\n...\n" + text[-2000:]
+            )
+
+
+@contextmanager
+def worker_process(
+    broker: str, run_dir: Path, torch_threads: int | None = None
+) -> Iterator[WorkerProc]:
+    """A worker subprocess that has joined its consumer group (Faust logged ``Ready``);
+    ``torch_threads`` sets ``OMP_NUM_THREADS`` for it (None: torch's default)."""
+    port = free_port()
+    log_path = run_dir / "worker.log"
+    cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
+           "--metrics-port", str(port), "--data-dir", str(run_dir / "worker-data")]  # fmt: skip
+    with open(log_path, "ab") as out:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if torch_threads is not None:
+            env["OMP_NUM_THREADS"] = str(torch_threads)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    w = WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics")
+    try:
+        wait_for_port("127.0.0.1", port, timeout_s=90)
+        deadline = time.monotonic() + 90
+        while "Worker]: Ready" not in log_path.read_text(errors="replace"):
+            w.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker not ready in 90 s; see {log_path}")
+            time.sleep(0.2)
+        yield w
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --- phase 1: producer alone and plain consumers ----------------------------------------------
+
+
+async def _consume(bootstrap: str, expected: int, parse: bool) -> dict[str, Any]:
+    """Read ``impressions`` and ``clicks`` from the beginning with a plain aiokafka consumer
+    (no group) until ``expected`` records arrived (not up to ``end_offsets()``: Tansu
+    0.6.0 under-reports it, see :func:`stream.broker.read_records`)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        parts = [
+            TopicPartition(t, p)
+            for t in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        n = 0
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + 300
+        while n < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for tp, records in batches.items():
+                n += len(records)
+                if parse:
+                    for r in records:
+                        try:
+                            parse_input(r.value, tp.topic)
+                        except ValueError:
+                            pass
+        seconds = time.perf_counter() - t0
+    finally:
+        await consumer.stop()
+    return {"records": n, "seconds": seconds, "records_per_s": n / seconds}
+
+
+def producer_alone(log_path: Path, run_dir: Path) -> dict[str, Any]:
+    """Replay into a broker with no worker, then the plain consumers of what it wrote."""
+    with EmbeddedBroker(log_path=run_dir / "tansu-producer.log") as broker:
+        settings = Settings(broker=broker.url)
+        create_topics(broker.url, topic_plan(settings))
+        cpu0 = self_cpu_seconds()
+        stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S)
+        cpu = self_cpu_seconds() - cpu0
+        # a watermark goes to every partition of both topics
+        records = stats.impressions + stats.clicks + stats.watermarks * 2 * settings.partitions
+        raw = asyncio.run(_consume(broker.url, records, parse=False))
+        parsed = asyncio.run(_consume(broker.url, records, parse=True))
+    per_imp = stats.impressions / records
+    return {
+        "impressions": stats.impressions,
+        "clicks": stats.clicks,
+        "records": records,
+        "seconds": stats.seconds,
+        "records_per_s": records / stats.seconds,
+        "impressions_per_s": stats.impressions / stats.seconds,
+        "producer_cpu_s": cpu,
+        "raw_consume": {**raw, "impressions_per_s": raw["records_per_s"] * per_imp},
+        "consume_parse": {**parsed, "impressions_per_s": parsed["records_per_s"] * per_imp},
+    }
+
+
+# --- phase 2: the pipeline ----------------------------------------------------------------------
+
+
+@dataclass
+class Sampler:
+    """Scrapes ``/metrics`` every ``SAMPLE_S`` in a thread; lag against replay progress."""
+
+    worker: WorkerProc
+    t0: float
+    progress: list[tuple[float, int]] = field(default_factory=list)  # (t, events replayed)
+    samples: list[dict[str, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def on_progress(self, k: int) -> None:
+        self.progress.append((time.monotonic() - self.t0, k))
+
+    def sample(self) -> dict[str, float]:
+        m = self.worker.metrics()
+        consumed = m.get("streamrec_impressions_total", 0.0) + m.get("streamrec_clicks_total", 0)
+        replayed = self.progress[-1][1] if self.progress else 0
+        s = {
+            "t": time.monotonic() - self.t0,
+            "replayed": float(replayed),
+            "consumed": consumed,
+            "lag": max(0.0, replayed - consumed),
+            "impressions": m.get("streamrec_impressions_total", 0.0),
+            "labeled": m.get("sum:streamrec_labeled_total", 0.0),
+            "scored": m.get("streamrec_scored_total", 0.0),
+            "pending": m.get("streamrec_pending_impressions", 0.0),
+        }
+        self.samples.append(s)
+        return s
+
+    def run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            try:
+                self.sample()
+            except OSError:
+                pass  # a dropped scrape of a busy worker
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _crossing(samples: list[dict[str, float]], key: str, level: float) -> float | None:
+    """Time at which ``samples[key]`` first reaches ``level`` (linear between samples)."""
+    prev = None
+    for s in samples:
+        if s[key] >= level:
+            if prev is None or s[key] == prev[key]:
+                return s["t"]
+            f = (level - prev[key]) / (s[key] - prev[key])
+            return prev["t"] + f * (s["t"] - prev["t"])
+        prev = s
+    return None
+
+
+def slope_rate(samples: list[dict[str, float]], key: str, n: int) -> float | None:
+    """Rate of ``key`` between 10% and 90% of ``n`` (per second)."""
+    t10, t90 = _crossing(samples, key, 0.1 * n), _crossing(samples, key, 0.9 * n)
+    if t10 is None or t90 is None or t90 <= t10:
+        return None
+    return 0.8 * n / (t90 - t10)
+
+
+def histogram_quantile(m: dict[str, float], name: str, q: float) -> float | None:
+    """PromQL ``histogram_quantile`` over one unlabelled histogram of a scrape."""
+    buckets = []
+    prefix = f'{name}_bucket{{le="'
+    for k, v in m.items():
+        if k.startswith(prefix):
+            le = k[len(prefix) : -2]
+            buckets.append((math.inf if le == "+Inf" else float(le), v))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo_bound, lo_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lo_bound  # as Prometheus: the highest finite bound
+            if count == lo_count:
+                return bound
+            return lo_bound + (bound - lo_bound) * (rank - lo_count) / (count - lo_count)
+        lo_bound, lo_count = bound, count
+    return None
+
+
+def _quantiles(x: list[float]) -> dict[str, float | None]:
+    if not x:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    a = np.asarray(x, dtype=np.float64)
+    return {
+        "n": len(x),
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+    }
+
+
+def _lag_slope(samples: list[dict[str, float]], t_end: float) -> float | None:
+    pts = [(s["t"], s["lag"]) for s in samples if s["t"] <= t_end]
+    if len(pts) < 3:
+        return None
+    t, lag = np.asarray(pts).T
+    return float(np.polyfit(t, lag, 1)[0])
+
+
+def _downsample(samples: list[dict[str, float]], k: int = 60) -> list[dict[str, float]]:
+    step = max(1, len(samples) // k)
+    keep = samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])
+    return [{key: round(v, 3) for key, v in s.items()} for s in keep]
+
+
+def pipeline(
+    log_path: Path,
+    n: int,
+    run_dir: Path,
+    profile_out: Path | None = None,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """One broker, one ready worker, one replay; waits until all ``n`` impressions are
+    scored. With ``profile_out``, py-spy samples the worker meanwhile."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        EmbeddedBroker(log_path=run_dir / "tansu.log") as broker,
+        worker_process(broker.url, run_dir, torch_threads) as worker,
+    ):
+        spy = None
+        if profile_out is not None:
+            spy = _start_py_spy(worker.proc.pid, profile_out, run_dir)
+        t0 = time.monotonic()
+        sampler = Sampler(worker, t0)
+        thread = threading.Thread(target=sampler.run, daemon=True)
+        thread.start()
+        cpu = {"worker": cpu_seconds(worker.proc.pid), "broker": cpu_seconds(broker.pid or 0)}
+        self0 = self_cpu_seconds()
+        stats: ReplayStats = replay(
+            log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S,
+            on_progress=sampler.on_progress,
+        )  # fmt: skip
+        t_replayed = time.monotonic() - t0
+        sampler.progress.append((t_replayed, stats.impressions + stats.clicks))
+        # generous: a busy machine can slow the trainer tenfold; past it, report what got
+        # scored rather than nothing
+        deadline = time.monotonic() + max(WAIT_MIN_S, n / WAIT_RATE)
+        complete = False
+        while not complete and time.monotonic() < deadline:
+            worker.check()
+            complete = bool(sampler.samples) and sampler.samples[-1]["scored"] >= n
+            time.sleep(0.1)
+        t_done = time.monotonic() - t0
+        cpu = {
+            "worker": cpu_seconds(worker.proc.pid) - cpu["worker"],
+            "broker": cpu_seconds(broker.pid or 0) - cpu["broker"],
+            "bench_process(producer+sampler)": self_cpu_seconds() - self0,
+        }
+        sampler.stop()
+        thread.join()
+        if spy is not None:
+            _stop_py_spy(spy)
+        final = worker.metrics()
+        scored = read_records(broker.url, TOPIC_SCORED)
+        clicks = read_records(broker.url, TOPIC_CLICKS)
+        impressions_ts = {
+            r.key.decode(): r.timestamp / 1000 for r in read_records(broker.url, TOPIC_IMPRESSIONS)
+            if r.key is not None
+        }  # fmt: skip
+    click_ts = {r.key.decode(): r.timestamp / 1000 for r in clicks if r.key is not None}
+    first_s = min(impressions_ts.values())
+    last_s = max((r.timestamp / 1000 for r in scored), default=math.nan)
+    click_lat, imp_lat = [], []
+    n_scored = missing = 0
+    for r in scored:
+        batch = json.loads(r.value)
+        t = r.timestamp / 1000
+        n_scored += len(batch["impression_ids"])
+        for iid, y in zip(batch["impression_ids"], batch["label"], strict=True):
+            if iid in impressions_ts:
+                imp_lat.append(t - impressions_ts[iid])
+            else:
+                missing += 1
+            if y == 1 and iid in click_ts:
+                click_lat.append(t - click_ts[iid])
+    seconds = last_s - first_s if scored else math.nan
+    samples = sampler.samples
+    lag_slope = _lag_slope(samples, t_replayed)
+    lags = [s["lag"] for s in samples if s["t"] <= t_replayed]
+    return {
+        "impressions": stats.impressions,
+        "clicks": stats.clicks,
+        "scored_examples": n_scored,
+        "impression_records_read_back": len(impressions_ts),
+        "scored_without_impression_record": missing,
+        "seconds_first_record_to_last_scored": seconds,
+        "complete": complete,
+        "impressions_per_s": n_scored / seconds,
+        "steady_impressions_per_s": slope_rate(samples, "scored", n),
+        "ingest_impressions_per_s": slope_rate(samples, "impressions", n),
+        "replay_seconds": stats.seconds,
+        "replay_impressions_per_s": stats.impressions / stats.seconds,
+        "seconds_replay_end_to_all_scored": t_done - t_replayed,
+        "lag": {
+            "max_events": max((s["lag"] for s in samples), default=None),
+            "at_replay_end_events": lags[-1] if lags else None,
+            "slope_events_per_s_during_replay": lag_slope,
+            "grows": None if lag_slope is None else lag_slope > 0,
+        },
+        "latency_s": {
+            "click_to_update": _quantiles(click_lat),
+            "impression_to_update": _quantiles(imp_lat),
+            "label_to_update_histogram": {
+                "p50": histogram_quantile(final, "streamrec_update_freshness_seconds", 0.5),
+                "p99": histogram_quantile(final, "streamrec_update_freshness_seconds", 0.99),
+            },
+            "impression_to_label_event_time_histogram": {
+                "p50": histogram_quantile(final, "streamrec_label_delay_seconds", 0.5),
+                "p99": histogram_quantile(final, "streamrec_label_delay_seconds", 0.99),
+            },
+        },
+        "cpu_seconds": cpu,
+        "train_batches": final.get("streamrec_train_batches_total"),
+        "train_step_seconds_mean": (
+            final.get("streamrec_train_step_seconds_sum", 0.0)
+            / max(1.0, final.get("streamrec_train_step_seconds_count", 0.0))
+        ),
+        "samples": _downsample(samples),
+    }
+
+
+# --- phase 3: profile ---------------------------------------------------------------------------
+
+
+def py_spy_binary() -> str | None:
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def _start_py_spy(pid: int, out: Path, run_dir: Path) -> subprocess.Popen[bytes]:
+    binary = py_spy_binary()
+    assert binary is not None
+    cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
+           "--rate", str(PROFILE_RATE), "--nonblocking", "--threads"]  # fmt: skip
+    with open(run_dir / "py-spy.log", "ab") as log:
+        spy = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    if spy.poll() is not None:
+        raise RuntimeError(f"py-spy exited at start; see {run_dir / 'py-spy.log'}")
+    return spy
+
+
+def _stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+    try:
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+_LIBS = (
+    ("stream/", "streamrec stream/"), ("learners/", "streamrec learners/"),
+    ("monitoring/", "streamrec monitoring/"), ("index/", "streamrec index/"),
+    ("faust/", "faust"), ("mode/", "mode"), ("aiokafka/", "aiokafka"), ("kafka/", "kafka"),
+    ("torch/", "torch"), ("numpy/", "numpy"), ("json/", "json"), ("asyncio/", "asyncio"),
+    ("selectors", "asyncio"), ("prometheus_client/", "prometheus_client"),
+    ("rocksdict", "rocksdict"), ("faiss", "faiss"), ("river/", "river"),
+)  # fmt: skip
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/file.py:123)`` -> ``func (path/file.py)``."""
+    head, _, loc = frame.rpartition(" (")
+    return f"{head} ({loc.rsplit(':', 1)[0]})" if head else frame
+
+
+def _lib(frame: str) -> str:
+    loc = frame.rpartition(" (")[2]
+    for needle, name in _LIBS:
+        if needle in loc:
+            return name
+    return "other (stdlib, C extensions, ...)"
+
+
+def summarize_profile(path: Path, seconds: float, top: int = 20) -> dict[str, Any]:
+    """Aggregate py-spy's raw (collapsed) stacks: thread shares, top self/inclusive frames,
+    and self samples by the library of the leaf frame."""
+    self_c: Counter[str] = Counter()
+    incl_c: Counter[str] = Counter()
+    lib_c: Counter[str] = Counter()
+    thread_c: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = stack.split(";")
+        if frames[0].startswith(("thread (", "process ")):
+            thread_c[frames[0].split(" ")[0] + " " + frames[0].split(" ")[1]] += count
+            frames = [f for f in frames[1:] if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        names = [_frame_name(f) for f in frames]
+        self_c[names[-1]] += count
+        lib_c[_lib(frames[-1])] += count
+        for name in set(names):
+            incl_c[name] += count
+
+    def share(c: Counter[str], k: int) -> list[dict[str, Any]]:
+        return [
+            {"frame": f, "samples": v, "share": round(v / total, 4)} for f, v in c.most_common(k)
+        ]
+
+    return {
+        "samples": total,
+        "rate_hz": PROFILE_RATE,
+        "seconds": seconds,
+        "busy_share_of_wall": round(total / (PROFILE_RATE * seconds), 3) if seconds else None,
+        "threads": share(thread_c, 10),
+        "by_library_self": share(lib_c, 20),
+        "top_self": share(self_c, top),
+        "top_inclusive": share(incl_c, top + 20),
+    }
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def run(
+    quick: bool = False,
+    results_dir: Path | None = None,
+    *,
+    n: int | None = None,
+    profile: bool = True,
+    run_dir: Path | None = None,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """Run the three phases, write the JSON, print the table; the report.
+
+    ``n`` overrides the number of impressions; ``run_dir`` keeps the logs (default: a
+    temporary folder, removed afterwards); ``torch_threads`` sets the worker's
+    ``OMP_NUM_THREADS`` (default: unset, torch uses one thread per core).
+    """
+    n_impressions = n or (QUICK_N if quick else FULL_N)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    tmp: Path | None = None  # a temporary run dir, removed unless the run fails
+    if run_dir is None:
+        tmp = run_dir = Path(tempfile.mkdtemp(prefix="streamrec-e2e-"))
+    try:
+        log_path = run_dir / "log.csv"
+        cfg = SyntheticConfig(
+            n_impressions=n_impressions, seed=0, drift_at=None, impressions_per_s=EVENT_RATE
+        )
+        write_synthetic(cfg, log_path)
+        print(f"log: {n_impressions:,} impressions ({log_path})", flush=True)
+        alone = producer_alone(log_path, run_dir)
+        print(f"producer alone: {alone['records_per_s']:,.0f} records/s", flush=True)
+        pipe = pipeline(log_path, n_impressions, run_dir / "pipeline", None, torch_threads)
+        print(f"pipeline: {pipe['impressions_per_s']:,.0f} impressions/s", flush=True)
+        notes = [
+            "every process shares this machine's cores: the numbers are only as quiet as the "
+            "machine (see load_average_1m; above the core count means other work ran)"
+        ]
+        prof: dict[str, Any] | None = None
+        if profile and py_spy_binary() is None:
+            notes.append("profile skipped: py-spy not installed (pip install py-spy)")
+        elif profile:
+            out = run_dir / "py-spy.txt"
+            n_prof = min(n_impressions, PROFILE_N)
+            prof_log = log_path
+            if n_prof < n_impressions:
+                prof_log = run_dir / "profile-log.csv"
+                write_log(read_log_frame(log_path).iloc[:n_prof], prof_log)
+            prof_run = pipeline(prof_log, n_prof, run_dir / "profiled", out, torch_threads)
+            prof = summarize_profile(out, prof_run["seconds_first_record_to_last_scored"])
+            prof["profiled_run_impressions"] = n_prof
+            prof["profiled_run_impressions_per_s"] = prof_run["impressions_per_s"]
+    except BaseException:
+        if tmp is not None:  # keep the logs of a failed run
+            print(f"run failed; logs kept in {run_dir}", file=sys.stderr)
+            tmp = None
+        raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rate = pipe["impressions_per_s"]
+    if not pipe["complete"]:
+        notes.append(
+            f"the pipeline run timed out: {pipe['scored_examples']:,} of {n_impressions:,} "
+            "impressions scored; rates are over what was scored"
+        )
+    report: dict[str, Any] = {
+        **stamp("e2e", quick),
+        "machine": machine(),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "data": f"write_synthetic(SyntheticConfig(n_impressions={n_impressions}, seed=0, "
+        f"drift_at=None, impressions_per_s={EVENT_RATE}))",
+        "setup": "Tansu (memory storage) + one `python -m stream.cli worker` (default settings:"
+        " 4 partitions, trainer batch 1024) + stream.replay.replay as fast as possible, all "
+        "on this machine",
+        "worker_omp_num_threads": torch_threads,
+        "producer_alone": alone,
+        "pipeline": pipe,
+        "ratios": {
+            "pipeline_over_producer_alone": rate / alone["impressions_per_s"],
+            "pipeline_over_raw_consume": rate / alone["raw_consume"]["impressions_per_s"],
+            "pipeline_over_consume_parse": rate / alone["consume_parse"]["impressions_per_s"],
+        },
+        "goal": {
+            "target": f">= {GOAL_IMPRESSIONS_PER_S:,.0f} impressions/s end to end on 2 cores",
+            "impressions_per_s": rate,
+            "ratio": rate / GOAL_IMPRESSIONS_PER_S,
+        },
+        "profile": prof,
+        "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "notes": notes,
+    }
+    write_report(report, out_path := results_path(results_dir, "e2e", quick))
+    print(table(report))
+    print(goal_line(report["goal"]))
+    print(f"wrote {out_path}")
+    return report
+
+
+def _f(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float | int):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown table of the headline numbers (and the profile's top costs, if any)."""
+    a, p, r = report["producer_alone"], report["pipeline"], report["ratios"]
+    lat, lag = p["latency_s"], p["lag"]
+    cpu = p["cpu_seconds"]
+    rows = [
+        ("impressions scored / replayed",
+         f"{_f(p['scored_examples'])} / {_f(p['impressions'])}"
+         + ("" if p.get("complete", True) else " (timed out waiting)")),
+        ("pipeline impressions/s (first record -> last scored)", _f(p["impressions_per_s"])),
+        ("pipeline steady impressions/s (10%-90% scored)", _f(p["steady_impressions_per_s"])),
+        ("joiner ingest impressions/s (10%-90%)", _f(p["ingest_impressions_per_s"])),
+        ("replay impressions/s while the worker runs", _f(p["replay_impressions_per_s"])),
+        ("producer alone: records/s (impressions/s)",
+         f"{_f(a['records_per_s'])} ({_f(a['impressions_per_s'])})"),
+        ("plain aiokafka consume: records/s (impressions/s)",
+         f"{_f(a['raw_consume']['records_per_s'])} ({_f(a['raw_consume']['impressions_per_s'])})"),
+        ("aiokafka consume + parse_input: records/s",
+         _f(a["consume_parse"]["records_per_s"])),
+        ("pipeline / producer alone", _f(r["pipeline_over_producer_alone"], 3)),
+        ("pipeline / plain consume", _f(r["pipeline_over_raw_consume"], 3)),
+        ("lag grows during replay (slope, events/s)",
+         f"{_f(lag['grows'])} ({_f(lag['slope_events_per_s_during_replay'])})"),
+        ("max lag (events)", _f(lag["max_events"])),
+        ("replay end -> all scored (s)", _f(p["seconds_replay_end_to_all_scored"], 1)),
+        ("click -> model update p50 / p99 (s, wall)",
+         f"{_f(lat['click_to_update']['p50'], 2)} / {_f(lat['click_to_update']['p99'], 2)}"),
+        ("impression -> model update p50 / p99 (s, wall)",
+         f"{_f(lat['impression_to_update']['p50'], 2)} / "
+         f"{_f(lat['impression_to_update']['p99'], 2)}"),
+        ("label -> update p50 / p99 (s, histogram)",
+         f"{_f(lat['label_to_update_histogram']['p50'], 3)} / "
+         f"{_f(lat['label_to_update_histogram']['p99'], 3)}"),
+        ("impression -> label p50 / p99 (s, event time, histogram)",
+         f"{_f(lat['impression_to_label_event_time_histogram']['p50'])} / "
+         f"{_f(lat['impression_to_label_event_time_histogram']['p99'])}"),
+        ("CPU s: worker / broker / producer process",
+         " / ".join(_f(v, 1) for v in cpu.values())),
+    ]  # fmt: skip
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if report.get("profile"):
+        lines += ["", profile_table(report["profile"])]
+    return "\n".join(lines)
+
+
+def profile_table(prof: dict[str, Any], k: int = 12) -> str:
+    lines = [
+        f"Worker profile (py-spy, {prof['samples']:,} samples at {prof['rate_hz']} Hz, busy "
+        f"{_f(prof['busy_share_of_wall'], 2)} of wall; profiled run "
+        f"{_f(prof.get('profiled_run_impressions_per_s'))} impressions/s):",
+        "",
+        "| top self frames | share | | library (leaf frame) | share |",
+        "|---|---|---|---|---|",
+    ]
+    libs = prof["by_library_self"]
+    for i, s in enumerate(prof["top_self"][:k]):
+        lib = libs[i] if i < len(libs) else None
+        lines.append(
+            f"| `{s['frame']}` | {s['share']:.1%} | | "
+            + (f"{lib['frame']} | {lib['share']:.1%} |" if lib else " | |")
+        )
+    return "\n".join(lines)
+
+
+def goal_line(goal: dict[str, Any]) -> str:
+    return (
+        f"Goal: {goal['target']}. Measured: {goal['impressions_per_s']:,.0f} impressions/s "
+        f"= {goal['ratio']:.2f}x the goal."
+    )
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_N:,} impressions")
+    parser.add_argument("--n", type=int, default=None, help="impressions (overrides --quick)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy phase")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--run-dir", type=Path, default=None, help="keep logs here")
+    parser.add_argument(
+        "--worker-threads", type=int, default=None, help="OMP_NUM_THREADS of the worker"
+    )
+    args = parser.parse_args(argv)
+    run(args.quick, args.results_dir, n=args.n, profile=not args.no_profile,
+        run_dir=args.run_dir, torch_threads=args.worker_threads)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,636 @@
+"""Two-tower retrieval model: user and item towers trained on clicks with in-batch negatives.
+
+Rows are the flat example dicts of :mod:`learners.encoding` (as built by
+``stream.events.example_row``). The **user tower** sees ``user_id`` and the row's
+categorical (``str``) context fields that are neither item fields nor excluded (e.g.
+``user_segment``, ``ctx_device``); numeric context is left out because in these logs it is
+per impression (OBD's ``affinity_shown`` is a user x item score that would leak the item).
+The **item tower** sees ``item_id`` and the fields named ``item_*`` (categorical and
+numeric). Both end in an L2 normalisation, so ``<user, item>`` is a cosine in [-1, 1] and
+the item vectors go straight into :mod:`index.faiss_index`.
+
+Training (:meth:`TwoTowerModel.learn_many`) uses only the clicked rows of a labelled batch:
+each click is a (user, item) positive and the other clicks of the batch are its negatives
+(in-batch softmax at ``temperature``), plus hard negatives (items ranked high for the user
+but not clicked, e.g. :meth:`index.hard_negatives.HardNegativePool.sample`) whose share of
+the negatives ramps linearly from 0 to ``max_hard_share`` (at most 0.5) over
+``ramp_examples`` clicks. ``loss="sampled_softmax"`` subtracts ``log q(item)`` from every
+logit (Yi et al. 2019), ``q`` being the item's share of recent clicks from a decayed
+count-min sketch: in-batch negatives are drawn in proportion to popularity, and without
+the correction the model learns ``p(item | user) / q(item)`` and under-recommends popular
+items (hard negatives get the same correction, so one scale holds for every logit).
+``loss="info_nce"`` is the uncorrected in-batch softmax. With either loss, another click
+on the same item in the batch is not masked (``info_nce`` counts it as a negative;
+``sampled_softmax`` lists each distinct item once, so the row's own item also appears
+among the negatives, which bounds the loss below by log 2 but leaves the ranking intact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from learners.encoding import EncoderConfig, FeatureEncoder
+from learners.losses import info_nce_loss, sampled_softmax_loss
+from learners.ranker import pick_device
+
+__all__ = ["TWO_TOWER_LOSSES", "HardNegativeSource", "TwoTowerConfig", "TwoTowerModel"]
+
+Rows = Sequence[Mapping[str, object]]
+HardNegativeSource = Callable[[str, int], list[str]]
+"""``hard_negatives(user_id, n) -> up to n item ids`` ranked high for the user, not clicked."""
+
+TWO_TOWER_LOSSES = ("info_nce", "sampled_softmax")
+_EMB_STD = 0.05
+_VECTOR_CHUNK = 8192  # rows per forward pass in user_vectors / item_vectors
+
+
+def _user_encoder() -> EncoderConfig:
+    return EncoderConfig(num_buckets=2**18, max_cat_fields=8, max_num_fields=0)
+
+
+def _item_encoder() -> EncoderConfig:
+    return EncoderConfig(num_buckets=2**18, max_cat_fields=8, max_num_fields=4)
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """Two-tower settings.
+
+    Attributes:
+        embedding_dim: output dimension D of both towers (the index dimension).
+        feature_dim: width of each hashed field embedding inside a tower.
+        hidden: hidden layer widths of each tower's MLP.
+        user_encoder: hashed buckets and slots of the user-side fields (slot 1, reserved
+            for ``item_id`` by :class:`~learners.encoding.FeatureEncoder`, stays empty).
+        item_encoder: hashed buckets and slots of the item-side fields (slot 0 stays empty).
+        item_prefix: fields starting with it (and ``item_id``) go to the item tower.
+        exclude_fields: fields neither tower sees (``position`` is a display bias, not a
+            preference, and is unknown at retrieval time).
+        temperature: softmax temperature on cosines (> 0).
+        loss: "sampled_softmax" (in-batch with logQ correction) or "info_nce".
+        batch_size: clicks per optimiser step; a larger batch is split.
+        lr: Adam learning rate.
+        max_hard_share: final share of hard negatives among a row's negatives, in [0, 0.5].
+        ramp_examples: clicks over which the hard share ramps from 0 to ``max_hard_share``
+            (0: no ramp).
+        n_hard: most hard negatives asked for per click.
+        popularity_width: columns of the count-min sketch of click counts (per row; 4 rows).
+        popularity_half_life: clicks after which a click counts half in ``q``.
+        max_items: items whose latest item-side features are remembered (least recently
+            seen dropped first), so ``item_vectors(ids)`` embeds them with their features.
+        grad_clip_norm: gradient norm clip.
+        device: "auto" (cuda when available), "cpu", "cuda", ...
+    """
+
+    embedding_dim: int = 32
+    feature_dim: int = 16
+    hidden: tuple[int, ...] = (64,)
+    user_encoder: EncoderConfig = field(default_factory=_user_encoder)
+    item_encoder: EncoderConfig = field(default_factory=_item_encoder)
+    item_prefix: str = "item_"
+    exclude_fields: tuple[str, ...] = ("position",)
+    temperature: float = 0.05
+    loss: str = "sampled_softmax"
+    batch_size: int = 512
+    lr: float = 0.03
+    max_hard_share: float = 0.5
+    ramp_examples: int = 50_000
+    n_hard: int = 2
+    popularity_width: int = 2**16
+    popularity_half_life: float = 200_000.0
+    max_items: int = 200_000
+    grad_clip_norm: float = 10.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1 or self.feature_dim < 1:
+            raise ValueError(
+                f"embedding_dim and feature_dim must be >= 1, got {self.embedding_dim}, "
+                f"{self.feature_dim}"
+            )
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden sizes must be >= 1, got {self.hidden}")
+        if self.loss not in TWO_TOWER_LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {TWO_TOWER_LOSSES}")
+        if not 0.0 <= self.max_hard_share <= 0.5:
+            raise ValueError(f"max_hard_share must be in [0, 0.5], got {self.max_hard_share}")
+        for name in ("temperature", "lr", "grad_clip_norm", "popularity_half_life"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        for name in ("batch_size", "popularity_width", "max_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ramp_examples < 0 or self.n_hard < 0:
+            raise ValueError(
+                f"ramp_examples and n_hard must be >= 0, got {self.ramp_examples}, {self.n_hard}"
+            )
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "exclude_fields", tuple(self.exclude_fields))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers only (lists, not tuples) so it loads with ``weights_only``."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["exclude_fields"] = list(self.exclude_fields)
+        for enc in ("user_encoder", "item_encoder"):
+            d[enc]["categorical_keys"] = list(d[enc]["categorical_keys"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TwoTowerConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        for enc in ("user_encoder", "item_encoder"):
+            if enc in d:
+                e = dict(d[enc])
+                e["categorical_keys"] = tuple(e.get("categorical_keys", ()))
+                d[enc] = EncoderConfig(**e)
+        for key in ("hidden", "exclude_fields"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class Tower(nn.Module):
+    """Hashed field embeddings -> MLP -> L2-normalised ``(B, out_dim)`` vectors.
+
+    ``cat``: int64 ``(B, Fc)`` bucket ids (0 = absent), ``num``: float32 ``(B, Fn)``.
+    The output layer's bias starts small and random, so a row with no known field still
+    gets a unit vector (a zero vector cannot be normalised).
+
+    Example:
+        >>> t = Tower(100, 3, 1, feature_dim=4, hidden=(8,), out_dim=5,
+        ...           generator=torch.Generator().manual_seed(0))
+        >>> v = t(torch.tensor([[5, 0, 7], [0, 0, 0]]), torch.zeros(2, 1)).detach()
+        >>> v.shape, [round(float(n), 4) for n in v.norm(dim=1)]
+        (torch.Size([2, 5]), [1.0, 1.0])
+    """
+
+    def __init__(
+        self,
+        num_buckets: int,
+        num_cat_fields: int,
+        num_num_fields: int,
+        feature_dim: int,
+        hidden: tuple[int, ...],
+        out_dim: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        # Sparse gradients: a step touches only the rows of the batch (lazy Adam), not the
+        # whole table, which a dense Adam step over 2^18 rows would (~0.1 s on 2 cores).
+        self.embedding = nn.Embedding(num_buckets, feature_dim, padding_idx=0, sparse=True)
+        layers: list[nn.Module] = []
+        width = num_cat_fields * feature_dim + num_num_fields
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(width, out_dim)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Small normal embeddings (padding row zero), Xavier weights, zero hidden biases."""
+        with torch.no_grad():
+            nn.init.normal_(self.embedding.weight, 0.0, _EMB_STD, generator=generator)
+            self.embedding.weight[0].zero_()
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight, generator=generator)
+                    nn.init.zeros_(m.bias)
+            nn.init.normal_(self.out.bias, 0.0, 0.01, generator=generator)
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        x = self.embedding(cat).flatten(1)
+        if num.shape[1]:
+            x = torch.cat([x, num], dim=1)
+        return F.normalize(self.out(self.mlp(x)), dim=-1)
+
+
+class _PopularitySketch:
+    """Decayed click counts per item in a count-min sketch (4 rows x ``width``).
+
+    ``log_q(items)`` is the log of an item's share of the decayed clicks, its count floored
+    at one click (an item never clicked is treated as clicked once).
+    """
+
+    _DEPTH = 4
+    _PRIME = (1 << 61) - 1
+
+    def __init__(self, width: int, half_life: float) -> None:
+        self.width = width
+        self.decay = 0.5 ** (1.0 / half_life)  # per click
+        self.table = np.zeros((self._DEPTH, width), dtype=np.float64)
+        self.total = 0.0
+        # Fixed odd multipliers/offsets: a pairwise-independent family over crc32 keys.
+        self._a = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=np.uint64)
+        self._b = np.array([0x165667B1, 0xD3A2646C, 0xFD7046C5, 0xB55A4F09], dtype=np.uint64)
+
+    def _columns(self, items: Sequence[str]) -> np.ndarray:
+        keys = np.fromiter(
+            (zlib.crc32(str(i).encode("utf-8")) for i in items), dtype=np.uint64, count=len(items)
+        )
+        h = (self._a[:, None] * keys[None, :] + self._b[:, None]) % np.uint64(self._PRIME)
+        return (h % np.uint64(self.width)).astype(np.int64)  # (4, N)
+
+    def update(self, items: Sequence[str]) -> None:
+        if not items:
+            return
+        f = self.decay ** len(items)
+        self.table *= f
+        self.total = self.total * f + len(items)
+        cols = self._columns(items)
+        for d in range(self._DEPTH):
+            np.add.at(self.table[d], cols[d], 1.0)
+
+    def log_q(self, items: Sequence[str]) -> np.ndarray:
+        """(N,) float64 natural-log click share of each item."""
+        if not items:
+            return np.zeros(0, dtype=np.float64)
+        cols = self._columns(items)
+        est = self.table[np.arange(self._DEPTH)[:, None], cols].min(axis=0)
+        return np.log(np.maximum(est, 1.0)) - math.log(max(self.total, 1.0))
+
+
+class TwoTowerModel:
+    """Two-tower retrieval model with the shared learner interface.
+
+    Only clicked rows are learned from (see the module docstring). ``hard_negatives`` is
+    an optional callable ``(user_id, n) -> list[item_id]`` set on the model (it is not
+    saved, nor copied by :meth:`clone`). After each step, ``hard_share`` is the realised
+    share of hard negatives among a row's negatives, ``target_hard_share`` the curriculum's
+    target, and ``mean_hard_score`` / ``mean_random_score`` the mean cosine between users
+    and their hard / in-batch (random) negatives: hard scores far above random ones while
+    recall stalls suggest the pool holds unlabelled positives.
+
+    Example:
+        >>> cfg = TwoTowerConfig(embedding_dim=8, device="cpu",
+        ...                      user_encoder=EncoderConfig(num_buckets=512, max_num_fields=0),
+        ...                      item_encoder=EncoderConfig(num_buckets=512))
+        >>> model = TwoTowerModel(cfg, seed=0)
+        >>> rows = [{"user_id": f"u{i}", "item_id": f"i{i}", "position": 1} for i in range(4)]
+        >>> model.learn_many(rows, np.array([1, 1, 0, 1]))
+        >>> model.n_updates, model.n_examples
+        (1, 3)
+        >>> model.user_vectors(["u1", "u2"]).shape, model.item_vectors(["i1"]).dtype
+        ((2, 8), dtype('float32'))
+        >>> p = model.predict_proba_many(rows)  # (1 + cosine) / 2
+        >>> p.shape, bool(((p >= 0) & (p <= 1)).all())
+        ((4,), True)
+    """
+
+    def __init__(
+        self,
+        config: TwoTowerConfig = TwoTowerConfig(),  # noqa: B008 - frozen, immutable default
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.seed = seed
+        self.device = pick_device(config.device)
+        self.user_encoder = FeatureEncoder(config.user_encoder)
+        self.item_encoder = FeatureEncoder(config.item_encoder)
+        gen = torch.Generator().manual_seed(seed)
+        ue, ie = config.user_encoder, config.item_encoder
+        dims = (config.feature_dim, config.hidden, config.embedding_dim)
+        self.user_tower = Tower(ue.num_buckets, ue.max_cat_fields, ue.max_num_fields, *dims, gen)
+        self.item_tower = Tower(ie.num_buckets, ie.max_cat_fields, ie.max_num_fields, *dims, gen)
+        self.model = nn.ModuleDict({"user": self.user_tower, "item": self.item_tower})
+        self.model.to(self.device)
+        fused = self.device.type in ("cpu", "cuda")
+        tables = [self.user_tower.embedding.weight, self.item_tower.embedding.weight]
+        dense = [p for p in self.model.parameters() if all(p is not t for t in tables)]
+        self._dense_params = dense
+        self.optimizer = torch.optim.Adam(dense, lr=config.lr, fused=fused)
+        self.sparse_optimizer = torch.optim.SparseAdam(tables, lr=config.lr)
+        self.popularity = _PopularitySketch(config.popularity_width, config.popularity_half_life)
+        self._item_features: OrderedDict[str, dict[str, object]] = OrderedDict()
+        self.hard_negatives: HardNegativeSource | None = None
+        self.n_updates = 0
+        self.n_examples = 0  # clicks passed to a step: the curriculum's clock
+        self.n_skipped_nonfinite = 0
+        self.last_loss: float | None = None
+        self.hard_share = 0.0
+        self.mean_hard_score: float | None = None
+        self.mean_random_score: float | None = None
+
+    # -- feature split ---------------------------------------------------------------------
+    def _is_item_field(self, key: str) -> bool:
+        return key == "item_id" or key.startswith(self.config.item_prefix)
+
+    def _user_part(self, row: Mapping[str, object]) -> dict[str, object]:
+        excluded = self.config.exclude_fields
+        out: dict[str, object] = {}
+        for key, value in row.items():
+            if value is None or key in excluded or self._is_item_field(key):
+                continue
+            if key == "user_id" or isinstance(value, str):
+                out[key] = value
+        return out
+
+    def _item_part(self, row: Mapping[str, object]) -> dict[str, object]:
+        excluded = self.config.exclude_fields
+        return {
+            k: v
+            for k, v in row.items()
+            if v is not None and k not in excluded and self._is_item_field(k)
+        }
+
+    def _remember_item(self, part: dict[str, object]) -> None:
+        item = str(part["item_id"])
+        if len(part) > 1:
+            # Plain str/float values only, so the store loads with weights_only=True.
+            self._item_features[item] = {
+                k: v if isinstance(v, str) else float(v)  # type: ignore[arg-type]  # numeric
+                for k, v in part.items()
+                if k != "item_id"
+            }
+            self._item_features.move_to_end(item)
+            if len(self._item_features) > self.config.max_items:
+                self._item_features.popitem(last=False)
+
+    def _item_rows(self, item_ids: Sequence[str]) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        for item in item_ids:
+            feats = self._item_features.get(item)
+            rows.append({"item_id": item} if feats is None else {"item_id": item, **feats})
+        return rows
+
+    # -- towers ----------------------------------------------------------------------------
+    def _embed(self, tower: str, encoder: FeatureEncoder, parts: Rows) -> Tensor:
+        batch = encoder.encode(parts)
+        cat = torch.from_numpy(batch.cat).to(self.device, non_blocking=True)
+        num = torch.from_numpy(batch.num).to(self.device, non_blocking=True)
+        net = self.user_tower if tower == "user" else self.item_tower
+        out: Tensor = net(cat, num)
+        return out
+
+    def _users(self, rows: Rows) -> Tensor:
+        return self._embed("user", self.user_encoder, [self._user_part(r) for r in rows])
+
+    def _items(self, parts: Rows) -> Tensor:
+        return self._embed("item", self.item_encoder, parts)
+
+    def _vectors(self, tower: str, parts: list[dict[str, object]]) -> np.ndarray:
+        dim = self.config.embedding_dim
+        if not parts:
+            return np.zeros((0, dim), dtype=np.float32)
+        enc = self.user_encoder if tower == "user" else self.item_encoder
+        self.model.eval()
+        chunks = []
+        with torch.no_grad():
+            for s in range(0, len(parts), _VECTOR_CHUNK):
+                chunks.append(self._embed(tower, enc, parts[s : s + _VECTOR_CHUNK]).cpu())
+        return torch.cat(chunks).numpy().astype(np.float32)
+
+    def user_vectors(self, rows_or_ids: Sequence[str] | Rows) -> np.ndarray:
+        """User-tower vectors, float32 ``(N, D)``, unit norm.
+
+        ``rows_or_ids``: user ids (no context) or rows (user id plus context fields, as in
+        :meth:`learn_many`; item fields are ignored).
+        """
+        parts = [self._user_part({"user_id": r} if isinstance(r, str) else r) for r in rows_or_ids]
+        return self._vectors("user", parts)
+
+    def item_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Item-tower vectors, float32 ``(M, D)``, unit norm; each item with its latest
+        remembered item-side features (id only for an item never seen with features)."""
+        return self._vectors("item", self._item_rows([str(i) for i in item_ids]))
+
+    # -- learner interface -----------------------------------------------------------------
+    def predict_proba_many(self, X: Rows) -> np.ndarray:
+        """Affinity ``(1 + cos(user, item)) / 2``, float64 ``(B,)`` in [0, 1].
+
+        A monotone rescaling of the retrieval score, NOT a click probability (retrieval is
+        trained on clicks only, so nothing anchors its level); rank with it, and take pCTR
+        from the ranker and calibrator.
+        """
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.float64)
+        self.model.eval()
+        with torch.no_grad():
+            u = self._users(X)
+            v = self._items([self._item_part(r) for r in X])
+            cos = (u * v).sum(-1).clamp(-1.0, 1.0)
+        return ((1.0 + cos.cpu().numpy().astype(np.float64)) / 2.0).clip(0.0, 1.0)
+
+    def learn_many(self, X: Rows, y: Any, w: Any = None) -> None:
+        """Learn from the clicked rows of a labelled batch.
+
+        ``X``: B rows; ``y``: (B,) labels, a row is a positive when ``y > 0`` (non-finite
+        labels or weights drop the row); ``w``: optional (B,) example weights. Rows without
+        ``item_id`` are skipped. Clicks are learned in steps of at most ``batch_size``.
+        """
+        y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
+        if y_arr.shape[0] != len(X):
+            raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
+        w_arr = np.ones(len(X)) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
+        if w_arr.shape[0] != len(X):
+            raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+        ok = np.isfinite(y_arr) & np.isfinite(w_arr) & (y_arr > 0) & (w_arr > 0)
+        pos = [i for i in np.flatnonzero(ok).tolist() if X[i].get("item_id") is not None]
+        bs = self.config.batch_size
+        for s in range(0, len(pos), bs):
+            chunk = pos[s : s + bs]
+            self._step([X[i] for i in chunk], w_arr[chunk])
+
+    def score_and_learn(self, X: Rows, y: Any, w: Any = None) -> np.ndarray:
+        """Progressive validation: :meth:`predict_proba_many` BEFORE learning the batch."""
+        p = self.predict_proba_many(X)
+        self.learn_many(X, y, w)
+        return p
+
+    @property
+    def target_hard_share(self) -> float:
+        """The curriculum's hard-negative share now: linear in clicks learned, capped."""
+        cfg = self.config
+        if cfg.ramp_examples == 0:
+            return cfg.max_hard_share
+        return cfg.max_hard_share * min(1.0, self.n_examples / cfg.ramp_examples)
+
+    def _draw_hard(
+        self, users: list[str | None], n_random: int, batch_items: set[str]
+    ) -> tuple[list[str], list[int]]:
+        """Hard negatives for this step and the row that asked for each one.
+
+        At most ``floor(s / (1 - s) * n_random)`` of them (``s`` = target share), so that
+        hard / (hard + random) never exceeds ``s``; at most ``n_hard`` per click; items
+        already in the batch are dropped (they are in-batch negatives already).
+        """
+        share = self.target_hard_share
+        if self.hard_negatives is None or share <= 0.0 or n_random <= 0 or self.config.n_hard == 0:
+            return [], []
+        budget = min(
+            math.floor(share / (1.0 - share) * n_random + 1e-9), self.config.n_hard * len(users)
+        )
+        if budget <= 0:
+            return [], []
+        per_row = min(self.config.n_hard, -(-budget // len(users)))
+        items: list[str] = []
+        owners: list[int] = []
+        taken: set[str] = set()
+        for row, user in enumerate(users):
+            if len(items) >= budget:
+                break
+            if user is None:
+                continue
+            for item in self.hard_negatives(user, min(per_row, budget - len(items))):
+                item = str(item)
+                if item in batch_items or item in taken:
+                    continue
+                taken.add(item)
+                items.append(item)
+                owners.append(row)
+        return items[:budget], owners[:budget]
+
+    def _step(self, rows: list[Mapping[str, object]], weights: np.ndarray) -> None:
+        cfg = self.config
+        item_parts = [self._item_part(r) for r in rows]
+        for part in item_parts:
+            self._remember_item(part)
+        items = [str(p["item_id"]) for p in item_parts]
+        users = [None if r.get("user_id") is None else str(r["user_id"]) for r in rows]
+        self.popularity.update(items)
+        b = len(rows)
+        first: dict[str, int] = {}
+        for i, item in enumerate(items):
+            first.setdefault(item, i)
+        n_random = (len(first) if cfg.loss == "sampled_softmax" else b) - 1
+        hard, owners = self._draw_hard(users, n_random, set(first))
+        self.hard_share = len(hard) / (len(hard) + n_random) if hard else 0.0
+
+        self.model.train()
+        u = self._users(rows)  # (B, D)
+        k = self._items(item_parts)  # (B, D)
+        h = self._items(self._item_rows(hard)) if hard else k[:0]  # (H, D)
+        tau = cfg.temperature
+        if cfg.loss == "info_nce":
+            per = info_nce_loss(u, torch.cat([k, h]), tau, reduction="none")
+        else:
+            uniq = list(first.values())
+            neg_items = [items[i] for i in uniq] + hard
+            log_q_pos = torch.from_numpy(self.popularity.log_q(items)).to(self.device)
+            log_q_neg = torch.from_numpy(self.popularity.log_q(neg_items)).to(self.device)
+            neg = torch.cat([k[uniq], h])
+            per = sampled_softmax_loss(u, k, neg, log_q_pos, log_q_neg, tau, reduction="none")
+        wt = torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device)
+        loss = (per * wt).mean()
+        self._record_scores(u, k, h, items, owners)
+        self._apply(loss)
+        self.n_examples += b
+
+    def _record_scores(
+        self, u: Tensor, k: Tensor, h: Tensor, items: list[str], owners: list[int]
+    ) -> None:
+        with torch.no_grad():
+            ud, kd = u.detach(), k.detach()
+            sims = ud @ kd.T  # (B, B)
+            ids = np.asarray(items, dtype=object)
+            other = torch.from_numpy(ids[:, None] != ids[None, :]).to(self.device)
+            n_other = int(other.sum())
+            self.mean_random_score = (
+                float((sims * other).sum() / n_other) if n_other else self.mean_random_score
+            )
+            if owners:
+                own = torch.as_tensor(owners, device=self.device)
+                self.mean_hard_score = float((ud[own] * h.detach()).sum(-1).mean())
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sparse_optimizer.zero_grad(set_to_none=True)
+
+    def _apply(self, loss: Tensor) -> None:
+        """One Adam step (dense layers clipped to ``grad_clip_norm``; the embedding rows of
+        the batch by lazy SparseAdam); a non-finite loss or gradient skips it, counted."""
+        self._zero_grad()
+        if not bool(torch.isfinite(loss)):
+            self.n_skipped_nonfinite += 1
+            return
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(self._dense_params, self.config.grad_clip_norm)
+        finite = bool(torch.isfinite(norm))
+        for table in self.sparse_optimizer.param_groups[0]["params"]:
+            if table.grad is not None:
+                finite = finite and bool(torch.isfinite(table.grad.coalesce().values()).all())
+        if not finite:
+            self._zero_grad()
+            self.n_skipped_nonfinite += 1
+            return
+        self.optimizer.step()
+        self.sparse_optimizer.step()
+        self._zero_grad()
+        self.n_updates += 1
+        self.last_loss = float(loss.detach())
+
+    def clone(self) -> TwoTowerModel:
+        """An untrained copy with the same config and seed (no ``hard_negatives`` source)."""
+        return TwoTowerModel(self.config, seed=self.seed)
+
+    # -- persistence -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`save` writes; plain containers and tensors only."""
+        return {
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sparse_optimizer": self.sparse_optimizer.state_dict(),
+            "user_encoder": self.user_encoder.state_dict(),
+            "item_encoder": self.item_encoder.state_dict(),
+            "popularity": torch.from_numpy(self.popularity.table.copy()),
+            "popularity_total": self.popularity.total,
+            "item_features": [[k, dict(v)] for k, v in self._item_features.items()],
+            "n_updates": self.n_updates,
+            "n_examples": self.n_examples,
+            "n_skipped_nonfinite": self.n_skipped_nonfinite,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomically write a checkpoint (temp file in the same directory, fsync, replace)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | None = None) -> TwoTowerModel:
+        """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``),
+        optionally onto another ``device``. ``hard_negatives`` is not restored."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = TwoTowerConfig.from_dict(state["config"])
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+        model = cls(config, seed=int(state["seed"]))
+        model.model.load_state_dict(state["model"])
+        model.optimizer.load_state_dict(state["optimizer"])
+        model.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
+        model.user_encoder.load_state_dict(state["user_encoder"])
+        model.item_encoder.load_state_dict(state["item_encoder"])
+        model.popularity.table = state["popularity"].numpy().astype(np.float64)
+        model.popularity.total = float(state["popularity_total"])
+        model._item_features = OrderedDict((str(k), dict(v)) for k, v in state["item_features"])
+        model.n_updates = int(state["n_updates"])
+        model.n_examples = int(state["n_examples"])
+        model.n_skipped_nonfinite = int(state.get("n_skipped_nonfinite", 0))
+        return model

@@ -1,0 +1,333 @@
+"""Online serving as a plain object: retrieve with FAISS, rank, calibrate, cut to ``k``.
+
+:class:`Recommender` knows nothing about HTTP or Faust; a web route calls
+:meth:`Recommender.recommend` / :meth:`Recommender.score` and maps :class:`ServingError`
+to its status code. The live objects are passed as getters and read once per request, so
+the trainer, the monitor and the indexer can replace them underneath (a new ranker, a new
+calibrator version, a new index snapshot) and each response is computed from one
+consistent set, whose versions it reports.
+
+A request flows: user vector (two-tower user tower, or the ranker's user embedding as a
+fallback) -> top ``N = max(k, candidates)`` items of the current index snapshot -> the
+ranker's P(click) on rows built like :func:`stream.events.example_row` (``user_id``,
+``item_id``, ``position`` = ``ServingConfig.position``, plus the request context) -> the
+calibrator -> the ``k`` items with the highest calibrated pCTR.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from index.faiss_index import IndexHolder, IndexSnapshot
+from learners.calibration import Calibrator
+from learners.ranker import TorchRanker
+from stream.events import (
+    _RESERVED_FEATURE_NAMES,
+    MAX_FEATURE_NAME_LEN,
+    MAX_FEATURE_VALUE_LEN,
+    MAX_ID_LEN,
+)
+
+__all__ = ["Recommender", "ServingConfig", "ServingError"]
+
+UserVectors = Callable[[list[str]], np.ndarray]
+"""``user_ids (U,) -> (U, D) float32`` user vectors in the index's space."""
+
+
+class ServingError(Exception):
+    """A request that cannot be served: ``status`` is the HTTP status to answer with (400 for
+    a bad request, 503 while no index is available), ``message`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ServingError({self.status}, {self.message!r})"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving limits and settings.
+
+    Attributes:
+        max_k: largest ``k`` accepted by :meth:`Recommender.recommend`.
+        candidates: items retrieved from the index before ranking (at least ``k``).
+        max_candidates: most item ids accepted by :meth:`Recommender.score`.
+        position: the ``position`` feature every candidate is ranked at (the slot is not
+            known before ranking; a fixed one compares candidates on equal terms). None
+            leaves it out.
+        max_context: most context fields per request.
+    """
+
+    max_k: int = 100
+    candidates: int = 200
+    max_candidates: int = 1_000
+    position: int | None = 1
+    max_context: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "candidates", "max_candidates", "max_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServingConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _check_user(user_id: object) -> str:
+    if not isinstance(user_id, str) or not user_id:
+        raise ServingError(400, "user_id must be a non-empty string")
+    if len(user_id) > MAX_ID_LEN:
+        raise ServingError(400, f"user_id must have at most {MAX_ID_LEN} characters")
+    return user_id
+
+
+def _check_context(context: object, max_fields: int) -> dict[str, str | float]:
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise ServingError(400, "context must be an object of feature name -> value")
+    if len(context) > max_fields:
+        raise ServingError(400, f"context has {len(context)} fields, at most {max_fields}")
+    out: dict[str, str | float] = {}
+    for key, value in context.items():
+        if not isinstance(key, str) or not key or len(key) > MAX_FEATURE_NAME_LEN:
+            raise ServingError(
+                400, f"context names must be strings of 1..{MAX_FEATURE_NAME_LEN} characters"
+            )
+        if key in _RESERVED_FEATURE_NAMES:
+            raise ServingError(400, f"context name {key!r} is reserved")
+        if isinstance(value, str):
+            if len(value) > MAX_FEATURE_VALUE_LEN:
+                raise ServingError(400, f"context {key!r} is longer than {MAX_FEATURE_VALUE_LEN}")
+            out[key] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            f = float(value)
+            if not math.isfinite(f):
+                raise ServingError(400, f"context {key!r} must be finite")
+            out[key] = f
+        else:
+            raise ServingError(400, f"context {key!r} must be a string or a number")
+    return out
+
+
+class Recommender:
+    """Retrieve, rank and calibrate for one user.
+
+    Args:
+        index: the holder of the serving FAISS snapshot.
+        ranker: returns the current ranker (read once per request).
+        calibrator: returns the current ``(calibrator, version)``.
+        user_vectors: ``user_ids -> (U, D)`` vectors in the index's space, e.g.
+            ``two_tower.user_vectors``; None falls back to ``ranker().user_vectors`` (then
+            the index must hold ``ranker.item_vectors``), reported as
+            ``retrieval_model="ranker_embeddings"``.
+        config: limits and the candidate count.
+
+    The getters' objects are only read (``predict_proba_many``, ``transform``); if
+    another thread trains them in place, it must not do so while a request runs (publish
+    a copy instead).
+
+    Example:
+        >>> from index.faiss_index import build_snapshot
+        >>> from learners.calibration import PlattCalibrator
+        >>> from learners.encoding import EncoderConfig
+        >>> from learners.ranker import RankerConfig
+        >>> ranker = TorchRanker(RankerConfig(model="logreg", device="cpu",
+        ...                      encoder=EncoderConfig(num_buckets=256)), seed=0)
+        >>> items = [f"i{j}" for j in range(20)]
+        >>> holder = IndexHolder()
+        >>> _ = holder.swap(build_snapshot(items, ranker.item_vectors(items), version=1))
+        >>> rec = Recommender(holder, lambda: ranker, lambda: (PlattCalibrator(), 0))
+        >>> out = rec.recommend("u1", k=3, context={"ctx_device": "ios"})
+        >>> len(out["items"]), out["index_version"], out["retrieval_model"]
+        (3, 1, 'ranker_embeddings')
+        >>> sorted(out["items"][0])
+        ['item_id', 'p_raw', 'retrieval_score', 'score']
+        >>> rec.recommend("u1", k=0)
+        Traceback (most recent call last):
+        ...
+        stream.serving.ServingError: k must be an integer in [1, 100], got 0
+    """
+
+    def __init__(
+        self,
+        index: IndexHolder,
+        ranker: Callable[[], TorchRanker],
+        calibrator: Callable[[], tuple[Calibrator, int]],
+        user_vectors: UserVectors | None = None,
+        config: ServingConfig = ServingConfig(),  # noqa: B008 - frozen, immutable default
+    ) -> None:
+        self.index = index
+        self.ranker = ranker
+        self.calibrator = calibrator
+        self.user_vectors = user_vectors
+        self.config = config
+
+    @property
+    def retrieval_model(self) -> str:
+        """The retrieval source: "two_tower" with ``user_vectors``, else "ranker_embeddings"."""
+        return "ranker_embeddings" if self.user_vectors is None else "two_tower"
+
+    def _check_k(self, k: object) -> int:
+        max_k = self.config.max_k
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= max_k:
+            raise ServingError(400, f"k must be an integer in [1, {max_k}], got {k!r}")
+        return int(k)
+
+    def _check_items(self, item_ids: object) -> list[str]:
+        if isinstance(item_ids, str) or not isinstance(item_ids, Sequence):
+            raise ServingError(400, "item_ids must be a list of strings")
+        if not item_ids:
+            raise ServingError(400, "item_ids must not be empty")
+        if len(item_ids) > self.config.max_candidates:
+            raise ServingError(
+                400, f"{len(item_ids)} item_ids, at most {self.config.max_candidates}"
+            )
+        for item in item_ids:
+            if not isinstance(item, str) or not item or len(item) > MAX_ID_LEN:
+                raise ServingError(400, f"item ids must be strings of 1..{MAX_ID_LEN} characters")
+        if len(set(item_ids)) != len(item_ids):
+            raise ServingError(400, "item_ids must be distinct")
+        return list(item_ids)
+
+    def _rows(
+        self, user_id: str, items: Sequence[str], context: Mapping[str, str | float]
+    ) -> list[dict[str, object]]:
+        base: dict[str, object] = dict(context)
+        base["user_id"] = user_id
+        if self.config.position is not None:
+            base["position"] = self.config.position
+        return [{**base, "item_id": item} for item in items]
+
+    def _rank(
+        self, user_id: str, items: Sequence[str], context: Mapping[str, str | float]
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Raw and calibrated P(click) (N,) float64, model and calibrator versions."""
+        ranker = self.ranker()
+        calibrator, cal_version = self.calibrator()
+        p_raw = np.asarray(ranker.predict_proba_many(self._rows(user_id, items, context)))
+        p = np.asarray(calibrator.transform(p_raw), dtype=np.float64).reshape(-1)
+        return p_raw.astype(np.float64), p, int(ranker.n_updates), int(cal_version)
+
+    def _user_vector(self, user_id: str, snapshot: IndexSnapshot) -> np.ndarray:
+        if self.user_vectors is None:
+            vec = self.ranker().user_vectors([user_id])
+        else:
+            vec = self.user_vectors([user_id])
+        vec = np.asarray(vec, dtype=np.float32)
+        if vec.shape != (1, snapshot.dim):
+            raise ServingError(
+                503,
+                f"user vectors of shape {vec.shape} do not fit index version "
+                f"{snapshot.version} (dim {snapshot.dim}); the index is being rebuilt",
+            )
+        if not np.all(np.isfinite(vec)):
+            raise ServingError(503, "the retrieval model produced a non-finite user vector")
+        return vec
+
+    def recommend(
+        self, user_id: str, k: int, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The ``k`` best items for ``user_id`` by calibrated pCTR.
+
+        Args:
+            user_id: 1..256 characters.
+            k: 1..``max_k``.
+            context: request features (name -> str or finite number), given to the ranker
+                with every candidate; reserved event names (``item_id``, ``position``, ...)
+                are rejected.
+
+        Returns:
+            ``{"user_id", "items": [{"item_id", "score" (calibrated pCTR in [0, 1]),
+            "p_raw" (the ranker's), "retrieval_score" (cosine in [-1, 1])}, ...]`` sorted by
+            ``score`` descending (at most ``k``; fewer when the index holds fewer),
+            ``"index_version"``, ``"model_version"`` (the ranker's update count),
+            ``"calibrator_version"``, ``"retrieval_model"``, ``"candidates"`` (items ranked)
+            and ``"timing_ms"`` (``retrieve``, ``rank``, ``total``).
+
+        Raises:
+            ServingError: 400 for a bad argument, 503 before the first index snapshot or
+                when the user vectors do not fit the current index.
+        """
+        t0 = time.perf_counter()
+        user_id = _check_user(user_id)
+        k = self._check_k(k)
+        ctx = _check_context(context, self.config.max_context)
+        snapshot = self.index.current
+        if snapshot is None:
+            raise ServingError(503, "no index yet: the first snapshot has not been built")
+        n = max(k, self.config.candidates)
+        scores, ids = snapshot.search(self._user_vector(user_id, snapshot), n)
+        found = [j for j, item in enumerate(ids[0]) if item is not None]
+        items = [str(ids[0, j]) for j in found]
+        retrieval = scores[0, found].astype(np.float64)
+        t1 = time.perf_counter()
+        if items:
+            p_raw, p, model_version, cal_version = self._rank(user_id, items, ctx)
+        else:
+            p_raw = p = np.zeros(0)
+            model_version, cal_version = int(self.ranker().n_updates), self.calibrator()[1]
+        # Best calibrated pCTR first; the retrieval score breaks ties.
+        order = np.lexsort((-retrieval, -p))[:k]
+        t2 = time.perf_counter()
+        return {
+            "user_id": user_id,
+            "items": [
+                {
+                    "item_id": items[j],
+                    "score": float(p[j]),
+                    "p_raw": float(p_raw[j]),
+                    "retrieval_score": float(retrieval[j]),
+                }
+                for j in order.tolist()
+            ],
+            "index_version": snapshot.version,
+            "model_version": model_version,
+            "calibrator_version": int(cal_version),
+            "retrieval_model": self.retrieval_model,
+            "candidates": len(items),
+            "timing_ms": {
+                "retrieve": 1e3 * (t1 - t0),
+                "rank": 1e3 * (t2 - t1),
+                "total": 1e3 * (time.perf_counter() - t0),
+            },
+        }
+
+    def score(
+        self, user_id: str, item_ids: Sequence[str], context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Calibrated pCTR of given candidates, in the order given (no retrieval, so no
+        index is needed).
+
+        Returns ``{"user_id", "items": [{"item_id", "score", "p_raw"}, ...],
+        "index_version"`` (None before the first snapshot), ``"model_version"``,
+        ``"calibrator_version"``, ``"timing_ms": {"total"}}``.
+
+        Raises:
+            ServingError: 400 for a bad user id, context, or item list (not a list of
+                distinct strings of 1..256 characters, empty, or more than
+                ``max_candidates``).
+        """
+        t0 = time.perf_counter()
+        user_id = _check_user(user_id)
+        items = self._check_items(item_ids)
+        ctx = _check_context(context, self.config.max_context)
+        snapshot = self.index.current
+        p_raw, p, model_version, cal_version = self._rank(user_id, items, ctx)
+        return {
+            "user_id": user_id,
+            "items": [
+                {"item_id": item, "score": float(p[j]), "p_raw": float(p_raw[j])}
+                for j, item in enumerate(items)
+            ],
+            "index_version": None if snapshot is None else snapshot.version,
+            "model_version": model_version,
+            "calibrator_version": cal_version,
+            "timing_ms": {"total": 1e3 * (time.perf_counter() - t0)},
+        }
