@@ -83,8 +83,11 @@ class RankerConfig:
     pair_alpha: float = 0.5
     num_experts: int = 4
     num_tasks: int = 2
-    base_lr: float = 0.01
-    online_lr_scale: float = 0.1
+    # Cold/offline Adam rate. 0.005 beat 0.01 on both benchmark logs (prequential NE on 1M
+    # synthetic impressions 0.958 vs 0.964; OBD 1.092 vs 1.101); the online rate
+    # base_lr * online_lr_scale stays 0.001.
+    base_lr: float = 0.005
+    online_lr_scale: float = 0.2
     grad_clip_norm: float = 10.0
     device: str = "auto"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -179,6 +179,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         stream_buffer_maxsize=20000,
         producer_linger=0.005,
         recovery_consistency_check=settings.recovery_consistency_check,
+        processing_guarantee=settings.processing_guarantee,
     )
     join_table = app.Table(
         JOIN_TABLE,
@@ -295,6 +296,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             if batch is not None:
                 await scored.send(key=b"trainer", value=batch.to_json())
                 ack_trained(len(batch.impression_ids))
+        if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
+            await refresh_index()
         path = rt.trainer.maybe_checkpoint()
         if path is not None:
             msg = rt.trainer.announcement(path)
@@ -401,17 +404,21 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             rt.trainer.apply_control(msg)
             rt.monitor.apply_control(msg)
 
-    @app.timer(interval=settings.indexer.refresh_s)
-    async def indexer() -> None:
+    async def refresh_index() -> None:
         msg = rt.indexer.refresh(rt.trainer.ranker, rt.trainer.catalogue, rt.trainer.two_tower)
         if msg is not None:
             await control.send(key=b"index", value=control_bytes(msg))
+
+    @app.timer(interval=settings.indexer.refresh_s)
+    async def indexer() -> None:
+        await refresh_index()
 
     recommender = Recommender(
         rt.indexer.holder,
         ranker=lambda: rt.trainer.ranker,
         calibrator=lambda: (rt.trainer.serving_calibrator(), rt.trainer.calibrator_version),
-        user_vectors=rt.indexer.user_vectors,
+        # the index holds two-tower item vectors when the two-tower model is on
+        user_vectors=None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors,
         config=settings.serving,
     )
     app.recommender = recommender  # type: ignore[attr-defined]

@@ -56,32 +56,12 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[bytes]:
-    """Every record value of ``topic`` from the beginning up to its current end."""
-    from kafka import KafkaConsumer, TopicPartition
+    """Every record value of ``topic`` from the beginning up to its current end (see
+    :func:`stream.broker.read_records`: the end is the fetch high watermark, which Tansu
+    reports correctly, unlike ListOffsets)."""
+    from stream.broker import read_records
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap.split(","),
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
-    )
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        if not parts:
-            raise RuntimeError(f"topic {topic!r} does not exist on {bootstrap}")
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        end = consumer.end_offsets(parts)
-        values: list[bytes] = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in parts):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading the {topic} topic took over {timeout_s}s")
-            for records in consumer.poll(timeout_ms=500).values():
-                values.extend(r.value for r in records)
-        return values
-    finally:
-        consumer.close()
+    return [r.value for r in read_records(bootstrap, topic, timeout_s)]
 
 
 def read_scored(bootstrap: str, timeout_s: float = 60.0) -> list[ScoredBatch]:

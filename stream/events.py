@@ -247,10 +247,14 @@ class DeadLetter:
     raw_b64: str
 
     @staticmethod
-    def of(topic: str, partition: int, offset: int, exc: InvalidEvent, raw: bytes) -> DeadLetter:
+    def of(
+        topic: str, partition: int, offset: int, exc: InvalidEvent, raw: bytes | None
+    ) -> DeadLetter:
+        """``raw`` None (a null-value record) is kept as an empty ``raw_b64``."""
         return DeadLetter(
-            topic, partition, offset, exc.reason, exc.detail[:500], base64.b64encode(raw).decode()
-        )
+            topic, partition, offset, exc.reason, exc.detail[:500],
+            base64.b64encode(raw or b"").decode(),
+        )  # fmt: skip
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -259,7 +263,9 @@ class DeadLetter:
 # --- parsing -----------------------------------------------------------------------------
 
 
-def _load(raw: bytes | str, max_bytes: int | None = MAX_EVENT_BYTES) -> dict[str, Any]:
+def _load(raw: bytes | str | None, max_bytes: int | None = MAX_EVENT_BYTES) -> dict[str, Any]:
+    if raw is None:
+        raise InvalidEvent("bad_json", "a null-value record (tombstone): no event")
     if max_bytes is not None and len(raw) > max_bytes:
         raise InvalidEvent("too_large", f"{len(raw)} bytes > {max_bytes}")
     try:
@@ -391,7 +397,7 @@ def parse_click(raw: bytes | str) -> Click:
     return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
 
 
-def parse_input(raw: bytes | str, topic: str) -> Impression | Click | Watermark:
+def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Watermark:
     """Parse a record of ``impressions`` or ``clicks``, including producer watermarks."""
     d = _load(raw)
     if d.get("type") == "watermark":

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -220,7 +220,7 @@ class JoinService:
         j.expired_orphans.clear()
 
     def handle(
-        self, raw: bytes, topic: str, partition: int, offset: int
+        self, raw: bytes | None, topic: str, partition: int, offset: int
     ) -> tuple[list[LabeledExample], DeadLetter | None]:
         """Process one raw record; returns the labels it released (also queued in
         :attr:`outbox`), or a dead letter."""
@@ -259,7 +259,8 @@ class JoinService:
             if not known and iid in j.pending:
                 click_ts = j.clicked.get(iid)
                 state.put(partition, "i/" + iid, b'{"c":%s,"i":%s}' % (
-                    b"null" if click_ts is None else repr(click_ts).encode(), raw))  # fmt: skip
+                    b"null" if click_ts is None else repr(click_ts).encode(),
+                    raw if isinstance(raw, bytes) else event.to_json()))  # fmt: skip
             if had_orphan and iid not in j.orphan_clicks:
                 state.delete(partition, "c/" + iid)
             self._save_watermark(partition, j)
@@ -354,6 +355,10 @@ class Catalogue:
     max_users: int
     items: OrderedDict[str, None] = field(default_factory=OrderedDict)
     users: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
+    #: user id -> the newest ``max_seen`` items shown to them (clicked or not), for the
+    #: hard-negative pools ("seen without a click")
+    seen: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
+    max_seen: int = 50
 
     def add(self, user_id: str, item_id: str, clicked: bool) -> None:
         self.items[item_id] = None
@@ -367,8 +372,17 @@ class Catalogue:
             self.users.move_to_end(user_id)
         if clicked:
             clicks.add(item_id)
+        shown = self.seen.setdefault(user_id, OrderedDict())
+        shown[item_id] = None
+        shown.move_to_end(item_id)
+        if len(shown) > self.max_seen:
+            shown.popitem(last=False)
         if len(self.users) > self.max_users:
-            self.users.popitem(last=False)
+            gone, _ = self.users.popitem(last=False)
+            self.seen.pop(gone, None)
+
+    def seen_sets(self) -> dict[str, set[str]]:
+        return {u: set(items) for u, items in self.seen.items()}
 
 
 class _FncThen:
@@ -863,9 +877,14 @@ class IndexerService:
             per_user=settings.indexer.pool_per_user, max_users=settings.indexer.max_users
         )
         self.version = 0
-        #: ``user_ids -> (U, D)`` vectors in the index's space for serving; None: the
-        #: ranker's user embeddings (the index holds the ranker's item embeddings)
-        self.user_vectors: Callable[[list[str]], np.ndarray] | None = None
+        self.built_at_update = 0  # the retrieval model's update count at the last build
+
+    def due(self, ranker: TorchRanker, two_tower: TwoTowerModel | None) -> bool:
+        """True when ``indexer.refresh_updates`` model updates happened since the last
+        build (the timer refreshes every ``indexer.refresh_s`` seconds as well)."""
+        every = self.settings.indexer.refresh_updates
+        updates = ranker.n_updates if two_tower is None else two_tower.n_updates
+        return every > 0 and updates - self.built_at_update >= every
 
     def refresh(
         self, ranker: TorchRanker, catalogue: Catalogue, two_tower: TwoTowerModel | None = None
@@ -881,11 +900,17 @@ class IndexerService:
         t0 = time.perf_counter()
         model: TorchRanker | TwoTowerModel = two_tower if two_tower is not None else ranker
         vectors = model.item_vectors(items)
-        snapshot = build_snapshot(
-            items, vectors, version=self.version + 1, config=self.settings.index
-        )
-        check = self.holder.swap_if_valid(snapshot)
         m = self.metrics
+        try:
+            snapshot = build_snapshot(
+                items, vectors, version=self.version + 1, config=self.settings.index
+            )
+        except ValueError as exc:  # e.g. non-finite vectors from a diverged model
+            m.index_rejected.inc()
+            log.warning("index v%d not built, v%d keeps serving: %s", self.version + 1,
+                        self.version, exc)  # fmt: skip
+            return {"kind": "index_rejected", "version": self.version + 1, "reasons": [str(exc)]}
+        check = self.holder.swap_if_valid(snapshot)
         if not check.ok:
             m.index_rejected.inc()
             log.warning("index v%d rejected, v%d keeps serving: %s", snapshot.version,
@@ -893,11 +918,12 @@ class IndexerService:
             return {"kind": "index_rejected", "version": snapshot.version,
                     "reasons": list(check.reasons)}  # fmt: skip
         self.version = snapshot.version
-        self.user_vectors = None if two_tower is None else two_tower.user_vectors
+        self.built_at_update = ranker.n_updates if two_tower is None else two_tower.n_updates
         users = list(reversed(catalogue.users))  # most recent first
         now = time.time()
         if users:
-            self.pool.refresh(snapshot, users, model.user_vectors(users), catalogue.users, now=now)
+            self.pool.refresh(snapshot, users, model.user_vectors(users), catalogue.users,
+                              now=now, seen=catalogue.seen_sets())  # fmt: skip
         m.index_refreshes.inc()
         m.index_version.set(self.version)
         m.index_items.set(len(snapshot))

@@ -9,7 +9,7 @@ explicit keyword overrides.
 >>> s.faust_broker
 'kafka://127.0.0.1:9092'
 >>> s.trainer.batch_size, s.ranker.online_lr_scale
-(1024, 0.1)
+(1024, 0.2)
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class TrainerConfig:
     #: fake-negative calibration (Ktena et al. 2019): with ``join.delayed_feedback =
     #: "fake_negative"`` and BCE, served scores are mapped b -> b / (1 - b)
     fnc: bool = False
+    #: torch intra-op threads in the worker process (0: torch's default). One thread: the
+    #: worker's event loop already keeps a core busy, and two threads on 2 cores made a
+    #: training step 10x slower (bench/e2e.py)
+    torch_threads: int = 1
     #: seconds; when set, each example is weighted 0.5 ** (age / half-life), its age counted
     #: back from the newest impression ts of its micro-batch (learners.weighting)
     time_decay_half_life_s: float | None = None
@@ -126,9 +130,11 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class IndexerConfig:
-    """Refresh the FAISS index and hard-negative pools every ``refresh_s`` wall seconds."""
+    """Refresh the FAISS index and hard-negative pools every ``refresh_s`` wall seconds,
+    and after every ``refresh_updates`` updates of the retrieval model (0: time only)."""
 
     refresh_s: float = 5.0
+    refresh_updates: int = 0
     max_items: int = 1_000_000
     max_users: int = 5_000
     pool_per_user: int = 20
@@ -151,6 +157,10 @@ class Settings:
     #: from the changelog only past its own offsets: production) or "memory" (restored from
     #: the whole changelog on every start)
     table_store: str = "rocksdb"
+    #: Faust's processing guarantee: "at_least_once" (default; what the embedded broker
+    #: supports, with idempotent trainer and monitor) or "exactly_once" (Kafka
+    #: transactions: for Apache Kafka only, untested here since Tansu fails transactions)
+    processing_guarantee: str = "at_least_once"
     #: the worker's web server (GET /recommend, POST /score); 0 = a free port picked at
     #: start and printed (several workers on one host), the compose stack uses 6066
     web_host: str = "127.0.0.1"
@@ -184,6 +194,11 @@ class Settings:
             raise ValueError(f"table_store must be 'rocksdb' or 'memory', got {self.table_store!r}")
         # a delayed-feedback scheme needs its matching loss (clear error at start-up)
         check_loss_for_scheme(self.join.delayed_feedback, self.ranker.loss, fnc=self.trainer.fnc)
+        if self.processing_guarantee not in ("at_least_once", "exactly_once"):
+            raise ValueError(
+                "processing_guarantee must be 'at_least_once' or 'exactly_once', got "
+                f"{self.processing_guarantee!r}"
+            )
         if self.retrieval not in ("two_tower", "ranker"):
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:

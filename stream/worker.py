@@ -22,6 +22,10 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     created = create_worker_topics(settings)
     if created:
         log.info("created topics %s", created)
+    if settings.trainer.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.trainer.torch_threads)
     metrics = StreamrecMetrics()
     server, port = serve_metrics(
         metrics.registry, host=settings.metrics_host, port=settings.metrics_port

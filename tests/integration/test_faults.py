@@ -7,8 +7,8 @@
   up, and the counts must add up.
   Valid impressions with unknown extra fields are accepted (``stream.events`` ignores
   unknown top-level fields) and must be labelled like the log's.
-* A null-value record (a tombstone) on an input topic: expected to be dead-lettered like
-  any other bad record; today it crashes the joiner agent (xfail, strict).
+* A null-value record (a tombstone) on an input topic is dead-lettered like any other bad
+  record (reason ``bad_json``, empty ``raw_b64``).
 * The broker going away for ~10 s in the middle of a stream, with persistent (S3) storage:
   the worker must survive, reconnect and label every impression.
 """
@@ -369,12 +369,6 @@ def test_fuzzed_bad_records_are_dead_lettered_with_their_reason_and_counts_add_u
         broker.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a null-value record (tombstone) on an input topic crashes the joiner agent "
-    "(stream/app.py joiner -> dead_letter -> DeadLetter.of(..., raw=None): base64 of None); "
-    "Faust restarts the agent, the metric counts processing_error, but no dead letter is written",
-)
 def test_null_value_records_on_the_inputs_are_dead_lettered(tmp_path: Path) -> None:
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
     worker = start_worker(broker.url, tmp_path)
