@@ -200,6 +200,7 @@ def main(
     n_impressions = n or (QUICK_N if quick else FULL_N)
     names = learners or (QUICK_LEARNERS if quick else tuple(LEARNERS))
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     notes: list[str] = []
     datasets: dict[str, Any] = {}
     cfg = SyntheticConfig(n_impressions=n_impressions, seed=0)
@@ -247,10 +248,14 @@ def main(
         for block, label in (("all", "all rows"), ("tail", ds["tail_label"])):
             if (g := goal(ds["learners"], block)) is not None:
                 goals[f"{key}/{label}"] = g
+    load_end = os.getloadavg()[0]
+    notes.append(_load_note(load_start[0], load_end))
     report: dict[str, Any] = {
         **stamp("quality", quick),
         "machine": machine(),
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        # Other processes on the machine slow the examples/s (not the quality numbers).
+        "load_average_1m": {"start": load_start[0], "end": load_end},
         "notes": notes,
         "batch": BATCH,
         "goal": goals,
@@ -261,6 +266,15 @@ def main(
     print(goal_text(goals))
     print(f"wrote {out}")
     return report
+
+
+def _load_note(start: float, end: float) -> str:
+    cpus = os.cpu_count() or 1
+    return (
+        f"1-min load average {start:.1f} at the start, {end:.1f} at the end, on {cpus} CPUs "
+        "(above the CPU count, other processes slowed the examples/s; the quality numbers "
+        "do not depend on it)"
+    )
 
 
 def _f(x: float | None, spec: str) -> str:

@@ -22,6 +22,7 @@ Writes ``bench/results/trainer.json`` (``trainer_quick.json``) and prints a tabl
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def main(
     models = QUICK_MODELS if quick else MODELS
     batches = QUICK_BATCHES if quick else FULL_BATCHES
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     examples = log_examples(generate(SyntheticConfig(n_impressions=n_impressions, seed=0)))
     runs = [("cpu", False)]
     if torch.cuda.is_available() and not quick:
@@ -107,6 +109,7 @@ def main(
         ),
         None,
     )
+    load_end = os.getloadavg()[0]
     report: dict[str, Any] = {
         **stamp("trainer", quick),
         "machine": {
@@ -115,6 +118,13 @@ def main(
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "notes": [
+            f"1-min load average {load_start[0]:.1f} at the start, {load_end:.1f} at the end, "
+            f"on {os.cpu_count()} CPUs (above the CPU count, other processes lowered the "
+            "throughput)"
+        ],
+        # Other processes on the machine lower the measured throughput.
+        "load_average_1m": {"start": load_start[0], "end": load_end},
         "data": f"log_examples(generate(SyntheticConfig(n_impressions={n_impressions}, seed=0)))",
         "step": "TorchRanker.score_and_learn, online=True, RankerConfig defaults per model",
         "devices": [f"{d}{' amp' if a else ''}" for d, a in runs],
