@@ -40,7 +40,7 @@ from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 
-__all__ = ["MODELS", "RankerConfig", "TorchRanker", "pick_device"]
+__all__ = ["MODELS", "RankerConfig", "TorchRanker", "atomic_torch_save", "pick_device"]
 
 Rows = Sequence[Mapping[str, object]]
 
@@ -474,18 +474,8 @@ class TorchRanker:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write a checkpoint (temp file in the same directory, fsync, replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Atomically write a checkpoint (see :func:`atomic_torch_save`)."""
+        atomic_torch_save(self.state(), path)
 
     @classmethod
     def load(
@@ -523,3 +513,19 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     # exp of -|x| never overflows; float64 in and out.
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then replace ``path``:
+    a reader never sees a half-written checkpoint."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -30,12 +30,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +43,7 @@ from torch import Tensor, nn
 
 from learners.encoding import EncoderConfig, FeatureEncoder
 from learners.losses import info_nce_loss, sampled_softmax_loss
-from learners.ranker import pick_device
+from learners.ranker import atomic_torch_save, pick_device
 
 __all__ = ["TWO_TOWER_LOSSES", "HardNegativeSource", "TwoTowerConfig", "TwoTowerModel"]
 
@@ -600,18 +598,8 @@ class TwoTowerModel:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write a checkpoint (temp file in the same directory, fsync, replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Atomically write a checkpoint (see :func:`atomic_torch_save`)."""
+        atomic_torch_save(self.state(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | None = None) -> TwoTowerModel:
