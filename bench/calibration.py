@@ -49,7 +49,6 @@ Writes ``bench/results/calibration.json`` (``calibration_quick.json``) and print
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -64,7 +63,7 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry
 
-from bench.run import machine, results_path, stamp, write_report
+from bench.run import bench_parser, machine, results_path, stamp, write_report
 from learners.baselines import RiverLogisticRegression
 from learners.calibration import Calibrator, PlattCalibrator, calibrator_from_dict
 from learners.ranker import TorchRanker
@@ -279,6 +278,9 @@ def run_peer(
 # --- measures -----------------------------------------------------------------------------
 
 
+TRAJECTORY_EVERY = 2  # batch ends between two trajectory points (2,048 impressions)
+
+
 def windowed_ratio(p: np.ndarray, true_p: np.ndarray, window: int = WINDOW) -> np.ndarray:
     """``Σp / Σtrue_p`` over the trailing ``window`` rows ending at each row (N,); nan
     before the first full window."""
@@ -320,9 +322,15 @@ def measure(
     ratio = windowed_ratio(p, true_p)
     n = p.size
     stop = n if drift is None else drift
+    every = batch_ends(n, 0)[::TRAJECTORY_EVERY]
     out: dict[str, Any] = {
         "alarms_before_drift": sum(1 for a in alarms if a <= stop),
         "monitored_before_drift": max(0, stop - warmup),
+        # for plots: the windowed ratio at every TRAJECTORY_EVERY-th batch end (online rows)
+        "trajectory": {
+            "row": [int(e) + 1 for e in every],
+            "ratio": [_finite(float(v)) for v in ratio[every]],
+        },
     }
     settled = max(warmup, WINDOW)
     ends = batch_ends(stop, settled)
@@ -561,13 +569,17 @@ def run(quick: bool = False, results_dir: Path | None = None) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smoke sizes (< 60 s)")
-    parser.add_argument("--results-dir", type=Path, default=None)
+    parser = bench_parser("calibration", __doc__, "smoke sizes (< 60 s)")
     parser.add_argument("--workers", type=int, default=None, help="default os.cpu_count()")
     args = parser.parse_args(argv)
     main(args.quick, results_dir=args.results_dir, workers=args.workers)
     return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``bench.run``'s README section: the table and the goal line."""
+    goal = report.get("goal")
+    return table(report) + (f"\n\n{goal_line(goal)}" if goal else "")
 
 
 if __name__ == "__main__":

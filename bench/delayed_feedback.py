@@ -55,7 +55,6 @@ fake-negative stream, for every log and model. Writes ``bench/results/delayed_fe
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import machine, results_path, stamp, write_report
+from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.delayed_feedback import check_loss_for_scheme, fnc_correct
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
@@ -399,14 +398,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.delayed_feedback", description=__doc__)
-    parser.add_argument(
-        "--quick", action="store_true", help="40k impressions, ctr 20%% log, logreg only"
-    )
-    parser.add_argument("--results-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir)
-    return 0
+    quick = "40k impressions, ctr 20%% log, logreg only"
+    return bench_cli("delayed_feedback", __doc__, quick, main, argv)
 
 
 if __name__ == "__main__":

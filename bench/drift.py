@@ -278,5 +278,10 @@ def run(quick: bool = False, results_dir: Path | None = None) -> dict[str, Any]:
     return report
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """``bench.run``'s README section."""
+    return table(report["detectors"], Plan(**report["plan"]))
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

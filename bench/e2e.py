@@ -142,14 +142,19 @@ class WorkerProc:
 
 @contextmanager
 def worker_process(
-    broker: str, run_dir: Path, torch_threads: int | None = None
+    broker: str,
+    run_dir: Path,
+    torch_threads: int | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[WorkerProc]:
     """A worker subprocess that has joined its consumer group (Faust logged ``Ready``);
-    ``torch_threads`` sets ``OMP_NUM_THREADS`` for it (None: torch's default)."""
+    ``torch_threads`` sets ``OMP_NUM_THREADS`` for it (None: torch's default);
+    ``extra_args`` are appended to ``streamrec worker``'s command line."""
     port = free_port()
     log_path = run_dir / "worker.log"
     cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
-           "--metrics-port", str(port), "--data-dir", str(run_dir / "worker-data")]  # fmt: skip
+           "--metrics-port", str(port), "--data-dir", str(run_dir / "worker-data"),
+           *extra_args]  # fmt: skip
     with open(log_path, "ab") as out:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if torch_threads is not None:
@@ -764,6 +769,11 @@ def cli(argv: list[str] | None = None) -> int:
     run(args.quick, args.results_dir, n=args.n, profile=not args.no_profile,
         run_dir=args.run_dir, torch_threads=args.worker_threads)  # fmt: skip
     return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``bench.run``'s README section: the table and the goal line."""
+    return table(report) + "\n\n" + goal_line(report["goal"])
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ Run ``python -m bench.index`` (full, a few minutes on 2 cores) or ``python -m be
    time, recall@10 against exact (flat inner-product) search over 500 fresh queries from the
    same distribution, and the per-query latency of ``IndexSnapshot.search`` at batch 1 (p50 /
    p99 over 300 queries, Python call included, one FAISS thread as a serving worker has).
-   HNSW above 200k items (``--hnsw-subset N``; 0 builds fully) is built on a random
-   200k-item subset, since a 1M-item HNSW build alone takes minutes on 2 cores: its recall
-   and latency are measured on the subset and its build time is extrapolated by ``N log N``
-   scaling; the row says so.
+   Every size is built fully (the 1M-item HNSW build alone takes a few minutes on 2 cores);
+   ``--hnsw-subset N`` builds HNSW above N items on a random N-item subset instead, measures
+   recall and latency there and extrapolates the build time by ``N log N`` scaling (the row
+   says so).
 2. **Recommend latency.** ``stream.serving.Recommender.recommend(k=10)`` over a 100k-item
    index (quick: 20k) of two-tower item vectors (``kind="auto"``: HNSW above 50k), 200
    candidates ranked by a small DCN-v2 ``TorchRanker`` and a Platt calibrator, 2,000
@@ -29,7 +29,10 @@ Run ``python -m bench.index`` (full, a few minutes on 2 cores) or ``python -m be
    from a :class:`index.hard_negatives.HardNegativePool` refreshed every 100 batches, or
    at least 8 times (seen but not clicked, or ranked above a click; the share ramps to 0.5
    over 10k clicks), against a popularity baseline (the 10 most clicked items of the first
-   80%) and random retrieval (10 / items). The same on the Open Bandit Dataset sample
+   80%) and random retrieval (10 / items); on the synthetic log also the ``oracle``: the
+   generator's own expected clicks per request (:func:`stream.synthetic.click_propensity`,
+   exposure x true click probability) ranked over the same catalogue, the ceiling for any
+   retrieval model on that log. The same on the Open Bandit Dataset sample
    (``random/all``, 10,000 impressions, ~40 clicks: a handful of test clicks, so only a
    sanity check) when ``../shared/data/obd`` exists.
 
@@ -41,7 +44,6 @@ contention it costs 10x); the report records it. Index builds use every core. Wr
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -55,7 +57,7 @@ import faiss
 import numpy as np
 import torch
 
-from bench.run import machine, results_path, stamp, write_report
+from bench.run import OBD_CSV, OBD_DIR, bench_parser, machine, results_path, stamp, write_report
 from index.faiss_index import IndexConfig, IndexHolder, IndexSnapshot, build_snapshot
 from index.hard_negatives import HardNegativePool
 from learners.calibration import PlattCalibrator
@@ -64,7 +66,7 @@ from learners.two_tower import TwoTowerConfig, TwoTowerModel
 from stream.logs import read_obd
 from stream.offline import LogExamples, log_examples
 from stream.serving import Recommender, ServingConfig
-from stream.synthetic import SyntheticConfig, generate
+from stream.synthetic import SyntheticConfig, click_propensity, generate
 
 DIM = 64
 N_CENTERS = 1_000
@@ -83,10 +85,8 @@ QUICK_LOG = SyntheticConfig(n_impressions=100_000, n_users=500, n_items=300, dri
 TRAIN_FRACTION = 0.8
 BATCH = 1_024
 POOL_REFRESH_BATCHES = 100  # at most; at least 8 refreshes in a shorter log
-FULL_HNSW_SUBSET = 200_000
+FULL_HNSW_SUBSET: int | None = None  # build every size fully
 HARD_RAMP = 10_000  # clicks; the full log has ~32k training clicks
-OBD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "obd"
-OBD_CSV = OBD_DIR / "random" / "all" / "all.csv"
 
 
 @contextmanager
@@ -299,8 +299,13 @@ def _train(
 
 
 def two_tower_recall(
-    ex: LogExamples, variants: dict[str, Callable[[], TwoTowerModel]]
+    ex: LogExamples,
+    variants: dict[str, Callable[[], TwoTowerModel]],
+    oracle: Callable[[list[str], list[str]], np.ndarray] | None = None,
 ) -> dict[str, Any]:
+    """Recall@K of each variant (trained on the first ``TRAIN_FRACTION`` of the log) on the
+    clicks of the tail; ``oracle(user_ids, item_ids)`` (a score matrix) adds the ceiling
+    row ``oracle`` ranked over the same training catalogue."""
     split = int(TRAIN_FRACTION * len(ex))
     test = [i for i in range(split, len(ex)) if ex.y[i] > 0]
     clicked = Counter(str(ex.rows[i]["item_id"]) for i in range(split) if ex.y[i] > 0)
@@ -320,7 +325,7 @@ def two_tower_recall(
         items = _train(model, ex, split, feeder)
         n_items = len(items)
         snap = build_snapshot(items, model.item_vectors(items), version=1, config=IndexConfig())
-        top = snap.search(model.user_vectors([ex.rows[i] for i in test]), K)[1] if test else []
+        top: Any = snap.search(model.user_vectors([ex.rows[i] for i in test]), K)[1] if test else []
         hits = [t_ in set(row) for t_, row in zip(truth, top, strict=True)]
         res: dict[str, Any] = {
             "recall_at_10": float(np.mean(hits)) if hits else math.nan,
@@ -340,6 +345,14 @@ def two_tower_recall(
     pop_hits = [t_ in popular for t_ in truth]
     out["models"]["popularity"] = {"recall_at_10": float(np.mean(pop_hits)) if test else math.nan}
     out["models"]["random"] = {"recall_at_10": min(1.0, K / max(n_items, 1))}
+    if oracle is not None and test:
+        users = sorted({str(ex.rows[i]["user_id"]) for i in test})
+        scores = oracle(users, items)
+        top_k = np.argsort(-scores, axis=1)[:, :K]
+        best = {u: {items[j] for j in row} for u, row in zip(users, top_k, strict=True)}
+        hits = [t_ in best[str(ex.rows[i]["user_id"])] for t_, i in zip(truth, test, strict=True)]
+        out["models"]["oracle"] = {"recall_at_10": float(np.mean(hits))}
+        print(f"  oracle: recall@10 {out['models']['oracle']['recall_at_10']:.4f}")
     out["items"] = n_items
     print(f"  popularity: recall@10 {out['models']['popularity']['recall_at_10']:.4f}")
     return out
@@ -391,7 +404,11 @@ def main(
                     f"n_users={log_cfg.n_users}, n_items={log_cfg.n_items}, drift_at=None, "
                     "seed=0))"
                 ),
-                **two_tower_recall(log_examples(generate(log_cfg)), VARIANTS),
+                **two_tower_recall(
+                    log_examples(generate(log_cfg)),
+                    VARIANTS,
+                    oracle=lambda users, items: click_propensity(log_cfg, users, items),
+                ),
             }
         }
         if OBD_CSV.exists():
@@ -460,8 +477,8 @@ def table(report: dict[str, Any]) -> str:
             f"{m} recall@10"
             for m in ("two_tower", "two_tower_info_nce", "two_tower_hard_negatives")
         )
-        + " | popularity | random |",
-        "|---|---|---|---|---|---|---|---|",
+        + " | popularity | random | oracle |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for log, r in report["retrieval"].items():
         models = r["models"]
@@ -473,6 +490,7 @@ def table(report: dict[str, Any]) -> str:
                 "two_tower_hard_negatives",
                 "popularity",
                 "random",
+                "oracle",
             )
         ]
         lines.append(
@@ -482,15 +500,13 @@ def table(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.index", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smoke sizes (< 60 s)")
-    parser.add_argument("--results-dir", type=Path, default=None)
+    parser = bench_parser("index", __doc__, "smoke sizes (< 60 s)")
     parser.add_argument(
         "--hnsw-subset",
         type=int,
         default=-1,
-        help=f"build HNSW above this many items on a subset and extrapolate its build time "
-        f"(default {FULL_HNSW_SUBSET:,} in a full run; 0: always build fully)",
+        help="build HNSW above this many items on a subset and extrapolate its build time "
+        "(default and 0: build every size fully)",
     )
     args = parser.parse_args(argv)
     subset = None if args.hnsw_subset == 0 else args.hnsw_subset

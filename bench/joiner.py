@@ -23,7 +23,6 @@ Two parts, one run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.run import machine, results_path, stamp, write_report
+from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
 from monitoring.metrics import StreamrecMetrics
 from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
 from stream.join import JoinConfig, OnlineJoiner, offline_join
@@ -48,7 +47,6 @@ from stream.services import JoinService, MemoryJoinState
 from stream.settings import Settings
 from stream.synthetic import SyntheticConfig, write_synthetic
 
-OBD_CSV = Path(__file__).resolve().parents[2] / "shared/data/obd/random/all/all.csv"
 PARTITIONS = 4
 WATERMARK_EVERY = 2000
 
@@ -351,12 +349,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.joiner", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="20k in process, 10k via broker")
-    parser.add_argument("--results-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir)
-    return 0
+    return bench_cli("joiner", __doc__, "20k in process, 10k via broker", main, argv)
 
 
 if __name__ == "__main__":

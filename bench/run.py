@@ -5,8 +5,10 @@
 ``README_quick.md`` from the ``*_quick.json`` files instead; ``--only drift,trainer`` runs
 a subset (the README still shows every results file present).
 
-Each benchmark module exposes ``main(quick, results_dir) -> dict`` (``bench.drift``:
-``run``, a wrapper around its command line), writes its JSON file and prints its table.
+Each benchmark module ``bench.<name>`` exposes ``main(quick, *, results_dir) -> dict``
+(``bench.drift`` and ``bench.e2e``: ``run``), writes its JSON file and prints its table;
+``table(report)`` (or ``markdown(report)``) gives its section of the README, and
+:mod:`bench.plots` draws ``<name>.png`` next to the JSON where a plot says more.
 This module also holds the helpers the benchmarks share: :func:`machine` and
 :func:`stamp`.
 """
@@ -14,6 +16,7 @@ This module also holds the helpers the benchmarks share: :func:`machine` and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -27,7 +30,20 @@ from typing import Any
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NAMES = ("drift", "trainer", "quality", "delayed_feedback", "e2e", "index", "calibration", "joiner")
+#: The Open Bandit Dataset sample beside the checkout (absent from a fresh clone).
+OBD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "obd"
+OBD_CSV = OBD_DIR / "random" / "all" / "all.csv"
+NAMES = (
+    "drift",
+    "trainer",
+    "quality",
+    "delayed_feedback",
+    "e2e",
+    "index",
+    "serving",
+    "calibration",
+    "joiner",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -60,78 +76,55 @@ def results_path(results_dir: Path | None, name: str, quick: bool) -> Path:
     return (results_dir or RESULTS_DIR) / (f"{name}_quick.json" if quick else f"{name}.json")
 
 
+def bench_parser(name: str, doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The command line every ``python -m bench.<name>`` shares: ``--quick`` and
+    ``--results-dir``; a benchmark adds its own options to it."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--results-dir", type=Path, default=None, help=f"default {RESULTS_DIR}")
+    return parser
+
+
+def bench_cli(
+    name: str,
+    doc: str | None,
+    quick_help: str,
+    main: Callable[..., Any],
+    argv: list[str] | None,
+) -> int:
+    """``python -m bench.<name>`` for a benchmark with no options of its own: parse, then
+    ``main(quick, results_dir=...)``."""
+    args = bench_parser(name, doc, quick_help).parse_args(argv)
+    main(args.quick, results_dir=args.results_dir)
+    return 0
+
+
 def write_report(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _runner(name: str) -> Callable[[bool, Path | None], dict[str, Any]]:
+# Every benchmark module is ``bench.<name>`` and has ``main(quick, *, results_dir)`` (here
+# ``run`` where ``main`` is its command line) and ``table(report)`` (``markdown(report)``
+# where the section needs more than the table, e.g. a goal line).
+_ENTRY = {"drift": "run", "e2e": "run"}
+
+
+def _module(name: str) -> Any:
     # Imported lazily: the benchmark modules import the helpers above.
-    if name == "joiner":
-        from bench import joiner
+    return importlib.import_module(f"bench.{name}")
 
-        return lambda quick, results_dir: joiner.main(quick, results_dir=results_dir)
-    if name == "calibration":
-        from bench import calibration
 
-        return calibration.run
-    if name == "index":
-        from bench import index
-
-        return lambda quick, results_dir: index.main(quick, results_dir=results_dir)
-    if name == "e2e":
-        from bench import e2e
-
-        return e2e.run
-    if name == "drift":
-        from bench import drift
-
-        return drift.run
-    if name == "trainer":
-        from bench import trainer
-
-        return lambda quick, results_dir: trainer.main(quick, results_dir=results_dir)
-    if name == "delayed_feedback":
-        from bench import delayed_feedback
-
-        return lambda quick, results_dir: delayed_feedback.main(quick, results_dir=results_dir)
-    from bench import quality
-
-    return lambda quick, results_dir: quality.main(quick, results_dir=results_dir)
+def _run(name: str, quick: bool, results_dir: Path | None) -> dict[str, Any]:
+    entry = getattr(_module(name), _ENTRY.get(name, "main"))
+    report: dict[str, Any] = entry(quick, results_dir=results_dir)
+    return report
 
 
 def _table(name: str, report: dict[str, Any]) -> str:
-    if name == "joiner":
-        from bench import joiner
-
-        return joiner.table(report)
-    if name == "calibration":
-        from bench import calibration
-
-        return calibration.table(report) + "\n\n" + calibration.goal_line(report["goal"])
-    if name == "index":
-        from bench import index
-
-        return index.table(report)
-    if name == "e2e":
-        from bench import e2e
-
-        return e2e.table(report) + "\n\n" + e2e.goal_line(report["goal"])
-    if name == "drift":
-        from bench import drift
-
-        return drift.table(report["detectors"], drift.Plan(**report["plan"]))
-    if name == "trainer":
-        from bench import trainer
-
-        return trainer.table(report)
-    if name == "delayed_feedback":
-        from bench import delayed_feedback
-
-        return delayed_feedback.table(report)
-    from bench import quality
-
-    return quality.table(report)
+    mod = _module(name)
+    text: str = getattr(mod, "markdown", mod.table)(report)
+    return text
 
 
 def _header(report: dict[str, Any]) -> str:
@@ -159,6 +152,9 @@ def render(quick: bool, results_dir: Path | None = None) -> Path:
         + (" --quick`" if quick else "`")
         + " from the JSON files in this folder; see `bench/README.md` for what is measured.",
     ]
+    from bench import plots
+
+    pngs = plots.render_all(results_dir, quick)
     for name in NAMES:
         path = results_path(results_dir, name, quick)
         if not path.exists():
@@ -166,30 +162,15 @@ def render(quick: bool, results_dir: Path | None = None) -> Path:
         report = json.loads(path.read_text())
         sections += ["", f"## {name} (`{path.name}`)", "", _header(report), ""]
         sections.append(_table(name, report))
-        if name == "trainer" and report.get("goal"):
-            sections += ["", trainer_goal_line(report["goal"])]
-        if name == "quality" and report.get("goal"):
-            sections += ["", quality_goal_line(report["goal"])]
+        png = pngs.get(name)
+        if png is not None and not png.startswith("skipped"):
+            sections += ["", f"![{name}]({Path(png).name})"]
+        elif png is not None:
+            sections += ["", f"(plot {png})"]
     out = out_dir / ("README_quick.md" if quick else "README.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(sections) + "\n")
     return out
-
-
-def trainer_goal_line(goal: dict[str, Any]) -> str:
-    ratio = goal.get("ratio")
-    got = (
-        "not measured (batch 4096 not in this run)"
-        if ratio is None
-        else (f"{goal['examples_per_s']:,.0f} ex/s = {ratio:.2f}x the goal")
-    )
-    return f"Goal: {goal['target']}. Measured: {got}."
-
-
-def quality_goal_line(goal: dict[str, Any]) -> str:
-    from bench import quality
-
-    return quality.goal_text(goal)
 
 
 def main(
@@ -201,7 +182,7 @@ def main(
     for name in only:
         t = time.perf_counter()
         print(f"\n=== {name} ===", flush=True)
-        reports[name] = _runner(name)(quick, results_dir)
+        reports[name] = _run(name, quick, results_dir)
         print(f"[{name}: {time.perf_counter() - t:.1f} s]", flush=True)
     out = render(quick, results_dir)
     print(f"\nall: {time.perf_counter() - t0:.1f} s; wrote {out}")

@@ -21,7 +21,6 @@ Writes ``bench/results/trainer.json`` (``trainer_quick.json``) and prints a tabl
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.run import machine, results_path, stamp, write_report
+from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import MODELS, RankerConfig, TorchRanker
 from stream.offline import LogExamples, log_examples
 from stream.synthetic import SyntheticConfig, generate
@@ -177,12 +176,21 @@ def table(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.trainer", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="dcnv2 + logreg at 1024, 20k rows")
-    parser.add_argument("--results-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir)
-    return 0
+    return bench_cli("trainer", __doc__, "dcnv2 + logreg at 1024, 20k rows", main, argv)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``bench.run``'s README section: the table and the goal line."""
+    goal = report.get("goal")
+    if not goal:
+        return table(report)
+    ratio = goal.get("ratio")
+    got = (
+        "not measured (batch 4096 not in this run)"
+        if ratio is None
+        else f"{goal['examples_per_s']:,.0f} ex/s = {ratio:.2f}x the goal"
+    )
+    return f"{table(report)}\n\nGoal: {goal['target']}. Measured: {got}."
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ ITEM_FIELD = "item_id"
 _DROPPED = -1
 _NUMERIC_TYPES = frozenset({int, float, bool})
 _CACHE_MAX = 1 << 17  # entries per field before the bucket cache is dropped
+
+
+#: Serialises slot assignment (rare: only a never-seen field takes it).
+_SLOTS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,11 @@ class FeatureEncoder:
         return not isinstance(value, numbers.Real)
 
     def _assign_slots(self, row: Mapping[str, object]) -> None:
+        # check-then-assign: a worker encodes on its training and serving threads at once
+        with _SLOTS_LOCK:
+            self._assign_slots_locked(row)
+
+    def _assign_slots_locked(self, row: Mapping[str, object]) -> None:
         for key in sorted(row):
             value = row[key]
             if value is None:

@@ -323,6 +323,7 @@ def sampled_softmax_loss(
     log_q_neg: Tensor,
     temperature: float = 1.0,
     reduction: str = "mean",
+    exclude: Tensor | None = None,
 ) -> Tensor:
     """Sampled softmax with the logQ correction (Yi et al. 2019, RecSys).
 
@@ -332,7 +333,8 @@ def sampled_softmax_loss(
     ``<query, key> / temperature - log_q``, the positive at index 0; per row the loss is
     cross-entropy towards index 0 (``"none"``: (B,)). The correction removes the bias towards
     popular items that sampling negatives in proportion to ``q`` otherwise causes.
-    Accidental hits (a negative equal to the row's positive) are not masked.
+    ``exclude``: optional (B, N) bool, True where a negative must not count for that row
+    (an accidental hit: the negative is the row's own positive item); None keeps them all.
 
     Example:
         >>> q = torch.tensor([[1.0, 0.0]])
@@ -349,6 +351,12 @@ def sampled_softmax_loss(
     _check_reduction(reduction)
     pos = (query * pos_keys).sum(-1) / temperature - log_q_pos.to(query.dtype)  # (B,)
     neg = query @ neg_keys.T / temperature - log_q_neg.to(query.dtype)[None, :]  # (B, N)
+    if exclude is not None:
+        if exclude.shape != neg.shape:
+            raise ValueError(
+                f"exclude must have shape {tuple(neg.shape)}, got {tuple(exclude.shape)}"
+            )
+        neg = neg.masked_fill(exclude, float("-inf"))
     logits = torch.cat([pos[:, None], neg], dim=1)
     labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels, reduction=reduction)

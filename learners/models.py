@@ -32,8 +32,7 @@ _EMB_STD = 0.05
 
 def _user_item_dot(embedding: nn.Embedding, cat: Tensor) -> Tensor:
     """``<e(cat[:, 0]), e(cat[:, 1])>``: (B,). Absent ids hit the zero padding row."""
-    e = embedding(cat[:, :2])  # (B, 2, D)
-    return (e[:, 0] * e[:, 1]).sum(-1)
+    return _pair_dot(embedding(cat[:, :2]))  # (B, 2, D) -> (B,)
 
 
 def _init_embedding(emb: nn.Embedding, std: float, generator: torch.Generator | None) -> None:
@@ -63,6 +62,32 @@ def _init_linears(module: nn.Module, generator: torch.Generator | None) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             _init_linear(m, generator)
+
+
+def _fields_x0(emb: Tensor, num: Tensor) -> Tensor:
+    """``[e(cat_1), ..., e(cat_Fc), num]``: (B, Fc, D) and (B, Fn) -> (B, Fc*D + Fn)."""
+    return torch.cat([emb.flatten(1), num], dim=1)
+
+
+def _pair_dot(emb: Tensor) -> Tensor:
+    """``<e(user), e(item)>`` from the field embeddings (B, Fc, D) -> (B,)."""
+    return (emb[:, 0] * emb[:, 1]).sum(-1)
+
+
+class _HeadModel(nn.Module):
+    """A model whose click logit leaves through ``self.head`` (a ``Linear(width, 1)``)."""
+
+    head: nn.Linear
+
+    def _reset_head(self, generator: torch.Generator | None) -> None:
+        _init_linear(self.head, generator)
+        with torch.no_grad():
+            self.head.bias.fill_(_INITIAL_BIAS)
+
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The click logit's additive bias parameter (shape ``(1,)``)."""
+        return self.head.bias
 
 
 class LogisticModel(nn.Module):
@@ -126,7 +151,7 @@ class CrossLayer(nn.Module):
         return x0 * self.linear(x) + x
 
 
-class DCNv2(nn.Module):
+class DCNv2(_HeadModel):
     """DCN-v2 (Wang et al. 2021), parallel structure, plus a user x item dot term.
 
     ``x0 = [e(cat_1), ..., e(cat_Fc), num]`` (B, Fc*D + Fn) feeds a stack of cross layers
@@ -155,47 +180,28 @@ class DCNv2(nn.Module):
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
         d0 = num_cat_fields * embedding_dim + num_num_fields
         self.cross = nn.ModuleList(CrossLayer(d0) for _ in range(cross_layers))
-        layers: list[nn.Module] = []
-        width = d0
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.deep = nn.Sequential(*layers)
+        self.deep, width = _mlp(d0, hidden)
         self.head = nn.Linear(d0 + width, 1)
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Xavier linears, small random embeddings, head bias = logit(INITIAL_CTR)."""
         _init_embedding(self.embedding, _EMB_STD, generator)
-        for layer in self.cross:
-            assert isinstance(layer, CrossLayer)
-            _init_linear(layer.linear, generator)
-        for module in self.deep:
-            if isinstance(module, nn.Linear):
-                _init_linear(module, generator)
-        _init_linear(self.head, generator)
-        with torch.no_grad():
-            self.head.bias.fill_(_INITIAL_BIAS)
-
-    @property
-    def output_bias(self) -> nn.Parameter:
-        """The click logit's additive bias parameter (shape ``(1,)``)."""
-        return self.head.bias
+        _init_linears(self.cross, generator)
+        _init_linears(self.deep, generator)
+        self._reset_head(generator)
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
         emb = self.embedding(cat)  # (B, Fc, D)
-        x0 = torch.cat([emb.flatten(1), num], dim=1)
-        x = x0
+        x0 = x = _fields_x0(emb, num)
         for layer in self.cross:
             x = layer(x0, x)
         h = self.deep(x0)
-        logit = self.head(torch.cat([x, h], dim=1)).squeeze(-1)
-        dot = (emb[:, 0] * emb[:, 1]).sum(-1)
-        return logit + dot
+        return self.head(torch.cat([x, h], dim=1)).squeeze(-1) + _pair_dot(emb)
 
 
-class WideAndDeep(nn.Module):
+class WideAndDeep(_HeadModel):
     """Wide & Deep (Cheng et al. 2016), plus a user x item dot term.
 
     Wide: a scalar weight per bucket and a linear numeric term (memorisation, as in
@@ -237,14 +243,7 @@ class WideAndDeep(nn.Module):
             self.wide_numeric.weight.zero_()
         _init_embedding(self.embedding, _EMB_STD, generator)
         _init_linears(self.deep, generator)
-        _init_linear(self.head, generator)
-        with torch.no_grad():
-            self.head.bias.fill_(_INITIAL_BIAS)
-
-    @property
-    def output_bias(self) -> nn.Parameter:
-        """The click logit's additive bias parameter (shape ``(1,)``)."""
-        return self.head.bias
+        self._reset_head(generator)
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
@@ -252,12 +251,11 @@ class WideAndDeep(nn.Module):
         if self.num_num_fields:
             wide = wide + self.wide_numeric(num).squeeze(-1)
         emb = self.embedding(cat)  # (B, Fc, D)
-        deep = self.head(self.deep(torch.cat([emb.flatten(1), num], dim=1))).squeeze(-1)
-        dot = (emb[:, 0] * emb[:, 1]).sum(-1)
-        return wide + deep + dot
+        deep = self.head(self.deep(_fields_x0(emb, num))).squeeze(-1)
+        return wide + deep + _pair_dot(emb)
 
 
-class DeepFM(nn.Module):
+class DeepFM(_HeadModel):
     """DeepFM (Guo et al. 2017): first order + FM second order + a deep MLP.
 
     Field vectors are ``e(cat_f)`` for categorical fields (absent: the zero padding row) and
@@ -303,14 +301,7 @@ class DeepFM(nn.Module):
         _init_embedding(self.embedding, _EMB_STD, generator)
         nn.init.normal_(self.numeric_embedding, 0.0, _EMB_STD, generator=generator)
         _init_linears(self.deep, generator)
-        _init_linear(self.head, generator)
-        with torch.no_grad():
-            self.head.bias.fill_(_INITIAL_BIAS)
-
-    @property
-    def output_bias(self) -> nn.Parameter:
-        """The click logit's additive bias parameter (shape ``(1,)``)."""
-        return self.head.bias
+        self._reset_head(generator)
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B,)."""
@@ -322,7 +313,7 @@ class DeepFM(nn.Module):
             num_vecs = num[:, :, None] * self.numeric_embedding[None]  # (B, Fn, D)
             fields = torch.cat([emb, num_vecs], dim=1)
         fm = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(-1)
-        deep = self.head(self.deep(torch.cat([emb.flatten(1), num], dim=1))).squeeze(-1)
+        deep = self.head(self.deep(_fields_x0(emb, num))).squeeze(-1)
         return first + fm + deep
 
 
@@ -399,7 +390,7 @@ class MMoE(nn.Module):
     def forward_tasks(self, cat: Tensor, num: Tensor) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> logits float32 (B, T)."""
         emb = self.embedding(cat)  # (B, Fc, D)
-        x0 = torch.cat([emb.flatten(1), num], dim=1)
+        x0 = _fields_x0(emb, num)
         experts = torch.stack([e(x0) for e in self.experts], dim=1)  # (B, E, H)
         logits = []
         for gate, tower in zip(self.gates, self.towers, strict=True):
@@ -407,8 +398,7 @@ class MMoE(nn.Module):
             mixed = (g[:, :, None] * experts).sum(1)  # (B, H)
             logits.append(tower(mixed).squeeze(-1))
         out = torch.stack(logits, dim=1)  # (B, T)
-        dot = (emb[:, 0] * emb[:, 1]).sum(-1)
-        return torch.cat([(out[:, 0] + dot)[:, None], out[:, 1:]], dim=1)
+        return torch.cat([(out[:, 0] + _pair_dot(emb))[:, None], out[:, 1:]], dim=1)
 
     def forward(self, cat: Tensor, num: Tensor) -> Tensor:
         """Click logits, float32 (B,): column 0 of :meth:`forward_tasks`."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import tempfile
@@ -41,6 +42,8 @@ from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 
 __all__ = ["MODELS", "RankerConfig", "TorchRanker", "atomic_torch_save", "pick_device"]
+
+log = logging.getLogger(__name__)
 
 Rows = Sequence[Mapping[str, object]]
 
@@ -66,10 +69,17 @@ class RankerConfig:
     ``prior_ctr`` in (0, 1): the CTR the output bias starts at. ``bias_prior_strength``
     (pseudo-examples, > 0, or None to disable): on a fresh ranker's first learning step the
     output bias is shifted so that the batch's mean prediction is
-    ``(sum w y + s prior_ctr) / (sum w + s)``. ``loss_correction``: map the outputs of
+    ``(sum w y + s prior_ctr) / (sum w + s)``; ``bias_warmup`` (examples, >= 0): the same
+    shift is made on every learning step until that many examples (by weight) have been
+    learned, with the sums running over all of them, so a cold model follows the log's
+    shrunk base rate instead of waiting for gradient steps to walk the bias there (a log
+    whose CTR is far from ``prior_ctr``, e.g. 0.4% against 3%, otherwise over-predicts for
+    thousands of impressions). ``loss_correction``: map the outputs of
     ``focal`` / ``weighted_bce`` models back to P(click) (:mod:`learners.links`); focal at
     default settings is otherwise badly over-predicting (calibration ratio ~4.6 at a 5% CTR).
     ``amp``: bf16 autocast of the forward pass on CUDA; ignored on the CPU.
+    ``sparse_embeddings``: sparse gradients and lazy Adam (SparseAdam) for the embedding
+    tables, dense Adam for the rest; False: one dense Adam over everything.
     """
 
     model: str = "dcnv2"  # one of MODELS
@@ -93,8 +103,10 @@ class RankerConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     prior_ctr: float = INITIAL_CTR
     bias_prior_strength: float | None = 100.0
+    bias_warmup: float = 10_000.0
     loss_correction: bool = True
     amp: bool = False
+    sparse_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -130,6 +142,8 @@ class RankerConfig:
         s = self.bias_prior_strength
         if s is not None and not (math.isfinite(s) and s > 0):
             raise ValueError(f"bias_prior_strength must be positive finite or None, got {s}")
+        if not (math.isfinite(self.bias_warmup) and self.bias_warmup >= 0):
+            raise ValueError(f"bias_warmup must be finite and >= 0, got {self.bias_warmup}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -200,10 +214,22 @@ class TorchRanker:
             with torch.no_grad():
                 self._output_bias().fill_(self._raw_logit(_logit(config.prior_ctr)))
         self.bias_centred = False
-        # The fused kernel is ~10x faster than the default for-loop Adam on CPU over large
-        # embedding tables (the dense update touches every row).
+        # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
+        self.bias_warm = (0.0, 0.0)
+        # Embedding tables get sparse gradients and lazy Adam (only the rows a batch uses
+        # are read and written); a dense Adam step touches all 2**18 rows of every table,
+        # which made the step memory-bound (bench.trainer). The rest: fused dense Adam.
+        tables: list[Tensor] = []
+        if config.sparse_embeddings:
+            for module in self.model.modules():
+                if isinstance(module, nn.Embedding):
+                    module.sparse = True
+                    tables.append(module.weight)
+        table_ids = {id(t) for t in tables}
+        self._dense_params = [p for p in self.model.parameters() if id(p) not in table_ids]
         fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, fused=fused)
+        self.optimizer = torch.optim.Adam(self._dense_params, lr=self.lr, fused=fused)
+        self.sparse_optimizer = torch.optim.SparseAdam(tables, lr=self.lr) if tables else None
         self.n_updates = 0
         self.n_skipped_nonfinite = 0
         self.last_loss: float | None = None
@@ -287,7 +313,8 @@ class TorchRanker:
         return 0.5 * (lo + hi)
 
     def _centre_output_bias(self, raw_logits: np.ndarray, y: np.ndarray, w: np.ndarray) -> bool:
-        """Shift the output bias so the weighted mean P(click) of the batch is the shrunk CTR.
+        """Shift the output bias so the weighted mean P(click) of the batch is the shrunk CTR
+        of every example learned while warming up (this batch included).
 
         ``raw_logits``, ``y``, ``w``: float64 (B,). Returns False (nothing done) when the
         labels or weights are not usable (non-finite, or no positive weight).
@@ -299,7 +326,10 @@ class TorchRanker:
         if total <= 0:
             return False
         prior = self.config.prior_ctr
-        target = (float((w * y).sum()) + strength * prior) / (total + strength)
+        seen_wy, seen_w = self.bias_warm
+        seen_wy, seen_w = seen_wy + float((w * y).sum()), seen_w + total
+        self.bias_warm = (seen_wy, seen_w)
+        target = (seen_wy + strength * prior) / (seen_w + strength)
         lo, hi = -40.0, 40.0  # logit shift; the weighted mean prediction increases with it
         for _ in range(60):
             mid = 0.5 * (lo + hi)
@@ -360,21 +390,39 @@ class TorchRanker:
         task1 = bce_with_logits(task_logits[known, 1], targets2[known], weights=w2, reduction="sum")
         return loss + task1 / known.sum().clamp(min=1)
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The dense Adam and, with ``sparse_embeddings``, the tables' SparseAdam."""
+        return [self.optimizer] + ([] if self.sparse_optimizer is None else [self.sparse_optimizer])
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
     def _step(self, loss: Tensor) -> None:
-        """One clipped Adam step; non-finite loss or gradient skips it (weights unchanged)."""
+        """One Adam step (dense parameters clipped to ``grad_clip_norm``; embedding rows by
+        lazy SparseAdam, which bounds each row's step by the learning rate); a non-finite
+        loss or gradient skips it (weights unchanged)."""
+        self._zero_grad()
         if not bool(torch.isfinite(loss)):
-            self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped_nonfinite += 1
             return
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
-        if not bool(torch.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+        norm = nn.utils.clip_grad_norm_(self._dense_params, self.config.grad_clip_norm)
+        finite = bool(torch.isfinite(norm))
+        if finite and self.sparse_optimizer is not None:
+            for table in self.sparse_optimizer.param_groups[0]["params"]:
+                grad = table.grad
+                if grad is not None and not bool(torch.isfinite(grad.coalesce().values()).all()):
+                    finite = False
+                    break
+        if not finite:
+            self._zero_grad()
             self.n_skipped_nonfinite += 1
             return
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.step()
+        self._zero_grad()
         self.n_updates += 1
         self.last_loss = float(loss.detach())
 
@@ -425,7 +473,9 @@ class TorchRanker:
         cat, num = self._tensors(X)
         self.model.train()
         logits, task_logits = self._forward(cat, num)
-        centre = not self.bias_centred and self.config.bias_prior_strength is not None
+        centre = self.config.bias_prior_strength is not None and (
+            not self.bias_centred or self.bias_warm[1] < self.config.bias_warmup
+        )
         raw = logits.detach().cpu().numpy().astype(np.float64) if scores or centre else None
         p = _sigmoid(self._calibrated(raw)) if raw is not None and scores else None
         if centre and raw is not None:
@@ -467,10 +517,14 @@ class TorchRanker:
             "online": self.online,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "sparse_optimizer": (
+                None if self.sparse_optimizer is None else self.sparse_optimizer.state_dict()
+            ),
             "encoder": self.encoder.state_dict(),
             "n_updates": self.n_updates,
             "n_skipped_nonfinite": self.n_skipped_nonfinite,
             "bias_centred": self.bias_centred,
+            "bias_warm": list(self.bias_warm),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -494,14 +548,25 @@ class TorchRanker:
             online = bool(state.get("online", True))
         ranker = cls(config, seed=int(state["seed"]), online=online)
         ranker.model.load_state_dict(state["model"])
-        ranker.optimizer.load_state_dict(state["optimizer"])
-        for group in ranker.optimizer.param_groups:  # the saved lr may be the offline one
-            group["lr"] = ranker.lr
+        sparse_state = state.get("sparse_optimizer")
+        if (sparse_state is None) == (ranker.sparse_optimizer is None):
+            ranker.optimizer.load_state_dict(state["optimizer"])
+            if ranker.sparse_optimizer is not None:
+                ranker.sparse_optimizer.load_state_dict(sparse_state)
+        else:  # written with the other optimizer layout: the moments start afresh
+            log.warning("%s: optimizer state from another layout, not loaded", path)
+        for opt in ranker.optimizers:  # the saved lr may be the offline one
+            for group in opt.param_groups:
+                group["lr"] = ranker.lr
         ranker.encoder.load_state_dict(state["encoder"])
         ranker.n_updates = int(state["n_updates"])
         ranker.n_skipped_nonfinite = int(state.get("n_skipped_nonfinite", 0))
         # Checkpoints from before the flag: a trained model is never re-centred.
         ranker.bias_centred = bool(state.get("bias_centred", ranker.n_updates > 0))
+        # Checkpoints from before the warm-up: a trained model has finished warming up.
+        done = (0.0, math.inf) if ranker.n_updates > 0 else (0.0, 0.0)
+        warm = state.get("bias_warm")
+        ranker.bias_warm = done if warm is None else (float(warm[0]), float(warm[1]))
         return ranker
 
 

@@ -19,10 +19,11 @@ logit (Yi et al. 2019), ``q`` being the item's share of recent clicks from a dec
 count-min sketch: in-batch negatives are drawn in proportion to popularity, and without
 the correction the model learns ``p(item | user) / q(item)`` and under-recommends popular
 items (hard negatives get the same correction, so one scale holds for every logit).
-``loss="info_nce"`` is the uncorrected in-batch softmax. With either loss, another click
-on the same item in the batch is not masked (``info_nce`` counts it as a negative;
-``sampled_softmax`` lists each distinct item once, so the row's own item also appears
-among the negatives, which bounds the loss below by log 2 but leaves the ranking intact).
+``loss="info_nce"`` is the uncorrected in-batch softmax. ``sampled_softmax`` lists each
+distinct item of the batch once as a negative and, with ``remove_accidental_hits`` (the
+default), masks a row's own item out of its negatives (otherwise it appears twice and
+bounds the loss below by log 2); ``info_nce`` counts another click on the same item as a
+negative.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class TwoTowerConfig:
             preference, and is unknown at retrieval time).
         temperature: softmax temperature on cosines (> 0).
         loss: "sampled_softmax" (in-batch with logQ correction) or "info_nce".
+        remove_accidental_hits: with ``sampled_softmax``, leave a row's own positive item
+            out of its negatives (its other in-batch clicks and hard negatives stay).
         batch_size: clicks per optimiser step; a larger batch is split.
         lr: Adam learning rate.
         max_hard_share: final share of hard negatives among a row's negatives, in [0, 0.5].
@@ -103,6 +106,7 @@ class TwoTowerConfig:
     exclude_fields: tuple[str, ...] = ("position",)
     temperature: float = 0.05
     loss: str = "sampled_softmax"
+    remove_accidental_hits: bool = True
     batch_size: int = 512
     lr: float = 0.03
     max_hard_share: float = 0.5
@@ -524,7 +528,14 @@ class TwoTowerModel:
             log_q_pos = torch.from_numpy(self.popularity.log_q(items)).to(self.device)
             log_q_neg = torch.from_numpy(self.popularity.log_q(neg_items)).to(self.device)
             neg = torch.cat([k[uniq], h])
-            per = sampled_softmax_loss(u, k, neg, log_q_pos, log_q_neg, tau, reduction="none")
+            exclude = None
+            if cfg.remove_accidental_hits:
+                ids = np.asarray(items, dtype=object)
+                hits = ids[:, None] == np.asarray(neg_items, dtype=object)[None, :]
+                exclude = torch.from_numpy(hits).to(self.device)
+            per = sampled_softmax_loss(
+                u, k, neg, log_q_pos, log_q_neg, tau, reduction="none", exclude=exclude
+            )
         wt = torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device)
         loss = (per * wt).mean()
         self._record_scores(u, k, h, items, owners)

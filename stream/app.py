@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +52,7 @@ from stream.services import (
     TrainerService,
     control_bytes,
 )
-from stream.serving import Recommender, ServingError
+from stream.serving import Recommender, ServingError, ServingGate
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,10 @@ class TableJoinState:
 
 #: Examples per ``labeled`` record (~250 bytes each: far below the 1 MB message limit) and
 #: the longest a released label waits in the joiner's output buffer (wall seconds).
+#: Seconds between two counts of the join-state table for its gauge (a RocksDB store
+#: counts by iterating its keys: every second it took ~4% of a busy worker).
+STATE_COUNT_EVERY_S = 15.0
+
 LABELED_FLUSH_SIZE = 1000
 LABELED_FLUSH_S = 0.2
 
@@ -290,18 +296,37 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             unacked.popleft()
             item[0].ack()
 
+    # One micro-batch at a time: the agent and the flush timer both call train_due, and
+    # the models must not be saved or stepped while a step runs on the training thread.
+    train_lock = asyncio.Lock()
+    app.train_lock = train_lock  # type: ignore[attr-defined]
+    train_thread = (
+        ThreadPoolExecutor(1, thread_name_prefix="streamrec-train")
+        if settings.trainer.offload
+        else None
+    )
+    app.train_thread = train_thread  # type: ignore[attr-defined]
+
     async def train_due() -> None:
-        while rt.trainer.due():
-            batch = rt.trainer.step()
-            if batch is not None:
+        async with train_lock:
+            while rt.trainer.due():
+                taken = rt.trainer.take()
+                if taken is None:
+                    break
+                if train_thread is None:
+                    result = rt.trainer.compute(taken)
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(train_thread, rt.trainer.compute, taken)
+                batch = rt.trainer.finish(taken, result)
                 await scored.send(key=b"trainer", value=batch.to_json())
                 ack_trained(len(batch.impression_ids))
-        if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
-            await refresh_index()
-        path = rt.trainer.maybe_checkpoint()
-        if path is not None:
-            msg = rt.trainer.announcement(path)
-            await control.send(key=b"model", value=control_bytes(msg))
+            if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
+                await refresh_index()
+            path = rt.trainer.maybe_checkpoint()
+            if path is not None:
+                msg = rt.trainer.announcement(path)
+                await control.send(key=b"model", value=control_bytes(msg))
 
     def drop_buffer() -> int:
         dropped = rt.trainer.drop_buffer()
@@ -359,6 +384,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             for msg in messages:
                 await control.send(key=str(msg["kind"]).encode(), value=control_bytes(msg))
 
+    state_counted_at = [-math.inf]
+
     @app.timer(interval=1.0)
     async def gauges() -> None:
         age = rt.indexer.pool.age(time.time())
@@ -366,7 +393,10 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             rt.metrics.hard_negative_pool_age_seconds.set(age)
         rt.monitor.publish()
         rt.join.update_gauges()
-        rt.metrics.join_state_entries.set(len(rt.join.state))  # type: ignore[arg-type]
+        now = time.monotonic()
+        if now - state_counted_at[0] >= STATE_COUNT_EVERY_S:  # a RocksDB count scans keys
+            state_counted_at[0] = now
+            rt.metrics.join_state_entries.set(len(rt.join.state))  # type: ignore[arg-type]
 
     @app.task
     async def control_listener() -> None:
@@ -422,6 +452,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         config=settings.serving,
     )
     app.recommender = recommender  # type: ignore[attr-defined]
+    gate = ServingGate(settings.serving.threads, settings.serving.max_inflight)
+    app.serving_gate = gate  # type: ignore[attr-defined]
     if rt.trainer.two_tower is not None:  # curriculum hard negatives from the pools
         pool_rng = np.random.default_rng(settings.trainer.seed)
         rt.trainer.two_tower.hard_negatives = lambda user, n: rt.indexer.pool.sample(
@@ -441,7 +473,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 return self.error(400, f"k must be an integer, got {q.get('k')!r}")
             ctx = {name: value for name, value in q.items() if name not in ("user_id", "k")}
             try:
-                out = recommender.recommend(q.get("user_id", ""), k, ctx or None)
+                out = await gate.run(recommender.recommend, q.get("user_id", ""), k, ctx or None)
             except ServingError as exc:
                 rt.metrics.serving_errors.labels(endpoint="recommend",
                                                  status=str(exc.status)).inc()  # fmt: skip
@@ -465,7 +497,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 return self.error(400, "the body must be a JSON object")
             try:
                 items: Any = body.get("item_ids")  # validated by Recommender.score
-                out = recommender.score(body.get("user_id", ""), items, body.get("context"))
+                out = await gate.run(
+                    recommender.score, body.get("user_id", ""), items, body.get("context")
+                )
             except ServingError as exc:
                 rt.metrics.serving_errors.labels(endpoint="score",
                                                  status=str(exc.status)).inc()  # fmt: skip

@@ -311,13 +311,20 @@ def pretrain_cmd(
 )
 @click.option("--warm-start", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--ramp-from",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows of the first batch, doubling up to --batch-size (0: no ramp).",
+)
 @click.option("--limit", default=None, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 def evaluate_cmd(
     log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
-    warm_start: str | None, batch_size: int, limit: int | None, seed: int,
+    warm_start: str | None, batch_size: int, ramp_from: int, limit: int | None, seed: int,
     json_out: str | None, config: str | None,
 ) -> None:  # fmt: skip
     """Prequential (test-then-train) evaluation in process, no Kafka."""
@@ -343,9 +350,11 @@ def evaluate_cmd(
         learner = TorchRanker(_ranker_config(model, loss, base_lr, config), seed=seed,
                               online=online)  # fmt: skip
     drift_ts = (read_meta(log_path) or {}).get("drift_ts")
-    report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts)
+    report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts,
+                      ramp_from=ramp_from or None)  # fmt: skip
     report.pop("scores")
-    report.update(log=log_path, model=model or "dcnv2", batch_size=batch_size)
+    report.update(log=log_path, model=model or "dcnv2", batch_size=batch_size,
+                  ramp_from=ramp_from or None)  # fmt: skip
     text = json.dumps(report, indent=2, default=float)
     if json_out:
         Path(json_out).write_text(text)

@@ -34,7 +34,7 @@ import base64
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 TOPIC_IMPRESSIONS = "impressions"
@@ -214,7 +214,9 @@ class ScoredBatch:
     true_p: list[float | None]
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # shallow: the fields are already JSON values (asdict would deep-copy every list)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @staticmethod
     def from_json(raw: bytes) -> ScoredBatch:

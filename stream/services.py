@@ -437,6 +437,24 @@ class SeenKeys:
         return len(self._keys)
 
 
+@dataclass(frozen=True)
+class TakenBatch:
+    """A micro-batch :meth:`TrainerService.take` removed from the buffer."""
+
+    examples: list[LabeledExample]
+    emitted_at: list[float | None]  # wall time the joiner sent each, parallel
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What :meth:`TrainerService.compute` gives back: scores taken before learning."""
+
+    p_raw: np.ndarray  # (N,) float64, the ranker's
+    p: np.ndarray  # (N,) float64, calibrated
+    seconds: float  # wall seconds of the score-and-learn
+    skipped_nonfinite: bool  # the update was skipped (non-finite loss or gradient)
+
+
 class TrainerService:
     """Micro-batches labelled examples, scores each batch, then learns from it.
 
@@ -519,13 +537,28 @@ class TrainerService:
         )
 
     def step(self) -> ScoredBatch | None:
-        """Score then learn one micro-batch from the buffer; None if the buffer is empty."""
+        """Score then learn one micro-batch from the buffer; None if the buffer is empty.
+
+        The same as :meth:`take`, :meth:`compute` and :meth:`finish` in a row; a worker
+        runs :meth:`compute` on a thread, the other two on its event loop.
+        """
+        taken = self.take()
+        return None if taken is None else self.finish(taken, self.compute(taken))
+
+    def take(self) -> TakenBatch | None:
+        """Remove the next micro-batch (up to ``trainer.batch_size`` examples) from the
+        buffer; None if it is empty."""
         bs = self.settings.trainer.batch_size
         batch, self.buffer = self.buffer[:bs], self.buffer[bs:]
         emitted, self.emitted_at = self.emitted_at[:bs], self.emitted_at[bs:]
         self.buffer_since = time.monotonic() if self.buffer else None
-        if not batch:
-            return None
+        return TakenBatch(batch, emitted) if batch else None
+
+    def compute(self, taken: TakenBatch) -> StepResult:
+        """Score then learn ``taken`` with the ranker (and the two-tower model on its
+        clicks): the models' state only, so it may run off the event loop (one call at a
+        time). Returns the raw and calibrated scores (N,) float64 and the step's seconds."""
+        batch = taken.examples
         rows = [example_row(e.impression) for e in batch]
         y = np.fromiter((e.label for e in batch), dtype=np.float64, count=len(batch))
         w = np.fromiter((e.weight for e in batch), dtype=np.float64, count=len(batch))
@@ -539,45 +572,52 @@ class TrainerService:
             p_raw = fnc_correct(p_raw)
         if self.two_tower is not None and y.any():
             self.two_tower.learn_many(rows, y)
-            tt = self.two_tower
-            if tt.mean_hard_score is not None:
-                self.metrics.retrieval_negative_cosine.labels(kind="hard").set(tt.mean_hard_score)
-            if tt.mean_random_score is not None:
-                self.metrics.retrieval_negative_cosine.labels(kind="random").set(
-                    tt.mean_random_score
-                )
-            self.metrics.retrieval_hard_share.set(tt.hard_share)
+        seconds = time.perf_counter() - t0
+        p = self.calibrator.transform(p_raw)
+        skipped = self.ranker.n_skipped_nonfinite > skipped_before
+        return StepResult(np.asarray(p_raw, dtype=np.float64), np.asarray(p, np.float64),
+                          seconds, skipped)  # fmt: skip
+
+    def finish(self, taken: TakenBatch, result: StepResult) -> ScoredBatch:
+        """Metrics, catalogue and counters after :meth:`compute`; the ``scored`` batch."""
+        batch, emitted = taken.examples, taken.emitted_at
         m = self.metrics
-        m.train_step_seconds.observe(time.perf_counter() - t0)
+        tt = self.two_tower
+        if tt is not None:
+            if tt.mean_hard_score is not None:
+                m.retrieval_negative_cosine.labels(kind="hard").set(tt.mean_hard_score)
+            if tt.mean_random_score is not None:
+                m.retrieval_negative_cosine.labels(kind="random").set(tt.mean_random_score)
+            m.retrieval_hard_share.set(tt.hard_share)
+        m.train_step_seconds.observe(result.seconds)
         now = time.time()
         for e, sent in zip(batch, emitted, strict=True):
             m.label_delay_seconds.observe(max(0.0, e.label_ts - e.impression.ts))
             if sent is not None:
                 m.update_freshness_seconds.observe(max(0.0, now - sent))
-        if self.ranker.n_skipped_nonfinite > skipped_before:
-            self.metrics.nonfinite_batches.inc()
+        if result.skipped_nonfinite:
+            m.nonfinite_batches.inc()
         else:
-            self.metrics.train_batches.inc()
+            m.train_batches.inc()
             if self.ranker.last_loss is not None:
-                self.metrics.train_loss.set(self.ranker.last_loss)
+                m.train_loss.set(self.ranker.last_loss)
         self.model_version = self.ranker.n_updates
-        self.metrics.model_version.set(self.model_version)
-        p = self.calibrator.transform(p_raw)
+        m.model_version.set(self.model_version)
         for e in batch:
             imp = e.impression
             self.catalogue.add(imp.user_id, imp.item_id, bool(e.label))
             if e.kind == "correction":
                 self.n_corrections += 1
         self.n_examples += len(batch)
-        self.metrics.scored.inc(len(batch))
+        m.scored.inc(len(batch))
         return ScoredBatch(
             model_version=self.model_version,
             calibrator_version=self.calibrator_version,
             impression_ids=[e.impression.impression_id for e in batch],
             ts=[e.impression.ts for e in batch],
             label=[int(e.label) for e in batch],
-            p_raw=[float(x) for x in p_raw],
-            p=[float(x) for x in p],
+            p_raw=[float(x) for x in result.p_raw],
+            p=[float(x) for x in result.p],
             segment=[segment_of(e.impression.position) for e in batch],
             true_p=[e.impression.true_p for e in batch],
         )
@@ -878,6 +918,7 @@ class IndexerService:
         )
         self.version = 0
         self.built_at_update = 0  # the retrieval model's update count at the last build
+        self.built_items = 0  # catalogue items at the last build
 
     def due(self, ranker: TorchRanker, two_tower: TwoTowerModel | None) -> bool:
         """True when ``indexer.refresh_updates`` model updates happened since the last
@@ -893,12 +934,19 @@ class IndexerService:
         vectors (``two_tower``, else the ranker's embeddings), verify it (size, unit norms,
         recall@K against exact search on a sample) and swap it in atomically; a snapshot
         that fails keeps the old one serving and is counted. Then refresh the hard-negative
-        pools from it. Returns the ``control`` message (``index`` or ``index_rejected``)."""
+        pools from it. Returns the ``control`` message (``index`` or ``index_rejected``), or
+        None when there is nothing to index or nothing changed since the last build (same
+        model update count and catalogue size)."""
         items = list(catalogue.items)
         if not items:
             return None
-        t0 = time.perf_counter()
         model: TorchRanker | TwoTowerModel = two_tower if two_tower is not None else ranker
+        if self.version > 0 and (model.n_updates, len(items)) == (
+            self.built_at_update,
+            self.built_items,
+        ):
+            return None  # the same model over the same catalogue: nothing to rebuild
+        t0 = time.perf_counter()
         vectors = model.item_vectors(items)
         m = self.metrics
         try:
@@ -918,7 +966,8 @@ class IndexerService:
             return {"kind": "index_rejected", "version": snapshot.version,
                     "reasons": list(check.reasons)}  # fmt: skip
         self.version = snapshot.version
-        self.built_at_update = ranker.n_updates if two_tower is None else two_tower.n_updates
+        self.built_at_update = model.n_updates
+        self.built_items = len(items)
         users = list(reversed(catalogue.users))  # most recent first
         now = time.time()
         if users:

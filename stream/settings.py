@@ -59,6 +59,10 @@ class TrainerConfig:
     #: seconds; when set, each example is weighted 0.5 ** (age / half-life), its age counted
     #: back from the newest impression ts of its micro-batch (learners.weighting)
     time_decay_half_life_s: float | None = None
+    #: run each micro-batch's score-and-learn on a thread off the worker's event loop (the
+    #: loop keeps joining, acking and serving meanwhile; torch releases the GIL in its
+    #: kernels). False: on the loop, which then stalls for the whole step
+    offload: bool = True
 
     def __post_init__(self) -> None:
         h = self.time_decay_half_life_s

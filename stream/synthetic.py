@@ -52,7 +52,7 @@ import pandas as pd
 
 from stream.logs import write_log
 
-__all__ = ["SyntheticConfig", "generate", "write_synthetic", "read_meta"]
+__all__ = ["SyntheticConfig", "generate", "write_synthetic", "read_meta", "click_propensity"]
 
 _N_SEGMENTS = 8
 _N_CATEGORIES = 20
@@ -183,14 +183,23 @@ def _distinct_slates(
     return out
 
 
-def _simulate(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None]:
-    """The log frame and the drift time (epoch s, or None)."""
-    c = config
-    rng = np.random.default_rng(c.seed)
-    n, s = c.n_impressions, c.slate_size
-    n_req = -(-n // s)
+@dataclass(frozen=True)
+class _World:
+    """The latent world of a log (indices are the numbers in ``u<i>`` / ``i<j>``)."""
 
-    # world
+    user_vec: np.ndarray  # (n_users, dim)
+    item_vec: np.ndarray  # (n_items, dim)
+    user_seg: np.ndarray  # (n_users,) segment index
+    item_cat: np.ndarray  # (n_items,) category index
+    affinity: np.ndarray  # (segments, categories) logit
+    item_bias: np.ndarray  # (n_items,) logit
+    item_price: np.ndarray  # (n_items,) currency units
+    price_z: np.ndarray  # (n_items,) standardised log price
+    user_w: np.ndarray  # (n_users,) unnormalised request weight
+    item_w: np.ndarray  # (n_items,) unnormalised exposure weight
+
+
+def _draw_world(c: SyntheticConfig, rng: np.random.Generator) -> _World:
     user_vec = rng.standard_normal((c.n_users, c.dim))
     item_vec = rng.standard_normal((c.n_items, c.dim))
     user_seg = rng.integers(_N_SEGMENTS, size=c.n_users)
@@ -202,6 +211,27 @@ def _simulate(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None]:
     price_z = (log_price - log_price.mean()) / (log_price.std() or 1.0)
     user_w = 1.0 / np.sqrt(rng.permutation(c.n_users) + 1.0)
     item_w = 1.0 / (rng.permutation(c.n_items) + 10.0)
+    return _World(user_vec, item_vec, user_seg, item_cat, affinity, item_bias, item_price,
+                  price_z, user_w, item_w)  # fmt: skip
+
+
+def _simulate(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None]:
+    """The log frame and the drift time (epoch s, or None)."""
+    frame, drift_ts, _, _ = _simulate_world(config)
+    return frame, drift_ts
+
+
+def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None, _World, float]:
+    """The log frame, the drift time (epoch s, or None), the world and the global bias."""
+    c = config
+    rng = np.random.default_rng(c.seed)
+    n, s = c.n_impressions, c.slate_size
+    n_req = -(-n // s)
+
+    w = _draw_world(c, rng)
+    user_vec, item_vec, user_seg, item_cat = w.user_vec, w.item_vec, w.user_seg, w.item_cat
+    affinity, item_bias, item_price, price_z = w.affinity, w.item_bias, w.item_price, w.price_z
+    user_w, item_w = w.user_w, w.item_w
 
     # requests
     req_user = rng.choice(c.n_users, size=n_req, p=user_w / user_w.sum())
@@ -268,7 +298,50 @@ def _simulate(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None]:
             "user_segment": pd.Series(segments[user_seg[user]]),
         }
     )
-    return frame, drift_ts
+    return frame, drift_ts, w, bias
+
+
+def click_propensity(
+    config: SyntheticConfig, user_ids: list[str], item_ids: list[str]
+) -> np.ndarray:
+    """Oracle retrieval scores of the world ``config`` generates: a
+    ``(len(user_ids), len(item_ids))`` array proportional to the expected clicks per
+    request of each user on each item before any drift (exposure weight of the item times
+    its true click probability averaged over positions and devices).
+
+    Ranking a user's row gives the best recall@K any retrieval model can expect on the log.
+    Ids are the log's ``u<i>`` / ``i<j>``; an unknown id raises ``KeyError``.
+
+    >>> c = SyntheticConfig(n_impressions=30, n_users=4, n_items=6, seed=2)
+    >>> click_propensity(c, ["u0", "u3"], ["i0", "i1", "i5"]).shape
+    (2, 3)
+    """
+    _, _, w, bias = _simulate_world(config)
+
+    def index(ids: list[str], prefix: str, n: int) -> np.ndarray:
+        out = []
+        for name in ids:
+            k = int(name[1:]) if name.startswith(prefix) and name[1:].isdigit() else -1
+            if not 0 <= k < n:
+                raise KeyError(f"{name!r} is not an id of this synthetic world")
+            out.append(k)
+        return np.asarray(out, dtype=np.int64)
+
+    u = index(user_ids, "u", config.n_users)
+    i = index(item_ids, "i", config.n_items)
+    base = (
+        0.8 * (w.user_vec[u] @ w.item_vec[i].T) / math.sqrt(config.dim)
+        + w.affinity[w.user_seg[u]][:, w.item_cat[i]]
+        + w.item_bias[i][None, :]
+        - 0.2 * w.price_z[i][None, :]
+        + bias
+    )
+    p = np.zeros_like(base)
+    for dev_p, dev_effect in zip(_DEVICE_P, _DEVICE_EFFECT, strict=True):
+        for pos_bias in config.position_bias[: config.slate_size]:
+            p += dev_p * _sigmoid(base + dev_effect + math.log(pos_bias))
+    out: np.ndarray = p * (w.item_w[i] / w.item_w.sum())[None, :]
+    return out
 
 
 def generate(config: SyntheticConfig) -> pd.DataFrame:

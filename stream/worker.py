@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics
@@ -10,6 +11,8 @@ from stream.broker import free_port
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval when serving runs on threads
 
 
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
@@ -26,6 +29,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         import torch
 
         torch.set_num_threads(settings.trainer.torch_threads)
+    if settings.serving.threads > 0:
+        # The serving threads and the event loop share the GIL: a thread waiting for it
+        # waits up to the switch interval (5 ms by default), which would add that much to
+        # requests and to the agents alike.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     metrics = StreamrecMetrics()
     server, port = serve_metrics(
         metrics.registry, host=settings.metrics_host, port=settings.metrics_port
@@ -40,7 +48,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's signal types are narrow
     async def _checkpoint(sender: object, **kwargs: object) -> None:
-        path = rt.trainer.maybe_checkpoint(force=True)
+        async with app.train_lock:  # type: ignore[attr-defined]  # not mid-step
+            path = rt.trainer.maybe_checkpoint(force=True)
         if path:
             log.info("final checkpoint %s", path)
 
@@ -48,4 +57,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     try:
         worker.execute_from_commandline()
     finally:
+        app.serving_gate.close()  # type: ignore[attr-defined]
+        if app.train_thread is not None:  # type: ignore[attr-defined]
+            app.train_thread.shutdown(wait=True)  # type: ignore[attr-defined]
         server.shutdown()

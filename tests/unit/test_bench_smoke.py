@@ -25,6 +25,9 @@ def test_render_writes_a_table_per_results_file(tmp_path: Path) -> None:
 
     assert "## trainer" in readme and "| dcnv2 |" in readme
     assert "## quality" not in readme
+    png = tmp_path / "trainer_quick.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "![trainer](trainer_quick.png)" in readme
 
 
 def test_delayed_feedback_quick_reports_every_arm_and_renders_its_table(tmp_path: Path) -> None:
@@ -55,9 +58,12 @@ def test_index_quick_reports_every_kind_serving_and_retrieval(tmp_path: Path) ->
     assert written["recommend"]["p50_ms"] > 0 and written["recommend"]["requests_per_s"] > 0
     models = written["retrieval"]["synthetic"]["models"]
     assert models["two_tower"]["recall_at_10"] > models["random"]["recall_at_10"]
+    # the generator's own propensities are the ceiling: above popularity on this log
+    assert models["oracle"]["recall_at_10"] > models["popularity"]["recall_at_10"]
     assert report["recommend"]["retrieval_model"] == "two_tower"
     readme = run.render(quick=True, results_dir=tmp_path).read_text()
     assert "## index" in readme and "| 20,000 | hnsw |" in readme
+    assert (tmp_path / "index_quick.png").exists() and "![index](index_quick.png)" in readme
 
 
 def test_quality_reports_the_default_ranker_goals_against_the_peers(tmp_path: Path) -> None:
@@ -101,6 +107,10 @@ def test_calibration_quick_measures_every_learner_and_renders(tmp_path: Path) ->
     readme = run.render(quick=True, results_dir=tmp_path).read_text()
     assert "## calibration" in readme and f"| {calibration.RECAL} |" in readme
     assert "Goal: streamrec (recalibrated) back within" in readme
+    traj = written["runs"][0]["learners"][calibration.RECAL]["trajectory"]
+    assert len(traj["row"]) == len(traj["ratio"]) > 10 and traj["row"] == sorted(traj["row"])
+    assert any(r is not None and 0.5 < r < 2 for r in traj["ratio"])
+    assert "![calibration](calibration_quick.png)" in readme
 
 
 def test_joiner_in_process_labels_equal_the_offline_join_under_interleaving(

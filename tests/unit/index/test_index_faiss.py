@@ -37,12 +37,16 @@ def test_flat_search_equals_brute_force_inner_product_on_normalized_vectors() ->
     assert scores.dtype == np.float32 and got.shape == (20, 10)
 
 
-def test_auto_uses_flat_for_small_and_hnsw_above_threshold() -> None:
+def test_auto_uses_flat_for_small_and_the_approximate_kind_above_threshold() -> None:
     ids, vecs = random_items(200, 8, seed=0)
     small = build_snapshot(ids, vecs, version=1, config=IndexConfig(exact_max_items=200))
     large = build_snapshot(ids, vecs, version=1, config=IndexConfig(exact_max_items=199))
-    assert "Flat" in type(small.index).__name__ and "HNSW" not in type(small.index).__name__
-    assert "HNSW" in type(large.index).__name__
+    hnsw = build_snapshot(
+        ids, vecs, version=1, config=IndexConfig(exact_max_items=199, auto_approx="hnsw")
+    )
+    assert "Flat" in type(small.index).__name__ and small.kind == "flat"
+    assert "IVF" in type(large.index).__name__ and large.kind == "ivf"
+    assert "HNSW" in type(hnsw.index).__name__
 
 
 @pytest.mark.parametrize(

@@ -61,8 +61,8 @@ def test_each_kind_finds_a_planted_nearest_neighbour(kind: str) -> None:
     ("n_items", "config", "want"),
     [
         (400, IndexConfig(exact_max_items=400), "flat"),
-        (401, IndexConfig(exact_max_items=400), "hnsw"),
-        (401, IndexConfig(exact_max_items=400, auto_approx="ivf"), "ivf"),
+        (401, IndexConfig(exact_max_items=400), "ivf"),
+        (401, IndexConfig(exact_max_items=400, auto_approx="hnsw"), "hnsw"),
         (401, IndexConfig(kind="flat", exact_max_items=400), "flat"),
     ],
 )

@@ -352,6 +352,22 @@ def test_logq_correction_lowers_the_loss_against_popular_negatives() -> None:
     np.testing.assert_allclose(float(uniform), math.log(4))  # equal logits over 1 + 3
 
 
+def test_excluded_negatives_drop_out_of_the_sampled_softmax() -> None:
+    q, kp, kn = _randn((3, 4), 1), _randn((3, 4), 2), _randn((5, 4), 3)
+    lqp, lqn = -_randn((3,), 4).abs(), -_randn((5,), 5).abs()
+    exclude = torch.zeros(3, 5, dtype=torch.bool)
+    exclude[0, 1] = exclude[2, 4] = True
+    got = sampled_softmax_loss(q, kp, kn, lqp, lqn, 0.5, reduction="none", exclude=exclude)
+    for i in range(3):
+        keep = ~exclude[i]
+        want = sampled_softmax_loss(q[i : i + 1], kp[i : i + 1], kn[keep], lqp[i : i + 1],
+                                    lqn[keep], 0.5)  # fmt: skip
+        np.testing.assert_allclose(float(got[i]), float(want), rtol=1e-12)
+    assert float(got[0]) != float(sampled_softmax_loss(q, kp, kn, lqp, lqn, 0.5, "none")[0])
+    with pytest.raises(ValueError, match="exclude must have shape"):
+        sampled_softmax_loss(q, kp, kn, lqp, lqn, exclude=exclude[:, :2])
+
+
 def test_loss_registry_names() -> None:
     assert set(LOSSES) == {"bce", "weighted_bce", "focal", "ranknet", "combined_pair", "fnw"}
 

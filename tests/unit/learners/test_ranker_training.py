@@ -119,7 +119,7 @@ def test_no_centring_when_disabled_or_after_loading_a_trained_checkpoint(tmp_pat
     assert not off.bias_centred
     assert off.predict_proba_many(rows).mean() > 0.02  # one step barely moves it
 
-    on = TorchRanker(_cfg(), seed=0, online=False)
+    on = TorchRanker(_cfg(bias_warmup=0.0), seed=0, online=False)
     on.learn_many(rows, y)
     on.save(tmp_path / "c.ckpt")
     loaded = TorchRanker.load(tmp_path / "c.ckpt")
@@ -129,6 +129,50 @@ def test_no_centring_when_disabled_or_after_loading_a_trained_checkpoint(tmp_pat
     bias = float(param.detach().sum())
     loaded.learn_many(rows, 1.0 - y)  # a wildly different CTR moves it by one step only
     assert abs(float(param.detach().sum()) - bias) < 0.05
+
+
+def test_bias_follows_the_running_shrunk_ctr_until_the_warmup_is_over(tmp_path: Path) -> None:
+    rows, y = stream(4096, seed=3, ctr=0.004)
+    y[:512] = 0.0  # no click in the first batches: the running CTR, not one batch's
+    ranker = TorchRanker(_cfg(bias_warmup=3000.0), seed=0, online=False)
+    strength = ranker.config.bias_prior_strength
+    assert strength is not None
+    for lo in range(0, 2048, 256):
+        ranker.learn_many(rows[lo : lo + 256], y[lo : lo + 256])
+        seen = y[: lo + 256]
+        target = (seen.sum() + strength * INITIAL_CTR) / (len(seen) + strength)
+        assert ranker.bias_warm == pytest.approx((seen.sum(), len(seen)))
+        got = ranker.predict_proba_many(rows[lo : lo + 256]).mean()
+        assert got == pytest.approx(target, rel=0.3), lo
+    # the warm-up state survives a checkpoint and ends after bias_warmup examples
+    ranker.save(tmp_path / "w.ckpt")
+    loaded = TorchRanker.load(tmp_path / "w.ckpt")
+    assert loaded.bias_warm == pytest.approx(ranker.bias_warm)
+    loaded.learn_many(rows[2048:3072], y[2048:3072])
+    assert loaded.bias_warm[1] == 3072.0  # still warming at 2,048 < 3,000
+    param = loaded.model.output_bias
+    assert isinstance(param, torch.Tensor)
+    bias = float(param.detach().sum())
+    loaded.learn_many(rows[3072:], 1.0 - y[3072:])  # warm-up over: one gradient step only
+    assert loaded.bias_warm[1] == 3072.0
+    assert abs(float(param.detach().sum()) - bias) < 0.05
+
+
+def test_a_trained_checkpoint_without_warmup_state_does_not_warm_up(tmp_path: Path) -> None:
+    rows, y = stream(512, seed=4, ctr=0.004)
+    ranker = TorchRanker(_cfg(), seed=0, online=False)
+    ranker.learn_many(rows, y)
+    state = ranker.state()
+    del state["bias_warm"]  # as written before the warm-up existed
+    torch.save(state, tmp_path / "old.ckpt")
+    loaded = TorchRanker.load(tmp_path / "old.ckpt")
+    assert loaded.bias_warm[1] == math.inf
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.inf, math.nan])
+def test_bad_bias_warmup_is_rejected(bad: float) -> None:
+    with pytest.raises(ValueError, match="bias_warmup"):
+        RankerConfig(bias_warmup=bad)
 
 
 def test_prior_ctr_sets_the_initial_prediction() -> None:
@@ -154,7 +198,9 @@ def test_focal_loss_correction_restores_calibration() -> None:
     rows, y = stream(12_000, seed=4, ctr=0.05)
     ratios = {}
     for corrected in (False, True):
-        cfg = _cfg(model="logreg", loss="focal", loss_correction=corrected, base_lr=0.1)
+        # no bias warm-up: it would hold the raw output at the base rate for 10k examples
+        cfg = _cfg(model="logreg", loss="focal", loss_correction=corrected, base_lr=0.1,
+                   bias_warmup=0.0)  # fmt: skip
         ranker = TorchRanker(cfg, seed=0, online=False)
         for s in range(0, 8000, 250):
             ranker.learn_many(rows[s : s + 250], y[s : s + 250])

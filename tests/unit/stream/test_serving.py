@@ -11,7 +11,7 @@ from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
 from stream.events import Impression, example_row
-from stream.serving import Recommender, ServingConfig, ServingError
+from stream.serving import Recommender, ServingConfig, ServingError, ServingGate
 
 ENC = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=2)
 ITEMS = [f"i{j}" for j in range(300)]
@@ -234,3 +234,60 @@ def test_fewer_indexed_items_than_k_returns_what_there_is(live: Live) -> None:
     live.holder.swap(build_snapshot(ITEMS[:4], live.ranker.item_vectors(ITEMS[:4]), version=10))
     out = live.recommender().recommend("u1", k=10)
     assert len(out["items"]) == 4 and out["candidates"] == 4
+
+
+def test_gate_runs_calls_off_the_event_loop_and_sheds_load_beyond_max_inflight() -> None:
+    import asyncio
+    import threading
+
+    gate = ServingGate(threads=1, max_inflight=2)
+    release = threading.Event()
+    seen: list[str] = []
+
+    def slow(tag: str) -> str:
+        seen.append(threading.current_thread().name)
+        release.wait(5)
+        return tag
+
+    async def main() -> tuple[list[object], int]:
+        first = asyncio.ensure_future(gate.run(slow, "a"))
+        second = asyncio.ensure_future(gate.run(slow, "b"))
+        await asyncio.sleep(0.05)
+        assert gate.inflight == 2
+        with pytest.raises(ServingError) as exc:  # the third is refused at once
+            await gate.run(slow, "c")
+        refused = exc.value.status
+        release.set()
+        return list(await asyncio.gather(first, second)), refused
+
+    try:
+        results, refused = asyncio.run(main())
+    finally:
+        gate.close()
+    assert results == ["a", "b"] and refused == 503
+    assert gate.inflight == 0
+    assert seen and all(name.startswith("streamrec-serving") for name in seen)
+
+
+def test_gate_without_threads_runs_inline_and_propagates_errors() -> None:
+    import asyncio
+    import threading
+
+    gate = ServingGate(threads=0, max_inflight=1)
+
+    def boom() -> None:
+        raise ServingError(400, "bad")
+
+    async def main() -> str:
+        with pytest.raises(ServingError, match="bad"):
+            await gate.run(boom)
+        assert gate.inflight == 0  # released after an error
+        return await gate.run(lambda: threading.current_thread().name)
+
+    assert asyncio.run(main()) == threading.main_thread().name
+    with pytest.raises(ValueError, match="threads"):
+        ServingGate(threads=-1, max_inflight=1)
+    with pytest.raises(ValueError, match="threads"):
+        ServingConfig(threads=-1)
+    with pytest.raises(ValueError, match="max_inflight"):
+        ServingConfig(max_inflight=0)

@@ -49,14 +49,21 @@ def test_pretrain_writes_a_checkpoint_that_warm_starts_at_the_online_rate(
     assert log_loss(warm_p, examples.y) < log_loss(cold, examples.y)
 
 
-def test_evaluate_is_test_then_train(examples) -> None:
+@pytest.mark.parametrize(
+    ("ramp_from", "sizes"),
+    [(None, [500] * 6), (32, [32, 64, 128, 256, 500, 500, 500, 500, 500, 20])],
+)
+def test_evaluate_is_test_then_train(examples, ramp_from: int | None, sizes: list[int]) -> None:
     a, b = TorchRanker(SMALL, seed=1), TorchRanker(SMALL, seed=1)
-    report = evaluate(examples, a, batch_size=500, progress=False)
+    report = evaluate(examples, a, batch_size=500, progress=False, ramp_from=ramp_from)
     expected = []
-    for i in range(0, len(examples), 500):
-        rows, y = examples.rows[i : i + 500], examples.y[i : i + 500]
+    i = 0
+    for size in sizes:  # the first batches grow from ramp_from rows up to batch_size
+        rows, y = examples.rows[i : i + size], examples.y[i : i + size]
         expected.append(b.predict_proba_many(rows))
         b.learn_many(rows, y)
+        i += size
+    assert i == len(examples)
     np.testing.assert_allclose(report["scores"], np.concatenate(expected), rtol=1e-6)
     assert report["all"]["n"] == 3000
     assert "ratio_vs_true_p" in report["all"]

@@ -85,8 +85,8 @@ def test_a_snapshot_failing_verification_keeps_the_old_one_and_is_counted() -> N
     first = indexer.refresh(trainer.ranker, trainer.catalogue)
     assert first is not None and first["kind"] == "index"
 
-    class Broken:  # the ranker's item vectors turn non-finite
-        n_updates = trainer.ranker.n_updates
+    class Broken:  # the ranker (one update later) turns its item vectors non-finite
+        n_updates = trainer.ranker.n_updates + 1
 
         def item_vectors(self, items: list[str]) -> np.ndarray:
             v = trainer.ranker.item_vectors(items)

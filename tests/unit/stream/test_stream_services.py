@@ -328,6 +328,15 @@ def test_indexer_refresh_builds_a_new_versioned_index_and_pools(
     while trainer.step() is not None:
         pass
     first = svc.refresh(trainer.ranker, trainer.catalogue)
+    assert svc.refresh(trainer.ranker, trainer.catalogue) is None  # nothing changed
+    again = [  # new impressions (the trainer drops repeated ids): one more update
+        dataclasses.replace(e, impression=dataclasses.replace(
+            e.impression, impression_id=f"again-{e.impression.impression_id}"))
+        for e in examples[:64]
+    ]  # fmt: skip
+    trainer.add(again)
+    while trainer.step() is not None:
+        pass
     second = svc.refresh(trainer.ranker, trainer.catalogue)
     assert first is not None and second is not None
     assert (first["version"], second["version"]) == (1, 2)
@@ -341,3 +350,29 @@ def test_indexer_refresh_builds_a_new_versioned_index_and_pools(
         assert not set(pool) & clicked, user
         some_clicks = some_clicks or bool(clicked)
     assert some_clicks  # the check above was not vacuous
+
+
+def test_trainer_step_split_across_threads_gives_the_same_batches(
+    metrics: StreamrecMetrics, examples: list[LabeledExample]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    inline = TrainerService(FAST, StreamrecMetrics())
+    split = TrainerService(FAST, metrics)
+    inline.add(examples)
+    split.add(examples)
+    want = []
+    while (b := inline.step()) is not None:
+        want.append(b)
+    got = []
+    with ThreadPoolExecutor(1) as pool:
+        while (taken := split.take()) is not None:
+            split.add([])  # the loop goes on buffering while the step runs elsewhere
+            result = pool.submit(split.compute, taken).result()
+            got.append(split.finish(taken, result))
+    assert [b.impression_ids for b in got] == [b.impression_ids for b in want]
+    assert [b.p_raw for b in got] == [b.p_raw for b in want]
+    assert [b.model_version for b in got] == [b.model_version for b in want]
+    assert split.n_examples == inline.n_examples == len(examples)
+    assert sample(metrics, "streamrec_scored_total") == len(examples)
+    assert split.catalogue.items.keys() == inline.catalogue.items.keys()

@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.logs import RESERVED_COLUMNS, frame_to_rows, read_log_frame
-from stream.synthetic import SyntheticConfig, generate, read_meta, write_synthetic
+from stream.synthetic import (
+    SyntheticConfig,
+    click_propensity,
+    generate,
+    read_meta,
+    write_synthetic,
+)
 
 SMALL = SyntheticConfig(n_impressions=30_000, n_users=2_000, n_items=300, seed=7)
 
@@ -230,3 +236,26 @@ def test_small_configs_give_valid_logs(
     delay = (df["click_ts"] - df["ts"])[clicked]
     assert ((delay >= 0) & (delay < 1500)).all()
     assert df["true_p"].between(0, 0.99).all()
+
+
+def test_click_propensity_ranks_items_as_the_log_clicks_them() -> None:
+    cfg = SyntheticConfig(n_impressions=60_000, n_users=50, n_items=40, drift_at=None, seed=3)
+    df = generate(cfg)
+    users = [f"u{i}" for i in range(cfg.n_users)]
+    items = [f"i{j}" for j in range(cfg.n_items)]
+    scores = click_propensity(cfg, users, items)
+    assert scores.shape == (50, 40) and (scores > 0).all()
+    # expected clicks per item (summed over users weighted by their traffic) against counts
+    traffic = df.groupby("user_id").size().reindex(users, fill_value=0).to_numpy()
+    expected = traffic @ scores
+    clicks = df[df["click"] == 1].groupby("item_id").size().reindex(items, fill_value=0)
+    rho = np.corrcoef(np.argsort(np.argsort(expected)), np.argsort(np.argsort(clicks)))[0, 1]
+    assert rho > 0.8
+    # and per user: the user's own clicks land on the items it scores high
+    top = np.argsort(-scores, axis=1)[:, :10]
+    clicked = df[df["click"] == 1]
+    hits = np.mean([int(it[1:]) in set(top[int(u[1:])]) for u, it in
+                    zip(clicked["user_id"], clicked["item_id"], strict=True)])  # fmt: skip
+    assert hits > 10 / cfg.n_items * 1.5
+    with pytest.raises(KeyError, match="not an id"):
+        click_propensity(cfg, ["u50"], items)
