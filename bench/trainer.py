@@ -15,6 +15,16 @@ host, which synchronises CUDA, included). ``encode_share`` is the time
 ``ranker.encoder.encode`` takes on the same batches afterwards (cache warm, as in steady
 state), divided by the timed step time: the rest is the torch forward/backward/Adam step.
 
+Memory-bandwidth floor of the embedding lookups (per device): the bandwidth is measured in
+the same run (a 256 MiB tensor copied on the device, best of 5, bytes read + written per
+second), and an example moves ``embedding_bytes_per_example`` = ``rows x (D x 4)`` bytes
+``x 8``, ``rows`` being the embedding rows the model reads per example (every table, every
+categorical slot): the forward gather (1), the sparse gradient (1) and lazy Adam's read and
+write of the row, its two moments (6). ``floor_examples_per_s`` = bandwidth / those bytes
+is what the step could reach if the embedding traffic were all it did; the ratio of the
+measured throughput to it says how far compute and framework overhead keep the step from
+the memory roof (on a GPU this is the number to compare with).
+
 Goal (from the issue): >= 100,000 examples/s for DCN-v2 at batch 4096 on 2 cores.
 Writes ``bench/results/trainer.json`` (``trainer_quick.json``) and prints a table.
 """
@@ -62,6 +72,7 @@ def measure(
         ranker.encoder.encode(rows[s : s + batch_size])
     encode_seconds = time.perf_counter() - t1
     n = len(starts) * batch_size
+    emb_bytes = embedding_bytes_per_example(ranker)
     return {
         "model": model,
         "device": device,
@@ -73,7 +84,34 @@ def measure(
         "examples_per_s": n / seconds,
         "encode_share": encode_seconds / seconds,
         "parameters": sum(p.numel() for p in ranker.model.parameters()),
+        "embedding_bytes_per_example": emb_bytes,
     }
+
+
+def embedding_bytes_per_example(ranker: TorchRanker) -> int:
+    """Bytes of embedding traffic per example (see the module docstring): for each table,
+    the categorical slots x its row width x 4 bytes, x 8 (gather, sparse gradient, lazy
+    Adam's read and write of row and moments)."""
+    slots = ranker.config.encoder.max_cat_fields
+    widths = [m.embedding_dim for m in ranker.model.modules() if isinstance(m, torch.nn.Embedding)]
+    return sum(slots * w * 4 * 8 for w in widths)
+
+
+def device_bandwidth(device: str, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second a device copy moves (read + write), best of ``repeats``."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * 4 / best
 
 
 def main(
@@ -92,12 +130,15 @@ def main(
     runs = [("cpu", False)]
     if torch.cuda.is_available() and not quick:
         runs += [("cuda", False), ("cuda", True)]
+    bandwidth = {d: device_bandwidth(d) for d in dict.fromkeys(d for d, _ in runs)}
     rows = []
     for device, amp in runs:
         for m in models:
             for b in batches:
-                rows.append(measure(examples, m, b, device, amp))
-                r = rows[-1]
+                r = measure(examples, m, b, device, amp)
+                r["floor_examples_per_s"] = bandwidth[device] / r["embedding_bytes_per_example"]
+                r["share_of_floor"] = r["examples_per_s"] / r["floor_examples_per_s"]
+                rows.append(r)
                 print(f"  {device}{' amp' if amp else ''} {m} {b}: "
                       f"{r['examples_per_s']:,.0f} ex/s", flush=True)  # fmt: skip
     goal_row = next(
@@ -127,6 +168,7 @@ def main(
         "data": f"log_examples(generate(SyntheticConfig(n_impressions={n_impressions}, seed=0)))",
         "step": "TorchRanker.score_and_learn, online=True, RankerConfig defaults per model",
         "devices": [f"{d}{' amp' if a else ''}" for d, a in runs],
+        "bandwidth_bytes_per_s": bandwidth,
         "goal": {
             "target": f">= {GOAL_EXAMPLES_PER_S:,.0f} examples/s for {GOAL_MODEL} at batch "
             f"{GOAL_BATCH} on 2 cores",
@@ -172,6 +214,22 @@ def table(report: dict[str, Any]) -> str:
                 "-" if r is None else f"{r['examples_per_s']:,.0f} ({r['encode_share']:.0%})"
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    bw = report.get("bandwidth_bytes_per_s")
+    if bw:
+        lines += ["", "Memory-bandwidth floor of the embedding traffic (measured copy "
+                  "bandwidth / embedding bytes per example), largest batch:", ""]  # fmt: skip
+        lines += ["| model | device | bandwidth GB/s | embedding bytes/example | floor ex/s "
+                  "| measured / floor |", "|---|---|---|---|---|---|"]  # fmt: skip
+        top = max(batches)
+        for label in labels:
+            r = by.get((label, top))
+            if r is None or "floor_examples_per_s" not in r:
+                continue
+            lines.append(
+                f"| {label} | {r['device']} | {bw[r['device']] / 1e9:,.1f} | "
+                f"{r['embedding_bytes_per_example']:,} | {r['floor_examples_per_s']:,.0f} | "
+                f"{r['share_of_floor']:.3f} |"
+            )
     return "\n".join(lines)
 
 

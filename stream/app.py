@@ -216,21 +216,20 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     async def flush_labeled(force: bool) -> None:
         """Send queued labels; then (and only then) their impressions leave the state."""
-        outbox = rt.join.outbox
-        for partition, buf in list(outbox.items()):
-            if buf and (force or len(buf) >= LABELED_FLUSH_SIZE):
-                del outbox[partition]
-                key = str(partition).encode()
-                # chunks keep every record far below the broker's 1 MB message limit
-                n = LABELED_FLUSH_SIZE
-                sending = [
-                    await labeled.send(key=key, value=encode_labeled_batch(buf[i : i + n]))
-                    for i in range(0, len(buf), n)
-                ]
-                # the broker has the labels before the state says so: a RocksDB store is
-                # local and durable at once, so marking them earlier could lose them
-                await asyncio.gather(*sending)
-                rt.join.sent(partition, buf)
+        # taken in one go: the other flusher (timer or agent) runs while this one awaits
+        ready = rt.join.take_ready(None if force else LABELED_FLUSH_SIZE)
+        for partition, buf in ready.items():
+            key = str(partition).encode()
+            # chunks keep every record far below the broker's 1 MB message limit
+            n = LABELED_FLUSH_SIZE
+            sending = [
+                await labeled.send(key=key, value=encode_labeled_batch(buf[i : i + n]))
+                for i in range(0, len(buf), n)
+            ]
+            # the broker has the labels before the state says so: a RocksDB store is
+            # local and durable at once, so marking them earlier could lose them
+            await asyncio.gather(*sending)
+            rt.join.sent(partition, buf)
         while rt.join.orphans:
             await dead.send(value=rt.join.orphans.pop().to_json())
 

@@ -305,6 +305,19 @@ class JoinService:
         out, self.outbox = self.outbox, {}
         return out
 
+    def take_ready(self, min_size: int | None = None) -> dict[int, list[LabeledExample]]:
+        """Hand over the queued labels of every partition holding at least ``min_size``
+        (None: any) of them; the others stay queued. Taken at once, so two flushers that
+        interleave on an event loop never send (or drop) the same labels twice."""
+        ready = {
+            p: buf
+            for p, buf in self.outbox.items()
+            if buf and (min_size is None or len(buf) >= min_size)
+        }
+        for p in ready:
+            del self.outbox[p]
+        return ready
+
     def sent(self, partition: int, examples: Iterable[LabeledExample]) -> None:
         """The labels are with the producer: their impressions turn from pending into
         labelled in the durable state (kept for the dedup horizon, then deleted)."""

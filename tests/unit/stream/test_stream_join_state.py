@@ -264,3 +264,27 @@ def test_fake_negative_mode_survives_a_restart_before_the_click() -> None:
     second.handle(Click("a", T0 + 30).to_json(), TOPIC_CLICKS, 0, 1)
     drain(second, sink)
     assert [(e.kind, e.label) for e in sink] == [("fake_negative", 0), ("positive", 1)]
+
+
+def test_take_ready_hands_each_label_over_once_and_keeps_small_buffers() -> None:
+    service = JoinService(SETTINGS, StreamrecMetrics(), MemoryJoinState())
+    total = 0
+    for partition, n in ((0, 300), (1, 120)):  # one log per partition
+        records, truth = log_records(n, seed=9 + partition)
+        total += len(truth)
+        for k, (topic, raw) in enumerate(records):
+            service.handle(raw, topic, partition, k)
+    queued = {p: len(buf) for p, buf in service.outbox.items() if buf}
+    assert sorted(queued) == [0, 1] and sum(queued.values()) == total
+    big = max(queued.values())
+    first = service.take_ready(min_size=big)  # only the fullest partition(s)
+    assert first and all(len(buf) >= big for buf in first.values())
+    assert not set(first) & {p for p, buf in service.outbox.items() if buf}
+    rest = service.take_ready()
+    again = service.take_ready()  # a second flusher finds nothing left to send
+    assert again == {}
+    assert set(first) | set(rest) == {0, 1} and not set(first) & set(rest)
+    for taken in (first, rest):
+        for buf in taken.values():
+            assert len({e.impression.impression_id for e in buf}) == len(buf)
+    assert sum(len(buf) for taken in (first, rest) for buf in taken.values()) == total
