@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -112,7 +113,11 @@ def pretrain(
         if half_life_s is None
         else time_decay_weights(examples.ts, float(examples.ts.max()), half_life_s)
     )
-    ranker = TorchRanker(config or RankerConfig(), seed=seed, online=False)
+    # No bias warm-up: pretraining is not scored, and re-centring the bias on the first
+    # steps of a short offline run (50 steps) left the online model's level drifting
+    # afterwards (bench.calibration, no drift: within +-5% 40% of the time, 72% without).
+    config = dataclasses.replace(config or RankerConfig(), bias_warmup=0.0)
+    ranker = TorchRanker(config, seed=seed, online=False)
     rng = np.random.default_rng(seed)
     n = len(examples)
     t0 = time.perf_counter()
