@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  # after choosing the backend
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -61,6 +62,9 @@ def trainer(report: dict[str, Any]) -> Figure:
         ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=label)
     ax.axhline(100_000, color="grey", ls="--", lw=1, label="goal (dcnv2 @4096, CPU)")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="examples / s")
+    batches = sorted({r["batch"] for r in report["results"]})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     _title(fig, report, "Trainer throughput (score + learn, online)")
