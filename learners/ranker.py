@@ -41,7 +41,14 @@ from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 
-__all__ = ["MODELS", "RankerConfig", "TorchRanker", "atomic_torch_save", "pick_device"]
+__all__ = [
+    "MODELS",
+    "RankerConfig",
+    "TorchRanker",
+    "atomic_torch_save",
+    "guarded_step",
+    "pick_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +183,35 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def guarded_step(
+    loss: Tensor,
+    dense_params: Sequence[Tensor],
+    clip_norm: float,
+    optimizers: Sequence[torch.optim.Optimizer],
+) -> bool:
+    """Backward ``loss`` and step every optimizer, dense gradients clipped to ``clip_norm``
+    (sparse embedding gradients are left to lazy Adam). A non-finite loss, dense gradient
+    norm or sparse gradient skips the step: gradients are cleared, weights unchanged, and
+    False is returned."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    ok = bool(torch.isfinite(loss))
+    if ok:
+        loss.backward()
+        ok = bool(torch.isfinite(nn.utils.clip_grad_norm_(dense_params, clip_norm)))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if ok and p.grad is not None and p.grad.is_sparse:
+                    ok = bool(torch.isfinite(p.grad.coalesce().values()).all())
+    if ok:
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return ok
 
 
 class TorchRanker:
@@ -395,34 +431,14 @@ class TorchRanker:
         """The dense Adam and, with ``sparse_embeddings``, the tables' SparseAdam."""
         return [self.optimizer] + ([] if self.sparse_optimizer is None else [self.sparse_optimizer])
 
-    def _zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
     def _step(self, loss: Tensor) -> None:
         """One Adam step (dense parameters clipped to ``grad_clip_norm``; embedding rows by
         lazy SparseAdam, which bounds each row's step by the learning rate); a non-finite
         loss or gradient skips it (weights unchanged)."""
-        self._zero_grad()
-        if not bool(torch.isfinite(loss)):
+        if not guarded_step(loss, self._dense_params, self.config.grad_clip_norm,
+                            self.optimizers):  # fmt: skip
             self.n_skipped_nonfinite += 1
             return
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(self._dense_params, self.config.grad_clip_norm)
-        finite = bool(torch.isfinite(norm))
-        if finite and self.sparse_optimizer is not None:
-            for table in self.sparse_optimizer.param_groups[0]["params"]:
-                grad = table.grad
-                if grad is not None and not bool(torch.isfinite(grad.coalesce().values()).all()):
-                    finite = False
-                    break
-        if not finite:
-            self._zero_grad()
-            self.n_skipped_nonfinite += 1
-            return
-        for opt in self.optimizers:
-            opt.step()
-        self._zero_grad()
         self.n_updates += 1
         self.last_loss = float(loss.detach())
 

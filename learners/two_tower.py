@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from learners.encoding import EncoderConfig, FeatureEncoder
 from learners.losses import info_nce_loss, sampled_softmax_loss
-from learners.ranker import atomic_torch_save, pick_device
+from learners.ranker import atomic_torch_save, guarded_step, pick_device
 
 __all__ = ["TWO_TOWER_LOSSES", "HardNegativeSource", "TwoTowerConfig", "TwoTowerModel"]
 
@@ -558,30 +558,13 @@ class TwoTowerModel:
                 own = torch.as_tensor(owners, device=self.device)
                 self.mean_hard_score = float((ud[own] * h.detach()).sum(-1).mean())
 
-    def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.sparse_optimizer.zero_grad(set_to_none=True)
-
     def _apply(self, loss: Tensor) -> None:
         """One Adam step (dense layers clipped to ``grad_clip_norm``; the embedding rows of
         the batch by lazy SparseAdam); a non-finite loss or gradient skips it, counted."""
-        self._zero_grad()
-        if not bool(torch.isfinite(loss)):
+        optimizers = [self.optimizer, self.sparse_optimizer]
+        if not guarded_step(loss, self._dense_params, self.config.grad_clip_norm, optimizers):
             self.n_skipped_nonfinite += 1
             return
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(self._dense_params, self.config.grad_clip_norm)
-        finite = bool(torch.isfinite(norm))
-        for table in self.sparse_optimizer.param_groups[0]["params"]:
-            if table.grad is not None:
-                finite = finite and bool(torch.isfinite(table.grad.coalesce().values()).all())
-        if not finite:
-            self._zero_grad()
-            self.n_skipped_nonfinite += 1
-            return
-        self.optimizer.step()
-        self.sparse_optimizer.step()
-        self._zero_grad()
         self.n_updates += 1
         self.last_loss = float(loss.detach())
 
