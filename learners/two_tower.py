@@ -530,9 +530,11 @@ class TwoTowerModel:
             neg = torch.cat([k[uniq], h])
             exclude = None
             if cfg.remove_accidental_hits:
-                ids = np.asarray(items, dtype=object)
-                hits = ids[:, None] == np.asarray(neg_items, dtype=object)[None, :]
-                exclude = torch.from_numpy(hits).to(self.device)
+                # A row's own item is among the negatives once, at its first in-batch
+                # position (hard negatives never repeat a batch item): O(B), not O(B x N).
+                column = {item: c for c, item in enumerate(neg_items[: len(uniq)])}
+                exclude = torch.zeros(b, len(neg_items), dtype=torch.bool, device=self.device)
+                exclude[torch.arange(b), torch.tensor([column[it] for it in items])] = True
             per = sampled_softmax_loss(
                 u, k, neg, log_q_pos, log_q_neg, tau, reduction="none", exclude=exclude
             )

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -459,6 +459,21 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             user, n, pool_rng
         )
 
+    async def answer(
+        view: faust.web.View, endpoint: str, fn: Callable[..., dict[str, Any]], *args: Any
+    ) -> faust.web.Response:
+        """``fn(*args)`` through the serving gate as JSON; a :class:`ServingError` becomes
+        its status with ``error``; both counted in the serving metrics."""
+        try:
+            out = await gate.run(fn, *args)
+        except ServingError as exc:
+            rt.metrics.serving_errors.labels(endpoint=endpoint, status=str(exc.status)).inc()
+            return view.error(exc.status, exc.message)
+        rt.metrics.serving_seconds.labels(endpoint=endpoint).observe(
+            out["timing_ms"]["total"] / 1e3
+        )
+        return view.json(out)
+
     @app.page("/recommend")
     class RecommendView(faust.web.View):
         """``GET /recommend?user_id=U&k=K[&ctx_<name>=value ...]``: top-k by calibrated
@@ -471,16 +486,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             except ValueError:
                 return self.error(400, f"k must be an integer, got {q.get('k')!r}")
             ctx = {name: value for name, value in q.items() if name not in ("user_id", "k")}
-            try:
-                out = await gate.run(recommender.recommend, q.get("user_id", ""), k, ctx or None)
-            except ServingError as exc:
-                rt.metrics.serving_errors.labels(endpoint="recommend",
-                                                 status=str(exc.status)).inc()  # fmt: skip
-                return self.error(exc.status, exc.message)
-            rt.metrics.serving_seconds.labels(endpoint="recommend").observe(
-                out["timing_ms"]["total"] / 1e3
-            )
-            return self.json(out)
+            return await answer(self, "recommend", recommender.recommend,
+                                q.get("user_id", ""), k, ctx or None)  # fmt: skip
 
     @app.page("/score")
     class ScoreView(faust.web.View):
@@ -494,19 +501,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 return self.error(400, "the body must be a JSON object")
             if not isinstance(body, dict):
                 return self.error(400, "the body must be a JSON object")
-            try:
-                items: Any = body.get("item_ids")  # validated by Recommender.score
-                out = await gate.run(
-                    recommender.score, body.get("user_id", ""), items, body.get("context")
-                )
-            except ServingError as exc:
-                rt.metrics.serving_errors.labels(endpoint="score",
-                                                 status=str(exc.status)).inc()  # fmt: skip
-                return self.error(exc.status, exc.message)
-            rt.metrics.serving_seconds.labels(endpoint="score").observe(
-                out["timing_ms"]["total"] / 1e3
-            )
-            return self.json(out)
+            items: Any = body.get("item_ids")  # validated by Recommender.score
+            return await answer(self, "score", recommender.score,
+                                body.get("user_id", ""), items, body.get("context"))  # fmt: skip
 
     async def dead_letter(event: Any, exc: InvalidEvent) -> None:
         m = event.message
