@@ -11,26 +11,7 @@ from hypothesis import strategies as st
 from learners.delayed_feedback import SCHEMES
 from stream.events import Click, Impression, LabeledExample
 from stream.join import DELAYED_FEEDBACK_SCHEMES, JoinConfig, OnlineJoiner, offline_join
-
-T0 = 1_700_000_000.0
-W = 60.0
-
-
-def imp(iid: str, ts: float) -> Impression:
-    return Impression(iid, T0 + ts, "u", "i")
-
-
-def click(iid: str, ts: float) -> Click:
-    return Click(iid, T0 + ts)
-
-
-def both(j: OnlineJoiner, ts: float) -> list[LabeledExample]:
-    """Producer watermarks at ``T0 + ts`` on both inputs."""
-    return j.on_watermark(T0 + ts, "impressions") + j.on_watermark(T0 + ts, "clicks")
-
-
-def kinds(out: list[LabeledExample]) -> list[tuple[str, int, str]]:
-    return [(e.impression.impression_id, e.label, e.kind) for e in out]
+from tests.unit.stream.join_helpers import T0, W, both, click, imp, kinds
 
 
 @pytest.fixture
