@@ -319,6 +319,8 @@ def read_records(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[An
             raise RuntimeError(f"topic {topic!r} does not exist on {bootstrap}")
         listed = consumer.end_offsets(parts)
         parts = [tp for tp in parts if listed[tp] > 0]  # empty: listed as 0, correctly
+        if not parts:  # an empty topic (kafka-python's seek_to_beginning() of none raises)
+            return []
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         out: dict[Any, list[Any]] = {tp: [] for tp in parts}

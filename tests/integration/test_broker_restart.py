@@ -44,6 +44,14 @@ def test_read_records_reads_the_last_batch_to_its_end() -> None:
         assert [r.value for r in read_records(broker.url, "t")] == values
 
 
+def test_read_records_of_an_empty_topic_is_empty() -> None:
+    """A topic nobody wrote to (the demo's ``control`` topic when no alarm fired) reads
+    as no records, not an error."""
+    with EmbeddedBroker() as broker:
+        create_topics(broker.url, {"t": 3})
+        assert read_records(broker.url, "t") == []
+
+
 def test_restart_on_memory_storage_comes_back_empty() -> None:
     with EmbeddedBroker() as broker:
         create_topics(broker.url, {"t": 1})
