@@ -1,9 +1,9 @@
-"""End-to-end streaming throughput: embedded broker + one worker process + replay.
+"""End-to-end streaming throughput: embedded broker + worker process(es) + replay.
 
 Run ``python -m bench.e2e`` (100k impressions, about 4 minutes on 2 cores) or
 ``python -m bench.e2e --quick`` (10k). Everything runs on this machine: Tansu (memory
 storage), one ``python -m stream.cli worker`` process with default settings, and
-:func:`stream.replay.replay` publishing a synthetic log as fast as it can. Three phases,
+:func:`stream.replay.replay` publishing a synthetic log as fast as it can. Four phases,
 each on a fresh broker:
 
 1. **producer alone**: ``replay`` into the broker with no worker (records/s; records are
@@ -36,7 +36,12 @@ each on a fresh broker:
    interpolation inside buckets, as PromQL's ``histogram_quantile``.
    CPU seconds of the worker, the broker and this process (the producer) come from
    ``/proc`` and ``getrusage``.
-3. **profile** (unless ``--no-profile``): the pipeline again on the first 20k impressions
+3. **scale-out** (``--scale-out N``, default 2; 0 skips it): phase 2 again with N workers in
+   one consumer group, started together. They split the input partitions, so the joiner
+   runs in N processes; ``labeled`` has one partition, so one of them trains (DESIGN.md:
+   "more Faust workers for joiner and monitor; the trainer is one consumer of labeled").
+   Metrics are summed over the workers; the ratio to phase 2 is reported.
+4. **profile** (unless ``--no-profile``): the pipeline again on the first 20k impressions
    of the log, with ``py-spy record --nonblocking --threads`` attached to the worker once
    it is ready (start-up excluded).
    Reported: samples per thread, the top functions by self and by inclusive samples, and
@@ -100,6 +105,7 @@ FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impressio
 GOAL_IMPRESSIONS_PER_S = 20_000.0
 SAMPLE_S = 0.5
 WAIT_MIN_S, WAIT_RATE = 180.0, 100.0  # after the replay: wait max(180 s, n / 100/s)
+SCALE_OUT_WORKERS = 2  # workers of the scale-out phase (DESIGN.md: more joiner workers)
 PROFILE_N = 20_000  # impressions of the profiled run (a prefix of the log)
 PROFILE_RATE = 100  # py-spy samples per second
 
@@ -141,43 +147,65 @@ class WorkerProc:
 
 
 @contextmanager
+def worker_processes(
+    broker: str,
+    run_dir: Path,
+    n: int = 1,
+    torch_threads: int | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> Iterator[list[WorkerProc]]:
+    """``n`` worker subprocesses of one consumer group, started together (so that one
+    group join assigns them all), each yielded once it has joined (Faust logged
+    ``Ready``). ``torch_threads`` sets ``OMP_NUM_THREADS`` (None: torch's default);
+    ``extra_args`` are appended to ``streamrec worker``'s command line. Logs and data
+    directories: ``worker.log``/``worker-data`` (then ``worker1.log``, ...) in ``run_dir``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if torch_threads is not None:
+        env["OMP_NUM_THREADS"] = str(torch_threads)
+    workers: list[WorkerProc] = []
+    try:
+        for i in range(n):
+            name = f"worker{i}" if i else "worker"
+            port = free_port()
+            log_path = run_dir / f"{name}.log"
+            cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
+                   "--metrics-port", str(port), "--data-dir", str(run_dir / f"{name}-data"),
+                   *extra_args]  # fmt: skip
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            workers.append(WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics"))
+        deadline = time.monotonic() + 90
+        for w in workers:
+            port = int(w.metrics_url.rsplit(":", 1)[1].split("/")[0])
+            wait_for_port("127.0.0.1", port, timeout_s=max(1.0, deadline - time.monotonic()))
+            while "Worker]: Ready" not in w.log_path.read_text(errors="replace"):
+                w.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker not ready in 90 s; see {w.log_path}")
+                time.sleep(0.2)
+        yield workers
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+
+@contextmanager
 def worker_process(
     broker: str,
     run_dir: Path,
     torch_threads: int | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> Iterator[WorkerProc]:
-    """A worker subprocess that has joined its consumer group (Faust logged ``Ready``);
-    ``torch_threads`` sets ``OMP_NUM_THREADS`` for it (None: torch's default);
-    ``extra_args`` are appended to ``streamrec worker``'s command line."""
-    port = free_port()
-    log_path = run_dir / "worker.log"
-    cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
-           "--metrics-port", str(port), "--data-dir", str(run_dir / "worker-data"),
-           *extra_args]  # fmt: skip
-    with open(log_path, "ab") as out:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if torch_threads is not None:
-            env["OMP_NUM_THREADS"] = str(torch_threads)
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    w = WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics")
-    try:
-        wait_for_port("127.0.0.1", port, timeout_s=90)
-        deadline = time.monotonic() + 90
-        while "Worker]: Ready" not in log_path.read_text(errors="replace"):
-            w.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker not ready in 90 s; see {log_path}")
-            time.sleep(0.2)
-        yield w
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """One worker of :func:`worker_processes` (log ``run_dir/worker.log``)."""
+    with worker_processes(broker, run_dir, 1, torch_threads, extra_args) as workers:
+        yield workers[0]
 
 
 # --- phase 1: producer alone and plain consumers ----------------------------------------------
@@ -251,9 +279,10 @@ def producer_alone(log_path: Path, run_dir: Path) -> dict[str, Any]:
 
 @dataclass
 class Sampler:
-    """Scrapes ``/metrics`` every ``SAMPLE_S`` in a thread; lag against replay progress."""
+    """Scrapes ``/metrics`` of every worker every ``SAMPLE_S`` in a thread (counters summed
+    over the workers); lag against replay progress."""
 
-    worker: WorkerProc
+    workers: list[WorkerProc]
     t0: float
     progress: list[tuple[float, int]] = field(default_factory=list)  # (t, events replayed)
     samples: list[dict[str, float]] = field(default_factory=list)
@@ -263,7 +292,7 @@ class Sampler:
         self.progress.append((time.monotonic() - self.t0, k))
 
     def sample(self) -> dict[str, float]:
-        m = self.worker.metrics()
+        m = merged_metrics(self.workers)
         consumed = m.get("streamrec_impressions_total", 0.0) + m.get("streamrec_clicks_total", 0)
         replayed = self.progress[-1][1] if self.progress else 0
         s = {
@@ -288,6 +317,15 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def merged_metrics(workers: list[WorkerProc]) -> dict[str, float]:
+    """One scrape of every worker, each sample summed over them (counters, histogram
+    buckets and the gauges read here are all additive across workers)."""
+    total: Counter[str] = Counter()
+    for w in workers:
+        total.update(w.metrics())
+    return dict(total)
 
 
 def _crossing(samples: list[dict[str, float]], key: str, level: float) -> float | None:
@@ -367,22 +405,35 @@ def pipeline(
     run_dir: Path,
     profile_out: Path | None = None,
     torch_threads: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """One broker, one ready worker, one replay; waits until all ``n`` impressions are
-    scored. With ``profile_out``, py-spy samples the worker meanwhile."""
+    """One broker, ``workers`` ready workers in one consumer group, one replay; waits until
+    all ``n`` impressions are scored. With ``profile_out``, py-spy samples the (first)
+    worker meanwhile.
+
+    Several workers split the input partitions (and so the joiner); ``labeled`` has one
+    partition, so one of them trains (see ``topic_plan``). They start together so that one
+    group join assigns them all; the wait after ``Ready`` covers a second rebalance."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with (
         EmbeddedBroker(log_path=run_dir / "tansu.log") as broker,
-        worker_process(broker.url, run_dir, torch_threads) as worker,
+        worker_processes(broker.url, run_dir, workers, torch_threads) as procs,
     ):
+        if workers > 1:
+            time.sleep(Settings().rebalance_timeout_s + 1.0)
+        worker = procs[0]
         spy = None
         if profile_out is not None:
             spy = _start_py_spy(worker.proc.pid, profile_out, run_dir)
         t0 = time.monotonic()
-        sampler = Sampler(worker, t0)
+        sampler = Sampler(procs, t0)
         thread = threading.Thread(target=sampler.run, daemon=True)
         thread.start()
-        cpu = {"worker": cpu_seconds(worker.proc.pid), "broker": cpu_seconds(broker.pid or 0)}
+
+        def worker_cpu() -> float:
+            return sum(cpu_seconds(w.proc.pid) for w in procs)
+
+        cpu = {"worker": worker_cpu(), "broker": cpu_seconds(broker.pid or 0)}
         self0 = self_cpu_seconds()
         stats: ReplayStats = replay(
             log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S,
@@ -395,12 +446,13 @@ def pipeline(
         deadline = time.monotonic() + max(WAIT_MIN_S, n / WAIT_RATE)
         complete = False
         while not complete and time.monotonic() < deadline:
-            worker.check()
+            for w in procs:
+                w.check()
             complete = bool(sampler.samples) and sampler.samples[-1]["scored"] >= n
             time.sleep(0.1)
         t_done = time.monotonic() - t0
         cpu = {
-            "worker": cpu_seconds(worker.proc.pid) - cpu["worker"],
+            "worker": worker_cpu() - cpu["worker"],
             "broker": cpu_seconds(broker.pid or 0) - cpu["broker"],
             "bench_process(producer+sampler)": self_cpu_seconds() - self0,
         }
@@ -408,7 +460,7 @@ def pipeline(
         thread.join()
         if spy is not None:
             _stop_py_spy(spy)
-        final = worker.metrics()
+        final = merged_metrics(procs)
         scored = read_records(broker.url, TOPIC_SCORED)
         clicks = read_records(broker.url, TOPIC_CLICKS)
         impressions_ts = {
@@ -436,6 +488,7 @@ def pipeline(
     lag_slope = _lag_slope(samples, t_replayed)
     lags = [s["lag"] for s in samples if s["t"] <= t_replayed]
     return {
+        "workers": workers,
         "impressions": stats.impressions,
         "clicks": stats.clicks,
         "scored_examples": n_scored,
@@ -585,12 +638,14 @@ def run(
     profile: bool = True,
     run_dir: Path | None = None,
     torch_threads: int | None = None,
+    scale_out: int = SCALE_OUT_WORKERS,
 ) -> dict[str, Any]:
-    """Run the three phases, write the JSON, print the table; the report.
+    """Run the phases, write the JSON, print the table; the report.
 
     ``n`` overrides the number of impressions; ``run_dir`` keeps the logs (default: a
     temporary folder, removed afterwards); ``torch_threads`` sets the worker's
-    ``OMP_NUM_THREADS`` (default: unset, torch uses one thread per core).
+    ``OMP_NUM_THREADS`` (default: unset, torch uses one thread per core); ``scale_out``
+    workers run the pipeline again in one group (0 or 1: skipped).
     """
     n_impressions = n or (QUICK_N if quick else FULL_N)
     t_start = time.perf_counter()
@@ -609,6 +664,12 @@ def run(
         print(f"producer alone: {alone['records_per_s']:,.0f} records/s", flush=True)
         pipe = pipeline(log_path, n_impressions, run_dir / "pipeline", None, torch_threads)
         print(f"pipeline: {pipe['impressions_per_s']:,.0f} impressions/s", flush=True)
+        scaled: dict[str, Any] | None = None
+        if scale_out > 1:
+            scaled = pipeline(log_path, n_impressions, run_dir / f"workers-{scale_out}", None,
+                              torch_threads, workers=scale_out)  # fmt: skip
+            print(f"pipeline, {scale_out} workers: {scaled['impressions_per_s']:,.0f} "
+                  "impressions/s", flush=True)  # fmt: skip
         notes = [
             "every process shares this machine's cores: the numbers are only as quiet as the "
             "machine (see load_average_1m; above the core count means other work ran)"
@@ -653,7 +714,11 @@ def run(
         "worker_omp_num_threads": torch_threads,
         "producer_alone": alone,
         "pipeline": pipe,
+        "scale_out": scaled,
         "ratios": {
+            "scale_out_over_one_worker": (
+                None if scaled is None else scaled["impressions_per_s"] / rate
+            ),
             "pipeline_over_producer_alone": rate / alone["impressions_per_s"],
             "pipeline_over_raw_consume": rate / alone["raw_consume"]["impressions_per_s"],
             "pipeline_over_consume_parse": rate / alone["consume_parse"]["impressions_per_s"],
@@ -723,6 +788,20 @@ def table(report: dict[str, Any]) -> str:
         ("CPU s: worker / broker / producer process",
          " / ".join(_f(v, 1) for v in cpu.values())),
     ]  # fmt: skip
+    s = report.get("scale_out")
+    if s:
+        k = s["workers"]
+        rows += [
+            (f"{k} workers: pipeline impressions/s (x one worker)",
+             f"{_f(s['impressions_per_s'])} ({_f(r['scale_out_over_one_worker'], 2)}x)"),
+            (f"{k} workers: steady / joiner ingest impressions/s",
+             f"{_f(s['steady_impressions_per_s'])} / {_f(s['ingest_impressions_per_s'])}"),
+            (f"{k} workers: click -> model update p50 / p99 (s, wall)",
+             f"{_f(s['latency_s']['click_to_update']['p50'], 2)} / "
+             f"{_f(s['latency_s']['click_to_update']['p99'], 2)}"),
+            (f"{k} workers: CPU s workers / broker / producer process",
+             " / ".join(_f(v, 1) for v in s["cpu_seconds"].values())),
+        ]  # fmt: skip
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     if report.get("profile"):
         lines += ["", profile_table(report["profile"])]
@@ -765,9 +844,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--worker-threads", type=int, default=None, help="OMP_NUM_THREADS of the worker"
     )
+    parser.add_argument(
+        "--scale-out", type=int, default=SCALE_OUT_WORKERS,
+        help="workers of the scale-out phase (0: skip it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     run(args.quick, args.results_dir, n=args.n, profile=not args.no_profile,
-        run_dir=args.run_dir, torch_threads=args.worker_threads)  # fmt: skip
+        run_dir=args.run_dir, torch_threads=args.worker_threads,
+        scale_out=args.scale_out)  # fmt: skip
     return 0
 
 

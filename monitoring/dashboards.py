@@ -503,6 +503,7 @@ def operations_dashboard() -> Dashboard:
             (f"rate(streamrec_clicks_total[{ri}])", "clicks"),
             (f"sum by (label) (rate(streamrec_labeled_total[{ri}]))", "labelled {{label}}"),
             (f"rate(streamrec_scored_total[{ri}])", "scored"),
+            (f"rate(streamrec_monitored_total[{ri}])", "monitored"),
         ],
         w=12,
         unit="reqps",

@@ -120,6 +120,10 @@ class StreamrecMetrics:
             "dead_letters", "Events sent to the dead-letter topic, by reason.", ("reason",)
         )
         self.scored = counter("scored", "Progressive predictions scored before training.")
+        self.monitored = counter(
+            "monitored", "Scored examples the calibration monitor has taken in (its lag: "
+            "scored_total - monitored_total)."
+        )  # fmt: skip
         self.train_batches = counter("train_batches", "Training micro-batches applied.")
         self.nonfinite_batches = counter(
             "nonfinite_batches", "Training micro-batches skipped for a non-finite loss."

@@ -6,8 +6,10 @@ reason instead of dying in a deserialiser.
 
 Delivery: at-least-once (Faust's default processing guarantee). The embedded broker
 (Tansu) fails transactions, so exactly-once is not used here. The joiner's pending state is
-a Faust table (``join-state``, changelog ``<app_id>-join-state-changelog``) written while
-the input record is processed, so a restarted worker loses no impression; what can repeat
+a Faust table (``join-state``, changelog ``<app_id>-join-state-changelog``) holding batched
+segments (:mod:`stream.segments`); an input record is acked (its offset may be committed)
+only after the segment with its changes went to the producer, so a restarted worker loses
+no impression; what can repeat
 after a crash (labels sent but not yet committed) is dropped by the trainer's and the
 monitor's idempotency horizon (:class:`stream.services.SeenKeys`).
 """
@@ -44,6 +46,7 @@ from stream.events import (
     decode_labeled_batch,
     encode_labeled_batch,
 )
+from stream.segments import SegmentedState
 from stream.services import (
     IndexerService,
     JoinService,
@@ -130,6 +133,12 @@ class TableJoinState:
             (k[n:].decode(), v) for k, v in list(self.table.data.items()) if k.startswith(prefix)
         ]
 
+    def flush(self, partitions: Iterable[int] | None = None) -> int:
+        return 0  # every write is handed to the producer at once
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        pass  # the table's store and changelog are the durable state
+
     def __len__(self) -> int:
         return len(self.table.data)
 
@@ -142,6 +151,9 @@ STATE_COUNT_EVERY_S = 15.0
 
 LABELED_FLUSH_SIZE = 1000
 LABELED_FLUSH_S = 0.2
+#: input records between two flushes of the join state by the joiner itself (the labels'
+#: flusher flushes it every LABELED_FLUSH_S too)
+STATE_FLUSH_RECORDS = 2000
 
 
 @dataclass
@@ -198,7 +210,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     rt = Runtime(
         settings=settings,
         metrics=metrics,
-        join=JoinService(settings, metrics, TableJoinState(join_table)),
+        # the table holds segments: one changelog record per flush, not one per change
+        join=JoinService(settings, metrics, SegmentedState(TableJoinState(join_table))),
         trainer=TrainerService(settings, metrics),
         monitor=MonitorService(settings, metrics),
         indexer=IndexerService(settings, metrics),
@@ -232,23 +245,39 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             rt.join.sent(partition, buf)
         while rt.join.orphans:
             await dead.send(value=rt.join.orphans.pop().to_json())
+        commit_state()
+
+    # Input records whose state changes may still sit in an open segment of the state
+    # (stream.segments): acked, so that Faust may commit their offsets, only once those
+    # changes are handed to the producer, which Faust flushes before it commits.
+    unacked_inputs: list[Any] = []
+
+    def commit_state() -> None:
+        rt.join.state.flush()
+        for event in unacked_inputs:
+            event.ack()
+        unacked_inputs.clear()
 
     @app.agent(inputs, name="joiner")
     async def joiner(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():  # type: ignore[attr-defined]
             msg = event.message
             try:
                 out, dl = rt.join.handle(event.value, msg.topic, msg.partition, msg.offset)
             except Exception as exc:  # a bug must not stall the partition: park the record
+                unacked_inputs.append(event)
                 log.exception("joiner failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
                 continue
+            unacked_inputs.append(event)
             if dl is not None:
                 log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
                             msg.offset, dl.reason)  # fmt: skip
                 await dead.send(value=dl.to_json())
             if out and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
                 await flush_labeled(force=False)
+            elif len(unacked_inputs) >= STATE_FLUSH_RECORDS:
+                commit_state()
 
     def input_lags() -> dict[tuple[str, int], int]:
         """Unconsumed records per input partition (from the last fetch's high watermark)."""
@@ -273,8 +302,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         """A revoked input partition's joiner is dropped: the next owner rebuilds it from
         the table, and re-emits the labels this worker had not sent yet."""
         revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
-        rt.join.drop({tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS,
-                                                                      TOPIC_CLICKS)})  # fmt: skip
+        gone = {tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)}
+        # Faust waited for every input record to be acked, so what they changed is flushed;
+        # anything unacked left is uncommitted and goes to the next owner with its inputs
+        unacked_inputs[:] = [e for e in unacked_inputs if e.message.partition not in gone]
+        rt.join.drop(gone)
 
     # ``labeled`` records whose examples are still in the trainer's buffer, oldest first,
     # with how many of their examples are left: a record is acked (so its offset can be

@@ -372,6 +372,9 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
         proc.wait()
 
 
+MONITOR_GRACE_S = 15.0
+
+
 def _wait_done(
     url: str,
     impressions: int,
@@ -383,16 +386,25 @@ def _wait_done(
 
     bar = tqdm(total=impressions, unit="imp", desc="labelled+scored", disable=not progress)
     done = 0
+    trained_at: float | None = None
     while True:
         if worker.poll() is not None:
             raise RuntimeError(f"the worker exited with code {worker.returncode}; see worker.log")
         m = scrape(url)
         labeled = m.get("sum:streamrec_labeled_total", 0.0)
         scored = m.get("streamrec_scored_total", 0.0)
+        monitored = m.get("streamrec_monitored_total", 0.0)
         now_done = int(min(labeled, scored))
         bar.update(max(0, min(now_done, impressions) - done))
         done = max(done, min(now_done, impressions))
-        if labeled >= impressions and scored >= labeled:
+        trained = labeled >= impressions and scored >= labeled
+        if trained and trained_at is None:
+            trained_at = time.monotonic()
+        # the monitor takes the last scored batches in a moment later (a duplicate batch
+        # after a restart is never counted: do not wait for it for ever)
+        if trained_at is not None and (
+            monitored >= scored or time.monotonic() - trained_at > MONITOR_GRACE_S
+        ):
             bar.close()
             time.sleep(1.5)  # one more gauge publication and index refresh
             return scrape(url)

@@ -76,6 +76,15 @@ class JoinState(Protocol):
 
     def items(self, partition: int) -> Iterable[tuple[str, bytes]]: ...
 
+    def flush(self, partitions: Iterable[int] | None = None) -> int:
+        """Make buffered changes durable (:class:`stream.segments.SegmentedState`); the
+        inputs that caused them may be committed after it. Returns records written."""
+        ...
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget what this worker holds of revoked partitions (not their durable state)."""
+        ...
+
 
 class MemoryJoinState:
     """:class:`JoinState` in a dict (tests, in-process runs); not durable."""
@@ -91,6 +100,12 @@ class MemoryJoinState:
 
     def items(self, partition: int) -> Iterable[tuple[str, bytes]]:
         return list(self.data.get(partition, {}).items())
+
+    def flush(self, partitions: Iterable[int] | None = None) -> int:
+        return 0  # every change is in place at once
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        pass  # the dict plays the durable store: it outlives the worker's view of it
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.data.values())
@@ -173,10 +188,12 @@ class JoinService:
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget revoked partitions (their state stays in the changelog for the next
         owner); labels not sent yet stay pending in the state and are emitted again there."""
+        partitions = list(partitions)
         for p in partitions:
             self.joiners.pop(p, None)
             self.outbox.pop(p, None)
             self._wm_saved.pop(p, None)
+        self.state.drop(partitions)
 
     def _release(self) -> list[LabeledExample]:
         """Advance every partition to the minimum watermark of all of them (partitions idle
@@ -790,6 +807,7 @@ class MonitorService:
         if cfg.recalibration != "alarm":
             self.tracker.update(p_raw=p_raw, labels=y)
         self.n_seen += len(y)
+        self.metrics.monitored.inc(len(y))
         self.metrics.drift_z.labels(segment="all").set(self.detector.statistic)
         for seg, stat in self.segment_detector.statistics.items():
             self.metrics.drift_z.labels(segment=seg).set(stat)

@@ -90,6 +90,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             if (
                 m.get("sum:streamrec_labeled_total", 0) >= N_IMPRESSIONS
                 and m.get("streamrec_scored_total", 0) >= N_IMPRESSIONS
+                and m.get("streamrec_monitored_total", 0) >= N_IMPRESSIONS
                 and m.get("streamrec_duplicate_clicks_total", 0) >= len(dups)
             ):
                 break
