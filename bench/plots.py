@@ -150,9 +150,17 @@ def e2e(report: dict[str, Any]) -> Figure:
     t = [x["t"] for x in s]
     for key in ("replayed", "impressions", "scored"):
         ax.plot(t, [x[key] for x in s], label=key)
+    ax2.plot(t, [x["lag"] for x in s], color="tab:red", label="1 worker")
+    so = report.get("scale_out")
+    if so:  # the same log through N workers of one group
+        t2 = [x["t"] for x in so["samples"]]
+        ax.plot(t2, [x["scored"] for x in so["samples"]], ls="--", color="tab:green",
+                label=f"scored, {so['workers']} workers")  # fmt: skip
+        ax2.plot(t2, [x["lag"] for x in so["samples"]], ls="--", color="tab:purple",
+                 label=f"{so['workers']} workers")  # fmt: skip
+        ax2.legend(fontsize=7)
     ax.set(xlabel="wall s", ylabel="count", title="events replayed / impressions in / scored")
     ax.legend(fontsize=7)
-    ax2.plot(t, [x["lag"] for x in s], color="tab:red")
     ax2.set(xlabel="wall s", ylabel="events", title="lag (replayed − consumed)")
     for a in (ax, ax2):
         a.title.set_fontsize(9)
