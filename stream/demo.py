@@ -243,13 +243,15 @@ def run_demo(
     summary = summarize(arr, drift_ts)
     alarms = [c for c in controls if c.get("kind") == "drift"]
     delays = []
-    if drift_ts is not None:
-        ts_sorted = np.sort(arr.ts)
+    if drift_ts is not None and arr.ts.size:
+        # post-drift impressions the monitor had taken in when it alarmed: the scored
+        # stream is the monitor's input in order, and the alarm says how far it had read
+        # (a batch's newest event time would overstate it by the batch's span)
+        post = np.cumsum(arr.ts >= drift_ts)
         for a in alarms:
-            if float(a["event_ts"]) >= drift_ts:
-                n_after = int(np.searchsorted(ts_sorted, float(a["event_ts"]), side="right")
-                              - np.searchsorted(ts_sorted, drift_ts))  # fmt: skip
-                delays.append(n_after)
+            seen = int(a.get("examples_seen", 0))
+            if 0 < seen <= post.size and post[seen - 1] > 0:
+                delays.append(int(post[seen - 1]))
     n_ids = len(arr.ids)
     distinct = len(set(arr.ids))
     wall = t_done - t0
