@@ -32,7 +32,10 @@ Run ``python -m bench.index`` (full, a few minutes on 2 cores) or ``python -m be
    80%) and random retrieval (10 / items); on the synthetic log also the ``oracle``: the
    generator's own expected clicks per request (:func:`stream.synthetic.click_propensity`,
    exposure x true click probability) ranked over the same catalogue, the ceiling for any
-   retrieval model on that log. The same on the Open Bandit Dataset sample
+   retrieval model on that log; and the ``segment_oracle``, the same without each user's
+   own taste (``click_propensity(..., personal=False)``: segment x category affinity, item
+   bias, price and exposure), the ceiling of a model that learns nothing per user. The same
+   on the Open Bandit Dataset sample
    (``random/all``, 10,000 impressions, ~40 clicks: a handful of test clicks, so only a
    sanity check) when ``../shared/data/obd`` exists.
 
@@ -302,10 +305,12 @@ def two_tower_recall(
     ex: LogExamples,
     variants: dict[str, Callable[[], TwoTowerModel]],
     oracle: Callable[[list[str], list[str]], np.ndarray] | None = None,
+    segment_oracle: Callable[[list[str], list[str]], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Recall@K of each variant (trained on the first ``TRAIN_FRACTION`` of the log) on the
     clicks of the tail; ``oracle(user_ids, item_ids)`` (a score matrix) adds the ceiling
-    row ``oracle`` ranked over the same training catalogue."""
+    row ``oracle`` ranked over the same training catalogue, ``segment_oracle`` the row
+    ``segment_oracle`` (the ceiling without per-user taste)."""
     split = int(TRAIN_FRACTION * len(ex))
     test = [i for i in range(split, len(ex)) if ex.y[i] > 0]
     clicked = Counter(str(ex.rows[i]["item_id"]) for i in range(split) if ex.y[i] > 0)
@@ -345,14 +350,15 @@ def two_tower_recall(
     pop_hits = [t_ in popular for t_ in truth]
     out["models"]["popularity"] = {"recall_at_10": float(np.mean(pop_hits)) if test else math.nan}
     out["models"]["random"] = {"recall_at_10": min(1.0, K / max(n_items, 1))}
-    if oracle is not None and test:
+    for name, score in (("oracle", oracle), ("segment_oracle", segment_oracle)):
+        if score is None or not test:
+            continue
         users = sorted({str(ex.rows[i]["user_id"]) for i in test})
-        scores = oracle(users, items)
-        top_k = np.argsort(-scores, axis=1)[:, :K]
+        top_k = np.argsort(-score(users, items), axis=1)[:, :K]
         best = {u: {items[j] for j in row} for u, row in zip(users, top_k, strict=True)}
         hits = [t_ in best[str(ex.rows[i]["user_id"])] for t_, i in zip(truth, test, strict=True)]
-        out["models"]["oracle"] = {"recall_at_10": float(np.mean(hits))}
-        print(f"  oracle: recall@10 {out['models']['oracle']['recall_at_10']:.4f}")
+        out["models"][name] = {"recall_at_10": float(np.mean(hits))}
+        print(f"  {name}: recall@10 {out['models'][name]['recall_at_10']:.4f}")
     out["items"] = n_items
     print(f"  popularity: recall@10 {out['models']['popularity']['recall_at_10']:.4f}")
     return out
@@ -408,6 +414,9 @@ def main(
                     log_examples(generate(log_cfg)),
                     VARIANTS,
                     oracle=lambda users, items: click_propensity(log_cfg, users, items),
+                    segment_oracle=lambda users, items: click_propensity(
+                        log_cfg, users, items, personal=False
+                    ),
                 ),
             }
         }
@@ -477,8 +486,8 @@ def table(report: dict[str, Any]) -> str:
             f"{m} recall@10"
             for m in ("two_tower", "two_tower_info_nce", "two_tower_hard_negatives")
         )
-        + " | popularity | random | oracle |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + " | popularity | random | segment oracle | oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for log, r in report["retrieval"].items():
         models = r["models"]
@@ -490,6 +499,7 @@ def table(report: dict[str, Any]) -> str:
                 "two_tower_hard_negatives",
                 "popularity",
                 "random",
+                "segment_oracle",
                 "oracle",
             )
         ]

@@ -302,7 +302,7 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
 
 
 def click_propensity(
-    config: SyntheticConfig, user_ids: list[str], item_ids: list[str]
+    config: SyntheticConfig, user_ids: list[str], item_ids: list[str], personal: bool = True
 ) -> np.ndarray:
     """Oracle retrieval scores of the world ``config`` generates: a
     ``(len(user_ids), len(item_ids))`` array proportional to the expected clicks per
@@ -310,6 +310,9 @@ def click_propensity(
     its true click probability averaged over positions and devices).
 
     Ranking a user's row gives the best recall@K any retrieval model can expect on the log.
+    ``personal=False`` leaves out each user's own taste (the user x item latent term) and
+    keeps what the user's segment, the item and its exposure explain: the ceiling of a
+    model that learns nothing per user.
     Ids are the log's ``u<i>`` / ``i<j>``; an unknown id raises ``KeyError``.
 
     >>> c = SyntheticConfig(n_impressions=30, n_users=4, n_items=6, seed=2)
@@ -329,8 +332,9 @@ def click_propensity(
 
     u = index(user_ids, "u", config.n_users)
     i = index(item_ids, "i", config.n_items)
+    taste = 0.8 * (w.user_vec[u] @ w.item_vec[i].T) / math.sqrt(config.dim)
     base = (
-        0.8 * (w.user_vec[u] @ w.item_vec[i].T) / math.sqrt(config.dim)
+        (taste if personal else 0.0)
         + w.affinity[w.user_seg[u]][:, w.item_cat[i]]
         + w.item_bias[i][None, :]
         - 0.2 * w.price_z[i][None, :]

@@ -60,6 +60,7 @@ def test_index_quick_reports_every_kind_serving_and_retrieval(tmp_path: Path) ->
     assert models["two_tower"]["recall_at_10"] > models["random"]["recall_at_10"]
     # the generator's own propensities are the ceiling: above popularity on this log
     assert models["oracle"]["recall_at_10"] > models["popularity"]["recall_at_10"]
+    assert models["oracle"]["recall_at_10"] >= models["segment_oracle"]["recall_at_10"]
     assert report["recommend"]["retrieval_model"] == "two_tower"
     readme = run.render(quick=True, results_dir=tmp_path).read_text()
     assert "## index" in readme and "| 20,000 | hnsw |" in readme

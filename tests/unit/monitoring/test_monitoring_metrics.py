@@ -48,6 +48,7 @@ COUNTERS = {
     "late_clicks",
     "dead_letters",
     "scored",
+    "monitored",
     "train_batches",
     "nonfinite_batches",
     "drift_alarms",

@@ -257,5 +257,13 @@ def test_click_propensity_ranks_items_as_the_log_clicks_them() -> None:
     hits = np.mean([int(it[1:]) in set(top[int(u[1:])]) for u, it in
                     zip(clicked["user_id"], clicked["item_id"], strict=True)])  # fmt: skip
     assert hits > 10 / cfg.n_items * 1.5
+    # without each user's own taste, users of one segment rank items alike, and the
+    # personal oracle finds the users' clicks more often than the segment-level one
+    flat = click_propensity(cfg, users, items, personal=False)
+    assert flat.shape == scores.shape and not np.allclose(flat, scores)
+    flat_top = np.argsort(-flat, axis=1)[:, :10]
+    flat_hits = np.mean([int(it[1:]) in set(flat_top[int(u[1:])]) for u, it in
+                         zip(clicked["user_id"], clicked["item_id"], strict=True)])  # fmt: skip
+    assert hits > flat_hits
     with pytest.raises(KeyError, match="not an id"):
         click_propensity(cfg, ["u50"], items)
