@@ -709,8 +709,8 @@ def run(
         "data": f"write_synthetic(SyntheticConfig(n_impressions={n_impressions}, seed=0, "
         f"drift_at=None, impressions_per_s={EVENT_RATE}))",
         "setup": "Tansu (memory storage) + one `python -m stream.cli worker` (default settings:"
-        " 4 partitions, trainer batch 1024) + stream.replay.replay as fast as possible, all "
-        "on this machine",
+        " 4 partitions, trainer batch 1024; the scale-out phase: N of them in one group) + "
+        "stream.replay.replay as fast as possible, all on this machine",
         "worker_omp_num_threads": torch_threads,
         "producer_alone": alone,
         "pipeline": pipe,

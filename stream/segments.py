@@ -119,8 +119,7 @@ class SegmentedState:
 
     def put(self, partition: int, key: str, value: bytes) -> None:
         p = self._part(partition)
-        old = p.open.get(key, b"")
-        p.open_bytes += len(value) - (len(old) if old is not None else 0) + len(key) + 6
+        p.open_bytes += len(key) + len(value) + _HEAD.size  # an overwrite over-counts: safe
         p.open[key] = value
         if len(p.open) >= self.max_ops or p.open_bytes >= self.max_bytes:
             self._flush(partition, p)
@@ -129,12 +128,11 @@ class SegmentedState:
         p = self._part(partition)
         if key in p.open and p.copies.get(key, 0) == 0:
             # put in the open segment only: the put and its delete cancel out
-            value = p.open.pop(key)
-            p.open_bytes -= len(value or b"") + len(key) + 6
+            p.open.pop(key)
             return
         if key in p.copies:
             p.open[key] = None
-            p.open_bytes += len(key) + 6
+            p.open_bytes += len(key) + _HEAD.size
         # else: never written (or long gone): nothing to delete
 
     def items(self, partition: int) -> list[tuple[str, bytes]]:
