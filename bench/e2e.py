@@ -3,7 +3,7 @@
 Run ``python -m bench.e2e`` (100k impressions, about 4 minutes on 2 cores) or
 ``python -m bench.e2e --quick`` (10k). Everything runs on this machine: Tansu (memory
 storage), one ``python -m stream.cli worker`` process with default settings, and
-:func:`stream.replay.replay` publishing a synthetic log as fast as it can. Four phases,
+:func:`stream.replay.replay` publishing a synthetic log as fast as it can. Five phases,
 each on a fresh broker:
 
 1. **producer alone**: ``replay`` into the broker with no worker (records/s; records are
@@ -41,7 +41,10 @@ each on a fresh broker:
    runs in N processes; ``labeled`` has one partition, so one of them trains (DESIGN.md:
    "more Faust workers for joiner and monitor; the trainer is one consumer of labeled").
    Metrics are summed over the workers; the ratio to phase 2 is reported.
-4. **profile** (unless ``--no-profile``): the pipeline again on the first 20k impressions
+4. **split** (unless ``--no-split``): phase 2 again with one ``--role joiner`` and one
+   ``--role trainer`` worker (separate consumer groups: the trainer's fetches never wait
+   behind an input backlog).
+5. **profile** (unless ``--no-profile``): the pipeline again on the first 20k impressions
    of the log, with ``py-spy record --nonblocking --threads`` attached to the worker once
    it is ready (start-up excluded).
    Reported: samples per thread, the top functions by self and by inclusive samples, and
@@ -106,6 +109,7 @@ GOAL_IMPRESSIONS_PER_S = 20_000.0
 SAMPLE_S = 0.5
 WAIT_MIN_S, WAIT_RATE = 180.0, 100.0  # after the replay: wait max(180 s, n / 100/s)
 SCALE_OUT_WORKERS = 2  # workers of the scale-out phase (DESIGN.md: more joiner workers)
+SPLIT_ROLES = ("joiner", "trainer")  # the split phase: one worker per side
 PROFILE_N = 20_000  # impressions of the profiled run (a prefix of the log)
 PROFILE_RATE = 100  # py-spy samples per second
 
@@ -153,12 +157,16 @@ def worker_processes(
     n: int = 1,
     torch_threads: int | None = None,
     extra_args: tuple[str, ...] = (),
+    roles: tuple[str, ...] | None = None,
 ) -> Iterator[list[WorkerProc]]:
     """``n`` worker subprocesses of one consumer group, started together (so that one
     group join assigns them all), each yielded once it has joined (Faust logged
     ``Ready``). ``torch_threads`` sets ``OMP_NUM_THREADS`` (None: torch's default);
-    ``extra_args`` are appended to ``streamrec worker``'s command line. Logs and data
-    directories: ``worker.log``/``worker-data`` (then ``worker1.log``, ...) in ``run_dir``."""
+    ``extra_args`` are appended to ``streamrec worker``'s command line; ``roles`` (one per
+    worker, overriding ``n``) adds ``--role``. Logs and data directories:
+    ``worker.log``/``worker-data`` (then ``worker1.log``, ...) in ``run_dir``."""
+    if roles is not None:
+        n = len(roles)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if torch_threads is not None:
         env["OMP_NUM_THREADS"] = str(torch_threads)
@@ -170,7 +178,7 @@ def worker_processes(
             log_path = run_dir / f"{name}.log"
             cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
                    "--metrics-port", str(port), "--data-dir", str(run_dir / f"{name}-data"),
-                   *extra_args]  # fmt: skip
+                   *extra_args, *(("--role", roles[i]) if roles else ())]  # fmt: skip
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             workers.append(WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics"))
@@ -406,6 +414,7 @@ def pipeline(
     profile_out: Path | None = None,
     torch_threads: int | None = None,
     workers: int = 1,
+    roles: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """One broker, ``workers`` ready workers in one consumer group, one replay; waits until
     all ``n`` impressions are scored. With ``profile_out``, py-spy samples the (first)
@@ -413,11 +422,14 @@ def pipeline(
 
     Several workers split the input partitions (and so the joiner); ``labeled`` has one
     partition, so one of them trains (see ``topic_plan``). They start together so that one
-    group join assigns them all; the wait after ``Ready`` covers a second rebalance."""
+    group join assigns them all; the wait after ``Ready`` covers a second rebalance.
+    ``roles`` (one per worker) runs them with ``--role`` instead."""
+    if roles is not None:
+        workers = len(roles)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (
         EmbeddedBroker(log_path=run_dir / "tansu.log") as broker,
-        worker_processes(broker.url, run_dir, workers, torch_threads) as procs,
+        worker_processes(broker.url, run_dir, workers, torch_threads, roles=roles) as procs,
     ):
         if workers > 1:
             time.sleep(Settings().rebalance_timeout_s + 1.0)
@@ -489,6 +501,7 @@ def pipeline(
     lags = [s["lag"] for s in samples if s["t"] <= t_replayed]
     return {
         "workers": workers,
+        "roles": list(roles) if roles else None,
         "impressions": stats.impressions,
         "clicks": stats.clicks,
         "scored_examples": n_scored,
@@ -639,13 +652,15 @@ def run(
     run_dir: Path | None = None,
     torch_threads: int | None = None,
     scale_out: int = SCALE_OUT_WORKERS,
+    split_roles: bool = True,
 ) -> dict[str, Any]:
     """Run the phases, write the JSON, print the table; the report.
 
     ``n`` overrides the number of impressions; ``run_dir`` keeps the logs (default: a
     temporary folder, removed afterwards); ``torch_threads`` sets the worker's
     ``OMP_NUM_THREADS`` (default: unset, torch uses one thread per core); ``scale_out``
-    workers run the pipeline again in one group (0 or 1: skipped).
+    workers run the pipeline again in one group (0 or 1: skipped); ``split_roles`` runs it
+    with one ``--role joiner`` and one ``--role trainer`` worker.
     """
     n_impressions = n or (QUICK_N if quick else FULL_N)
     t_start = time.perf_counter()
@@ -669,6 +684,12 @@ def run(
             scaled = pipeline(log_path, n_impressions, run_dir / f"workers-{scale_out}", None,
                               torch_threads, workers=scale_out)  # fmt: skip
             print(f"pipeline, {scale_out} workers: {scaled['impressions_per_s']:,.0f} "
+                  "impressions/s", flush=True)  # fmt: skip
+        split: dict[str, Any] | None = None
+        if split_roles:
+            split = pipeline(log_path, n_impressions, run_dir / "split", None, torch_threads,
+                             roles=SPLIT_ROLES)  # fmt: skip
+            print(f"pipeline, joiner + trainer workers: {split['impressions_per_s']:,.0f} "
                   "impressions/s", flush=True)  # fmt: skip
         notes = [
             "every process shares this machine's cores: the numbers are only as quiet as the "
@@ -715,7 +736,9 @@ def run(
         "producer_alone": alone,
         "pipeline": pipe,
         "scale_out": scaled,
+        "split": split,
         "ratios": {
+            "split_over_one_worker": None if split is None else split["impressions_per_s"] / rate,
             "scale_out_over_one_worker": (
                 None if scaled is None else scaled["impressions_per_s"] / rate
             ),
@@ -788,24 +811,32 @@ def table(report: dict[str, Any]) -> str:
         ("CPU s: worker / broker / producer process",
          " / ".join(_f(v, 1) for v in cpu.values())),
     ]  # fmt: skip
-    s = report.get("scale_out")
-    if s:
-        k = s["workers"]
-        rows += [
-            (f"{k} workers: pipeline impressions/s (x one worker)",
-             f"{_f(s['impressions_per_s'])} ({_f(r['scale_out_over_one_worker'], 2)}x)"),
-            (f"{k} workers: steady / joiner ingest impressions/s",
-             f"{_f(s['steady_impressions_per_s'])} / {_f(s['ingest_impressions_per_s'])}"),
-            (f"{k} workers: click -> model update p50 / p99 (s, wall)",
-             f"{_f(s['latency_s']['click_to_update']['p50'], 2)} / "
-             f"{_f(s['latency_s']['click_to_update']['p99'], 2)}"),
-            (f"{k} workers: CPU s workers / broker / producer process",
-             " / ".join(_f(v, 1) for v in s["cpu_seconds"].values())),
-        ]  # fmt: skip
+    for key, label in (("scale_out", None), ("split", "joiner + trainer workers")):
+        rows += _phase_rows(report, key, label)
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     if report.get("profile"):
         lines += ["", profile_table(report["profile"])]
     return "\n".join(lines)
+
+
+def _phase_rows(report: dict[str, Any], key: str, label: str | None) -> list[tuple[str, str]]:
+    """Table rows of a multi-worker phase (``scale_out`` or ``split``), if it ran."""
+    s = report.get(key)
+    if not s:
+        return []
+    k = label or f"{s['workers']} workers"
+    ratio = report["ratios"].get(f"{key}_over_one_worker")
+    lat = s["latency_s"]["click_to_update"]
+    return [
+        (f"{k}: pipeline impressions/s (x one worker)",
+         f"{_f(s['impressions_per_s'])} ({_f(ratio, 2)}x)"),
+        (f"{k}: steady / joiner ingest impressions/s",
+         f"{_f(s['steady_impressions_per_s'])} / {_f(s['ingest_impressions_per_s'])}"),
+        (f"{k}: click -> model update p50 / p99 (s, wall)",
+         f"{_f(lat['p50'], 2)} / {_f(lat['p99'], 2)}"),
+        (f"{k}: CPU s workers / broker / producer process",
+         " / ".join(_f(v, 1) for v in s["cpu_seconds"].values())),
+    ]  # fmt: skip
 
 
 def profile_table(prof: dict[str, Any], k: int = 12) -> str:
@@ -848,10 +879,13 @@ def cli(argv: list[str] | None = None) -> int:
         "--scale-out", type=int, default=SCALE_OUT_WORKERS,
         help="workers of the scale-out phase (0: skip it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-split", action="store_true", help="skip the joiner + trainer workers phase"
+    )
     args = parser.parse_args(argv)
     run(args.quick, args.results_dir, n=args.n, profile=not args.no_profile,
         run_dir=args.run_dir, torch_threads=args.worker_threads,
-        scale_out=args.scale_out)  # fmt: skip
+        scale_out=args.scale_out, split_roles=not args.no_split)  # fmt: skip
     return 0
 
 

@@ -151,13 +151,15 @@ def e2e(report: dict[str, Any]) -> Figure:
     for key in ("replayed", "impressions", "scored"):
         ax.plot(t, [x[key] for x in s], label=key)
     ax2.plot(t, [x["lag"] for x in s], color="tab:red", label="1 worker")
-    so = report.get("scale_out")
-    if so:  # the same log through N workers of one group
+    for key, ls, c1, c2 in (("scale_out", "--", "tab:green", "tab:purple"),
+                            ("split", ":", "tab:olive", "tab:brown")):  # fmt: skip
+        so = report.get(key)
+        if not so:  # the same log through N workers (scale_out) or joiner + trainer (split)
+            continue
+        name = f"{so['workers']} workers" if key == "scale_out" else "joiner + trainer"
         t2 = [x["t"] for x in so["samples"]]
-        ax.plot(t2, [x["scored"] for x in so["samples"]], ls="--", color="tab:green",
-                label=f"scored, {so['workers']} workers")  # fmt: skip
-        ax2.plot(t2, [x["lag"] for x in so["samples"]], ls="--", color="tab:purple",
-                 label=f"{so['workers']} workers")  # fmt: skip
+        ax.plot(t2, [x["scored"] for x in so["samples"]], ls=ls, color=c1, label=f"scored, {name}")
+        ax2.plot(t2, [x["lag"] for x in so["samples"]], ls=ls, color=c2, label=name)
         ax2.legend(fontsize=7)
     ax.set(xlabel="wall s", ylabel="count", title="events replayed / impressions in / scored")
     ax.legend(fontsize=7)

@@ -50,6 +50,7 @@ from stream.segments import SegmentedState
 from stream.services import (
     IndexerService,
     JoinService,
+    JoinState,
     MonitorService,
     SeenKeys,
     TrainerService,
@@ -67,6 +68,13 @@ JOIN_TABLE = "join-state"
 def changelog_topic(settings: Settings) -> str:
     """The join-state table's changelog (compacted; co-partitioned with the inputs)."""
     return f"{settings.app_id}-{JOIN_TABLE}-changelog"
+
+
+def group_id(settings: Settings) -> str:
+    """The Faust app id, which is the consumer group: ``app_id``, or ``<app_id>-trainer``
+    for a ``role="trainer"`` worker (its own group: it reads ``labeled`` and ``scored``
+    only, so no input backlog sits in its fetches)."""
+    return f"{settings.app_id}-trainer" if settings.role == "trainer" else settings.app_id
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:
@@ -171,18 +179,21 @@ class Runtime:
 
 def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> faust.App:
     """Build the Faust app: joiner, trainer and monitor agents, the control listener, and
-    the indexer and flush timers.
+    the indexer and flush timers; ``settings.role`` picks the joiner's side
+    (``"joiner"``), the trainer's side (``"trainer"``) or both (``"all"``).
 
     The :class:`Runtime` is available as ``app.streamrec``.
     """
     metrics = metrics or StreamrecMetrics()
+    joins = settings.role in ("all", "joiner")
+    trains = settings.role in ("all", "trainer")
     app = faust.App(
-        settings.app_id,
+        group_id(settings),
         broker=settings.faust_broker,
         store=f"{settings.table_store}://",
         datadir=settings.data_dir,
         # /recommend and /score (stream.serving) on the Faust web server; off when no port
-        web_enabled=settings.web_port > 0,
+        web_enabled=trains and settings.web_port > 0,
         web_bind=settings.web_host,
         web_port=settings.web_port or 6066,
         topic_disable_leader=True,
@@ -199,19 +210,22 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         recovery_consistency_check=settings.recovery_consistency_check,
         processing_guarantee=settings.processing_guarantee,
     )
-    join_table = app.Table(
-        JOIN_TABLE,
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.partitions,  # bytes keys and values: the "raw" codec
-        help="The joiner's pending impressions, orphan clicks and input event times.",
-    )
+    join_state: JoinState | None = None
+    if joins:
+        join_table = app.Table(
+            JOIN_TABLE,
+            default=None,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.partitions,  # bytes keys and values: the "raw" codec
+            help="The joiner's pending impressions, orphan clicks and input event times.",
+        )
+        # the table holds segments: one changelog record per flush, not one per change
+        join_state = SegmentedState(TableJoinState(join_table))
     rt = Runtime(
         settings=settings,
         metrics=metrics,
-        # the table holds segments: one changelog record per flush, not one per change
-        join=JoinService(settings, metrics, SegmentedState(TableJoinState(join_table))),
+        join=JoinService(settings, metrics, join_state),
         trainer=TrainerService(settings, metrics),
         monitor=MonitorService(settings, metrics),
         indexer=IndexerService(settings, metrics),
@@ -258,7 +272,6 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             event.ack()
         unacked_inputs.clear()
 
-    @app.agent(inputs, name="joiner")
     async def joiner(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.noack().events():  # type: ignore[attr-defined]
             msg = event.message
@@ -291,11 +304,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 lags[(topic, partition)] = int(high) - 1 - offset
         return lags
 
-    @app.timer(interval=LABELED_FLUSH_S)
     async def labeled_flusher() -> None:
         rt.join.note_backlog(input_lags())
         rt.join.tick()
         await flush_labeled(force=True)
+
+    if joins:
+        app.agent(inputs, name="joiner")(joiner)
+        app.timer(interval=LABELED_FLUSH_S)(labeled_flusher)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -364,7 +380,6 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         ack_trained(None)
         return dropped
 
-    @app.agent(labeled, name="trainer")
     async def trainer(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.noack().events():  # type: ignore[attr-defined]
             try:
@@ -382,7 +397,6 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 drop_buffer()
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
 
-    @app.timer(interval=max(0.05, settings.trainer.flush_s / 2))
     async def trainer_flusher() -> None:
         try:
             await train_due()
@@ -393,7 +407,6 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     seen_batches = SeenKeys(100_000)
 
-    @app.agent(scored, name="monitor")
     async def monitor(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
@@ -470,9 +483,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         if msg is not None:
             await control.send(key=b"index", value=control_bytes(msg))
 
-    @app.timer(interval=settings.indexer.refresh_s)
     async def indexer() -> None:
         await refresh_index()
+
+    if trains:
+        app.agent(labeled, name="trainer")(trainer)
+        app.timer(interval=max(0.05, settings.trainer.flush_s / 2))(trainer_flusher)
+        app.agent(scored, name="monitor")(monitor)
+        app.timer(interval=settings.indexer.refresh_s)(indexer)
 
     recommender = Recommender(
         rt.indexer.holder,

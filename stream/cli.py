@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from stream.settings import load_settings
+from stream.settings import ROLES, load_settings
 
 if TYPE_CHECKING:
     from learners.ranker import RankerConfig
@@ -109,20 +109,28 @@ def demo(
     help="Port of GET /recommend and POST /score [default: a free port, printed].",
 )
 @click.option("--web-host", default=None, help="Bind address of the web server.")
+@click.option(
+    "--role",
+    default=None,
+    type=click.Choice(ROLES),
+    help="all: every agent [default]; joiner: impressions+clicks -> labeled; trainer: "
+    "labeled -> trainer, monitor, index, /recommend (its own consumer group; run joiner "
+    "workers beside it, not 'all' ones).",
+)
 @click.pass_context
 def worker(
     ctx: click.Context, broker: str | None, config: str | None, metrics_port: int | None,
     metrics_host: str | None, data_dir: str | None, warm_start: str | None,
-    checkpoint_dir: str | None, web_port: int | None, web_host: str | None,
+    checkpoint_dir: str | None, web_port: int | None, web_host: str | None, role: str | None,
 ) -> None:  # fmt: skip
-    """Run a worker: joiner, trainer, calibration monitor, indexer."""
+    """Run a worker: joiner, trainer, calibration monitor, indexer (or one side: --role)."""
     import dataclasses
 
     from stream.worker import run_worker
 
     settings = load_settings(
         config, broker=broker, metrics_port=metrics_port, metrics_host=metrics_host,
-        data_dir=data_dir, web_port=web_port, web_host=web_host,
+        data_dir=data_dir, web_port=web_port, web_host=web_host, role=role,
     )  # fmt: skip
     trainer = settings.trainer
     if warm_start:

@@ -144,6 +144,9 @@ class IndexerConfig:
     pool_per_user: int = 20
 
 
+ROLES = ("all", "joiner", "trainer")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker needs. ``broker``: ``host:port[,host:port]`` (``kafka://`` ok)."""
@@ -154,6 +157,13 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     data_dir: str = "runs/worker"
+    #: what this worker runs: "all" (every agent, one process: the default), "joiner"
+    #: (impressions and clicks -> labeled: the joiner, its state table, the labels'
+    #: flusher) or "trainer" (labeled -> scored -> control: trainer, monitor, indexer,
+    #: /recommend and /score). A "trainer" worker is its own consumer group
+    #: (``<app_id>-trainer``), so a backlog of inputs never delays the labels it trains
+    #: on; run "joiner" workers with it, never "all" ones (they would train too).
+    role: str = "all"
     rebalance_timeout_s: float = 3.0
     session_timeout_s: float = 6.0
     replay_watermark_every: int = 2000
@@ -194,6 +204,8 @@ class Settings:
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.table_store not in ("rocksdb", "memory"):
             raise ValueError(f"table_store must be 'rocksdb' or 'memory', got {self.table_store!r}")
         # a delayed-feedback scheme needs its matching loss (clear error at start-up)

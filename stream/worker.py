@@ -6,7 +6,7 @@ import logging
 import sys
 
 from monitoring.metrics import StreamrecMetrics, serve_metrics
-from stream.app import create_app, create_worker_topics
+from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port
 from stream.settings import Settings
 
@@ -40,9 +40,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     )
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     print(f"streamrec worker: metrics on http://{settings.metrics_host}:{port}/metrics", flush=True)
-    web = f"http://{settings.web_host}:{settings.web_port}"
-    log.info("serving on %s/recommend and %s/score", web, web)
-    print(f"streamrec worker: recommendations on {web}/recommend?user_id=...&k=10", flush=True)
+    if settings.role != "joiner":  # a joiner-only worker has no model to serve
+        web = f"http://{settings.web_host}:{settings.web_port}"
+        log.info("serving on %s/recommend and %s/score", web, web)
+        print(f"streamrec worker: recommendations on {web}/recommend?user_id=...&k=10",
+              flush=True)  # fmt: skip
+    log.info("role %s, consumer group %s", settings.role, group_id(settings))
     app = create_app(settings, metrics)
     rt = app.streamrec  # type: ignore[attr-defined]
 

@@ -1,0 +1,58 @@
+"""Worker roles: which agents, timers, table and consumer group each role gets (the app is
+built, not started: no broker needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stream.app import JOIN_TABLE, create_app, group_id
+from stream.segments import SegmentedState
+from stream.services import MemoryJoinState
+from stream.settings import Settings, load_settings
+
+
+def build(role: str, tmp_path: Path) -> tuple[object, set[str]]:
+    settings = Settings(broker="127.0.0.1:1", role=role, data_dir=str(tmp_path / role))
+    app = create_app(settings)
+    return app, set(app.agents)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("role", "agents", "table", "group"),
+    [
+        ("all", {"joiner", "trainer", "monitor"}, True, "streamrec"),
+        ("joiner", {"joiner"}, True, "streamrec"),
+        ("trainer", {"trainer", "monitor"}, False, "streamrec-trainer"),
+    ],
+)
+def test_each_role_runs_its_side_of_the_pipeline(
+    tmp_path: Path, role: str, agents: set[str], table: bool, group: str
+) -> None:
+    app, names = build(role, tmp_path)
+    assert names == agents
+    assert (JOIN_TABLE in app.tables) is table  # type: ignore[attr-defined]
+    assert app.conf.id == group  # type: ignore[attr-defined]
+    state = app.streamrec.join.state  # type: ignore[attr-defined]
+    assert isinstance(state, SegmentedState if table else MemoryJoinState)
+    tasks = {t.__name__ for t in app._app_tasks}  # type: ignore[attr-defined]
+    assert {"gauges", "control_listener"} <= tasks  # every role: metrics and control
+    assert ("labeled_flusher" in tasks) is table
+    assert (
+        {"trainer_flusher", "indexer"} <= tasks
+        if "trainer" in agents
+        else not ({"trainer_flusher", "indexer"} & tasks)
+    )
+
+
+def test_a_trainer_worker_is_its_own_consumer_group() -> None:
+    assert group_id(Settings(app_id="x")) == "x"
+    assert group_id(Settings(app_id="x", role="joiner")) == "x"
+    assert group_id(Settings(app_id="x", role="trainer")) == "x-trainer"
+
+
+def test_an_unknown_role_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="role must be one of"):
+        Settings(role="both")
+    assert load_settings(env={"STREAMREC_ROLE": "joiner"}).role == "joiner"
