@@ -827,6 +827,7 @@ def _phase_rows(report: dict[str, Any], key: str, label: str | None) -> list[tup
     k = label or f"{s['workers']} workers"
     ratio = report["ratios"].get(f"{key}_over_one_worker")
     lat = s["latency_s"]["click_to_update"]
+    fresh = s["latency_s"]["label_to_update_histogram"]
     return [
         (f"{k}: pipeline impressions/s (x one worker)",
          f"{_f(s['impressions_per_s'])} ({_f(ratio, 2)}x)"),
@@ -834,6 +835,8 @@ def _phase_rows(report: dict[str, Any], key: str, label: str | None) -> list[tup
          f"{_f(s['steady_impressions_per_s'])} / {_f(s['ingest_impressions_per_s'])}"),
         (f"{k}: click -> model update p50 / p99 (s, wall)",
          f"{_f(lat['p50'], 2)} / {_f(lat['p99'], 2)}"),
+        (f"{k}: label -> update p50 / p99 (s, histogram)",
+         f"{_f(fresh['p50'], 3)} / {_f(fresh['p99'], 3)}"),
         (f"{k}: CPU s workers / broker / producer process",
          " / ".join(_f(v, 1) for v in s["cpu_seconds"].values())),
     ]  # fmt: skip
