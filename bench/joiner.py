@@ -168,12 +168,6 @@ def run_in_process(df: pd.DataFrame, name: str, config: JoinConfig) -> dict[str,
     }
 
 
-def scrape_sum(url: str, name: str) -> float:
-    from stream.demo import scrape
-
-    return scrape(url).get(name, 0.0)
-
-
 def run_broker(log_path: Path, df: pd.DataFrame, store: str, window_s: float) -> dict[str, Any]:
     """One worker process on a fresh embedded broker; the log replayed at full speed."""
     from stream.app import create_worker_topics
