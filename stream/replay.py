@@ -2,6 +2,10 @@
 
 Each log row gives one ``impressions`` record at ``ts`` and, when clicked, one ``clicks``
 record at ``click_ts``; both are keyed by impression_id (so they are co-partitioned).
+With ``fmt="envelope"`` (the default) the events travel in batched envelopes, one per
+partition every few milliseconds (:class:`stream.producer.EventProducer`), partitioned
+exactly as single-event records with the same key would be; ``fmt="json"`` sends one JSON
+record per event (what a third-party producer does).
 The two streams are merged by event time (an impression before a click at equal times).
 Every ``watermark_every`` events and at the end, a :class:`~stream.events.Watermark` goes to
 every partition of both topics; the final one is past the last event time by the join
@@ -25,6 +29,9 @@ from stream.logs import frame_to_rows, read_log_frame
 
 log = logging.getLogger(__name__)
 
+#: Values of ``replay(fmt=...)``.
+REPLAY_FORMATS = ("envelope", "json")
+
 
 @dataclass
 class ReplayStats:
@@ -40,8 +47,8 @@ class ReplayStats:
         return (self.impressions + self.clicks) / self.seconds if self.seconds > 0 else math.nan
 
 
-def _impressions(df: pd.DataFrame) -> list[bytes]:
-    """JSON of every row's impression (features: the non-reserved columns, absent if empty;
+def _impressions(df: pd.DataFrame) -> list[Impression]:
+    """Every row's impression (features: the non-reserved columns, absent if empty;
     ``true_p`` travels as its own field, never as a feature)."""
     return [
         Impression(
@@ -52,7 +59,7 @@ def _impressions(df: pd.DataFrame) -> list[bytes]:
             position=r.position,
             features=r.features,
             true_p=r.true_p,
-        ).to_json()
+        )
         for r in frame_to_rows(df)
     ]
 
@@ -81,6 +88,7 @@ def replay(
     limit: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int], None] | None = None,
+    fmt: str = "envelope",
 ) -> ReplayStats:
     """Publish a canonical log to ``impressions`` and ``clicks``.
 
@@ -92,10 +100,16 @@ def replay(
         final_watermark_gap_s: the final watermark is ``last_ts`` plus this (set it to at
             least the join window + lateness so that every impression gets labelled).
         limit: replay only the first ``limit`` rows.
+        fmt: ``"envelope"`` (batched envelopes, see :mod:`stream.envelope`) or ``"json"``
+            (one JSON record per event).
     """
     from kafka import KafkaProducer
     from tqdm import tqdm
 
+    from stream.producer import EventProducer
+
+    if fmt not in REPLAY_FORMATS:
+        raise ValueError(f"fmt must be one of {REPLAY_FORMATS}, got {fmt!r}")
     df = read_log_frame(log_path)
     if limit is not None:
         df = df.iloc[:limit].reset_index(drop=True)
@@ -103,7 +117,7 @@ def replay(
     if df.empty:
         log.warning("%s has no rows; nothing to replay", log_path)
         return stats
-    payloads = _impressions(df)
+    imps = _impressions(df)
     ids = df["impression_id"].to_numpy(dtype=object)
     ev_ts, ev_row, ev_click = event_order(df)
     producer = KafkaProducer(
@@ -122,7 +136,10 @@ def replay(
             if not p:
                 raise RuntimeError(f"topic {t!r} does not exist on {bootstrap}; create it first")
 
+        events = EventProducer(producer, key_field="impression_id")
+
         def watermark(ts: float) -> None:
+            events.send_pending()  # the watermark follows the events it covers
             wm = Watermark(ts).to_json()
             for t, ps in parts.items():
                 for p in ps:
@@ -137,13 +154,23 @@ def replay(
             if speedup:
                 delay = (ts - ts0) / speedup - (time.monotonic() - t0)
                 if delay > 0:
+                    events.send_pending()  # what is due leaves now, not after the sleep
                     time.sleep(delay)
-            key = str(ids[row]).encode()
+            if fmt == "envelope":
+                if is_click:
+                    events.send_click({"impression_id": str(ids[row]), "ts": ts})
+                else:
+                    events.send_impression(imps[row].to_dict())
+            else:
+                key = str(ids[row]).encode()
+                if is_click:
+                    value = Click(str(ids[row]), ts).to_json()
+                    producer.send(TOPIC_CLICKS, key=key, value=value)
+                else:
+                    producer.send(TOPIC_IMPRESSIONS, key=key, value=imps[row].to_json())
             if is_click:
-                producer.send(TOPIC_CLICKS, key=key, value=Click(str(ids[row]), ts).to_json())
                 stats.clicks += 1
             else:
-                producer.send(TOPIC_IMPRESSIONS, key=key, value=payloads[row])
                 stats.impressions += 1
             if (k + 1) % watermark_every == 0:
                 watermark(ts)
