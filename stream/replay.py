@@ -38,6 +38,7 @@ class ReplayStats:
     impressions: int = 0
     clicks: int = 0
     watermarks: int = 0
+    records: int = 0  # Kafka records sent (envelopes count once, watermarks per partition)
     seconds: float = 0.0
     first_ts: float = math.nan
     last_ts: float = math.nan
@@ -144,6 +145,7 @@ def replay(
             for t, ps in parts.items():
                 for p in ps:
                     producer.send(t, value=wm, partition=p)
+                    stats.records += 1
             stats.watermarks += 1
 
         t0 = time.monotonic()
@@ -168,6 +170,7 @@ def replay(
                     producer.send(TOPIC_CLICKS, key=key, value=value)
                 else:
                     producer.send(TOPIC_IMPRESSIONS, key=key, value=imps[row].to_json())
+                stats.records += 1
             if is_click:
                 stats.clicks += 1
             else:
@@ -180,7 +183,8 @@ def replay(
                     on_progress(k + 1)
         stats.last_ts = float(ev_ts[-1])
         watermark(stats.last_ts + final_watermark_gap_s)
-        producer.flush()
+        events.flush()
+        stats.records += events.envelopes
         bar.update(len(ev_ts) % 1000)
         bar.close()
         stats.seconds = time.monotonic() - t0
