@@ -96,7 +96,13 @@ from stream.broker import (
 )
 from stream.demo import scrape
 from stream.envelope import decode_envelope, is_envelope
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_SCORED, parse_input
+from stream.events import (
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    TOPIC_SCORED,
+    InvalidEvent,
+    parse_input,
+)
 from stream.logs import read_log_frame, write_log
 from stream.replay import ReplayStats, replay
 from stream.settings import Settings
@@ -414,6 +420,20 @@ def _downsample(samples: list[dict[str, float]], k: int = 60) -> list[dict[str, 
     return [{key: round(v, 3) for key, v in s.items()} for s in keep]
 
 
+def record_times(records: list[Any], topic: str) -> dict[str, float]:
+    """impression_id -> CreateTime (s) of the record that carried it (JSON or envelope)."""
+    out: dict[str, float] = {}
+    for r in records:
+        t = r.timestamp / 1000
+        if is_envelope(r.value):
+            for event, _ in decode_envelope(r.value, topic):
+                if not isinstance(event, InvalidEvent):
+                    out[event.impression_id] = t
+        elif r.key is not None:
+            out[r.key.decode()] = t
+    return out
+
+
 def pipeline(
     log_path: Path,
     n: int,
@@ -483,11 +503,10 @@ def pipeline(
         final = merged_metrics(procs)
         scored = read_records(broker.url, TOPIC_SCORED)
         clicks = read_records(broker.url, TOPIC_CLICKS)
-        impressions_ts = {
-            r.key.decode(): r.timestamp / 1000 for r in read_records(broker.url, TOPIC_IMPRESSIONS)
-            if r.key is not None
-        }  # fmt: skip
-    click_ts = {r.key.decode(): r.timestamp / 1000 for r in clicks if r.key is not None}
+        impressions_ts = record_times(
+            read_records(broker.url, TOPIC_IMPRESSIONS), TOPIC_IMPRESSIONS
+        )
+    click_ts = record_times(clicks, TOPIC_CLICKS)
     first_s = min(impressions_ts.values())
     last_s = max((r.timestamp / 1000 for r in scored), default=math.nan)
     click_lat, imp_lat = [], []
