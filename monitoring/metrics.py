@@ -119,6 +119,35 @@ class StreamrecMetrics:
         self.dead_letters = counter(
             "dead_letters", "Events sent to the dead-letter topic, by reason.", ("reason",)
         )
+        # Hostile or broken input: what a stage survived instead of exiting.
+        self.stage_errors = counter(
+            "stage_errors",
+            "Unexpected exceptions a stage caught while handling one record or timer tick"
+            " (the record was dead-lettered or skipped and acknowledged; the stage went on),"
+            " by stage.",
+            ("stage",),
+        )
+        self.control_rejected = counter(
+            "control_rejected",
+            "control records rejected by validation and skipped (never applied), by reason.",
+            ("reason",),
+        )
+        self.fields_rejected = counter(
+            "fields_rejected",
+            "Feature fields given no encoder slot: unknown at inference (where=serving), or"
+            " not admitted from the stream (where=stream: below the admission count, or the"
+            " candidate cap full).",
+            ("where",),
+        )
+        self.worker_starts = gauge(
+            "worker_starts",
+            "Starts of a worker on its data directory (persisted across restarts).",
+        )
+        self.unclean_restarts = gauge(
+            "unclean_restarts",
+            "Starts on a data directory whose previous run did not shut down cleanly"
+            " (crashed or killed), persisted across restarts: a crash loop makes it climb.",
+        )
         self.scored = counter("scored", "Progressive predictions scored before training.")
         self.monitored = counter(
             "monitored", "Scored examples the calibration monitor has taken in (its lag: "

@@ -17,7 +17,6 @@ monitor's idempotency horizon (:class:`stream.services.SeenKeys`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from faust.types import TP
 
 from monitoring.metrics import StreamrecMetrics
 from stream.broker import create_topics
+from stream.control import parse_control
 from stream.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
@@ -44,8 +44,8 @@ from stream.events import (
     InvalidEvent,
     ScoredBatch,
     decode_labeled_batch,
-    encode_labeled_batch,
 )
+from stream.limits import labeled_records, payload_limit, scored_records
 from stream.segments import SegmentedState
 from stream.services import (
     IndexerService,
@@ -97,7 +97,7 @@ def create_worker_topics(settings: Settings, bootstrap: str | None = None) -> li
     """Create the topics of :func:`topic_plan` that are missing (the changelog compacted)."""
     return create_topics(
         bootstrap or settings.bootstrap, topic_plan(settings),
-        compacted=[changelog_topic(settings)],
+        compacted=[changelog_topic(settings)], max_message_bytes=settings.max_message_bytes,
     )  # fmt: skip
 
 
@@ -209,6 +209,16 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         producer_linger=0.005,
         recovery_consistency_check=settings.recovery_consistency_check,
         processing_guarantee=settings.processing_guarantee,
+        # one record limit for the producer, the fetches and the topics (stream.limits)
+        producer_max_request_size=settings.max_message_bytes,
+        consumer_max_fetch_size=max(settings.max_message_bytes, 1024**2),
+        # doors closed: Faust's own pages (/table/ lists the join state, /router/ the
+        # partition owners) are unauthenticated; only /recommend and /score are served
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
     )
     join_state: JoinState | None = None
     if joins:
@@ -240,6 +250,16 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     scored = raw_topic(TOPIC_SCORED)
     control = raw_topic(TOPIC_CONTROL)
     dead = raw_topic(TOPIC_DEAD_LETTER)
+    max_payload = payload_limit(settings.max_message_bytes)
+
+    def stage_error(stage: str, where: str) -> None:
+        """An exception a stage survived: counted and logged (with its traceback) once."""
+        rt.metrics.stage_errors.labels(stage=stage).inc()
+        log.exception("%s failed on %s; the record is dead-lettered or skipped", stage, where)
+
+    def where(event: Any) -> str:
+        m = event.message
+        return f"{m.topic}[{m.partition}]@{m.offset}"
 
     async def flush_labeled(force: bool) -> None:
         """Send queued labels; then (and only then) their impressions leave the state."""
@@ -247,12 +267,15 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         ready = rt.join.take_ready(None if force else LABELED_FLUSH_SIZE)
         for partition, buf in ready.items():
             key = str(partition).encode()
-            # chunks keep every record far below the broker's 1 MB message limit
-            n = LABELED_FLUSH_SIZE
-            sending = [
-                await labeled.send(key=key, value=encode_labeled_batch(buf[i : i + n]))
-                for i in range(0, len(buf), n)
-            ]
+            # split by bytes (and count) under the record limit: valid but large impressions
+            # in one batch must not make the producer refuse it
+            records, too_large = labeled_records(buf, max_payload, LABELED_FLUSH_SIZE)
+            sending = [await labeled.send(key=key, value=value) for value in records]
+            for e in too_large:  # cannot happen with a limit >= 64 KiB events; kept safe
+                exc = InvalidEvent("too_large", "labelled example over max_message_bytes")
+                rt.metrics.dead_letters.labels(reason=exc.reason).inc()
+                letter = DeadLetter.of(TOPIC_LABELED, partition, -1, exc, e.impression.to_json())
+                await dead.send(value=letter.to_json())
             # the broker has the labels before the state says so: a RocksDB store is
             # local and durable at once, so marking them earlier could lose them
             await asyncio.gather(*sending)
@@ -279,18 +302,21 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 out, dls = rt.join.handle_record(event.value, msg.topic, msg.partition, msg.offset)
             except Exception as exc:  # a bug must not stall the partition: park the record
                 unacked_inputs.append(event)
-                log.exception("joiner failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+                stage_error("joiner", where(event))
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
                 continue
             unacked_inputs.append(event)
-            for dl in dls:
-                log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
-                            msg.offset, dl.reason)  # fmt: skip
-                await dead.send(value=dl.to_json())
-            if out and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
-                await flush_labeled(force=False)
-            elif len(unacked_inputs) >= STATE_FLUSH_RECORDS:
-                commit_state()
+            try:
+                for dl in dls:
+                    log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
+                                msg.offset, dl.reason)  # fmt: skip
+                    await dead.send(value=dl.to_json())
+                if out and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
+                    await flush_labeled(force=False)
+                elif len(unacked_inputs) >= STATE_FLUSH_RECORDS:
+                    commit_state()
+            except Exception:  # producing failed: the labels stay pending in the state
+                stage_error("joiner", where(event))
 
     def input_lags() -> dict[tuple[str, int], int]:
         """Unconsumed records per input partition (from the last fetch's high watermark)."""
@@ -305,9 +331,12 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         return lags
 
     async def labeled_flusher() -> None:
-        rt.join.note_backlog(input_lags())
-        rt.join.tick()
-        await flush_labeled(force=True)
+        try:
+            rt.join.note_backlog(input_lags())
+            rt.join.tick()
+            await flush_labeled(force=True)
+        except Exception:  # a timer that raises stops the worker: count it, retry next tick
+            stage_error("labeled_flusher", "a timed flush")
 
     if joins:
         app.agent(inputs, name="joiner")(joiner)
@@ -366,7 +395,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                     loop = asyncio.get_running_loop()
                     result = await loop.run_in_executor(train_thread, rt.trainer.compute, taken)
                 batch = rt.trainer.finish(taken, result)
-                await scored.send(key=b"trainer", value=batch.to_json())
+                for value in scored_records(batch, max_payload):  # split under the limit
+                    await scored.send(key=b"trainer", value=value)
                 ack_trained(len(batch.impression_ids))
             if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
                 await refresh_index()
@@ -384,16 +414,20 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         async for event in stream.noack().events():  # type: ignore[attr-defined]
             try:
                 examples = decode_labeled_batch(event.value)
-            except InvalidEvent as exc:
+                added = rt.trainer.add(examples, emitted_at=event.message.timestamp)
+            except Exception as exc:
+                if not isinstance(exc, InvalidEvent):
+                    stage_error("trainer", where(event))
+                    exc = InvalidEvent("processing_error", repr(exc))
                 await dead_letter(event, exc)
                 event.ack()
                 continue
-            unacked.append([event, rt.trainer.add(examples, emitted_at=event.message.timestamp)])
+            unacked.append([event, added])
             try:
                 ack_trained(0)  # a record whose examples were all duplicates
                 await train_due()
             except Exception as exc:
-                log.exception("trainer step failed; the micro-batch is dead-lettered")
+                stage_error("trainer", where(event))  # the micro-batch is dead-lettered
                 drop_buffer()
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
 
@@ -401,7 +435,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         try:
             await train_due()
         except Exception:
-            log.exception("trainer step failed on a timed flush; buffer dropped")
+            stage_error("trainer", "a timed flush (buffer dropped)")
             dropped = drop_buffer()
             rt.metrics.dead_letters.labels(reason="processing_error").inc(dropped)
 
@@ -410,28 +444,36 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     async def monitor(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
-                batch = ScoredBatch.from_json(event.value)
-            except InvalidEvent as exc:
-                await dead_letter(event, exc)
-                continue
-            ids = batch.impression_ids
-            if ids and not seen_batches.first_time((ids[0], ids[-1], len(ids), batch.label[0],
-                                                    batch.model_version)):  # fmt: skip
-                rt.metrics.duplicate_examples.labels(stage="monitor").inc(len(ids))
-                continue
-            try:
-                messages = rt.monitor.observe(batch)
-            except Exception as exc:
-                log.exception("monitor failed on a scored batch")
+                await monitor_one(event)
+            except Exception as exc:  # e.g. unhashable ids, a failed send: never exit
+                stage_error("monitor", where(event))
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
-                continue
-            for msg in messages:
-                await control.send(key=str(msg["kind"]).encode(), value=control_bytes(msg))
+
+    async def monitor_one(event: Any) -> None:
+        try:
+            batch = ScoredBatch.from_json(event.value)
+        except InvalidEvent as exc:
+            await dead_letter(event, exc)
+            return
+        ids = batch.impression_ids
+        if ids and not seen_batches.first_time((ids[0], ids[-1], len(ids), batch.label[0],
+                                                batch.model_version)):  # fmt: skip
+            rt.metrics.duplicate_examples.labels(stage="monitor").inc(len(ids))
+            return
+        messages = rt.monitor.observe(batch)
+        for msg in messages:
+            await control.send(key=str(msg["kind"]).encode(), value=control_bytes(msg))
 
     state_counted_at = [-math.inf]
 
     @app.timer(interval=1.0)
     async def gauges() -> None:
+        try:
+            update_gauges()
+        except Exception:
+            stage_error("gauges", "a gauge update")
+
+    def update_gauges() -> None:
         age = rt.indexer.pool.age(time.time())
         if np.isfinite(age):
             rt.metrics.hard_negative_pool_age_seconds.set(age)
@@ -454,6 +496,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            max_partition_fetch_bytes=max(settings.max_message_bytes, 1024**2),
         )
         await consumer.start()
         try:
@@ -461,18 +504,31 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             consumer.assign([TopicPartition(TOPIC_CONTROL, p) for p in sorted(parts)])
             await consumer.seek_to_beginning()
             while True:
-                batches = await consumer.getmany(timeout_ms=500)
+                try:
+                    batches = await consumer.getmany(timeout_ms=500)
+                except Exception:  # e.g. a broker hiccup: the task must not end the worker
+                    stage_error("control", "a fetch of control")
+                    await asyncio.sleep(1.0)
+                    continue
                 for records in batches.values():
                     for record in records:
-                        apply_control(record.value)
+                        try:
+                            apply_control(record.value)
+                        except Exception:  # validated, yet a consumer failed: skip it
+                            stage_error("control", f"{TOPIC_CONTROL}[{record.partition}]"
+                                        f"@{record.offset}")  # fmt: skip
         finally:
             await consumer.stop()
 
     def apply_control(value: bytes | None) -> None:
+        """Apply one ``control`` record that :func:`stream.control.parse_control` accepts;
+        a rejected one is counted and skipped (every worker re-reads ``control`` from the
+        start, so a record that raised would stop every worker on every restart)."""
         try:
-            msg = json.loads(value or b"")
-        except ValueError:
-            log.warning("ignoring an undecodable control message")
+            msg = parse_control(value, max(settings.max_message_bytes, 1024**2))
+        except InvalidEvent as exc:
+            rt.metrics.control_rejected.labels(reason=exc.reason).inc()
+            log.warning("control record rejected and skipped: %s", exc)
             return
         if isinstance(msg, dict):
             rt.trainer.apply_control(msg)
@@ -484,7 +540,10 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             await control.send(key=b"index", value=control_bytes(msg))
 
     async def indexer() -> None:
-        await refresh_index()
+        try:
+            await refresh_index()
+        except Exception:
+            stage_error("indexer", "a timed index refresh")
 
     if trains:
         app.agent(labeled, name="trainer")(trainer)
@@ -556,9 +615,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                                 body.get("user_id", ""), items, body.get("context"))  # fmt: skip
 
     async def dead_letter(event: Any, exc: InvalidEvent) -> None:
+        """Send ``event``'s dead letter (a bounded prefix, size and hash of its value);
+        never raises: a failure is counted and logged, and the record is skipped."""
         m = event.message
         rt.metrics.dead_letters.labels(reason=exc.reason).inc()
-        dl = DeadLetter.of(m.topic, m.partition, m.offset, exc, event.value)
-        await dead.send(value=dl.to_json())
+        try:
+            dl = DeadLetter.of(m.topic, m.partition, m.offset, exc, event.value)
+            await dead.send(value=dl.to_json())
+        except Exception:
+            stage_error("dead_letter", where(event))
 
     return app

@@ -255,11 +255,13 @@ def create_topics(
     *,
     compacted: Iterable[str] = (),
     timeout_s: float = 30.0,
+    max_message_bytes: int | None = None,
 ) -> list[str]:
     """Create topics that do not exist yet; returns the names created.
 
     Tansu lacks some admin APIs (DescribeConfigs), so topics are created explicitly with
-    their partition counts instead of relying on auto-creation.
+    their partition counts instead of relying on auto-creation. ``max_message_bytes``: the
+    topics' ``max.message.bytes`` (``Settings.max_message_bytes``; None: the broker's).
     """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -279,7 +281,14 @@ def create_topics(
                 name,
                 num_partitions=parts,
                 replication_factor=1,
-                topic_configs={"cleanup.policy": "compact"} if name in compacted else {},
+                topic_configs={
+                    **({"cleanup.policy": "compact"} if name in compacted else {}),
+                    **(
+                        {}
+                        if max_message_bytes is None
+                        else {"max.message.bytes": str(max_message_bytes)}
+                    ),
+                },  # fmt: skip
             )
             for name, parts in items.items()
             if name not in existing

@@ -31,6 +31,7 @@ stream.events.InvalidEvent: bad_type: field 'ts' must be a number, got str
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -67,6 +68,7 @@ REASONS = (
     "processing_error",  # a record the code failed on (a bug): kept, not retried forever
     "bad_envelope",  # a batched envelope that cannot be decoded (stream.envelope)
     "unsupported_version",  # an envelope of a format version this worker does not read
+    "future_ts",  # event time beyond the worker's clock + Settings.max_future_skew_s
 )
 
 
@@ -239,9 +241,17 @@ class ScoredBatch:
         return batch
 
 
+#: Bytes of a rejected record's value that its dead letter keeps (base64 in ``raw_b64``);
+#: the whole value is identified by ``raw_size`` and ``raw_sha256``. Bounded, so a dead
+#: letter never exceeds the record limit and holds little of a hostile or personal payload.
+DEAD_LETTER_PREFIX_BYTES = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A rejected record: where it came from, why, and its bytes (base64)."""
+    """A rejected record: where it came from, why, the first
+    :data:`DEAD_LETTER_PREFIX_BYTES` of its value (base64), and the value's size in bytes
+    and SHA-256 (hex)."""
 
     topic: str
     partition: int
@@ -249,15 +259,19 @@ class DeadLetter:
     reason: str
     detail: str
     raw_b64: str
+    raw_size: int = 0
+    raw_sha256: str = ""
 
     @staticmethod
     def of(
         topic: str, partition: int, offset: int, exc: InvalidEvent, raw: bytes | None
     ) -> DeadLetter:
         """``raw`` None (a null-value record) is kept as an empty ``raw_b64``."""
+        raw = raw or b""
         return DeadLetter(
             topic, partition, offset, exc.reason, exc.detail[:500],
-            base64.b64encode(raw or b"").decode(),
+            base64.b64encode(raw[:DEAD_LETTER_PREFIX_BYTES]).decode(), len(raw),
+            hashlib.sha256(raw).hexdigest(),
         )  # fmt: skip
 
     def to_json(self) -> bytes:
@@ -270,8 +284,11 @@ class DeadLetter:
 def _load(raw: bytes | str | None, max_bytes: int | None = MAX_EVENT_BYTES) -> dict[str, Any]:
     if raw is None:
         raise InvalidEvent("bad_json", "a null-value record (tombstone): no event")
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise InvalidEvent("too_large", f"{len(raw)} bytes > {max_bytes}")
+    if max_bytes is not None:
+        # the limit is on UTF-8 bytes: a str (e.g. re-encoded state) is measured encoded
+        size = len(raw) if isinstance(raw, bytes | bytearray) else len(raw.encode(errors="replace"))
+        if size > max_bytes:
+            raise InvalidEvent("too_large", f"{size} bytes > {max_bytes}")
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting recurses

@@ -167,7 +167,10 @@ class JoinService:
             try:
                 if key.startswith("i/"):
                     d = json.loads(value)
-                    imp = parse_impression(json.dumps(d["i"])) if "i" in d else None
+                    # ensure_ascii=False: the size limit is on UTF-8 bytes, and \u escapes
+                    # would grow a valid non-ASCII impression past it
+                    imp = (parse_impression(json.dumps(d["i"], ensure_ascii=False))
+                           if "i" in d else None)  # fmt: skip
                     if "d" in d:
                         done.append((key[2:], int(d["d"]), float(d["t"]), imp))
                     elif imp is not None:
@@ -245,10 +248,28 @@ class JoinService:
         self.offsets[(topic, partition)] = offset
         try:
             event = parse_input(raw, topic)
+            self._check_time(event)
         except InvalidEvent as exc:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return [], DeadLetter.of(topic, partition, offset, exc, raw)
         return self._apply(event, raw, topic, partition), None
+
+    def _time_error(self, event: Impression | Click | Watermark) -> InvalidEvent | None:
+        """A ``future_ts`` error for an event (or watermark) whose time is beyond the wall
+        clock by more than ``max_future_skew_s``: one such record would move the watermark
+        into the future and label every later impression negative at once. Replayed logs
+        carry past times, so a replay passes (set the skew to ``inf`` to replay a log
+        recorded ahead of this clock)."""
+        skew = self.settings.max_future_skew_s
+        if event.ts > time.time() + skew:
+            return InvalidEvent("future_ts", f"ts={event.ts!r} is more than {skew:g} s ahead"
+                                " of this worker's clock")  # fmt: skip
+        return None
+
+    def _check_time(self, event: Impression | Click | Watermark) -> None:
+        exc = self._time_error(event)
+        if exc is not None:
+            raise exc
 
     def handle_record(
         self, raw: bytes | None, topic: str, partition: int, offset: int
@@ -269,6 +290,8 @@ class JoinService:
         out: list[LabeledExample] = []
         dead: list[DeadLetter] = []
         for event, b in decoded:
+            if not isinstance(event, InvalidEvent):
+                event = self._time_error(event) or event
             if isinstance(event, InvalidEvent):
                 self.metrics.dead_letters.labels(reason=event.reason).inc()
                 dead.append(DeadLetter.of(topic, partition, offset, event, b))

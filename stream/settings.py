@@ -184,6 +184,15 @@ class Settings:
     #: base offset of its last record batch + 1 in ListOffsets, which trips the check on
     #: every restart: the embedded set-ups turn it off; keep it on with Apache Kafka.
     recovery_consistency_check: bool = True
+    #: the largest Kafka record of the deployment, bytes: the producer's max_request_size,
+    #: the floor of every consumer's fetch size and the topics' max.message.bytes (compose:
+    #: KAFKA_MESSAGE_MAX_BYTES and STREAMREC_MAX_MESSAGE_BYTES). Every batch a stage
+    #: produces (labels, scores, dead letters) is split under it (stream.limits)
+    max_message_bytes: int = 1_000_000
+    #: an input event (or watermark) whose ts is more than this many seconds ahead of the
+    #: worker's wall clock is dead-lettered (``future_ts``) instead of moving the watermark
+    #: into the future; replayed logs carry past times. ``inf`` turns the check off
+    max_future_skew_s: float = 300.0
     join: JoinConfig = field(default_factory=JoinConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -219,6 +228,10 @@ class Settings:
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if self.max_message_bytes < 64 * 1024:
+            raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
+        if not self.max_future_skew_s >= 0:  # NaN fails too
+            raise ValueError("max_future_skew_s must be >= 0 (inf: no check)")
 
     @property
     def bootstrap(self) -> str:

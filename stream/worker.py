@@ -8,6 +8,7 @@ import sys
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port
+from stream.runs import note_exit, note_start
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         # requests and to the agents alike.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
     metrics = StreamrecMetrics()
+    starts, unclean = note_start(settings.data_dir)  # a crash loop shows in unclean_restarts
+    metrics.worker_starts.set(starts)
+    metrics.unclean_restarts.set(unclean)
+    if unclean:
+        log.warning("data dir %s: %d start(s) after a run that did not end cleanly",
+                    settings.data_dir, unclean)  # fmt: skip
     server, port = serve_metrics(
         metrics.registry, host=settings.metrics_host, port=settings.metrics_port
     )
@@ -57,9 +64,15 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
             log.info("final checkpoint %s", path)
 
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    clean = False
     try:
         worker.execute_from_commandline()
+        clean = True
+    except SystemExit as exc:
+        clean = exc.code in (0, None)
+        raise
     finally:
+        note_exit(settings.data_dir, clean)
         app.serving_gate.close()  # type: ignore[attr-defined]
         if app.train_thread is not None:  # type: ignore[attr-defined]
             app.train_thread.shutdown(wait=True)  # type: ignore[attr-defined]

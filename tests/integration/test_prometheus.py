@@ -34,6 +34,9 @@ ALERTS = {
     "StreamrecModelStale",
     "StreamrecIndexStale",
     "StreamrecWorkerDown",
+    "StreamrecCrashLoop",
+    "StreamrecStageErrors",
+    "StreamrecControlRejected",
 }
 
 

@@ -38,6 +38,8 @@ OTHER_GAUGES = {
     "join_state_entries",
     "calibrator_offset",
     "calibration_target_ctr",
+    "worker_starts",
+    "unclean_restarts",
 }
 COUNTERS = {
     "impressions",
@@ -60,6 +62,9 @@ COUNTERS = {
     "segment_drift_alarms",
     "serving_errors",
     "index_rejected",
+    "stage_errors",
+    "control_rejected",
+    "fields_rejected",
 }
 RETRIEVAL_GAUGES = {
     "hard_negative_pool_items",

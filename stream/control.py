@@ -1,0 +1,138 @@
+"""Validation of ``control`` records: one typed parser in front of every consumer.
+
+Every worker reads ``control`` from offset 0 at start, so a record that made a consumer
+raise would stop every worker on every restart until retention removed it. Nothing is
+applied from a record that :func:`parse_control` did not accept; a rejected one raises
+:class:`~stream.events.InvalidEvent` with a reason of :data:`stream.events.REASONS` and is
+counted and skipped by the listener.
+
+Accepted records (JSON objects, at most :data:`MAX_CONTROL_BYTES`):
+
+=================  =================================================================
+``kind``           checked fields
+=================  =================================================================
+``calibrator``     ``version`` int in [0, 2**53]; ``params`` an object that rebuilds a
+                   calibrator (:func:`learners.calibration.calibrator_from_dict`) with
+                   finite numbers only, whose map of [0, 1] is finite, inside [0, 1] and
+                   non-decreasing
+``model``          ``version`` int; ``path``/``digest`` strings when present
+other kinds        ``version`` int when present (``index``, ``drift``, ...: informational)
+=================  =================================================================
+
+>>> parse_control(b'{"kind": "calibrator", "version": 3, "params": {"a": 1.0, "b": 0.2}}')
+{'kind': 'calibrator', 'version': 3, 'params': {'a': 1.0, 'b': 0.2}}
+>>> parse_control(b'{"kind": "calibrator"}')
+Traceback (most recent call last):
+...
+stream.events.InvalidEvent: missing_field: control 'calibrator' needs an integer 'version'
+>>> parse_control(b'{"kind": "calibrator", "version": 1, "params": {"a": NaN, "b": 0}}')
+Traceback (most recent call last):
+...
+stream.events.InvalidEvent: non_finite: calibrator params hold a non-finite number
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from stream.events import InvalidEvent
+
+__all__ = ["MAX_CONTROL_BYTES", "MAX_VERSION", "parse_control"]
+
+#: Largest ``control`` record accepted (an isotonic calibrator of a few thousand knots is
+#: ~100 KB).
+MAX_CONTROL_BYTES = 1024 * 1024
+#: Versions are counters: integers in [0, 2**53] (exact as JSON numbers everywhere).
+MAX_VERSION = 2**53
+#: Largest absolute value of a calibrator parameter.
+MAX_PARAM = 1e9
+_MAX_KIND_LEN = 64
+_MAX_STR = 4096
+#: where a calibrator's map is probed: the ends, tiny and near-one scores, a grid
+_PROBE = np.concatenate([[0.0, 1e-12, 1e-6], np.linspace(0.001, 0.999, 57), [1 - 1e-6, 1.0]])
+
+
+def _version(msg: dict[str, Any], kind: str, *, required: bool) -> int | None:
+    v = msg.get("version")
+    if v is None:
+        if required:
+            raise InvalidEvent("missing_field", f"control {kind!r} needs an integer 'version'")
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidEvent("bad_type", f"control {kind!r}: version must be an integer")
+    if not 0 <= v <= MAX_VERSION:
+        raise InvalidEvent("bad_value", f"control {kind!r}: version outside [0, 2**53]")
+    return v
+
+
+def _finite_numbers(obj: object, depth: int = 0) -> bool:
+    """All numbers inside ``obj`` (nested lists/dicts, at most 4 deep) finite and bounded."""
+    if depth > 4:
+        return False
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return True
+    if isinstance(obj, int | float):
+        try:
+            return math.isfinite(float(obj)) and abs(obj) <= MAX_PARAM
+        except OverflowError:
+            return False
+    if isinstance(obj, list):
+        return all(_finite_numbers(x, depth + 1) for x in obj)
+    if isinstance(obj, dict):
+        return all(_finite_numbers(x, depth + 1) for x in obj.values())
+    return False
+
+
+def _calibrator_params(params: object) -> dict[str, Any]:
+    from learners.calibration import calibrator_from_dict
+
+    if not isinstance(params, dict):
+        raise InvalidEvent("bad_type", "control 'calibrator': params must be an object")
+    if not _finite_numbers(params):
+        raise InvalidEvent("non_finite", "calibrator params hold a non-finite number")
+    try:
+        cal = calibrator_from_dict(params)
+        with np.errstate(all="ignore"):
+            out = np.asarray(cal.transform(_PROBE.copy()), dtype=np.float64)
+    except Exception as exc:  # any malformed shape: rejected, never raised to the listener
+        raise InvalidEvent("bad_value", f"calibrator params: {str(exc)[:200]}") from None
+    if out.shape != _PROBE.shape or not np.all(np.isfinite(out)):
+        raise InvalidEvent("non_finite", "calibrator maps a score to a non-finite value")
+    if out.min() < 0.0 or out.max() > 1.0 or np.any(np.diff(out) < -1e-9):
+        raise InvalidEvent("bad_value", "calibrator map leaves [0, 1] or decreases")
+    return params
+
+
+def parse_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+    """Validate one ``control`` record; returns its object with checked fields (a record of
+    an unknown ``kind`` is returned as is: nothing applies it). Raises
+    :class:`~stream.events.InvalidEvent`."""
+    if raw is None:
+        raise InvalidEvent("bad_json", "a null-value control record")
+    if len(raw) > max_bytes:
+        raise InvalidEvent("too_large", f"control record of {len(raw)} bytes > {max_bytes}")
+    try:
+        msg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidEvent("bad_json", str(exc)[:200]) from None
+    if not isinstance(msg, dict):
+        raise InvalidEvent("not_an_object", f"control record is {type(msg).__name__}")
+    kind = msg.get("kind")
+    if not isinstance(kind, str) or not 0 < len(kind) <= _MAX_KIND_LEN:
+        raise InvalidEvent("missing_field", "control record needs a string 'kind'")
+    if kind == "calibrator":
+        msg["version"] = _version(msg, kind, required=True)
+        msg["params"] = _calibrator_params(msg.get("params"))
+    elif kind == "model":
+        msg["version"] = _version(msg, kind, required=True)
+        for name in ("path", "digest"):
+            v = msg.get(name)
+            if v is not None and (not isinstance(v, str) or len(v) > _MAX_STR):
+                raise InvalidEvent("bad_type", f"control 'model': {name} must be a string")
+    else:
+        _version(msg, kind, required=False)
+    return msg

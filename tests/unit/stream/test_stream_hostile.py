@@ -1,0 +1,258 @@
+"""Hostile records without Kafka: control validation, byte limits, dead-letter bounds, the
+UTF-8 size check after a restart, and event times ahead of the clock (issue 19)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from learners.calibration import (
+    HistogramBinningCalibrator,
+    IsotonicCalibrator,
+    LogitShiftCalibrator,
+    PlattCalibrator,
+    calibrator_from_dict,
+)
+from monitoring.metrics import StreamrecMetrics
+from stream.control import parse_control
+from stream.envelope import encode_envelope
+from stream.events import (
+    DEAD_LETTER_PREFIX_BYTES,
+    MAX_EVENT_BYTES,
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    DeadLetter,
+    Impression,
+    InvalidEvent,
+    LabeledExample,
+    ScoredBatch,
+    Watermark,
+    decode_labeled_batch,
+    parse_impression,
+)
+from stream.join import JoinConfig
+from stream.limits import labeled_records, payload_limit, scored_records
+from stream.services import JoinService, MemoryJoinState, MonitorService, TrainerService
+from stream.settings import Settings
+
+T0 = 1_700_000_000.0
+SETTINGS = Settings(join=JoinConfig(window_s=60.0, lateness_s=5.0))
+
+
+def control(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# --- control records ----------------------------------------------------------------------
+
+HOSTILE_CONTROL = [
+    (b"", "bad_json"),
+    (None, "bad_json"),
+    (b"\xff\xfe", "bad_json"),
+    (b"[" * 200_000, "bad_json"),  # deep nesting: RecursionError inside json
+    (control([1, 2]), "not_an_object"),
+    (control({"version": 3}), "missing_field"),
+    (control({"kind": ["calibrator"]}), "missing_field"),
+    (control({"kind": "calibrator"}), "missing_field"),
+    (control({"kind": "calibrator", "version": "7", "params": {"a": 1, "b": 0}}), "bad_type"),
+    (control({"kind": "calibrator", "version": True, "params": {"a": 1, "b": 0}}), "bad_type"),
+    (control({"kind": "calibrator", "version": 1.5, "params": {"a": 1, "b": 0}}), "bad_type"),
+    (control({"kind": "calibrator", "version": -1, "params": {"a": 1, "b": 0}}), "bad_value"),
+    (control({"kind": "calibrator", "version": 10**30, "params": {"a": 1, "b": 0}}), "bad_value"),
+    (control({"kind": "calibrator", "version": 2, "params": []}), "bad_type"),
+    (control({"kind": "calibrator", "version": 2}), "bad_type"),
+    (b'{"kind": "calibrator", "version": 2, "params": {"a": NaN, "b": 0}}', "non_finite"),
+    (b'{"kind": "calibrator", "version": 2, "params": {"a": 1, "b": Infinity}}', "non_finite"),
+    (control({"kind": "calibrator", "version": 2, "params": {"a": 1, "b": 10**400}}),
+     "non_finite"),
+    (control({"kind": "calibrator", "version": 2, "params": {"a": -3.0, "b": 0}}), "bad_value"),
+    (control({"kind": "calibrator", "version": 2, "params": {"kind": "nope"}}), "bad_value"),
+    (control({"kind": "calibrator", "version": 2, "params": {"kind": "isotonic", "x": [0.1],
+                                                              "y": [0.2, 0.3]}}), "bad_value"),
+    (control({"kind": "calibrator", "version": 2, "params": {"kind": "isotonic",
+              "x": [0.1, 0.9], "y": [0.9, 0.1]}}), "bad_value"),
+    (control({"kind": "model", "version": "latest", "path": "/etc/passwd"}), "bad_type"),
+    (control({"kind": "model", "version": 3, "path": ["x"]}), "bad_type"),
+    (control({"kind": "index", "version": {"a": 1}}), "bad_type"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "reason"), HOSTILE_CONTROL)
+def test_hostile_control_records_are_rejected_with_a_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_control(raw)
+    assert info.value.reason == reason
+
+
+def test_control_record_over_the_size_limit_is_rejected() -> None:
+    raw = control({"kind": "drift", "pad": "x" * 5000})
+    with pytest.raises(InvalidEvent) as info:
+        parse_control(raw, max_bytes=4096)
+    assert info.value.reason == "too_large"
+
+
+def _fitted() -> list[dict[str, object]]:
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.01, 0.6, 3000)
+    y = (rng.random(3000) < p * 0.7).astype(float)
+    iso, hist = IsotonicCalibrator(), HistogramBinningCalibrator()
+    iso.fit(p, y)
+    hist.fit(p, y)
+    return [PlattCalibrator(1.3, -0.2).to_dict(), LogitShiftCalibrator(0.4).to_dict(),
+            iso.to_dict(), hist.to_dict(), IsotonicCalibrator().to_dict(),
+            {"a": 1.0, "b": 0.0}]  # fmt: skip
+
+
+@pytest.mark.parametrize("params", _fitted())
+def test_every_calibrator_the_monitor_publishes_is_accepted(params: dict[str, object]) -> None:
+    msg = parse_control(control({"kind": "calibrator", "version": 4, "params": params}))
+    cal = calibrator_from_dict(msg["params"])
+    out = cal.transform(np.linspace(0, 1, 11))
+    assert np.all(np.isfinite(out)) and msg["version"] == 4
+
+
+def test_services_apply_every_accepted_control_record_without_raising() -> None:
+    metrics = StreamrecMetrics()
+    trainer = TrainerService(SETTINGS, metrics)
+    monitor = MonitorService(SETTINGS, metrics)
+    accepted = [
+        control({"kind": "calibrator", "version": 2, "params": {"a": 1.1, "b": 0.1}}),
+        control({"kind": "model", "version": 9, "path": "/nonexistent/ranker.pt"}),
+        control({"kind": "index", "version": 3, "items": 10}),
+        control({"kind": "something_new"}),
+    ]
+    for raw in accepted:
+        msg = parse_control(raw)
+        trainer.apply_control(msg)
+        monitor.apply_control(msg)
+    assert trainer.calibrator_version == 2 and monitor.calibrator_version == 2
+    p = trainer.calibrator.transform(np.array([0.0, 0.3, 1.0]))
+    assert np.all(np.isfinite(p))
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+def test_dead_letter_of_a_huge_record_keeps_a_bounded_prefix_size_and_hash() -> None:
+    raw = b'{"impression_id": "' + b"x" * 2_000_000 + b'"}'
+    dl = DeadLetter.of("impressions", 1, 5, InvalidEvent("too_large", "big"), raw)
+    out = dl.to_json()
+    assert len(out) < 3000  # was 2.67 MB: the whole value in base64
+    d = json.loads(out)
+    assert base64.b64decode(d["raw_b64"]) == raw[:DEAD_LETTER_PREFIX_BYTES]
+    assert d["raw_size"] == len(raw)
+    assert d["raw_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+# --- byte limits of produced batches -----------------------------------------------------------
+
+
+def _big_example(n: int, size: int = 60_000) -> LabeledExample:
+    feats: dict[str, str | float] = {f"f{k}": "v" * 1000 for k in range(size // 1010)}
+    return LabeledExample(Impression(f"imp-{n}", T0 + n, "u", "i", features=feats), 0, T0 + 99)
+
+
+def test_twenty_60kb_examples_are_split_under_the_record_limit() -> None:
+    examples = [_big_example(n) for n in range(20)]
+    limit = payload_limit(Settings().max_message_bytes)
+    records, too_large = labeled_records(examples, limit)
+    assert not too_large and len(records) >= 2
+    assert all(len(r) <= limit for r in records)
+    back = [e for r in records for e in decode_labeled_batch(r)]
+    assert [e.impression.impression_id for e in back] == [f"imp-{n}" for n in range(20)]
+
+
+def test_labeled_records_respect_the_count_cap_and_flag_an_example_too_large_alone() -> None:
+    small = [LabeledExample(Impression(f"s{n}", T0, "u", "i"), 1, T0) for n in range(25)]
+    records, _ = labeled_records(small, 10**6, max_items=10)
+    assert [len(decode_labeled_batch(r)) for r in records] == [10, 10, 5]
+    records, too_large = labeled_records([small[0], _big_example(1), small[1]], 70_000 // 2)
+    assert [e.impression.impression_id for e in too_large] == ["imp-1"]
+    assert len(records) == 2
+
+
+def test_a_large_scored_batch_is_halved_until_each_record_fits() -> None:
+    n = 3000
+    batch = ScoredBatch(1, 0, [f"id-{'x' * 200}-{i}" for i in range(n)], [T0] * n, [0] * n,
+                        [0.1] * n, [0.1] * n, ["1"] * n, [None] * n)  # fmt: skip
+    records = scored_records(batch, 200_000)
+    assert len(records) > 1 and all(len(r) <= 200_000 for r in records)
+    parts = [ScoredBatch.from_json(r) for r in records]
+    assert [i for p in parts for i in p.impression_ids] == batch.impression_ids
+
+
+# --- the event size check is on UTF-8 bytes, also after a restart -------------------------------
+
+
+def test_a_valid_non_ascii_impression_survives_a_restart_of_the_joiner() -> None:
+    # ~40 KB of UTF-8 (2 bytes a character); as ASCII-escaped JSON it is ~120 KB
+    imp = Impression("nonascii", T0, "u", "i", features={f"f{k}": "é" * 1000 for k in range(20)})
+    raw = json.dumps(imp.to_dict(), ensure_ascii=False).encode()
+    assert len(raw) < MAX_EVENT_BYTES < len(imp.to_json())
+    state = MemoryJoinState()
+    first = JoinService(SETTINGS, StreamrecMetrics(), state)
+    out, dl = first.handle(raw, TOPIC_IMPRESSIONS, 0, 0)
+    assert dl is None and "nonascii" in first.joiner(0).pending
+    again = JoinService(SETTINGS, StreamrecMetrics(), state)  # a restart on the same state
+    assert "nonascii" in again.joiner(0).pending
+    assert again.n_restored == 1
+    assert parse_impression(raw).features == imp.features
+
+
+def test_the_size_limit_counts_utf8_bytes_of_a_str() -> None:
+    text = json.dumps({"impression_id": "a", "ts": T0, "user_id": "u", "item_id": "i",
+                       "features": {"f": "ü" * 40_000}}, ensure_ascii=False)  # fmt: skip
+    assert len(text) < MAX_EVENT_BYTES < len(text.encode())
+    with pytest.raises(InvalidEvent) as info:
+        parse_impression(text)
+    assert info.value.reason == "too_large"
+
+
+# --- event time ahead of the clock ------------------------------------------------------------
+
+
+def test_an_event_from_the_future_is_dead_lettered_and_does_not_move_the_watermark() -> None:
+    metrics = StreamrecMetrics()
+    js = JoinService(SETTINGS, metrics)
+    now = time.time()
+    ok = Impression("ok", now - 10, "u", "i")
+    js.handle(ok.to_json(), TOPIC_IMPRESSIONS, 0, 0)
+    before = js.joiner(0).watermark
+    for n, raw in enumerate([
+        Impression("f1", now + 3600, "u", "i").to_json(),
+        json.dumps({"impression_id": "f2", "ts": 4.09e9}).encode(),  # a click in 2099
+        Watermark(now + 86_400).to_json(),
+    ]):  # fmt: skip
+        topic = TOPIC_CLICKS if b"f2" in raw else TOPIC_IMPRESSIONS
+        out, dl = js.handle(raw, topic, 0, n + 1)
+        assert dl is not None and dl.reason == "future_ts", raw
+        assert out == []
+    assert js.joiner(0).watermark == before
+    assert "f1" not in js.joiner(0).pending
+    assert (
+        metrics.registry.get_sample_value("streamrec_dead_letters_total", {"reason": "future_ts"})
+        == 3
+    )
+    # inside an envelope, only the future event is rejected
+    env = encode_envelope(TOPIC_IMPRESSIONS, [
+        {"impression_id": "e1", "ts": now - 5, "user_id": "u", "item_id": "i"},
+        {"impression_id": "e2", "ts": now + 7200, "user_id": "u", "item_id": "i"},
+    ])  # fmt: skip
+    out, dls = js.handle_record(env, TOPIC_IMPRESSIONS, 0, 10)
+    assert [d.reason for d in dls] == ["future_ts"]
+    assert "e1" in js.joiner(0).pending and "e2" not in js.joiner(0).pending
+
+
+def test_the_skew_is_configurable_and_inf_turns_the_check_off() -> None:
+    with pytest.raises(ValueError, match="max_future_skew_s"):
+        Settings(max_future_skew_s=-1.0)
+    js = JoinService(Settings(max_future_skew_s=math.inf), StreamrecMetrics())
+    _, dl = js.handle(Impression("f", time.time() + 86_400, "u", "i").to_json(),
+                      TOPIC_IMPRESSIONS, 0, 0)  # fmt: skip
+    assert dl is None
