@@ -9,21 +9,36 @@ Each field owns a column ("slot"). Slots are assigned in first-seen order (the f
 row taken in sorted key order), separately for categorical and numeric fields; ``user_id``
 and ``item_id`` always own categorical slots 0 and 1. The slot assignment is state and is
 saved by :meth:`FeatureEncoder.state_dict`.
+
+Serving cannot change the model: inside :func:`frozen_fields` (every predict path of the
+learners, see :func:`inference`) a field without a slot is ignored and counted
+(``n_unknown_fields``), never assigned. While learning, a new field name is admitted only
+once ``admit_after`` rows carried it, and at most ``max_candidates`` names wait for that
+(``n_rejected_fields`` counts rows whose field was not admitted).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["EncodedBatch", "EncoderConfig", "FeatureEncoder", "bucket_of"]
+__all__ = [
+    "EncodedBatch",
+    "EncoderConfig",
+    "FeatureEncoder",
+    "bucket_of",
+    "frozen_fields",
+    "inference",
+]
 
 USER_FIELD = "user_id"
 ITEM_FIELD = "item_id"
@@ -34,6 +49,33 @@ _CACHE_MAX = 1 << 17  # entries per field before the bucket cache is dropped
 
 #: Serialises slot assignment (rare: only a never-seen field takes it).
 _SLOTS_LOCK = threading.Lock()
+#: Per thread: True while encoding for inference (a serving thread and the training thread
+#: encode at once, so this is not a flag on the encoder).
+_MODE = threading.local()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def frozen_fields() -> Iterator[None]:
+    """Inside it, encoding on this thread assigns no slot and admits no field name: a
+    field without a slot is ignored and counted in ``n_unknown_fields``."""
+    before = getattr(_MODE, "frozen", False)
+    _MODE.frozen = True
+    try:
+        yield
+    finally:
+        _MODE.frozen = before
+
+
+def inference(fn: _F) -> _F:
+    """Decorator of a predict path: the call runs inside :func:`frozen_fields`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with frozen_fields():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]  # same signature
 
 
 @dataclass(frozen=True)
@@ -48,6 +90,11 @@ class EncoderConfig:
     max_cat_fields: int = 12
     max_num_fields: int = 8
     categorical_keys: tuple[str, ...] = ("position",)
+    #: a new field name gets a slot once this many training rows carried it (1: at once)
+    admit_after: int = 1
+    #: new field names counted towards admission at most; more are not admitted, and at
+    #: most this many names past full slots are remembered as dropped
+    max_candidates: int = 1024
 
     def __post_init__(self) -> None:
         if self.num_buckets < 2:
@@ -58,6 +105,8 @@ class EncoderConfig:
             )
         if self.max_num_fields < 0:
             raise ValueError(f"max_num_fields must be >= 0, got {self.max_num_fields}")
+        if self.admit_after < 1 or self.max_candidates < 0:
+            raise ValueError("admit_after must be >= 1 and max_candidates >= 0")
 
 
 @dataclass
@@ -118,6 +167,9 @@ class FeatureEncoder:
         self._n_cat = 2
         self._n_num = 0
         self.n_dropped_fields = 0
+        self.n_unknown_fields = 0  # (batch, field) pairs ignored at inference
+        self.n_rejected_fields = 0  # rows whose new field was not admitted while learning
+        self._candidates: dict[str, int] = {}  # new field -> training rows seen with it
         self._cat_keys = frozenset(config.categorical_keys)
         # value -> bucket per field; derived data, not state.
         self._cache: dict[str, dict[object, int]] = {}
@@ -131,29 +183,49 @@ class FeatureEncoder:
             return False
         return not isinstance(value, numbers.Real)
 
-    def _assign_slots(self, row: Mapping[str, object]) -> None:
+    def _assign_slots(self, row: Mapping[str, object], keys: set[str]) -> None:
         # check-then-assign: a worker encodes on its training and serving threads at once
         with _SLOTS_LOCK:
-            self._assign_slots_locked(row)
+            self._assign_slots_locked(row, keys)
 
-    def _assign_slots_locked(self, row: Mapping[str, object]) -> None:
+    def _admit(self, new: set[str], rows_with: Mapping[str, int]) -> set[str]:
+        """The names of ``new`` admitted now (``rows_with``: rows of this batch carrying
+        each); the others wait in the bounded candidates and are counted."""
+        need, cap = self.config.admit_after, self.config.max_candidates
+        admitted: set[str] = set()
+        with _SLOTS_LOCK:
+            for key in new:
+                seen = self._candidates.get(key)
+                if seen is None and need > 1 and len(self._candidates) >= cap:
+                    self.n_rejected_fields += rows_with[key]
+                    continue
+                seen = (seen or 0) + rows_with[key]
+                if seen >= need:
+                    self._candidates.pop(key, None)
+                    admitted.add(key)
+                else:
+                    self._candidates[key] = seen
+                    self.n_rejected_fields += rows_with[key]
+        return admitted
+
+    def _assign_slots_locked(self, row: Mapping[str, object], keys: set[str]) -> None:
         for key in sorted(row):
             value = row[key]
-            if value is None:
+            if value is None or key not in keys:
                 continue
             if self._is_categorical(key, value):
                 if key not in self._cat_slots:
                     if self._n_cat < self.config.max_cat_fields:
                         self._cat_slots[key] = self._n_cat
                         self._n_cat += 1
-                    else:
-                        self._cat_slots[key] = _DROPPED
+                    elif self.n_dropped_fields < self.config.max_candidates:
+                        self._cat_slots[key] = _DROPPED  # remembered (bounded), counted
                         self.n_dropped_fields += 1
             elif key not in self._num_slots:
                 if self._n_num < self.config.max_num_fields:
                     self._num_slots[key] = self._n_num
                     self._n_num += 1
-                else:
+                elif self.n_dropped_fields < self.config.max_candidates:
                     self._num_slots[key] = _DROPPED
                     self.n_dropped_fields += 1
 
@@ -190,12 +262,15 @@ class FeatureEncoder:
         for key, (idx, vals) in columns.items():
             split.extend(self._split_column(key, idx, vals))
         new = {k for k, c, _, _ in split if k not in (self._cat_slots if c else self._num_slots)}
-        if new:
+        if new and getattr(_MODE, "frozen", False):  # inference: ignored, counted
+            self.n_unknown_fields += len(new)
+        elif new:
+            admitted = self._admit(new, {k: len(columns[k][0]) for k in new})
             for row in rows:
-                if not new.isdisjoint(row):
-                    self._assign_slots(row)
+                if not admitted.isdisjoint(row):
+                    self._assign_slots(row, admitted)
         for key, categorical, idx, vals in split:
-            slot = (self._cat_slots if categorical else self._num_slots)[key]
+            slot = (self._cat_slots if categorical else self._num_slots).get(key, _DROPPED)
             if slot < 0:
                 continue
             rows_idx = np.asarray(idx, dtype=np.int64)

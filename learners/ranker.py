@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from learners.encoding import EncodedBatch, EncoderConfig, FeatureEncoder
+from learners.encoding import EncodedBatch, EncoderConfig, FeatureEncoder, inference
 from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
@@ -443,6 +443,7 @@ class TorchRanker:
         self.last_loss = float(loss.detach())
 
     # -- public interface ------------------------------------------------------------------
+    @inference  # serving cannot change the model: no new slots
     def predict_logit_many(self, X: Rows) -> np.ndarray:
         """The model's raw logits (the loss's input), float64 ``(B,)``. Eval mode, no gradient.
 

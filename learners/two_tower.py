@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learners.encoding import EncoderConfig, FeatureEncoder
+from learners.encoding import EncoderConfig, FeatureEncoder, inference
 from learners.losses import info_nce_loss, sampled_softmax_loss
 from learners.ranker import atomic_torch_save, guarded_step, pick_device
 
@@ -399,6 +399,7 @@ class TwoTowerModel:
                 chunks.append(self._embed(tower, enc, parts[s : s + _VECTOR_CHUNK]).cpu())
         return torch.cat(chunks).numpy().astype(np.float32)
 
+    @inference  # serving cannot change the model: no new slots
     def user_vectors(self, rows_or_ids: Sequence[str] | Rows) -> np.ndarray:
         """User-tower vectors, float32 ``(N, D)``, unit norm.
 
@@ -408,12 +409,14 @@ class TwoTowerModel:
         parts = [self._user_part({"user_id": r} if isinstance(r, str) else r) for r in rows_or_ids]
         return self._vectors("user", parts)
 
+    @inference  # serving cannot change the model: no new slots
     def item_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
         """Item-tower vectors, float32 ``(M, D)``, unit norm; each item with its latest
         remembered item-side features (id only for an item never seen with features)."""
         return self._vectors("item", self._item_rows([str(i) for i in item_ids]))
 
     # -- learner interface -----------------------------------------------------------------
+    @inference  # serving cannot change the model: no new slots
     def predict_proba_many(self, X: Rows) -> np.ndarray:
         """Affinity ``(1 + cos(user, item)) / 2``, float64 ``(B,)`` in [0, 1].
 

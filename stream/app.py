@@ -473,7 +473,24 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         except Exception:
             stage_error("gauges", "a gauge update")
 
+    fields_counted = {"serving": 0, "stream": 0}
+
+    def count_rejected_fields() -> None:
+        """Encoder fields given no slot since the last call: unknown at inference (serving)
+        or not admitted from the stream, over the ranker's and the two towers' encoders."""
+        tt = rt.trainer.two_tower
+        encoders = [rt.trainer.ranker.encoder]
+        if tt is not None:
+            encoders += [tt.user_encoder, tt.item_encoder]
+        totals = {"serving": sum(e.n_unknown_fields for e in encoders),
+                  "stream": sum(e.n_rejected_fields for e in encoders)}  # fmt: skip
+        for where_, n in totals.items():
+            if n > fields_counted[where_]:
+                rt.metrics.fields_rejected.labels(where=where_).inc(n - fields_counted[where_])
+            fields_counted[where_] = n  # a swapped-in model starts its own counts
+
     def update_gauges() -> None:
+        count_rejected_fields()
         age = rt.indexer.pool.age(time.time())
         if np.isfinite(age):
             rt.metrics.hard_negative_pool_age_seconds.set(age)

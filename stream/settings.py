@@ -146,6 +146,12 @@ class IndexerConfig:
 
 ROLES = ("all", "joiner", "trainer")
 
+#: A worker gives a new feature name from the stream an encoder slot only once this many
+#: training rows carried it (``EncoderConfig.admit_after``; the library default admits at
+#: once): a handful of junk names cannot take the slots of the real features. A settings
+#: file may set ``[ranker.encoder] admit_after``.
+WORKER_ADMIT_AFTER = 20
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -194,7 +200,9 @@ class Settings:
     #: into the future; replayed logs carry past times. ``inf`` turns the check off
     max_future_skew_s: float = 300.0
     join: JoinConfig = field(default_factory=JoinConfig)
-    ranker: RankerConfig = field(default_factory=RankerConfig)
+    ranker: RankerConfig = field(
+        default_factory=lambda: RankerConfig(encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER))
+    )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # 4 sigma over the newest 2,500 examples: the online model itself absorbs a CTR jump
     # within ~5k impressions, so a slower test would never fire; the warm-up
@@ -275,6 +283,8 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     if unknown:
         raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
     values = dict(values)
+    if cls is RankerConfig:  # the worker's admission threshold unless the file sets one
+        values["encoder"] = {"admit_after": WORKER_ADMIT_AFTER, **values.get("encoder", {})}
     if cls is RankerConfig and "encoder" in values:
         values["encoder"] = _section(EncoderConfig, values["encoder"], f"{name}.encoder")
     for key in ("hidden", "categorical_keys"):  # TOML arrays -> the configs' tuples

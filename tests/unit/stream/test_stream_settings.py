@@ -69,7 +69,9 @@ def test_toml_sections_and_top_level_keys_are_applied(tmp_path: Path) -> None:
         ranker=RankerConfig(
             model="logreg",
             hidden=(32, 16),
-            encoder=EncoderConfig(num_buckets=4096, categorical_keys=("position", "dev")),
+            encoder=EncoderConfig(
+                num_buckets=4096, categorical_keys=("position", "dev"), admit_after=20
+            ),
         ),
         trainer=TrainerConfig(batch_size=256),
         drift=DriftConfig(threshold_z=4.0),
