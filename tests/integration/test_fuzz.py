@@ -1,0 +1,286 @@
+"""A fuzz campaign against the real worker process and the embedded broker (issue 19).
+
+Over 10,000 hostile records in bulk (random bytes, invalid UTF-8, NaN/Infinity literals,
+``ts`` = 1e300 and 10**400, huge integers, ids past every length limit, records at, above
+and far above the 64 KiB event limit and the 1 MB record limit, arrays, missing fields,
+duplicate keys, events from the future, broken envelopes), interleaved with a valid
+synthetic log, valid 60 KB impressions (20 of them make a ``labeled`` batch over the 1 MB
+record limit) and valid non-ASCII impressions; and hostile ``control`` records. Then the
+worker is restarted on the same data directory (``control`` is re-read from offset 0).
+
+Asserted: the worker never exits (and its restart is clean), every bad input record is
+dead-lettered exactly once with the reason its construction fixes (and a bounded dead
+letter), every hostile control record is rejected and counted (after the restart too),
+``impressions sent = labelled + dead-lettered + pending`` with nothing pending, and every
+valid impression is labelled exactly once and scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from stream.broker import EmbeddedBroker
+from stream.control import parse_control
+from stream.envelope import ENVELOPE_MAGIC
+from stream.events import (
+    DEAD_LETTER_PREFIX_BYTES,
+    MAX_EVENT_BYTES,
+    TOPIC_CLICKS,
+    TOPIC_CONTROL,
+    TOPIC_DEAD_LETTER,
+    TOPIC_IMPRESSIONS,
+    TOPIC_SCORED,
+    InvalidEvent,
+)
+from stream.logs import read_log_frame
+from stream.replay import replay
+from stream.services import JoinService
+from stream.settings import Settings
+from stream.synthetic import SyntheticConfig, write_synthetic
+from tests.integration.test_faults import (
+    FINAL_GAP_S,
+    Bad,
+    labelled_ids,
+    read_topic,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
+from tests.unit.stream.test_stream_hostile import HOSTILE_CONTROL
+
+pytestmark = pytest.mark.integration
+
+N_HOSTILE = 10_400
+N_LOG = 1_500
+
+
+def _json(d: object) -> bytes:
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+def hostile_records(rng: random.Random, ts_range: tuple[float, float], n: int) -> list[Bad]:
+    """``n`` bad input records, each with the reason its one defect fixes, shuffled."""
+    lo, hi = ts_range
+    now = time.time()
+    I, C = TOPIC_IMPRESSIONS, TOPIC_CLICKS  # noqa: E741  # short: one per row below
+
+    def imp(**over: object) -> dict[str, object]:
+        d: dict[str, object] = {
+            "impression_id": f"bad-{rng.getrandbits(40):010x}",
+            "ts": round(rng.uniform(lo, hi), 3),
+            "user_id": f"u{rng.randrange(500)}",
+            "item_id": f"i{rng.randrange(500)}",
+            "position": rng.randint(1, 3),
+        }
+        d.update(over)
+        return {k: v for k, v in d.items() if v is not None}
+
+    def junk(k: int) -> bytes:  # bytes >= 0x80: never valid UTF-8 JSON
+        return bytes(rng.randrange(0x80, 0x100) for _ in range(k))
+
+    makers = [
+        lambda: Bad(I, junk(rng.randint(1, 64)), "bad_json", "random_bytes"),
+        lambda: Bad(C, junk(rng.randint(1, 16)), "bad_json", "click_random_bytes"),
+        lambda: Bad(I, b'{"impression_id":"\xc3\x28","ts":1}', "bad_json", "invalid_utf8"),
+        lambda: Bad(I, b"[" * rng.randint(5_000, 20_000), "bad_json", "deep_nesting"),
+        lambda: Bad(I, _json(imp()).replace(b'"ts":', b'"ts":NaN,"x":'), "non_finite",
+                    "ts_nan"),
+        lambda: Bad(I, _json(imp(ts=1e300)), "bad_timestamp", "ts_1e300"),
+        lambda: Bad(I, _json(imp(ts=10**400)), "non_finite", "ts_huge_int"),
+        lambda: Bad(I, _json(imp(position=10**40)), "bad_value", "position_huge_int"),
+        lambda: Bad(I, _json(imp(impression_id=10**300)), "bad_value", "id_huge_int"),
+        lambda: Bad(I, _json(imp(user_id="u" * rng.randint(257, 5_000))), "bad_value",
+                    "id_too_long"),
+        lambda: Bad(I, _json([imp(), imp()]), "not_an_object", "array"),
+        lambda: Bad(I, _json(imp(item_id=None) | {"item_id": None}), "missing_field",
+                    "missing_item"),
+        lambda: Bad(I, _json(imp())[:-1] + b',"ts":"later"}', "bad_type", "duplicate_key"),
+        lambda: Bad(I, _json(imp(ts=now + rng.uniform(3_600, 10**7))), "future_ts",
+                    "future_impression"),
+        lambda: Bad(C, _json({"impression_id": "x", "ts": now + 86_400}), "future_ts",
+                    "future_click"),
+        lambda: Bad(I, _json({"type": "watermark", "ts": now + 86_400}), "future_ts",
+                    "future_watermark"),
+        lambda: Bad(C, b'{"impression_id":"x","ts":Infinity}', "non_finite", "click_inf"),
+        lambda: Bad(C, _json({"ts": round(rng.uniform(lo, hi), 3)}), "missing_field",
+                    "click_missing_id"),
+        lambda: Bad(I, _json(imp(features=[1, 2])), "bad_type", "features_array"),
+        lambda: Bad(I, ENVELOPE_MAGIC + b"\x01" + junk(rng.randint(1, 40)), "bad_envelope",
+                    "broken_envelope"),
+        lambda: Bad(I, ENVELOPE_MAGIC + b"\x09", "unsupported_version", "envelope_v9"),
+    ]  # fmt: skip
+    out = [rng.choice(makers)() for _ in range(n)]
+    # at and above every size limit: the 64 KiB event, the 1 MB record, far above it
+    pad = MAX_EVENT_BYTES - len(_json(imp(features={"f": ""}))) + 1
+    out.append(Bad(I, _json(imp(features={"f": "x" * pad})), "too_large", "event_limit_plus_1"))
+    for size in (1_000_000, 1_500_000):
+        out.append(Bad(I, _json(imp(impression_id="x" * size)), "too_large", f"id_{size}"))
+    rng.shuffle(out)
+    return out
+
+
+def check_reasons(bad: list[Bad]) -> None:
+    """The constructed reasons agree with the joiner's validation (no broker needed)."""
+    js = JoinService(Settings(), _NullMetrics())
+    for b in bad:
+        _, dls = js.handle_record(b.value, b.topic, 0, 0)
+        assert [d.reason for d in dls] == [b.reason], (b.kind, b.value[:120])
+
+
+class _NullMetrics:
+    """Metrics stand-in for :func:`check_reasons` (a real registry would do; this is
+    cheaper for 10k records)."""
+
+    def __getattr__(self, name: str) -> _NullMetrics:
+        return self
+
+    def labels(self, **kw: object) -> _NullMetrics:
+        return self
+
+    def inc(self, n: float = 1) -> None:
+        pass
+
+
+def valid_extras(ts_range: tuple[float, float]) -> dict[str, bytes]:
+    """Valid impressions the old worker failed on: 20 of ~60 KB (their labels exceed the
+    1 MB record limit together) and 20 non-ASCII ones of ~40 KB of UTF-8."""
+    lo, _ = ts_range
+    out: dict[str, bytes] = {}
+    for k in range(20):
+        iid = f"big-{k:02d}"
+        out[iid] = _json({"impression_id": iid, "ts": lo + 10 + k, "user_id": f"u{k}",
+                          "item_id": f"i{k}", "position": 1,
+                          "features": {f"f{j}": "v" * 1000 for j in range(59)}})  # fmt: skip
+    for k in range(20):
+        iid = f"utf8-{k:02d}"
+        d = {"impression_id": iid, "ts": lo + 20 + k, "user_id": f"ü{k}", "item_id": f"i{k}",
+             "features": {f"f{j}": "é日" * 300 for j in range(20)}}  # fmt: skip
+        out[iid] = json.dumps(d, ensure_ascii=False).encode()
+    assert all(len(v) <= MAX_EVENT_BYTES for v in out.values())
+    return out
+
+
+def test_fuzz_campaign_no_worker_exit_every_bad_record_dead_lettered(tmp_path: Path) -> None:
+    t_start = time.monotonic()
+    rng = random.Random(19)
+    log_path = tmp_path / "log.csv"
+    write_synthetic(SyntheticConfig(n_impressions=N_LOG, seed=5, drift_at=None), log_path)
+    df = read_log_frame(log_path)
+    ts_range = (float(df["ts"].min()), float(df["ts"].max()))
+    bad = hostile_records(rng, ts_range, N_HOSTILE)
+    check_reasons(bad)
+    extras = valid_extras(ts_range)
+    controls = [raw for raw, _ in HOSTILE_CONTROL if raw is not None] * 4
+    controls += [bytes(rng.randrange(256) for _ in range(rng.randint(0, 50))) for _ in range(100)]
+    for raw in controls:
+        with pytest.raises(InvalidEvent):
+            parse_control(raw)
+    valid_ids = set(df["impression_id"]) | set(extras)
+
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    worker = start_worker(broker.url, tmp_path)
+    workers = [worker]
+    try:
+        producer = KafkaProducer(bootstrap_servers=[broker.url], max_request_size=8 << 20,
+                                 linger_ms=20, batch_size=1 << 20)  # fmt: skip
+        sent: dict[tuple[str, int, int], Bad] = {}
+
+        def send(chunk: list[Bad]) -> None:
+            futures = [(b, producer.send(b.topic, value=b.value)) for b in chunk]
+            for b, f in futures:
+                md = f.get(timeout=60)
+                sent[(md.topic, md.partition, md.offset)] = b
+
+        for raw in controls:
+            producer.send(TOPIC_CONTROL, key=b"hostile", value=raw)
+        half = len(bad) // 2
+        send(bad[:half])
+        for iid, value in extras.items():
+            producer.send(TOPIC_IMPRESSIONS, key=iid.encode(), value=value)
+        producer.flush()
+        stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S)
+        send(bad[half:])
+        producer.flush()
+        producer.close()
+        t_sent = time.monotonic()
+        assert len(sent) == len(bad)
+
+        m = wait_for(
+            worker,
+            lambda m: (
+                m.get("sum:streamrec_labeled_total", 0) >= len(valid_ids)
+                and m.get("sum:streamrec_dead_letters_total", 0) >= len(bad)
+                and m.get("sum:streamrec_control_rejected_total", 0) >= len(controls)
+            ),
+            timeout_s=60,
+            what="labels, dead letters and rejected control records",
+        )
+        t_done = time.monotonic()
+        errs = worker.errors()
+        letters = [json.loads(r) for r in read_topic(broker.url, TOPIC_DEAD_LETTER)]
+        got = {(d["topic"], d["partition"], d["offset"]): d for d in letters}
+        assert len(got) == len(letters), f"a record was dead-lettered twice; {errs}"
+        assert set(got) == set(sent), (len(set(got) ^ set(sent)), errs)
+        wrong = Counter((b.kind, got[k]["reason"]) for k, b in sent.items()
+                        if got[k]["reason"] != b.reason)  # fmt: skip
+        assert not wrong, wrong
+        assert all(got[k]["raw_size"] == len(b.value)
+                   and got[k]["raw_sha256"] == hashlib.sha256(b.value).hexdigest()
+                   for k, b in sent.items())  # fmt: skip
+        biggest = max(len(r) for r in read_topic(broker.url, TOPIC_DEAD_LETTER))
+        assert biggest < 2 * DEAD_LETTER_PREFIX_BYTES + 1000, biggest
+
+        # counts add up: impressions sent = labelled + dead-lettered + pending (none left)
+        ids = labelled_ids(broker.url)
+        assert len(ids) == len(set(ids)) == len(valid_ids), (len(ids), len(set(ids)), errs)
+        assert set(ids) == valid_ids
+        bad_impressions = sum(1 for b in bad if b.topic == TOPIC_IMPRESSIONS)
+        m = wait_for(
+            worker,
+            lambda m: m.get("streamrec_pending_impressions", 1) == 0,
+            timeout_s=15,
+            what="no pending impression",
+        )  # the gauge is per second
+        sent_impressions = stats.impressions + len(extras) + bad_impressions
+        assert len(ids) + bad_impressions + m["streamrec_pending_impressions"] == sent_impressions
+        assert m["sum:streamrec_dead_letters_total"] == len(bad)
+        for reason, n in Counter(b.reason for b in bad).items():
+            assert m[f'streamrec_dead_letters_total{{reason="{reason}"}}'] == n, reason
+        assert m["sum:streamrec_control_rejected_total"] == len(controls)
+        assert m.get("sum:streamrec_stage_errors_total", 0) == 0, errs
+        # every valid impression is scored by the trainer
+        wait_for(worker, lambda m: m.get("streamrec_scored_total", 0) >= len(valid_ids),
+                 timeout_s=30, what="scores")  # fmt: skip
+        scored = {i for raw in read_topic(broker.url, TOPIC_SCORED)
+                  for i in json.loads(raw)["impression_ids"]}  # fmt: skip
+        assert scored >= valid_ids
+
+        # a restart re-reads every hostile control record from offset 0 and stays up
+        stop_worker(worker)
+        assert worker.proc.returncode == 0, worker.log_tail()
+        worker = start_worker(broker.url, tmp_path)
+        workers.append(worker)
+        m = wait_for(worker,
+                     lambda m: m.get("sum:streamrec_control_rejected_total", 0) >= len(controls),
+                     timeout_s=30, what="control re-read after the restart")  # fmt: skip
+        time.sleep(1.0)
+        m = worker.metrics()
+        assert worker.alive() and m["streamrec_worker_starts"] == 2
+        assert m["streamrec_unclean_restarts"] == 0
+        print(f"fuzz campaign: {len(bad)} hostile input records + {len(controls)} hostile"
+              f" control records, {stats.impressions} log impressions + {len(extras)} large"
+              f" valid ones; sent in {t_sent - t_start:.1f} s, all handled"
+              f" {t_done - t_sent:.1f} s later; {len(letters)} dead letters, largest"
+              f" {biggest} bytes; total {time.monotonic() - t_start:.1f} s")  # fmt: skip
+    finally:
+        for w in workers:
+            stop_worker(w)
+        broker.stop()
