@@ -43,6 +43,7 @@ COPY stream ./stream
 COPY learners ./learners
 COPY index ./index
 COPY monitoring ./monitoring
+COPY modelstore ./modelstore
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
 USER streamrec

@@ -115,13 +115,22 @@ def demo(
     type=click.Choice(ROLES),
     help="all: every agent [default]; joiner: impressions+clicks -> labeled; trainer: "
     "labeled -> trainer, monitor, index, /recommend (its own consumer group; run joiner "
-    "workers beside it, not 'all' ones).",
+    "workers beside it, not 'all' ones); serve: no training, /recommend, /score and "
+    "/version from the newest model-store version (needs --model-store).",
+)
+@click.option(
+    "--model-store",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Model store directory (env STREAMREC_MODEL_STORE): trainer/all publish "
+    "snapshots to it, serve loads them.",
 )
 @click.pass_context
 def worker(
     ctx: click.Context, broker: str | None, config: str | None, metrics_port: int | None,
     metrics_host: str | None, data_dir: str | None, warm_start: str | None,
     checkpoint_dir: str | None, web_port: int | None, web_host: str | None, role: str | None,
+    model_store: str | None,
 ) -> None:  # fmt: skip
     """Run a worker: joiner, trainer, calibration monitor, indexer (or one side: --role)."""
     import dataclasses
@@ -131,6 +140,7 @@ def worker(
     settings = load_settings(
         config, broker=broker, metrics_port=metrics_port, metrics_host=metrics_host,
         data_dir=data_dir, web_port=web_port, web_host=web_host, role=role,
+        model_store=model_store,
     )  # fmt: skip
     trainer = settings.trainer
     if warm_start:
