@@ -563,8 +563,15 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 pass
             refresh_soon.clear()
 
+    async def control_drain(stream: faust.StreamT[bytes]) -> None:
+        """A serve worker's only subscription (Faust needs one): ``control`` in the group
+        ``<app_id>-serve``, ignored here; the listener task reads it outside any group."""
+        async for _ in stream:
+            pass
+
     if serves:
         app.task(store_refresher)
+        app.agent(control, name="serve-control")(control_drain)
 
     if replica is not None:
         serving_replica = replica

@@ -278,6 +278,9 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     values = dict(values)
     if cls is RankerConfig and "encoder" in values:
         values["encoder"] = _section(EncoderConfig, values["encoder"], f"{name}.encoder")
+    for key in ("user_encoder", "item_encoder"):  # [two_tower.user_encoder] etc.
+        if cls is TwoTowerConfig and key in values:
+            values[key] = _section(EncoderConfig, values[key], f"{name}.{key}")
     for key in ("hidden", "categorical_keys"):  # TOML arrays -> the configs' tuples
         if key in values:
             values[key] = tuple(values[key])
