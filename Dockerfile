@@ -22,8 +22,8 @@ RUN groupadd --system --gid 10001 streamrec \
     && useradd --system --uid 10001 --gid streamrec --home-dir /app \
        --shell /usr/sbin/nologin streamrec \
     && python -m venv /opt/venv \
-    && mkdir -p /app /data/worker /data/out \
-    && chown -R streamrec:streamrec /app /data
+    && mkdir -p /app /data/worker /data/out /models \
+    && chown -R streamrec:streamrec /app /data /models
 
 WORKDIR /app
 

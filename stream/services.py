@@ -537,7 +537,7 @@ class TrainerService:
         )
         self.published: Manifest | None = None
         self._last_publish = time.monotonic()
-        if self.store is not None and not cfg.warm_start:
+        if self.store is not None:  # a restart continues from the store, not the warm start
             self._resume_from_store(self.store)
         metrics.model_version.set(0)
         metrics.calibrator_version.set(0)
@@ -709,7 +709,8 @@ class TrainerService:
 
     def _resume_from_store(self, store: DirectoryStore) -> None:
         """A restarted trainer continues from the newest good version of its store (ranker,
-        two-tower, calibrator); a version that fails its checksums is skipped."""
+        two-tower, calibrator), ahead of ``trainer.warm_start`` (which only seeds an empty
+        store); a version that fails its checksums is skipped."""
         from modelstore.snapshot import load_snapshot
 
         for version in reversed(store.versions()):
