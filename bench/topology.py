@@ -7,7 +7,8 @@ minute). Everything runs on this machine:
    model sizes: DCN-v2 ranker, two-tower, the index refreshed every 5 s) publishing to a
    model store every ``PUBLISH_EVERY_S`` seconds; one ``worker --role serve`` on the same
    store (polls every 2 s, and loads at once on each ``control`` announcement); the
-   synthetic log of ``bench.serving`` replayed as fast as the producer goes.
+   synthetic log of ``bench.serving`` replayed at ``SPEEDUP`` x event time (600
+   impressions/s, so training lasts about two minutes; quick: as fast as it goes).
 2. **propagation**: a watcher polls the store (every 50 ms: each new version's manifest
    time) and the replica's ``/version`` (every 50 ms: when it first serves each version).
    Propagation = first answer with the version - the manifest's ``created_at`` (writing the
@@ -49,6 +50,7 @@ from stream.replay import replay
 from stream.synthetic import write_synthetic
 
 PUBLISH_EVERY_S = 5.0
+SPEEDUP = 60.0  # event-time seconds per wall second (the log has 10 impressions/s)
 BUSY_CONCURRENCY = 4
 IDLE_CONCURRENCY = 4
 SLICE_S = 5.0
@@ -151,7 +153,8 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
             scored_all = threading.Event()
 
             def feed() -> None:
-                replay(log, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S)
+                replay(log, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S,
+                       speedup=None if quick else SPEEDUP)  # fmt: skip
 
             def watch_scored() -> None:
                 deadline = time.monotonic() + max(300.0, cfg.n_impressions / 50)
@@ -212,6 +215,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "data": f"write_synthetic(SyntheticConfig(n_impressions={cfg.n_impressions}, "
         f"n_users={cfg.n_users}, n_items={cfg.n_items}, drift_at=None, seed=0))",
+        "replay_speedup": None if quick else SPEEDUP,
         "setup": "Tansu + `worker --role all --model-store S` + `worker --role serve "
         f"--model-store S` ([store] publish_every_s={PUBLISH_EVERY_S}, keep=5, poll_s=2) + "
         "an aiohttp closed-loop client in the bench process; default model sizes",

@@ -380,9 +380,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
                 await refresh_index()
             rt.trainer.maybe_checkpoint()
-            if rt.trainer.publish_due():
+            index = rt.indexer.holder.current
+            if rt.trainer.publish_due(index):
                 # on the training thread (models still: the lock is held), off the loop
-                index = rt.indexer.holder.current
                 if train_thread is None:
                     manifest = rt.trainer.publish(index)
                 else:

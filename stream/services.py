@@ -536,6 +536,7 @@ class TrainerService:
             else None
         )
         self.published: Manifest | None = None
+        self._published_key: tuple[object, ...] = ()
         self._last_publish = time.monotonic()
         if self.store is not None:  # a restart continues from the store, not the warm start
             self._resume_from_store(self.store)
@@ -730,9 +731,18 @@ class TrainerService:
                      self.model_version)  # fmt: skip
             return
 
-    def publish_due(self, force: bool = False) -> bool:
-        """True when a snapshot should go to the model store now."""
+    def _published_state(self, index: IndexSnapshot | None) -> tuple[object, ...]:
+        tt = self.two_tower
+        return (self.ranker.n_updates, None if tt is None else tt.n_updates,
+                None if index is None else index.version, self.calibrator_version)  # fmt: skip
+
+    def publish_due(self, index: IndexSnapshot | None = None, force: bool = False) -> bool:
+        """True when a snapshot should go to the model store now: ``store.publish_every_s``
+        passed (or ``force``) and a model, ``index`` or the calibrator changed since the
+        last one (an idle trainer writes nothing)."""
         if self.store is None or self.n_examples == 0:
+            return False
+        if self.published is not None and self._published_key == self._published_state(index):
             return False
         every = self.settings.store.publish_every_s
         return force or time.monotonic() - self._last_publish >= every
@@ -753,6 +763,7 @@ class TrainerService:
             self.metrics.store_failures.labels(reason="publish").inc()
             return None
         self.published = m
+        self._published_key = self._published_state(index)
         mt = self.metrics
         mt.store_publish_seconds.observe(time.perf_counter() - t0)
         mt.store_version.set(m.version)
@@ -773,7 +784,6 @@ class TrainerService:
         if not self.settings.trainer.fnc:
             return self.calibrator
         return _FncThen(self.calibrator)  # type: ignore[return-value]  # transform only
-
 
 
 class MonitorService:

@@ -56,7 +56,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
             # the newest models to the store: a restarted trainer resumes from them
             manifest = (
                 rt.trainer.publish(rt.indexer.holder.current)
-                if rt.trainer.publish_due(force=True)
+                if rt.trainer.publish_due(rt.indexer.holder.current, force=True)
                 else None
             )
         if path:

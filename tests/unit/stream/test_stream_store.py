@@ -49,8 +49,9 @@ def test_trainer_publishes_a_replica_loads_it_and_a_restart_resumes(tmp_path: Pa
     _train(trainer, 16, "a")
     indexer = IndexerService(settings, metrics)
     assert indexer.refresh(trainer.ranker, trainer.catalogue, trainer.two_tower) is not None
-    assert trainer.publish_due(force=True)
+    assert trainer.publish_due(indexer.holder.current, force=True)
     m = trainer.publish(indexer.holder.current)
+    assert not trainer.publish_due(indexer.holder.current, force=True)  # nothing changed
     assert m is not None and m.version == 1
     msg = json.loads(json.dumps(trainer.store_announcement(m)))
     assert msg["kind"] == "model" and msg["digest"] == m.digest
