@@ -179,6 +179,9 @@ class ModelReplica:
         try:
             self.store.resolve(path, version, digest)
         except StoreError as exc:
+            if exc.reason == "missing":  # e.g. an old record of a pruned version: no error
+                log.debug("model store: %s", exc)
+                return None
             # not marked bad: a forged record must not block the real version's load
             self._fail(exc, None)
             return None

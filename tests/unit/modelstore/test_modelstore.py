@@ -159,7 +159,20 @@ def test_replica_keeps_the_old_version_when_a_new_one_is_corrupt(tmp_path: Path)
     assert replica.announce({"kind": "model", "version": True}) is None
     publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)  # v3, good
     assert replica.announce({"kind": "model", "version": 3, "digest": "f" * 64}) is None
+    assert replica.announce({"kind": "model", "version": 40}) is None  # pruned or unknown
     assert replica.failures == {"checksum": 1, "outside_store": 1, "corrupt": 1, "digest": 1}
     loaded = replica.refresh()  # the forged records did not block the real v3
     assert loaded is not None and replica.version == 3
     assert json.loads((store.path(3) / "calibrator.json").read_text())["version"] == 0
+
+
+def test_a_publish_killed_midway_leaves_only_an_ignored_temp_dir(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path, keep=2)
+    store.publish(_write("x"))
+    crashed = tmp_path / ".tmp-crashed"  # what SIGKILL during a publish leaves behind
+    crashed.mkdir()
+    (crashed / "a.bin").write_text("half")
+    assert store.versions() == [1] and store.open(1).version == 1
+    os.utime(crashed, (0, 0))  # older than an hour: removed by the next prune
+    store.publish(_write("y"))
+    assert not crashed.exists() and store.versions() == [1, 2]
