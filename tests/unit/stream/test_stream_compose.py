@@ -338,5 +338,5 @@ def test_serving_replicas_sit_behind_one_loopback_port(
     # resolved at run time through compose's DNS (every replica), retried on the next one
     assert "resolver 127.0.0.11" in conf and "set $serve_upstream serve;" in conf
     assert "proxy_pass http://$serve_upstream:6066;" in conf
-    assert "proxy_next_upstream error timeout http_503;" in conf
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in conf
     assert "listen 8080;" in conf
