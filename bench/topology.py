@@ -5,18 +5,18 @@ minute). Everything runs on this machine:
 
 1. **set-up**: Tansu (memory storage); one ``worker --role all`` (joins and trains, default
    model sizes: DCN-v2 ranker, two-tower, the index refreshed every 5 s) publishing to a
-   model store every ``PUBLISH_EVERY_S`` seconds; one ``worker --role serve`` on the same
-   store (polls every 2 s, and loads at once on each ``control`` announcement); the
+   model store every ``PUBLISH_EVERY_S`` seconds; ``REPLICAS`` ``worker --role serve`` on
+   the same store (polls every 2 s, and loads at once on each ``control`` announcement); the
    synthetic log of ``bench.serving`` replayed at ``SPEEDUP`` x event time (600
    impressions/s, so training lasts about two minutes; quick: as fast as it goes).
 2. **propagation**: a watcher polls the store (every 50 ms: each new version's manifest
-   time) and the replica's ``/version`` (every 50 ms: when it first serves each version).
-   Propagation = first answer with the version - the manifest's ``created_at`` (writing the
-   snapshot -> the replica serving it; the ~50 ms poll is included). The replica's own
+   time) and every replica's ``/version`` (every 50 ms). Propagation = the last replica's
+   first answer with the version (or a newer one) - the manifest's ``created_at`` (writing
+   the snapshot -> every replica serving it; the ~50 ms poll is included). The replica's own
    ``streamrec_store_propagation_seconds`` (manifest -> swapped in) is reported beside it.
 3. **busy**: until every impression is scored, closed-loop ``/recommend`` load
    (``bench.serving``'s client, ``BUSY_CONCURRENCY`` connections) alternates between the
-   training worker and the replica in ``SLICE_S`` slices, so both see the same training
+   training worker and the first replica in ``SLICE_S`` slices, so both see the same training
    load.
 4. **idle**: each at ``IDLE_CONCURRENCY`` connections for ``IDLE_S`` seconds.
 
@@ -50,6 +50,7 @@ from stream.replay import replay
 from stream.synthetic import write_synthetic
 
 PUBLISH_EVERY_S = 5.0
+REPLICAS = 2  # serve replicas; the load goes to the first one, all are watched
 SPEEDUP = 60.0  # event-time seconds per wall second (the log has 10 impressions/s)
 BUSY_CONCURRENCY = 4
 IDLE_CONCURRENCY = 4
@@ -86,14 +87,15 @@ def _get_json(url: str) -> dict[str, Any] | None:
 
 
 class Watcher(threading.Thread):
-    """Records each store version's manifest time and when the replica first served it."""
+    """Records each store version's manifest time and when each replica first served it."""
 
-    def __init__(self, store: DirectoryStore, replica_web: str) -> None:
+    def __init__(self, store: DirectoryStore, replica_webs: list[str]) -> None:
         super().__init__(daemon=True)
         self.store = store
-        self.web = replica_web
+        self.webs = replica_webs
         self.created: dict[int, float] = {}
-        self.served: dict[int, float] = {}
+        #: replica -> version -> wall time of its first answer with that version
+        self.served: dict[str, dict[int, float]] = {w: {} for w in replica_webs}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -104,15 +106,25 @@ class Watcher(threading.Thread):
                         self.created[v] = self.store.manifest(v).created_at
                     except StoreError:
                         pass
-            got = _get_json(f"{self.web}/version")
-            now = time.time()
-            if got and got.get("store_version"):
-                self.served.setdefault(int(got["store_version"]), now)
+            for web in self.webs:
+                got = _get_json(f"{web}/version")
+                now = time.time()
+                if got and got.get("store_version"):
+                    self.served[web].setdefault(int(got["store_version"]), now)
             self.stop.wait(POLL_S)
 
     def propagation(self) -> list[float]:
-        return [self.served[v] - self.created[v] for v in sorted(self.served)
-                if v in self.created]  # fmt: skip
+        """Per published version: until the last replica served it (or a newer one)."""
+        out = []
+        for v, created in sorted(self.created.items()):
+            reached = []
+            for seen in self.served.values():
+                times = [t for sv, t in seen.items() if sv >= v]
+                if times:
+                    reached.append(min(times))
+            if len(reached) == len(self.served):
+                out.append(max(reached) - created)
+        return out
 
 
 def _quantiles(x: list[float]) -> dict[str, float | None]:
@@ -142,13 +154,13 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         args = ("--model-store", str(store_dir), "--config", str(conf))
         with (
             EmbeddedBroker(log_path=run_dir / "tansu.log") as broker,
-            worker_processes(broker.url, run_dir, extra_args=args, roles=("all", "serve")) as (
-                trainer,
-                serve,
-            ),  # fmt: skip
+            worker_processes(
+                broker.url, run_dir, extra_args=args, roles=("all",) + ("serve",) * REPLICAS
+            ) as (trainer, serve, *others),  # fmt: skip
         ):
             webs = {"trainer": _web(trainer), "replica": _web(serve)}
-            watcher = Watcher(DirectoryStore(store_dir), webs["replica"])
+            watcher = Watcher(DirectoryStore(store_dir),
+                              [webs["replica"], *(_web(o) for o in others)])  # fmt: skip
             watcher.start()
             scored_all = threading.Event()
 
@@ -187,6 +199,8 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
             feeder.join()
             trainer.check()
             serve.check()
+            for o in others:
+                o.check()
             phases += [b.summary() for b in busy.values()]
             for name, web in webs.items():
                 ph = asyncio.run(load(Phase(f"idle {name}", "recommend", IDLE_CONCURRENCY),
@@ -222,7 +236,8 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         "propagation": {
             **_quantiles(watcher.propagation()),
             "versions_published": len(watcher.created),
-            "versions_served": len(watcher.served),
+            "replicas": REPLICAS,
+            "versions_served_by_first_replica": len(watcher.served[webs["replica"]]),
             "replica_histogram_mean_s": h_sum / h_n if h_n else None,
             "publish_mean_s": (
                 trainer_metrics.get("streamrec_store_publish_seconds_sum", 0.0) / published
@@ -237,8 +252,8 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         "phases": phases,
         "notes": [
             "client, training worker, replica and broker share this machine's cores",
-            "propagation = the replica's first /version answer with a version - that "
-            "version's manifest created_at (50 ms polling included)",
+            "propagation = the last replica's first /version answer with that version (or a "
+            "newer one) - the version's manifest created_at (50 ms polling included)",
         ],
     }
     write_report(report, out := results_path(results_dir, "topology", quick))
@@ -255,7 +270,8 @@ def table(report: dict[str, Any]) -> str:
     """Markdown: propagation, then one row per serving phase."""
     p = report["propagation"]
     lines = [
-        f"Version propagation (trainer writes a snapshot -> the replica serves it), "
+        f"Version propagation (trainer writes a snapshot -> every one of "
+        f"{p.get('replicas', 1)} replicas serves it), "
         f"{p['n']} versions: p50 {_f(p['p50_s'])} s, p90 {_f(p['p90_s'])} s, p99 "
         f"{_f(p['p99_s'])} s, max {_f(p['max_s'])} s; publish {_f(p['publish_mean_s'])} s "
         f"per {(p['snapshot_bytes'] or 0) / 1e6:.0f} MB snapshot; "
