@@ -142,6 +142,7 @@ class ModelReplica:
         self.device = device
         self.current: LoadedModels | None = None
         self.failures: dict[str, int] = {}
+        self.n_failures = 0
         self.bad: set[int] = set()
         self.n_loads = 0
         self.last_error: str | None = None
@@ -155,6 +156,7 @@ class ModelReplica:
 
     def _fail(self, exc: StoreError, version: int | None) -> None:
         self.failures[exc.reason] = self.failures.get(exc.reason, 0) + 1
+        self.n_failures += 1
         self.last_error = str(exc)
         if version is not None:
             self.bad.add(version)

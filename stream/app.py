@@ -495,7 +495,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             rt.trainer.apply_control(msg)
             rt.monitor.apply_control(msg)
             if replica is not None and msg.get("kind") == "model":
-                before = sum(replica.failures.values())
+                before = replica.n_failures
                 if replica.announce(msg) is not None:
                     refresh_soon.set()
                 _count_store_failures(before)
@@ -527,9 +527,10 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     def _count_store_failures(before: int) -> None:
         assert replica is not None
-        if sum(replica.failures.values()) == before:
+        if replica.n_failures == before:
             return
-        for reason, n in replica.failures.items():
+        failures = dict(replica.failures)  # a copy: a load thread may add to it
+        for reason, n in failures.items():
             new = n - reported_failures.get(reason, 0)
             if new > 0:
                 rt.metrics.store_failures.labels(reason=reason).inc(new)
@@ -541,7 +542,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         assert replica is not None
         loop = asyncio.get_running_loop()
         while True:
-            before = sum(replica.failures.values())
+            before = replica.n_failures
             try:
                 loaded = await loop.run_in_executor(None, replica.refresh)
             except Exception:  # e.g. the store's directory unreadable: keep serving
