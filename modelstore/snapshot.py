@@ -2,10 +2,13 @@
 
 A snapshot's files (see :mod:`modelstore.store` for the manifest and checksums):
 
-- ``ranker.pt``: :meth:`learners.ranker.TorchRanker.save` (weights, optimiser moments, and
-  the feature-encoder state, i.e. its categorical slots and vocabularies);
-- ``two_tower.pt``: :meth:`learners.two_tower.TwoTowerModel.save` (with both towers'
-  encoder states), when the retrieval model is the two-tower one;
+- ``ranker.pt``: :meth:`learners.ranker.TorchRanker.state` without the optimiser (weights
+  and the feature-encoder state, i.e. its categorical slots and vocabularies), what
+  serving loads; ``ranker_optim.pt``: the optimiser moments, which only a resuming trainer
+  loads (about 2/3 of the bytes);
+- ``two_tower.pt`` and ``two_tower_optim.pt``: the same split of
+  :meth:`learners.two_tower.TwoTowerModel.state` (with both towers' encoder states), when
+  the retrieval model is the two-tower one;
 - ``index.faiss`` and ``index.json``: the FAISS index (``faiss.write_index``) and its item
   ids, version, build time and :class:`index.faiss_index.IndexConfig`;
 - ``calibrator.json``: the calibrator's ``to_dict()`` and version.
@@ -29,6 +32,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from index.faiss_index import IndexConfig, IndexSnapshot
 from learners.calibration import Calibrator, calibrator_from_dict
@@ -67,9 +71,9 @@ def publish_snapshot(
     ``keep``). The caller must keep the models still meanwhile (no training step)."""
 
     def write(d: Path) -> None:
-        ranker.save(d / "ranker.pt")
+        _save_split(ranker.state(), d, "ranker")
         if two_tower is not None:
-            two_tower.save(d / "two_tower.pt")
+            _save_split(two_tower.state(), d, "two_tower")
         if index is not None:
             faiss.write_index(index.index, str(d / "index.faiss"))
             (d / "index.json").write_text(json.dumps({
@@ -91,6 +95,24 @@ def publish_snapshot(
     return store.publish(write, meta=meta)
 
 
+_OPTIM_KEYS = ("optimizer", "sparse_optimizer")
+#: what serving loads of a version (the ``*_optim.pt`` files are for a resuming trainer)
+SERVING_FILES = ("ranker.pt", "two_tower.pt", "index.faiss", "index.json", "calibrator.json")
+
+
+def _save_split(state: Mapping[str, Any], d: Path, name: str) -> None:
+    """``name.pt`` (weights, encoders, counters) and ``name_optim.pt`` (the moments)."""
+    torch.save({k: v for k, v in state.items() if k not in _OPTIM_KEYS}, d / f"{name}.pt")
+    torch.save({k: state[k] for k in _OPTIM_KEYS if k in state}, d / f"{name}_optim.pt")
+
+
+def _load_split(d: Path, name: str, optimizer: bool) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(d / f"{name}.pt", map_location="cpu", weights_only=True)
+    if optimizer and (d / f"{name}_optim.pt").is_file():
+        state.update(torch.load(d / f"{name}_optim.pt", map_location="cpu", weights_only=True))
+    return state
+
+
 def _load_index(d: Path) -> IndexSnapshot:
     info = json.loads((d / "index.json").read_text())
     index = faiss.read_index(str(d / "index.faiss"))
@@ -104,16 +126,22 @@ def _load_index(d: Path) -> IndexSnapshot:
                          config=IndexConfig(**info["config"]))  # fmt: skip
 
 
-def load_snapshot(store: DirectoryStore, version: int, device: str | None = None) -> LoadedModels:
-    """Verify (sizes, SHA-256) then load ``version``. Raises :class:`StoreError`."""
-    m = store.open(version)
+def load_snapshot(
+    store: DirectoryStore, version: int, device: str | None = None, optimizer: bool = False
+) -> LoadedModels:
+    """Verify (sizes, SHA-256) then load ``version``: what serving needs, and with
+    ``optimizer`` the optimiser moments too (a resuming trainer). Raises
+    :class:`StoreError`."""
+    m = store.open(version, only=None if optimizer else SERVING_FILES)
     d = m.path
     if "ranker.pt" not in m.files or "calibrator.json" not in m.files:
         raise StoreError("corrupt", f"version {version}: no ranker.pt or calibrator.json")
     try:
-        ranker = TorchRanker.load(d / "ranker.pt", device=device, online=True)
+        ranker = TorchRanker.from_state(
+            _load_split(d, "ranker", optimizer), device=device, online=True
+        )
         two_tower = (
-            TwoTowerModel.load(d / "two_tower.pt", device=device)
+            TwoTowerModel.from_state(_load_split(d, "two_tower", optimizer), device=device)
             if "two_tower.pt" in m.files
             else None
         )

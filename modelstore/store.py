@@ -43,7 +43,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -302,12 +302,14 @@ class DirectoryStore:
             raise StoreError("corrupt", f"version {version}: manifest over {MAX_MANIFEST_BYTES}")
         return self._parse(d, data, version)
 
-    def open(self, version: int) -> Manifest:
-        """The manifest of ``version`` after checking every file it lists: a regular file
-        (no symlink), the recorded size, the recorded SHA-256. Raises StoreError
-        (``missing``, ``corrupt``, ``checksum``) otherwise."""
+    def open(self, version: int, only: Collection[str] | None = None) -> Manifest:
+        """The manifest of ``version`` after checking every file it lists (or the listed
+        ones among ``only``): a regular file (no symlink), the recorded size, the recorded
+        SHA-256. Raises StoreError (``missing``, ``corrupt``, ``checksum``) otherwise."""
         m = self.manifest(version)
         for name, entry in m.files.items():
+            if only is not None and name not in only:
+                continue
             p = m.path / name
             try:
                 st = os.lstat(p)

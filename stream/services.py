@@ -750,7 +750,9 @@ class TrainerService:
 
         for version in reversed(store.versions()):
             try:
-                loaded = load_snapshot(store, version, device=self.settings.ranker.device)
+                loaded = load_snapshot(
+                    store, version, device=self.settings.ranker.device, optimizer=True
+                )
             except StoreError as exc:
                 log.warning("model store: cannot resume from version %d: %s", version, exc)
                 continue

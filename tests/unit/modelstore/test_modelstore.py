@@ -122,8 +122,11 @@ def test_snapshot_round_trips_models_index_and_calibrator(tmp_path: Path) -> Non
     cal = LogitShiftCalibrator(b=0.3)
     store = DirectoryStore(tmp_path, keep=2)
     m = publish_snapshot(store, ranker, tt, index, cal, calibrator_version=7)
-    assert set(m.files) == {"ranker.pt", "two_tower.pt", "index.faiss", "index.json",
+    assert set(m.files) == {"ranker.pt", "ranker_optim.pt", "two_tower.pt",
+                            "two_tower_optim.pt", "index.faiss", "index.json",
                             "calibrator.json"}  # fmt: skip
+    # serving files hold no optimiser moments: a third of the checkpoint's bytes
+    assert m.files["ranker.pt"].size < m.files["ranker_optim.pt"].size
     assert m.meta["model_version"] == ranker.n_updates and m.meta["index_version"] == 4
     got = load_snapshot(store, m.version)
     rows = [{"user_id": "u1", "item_id": i, "device": "ios"} for i in items]
@@ -176,3 +179,17 @@ def test_a_publish_killed_midway_leaves_only_an_ignored_temp_dir(tmp_path: Path)
     os.utime(crashed, (0, 0))  # older than an hour: removed by the next prune
     store.publish(_write("y"))
     assert not crashed.exists() and store.versions() == [1, 2]
+
+
+def test_serving_skips_the_optimiser_files_a_resuming_trainer_needs(tmp_path: Path) -> None:
+    ranker, tt = _models()
+    store = DirectoryStore(tmp_path)
+    m = publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)
+    full = load_snapshot(store, m.version, optimizer=True)
+    sd, want = full.ranker.optimizer.state_dict(), ranker.optimizer.state_dict()
+    assert sd["state"] and sd["state"].keys() == want["state"].keys()
+    (m.path / "ranker_optim.pt").write_bytes(b"garbage")  # not read by serving
+    assert load_snapshot(store, m.version).ranker.n_updates == ranker.n_updates
+    with pytest.raises(StoreError) as exc:
+        load_snapshot(store, m.version, optimizer=True)
+    assert exc.value.reason == "checksum"
