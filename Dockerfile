@@ -22,8 +22,8 @@ RUN groupadd --system --gid 10001 streamrec \
     && useradd --system --uid 10001 --gid streamrec --home-dir /app \
        --shell /usr/sbin/nologin streamrec \
     && python -m venv /opt/venv \
-    && mkdir -p /app /data/worker /data/out \
-    && chown -R streamrec:streamrec /app /data
+    && mkdir -p /app /data/worker /data/out /models \
+    && chown -R streamrec:streamrec /app /data /models
 
 WORKDIR /app
 
@@ -43,6 +43,7 @@ COPY stream ./stream
 COPY learners ./learners
 COPY index ./index
 COPY monitoring ./monitoring
+COPY modelstore ./modelstore
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
 USER streamrec

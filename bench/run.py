@@ -44,6 +44,7 @@ NAMES = (
     "calibration",
     "joiner",
     "replay",
+    "topology",
 )
 
 

@@ -558,6 +558,19 @@ class TorchRanker:
         (pretrain) checkpoint at ``base_lr * online_lr_scale``.
         """
         state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_state(state, device=device, online=online, source=str(path))
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        device: str | None = None,
+        online: bool | None = None,
+        source: str = "state",
+    ) -> TorchRanker:
+        """A ranker from :meth:`state` (see :meth:`load`). Without the ``optimizer`` key
+        (a serving snapshot, :mod:`modelstore.snapshot`) the optimiser moments start
+        afresh."""
         config = RankerConfig.from_dict(state["config"])
         if device is not None:
             config = dataclasses.replace(config, device=device)
@@ -565,13 +578,15 @@ class TorchRanker:
             online = bool(state.get("online", True))
         ranker = cls(config, seed=int(state["seed"]), online=online)
         ranker.model.load_state_dict(state["model"])
-        sparse_state = state.get("sparse_optimizer")
-        if (sparse_state is None) == (ranker.sparse_optimizer is None):
+        sparse_state: Any = state.get("sparse_optimizer")
+        if "optimizer" not in state:
+            pass  # weights only: the moments start afresh
+        elif (sparse_state is None) == (ranker.sparse_optimizer is None):
             ranker.optimizer.load_state_dict(state["optimizer"])
             if ranker.sparse_optimizer is not None:
                 ranker.sparse_optimizer.load_state_dict(sparse_state)
         else:  # written with the other optimizer layout: the moments start afresh
-            log.warning("%s: optimizer state from another layout, not loaded", path)
+            log.warning("%s: optimizer state from another layout, not loaded", source)
         for opt in ranker.optimizers:  # the saved lr may be the offline one
             for group in opt.param_groups:
                 group["lr"] = ranker.lr

@@ -605,13 +605,20 @@ class TwoTowerModel:
         """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``),
         optionally onto another ``device``. ``hard_negatives`` is not restored."""
         state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_state(state, device=device)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], device: str | None = None) -> TwoTowerModel:
+        """A model from :meth:`state` (see :meth:`load`). Without the ``optimizer`` keys (a
+        serving snapshot, :mod:`modelstore.snapshot`) the optimiser moments start afresh."""
         config = TwoTowerConfig.from_dict(state["config"])
         if device is not None:
             config = dataclasses.replace(config, device=device)
         model = cls(config, seed=int(state["seed"]))
         model.model.load_state_dict(state["model"])
-        model.optimizer.load_state_dict(state["optimizer"])
-        model.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
+        if "optimizer" in state:
+            model.optimizer.load_state_dict(state["optimizer"])
+            model.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         model.user_encoder.load_state_dict(state["user_encoder"])
         model.item_encoder.load_state_dict(state["item_encoder"])
         model.popularity.table = state["popularity"].numpy().astype(np.float64)

@@ -255,6 +255,32 @@ class StreamrecMetrics:
             "Requests to /recommend or /score answered with an error, by HTTP status.",
             ("endpoint", "status"),
         )
+        # The model store (modelstore/): what a trainer published, what a replica serves.
+        self.store_version = gauge(
+            "store_version",
+            "Model-store version this worker published last (trainer) or serves (serve).",
+        )
+        self.store_bytes = gauge("store_bytes", "Bytes of the newest published store version.")
+        self.store_failures = counter(
+            "store_failures",
+            "Model-store versions or announcements rejected (old version kept serving), or"
+            " failed publishes, by reason.",
+            ("reason",),
+        )
+        self.store_loads = counter("store_loads", "Model-store versions loaded and swapped in.")
+        self.store_publish_seconds = Histogram(
+            "streamrec_store_publish_seconds",
+            "Wall time to write one model-store version (models, index, manifest), seconds.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.store_propagation_seconds = Histogram(
+            "streamrec_store_propagation_seconds",
+            "Wall time from a version's manifest being written to this replica serving it,"
+            " seconds.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
 
     def publish_snapshot(
         self, snapshot: CalibrationSnapshot, *, window: str, segment: str = "all"

@@ -30,6 +30,10 @@ import faust
 import numpy as np
 from faust.types import TP
 
+from index.faiss_index import IndexHolder, IndexSnapshot
+from learners.calibration import Calibrator
+from modelstore.snapshot import LoadedModels, ModelReplica
+from modelstore.store import DirectoryStore
 from monitoring.metrics import StreamrecMetrics
 from stream.broker import create_topics
 from stream.control import parse_control
@@ -54,6 +58,7 @@ from stream.services import (
     MonitorService,
     SeenKeys,
     TrainerService,
+    _FncThen,
     control_bytes,
 )
 from stream.serving import Recommender, ServingError, ServingGate
@@ -73,8 +78,11 @@ def changelog_topic(settings: Settings) -> str:
 def group_id(settings: Settings) -> str:
     """The Faust app id, which is the consumer group: ``app_id``, or ``<app_id>-trainer``
     for a ``role="trainer"`` worker (its own group: it reads ``labeled`` and ``scored``
-    only, so no input backlog sits in its fetches)."""
-    return f"{settings.app_id}-trainer" if settings.role == "trainer" else settings.app_id
+    only, so no input backlog sits in its fetches); ``<app_id>-serve`` for a ``serve``
+    worker (it consumes no topic in a group: ``control`` is read outside any group)."""
+    if settings.role in ("trainer", "serve"):
+        return f"{settings.app_id}-{settings.role}"
+    return settings.app_id
 
 
 def topic_plan(settings: Settings) -> dict[str, int]:
@@ -187,13 +195,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     metrics = metrics or StreamrecMetrics()
     joins = settings.role in ("all", "joiner")
     trains = settings.role in ("all", "trainer")
+    serves = settings.role == "serve"
     app = faust.App(
         group_id(settings),
         broker=settings.faust_broker,
         store=f"{settings.table_store}://",
         datadir=settings.data_dir,
         # /recommend and /score (stream.serving) on the Faust web server; off when no port
-        web_enabled=trains and settings.web_port > 0,
+        web_enabled=(trains or serves) and settings.web_port > 0,
         web_bind=settings.web_host,
         web_port=settings.web_port or 6066,
         topic_disable_leader=True,
@@ -400,10 +409,18 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 ack_trained(len(batch.impression_ids))
             if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
                 await refresh_index()
-            path = rt.trainer.maybe_checkpoint()
-            if path is not None:
-                msg = rt.trainer.announcement(path)
-                await control.send(key=b"model", value=control_bytes(msg))
+            rt.trainer.maybe_checkpoint()
+            index = rt.indexer.holder.current
+            if rt.trainer.publish_due(index):
+                # on the training thread (models still: the lock is held), off the loop
+                if train_thread is None:
+                    manifest = rt.trainer.publish(index)
+                else:
+                    loop = asyncio.get_running_loop()
+                    manifest = await loop.run_in_executor(train_thread, rt.trainer.publish, index)
+                if manifest is not None:
+                    msg = rt.trainer.store_announcement(manifest)
+                    await control.send(key=b"model", value=control_bytes(msg))
 
     def drop_buffer() -> int:
         dropped = rt.trainer.drop_buffer()
@@ -550,6 +567,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         if isinstance(msg, dict):
             rt.trainer.apply_control(msg)
             rt.monitor.apply_control(msg)
+            if replica is not None and msg.get("kind") == "model":
+                before = replica.n_failures
+                if replica.announce(msg) is not None:
+                    refresh_soon.set()
+                _count_store_failures(before)
 
     async def refresh_index() -> None:
         msg = rt.indexer.refresh(rt.trainer.ranker, rt.trainer.catalogue, rt.trainer.two_tower)
@@ -568,14 +590,115 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         app.agent(scored, name="monitor")(monitor)
         app.timer(interval=settings.indexer.refresh_s)(indexer)
 
-    recommender = Recommender(
-        rt.indexer.holder,
-        ranker=lambda: rt.trainer.ranker,
-        calibrator=lambda: (rt.trainer.serving_calibrator(), rt.trainer.calibrator_version),
-        # the index holds two-tower item vectors when the two-tower model is on
-        user_vectors=None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors,
-        config=settings.serving,
-    )
+    # -- a "serve" worker: the newest model-store version, swapped as new ones appear
+    replica: ModelReplica | None = None
+    refresh_soon = asyncio.Event()
+    if serves:
+        replica = ModelReplica(
+            DirectoryStore(settings.model_store, keep=settings.store.keep),
+            device=settings.ranker.device,
+        )
+    app.replica = replica  # type: ignore[attr-defined]
+    reported_failures: dict[str, int] = {}
+
+    def _count_store_failures(before: int) -> None:
+        assert replica is not None
+        if replica.n_failures == before:
+            return
+        failures = dict(replica.failures)  # a copy: a load thread may add to it
+        for reason, n in failures.items():
+            new = n - reported_failures.get(reason, 0)
+            if new > 0:
+                rt.metrics.store_failures.labels(reason=reason).inc(new)
+                reported_failures[reason] = n
+
+    async def store_refresher() -> None:
+        """Load newer versions: at start (catch-up from the store, not from ``control``
+        history), on each announcement, and every ``store.poll_s`` seconds."""
+        assert replica is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            before = replica.n_failures
+            try:
+                loaded = await loop.run_in_executor(None, replica.refresh)
+            except Exception:  # e.g. the store's directory unreadable: keep serving
+                log.exception("model store refresh failed; serving version %d", replica.version)
+                loaded = None
+            _count_store_failures(before)
+            if loaded is not None:
+                m = rt.metrics
+                m.store_loads.inc()
+                m.store_version.set(loaded.version)
+                m.store_propagation_seconds.observe(replica.propagation_s[-1])
+                m.model_version.set(loaded.ranker.n_updates)
+                if loaded.index is not None:
+                    m.index_version.set(loaded.index.version)
+                    m.index_items.set(len(loaded.index))
+            try:
+                await asyncio.wait_for(refresh_soon.wait(), timeout=settings.store.poll_s)
+            except TimeoutError:
+                pass
+            refresh_soon.clear()
+
+    async def control_drain(stream: faust.StreamT[bytes]) -> None:
+        """A serve worker's only subscription (Faust needs one): ``control`` in the group
+        ``<app_id>-serve``, ignored here; the listener task reads it outside any group."""
+        async for _ in stream:
+            pass
+
+    if serves:
+        app.task(store_refresher)
+        app.agent(control, name="serve-control")(control_drain)
+
+    if replica is not None:
+        serving_replica = replica
+
+        class _ReplicaIndex(IndexHolder):
+            """The replica's index as an :class:`IndexHolder` for the recommender."""
+
+            @property
+            def current(self) -> IndexSnapshot | None:
+                cur = serving_replica.current
+                return None if cur is None else cur.index
+
+        def _replica_models() -> LoadedModels:
+            cur = serving_replica.current
+            if cur is None:
+                raise ServingError(503, "no model yet: the model store has no usable version")
+            return cur
+
+        def _replica_calibrator() -> tuple[Calibrator, int]:
+            # the newest of the snapshot's calibrator and one announced on control since
+            cur = _replica_models()
+            cal, version = cur.calibrator, cur.calibrator_version
+            if rt.trainer.calibrator_version > version:
+                cal, version = rt.trainer.calibrator, rt.trainer.calibrator_version
+            return (_FncThen(cal) if settings.trainer.fnc else cal), version  # type: ignore[return-value]
+
+        def _replica_user_vectors(ids: list[str]) -> np.ndarray:
+            cur = _replica_models()
+            if cur.two_tower is None:
+                return cur.ranker.user_vectors(ids)
+            return cur.two_tower.user_vectors(ids)
+
+        recommender = Recommender(
+            _ReplicaIndex(),
+            ranker=lambda: _replica_models().ranker,
+            calibrator=_replica_calibrator,
+            user_vectors=_replica_user_vectors,
+            config=settings.serving,
+        )
+    else:
+        recommender = Recommender(
+            rt.indexer.holder,
+            ranker=lambda: rt.trainer.ranker,
+            calibrator=lambda: (rt.trainer.serving_calibrator(), rt.trainer.calibrator_version),
+            # the index holds two-tower item vectors when the two-tower model is on
+            user_vectors=(
+                None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors
+            ),
+            config=settings.serving,
+        )
     app.recommender = recommender  # type: ignore[attr-defined]
     gate = ServingGate(settings.serving.threads, settings.serving.max_inflight)
     app.serving_gate = gate  # type: ignore[attr-defined]
@@ -630,6 +753,46 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             items: Any = body.get("item_ids")  # validated by Recommender.score
             return await answer(self, "score", recommender.score,
                                 body.get("user_id", ""), items, body.get("context"))  # fmt: skip
+
+    @app.page("/version")
+    class VersionView(faust.web.View):
+        """``GET /version``: the model versions this worker answers from."""
+
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            return self.json(served_versions())
+
+    @app.page("/health")
+    class HealthView(faust.web.View):
+        """``GET /health``: 200 once this worker has a model to answer from, else 503."""
+
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            v = served_versions()
+            ok = v["store_version"] > 0 if replica is not None else v["index_version"] > 0
+            return self.json({"ok": ok, **v}, status=200 if ok else 503)
+
+    def served_versions() -> dict[str, Any]:
+        if replica is not None:
+            cur = replica.current
+            return {
+                "role": settings.role,
+                "store_version": replica.version,
+                "model_version": None if cur is None else cur.ranker.n_updates,
+                "index_version": (0 if cur is None or cur.index is None else cur.index.version),
+                "calibrator_version": None if cur is None else cur.calibrator_version,
+                "digest": None if cur is None else cur.manifest.digest,
+                "loaded_at": None if cur is None else cur.loaded_at,
+                "load_failures": dict(replica.failures),
+                "last_error": replica.last_error,
+            }
+        published = rt.trainer.published
+        return {
+            "role": settings.role,
+            "store_version": 0 if published is None else published.version,
+            "model_version": rt.trainer.model_version,
+            "index_version": rt.indexer.version,
+            "calibrator_version": rt.trainer.calibrator_version,
+            "digest": None if published is None else published.digest,
+        }
 
     async def dead_letter(event: Any, exc: InvalidEvent) -> None:
         """Send ``event``'s dead letter (a bounded prefix, size and hash of its value);

@@ -115,13 +115,22 @@ def demo(
     type=click.Choice(ROLES),
     help="all: every agent [default]; joiner: impressions+clicks -> labeled; trainer: "
     "labeled -> trainer, monitor, index, /recommend (its own consumer group; run joiner "
-    "workers beside it, not 'all' ones).",
+    "workers beside it, not 'all' ones); serve: no training, /recommend, /score and "
+    "/version from the newest model-store version (needs --model-store).",
+)
+@click.option(
+    "--model-store",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Model store directory (env STREAMREC_MODEL_STORE): trainer/all publish "
+    "snapshots to it, serve loads them.",
 )
 @click.pass_context
 def worker(
     ctx: click.Context, broker: str | None, config: str | None, metrics_port: int | None,
     metrics_host: str | None, data_dir: str | None, warm_start: str | None,
     checkpoint_dir: str | None, web_port: int | None, web_host: str | None, role: str | None,
+    model_store: str | None,
 ) -> None:  # fmt: skip
     """Run a worker: joiner, trainer, calibration monitor, indexer (or one side: --role)."""
     import dataclasses
@@ -131,6 +140,7 @@ def worker(
     settings = load_settings(
         config, broker=broker, metrics_port=metrics_port, metrics_host=metrics_host,
         data_dir=data_dir, web_port=web_port, web_host=web_host, role=role,
+        model_store=model_store,
     )  # fmt: skip
     trainer = settings.trainer
     if warm_start:
@@ -452,11 +462,29 @@ def stack() -> None:
 @click.option("--prometheus-port", default=9090, show_default=True, help="0 picks a free port.")
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait per process.")
+@click.option(
+    "--joiners",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Role topology: N joiner workers, one trainer and --serve replicas sharing the "
+    "model store RUN_DIR/models (instead of --workers 'all' workers).",
+)
+@click.option("--serve", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Serve replicas (no training) of the role topology.")  # fmt: skip
+@click.option(
+    "--web-base-port",
+    default=6066,
+    show_default=True,
+    help="The trainer's and the serve replicas' /recommend on this port + i; 0: free ports.",
+)
 def stack_up(
     workers: int, run_dir: str, broker_port: int, metrics_base_port: int,
     prometheus: bool | None, prometheus_port: int, config: str | None, timeout: float,
+    joiners: int, serve: int, web_base_port: int,
 ) -> None:  # fmt: skip
-    """Start the broker, the topics, N workers and Prometheus as detached processes."""
+    """Start the broker, the topics, N workers (or joiners, a trainer and serve replicas)
+    and Prometheus as detached processes."""
     from stream.broker import BrokerNotFound, BrokerStartError
     from stream.stack import StackConfig, StackError, up
 
@@ -464,6 +492,7 @@ def stack_up(
         run_dir=Path(run_dir), workers=workers, broker_port=broker_port,
         metrics_base_port=metrics_base_port, prometheus=prometheus,
         prometheus_port=prometheus_port, config=config, timeout_s=timeout,
+        joiners=joiners, serve=serve, web_base_port=web_base_port,
     )  # fmt: skip
     try:
         up(cfg, echo=click.echo)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping
@@ -17,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from index.faiss_index import IndexHolder, build_snapshot
+from index.faiss_index import IndexHolder, IndexSnapshot, build_snapshot
 from index.hard_negatives import HardNegativePool
 from learners.calibration import (
     Calibrator,
@@ -29,6 +30,8 @@ from learners.delayed_feedback import fnc_correct
 from learners.ranker import TorchRanker
 from learners.two_tower import TwoTowerModel
 from learners.weighting import time_decay_weights
+from modelstore.snapshot import publish_snapshot
+from modelstore.store import DirectoryStore, Manifest, StoreError
 from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
@@ -583,6 +586,17 @@ class TrainerService:
         self.n_examples = 0
         self.n_corrections = 0
         self._last_checkpoint = time.monotonic()
+        #: the model store this worker publishes to (trainer/all roles with a store)
+        self.store: DirectoryStore | None = (
+            DirectoryStore(settings.model_store, keep=settings.store.keep)
+            if settings.model_store and settings.role in ("trainer", "all")
+            else None
+        )
+        self.published: Manifest | None = None
+        self._published_key: tuple[object, ...] = ()
+        self._last_publish = time.monotonic()
+        if self.store is not None:  # a restart continues from the store, not the warm start
+            self._resume_from_store(self.store)
         metrics.model_version.set(0)
         metrics.calibrator_version.set(0)
 
@@ -710,30 +724,12 @@ class TrainerService:
         )
 
     def apply_control(self, msg: dict[str, object]) -> None:
-        """Apply a ``control`` message: a calibrator from the monitor, or a model checkpoint
-        announced by the worker that trains (a serving-only worker, which owns no
-        ``labeled`` partition, loads it; the trainer itself ignores its own versions)."""
+        """Apply a ``control`` message: a calibrator from the monitor. A ``model``
+        announcement is not loaded here: a ``serve`` worker loads it from the model store
+        (:class:`modelstore.snapshot.ModelReplica`, path confined to the store and checked
+        against the manifest's digest); nothing loads a file a record points at."""
         if msg.get("kind") == "model":
-            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
-            path = Path(str(msg.get("path", "")))
-            if version <= self.model_version or self.n_examples > 0:
-                return  # not newer, or this worker is the one training
-            if not path.is_file():
-                log.warning(
-                    "model v%d announced at %s: no such file here (the checkpoint directory"
-                    " must be shared between workers)", version, path,
-                )  # fmt: skip
-                return
-            try:
-                ranker = TorchRanker.load(path, device=self.settings.ranker.device, online=True)
-            except Exception:
-                log.exception("model v%d at %s could not be loaded; keeping v%d", version,
-                              path, self.model_version)  # fmt: skip
-                return
-            self.ranker = ranker
-            self.model_version = version
-            self.metrics.model_version.set(version)
-            log.info("model v%d loaded from %s", version, path)
+            return
         elif msg.get("kind") == "calibrator":
             version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
             if version > self.calibrator_version:
@@ -754,11 +750,92 @@ class TrainerService:
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"ranker-v{self.model_version:08d}.pt"
         self.ranker.save(path)
-        tmp = d / ".latest.tmp"
-        tmp.write_text(path.name)
+        # a unique temp name (O_EXCL): a planted symlink is never followed
+        fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
+        with os.fdopen(fd, "w") as f:
+            f.write(path.name)
         os.replace(tmp, d / "LATEST")
-        self.checkpoints.append(path)
+        if path not in self.checkpoints:
+            self.checkpoints.append(path)
+        # retention by count: the newest ``keep_checkpoints`` files of this naming stay
+        keep = cfg.keep_checkpoints
+        old = sorted(p for p in d.glob("ranker-v*.pt") if p.is_file() and not p.is_symlink())
+        for stale in old[:-keep] if len(old) > keep else []:
+            stale.unlink(missing_ok=True)
+        self.checkpoints = [p for p in self.checkpoints if p.exists()]
         return path
+
+    def _resume_from_store(self, store: DirectoryStore) -> None:
+        """A restarted trainer continues from the newest good version of its store (ranker,
+        two-tower, calibrator), ahead of ``trainer.warm_start`` (which only seeds an empty
+        store); a version that fails its checksums is skipped."""
+        from modelstore.snapshot import load_snapshot
+
+        for version in reversed(store.versions()):
+            try:
+                loaded = load_snapshot(
+                    store, version, device=self.settings.ranker.device, optimizer=True
+                )
+            except StoreError as exc:
+                log.warning("model store: cannot resume from version %d: %s", version, exc)
+                continue
+            self.ranker = loaded.ranker
+            if self.two_tower is not None and loaded.two_tower is not None:
+                self.two_tower = loaded.two_tower
+            self.calibrator, self.calibrator_version = loaded.calibrator, loaded.calibrator_version
+            self.model_version = self.ranker.n_updates
+            self.metrics.model_version.set(self.model_version)
+            self.metrics.calibrator_version.set(self.calibrator_version)
+            log.info("resumed from model store version %d (model %d)", version,
+                     self.model_version)  # fmt: skip
+            return
+
+    def _published_state(self, index: IndexSnapshot | None) -> tuple[object, ...]:
+        tt = self.two_tower
+        return (self.ranker.n_updates, None if tt is None else tt.n_updates,
+                None if index is None else index.version, self.calibrator_version)  # fmt: skip
+
+    def publish_due(self, index: IndexSnapshot | None = None, force: bool = False) -> bool:
+        """True when a snapshot should go to the model store now: ``store.publish_every_s``
+        passed (or ``force``) and a model, ``index`` or the calibrator changed since the
+        last one (an idle trainer writes nothing)."""
+        if self.store is None or self.n_examples == 0:
+            return False
+        if self.published is not None and self._published_key == self._published_state(index):
+            return False
+        every = self.settings.store.publish_every_s
+        return force or time.monotonic() - self._last_publish >= every
+
+    def publish(self, index: IndexSnapshot | None) -> Manifest | None:
+        """Publish ranker, two-tower, ``index``, calibrator to the model store (blocking:
+        run it where no training step can run meanwhile). None without a store or when the
+        write failed (logged and counted; the next one is tried on schedule)."""
+        if self.store is None:
+            return None
+        self._last_publish = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            m = publish_snapshot(self.store, self.ranker, self.two_tower, index,
+                                 self.calibrator, self.calibrator_version)  # fmt: skip
+        except (OSError, ValueError) as exc:
+            log.error("model store: publishing failed: %s", exc)
+            self.metrics.store_failures.labels(reason="publish").inc()
+            return None
+        self.published = m
+        self._published_key = self._published_state(index)
+        mt = self.metrics
+        mt.store_publish_seconds.observe(time.perf_counter() - t0)
+        mt.store_version.set(m.version)
+        mt.store_bytes.set(m.total_bytes)
+        return m
+
+    def store_announcement(self, m: Manifest) -> dict[str, object]:
+        """The ``control`` record of a published version: store version, its directory,
+        the manifest's SHA-256 (replicas accept nothing else) and the model versions."""
+        return {"kind": "model", "version": m.version, "path": str(m.path.resolve()),
+                "digest": m.digest, "model_version": m.meta.get("model_version"),
+                "index_version": m.meta.get("index_version"),
+                "created_at": m.created_at}  # fmt: skip
 
     def serving_calibrator(self) -> Calibrator:
         """What /recommend applies to the ranker's scores: the calibrator, after the FNC
@@ -766,10 +843,6 @@ class TrainerService:
         if not self.settings.trainer.fnc:
             return self.calibrator
         return _FncThen(self.calibrator)  # type: ignore[return-value]  # transform only
-
-    def announcement(self, path: Path) -> dict[str, object]:
-        """The ``control`` message that tells serving workers about a checkpoint."""
-        return {"kind": "model", "version": self.model_version, "path": str(path.resolve())}
 
 
 class MonitorService:

@@ -27,6 +27,7 @@ from learners.delayed_feedback import check_loss_for_scheme
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from learners.two_tower import TwoTowerConfig
+from modelstore.store import StoreConfig
 from monitoring.drift import DriftConfig
 from stream.join import JoinConfig
 from stream.serving import ServingConfig
@@ -63,6 +64,8 @@ class TrainerConfig:
     #: loop keeps joining, acking and serving meanwhile; torch releases the GIL in its
     #: kernels). False: on the loop, which then stalls for the whole step
     offload: bool = True
+    #: checkpoints kept in ``checkpoint_dir`` (the oldest are deleted after each write)
+    keep_checkpoints: int = 5
 
     def __post_init__(self) -> None:
         h = self.time_decay_half_life_s
@@ -74,6 +77,8 @@ class TrainerConfig:
             raise ValueError("trainer.batch_size must be >= 1")
         if self.flush_s <= 0:
             raise ValueError("trainer.flush_s must be > 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError("trainer.keep_checkpoints must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ class IndexerConfig:
     pool_per_user: int = 20
 
 
-ROLES = ("all", "joiner", "trainer")
+ROLES = ("all", "joiner", "trainer", "serve")
 
 #: A worker gives a new feature name from the stream an encoder slot only once this many
 #: training rows carried it (``EncoderConfig.admit_after``; the library default admits at
@@ -170,6 +175,11 @@ class Settings:
     #: (``<app_id>-trainer``), so a backlog of inputs never delays the labels it trains
     #: on; run "joiner" workers with it, never "all" ones (they would train too).
     role: str = "all"
+    #: the model store (a shared directory): a "trainer"/"all" worker publishes versioned
+    #: snapshots to it every ``store.publish_every_s``; a "serve" worker (no training:
+    #: /recommend, /score, /version) loads the newest one and swaps on each announcement
+    #: or poll. "" = no store (a "serve" worker needs one)
+    model_store: str = ""
     rebalance_timeout_s: float = 3.0
     session_timeout_s: float = 6.0
     replay_watermark_every: int = 2000
@@ -219,6 +229,7 @@ class Settings:
     #: ranker's own user and item embeddings)
     retrieval: str = "two_tower"
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -240,6 +251,8 @@ class Settings:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not self.max_future_skew_s >= 0:  # NaN fails too
             raise ValueError("max_future_skew_s must be >= 0 (inf: no check)")
+        if self.role == "serve" and not self.model_store:
+            raise ValueError("role 'serve' needs a model store (model_store / --model-store)")
 
     @property
     def bootstrap(self) -> str:
@@ -263,6 +276,7 @@ _SECTIONS: dict[str, type] = {
     "indexer": IndexerConfig,
     "serving": ServingConfig,
     "two_tower": TwoTowerConfig,
+    "store": StoreConfig,
 }
 _TOP = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
 
@@ -287,6 +301,9 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
         values["encoder"] = {"admit_after": WORKER_ADMIT_AFTER, **values.get("encoder", {})}
     if cls is RankerConfig and "encoder" in values:
         values["encoder"] = _section(EncoderConfig, values["encoder"], f"{name}.encoder")
+    for key in ("user_encoder", "item_encoder"):  # [two_tower.user_encoder] etc.
+        if cls is TwoTowerConfig and key in values:
+            values[key] = _section(EncoderConfig, values[key], f"{name}.{key}")
     for key in ("hidden", "categorical_keys"):  # TOML arrays -> the configs' tuples
         if key in values:
             values[key] = tuple(values[key])

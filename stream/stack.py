@@ -51,6 +51,20 @@ class StackConfig:
     prometheus_port: int = 9090
     config: str | None = None
     timeout_s: float = 90.0
+    #: the role topology: ``joiners`` > 0 or ``serve`` > 0 starts that many ``joiner``
+    #: workers, one ``trainer`` and ``serve`` replicas sharing the model store
+    #: ``run_dir/models`` (``workers`` is then ignored); both 0: ``workers`` "all" workers
+    joiners: int = 0
+    serve: int = 0
+    #: first port of the web servers (/recommend, /score, /version) of the trainer and
+    #: the serve replicas, consecutive (0: free ports)
+    web_base_port: int = 6066
+
+    def roles(self) -> list[str]:
+        """The role of each worker process, in start order."""
+        if self.joiners or self.serve:
+            return ["joiner"] * self.joiners + ["trainer"] + ["serve"] * self.serve
+        return ["all"] * self.workers
 
 
 # ----------------------------------------------------------------------------- processes
@@ -218,6 +232,10 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """
     if cfg.workers < 1:
         raise StackError("--workers must be >= 1")
+    if cfg.joiners < 0 or cfg.serve < 0:
+        raise StackError("--joiners and --serve must be >= 0")
+    roles = cfg.roles()
+    n_workers = len(roles)
     run = Path(cfg.run_dir).resolve()
     old = read_state(run)
     if old is not None:
@@ -238,15 +256,28 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     broker_port = cfg.broker_port or free_port(HOST)
     _check_port_free(broker_port, "broker")
     if cfg.metrics_base_port:
-        metrics_ports = [cfg.metrics_base_port + i for i in range(cfg.workers)]
+        metrics_ports = [cfg.metrics_base_port + i for i in range(n_workers)]
     else:
         metrics_ports = []
-        while len(metrics_ports) < cfg.workers:
+        while len(metrics_ports) < n_workers:
             p = free_port(HOST)
             if p not in metrics_ports and p != broker_port:
                 metrics_ports.append(p)
     for i, p in enumerate(metrics_ports):
         _check_port_free(p, f"worker-{i} /metrics")
+    # fixed web ports for the trainer and the serve replicas (an "all" worker picks a
+    # free one and prints it, as before; joiners have none)
+    n_web = sum(r in ("trainer", "serve") for r in roles)
+    if cfg.web_base_port:
+        web_ports = [cfg.web_base_port + i for i in range(n_web)]
+    else:
+        web_ports = []
+        while len(web_ports) < n_web:
+            p = free_port(HOST)
+            if p not in web_ports and p not in metrics_ports and p != broker_port:
+                web_ports.append(p)
+    for p in web_ports:
+        _check_port_free(p, "web (/recommend)")
     prom_port = 0
     if prom_bin:
         prom_port = cfg.prometheus_port or free_port(HOST)
@@ -280,12 +311,24 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
         # the embedded broker's ListOffsets trips Faust's RocksDB check (see Settings)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "STREAMREC_RECOVERY_CONSISTENCY_CHECK": "0"}
         procs: list[tuple[subprocess.Popen[bytes], int, Path, str]] = []
-        for i, port in enumerate(metrics_ports):
-            name = f"worker-{i}"
+        web_iter = iter(web_ports)
+        store = run / "models"  # the shared model store of the role topology
+        counts: dict[str, int] = {}
+        for i, (port, role) in enumerate(zip(metrics_ports, roles, strict=True)):
+            if role == "all":
+                name = f"worker-{i}"
+            else:
+                name = f"{role}-{counts.get(role, 0)}"
+                counts[role] = counts.get(role, 0) + 1
             log = run / f"{name}.log"
             cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker.url,
                    "--metrics-port", str(port), "--metrics-host", HOST,
                    "--data-dir", str(run / name)]  # fmt: skip
+            web_port = next(web_iter) if role in ("trainer", "serve") else None
+            if web_port is not None:
+                cmd += ["--web-port", str(web_port), "--web-host", HOST]
+            if role != "all":
+                cmd += ["--role", role, "--model-store", str(store)]
             if cfg.config:
                 cmd += ["--config", str(Path(cfg.config).resolve())]
             with open(log, "ab") as out:
@@ -294,13 +337,18 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
                     env=env, start_new_session=True,
                 )  # fmt: skip
             url = f"http://{HOST}:{port}/metrics"
-            state["workers"].append({"name": name, "metrics_port": port, "metrics_url": url})
+            web = None if web_port is None else f"http://{HOST}:{web_port}"
+            state["workers"].append({"name": name, "role": role, "metrics_port": port,
+                                     "metrics_url": url, "web_url": web})  # fmt: skip
             _record(state, run, "worker", name, proc.pid, log, metrics_port=port)
             procs.append((proc, port, log, name))
+        webs = {w["name"]: w["web_url"] for w in state["workers"]}
         for proc, port, log, name in procs:
             url = f"http://{HOST}:{port}/metrics"
             _wait(functools.partial(_http_ok, url), proc, name, log, cfg.timeout_s)
             echo(f"{name} /metrics on {url} (pid {proc.pid}, log {log})")
+            if webs.get(name):
+                echo(f"{name} {webs[name]}/recommend?user_id=u1&k=10 and /version")
 
         # -- prometheus
         if prom_bin:
@@ -412,7 +460,8 @@ def describe(state: dict[str, Any]) -> list[str]:
     if state.get("broker"):
         lines.append(f"broker      {state['broker']['url']}")
     for w in state.get("workers", []):
-        lines.append(f"{w['name']:<11} {w['metrics_url']}")
+        web = f"  {w['web_url']}/recommend?user_id=u1&k=10" if w.get("web_url") else ""
+        lines.append(f"{w['name']:<11} {w['metrics_url']}{web}")
     if state.get("prometheus"):
         lines.append(f"prometheus  {state['prometheus']['url']}")
     return lines

@@ -60,8 +60,16 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     async def _checkpoint(sender: object, **kwargs: object) -> None:
         async with app.train_lock:  # type: ignore[attr-defined]  # not mid-step
             path = rt.trainer.maybe_checkpoint(force=True)
+            # the newest models to the store: a restarted trainer resumes from them
+            manifest = (
+                rt.trainer.publish(rt.indexer.holder.current)
+                if rt.trainer.publish_due(rt.indexer.holder.current, force=True)
+                else None
+            )
         if path:
             log.info("final checkpoint %s", path)
+        if manifest is not None:
+            log.info("final model-store version %d", manifest.version)
 
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     clean = False

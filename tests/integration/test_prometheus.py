@@ -123,10 +123,12 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     job = config["scrape_configs"][0]
     assert job["job_name"] == "streamrec"
-    assert job["dns_sd_configs"][0]["names"] == ["worker"]  # compose service, any replica
+    # the compose services of every role, any replica (the GPU trainer included)
+    assert job["dns_sd_configs"][0]["names"] == ["joiner", "trainer", "trainer-gpu", "serve"]
     assert job["dns_sd_configs"][0]["port"] == 9464
+    assert job["relabel_configs"][0]["target_label"] == "role"
     # here: the same job and rules, pointed at a local endpoint, 1 s intervals
-    del job["dns_sd_configs"]
+    del job["dns_sd_configs"], job["relabel_configs"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
     job["scrape_interval"] = "1s"
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")

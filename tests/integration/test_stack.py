@@ -152,3 +152,83 @@ def test_stack_down_without_a_stack_is_a_clear_error(tmp_path: Path) -> None:
     res = cli("stack", "down", "--run-dir", str(tmp_path), timeout=60)
     assert res.returncode != 0
     assert "no stack recorded" in res.stderr
+
+
+def test_stack_roles_order_joiners_one_trainer_then_replicas() -> None:
+    from stream.stack import StackConfig
+
+    assert StackConfig(joiners=2, serve=2).roles() == [
+        "joiner", "joiner", "trainer", "serve", "serve"]  # fmt: skip
+    assert StackConfig(workers=2).roles() == ["all", "all"]
+    assert StackConfig(serve=1).roles() == ["trainer", "serve"]
+
+
+STORE_CONFIG = """
+[ranker.encoder]
+num_buckets = 4096
+[two_tower.user_encoder]
+num_buckets = 4096
+max_cat_fields = 8
+max_num_fields = 0
+[two_tower.item_encoder]
+num_buckets = 4096
+max_cat_fields = 8
+max_num_fields = 4
+[indexer]
+refresh_s = 1.0
+[store]
+publish_every_s = 1.0
+poll_s = 0.5
+"""
+
+
+def test_stack_up_joiners_trainer_and_serve_replicas(tmp_path: Path) -> None:
+    run = tmp_path / "stack"
+    cfg = tmp_path / "streamrec.toml"
+    cfg.write_text(STORE_CONFIG)
+    up = cli("stack", "up", "--joiners", "1", "--serve", "1", "--run-dir", str(run),
+             "--broker-port", "0", "--metrics-base-port", "0", "--web-base-port", "0",
+             "--no-prometheus", "--config", str(cfg), "--timeout", "60")  # fmt: skip
+    state_file = run / "stack.json"
+    procs: list[dict[str, Any]] = []
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads(state_file.read_text())
+        procs = state["processes"]
+        workers = {w["name"]: w for w in state["workers"]}
+        assert [(n, w["role"]) for n, w in workers.items()] == [
+            ("joiner-0", "joiner"), ("trainer-0", "trainer"), ("serve-0", "serve")]  # fmt: skip
+        assert workers["joiner-0"]["web_url"] is None
+        serve = workers["serve-0"]["web_url"]
+        assert f"{serve}/recommend" in up.stdout
+        log = tmp_path / "log.csv.gz"
+        gen = cli("generate", str(log), "--impressions", str(N_IMPRESSIONS), "--seed", "3",
+                  "--drift-at", "-1")  # fmt: skip
+        assert gen.returncode == 0, gen.stderr
+        rep = cli("replay", str(log), "--broker", state["broker"]["url"], "--no-create-topics")
+        assert rep.returncode == 0, rep.stderr
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                version = _get_json(f"{serve}/version")
+            except OSError:
+                version = {}
+            if version.get("index_version"):
+                break
+            assert time.monotonic() < deadline, (version, status_text(run))
+            time.sleep(0.5)
+        assert (run / "models" / f"v{version['store_version']:08d}" / "manifest.json").is_file()
+        rec = _get_json(f"{serve}/recommend?user_id=u1&k=5")
+        assert len(rec["items"]) == 5
+        m = scrape(workers["serve-0"]["metrics_url"])
+        assert m.get("streamrec_scored_total", 0) == 0 and m["streamrec_store_version"] >= 1
+        assert scrape(workers["trainer-0"]["metrics_url"])["streamrec_scored_total"] > 0
+    finally:
+        down = cli("stack", "down", "--run-dir", str(run), timeout=90)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for p in procs:
+        assert not pid_alive(p["pid"], p["start_time"]), p
+
+
+def status_text(run: Path) -> str:
+    return cli("stack", "status", "--run-dir", str(run), timeout=60).stdout

@@ -49,8 +49,8 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_compose_specification_without_version_key(compose: dict[str, Any]) -> None:
     assert "version" not in compose
     assert set(compose["services"]) >= {
-        "kafka", "kafka-init", "worker", "worker-gpu", "prometheus", "grafana", "replay",
-        "pretrain",
+        "kafka", "kafka-init", "joiner", "trainer", "trainer-gpu", "serve", "serve-lb",
+        "prometheus", "grafana", "replay", "pretrain",
     }  # fmt: skip
 
 
@@ -86,9 +86,10 @@ def test_depends_on_conditions(services: dict[str, dict[str, Any]]) -> None:
         return str(services[svc]["depends_on"][dep]["condition"])
 
     assert cond("kafka-init", "kafka") == "service_healthy"
-    for svc in ("worker", "worker-gpu", "replay"):
+    for svc in ("joiner", "trainer", "trainer-gpu", "serve", "replay"):
         assert cond(svc, "kafka-init") == "service_completed_successfully", svc
     assert "prometheus" in services["grafana"]["depends_on"]
+    assert "serve" in services["serve-lb"]["depends_on"]
 
 
 def test_published_ports_are_bound_to_loopback(services: dict[str, dict[str, Any]]) -> None:
@@ -103,10 +104,12 @@ def test_published_ports_are_bound_to_loopback(services: dict[str, dict[str, Any
 
 
 def test_workers_scale_no_fixed_host_port(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("worker", "worker-gpu"):
+    for name in ("joiner", "trainer", "trainer-gpu", "serve"):
         svc = services[name]
         assert "ports" not in svc and "container_name" not in svc, name
-        assert [str(p) for p in svc["expose"]] == ["9464"], name
+        assert [str(p) for p in svc["expose"]][0] == "9464", name
+    for name in ("trainer", "trainer-gpu", "serve"):  # /recommend inside the network
+        assert "6066" in [str(p) for p in services[name]["expose"]], name
 
 
 def test_grafana_has_no_default_password(services: dict[str, dict[str, Any]]) -> None:
@@ -123,13 +126,13 @@ def test_grafana_has_no_default_password(services: dict[str, dict[str, Any]]) ->
 
 
 def test_worker_environment_points_at_kafka(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("worker", "worker-gpu"):
+    for name in ("joiner", "trainer", "trainer-gpu", "serve"):
         env = services[name]["environment"]
         assert env["STREAMREC_BROKER"] == "kafka:9092", name
         assert env["STREAMREC_METRICS_HOST"] == "0.0.0.0", name
         assert str(env["STREAMREC_METRICS_PORT"]) == "9464", name
         assert "build" in services[name], name
-    gpu = services["worker-gpu"]
+    gpu = services["trainer-gpu"]
     assert gpu["profiles"] == ["gpu"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
@@ -148,7 +151,7 @@ def test_topic_creation_covers_the_topic_plan(services: dict[str, dict[str, Any]
     assert created == topic_plan(Settings())
     # impressions/clicks follow STREAMREC_PARTITIONS, as the worker's settings do
     assert script.count("--partitions ${STREAMREC_PARTITIONS:-4}") == 3
-    assert services["worker"]["environment"]["STREAMREC_PARTITIONS"] == "${STREAMREC_PARTITIONS:-4}"
+    assert services["joiner"]["environment"]["STREAMREC_PARTITIONS"] == "${STREAMREC_PARTITIONS:-4}"
     dead = next(ln for ln in script.splitlines() if "--topic dead-letter" in ln)
     assert "retention.ms=604800000" in dead  # 7 days
     # control is read from the beginning, not compacted; only the join-state changelog is
@@ -165,8 +168,9 @@ def test_replay_and_pretrain_profiles(services: dict[str, dict[str, Any]]) -> No
     assert "${REPLAY_LOG:-./runs/log.csv.gz}:/data/log.csv.gz:ro" in replay["volumes"]
     pretrain = services["pretrain"]
     assert pretrain["profiles"] == ["pretrain"]
-    assert pretrain["command"] == ["pretrain", "/data/log.csv.gz", "--out", "/data/out/ranker.pt"]
-    assert replay["image"] == services["worker"]["image"] == pretrain["image"]
+    assert pretrain["command"] == ["pretrain", "/data/log.csv.gz", "--out", "/models/pretrain.pt"]
+    assert "models:/models" in pretrain["volumes"]
+    assert replay["image"] == services["trainer"]["image"] == pretrain["image"]
 
 
 def test_bind_mount_sources_in_the_repository_exist(services: dict[str, dict[str, Any]]) -> None:
@@ -185,9 +189,10 @@ def test_bind_mount_sources_in_the_repository_exist(services: dict[str, dict[str
 
     prom_cfg = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
     sd = prom_cfg["scrape_configs"][0]["dns_sd_configs"][0]
-    # every replica of the worker service (--scale worker=N), on the port the image exposes
-    assert sd["names"] == ["worker"] and sd["port"] == 9464
-    assert "worker" in services and "9464" in (ROOT / "Dockerfile").read_text()
+    # every replica of every role (--scale joiner=N), on the port the image exposes; the
+    # GPU trainer is scraped too
+    assert sd["names"] == ["joiner", "trainer", "trainer-gpu", "serve"] and sd["port"] == 9464
+    assert set(sd["names"]) <= set(services) and "9464" in (ROOT / "Dockerfile").read_text()
     prom = services["prometheus"]
     assert "./monitoring/prometheus:/etc/prometheus:ro" in prom["volumes"]
     assert prom["image"].startswith("prom/prometheus")
@@ -284,3 +289,54 @@ def test_compose_config_validates_without_an_engine(tool: list[str] | None,
                              env=env, timeout=60)  # fmt: skip
     assert missing.returncode != 0
     assert "GRAFANA_ADMIN_PASSWORD" in missing.stderr + missing.stdout
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+def test_roles_share_the_model_store_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert "models" in compose["volumes"]
+    for name in ("trainer", "trainer-gpu"):
+        assert "models:/models" in services[name]["volumes"], name
+    assert "models:/models:ro" in services["serve"]["volumes"]  # replicas only read
+    assert "volumes" not in services["joiner"]
+    for name in ("joiner", "trainer", "trainer-gpu", "serve"):
+        assert services[name]["environment"]["STREAMREC_MODEL_STORE"] == "/models/store"
+    assert services["joiner"]["command"] == ["worker", "--role", "joiner"]
+    assert services["serve"]["command"] == ["worker", "--role", "serve"]
+    assert "/health" in " ".join(services["serve"]["healthcheck"]["test"])
+
+
+def test_trainer_warm_starts_from_pretrain_only_when_it_exists(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in ("trainer", "trainer-gpu"):
+        svc = services[name]
+        assert svc["entrypoint"] == ["/bin/sh", "-c"], name
+        (script,) = svc["command"]
+        assert "--role trainer --warm-start /models/pretrain.pt" in script
+        assert "[ -f /models/pretrain.pt ]" in script and "exec streamrec worker" in script
+    assert "/models/pretrain.pt" in services["pretrain"]["command"]
+
+
+def test_every_long_running_container_is_non_root(services: dict[str, dict[str, Any]]) -> None:
+    for name, svc in services.items():
+        user = str(svc.get("user", ""))
+        assert user and user.split(":")[0] not in ("root", "0"), name
+
+
+def test_serving_replicas_sit_behind_one_loopback_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    lb = services["serve-lb"]
+    assert lb["ports"] == ["127.0.0.1:${SERVE_PORT:-6066}:8080"]
+    assert "unprivileged" in lb["image"]
+    (conf_mount,) = lb["volumes"]
+    conf = (ROOT / conf_mount.split(":")[0]).read_text()
+    # resolved at run time through compose's DNS (every replica), retried on the next one
+    assert "resolver 127.0.0.11" in conf and "set $serve_upstream serve;" in conf
+    assert "proxy_pass http://$serve_upstream:6066;" in conf
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in conf
+    assert "listen 8080;" in conf

@@ -195,37 +195,30 @@ def test_trainer_drops_redelivered_examples_and_counts_them() -> None:
     assert len(trainer.buffer) == 4
 
 
-def test_serving_worker_loads_an_announced_checkpoint_and_the_trainer_ignores_it(
+def test_checkpoints_are_retained_by_count_and_no_announced_path_is_loaded(
     tmp_path: Path,
 ) -> None:
     settings = Settings(
         ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256)),
-        trainer=TrainerConfig(batch_size=4, checkpoint_dir=str(tmp_path)),
+        trainer=TrainerConfig(batch_size=4, checkpoint_dir=str(tmp_path), keep_checkpoints=2),
     )
     training = TrainerService(settings, StreamrecMetrics())
-    imps = [Impression(f"i{k}", T0 + k, "u", "x") for k in range(4)]
-    training.add([LabeledExample(imp, k % 2, imp.ts, kind="negative") for k, imp in
-                  enumerate(imps)])  # fmt: skip
-    assert training.step() is not None
-    path = training.maybe_checkpoint(force=True)
-    assert path is not None and path.is_file()
-    msg = json.loads(json.dumps(training.announcement(path)))
-    assert msg["kind"] == "model" and msg["version"] == training.model_version >= 1
-
+    paths = []
+    for j in range(4):
+        imps = [Impression(f"i{j}-{k}", T0 + k, "u", "x") for k in range(4)]
+        training.add([LabeledExample(imp, k % 2, imp.ts, kind="negative") for k, imp in
+                      enumerate(imps)])  # fmt: skip
+        assert training.step() is not None
+        paths.append(training.maybe_checkpoint(force=True))
+    on_disk = sorted(p.name for p in tmp_path.glob("ranker-v*.pt"))
+    assert on_disk == [p.name for p in paths[-2:]]  # type: ignore[union-attr]
+    assert (tmp_path / "LATEST").read_text() == paths[-1].name  # type: ignore[union-attr]
+    assert not list(tmp_path.glob("*.tmp")) and training.checkpoints == paths[-2:]
+    # a model record naming a file is never loaded (only a serve worker's model store is)
     serving = TrainerService(settings, StreamrecMetrics())
     before = serving.ranker
-    serving.apply_control(msg)
-    assert serving.model_version == msg["version"] and serving.ranker is not before
-    rows = [{"user_id": "u", "item_id": "x", "position": 1}]
-    np.testing.assert_allclose(
-        serving.ranker.predict_proba_many(rows), training.ranker.predict_proba_many(rows)
-    )
-    own = training.ranker
-    training.apply_control({**msg, "version": msg["version"] + 5})
-    assert training.ranker is own  # the training worker keeps its live model
-    missing = {**msg, "version": msg["version"] + 1, "path": str(tmp_path / "gone.pt")}
-    serving.apply_control(missing)
-    assert serving.model_version == msg["version"]  # a missing file changes nothing
+    serving.apply_control({"kind": "model", "version": 99, "path": str(paths[-1])})
+    assert serving.ranker is before and serving.model_version == 0
 
 
 def test_fake_negative_scheme_needs_its_loss_and_fnc_serves_corrected_scores() -> None:

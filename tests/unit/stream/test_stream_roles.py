@@ -56,3 +56,21 @@ def test_an_unknown_role_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="role must be one of"):
         Settings(role="both")
     assert load_settings(env={"STREAMREC_ROLE": "joiner"}).role == "joiner"
+
+
+def test_a_serve_worker_trains_nothing_and_needs_a_model_store(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model store"):
+        Settings(role="serve")
+    settings = Settings(broker="127.0.0.1:1", role="serve", data_dir=str(tmp_path / "s"),
+                        model_store=str(tmp_path / "models"), web_port=1)  # fmt: skip
+    app = create_app(settings)
+    assert set(app.agents) == {"serve-control"}  # type: ignore[attr-defined]
+    assert JOIN_TABLE not in app.tables  # type: ignore[attr-defined]
+    assert app.conf.id == "streamrec-serve"  # type: ignore[attr-defined]
+    tasks = {t.__name__ for t in app._app_tasks}  # type: ignore[attr-defined]
+    assert {"control_listener", "store_refresher"} <= tasks
+    assert not ({"trainer_flusher", "indexer", "labeled_flusher"} & tasks)
+    assert app.replica is not None  # type: ignore[attr-defined]
+    assert app.streamrec.trainer.store is None  # type: ignore[attr-defined]  # never publishes
+    env = {"STREAMREC_ROLE": "serve", "STREAMREC_MODEL_STORE": "/models/store"}
+    assert load_settings(env=env).model_store == "/models/store"

@@ -1,0 +1,1 @@
+"""Versioned model snapshots in a shared store (see :mod:`modelstore.store`)."""

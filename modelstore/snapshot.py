@@ -1,0 +1,244 @@
+"""What the trainer publishes and a serving replica loads: one consistent model set.
+
+A snapshot's files (see :mod:`modelstore.store` for the manifest and checksums):
+
+- ``ranker.pt``: :meth:`learners.ranker.TorchRanker.state` without the optimiser (weights
+  and the feature-encoder state, i.e. its categorical slots and vocabularies), what
+  serving loads; ``ranker_optim.pt``: the optimiser moments, which only a resuming trainer
+  loads (about 2/3 of the bytes);
+- ``two_tower.pt`` and ``two_tower_optim.pt``: the same split of
+  :meth:`learners.two_tower.TwoTowerModel.state` (with both towers' encoder states), when
+  the retrieval model is the two-tower one;
+- ``index.faiss`` and ``index.json``: the FAISS index (``faiss.write_index``) and its item
+  ids, version, build time and :class:`index.faiss_index.IndexConfig`;
+- ``calibrator.json``: the calibrator's ``to_dict()`` and version.
+
+:class:`ModelReplica` keeps the loaded set a serving worker answers from and swaps it with
+one reference assignment; a version that fails to verify or load is counted and the
+previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from index.faiss_index import IndexConfig, IndexSnapshot
+from learners.calibration import Calibrator, calibrator_from_dict
+from learners.ranker import TorchRanker
+from learners.two_tower import TwoTowerModel
+from modelstore.store import DirectoryStore, Manifest, StoreError
+
+__all__ = ["LoadedModels", "ModelReplica", "load_snapshot", "publish_snapshot"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModels:
+    """A loaded snapshot: read-only for serving (nothing trains these objects)."""
+
+    version: int  # the store version
+    ranker: TorchRanker
+    two_tower: TwoTowerModel | None
+    index: IndexSnapshot | None
+    calibrator: Calibrator
+    calibrator_version: int
+    manifest: Manifest
+    loaded_at: float = field(default_factory=time.time)  # epoch s
+
+
+def publish_snapshot(
+    store: DirectoryStore,
+    ranker: TorchRanker,
+    two_tower: TwoTowerModel | None,
+    index: IndexSnapshot | None,
+    calibrator: Calibrator,
+    calibrator_version: int,
+) -> Manifest:
+    """Write one version of the models to ``store`` (atomically, then pruned to its
+    ``keep``). The caller must keep the models still meanwhile (no training step)."""
+
+    def write(d: Path) -> None:
+        _save_split(ranker.state(), d, "ranker")
+        if two_tower is not None:
+            _save_split(two_tower.state(), d, "two_tower")
+        if index is not None:
+            faiss.write_index(index.index, str(d / "index.faiss"))
+            (d / "index.json").write_text(json.dumps({
+                "version": index.version, "built_at": index.built_at, "dim": index.dim,
+                "ids": [str(i) for i in index.ids.tolist()],
+                "config": dataclasses.asdict(index.config),
+            }))  # fmt: skip
+        (d / "calibrator.json").write_text(
+            json.dumps({"version": calibrator_version, "params": calibrator.to_dict()})
+        )
+
+    meta = {
+        "model_version": ranker.n_updates,
+        "two_tower_updates": None if two_tower is None else two_tower.n_updates,
+        "index_version": None if index is None else index.version,
+        "index_items": None if index is None else len(index),
+        "calibrator_version": calibrator_version,
+    }
+    return store.publish(write, meta=meta)
+
+
+_OPTIM_KEYS = ("optimizer", "sparse_optimizer")
+#: what serving loads of a version (the ``*_optim.pt`` files are for a resuming trainer)
+SERVING_FILES = ("ranker.pt", "two_tower.pt", "index.faiss", "index.json", "calibrator.json")
+
+
+def _save_split(state: Mapping[str, Any], d: Path, name: str) -> None:
+    """``name.pt`` (weights, encoders, counters) and ``name_optim.pt`` (the moments)."""
+    torch.save({k: v for k, v in state.items() if k not in _OPTIM_KEYS}, d / f"{name}.pt")
+    torch.save({k: state[k] for k in _OPTIM_KEYS if k in state}, d / f"{name}_optim.pt")
+
+
+def _load_split(d: Path, name: str, optimizer: bool) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(d / f"{name}.pt", map_location="cpu", weights_only=True)
+    if optimizer and (d / f"{name}_optim.pt").is_file():
+        state.update(torch.load(d / f"{name}_optim.pt", map_location="cpu", weights_only=True))
+    return state
+
+
+def _load_index(d: Path) -> IndexSnapshot:
+    info = json.loads((d / "index.json").read_text())
+    index = faiss.read_index(str(d / "index.faiss"))
+    ids = np.empty(len(info["ids"]), dtype=object)
+    ids[:] = [str(i) for i in info["ids"]]
+    if index.ntotal != len(ids) or index.d != int(info["dim"]):
+        raise ValueError(f"index holds {index.ntotal} x {index.d}, ids/dim say "
+                         f"{len(ids)} x {info['dim']}")  # fmt: skip
+    return IndexSnapshot(version=int(info["version"]), ids=ids, index=index,
+                         dim=int(info["dim"]), built_at=float(info["built_at"]),
+                         config=IndexConfig(**info["config"]))  # fmt: skip
+
+
+def load_snapshot(
+    store: DirectoryStore, version: int, device: str | None = None, optimizer: bool = False
+) -> LoadedModels:
+    """Verify (sizes, SHA-256) then load ``version``: what serving needs, and with
+    ``optimizer`` the optimiser moments too (a resuming trainer). Raises
+    :class:`StoreError`."""
+    m = store.open(version, only=None if optimizer else SERVING_FILES)
+    d = m.path
+    if "ranker.pt" not in m.files or "calibrator.json" not in m.files:
+        raise StoreError("corrupt", f"version {version}: no ranker.pt or calibrator.json")
+    try:
+        ranker = TorchRanker.from_state(
+            _load_split(d, "ranker", optimizer), device=device, online=True
+        )
+        two_tower = (
+            TwoTowerModel.from_state(_load_split(d, "two_tower", optimizer), device=device)
+            if "two_tower.pt" in m.files
+            else None
+        )
+        index = _load_index(d) if "index.faiss" in m.files else None
+        cal = json.loads((d / "calibrator.json").read_text())
+        calibrator = calibrator_from_dict(cal["params"])
+        cal_version = int(cal["version"])
+    except Exception as exc:  # the checksums held, yet it does not load: still unusable
+        raise StoreError("load_error", f"version {version}: {type(exc).__name__}: {exc}") from exc
+    return LoadedModels(version, ranker, two_tower, index, calibrator, cal_version, m)
+
+
+class ModelReplica:
+    """The models a serving worker answers from, loaded from a store.
+
+    :meth:`refresh` loads the newest version above the current one (catch-up from the
+    store, not from ``control`` history); :meth:`announce` validates a ``control``
+    ``model`` record (path confined to the store, manifest digest) and remembers its
+    version for the next :meth:`refresh`. A version that fails is counted in ``failures``
+    (reason -> count), remembered as bad (not retried), and the current one keeps serving.
+    ``current`` is replaced by one assignment: a request reads it once.
+    """
+
+    def __init__(self, store: DirectoryStore, device: str | None = "cpu") -> None:
+        self.store = store
+        self.device = device
+        self.current: LoadedModels | None = None
+        self.failures: dict[str, int] = {}
+        self.n_failures = 0
+        self.bad: set[int] = set()
+        self.n_loads = 0
+        self.last_error: str | None = None
+        #: seconds from a version's manifest time to it serving here, per load
+        self.propagation_s: list[float] = []
+        self._lock = threading.Lock()  # one load at a time
+
+    @property
+    def version(self) -> int:
+        return 0 if self.current is None else self.current.version
+
+    def _fail(self, exc: StoreError, version: int | None) -> None:
+        self.failures[exc.reason] = self.failures.get(exc.reason, 0) + 1
+        self.n_failures += 1
+        self.last_error = str(exc)
+        if version is not None:
+            self.bad.add(version)
+        log.warning("model store: %s; serving version %d", exc, self.version)
+
+    def announce(self, msg: Mapping[str, Any]) -> int | None:
+        """Check a ``{"kind": "model", "version", "path"?, "digest"?}`` record. Returns
+        the announced version when it is acceptable (load it with :meth:`refresh`), None
+        when rejected (counted) or not newer."""
+        version = msg.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            self._fail(StoreError("corrupt", f"bad model version {version!r}"), None)
+            return None
+        if version <= self.version or version in self.bad:
+            return None
+        path, digest = msg.get("path"), msg.get("digest")
+        if (path is not None and not isinstance(path, str)) or (
+            digest is not None and not isinstance(digest, str)
+        ):
+            self._fail(StoreError("corrupt", "path and digest must be strings"), None)
+            return None
+        try:
+            self.store.resolve(path, version, digest)
+        except StoreError as exc:
+            if exc.reason == "missing":  # e.g. an old record of a pruned version: no error
+                log.debug("model store: %s", exc)
+                return None
+            # not marked bad: a forged record must not block the real version's load
+            self._fail(exc, None)
+            return None
+        return version
+
+    def refresh(self) -> LoadedModels | None:
+        """Load the newest good version above the current one, if any; returns what was
+        loaded (None: nothing new, or it failed and the current one stays)."""
+        with self._lock:
+            for version in reversed(self.store.versions()):
+                if version <= self.version:
+                    return None
+                if version in self.bad:
+                    continue
+                try:
+                    loaded = load_snapshot(self.store, version, self.device)
+                except StoreError as exc:
+                    if exc.reason == "missing":  # pruned meanwhile: try the next one
+                        continue
+                    self._fail(exc, version)
+                    continue
+                self.current = loaded
+                self.n_loads += 1
+                self.propagation_s.append(max(0.0, time.time() - loaded.manifest.created_at))
+                del self.propagation_s[:-1000]
+                log.info("model store: serving version %d (model %s, index %s)", version,
+                         loaded.manifest.meta.get("model_version"),
+                         loaded.manifest.meta.get("index_version"))  # fmt: skip
+                return loaded
+            return None

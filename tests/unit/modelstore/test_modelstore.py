@@ -1,0 +1,195 @@
+"""The model store: atomic versions, checksums, retention, confinement; snapshots round-trip
+real torch models and a real FAISS index."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.faiss_index import IndexConfig, build_snapshot
+from learners.calibration import LogitShiftCalibrator, PlattCalibrator
+from learners.encoding import EncoderConfig
+from learners.ranker import RankerConfig, TorchRanker
+from learners.two_tower import TwoTowerConfig, TwoTowerModel
+from modelstore.snapshot import ModelReplica, load_snapshot, publish_snapshot
+from modelstore.store import DirectoryStore, StoreConfig, StoreError
+
+
+def _write(text: str) -> Callable[[Path], None]:
+    def write(d: Path) -> None:
+        (d / "a.bin").write_text(text)
+
+    return write
+
+
+def _models() -> tuple[TorchRanker, TwoTowerModel]:
+    enc = EncoderConfig(num_buckets=512)
+    ranker = TorchRanker(RankerConfig(model="dcnv2", device="cpu", encoder=enc), seed=0)
+    tt = TwoTowerModel(TwoTowerConfig(device="cpu", user_encoder=enc, item_encoder=enc), seed=0)
+    rows = [{"user_id": f"u{i % 7}", "item_id": f"i{i % 13}", "device": "ios"} for i in range(64)]
+    y = np.arange(64) % 3 == 0
+    ranker.learn_many(rows, y.astype(float))
+    tt.learn_many(rows, y.astype(float))
+    return ranker, tt
+
+
+def test_publish_is_atomic_and_keeps_the_last_k_versions(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "store", keep=3)
+    for i in range(5):
+        store.publish(_write(f"v{i}"))
+    assert store.versions() == [3, 4, 5]
+    names = sorted(os.listdir(store.root))
+    assert names == ["v00000003", "v00000004", "v00000005"]  # no temp or deleted dirs left
+    assert store.open(5).files["a.bin"].size == 2
+
+
+def test_a_failed_write_leaves_no_version_and_no_temp_dir(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path, keep=2)
+
+    def boom(d: Path) -> None:
+        (d / "a.bin").write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store.publish(boom)
+    assert store.versions() == [] and os.listdir(tmp_path) == []
+
+
+def test_truncated_or_altered_files_are_rejected(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    m = store.publish(_write("0123456789"))
+    (m.path / "a.bin").write_text("01234")  # truncated
+    with pytest.raises(StoreError) as exc:
+        store.open(m.version)
+    assert exc.value.reason == "checksum" and "truncated" in str(exc.value)
+    (m.path / "a.bin").write_text("0123456780")  # same size, other bytes
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.open(m.version)
+    (m.path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError) as exc:
+        store.open(m.version)
+    assert exc.value.reason == "corrupt"
+
+
+def test_a_symlinked_file_is_rejected(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "s")
+    m = store.publish(_write("x"))
+    outside = tmp_path / "evil"
+    outside.write_text("x")
+    (m.path / "a.bin").unlink()
+    (m.path / "a.bin").symlink_to(outside)
+    with pytest.raises(StoreError, match="not a regular file"):
+        store.open(m.version)
+
+
+def test_announced_paths_are_confined_to_the_store_and_digest_checked(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "s")
+    m = store.publish(_write("x"))
+    assert store.resolve(str(m.path), 1, m.digest).version == 1
+    assert store.resolve(None, 1, None).version == 1
+    for path in ("/etc/passwd", str(tmp_path / "s" / "v00000001" / ".." / ".." / "x"),
+                 str(tmp_path / "s" / "v00000002"), str(tmp_path / "s")):  # fmt: skip
+        with pytest.raises(StoreError) as exc:
+            store.resolve(path, 1, m.digest)
+        assert exc.value.reason == "outside_store", path
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "s" / "v00000001")  # resolves into the store: same version
+    assert store.resolve(str(link), 1, None).version == 1
+    with pytest.raises(StoreError) as exc:
+        store.resolve(str(m.path), 1, "0" * 64)
+    assert exc.value.reason == "digest"
+    with pytest.raises(StoreError) as exc:
+        store.resolve(None, 9, None)
+    assert exc.value.reason == "missing"
+
+
+def test_store_config_validates() -> None:
+    with pytest.raises(ValueError, match="keep"):
+        StoreConfig(keep=0)
+    with pytest.raises(ValueError, match="poll_s"):
+        StoreConfig(poll_s=float("nan"))
+
+
+def test_snapshot_round_trips_models_index_and_calibrator(tmp_path: Path) -> None:
+    ranker, tt = _models()
+    items = [f"i{j}" for j in range(13)]
+    index = build_snapshot(items, tt.item_vectors(items), version=4, config=IndexConfig())
+    cal = LogitShiftCalibrator(b=0.3)
+    store = DirectoryStore(tmp_path, keep=2)
+    m = publish_snapshot(store, ranker, tt, index, cal, calibrator_version=7)
+    assert set(m.files) == {"ranker.pt", "ranker_optim.pt", "two_tower.pt",
+                            "two_tower_optim.pt", "index.faiss", "index.json",
+                            "calibrator.json"}  # fmt: skip
+    # serving files hold no optimiser moments: a third of the checkpoint's bytes
+    assert m.files["ranker.pt"].size < m.files["ranker_optim.pt"].size
+    assert m.meta["model_version"] == ranker.n_updates and m.meta["index_version"] == 4
+    got = load_snapshot(store, m.version)
+    rows = [{"user_id": "u1", "item_id": i, "device": "ios"} for i in items]
+    np.testing.assert_allclose(got.ranker.predict_proba_many(rows),
+                               ranker.predict_proba_many(rows), rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(got.two_tower.user_vectors(["u1"]),  # type: ignore[union-attr]
+                               tt.user_vectors(["u1"]), rtol=1e-6)  # fmt: skip
+    assert got.index is not None and got.index.version == 4 and len(got.index) == 13
+    q = tt.user_vectors(["u2"])
+    assert got.index.search(q, 5)[1].tolist() == index.search(q, 5)[1].tolist()
+    assert got.calibrator_version == 7
+    p = np.array([0.1, 0.5])
+    np.testing.assert_allclose(got.calibrator.transform(p), cal.transform(p))
+
+
+def test_replica_keeps_the_old_version_when_a_new_one_is_corrupt(tmp_path: Path) -> None:
+    ranker, tt = _models()
+    store = DirectoryStore(tmp_path, keep=5)
+    publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)
+    replica = ModelReplica(store)
+    assert replica.refresh() is not None and replica.version == 1
+    assert replica.refresh() is None  # nothing newer
+    m2 = publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)
+    data = (m2.path / "ranker.pt").read_bytes()
+    (m2.path / "ranker.pt").write_bytes(data[: len(data) // 2])  # truncated
+    assert replica.announce({"kind": "model", "version": 2, "path": str(m2.path),
+                             "digest": m2.digest}) == 2  # fmt: skip
+    assert replica.refresh() is None
+    assert replica.version == 1 and replica.failures == {"checksum": 1}
+    assert replica.refresh() is None and replica.failures == {"checksum": 1}  # not retried
+    # a hostile announcement: outside the store, or a wrong digest; counted, nothing loaded
+    assert replica.announce({"kind": "model", "version": 3, "path": "/etc"}) is None
+    assert replica.announce({"kind": "model", "version": True}) is None
+    publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)  # v3, good
+    assert replica.announce({"kind": "model", "version": 3, "digest": "f" * 64}) is None
+    assert replica.announce({"kind": "model", "version": 40}) is None  # pruned or unknown
+    assert replica.failures == {"checksum": 1, "outside_store": 1, "corrupt": 1, "digest": 1}
+    loaded = replica.refresh()  # the forged records did not block the real v3
+    assert loaded is not None and replica.version == 3
+    assert json.loads((store.path(3) / "calibrator.json").read_text())["version"] == 0
+
+
+def test_a_publish_killed_midway_leaves_only_an_ignored_temp_dir(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path, keep=2)
+    store.publish(_write("x"))
+    crashed = tmp_path / ".tmp-crashed"  # what SIGKILL during a publish leaves behind
+    crashed.mkdir()
+    (crashed / "a.bin").write_text("half")
+    assert store.versions() == [1] and store.open(1).version == 1
+    os.utime(crashed, (0, 0))  # older than an hour: removed by the next prune
+    store.publish(_write("y"))
+    assert not crashed.exists() and store.versions() == [1, 2]
+
+
+def test_serving_skips_the_optimiser_files_a_resuming_trainer_needs(tmp_path: Path) -> None:
+    ranker, tt = _models()
+    store = DirectoryStore(tmp_path)
+    m = publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)
+    full = load_snapshot(store, m.version, optimizer=True)
+    sd, want = full.ranker.optimizer.state_dict(), ranker.optimizer.state_dict()
+    assert sd["state"] and sd["state"].keys() == want["state"].keys()
+    (m.path / "ranker_optim.pt").write_bytes(b"garbage")  # not read by serving
+    assert load_snapshot(store, m.version).ranker.n_updates == ranker.n_updates
+    with pytest.raises(StoreError) as exc:
+        load_snapshot(store, m.version, optimizer=True)
+    assert exc.value.reason == "checksum"
