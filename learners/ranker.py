@@ -94,7 +94,7 @@ class RankerConfig:
     tables, dense Adam for the rest; False: one dense Adam over everything.
     ``sequence_attention``: DIN-style target attention of the candidate over the row's
     ``hist_seq`` (:class:`learners.models.TargetAttention`; needs ``encoder.max_seq_len > 0``;
-    not used by ``logreg``). ``pair_crosses``: hashed user x field scalar weights
+    not used by ``logreg``). ``pair_crosses``: a hashed scalar weight per user x item pair
     (:class:`learners.models.PairCrosses`). A config dict written before these settings
     existed loads with both off and ``encoder.max_seq_len = 0`` (the layout its checkpoint
     has).

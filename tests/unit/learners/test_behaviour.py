@@ -111,15 +111,15 @@ def test_attention_pools_only_valid_positions_and_empty_is_exactly_zero() -> Non
 
 def test_pair_crosses_start_at_zero_and_ignore_absent_sides() -> None:
     pc = PairCrosses(NB)
-    cat = torch.tensor([[3, 5, 7, 0], [0, 5, 7, 9], [3, 5, 0, 0]])
-    assert pc(cat).tolist() == [0.0, 0.0, 0.0]
+    cat = torch.tensor([[3, 5, 7, 0], [0, 5, 7, 9], [3, 5, 0, 0], [3, 6, 7, 0]])
+    assert pc(cat).tolist() == [0.0, 0.0, 0.0, 0.0]
     b = pc.buckets(cat)
-    assert b.shape == (3, FC - 1) and bool(((b >= 0) & (b < NB)).all())
-    assert b[0, 2] == 0 and bool((b[1] == 0).all()) and bool((b[0, :2] > 0).all())
-    assert b[0, 0] == b[2, 0]  # the same (user, item) pair, the same weight
+    assert b.shape == (4,) and bool(((b >= 0) & (b < NB)).all())
+    assert b[1] == 0 and b[0] > 0 and b[0] == b[2]  # the same (user, item), other fields aside
+    assert b[3] != b[0]
     with torch.no_grad():
-        pc.weights.weight[b[0, 0]] = 0.1
-    torch.testing.assert_close(pc(cat)[2], torch.tensor(0.1 * 10.0))  # _PAIR_SCALE
+        pc.weights.weight[b[0]] = 0.1
+    torch.testing.assert_close(pc(cat), torch.tensor([1.0, 0.0, 1.0, 0.0]))  # x _PAIR_SCALE
 
 
 BEHAVIOUR_MODELS: dict[str, Any] = {
