@@ -221,7 +221,13 @@ def synthetic_log(n: int) -> LogExamples:
 
 
 def _ranker(flags: dict[str, bool]) -> TorchRanker:
-    return TorchRanker(RankerConfig(model="dcnv2", device="cpu", **flags), seed=0, online=False)
+    cfg = RankerConfig(
+        model="dcnv2",
+        device="cpu",
+        sequence_attention=flags["sequence_attention"],
+        pair_crosses=flags["pair_crosses"],
+    )
+    return TorchRanker(cfg, seed=0, online=False)
 
 
 def ranker_ablation(ex: LogExamples) -> dict[str, Any]:
