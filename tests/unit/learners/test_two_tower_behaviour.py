@@ -95,8 +95,8 @@ def test_behaviour_reads_the_item_towers_own_id_rows_and_empty_history_is_no_his
     assert model.history is not None and "history" in dict(model.model.named_children())
     rows, _ = drifting_taste(600, seed=1)
     model.learn_many(rows, np.ones(len(rows)))
-    bare = {"user_id": "u1"}
-    empty = {"user_id": "u1", "hist_seq": [], "hist_seq_age": []}
+    bare: dict[str, object] = {"user_id": "u1"}
+    empty: dict[str, object] = {"user_id": "u1", "hist_seq": [], "hist_seq_age": []}
     np.testing.assert_array_equal(model.user_vectors([bare, empty]), model.user_vectors(["u1"] * 2))
     with_hist = model.user_vectors([{"user_id": "u1", "hist_seq": ["i3", "i13"]}])
     assert np.isfinite(with_hist).all() and not np.allclose(with_hist, model.user_vectors(["u1"]))
