@@ -146,6 +146,28 @@ class TargetAttention(nn.Module):
         _init_embedding(self.age, _EMB_STD, generator)
         _init_linears(self.unit, generator)
 
+    def _scores(self, q: Tensor, k: Tensor, match: Tensor) -> Tensor:
+        """``u([q, k, q - k, q * k, m])`` (B, N) without building the (B, N, 4D + 1) input:
+        the first layer's weight split by block, ``W [q, k, q - k, q * k, m] =
+        (W_q + W_d) q + [W_k - W_d, W_p] [k, q * k] + w_m m`` (the same function and
+        parameters; the per-key product is half as wide, which was the step's largest cost)."""
+        first, rest = self.unit[0], self.unit[1:]
+        assert isinstance(first, nn.Linear)
+        d = q.shape[-1]
+        w = first.weight  # (H, 4D + 1)
+        w_q, w_k, w_d, w_p, w_m = (
+            w[:, :d],
+            w[:, d : 2 * d],
+            w[:, 2 * d : 3 * d],
+            w[:, 3 * d : 4 * d],
+            w[:, 4 * d],
+        )
+        per_row = q @ (w_q + w_d).T + first.bias  # (B, H)
+        per_key = torch.cat([k, q[:, None, :] * k], dim=-1) @ torch.cat([w_k - w_d, w_p], 1).T
+        h = per_key + per_row[:, None, :] + match[:, :, None] * w_m  # (B, N, H)
+        out: Tensor = rest(h).squeeze(-1)
+        return out
+
     def forward(
         self, query: Tensor, keys: Tensor, seq: Tensor, seq_age: Tensor | None, target: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -156,9 +178,7 @@ class TargetAttention(nn.Module):
         k = keys + self.age(buckets)
         valid = (seq > 0).to(k.dtype)
         match = (seq == target[:, None]).to(k.dtype) * valid  # (B, N)
-        q = query[:, None, :].expand_as(k)
-        unit_in = torch.cat([q, k, q - k, q * k, match[:, :, None]], dim=-1)
-        w = torch.sigmoid(self.unit(unit_in).squeeze(-1)) * valid  # (B, N)
+        w = torch.sigmoid(self._scores(query, k, match)) * valid  # (B, N)
         pooled = (w[:, :, None] * k).sum(1)
         recency = (match * 2.0 / (1.0 + buckets.to(k.dtype))).amax(1)
         summary = torch.stack([w.sum(1), torch.log1p(match.sum(1)), recency], dim=1)
