@@ -95,7 +95,14 @@ from stream.broker import (
     wait_for_port,
 )
 from stream.demo import scrape
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_SCORED, parse_input
+from stream.envelope import decode_envelope, is_envelope
+from stream.events import (
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    TOPIC_SCORED,
+    InvalidEvent,
+    parse_input,
+)
 from stream.logs import read_log_frame, write_log
 from stream.replay import ReplayStats, replay
 from stream.settings import Settings
@@ -247,7 +254,10 @@ async def _consume(bootstrap: str, expected: int, parse: bool) -> dict[str, Any]
                 if parse:
                     for r in records:
                         try:
-                            parse_input(r.value, tp.topic)
+                            if is_envelope(r.value):
+                                decode_envelope(r.value, tp.topic)
+                            else:
+                                parse_input(r.value, tp.topic)
                         except ValueError:
                             pass
         seconds = time.perf_counter() - t0
@@ -256,29 +266,32 @@ async def _consume(bootstrap: str, expected: int, parse: bool) -> dict[str, Any]
     return {"records": n, "seconds": seconds, "records_per_s": n / seconds}
 
 
-def producer_alone(log_path: Path, run_dir: Path) -> dict[str, Any]:
+def producer_alone(log_path: Path, run_dir: Path, fmt: str = "envelope") -> dict[str, Any]:
     """Replay into a broker with no worker, then the plain consumers of what it wrote."""
-    with EmbeddedBroker(log_path=run_dir / "tansu-producer.log") as broker:
+    with EmbeddedBroker(log_path=run_dir / f"tansu-producer-{fmt}.log") as broker:
         settings = Settings(broker=broker.url)
         create_topics(broker.url, topic_plan(settings))
         cpu0 = self_cpu_seconds()
-        stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S)
+        stats = replay(
+            log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S, fmt=fmt
+        )
         cpu = self_cpu_seconds() - cpu0
-        # a watermark goes to every partition of both topics
-        records = stats.impressions + stats.clicks + stats.watermarks * 2 * settings.partitions
+        records = stats.records
         raw = asyncio.run(_consume(broker.url, records, parse=False))
         parsed = asyncio.run(_consume(broker.url, records, parse=True))
-    per_imp = stats.impressions / records
+    events = stats.impressions + stats.clicks
     return {
+        "format": fmt,
         "impressions": stats.impressions,
         "clicks": stats.clicks,
         "records": records,
         "seconds": stats.seconds,
         "records_per_s": records / stats.seconds,
+        "events_per_s": events / stats.seconds,
         "impressions_per_s": stats.impressions / stats.seconds,
         "producer_cpu_s": cpu,
-        "raw_consume": {**raw, "impressions_per_s": raw["records_per_s"] * per_imp},
-        "consume_parse": {**parsed, "impressions_per_s": parsed["records_per_s"] * per_imp},
+        "raw_consume": {**raw, "impressions_per_s": stats.impressions / raw["seconds"]},
+        "consume_parse": {**parsed, "impressions_per_s": stats.impressions / parsed["seconds"]},
     }
 
 
@@ -407,6 +420,20 @@ def _downsample(samples: list[dict[str, float]], k: int = 60) -> list[dict[str, 
     return [{key: round(v, 3) for key, v in s.items()} for s in keep]
 
 
+def record_times(records: list[Any], topic: str) -> dict[str, float]:
+    """impression_id -> CreateTime (s) of the record that carried it (JSON or envelope)."""
+    out: dict[str, float] = {}
+    for r in records:
+        t = r.timestamp / 1000
+        if is_envelope(r.value):
+            for event, _ in decode_envelope(r.value, topic):
+                if not isinstance(event, InvalidEvent):
+                    out[event.impression_id] = t
+        elif r.key is not None:
+            out[r.key.decode()] = t
+    return out
+
+
 def pipeline(
     log_path: Path,
     n: int,
@@ -415,6 +442,7 @@ def pipeline(
     torch_threads: int | None = None,
     workers: int = 1,
     roles: tuple[str, ...] | None = None,
+    fmt: str = "envelope",
 ) -> dict[str, Any]:
     """One broker, ``workers`` ready workers in one consumer group, one replay; waits until
     all ``n`` impressions are scored. With ``profile_out``, py-spy samples the (first)
@@ -449,7 +477,7 @@ def pipeline(
         self0 = self_cpu_seconds()
         stats: ReplayStats = replay(
             log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S,
-            on_progress=sampler.on_progress,
+            on_progress=sampler.on_progress, fmt=fmt,
         )  # fmt: skip
         t_replayed = time.monotonic() - t0
         sampler.progress.append((t_replayed, stats.impressions + stats.clicks))
@@ -475,11 +503,10 @@ def pipeline(
         final = merged_metrics(procs)
         scored = read_records(broker.url, TOPIC_SCORED)
         clicks = read_records(broker.url, TOPIC_CLICKS)
-        impressions_ts = {
-            r.key.decode(): r.timestamp / 1000 for r in read_records(broker.url, TOPIC_IMPRESSIONS)
-            if r.key is not None
-        }  # fmt: skip
-    click_ts = {r.key.decode(): r.timestamp / 1000 for r in clicks if r.key is not None}
+        impressions_ts = record_times(
+            read_records(broker.url, TOPIC_IMPRESSIONS), TOPIC_IMPRESSIONS
+        )
+    click_ts = record_times(clicks, TOPIC_CLICKS)
     first_s = min(impressions_ts.values())
     last_s = max((r.timestamp / 1000 for r in scored), default=math.nan)
     click_lat, imp_lat = [], []
@@ -653,6 +680,7 @@ def run(
     torch_threads: int | None = None,
     scale_out: int = SCALE_OUT_WORKERS,
     split_roles: bool = True,
+    json_phase: bool = True,
 ) -> dict[str, Any]:
     """Run the phases, write the JSON, print the table; the report.
 
@@ -676,9 +704,19 @@ def run(
         write_synthetic(cfg, log_path)
         print(f"log: {n_impressions:,} impressions ({log_path})", flush=True)
         alone = producer_alone(log_path, run_dir)
-        print(f"producer alone: {alone['records_per_s']:,.0f} records/s", flush=True)
+        print(f"producer alone: {alone['events_per_s']:,.0f} events/s", flush=True)
+        alone_json = producer_alone(log_path, run_dir, "json") if json_phase else None
+        if alone_json is not None:
+            print(f"producer alone, JSON records: {alone_json['events_per_s']:,.0f} events/s",
+                  flush=True)  # fmt: skip
         pipe = pipeline(log_path, n_impressions, run_dir / "pipeline", None, torch_threads)
         print(f"pipeline: {pipe['impressions_per_s']:,.0f} impressions/s", flush=True)
+        pipe_json: dict[str, Any] | None = None
+        if json_phase:
+            pipe_json = pipeline(log_path, n_impressions, run_dir / "pipeline-json", None,
+                                 torch_threads, fmt="json")  # fmt: skip
+            print(f"pipeline, JSON records: {pipe_json['impressions_per_s']:,.0f} "
+                  "impressions/s", flush=True)  # fmt: skip
         scaled: dict[str, Any] | None = None
         if scale_out > 1:
             scaled = pipeline(log_path, n_impressions, run_dir / f"workers-{scale_out}", None,
@@ -734,10 +772,18 @@ def run(
         "stream.replay.replay as fast as possible, all on this machine",
         "worker_omp_num_threads": torch_threads,
         "producer_alone": alone,
+        "producer_alone_json": alone_json,
         "pipeline": pipe,
+        "pipeline_json": pipe_json,
         "scale_out": scaled,
         "split": split,
         "ratios": {
+            "envelope_over_json_pipeline": (
+                None if pipe_json is None else rate / pipe_json["impressions_per_s"]
+            ),
+            "envelope_over_json_replay": (
+                None if alone_json is None else alone["events_per_s"] / alone_json["events_per_s"]
+            ),
             "split_over_one_worker": None if split is None else split["impressions_per_s"] / rate,
             "scale_out_over_one_worker": (
                 None if scaled is None else scaled["impressions_per_s"] / rate
@@ -785,13 +831,18 @@ def table(report: dict[str, Any]) -> str:
         ("pipeline steady impressions/s (10%-90% scored)", _f(p["steady_impressions_per_s"])),
         ("joiner ingest impressions/s (10%-90%)", _f(p["ingest_impressions_per_s"])),
         ("replay impressions/s while the worker runs", _f(p["replay_impressions_per_s"])),
-        ("producer alone: records/s (impressions/s)",
-         f"{_f(a['records_per_s'])} ({_f(a['impressions_per_s'])})"),
+        ("producer alone: events/s (records/s)",
+         f"{_f(a['events_per_s'])} ({_f(a['records_per_s'])})"),
         ("plain aiokafka consume: records/s (impressions/s)",
          f"{_f(a['raw_consume']['records_per_s'])} ({_f(a['raw_consume']['impressions_per_s'])})"),
-        ("aiokafka consume + parse_input: records/s",
-         _f(a["consume_parse"]["records_per_s"])),
+        ("aiokafka consume + decode: impressions/s",
+         _f(a["consume_parse"]["impressions_per_s"])),
         ("pipeline / producer alone", _f(r["pipeline_over_producer_alone"], 3)),
+        ("pipeline with single-event JSON records: impressions/s",
+         _f((report.get("pipeline_json") or {}).get("impressions_per_s"))),
+        ("envelopes / JSON records: pipeline, replay",
+         f"{_f(r.get('envelope_over_json_pipeline'), 2)}, "
+         f"{_f(r.get('envelope_over_json_replay'), 2)}"),
         ("pipeline / plain consume", _f(r["pipeline_over_raw_consume"], 3)),
         ("lag grows during replay (slope, events/s)",
          f"{_f(lag['grows'])} ({_f(lag['slope_events_per_s_during_replay'])})"),
@@ -885,10 +936,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-split", action="store_true", help="skip the joiner + trainer workers phase"
     )
+    parser.add_argument(
+        "--no-json", action="store_true", help="skip the single-event JSON records phases"
+    )
     args = parser.parse_args(argv)
     run(args.quick, args.results_dir, n=args.n, profile=not args.no_profile,
         run_dir=args.run_dir, torch_threads=args.worker_threads,
-        scale_out=args.scale_out, split_roles=not args.no_split)  # fmt: skip
+        scale_out=args.scale_out, split_roles=not args.no_split,
+        json_phase=not args.no_json)  # fmt: skip
     return 0
 
 

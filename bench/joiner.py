@@ -55,7 +55,7 @@ def records(df: pd.DataFrame, seed: int = 0) -> list[tuple[str, int, bytes]]:
     """(topic, partition, raw value) in a consumer's order: each partition in event-time
     order, partitions interleaved in random chunks of 1..500 records; producer watermarks
     on every partition every 2,000 events and a final one past every window."""
-    payloads = _impressions(df)
+    payloads = [i.to_json() for i in _impressions(df)]
     ids = df["impression_id"].astype(str).to_numpy()
     ev_ts, ev_row, ev_click = event_order(df)
     parts: list[list[tuple[str, int, bytes]]] = [[] for _ in range(PARTITIONS)]
@@ -166,12 +166,6 @@ def run_in_process(df: pd.DataFrame, name: str, config: JoinConfig) -> dict[str,
         "labelled": len(got),
         "duplicates_emitted": len(out) - len(got) - sum(e.kind == "correction" for e in out),
     }
-
-
-def scrape_sum(url: str, name: str) -> float:
-    from stream.demo import scrape
-
-    return scrape(url).get(name, 0.0)
 
 
 def run_broker(log_path: Path, df: pd.DataFrame, store: str, window_s: float) -> dict[str, Any]:

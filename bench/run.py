@@ -43,6 +43,7 @@ NAMES = (
     "serving",
     "calibration",
     "joiner",
+    "replay",
     "history_models",
 )
 

@@ -5,8 +5,8 @@ similarities in ``[-1, 1]`` (0 for a zero vector). A refresh builds a new snapsh
 side and swaps it in; readers never see a half-built index.
 
 The index kind follows the catalogue size (``IndexConfig.kind="auto"``): exact flat inner
-product up to ``exact_max_items`` items, an approximate index above (``auto_approx``: HNSW
-by default, or IVF-flat). :func:`verify_snapshot` checks a built snapshot (size, unit norms,
+product up to ``exact_max_items`` items, an approximate index above (``auto_approx``: IVF-flat
+by default, or HNSW). :func:`verify_snapshot` checks a built snapshot (size, unit norms,
 recall@k of its search against exact search on a seeded sample of queries), and
 :meth:`IndexHolder.swap_if_valid` swaps in only a snapshot that passes.
 """

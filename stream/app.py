@@ -276,14 +276,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         async for event in stream.noack().events():  # type: ignore[attr-defined]
             msg = event.message
             try:
-                out, dl = rt.join.handle(event.value, msg.topic, msg.partition, msg.offset)
+                out, dls = rt.join.handle_record(event.value, msg.topic, msg.partition, msg.offset)
             except Exception as exc:  # a bug must not stall the partition: park the record
                 unacked_inputs.append(event)
                 log.exception("joiner failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
                 continue
             unacked_inputs.append(event)
-            if dl is not None:
+            for dl in dls:
                 log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
                             msg.offset, dl.reason)  # fmt: skip
                 await dead.send(value=dl.to_json())

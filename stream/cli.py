@@ -159,9 +159,17 @@ def worker(
 @click.option("--create-topics/--no-create-topics", default=True, show_default=True)
 @click.option("--partitions", default=4, show_default=True)
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["envelope", "json"]),
+    default="envelope",
+    show_default=True,
+    help="envelope: batched binary envelopes per partition (fast); json: one record per event.",
+)
 def replay_cmd(
     log_path: str, broker: str, speedup: float | None, limit: int | None, create_topics: bool,
-    partitions: int, config: str | None,
+    partitions: int, config: str | None, fmt: str,
 ) -> None:  # fmt: skip
     """Publish a canonical log (CSV, CSV.gz, JSONL, Parquet) in event-time order."""
     from stream.app import create_worker_topics
@@ -178,6 +186,7 @@ def replay_cmd(
             log_path, settings.bootstrap, speedup=speedup, limit=limit,
             watermark_every=settings.replay_watermark_every,
             final_watermark_gap_s=settings.join.window_s + settings.join.lateness_s + 1,
+            fmt=fmt,
         )  # fmt: skip
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None

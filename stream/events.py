@@ -65,6 +65,8 @@ REASONS = (
     "bad_value",
     "orphan_click",  # a click whose impression never came within join.orphan_grace_s
     "processing_error",  # a record the code failed on (a bug): kept, not retried forever
+    "bad_envelope",  # a batched envelope that cannot be decoded (stream.envelope)
+    "unsupported_version",  # an envelope of a format version this worker does not read
 )
 
 
@@ -404,6 +406,14 @@ def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Wat
     d = _load(raw)
     if d.get("type") == "watermark":
         return Watermark(ts=_ts(d))
+    if topic == TOPIC_CLICKS:
+        return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+    return _impression_from_obj(d)
+
+
+def input_from_obj(d: Mapping[str, Any], topic: str) -> Impression | Click:
+    """Validate one decoded event object of ``impressions`` or ``clicks`` (the envelope
+    path of :mod:`stream.envelope`; watermarks are never inside an envelope)."""
     if topic == TOPIC_CLICKS:
         return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
     return _impression_from_obj(d)

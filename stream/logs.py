@@ -1,4 +1,4 @@
-"""Readers and writer for the canonical impression log (see ``LOG_FORMAT.md``).
+"""Readers and writer for the canonical impression log (see ``docs/LOG_FORMAT.md``).
 
 One row per impression, ordered by event time. Reserved columns:
 

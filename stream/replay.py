@@ -2,6 +2,10 @@
 
 Each log row gives one ``impressions`` record at ``ts`` and, when clicked, one ``clicks``
 record at ``click_ts``; both are keyed by impression_id (so they are co-partitioned).
+With ``fmt="envelope"`` (the default) the events travel in batched envelopes, one per
+partition every few milliseconds (:class:`stream.producer.EventProducer`), partitioned
+exactly as single-event records with the same key would be; ``fmt="json"`` sends one JSON
+record per event (what a third-party producer does).
 The two streams are merged by event time (an impression before a click at equal times).
 Every ``watermark_every`` events and at the end, a :class:`~stream.events.Watermark` goes to
 every partition of both topics; the final one is past the last event time by the join
@@ -25,12 +29,16 @@ from stream.logs import frame_to_rows, read_log_frame
 
 log = logging.getLogger(__name__)
 
+#: Values of ``replay(fmt=...)``.
+REPLAY_FORMATS = ("envelope", "json")
+
 
 @dataclass
 class ReplayStats:
     impressions: int = 0
     clicks: int = 0
     watermarks: int = 0
+    records: int = 0  # Kafka records sent (envelopes count once, watermarks per partition)
     seconds: float = 0.0
     first_ts: float = math.nan
     last_ts: float = math.nan
@@ -40,8 +48,8 @@ class ReplayStats:
         return (self.impressions + self.clicks) / self.seconds if self.seconds > 0 else math.nan
 
 
-def _impressions(df: pd.DataFrame) -> list[bytes]:
-    """JSON of every row's impression (features: the non-reserved columns, absent if empty;
+def _impressions(df: pd.DataFrame) -> list[Impression]:
+    """Every row's impression (features: the non-reserved columns, absent if empty;
     ``true_p`` travels as its own field, never as a feature)."""
     return [
         Impression(
@@ -52,7 +60,7 @@ def _impressions(df: pd.DataFrame) -> list[bytes]:
             position=r.position,
             features=r.features,
             true_p=r.true_p,
-        ).to_json()
+        )
         for r in frame_to_rows(df)
     ]
 
@@ -81,6 +89,7 @@ def replay(
     limit: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int], None] | None = None,
+    fmt: str = "envelope",
 ) -> ReplayStats:
     """Publish a canonical log to ``impressions`` and ``clicks``.
 
@@ -92,10 +101,16 @@ def replay(
         final_watermark_gap_s: the final watermark is ``last_ts`` plus this (set it to at
             least the join window + lateness so that every impression gets labelled).
         limit: replay only the first ``limit`` rows.
+        fmt: ``"envelope"`` (batched envelopes, see :mod:`stream.envelope`) or ``"json"``
+            (one JSON record per event).
     """
     from kafka import KafkaProducer
     from tqdm import tqdm
 
+    from stream.producer import EventProducer
+
+    if fmt not in REPLAY_FORMATS:
+        raise ValueError(f"fmt must be one of {REPLAY_FORMATS}, got {fmt!r}")
     df = read_log_frame(log_path)
     if limit is not None:
         df = df.iloc[:limit].reset_index(drop=True)
@@ -103,7 +118,7 @@ def replay(
     if df.empty:
         log.warning("%s has no rows; nothing to replay", log_path)
         return stats
-    payloads = _impressions(df)
+    imps = _impressions(df)
     ids = df["impression_id"].to_numpy(dtype=object)
     ev_ts, ev_row, ev_click = event_order(df)
     producer = KafkaProducer(
@@ -122,11 +137,15 @@ def replay(
             if not p:
                 raise RuntimeError(f"topic {t!r} does not exist on {bootstrap}; create it first")
 
+        events = EventProducer(producer, key_field="impression_id")
+
         def watermark(ts: float) -> None:
+            events.send_pending()  # the watermark follows the events it covers
             wm = Watermark(ts).to_json()
             for t, ps in parts.items():
                 for p in ps:
                     producer.send(t, value=wm, partition=p)
+                    stats.records += 1
             stats.watermarks += 1
 
         t0 = time.monotonic()
@@ -137,13 +156,24 @@ def replay(
             if speedup:
                 delay = (ts - ts0) / speedup - (time.monotonic() - t0)
                 if delay > 0:
+                    events.send_pending()  # what is due leaves now, not after the sleep
                     time.sleep(delay)
-            key = str(ids[row]).encode()
+            if fmt == "envelope":
+                if is_click:
+                    events.send_click({"impression_id": str(ids[row]), "ts": ts})
+                else:
+                    events.send_impression(imps[row].to_dict())
+            else:
+                key = str(ids[row]).encode()
+                if is_click:
+                    value = Click(str(ids[row]), ts).to_json()
+                    producer.send(TOPIC_CLICKS, key=key, value=value)
+                else:
+                    producer.send(TOPIC_IMPRESSIONS, key=key, value=imps[row].to_json())
+                stats.records += 1
             if is_click:
-                producer.send(TOPIC_CLICKS, key=key, value=Click(str(ids[row]), ts).to_json())
                 stats.clicks += 1
             else:
-                producer.send(TOPIC_IMPRESSIONS, key=key, value=payloads[row])
                 stats.impressions += 1
             if (k + 1) % watermark_every == 0:
                 watermark(ts)
@@ -153,7 +183,8 @@ def replay(
                     on_progress(k + 1)
         stats.last_ts = float(ev_ts[-1])
         watermark(stats.last_ts + final_watermark_gap_s)
-        producer.flush()
+        events.flush()
+        stats.records += events.envelopes
         bar.update(len(ev_ts) % 1000)
         bar.close()
         stats.seconds = time.monotonic() - t0

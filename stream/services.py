@@ -32,6 +32,7 @@ from learners.weighting import time_decay_weights
 from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
+from stream.envelope import decode_envelope, is_envelope
 from stream.events import (
     TOPIC_CLICKS,
     Click,
@@ -247,6 +248,39 @@ class JoinService:
         except InvalidEvent as exc:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return [], DeadLetter.of(topic, partition, offset, exc, raw)
+        return self._apply(event, raw, topic, partition), None
+
+    def handle_record(
+        self, raw: bytes | None, topic: str, partition: int, offset: int
+    ) -> tuple[list[LabeledExample], list[DeadLetter]]:
+        """Process one raw record: a single JSON event or an envelope of many
+        (:mod:`stream.envelope`). Returns the labels released and the dead letters (one
+        per rejected event of an envelope, or one for the whole record)."""
+        if not is_envelope(raw):
+            released, dl = self.handle(raw, topic, partition, offset)
+            return released, [] if dl is None else [dl]
+        assert raw is not None
+        self.offsets[(topic, partition)] = offset
+        try:
+            decoded = decode_envelope(raw, topic)
+        except InvalidEvent as exc:
+            self.metrics.dead_letters.labels(reason=exc.reason).inc()
+            return [], [DeadLetter.of(topic, partition, offset, exc, raw)]
+        out: list[LabeledExample] = []
+        dead: list[DeadLetter] = []
+        for event, b in decoded:
+            if isinstance(event, InvalidEvent):
+                self.metrics.dead_letters.labels(reason=event.reason).inc()
+                dead.append(DeadLetter.of(topic, partition, offset, event, b))
+            else:
+                out.extend(self._apply(event, None, topic, partition))
+        return out, dead
+
+    def _apply(
+        self, event: Impression | Click | Watermark, raw: bytes | None, topic: str,
+        partition: int,
+    ) -> list[LabeledExample]:  # fmt: skip
+        """Apply one validated input event; ``raw`` is its JSON (None: re-encode it)."""
         j = self.joiner(partition)
         c = j.counters
         before = (c.duplicate_impressions, c.duplicate_clicks, c.late_clicks)
@@ -298,7 +332,7 @@ class JoinService:
             m.late_clicks.inc(after[2] - before[2])
         if out:
             self._count_labels(out)
-        return out, None
+        return out
 
     def _count_labels(self, out: list[LabeledExample]) -> None:
         positives = sum(e.label for e in out)

@@ -81,7 +81,7 @@ def test_clicks_without_a_finite_time_are_not_replayed() -> None:
 def test_impression_payloads_parse_and_carry_true_p_only_at_top_level(
     log: pd.DataFrame,
 ) -> None:
-    payloads = _impressions(log)
+    payloads = [i.to_json() for i in _impressions(log)]
     assert len(payloads) == len(log)
     for raw, (_, row) in zip(payloads, log.iterrows(), strict=True):
         obj = json.loads(raw)
@@ -105,7 +105,7 @@ def test_propensity_and_missing_values_never_become_features() -> None:
         dev=["ios", None, "web", "ios"],
         price=[1.5, 2.5, np.nan, 4.0],
     )
-    imps = [parse_impression(raw) for raw in _impressions(df)]
+    imps = [parse_impression(i.to_json()) for i in _impressions(df)]
     assert [im.features for im in imps] == [
         {"dev": "ios", "price": 1.5},
         {"price": 2.5},
