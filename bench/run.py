@@ -45,6 +45,7 @@ NAMES = (
     "joiner",
     "replay",
     "topology",
+    "history_models",
 )
 
 

@@ -15,6 +15,12 @@ learners, see :func:`inference`) a field without a slot is ignored and counted
 (``n_unknown_fields``), never assigned. While learning, a new field name is admitted only
 once ``admit_after`` rows carried it, and at most ``max_candidates`` names wait for that
 (``n_rejected_fields`` counts rows whose field was not admitted).
+
+Behaviour sequence (the history contract): the list keys ``hist_seq`` (the user's last
+clicked item ids, most recent first) and ``hist_seq_age`` (their ages in seconds) never take
+a slot; with ``EncoderConfig.max_seq_len > 0`` they fill the optional sequence block of
+:class:`EncodedBatch` (item ids hashed exactly as ``item_id``, so a model can look them up
+in the same embedding rows as the candidate item).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ __all__ = [
 
 USER_FIELD = "user_id"
 ITEM_FIELD = "item_id"
+SEQ_FIELD = "hist_seq"
+SEQ_AGE_FIELD = "hist_seq_age"
+#: Row keys that are lists (the behaviour sequence), never categorical or numeric slots.
+SEQ_FIELDS = frozenset({SEQ_FIELD, SEQ_AGE_FIELD})
 _DROPPED = -1
 _NUMERIC_TYPES = frozenset({int, float, bool})
 _CACHE_MAX = 1 << 17  # entries per field before the bucket cache is dropped
@@ -84,6 +94,8 @@ class EncoderConfig:
 
     ``num_buckets`` is the size of the shared hash space (bucket 0 is reserved for
     padding/absent); ``max_cat_fields`` / ``max_num_fields`` are the array widths.
+    ``max_seq_len``: width N of the behaviour-sequence block (the first N entries of
+    ``hist_seq``, most recent first); 0 = no sequence block.
     """
 
     num_buckets: int = 2**18
@@ -95,6 +107,7 @@ class EncoderConfig:
     #: new field names counted towards admission at most; more are not admitted, and at
     #: most this many names past full slots are remembered as dropped
     max_candidates: int = 1024
+    max_seq_len: int = 20
 
     def __post_init__(self) -> None:
         if self.num_buckets < 2:
@@ -107,6 +120,8 @@ class EncoderConfig:
             raise ValueError(f"max_num_fields must be >= 0, got {self.max_num_fields}")
         if self.admit_after < 1 or self.max_candidates < 0:
             raise ValueError("admit_after must be >= 1 and max_candidates >= 0")
+        if self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
 
 
 @dataclass
@@ -115,10 +130,16 @@ class EncodedBatch:
 
     ``cat``: int64 ``(B, max_cat_fields)`` bucket ids, 0 = padding/absent.
     ``num``: float32 ``(B, max_num_fields)`` signed-log1p values, 0 when absent.
+    ``seq``: int64 ``(B, max_seq_len)`` item buckets of ``hist_seq`` (hashed as ``item_id``),
+    most recent first, 0 = padding; None when the encoder has no sequence block.
+    ``seq_age``: float32 ``(B, max_seq_len)`` ages in seconds of those items, 0 at padding,
+    -1 where the age is unknown (missing, negative or non-finite); None with ``seq``.
     """
 
     cat: np.ndarray
     num: np.ndarray
+    seq: np.ndarray | None = None
+    seq_age: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.cat.shape[0])
@@ -135,6 +156,15 @@ def bucket_of(field: str, value: object, num_buckets: int) -> int:
     """Bucket in ``[1, num_buckets)`` of ``field=value``; stable across processes (crc32)."""
     key = f"{field}={_value_str(value)}"
     return 1 + zlib.crc32(key.encode("utf-8")) % (num_buckets - 1)
+
+
+def _age(value: object) -> float:
+    """An age in seconds, or -1.0 (unknown) for anything but a finite number >= 0."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        a = float(value)
+        if 0.0 <= a < math.inf:
+            return a
+    return -1.0
 
 
 def _signed_log1p(x: float) -> float:
@@ -170,6 +200,7 @@ class FeatureEncoder:
         self.n_unknown_fields = 0  # (batch, field) pairs ignored at inference
         self.n_rejected_fields = 0  # rows whose new field was not admitted while learning
         self._candidates: dict[str, int] = {}  # new field -> training rows seen with it
+        self.n_bad_sequences = 0
         self._cat_keys = frozenset(config.categorical_keys)
         # value -> bucket per field; derived data, not state.
         self._cache: dict[str, dict[object, int]] = {}
@@ -211,7 +242,7 @@ class FeatureEncoder:
     def _assign_slots_locked(self, row: Mapping[str, object], keys: set[str]) -> None:
         for key in sorted(row):
             value = row[key]
-            if value is None or key not in keys:
+            if value is None or key not in keys or key in SEQ_FIELDS:
                 continue
             if self._is_categorical(key, value):
                 if key not in self._cat_slots:
@@ -260,7 +291,8 @@ class FeatureEncoder:
                 col[1].append(value)
         split: list[tuple[str, bool, list[int], list[object]]] = []
         for key, (idx, vals) in columns.items():
-            split.extend(self._split_column(key, idx, vals))
+            if key not in SEQ_FIELDS:
+                split.extend(self._split_column(key, idx, vals))
         new = {k for k, c, _, _ in split if k not in (self._cat_slots if c else self._num_slots)}
         if new and getattr(_MODE, "frozen", False):  # inference: ignored, counted
             self.n_unknown_fields += len(new)
@@ -281,7 +313,54 @@ class FeatureEncoder:
                 ok = np.isfinite(x)
                 x = np.where(ok, x, 0.0)
                 num[rows_idx[ok], slot] = (np.sign(x) * np.log1p(np.abs(x)))[ok]
-        return EncodedBatch(cat=cat, num=num)
+        if cfg.max_seq_len == 0:
+            return EncodedBatch(cat=cat, num=num)
+        seq, seq_age = self.encode_sequence(rows, cfg.max_seq_len)
+        return EncodedBatch(cat=cat, num=num, seq=seq, seq_age=seq_age)
+
+    def encode_sequence(
+        self, rows: Sequence[Mapping[str, object]], max_len: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The behaviour-sequence block of ``rows``: ``(seq, seq_age)``, int64 and float32
+        ``(B, max_len)`` as in :class:`EncodedBatch` (``seq`` hashed as ``item_id``).
+
+        A row without ``hist_seq`` (or with one that is not a list/tuple/array of ids) has
+        an all-padding row; ``None`` entries are skipped; ``hist_seq_age`` missing, shorter,
+        or with bad entries gives age -1 (unknown) there. The number of rows whose
+        ``hist_seq`` was present but unusable is added to ``n_bad_sequences``.
+        """
+        n = len(rows)
+        seq = np.zeros((n, max_len), dtype=np.int64)
+        age = np.zeros((n, max_len), dtype=np.float32)
+        if max_len == 0:
+            return seq, age
+        cache = self._cache.get(ITEM_FIELD)
+        if cache is None or len(cache) > _CACHE_MAX:
+            cache = self._cache[ITEM_FIELD] = {}
+        nb = self.config.num_buckets
+        for i, row in enumerate(rows):
+            items = row.get(SEQ_FIELD)
+            if items is None:
+                continue
+            if isinstance(items, str | bytes) or not isinstance(items, Sequence | np.ndarray):
+                self.n_bad_sequences += 1
+                continue
+            ages = row.get(SEQ_AGE_FIELD)
+            if isinstance(ages, str | bytes) or not isinstance(ages, Sequence | np.ndarray):
+                ages = ()
+            j = 0
+            for k, item in enumerate(items):
+                if j == max_len:
+                    break
+                if item is None or type(item) is bool:
+                    continue
+                b = cache.get(item)
+                if b is None:
+                    b = cache[item] = bucket_of(ITEM_FIELD, item, nb)
+                seq[i, j] = b
+                age[i, j] = _age(ages[k]) if k < len(ages) else -1.0
+                j += 1
+        return seq, age
 
     def _split_column(
         self, key: str, idx: list[int], vals: list[object]

@@ -53,6 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Rows = Sequence[Mapping[str, object]]
+_Inputs = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+"""``(cat, num, seq, seq_age)`` model inputs on the device."""
 
 MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe")
 """Values accepted by ``RankerConfig.model``."""
@@ -63,6 +65,9 @@ _LOSS_PARAMS: dict[str, dict[str, str]] = {
     "focal": {"gamma": "focal_gamma", "alpha": "focal_alpha"},
     "combined_pair": {"alpha": "pair_alpha"},
 }
+
+
+_PRE_BEHAVIOUR = ("sequence_attention", "pair_crosses")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,12 @@ class RankerConfig:
     ``amp``: bf16 autocast of the forward pass on CUDA; ignored on the CPU.
     ``sparse_embeddings``: sparse gradients and lazy Adam (SparseAdam) for the embedding
     tables, dense Adam for the rest; False: one dense Adam over everything.
+    ``sequence_attention``: DIN-style target attention of the candidate over the row's
+    ``hist_seq`` (:class:`learners.models.TargetAttention`; needs ``encoder.max_seq_len > 0``;
+    not used by ``logreg``). ``pair_crosses``: a hashed scalar weight per user x item pair
+    (:class:`learners.models.PairCrosses`). A config dict written before these settings
+    existed loads with both off and ``encoder.max_seq_len = 0`` (the layout its checkpoint
+    has).
     """
 
     model: str = "dcnv2"  # one of MODELS
@@ -114,6 +125,8 @@ class RankerConfig:
     loss_correction: bool = True
     amp: bool = False
     sparse_embeddings: bool = True
+    sequence_attention: bool = True
+    pair_crosses: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -171,6 +184,10 @@ class RankerConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         enc = dict(d.pop("encoder", {}))
+        # Written before the behaviour settings: the model had none of their parameters.
+        for key in _PRE_BEHAVIOUR:
+            d.setdefault(key, False)
+        enc.setdefault("max_seq_len", 0)
         if "categorical_keys" in enc:
             enc["categorical_keys"] = tuple(enc["categorical_keys"])
         if "hidden" in d:
@@ -274,12 +291,16 @@ class TorchRanker:
         cfg, enc = self.config, self.config.encoder
         shape = (enc.num_buckets, enc.max_cat_fields, enc.max_num_fields)
         dim, gen = cfg.embedding_dim, self._generator
+        pairs = cfg.pair_crosses
         if cfg.model == "logreg":
-            return LogisticModel(*shape, embedding_dim=dim, generator=gen)
+            return LogisticModel(*shape, embedding_dim=dim, generator=gen, pair_crosses=pairs)
+        behaviour = {"sequence": self.uses_sequence, "pair_crosses": pairs}
         if cfg.model == "wide_deep":
-            return WideAndDeep(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen)
+            return WideAndDeep(
+                *shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen, **behaviour
+            )
         if cfg.model == "deepfm":
-            return DeepFM(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen)
+            return DeepFM(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen, **behaviour)
         if cfg.model == "mmoe":
             return MMoE(
                 *shape,
@@ -288,6 +309,7 @@ class TorchRanker:
                 num_experts=cfg.num_experts,
                 num_tasks=cfg.num_tasks,
                 generator=gen,
+                **behaviour,
             )
         return DCNv2(
             *shape,
@@ -295,7 +317,15 @@ class TorchRanker:
             cross_layers=cfg.cross_layers,
             hidden=cfg.hidden,
             generator=gen,
+            **behaviour,
         )
+
+    @property
+    def uses_sequence(self) -> bool:
+        """Whether the model attends over ``hist_seq`` (config on, encoder has the block,
+        and the model is not ``logreg``)."""
+        cfg = self.config
+        return cfg.sequence_attention and cfg.encoder.max_seq_len > 0 and cfg.model != "logreg"
 
     @property
     def lr(self) -> float:
@@ -325,9 +355,16 @@ class TorchRanker:
         assert isinstance(bias, Tensor)
         return bias
 
-    def _tensors(self, X: Rows) -> tuple[Tensor, Tensor]:
+    def _tensors(self, X: Rows) -> _Inputs:
+        """``(cat, num, seq, seq_age)`` on the device; ``seq``/``seq_age`` None unless the
+        model attends and some row of the batch has history (an all-padding block pools to
+        zero anyway, so its attention pass is skipped)."""
         batch: EncodedBatch = self.encoder.encode(X)
-        return self._to_device(batch.cat), self._to_device(batch.num)
+        cat, num = self._to_device(batch.cat), self._to_device(batch.num)
+        if not self.uses_sequence or batch.seq is None or not batch.seq.any():
+            return cat, num, None, None
+        assert batch.seq_age is not None
+        return cat, num, self._to_device(batch.seq), self._to_device(batch.seq_age)
 
     def _calibrated(self, raw_logits: np.ndarray) -> np.ndarray:
         """Raw model logits (B,) -> logits of P(click) (B,), float64."""
@@ -399,13 +436,14 @@ class TorchRanker:
             raise ValueError(f"len(y2)={y2_arr.shape[0]} does not match len(X)={len(X)}")
         return self._to_device(y2_arr)
 
-    def _forward(self, cat: Tensor, num: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _forward(self, inputs: _Inputs) -> tuple[Tensor, Tensor | None]:
         """Click logits (B,) and, for MMoE, all task logits (B, T); float32 (also under amp)."""
+        cat, num, seq, seq_age = inputs
         with self._autocast():
             if isinstance(self.model, MMoE):
-                tasks = self.model.forward_tasks(cat, num).float()
+                tasks = self.model.forward_tasks(cat, num, seq, seq_age).float()
                 return tasks[:, 0], tasks
-            return self.model(cat, num).float(), None
+            return self.model(cat, num, seq, seq_age).float(), None
 
     def _loss(
         self,
@@ -452,10 +490,10 @@ class TorchRanker:
         """
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
-        cat, num = self._tensors(X)
+        inputs = self._tensors(X)
         self.model.eval()
-        with torch.no_grad(), self._autocast():
-            logits = self.model(cat, num).float()
+        with torch.no_grad():
+            logits, _ = self._forward(inputs)
         return logits.detach().cpu().numpy().astype(np.float64)
 
     def predict_proba_many(self, X: Rows) -> np.ndarray:
@@ -487,9 +525,9 @@ class TorchRanker:
             return np.zeros(0, dtype=np.float64) if scores else None
         targets, weights = self._targets(X, y, w)
         targets2 = self._second_targets(X, y2)
-        cat, num = self._tensors(X)
+        inputs = self._tensors(X)
         self.model.train()
-        logits, task_logits = self._forward(cat, num)
+        logits, task_logits = self._forward(inputs)
         centre = self.config.bias_prior_strength is not None and (
             not self.bias_centred or self.bias_warm[1] < self.config.bias_warmup
         )
@@ -502,7 +540,7 @@ class TorchRanker:
                 self.bias_centred = True
                 # The first gradient is taken at the re-centred bias: at a badly wrong CTR it
                 # would push every parameter the same way and Adam's momentum would carry it.
-                logits, task_logits = self._forward(cat, num)
+                logits, task_logits = self._forward(inputs)
         self._step(self._loss(logits, targets, weights, task_logits, targets2))
         return p
 
@@ -577,7 +615,14 @@ class TorchRanker:
         if online is None:
             online = bool(state.get("online", True))
         ranker = cls(config, seed=int(state["seed"]), online=online)
-        ranker.model.load_state_dict(state["model"])
+        try:
+            ranker.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(
+                f"{source}: the checkpoint's model weights do not match its config "
+                f"(model={config.model!r}, sequence_attention={config.sequence_attention}, "
+                f"pair_crosses={config.pair_crosses}): {e}"
+            ) from e
         sparse_state: Any = state.get("sparse_optimizer")
         if "optimizer" not in state:
             pass  # weights only: the moments start afresh
