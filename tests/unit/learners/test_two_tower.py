@@ -139,6 +139,11 @@ def test_predictions_are_the_rescaled_cosine_of_the_two_towers() -> None:
 
 def test_user_tower_ignores_position_item_fields_and_numeric_context() -> None:
     model = TwoTowerModel(small(), seed=0)
+    seen: list[dict[str, object]] = [
+        {"user_id": f"u{j % 3}", "item_id": f"i{j % 4}", "ctx_device": ("ios", "web")[j % 2]}
+        for j in range(40)
+    ]  # the context field gets its slot while learning (serving never assigns slots)
+    feed(model, seen, np.ones(40), 20)
     base: dict[str, object] = {"user_id": "u1", "ctx_device": "ios"}
     variants: list[dict[str, object]] = [
         base,

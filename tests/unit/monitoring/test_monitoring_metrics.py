@@ -84,8 +84,19 @@ HISTOGRAMS = {
     "train_step_seconds",
     "serving_seconds",
 }
+STORE = {
+    "streamrec_store_bytes",
+    "streamrec_store_version",
+    "streamrec_store_failures_total",
+    "streamrec_store_loads_total",
+} | {
+    f"streamrec_store_{h}_seconds_{s}"
+    for h in ("publish", "propagation")
+    for s in ("bucket", "sum", "count")
+}
 EXPECTED_NAMES = (
-    {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES | RAW_GAUGES | RELIABILITY_GAUGES}
+    STORE
+    | {f"streamrec_{g}" for g in WINDOW_GAUGES | OTHER_GAUGES | RAW_GAUGES | RELIABILITY_GAUGES}
     | {f"streamrec_{c}_total" for c in COUNTERS}
     | {f"streamrec_{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 )
