@@ -262,10 +262,10 @@ def _history_plan(
     ``slates`` (in place). Returns ``(favourite (n_req,), peak (n_items,), width)``."""
     n_req, s = slates.shape
     favourite = np.empty(n_req, dtype=np.int64)
-    fav_now = rng.integers(_N_CATEGORIES, size=c.n_users)
-    change = rng.random(n_req) < c.taste_drift
-    new_fav = rng.integers(_N_CATEGORIES, size=n_req)
-    n_repeat = rng.binomial(s, c.repeat_exposure, size=n_req)
+    fav_now = np.asarray(rng.integers(_N_CATEGORIES, size=c.n_users))
+    change = np.asarray(rng.random(n_req) < c.taste_drift)
+    new_fav = np.asarray(rng.integers(_N_CATEGORIES, size=n_req))
+    n_repeat = np.asarray(rng.binomial(s, c.repeat_exposure, size=n_req))
     shown: dict[int, deque[int]] = {}
     for r in range(n_req):
         u = int(req_user[r])

@@ -20,7 +20,7 @@ def _earlier_unclicked(df: pd.DataFrame) -> np.ndarray:
     """Per row: unclicked exposures of its (user, item) in earlier requests (independent)."""
     out = np.zeros(len(df), dtype=np.int64)
     count: dict[tuple[str, str], int] = {}
-    for ts, rows in df.groupby("ts", sort=True).groups.items():
+    for _ts, rows in df.groupby("ts", sort=True).groups.items():
         idx = list(rows)
         for j in idx:
             out[j] = count.get((df.at[j, "user_id"], df.at[j, "item_id"]), 0)
