@@ -70,6 +70,9 @@ ABLATION = {
     "dcnv2_counters_sequence": {},
 }
 DEFAULT_WITH_HISTORY = "dcnv2_counters_sequence"
+# bench.run's OBD path (beside the checkout), else beside a git worktree's parent folder
+_OBD_REL = ("shared", "data", "obd", "random", "all", "all.csv")
+OBD_CANDIDATES = (OBD_CSV, Path(__file__).resolve().parents[3].joinpath(*_OBD_REL))
 
 
 class ConstantCTR:
@@ -202,12 +205,13 @@ def main(
             logs["movielens"] = ml
         n = QUICK_SYNTHETIC if quick else FULL_SYNTHETIC
         logs["history_synthetic"] = generate(SyntheticConfig(n_impressions=n, **HISTORY_WORLD))
-        if OBD_CSV.exists():
-            item_context = OBD_CSV.parent / "item_context.csv"
+        obd_csv = next((p for p in OBD_CANDIDATES if p.exists()), None)
+        if obd_csv is not None:
+            item_context = obd_csv.parent / "item_context.csv"
             ctx = item_context if item_context.exists() else None
-            logs["obd"] = read_obd(OBD_CSV, item_context=ctx)
+            logs["obd"] = read_obd(obd_csv, item_context=ctx)
         else:
-            notes.append(f"OBD skipped: {OBD_CSV} not found")
+            notes.append(f"OBD skipped: none of {[str(p) for p in OBD_CANDIDATES]} found")
     datasets: dict[str, Any] = {}
     for name, df in logs.items():
         print(f"{name} ({len(df):,} impressions)", flush=True)
