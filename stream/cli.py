@@ -220,8 +220,14 @@ def replay_cmd(
     help="Fraction of the log where the true CTR shifts; negative = no drift.",
 )
 @click.option("--drift-multiplier", default=1.6, show_default=True, type=float)
+@click.option(
+    "--history/--no-history",
+    default=False,
+    show_default=True,
+    help="A world where history matters: fatigue, drifting taste, popularity waves.",
+)
 def generate(
-    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float
+    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float, history: bool
 ) -> None:
     """Write a synthetic log with known true click probabilities (and a .meta.json)."""
     from stream.synthetic import SyntheticConfig, write_synthetic
@@ -230,6 +236,7 @@ def generate(
         cfg = SyntheticConfig(
             n_impressions=impressions, seed=seed,
             drift_at=None if drift_at < 0 else drift_at, drift_multiplier=drift_multiplier,
+            history=history,
         )  # fmt: skip
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

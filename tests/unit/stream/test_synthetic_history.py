@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -89,3 +90,16 @@ def test_history_settings_are_validated() -> None:
         SyntheticConfig(repeat_exposure=1.5)
     with pytest.raises(ValueError, match="fatigue"):
         SyntheticConfig(fatigue=-1.0)
+
+
+def test_cli_generate_history(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stream.cli import main
+    from stream.synthetic import read_meta
+
+    out = tmp_path / "h.csv"
+    res = CliRunner().invoke(main, ["generate", str(out), "--impressions", "300", "--history"])
+    assert res.exit_code == 0, res.output
+    meta = read_meta(out)
+    assert meta is not None and meta["config"]["history"] is True
