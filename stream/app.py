@@ -299,6 +299,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     unacked_inputs: list[Any] = []
 
     def commit_state() -> None:
+        rt.join.save_features()
         rt.join.state.flush()
         for event in unacked_inputs:
             event.ack()

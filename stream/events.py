@@ -436,11 +436,55 @@ def input_from_obj(d: Mapping[str, Any], topic: str) -> Impression | Click:
     return _impression_from_obj(d)
 
 
+#: separator of the list-valued history features inside an impression's ``features``
+SEQ_SEP = "\x1f"
+
+
+def with_history(imp: Impression, hist: Mapping[str, object]) -> Impression:
+    """``imp`` with the feature stage's values (``features.stage``) merged into its
+    features, so they travel with it (pending state, labelled example) to the trainer.
+    ``hist_seq`` / ``hist_seq_age`` (lists) are stored as ``SEQ_SEP``-joined strings
+    (events carry str/float features only), cut to fit ``MAX_FEATURE_VALUE_LEN``;
+    :func:`example_row` turns them back into lists."""
+    feats: dict[str, str | float] = dict(imp.features)
+    for k, v in hist.items():
+        if isinstance(v, list):
+            continue
+        feats[k] = float(v)  # type: ignore[arg-type]
+    seq = hist.get("hist_seq")
+    if isinstance(seq, list) and seq:
+        ages = hist.get("hist_seq_age")
+        items = [str(x) for x in seq]
+        age_s = [repr(float(a)) for a in ages] if isinstance(ages, list) else []
+        while items and (
+            len(SEQ_SEP.join(items)) > MAX_FEATURE_VALUE_LEN
+            or len(SEQ_SEP.join(age_s[: len(items)])) > MAX_FEATURE_VALUE_LEN
+        ):
+            items.pop()
+        if items:
+            feats["hist_seq"] = SEQ_SEP.join(items)
+            feats["hist_seq_age"] = SEQ_SEP.join(age_s[: len(items)])
+    return Impression(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.position, feats,
+                      imp.served_score, imp.model_version, imp.true_p)  # fmt: skip
+
+
 def example_row(imp: Impression) -> dict[str, object]:
-    """The flat feature dict a learner sees: ids, position and features (never true_p)."""
+    """The flat feature dict a learner sees: ids, position and features (never true_p);
+    the joined ``hist_seq`` / ``hist_seq_age`` strings of :func:`with_history` as lists."""
     row: dict[str, object] = dict(imp.features)
     row["user_id"] = imp.user_id
     row["item_id"] = imp.item_id
     if imp.position is not None:
         row["position"] = imp.position
+    seq = row.get("hist_seq")
+    if isinstance(seq, str):
+        row["hist_seq"] = seq.split(SEQ_SEP) if seq else []
+        ages = row.get("hist_seq_age")
+        out: list[float] = []
+        for a in ages.split(SEQ_SEP) if isinstance(ages, str) and ages else ():
+            try:
+                out.append(float(a))
+            except ValueError:
+                out.append(0.0)
+        row["hist_seq_age"] = out
     return row
