@@ -131,7 +131,7 @@ def bytes_per_key(n: int) -> dict[str, float]:
 def partitions(events: list[Any], counts: tuple[int, ...]) -> list[dict[str, Any]]:
     exact = FeatureStage().process(events)
     imp_idx = [k for k, e in enumerate(events) if isinstance(e, ImpressionEvent)]
-    item_names = [n for n in exact[imp_idx[-1]] or {} if n.startswith(("hist_item_"))]
+    item_names = [n for n in exact[imp_idx[-1]] or {} if n.startswith("hist_item_")]
     user_names = [n for n in exact[imp_idx[-1]] or {} if n.startswith(("hist_user_", "hist_ui_"))]
     out = []
     for p in counts:

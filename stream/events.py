@@ -125,13 +125,23 @@ class Impression:
 
 @dataclass(frozen=True, slots=True)
 class Click:
-    """A click on an impression. ``ts``: event time of the click, epoch seconds."""
+    """A click on an impression. ``ts``: event time of the click, epoch seconds.
+
+    ``user_id`` (optional): the clicking user. Impressions and clicks are partitioned by
+    ``user_id`` (per-user feature state is partition-local); a click without one is keyed
+    by its ``impression_id`` instead and, with more than one partition, may land on
+    another partition than its impression and end as an orphan.
+    """
 
     impression_id: str
     ts: float
+    user_id: str | None = field(default=None, repr=False)
 
     def to_json(self) -> bytes:
-        return json.dumps({"impression_id": self.impression_id, "ts": self.ts}).encode()
+        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts}
+        if self.user_id is not None:
+            d["user_id"] = self.user_id
+        return json.dumps(d).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,7 +425,13 @@ def parse_impression(raw: bytes | str) -> Impression:
 def parse_click(raw: bytes | str) -> Click:
     """Validate one ``clicks`` record. Raises :class:`InvalidEvent`."""
     d = _load(raw)
-    return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+    return _click_from_obj(d)
+
+
+def _click_from_obj(d: Mapping[str, Any]) -> Click:
+    user = d.get("user_id")
+    return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d),
+                 user_id=None if user is None else _str_id(d, "user_id"))  # fmt: skip
 
 
 def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Watermark:
@@ -424,7 +440,7 @@ def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Wat
     if d.get("type") == "watermark":
         return Watermark(ts=_ts(d))
     if topic == TOPIC_CLICKS:
-        return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+        return _click_from_obj(d)
     return _impression_from_obj(d)
 
 
@@ -432,7 +448,7 @@ def input_from_obj(d: Mapping[str, Any], topic: str) -> Impression | Click:
     """Validate one decoded event object of ``impressions`` or ``clicks`` (the envelope
     path of :mod:`stream.envelope`; watermarks are never inside an envelope)."""
     if topic == TOPIC_CLICKS:
-        return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+        return _click_from_obj(d)
     return _impression_from_obj(d)
 
 

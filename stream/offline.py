@@ -238,8 +238,12 @@ def evaluate(
     return report
 
 
+#: the feature stage's settings ``load_examples`` (evaluate, pretrain) uses by default
+DEFAULT_FEATURES = FeatureConfig()
+
+
 def load_examples(
-    path: str | Path, limit: int | None = None, features: FeatureConfig | None = FeatureConfig()
+    path: str | Path, limit: int | None = None, features: FeatureConfig | None = DEFAULT_FEATURES
 ) -> LogExamples:
     """A log file as learner inputs, with historical features unless ``features`` is None."""
     df = read_log_frame(path)
