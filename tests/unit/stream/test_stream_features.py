@@ -118,3 +118,50 @@ def test_features_off_leaves_impressions_alone() -> None:
         svc.handle(raw, topic, 0, offset)
     drain(svc, sink)
     assert sink and all(not hist(e) for e in sink)
+
+
+def test_serving_reads_the_same_features_as_training_without_changing_state() -> None:
+    from index.faiss_index import IndexHolder
+    from learners.calibration import PlattCalibrator
+    from learners.encoding import EncoderConfig
+    from learners.ranker import RankerConfig, TorchRanker
+    from stream.serving import Recommender, ServingConfig
+
+    recs = records(120, seed=3)
+    svc = JoinService(SETTINGS, StreamrecMetrics())
+    for offset, (topic, raw) in enumerate(recs[:-2]):  # not the final watermarks
+        svc.handle(raw, topic, 0, offset)
+    stage = svc.features[0]
+    before = stage.state_dict()
+    now = T0 + 130.5
+    ranker = TorchRanker(
+        RankerConfig(model="logreg", device="cpu", encoder=EncoderConfig(num_buckets=4096,
+                     max_num_fields=64)), seed=0)  # fmt: skip
+    rec = Recommender(
+        IndexHolder(), lambda: ranker, lambda: (PlattCalibrator(), 0),
+        config=ServingConfig(position=1), history=lambda user: stage, clock=lambda: now,
+    )  # fmt: skip
+    ctx = {"item_cat": "c1"}
+    served_rows = rec._rows("u2", ["i3", "i4"], ctx)
+    served = rec.score("u2", ["i3", "i4"], ctx)
+    assert stage.state_dict() == before  # serving changed nothing
+    assert served_rows[0]["hist_user_imp_1h"] > 0 and "hist_seq" in served_rows[0]
+    # the same impressions arrive at that time: their training rows equal the served ones
+    sink: list[LabeledExample] = []
+    for k, item in enumerate(["i3", "i4"]):
+        imp = Impression(f"late-{k}", now, "u2", item, position=1, features=ctx)
+        # both scored before either arrives: the second's row must not see the first, so
+        # score it against a fresh copy of the state
+        if k == 1:
+            svc.features[0].load_state_dict(before)
+        svc.handle(imp.to_json(), TOPIC_IMPRESSIONS, 0, 10_000 + k)
+    svc.handle(Watermark(now + 1000).to_json(), TOPIC_IMPRESSIONS, 0, 10_002)
+    svc.handle(Watermark(now + 1000).to_json(), TOPIC_CLICKS, 0, 10_003)
+    svc.tick()
+    drain(svc, sink)
+    trained = {e.impression.impression_id: example_row(e.impression) for e in sink}
+    for k in range(2):
+        row = trained[f"late-{k}"]
+        assert row == served_rows[k]
+        p = ranker.predict_proba_many([row])[0]
+        assert p == served["items"][k]["p_raw"]
