@@ -47,6 +47,7 @@ NAMES = (
     "topology",
     "history_models",
     "quality_history",
+    "features",
 )
 
 
