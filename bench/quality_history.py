@@ -18,7 +18,8 @@ Learners: ``dcnv2`` (the default ranker, ``RankerConfig()``) on the log's own fe
 (``no_history``), the same with the feature stage's counters (``counters``:
 ``features.FeatureConfig(sequence=False)``), and with counters and the recent-click
 sequence (``counters_sequence``: ``FeatureConfig()``), the features attached point-in-time
-by ``features.stage.attach_log``; the peers ``river_logreg``, ``river_ftrl``, ``vw`` and
+by ``stream.offline.log_examples(df, FeatureConfig(...))`` (what ``streamrec evaluate``
+uses); the peers ``river_logreg``, ``river_ftrl``, ``vw`` and
 ``vw_ui`` (``-q ui``) at their libraries' defaults on the log's own features; ``constant``:
 the click rate of the labels seen so far. Reported per learner: AUC, NE, ECE, calibration
 ratio (and NE / oracle NE with ``true_p``). Goal (issue 13): the default ranker with
@@ -90,28 +91,12 @@ class ConstantCTR:
         self.n += len(y)
 
 
-def with_history(df: pd.DataFrame, ex: LogExamples, overrides: dict[str, Any]) -> LogExamples:
-    """``ex`` with the feature stage's point-in-time features of ``df`` merged into rows."""
-    from features.stage import FeatureConfig, FeatureStage, attach_log
+def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
+    """``df``'s rows with the feature stage's point-in-time features (``stream.offline.
+    log_examples`` with ``FeatureConfig(**overrides)``, the path ``evaluate`` uses)."""
+    from features.stage import FeatureConfig
 
-    stage = FeatureStage(FeatureConfig(**overrides))
-    attrs = [
-        {k: v for k, v in r.items() if k.startswith("item_") and k != "item_id"} for r in ex.rows
-    ]
-    pos = [None if pd.isna(p) else int(p) for p in df["position"]]
-    click_ts = [None if pd.isna(c) else float(c) for c in df["click_ts"]]
-    feats = attach_log(
-        stage,
-        df["ts"].tolist(),
-        df["impression_id"].tolist(),
-        df["user_id"].tolist(),
-        df["item_id"].tolist(),
-        pos,
-        attrs,
-        click_ts,
-    )
-    rows = [{**r, **f} for r, f in zip(ex.rows, feats, strict=True)]
-    return LogExamples(rows, ex.y, ex.ts, ex.true_p)
+    return log_examples(df, FeatureConfig(**overrides))
 
 
 def _ranker() -> TorchRanker:
@@ -145,7 +130,7 @@ def run_log(df: pd.DataFrame, history: bool = True) -> dict[str, Any]:
         if overrides is not None and not history:
             continue
         t = time.perf_counter()
-        rows = ex if overrides is None else with_history(df, ex, overrides)
+        rows = ex if overrides is None else with_history(df, overrides)
         attach_s = time.perf_counter() - t
         out[name] = _score(rows, _ranker())
         out[name]["feature_attach_seconds"] = round(attach_s, 1)
