@@ -78,7 +78,7 @@ class FeatureConfig:
     seq_keep: int = 40
     lateness_s: float = 600.0
     max_buffer: int = 32
-    impression_ttl_s: float = 86_400.0
+    impression_ttl_s: float = 7200.0
     ttl_s: float = 90 * 86_400.0
     max_keys: int = 2_000_000
     ctr_prior: float = 0.05
