@@ -413,7 +413,6 @@ class JoinService:
         if marks:
             self.state.put(partition, "w", json.dumps(marks).encode())
 
-
     def save_features(self) -> int:
         """Journal each partition's feature stage that changed since its last save (one
         state entry ``f``, the whole stage as JSON); call it right before the state is
