@@ -414,8 +414,9 @@ class JoinService:
             self.state.put(partition, "w", json.dumps(marks).encode())
 
     def save_features(self) -> int:
-        """Journal each partition's feature stage that changed since its last save (one
-        state entry ``f``, the whole stage as JSON); call it right before the state is
+        """Journal each partition's feature stage that changed since its last save (the
+        whole stage as JSON in entries ``f/0``, ``f/1``, ... that each fit a changelog
+        record, and ``f`` = their count); call it right before the state is
         flushed and input offsets are committed, so that a restarted worker's stage is
         exactly the one of the committed records and redelivered ones replay onto it.
         Returns the bytes written."""
