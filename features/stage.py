@@ -158,6 +158,7 @@ class FeatureStage:
         self._now = _NEG_INF
         self._last_sweep = _NEG_INF
         self._last_early_sweep = _NEG_INF
+        self._last_imp_sweep = _NEG_INF
         self.stats: dict[str, int] = {
             "impressions": 0,
             "clicks": 0,
@@ -524,8 +525,9 @@ class FeatureStage:
     def _maybe_sweep(self) -> None:
         c = self.config
         now = self._now
-        # impression ids (click attribution window), in arrival order
-        if self._imps:
+        # impression ids (click attribution window), in arrival order, every 1/16 of it
+        if self._imps and now - self._last_imp_sweep >= c.impression_ttl_s / 16.0:
+            self._last_imp_sweep = now
             cut = now - c.impression_ttl_s
             stale = []
             for iid, imp in self._imps.items():
