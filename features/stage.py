@@ -78,7 +78,7 @@ class FeatureConfig:
     seq_keep: int = 40
     lateness_s: float = 600.0
     max_buffer: int = 32
-    impression_ttl_s: float = 86_400.0
+    impression_ttl_s: float = 7200.0
     ttl_s: float = 90 * 86_400.0
     max_keys: int = 2_000_000
     ctr_prior: float = 0.05
@@ -158,6 +158,7 @@ class FeatureStage:
         self._now = _NEG_INF
         self._last_sweep = _NEG_INF
         self._last_early_sweep = _NEG_INF
+        self._last_imp_sweep = _NEG_INF
         self.stats: dict[str, int] = {
             "impressions": 0,
             "clicks": 0,
@@ -336,9 +337,10 @@ class FeatureStage:
         c = self.config
         out: dict[str, object] = {}
         if c.counters:
-            h = self._h
+            h, c0, li, lc = self._h, self._c0, self._last_imp, self._last_clk
+            rates = self._rates
             prior, strength = c.ctr_prior * c.ctr_strength, c.ctr_strength
-            log1p = math.log1p
+            log1p, exp = math.log1p, math.exp
             for ent, key in keys:
                 names = self._feature_names(ent)
                 rec = self._keys.get(key)
@@ -351,13 +353,26 @@ class FeatureStage:
                     if ent == "ui":
                         out["hist_ui_n"] = 0.0
                     continue
-                imps, clks, n, last_imp, last_clk = self._query(rec, t)
-                for j in range(h):
-                    ni, nc, nr = names[j]
-                    im, cl = imps[j], clks[j]
-                    out[ni] = log1p(im)
-                    out[nc] = log1p(cl)
-                    out[nr] = (cl + prior) / (im + strength)
+                r = rec[_R]
+                if t > r:  # in order: the aggregates decayed to t (the common case)
+                    dt = t - r
+                    for j in range(h):
+                        ni, nc, nr = names[j]
+                        f = exp(-dt * rates[j])
+                        im = rec[2 + j] * f
+                        cl = rec[c0 + j] * f
+                        out[ni] = log1p(im)
+                        out[nc] = log1p(cl)
+                        out[nr] = (cl + prior) / (im + strength)
+                    n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
+                else:
+                    imps, clks, n, last_imp, last_clk = self._query(rec, t)
+                    for j in range(h):
+                        ni, nc, nr = names[j]
+                        im, cl = imps[j], clks[j]
+                        out[ni] = log1p(im)
+                        out[nc] = log1p(cl)
+                        out[nr] = (cl + prior) / (im + strength)
                 if ent == "user":
                     if last_imp > _NEG_INF:
                         out["hist_user_since_imp"] = log1p(t - last_imp)
@@ -510,8 +525,9 @@ class FeatureStage:
     def _maybe_sweep(self) -> None:
         c = self.config
         now = self._now
-        # impression ids (click attribution window), in arrival order
-        if self._imps:
+        # impression ids (click attribution window), in arrival order, every 1/16 of it
+        if self._imps and now - self._last_imp_sweep >= c.impression_ttl_s / 16.0:
+            self._last_imp_sweep = now
             cut = now - c.impression_ttl_s
             stale = []
             for iid, imp in self._imps.items():

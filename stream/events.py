@@ -7,8 +7,8 @@ inside Faust's deserialiser, which would drop it.
 
 | topic         | key            | value                                |
 |---------------|----------------|--------------------------------------|
-| impressions   | impression_id  | :class:`Impression` or a watermark   |
-| clicks        | impression_id  | :class:`Click` or a watermark        |
+| impressions   | user_id        | :class:`Impression` or a watermark   |
+| clicks        | user_id        | :class:`Click` or a watermark        |
 | labeled       | joiner partition | :class:`LabeledBatch`              |
 | scored        | trainer        | :class:`ScoredBatch`                 |
 | control       | kind           | ``{"kind": ..., "version": ...}``    |

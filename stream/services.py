@@ -157,6 +157,7 @@ class JoinService:
         self.features: dict[int, FeatureStage] = {}
         self.feature_config: FeatureConfig | None = FeatureConfig() if settings.features else None
         self._features_saved: dict[int, tuple[int, ...]] = {}
+        self._features_pieces: dict[int, int] = {}
 
     def joiner(self, partition: int) -> OnlineJoiner:
         """The partition's joiner, rebuilt from the durable state on first use."""
@@ -174,6 +175,8 @@ class JoinService:
         done: list[tuple[str, int, float, Impression | None]] = []
         orphans: list[tuple[str, float]] = []
         max_ts: dict[str, float] = {}
+        feature_pieces = 0
+        pieces: dict[int, bytes] = {}
         for key, value in self.state.items(partition):
             try:
                 if key.startswith("i/"):
@@ -190,11 +193,23 @@ class JoinService:
                     orphans.append((key[2:], float(value)))
                 elif key == "w":
                     max_ts = {k: float(v) for k, v in json.loads(value).items()}
-                elif key == "f" and partition in self.features:
-                    self.features[partition].load_state_dict(json.loads(value))
+                elif key == "f":
+                    feature_pieces = int(json.loads(value)["n"])
+                elif key.startswith("f/"):
+                    pieces[int(key[2:])] = value
             except (ValueError, KeyError, TypeError, InvalidEvent) as exc:
                 log.error("join state of partition %d: unreadable entry %r: %s", partition,
                           key, exc)  # fmt: skip
+        stage = self.features.get(partition)
+        if stage is not None and feature_pieces:
+            try:
+                raw = b"".join(pieces[i] for i in range(feature_pieces))
+                stage.load_state_dict(json.loads(raw))
+                self._features_pieces[partition] = feature_pieces
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("feature state of partition %d unreadable, starting empty: %s",
+                          partition, exc)  # fmt: skip
+                self.features[partition] = FeatureStage(stage.config)
         if pending or orphans or max_ts or done:
             j.restore(pending, orphans, max_ts, done)
             self.n_restored += len(pending)
@@ -398,10 +413,10 @@ class JoinService:
         if marks:
             self.state.put(partition, "w", json.dumps(marks).encode())
 
-
     def save_features(self) -> int:
-        """Journal each partition's feature stage that changed since its last save (one
-        state entry ``f``, the whole stage as JSON); call it right before the state is
+        """Journal each partition's feature stage that changed since its last save (the
+        whole stage as JSON in entries ``f/0``, ``f/1``, ... that each fit a changelog
+        record, and ``f`` = their count); call it right before the state is
         flushed and input offsets are committed, so that a restarted worker's stage is
         exactly the one of the committed records and redelivered ones replay onto it.
         Returns the bytes written."""
@@ -411,13 +426,16 @@ class JoinService:
             if self._features_saved.get(p) == mark:
                 continue
             raw = json.dumps(stage.state_dict(), separators=(",", ":")).encode()
-            if len(raw) > self.settings.max_message_bytes // 2:
-                # one changelog record cannot hold it (known limit: a per-key layout is the
-                # follow-up); the last state that fitted stays, a restart approximates
-                log.warning("partition %d: feature state of %d bytes not journalled", p,
-                            len(raw))  # fmt: skip
-                continue
-            self.state.put(p, "f", raw)
+            # in pieces that each fit a changelog record: f/0, f/1, ... and f = their count
+            # (the whole stage each time: a per-key layout is the follow-up)
+            size = max(1024, self.settings.max_message_bytes // 2)
+            pieces = [raw[i : i + size] for i in range(0, len(raw), size)]
+            for i, piece in enumerate(pieces):
+                self.state.put(p, f"f/{i}", piece)
+            for i in range(len(pieces), self._features_pieces.get(p, 0)):
+                self.state.delete(p, f"f/{i}")
+            self.state.put(p, "f", json.dumps({"n": len(pieces)}).encode())
+            self._features_pieces[p] = len(pieces)
             self._features_saved[p] = mark
             written += len(raw)
         return written

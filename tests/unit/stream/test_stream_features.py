@@ -5,7 +5,11 @@ redelivered), and serving reads the same values without changing the state."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
+import pytest
 
 from features.stage import FeatureStage
 from monitoring.metrics import StreamrecMetrics
@@ -72,12 +76,15 @@ def hist(e: LabeledExample) -> dict[str, object]:
     return {k: v for k, v in example_row(e.impression).items() if k.startswith("hist_")}
 
 
-def test_features_travel_to_the_labelled_example_and_survive_a_restart() -> None:
+@pytest.mark.parametrize("record_bytes", [1_000_000, 65_536])
+def test_features_travel_to_the_labelled_example_and_survive_a_restart(record_bytes: int) -> None:
+    # record_bytes 65,536: the journalled stage is cut into pieces (f/0, f/1, ...)
+    settings = dataclasses.replace(SETTINGS, max_message_bytes=record_bytes)
     recs = records(250, seed=1)
     ref = reference(recs)
     state = MemoryJoinState()
     sink: list[LabeledExample] = []
-    first = JoinService(SETTINGS, StreamrecMetrics(), state)
+    first = JoinService(settings, StreamrecMetrics(), state)
     committed = 0
     crash_at = 260
     for offset, (topic, raw) in enumerate(recs[:crash_at]):
@@ -86,7 +93,9 @@ def test_features_travel_to_the_labelled_example_and_survive_a_restart() -> None
             drain(first, sink)
             first.save_features()  # what the worker's commit does before committing
             committed = offset + 1
-    second = JoinService(SETTINGS, StreamrecMetrics(), state)
+    if record_bytes < 100_000:
+        assert int(json.loads(state.data[0]["f"])["n"]) >= 2
+    second = JoinService(settings, StreamrecMetrics(), state)
     for offset, (topic, raw) in enumerate(recs[committed:], start=committed):
         second.handle(raw, topic, 0, offset)
     second.tick()
