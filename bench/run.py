@@ -46,6 +46,8 @@ NAMES = (
     "replay",
     "topology",
     "history_models",
+    "quality_history",
+    "features",
 )
 
 

@@ -50,6 +50,7 @@ from stream.events import (
     decode_labeled_batch,
 )
 from stream.limits import labeled_records, payload_limit, scored_records
+from stream.producer import partition_of
 from stream.segments import SegmentedState
 from stream.services import (
     IndexerService,
@@ -300,6 +301,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     unacked_inputs: list[Any] = []
 
     def commit_state() -> None:
+        rt.join.save_features()
         rt.join.state.flush()
         for event in unacked_inputs:
             event.ack()
@@ -699,6 +701,10 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors
             ),
             config=settings.serving,
+            # the live feature stage of the user's partition when this worker owns it
+            history=lambda user: rt.join.features.get(
+                partition_of(user.encode(), settings.partitions)
+            ),
         )
     app.recommender = recommender  # type: ignore[attr-defined]
     gate = ServingGate(settings.serving.threads, settings.serving.max_inflight)

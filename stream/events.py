@@ -7,8 +7,8 @@ inside Faust's deserialiser, which would drop it.
 
 | topic         | key            | value                                |
 |---------------|----------------|--------------------------------------|
-| impressions   | impression_id  | :class:`Impression` or a watermark   |
-| clicks        | impression_id  | :class:`Click` or a watermark        |
+| impressions   | user_id        | :class:`Impression` or a watermark   |
+| clicks        | user_id        | :class:`Click` or a watermark        |
 | labeled       | joiner partition | :class:`LabeledBatch`              |
 | scored        | trainer        | :class:`ScoredBatch`                 |
 | control       | kind           | ``{"kind": ..., "version": ...}``    |
@@ -125,13 +125,23 @@ class Impression:
 
 @dataclass(frozen=True, slots=True)
 class Click:
-    """A click on an impression. ``ts``: event time of the click, epoch seconds."""
+    """A click on an impression. ``ts``: event time of the click, epoch seconds.
+
+    ``user_id`` (optional): the clicking user. Impressions and clicks are partitioned by
+    ``user_id`` (per-user feature state is partition-local); a click without one is keyed
+    by its ``impression_id`` instead and, with more than one partition, may land on
+    another partition than its impression and end as an orphan.
+    """
 
     impression_id: str
     ts: float
+    user_id: str | None = field(default=None, repr=False)
 
     def to_json(self) -> bytes:
-        return json.dumps({"impression_id": self.impression_id, "ts": self.ts}).encode()
+        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts}
+        if self.user_id is not None:
+            d["user_id"] = self.user_id
+        return json.dumps(d).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,7 +425,13 @@ def parse_impression(raw: bytes | str) -> Impression:
 def parse_click(raw: bytes | str) -> Click:
     """Validate one ``clicks`` record. Raises :class:`InvalidEvent`."""
     d = _load(raw)
-    return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+    return _click_from_obj(d)
+
+
+def _click_from_obj(d: Mapping[str, Any]) -> Click:
+    user = d.get("user_id")
+    return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d),
+                 user_id=None if user is None else _str_id(d, "user_id"))  # fmt: skip
 
 
 def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Watermark:
@@ -424,7 +440,7 @@ def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Wat
     if d.get("type") == "watermark":
         return Watermark(ts=_ts(d))
     if topic == TOPIC_CLICKS:
-        return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+        return _click_from_obj(d)
     return _impression_from_obj(d)
 
 
@@ -432,15 +448,59 @@ def input_from_obj(d: Mapping[str, Any], topic: str) -> Impression | Click:
     """Validate one decoded event object of ``impressions`` or ``clicks`` (the envelope
     path of :mod:`stream.envelope`; watermarks are never inside an envelope)."""
     if topic == TOPIC_CLICKS:
-        return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d))
+        return _click_from_obj(d)
     return _impression_from_obj(d)
 
 
+#: separator of the list-valued history features inside an impression's ``features``
+SEQ_SEP = "\x1f"
+
+
+def with_history(imp: Impression, hist: Mapping[str, object]) -> Impression:
+    """``imp`` with the feature stage's values (``features.stage``) merged into its
+    features, so they travel with it (pending state, labelled example) to the trainer.
+    ``hist_seq`` / ``hist_seq_age`` (lists) are stored as ``SEQ_SEP``-joined strings
+    (events carry str/float features only), cut to fit ``MAX_FEATURE_VALUE_LEN``;
+    :func:`example_row` turns them back into lists."""
+    feats: dict[str, str | float] = dict(imp.features)
+    for k, v in hist.items():
+        if isinstance(v, list):
+            continue
+        feats[k] = float(v)  # type: ignore[arg-type]
+    seq = hist.get("hist_seq")
+    if isinstance(seq, list) and seq:
+        ages = hist.get("hist_seq_age")
+        items = [str(x) for x in seq]
+        age_s = [repr(float(a)) for a in ages] if isinstance(ages, list) else []
+        while items and (
+            len(SEQ_SEP.join(items)) > MAX_FEATURE_VALUE_LEN
+            or len(SEQ_SEP.join(age_s[: len(items)])) > MAX_FEATURE_VALUE_LEN
+        ):
+            items.pop()
+        if items:
+            feats["hist_seq"] = SEQ_SEP.join(items)
+            feats["hist_seq_age"] = SEQ_SEP.join(age_s[: len(items)])
+    return Impression(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.position, feats,
+                      imp.served_score, imp.model_version, imp.true_p)  # fmt: skip
+
+
 def example_row(imp: Impression) -> dict[str, object]:
-    """The flat feature dict a learner sees: ids, position and features (never true_p)."""
+    """The flat feature dict a learner sees: ids, position and features (never true_p);
+    the joined ``hist_seq`` / ``hist_seq_age`` strings of :func:`with_history` as lists."""
     row: dict[str, object] = dict(imp.features)
     row["user_id"] = imp.user_id
     row["item_id"] = imp.item_id
     if imp.position is not None:
         row["position"] = imp.position
+    seq = row.get("hist_seq")
+    if isinstance(seq, str):
+        row["hist_seq"] = seq.split(SEQ_SEP) if seq else []
+        ages = row.get("hist_seq_age")
+        out: list[float] = []
+        for a in ages.split(SEQ_SEP) if isinstance(ages, str) and ages else ():
+            try:
+                out.append(float(a))
+            except ValueError:
+                out.append(0.0)
+        row["hist_seq_age"] = out
     return row

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from features.stage import FeatureConfig, FeatureStage, attach_log
 from learners.ranker import RankerConfig, TorchRanker
 from learners.weighting import time_decay_weights
 from monitoring.calibration import (
@@ -52,16 +53,40 @@ class LogExamples:
         return LogExamples(self.rows[s], self.y[s], self.ts[s], tp)
 
 
-def log_examples(df: pd.DataFrame) -> LogExamples:
-    """Rows as the trainer sees them: ids, position and features; never true_p/propensity."""
+def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> LogExamples:
+    """Rows as the trainer sees them: ids, position and features; never true_p/propensity.
+
+    ``features``: attach the historical features of :class:`features.stage.FeatureStage`
+    (``hist_*``, ``hist_seq``, ``hist_seq_age``), computed point-in-time by replaying the log
+    in event-time order (impressions at ``ts``, clicks at ``click_ts``; a click without a
+    ``click_ts`` counts from its impression's ``ts``) through the same stage the worker
+    runs. None: no historical features.
+    """
     rows: list[dict[str, object]] = []
-    for r in frame_to_rows(df):
+    log_rows = frame_to_rows(df)
+    for r in log_rows:
         row: dict[str, object] = dict(r.features)
         row["user_id"] = r.user_id
         row["item_id"] = r.item_id
         if r.position is not None:
             row["position"] = r.position
         rows.append(row)
+    if features is not None:
+        hist = attach_log(
+            FeatureStage(features),
+            ts=[r.ts for r in log_rows],
+            impression_id=[r.impression_id for r in log_rows],
+            user_id=[r.user_id for r in log_rows],
+            item_id=[r.item_id for r in log_rows],
+            position=[r.position for r in log_rows],
+            attrs=[r.features for r in log_rows],
+            click_ts=[
+                (r.click_ts if r.click_ts is not None else r.ts) if r.click else None
+                for r in log_rows
+            ],
+        )
+        for row, f in zip(rows, hist, strict=True):
+            row.update(f)
     y = df["click"].to_numpy(dtype=np.float64)
     ts = df["ts"].to_numpy(dtype=np.float64)
     tp = df["true_p"].to_numpy(dtype=np.float64) if "true_p" in df else None
@@ -213,8 +238,15 @@ def evaluate(
     return report
 
 
-def load_examples(path: str | Path, limit: int | None = None) -> LogExamples:
+#: the feature stage's settings ``load_examples`` (evaluate, pretrain) uses by default
+DEFAULT_FEATURES = FeatureConfig()
+
+
+def load_examples(
+    path: str | Path, limit: int | None = None, features: FeatureConfig | None = DEFAULT_FEATURES
+) -> LogExamples:
+    """A log file as learner inputs, with historical features unless ``features`` is None."""
     df = read_log_frame(path)
     if limit is not None:
         df = df.iloc[:limit]
-    return log_examples(df)
+    return log_examples(df, features)

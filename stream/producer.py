@@ -12,7 +12,7 @@ Usage (an application)::
     from kafka import KafkaProducer
     p = EventProducer(KafkaProducer(bootstrap_servers="localhost:9092"))
     p.send_impression({"impression_id": "a", "ts": 1.7e9, "user_id": "u", "item_id": "i"})
-    p.send_click({"impression_id": "a", "ts": 1.7e9 + 5})
+    p.send_click({"impression_id": "a", "ts": 1.7e9 + 5, "user_id": "u"})
     p.flush()
 """
 
@@ -61,7 +61,7 @@ class EventProducer:
         max_events: int = 1000,
         max_bytes: int = DEFAULT_MAX_BYTES,
         linger_s: float = 0.005,
-        key_field: str = "impression_id",
+        key_field: str = "user_id",
     ) -> None:
         if max_events < 1 or max_bytes < 64:
             raise ValueError("max_events must be >= 1 and max_bytes >= 64")
@@ -95,7 +95,9 @@ class EventProducer:
 
     def send(self, topic: str, event: Mapping[str, Any]) -> None:
         """Queue one event (a JSON-shaped dict) of ``topic``."""
-        key = str(event[self.key_field]).encode()
+        k = event.get(self.key_field)
+        # a click without the key field (user_id) falls back to its impression_id
+        key = str(event["impression_id"] if k is None else k).encode()
         tp = (topic, partition_of(key, self.n_partitions(topic)))
         b = self._enc.encode(event)
         buf = self._buf.get(tp)

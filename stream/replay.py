@@ -1,7 +1,8 @@
 """Replay an impression log into Kafka in event-time order.
 
 Each log row gives one ``impressions`` record at ``ts`` and, when clicked, one ``clicks``
-record at ``click_ts``; both are keyed by impression_id (so they are co-partitioned).
+record at ``click_ts``; both are keyed by user_id (so they are co-partitioned, and so is
+the user's feature state; clicks carry the ``user_id``).
 With ``fmt="envelope"`` (the default) the events travel in batched envelopes, one per
 partition every few milliseconds (:class:`stream.producer.EventProducer`), partitioned
 exactly as single-event records with the same key would be; ``fmt="json"`` sends one JSON
@@ -120,6 +121,7 @@ def replay(
         return stats
     imps = _impressions(df)
     ids = df["impression_id"].to_numpy(dtype=object)
+    users = df["user_id"].to_numpy(dtype=object)
     ev_ts, ev_row, ev_click = event_order(df)
     producer = KafkaProducer(
         bootstrap_servers=bootstrap.split("://", 1)[-1].split(","),
@@ -137,7 +139,7 @@ def replay(
             if not p:
                 raise RuntimeError(f"topic {t!r} does not exist on {bootstrap}; create it first")
 
-        events = EventProducer(producer, key_field="impression_id")
+        events = EventProducer(producer, key_field="user_id")
 
         def watermark(ts: float) -> None:
             events.send_pending()  # the watermark follows the events it covers
@@ -160,13 +162,15 @@ def replay(
                     time.sleep(delay)
             if fmt == "envelope":
                 if is_click:
-                    events.send_click({"impression_id": str(ids[row]), "ts": ts})
+                    events.send_click(
+                        {"impression_id": str(ids[row]), "ts": ts, "user_id": str(users[row])}
+                    )
                 else:
                     events.send_impression(imps[row].to_dict())
             else:
-                key = str(ids[row]).encode()
+                key = str(users[row]).encode()
                 if is_click:
-                    value = Click(str(ids[row]), ts).to_json()
+                    value = Click(str(ids[row]), ts, str(users[row])).to_json()
                     producer.send(TOPIC_CLICKS, key=key, value=value)
                 else:
                     producer.send(TOPIC_IMPRESSIONS, key=key, value=imps[row].to_json())

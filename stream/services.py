@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from features.stage import FeatureConfig, FeatureStage
 from index.faiss_index import IndexHolder, IndexSnapshot, build_snapshot
 from index.hard_negatives import HardNegativePool
 from learners.calibration import (
@@ -48,6 +49,7 @@ from stream.events import (
     example_row,
     parse_impression,
     parse_input,
+    with_history,
 )
 from stream.join import OnlineJoiner
 from stream.settings import Settings
@@ -151,6 +153,11 @@ class JoinService:
         self._wm_saved: dict[int, float] = {}  # partition -> wall time of the last save
         self.n_restored = 0
         self._since_release = 0
+        #: partition -> its feature stage (historical features, ``Settings.features``)
+        self.features: dict[int, FeatureStage] = {}
+        self.feature_config: FeatureConfig | None = FeatureConfig() if settings.features else None
+        self._features_saved: dict[int, tuple[int, ...]] = {}
+        self._features_pieces: dict[int, int] = {}
 
     def joiner(self, partition: int) -> OnlineJoiner:
         """The partition's joiner, rebuilt from the durable state on first use."""
@@ -158,6 +165,8 @@ class JoinService:
         if j is None:
             j = self.joiners[partition] = OnlineJoiner(self.settings.join)
             j.limit = self._released_to
+            if self.feature_config is not None:
+                self.features[partition] = FeatureStage(self.feature_config)
             self._restore(partition, j)
         return j
 
@@ -166,6 +175,8 @@ class JoinService:
         done: list[tuple[str, int, float, Impression | None]] = []
         orphans: list[tuple[str, float]] = []
         max_ts: dict[str, float] = {}
+        feature_pieces = 0
+        pieces: dict[int, bytes] = {}
         for key, value in self.state.items(partition):
             try:
                 if key.startswith("i/"):
@@ -182,9 +193,23 @@ class JoinService:
                     orphans.append((key[2:], float(value)))
                 elif key == "w":
                     max_ts = {k: float(v) for k, v in json.loads(value).items()}
+                elif key == "f":
+                    feature_pieces = int(json.loads(value)["n"])
+                elif key.startswith("f/"):
+                    pieces[int(key[2:])] = value
             except (ValueError, KeyError, TypeError, InvalidEvent) as exc:
                 log.error("join state of partition %d: unreadable entry %r: %s", partition,
                           key, exc)  # fmt: skip
+        stage = self.features.get(partition)
+        if stage is not None and feature_pieces:
+            try:
+                raw = b"".join(pieces[i] for i in range(feature_pieces))
+                stage.load_state_dict(json.loads(raw))
+                self._features_pieces[partition] = feature_pieces
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("feature state of partition %d unreadable, starting empty: %s",
+                          partition, exc)  # fmt: skip
+                self.features[partition] = FeatureStage(stage.config)
         if pending or orphans or max_ts or done:
             j.restore(pending, orphans, max_ts, done)
             self.n_restored += len(pending)
@@ -198,6 +223,8 @@ class JoinService:
         partitions = list(partitions)
         for p in partitions:
             self.joiners.pop(p, None)
+            self.features.pop(p, None)
+            self._features_saved.pop(p, None)
             self.outbox.pop(p, None)
             self._wm_saved.pop(p, None)
         self.state.drop(partitions)
@@ -318,6 +345,9 @@ class JoinService:
         elif isinstance(event, Click):
             self.metrics.clicks.inc()
             iid = event.impression_id
+            stage = self.features.get(partition)
+            if stage is not None:
+                stage.click(iid, event.ts)
             had_orphan = iid in j.orphan_clicks
             out = j.on_click(event)
             imp = j.pending.get(iid)
@@ -330,6 +360,13 @@ class JoinService:
             assert isinstance(event, Impression)
             self.metrics.impressions.inc()
             iid = event.impression_id
+            stage = self.features.get(partition)
+            if stage is not None:
+                hist = stage.impression(iid, event.ts, event.user_id, event.item_id,
+                                        event.position, event.features)  # fmt: skip
+                if hist is not None:  # None: a duplicate (the joiner drops it too)
+                    event = with_history(event, hist)
+                    raw = None
             had_orphan = iid in j.orphan_clicks
             known = iid in j.pending
             out = j.on_impression(event)
@@ -375,6 +412,33 @@ class JoinService:
         marks = {k: v for k, v in j.max_ts.items() if np.isfinite(v)}
         if marks:
             self.state.put(partition, "w", json.dumps(marks).encode())
+
+    def save_features(self) -> int:
+        """Journal each partition's feature stage that changed since its last save (the
+        whole stage as JSON in entries ``f/0``, ``f/1``, ... that each fit a changelog
+        record, and ``f`` = their count); call it right before the state is
+        flushed and input offsets are committed, so that a restarted worker's stage is
+        exactly the one of the committed records and redelivered ones replay onto it.
+        Returns the bytes written."""
+        written = 0
+        for p, stage in self.features.items():
+            mark = tuple(stage.stats.values())
+            if self._features_saved.get(p) == mark:
+                continue
+            raw = json.dumps(stage.state_dict(), separators=(",", ":")).encode()
+            # in pieces that each fit a changelog record: f/0, f/1, ... and f = their count
+            # (the whole stage each time: a per-key layout is the follow-up)
+            size = max(1024, self.settings.max_message_bytes // 2)
+            pieces = [raw[i : i + size] for i in range(0, len(raw), size)]
+            for i, piece in enumerate(pieces):
+                self.state.put(p, f"f/{i}", piece)
+            for i in range(len(pieces), self._features_pieces.get(p, 0)):
+                self.state.delete(p, f"f/{i}")
+            self.state.put(p, "f", json.dumps({"n": len(pieces)}).encode())
+            self._features_pieces[p] = len(pieces)
+            self._features_saved[p] = mark
+            written += len(raw)
+        return written
 
     def take_outbox(self) -> dict[int, list[LabeledExample]]:
         """Hand over the queued labels (partition -> examples); call :meth:`sent` once the

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from features.stage import FeatureStage
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
 from learners.ranker import TorchRanker
@@ -35,6 +36,9 @@ from stream.events import (
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,
     MAX_ID_LEN,
+    Impression,
+    example_row,
+    with_history,
 )
 
 __all__ = ["Recommender", "ServingConfig", "ServingError", "ServingGate"]
@@ -220,12 +224,16 @@ class Recommender:
         calibrator: Callable[[], tuple[Calibrator, int]],
         user_vectors: UserVectors | None = None,
         config: ServingConfig = ServingConfig(),  # noqa: B008 - frozen, immutable default
+        history: Callable[[str], FeatureStage | None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.index = index
         self.ranker = ranker
         self.calibrator = calibrator
         self.user_vectors = user_vectors
         self.config = config
+        self.history = history
+        self.clock = clock
 
     @property
     def retrieval_model(self) -> str:
@@ -257,6 +265,23 @@ class Recommender:
     def _rows(
         self, user_id: str, items: Sequence[str], context: Mapping[str, str | float]
     ) -> list[dict[str, object]]:
+        stage = None if self.history is None else self.history(user_id)
+        if stage is not None:
+            # the live feature stage of the user's partition, read only (peek), at the
+            # request's time, through the same encoding as a joined impression: the rows
+            # equal the training rows of an impression arriving now
+            now = self.clock()
+            pos = self.config.position
+            ctx = dict(context)
+            return [
+                example_row(
+                    with_history(
+                        Impression("serve", now, user_id, item, pos, ctx),
+                        stage.peek(now, user_id, item, pos, ctx),
+                    )
+                )
+                for item in items
+            ]
         base: dict[str, object] = dict(context)
         base["user_id"] = user_id
         if self.config.position is not None:

@@ -210,6 +210,9 @@ class Settings:
     #: worker's wall clock is dead-lettered (``future_ts``) instead of moving the watermark
     #: into the future; replayed logs carry past times. ``inf`` turns the check off
     max_future_skew_s: float = 300.0
+    #: the joiner attaches historical features (features.stage.FeatureStage, one per input
+    #: partition, state persisted with the join state) to every impression when it arrives
+    features: bool = True
     join: JoinConfig = field(default_factory=JoinConfig)
     ranker: RankerConfig = field(
         default_factory=lambda: RankerConfig(encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER))

@@ -18,6 +18,26 @@ with the global bias ``b`` solved (bisection) so that the mean ``true_p`` of the
 before the drift is ``base_ctr``. From the drift time on, every ``true_p`` is multiplied by
 ``drift_multiplier`` and clipped to at most 0.99. ``click ~ Bernoulli(true_p)``.
 
+**History world** (``history=True``; off by default so the classic world and its numbers
+are unchanged: its draws come from a separate ``default_rng([seed, 1])``). Three effects a
+model can only learn from history, on top of the terms above:
+
+- *drifting taste*: each user has a favourite category, which changes to a random one with
+  probability ``taste_drift`` at each of their requests; items of it get ``+taste_effect``
+  in the logit, so the user's recent clicks reveal it;
+- *popularity waves*: item ``j`` peaks at a random time ``tau_j`` (spread over the log and
+  a little beyond); its logit gets ``popularity_wave * (exp(-((t - tau_j) / w)^2 / 2) -
+  0.5)`` with ``w`` a sixth of the log's span, so recent item CTRs predict current ones;
+- *fatigue*: each earlier unclicked exposure of the pair lowers the logit by ``fatigue``
+  (drawn request by request, so ``true_p`` depends on the realised past clicks);
+  recommenders show items again: each slot re-shows, with probability
+  ``repeat_exposure``, one of the user's last 20 shown items.
+
+The bias is solved on the logits before fatigue (fatigue lowers the mean CTR a little
+below ``base_ctr``); the drift multiplies the fatigued probability. ``true_p`` stays the
+exact click probability of each row, so the oracle NE is known. ``click_propensity``
+describes the static part only.
+
 Time: requests (slates of ``slate_size`` impressions sharing user, ``ts`` and device, at
 positions ``1..slate_size``) arrive as a Poisson process with ``impressions_per_s /
 slate_size`` requests per second of event time, so impressions arrive at
@@ -43,6 +63,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +109,13 @@ class SyntheticConfig:
     drift_at: float | None = 0.5  # fraction of the log at which the true CTR shifts
     drift_multiplier: float = 1.6  # true_p multiplied after the drift, clipped to <= 0.99
     seed: int = 0
+    # a world where history matters (off by default: the classic world's numbers stay)
+    history: bool = False
+    fatigue: float = 0.5  # logit drop per earlier unclicked exposure of the user x item pair
+    taste_effect: float = 1.5  # logit gain on items of the user's current favourite category
+    taste_drift: float = 0.02  # chance per request that a user's favourite category changes
+    popularity_wave: float = 1.0  # amplitude (logit) of each item's rise and decay
+    repeat_exposure: float = 0.4  # chance per slot of re-showing one of the user's last 20
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -139,6 +167,12 @@ class SyntheticConfig:
             math.isfinite(self.drift_multiplier) and self.drift_multiplier > 0,
             f"drift_multiplier must be finite and > 0, got {self.drift_multiplier}",
         )
+        for name in ("fatigue", "taste_effect", "popularity_wave"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+        for name in ("taste_drift", "repeat_exposure"):
+            value = getattr(self, name)
+            need(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -215,6 +249,79 @@ def _draw_world(c: SyntheticConfig, rng: np.random.Generator) -> _World:
                   price_z, user_w, item_w)  # fmt: skip
 
 
+def _history_plan(
+    c: SyntheticConfig,
+    rng: np.random.Generator,
+    req_user: np.ndarray,
+    req_ts_us: np.ndarray,
+    slates: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Draw what the history world knows before any click: each request's favourite
+    category of its user (a slow random walk per user), each item's popularity peak time
+    (epoch us) and the wave width (us); re-show items of the user's recent exposures in
+    ``slates`` (in place). Returns ``(favourite (n_req,), peak (n_items,), width)``."""
+    n_req, s = slates.shape
+    favourite = np.empty(n_req, dtype=np.int64)
+    fav_now = np.asarray(rng.integers(_N_CATEGORIES, size=c.n_users))
+    change = np.asarray(rng.random(n_req) < c.taste_drift)
+    new_fav = np.asarray(rng.integers(_N_CATEGORIES, size=n_req))
+    n_repeat = np.asarray(rng.binomial(s, c.repeat_exposure, size=n_req))
+    shown: dict[int, deque[int]] = {}
+    for r in range(n_req):
+        u = int(req_user[r])
+        if change[r]:
+            fav_now[u] = new_fav[r]
+        favourite[r] = fav_now[u]
+        recent = shown.get(u)
+        if recent is None:
+            recent = shown[u] = deque(maxlen=20)
+        if n_repeat[r] and recent:
+            pool = list(dict.fromkeys(recent))
+            k = min(int(n_repeat[r]), len(pool))
+            again = [pool[j] for j in rng.choice(len(pool), size=k, replace=False)]
+            rest = [int(i) for i in slates[r] if int(i) not in again]
+            slates[r] = (again + rest)[:s]
+        recent.extend(int(i) for i in slates[r])
+    span = float(req_ts_us[-1] - req_ts_us[0]) or 1.0
+    peak = req_ts_us[0] + rng.uniform(-0.2, 1.2, size=c.n_items) * span
+    return favourite, peak, span / 6.0
+
+
+def _fatigued_clicks(
+    c: SyntheticConfig,
+    uniform: np.ndarray,
+    logit: np.ndarray,
+    scale: np.ndarray,
+    true_p: np.ndarray,
+    user: np.ndarray,
+    item: np.ndarray,
+    req: np.ndarray,
+) -> np.ndarray:
+    """Draw clicks in request order: ``true_p = min(sigmoid(logit - fatigue * k) * scale,
+    0.99)`` with ``k`` the pair's unclicked exposures in earlier requests (``true_p`` is
+    updated in place where ``k > 0``)."""
+    n = len(logit)
+    click = np.zeros(n, dtype=np.int64)
+    unclicked: dict[tuple[int, int], int] = {}
+    start = 0
+    while start < n:  # one request (same ts) at a time
+        end = start
+        while end < n and req[end] == req[start]:
+            end += 1
+        for j in range(start, end):
+            k = unclicked.get((int(user[j]), int(item[j])), 0)
+            if k:
+                p = scale[j] / (1.0 + math.exp(-(logit[j] - c.fatigue * k)))
+                true_p[j] = min(p, 0.99)
+            click[j] = uniform[j] < true_p[j]
+        for j in range(start, end):
+            if not click[j]:
+                key = (int(user[j]), int(item[j]))
+                unclicked[key] = unclicked.get(key, 0) + 1
+        start = end
+    return click
+
+
 def _simulate(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None]:
     """The log frame and the drift time (epoch s, or None)."""
     frame, drift_ts, _, _ = _simulate_world(config)
@@ -241,6 +348,9 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
     gaps_us[0] = 0
     req_ts_us = round(c.start_ts * _US) + np.cumsum(gaps_us)
     slates = _distinct_slates(rng, item_w / item_w.sum(), n_req, s)
+    hrng = np.random.default_rng([c.seed, 1])  # history draws: the classic world is unchanged
+    if c.history:
+        favourite, peak, width = _history_plan(c, hrng, req_user, req_ts_us, slates)
 
     # impressions (row-major: request, then position)
     req = np.repeat(np.arange(n_req), s)[:n]
@@ -258,6 +368,11 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
         - 0.2 * price_z[item]
         + np.log(np.asarray(c.position_bias, dtype=float))[pos - 1]
     )
+    if c.history:  # taste and popularity waves (known before any click)
+        logit = logit + c.taste_effect * (item_cat[item] == favourite[req])
+        logit = logit + c.popularity_wave * (
+            np.exp(-0.5 * ((ts_us - peak[item]) / width) ** 2) - 0.5
+        )
     drift_row = n
     if c.drift_at is not None:
         first_req = min(round(c.drift_at * n / s), n_req)
@@ -271,7 +386,13 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
         true_p[drift_row:] = np.minimum(true_p[drift_row:] * c.drift_multiplier, 0.99)
         drift_ts = float(ts_us[drift_row]) / _US
 
-    click = (rng.random(n) < true_p).astype(np.int64)
+    if c.history:  # fatigue: each earlier unclicked exposure of the pair lowers the logit
+        scale = np.ones(n)
+        if c.drift_at is not None:
+            scale[drift_row:] = c.drift_multiplier
+        click = _fatigued_clicks(c, rng.random(n), bias + logit, scale, true_p, user, item, req)
+    else:
+        click = (rng.random(n) < true_p).astype(np.int64)
     delay_us = np.minimum(
         np.round(rng.exponential(c.click_delay_mean_s, size=n) * _US), _MAX_CLICK_DELAY_US
     ).astype(np.int64)

@@ -13,6 +13,7 @@ tail) and memory (restored from the whole changelog).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -129,6 +130,15 @@ def test_sigkill_mid_replay_loses_no_impression(tmp_path: Path, store: str) -> N
         assert not wrong, (
             f"{len(wrong)} impressions with a wrong label, e.g. {list(wrong.items())[:5]}"
         )
+        # the feature stage's state survives the kill too: "times this user saw this item
+        # before" (user-keyed partitions make it exact) equals the log's count on every label
+        seen_before = read_log_frame(log_path).sort_values("ts", kind="stable")
+        seen_before = dict(zip(seen_before["impression_id"], seen_before.groupby(
+            ["user_id", "item_id"]).cumcount(), strict=True))  # fmt: skip
+        bad_hist = [e["impression_id"] for e in examples
+                    if round(math.expm1(e["features"]["hist_ui_n"]))  # type: ignore[index]
+                    != seen_before[e["impression_id"]]]  # fmt: skip
+        assert not bad_hist, f"{len(bad_hist)} labels with a wrong hist_ui_n, e.g. {bad_hist[:5]}"
         duplicates = len(examples) - len(labels)
         print(f"store={store}: {len(examples)} labels for {len(truth)} impressions, "
               f"{duplicates} duplicates")  # fmt: skip

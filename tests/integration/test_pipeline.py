@@ -75,10 +75,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
         stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=WINDOW_S + 61)
         # duplicate clicks on clicked impressions, after they were labelled
         dups = clicked.head(5)
-        for iid, cts in zip(dups["impression_id"], dups["click_ts"], strict=True):
+        for iid, cts, uid in zip(dups["impression_id"], dups["click_ts"], dups["user_id"],
+                                 strict=True):  # fmt: skip
             producer.send(
-                TOPIC_CLICKS, key=iid.encode(),
-                value=json.dumps({"impression_id": iid, "ts": float(cts) + 1}).encode(),
+                TOPIC_CLICKS, key=str(uid).encode(),  # clicks are keyed by user_id
+                value=json.dumps({"impression_id": iid, "ts": float(cts) + 1,
+                                  "user_id": str(uid)}).encode(),
             )  # fmt: skip
         producer.flush()
         producer.close()

@@ -137,7 +137,7 @@ class RecordingProducer:
 
 def test_producer_groups_by_partition_within_limits() -> None:
     rec = RecordingProducer(4)
-    p = EventProducer(rec, max_events=10, max_bytes=2000, linger_s=60.0)
+    p = EventProducer(rec, max_events=10, max_bytes=2000, linger_s=60.0, key_field="impression_id")
     events = [imp(i, user=f"u{i % 13}") for i in range(200)]
     for e in events:
         p.send_impression(e)

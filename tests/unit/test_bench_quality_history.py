@@ -1,0 +1,43 @@
+"""bench.quality_history on tiny logs: every learner and ablation row, goals, table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import quality_history
+from learners.ranker import RankerConfig, TorchRanker
+from stream.synthetic import SyntheticConfig, generate
+
+
+def test_quality_history_reports_peers_constant_and_ablation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a small ranker keeps the test fast; the wiring (features attached, rows) is the same
+    cfg_ranker = RankerConfig(model="logreg")
+    monkeypatch.setattr(
+        quality_history, "_ranker", lambda: TorchRanker(cfg_ranker, seed=0, online=False)
+    )
+    cfg = SyntheticConfig(n_impressions=600, n_users=50, n_items=60, history=True, seed=1)
+    logs = {"history_synthetic": generate(cfg), "obd": generate(SyntheticConfig(400))}
+    report = quality_history.main(quick=True, results_dir=tmp_path, logs=logs)
+
+    written = json.loads((tmp_path / "quality_history_quick.json").read_text())
+    assert written["command"] == "python -m bench.quality_history --quick"
+    learners = written["datasets"]["history_synthetic"]["learners"]
+    expected = {*quality_history.PEERS, "constant", *quality_history.ABLATION}
+    assert set(learners) == expected
+    for q in learners.values():
+        assert 0.0 <= q["auc"] <= 1.0 and q["normalized_entropy"] > 0
+        assert q["ne_over_oracle"] > 0.9  # nobody beats the truth by much on 600 rows
+    # the constant model has no ranking power and learns the click rate
+    const = learners["constant"]
+    assert abs(const["auc"] - 0.5) < 0.1
+    goal = written["datasets"]["history_synthetic"]["goal"]
+    assert goal["ranker"] == "dcnv2_counters_sequence"
+    assert goal["best_peer"] in quality_history.GOAL_PEERS
+    assert set(written["datasets"]["obd"]["goal"]) == {"ranker", "ranker_ne", "constant_ne", "met"}
+    text = quality_history.table(report)
+    assert "| history_synthetic | dcnv2_counters |" in text
