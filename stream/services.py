@@ -35,6 +35,7 @@ from modelstore.store import DirectoryStore, Manifest, StoreError
 from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
+from monitoring.outcomes import FinalOutcomes
 from stream.envelope import decode_envelope, is_envelope
 from stream.events import (
     TOPIC_CLICKS,
@@ -560,8 +561,13 @@ class TrainerService:
         cfg = settings.trainer
         if ranker is None:
             if cfg.warm_start:
+                # the online loss follows the labelling scheme (e.g. "fnw" on fake
+                # negatives), whatever loss the checkpoint was pretrained with
                 ranker = TorchRanker.load(
-                    cfg.warm_start, device=settings.ranker.device, online=True
+                    cfg.warm_start,
+                    device=settings.ranker.device,
+                    online=True,
+                    loss=settings.ranker.loss,
                 )
             else:
                 ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
@@ -891,6 +897,12 @@ class MonitorService:
         )
         self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
+        #: final labels of a fake-negative stream (None: the labels are final already)
+        self.outcomes: FinalOutcomes | None = (
+            FinalOutcomes(settings.join.window_s, settings.join.lateness_s)
+            if settings.join.delayed_feedback == "fake_negative"
+            else None
+        )
         self.n_seen = 0
         self.n_alarms = 0
         self.n_recalibrations = 0
@@ -911,19 +923,43 @@ class MonitorService:
     def observe(self, batch: ScoredBatch) -> list[dict[str, object]]:
         """Update statistics with one scored batch; returns the control messages to
         publish: a ``drift`` record per alarm, and a ``calibrator`` whenever a new version
-        is published (an accepted refit, or a level update while tracking)."""
+        is published (an accepted refit, or a level update while tracking).
+
+        With ``join.delayed_feedback="fake_negative"`` the batch's labels are provisional:
+        each impression is judged once, on its final label, when its attribution window
+        has closed (:class:`monitoring.outcomes.FinalOutcomes`), with the scores of its
+        first record (taken when it reached the trainer, at its impression time)."""
+        if self.outcomes is None:
+            return self._observe(
+                np.asarray(batch.p, dtype=np.float64),
+                np.asarray(batch.p_raw, dtype=np.float64),
+                np.asarray(batch.label, dtype=np.float64),
+                np.asarray(batch.ts, dtype=np.float64),
+                np.asarray(batch.segment),
+            )
+        self.outcomes.add(
+            batch.impression_ids,
+            ts=batch.ts,
+            label=batch.label,
+            columns={"p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment},
+        )
+        done = self.outcomes.resolve()
+        if not done:
+            return []
+        return self._observe(done["p"], done["p_raw"], done["label"], done["ts"], done["segment"])
+
+    def _observe(
+        self, p: np.ndarray, p_raw: np.ndarray, y: np.ndarray, ts: np.ndarray, segs: np.ndarray
+    ) -> list[dict[str, object]]:
+        """:meth:`observe` on final labels: (N,) served and raw scores, labels, impression
+        times and segments."""
         cfg = self.settings.monitor
-        p = np.asarray(batch.p, dtype=np.float64)
-        p_raw = np.asarray(batch.p_raw, dtype=np.float64)
-        y = np.asarray(batch.label, dtype=np.float64)
-        ts = np.asarray(batch.ts, dtype=np.float64)
         self.served.update(predictions=p, labels=y)
         self.raw.update(predictions=p_raw, labels=y)
         if self.raw_gauge is not self.raw:
             self.raw_gauge.update(predictions=p_raw, labels=y)
         self.served_time.update(predictions=p, labels=y, ts=ts)
         self.raw_time.update(predictions=p_raw, labels=y, ts=ts)
-        segs = np.asarray(batch.segment)
         for seg in np.unique(segs):
             win = self.segments.get(seg)
             if win is None:
