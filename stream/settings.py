@@ -209,7 +209,14 @@ class Settings:
     #: worker's wall clock is dead-lettered (``future_ts``) instead of moving the watermark
     #: into the future; replayed logs carry past times. ``inf`` turns the check off
     max_future_skew_s: float = 300.0
-    join: JoinConfig = field(default_factory=JoinConfig)
+    #: fresh labels by default: every impression reaches the trainer at once as a fake
+    #: negative and again as a positive when its click arrives (seconds, not the 30-minute
+    #: window), trained with the FNW loss (Ktena et al. 2019), which keeps the CTR unbiased;
+    #: the monitor judges final labels (monitoring.outcomes). bench/fresh_labels.py
+    #: measured it against positives at window close, click-time positives and BCE + FNC.
+    #: (``ranker.loss = "bce"``, the default, is read as FNW on the fake-negative stream
+    #: unless ``trainer.fnc``: see __post_init__)
+    join: JoinConfig = field(default_factory=lambda: JoinConfig(delayed_feedback="fake_negative"))
     ranker: RankerConfig = field(
         default_factory=lambda: RankerConfig(encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER))
     )
@@ -236,6 +243,15 @@ class Settings:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.table_store not in ("rocksdb", "memory"):
             raise ValueError(f"table_store must be 'rocksdb' or 'memory', got {self.table_store!r}")
+        if (
+            self.join.delayed_feedback == "fake_negative"
+            and self.ranker.loss == "bce"
+            and not self.trainer.fnc
+        ):
+            # plain log loss on a fake-negative stream is FNW (the same loss on final
+            # labels): what "bce" means for the default scheme, so that switching the
+            # scheme alone (join.delayed_feedback) gives a calibrated model either way
+            object.__setattr__(self, "ranker", dataclasses.replace(self.ranker, loss="fnw"))
         # a delayed-feedback scheme needs its matching loss (clear error at start-up)
         check_loss_for_scheme(self.join.delayed_feedback, self.ranker.loss, fnc=self.trainer.fnc)
         if self.processing_guarantee not in ("at_least_once", "exactly_once"):
@@ -297,6 +313,8 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     if unknown:
         raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
     values = dict(values)
+    if cls is JoinConfig:  # the worker's labelling scheme (fresh labels) unless the file sets one
+        values = {"delayed_feedback": "fake_negative", **values}
     if cls is RankerConfig:  # the worker's admission threshold unless the file sets one
         values["encoder"] = {"admit_after": WORKER_ADMIT_AFTER, **values.get("encoder", {})}
     if cls is RankerConfig and "encoder" in values:
