@@ -69,6 +69,8 @@ class World:
     multiplier: float = 1.6
     ramp: float = 0.25
     base_ctr: float = 0.04
+    #: clicks come at most this many seconds after their impression (inside the window)
+    max_delay_s: float = MAX_DELAY_S
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -101,7 +103,7 @@ def make_world(w: World) -> tuple[pd.DataFrame, int | None]:
     rng = np.random.default_rng([w.seed, 17])
     true_p = np.minimum(df["true_p"].to_numpy() * mult, 0.99)
     click = (rng.random(w.n) < true_p).astype(np.int64)
-    delay = np.minimum(rng.exponential(w.delay_mean_s, size=w.n), MAX_DELAY_S)
+    delay = np.minimum(rng.exponential(w.delay_mean_s, size=w.n), w.max_delay_s)
     ts = df["ts"].to_numpy()
     df = df.assign(true_p=true_p, click=click, click_ts=np.where(click == 1, ts + delay, np.nan))
     return df, (None if w.scenario == "no_drift" else start)

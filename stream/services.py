@@ -867,6 +867,7 @@ class MonitorService:
     def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
         # Imported here rather than at the top: this class is the only user in the module.
         from learners.calibration import TrackingConfig, TrackingRecalibrator
+        from learners.guarded import GuardConfig, GuardedRecalibrator
         from monitoring.calibration import TimeCalibrationWindow
         from monitoring.drift import SegmentedDriftDetector
 
@@ -895,6 +896,20 @@ class MonitorService:
                 settle_refits=0 if cfg.recalibration == "continuous" else cfg.settle_refits,
             )
         )
+        #: recalibration="guarded": forward-holdout acceptance and rollback
+        self.guard: GuardedRecalibrator | None = (
+            GuardedRecalibrator(
+                GuardConfig(
+                    kind=cfg.calibrator,
+                    fit_window=cfg.recal_window,
+                    holdout=cfg.recal_window,
+                    z=cfg.guard_z,
+                )
+            )
+            if cfg.recalibration == "guarded"
+            else None
+        )
+        self.n_rollbacks = 0
         self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
         #: final labels of a fake-negative stream (None: the labels are final already)
@@ -970,7 +985,11 @@ class MonitorService:
             win.update(predictions=p[mask], labels=y[mask])
         self.segment_detector.update_many(p, y, segs)
         self.detector.update_many(p, y)
-        if cfg.recalibration != "alarm":
+        out: list[dict[str, object]] = []
+        event_ts = float(ts.max()) if ts.size else 0.0
+        if self.guard is not None:
+            out += self._on_guard(p_raw, y, event_ts)
+        elif cfg.recalibration in ("track", "continuous"):
             self.tracker.update(p_raw=p_raw, labels=y)
         self.n_seen += len(y)
         self.metrics.monitored.inc(len(y))
@@ -978,18 +997,46 @@ class MonitorService:
         for seg, stat in self.segment_detector.statistics.items():
             self.metrics.drift_z.labels(segment=seg).set(stat)
         if self.n_seen < cfg.warmup:
-            return []
+            return out
         for seg in self.segment_detector.drifted_segments:
             self.metrics.segment_drift_alarms.labels(segment=seg).inc()
             log.info("drift alarm on segment %s (no recalibration)", seg)
-        event_ts = float(ts.max()) if ts.size else 0.0
         if self.detector.drift_detected:
-            return self._on_drift(event_ts)
+            return out + self._on_drift(event_ts)
+        if cfg.recalibration not in ("track", "continuous"):
+            return out
         if cfg.recalibration == "continuous" and not self.tracker.armed:
             self.tracker.arm()
         if self.tracker.due:
-            return self._on_refit(event_ts)
-        return []
+            return out + self._on_refit(event_ts)
+        return out
+
+    def _on_guard(self, p_raw: np.ndarray, y: np.ndarray, event_ts: float) -> list[dict[str, object]]:
+        """recalibration="guarded": judge a waiting refit on these forward labels, or the
+        served calibrator against the raw ranker (rollback); a calibrator when it changes."""
+        assert self.guard is not None
+        out: list[dict[str, object]] = []
+        for ev in self.guard.update(p_raw, y):
+            record: dict[str, object] = {
+                "kind": "recalibration",
+                "event_ts": event_ts,
+                "examples_seen": self.n_seen,
+                "decision": ev.kind,
+                "accepted": ev.kind == "accepted",
+                "gain_nats": ev.gain,
+                "se_nats": ev.se,
+            }
+            self.events.append(record)
+            out.append(record)
+            if ev.kind == "rollback":
+                self.n_rollbacks += 1
+                log.info("recalibration rolled back (served lost %.5f nats to raw)", ev.gain)
+            else:
+                self._count_refit(ev.kind == "accepted")
+            if ev.kind != "rejected":
+                out.append(self._calibrator_message(ev.calibrator, event_ts, ev.kind))
+                self.served.reset_window()
+        return out
 
     def apply_control(self, msg: dict[str, object]) -> None:
         """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
@@ -1000,7 +1047,9 @@ class MonitorService:
             if version > self.calibrator_version:
                 self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
                 self.calibrator_version = version
-                if self.settings.monitor.recalibration != "alarm":
+                if self.guard is not None:
+                    self.guard.serving = self.calibrator
+                elif self.settings.monitor.recalibration in ("track", "continuous"):
                     self.tracker.adopt(self.calibrator)
 
     def publish(self) -> None:
@@ -1063,6 +1112,19 @@ class MonitorService:
         z = float(getattr(self.detector, "last_alarm_statistic", self.detector.statistic))
         self.detector.reset()  # starts the cooldown
         published: Calibrator | None
+        if cfg.recalibration in ("off", "guarded"):
+            # guarded: a refit fitted now is judged on the labels that come after it
+            proposed = self.guard.propose() if self.guard is not None else False
+            event: dict[str, object] = {
+                "kind": "drift",
+                "event_ts": event_ts,
+                "examples_seen": self.n_seen,
+                "z": z,
+                "accepted": None,
+                "proposed": proposed,
+            }
+            self.events.append(event)
+            return [event]
         if cfg.recalibration == "alarm":
             p_raw, y = self.raw.window_arrays()
             p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]

@@ -81,6 +81,10 @@ class TrainerConfig:
             raise ValueError("trainer.keep_checkpoints must be >= 1")
 
 
+#: values of ``MonitorConfig.recalibration``
+RECALIBRATION_POLICIES = ("track", "continuous", "alarm", "guarded", "off")
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """Calibration monitor: ``window`` examples for the gauges; a recalibration fits on the
@@ -103,13 +107,18 @@ class MonitorConfig:
     #: each validated on the newest slice, while the served base rate is kept on target as
     #: the model itself adapts; disarms after settle_refits refits within
     #: identity_tolerance of identity), "continuous" (the same, armed from the end of the
-    #: warm-up, never disarms) or "alarm" (one validated refit per alarm, then fixed)
+    #: warm-up, never disarms), "alarm" (one validated refit per alarm, then fixed),
+    #: "guarded" (learners.guarded: a refit proposed on an alarm is accepted only if it
+    #: beats the served calibrator on the next recal_window FINAL labels by more than
+    #: guard_z standard errors; rolled back to identity when it loses to the raw ranker
+    #: by as much) or "off" (alarms are counted, the served score is the raw one)
     recalibration: str = "track"
     refit_every: int = 1_024
     recal_max_window: int = 50_000
     level_trend: float = 0.5
     identity_tolerance: float = 0.02
     settle_refits: int = 20
+    guard_z: float = 2.0
     #: event-time window of the gauges (window label e.g. "1h"), in time_bucket_s buckets
     time_window_s: float = 3600.0
     time_bucket_s: float = 60.0
@@ -127,8 +136,8 @@ class MonitorConfig:
             raise ValueError(f"monitor.detector must be one of {DETECTOR_NAMES}")
         if self.calibrator not in CALIBRATOR_KINDS:
             raise ValueError(f"monitor.calibrator must be one of {CALIBRATOR_KINDS}")
-        if self.recalibration not in ("track", "continuous", "alarm"):
-            raise ValueError("monitor.recalibration must be 'track', 'continuous' or 'alarm'")
+        if self.recalibration not in RECALIBRATION_POLICIES:
+            raise ValueError(f"monitor.recalibration must be one of {RECALIBRATION_POLICIES}")
         if self.refit_every < 1 or self.recal_max_window < self.recal_window:
             raise ValueError("monitor: need refit_every >= 1, recal_max_window >= recal_window")
         if not 0.0 < self.time_bucket_s <= self.time_window_s:
