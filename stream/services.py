@@ -1017,22 +1017,14 @@ class MonitorService:
         assert self.guard is not None
         out: list[dict[str, object]] = []
         for ev in self.guard.update(p_raw, y):
-            record: dict[str, object] = {
-                "kind": "recalibration",
-                "event_ts": event_ts,
-                "examples_seen": self.n_seen,
-                "decision": ev.kind,
-                "accepted": ev.kind == "accepted",
-                "gain_nats": ev.gain,
-                "se_nats": ev.se,
-            }
-            self.events.append(record)
-            out.append(record)
             if ev.kind == "rollback":
                 self.n_rollbacks += 1
+                self.metrics.recalibration_rollbacks.inc()
                 log.info("recalibration rolled back (served lost %.5f nats to raw)", ev.gain)
+                out.append(self._refit_record(None, event_ts, "rollback"))
             else:
-                self._count_refit(ev.kind == "accepted")
+                out.append(self._count_refit(ev.kind == "accepted", event_ts, "guarded"))
+            out[-1].update(gain_nats=ev.gain, se_nats=ev.se)
             if ev.kind != "rejected":
                 out.append(self._calibrator_message(ev.calibrator, event_ts, ev.kind))
                 self.served.reset_window()
@@ -1086,24 +1078,42 @@ class MonitorService:
             "reason": reason,
         }
 
-    def _count_refit(self, accepted: bool) -> None:
+    def _refit_record(
+        self, accepted: bool | None, event_ts: float, reason: str
+    ) -> dict[str, object]:
+        decision = "rollback" if accepted is None else "accepted" if accepted else "rejected"
+        record: dict[str, object] = {
+            "kind": "recalibration",
+            "event_ts": event_ts,
+            "examples_seen": self.n_seen,
+            "decision": decision,
+            "reason": reason,
+        }
+        return record
+
+    def _count_refit(self, accepted: bool, event_ts: float, reason: str) -> dict[str, object]:
+        """Count a judged refit (``streamrec_recalibrations_total`` or ``_rejected_total``)
+        and return its ``recalibration`` control record: one record per count, so that the
+        report (which draws these records) and the CLI table (which reads the counters)
+        agree (issue 17, item 5)."""
         if accepted:
             self.n_recalibrations += 1
             self.metrics.recalibrations.inc()
         else:
             self.n_rejected += 1
             self.metrics.recalibrations_rejected.inc()
+        return self._refit_record(accepted, event_ts, reason)
 
     def _on_refit(self, event_ts: float) -> list[dict[str, object]]:
         """A periodic refit while tracking: counted, and published when it changes."""
         result = self.tracker.refit()
         if result.accepted is None:  # too few clicks in the window yet
             return []
-        self._count_refit(result.accepted)
+        record = self._count_refit(result.accepted, event_ts, "periodic")
         if result.published is None:
-            return []
+            return [record]
         reason = "identity" if result.disarmed else "refit" if result.accepted else "level"
-        return [self._calibrator_message(result.published, event_ts, reason)]
+        return [record, self._calibrator_message(result.published, event_ts, reason)]
 
     def _on_drift(self, event_ts: float) -> list[dict[str, object]]:
         cfg = self.settings.monitor
@@ -1150,19 +1160,19 @@ class MonitorService:
             "holdout_logloss_new": ll_new,
         }
         self.events.append(event)
-        self._count_refit(accepted)
+        record = self._count_refit(accepted, event_ts, "alarm")
         if not accepted:
             log.info("drift z=%.1f: recalibration rejected (%.5f -> %.5f)", z, ll_old, ll_new)
         else:
             self.served.reset_window()  # its examples were served by the old calibrator
         if published is None:
-            return [event]
+            return [event, record]
         msg = self._calibrator_message(published, event_ts, "alarm")
         log.info(
             "drift z=%.1f at event time %.0f: calibrator v%d %s (holdout log loss %.5f -> %.5f)",
             z, event_ts, self.calibrator_version, published, ll_old, ll_new,
         )  # fmt: skip
-        return [event, msg]
+        return [event, record, msg]
 
 
 class IndexerService:
