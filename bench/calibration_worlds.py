@@ -1,7 +1,7 @@
 """Truth-known worlds through the worker's services: does recalibration ever make things worse?
 
 Run ``python -m bench.calibration_worlds`` (3 rates x 3 scenarios x 3 policies x 3 seeds)
-or ``--quick`` (one seed, 100 and 3,000 a minute only, smaller logs).
+or ``--quick`` (one seed, 100 and 3,000 a minute only, 10k-impression logs).
 
 Each run is :func:`bench.pipeline_sim.simulate`: the same ``JoinService``-side joiner
 (:class:`stream.join.OnlineJoiner`), :class:`stream.services.TrainerService` and
@@ -62,8 +62,8 @@ SCENARIOS = ("no_drift", "abrupt", "gradual")
 WINDOW_S = 300.0
 DELAY_MEAN_S = 60.0
 WARMUP = 5_000
-FULL = {"n": 40_000, "history": 5_000, "seeds": (0, 1, 2), "rates": RATES}
-QUICK = {"n": 20_000, "history": 3_000, "seeds": (0,), "rates": (100.0, 3_000.0)}
+FULL = {"n": 30_000, "history": 5_000, "seeds": (0, 1, 2), "rates": RATES}
+QUICK = {"n": 10_000, "history": 2_000, "seeds": (0,), "rates": (100.0, 3_000.0)}
 
 
 def policy_settings(policy: str, base: Settings | None = None) -> Settings:
@@ -188,8 +188,8 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['scenario']} | {r['rate_per_min']:g} | {r['policy']} "
             f"| {_fmt(r['served_mean_abs_log_ratio'])} / {_fmt(r['served_max_abs_log_ratio'])} "
             f"| {_fmt(r['raw_mean_abs_log_ratio'])} / {_fmt(r['raw_max_abs_log_ratio'])} "
-            f"| {_fmt(r.get('served_recovery_10pct'), '.0f')} / "
-            f"{_fmt(r.get('raw_recovery_10pct'), '.0f')} "
+            f"| {_fmt(r.get('served_recovery_10pct', math.nan), '.0f')} / "
+            f"{_fmt(r.get('raw_recovery_10pct', math.nan), '.0f')} "
             f"| {_fmt(r['alarms_per_million'], '.0f')} "
             f"| {_fmt(r['recalibrations'], '.0f')} / {_fmt(r['rollbacks'], '.0f')} |"
         )
@@ -241,5 +241,5 @@ def main(
 
 if __name__ == "__main__":
     raise SystemExit(
-        bench_cli("calibration_worlds", __doc__, "one seed, 2 rates, 20k impressions", main, None)
+        bench_cli("calibration_worlds", __doc__, "one seed, 2 rates, 10k impressions", main, None)
     )

@@ -46,6 +46,7 @@ NAMES = (
     "replay",
     "topology",
     "history_models",
+    "calibration_worlds",
 )
 
 
