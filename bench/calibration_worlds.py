@@ -40,6 +40,7 @@ than a run: the monitor cannot act there and served = raw by construction (repor
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -56,7 +57,7 @@ from learners.ranker import TorchRanker
 from stream.offline import log_examples, pretrain
 from stream.settings import Settings
 
-POLICIES = ("track", "off", "guarded")
+POLICIES = ("track", "guarded", "off")
 RATES = (100.0, 3_000.0, 30_000.0)
 SCENARIOS = ("no_drift", "abrupt", "gradual")
 WINDOW_S = 300.0
@@ -213,19 +214,37 @@ def main(
     plan = QUICK if quick else FULL
     jobs = [
         (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"])
+        for seed in plan["seeds"]
         for sc in SCENARIOS
         for rate in plan["rates"]
-        for seed in plan["seeds"]
         for pol in policies
     ]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers) as ex:
-        runs = list(ex.map(_job, jobs))
+    path = results_path(results_dir, "calibration_worlds", quick)
+    partial = path.with_suffix(".runs.jsonl")  # each run as it ends (a long run can be cut)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with ProcessPoolExecutor(max_workers=workers) as ex, partial.open("w") as f:
+        for r in ex.map(_job, jobs):
+            runs.append(r)
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+    report = build_report(runs, quick, plan, round(time.perf_counter() - t0, 1))
+    write_report(report, path)
+    print(table(report))
+    return report
+
+
+def build_report(
+    runs: list[dict[str, Any]], quick: bool, plan: dict[str, Any], wall: float
+) -> dict[str, Any]:
+    """The results file's content from the runs (also from a ``.runs.jsonl`` left by a
+    cut run)."""
     summary = summarize(runs)
-    report: dict[str, Any] = {
+    return {
         **stamp("calibration_worlds", quick),
         "machine": machine(),
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds": wall,
         "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
         "window_s": WINDOW_S,
         "delay_mean_s": DELAY_MEAN_S,
@@ -234,9 +253,6 @@ def main(
         "summary": summary,
         "bars": bars(summary),
     }
-    write_report(report, results_path(results_dir, "calibration_worlds", quick))
-    print(table(report))
-    return report
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def test_fresh_labels_reach_the_trainer_at_click_time_and_the_monitor_sees_final
     clicks = int((df["click_ts"] <= end).sum())  # the clicks sent before the log ended
     # every impression once as a fake negative, every click once more as its positive
     assert res.examples_trained == len(df) + clicks
-    assert res.click_latency_s.size == clicks and res.click_latency_s.max() <= 10.0  # a step: 5 s + a gap
+    assert (
+        res.click_latency_s.size == clicks and res.click_latency_s.max() <= 10.0
+    )  # a step: 5 s + a gap
     # the monitor judged each impression whose window closed (all but the last minute,
     # 600 impressions) once, on its final label
     closed = int((df["ts"] < end - 60.0).sum())
@@ -44,7 +46,9 @@ def test_summary_bars_and_table_on_made_up_runs() -> None:
                 "served": block, "raw": rblock, "alarms_per_million": 0.0,
                 "monitor": {"alarms": 0, "recalibrations": 1, "rollbacks": 0, "monitored": 9}}  # fmt: skip
 
-    runs = [run("off", 0.1, 0.1, s) for s in range(3)] + [run("track", 0.2, 0.1, s) for s in range(3)]
+    runs = [run("off", 0.1, 0.1, s) for s in range(3)] + [
+        run("track", 0.2, 0.1, s) for s in range(3)
+    ]
     summary = cw.summarize(runs)
     b = cw.bars(summary)
     assert b["off"]["served_le_raw_every_world"] and not b["track"]["served_le_raw_every_world"]

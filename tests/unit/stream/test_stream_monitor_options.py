@@ -38,7 +38,11 @@ def run(detector: str, calibrator: str, recal_window: int) -> tuple[MonitorServi
     settings = Settings(
         join=JoinConfig(),
         monitor=MonitorConfig(
-            warmup=0, detector=detector, calibrator=calibrator, recal_window=recal_window
+            warmup=0,
+            detector=detector,
+            calibrator=calibrator,
+            recal_window=recal_window,
+            recalibration="track",
         ),
     )
     svc = MonitorService(settings, StreamrecMetrics())
@@ -119,7 +123,9 @@ def test_tracking_returns_the_served_ratio_to_one_while_a_fixed_refit_overshoots
 
 
 def test_tracking_publishes_versions_with_reasons_and_counts_refits() -> None:
-    settings = Settings(join=JoinConfig(), monitor=MonitorConfig(warmup=0, refit_every=2048))
+    settings = Settings(
+        join=JoinConfig(), monitor=MonitorConfig(warmup=0, refit_every=2048, recalibration="track")
+    )
     metrics = StreamrecMetrics()
     svc = MonitorService(settings, metrics)
     rng = np.random.default_rng(1)
@@ -156,7 +162,8 @@ def test_continuous_mode_calibrates_from_the_end_of_the_warmup_without_an_alarm(
 
 def test_a_restarted_monitor_adopts_the_published_calibrator_and_keeps_tracking() -> None:
     svc = MonitorService(
-        Settings(join=JoinConfig(), monitor=MonitorConfig(warmup=0)), StreamrecMetrics()
+        Settings(join=JoinConfig(), monitor=MonitorConfig(warmup=0, recalibration="track")),
+        StreamrecMetrics(),
     )
     params = {"kind": "shift", "b": 0.4}
     svc.apply_control({"kind": "calibrator", "version": 7, "params": params})

@@ -35,10 +35,14 @@ def test_report_table_and_metrics_count_the_same_accepted_recalibrations(
     """While tracking, most accepted refits are periodic, not alarms: the report used to
     count accepted alarms only (2) while the table read the counter (49)."""
     metrics = StreamrecMetrics()
-    settings = Settings(join=JoinConfig(), monitor=MonitorConfig(warmup=0, refit_every=2048))
+    settings = Settings(
+        join=JoinConfig(), monitor=MonitorConfig(warmup=0, refit_every=2048, recalibration="track")
+    )
     svc = MonitorService(settings, metrics)
     rng = np.random.default_rng(1)
-    controls = [m for b in batches(rng, 20, 1.0) + batches(rng, 30, 1.6, 20) for m in svc.observe(b)]
+    controls = [
+        m for b in batches(rng, 20, 1.0) + batches(rng, 30, 1.6, 20) for m in svc.observe(b)
+    ]
     controls = json.loads(json.dumps(controls))  # as read back from the control topic
     alarms = [c for c in controls if c["kind"] == "drift"]
     refits = [c for c in controls if c["kind"] == "recalibration"]
