@@ -112,9 +112,12 @@ class MonitorConfig:
     #: beats the served calibrator on the next recal_window FINAL labels by more than
     #: guard_z standard errors; rolled back to identity when it loses to the raw ranker
     #: by as much) or "off" (alarms are counted, the served score is the raw one)
-    #: default "guarded": in bench/results/calibration_worlds.json "track" made the served
-    #: calibration worse than the raw ranker's (issue 17), "guarded" never did
-    recalibration: str = "guarded"
+    #: default "off": in bench/results/calibration_worlds.json (3 seeds) "track" made the
+    #: served calibration worse than the raw ranker's (no drift, 3,000/min: 0.214 vs 0.088
+    #: mean |log(Σp/Σtrue_p)|); "guarded" was never worse in the median but was in one
+    #: seed (0.202 vs 0.092: a refit judged on final labels that lag the attribution
+    #: window, while the ranker, on fresh labels, had moved on). Off is the safe choice
+    recalibration: str = "off"
     refit_every: int = 1_024
     recal_max_window: int = 50_000
     level_trend: float = 0.5
@@ -360,7 +363,14 @@ def load_settings(
         if var in env:
             kwargs[key] = _coerce(env[var], getattr(defaults, key))
     for name, cls in _SECTIONS.items():
-        if name in data:
-            kwargs[name] = _section(cls, data[name], name)
+        # STREAMREC_<SECTION>__<KEY> sets a scalar key of a section (the file's wins)
+        section = dict(data.get(name, {}))
+        for f in dataclasses.fields(cls):
+            var = f"STREAMREC_{name.upper()}__{f.name.upper()}"
+            default = f.default
+            if var in env and f.name not in section and isinstance(default, (str, int, float)):
+                section[f.name] = _coerce(env[var], default)
+        if name in data or section:
+            kwargs[name] = _section(cls, section, name)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**kwargs)

@@ -192,3 +192,10 @@ def test_the_worker_defaults_to_fresh_labels_with_fnw(tmp_path: Path) -> None:
     cfg.write_text('[join]\ndelayed_feedback = "window"\n')
     s = load_settings(cfg, env={})
     assert (s.join.delayed_feedback, s.ranker.loss) == ("window", "bce")
+
+
+def test_section_keys_from_the_environment() -> None:
+    env = {"STREAMREC_JOIN__DELAYED_FEEDBACK": "window", "STREAMREC_MONITOR__WARMUP": "7"}
+    s = load_settings(None, env=env)
+    assert (s.join.delayed_feedback, s.ranker.loss, s.monitor.warmup) == ("window", "bce", 7)
+    assert load_settings(None, env={}).join.delayed_feedback == "fake_negative"
