@@ -231,6 +231,7 @@ def main(
             f.flush()
     report = build_report(runs, quick, plan, round(time.perf_counter() - t0, 1))
     write_report(report, path)
+    partial.unlink()
     print(table(report))
     return report
 

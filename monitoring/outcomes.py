@@ -105,16 +105,33 @@ class FinalOutcomes:
 
     def resolve(self, *, flush: bool = False) -> dict[str, np.ndarray]:
         """The records whose window closed (all of them when ``flush``), oldest first:
-        the kept columns plus ``ts`` and ``label`` (float64 0/1). A chunk is resolved
-        once its newest impression is due, so records leave at most one micro-batch late."""
+        the kept columns plus ``ts`` and ``label`` (float64 0/1). Each record is resolved
+        once it is due, whatever else its micro-batch holds (a batch may span more than a
+        window of event time at low traffic)."""
         due = self.clock - self.horizon_s
         parts: list[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = []
-        while self._chunks and (flush or float(self._chunks[0][1].max()) < due):
-            parts.append(self._chunks.popleft())
+        if flush:
+            parts, self._chunks = list(self._chunks), deque()
+        elif self._chunks and float(min(float(c[1].min()) for c in self._chunks)) < due:
+            keep: deque[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = deque()
+            for ids_c, ts_c, cols_c in self._chunks:
+                ready = ts_c < due
+                if ready.all():
+                    parts.append((ids_c, ts_c, cols_c))
+                elif not ready.any():
+                    keep.append((ids_c, ts_c, cols_c))
+                else:
+                    for mask, dest in ((ready, parts), (~ready, keep)):
+                        sel = np.flatnonzero(mask)
+                        dest.append(([ids_c[k] for k in sel], ts_c[sel],
+                                     {n: v[sel] for n, v in cols_c.items()}))  # fmt: skip
+            self._chunks = keep
         if not parts:
             return {}
         ids = [iid for p in parts for iid in p[0]]
-        labels = np.fromiter((iid in self._clicked for iid in ids), dtype=np.float64, count=len(ids))
+        labels = np.fromiter(
+            (iid in self._clicked for iid in ids), dtype=np.float64, count=len(ids)
+        )
         for iid in ids:
             self._clicked.pop(iid, None)
             self._pending_ids.discard(iid)

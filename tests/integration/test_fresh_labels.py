@@ -1,6 +1,7 @@
 """Fresh labels (the worker's default: fake negatives + FNW) through the embedded broker:
 every impression reaches the trainer at once as a fake negative and its click as a
-positive at click time."""
+positive at click time, and the monitor judges each impression once, on its final
+label."""
 
 from __future__ import annotations
 
@@ -82,10 +83,14 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
             [float(df.set_index("impression_id").loc[e["impression_id"], "click_ts"]) for e in pos]
         )
         assert np.abs(lag).max() < 1e-6
-        # TODO(issue 17): the worker's monitor resolves no final labels here
-        # (streamrec_monitored_total stays 0 in this test while the in-process pipeline,
-        # bench.pipeline_sim, resolves them): to be found; asserted in-process meanwhile
-        # (tests/unit/monitoring/test_outcomes.py, tests/unit/test_bench_calibration_worlds.py)
+        # the monitor judged each impression whose window closed once, on its final label
+        # (not N + clicks records); the last window's stay pending: no later impression
+        closed = int((df["ts"] < df["ts"].max() - WINDOW_S).sum())
+        while (seen := scrape(url).get("streamrec_monitored_total", 0)) < closed:
+            assert time.monotonic() < deadline, f"monitor saw {seen} of {closed}"
+            time.sleep(0.5)
+        time.sleep(1.5)
+        assert scrape(url)["streamrec_monitored_total"] == closed
     finally:
         worker.terminate()
         try:

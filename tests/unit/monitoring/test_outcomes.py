@@ -61,3 +61,12 @@ def test_monitor_does_not_count_fake_negatives() -> None:
     assert mon.outcomes is not None and mon.outcomes.late_positives == 0
     rate = mon.served.lifetime().actual_ctr
     assert rate == pytest.approx(clicked[: mon.n_seen].mean(), abs=1e-9)
+
+
+def test_a_batch_spanning_more_than_a_window_is_resolved_record_by_record() -> None:
+    fo = FinalOutcomes(window_s=10.0)
+    fo.add(["a", "b", "c"], ts=[0.0, 15.0, 30.0], label=[0, 0, 0], columns={"p": [1.0, 2.0, 3.0]})
+    fo.add(["b"], ts=[15.0], label=[1], columns={"p": [9.0]})
+    out = fo.resolve()  # clock 30: a (0) and b (15) are due, c is not
+    assert out["p"].tolist() == [1.0, 2.0] and out["label"].tolist() == [0.0, 1.0]
+    assert fo.pending == 1
