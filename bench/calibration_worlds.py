@@ -46,7 +46,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -211,7 +211,7 @@ def main(
     policies: tuple[str, ...] = POLICIES,
     workers: int = 2,
 ) -> dict[str, Any]:
-    plan = QUICK if quick else FULL
+    plan = cast(dict[str, Any], QUICK if quick else FULL)
     jobs = [
         (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"])
         for seed in plan["seeds"]

@@ -34,7 +34,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -48,7 +48,12 @@ from stream.settings import Settings
 
 ARMS = ("window", "click_pos", "fn_fnw", "fn_fnc")
 RATES = (100.0, 3_000.0, 30_000.0)
-FULL = {"n": 200_000, "history": 50_000, "seeds": (0, 1, 2), "scenarios": ("no_drift", "abrupt", "gradual")}
+FULL = {
+    "n": 200_000,
+    "history": 50_000,
+    "seeds": (0, 1, 2),
+    "scenarios": ("no_drift", "abrupt", "gradual"),
+}
 QUICK = {"n": 100_000, "history": 30_000, "seeds": (0,), "scenarios": ("no_drift", "abrupt")}
 
 
@@ -236,7 +241,7 @@ def _job(args: tuple[str, World, int]) -> dict[str, Any]:
 
 def main(quick: bool = False, *, results_dir: Path | None = None,
          arms: tuple[str, ...] = ARMS, workers: int = 2) -> dict[str, Any]:  # fmt: skip
-    plan = QUICK if quick else FULL
+    plan = cast(dict[str, Any], QUICK if quick else FULL)
     jobs = [
         (arm, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"])
         for sc in plan["scenarios"]

@@ -257,7 +257,9 @@ def simulate(
     )
 
 
-def window_stats(p: np.ndarray, true_p: np.ndarray, start: int = 0, size: int = 5_000) -> dict[str, float]:
+def window_stats(
+    p: np.ndarray, true_p: np.ndarray, start: int = 0, size: int = 5_000
+) -> dict[str, float]:
     """Non-overlapping ``size``-impression windows from row ``start``: mean and max of
     ``|log(Σp / Σtrue_p)|`` and the share of windows beyond ±5% / ±15%."""
     k = (p.size - start) // size

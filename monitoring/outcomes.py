@@ -78,7 +78,7 @@ class FinalOutcomes:
             raise ValueError("ids, ts and label must have one length")
         neg = lab == 0
         for k in np.flatnonzero(~neg):
-            iid = ids[k]
+            iid = ids[int(k)]
             if iid in self._pending_ids or t[k] > self.clock - self.horizon_s:
                 self._clicked[iid] = float(t[k])
             else:
@@ -88,7 +88,7 @@ class FinalOutcomes:
             new_ids = []
             fresh = []
             for k in keep:
-                iid = ids[k]
+                iid = ids[int(k)]
                 if iid in self._pending_ids:
                     self.duplicates += 1  # a redelivered provisional record
                     continue
@@ -123,7 +123,7 @@ class FinalOutcomes:
                 else:
                     for mask, dest in ((ready, parts), (~ready, keep)):
                         sel = np.flatnonzero(mask)
-                        dest.append(([ids_c[k] for k in sel], ts_c[sel],
+                        dest.append(([ids_c[int(k)] for k in sel], ts_c[sel],
                                      {n: v[sel] for n, v in cols_c.items()}))  # fmt: skip
             self._chunks = keep
         if not parts:

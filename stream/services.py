@@ -1011,7 +1011,9 @@ class MonitorService:
             return out + self._on_refit(event_ts)
         return out
 
-    def _on_guard(self, p_raw: np.ndarray, y: np.ndarray, event_ts: float) -> list[dict[str, object]]:
+    def _on_guard(
+        self, p_raw: np.ndarray, y: np.ndarray, event_ts: float
+    ) -> list[dict[str, object]]:
         """recalibration="guarded": judge a waiting refit on these forward labels, or the
         served calibrator against the raw ranker (rollback); a calibrator when it changes."""
         assert self.guard is not None
@@ -1125,7 +1127,7 @@ class MonitorService:
         if cfg.recalibration in ("off", "guarded"):
             # guarded: a refit fitted now is judged on the labels that come after it
             proposed = self.guard.propose() if self.guard is not None else False
-            event: dict[str, object] = {
+            alarm: dict[str, object] = {
                 "kind": "drift",
                 "event_ts": event_ts,
                 "examples_seen": self.n_seen,
@@ -1133,8 +1135,8 @@ class MonitorService:
                 "accepted": None,
                 "proposed": proposed,
             }
-            self.events.append(event)
-            return [event]
+            self.events.append(alarm)
+            return [alarm]
         if cfg.recalibration == "alarm":
             p_raw, y = self.raw.window_arrays()
             p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]

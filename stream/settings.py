@@ -365,11 +365,11 @@ def load_settings(
     for name, cls in _SECTIONS.items():
         # STREAMREC_<SECTION>__<KEY> sets a scalar key of a section (the file's wins)
         section = dict(data.get(name, {}))
-        for f in dataclasses.fields(cls):
-            var = f"STREAMREC_{name.upper()}__{f.name.upper()}"
-            default = f.default
-            if var in env and f.name not in section and isinstance(default, (str, int, float)):
-                section[f.name] = _coerce(env[var], default)
+        for fld in dataclasses.fields(cls):
+            var = f"STREAMREC_{name.upper()}__{fld.name.upper()}"
+            default = fld.default
+            if var in env and fld.name not in section and isinstance(default, (str, int, float)):
+                section[fld.name] = _coerce(env[var], default)
         if name in data or section:
             kwargs[name] = _section(cls, section, name)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})

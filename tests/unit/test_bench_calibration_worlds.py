@@ -44,7 +44,8 @@ def test_summary_bars_and_table_on_made_up_runs() -> None:
         rblock = {"mean_abs_log_ratio": raw, "max_abs_log_ratio": raw * 2}
         return {"policy": policy, "scenario": "no_drift", "rate_per_min": 100.0, "seed": seed,
                 "served": block, "raw": rblock, "alarms_per_million": 0.0,
-                "monitor": {"alarms": 0, "recalibrations": 1, "rollbacks": 0, "monitored": 9}}  # fmt: skip
+                "monitor": {"alarms": 0, "recalibrations": 1, "rollbacks": 0,
+                            "monitored": 9}}  # fmt: skip
 
     runs = [run("off", 0.1, 0.1, s) for s in range(3)] + [
         run("track", 0.2, 0.1, s) for s in range(3)
