@@ -118,6 +118,8 @@ def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
         alarms_per_million=(res.monitor["alarms"] / monitored * 1e6) if monitored else math.nan,
         click_to_label_p50_s=float(np.median(res.click_latency_s)),
         click_to_label_p99_s=float(np.quantile(res.click_latency_s, 0.99)),
+        label_to_update_wall_p50_s=float(np.median(res.click_update_wall_s)),
+        label_to_update_wall_p99_s=float(np.quantile(res.click_update_wall_s, 0.99)),
         seconds=round(res.seconds, 1),
     )
     return out

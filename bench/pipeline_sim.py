@@ -119,6 +119,9 @@ class SimResult:
     y: np.ndarray
     #: event seconds from each click to the emission of its positive (clicks emitted only)
     click_latency_s: np.ndarray
+    #: wall seconds from the joiner's emission of each positive to the end of the trainer
+    #: step that learnt from it (the in-process part of click -> model update)
+    click_update_wall_s: np.ndarray
     #: rows (log order) the monitor had resolved when each alarm / accepted refit happened
     alarm_rows: list[int]
     refit_rows: list[int]
@@ -180,6 +183,7 @@ def simulate(
     p_serve = np.empty(n)
     p_serve_raw = np.empty(n)
     latency: list[float] = []
+    update_wall: list[float] = []
     alarm_rows: list[int] = []
     refit_rows: list[int] = []
     rollback_rows: list[int] = []
@@ -219,12 +223,19 @@ def simulate(
         i = j
         if not out:
             continue
+        t_emit = time.perf_counter()
+        labels = np.fromiter((e.label for e in out), dtype=np.int64, count=len(out))
+        bs = settings.trainer.batch_size
+        n_batch = 0
         trainer.add(out)
         trained += len(out)
         while trainer.buffer:
             batch = trainer.step()
             if batch is None:
                 break
+            done = labels[n_batch * bs : (n_batch + 1) * bs].sum()
+            update_wall.extend([time.perf_counter() - t_emit] * int(done))
+            n_batch += 1
             n_alarms, n_acc = monitor.n_alarms, monitor.n_recalibrations
             n_rb = getattr(monitor, "n_rollbacks", 0)
             for msg in monitor.observe(batch):
@@ -242,6 +253,7 @@ def simulate(
         true_p=df["true_p"].to_numpy(dtype=np.float64),
         y=df["click"].to_numpy(dtype=np.float64),
         click_latency_s=np.asarray(latency),
+        click_update_wall_s=np.asarray(update_wall),
         alarm_rows=alarm_rows,
         refit_rows=refit_rows,
         rollback_rows=rollback_rows,
