@@ -70,6 +70,7 @@ from learners.ranker import TorchRanker
 from monitoring.calibration import log_loss
 from monitoring.metrics import StreamrecMetrics
 from stream.events import Impression, LabeledExample, ScoredBatch, example_row
+from stream.join import JoinConfig
 from stream.logs import frame_to_rows
 from stream.offline import log_examples, pretrain
 from stream.services import MonitorService, TrainerService, segment_of
@@ -114,10 +115,13 @@ QUICK = Plan(
 
 
 def settings_for(plan: Plan) -> Settings:
-    """``Settings()``, with the plan's monitor warm-up when it sets one."""
-    settings = Settings()
+    """``Settings()`` with final labels (the window scheme: this bench feeds them) and the
+    tracking recalibration it measures, with the plan's monitor warm-up when it sets one."""
+    settings = Settings(join=JoinConfig(), monitor=MonitorConfig(recalibration="track"))
     if plan.warmup is not None:
-        settings = settings.replace(monitor=MonitorConfig(warmup=plan.warmup))
+        settings = settings.replace(
+            monitor=MonitorConfig(warmup=plan.warmup, recalibration="track")
+        )
     return settings
 
 

@@ -48,6 +48,7 @@ NAMES = (
     "history_models",
     "quality_history",
     "features",
+    "calibration_worlds",
 )
 
 

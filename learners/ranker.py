@@ -402,7 +402,12 @@ class TorchRanker:
         seen_wy, seen_w = self.bias_warm
         seen_wy, seen_w = seen_wy + float((w * y).sum()), seen_w + total
         self.bias_warm = (seen_wy, seen_w)
-        target = (seen_wy + strength * prior) / (seen_w + strength)
+        if self.config.loss == "fnw":
+            # a fake-negative stream: every impression is a negative and each click adds a
+            # positive, so the CTR is positives / (examples - positives), not their share
+            target = (seen_wy + strength * prior) / (seen_w - seen_wy + strength)
+        else:
+            target = (seen_wy + strength * prior) / (seen_w + strength)
         lo, hi = -40.0, 40.0  # logit shift; the weighted mean prediction increases with it
         for _ in range(60):
             mid = 0.5 * (lo + hi)
@@ -588,15 +593,21 @@ class TorchRanker:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], device: str | None = None, online: bool | None = None
+        cls,
+        path: str | os.PathLike[str],
+        device: str | None = None,
+        online: bool | None = None,
+        loss: str | None = None,
     ) -> TorchRanker:
         """Load a checkpoint written by :meth:`save`, optionally onto another ``device``.
 
         ``online``: override the saved mode; e.g. ``online=True`` warm-starts an offline
-        (pretrain) checkpoint at ``base_lr * online_lr_scale``.
+        (pretrain) checkpoint at ``base_lr * online_lr_scale``. ``loss``: continue with
+        another loss than the saved one, e.g. ``"fnw"`` online on fake negatives after a
+        pretrain on final labels with ``"bce"``.
         """
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_state(state, device=device, online=online, source=str(path))
+        return cls.from_state(state, device=device, online=online, source=str(path), loss=loss)
 
     @classmethod
     def from_state(
@@ -605,6 +616,7 @@ class TorchRanker:
         device: str | None = None,
         online: bool | None = None,
         source: str = "state",
+        loss: str | None = None,
     ) -> TorchRanker:
         """A ranker from :meth:`state` (see :meth:`load`). Without the ``optimizer`` key
         (a serving snapshot, :mod:`modelstore.snapshot`) the optimiser moments start
@@ -612,6 +624,8 @@ class TorchRanker:
         config = RankerConfig.from_dict(state["config"])
         if device is not None:
             config = dataclasses.replace(config, device=device)
+        if loss is not None:
+            config = dataclasses.replace(config, loss=loss)
         if online is None:
             online = bool(state.get("online", True))
         ranker = cls(config, seed=int(state["seed"]), online=online)

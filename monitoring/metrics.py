@@ -162,6 +162,10 @@ class StreamrecMetrics:
         self.recalibrations_rejected = counter(
             "recalibrations_rejected", "Calibrator refits rejected (no held-out improvement)."
         )
+        self.recalibration_rollbacks = counter(
+            "recalibration_rollbacks",
+            "Calibrators rolled back to the raw ranker (served log loss worse than raw).",
+        )
         self.calibrator_updates = counter(
             "calibrator_updates",
             "Calibrator versions published: accepted refits and level updates while tracking.",

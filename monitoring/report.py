@@ -713,9 +713,19 @@ def load_run(run_dir: str | Path) -> ReportData:
         true_p=true_p,
         drift_ts=None if drift_ts is None else float(drift_ts),
         alarms=alarms,
-        recalibrations=[e for e in alarms if e.get("accepted")],
+        recalibrations=_accepted_refits(report, alarms),
         title=f"streamrec calibration report: {run.resolve().name}",
     )
+
+
+def _accepted_refits(report: dict[str, Any], alarms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accepted refits of a run: its ``recalibration_events`` with decision
+    ``"accepted"`` (one per ``streamrec_recalibrations_total`` count, periodic refits while
+    tracking included); runs written before those records existed: the accepted alarms."""
+    refits = report.get("recalibration_events")
+    if refits is None:
+        return [e for e in alarms if e.get("accepted")]
+    return [e for e in refits if e.get("decision") == "accepted"]
 
 
 def write_report(

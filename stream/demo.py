@@ -242,6 +242,9 @@ def run_demo(
     )
     summary = summarize(arr, drift_ts)
     alarms = [c for c in controls if c.get("kind") == "drift"]
+    # one record per counted refit (MonitorService._count_refit): the report draws these,
+    # the table below reads the counters; the two agree
+    refits = [c for c in controls if c.get("kind") == "recalibration"]
     delays = []
     if drift_ts is not None and arr.ts.size:
         # post-drift impressions the monitor had taken in when it alarmed: the scored
@@ -266,6 +269,7 @@ def run_demo(
         "drift_ts": drift_ts,
         "drift_alarms": int(final.get("streamrec_drift_alarms_total", 0)),
         "drift_alarm_events": alarms,
+        "recalibration_events": refits,
         "first_alarm_after_drift_impressions": delays[0] if delays else None,
         "recalibrations": int(final.get("streamrec_recalibrations_total", 0)),
         "recalibrations_rejected": int(final.get("streamrec_recalibrations_rejected_total", 0)),

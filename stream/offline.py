@@ -142,6 +142,10 @@ def pretrain(
     # steps of a short offline run (50 steps) left the online model's level drifting
     # afterwards (bench.calibration, no drift: within +-5% 40% of the time, 72% without).
     config = dataclasses.replace(config or RankerConfig(), bias_warmup=0.0)
+    if config.loss == "fnw":
+        # FNW is for the fake-negative stream; a log's labels are final: plain BCE learns
+        # the CTR from them (the worker continues online with "fnw", TorchRanker.load)
+        config = dataclasses.replace(config, loss="bce")
     ranker = TorchRanker(config, seed=seed, online=False)
     rng = np.random.default_rng(seed)
     n = len(examples)

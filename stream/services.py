@@ -36,6 +36,7 @@ from modelstore.store import DirectoryStore, Manifest, StoreError
 from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
+from monitoring.outcomes import FinalOutcomes
 from stream.envelope import decode_envelope, is_envelope
 from stream.events import (
     TOPIC_CLICKS,
@@ -624,8 +625,13 @@ class TrainerService:
         cfg = settings.trainer
         if ranker is None:
             if cfg.warm_start:
+                # the online loss follows the labelling scheme (e.g. "fnw" on fake
+                # negatives), whatever loss the checkpoint was pretrained with
                 ranker = TorchRanker.load(
-                    cfg.warm_start, device=settings.ranker.device, online=True
+                    cfg.warm_start,
+                    device=settings.ranker.device,
+                    online=True,
+                    loss=settings.ranker.loss,
                 )
             else:
                 ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
@@ -925,6 +931,7 @@ class MonitorService:
     def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
         # Imported here rather than at the top: this class is the only user in the module.
         from learners.calibration import TrackingConfig, TrackingRecalibrator
+        from learners.guarded import GuardConfig, GuardedRecalibrator
         from monitoring.calibration import TimeCalibrationWindow
         from monitoring.drift import SegmentedDriftDetector
 
@@ -953,8 +960,28 @@ class MonitorService:
                 settle_refits=0 if cfg.recalibration == "continuous" else cfg.settle_refits,
             )
         )
+        #: recalibration="guarded": forward-holdout acceptance and rollback
+        self.guard: GuardedRecalibrator | None = (
+            GuardedRecalibrator(
+                GuardConfig(
+                    kind=cfg.calibrator,
+                    fit_window=cfg.recal_window,
+                    holdout=cfg.recal_window,
+                    z=cfg.guard_z,
+                )
+            )
+            if cfg.recalibration == "guarded"
+            else None
+        )
+        self.n_rollbacks = 0
         self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
+        #: final labels of a fake-negative stream (None: the labels are final already)
+        self.outcomes: FinalOutcomes | None = (
+            FinalOutcomes(settings.join.window_s, settings.join.lateness_s)
+            if settings.join.delayed_feedback == "fake_negative"
+            else None
+        )
         self.n_seen = 0
         self.n_alarms = 0
         self.n_recalibrations = 0
@@ -975,19 +1002,43 @@ class MonitorService:
     def observe(self, batch: ScoredBatch) -> list[dict[str, object]]:
         """Update statistics with one scored batch; returns the control messages to
         publish: a ``drift`` record per alarm, and a ``calibrator`` whenever a new version
-        is published (an accepted refit, or a level update while tracking)."""
+        is published (an accepted refit, or a level update while tracking).
+
+        With ``join.delayed_feedback="fake_negative"`` the batch's labels are provisional:
+        each impression is judged once, on its final label, when its attribution window
+        has closed (:class:`monitoring.outcomes.FinalOutcomes`), with the scores of its
+        first record (taken when it reached the trainer, at its impression time)."""
+        if self.outcomes is None:
+            return self._observe(
+                np.asarray(batch.p, dtype=np.float64),
+                np.asarray(batch.p_raw, dtype=np.float64),
+                np.asarray(batch.label, dtype=np.float64),
+                np.asarray(batch.ts, dtype=np.float64),
+                np.asarray(batch.segment),
+            )
+        self.outcomes.add(
+            batch.impression_ids,
+            ts=batch.ts,
+            label=batch.label,
+            columns={"p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment},
+        )
+        done = self.outcomes.resolve()
+        if not done:
+            return []
+        return self._observe(done["p"], done["p_raw"], done["label"], done["ts"], done["segment"])
+
+    def _observe(
+        self, p: np.ndarray, p_raw: np.ndarray, y: np.ndarray, ts: np.ndarray, segs: np.ndarray
+    ) -> list[dict[str, object]]:
+        """:meth:`observe` on final labels: (N,) served and raw scores, labels, impression
+        times and segments."""
         cfg = self.settings.monitor
-        p = np.asarray(batch.p, dtype=np.float64)
-        p_raw = np.asarray(batch.p_raw, dtype=np.float64)
-        y = np.asarray(batch.label, dtype=np.float64)
-        ts = np.asarray(batch.ts, dtype=np.float64)
         self.served.update(predictions=p, labels=y)
         self.raw.update(predictions=p_raw, labels=y)
         if self.raw_gauge is not self.raw:
             self.raw_gauge.update(predictions=p_raw, labels=y)
         self.served_time.update(predictions=p, labels=y, ts=ts)
         self.raw_time.update(predictions=p_raw, labels=y, ts=ts)
-        segs = np.asarray(batch.segment)
         for seg in np.unique(segs):
             win = self.segments.get(seg)
             if win is None:
@@ -998,7 +1049,11 @@ class MonitorService:
             win.update(predictions=p[mask], labels=y[mask])
         self.segment_detector.update_many(p, y, segs)
         self.detector.update_many(p, y)
-        if cfg.recalibration != "alarm":
+        out: list[dict[str, object]] = []
+        event_ts = float(ts.max()) if ts.size else 0.0
+        if self.guard is not None:
+            out += self._on_guard(p_raw, y, event_ts)
+        elif cfg.recalibration in ("track", "continuous"):
             self.tracker.update(p_raw=p_raw, labels=y)
         self.n_seen += len(y)
         self.metrics.monitored.inc(len(y))
@@ -1006,18 +1061,40 @@ class MonitorService:
         for seg, stat in self.segment_detector.statistics.items():
             self.metrics.drift_z.labels(segment=seg).set(stat)
         if self.n_seen < cfg.warmup:
-            return []
+            return out
         for seg in self.segment_detector.drifted_segments:
             self.metrics.segment_drift_alarms.labels(segment=seg).inc()
             log.info("drift alarm on segment %s (no recalibration)", seg)
-        event_ts = float(ts.max()) if ts.size else 0.0
         if self.detector.drift_detected:
-            return self._on_drift(event_ts)
+            return out + self._on_drift(event_ts)
+        if cfg.recalibration not in ("track", "continuous"):
+            return out
         if cfg.recalibration == "continuous" and not self.tracker.armed:
             self.tracker.arm()
         if self.tracker.due:
-            return self._on_refit(event_ts)
-        return []
+            return out + self._on_refit(event_ts)
+        return out
+
+    def _on_guard(
+        self, p_raw: np.ndarray, y: np.ndarray, event_ts: float
+    ) -> list[dict[str, object]]:
+        """recalibration="guarded": judge a waiting refit on these forward labels, or the
+        served calibrator against the raw ranker (rollback); a calibrator when it changes."""
+        assert self.guard is not None
+        out: list[dict[str, object]] = []
+        for ev in self.guard.update(p_raw, y):
+            if ev.kind == "rollback":
+                self.n_rollbacks += 1
+                self.metrics.recalibration_rollbacks.inc()
+                log.info("recalibration rolled back (served lost %.5f nats to raw)", ev.gain)
+                out.append(self._refit_record(None, event_ts, "rollback"))
+            else:
+                out.append(self._count_refit(ev.kind == "accepted", event_ts, "guarded"))
+            out[-1].update(gain_nats=ev.gain, se_nats=ev.se)
+            if ev.kind != "rejected":
+                out.append(self._calibrator_message(ev.calibrator, event_ts, ev.kind))
+                self.served.reset_window()
+        return out
 
     def apply_control(self, msg: dict[str, object]) -> None:
         """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
@@ -1028,7 +1105,9 @@ class MonitorService:
             if version > self.calibrator_version:
                 self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
                 self.calibrator_version = version
-                if self.settings.monitor.recalibration != "alarm":
+                if self.guard is not None:
+                    self.guard.serving = self.calibrator
+                elif self.settings.monitor.recalibration in ("track", "continuous"):
                     self.tracker.adopt(self.calibrator)
 
     def publish(self) -> None:
@@ -1065,24 +1144,42 @@ class MonitorService:
             "reason": reason,
         }
 
-    def _count_refit(self, accepted: bool) -> None:
+    def _refit_record(
+        self, accepted: bool | None, event_ts: float, reason: str
+    ) -> dict[str, object]:
+        decision = "rollback" if accepted is None else "accepted" if accepted else "rejected"
+        record: dict[str, object] = {
+            "kind": "recalibration",
+            "event_ts": event_ts,
+            "examples_seen": self.n_seen,
+            "decision": decision,
+            "reason": reason,
+        }
+        return record
+
+    def _count_refit(self, accepted: bool, event_ts: float, reason: str) -> dict[str, object]:
+        """Count a judged refit (``streamrec_recalibrations_total`` or ``_rejected_total``)
+        and return its ``recalibration`` control record: one record per count, so that the
+        report (which draws these records) and the CLI table (which reads the counters)
+        agree (issue 17, item 5)."""
         if accepted:
             self.n_recalibrations += 1
             self.metrics.recalibrations.inc()
         else:
             self.n_rejected += 1
             self.metrics.recalibrations_rejected.inc()
+        return self._refit_record(accepted, event_ts, reason)
 
     def _on_refit(self, event_ts: float) -> list[dict[str, object]]:
         """A periodic refit while tracking: counted, and published when it changes."""
         result = self.tracker.refit()
         if result.accepted is None:  # too few clicks in the window yet
             return []
-        self._count_refit(result.accepted)
+        record = self._count_refit(result.accepted, event_ts, "periodic")
         if result.published is None:
-            return []
+            return [record]
         reason = "identity" if result.disarmed else "refit" if result.accepted else "level"
-        return [self._calibrator_message(result.published, event_ts, reason)]
+        return [record, self._calibrator_message(result.published, event_ts, reason)]
 
     def _on_drift(self, event_ts: float) -> list[dict[str, object]]:
         cfg = self.settings.monitor
@@ -1091,6 +1188,19 @@ class MonitorService:
         z = float(getattr(self.detector, "last_alarm_statistic", self.detector.statistic))
         self.detector.reset()  # starts the cooldown
         published: Calibrator | None
+        if cfg.recalibration in ("off", "guarded"):
+            # guarded: a refit fitted now is judged on the labels that come after it
+            proposed = self.guard.propose() if self.guard is not None else False
+            alarm: dict[str, object] = {
+                "kind": "drift",
+                "event_ts": event_ts,
+                "examples_seen": self.n_seen,
+                "z": z,
+                "accepted": None,
+                "proposed": proposed,
+            }
+            self.events.append(alarm)
+            return [alarm]
         if cfg.recalibration == "alarm":
             p_raw, y = self.raw.window_arrays()
             p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]
@@ -1116,19 +1226,19 @@ class MonitorService:
             "holdout_logloss_new": ll_new,
         }
         self.events.append(event)
-        self._count_refit(accepted)
+        record = self._count_refit(accepted, event_ts, "alarm")
         if not accepted:
             log.info("drift z=%.1f: recalibration rejected (%.5f -> %.5f)", z, ll_old, ll_new)
         else:
             self.served.reset_window()  # its examples were served by the old calibrator
         if published is None:
-            return [event]
+            return [event, record]
         msg = self._calibrator_message(published, event_ts, "alarm")
         log.info(
             "drift z=%.1f at event time %.0f: calibrator v%d %s (holdout log loss %.5f -> %.5f)",
             z, event_ts, self.calibrator_version, published, ll_old, ll_new,
         )  # fmt: skip
-        return [event, msg]
+        return [event, record, msg]
 
 
 class IndexerService:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,23 @@ from pathlib import Path
 import pytest
 
 from stream.broker import free_port, wait_for_port
+
+#: The workers these tests start label with the window scheme (positives and negatives at
+#: window close, each impression labelled exactly once), which their assertions count on;
+#: the worker's default is fresh labels (fake negatives + FNW), tested on its own in
+#: test_fresh_labels.py, which starts its workers with this variable removed.
+WINDOW_SCHEME_ENV = "STREAMREC_JOIN__DELAYED_FEEDBACK"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _window_scheme_workers() -> Iterator[None]:
+    before = os.environ.get(WINDOW_SCHEME_ENV)
+    os.environ[WINDOW_SCHEME_ENV] = "window"
+    yield
+    if before is None:
+        os.environ.pop(WINDOW_SCHEME_ENV, None)
+    else:
+        os.environ[WINDOW_SCHEME_ENV] = before
 
 
 class S3Server:

@@ -56,6 +56,7 @@ COUNTERS = {
     "drift_alarms",
     "recalibrations",
     "recalibrations_rejected",
+    "recalibration_rollbacks",
     "index_refreshes",
     "duplicate_examples",
     "calibrator_updates",

@@ -224,8 +224,14 @@ def test_checkpoints_are_retained_by_count_and_no_announced_path_is_loaded(
 def test_fake_negative_scheme_needs_its_loss_and_fnc_serves_corrected_scores() -> None:
     from stream.services import TrainerService as Trainer
 
+    # plain log loss on the fake-negative stream is FNW; FNW with FNC would correct twice
+    assert Settings(join=JoinConfig(delayed_feedback="fake_negative")).ranker.loss == "fnw"
     with pytest.raises(ValueError, match="fnw"):
-        Settings(join=JoinConfig(delayed_feedback="fake_negative"))
+        Settings(
+            join=JoinConfig(delayed_feedback="fake_negative"),
+            ranker=RankerConfig(loss="fnw"),
+            trainer=TrainerConfig(fnc=True),
+        )
     settings = Settings(
         join=JoinConfig(delayed_feedback="fake_negative"),
         ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256)),

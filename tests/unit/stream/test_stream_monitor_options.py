@@ -7,6 +7,7 @@ import pytest
 
 from monitoring.metrics import StreamrecMetrics
 from stream.events import ScoredBatch
+from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import MonitorService
 from stream.settings import MonitorConfig, Settings
 
@@ -35,9 +36,14 @@ def batches(rng: np.random.Generator, n: int, true_scale: float) -> list[ScoredB
 
 def run(detector: str, calibrator: str, recal_window: int) -> tuple[MonitorService, list]:
     settings = Settings(
+        join=JoinConfig(),
         monitor=MonitorConfig(
-            warmup=0, detector=detector, calibrator=calibrator, recal_window=recal_window
-        )
+            warmup=0,
+            detector=detector,
+            calibrator=calibrator,
+            recal_window=recal_window,
+            recalibration="track",
+        ),
     )
     svc = MonitorService(settings, StreamrecMetrics())
     rng = np.random.default_rng(4)
@@ -80,7 +86,9 @@ def adapting_run(recalibration: str, seed: int = 0) -> list[float]:
     """A model whose raw level learns a x1.6 CTR jump over ~40k impressions after it; the
     served score is the raw one through the monitor's latest calibrator (as the trainer
     applies control messages). Served / true click mass per batch after the alarm."""
-    settings = Settings(monitor=MonitorConfig(warmup=0, recalibration=recalibration))
+    settings = Settings(
+        join=JoinConfig(), monitor=MonitorConfig(warmup=0, recalibration=recalibration)
+    )
     svc = MonitorService(settings, StreamrecMetrics())
     rng = np.random.default_rng(seed)
     ratios: list[float] = []
@@ -115,7 +123,9 @@ def test_tracking_returns_the_served_ratio_to_one_while_a_fixed_refit_overshoots
 
 
 def test_tracking_publishes_versions_with_reasons_and_counts_refits() -> None:
-    settings = Settings(monitor=MonitorConfig(warmup=0, refit_every=2048))
+    settings = Settings(
+        join=JoinConfig(), monitor=MonitorConfig(warmup=0, refit_every=2048, recalibration="track")
+    )
     metrics = StreamrecMetrics()
     svc = MonitorService(settings, metrics)
     rng = np.random.default_rng(1)
@@ -140,7 +150,9 @@ def test_tracking_publishes_versions_with_reasons_and_counts_refits() -> None:
 
 def test_continuous_mode_calibrates_from_the_end_of_the_warmup_without_an_alarm() -> None:
     # 10% under-prediction: far too small for the window z-test to alarm
-    settings = Settings(monitor=MonitorConfig(warmup=10_000, recalibration="continuous"))
+    settings = Settings(
+        join=JoinConfig(), monitor=MonitorConfig(warmup=10_000, recalibration="continuous")
+    )
     svc = MonitorService(settings, StreamrecMetrics())
     rng = np.random.default_rng(2)
     cal = [m for b in batches(rng, 40, 1.1) for m in svc.observe(b) if m["kind"] == "calibrator"]
@@ -149,7 +161,10 @@ def test_continuous_mode_calibrates_from_the_end_of_the_warmup_without_an_alarm(
 
 
 def test_a_restarted_monitor_adopts_the_published_calibrator_and_keeps_tracking() -> None:
-    svc = MonitorService(Settings(monitor=MonitorConfig(warmup=0)), StreamrecMetrics())
+    svc = MonitorService(
+        Settings(join=JoinConfig(), monitor=MonitorConfig(warmup=0, recalibration="track")),
+        StreamrecMetrics(),
+    )
     params = {"kind": "shift", "b": 0.4}
     svc.apply_control({"kind": "calibrator", "version": 7, "params": params})
     assert svc.calibrator_version == 7 and svc.tracker.armed
@@ -160,7 +175,7 @@ def test_a_restarted_monitor_adopts_the_published_calibrator_and_keeps_tracking(
 
 
 def test_publish_exports_time_window_reliability_bins_and_per_segment_drift() -> None:
-    settings = Settings(monitor=MonitorConfig(warmup=0, detector="cusum"))
+    settings = Settings(join=JoinConfig(), monitor=MonitorConfig(warmup=0, detector="cusum"))
     metrics = StreamrecMetrics()
     svc = MonitorService(settings, metrics)
     rng = np.random.default_rng(4)
@@ -212,7 +227,10 @@ def test_publish_exports_time_window_reliability_bins_and_per_segment_drift() ->
 def test_the_time_window_label_follows_its_length() -> None:
     for seconds, label in ((3600.0, "1h"), (7200.0, "2h"), (900.0, "15m"), (90.0, "90s")):
         cfg = MonitorConfig(time_window_s=seconds, time_bucket_s=min(60.0, seconds))
-        assert MonitorService(Settings(monitor=cfg), StreamrecMetrics()).time_label == label
+        assert (
+            MonitorService(Settings(join=JoinConfig(), monitor=cfg), StreamrecMetrics()).time_label
+            == label
+        )
 
 
 def test_bad_recalibration_settings_are_clear_errors() -> None:

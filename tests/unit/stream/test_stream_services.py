@@ -272,7 +272,9 @@ PRE_DRIFT_BATCHES = 120  # 60k calibrated examples: past the monitor's warm-up
 def test_ctr_jump_with_unchanged_predictions_fires_an_alarm_and_recalibrates(
     metrics: StreamrecMetrics,
 ) -> None:
-    svc = MonitorService(Settings(), metrics)
+    svc = MonitorService(
+        Settings(join=JoinConfig(), monitor=MonitorConfig(recalibration="track")), metrics
+    )  # final labels
     rng = np.random.default_rng(11)
     p = np.full(500, 0.04)
     for k in range(PRE_DRIFT_BATCHES):
@@ -309,7 +311,9 @@ def test_calibrated_stream_raises_no_alarm(metrics: StreamrecMetrics) -> None:
 def test_monitor_keeps_one_window_per_segment_up_to_the_bound(
     metrics: StreamrecMetrics,
 ) -> None:
-    svc = MonitorService(Settings(monitor=MonitorConfig(max_segments=2)), metrics)
+    svc = MonitorService(
+        Settings(join=JoinConfig(), monitor=MonitorConfig(max_segments=2)), metrics
+    )
     batch = scored(np.full(3, 0.1), np.array([0, 1, 0]), 0)
     svc.observe(dataclasses.replace(batch, segment=["1", "2", "3"]))
     assert set(svc.segments) == {"1", "2"}

@@ -65,7 +65,7 @@ def test_toml_sections_and_top_level_keys_are_applied(tmp_path: Path) -> None:
     assert s == Settings(
         broker="10.0.0.1:9092",
         partitions=8,
-        join=JoinConfig(window_s=900.0, emit_positives="click"),
+        join=JoinConfig(window_s=900.0, emit_positives="click", delayed_feedback="fake_negative"),
         ranker=RankerConfig(
             model="logreg",
             hidden=(32, 16),
@@ -178,3 +178,24 @@ def test_replace_returns_a_changed_copy() -> None:
 def test_section_configs_reject_invalid_values(make: object) -> None:
     with pytest.raises(ValueError):
         make()  # type: ignore[operator]  # a lambda
+
+
+def test_the_worker_defaults_to_fresh_labels_with_fnw(tmp_path: Path) -> None:
+    """Fake negatives + FNW by default, from code and from a file with a [join] section;
+    a file that picks the window scheme gets plain BCE."""
+    assert Settings().join.delayed_feedback == "fake_negative"
+    assert Settings().ranker.loss == "fnw"
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("[join]\nwindow_s = 60.0\n")
+    s = load_settings(cfg, env={})
+    assert (s.join.delayed_feedback, s.ranker.loss) == ("fake_negative", "fnw")
+    cfg.write_text('[join]\ndelayed_feedback = "window"\n')
+    s = load_settings(cfg, env={})
+    assert (s.join.delayed_feedback, s.ranker.loss) == ("window", "bce")
+
+
+def test_section_keys_from_the_environment() -> None:
+    env = {"STREAMREC_JOIN__DELAYED_FEEDBACK": "window", "STREAMREC_MONITOR__WARMUP": "7"}
+    s = load_settings(None, env=env)
+    assert (s.join.delayed_feedback, s.ranker.loss, s.monitor.warmup) == ("window", "bce", 7)
+    assert load_settings(None, env={}).join.delayed_feedback == "fake_negative"

@@ -12,6 +12,7 @@ from learners.ranker import RankerConfig, TorchRanker
 from learners.weighting import time_decay_weights
 from monitoring.metrics import StreamrecMetrics
 from stream.events import Impression, LabeledExample, example_row
+from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import TrainerService
 from stream.settings import Settings, TrainerConfig
 
@@ -34,7 +35,9 @@ def test_step_learns_with_the_example_weights_times_the_time_decay(
     half_life: float | None,
 ) -> None:
     settings = Settings(
-        ranker=RANKER, trainer=TrainerConfig(batch_size=N, time_decay_half_life_s=half_life)
+        join=JoinConfig(),
+        ranker=RANKER,
+        trainer=TrainerConfig(batch_size=N, time_decay_half_life_s=half_life),
     )
     svc = TrainerService(settings, StreamrecMetrics())
     batch = _examples()

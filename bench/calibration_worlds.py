@@ -1,0 +1,264 @@
+"""Truth-known worlds through the worker's services: does recalibration ever make things worse?
+
+Run ``python -m bench.calibration_worlds`` (3 rates x 3 scenarios x 3 policies x 3 seeds)
+or ``--quick`` (one seed, 100 and 3,000 a minute only, 10k-impression logs).
+
+Each run is :func:`bench.pipeline_sim.simulate`: the same ``JoinService``-side joiner
+(:class:`stream.join.OnlineJoiner`), :class:`stream.services.TrainerService` and
+:class:`stream.services.MonitorService` the worker drives, fed in event-time order, every
+control message of the monitor applied to the trainer. Settings are the worker's defaults
+(``Settings()``: fresh labels, fake negatives + FNW; the monitor judges final labels) but
+for: the attribution window ``WINDOW_S`` (5 minutes; click delays ~ Exponential(mean 60 s)
+capped inside it, so that the monitor's final labels come within the run at 3,000 a
+minute), the monitor's warm-up (``WARMUP`` examples) and the recalibration policy:
+
+- ``track``: ``monitor.recalibration="track"`` (the policy of issue 17's measurements);
+- ``off``: no recalibration (served = raw; alarms are still counted);
+- ``guarded``: a refit is proposed on an alarm, accepted only if it beats the serving
+  calibrator on a forward holdout (final labels that arrive after the fit) by more than
+  that holdout's noise, and rolled back when the served log loss then exceeds the raw
+  ranker's by more than its noise (``stream.services.MonitorService``).
+
+Worlds (:func:`bench.pipeline_sim.make_world`, ``true_p`` known): ``no_drift``, ``abrupt``
+(CTR x1.6 at half-way) and ``gradual`` (ramp x1 -> x1.6 over the next quarter) at 100,
+3,000 and 30,000 impressions a minute of event time; the ranker is pretrained on
+``history`` impressions of the same world and warm-started online (``streamrec demo``).
+
+Per run, on the score each impression was SERVED with at its impression time, against
+``true_p``, for the served and the raw (uncalibrated) score: mean and worst
+``|log(Σp/Σtrue_p)|`` over non-overlapping 5k-impression windows; impressions after the
+abrupt drift until the trailing-5k ratio stays within ±10% (None: not by the end); drift
+alarms per million monitored impressions in ``no_drift`` (false alarms); accepted refits
+and rollbacks. ``summary`` holds medians over seeds; ``bars`` whether served <= raw (mean
+window error) in every world, per policy. Writes ``bench/results/calibration_worlds.json``
+(``calibration_worlds_quick.json``).
+
+At 30,000 a minute the final labels of the 5-minute window lag 150,000 impressions, more
+than a run: the monitor cannot act there and served = raw by construction (reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from bench.fresh_labels import measure
+from bench.pipeline_sim import World, make_world, simulate
+from bench.run import bench_cli, machine, results_path, stamp, write_report
+from learners.ranker import TorchRanker
+from stream.offline import log_examples, pretrain
+from stream.settings import Settings
+
+POLICIES = ("track", "guarded", "off")
+RATES = (100.0, 3_000.0, 30_000.0)
+SCENARIOS = ("no_drift", "abrupt", "gradual")
+WINDOW_S = 300.0
+DELAY_MEAN_S = 60.0
+WARMUP = 5_000
+FULL = {"n": 30_000, "history": 5_000, "seeds": (0, 1, 2), "rates": RATES}
+QUICK = {"n": 10_000, "history": 2_000, "seeds": (0,), "rates": (100.0, 3_000.0)}
+
+
+def policy_settings(policy: str, base: Settings | None = None) -> Settings:
+    """The worker's defaults with the bench's window and warm-up and ``policy``."""
+    s = base or Settings()
+    join = dataclasses.replace(s.join, window_s=WINDOW_S, lateness_s=0.0)
+    monitor = dataclasses.replace(s.monitor, warmup=WARMUP, recalibration=policy)
+    return s.replace(join=join, monitor=monitor)
+
+
+def prime_rows(rate_per_min: float) -> int:
+    """Impressions streamed before the measured part (clicks in flight): one mean click
+    delay x 3 of event time, at least 500, at most 30,000."""
+    return int(min(max(rate_per_min / 60.0 * 3 * DELAY_MEAN_S, 500), 30_000))
+
+
+def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
+    """One pipeline run: :func:`bench.fresh_labels.measure` plus monitor counts."""
+    import torch
+
+    torch.set_num_threads(1)
+    s = policy_settings(policy)
+    prime = prime_rows(w.rate_per_min)
+    lead = history + prime
+    total = w.n + lead
+    full = dataclasses.replace(
+        w,
+        n=total,
+        drift_at=(lead + w.drift_at * w.n) / total,
+        ramp=w.ramp * w.n / total,
+        delay_mean_s=DELAY_MEAN_S,
+        max_delay_s=WINDOW_S - 1.0,
+    )
+    df_all, drift = make_world(full)
+    hist, df = df_all.iloc[:history], df_all.iloc[history:].reset_index(drop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "pretrained.pt"
+        pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
+        ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss)
+    res = simulate(df, s, seed=w.seed, ranker=ranker)
+    m = slice(prime, None)
+    d = None if drift is None else drift - history - prime
+    out = measure(res.p_serve[m], res.p_serve_raw[m], res.true_p[m], res.y[m], d)
+    monitored = int(res.monitor["monitored"])
+    out.update(
+        policy=policy,
+        scenario=w.scenario,
+        rate_per_min=w.rate_per_min,
+        seed=w.seed,
+        monitor=res.monitor,
+        alarms_per_million=(res.monitor["alarms"] / monitored * 1e6) if monitored else math.nan,
+        click_to_label_p50_s=float(np.median(res.click_latency_s)),
+        click_to_label_p99_s=float(np.quantile(res.click_latency_s, 0.99)),
+        label_to_update_wall_p50_s=float(np.median(res.click_update_wall_s)),
+        label_to_update_wall_p99_s=float(np.quantile(res.click_update_wall_s, 0.99)),
+        seconds=round(res.seconds, 1),
+    )
+    return out
+
+
+def _median(values: list[Any]) -> Any:
+    if any(v is None for v in values):
+        return None  # a recovery that never happened in one seed stays visible
+    vals = [float(v) for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return float(np.median(vals)) if vals else math.nan
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = sorted({(r["scenario"], r["rate_per_min"], r["policy"]) for r in runs})
+    rows = []
+    for sc, rate, pol in keys:
+        rs = [r for r in runs if (r["scenario"], r["rate_per_min"], r["policy"]) == (sc, rate, pol)]
+        row: dict[str, Any] = {"scenario": sc, "rate_per_min": rate, "policy": pol}
+        row["seeds"] = len(rs)
+        for part in ("served", "raw"):
+            for k in ("mean_abs_log_ratio", "max_abs_log_ratio", "recovery_10pct"):
+                if k in rs[0][part]:
+                    row[f"{part}_{k}"] = _median([r[part][k] for r in rs])
+        row["served_le_raw_all_seeds"] = all(
+            r["served"]["mean_abs_log_ratio"] <= r["raw"]["mean_abs_log_ratio"] + 1e-12 for r in rs
+        )
+        for k in ("alarms", "recalibrations", "rollbacks", "monitored"):
+            row[k] = _median([r["monitor"].get(k, 0) for r in rs])
+        row["alarms_per_million"] = _median([r["alarms_per_million"] for r in rs])
+        rows.append(row)
+    return rows
+
+
+def bars(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per policy: served <= raw (median mean window error) in every world, and the false
+    alarms per million impressions without drift (worst rate)."""
+    out: dict[str, Any] = {}
+    for pol in sorted({r["policy"] for r in summary}):
+        rows = [r for r in summary if r["policy"] == pol]
+        fa = [r["alarms_per_million"] for r in rows if r["scenario"] == "no_drift"]
+        fa = [v for v in fa if not math.isnan(v)]
+        out[pol] = {
+            "served_le_raw_every_world": all(
+                r["served_mean_abs_log_ratio"] <= r["raw_mean_abs_log_ratio"] + 1e-12 for r in rows
+            ),
+            "served_le_raw_every_world_and_seed": all(r["served_le_raw_all_seeds"] for r in rows),
+            "worst_served_window": max(r["served_max_abs_log_ratio"] for r in rows),
+            "false_alarms_per_million_worst_rate": max(fa) if fa else math.nan,
+        }
+    return out
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None:
+        return "never"
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return format(v, spec)
+
+
+def table(report: dict[str, Any]) -> str:
+    head = (
+        "| scenario | rate/min | policy | served mean / worst abs log ratio (5k) "
+        "| raw mean / worst | recover ±10% served / raw | alarms per M | refits / rollbacks |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for r in report["summary"]:
+        lines.append(
+            f"| {r['scenario']} | {r['rate_per_min']:g} | {r['policy']} "
+            f"| {_fmt(r['served_mean_abs_log_ratio'])} / {_fmt(r['served_max_abs_log_ratio'])} "
+            f"| {_fmt(r['raw_mean_abs_log_ratio'])} / {_fmt(r['raw_max_abs_log_ratio'])} "
+            f"| {_fmt(r.get('served_recovery_10pct', math.nan), '.0f')} / "
+            f"{_fmt(r.get('raw_recovery_10pct', math.nan), '.0f')} "
+            f"| {_fmt(r['alarms_per_million'], '.0f')} "
+            f"| {_fmt(r['recalibrations'], '.0f')} / {_fmt(r['rollbacks'], '.0f')} |"
+        )
+    lines.append("")
+    for pol, b in report["bars"].items():
+        lines.append(f"- {pol}: {b}")
+    return "\n".join(lines)
+
+
+def _job(args: tuple[str, World, int]) -> dict[str, Any]:
+    return run_one(*args)
+
+
+def main(
+    quick: bool = False,
+    *,
+    results_dir: Path | None = None,
+    policies: tuple[str, ...] = POLICIES,
+    workers: int = 2,
+) -> dict[str, Any]:
+    plan = cast(dict[str, Any], QUICK if quick else FULL)
+    jobs = [
+        (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"])
+        for seed in plan["seeds"]
+        for sc in SCENARIOS
+        for rate in plan["rates"]
+        for pol in policies
+    ]
+    t0 = time.perf_counter()
+    path = results_path(results_dir, "calibration_worlds", quick)
+    partial = path.with_suffix(".runs.jsonl")  # each run as it ends (a long run can be cut)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with ProcessPoolExecutor(max_workers=workers) as ex, partial.open("w") as f:
+        for r in ex.map(_job, jobs):
+            runs.append(r)
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+    report = build_report(runs, quick, plan, round(time.perf_counter() - t0, 1))
+    write_report(report, path)
+    partial.unlink()
+    print(table(report))
+    return report
+
+
+def build_report(
+    runs: list[dict[str, Any]], quick: bool, plan: dict[str, Any], wall: float
+) -> dict[str, Any]:
+    """The results file's content from the runs (also from a ``.runs.jsonl`` left by a
+    cut run)."""
+    summary = summarize(runs)
+    return {
+        **stamp("calibration_worlds", quick),
+        "machine": machine(),
+        "wall_seconds": wall,
+        "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
+        "window_s": WINDOW_S,
+        "delay_mean_s": DELAY_MEAN_S,
+        "warmup": WARMUP,
+        "runs": runs,
+        "summary": summary,
+        "bars": bars(summary),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        bench_cli("calibration_worlds", __doc__, "one seed, 2 rates, 10k impressions", main, None)
+    )

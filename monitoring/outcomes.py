@@ -1,0 +1,147 @@
+"""Final labels for the monitor when the training stream's labels are provisional.
+
+With fake negatives (Ktena et al. 2019; ``stream.join`` ``delayed_feedback="fake_negative"``)
+every impression reaches the trainer at once as a negative, and again as a positive if its
+click comes within the attribution window. Trained on, that stream is what the model needs;
+judged as it is, it double counts every clicked impression and counts every impression as a
+non-click until its click arrives, so calibration statistics, drift tests and refits would
+act on a biased number (the stream's label-1 rate is ``p / (1 + p)``).
+
+:class:`FinalOutcomes` turns it back into one record per impression with its final label:
+the score of its first (provisional) record, the score it was served with at impression
+time, and label 1 iff a positive for it arrived before its window closed. An impression's
+window closes when the newest impression time seen passes ``ts + window_s + lateness_s``
+(the joiner's own rule, on the monitor's clock). Positives that arrive after their
+impression was resolved are counted in :attr:`FinalOutcomes.late_positives` (the stream
+lagged by more than the lateness), not applied.
+
+Memory: the provisional records of one window (``window_s`` of event time) as numpy
+columns, plus the ids of the clicked ones.
+
+>>> fo = FinalOutcomes(window_s=60.0, lateness_s=0.0)
+>>> fo.add(["a", "b"], ts=[0.0, 1.0], label=[0, 0], columns={"p": [0.1, 0.2]})
+>>> fo.add(["a"], ts=[0.0], label=[1], columns={"p": [0.15]})  # a's click, scored later
+>>> fo.add(["c"], ts=[100.0], label=[0], columns={"p": [0.3]})  # the clock moves on
+>>> out = fo.resolve()
+>>> out["label"].tolist(), out["p"].tolist(), fo.pending
+([1.0, 0.0], [0.1, 0.2], 1)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["FinalOutcomes"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class FinalOutcomes:
+    """One record per impression with its final label, from a fake-negative stream.
+
+    Args:
+        window_s: the attribution window, seconds of event time.
+        lateness_s: extra seconds of event time before an impression is resolved.
+    """
+
+    def __init__(self, window_s: float, lateness_s: float = 0.0) -> None:
+        if window_s < 0 or lateness_s < 0:
+            raise ValueError("window_s and lateness_s must be >= 0")
+        self.horizon_s = float(window_s) + float(lateness_s)
+        self._chunks: deque[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = deque()
+        self._clicked: dict[str, float] = {}  # impression id -> its ts
+        self._pending_ids: set[str] = set()
+        self.clock = float("-inf")
+        self.pending = 0
+        self.late_positives = 0
+        self.duplicates = 0
+        self.resolved = 0
+
+    def add(
+        self,
+        ids: Sequence[str],
+        *,
+        ts: npt.ArrayLike,
+        label: npt.ArrayLike,
+        columns: Mapping[str, npt.ArrayLike],
+    ) -> None:
+        """A scored batch: ``ids`` (B,) impression ids, ``ts`` (B,) impression times (epoch
+        s), ``label`` (B,) 0 (provisional negative) or 1 (its click), ``columns`` (B,)
+        arrays kept for the label-0 records (e.g. served and raw scores, segment)."""
+        t = np.asarray(ts, dtype=np.float64).reshape(-1)
+        lab = np.asarray(label).reshape(-1)
+        if t.size != len(ids) or lab.size != len(ids):
+            raise ValueError("ids, ts and label must have one length")
+        neg = lab == 0
+        for k in np.flatnonzero(~neg):
+            iid = ids[int(k)]
+            if iid in self._pending_ids or t[k] > self.clock - self.horizon_s:
+                self._clicked[iid] = float(t[k])
+            else:
+                self.late_positives += 1
+        if neg.any():
+            keep = np.flatnonzero(neg)
+            new_ids = []
+            fresh = []
+            for k in keep:
+                iid = ids[int(k)]
+                if iid in self._pending_ids:
+                    self.duplicates += 1  # a redelivered provisional record
+                    continue
+                self._pending_ids.add(iid)
+                new_ids.append(iid)
+                fresh.append(k)
+            if fresh:
+                sel = np.asarray(fresh)
+                cols = {name: np.asarray(v)[sel] for name, v in columns.items()}
+                self._chunks.append((new_ids, t[sel], cols))
+                self.pending += len(new_ids)
+        if t.size:
+            self.clock = max(self.clock, float(t.max()))
+
+    def resolve(self, *, flush: bool = False) -> dict[str, np.ndarray]:
+        """The records whose window closed (all of them when ``flush``), oldest first:
+        the kept columns plus ``ts`` and ``label`` (float64 0/1). Each record is resolved
+        once it is due, whatever else its micro-batch holds (a batch may span more than a
+        window of event time at low traffic)."""
+        due = self.clock - self.horizon_s
+        parts: list[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = []
+        if flush:
+            parts, self._chunks = list(self._chunks), deque()
+        elif self._chunks and float(min(float(c[1].min()) for c in self._chunks)) < due:
+            keep: deque[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = deque()
+            for ids_c, ts_c, cols_c in self._chunks:
+                ready = ts_c < due
+                if ready.all():
+                    parts.append((ids_c, ts_c, cols_c))
+                elif not ready.any():
+                    keep.append((ids_c, ts_c, cols_c))
+                else:
+                    for mask, dest in ((ready, parts), (~ready, keep)):
+                        sel = np.flatnonzero(mask)
+                        dest.append(([ids_c[int(k)] for k in sel], ts_c[sel],
+                                     {n: v[sel] for n, v in cols_c.items()}))  # fmt: skip
+            self._chunks = keep
+        if not parts:
+            return {}
+        ids = [iid for p in parts for iid in p[0]]
+        labels = np.fromiter(
+            (iid in self._clicked for iid in ids), dtype=np.float64, count=len(ids)
+        )
+        for iid in ids:
+            self._clicked.pop(iid, None)
+            self._pending_ids.discard(iid)
+        if not flush:  # clicks on impressions never seen provisional: keep one horizon
+            stale = [k for k, t in self._clicked.items() if t < due - self.horizon_s]
+            for k in stale:
+                del self._clicked[k]
+        self.pending -= len(ids)
+        self.resolved += len(ids)
+        out = {name: np.concatenate([p[2][name] for p in parts]) for name in parts[0][2]}
+        out["ts"] = np.concatenate([p[1] for p in parts])
+        out["label"] = labels
+        return out

@@ -1,0 +1,69 @@
+"""The truth-known pipeline harness (bench.pipeline_sim, bench.calibration_worlds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from bench import calibration_worlds as cw
+from bench.pipeline_sim import World, make_world, simulate
+from learners.ranker import RankerConfig
+from stream.settings import Settings
+
+
+def test_fresh_labels_reach_the_trainer_at_click_time_and_the_monitor_sees_final_labels() -> None:
+    w = World(rate_per_min=600.0, n=600, seed=1, delay_mean_s=10.0, max_delay_s=29.0)
+    df, drift = make_world(w)
+    assert drift is None and (df["click_ts"].dropna() - df["ts"][df["click"] == 1]).max() < 30
+    s = cw.policy_settings("off")
+    s = s.replace(
+        join=dataclasses.replace(s.join, window_s=30.0),
+        ranker=dataclasses.replace(s.ranker, model="logreg", loss="fnw"),
+        retrieval="ranker",  # no two-tower model to train: a faster test
+    )
+    assert s.join.delayed_feedback == "fake_negative"
+    res = simulate(df, s, step_s=5.0)
+    end = float(df["ts"].iloc[-1])
+    clicks = int((df["click_ts"] <= end).sum())  # the clicks sent before the log ended
+    # every impression once as a fake negative, every click once more as its positive
+    assert res.examples_trained == len(df) + clicks
+    # event seconds from a click to its positive's emission: at most a step (5 s + a gap)
+    assert res.click_latency_s.size == clicks and res.click_latency_s.max() <= 10.0
+    assert res.click_update_wall_s.size == clicks and (res.click_update_wall_s > 0).all()
+    # the monitor judged each impression whose window closed (all but the last 30 s,
+    # about 300 impressions) once, on its final label
+    closed = int((df["ts"] < end - 30.0).sum())
+    assert closed - 100 <= res.monitor["monitored"] <= closed
+    assert res.monitor["recalibrations"] == 0
+
+
+def test_summary_bars_and_table_on_made_up_runs() -> None:
+    def run(policy: str, served: float, raw: float, seed: int) -> dict:
+        block = {"mean_abs_log_ratio": served, "max_abs_log_ratio": served * 2}
+        rblock = {"mean_abs_log_ratio": raw, "max_abs_log_ratio": raw * 2}
+        return {"policy": policy, "scenario": "no_drift", "rate_per_min": 100.0, "seed": seed,
+                "served": block, "raw": rblock, "alarms_per_million": 0.0,
+                "monitor": {"alarms": 0, "recalibrations": 1, "rollbacks": 0,
+                            "monitored": 9}}  # fmt: skip
+
+    runs = [run("off", 0.1, 0.1, s) for s in range(3)] + [
+        run("track", 0.2, 0.1, s) for s in range(3)
+    ]
+    summary = cw.summarize(runs)
+    b = cw.bars(summary)
+    assert b["off"]["served_le_raw_every_world"] and not b["track"]["served_le_raw_every_world"]
+    assert b["track"]["worst_served_window"] == 0.4
+    text = cw.table({"summary": summary, "bars": b})
+    assert "| no_drift | 100 | track | 0.200 / 0.400 | 0.100 / 0.200 | - / - | 0 | 1 / 0 |" in text
+    assert math.isnan(cw._median([math.nan])) and cw._median([1, None]) is None
+
+
+def test_policy_settings_are_the_worker_defaults_but_window_warmup_and_policy() -> None:
+    s = cw.policy_settings("guarded")
+    d = Settings()
+    assert s.monitor.recalibration == "guarded" and s.join.window_s == cw.WINDOW_S
+    assert s.ranker == d.ranker and s.join.delayed_feedback == d.join.delayed_feedback
+    assert isinstance(s.ranker, RankerConfig)
+    assert np.isclose(cw.prime_rows(100.0), 500) and cw.prime_rows(30_000.0) == 30_000
