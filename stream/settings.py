@@ -210,8 +210,10 @@ class Settings:
     #: into the future; replayed logs carry past times. ``inf`` turns the check off
     max_future_skew_s: float = 300.0
     #: the joiner attaches historical features (features.stage.FeatureStage, one per input
-    #: partition, state persisted with the join state) to every impression when it arrives
-    features: bool = True
+    #: partition, state persisted with the join state) to every impression when it arrives.
+    #: Off by default until a restart with the RocksDB recovery consistency check on (Tansu,
+    #: tests/integration/test_fuzz.py) passes with it: see the README
+    features: bool = False
     join: JoinConfig = field(default_factory=JoinConfig)
     ranker: RankerConfig = field(
         default_factory=lambda: RankerConfig(encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER))
