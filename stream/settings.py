@@ -170,6 +170,9 @@ ROLES = ("all", "joiner", "trainer", "serve")
 #: once): a handful of junk names cannot take the slots of the real features. A settings
 #: file may set ``[ranker.encoder] admit_after``.
 WORKER_ADMIT_AFTER = 20
+#: The worker's ranker has room for the feature stage's ``hist_*`` numerics (about 45 of
+#: them; ``EncoderConfig.max_num_fields`` defaults to 8 for plain logs).
+WORKER_NUM_FIELDS = 64
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,9 @@ class Settings:
     #: unless ``trainer.fnc``: see __post_init__)
     join: JoinConfig = field(default_factory=lambda: JoinConfig(delayed_feedback="fake_negative"))
     ranker: RankerConfig = field(
-        default_factory=lambda: RankerConfig(encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER))
+        default_factory=lambda: RankerConfig(
+            encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER, max_num_fields=WORKER_NUM_FIELDS)
+        )
     )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # 4 sigma over the newest 2,500 examples: the online model itself absorbs a CTR jump
@@ -334,7 +339,11 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     if cls is JoinConfig:  # the worker's labelling scheme (fresh labels) unless the file sets one
         values = {"delayed_feedback": "fake_negative", **values}
     if cls is RankerConfig:  # the worker's admission threshold unless the file sets one
-        values["encoder"] = {"admit_after": WORKER_ADMIT_AFTER, **values.get("encoder", {})}
+        values["encoder"] = {
+            "admit_after": WORKER_ADMIT_AFTER,
+            "max_num_fields": WORKER_NUM_FIELDS,
+            **values.get("encoder", {}),
+        }
     if cls is RankerConfig and "encoder" in values:
         values["encoder"] = _section(EncoderConfig, values["encoder"], f"{name}.encoder")
     for key in ("user_encoder", "item_encoder"):  # [two_tower.user_encoder] etc.

@@ -49,7 +49,7 @@ def start_worker(broker: str, port: int, data_dir: Path, store: str, log: Path) 
         "STREAMREC_RECOVERY_CONSISTENCY_CHECK": "false",  # Tansu's ListOffsets: see settings
     }
     config = data_dir.parent / "worker.toml"
-    config.write_text(f"[join]\nwindow_s = {WINDOW_S}\nlateness_s = 10.0\n")
+    config.write_text(f"features = true\n[join]\nwindow_s = {WINDOW_S}\nlateness_s = 10.0\n")
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,

@@ -60,7 +60,8 @@ def test_envelopes_hold_every_event_once_on_its_key_partition(
         events = _events(broker, topic)
         assert sorted(e.impression_id for _, _, e in events) == expected  # type: ignore[attr-defined]
         for partition, _, e in events:
-            assert partition == partition_of(e.impression_id.encode(), n_parts)  # type: ignore[attr-defined]
+            # keyed by user_id: clicks carry it too (co-partitioned with their impression)
+            assert partition == partition_of(e.user_id.encode(), n_parts)  # type: ignore[attr-defined]
     imps = [e for _, _, e in _events(broker, TOPIC_IMPRESSIONS)]
     assert all(isinstance(e, Impression) and e.true_p is not None for e in imps)
 

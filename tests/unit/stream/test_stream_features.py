@@ -29,7 +29,7 @@ from stream.settings import Settings
 
 T0 = 1_700_000_000.0
 SETTINGS = Settings(join=JoinConfig(window_s=60.0, lateness_s=5.0, orphan_grace_s=30.0,
-                                    dedup_horizon_s=300.0))  # fmt: skip
+                                    dedup_horizon_s=300.0), features=True)  # fmt: skip
 
 
 def records(n: int, seed: int) -> list[tuple[str, bytes]]:
