@@ -507,6 +507,28 @@ class TwoTowerModel:
         remembered item-side features (id only for an item never seen with features)."""
         return self._vectors("item", self._item_rows([str(i) for i in item_ids]))
 
+    @inference  # serving cannot change the model: no new slots
+    def catalogue_vectors(self, rows: Rows, batch_size: int = _VECTOR_CHUNK) -> np.ndarray:
+        """Item-tower vectors of catalogue rows, float32 ``(M, D)``, unit norm, for an index
+        refresh over items the model may never have seen clicked.
+
+        ``rows``: one mapping per item with ``item_id`` and its ``item_*`` fields (other
+        fields are ignored); encoded and embedded ``batch_size`` rows per forward pass, so
+        memory stays O(batch_size) beyond the output. The remembered item features
+        (:meth:`item_vectors`) are neither read nor changed.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(rows), self.config.embedding_dim), dtype=np.float32)
+        self.model.eval()
+        with torch.no_grad():
+            for s in range(0, len(rows), batch_size):
+                parts = [self._item_part(r) for r in rows[s : s + batch_size]]
+                if any("item_id" not in p for p in parts):
+                    raise ValueError("every catalogue row needs an item_id")
+                out[s : s + len(parts)] = self._items(parts).cpu().numpy()
+        return out
+
     # -- learner interface -----------------------------------------------------------------
     @inference  # serving cannot change the model: no new slots
     def predict_proba_many(self, X: Rows) -> np.ndarray:
