@@ -72,7 +72,9 @@ BEHAVIOUR: dict[str, Variant] = {
     "mean_pool_no_user_id_lr_0.01_3_passes": (NO_UID, 3, False),
     "item_tower_pool_no_user_id_lr_0.01_3_passes": ({**ITEM, **NO_UID}, 3, False),
     "item_tower_pool_no_user_id_lr_0.01_5_passes": ({**ITEM, **NO_UID}, 5, False),
-    "item_tower_pool_no_user_id_lr_0.01_5_passes_tau_0.1": ({**ITEM, **NO_UID, "temperature": 0.1}, 5, False),
+    "item_tower_pool_no_user_id_lr_0.01_5_passes_tau_0.1": (
+        {**ITEM, **NO_UID, "temperature": 0.1}, 5, False
+    ),
     "attention_pool_no_user_id_lr_0.01_5_passes": ({**ATT, **NO_UID}, 5, False),
 }  # fmt: skip
 HARD: dict[str, Variant] = {
