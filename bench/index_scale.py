@@ -9,8 +9,9 @@ and alone) or ``python -m bench.index_scale --quick`` (100k items, ~2 min). Seed
    catalogue of N items (the log's 5,000 with their attributes, the rest with a random
    category of the log's and a log-normal price) with
    :meth:`~learners.two_tower.TwoTowerModel.catalogue_vectors`: items/s at several
-   batch sizes, each on its own 20k-item slice (cold encoder cache), then the whole catalogue at the best one (row building
-   excluded: the catalogue rows exist already in a real refresh), then
+   batch sizes, each on its own 20k-item slice (cold encoder cache), then the whole
+   catalogue at the best one (row building excluded: the catalogue rows exist already in
+   a real refresh), then
    :func:`index.faiss_index.build_snapshot` with the chosen config and
    :func:`~index.faiss_index.verify_snapshot` (what the indexer runs before a swap).
 2. **ANN parameter sweep** on two data sets of N vectors: the catalogue's item-tower
