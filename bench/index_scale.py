@@ -231,7 +231,7 @@ def sweep(
         snap = build_snapshot(ids, vectors, version=1, config=cfg)
         build_s = time.perf_counter() - t
         for ef in EF_SEARCHES:
-            snap.index.hnsw.efSearch = ef
+            snap.index.hnsw.efSearch = ef  # type: ignore[attr-defined]  # an IndexHNSW
             row = {
                 "kind": "hnsw",
                 "m": m,

@@ -149,7 +149,11 @@ def train_eval(
     scores = model.user_vectors([ex.rows[n] for n in test]) @ model.item_vectors(world.items).T
     top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
     m = retrieval_metrics(top, truth, len(world.items))
-    out = {"recall_at_10": m["recall_at_k"], "ndcg_at_10": m["ndcg_at_k"], "train_s": seconds}
+    out: dict[str, Any] = {
+        "recall_at_10": m["recall_at_k"],
+        "ndcg_at_10": m["ndcg_at_k"],
+        "train_s": seconds,
+    }
     if feeder is not None:
         out.update(
             hard_share=model.hard_share,

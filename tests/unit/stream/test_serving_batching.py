@@ -52,7 +52,7 @@ def test_recommend_many_answers_like_recommend_and_a_bad_request_fails_alone(liv
         calls.append(len(rows))
         return real(rows)
 
-    ranker.predict_proba_many = counting  # type: ignore[method-assign]
+    ranker.predict_proba_many = counting  # type: ignore[method-assign,assignment]
     recommend_many(rec, [("u1", 5, None), ("u2", 5, None)])
     assert calls == [2 * rec.config.candidates]  # one ranker call for both requests
 
