@@ -46,6 +46,9 @@ NAMES = (
     "replay",
     "topology",
     "history_models",
+    "index_scale",
+    "retrieval_ablation",
+    "serving_batching",
 )
 
 
