@@ -368,7 +368,7 @@ VARIANTS: dict[str, Callable[[], TwoTowerModel]] = {
     "two_tower": lambda: TwoTowerModel(TwoTowerConfig(), seed=0),
     "two_tower_info_nce": lambda: TwoTowerModel(TwoTowerConfig(loss="info_nce"), seed=0),
     "two_tower_hard_negatives": lambda: TwoTowerModel(
-        TwoTowerConfig(ramp_examples=HARD_RAMP), seed=0
+        TwoTowerConfig(max_hard_share=0.5, ramp_examples=HARD_RAMP), seed=0
     ),
 }
 

@@ -49,6 +49,9 @@ NAMES = (
     "quality_history",
     "features",
     "calibration_worlds",
+    "index_scale",
+    "retrieval_ablation",
+    "serving_batching",
 )
 
 

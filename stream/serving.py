@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,7 +43,14 @@ from stream.events import (
     with_history,
 )
 
-__all__ = ["Recommender", "ServingConfig", "ServingError", "ServingGate"]
+__all__ = [
+    "Recommender",
+    "RequestBatcher",
+    "ServingConfig",
+    "ServingError",
+    "ServingGate",
+    "recommend_many",
+]
 
 T = TypeVar("T")
 
@@ -414,3 +423,215 @@ class Recommender:
             "calibrator_version": cal_version,
             "timing_ms": {"total": 1e3 * (time.perf_counter() - t0)},
         }
+
+
+Request = tuple[str, int, Mapping[str, Any] | None]
+"""``(user_id, k, context)`` as :meth:`Recommender.recommend` takes them."""
+
+
+def recommend_many(
+    rec: Recommender, requests: Sequence[Request]
+) -> list[dict[str, Any] | ServingError]:
+    """:meth:`Recommender.recommend` for several requests at once: one user-tower call, one
+    FAISS search of all the user vectors, one ranker call over every candidate row and one
+    calibrator call, then each request's top ``k``.
+
+    Returns one entry per request, in order: the answer :meth:`Recommender.recommend` gives
+    (same items and scores; ``timing_ms`` is the batch's, plus ``"batch"``: its size), or
+    the :class:`ServingError` of that request (a bad request fails alone; no index or user
+    vectors that do not fit the index fail every request).
+    """
+    t0 = time.perf_counter()
+    out: list[dict[str, Any] | ServingError] = [ServingError(500, "not computed")] * len(requests)
+    valid: list[tuple[int, str, int, dict[str, str | float]]] = []
+    for j, (user_id, k, context) in enumerate(requests):
+        try:
+            valid.append(
+                (
+                    j,
+                    _check_user(user_id),
+                    rec._check_k(k),
+                    _check_context(context, rec.config.max_context),
+                )
+            )
+        except ServingError as exc:
+            out[j] = exc
+    if not valid:
+        return out
+    snapshot = rec.index.current
+    try:
+        if snapshot is None:
+            raise ServingError(503, "no index yet: the first snapshot has not been built")
+        users = [u for _, u, _, _ in valid]
+        vecs = (
+            rec.ranker().user_vectors(users)
+            if rec.user_vectors is None
+            else rec.user_vectors(users)
+        )
+        vecs = np.asarray(vecs, dtype=np.float32)
+        if vecs.shape != (len(users), snapshot.dim):
+            raise ServingError(
+                503,
+                f"user vectors of shape {vecs.shape} do not fit index version "
+                f"{snapshot.version} (dim {snapshot.dim}); the index is being rebuilt",
+            )
+        if not np.all(np.isfinite(vecs)):
+            raise ServingError(503, "the retrieval model produced a non-finite user vector")
+    except ServingError as exc:
+        for j, *_ in valid:
+            out[j] = exc
+        return out
+    n = max(max(k, rec.config.candidates) for _, _, k, _ in valid)
+    scores, ids = snapshot.search(vecs, n)
+    t1 = time.perf_counter()
+    per: list[tuple[list[str], np.ndarray]] = []
+    rows: list[dict[str, object]] = []
+    for q, (_, user_id, k, ctx) in enumerate(valid):
+        m = max(k, rec.config.candidates)
+        found = [c for c in range(min(m, ids.shape[1])) if ids[q, c] is not None]
+        items = [str(ids[q, c]) for c in found]
+        per.append((items, scores[q, found].astype(np.float64)))
+        rows.extend(rec._rows(user_id, items, ctx))
+    ranker = rec.ranker()
+    calibrator, cal_version = rec.calibrator()
+    p_raw_all = np.asarray(ranker.predict_proba_many(rows) if rows else np.zeros(0))
+    p_all = np.asarray(calibrator.transform(p_raw_all), dtype=np.float64).reshape(-1)
+    p_raw_all = p_raw_all.astype(np.float64).reshape(-1)
+    t2 = time.perf_counter()
+    start = 0
+    for (j, user_id, k, _), (items, retrieval) in zip(valid, per, strict=True):
+        p_raw = p_raw_all[start : start + len(items)]
+        p = p_all[start : start + len(items)]
+        start += len(items)
+        order = np.lexsort((-retrieval, -p))[:k]
+        out[j] = {
+            "user_id": user_id,
+            "items": [
+                {
+                    "item_id": items[c],
+                    "score": float(p[c]),
+                    "p_raw": float(p_raw[c]),
+                    "retrieval_score": float(retrieval[c]),
+                }
+                for c in order.tolist()
+            ],
+            "index_version": snapshot.version,
+            "model_version": int(ranker.n_updates),
+            "calibrator_version": int(cal_version),
+            "retrieval_model": rec.retrieval_model,
+            "candidates": len(items),
+            "timing_ms": {
+                "retrieve": 1e3 * (t1 - t0),
+                "rank": 1e3 * (t2 - t1),
+                "total": 1e3 * (time.perf_counter() - t0),
+                "batch": len(requests),
+            },
+        }
+    return out
+
+
+class RequestBatcher:
+    """Micro-batches concurrent :meth:`Recommender.recommend` calls: requests submitted
+    from any thread queue up; one worker thread takes the first waiting request, gathers
+    more for at most ``max_wait_s`` (or until ``max_batch``), answers them all with
+    :func:`recommend_many` (one FAISS search, one ranker call) and completes each future.
+
+    ``n_batches`` / ``n_requests`` / ``max_seen`` count what it did. A web view awaits
+    ``asyncio.wrap_future(batcher.submit(...))``; :meth:`recommend` blocks instead.
+
+    Example:
+        >>> from index.faiss_index import build_snapshot
+        >>> from learners.calibration import PlattCalibrator
+        >>> from learners.encoding import EncoderConfig
+        >>> from learners.ranker import RankerConfig
+        >>> ranker = TorchRanker(RankerConfig(model="logreg", device="cpu",
+        ...                      encoder=EncoderConfig(num_buckets=256)), seed=0)
+        >>> items = [f"i{j}" for j in range(20)]
+        >>> holder = IndexHolder()
+        >>> _ = holder.swap(build_snapshot(items, ranker.item_vectors(items), version=1))
+        >>> rec = Recommender(holder, lambda: ranker, lambda: (PlattCalibrator(), 0))
+        >>> batcher = RequestBatcher(rec, max_batch=8, max_wait_s=0.001)
+        >>> len(batcher.recommend("u1", 3)["items"]), batcher.n_requests
+        (3, 1)
+        >>> batcher.close()
+    """
+
+    def __init__(
+        self, recommender: Recommender, max_batch: int = 32, max_wait_s: float = 0.002
+    ) -> None:
+        if max_batch < 1 or not (math.isfinite(max_wait_s) and max_wait_s >= 0):
+            raise ValueError(
+                f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}"
+            )
+        self.recommender = recommender
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.n_batches = 0
+        self.n_requests = 0
+        self.max_seen = 0
+        self._queue: queue.SimpleQueue[tuple[Request, Future[dict[str, Any]]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="streamrec-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, user_id: str, k: int, context: Mapping[str, Any] | None = None
+    ) -> Future[dict[str, Any]]:
+        """Queue one request; the future holds its answer or its :class:`ServingError`."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        fut: Future[dict[str, Any]] = Future()
+        self._queue.put(((user_id, k, context), fut))
+        return fut
+
+    def recommend(
+        self, user_id: str, k: int, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """:meth:`submit` and wait for the answer (raises its :class:`ServingError`)."""
+        return self.submit(user_id, k, context).result()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.perf_counter() + self.max_wait_s
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._answer(batch)
+            if stop:
+                return
+
+    def _answer(self, batch: list[tuple[Request, Future[dict[str, Any]]]]) -> None:
+        self.n_batches += 1
+        self.n_requests += len(batch)
+        self.max_seen = max(self.max_seen, len(batch))
+        try:
+            answers = recommend_many(self.recommender, [r for r, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - a model failure fails its batch, not the thread
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for (_, fut), answer in zip(batch, answers, strict=True):
+            if isinstance(answer, ServingError):
+                fut.set_exception(answer)
+            else:
+                fut.set_result(answer)
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the worker thread."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join(timeout=5.0)

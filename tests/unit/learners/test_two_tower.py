@@ -191,7 +191,9 @@ def test_hard_share_ramps_linearly_and_never_exceeds_the_cap() -> None:
 
 
 def test_hard_negatives_already_in_the_batch_are_dropped() -> None:
-    model = TwoTowerModel(small(ramp_examples=0, n_hard=4, batch_size=8), seed=0)
+    model = TwoTowerModel(
+        small(max_hard_share=0.5, ramp_examples=0, n_hard=4, batch_size=8), seed=0
+    )
     asked: list[str] = []
 
     def source(user: str, n: int) -> list[str]:
@@ -207,7 +209,7 @@ def test_hard_negatives_already_in_the_batch_are_dropped() -> None:
 
 
 def test_without_a_hard_negative_source_only_in_batch_negatives_are_used() -> None:
-    model = TwoTowerModel(small(ramp_examples=0), seed=0)
+    model = TwoTowerModel(small(max_hard_share=0.5, ramp_examples=0), seed=0)
     rows, y = latent_clicks(64, seed=6)
     model.learn_many(rows, y)
     assert model.hard_share == 0.0 and model.mean_hard_score is None
@@ -258,6 +260,21 @@ def test_seeded_clones_agree_and_other_seeds_differ() -> None:
     np.testing.assert_array_equal(a.item_vectors(["i1", "i2"]), b.item_vectors(["i1", "i2"]))
     other = TwoTowerModel(small(), seed=4)
     assert not np.allclose(other.item_vectors(["i1"]), model.item_vectors(["i1"]))
+
+
+def test_hard_negatives_are_off_by_default() -> None:
+    model = TwoTowerModel(small(), seed=0)
+    asked: list[str] = []
+
+    def source(user: str, n: int) -> list[str]:
+        asked.append(user)
+        return ["fresh"]
+
+    model.hard_negatives = source
+    rows, y = latent_clicks(64, seed=7)
+    model.learn_many(rows, y)
+    assert TwoTowerConfig().max_hard_share == 0.0 and model.target_hard_share == 0.0
+    assert asked == [] and model.hard_share == 0.0
 
 
 def test_config_rejects_a_hard_share_above_half_and_unknown_losses() -> None:
