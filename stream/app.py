@@ -49,6 +49,7 @@ from stream.events import (
     ScoredBatch,
     decode_labeled_batch,
 )
+from stream.httpd import harden, read_json_body
 from stream.limits import labeled_records, payload_limit, scored_records
 from stream.segments import SegmentedState
 from stream.services import (
@@ -700,6 +701,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             config=settings.serving,
         )
     app.recommender = recommender  # type: ignore[attr-defined]
+    if (trains or serves) and settings.web_port > 0:
+        # header/body timeouts, a connection cap, no 500 with details (stream.httpd)
+        harden(
+            app.web,
+            settings.serving,
+            on_refused=rt.metrics.serving_errors.labels(endpoint="connection", status="503").inc,
+            on_error=rt.metrics.serving_errors.labels(endpoint="any", status="500").inc,
+        )
     gate = ServingGate(settings.serving.threads, settings.serving.max_inflight)
     app.serving_gate = gate  # type: ignore[attr-defined]
     if rt.trainer.two_tower is not None:  # curriculum hard negatives from the pools
@@ -744,10 +753,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         calibrated pCTR of the given candidates, in order."""
 
         async def post(self, request: faust.web.Request) -> faust.web.Response:
-            try:
-                body = await request.json()
-            except ValueError:
-                return self.error(400, "the body must be a JSON object")
+            try:  # bounded in time and size; any parse error is a 400, never a 500
+                body = await read_json_body(request, settings.serving)
+            except ServingError as exc:
+                rt.metrics.serving_errors.labels(endpoint="score", status=str(exc.status)).inc()
+                return self.error(exc.status, exc.message)
             if not isinstance(body, dict):
                 return self.error(400, "the body must be a JSON object")
             items: Any = body.get("item_ids")  # validated by Recommender.score
