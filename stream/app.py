@@ -107,6 +107,7 @@ def create_worker_topics(settings: Settings, bootstrap: str | None = None) -> li
     return create_topics(
         bootstrap or settings.bootstrap, topic_plan(settings),
         compacted=[changelog_topic(settings)], max_message_bytes=settings.max_message_bytes,
+        client_options=settings.kafka_client_options(),
     )  # fmt: skip
 
 
@@ -200,6 +201,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     app = faust.App(
         group_id(settings),
         broker=settings.faust_broker,
+        broker_credentials=settings.faust_credentials(),  # None: PLAINTEXT
         store=f"{settings.table_store}://",
         datadir=settings.data_dir,
         # /recommend and /score (stream.serving) on the Faust web server; off when no port
@@ -532,6 +534,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max(settings.max_message_bytes, 1024**2),
+            **settings.kafka_client_options(),
         )
         await consumer.start()
         try:

@@ -256,12 +256,14 @@ def create_topics(
     compacted: Iterable[str] = (),
     timeout_s: float = 30.0,
     max_message_bytes: int | None = None,
+    client_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Create topics that do not exist yet; returns the names created.
 
     Tansu lacks some admin APIs (DescribeConfigs), so topics are created explicitly with
     their partition counts instead of relying on auto-creation. ``max_message_bytes``: the
     topics' ``max.message.bytes`` (``Settings.max_message_bytes``; None: the broker's).
+    ``client_options``: security arguments (``Settings.kafka_client_options``).
     """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -272,6 +274,7 @@ def create_topics(
         bootstrap_servers=strip_scheme(bootstrap).split(","),
         client_id="streamrec-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **(client_options or {}),
     )
     created: list[str] = []
     try:

@@ -228,7 +228,7 @@ def replay_cmd(
             log_path, settings.bootstrap, speedup=speedup, limit=limit,
             watermark_every=settings.replay_watermark_every,
             final_watermark_gap_s=settings.join.window_s + settings.join.lateness_s + 1,
-            fmt=fmt,
+            fmt=fmt, client_options=settings.kafka_client_options(),
         )  # fmt: skip
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None

@@ -158,6 +158,10 @@ ROLES = ("all", "joiner", "trainer", "serve")
 WORKER_ADMIT_AFTER = 20
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker needs. ``broker``: ``host:port[,host:port]`` (``kafka://`` ok)."""
@@ -209,6 +213,16 @@ class Settings:
     #: worker's wall clock is dead-lettered (``future_ts``) instead of moving the watermark
     #: into the future; replayed logs carry past times. ``inf`` turns the check off
     max_future_skew_s: float = 300.0
+    #: how every Kafka client of the worker (Faust, the control listener, topic creation,
+    #: replay) authenticates: "PLAINTEXT" (none: the default, and compose's default) or
+    #: "SASL_PLAINTEXT" / "SASL_SSL" with ``kafka_sasl_mechanism`` ("PLAIN",
+    #: "SCRAM-SHA-256", "SCRAM-SHA-512") and a user name and password (from the
+    #: environment: STREAMREC_KAFKA_SASL_USERNAME / _PASSWORD; see
+    #: docker-compose.sasl.yml). The password is never printed (repr, logs, errors).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
     join: JoinConfig = field(default_factory=JoinConfig)
     ranker: RankerConfig = field(
         default_factory=lambda: RankerConfig(encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER))
@@ -251,6 +265,23 @@ class Settings:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not self.max_future_skew_s >= 0:  # NaN fails too
             raise ValueError("max_future_skew_s must be >= 0 (inf: no check)")
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ValueError(
+                f"kafka_security_protocol must be one of "
+                f"{KAFKA_SECURITY_PROTOCOLS}, got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+                raise ValueError(
+                    f"kafka_sasl_mechanism must be one of "
+                    f"{KAFKA_SASL_MECHANISMS}, got {self.kafka_sasl_mechanism!r}"
+                )
+            if not (self.kafka_sasl_username and self.kafka_sasl_password):
+                raise ValueError(
+                    f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                    "kafka_sasl_username and kafka_sasl_password "
+                    "(STREAMREC_KAFKA_SASL_USERNAME / _PASSWORD)"
+                )
         if self.role == "serve" and not self.model_store:
             raise ValueError("role 'serve' needs a model store (model_store / --model-store)")
 
@@ -261,6 +292,40 @@ class Settings:
     @property
     def faust_broker(self) -> str:
         return ";".join(f"kafka://{h}" for h in self.bootstrap.split(","))
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security keyword arguments for a kafka-python or aiokafka client ({} for
+        PLAINTEXT): ``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``,
+        ``sasl_plain_password``."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return {}
+        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol,
+                                "sasl_mechanism": self.kafka_sasl_mechanism,
+                                "sasl_plain_username": self.kafka_sasl_username,
+                                "sasl_plain_password": self.kafka_sasl_password}  # fmt: skip
+        if self.kafka_security_protocol == "SASL_SSL":
+            import ssl
+
+            opts["ssl_context"] = ssl.create_default_context()
+        return opts
+
+    def faust_credentials(self) -> Any:
+        """Faust's ``broker_credentials`` (None for PLAINTEXT)."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return None
+        import ssl
+
+        import faust
+        from faust.types.auth import SASLMechanism
+
+        return faust.SASLCredentials(
+            username=self.kafka_sasl_username,
+            password=self.kafka_sasl_password,
+            mechanism=SASLMechanism(self.kafka_sasl_mechanism),
+            ssl_context=(
+                ssl.create_default_context() if self.kafka_security_protocol == "SASL_SSL" else None
+            ),
+        )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
