@@ -36,7 +36,7 @@ from modelstore.snapshot import LoadedModels, ModelReplica
 from modelstore.store import DirectoryStore
 from monitoring.metrics import StreamrecMetrics
 from stream.broker import create_topics
-from stream.control import parse_control
+from stream.control import check_model_record, parse_control
 from stream.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
@@ -569,6 +569,19 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             log.warning("control record rejected and skipped: %s", exc)
             return
         if isinstance(msg, dict):
+            if msg.get("kind") == "model":
+                # only a version of the model store with its manifest's digest, on every
+                # worker: a legacy record naming a file elsewhere is refused and counted
+                refused = check_model_record(msg, settings.model_store)
+                if refused is not None:
+                    rt.metrics.control_rejected.labels(reason=refused).inc()
+                    log.warning("control 'model' record refused (%s): version %r, path %r",
+                                refused, msg.get("version"), msg.get("path"))  # fmt: skip
+                    if replica is not None:  # and in the replica's store_failures, as before
+                        before = replica.n_failures
+                        replica.announce(msg)
+                        _count_store_failures(before)
+                    return
             rt.trainer.apply_control(msg)
             rt.monitor.apply_control(msg)
             if replica is not None and msg.get("kind") == "model":

@@ -345,8 +345,12 @@ def test_serving_replicas_sit_behind_one_loopback_port(
 # ----------------------------------------------------------------------------- SASL / ACLs
 
 SASL = ROOT / "docker-compose.sasl.yml"
-SASL_SECRETS = {"KAFKA_ADMIN_PASSWORD": "adm-test", "STREAMREC_KAFKA_PASSWORD": "sr-test",
-                "KAFKA_PRODUCER_PASSWORD": "prod-test", "GRAFANA_ADMIN_PASSWORD": "g-test"}  # fmt: skip
+SASL_SECRETS = {
+    "KAFKA_ADMIN_PASSWORD": "adm-test",
+    "STREAMREC_KAFKA_PASSWORD": "sr-test",
+    "KAFKA_PRODUCER_PASSWORD": "prod-test",
+    "GRAFANA_ADMIN_PASSWORD": "g-test",
+}
 
 
 def _sasl_config(tool: list[str], tmp_path: Path, env: dict[str, str]) -> Any:
