@@ -432,6 +432,12 @@ class JoinService:
 
     def update_gauges(self) -> None:
         self.metrics.pending_impressions.set(sum(len(j.pending) for j in self.joiners.values()))
+        js = list(self.joiners.values())
+        m = self.metrics
+        m.join_state_bytes.labels(kind="pending").set(sum(j.pending_bytes for j in js))
+        m.join_state_bytes.labels(kind="done").set(sum(j.done_bytes for j in js))
+        m.join_state_bytes.labels(kind="orphans").set(sum(j.orphan_bytes for j in js))
+        m.orphan_clicks_waiting.set(sum(len(j.orphan_clicks) for j in js))
         wms = [j.watermark for j in self.joiners.values() if np.isfinite(j.watermark)]
         if wms:
             self.metrics.event_time_watermark_seconds.set(min(wms))
