@@ -275,7 +275,8 @@ class StreamrecMetrics:
         self.store_failures = counter(
             "store_failures",
             "Model-store versions or announcements rejected (old version kept serving), or"
-            " failed publishes, by reason.",
+            " failed publishes (reason=publish) and checkpoints (reason=checkpoint, e.g. a"
+            " full disk: the previous one is kept), by reason.",
             ("reason",),
         )
         self.store_loads = counter("store_loads", "Model-store versions loaded and swapped in.")

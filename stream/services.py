@@ -753,14 +753,25 @@ class TrainerService:
             return None
         self._last_checkpoint = now
         d = Path(cfg.checkpoint_dir)
-        d.mkdir(parents=True, exist_ok=True)
         path = d / f"ranker-v{self.model_version:08d}.pt"
-        self.ranker.save(path)
-        # a unique temp name (O_EXCL): a planted symlink is never followed
-        fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
-        with os.fdopen(fd, "w") as f:
-            f.write(path.name)
-        os.replace(tmp, d / "LATEST")
+        tmp = ""
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self.ranker.save(path)  # atomic: a temp file, fsync, rename (removed on error)
+            # a unique temp name (O_EXCL): a planted symlink is never followed
+            fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
+            with os.fdopen(fd, "w") as f:
+                f.write(path.name)
+            os.replace(tmp, d / "LATEST")
+        except OSError as exc:
+            # e.g. ENOSPC: the previous checkpoint and LATEST stay as they were; training
+            # goes on (a raise here would drop the micro-batch) and the next one is tried
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            log.error("checkpoint %s not written (%s); the previous one is kept", path,
+                      exc.strerror or exc)  # fmt: skip
+            self.metrics.store_failures.labels(reason="checkpoint").inc()
+            return None
         if path not in self.checkpoints:
             self.checkpoints.append(path)
         # retention by count: the newest ``keep_checkpoints`` files of this naming stay
