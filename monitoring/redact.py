@@ -55,7 +55,7 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
         message = record.getMessage()
     except Exception:  # a malformed format: leave it to the formatter to report
         return record
-    record.msg, record.args = redact(message), None
+    record.msg, record.args = redact(message), ()  # () not None: formatters iterate it
     if record.exc_info and not record.exc_text:
         record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
     return record

@@ -72,3 +72,16 @@ def test_cli_error_messages_are_redacted() -> None:
     assert result.exit_code == 1
     assert "pa55word" not in result.output
     assert "admin:***@127.0.0.1" in result.output
+
+
+def test_a_redacted_record_formats_with_fausts_own_formatter(redacting_log: None) -> None:
+    import io
+
+    from mode.utils.logging import ExtensionFormatter
+
+    record = logging.getLogger("faust.x").makeRecord(
+        "faust.x", logging.WARNING, "f", 1, "dead letter from %s[%d]: %s 100%%",
+        ("impressions", 2, "kafka://u:pa55word@h"), None,
+    )  # fmt: skip
+    text = ExtensionFormatter(stream=io.StringIO()).format(record)
+    assert "dead letter from impressions[2]: kafka://u:***@h 100%" in text
