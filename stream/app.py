@@ -219,7 +219,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         broker_max_poll_records=5000,
         stream_buffer_maxsize=20000,
         producer_linger=0.005,
-        recovery_consistency_check=settings.recovery_consistency_check,
+        # None (not resolved by run_worker, e.g. in-process tests on Tansu): off
+        recovery_consistency_check=bool(settings.recovery_consistency_check),
         processing_guarantee=settings.processing_guarantee,
         # one record limit for the producer, the fetches and the topics (stream.limits)
         producer_max_request_size=settings.max_message_bytes,

@@ -249,6 +249,27 @@ def strip_scheme(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
+def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
+    """The cluster id the broker at ``bootstrap`` reports (None when it reports none)."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=strip_scheme(bootstrap).split(","),
+        client_id="streamrec-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        cid = admin.describe_cluster().get("cluster_id")
+    finally:
+        admin.close()
+    return str(cid) if cid else None
+
+
+def is_tansu(bootstrap: str) -> bool:
+    """Whether the cluster is Tansu (the embedded broker keeps Tansu's default cluster id)."""
+    return (cluster_id(bootstrap) or "").startswith("tansu")
+
+
 def create_topics(
     bootstrap: str,
     topics: Mapping[str, int] | Iterable[tuple[str, int]],

@@ -201,9 +201,10 @@ class Settings:
     web_port: int = 0
     #: Faust's check that a RocksDB table's persisted changelog offset is not beyond the
     #: changelog's end. Tansu (the embedded broker) reports the end of a partition as the
-    #: base offset of its last record batch + 1 in ListOffsets, which trips the check on
-    #: every restart: the embedded set-ups turn it off; keep it on with Apache Kafka.
-    recovery_consistency_check: bool = True
+    #: base offset of its last record batch + 1 in ListOffsets, which trips the check on a
+    #: restart. None (default): the worker asks the cluster and turns the check off only when
+    #: it is Tansu (cluster id ``tansu_cluster``); True/False force it.
+    recovery_consistency_check: bool | None = None
     #: the largest Kafka record of the deployment, bytes: the producer's max_request_size,
     #: the floor of every consumer's fetch size and the topics' max.message.bytes (compose:
     #: KAFKA_MESSAGE_MAX_BYTES and STREAMREC_MAX_MESSAGE_BYTES). Every batch a stage

@@ -9,7 +9,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 
-from stream.broker import EmbeddedBroker, create_topics, read_records
+from stream.broker import EmbeddedBroker, cluster_id, create_topics, is_tansu, read_records
 
 if TYPE_CHECKING:
     from tests.integration.conftest import S3Server  # the `s3` fixture's type
@@ -42,6 +42,14 @@ def test_read_records_reads_the_last_batch_to_its_end() -> None:
         create_topics(broker.url, {"t": 1})
         produce(broker.url, "t", values)
         assert [r.value for r in read_records(broker.url, "t")] == values
+
+
+def test_the_worker_recognises_tansu_by_its_cluster_id() -> None:
+    """The worker turns Faust's recovery consistency check off on Tansu only (the ListOffsets
+    answer above trips it on a restart); a cluster id is what tells the brokers apart."""
+    with EmbeddedBroker() as broker:
+        assert cluster_id(broker.url) == "tansu_cluster"
+        assert is_tansu(broker.url)
 
 
 def test_read_records_of_an_empty_topic_is_empty() -> None:
