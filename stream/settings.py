@@ -347,7 +347,11 @@ _SECTIONS: dict[str, type] = {
 _TOP = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
 
 
-def _coerce(value: str, default: object) -> object:
+def _coerce(value: str, default: object, annotation: object = "") -> object:
+    if default is None and "bool" in str(annotation):  # bool | None: "auto" or "" is None
+        if value.strip().lower() in ("", "auto", "none"):
+            return None
+        return value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):
@@ -395,7 +399,7 @@ def load_settings(
     for key in _TOP:
         var = f"STREAMREC_{key.upper()}"
         if var in env:
-            kwargs[key] = _coerce(env[var], getattr(defaults, key))
+            kwargs[key] = _coerce(env[var], getattr(defaults, key), _TOP[key])
     for name, cls in _SECTIONS.items():
         if name in data:
             kwargs[name] = _section(cls, data[name], name)

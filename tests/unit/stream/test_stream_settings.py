@@ -178,3 +178,15 @@ def test_replace_returns_a_changed_copy() -> None:
 def test_section_configs_reject_invalid_values(make: object) -> None:
     with pytest.raises(ValueError):
         make()  # type: ignore[operator]  # a lambda
+
+
+def test_an_optional_bool_from_the_environment_is_a_bool_not_a_string() -> None:
+    from stream.settings import load_settings
+
+    def check(value: str) -> object:
+        env = {"STREAMREC_RECOVERY_CONSISTENCY_CHECK": value}
+        return load_settings(env=env).recovery_consistency_check
+
+    # "false" must not stay the (truthy) string "false": stack and tests set it
+    assert [check(v) for v in ("false", "0", "true", "1", "auto", "")] == [
+        False, False, True, True, None, None]  # fmt: skip
