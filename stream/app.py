@@ -242,6 +242,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             value_type=bytes,
             partitions=settings.partitions,  # bytes keys and values: the "raw" codec
             help="The joiner's pending impressions, orphan clicks and input event times.",
+            # bounded memory per partition database (Faust's defaults: 192 MB of memtables
+            # and a 2 GiB block cache each)
+            options=settings.rocksdb_options() if settings.table_store == "rocksdb" else None,
         )
         # the table holds segments: one changelog record per flush, not one per change
         join_state = SegmentedState(TableJoinState(join_table))

@@ -191,6 +191,15 @@ class Settings:
     #: from the changelog only past its own offsets: production) or "memory" (restored from
     #: the whole changelog on every start)
     table_store: str = "rocksdb"
+    #: memory bounds of each RocksDB partition database of the join state (Faust's own
+    #: defaults are 64 MB x 3 memtables and a 2 GiB block cache per partition, and the
+    #: memtables and the write-ahead log grow until the first flush): memtables of
+    #: ``rocksdb_write_buffer_mb`` (2 of them) and a block cache of
+    #: ``rocksdb_block_cache_mb`` (+1/4 compressed). Per partition: at most
+    #: 2 x write buffer + 1.25 x block cache of RAM, and a write-ahead log of about 2 x
+    #: write buffer on disk.
+    rocksdb_write_buffer_mb: int = 16
+    rocksdb_block_cache_mb: int = 32
     #: Faust's processing guarantee: "at_least_once" (default; what the embedded broker
     #: supports, with idempotent trainer and monitor) or "exactly_once" (Kafka
     #: transactions: for Apache Kafka only, untested here since Tansu fails transactions)
@@ -262,6 +271,8 @@ class Settings:
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
+            raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not self.max_future_skew_s >= 0:  # NaN fails too
@@ -327,6 +338,15 @@ class Settings:
                 ssl.create_default_context() if self.kafka_security_protocol == "SASL_SSL" else None
             ),
         )
+
+    def rocksdb_options(self) -> dict[str, Any]:
+        """Faust's RocksDB store options of the join-state table (a fresh dict: Faust pops
+        keys from it)."""
+        mb = 1024 * 1024
+        return {"write_buffer_size": self.rocksdb_write_buffer_mb * mb,
+                "max_write_buffer_number": 2,
+                "block_cache_size": self.rocksdb_block_cache_mb * mb,
+                "block_cache_compressed_size": self.rocksdb_block_cache_mb * mb // 4}  # fmt: skip
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

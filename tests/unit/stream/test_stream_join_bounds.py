@@ -108,3 +108,14 @@ def test_join_state_bytes_and_waiting_orphans_are_exported() -> None:
     assert g("join_state_bytes", kind="orphans") == ORPHAN_OVERHEAD + 2
     assert g("join_state_bytes", kind="done") == 0
     assert g("orphan_clicks_waiting") == 1
+
+
+def test_the_join_state_rocksdb_memory_is_bounded_by_settings(tmp_path: object) -> None:
+    from stream.app import JOIN_TABLE, create_app
+
+    settings = Settings(role="joiner", data_dir=str(tmp_path), rocksdb_write_buffer_mb=8,
+                        rocksdb_block_cache_mb=16)  # fmt: skip
+    store = create_app(settings).tables[JOIN_TABLE].data
+    opts = store.rocksdb_options  # Faust's defaults: 64 MB x 3 memtables, a 2 GiB cache
+    assert (opts.write_buffer_size, opts.max_write_buffer_number) == (8 << 20, 2)
+    assert (opts.block_cache_size, opts.block_cache_compressed_size) == (16 << 20, 4 << 20)
