@@ -9,7 +9,8 @@ sees the same log in the same order, batches of 1024, scored then learned from
   quick), whose true CTR jumps x1.6 half-way (the default drift). The log carries
   ``true_p``, so each learner also gets the oracle's NE (the NE of ``true_p`` itself), its
   NE over the oracle's and the ratio of its predicted to the true click mass. The rows are
-  cached (pickle) under ``$STREAMREC_BENCH_CACHE`` or the temp dir, keyed by the config and
+  cached (pickle) under ``$STREAMREC_BENCH_CACHE`` or ``~/.cache/streamrec/bench`` (a
+  private 0700 directory, never the shared temp dir), keyed by the config and
   the generator's source, since turning 1M impressions into rows takes longer than most
   learners' runs.
 - ``obd``: the Open Bandit Dataset sample at ``../shared/data/obd/random/all/all.csv``
@@ -92,29 +93,61 @@ QUICK_LEARNERS = ("logreg", "dcnv2", "dcnv2_focal", *PEER_NAMES)
 
 
 def cache_dir() -> Path:
-    """``$STREAMREC_BENCH_CACHE``, else ``<tempdir>/streamrec-bench-cache``."""
+    """``$STREAMREC_BENCH_CACHE``, else ``$XDG_CACHE_HOME/streamrec/bench`` (by default
+    ``~/.cache/streamrec/bench``): never a predictable path under the shared temp
+    directory, where another user could plant a pickle for us to load."""
     env = os.environ.get("STREAMREC_BENCH_CACHE")
-    return Path(env) if env else Path(tempfile.gettempdir()) / "streamrec-bench-cache"
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "streamrec" / "bench"
+
+
+def _private(path: Path, is_dir: bool) -> bool:
+    """True when ``path`` is ours alone: not a symlink, the expected kind, owned by this
+    user, no group/other write (a directory: no group/other access at all)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    import stat
+
+    kind_ok = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
+    mask = 0o077 if is_dir else 0o022
+    return kind_ok and st.st_uid == os.getuid() and not st.st_mode & mask
 
 
 def synthetic_examples(cfg: SyntheticConfig, cache: Path | None = None) -> LogExamples:
     """``log_examples(generate(cfg))``, cached as a pickle keyed by ``cfg`` and the source of
-    the generator and the row conversion (a change to either makes a new key)."""
+    the generator and the row conversion (a change to either makes a new key). The cache
+    directory is created mode 0700; one that is a symlink, not ours or open to others is
+    not used (the rows are computed, with a note), and only our own file is unpickled."""
     key = hashlib.sha256(repr((CACHE_VERSION, dataclasses.asdict(cfg))).encode())
     for module in (synthetic, logs):
         key.update(Path(str(module.__file__)).read_bytes())
-    path = (cache or cache_dir()) / f"synthetic-{cfg.n_impressions}-{key.hexdigest()[:16]}.pkl"
-    if path.exists():
+    d = cache or cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        pass
+    if not _private(d, is_dir=True):
+        print(f"note: bench cache {d} is not a private directory of this user; not used")
+        return log_examples(generate(cfg))
+    path = d / f"synthetic-{cfg.n_impressions}-{key.hexdigest()[:16]}.pkl"
+    if _private(path, is_dir=False):
         with open(path, "rb") as f:
-            examples = pickle.load(f)  # our own cache file
+            examples = pickle.load(f)  # our own file in our own 0700 directory
         if isinstance(examples, LogExamples) and len(examples) == cfg.n_impressions:
             return examples
     examples = log_examples(generate(cfg))
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump(examples, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(examples, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return examples
 
 

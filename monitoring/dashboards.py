@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from monitoring.redact import redact
+
 __all__ = [
     "DASHBOARD_DIR",
     "DATASOURCE",
@@ -705,31 +707,38 @@ def publish_dashboards(
         The uids Grafana reports for the uploaded dashboards, in upload order.
 
     Raises:
-        DashboardPublishError: Grafana unreachable, credentials refused, upload rejected.
+        DashboardPublishError: Grafana unreachable, credentials refused, upload rejected;
+            its message never holds a password (:func:`monitoring.redact.redact`).
     """
     from grafana_client import GrafanaApi
     from grafana_client.client import GrafanaException, GrafanaUnauthorizedError
 
     api = GrafanaApi.from_url(url, credential=token, timeout=timeout_s)
+    shown = redact(url)  # errors never echo a password given in the URL
     uids: list[str] = []
     for dashboard in load_dashboards().values():
         body: dict[str, Any] = {"dashboard": dashboard, "overwrite": True}
         if folder is not None:
             body["folderUid"] = folder
-        where = f"dashboard {dashboard['uid']!r} to Grafana at {url}"
+        where = f"dashboard {dashboard['uid']!r} to Grafana at {shown}"
         try:
             response = api.dashboard.update_dashboard(body)
-        except GrafanaUnauthorizedError as e:
+        except GrafanaUnauthorizedError:
             raise DashboardPublishError(
                 f"cannot upload {where}: 401 Unauthorized (check the API token)"
-            ) from e
+            ) from None
         except GrafanaException as e:
             # status_code 0: the request itself failed (HTTP error below the API).
-            raise DashboardPublishError(f"cannot upload {where}: {e.message}") from e
+            raise DashboardPublishError(
+                f"cannot upload {where}: {redact(str(e.message))}"
+            ) from None
         except OSError as e:  # connection refused, DNS, TLS: niquests errors are OSErrors
-            raise DashboardPublishError(f"cannot connect to Grafana at {url}: {e}") from e
+            # the exception text and its chain may hold the URL with its credentials
+            raise DashboardPublishError(
+                f"cannot connect to Grafana at {shown}: {redact(str(e))}"
+            ) from None
         if not isinstance(response, dict) or response.get("status") != "success":
-            raise DashboardPublishError(f"Grafana rejected {where}: {response!r}")
+            raise DashboardPublishError(f"Grafana rejected {where}: {redact(repr(response))}")
         uids.append(str(response.get("uid", dashboard["uid"])))
     return uids
 

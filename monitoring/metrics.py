@@ -86,6 +86,17 @@ class StreamrecMetrics:
         self.pending_impressions = gauge(
             "pending_impressions", "Impressions waiting in the join window for a click."
         )
+        self.join_state_bytes = gauge(
+            "join_state_bytes",
+            "Estimated bytes of the joiner's in-memory state on this worker, by kind: pending"
+            " impressions, done (labelled ones remembered for duplicates and corrections),"
+            " orphans (clicks waiting for their impression); each bounded by [join] max_*_bytes.",
+            ("kind",),
+        )
+        self.orphan_clicks_waiting = gauge(
+            "orphan_clicks_waiting",
+            "Clicks waiting for their impression (bounded by [join] max_orphans).",
+        )
         self.join_state_entries = gauge(
             "join_state_entries",
             "Entries of the joiner's durable state table (pending impressions, orphan clicks,"
@@ -268,7 +279,8 @@ class StreamrecMetrics:
         self.store_failures = counter(
             "store_failures",
             "Model-store versions or announcements rejected (old version kept serving), or"
-            " failed publishes, by reason.",
+            " failed publishes (reason=publish) and checkpoints (reason=checkpoint, e.g. a"
+            " full disk: the previous one is kept), by reason.",
             ("reason",),
         )
         self.store_loads = counter("store_loads", "Model-store versions loaded and swapped in.")

@@ -36,7 +36,7 @@ from modelstore.snapshot import LoadedModels, ModelReplica
 from modelstore.store import DirectoryStore
 from monitoring.metrics import StreamrecMetrics
 from stream.broker import create_topics
-from stream.control import parse_control
+from stream.control import check_model_record, parse_control
 from stream.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
@@ -49,6 +49,7 @@ from stream.events import (
     ScoredBatch,
     decode_labeled_batch,
 )
+from stream.httpd import harden, read_json_body
 from stream.limits import labeled_records, payload_limit, scored_records
 from stream.producer import partition_of
 from stream.segments import SegmentedState
@@ -107,6 +108,7 @@ def create_worker_topics(settings: Settings, bootstrap: str | None = None) -> li
     return create_topics(
         bootstrap or settings.bootstrap, topic_plan(settings),
         compacted=[changelog_topic(settings)], max_message_bytes=settings.max_message_bytes,
+        client_options=settings.kafka_client_options(),
     )  # fmt: skip
 
 
@@ -200,6 +202,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     app = faust.App(
         group_id(settings),
         broker=settings.faust_broker,
+        broker_credentials=settings.faust_credentials(),  # None: PLAINTEXT
         store=f"{settings.table_store}://",
         datadir=settings.data_dir,
         # /recommend and /score (stream.serving) on the Faust web server; off when no port
@@ -240,6 +243,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             value_type=bytes,
             partitions=settings.partitions,  # bytes keys and values: the "raw" codec
             help="The joiner's pending impressions, orphan clicks and input event times.",
+            # bounded memory per partition database (Faust's defaults: 192 MB of memtables
+            # and a 2 GiB block cache each)
+            options=settings.rocksdb_options() if settings.table_store == "rocksdb" else None,
         )
         # the table holds segments: one changelog record per flush, not one per change
         join_state = SegmentedState(TableJoinState(join_table))
@@ -534,6 +540,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max(settings.max_message_bytes, 1024**2),
+            **settings.kafka_client_options(),
         )
         await consumer.start()
         try:
@@ -568,6 +575,19 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             log.warning("control record rejected and skipped: %s", exc)
             return
         if isinstance(msg, dict):
+            if msg.get("kind") == "model":
+                # only a version of the model store with its manifest's digest, on every
+                # worker: a legacy record naming a file elsewhere is refused and counted
+                refused = check_model_record(msg, settings.model_store)
+                if refused is not None:
+                    rt.metrics.control_rejected.labels(reason=refused).inc()
+                    log.warning("control 'model' record refused (%s): version %r, path %r",
+                                refused, msg.get("version"), msg.get("path"))  # fmt: skip
+                    if replica is not None:  # and in the replica's store_failures, as before
+                        before = replica.n_failures
+                        replica.announce(msg)
+                        _count_store_failures(before)
+                    return
             rt.trainer.apply_control(msg)
             rt.monitor.apply_control(msg)
             if replica is not None and msg.get("kind") == "model":
@@ -707,6 +727,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             ),
         )
     app.recommender = recommender  # type: ignore[attr-defined]
+    if (trains or serves) and settings.web_port > 0:
+        # header/body timeouts, a connection cap, no 500 with details (stream.httpd)
+        harden(
+            app.web,
+            settings.serving,
+            on_refused=rt.metrics.serving_errors.labels(endpoint="connection", status="503").inc,
+            on_error=rt.metrics.serving_errors.labels(endpoint="any", status="500").inc,
+        )
     gate = ServingGate(settings.serving.threads, settings.serving.max_inflight)
     app.serving_gate = gate  # type: ignore[attr-defined]
     if rt.trainer.two_tower is not None:  # curriculum hard negatives from the pools
@@ -751,10 +779,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         calibrated pCTR of the given candidates, in order."""
 
         async def post(self, request: faust.web.Request) -> faust.web.Response:
-            try:
-                body = await request.json()
-            except ValueError:
-                return self.error(400, "the body must be a JSON object")
+            try:  # bounded in time and size; any parse error is a 400, never a 500
+                body = await read_json_body(request, settings.serving)
+            except ServingError as exc:
+                rt.metrics.serving_errors.labels(endpoint="score", status=str(exc.status)).inc()
+                return self.error(exc.status, exc.message)
             if not isinstance(body, dict):
                 return self.error(400, "the body must be a JSON object")
             items: Any = body.get("item_ids")  # validated by Recommender.score

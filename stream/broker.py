@@ -249,14 +249,18 @@ def strip_scheme(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
-def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
-    """The cluster id the broker at ``bootstrap`` reports (None when it reports none)."""
+def cluster_id(
+    bootstrap: str, timeout_s: float = 10.0, client_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """The cluster id the broker at ``bootstrap`` reports (None when it reports none).
+    ``client_options``: security arguments (``Settings.kafka_client_options``)."""
     from kafka.admin import KafkaAdminClient
 
     admin = KafkaAdminClient(
         bootstrap_servers=strip_scheme(bootstrap).split(","),
         client_id="streamrec-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **(client_options or {}),
     )
     try:
         cid = admin.describe_cluster().get("cluster_id")
@@ -265,9 +269,9 @@ def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
     return str(cid) if cid else None
 
 
-def is_tansu(bootstrap: str) -> bool:
+def is_tansu(bootstrap: str, client_options: Mapping[str, Any] | None = None) -> bool:
     """Whether the cluster is Tansu (the embedded broker keeps Tansu's default cluster id)."""
-    return (cluster_id(bootstrap) or "").startswith("tansu")
+    return (cluster_id(bootstrap, client_options=client_options) or "").startswith("tansu")
 
 
 def create_topics(
@@ -277,12 +281,14 @@ def create_topics(
     compacted: Iterable[str] = (),
     timeout_s: float = 30.0,
     max_message_bytes: int | None = None,
+    client_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Create topics that do not exist yet; returns the names created.
 
     Tansu lacks some admin APIs (DescribeConfigs), so topics are created explicitly with
     their partition counts instead of relying on auto-creation. ``max_message_bytes``: the
     topics' ``max.message.bytes`` (``Settings.max_message_bytes``; None: the broker's).
+    ``client_options``: security arguments (``Settings.kafka_client_options``).
     """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -293,6 +299,7 @@ def create_topics(
         bootstrap_servers=strip_scheme(bootstrap).split(","),
         client_id="streamrec-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **(client_options or {}),
     )
     created: list[str] = []
     try:

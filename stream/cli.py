@@ -27,9 +27,41 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()
 
 
-@click.group()
+def install_log_redaction() -> None:
+    """Every log record of the process, from any logger and through any handler (Faust
+    installs its own), is redacted when it is made: no password of a URL, no token
+    (:func:`monitoring.redact.redact_record`). Idempotent."""
+    from monitoring.redact import redact_record
+
+    make = logging.getLogRecordFactory()
+    if getattr(make, "streamrec_redacts", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        return redact_record(make(*args, **kwargs))
+
+    factory.streamrec_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+class _RedactingGroup(click.Group):
+    """The CLI's top group: an error message (a ``ClickException``) of any command goes
+    through :func:`monitoring.redact.redact` before it is printed."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from monitoring.redact import redact
+
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            exc.message = redact(exc.message)
+            raise
+
+
+@click.group(cls=_RedactingGroup)
 @click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
 @click.pass_context
 def main(ctx: click.Context, log_level: str) -> None:
@@ -196,7 +228,7 @@ def replay_cmd(
             log_path, settings.bootstrap, speedup=speedup, limit=limit,
             watermark_every=settings.replay_watermark_every,
             final_watermark_gap_s=settings.join.window_s + settings.join.lateness_s + 1,
-            fmt=fmt,
+            fmt=fmt, client_options=settings.kafka_client_options(),
         )  # fmt: skip
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None

@@ -41,7 +41,7 @@ import numpy as np
 
 from stream.events import InvalidEvent
 
-__all__ = ["MAX_CONTROL_BYTES", "MAX_VERSION", "parse_control"]
+__all__ = ["MAX_CONTROL_BYTES", "MAX_VERSION", "check_model_record", "parse_control"]
 
 #: Largest ``control`` record accepted (an isotonic calibrator of a few thousand knots is
 #: ~100 KB).
@@ -136,3 +136,33 @@ def parse_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) -
     else:
         _version(msg, kind, required=False)
     return msg
+
+
+def check_model_record(msg: dict[str, Any], model_store: str) -> str | None:
+    """Why a parsed ``model`` record must not be acted on, or None when it may be.
+
+    A ``model`` record only ever names a version of the model store: its ``path`` (when
+    given) must be that version's directory inside ``model_store`` (symlinks resolved) and
+    its ``digest`` (when given) the SHA-256 of that version's manifest
+    (:meth:`modelstore.store.DirectoryStore.resolve`). A worker without a store accepts no
+    path at all: a legacy record pointing at a checkpoint file (``{"kind": "model",
+    "path": "/x/ranker.pt"}``) is refused (``"outside_store"``), never loaded. A version
+    that is not (or no longer) in the store is not an error (an old record of a pruned
+    version): None. Returns a :class:`~modelstore.store.StoreError` reason otherwise.
+
+    >>> check_model_record({"kind": "model", "version": 3, "path": "/etc/passwd"}, "")
+    'outside_store'
+    >>> check_model_record({"kind": "model", "version": 3}, "")
+    """
+    from modelstore.store import DirectoryStore, StoreError
+
+    path, digest, version = msg.get("path"), msg.get("digest"), msg.get("version")
+    if not model_store:
+        return "outside_store" if path is not None else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        return "corrupt"  # parse_control already refuses it
+    try:
+        DirectoryStore(model_store).resolve(path, version, digest)
+    except StoreError as exc:
+        return None if exc.reason == "missing" else exc.reason
+    return None

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,6 +92,7 @@ def replay(
     progress: bool = True,
     on_progress: Callable[[int], None] | None = None,
     fmt: str = "envelope",
+    client_options: Mapping[str, Any] | None = None,
 ) -> ReplayStats:
     """Publish a canonical log to ``impressions`` and ``clicks``.
 
@@ -130,6 +132,7 @@ def replay(
         linger_ms=20,
         batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
+        **(client_options or {}),  # SASL (Settings.kafka_client_options)
     )
     try:
         parts = {

@@ -37,9 +37,13 @@ def _read(path: Path) -> dict[str, int]:
 
 def _write(path: Path, d: dict[str, int]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".worker-runs.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(d, f)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: the old file stays whole, no temp file is left
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def note_start(data_dir: str | Path) -> tuple[int, int]:

@@ -497,6 +497,12 @@ class JoinService:
 
     def update_gauges(self) -> None:
         self.metrics.pending_impressions.set(sum(len(j.pending) for j in self.joiners.values()))
+        js = list(self.joiners.values())
+        m = self.metrics
+        m.join_state_bytes.labels(kind="pending").set(sum(j.pending_bytes for j in js))
+        m.join_state_bytes.labels(kind="done").set(sum(j.done_bytes for j in js))
+        m.join_state_bytes.labels(kind="orphans").set(sum(j.orphan_bytes for j in js))
+        m.orphan_clicks_waiting.set(sum(len(j.orphan_clicks) for j in js))
         wms = [j.watermark for j in self.joiners.values() if np.isfinite(j.watermark)]
         if wms:
             self.metrics.event_time_watermark_seconds.set(min(wms))
@@ -817,14 +823,25 @@ class TrainerService:
             return None
         self._last_checkpoint = now
         d = Path(cfg.checkpoint_dir)
-        d.mkdir(parents=True, exist_ok=True)
         path = d / f"ranker-v{self.model_version:08d}.pt"
-        self.ranker.save(path)
-        # a unique temp name (O_EXCL): a planted symlink is never followed
-        fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
-        with os.fdopen(fd, "w") as f:
-            f.write(path.name)
-        os.replace(tmp, d / "LATEST")
+        tmp = ""
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self.ranker.save(path)  # atomic: a temp file, fsync, rename (removed on error)
+            # a unique temp name (O_EXCL): a planted symlink is never followed
+            fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
+            with os.fdopen(fd, "w") as f:
+                f.write(path.name)
+            os.replace(tmp, d / "LATEST")
+        except OSError as exc:
+            # e.g. ENOSPC: the previous checkpoint and LATEST stay as they were; training
+            # goes on (a raise here would drop the micro-batch) and the next one is tried
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            log.error("checkpoint %s not written (%s); the previous one is kept", path,
+                      exc.strerror or exc)  # fmt: skip
+            self.metrics.store_failures.labels(reason="checkpoint").inc()
+            return None
         if path not in self.checkpoints:
             self.checkpoints.append(path)
         # retention by count: the newest ``keep_checkpoints`` files of this naming stay

@@ -90,6 +90,13 @@ class ServingConfig:
         max_inflight: requests accepted at once (computing or waiting for a thread); one
             more is answered 503 at once, so overload sheds requests instead of queueing
             them without bound.
+        header_timeout_s: a connection that has not sent a complete request head this
+            many seconds after it opened (or after its last answer) is closed: a client
+            that sends nothing, or trickles header bytes, holds no slot longer.
+        body_timeout_s: most seconds to receive a request body (``/score``); 408 after.
+        max_body_bytes: largest request body accepted; 413 above.
+        max_connections: open connections on the serving port; one more is answered 503
+            and closed at once (see :mod:`stream.httpd`).
     """
 
     max_k: int = 100
@@ -99,11 +106,20 @@ class ServingConfig:
     max_context: int = 64
     threads: int = 1
     max_inflight: int = 32
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    max_body_bytes: int = 1024 * 1024
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_k", "candidates", "max_candidates", "max_context", "max_inflight"):
+        for name in ("max_k", "candidates", "max_candidates", "max_context", "max_inflight",
+                     "max_body_bytes", "max_connections"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"ServingConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"ServingConfig.{name} must be > 0, got {v}")
         if self.threads < 0:
             raise ValueError(f"ServingConfig.threads must be >= 0, got {self.threads}")
 
@@ -305,6 +321,10 @@ class Recommender:
         calibrator, cal_version = self.calibrator()
         p_raw = np.asarray(ranker.predict_proba_many(self._rows(user_id, items, context)))
         p = np.asarray(calibrator.transform(p_raw), dtype=np.float64).reshape(-1)
+        if not (np.all(np.isfinite(p)) and np.all(np.isfinite(p_raw))):
+            # never serve NaN (invalid JSON) or inf: control records are validated, but a
+            # diverged model or a bad store snapshot must not reach a client either
+            raise ServingError(503, "the model produced a non-finite score; not served")
         return p_raw.astype(np.float64), p, int(ranker.n_updates), int(cal_version)
 
     def _user_vector(self, user_id: str, snapshot: IndexSnapshot) -> np.ndarray:

@@ -175,6 +175,10 @@ WORKER_ADMIT_AFTER = 20
 WORKER_NUM_FIELDS = 64
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker needs. ``broker``: ``host:port[,host:port]`` (``kafka://`` ok)."""
@@ -204,6 +208,15 @@ class Settings:
     #: from the changelog only past its own offsets: production) or "memory" (restored from
     #: the whole changelog on every start)
     table_store: str = "rocksdb"
+    #: memory bounds of each RocksDB partition database of the join state (Faust's own
+    #: defaults are 64 MB x 3 memtables and a 2 GiB block cache per partition, and the
+    #: memtables and the write-ahead log grow until the first flush): memtables of
+    #: ``rocksdb_write_buffer_mb`` (2 of them) and a block cache of
+    #: ``rocksdb_block_cache_mb`` (+1/4 compressed). Per partition: at most
+    #: 2 x write buffer + 1.25 x block cache of RAM, and a write-ahead log of about 2 x
+    #: write buffer on disk.
+    rocksdb_write_buffer_mb: int = 16
+    rocksdb_block_cache_mb: int = 32
     #: Faust's processing guarantee: "at_least_once" (default; what the embedded broker
     #: supports, with idempotent trainer and monitor) or "exactly_once" (Kafka
     #: transactions: for Apache Kafka only, untested here since Tansu fails transactions)
@@ -230,6 +243,16 @@ class Settings:
     #: the joiner attaches historical features (features.stage.FeatureStage, one per input
     #: partition, state persisted with the join state) to every impression when it arrives
     features: bool = True
+    #: how every Kafka client of the worker (Faust, the control listener, topic creation,
+    #: replay) authenticates: "PLAINTEXT" (none: the default, and compose's default) or
+    #: "SASL_PLAINTEXT" / "SASL_SSL" with ``kafka_sasl_mechanism`` ("PLAIN",
+    #: "SCRAM-SHA-256", "SCRAM-SHA-512") and a user name and password (from the
+    #: environment: STREAMREC_KAFKA_SASL_USERNAME / _PASSWORD; see
+    #: docker-compose.sasl.yml). The password is never printed (repr, logs, errors).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
     #: fresh labels by default: every impression reaches the trainer at once as a fake
     #: negative and again as a positive when its click arrives (seconds, not the 30-minute
     #: window), trained with the FNW loss (Ktena et al. 2019), which keeps the CTR unbiased;
@@ -286,10 +309,29 @@ class Settings:
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
+            raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not self.max_future_skew_s >= 0:  # NaN fails too
             raise ValueError("max_future_skew_s must be >= 0 (inf: no check)")
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ValueError(
+                f"kafka_security_protocol must be one of "
+                f"{KAFKA_SECURITY_PROTOCOLS}, got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+                raise ValueError(
+                    f"kafka_sasl_mechanism must be one of "
+                    f"{KAFKA_SASL_MECHANISMS}, got {self.kafka_sasl_mechanism!r}"
+                )
+            if not (self.kafka_sasl_username and self.kafka_sasl_password):
+                raise ValueError(
+                    f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                    "kafka_sasl_username and kafka_sasl_password "
+                    "(STREAMREC_KAFKA_SASL_USERNAME / _PASSWORD)"
+                )
         if self.role == "serve" and not self.model_store:
             raise ValueError("role 'serve' needs a model store (model_store / --model-store)")
 
@@ -300,6 +342,49 @@ class Settings:
     @property
     def faust_broker(self) -> str:
         return ";".join(f"kafka://{h}" for h in self.bootstrap.split(","))
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security keyword arguments for a kafka-python or aiokafka client ({} for
+        PLAINTEXT): ``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``,
+        ``sasl_plain_password``."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return {}
+        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol,
+                                "sasl_mechanism": self.kafka_sasl_mechanism,
+                                "sasl_plain_username": self.kafka_sasl_username,
+                                "sasl_plain_password": self.kafka_sasl_password}  # fmt: skip
+        if self.kafka_security_protocol == "SASL_SSL":
+            import ssl
+
+            opts["ssl_context"] = ssl.create_default_context()
+        return opts
+
+    def faust_credentials(self) -> Any:
+        """Faust's ``broker_credentials`` (None for PLAINTEXT)."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return None
+        import ssl
+
+        import faust
+        from faust.types.auth import SASLMechanism
+
+        return faust.SASLCredentials(
+            username=self.kafka_sasl_username,
+            password=self.kafka_sasl_password,
+            mechanism=SASLMechanism(self.kafka_sasl_mechanism),
+            ssl_context=(
+                ssl.create_default_context() if self.kafka_security_protocol == "SASL_SSL" else None
+            ),
+        )
+
+    def rocksdb_options(self) -> dict[str, Any]:
+        """Faust's RocksDB store options of the join-state table (a fresh dict: Faust pops
+        keys from it)."""
+        mb = 1024 * 1024
+        return {"write_buffer_size": self.rocksdb_write_buffer_mb * mb,
+                "max_write_buffer_number": 2,
+                "block_cache_size": self.rocksdb_block_cache_mb * mb,
+                "block_cache_compressed_size": self.rocksdb_block_cache_mb * mb // 4}  # fmt: skip
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -320,7 +405,11 @@ _SECTIONS: dict[str, type] = {
 _TOP = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
 
 
-def _coerce(value: str, default: object) -> object:
+def _coerce(value: str, default: object, annotation: object = "") -> object:
+    if default is None and "bool" in str(annotation):  # bool | None: "auto" or "" is None
+        if value.strip().lower() in ("", "auto", "none"):
+            return None
+        return value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):
@@ -374,7 +463,7 @@ def load_settings(
     for key in _TOP:
         var = f"STREAMREC_{key.upper()}"
         if var in env:
-            kwargs[key] = _coerce(env[var], getattr(defaults, key))
+            kwargs[key] = _coerce(env[var], getattr(defaults, key), _TOP[key])
     for name, cls in _SECTIONS.items():
         # STREAMREC_<SECTION>__<KEY> sets a scalar key of a section (the file's wins)
         section = dict(data.get(name, {}))

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -108,7 +109,11 @@ def _tail(path: str | Path, n: int = 2000) -> str:
 
 
 def _check_port_free(port: int, what: str) -> None:
+    """Raise StackError if something listens on ``port``. SO_REUSEADDR as every server of
+    the stack binds with it (Tansu, the metrics and web servers, Prometheus): the
+    TIME-WAIT connections a ``stack down`` just left do not count as "in use"."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -202,9 +207,15 @@ def read_state(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = state_path(run_dir).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(state_path(run_dir))
+    # a unique temp name (O_EXCL): a planted file or symlink is never written through
+    fd, tmp = tempfile.mkstemp(prefix=".stack.", suffix=".json.tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, state_path(run_dir))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def live_processes(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -396,7 +407,9 @@ def stop_processes(
 ) -> list[tuple[dict[str, Any], str]]:
     """SIGTERM the recorded processes role by role (workers, prometheus, broker), wait, and
     SIGKILL stragglers. Returns ``(process, outcome)`` pairs; outcome is ``"stopped"``,
-    ``"killed"`` or ``"not running"``."""
+    ``"killed"``, ``"not running"`` or ``"not signalled"``: a record without the process's
+    start time (an old or hand-edited ``stack.json``, or no procfs) is never signalled, as
+    its pid may belong to another process by now."""
     results: list[tuple[dict[str, Any], str]] = []
     procs = state.get("processes", [])
     roles = list(STOP_ORDER) + sorted({p["role"] for p in procs} - set(STOP_ORDER))
@@ -404,6 +417,9 @@ def stop_processes(
         group = [p for p in procs if p["role"] == role]
         live = []
         for p in group:
+            if not p.get("start_time"):
+                results.append((p, "not signalled"))
+                continue
             if pid_alive(p["pid"], p.get("start_time")):
                 try:
                     os.kill(p["pid"], signal.SIGTERM)
@@ -440,7 +456,8 @@ def down(
         raise StackError(f"no stack recorded in {state_path(run_dir)}")
     results = stop_processes(state, timeout_s=timeout_s)
     for p, outcome in results:
-        echo(f"{p['name']:<12} pid {p['pid']:<8} {outcome}")
+        hint = " (no recorded start time: check that pid by hand)" * (outcome == "not signalled")
+        echo(f"{p['name']:<12} pid {p['pid']:<8} {outcome}{hint}")
     state_path(run_dir).unlink(missing_ok=True)
     echo(f"stack in {run_dir} is down (logs kept in {run_dir})")
     return results

@@ -26,7 +26,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     created = create_worker_topics(settings)
     if settings.recovery_consistency_check is None:
         # Tansu's ListOffsets trips Faust's check on a restart (see Settings); Kafka keeps it
-        tansu = is_tansu(settings.bootstrap)
+        tansu = is_tansu(settings.bootstrap, settings.kafka_client_options())
         settings = settings.replace(recovery_consistency_check=not tansu)
         if tansu:
             log.info("Tansu broker: Faust's recovery consistency check is off")

@@ -20,7 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -48,6 +52,7 @@ from stream.synthetic import SyntheticConfig, write_synthetic
 from tests.integration.test_faults import (
     FINAL_GAP_S,
     Bad,
+    Worker,
     labelled_ids,
     read_topic,
     start_worker,
@@ -55,6 +60,7 @@ from tests.integration.test_faults import (
     wait_for,
 )
 from tests.unit.stream.test_stream_hostile import HOSTILE_CONTROL
+from tests.unit.stream.test_stream_httpd import HOSTILE_BODIES
 
 pytestmark = pytest.mark.integration
 
@@ -263,6 +269,11 @@ def test_fuzz_campaign_no_worker_exit_every_bad_record_dead_lettered(tmp_path: P
                   for i in json.loads(raw)["impression_ids"]}  # fmt: skip
         assert scored >= valid_ids
 
+        # hostile HTTP on the worker's serving port: 4xx with a reason, never a 500
+        n_http = hostile_http(worker, rng)
+        assert worker.alive()
+        assert worker.metrics().get("sum:streamrec_stage_errors_total", 0) == 0, worker.errors()
+
         # a restart re-reads every hostile control record from offset 0 and stays up
         stop_worker(worker)
         assert worker.proc.returncode == 0, worker.log_tail()
@@ -277,10 +288,50 @@ def test_fuzz_campaign_no_worker_exit_every_bad_record_dead_lettered(tmp_path: P
         assert m["streamrec_unclean_restarts"] == 0
         print(f"fuzz campaign: {len(bad)} hostile input records + {len(controls)} hostile"
               f" control records, {stats.impressions} log impressions + {len(extras)} large"
-              f" valid ones; sent in {t_sent - t_start:.1f} s, all handled"
+              f" valid ones, {n_http} hostile HTTP requests;"
+              f" sent in {t_sent - t_start:.1f} s, all handled"
               f" {t_done - t_sent:.1f} s later; {len(letters)} dead letters, largest"
               f" {biggest} bytes; total {time.monotonic() - t_start:.1f} s")  # fmt: skip
     finally:
         for w in workers:
             stop_worker(w)
         broker.stop()
+
+
+def hostile_http(worker: Worker, rng: random.Random) -> int:
+    """Hostile requests to the worker's /score, /recommend and Faust's own pages, and raw
+    junk on its port; every answer is a 4xx (a JSON reason from the views) or a closed
+    connection, never a 5xx. Returns how many were sent."""
+    head = worker.log_path.read_text(errors="replace")[:10_000]  # printed at start
+    found = re.search(r"recommendations on (http://[0-9.]+:[0-9]+)/recommend", head)
+    assert found, worker.log_tail()
+    web = found.group(1)
+    host, port = web[len("http://") :].split(":")
+    n = 0
+
+    def call(method: str, path: str, body: bytes | None = None) -> int:
+        req = urllib.request.Request(web + path, data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:  # noqa: S310  # loopback
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    for _ in range(3):
+        for name, body in HOSTILE_BODIES.items():
+            assert 400 <= call("POST", "/score", body) < 500, name
+            n += 1
+    for path in ("/table/", "/table/join-state/", "/router/", "/stats/", "/graph/",
+                 "/recommend?user_id=u1&k=" + "9" * 5000, "/recommend?k=-1",
+                 "/recommend?user_id=" + "x" * 7000, "/recommend?user_id=u1&ctx_" + "a" * 300
+                 + "=1", "/score"):  # fmt: skip
+        assert 400 <= call("GET", path) < 500, path
+        n += 1
+    for _ in range(20):  # raw junk: aiohttp's parser answers 400 or drops it, never 5xx
+        with socket.create_connection((host, int(port)), timeout=15) as sock:
+            sock.sendall(bytes(rng.randrange(256) for _ in range(rng.randint(1, 3000)))
+                         + b"\r\n\r\n")  # fmt: skip
+            answer = sock.recv(64)
+            assert not answer.startswith(b"HTTP/1.1 5"), answer
+        n += 1
+    return n

@@ -319,3 +319,18 @@ def test_publish_to_a_refused_port_says_cannot_connect() -> None:
     with pytest.raises(DashboardPublishError, match=f"cannot connect to Grafana at {url}"):
         publish_dashboards(url, "s3cret", timeout_s=2)
     assert time.monotonic() - t0 < 10
+
+
+def test_errors_never_echo_the_password_of_the_grafana_url(fake_grafana: FakeGrafana) -> None:
+    with_password = fake_grafana.url.replace("http://", "http://admin:pa55word@")
+    with pytest.raises(DashboardPublishError) as unauthorized:
+        publish_dashboards(with_password, "wrong")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DashboardPublishError) as refused:
+        publish_dashboards(f"http://admin:pa55word@127.0.0.1:{port}", None, timeout_s=2)
+    for exc in (unauthorized.value, refused.value):
+        assert "pa55word" not in str(exc)
+        assert "admin:***@127.0.0.1" in str(exc)
+        assert exc.__cause__ is None and exc.__suppress_context__  # no chained original

@@ -36,6 +36,8 @@ OTHER_GAUGES = {
     "train_loss",
     "event_time_watermark_seconds",
     "join_state_entries",
+    "join_state_bytes",
+    "orphan_clicks_waiting",
     "calibrator_offset",
     "calibration_target_ctr",
     "worker_starts",

@@ -340,3 +340,84 @@ def test_serving_replicas_sit_behind_one_loopback_port(
     assert "proxy_pass http://$serve_upstream:6066;" in conf
     assert "proxy_next_upstream error timeout http_503 non_idempotent;" in conf
     assert "listen 8080;" in conf
+
+
+# ----------------------------------------------------------------------------- SASL / ACLs
+
+SASL = ROOT / "docker-compose.sasl.yml"
+SASL_SECRETS = {
+    "KAFKA_ADMIN_PASSWORD": "adm-test",
+    "STREAMREC_KAFKA_PASSWORD": "sr-test",
+    "KAFKA_PRODUCER_PASSWORD": "prod-test",
+    "GRAFANA_ADMIN_PASSWORD": "g-test",
+}
+
+
+def _sasl_config(tool: list[str], tmp_path: Path, env: dict[str, str]) -> Any:
+    empty_env = tmp_path / "empty.env"
+    empty_env.write_text("")
+    base = {k: v for k, v in os.environ.items() if k not in SASL_SECRETS}
+    return subprocess.run(
+        [*tool, "--env-file", str(empty_env), "-f", str(COMPOSE), "-f", str(SASL),
+         "--profile", "gpu", "--profile", "replay", "config"],
+        capture_output=True, text=True, cwd=ROOT, env={**base, **env}, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tool", _compose_commands() or [None], ids=lambda t: " ".join(t or []))
+def test_sasl_override_validates_and_needs_every_password(
+    tool: list[str] | None, tmp_path: Path
+) -> None:
+    if tool is None:
+        pytest.fail("neither docker-compose nor the docker compose plugin is installed")
+    import yaml
+
+    ok = _sasl_config(tool, tmp_path, SASL_SECRETS)
+    assert ok.returncode == 0, ok.stderr
+    merged = yaml.safe_load(ok.stdout)["services"]
+    kafka = merged["kafka"]["environment"]
+    # every listener authenticates; nothing is allowed without an ACL
+    protocols = dict(p.split(":") for p in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(protocols.values()) == {"SASL_PLAINTEXT"}
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert "StandardAuthorizer" in kafka["KAFKA_AUTHORIZER_CLASS_NAME"]
+    for listener in protocols:
+        jaas = kafka[f"KAFKA_LISTENER_NAME_{listener}_PLAIN_SASL_JAAS_CONFIG"]
+        assert 'user_streamrec="sr-test"' in jaas and 'user_producer="prod-test"' in jaas
+    # the workers authenticate as streamrec; the settings they build accept it
+    for name in ("joiner", "trainer", "trainer-gpu", "serve", "replay"):
+        env = merged[name]["environment"]
+        assert env["STREAMREC_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        assert env["STREAMREC_KAFKA_SASL_PASSWORD"] == "sr-test"
+        assert env["STREAMREC_BROKER"] == "kafka:9092"  # the base file's, merged
+    # producers may write the inputs only: never control, labeled or scored
+    init = "\n".join(merged["kafka-init"]["command"])
+    producer_acls = [ln for ln in init.splitlines() if "User:producer" in ln]
+    assert producer_acls and all("--operation Write" in ln for ln in producer_acls)
+    assert "for topic in impressions clicks; do" in init
+    assert "--command-config /tmp/admin.properties" in init
+    for name in ("KAFKA_ADMIN_PASSWORD", "STREAMREC_KAFKA_PASSWORD", "KAFKA_PRODUCER_PASSWORD"):
+        missing = _sasl_config(tool, tmp_path, {k: v for k, v in SASL_SECRETS.items() if k != name})
+        assert missing.returncode != 0 and name in missing.stderr + missing.stdout
+
+
+def test_settings_from_the_sasl_environment_hide_the_password() -> None:
+    from stream.settings import load_settings
+
+    env = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+           "STREAMREC_KAFKA_SASL_USERNAME": "streamrec",
+           "STREAMREC_KAFKA_SASL_PASSWORD": "sr-test"}  # fmt: skip
+    s = load_settings(env=env)
+    assert s.kafka_client_options() == {
+        "security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "streamrec", "sasl_plain_password": "sr-test",
+    }  # fmt: skip
+    assert "sr-test" not in repr(s)
+    creds = s.faust_credentials()
+    assert (creds.username, creds.mechanism.value, creds.protocol.value) == (
+        "streamrec", "PLAIN", "SASL_PLAINTEXT")  # fmt: skip
+    assert Settings().kafka_client_options() == {} and Settings().faust_credentials() is None
+    with pytest.raises(ValueError, match="STREAMREC_KAFKA_SASL_USERNAME"):
+        load_settings(env={"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"})
+    with pytest.raises(ValueError, match="kafka_security_protocol"):
+        Settings(kafka_security_protocol="SSL_PLAIN")

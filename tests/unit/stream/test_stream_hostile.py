@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,38 @@ def test_the_skew_is_configurable_and_inf_turns_the_check_off() -> None:
     _, dl = js.handle(Impression("f", time.time() + 86_400, "u", "i").to_json(),
                       TOPIC_IMPRESSIONS, 0, 0)  # fmt: skip
     assert dl is None
+
+
+# --- model records: a version of the model store, nothing else ----------------------------
+
+
+def test_a_model_record_names_only_a_version_of_the_store_with_its_digest(tmp_path: Path) -> None:
+    from modelstore.store import DirectoryStore
+    from stream.control import check_model_record
+
+    store = DirectoryStore(tmp_path / "store")
+    m = store.publish(lambda d: (d / "ranker.pt").write_bytes(b"weights"))
+    root = str(store.root)
+    ok = {"kind": "model", "version": m.version, "path": str(m.path), "digest": m.digest}
+    assert check_model_record(parse_control(control(ok)), root) is None
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (store.root / "v00000009").symlink_to(outside)  # a planted link inside the store
+    refused = {
+        "outside_store": [
+            {"kind": "model", "version": m.version, "path": "/etc/passwd"},
+            {"kind": "model", "version": m.version, "path": f"{m.path}/../../elsewhere"},
+            {"kind": "model", "version": 9, "path": str(store.root / "v00000009")},
+        ],
+        "digest": [
+            {"kind": "model", "version": m.version, "path": str(m.path), "digest": "0" * 64}
+        ],  # fmt: skip
+    }
+    for reason, records in refused.items():
+        for rec in records:
+            assert check_model_record(parse_control(control(rec)), root) == reason, rec
+    # a legacy record naming a checkpoint file, on a worker without a store: refused
+    legacy = {"kind": "model", "version": 9, "path": str(tmp_path / "ranker-v9.pt")}
+    assert check_model_record(parse_control(control(legacy)), "") == "outside_store"
+    # an old announcement of a version pruned since: not an error, nothing to do
+    assert check_model_record({"kind": "model", "version": 77}, root) is None

@@ -199,3 +199,15 @@ def test_section_keys_from_the_environment() -> None:
     s = load_settings(None, env=env)
     assert (s.join.delayed_feedback, s.ranker.loss, s.monitor.warmup) == ("window", "bce", 7)
     assert load_settings(None, env={}).join.delayed_feedback == "fake_negative"
+
+
+def test_an_optional_bool_from_the_environment_is_a_bool_not_a_string() -> None:
+    from stream.settings import load_settings
+
+    def check(value: str) -> object:
+        env = {"STREAMREC_RECOVERY_CONSISTENCY_CHECK": value}
+        return load_settings(env=env).recovery_consistency_check
+
+    # "false" must not stay the (truthy) string "false": stack and tests set it
+    assert [check(v) for v in ("false", "0", "true", "1", "auto", "")] == [
+        False, False, True, True, None, None]  # fmt: skip
