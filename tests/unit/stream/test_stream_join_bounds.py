@@ -96,7 +96,7 @@ def test_the_byte_totals_equal_a_recount_after_any_sequence_of_events() -> None:
 
 def test_join_state_bytes_and_waiting_orphans_are_exported() -> None:
     metrics = StreamrecMetrics()
-    svc = JoinService(Settings(join=JoinConfig(orphan_grace_s=1e9)), metrics)
+    svc = JoinService(Settings(join=JoinConfig(orphan_grace_s=1e9), features=False), metrics)
     assert svc.handle(big(1, size=200).to_json(), TOPIC_IMPRESSIONS, 0, 0)[1] is None
     svc.handle(Click("zz", T0).to_json(), TOPIC_CLICKS, 1, 0)
     svc.update_gauges()

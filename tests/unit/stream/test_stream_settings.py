@@ -70,7 +70,10 @@ def test_toml_sections_and_top_level_keys_are_applied(tmp_path: Path) -> None:
             model="logreg",
             hidden=(32, 16),
             encoder=EncoderConfig(
-                num_buckets=4096, categorical_keys=("position", "dev"), admit_after=20
+                num_buckets=4096,
+                categorical_keys=("position", "dev"),
+                admit_after=20,
+                max_num_fields=64,
             ),
         ),
         trainer=TrainerConfig(batch_size=256),
