@@ -44,7 +44,8 @@ def redact(text: str) -> str:
 
 def redact_record(record: logging.LogRecord) -> logging.LogRecord:
     """Redact ``record`` in place and return it: its message (arguments merged in, so
-    ``log.info("at %s", url)`` is covered) and the text of its exception.
+    ``log.info("at %s", url)`` is covered; a record with nothing to redact keeps its
+    arguments for the formatter) and the text of its exception.
 
     >>> r = logging.LogRecord("x", logging.INFO, "f", 1, "Grafana at %s", ("http://a:b@g",),
     ...                       None)
@@ -55,7 +56,9 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
         message = record.getMessage()
     except Exception:  # a malformed format: leave it to the formatter to report
         return record
-    record.msg, record.args = redact(message), ()  # () not None: formatters iterate it
+    clean = redact(message)
+    if clean != message:  # otherwise the arguments stay for the formatter (Faust's tables)
+        record.msg, record.args = clean, ()  # () not None: formatters iterate it
     if record.exc_info and not record.exc_text:
         record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
     return record
