@@ -153,8 +153,16 @@ DONE_OVERHEAD = 80
 def _value_bytes(v: object) -> int:
     if isinstance(v, str):
         return 49 + len(v)
-    if isinstance(v, list | tuple):
-        return 56 + sum(8 + _value_bytes(x) for x in v)
+    if isinstance(v, list | tuple):  # e.g. hist_seq (ids) and hist_seq_age (floats)
+        n = 56 + 8 * len(v)
+        for x in v:
+            if isinstance(x, str):
+                n += 49 + len(x)
+            elif isinstance(x, list | tuple):
+                n += _value_bytes(x)
+            else:
+                n += 24
+        return n
     return 24
 
 
@@ -167,8 +175,11 @@ def impression_bytes(imp: Impression) -> int:
     """
     n = IMPRESSION_OVERHEAD + 3 * 49 + len(imp.impression_id) + len(imp.user_id)
     n += len(imp.item_id)
-    for k, v in imp.features.items():
-        n += FEATURE_OVERHEAD + 49 + len(k) + _value_bytes(v)
+    feats = imp.features
+    n += len(feats) * (FEATURE_OVERHEAD + 49) + sum(map(len, feats))
+    for v in feats.values():  # numbers first: most of them are (the hist_* features)
+        t = type(v)
+        n += 24 if t is float or t is int else _value_bytes(v)
     return n
 
 
@@ -202,6 +213,9 @@ class OnlineJoiner:
         self.pending_bytes = 0
         self.done_bytes = 0
         self.orphan_bytes = 0
+        #: impression_id -> its :func:`impression_bytes` while pending (computed once: an
+        #: impression with history features has ~50 of them)
+        self._pending_size: dict[str, int] = {}
 
     @property
     def state_bytes(self) -> int:
@@ -211,12 +225,14 @@ class OnlineJoiner:
     # -- every change of pending / done / orphan_clicks goes through these (byte counts)
     def _add_pending(self, iid: str, imp: Impression) -> None:
         self.pending[iid] = imp
-        self.pending_bytes += impression_bytes(imp)
+        size = self._pending_size[iid] = impression_bytes(imp)
+        self.pending_bytes += size
 
     def _pop_pending(self, iid: str) -> Impression | None:
         imp = self.pending.pop(iid, None)
         if imp is not None:
-            self.pending_bytes -= impression_bytes(imp)
+            size = self._pending_size.pop(iid, None)
+            self.pending_bytes -= impression_bytes(imp) if size is None else size
         return imp
 
     @staticmethod

@@ -76,9 +76,16 @@ def hist(e: LabeledExample) -> dict[str, object]:
     return {k: v for k, v in example_row(e.impression).items() if k.startswith("hist_")}
 
 
-@pytest.mark.parametrize("record_bytes", [1_000_000, 65_536])
-def test_features_travel_to_the_labelled_example_and_survive_a_restart(record_bytes: int) -> None:
-    # record_bytes 65,536: the journalled stage is cut into pieces (f/0, f/1, ...)
+@pytest.mark.parametrize(
+    ("record_bytes", "snapshot_min"), [(1_000_000, 1 << 20), (65_536, 0), (1_000_000, 0)]
+)
+def test_features_travel_to_the_labelled_example_and_survive_a_restart(
+    record_bytes: int, snapshot_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # record_bytes 65,536: the journalled stage is cut into pieces (f/0, f/1, ...);
+    # snapshot_min 1 MiB: only deltas (fd/0, fd/1, ...) are written, replayed on restore;
+    # 0: snapshots whenever the deltas outgrow a quarter of the last one, deltas between
+    monkeypatch.setattr(JoinService, "FEATURE_SNAPSHOT_MIN_BYTES", snapshot_min)
     settings = dataclasses.replace(SETTINGS, max_message_bytes=record_bytes)
     recs = records(250, seed=1)
     ref = reference(recs)
@@ -93,8 +100,12 @@ def test_features_travel_to_the_labelled_example_and_survive_a_restart(record_by
             drain(first, sink)
             first.save_features()  # what the worker's commit does before committing
             committed = offset + 1
-    if record_bytes < 100_000:
-        assert int(json.loads(state.data[0]["f"])["n"]) >= 2
+    meta = json.loads(state.data[0]["f"])
+    if snapshot_min:
+        assert meta["n"] == 0 and meta["d"] >= 3  # deltas only
+    else:
+        assert meta["n"] >= (2 if record_bytes < 100_000 else 1)
+        assert first.n_feature_snapshots >= 2 and first.n_feature_deltas >= 2  # both paths
     second = JoinService(settings, StreamrecMetrics(), state)
     for offset, (topic, raw) in enumerate(recs[committed:], start=committed):
         second.handle(raw, topic, 0, offset)
