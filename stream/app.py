@@ -63,7 +63,7 @@ from stream.services import (
     _FncThen,
     control_bytes,
 )
-from stream.serving import Recommender, ServingError, ServingGate
+from stream.serving import Recommender, RequestBatcher, ServingError, ServingGate
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -737,6 +737,13 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         )
     gate = ServingGate(settings.serving.threads, settings.serving.max_inflight)
     app.serving_gate = gate  # type: ignore[attr-defined]
+    # concurrent /recommend requests answered together (bench.serving_batching)
+    batcher = (
+        RequestBatcher(recommender, settings.serving.batch, settings.serving.batch_wait_ms / 1e3)
+        if settings.serving.batch > 1 and (trains or serves) and settings.web_port > 0
+        else None
+    )
+    app.request_batcher = batcher  # type: ignore[attr-defined]
     if rt.trainer.two_tower is not None:  # curriculum hard negatives from the pools
         pool_rng = np.random.default_rng(settings.trainer.seed)
         rt.trainer.two_tower.hard_negatives = lambda user, n: rt.indexer.pool.sample(
@@ -746,10 +753,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     async def answer(
         view: faust.web.View, endpoint: str, fn: Callable[..., dict[str, Any]], *args: Any
     ) -> faust.web.Response:
-        """``fn(*args)`` through the serving gate as JSON; a :class:`ServingError` becomes
-        its status with ``error``; both counted in the serving metrics."""
+        """``fn(*args)`` through the serving gate as JSON (``/recommend`` through the
+        batcher when there is one); a :class:`ServingError` becomes its status with
+        ``error``; both counted in the serving metrics."""
         try:
-            out = await gate.run(fn, *args)
+            if batcher is not None and endpoint == "recommend":
+                out = await gate.run_future(batcher.submit, *args)
+            else:
+                out = await gate.run(fn, *args)
         except ServingError as exc:
             rt.metrics.serving_errors.labels(endpoint=endpoint, status=str(exc.status)).inc()
             return view.error(exc.status, exc.message)

@@ -259,7 +259,9 @@ class JoinService:
                     _replay_features(stage, json.loads(deltas[k]))
                 self._features_pieces[partition] = feature_pieces
                 self._feature_journal[partition] = [
-                    len(raw), sum(len(deltas[k]) for k in range(feature_deltas)), feature_deltas
+                    len(raw),
+                    sum(len(deltas[k]) for k in range(feature_deltas)),
+                    feature_deltas,
                 ]
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 log.error("feature state of partition %d unreadable, starting empty: %s",
@@ -424,8 +426,15 @@ class JoinService:
                                         event.position, event.features)  # fmt: skip
                 if hist is not None:  # None: a duplicate (the joiner drops it too)
                     self._feature_log.setdefault(partition, []).append(
-                        ["i", iid, event.ts, event.user_id, event.item_id, event.position,
-                         _stage_attrs(event.features)]  # fmt: skip
+                        [
+                            "i",
+                            iid,
+                            event.ts,
+                            event.user_id,
+                            event.item_id,
+                            event.position,
+                            _stage_attrs(event.features),
+                        ]  # fmt: skip
                     )
                     event = with_history(event, hist)
                     raw = None

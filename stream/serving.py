@@ -97,6 +97,11 @@ class ServingConfig:
         max_body_bytes: largest request body accepted; 413 above.
         max_connections: open connections on the serving port; one more is answered 503
             and closed at once (see :mod:`stream.httpd`).
+        batch: most concurrent ``/recommend`` requests answered together by the web view's
+            :class:`RequestBatcher` (one user-tower call, one FAISS search, one ranker
+            call); 1 answers each alone on the gate's threads.
+        batch_wait_ms: most milliseconds the batcher waits for more requests after the
+            first of a batch arrives.
     """
 
     max_k: int = 100
@@ -110,10 +115,12 @@ class ServingConfig:
     body_timeout_s: float = 10.0
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 256
+    batch: int = 32
+    batch_wait_ms: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_k", "candidates", "max_candidates", "max_context", "max_inflight",
-                     "max_body_bytes", "max_connections"):  # fmt: skip
+                     "max_body_bytes", "max_connections", "batch"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"ServingConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -122,6 +129,8 @@ class ServingConfig:
                 raise ValueError(f"ServingConfig.{name} must be > 0, got {v}")
         if self.threads < 0:
             raise ValueError(f"ServingConfig.threads must be >= 0, got {self.threads}")
+        if not (math.isfinite(self.batch_wait_ms) and self.batch_wait_ms >= 0):
+            raise ValueError(f"ServingConfig.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
 class ServingGate:
@@ -158,6 +167,19 @@ class ServingGate:
                 return fn(*args)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        finally:
+            self.inflight -= 1
+
+    async def run_future(self, submit: Callable[..., Future[T]], *args: Any) -> T:
+        """The answer of ``submit(*args)`` (e.g. :meth:`RequestBatcher.submit`, which
+        computes on its own thread), under the same ``max_inflight`` bound as :meth:`run`."""
+        if self.inflight >= self.max_inflight:
+            raise ServingError(
+                503, f"overloaded: {self.max_inflight} requests in flight; retry shortly"
+            )
+        self.inflight += 1
+        try:
+            return await asyncio.wrap_future(submit(*args))
         finally:
             self.inflight -= 1
 

@@ -88,6 +88,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     finally:
         note_exit(settings.data_dir, clean)
         app.serving_gate.close()  # type: ignore[attr-defined]
+        if app.request_batcher is not None:  # type: ignore[attr-defined]
+            app.request_batcher.close()  # type: ignore[attr-defined]
         if app.train_thread is not None:  # type: ignore[attr-defined]
             app.train_thread.shutdown(wait=True)  # type: ignore[attr-defined]
         server.shutdown()

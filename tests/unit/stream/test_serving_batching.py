@@ -100,3 +100,47 @@ def test_batcher_rejects_bad_settings(live: Live) -> None:
         RequestBatcher(live.recommender(), max_batch=0)
     with pytest.raises(ValueError):
         RequestBatcher(live.recommender(), max_wait_s=-1.0)
+
+
+def test_the_gate_answers_batched_requests_together_and_bounds_them(live: Live) -> None:
+    """What the web view does: concurrent requests through ``ServingGate.run_future`` and
+    one batcher are answered in fewer batches than requests, each as ``recommend`` would;
+    a bad one fails alone with its status, and ``max_inflight`` still sheds load."""
+    import asyncio
+
+    from stream.serving import ServingGate
+
+    rec = live.recommender()
+    batcher = RequestBatcher(rec, max_batch=16, max_wait_s=0.02)
+    gate = ServingGate(threads=0, max_inflight=12)
+
+    async def main() -> list[Any]:
+        calls = [gate.run_future(batcher.submit, f"u{j % 5}", 5, None) for j in range(10)]
+        calls.append(gate.run_future(batcher.submit, "u1", 0, None))  # bad k
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    async def overload() -> int:
+        blocked = [asyncio.ensure_future(gate.run_future(batcher.submit, "u1", 3, None))
+                   for _ in range(12)]  # fmt: skip
+        await asyncio.sleep(0)
+        try:
+            await gate.run_future(batcher.submit, "u2", 3, None)
+        except ServingError as exc:
+            status = exc.status
+        else:
+            status = 200
+        await asyncio.gather(*blocked)
+        return status
+
+    try:
+        out = asyncio.run(main())
+        status = asyncio.run(overload())
+    finally:
+        batcher.close()
+    good, bad = out[:10], out[10]
+    assert isinstance(bad, ServingError) and bad.status == 400
+    for j, answer in enumerate(good):
+        assert isinstance(answer, dict)
+        _same(answer, rec.recommend(f"u{j % 5}", 5))
+    assert batcher.n_batches < batcher.n_requests and batcher.max_seen > 1
+    assert status == 503 and gate.inflight == 0
