@@ -89,6 +89,33 @@ class ScoredArrays:
         ids = [i for b in batches for i in b.impression_ids]
         return ScoredArrays(cat("ts"), cat("label"), cat("p"), cat("p_raw"), tp, ids)
 
+    def final(self) -> ScoredArrays:
+        """One row per impression, in first-seen order: the scores of its first record
+        (served before anything of it was learned) and its final label (1 if any record
+        of it is a positive). With fresh labels (``join.delayed_feedback =
+        "fake_negative"``) a clicked impression is scored twice, first as a provisional
+        negative; judged as they are, those records double count every click (the
+        worker's monitor makes the same reduction, :mod:`monitoring.outcomes`).
+
+        >>> a = ScoredArrays(np.array([1.0, 2.0, 1.0]), np.array([0.0, 0.0, 1.0]),
+        ...                  np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.2, 0.3]),
+        ...                  np.full(3, np.nan), ["a", "b", "a"])
+        >>> f = a.final()
+        >>> f.ids, f.y.tolist(), f.p.tolist()
+        (['a', 'b'], [1.0, 0.0], [0.1, 0.2])
+        """
+        first: dict[str, int] = {}
+        y = self.y.copy()
+        for k, iid in enumerate(self.ids):
+            j = first.setdefault(iid, k)
+            if j != k and self.y[k] > y[j]:
+                y[j] = self.y[k]
+        if len(first) == len(self.ids):
+            return self
+        idx = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        return ScoredArrays(self.ts[idx], y[idx], self.p[idx], self.p_raw[idx],
+                            self.true_p[idx], [self.ids[k] for k in idx])  # fmt: skip
+
 
 def summarize(arr: ScoredArrays, drift_ts: float | None) -> dict[str, Any]:
     """Quality and calibration of the progressive (test-then-train) scores."""
@@ -236,7 +263,8 @@ def run_demo(
             controls = [json.loads(v) for v in read_topic(broker.url, TOPIC_CONTROL)]
         finally:
             _stop(worker)
-    arr = ScoredArrays.of(batches)
+    records = ScoredArrays.of(batches)
+    arr = records.final()  # one row per impression, its final label
     np.savez_compressed(
         run / "scored.npz", ts=arr.ts, y=arr.y, p=arr.p, p_raw=arr.p_raw, true_p=arr.true_p
     )
@@ -255,8 +283,8 @@ def run_demo(
             seen = int(a.get("examples_seen", 0))
             if 0 < seen <= post.size and post[seen - 1] > 0:
                 delays.append(int(post[seen - 1]))
-    n_ids = len(arr.ids)
-    distinct = len(set(arr.ids))
+    n_ids = len(records.ids)
+    distinct = len(arr.ids)
     wall = t_done - t0
     report: dict[str, Any] = {
         "log": str(log_path),
