@@ -1,0 +1,350 @@
+"""Monitor room: scored batches in, calibration and drift out."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from learners.calibration import (
+    Calibrator,
+    PlattCalibrator,
+    calibrator_from_dict,
+    fit_if_better,
+)
+from monitoring.calibration import CalibrationWindow
+from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
+from monitoring.metrics import StreamrecMetrics
+from monitoring.outcomes import FinalOutcomes
+from stream.events import (
+    ScoredBatch,
+)
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class MonitorService:
+    """Calibration gauges per window and segment, the drift tests, and recalibration.
+
+    Windows (served and raw scores): the newest ``monitor.window`` examples (gauge label
+    e.g. ``"20k"``; equal-mass reliability bins), the newest ``monitor.time_window_s`` seconds
+    of event time (label e.g. ``"1h"``; fixed reliability bins) and the lifetime; one count
+    window and one drift detector per segment (slate position; at most ``max_segments``).
+    An alarm of the drift test on all examples after the warm-up recalibrates by
+    ``monitor.recalibration`` (see :class:`stream.settings.MonitorConfig` and
+    :class:`learners.calibration.TrackingRecalibrator`); a per-segment alarm is counted
+    (``streamrec_segment_drift_alarms_total``) but recalibrates nothing.
+    """
+
+    def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
+        # Imported here rather than at the top: this class is the only user in the module.
+        from learners.calibration import TrackingConfig, TrackingRecalibrator
+        from learners.guarded import GuardConfig, GuardedRecalibrator
+        from monitoring.calibration import TimeCalibrationWindow
+        from monitoring.drift import SegmentedDriftDetector
+
+        self.settings = settings
+        self.metrics = metrics
+        cfg = settings.monitor
+        self.served = CalibrationWindow(size=cfg.window)
+        self.raw = CalibrationWindow(size=max(cfg.window, cfg.recal_window))
+        self.raw_gauge = (
+            self.raw if cfg.window >= cfg.recal_window else CalibrationWindow(size=cfg.window)
+        )
+        self.served_time = TimeCalibrationWindow(cfg.time_window_s, cfg.time_bucket_s)
+        self.raw_time = TimeCalibrationWindow(cfg.time_window_s, cfg.time_bucket_s)
+        self.segments: dict[str, CalibrationWindow] = {}
+        self.detector: DriftDetector = self._new_detector()
+        self.segment_detector = SegmentedDriftDetector(self._new_detector, cfg.max_segments)
+        self.tracker = TrackingRecalibrator(
+            TrackingConfig(
+                kind=cfg.calibrator,
+                recal_window=cfg.recal_window,
+                max_window=cfg.recal_max_window,
+                refit_every=cfg.refit_every,
+                holdout_fraction=cfg.holdout_fraction,
+                trend=cfg.level_trend,
+                identity_tolerance=cfg.identity_tolerance,
+                settle_refits=0 if cfg.recalibration == "continuous" else cfg.settle_refits,
+            )
+        )
+        #: recalibration="guarded": forward-holdout acceptance and rollback
+        self.guard: GuardedRecalibrator | None = (
+            GuardedRecalibrator(
+                GuardConfig(
+                    kind=cfg.calibrator,
+                    fit_window=cfg.recal_window,
+                    holdout=cfg.recal_window,
+                    z=cfg.guard_z,
+                )
+            )
+            if cfg.recalibration == "guarded"
+            else None
+        )
+        self.n_rollbacks = 0
+        self.calibrator: Calibrator = PlattCalibrator()
+        self.calibrator_version = 0
+        #: final labels of a fake-negative stream (None: the labels are final already)
+        self.outcomes: FinalOutcomes | None = (
+            FinalOutcomes(settings.join.window_s, settings.join.lateness_s)
+            if settings.join.delayed_feedback == "fake_negative"
+            else None
+        )
+        self.n_seen = 0
+        self.n_alarms = 0
+        self.n_recalibrations = 0
+        self.n_rejected = 0
+        self.events: list[dict[str, object]] = []
+        self.window_label = f"{cfg.window // 1000}k" if cfg.window >= 1000 else str(cfg.window)
+        s = cfg.time_window_s
+        self.time_label = (
+            f"{s / 3600:g}h" if s % 3600 == 0 else f"{s / 60:g}m" if s % 60 == 0 else f"{s:g}s"
+        )
+
+    def _new_detector(self) -> DriftDetector:
+        cfg = self.settings.monitor
+        if cfg.detector == "window_z":
+            return CalibrationDriftDetector(self.settings.drift)
+        return make_detector(cfg.detector)
+
+    def observe(self, batch: ScoredBatch) -> list[dict[str, object]]:
+        """Update statistics with one scored batch; returns the control messages to
+        publish: a ``drift`` record per alarm, and a ``calibrator`` whenever a new version
+        is published (an accepted refit, or a level update while tracking).
+
+        With ``join.delayed_feedback="fake_negative"`` the batch's labels are provisional:
+        each impression is judged once, on its final label, when its attribution window
+        has closed (:class:`monitoring.outcomes.FinalOutcomes`), with the scores of its
+        first record (taken when it reached the trainer, at its impression time)."""
+        if self.outcomes is None:
+            return self._observe(
+                np.asarray(batch.p, dtype=np.float64),
+                np.asarray(batch.p_raw, dtype=np.float64),
+                np.asarray(batch.label, dtype=np.float64),
+                np.asarray(batch.ts, dtype=np.float64),
+                np.asarray(batch.segment),
+            )
+        self.outcomes.add(
+            batch.impression_ids,
+            ts=batch.ts,
+            label=batch.label,
+            columns={"p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment},
+        )
+        done = self.outcomes.resolve()
+        if not done:
+            return []
+        return self._observe(done["p"], done["p_raw"], done["label"], done["ts"], done["segment"])
+
+    def _observe(
+        self, p: np.ndarray, p_raw: np.ndarray, y: np.ndarray, ts: np.ndarray, segs: np.ndarray
+    ) -> list[dict[str, object]]:
+        """:meth:`observe` on final labels: (N,) served and raw scores, labels, impression
+        times and segments."""
+        cfg = self.settings.monitor
+        self.served.update(predictions=p, labels=y)
+        self.raw.update(predictions=p_raw, labels=y)
+        if self.raw_gauge is not self.raw:
+            self.raw_gauge.update(predictions=p_raw, labels=y)
+        self.served_time.update(predictions=p, labels=y, ts=ts)
+        self.raw_time.update(predictions=p_raw, labels=y, ts=ts)
+        for seg in np.unique(segs):
+            win = self.segments.get(seg)
+            if win is None:
+                if len(self.segments) >= cfg.max_segments:
+                    continue
+                win = self.segments[seg] = CalibrationWindow(size=cfg.window)
+            mask = segs == seg
+            win.update(predictions=p[mask], labels=y[mask])
+        self.segment_detector.update_many(p, y, segs)
+        self.detector.update_many(p, y)
+        out: list[dict[str, object]] = []
+        event_ts = float(ts.max()) if ts.size else 0.0
+        if self.guard is not None:
+            out += self._on_guard(p_raw, y, event_ts)
+        elif cfg.recalibration in ("track", "continuous"):
+            self.tracker.update(p_raw=p_raw, labels=y)
+        self.n_seen += len(y)
+        self.metrics.monitored.inc(len(y))
+        self.metrics.drift_z.labels(segment="all").set(self.detector.statistic)
+        for seg, stat in self.segment_detector.statistics.items():
+            self.metrics.drift_z.labels(segment=seg).set(stat)
+        if self.n_seen < cfg.warmup:
+            return out
+        for seg in self.segment_detector.drifted_segments:
+            self.metrics.segment_drift_alarms.labels(segment=seg).inc()
+            log.info("drift alarm on segment %s (no recalibration)", seg)
+        if self.detector.drift_detected:
+            return out + self._on_drift(event_ts)
+        if cfg.recalibration not in ("track", "continuous"):
+            return out
+        if cfg.recalibration == "continuous" and not self.tracker.armed:
+            self.tracker.arm()
+        if self.tracker.due:
+            return out + self._on_refit(event_ts)
+        return out
+
+    def _on_guard(
+        self, p_raw: np.ndarray, y: np.ndarray, event_ts: float
+    ) -> list[dict[str, object]]:
+        """recalibration="guarded": judge a waiting refit on these forward labels, or the
+        served calibrator against the raw ranker (rollback); a calibrator when it changes."""
+        assert self.guard is not None
+        out: list[dict[str, object]] = []
+        for ev in self.guard.update(p_raw, y):
+            if ev.kind == "rollback":
+                self.n_rollbacks += 1
+                self.metrics.recalibration_rollbacks.inc()
+                log.info("recalibration rolled back (served lost %.5f nats to raw)", ev.gain)
+                out.append(self._refit_record(None, event_ts, "rollback"))
+            else:
+                out.append(self._count_refit(ev.kind == "accepted", event_ts, "guarded"))
+            out[-1].update(gain_nats=ev.gain, se_nats=ev.se)
+            if ev.kind != "rejected":
+                out.append(self._calibrator_message(ev.calibrator, event_ts, ev.kind))
+                self.served.reset_window()
+        return out
+
+    def apply_control(self, msg: dict[str, object]) -> None:
+        """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
+        so that this monitor's next version number continues from it; tracking resumes
+        from it when it is not the identity."""
+        if msg.get("kind") == "calibrator":
+            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
+            if version > self.calibrator_version:
+                self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
+                self.calibrator_version = version
+                if self.guard is not None:
+                    self.guard.serving = self.calibrator
+                elif self.settings.monitor.recalibration in ("track", "continuous"):
+                    self.tracker.adopt(self.calibrator)
+
+    def publish(self) -> None:
+        """Push window/lifetime/segment snapshots and reliability bins to the gauges (cheap
+        enough per second)."""
+        m, cfg = self.metrics, self.settings.monitor
+        m.publish_snapshot(self.served.window(), window=self.window_label)
+        m.publish_snapshot(self.served.lifetime(), window="lifetime")
+        m.publish_snapshot(self.served_time.window(), window=self.time_label)
+        m.publish_raw_snapshot(self.raw_gauge.window(), window=self.window_label)
+        m.publish_raw_snapshot(self.raw.lifetime(), window="lifetime")
+        m.publish_raw_snapshot(self.raw_time.window(), window=self.time_label)
+        reliability = self.served.reliability(cfg.reliability_bins)
+        m.publish_reliability(reliability, window=self.window_label)
+        m.publish_reliability(self.served_time.reliability(), window=self.time_label)
+        for seg, win in self.segments.items():
+            m.publish_snapshot(win.window(), window=self.window_label, segment=seg)
+        tracking = self.tracker.armed and self.tracker.target is not None
+        m.calibrator_offset.set(self.tracker.offset if tracking else 0.0)
+        target = self.tracker.target if tracking else None
+        m.calibration_target_ctr.set(float("nan") if target is None else target)
+
+    def _calibrator_message(
+        self, calibrator: Calibrator, event_ts: float, reason: str
+    ) -> dict[str, object]:
+        self.calibrator = calibrator
+        self.calibrator_version += 1
+        self.metrics.calibrator_updates.inc()
+        return {
+            "kind": "calibrator",
+            "version": self.calibrator_version,
+            "params": calibrator.to_dict(),
+            "event_ts": event_ts,
+            "reason": reason,
+        }
+
+    def _refit_record(
+        self, accepted: bool | None, event_ts: float, reason: str
+    ) -> dict[str, object]:
+        decision = "rollback" if accepted is None else "accepted" if accepted else "rejected"
+        record: dict[str, object] = {
+            "kind": "recalibration",
+            "event_ts": event_ts,
+            "examples_seen": self.n_seen,
+            "decision": decision,
+            "reason": reason,
+        }
+        return record
+
+    def _count_refit(self, accepted: bool, event_ts: float, reason: str) -> dict[str, object]:
+        """Count a judged refit (``streamrec_recalibrations_total`` or ``_rejected_total``)
+        and return its ``recalibration`` control record: one record per count, so that the
+        report (which draws these records) and the CLI table (which reads the counters)
+        agree (issue 17, item 5)."""
+        if accepted:
+            self.n_recalibrations += 1
+            self.metrics.recalibrations.inc()
+        else:
+            self.n_rejected += 1
+            self.metrics.recalibrations_rejected.inc()
+        return self._refit_record(accepted, event_ts, reason)
+
+    def _on_refit(self, event_ts: float) -> list[dict[str, object]]:
+        """A periodic refit while tracking: counted, and published when it changes."""
+        result = self.tracker.refit()
+        if result.accepted is None:  # too few clicks in the window yet
+            return []
+        record = self._count_refit(result.accepted, event_ts, "periodic")
+        if result.published is None:
+            return [record]
+        reason = "identity" if result.disarmed else "refit" if result.accepted else "level"
+        return [record, self._calibrator_message(result.published, event_ts, reason)]
+
+    def _on_drift(self, event_ts: float) -> list[dict[str, object]]:
+        cfg = self.settings.monitor
+        self.n_alarms += 1
+        self.metrics.drift_alarms.inc()
+        z = float(getattr(self.detector, "last_alarm_statistic", self.detector.statistic))
+        self.detector.reset()  # starts the cooldown
+        published: Calibrator | None
+        if cfg.recalibration in ("off", "guarded"):
+            # guarded: a refit fitted now is judged on the labels that come after it
+            proposed = self.guard.propose() if self.guard is not None else False
+            alarm: dict[str, object] = {
+                "kind": "drift",
+                "event_ts": event_ts,
+                "examples_seen": self.n_seen,
+                "z": z,
+                "accepted": None,
+                "proposed": proposed,
+            }
+            self.events.append(alarm)
+            return [alarm]
+        if cfg.recalibration == "alarm":
+            p_raw, y = self.raw.window_arrays()
+            p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]
+            n_hold = max(1, int(len(y) * cfg.holdout_fraction))
+            chosen, accepted, ll_old, ll_new = fit_if_better(
+                p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], self.calibrator,
+                kind=cfg.calibrator,
+            )  # fmt: skip
+            published = chosen if accepted else None
+        else:
+            self.tracker.restart()
+            result = self.tracker.refit()
+            accepted = bool(result.accepted)
+            ll_old, ll_new = result.holdout_logloss_old, result.holdout_logloss_new
+            published = result.published
+        event: dict[str, object] = {
+            "kind": "drift",
+            "event_ts": event_ts,
+            "examples_seen": self.n_seen,
+            "z": z,
+            "accepted": accepted,
+            "holdout_logloss_old": ll_old,
+            "holdout_logloss_new": ll_new,
+        }
+        self.events.append(event)
+        record = self._count_refit(accepted, event_ts, "alarm")
+        if not accepted:
+            log.info("drift z=%.1f: recalibration rejected (%.5f -> %.5f)", z, ll_old, ll_new)
+        else:
+            self.served.reset_window()  # its examples were served by the old calibrator
+        if published is None:
+            return [event, record]
+        msg = self._calibrator_message(published, event_ts, "alarm")
+        log.info(
+            "drift z=%.1f at event time %.0f: calibrator v%d %s (holdout log loss %.5f -> %.5f)",
+            z, event_ts, self.calibrator_version, published, ll_old, ll_new,
+        )  # fmt: skip
+        return [event, record, msg]

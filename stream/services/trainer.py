@@ -1,0 +1,422 @@
+"""Trainer room: micro-batches of labelled examples, the ranker step and the catalogue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index.faiss_index import IndexSnapshot
+from learners.calibration import (
+    Calibrator,
+    PlattCalibrator,
+    calibrator_from_dict,
+)
+from learners.delayed_feedback import fnc_correct
+from learners.ranker import TorchRanker
+from learners.two_tower import TwoTowerModel
+from learners.weighting import time_decay_weights
+from modelstore.snapshot import publish_snapshot
+from modelstore.store import DirectoryStore, Manifest, StoreError
+from monitoring.metrics import StreamrecMetrics
+from stream.events import (
+    LabeledExample,
+    ScoredBatch,
+    example_row,
+)
+from stream.services.dedup import SeenKeys
+from stream.services.join import segment_of
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Catalogue:
+    """Items and users the trainer has seen (bounded, most recent kept) and user clicks."""
+
+    max_items: int
+    max_users: int
+    items: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    users: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
+    #: user id -> the newest ``max_seen`` items shown to them (clicked or not), for the
+    #: hard-negative pools ("seen without a click")
+    seen: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
+    max_seen: int = 50
+
+    def add(self, user_id: str, item_id: str, clicked: bool) -> None:
+        self.items[item_id] = None
+        self.items.move_to_end(item_id)
+        if len(self.items) > self.max_items:
+            self.items.popitem(last=False)
+        clicks = self.users.get(user_id)
+        if clicks is None:
+            clicks = self.users[user_id] = set()
+        else:
+            self.users.move_to_end(user_id)
+        if clicked:
+            clicks.add(item_id)
+        shown = self.seen.setdefault(user_id, OrderedDict())
+        shown[item_id] = None
+        shown.move_to_end(item_id)
+        if len(shown) > self.max_seen:
+            shown.popitem(last=False)
+        if len(self.users) > self.max_users:
+            gone, _ = self.users.popitem(last=False)
+            self.seen.pop(gone, None)
+
+    def seen_sets(self) -> dict[str, set[str]]:
+        return {u: set(items) for u, items in self.seen.items()}
+
+
+class _FncThen:
+    """``calibrator.transform(fnc_correct(p))`` (serving with fake-negative calibration)."""
+
+    def __init__(self, calibrator: Calibrator) -> None:
+        self.calibrator = calibrator
+
+    def transform(self, p: np.ndarray) -> np.ndarray:
+        return self.calibrator.transform(fnc_correct(p))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.calibrator, name)
+
+
+@dataclass(frozen=True)
+class TakenBatch:
+    """A micro-batch :meth:`TrainerService.take` removed from the buffer."""
+
+    examples: list[LabeledExample]
+    emitted_at: list[float | None]  # wall time the joiner sent each, parallel
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What :meth:`TrainerService.compute` gives back: scores taken before learning."""
+
+    p_raw: np.ndarray  # (N,) float64, the ranker's
+    p: np.ndarray  # (N,) float64, calibrated
+    seconds: float  # wall seconds of the score-and-learn
+    skipped_nonfinite: bool  # the update was skipped (non-finite loss or gradient)
+
+
+class TrainerService:
+    """Micro-batches labelled examples, scores each batch, then learns from it.
+
+    The scores are taken *before* the update (progressive validation) and are what the
+    calibration monitor sees. The served score is the calibrator applied to the raw one.
+    """
+
+    def __init__(
+        self, settings: Settings, metrics: StreamrecMetrics, ranker: TorchRanker | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        cfg = settings.trainer
+        if ranker is None:
+            if cfg.warm_start:
+                # the online loss follows the labelling scheme (e.g. "fnw" on fake
+                # negatives), whatever loss the checkpoint was pretrained with
+                ranker = TorchRanker.load(
+                    cfg.warm_start,
+                    device=settings.ranker.device,
+                    online=True,
+                    loss=settings.ranker.loss,
+                )
+            else:
+                ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
+        self.ranker = ranker
+        #: the retrieval model (``settings.retrieval == "two_tower"``), trained on the
+        #: positives of every micro-batch after the ranker; None: serving retrieves with
+        #: the ranker's own user and item embeddings
+        self.two_tower: TwoTowerModel | None = (
+            TwoTowerModel(settings.two_tower, seed=cfg.seed)
+            if settings.retrieval == "two_tower"
+            else None
+        )
+        self.calibrator: Calibrator = PlattCalibrator()
+        self.calibrator_version = 0
+        self.model_version = 0
+        self.buffer: list[LabeledExample] = []
+        self.emitted_at: list[float | None] = []  # parallel to buffer
+        self.buffer_since: float | None = None
+        self.catalogue = Catalogue(settings.indexer.max_items, settings.indexer.max_users)
+        self.applied = SeenKeys(cfg.dedup_horizon)
+        self.checkpoints: list[Path] = []
+        self.n_examples = 0
+        self.n_corrections = 0
+        self._last_checkpoint = time.monotonic()
+        #: the model store this worker publishes to (trainer/all roles with a store)
+        self.store: DirectoryStore | None = (
+            DirectoryStore(settings.model_store, keep=settings.store.keep)
+            if settings.model_store and settings.role in ("trainer", "all")
+            else None
+        )
+        self.published: Manifest | None = None
+        self._published_key: tuple[object, ...] = ()
+        self._last_publish = time.monotonic()
+        if self.store is not None:  # a restart continues from the store, not the warm start
+            self._resume_from_store(self.store)
+        metrics.model_version.set(0)
+        metrics.calibrator_version.set(0)
+
+    def add(self, examples: list[LabeledExample], emitted_at: float | None = None) -> int:
+        """Buffer examples; ``emitted_at``: wall time (epoch s) the joiner sent them, for the
+        label-to-update freshness histogram. Returns how many were buffered.
+
+        Idempotent within a horizon: an example whose (impression_id, label) this trainer
+        already applied (a redelivery after a crash or a rebalance, delivery being
+        at-least-once) is dropped and counted in ``streamrec_duplicate_examples_total``.
+        A correction (label 1 after a label 0) and a fake negative's positive are not
+        duplicates.
+        """
+        fresh = self.applied.filter(examples)
+        if len(fresh) < len(examples):
+            self.metrics.duplicate_examples.labels(stage="trainer").inc(len(examples) - len(fresh))
+        examples = fresh
+        if examples and self.buffer_since is None:
+            self.buffer_since = time.monotonic()
+        self.buffer.extend(examples)
+        self.emitted_at.extend([emitted_at] * len(examples))
+        return len(examples)
+
+    def drop_buffer(self) -> int:
+        """Discard the buffered examples (after a failed step); returns how many."""
+        n = len(self.buffer)
+        self.buffer.clear()
+        self.emitted_at.clear()
+        self.buffer_since = None
+        return n
+
+    def due(self, now: float | None = None) -> bool:
+        if len(self.buffer) >= self.settings.trainer.batch_size:
+            return True
+        now = time.monotonic() if now is None else now
+        return (
+            bool(self.buffer)
+            and (now - (self.buffer_since or now)) >= self.settings.trainer.flush_s
+        )
+
+    def step(self) -> ScoredBatch | None:
+        """Score then learn one micro-batch from the buffer; None if the buffer is empty.
+
+        The same as :meth:`take`, :meth:`compute` and :meth:`finish` in a row; a worker
+        runs :meth:`compute` on a thread, the other two on its event loop.
+        """
+        taken = self.take()
+        return None if taken is None else self.finish(taken, self.compute(taken))
+
+    def take(self) -> TakenBatch | None:
+        """Remove the next micro-batch (up to ``trainer.batch_size`` examples) from the
+        buffer; None if it is empty."""
+        bs = self.settings.trainer.batch_size
+        batch, self.buffer = self.buffer[:bs], self.buffer[bs:]
+        emitted, self.emitted_at = self.emitted_at[:bs], self.emitted_at[bs:]
+        self.buffer_since = time.monotonic() if self.buffer else None
+        return TakenBatch(batch, emitted) if batch else None
+
+    def compute(self, taken: TakenBatch) -> StepResult:
+        """Score then learn ``taken`` with the ranker (and the two-tower model on its
+        clicks): the models' state only, so it may run off the event loop (one call at a
+        time). Returns the raw and calibrated scores (N,) float64 and the step's seconds."""
+        batch = taken.examples
+        rows = [example_row(e.impression) for e in batch]
+        y = np.fromiter((e.label for e in batch), dtype=np.float64, count=len(batch))
+        w = np.fromiter((e.weight for e in batch), dtype=np.float64, count=len(batch))
+        if (half_life := self.settings.trainer.time_decay_half_life_s) is not None:
+            ts = np.fromiter((e.impression.ts for e in batch), dtype=np.float64, count=len(batch))
+            w *= time_decay_weights(ts, float(ts.max()), half_life)
+        skipped_before = self.ranker.n_skipped_nonfinite
+        t0 = time.perf_counter()
+        p_raw = self.ranker.score_and_learn(rows, y, w)
+        if self.settings.trainer.fnc:  # the model learnt p / (1 + p) from fake negatives
+            p_raw = fnc_correct(p_raw)
+        if self.two_tower is not None and y.any():
+            self.two_tower.learn_many(rows, y)
+        seconds = time.perf_counter() - t0
+        p = self.calibrator.transform(p_raw)
+        skipped = self.ranker.n_skipped_nonfinite > skipped_before
+        return StepResult(np.asarray(p_raw, dtype=np.float64), np.asarray(p, np.float64),
+                          seconds, skipped)  # fmt: skip
+
+    def finish(self, taken: TakenBatch, result: StepResult) -> ScoredBatch:
+        """Metrics, catalogue and counters after :meth:`compute`; the ``scored`` batch."""
+        batch, emitted = taken.examples, taken.emitted_at
+        m = self.metrics
+        tt = self.two_tower
+        if tt is not None:
+            if tt.mean_hard_score is not None:
+                m.retrieval_negative_cosine.labels(kind="hard").set(tt.mean_hard_score)
+            if tt.mean_random_score is not None:
+                m.retrieval_negative_cosine.labels(kind="random").set(tt.mean_random_score)
+            m.retrieval_hard_share.set(tt.hard_share)
+        m.train_step_seconds.observe(result.seconds)
+        now = time.time()
+        for e, sent in zip(batch, emitted, strict=True):
+            m.label_delay_seconds.observe(max(0.0, e.label_ts - e.impression.ts))
+            if sent is not None:
+                m.update_freshness_seconds.observe(max(0.0, now - sent))
+        if result.skipped_nonfinite:
+            m.nonfinite_batches.inc()
+        else:
+            m.train_batches.inc()
+            if self.ranker.last_loss is not None:
+                m.train_loss.set(self.ranker.last_loss)
+        self.model_version = self.ranker.n_updates
+        m.model_version.set(self.model_version)
+        for e in batch:
+            imp = e.impression
+            self.catalogue.add(imp.user_id, imp.item_id, bool(e.label))
+            if e.kind == "correction":
+                self.n_corrections += 1
+        self.n_examples += len(batch)
+        m.scored.inc(len(batch))
+        return ScoredBatch(
+            model_version=self.model_version,
+            calibrator_version=self.calibrator_version,
+            impression_ids=[e.impression.impression_id for e in batch],
+            ts=[e.impression.ts for e in batch],
+            label=[int(e.label) for e in batch],
+            p_raw=[float(x) for x in result.p_raw],
+            p=[float(x) for x in result.p],
+            segment=[segment_of(e.impression.position) for e in batch],
+            true_p=[e.impression.true_p for e in batch],
+        )
+
+    def apply_control(self, msg: dict[str, object]) -> None:
+        """Apply a ``control`` message: a calibrator from the monitor. A ``model``
+        announcement is not loaded here: a ``serve`` worker loads it from the model store
+        (:class:`modelstore.snapshot.ModelReplica`, path confined to the store and checked
+        against the manifest's digest); nothing loads a file a record points at."""
+        if msg.get("kind") == "model":
+            return
+        elif msg.get("kind") == "calibrator":
+            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
+            if version > self.calibrator_version:
+                self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
+                self.calibrator_version = version
+                self.metrics.calibrator_version.set(version)
+                log.info("calibrator v%d applied: %s", version, self.calibrator)
+
+    def maybe_checkpoint(self, force: bool = False) -> Path | None:
+        cfg = self.settings.trainer
+        if not cfg.checkpoint_dir:
+            return None
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < cfg.checkpoint_every_s:
+            return None
+        self._last_checkpoint = now
+        d = Path(cfg.checkpoint_dir)
+        path = d / f"ranker-v{self.model_version:08d}.pt"
+        tmp = ""
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self.ranker.save(path)  # atomic: a temp file, fsync, rename (removed on error)
+            # a unique temp name (O_EXCL): a planted symlink is never followed
+            fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
+            with os.fdopen(fd, "w") as f:
+                f.write(path.name)
+            os.replace(tmp, d / "LATEST")
+        except OSError as exc:
+            # e.g. ENOSPC: the previous checkpoint and LATEST stay as they were; training
+            # goes on (a raise here would drop the micro-batch) and the next one is tried
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            log.error("checkpoint %s not written (%s); the previous one is kept", path,
+                      exc.strerror or exc)  # fmt: skip
+            self.metrics.store_failures.labels(reason="checkpoint").inc()
+            return None
+        if path not in self.checkpoints:
+            self.checkpoints.append(path)
+        # retention by count: the newest ``keep_checkpoints`` files of this naming stay
+        keep = cfg.keep_checkpoints
+        old = sorted(p for p in d.glob("ranker-v*.pt") if p.is_file() and not p.is_symlink())
+        for stale in old[:-keep] if len(old) > keep else []:
+            stale.unlink(missing_ok=True)
+        self.checkpoints = [p for p in self.checkpoints if p.exists()]
+        return path
+
+    def _resume_from_store(self, store: DirectoryStore) -> None:
+        """A restarted trainer continues from the newest good version of its store (ranker,
+        two-tower, calibrator), ahead of ``trainer.warm_start`` (which only seeds an empty
+        store); a version that fails its checksums is skipped."""
+        from modelstore.snapshot import load_snapshot
+
+        for version in reversed(store.versions()):
+            try:
+                loaded = load_snapshot(
+                    store, version, device=self.settings.ranker.device, optimizer=True
+                )
+            except StoreError as exc:
+                log.warning("model store: cannot resume from version %d: %s", version, exc)
+                continue
+            self.ranker = loaded.ranker
+            if self.two_tower is not None and loaded.two_tower is not None:
+                self.two_tower = loaded.two_tower
+            self.calibrator, self.calibrator_version = loaded.calibrator, loaded.calibrator_version
+            self.model_version = self.ranker.n_updates
+            self.metrics.model_version.set(self.model_version)
+            self.metrics.calibrator_version.set(self.calibrator_version)
+            log.info("resumed from model store version %d (model %d)", version,
+                     self.model_version)  # fmt: skip
+            return
+
+    def _published_state(self, index: IndexSnapshot | None) -> tuple[object, ...]:
+        tt = self.two_tower
+        return (self.ranker.n_updates, None if tt is None else tt.n_updates,
+                None if index is None else index.version, self.calibrator_version)  # fmt: skip
+
+    def publish_due(self, index: IndexSnapshot | None = None, force: bool = False) -> bool:
+        """True when a snapshot should go to the model store now: ``store.publish_every_s``
+        passed (or ``force``) and a model, ``index`` or the calibrator changed since the
+        last one (an idle trainer writes nothing)."""
+        if self.store is None or self.n_examples == 0:
+            return False
+        if self.published is not None and self._published_key == self._published_state(index):
+            return False
+        every = self.settings.store.publish_every_s
+        return force or time.monotonic() - self._last_publish >= every
+
+    def publish(self, index: IndexSnapshot | None) -> Manifest | None:
+        """Publish ranker, two-tower, ``index``, calibrator to the model store (blocking:
+        run it where no training step can run meanwhile). None without a store or when the
+        write failed (logged and counted; the next one is tried on schedule)."""
+        if self.store is None:
+            return None
+        self._last_publish = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            m = publish_snapshot(self.store, self.ranker, self.two_tower, index,
+                                 self.calibrator, self.calibrator_version)  # fmt: skip
+        except (OSError, ValueError) as exc:
+            log.error("model store: publishing failed: %s", exc)
+            self.metrics.store_failures.labels(reason="publish").inc()
+            return None
+        self.published = m
+        self._published_key = self._published_state(index)
+        mt = self.metrics
+        mt.store_publish_seconds.observe(time.perf_counter() - t0)
+        mt.store_version.set(m.version)
+        mt.store_bytes.set(m.total_bytes)
+        return m
+
+    def store_announcement(self, m: Manifest) -> dict[str, object]:
+        """The ``control`` record of a published version: store version, its directory,
+        the manifest's SHA-256 (replicas accept nothing else) and the model versions."""
+        return {"kind": "model", "version": m.version, "path": str(m.path.resolve()),
+                "digest": m.digest, "model_version": m.meta.get("model_version"),
+                "index_version": m.meta.get("index_version"),
+                "created_at": m.created_at}  # fmt: skip
+
+    def serving_calibrator(self) -> Calibrator:
+        """What /recommend applies to the ranker's scores: the calibrator, after the FNC
+        correction when ``trainer.fnc`` is on (as :meth:`step` does for the monitor)."""
+        if not self.settings.trainer.fnc:
+            return self.calibrator
+        return _FncThen(self.calibrator)  # type: ignore[return-value]  # transform only
