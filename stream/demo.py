@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,11 @@ def run_demo(
     settings = settings.replace(
         trainer=dataclasses.replace(settings.trainer, checkpoint_dir=str(run / "checkpoints"))
     )
+    # a previous demo's worker state (RocksDB tables, checkpoints) belongs to a broker that
+    # is gone: restored, it held the same impression ids as pending, so a second
+    # `make demo` in the same run dir labelled nothing and waited until its timeout
+    for stale in ("worker-data", "checkpoints"):
+        shutil.rmtree(run / stale, ignore_errors=True)
     metrics_port = free_port()
     with EmbeddedBroker(log_path=run / "tansu.log") as broker:
         settings = settings.replace(
