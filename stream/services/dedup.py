@@ -39,6 +39,7 @@ class SeenKeys:
         """The examples whose (impression_id, label) is new: a correction (label 1 after a
         label 0) or a fake negative's positive is not a duplicate.
 
+        >>> from stream.events import Impression, LabeledExample
         >>> seen = SeenKeys(horizon=10)
         >>> imp = Impression("a", 0.0, "u", "i")
         >>> neg = LabeledExample(imp, 0, 1.0, kind="negative")
