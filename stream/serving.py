@@ -17,12 +17,13 @@ calibrator -> the ``k`` items with the highest calibrated pCTR.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -157,29 +158,29 @@ class ServingGate:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, off the loop when the gate has threads."""
-        if self.inflight >= self.max_inflight:
-            raise ServingError(
-                503, f"overloaded: {self.max_inflight} requests in flight; retry shortly"
-            )
-        self.inflight += 1
-        try:
+        with self._slot():
             if self._executor is None:
                 return fn(*args)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-        finally:
-            self.inflight -= 1
 
     async def run_future(self, submit: Callable[..., Future[T]], *args: Any) -> T:
         """The answer of ``submit(*args)`` (e.g. :meth:`RequestBatcher.submit`, which
         computes on its own thread), under the same ``max_inflight`` bound as :meth:`run`."""
+        with self._slot():
+            return await asyncio.wrap_future(submit(*args))
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of ``max_inflight`` places for a request; :class:`ServingError` 503 when
+        none is free (at once, no queueing)."""
         if self.inflight >= self.max_inflight:
             raise ServingError(
                 503, f"overloaded: {self.max_inflight} requests in flight; retry shortly"
             )
         self.inflight += 1
         try:
-            return await asyncio.wrap_future(submit(*args))
+            yield
         finally:
             self.inflight -= 1
 
