@@ -14,7 +14,9 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
 - ``worker_rss_mb``, ``broker_rss_mb`` (``/proc/<pid>/status`` VmRSS; the broker keeps
   every record in memory, so its growth is the harness's, not the worker's);
 - state sizes: ``join_state_bytes`` (pending + done + orphans, the joiner's estimate),
-  ``pending``, ``orphans_waiting``, ``join_state_entries``;
+  ``pending``, ``orphans_waiting``, ``join_state_entries``, ``feature_state_bytes`` (the
+  feature stages' estimate; the soak sets ``feature_max_bytes`` to 128 MiB so that the
+  bound is reached within the warm-up at 200 impressions/s) and ``feature_keys_evicted``;
 - disk: ``data_dir_mb`` (the worker's RocksDB tables and run files), ``store_mb``,
   ``checkpoints_mb``;
 - lag: ``lag_events`` (events replayed minus events the joiner consumed) and
@@ -54,7 +56,9 @@ from stream.settings import Settings
 from stream.synthetic import SyntheticConfig, write_synthetic
 
 EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
-CONFIG = """
+FEATURE_MAX_BYTES = 128 * 2**20  # below the default (512 MiB): reached within the warm-up
+CONFIG = f"""
+feature_max_bytes = {FEATURE_MAX_BYTES}
 [trainer]
 checkpoint_every_s = 30.0
 keep_checkpoints = 5
@@ -179,6 +183,10 @@ def run(
                     "pending": m.get("streamrec_pending_impressions", math.nan),
                     "orphans_waiting": m.get("streamrec_orphan_clicks_waiting", math.nan),
                     "join_state_entries": m.get("streamrec_join_state_entries", math.nan),
+                    "feature_state_bytes": m.get("streamrec_feature_state_bytes", math.nan),
+                    "feature_keys_evicted": m.get(
+                        'streamrec_feature_state_shed{kind="evicted_keys"}', math.nan
+                    ),
                     "data_dir_mb": round(du_mb(run_dir / "worker-data"), 2),
                     "store_mb": round(du_mb(store), 2),
                     "checkpoints_mb": round(du_mb(ckpt), 2),
@@ -239,6 +247,10 @@ def summarize(
                 None if (s := slope_per_hour(t, disk)) is None else round(s, 2)
             ),
             "join_state_bytes_slope_per_h": slope_per_hour(t, [r["join_state_bytes"] for r in cut]),
+            "feature_state_bytes_slope_per_h": slope_per_hour(
+                t, [r["feature_state_bytes"] for r in cut]
+            ),
+            "feature_max_bytes": FEATURE_MAX_BYTES,
             "max_store_versions": max((r["store_versions"] for r in rows), default=0),
             "max_checkpoint_files": max((r["checkpoint_files"] for r in rows), default=0),
             "max_lag_events": max((r["lag_events"] for r in rows), default=None),

@@ -38,6 +38,15 @@ window); a click whose impression never arrived within that time is an orphan an
 counts. Idle keys expire after ``ttl_s`` of event time without an event; past
 ``max_keys`` the least recently updated keys are evicted (counted).
 
+**Bounded by bytes.** :meth:`FeatureStage.approx_bytes` estimates the stage's memory from
+its counts (keys, impression ids, early clicks, sequence entries; per-entry sizes measured
+with tracemalloc, see ``tests/unit/features/test_stage_budget.py``). Past
+``max_bytes`` the stage sheds, in this order and with hysteresis: the oldest impression ids
+(when they hold more than 40% of the budget; a later click on one of them becomes an
+orphan), the sequences of the users who clicked longest ago (over 20%), then the least
+recently updated keys. Every shed is counted in ``stats``; the decisions depend only on
+the calls, so a restore that replays the journal reaches the same state.
+
 State is plain lists/dicts of str/float (``state_dict()`` is JSON-serialisable); one stage
 per partition.
 
@@ -53,6 +62,8 @@ True
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,8 +80,9 @@ class FeatureConfig:
 
     ``counters`` / ``sequence``: ablation switches (counts, CTRs, recency / the click
     sequence). ``ttl_s``: an idle key expires after this long without an event.
-    ``max_keys``: budget on tracked keys (user, item and pair keys together); at about
-    600 bytes a key (``bench.features`` measures it) the default is ~1.2 GB.
+    ``max_keys``: budget on tracked keys (user, item and pair keys together).
+    ``max_bytes``: the memory budget of one stage (one input partition), estimated by
+    :meth:`FeatureStage.approx_bytes`; 256 MiB by default.
     """
 
     half_lives_s: tuple[float, ...] = (3600.0, 86_400.0, 30 * 86_400.0)
@@ -81,6 +93,7 @@ class FeatureConfig:
     impression_ttl_s: float = 7200.0
     ttl_s: float = 90 * 86_400.0
     max_keys: int = 2_000_000
+    max_bytes: int = 256 * 2**20
     ctr_prior: float = 0.05
     ctr_strength: float = 20.0
     counters: bool = True
@@ -95,6 +108,8 @@ class FeatureConfig:
             raise ValueError("need lateness_s >= 0 and max_buffer >= 2")
         if self.impression_ttl_s <= 0 or self.ttl_s <= 0 or self.max_keys < 1:
             raise ValueError("TTLs and max_keys must be positive")
+        if self.max_bytes < 2**20:
+            raise ValueError(f"max_bytes must be at least 1 MiB, got {self.max_bytes}")
 
 
 def _label(h: float) -> str:
@@ -131,6 +146,14 @@ class ClickEvent(NamedTuple):
 # buf: flat list of floats, +t for an impression, -t for a click (event times are > 0).
 _R, _N = 0, 1
 
+# Bytes per entry for approx_bytes (CPython 3.11, tracemalloc; the budget test re-measures):
+# a key record with a few buffered events and its dict slot; an impression id with its
+# entry; an early click; one entry of a user's click sequence.
+KEY_BYTES = 640
+IMPRESSION_BYTES = 420
+EARLY_CLICK_BYTES = 260
+SEQUENCE_ENTRY_BYTES = 220
+
 
 class FeatureStage:
     """Point-in-time historical features, state inside (see the module docstring)."""
@@ -148,13 +171,15 @@ class FeatureStage:
         self._buf = 7 + 2 * h
         self._names: dict[str, list[tuple[str, str, str]]] = {}
         self._keys: dict[str, list[Any]] = {}
-        # impression_id -> [ts, user, item, [(feature prefix, key), ...], clicked 0/1]
+        # impression_id -> [ts, user, item, position, ((item_* name, value), ...), clicked]
+        # (its keys are rebuilt when a click comes: ~3x smaller than keeping them)
         self._imps: dict[str, list[Any]] = {}
         # impression_id -> [click_ts, arrival ts-of-stage] (click before its impression)
         self._early: dict[str, list[float]] = {}
         # user -> [horizon, [[click_ts, order, item], ...] sorted ascending]
         self._seq: dict[str, list[Any]] = {}
         self._order = 0
+        self._n_seq = 0  # entries over all users' sequences
         self._now = _NEG_INF
         self._last_sweep = _NEG_INF
         self._last_early_sweep = _NEG_INF
@@ -169,6 +194,8 @@ class FeatureStage:
             "approximate": 0,
             "expired_keys": 0,
             "evicted_keys": 0,
+            "evicted_impressions": 0,
+            "evicted_sequences": 0,
         }
 
     # ---------------------------------------------------------------- public API
@@ -203,10 +230,11 @@ class FeatureStage:
         if impression_id in self._imps:
             self.stats["duplicate_impressions"] += 1
             return None
-        keys = self._key_list(user_id, item_id, position, attrs)
+        cats = _categoricals(attrs)
+        keys = self._key_list(user_id, item_id, position, cats)
         feats = self._compute(ts, user_id, keys)
         self.stats["impressions"] += 1
-        self._imps[impression_id] = [ts, user_id, item_id, keys, 0]
+        self._imps[impression_id] = [ts, user_id, item_id, position, cats, 0]
         for _, k in keys:
             self._apply(k, ts, False)
         early = self._early.pop(impression_id, None)
@@ -227,7 +255,7 @@ class FeatureStage:
     ) -> dict[str, object]:
         """The features an impression with these fields would get at ``ts``; changes no
         state (serving)."""
-        keys = self._key_list(user_id, item_id, position, attrs)
+        keys = self._key_list(user_id, item_id, position, _categoricals(attrs))
         approx = self.stats["approximate"]
         feats = self._compute(ts, user_id, keys)
         self.stats["approximate"] = approx
@@ -244,7 +272,7 @@ class FeatureStage:
             self._early[impression_id] = [ts, self._now]
             self.stats["early_clicks"] += 1
             return True
-        if imp[4]:
+        if imp[5]:
             self.stats["duplicate_clicks"] += 1
             return False
         self._click_apply(imp, ts)
@@ -260,6 +288,15 @@ class FeatureStage:
         out["sequences"] = len(self._seq)
         return out
 
+    def approx_bytes(self) -> int:
+        """Estimated memory of the state, bytes (O(1): counts times measured sizes)."""
+        return (
+            len(self._keys) * KEY_BYTES
+            + len(self._imps) * IMPRESSION_BYTES
+            + len(self._early) * EARLY_CLICK_BYTES
+            + self._n_seq * SEQUENCE_ENTRY_BYTES
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable state (lists, dicts, str, float, int)."""
 
@@ -267,10 +304,11 @@ class FeatureStage:
             return [None if x == _NEG_INF else x for x in v[:-1]] + [list(v[-1])]
 
         return {
-            "version": 1,
+            "version": 2,
             "keys": {k: rec(v) for k, v in self._keys.items()},
             "imps": {
-                k: [v[0], v[1], v[2], [list(x) for x in v[3]], v[4]] for k, v in self._imps.items()
+                k: [v[0], v[1], v[2], v[3], [list(x) for x in v[4]], v[5]]
+                for k, v in self._imps.items()
             },
             "early": {k: list(v) for k, v in self._early.items()},
             "seq": {
@@ -284,19 +322,25 @@ class FeatureStage:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise ValueError(f"unknown feature state version {state.get('version')!r}")
+        version = state.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"unknown feature state version {version!r}")
         fix = self._fix_record
         self._keys = {k: fix(v) for k, v in state["keys"].items()}
-        self._imps = {
-            k: [v[0], v[1], v[2], [tuple(x) for x in v[3]], v[4]] for k, v in state["imps"].items()
-        }
+        if version == 1:  # [ts, user, item, [(prefix, key), ...], clicked]
+            self._imps = {k: _imp_from_v1(v) for k, v in state["imps"].items()}
+        else:
+            self._imps = {
+                k: [v[0], v[1], v[2], v[3], tuple((a, b) for a, b in v[4]), v[5]]
+                for k, v in state["imps"].items()
+            }
         self._early = {k: list(v) for k, v in state["early"].items()}
         self._seq = {
             u: [_NEG_INF if v[0] is None else v[0], [list(c) for c in v[1]]]
             for u, v in state["seq"].items()
         }
         self._order = int(state["order"])
+        self._n_seq = sum(len(v[1]) for v in self._seq.values())
         self._now = _NEG_INF if state["now"] is None else float(state["now"])
         ls = state["last_sweep"]
         self._last_sweep = _NEG_INF if ls is None else float(ls)
@@ -308,7 +352,7 @@ class FeatureStage:
         return [(_NEG_INF if v is None else v) for v in rec[:-1]] + [list(rec[-1])]
 
     def _key_list(
-        self, user: str, item: str, position: int | None, attrs: Mapping[str, object] | None
+        self, user: str, item: str, position: int | None, cats: tuple[tuple[str, str], ...]
     ) -> list[tuple[str, str]]:
         keys = [
             ("user", "u" + _SEP + user),
@@ -317,10 +361,8 @@ class FeatureStage:
         ]
         if position is not None:
             keys.append(("item_pos", "q" + _SEP + item + _SEP + str(position)))
-        if attrs:
-            for name, value in attrs.items():
-                if name.startswith("item_") and isinstance(value, str):
-                    keys.append(("u_" + name, "a" + _SEP + user + _SEP + name + _SEP + value))
+        for name, value in cats:
+            keys.append(("u_" + name, "a" + _SEP + user + _SEP + name + _SEP + value))
         return keys
 
     def _feature_names(self, ent: str) -> list[tuple[str, str, str]]:
@@ -501,9 +543,9 @@ class FeatureStage:
         rec[self._buf] = keep
 
     def _click_apply(self, imp: list[Any], ts: float) -> None:
-        imp[4] = 1
+        imp[5] = 1
         self.stats["clicks"] += 1
-        for _, k in imp[3]:
+        for _, k in self._key_list(imp[1], imp[2], imp[3], imp[4]):
             self._apply(k, ts, True)
         if self.config.sequence:
             user = imp[1]
@@ -517,7 +559,9 @@ class FeatureStage:
             while i and clicks[i - 1][0] > ts:
                 i -= 1
             clicks.insert(i, entry)
+            self._n_seq += 1
             if len(clicks) > self.config.seq_keep:
+                self._n_seq -= 1
                 dropped = clicks.pop(0)
                 if dropped[0] > s[0]:
                     s[0] = dropped[0]
@@ -547,6 +591,7 @@ class FeatureStage:
         if (
             now - self._last_sweep < min(c.ttl_s / 16.0, c.impression_ttl_s)
             and len(self._keys) <= c.max_keys
+            and self.approx_bytes() <= c.max_bytes
         ):
             return
         self._last_sweep = now
@@ -557,13 +602,69 @@ class FeatureStage:
         self.stats["expired_keys"] += len(stale)
         stale_u = [u for u, s in self._seq.items() if not s[1] or s[1][-1][0] < cut]
         for u in stale_u:
-            del self._seq[u]
-        if len(self._keys) > c.max_keys:
-            order = sorted(self._keys, key=lambda k: self._keys[k][_R])
-            extra = len(self._keys) - int(c.max_keys * 0.9)
-            for k in order[:extra]:
+            self._n_seq -= len(self._seq.pop(u)[1])
+        self._shed()
+
+    def _shed(self) -> None:
+        """Enforce ``max_keys`` and ``max_bytes`` (see the module docstring), shedding to
+        90% of each share so that the next shed is ~10% of the state away."""
+        c = self.config
+        budget = c.max_bytes
+        imp_bytes = len(self._imps) * IMPRESSION_BYTES + len(self._early) * EARLY_CLICK_BYTES
+        if imp_bytes > 0.4 * budget:
+            # arrival order is dict order: drop the oldest-arrived ids
+            n_drop = len(self._imps) - int(0.36 * budget / IMPRESSION_BYTES)
+            if n_drop > 0:
+                for iid in list(itertools.islice(self._imps, n_drop)):
+                    del self._imps[iid]
+                self.stats["evicted_impressions"] += n_drop
+            n_early = len(self._early) - int(0.04 * budget / EARLY_CLICK_BYTES)
+            if n_early > 0:
+                for iid in list(itertools.islice(self._early, n_early)):
+                    del self._early[iid]
+                self.stats["orphan_clicks"] += n_early
+            imp_bytes = len(self._imps) * IMPRESSION_BYTES + len(self._early) * EARLY_CLICK_BYTES
+        if self._n_seq * SEQUENCE_ENTRY_BYTES > 0.2 * budget:
+            target = int(0.18 * budget / SEQUENCE_ENTRY_BYTES)
+            users = sorted(
+                self._seq, key=lambda u: self._seq[u][1][-1][0] if self._seq[u][1] else _NEG_INF
+            )
+            for u in users:
+                if self._n_seq <= target:
+                    break
+                self._n_seq -= len(self._seq.pop(u)[1])
+                self.stats["evicted_sequences"] += 1
+        room = budget - imp_bytes - self._n_seq * SEQUENCE_ENTRY_BYTES
+        cap = min(c.max_keys, max(1, int(room // KEY_BYTES)))
+        if len(self._keys) > cap:
+            extra = len(self._keys) - int(cap * 0.9)
+            for k in heapq.nsmallest(extra, self._keys, key=lambda k: self._keys[k][_R]):
                 del self._keys[k]
             self.stats["evicted_keys"] += extra
+
+
+def _categoricals(attrs: Mapping[str, object] | None) -> tuple[tuple[str, str], ...]:
+    """The string ``item_*`` attributes that get user x attribute keys, in order."""
+    if not attrs:
+        return ()
+    return tuple(
+        (name, value)
+        for name, value in attrs.items()
+        if name.startswith("item_") and isinstance(value, str)
+    )
+
+
+def _imp_from_v1(v: Sequence[Any]) -> list[Any]:
+    """A version-1 impression entry (it kept its keys) in today's form."""
+    position: int | None = None
+    cats: list[tuple[str, str]] = []
+    for _, key in v[3]:
+        parts = key.split(_SEP)
+        if parts[0] == "q":
+            position = int(parts[2])
+        elif parts[0] == "a":
+            cats.append((parts[2], parts[3]))
+    return [v[0], v[1], v[2], position, tuple(cats), v[4]]
 
 
 def attach_log(

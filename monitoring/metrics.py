@@ -93,6 +93,17 @@ class StreamrecMetrics:
             " orphans (clicks waiting for their impression); each bounded by [join] max_*_bytes.",
             ("kind",),
         )
+        self.feature_state_bytes = gauge(
+            "feature_state_bytes",
+            "Estimated bytes of the historical-feature stages on this worker (bounded by"
+            " feature_max_bytes).",
+        )
+        self.feature_state_shed = gauge(
+            "feature_state_shed",
+            "State the feature stages on this worker shed so far, by kind: keys (idle past"
+            " the TTL: expired; over the budget: evicted), impressions, sequences.",
+            ("kind",),
+        )
         self.orphan_clicks_waiting = gauge(
             "orphan_clicks_waiting",
             "Clicks waiting for their impression (bounded by [join] max_orphans).",

@@ -243,6 +243,10 @@ class Settings:
     #: the joiner attaches historical features (features.stage.FeatureStage, one per input
     #: partition, state persisted with the join state) to every impression when it arrives
     features: bool = True
+    #: the feature stages' memory budget for the whole worker, bytes: each input
+    #: partition's stage gets ``feature_max_bytes / partitions`` (FeatureConfig.max_bytes;
+    #: past it a stage sheds its oldest state, counted). 512 MiB by default
+    feature_max_bytes: int = 512 * 2**20
     #: how every Kafka client of the worker (Faust, the control listener, topic creation,
     #: replay) authenticates: "PLAINTEXT" (none: the default, and compose's default) or
     #: "SASL_PLAINTEXT" / "SASL_SSL" with ``kafka_sasl_mechanism`` ("PLAIN",
@@ -309,6 +313,8 @@ class Settings:
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if self.feature_max_bytes < self.partitions * 2**20:
+            raise ValueError("feature_max_bytes must be at least 1 MiB per partition")
         if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
             raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if self.max_message_bytes < 64 * 1024:

@@ -166,7 +166,11 @@ class JoinService:
         self._since_release = 0
         #: partition -> its feature stage (historical features, ``Settings.features``)
         self.features: dict[int, FeatureStage] = {}
-        self.feature_config: FeatureConfig | None = FeatureConfig() if settings.features else None
+        self.feature_config: FeatureConfig | None = (
+            FeatureConfig(max_bytes=max(2**20, settings.feature_max_bytes // settings.partitions))
+            if settings.features
+            else None
+        )
         self._features_pieces: dict[int, int] = {}
         #: partition -> the stage's calls since the last save (the journal's next delta)
         self._feature_log: dict[int, list[list[Any]]] = {}
@@ -565,6 +569,16 @@ class JoinService:
         m.join_state_bytes.labels(kind="done").set(sum(j.done_bytes for j in js))
         m.join_state_bytes.labels(kind="orphans").set(sum(j.orphan_bytes for j in js))
         m.orphan_clicks_waiting.set(sum(len(j.orphan_clicks) for j in js))
+        stages = list(self.features.values())
+        if stages:
+            m.feature_state_bytes.set(sum(st.approx_bytes() for st in stages))
+            for kind in (
+                "expired_keys",
+                "evicted_keys",
+                "evicted_impressions",
+                "evicted_sequences",
+            ):
+                m.feature_state_shed.labels(kind=kind).set(sum(st.stats[kind] for st in stages))
         wms = [j.watermark for j in self.joiners.values() if np.isfinite(j.watermark)]
         if wms:
             self.metrics.event_time_watermark_seconds.set(min(wms))

@@ -87,13 +87,14 @@ def test_features_travel_to_the_labelled_example_and_survive_a_restart(
     # 0: snapshots whenever the deltas outgrow a quarter of the last one, deltas between
     monkeypatch.setattr(JoinService, "FEATURE_SNAPSHOT_MIN_BYTES", snapshot_min)
     settings = dataclasses.replace(SETTINGS, max_message_bytes=record_bytes)
-    recs = records(250, seed=1)
+    # enough history for a snapshot of several 32 KiB pieces at record_bytes 65,536
+    recs = records(250 if record_bytes > 100_000 else 700, seed=1)
     ref = reference(recs)
     state = MemoryJoinState()
     sink: list[LabeledExample] = []
     first = JoinService(settings, StreamrecMetrics(), state)
     committed = 0
-    crash_at = 260
+    crash_at = len(recs) * 2 // 3
     for offset, (topic, raw) in enumerate(recs[:crash_at]):
         first.handle(raw, topic, 0, offset)
         if offset % 40 == 0:
