@@ -93,9 +93,15 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the end.")
+@click.option(
+    "--ablation/--no-ablation",
+    default=True,
+    show_default=True,
+    help="Afterwards, NE of the same ranker in process with and without history features.",
+)
 def demo(
     run_dir: str, log_path: str | None, impressions: int, pretrain_n: int, seed: int,
-    config: str | None, timeout: float,
+    config: str | None, timeout: float, ablation: bool,
 ) -> None:  # fmt: skip
     """Embedded broker + worker + replay of a synthetic log with a drift; prints a summary."""
     from stream.broker import BrokerNotFound, BrokerStartError
@@ -111,6 +117,7 @@ def demo(
             seed=seed,
             settings=load_settings(config),
             timeout_s=timeout,
+            history_ablation=ablation,
         )
     except (BrokerNotFound, BrokerStartError, LogFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -360,11 +367,6 @@ def _ranker_config(
         raise click.BadParameter(str(exc)) from None
 
 
-#: numeric slots the ranker gets when the historical features are on (the stage emits
-#: about 40 ``hist_*`` numerics; EncoderConfig's default of 8 would keep the first 8 only)
-HIST_NUM_FIELDS = 64
-
-
 def _feature_config(on: bool) -> Any:
     from features.stage import FeatureConfig
 
@@ -372,6 +374,8 @@ def _feature_config(on: bool) -> Any:
 
 
 def _with_hist_slots(cfg: Any, on: bool) -> Any:
+    from stream.offline import HIST_NUM_FIELDS
+
     if not on or cfg.encoder.max_num_fields >= HIST_NUM_FIELDS:
         return cfg
     import dataclasses

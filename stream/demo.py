@@ -185,6 +185,7 @@ def run_demo(
     settings: Settings | None = None,
     timeout_s: float = 600.0,
     progress: bool = True,
+    history_ablation: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``run_dir/report.json``).
 
@@ -192,8 +193,13 @@ def run_demo(
     history that :func:`stream.offline.pretrain` learns from at the base learning rate; the
     worker warm-starts from that checkpoint and learns online from the replayed
     ``n_impressions`` (the CTR shift is half-way through those) at the reduced rate.
+
+    ``history_ablation``: afterwards, the same ranker runs prequentially in process over the
+    replayed log twice, with and without the historical features
+    (:func:`stream.offline.history_ablation`), and the table shows both NEs.
     """
     from stream.logs import read_log_frame, write_log
+    from stream.offline import history_ablation as run_ablation
     from stream.offline import log_examples, pretrain
 
     run = Path(run_dir)
@@ -289,6 +295,13 @@ def run_demo(
             seen = int(a.get("examples_seen", 0))
             if 0 < seen <= post.size and post[seen - 1] > 0:
                 delays.append(int(post[seen - 1]))
+    ablation = None
+    if history_ablation:
+        print("history ablation: the same ranker in process, with and without history",
+              flush=True)  # fmt: skip
+        ablation = run_ablation(
+            read_log_frame(log_path), settings.ranker, seed=seed, progress=progress
+        )
     n_ids = len(records.ids)
     distinct = len(arr.ids)
     wall = t_done - t0
@@ -319,6 +332,7 @@ def run_demo(
         "impressions_per_s": stats.impressions / wall,
         "total_seconds": time.monotonic() - t_start,
         "quality": summary,
+        "history_ablation": ablation,
     }
     (run / "report.json").write_text(json.dumps(report, indent=2, default=float))
     table = render_table(_rows(report))
@@ -349,6 +363,13 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     if "oracle_normalized_entropy" in q:
         rows.append(("normalised entropy of true_p (oracle)", q["oracle_normalized_entropy"]))
     rows.append(("ECE (equal-mass, 10 bins)", q["ece"]))
+    ab = r.get("history_ablation")
+    if ab:
+        for key, name in (("with", "with history"), ("without", "without history")):
+            rows.append(
+                (f"NE {name} (in process, cold, prequential)", ab[key]["normalized_entropy"])
+            )
+            rows.append((f"AUC {name} (same run)", ab[key]["auc"]))
     rows.append(("calibration ratio sum(p)/sum(y), all", q["all"]["calibration_ratio"]))
     for key, name in (
         ("before_drift", "before drift"),

@@ -242,6 +242,37 @@ def evaluate(
     return report
 
 
+def history_ablation(
+    df: pd.DataFrame,
+    config: RankerConfig,
+    *,
+    seed: int = 0,
+    features: FeatureConfig | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """What history is worth on this log: the same ranker (``config``, ``seed``, cold, in
+    process, prequential) once with the historical features of ``features`` (default
+    :class:`FeatureConfig`) and once without. Returns ``{"with": quality, "without":
+    quality}`` (:func:`quality` blocks, with ``seconds``)."""
+    if config.loss == "fnw":  # final labels here: FNW is the loss of a fake-negative stream
+        config = dataclasses.replace(config, loss="bce")
+    out: dict[str, dict[str, float]] = {}
+    for name, fcfg in (("with", features or FeatureConfig()), ("without", None)):
+        t0 = time.perf_counter()
+        ex = log_examples(df, fcfg)
+        rcfg = config
+        if fcfg is not None and config.encoder.max_num_fields < HIST_NUM_FIELDS:
+            enc = dataclasses.replace(config.encoder, max_num_fields=HIST_NUM_FIELDS)
+            rcfg = dataclasses.replace(config, encoder=enc)
+        report = evaluate(ex, TorchRanker(rcfg, seed=seed, online=False), progress=progress)
+        out[name] = dict(report["all"], seconds=time.perf_counter() - t0)
+    return out
+
+
+#: numeric slots the ranker gets when the historical features are on (the stage emits
+#: about 40 ``hist_*`` numerics; EncoderConfig's default of 8 would keep the first 8 only)
+HIST_NUM_FIELDS = 64
+
 #: the feature stage's settings ``load_examples`` (evaluate, pretrain) uses by default
 DEFAULT_FEATURES = FeatureConfig()
 
