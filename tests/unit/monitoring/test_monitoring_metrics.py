@@ -37,6 +37,8 @@ OTHER_GAUGES = {
     "event_time_watermark_seconds",
     "join_state_entries",
     "join_state_bytes",
+    "feature_state_bytes",
+    "feature_state_shed",
     "orphan_clicks_waiting",
     "calibrator_offset",
     "calibration_target_ctr",
