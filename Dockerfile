@@ -44,6 +44,9 @@ COPY learners ./learners
 COPY index ./index
 COPY monitoring ./monitoring
 COPY modelstore ./modelstore
+COPY features ./features
+COPY logs ./logs
+COPY serving ./serving
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
 USER streamrec

@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy learners index monitoring modelstore features stream bench
+	$(VENV)/bin/mypy learners index monitoring modelstore features logs serving stream bench
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -2,13 +2,13 @@
 
 Run ``python -m bench.calibration`` (full, about 3 min on 2 cores) or ``--quick`` (< 1 min).
 In process, no Kafka: for each (scenario, seed) a synthetic log with known ``true_p``
-(:mod:`stream.synthetic`) is split into a history segment and an online segment.
+(:mod:`logs.synthetic`) is split into a history segment and an online segment.
 
 - **streamrec**: a ``TorchRanker`` with the default ``RankerConfig`` (DCN-v2), warm-started
-  by :func:`stream.offline.pretrain` on the history at the base learning rate (as
+  by :func:`logs.offline.pretrain` on the history at the base learning rate (as
   ``streamrec demo`` does), then learning online (``base_lr * online_lr_scale``) inside a
   :class:`stream.services.TrainerService`, micro-batches of 1024: each step scores the
-  batch, learns from it and returns the :class:`stream.events.ScoredBatch` the worker
+  batch, learns from it and returns the :class:`logs.events.ScoredBatch` the worker
   publishes. A :class:`stream.services.MonitorService` (``Settings()`` defaults, a fresh
   registry) observes every batch; every ``calibrator`` control message it returns is
   applied to the trainer at once (``TrainerService.apply_control``), so the next batch is
@@ -67,15 +67,15 @@ from bench.run import bench_parser, machine, results_path, stamp, write_report
 from learners.baselines import RiverLogisticRegression
 from learners.calibration import Calibrator, PlattCalibrator, calibrator_from_dict
 from learners.ranker import TorchRanker
+from logs.events import Impression, LabeledExample, ScoredBatch, example_row
+from logs.io import frame_to_rows
+from logs.offline import log_examples, pretrain
+from logs.synthetic import SyntheticConfig, generate
 from monitoring.calibration import log_loss
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Impression, LabeledExample, ScoredBatch, example_row
 from stream.join import JoinConfig
-from stream.logs import frame_to_rows
-from stream.offline import log_examples, pretrain
 from stream.services import MonitorService, TrainerService, segment_of
 from stream.settings import MonitorConfig, Settings
-from stream.synthetic import SyntheticConfig, generate
 
 BATCH = 1024
 WINDOW = 5_000

@@ -54,7 +54,7 @@ from bench.fresh_labels import measure
 from bench.pipeline_sim import World, make_world, simulate
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import TorchRanker
-from stream.offline import log_examples, pretrain
+from logs.offline import log_examples, pretrain
 from stream.settings import Settings
 
 POLICIES = ("track", "guarded", "off")

@@ -67,11 +67,11 @@ from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.delayed_feedback import check_loss_for_scheme, fnc_correct
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
-from stream.events import Click, Impression, LabeledExample, example_row
+from logs.events import Click, Impression, LabeledExample, example_row
+from logs.io import frame_to_rows
+from logs.offline import quality
+from logs.synthetic import SyntheticConfig, generate
 from stream.join import JoinConfig, OnlineJoiner
-from stream.logs import frame_to_rows
-from stream.offline import quality
-from stream.synthetic import SyntheticConfig, generate
 
 FULL_N = 200_000
 QUICK_N = 40_000

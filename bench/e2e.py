@@ -9,7 +9,7 @@ each on a fresh broker:
 1. **producer alone**: ``replay`` into the broker with no worker (records/s; records are
    impressions, clicks and watermarks), then two consumers of the same ``impressions`` and
    ``clicks`` records: a plain aiokafka consumer (bytes only, no group) and the same with
-   :func:`stream.events.parse_input` on every record (the validation floor of the joiner).
+   :func:`logs.events.parse_input` on every record (the validation floor of the joiner).
 2. **pipeline**: a worker that has joined its group, then ``replay``; ``/metrics`` is
    sampled every 0.5 s until every impression is scored. Throughput:
 
@@ -86,6 +86,15 @@ from typing import Any
 import numpy as np
 
 from bench.run import machine, results_path, stamp, write_report
+from logs.events import (
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    TOPIC_SCORED,
+    InvalidEvent,
+    parse_input,
+)
+from logs.io import read_log_frame, write_log
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import topic_plan
 from stream.broker import (
     EmbeddedBroker,
@@ -96,17 +105,8 @@ from stream.broker import (
 )
 from stream.demo import scrape
 from stream.envelope import decode_envelope, is_envelope
-from stream.events import (
-    TOPIC_CLICKS,
-    TOPIC_IMPRESSIONS,
-    TOPIC_SCORED,
-    InvalidEvent,
-    parse_input,
-)
-from stream.logs import read_log_frame, write_log
 from stream.replay import ReplayStats, replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 FULL_N = 100_000
 QUICK_N = 10_000

@@ -19,8 +19,7 @@ import numpy as np
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
-from monitoring.metrics import StreamrecMetrics
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
@@ -28,10 +27,11 @@ from stream.events import (
     LabeledExample,
     Watermark,
 )
+from logs.synthetic import SyntheticConfig, generate
+from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig
 from stream.services import JoinService, MonitorService, TrainerService
 from stream.settings import MonitorConfig, Settings, TrainerConfig
-from stream.synthetic import SyntheticConfig, generate
 
 OUT = Path(__file__).parent / "results" / "fingerprint.json"
 

@@ -10,7 +10,7 @@ impressions a minute of event time, click delays ~ Exponential(mean 2 min) cappe
 the 30-minute window, ``abrupt`` x1.6 at half-way, ``gradual`` ramp x1 -> x1.6 over the
 next quarter, or ``no_drift``). The ranker (the default ``RankerConfig``, DCN-v2) is first
 pretrained on ``history`` impressions of the same world before the log
-(:func:`stream.offline.pretrain`, final labels, BCE), then warm-started online, as
+(:func:`logs.offline.pretrain`, final labels, BCE), then warm-started online, as
 ``streamrec demo`` does. Settings are ``Settings()`` but for the arm:
 
 - ``window``: ``delayed_feedback="window"``, positives at window close (the old default);
@@ -41,9 +41,9 @@ import numpy as np
 from bench.pipeline_sim import World, make_world, simulate, window_stats
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import TorchRanker
+from logs.offline import log_examples, pretrain
 from monitoring.calibration import normalized_entropy
 from stream.join import JoinConfig
-from stream.offline import log_examples, pretrain
 from stream.settings import Settings
 
 ARMS = ("window", "click_pos", "fn_fnw", "fn_fnc")

@@ -6,7 +6,7 @@ last 20 clicked items, most recent first) and ``hist_seq_age`` (seconds), comput
 point-in-time by :func:`attach_history` (clicks whose ``click_ts`` is before the
 impression's ``ts``), standing in for the feature stage.
 
-1. **Ranker ablation, prequential** (``stream.offline.evaluate``, batches of 1,024, offline
+1. **Ranker ablation, prequential** (``logs.offline.evaluate``, batches of 1,024, offline
    learning rate, as ``bench.quality``) of DCN-v2 with neither behaviour part, with the
    hashed user x field pair crosses, with DIN target attention over ``hist_seq``, and with
    both (the default), on two logs:
@@ -19,7 +19,7 @@ impression's ``ts``), standing in for the feature stage.
      earlier unclicked exposure of the pair (fatigue). Shown items are half from the
      user's current cluster, half by global popularity. ``true_p`` is known, so the
      oracle NE is reported.
-   - ``synthetic``: ``stream.synthetic`` (no history signal; the cost of the parts where
+   - ``synthetic``: ``logs.synthetic`` (no history signal; the cost of the parts where
      they buy nothing), with the history attached the same way.
 
    AUC, NE, calibration ratio over the whole log and the last half, and the prequential
@@ -55,8 +55,8 @@ import torch
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from stream.offline import LogExamples, evaluate, log_examples, quality
-from stream.synthetic import SyntheticConfig, generate
+from logs.offline import LogExamples, evaluate, log_examples, quality
+from logs.synthetic import SyntheticConfig, generate
 
 NAME = "history_models"
 BATCH = 1024
@@ -211,7 +211,7 @@ def attach_history(df: pd.DataFrame, length: int = HIST_LEN) -> list[list[tuple[
 
 
 def synthetic_log(n: int) -> LogExamples:
-    """``stream.synthetic`` (no drift) with point-in-time ``hist_seq`` / ``hist_seq_age``."""
+    """``logs.synthetic`` (no drift) with point-in-time ``hist_seq`` / ``hist_seq_age``."""
     df = generate(SyntheticConfig(n_impressions=n, n_users=2_000, n_items=1_000, drift_at=None))
     ex = log_examples(df)
     for row, hist, t in zip(ex.rows, attach_history(df), ex.ts, strict=True):

@@ -14,7 +14,7 @@ Run ``python -m bench.index`` (full, a few minutes on 2 cores) or ``python -m be
    ``--hnsw-subset N`` builds HNSW above N items on a random N-item subset instead, measures
    recall and latency there and extrapolates the build time by ``N log N`` scaling (the row
    says so).
-2. **Recommend latency.** ``stream.serving.Recommender.recommend(k=10)`` over a 100k-item
+2. **Recommend latency.** ``serving.recommender.Recommender.recommend(k=10)`` over a 100k-item
    index (quick: 20k) of two-tower item vectors (``kind="auto"``: HNSW above 50k), 200
    candidates ranked by a small DCN-v2 ``TorchRanker`` and a Platt calibrator, 2,000
    sequential requests (quick: 300) from random users after 20 warm-up ones: p50 / p99
@@ -30,7 +30,7 @@ Run ``python -m bench.index`` (full, a few minutes on 2 cores) or ``python -m be
    at least 8 times (seen but not clicked, or ranked above a click; the share ramps to 0.5
    over 10k clicks), against a popularity baseline (the 10 most clicked items of the first
    80%) and random retrieval (10 / items); on the synthetic log also the ``oracle``: the
-   generator's own expected clicks per request (:func:`stream.synthetic.click_propensity`,
+   generator's own expected clicks per request (:func:`logs.synthetic.click_propensity`,
    exposure x true click probability) ranked over the same catalogue, the ceiling for any
    retrieval model on that log; and the ``segment_oracle``, the same without each user's
    own taste (``click_propensity(..., personal=False)``: segment x category affinity, item
@@ -66,10 +66,10 @@ from index.hard_negatives import HardNegativePool
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from stream.logs import read_obd
-from stream.offline import LogExamples, log_examples
-from stream.serving import Recommender, ServingConfig
-from stream.synthetic import SyntheticConfig, click_propensity, generate
+from logs.io import read_obd
+from logs.offline import LogExamples, log_examples
+from logs.synthetic import SyntheticConfig, click_propensity, generate
+from serving.recommender import Recommender, ServingConfig
 
 DIM = 64
 N_CENTERS = 1_000

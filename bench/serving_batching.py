@@ -9,7 +9,7 @@ send requests back to back (closed loop), in three modes:
 - ``sequential``: one client, ``Recommender.recommend`` (the floor for latency);
 - ``unbatched``: ``CLIENTS`` clients each calling ``Recommender.recommend`` themselves
   (threads contend for the GIL and the cores, as a thread-pool server does);
-- ``batched``: the same clients through one :class:`stream.serving.RequestBatcher`
+- ``batched``: the same clients through one :class:`serving.recommender.RequestBatcher`
   (``max_batch`` 32, ``max_wait_s`` 1 ms): one user-tower call, one FAISS search and one
   ranker call per batch.
 
@@ -36,7 +36,7 @@ from bench.run import bench_cli, machine, results_path, stamp, write_report
 from index.faiss_index import IndexHolder, build_snapshot
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
-from stream.serving import Recommender, RequestBatcher, ServingConfig
+from serving.recommender import Recommender, RequestBatcher, ServingConfig
 
 NAME = "serving_batching"
 CLIENTS = 8

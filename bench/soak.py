@@ -47,13 +47,13 @@ import numpy as np
 
 from bench.e2e import worker_process
 from bench.run import RESULTS_DIR, machine, write_report
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port
 from stream.demo import scrape
-from stream.logs import read_log_frame
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
 FEATURE_MAX_BYTES = 128 * 2**20  # below the default (512 MiB): reached within the warm-up

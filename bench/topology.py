@@ -44,10 +44,10 @@ import numpy as np
 from bench.e2e import WorkerProc, worker_processes
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from bench.serving import FINAL_GAP_S, FULL_LOG, QUICK_LOG, Phase, Traffic, load, wait_ready
+from logs.synthetic import write_synthetic
 from modelstore.store import DirectoryStore, StoreError
 from stream.broker import EmbeddedBroker
 from stream.replay import replay
-from stream.synthetic import write_synthetic
 
 PUBLISH_EVERY_S = 5.0
 REPLICAS = 2  # serve replicas; the load goes to the first one, all are watched

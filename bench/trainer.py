@@ -40,8 +40,8 @@ import torch
 
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import MODELS, RankerConfig, TorchRanker
-from stream.offline import LogExamples, log_examples
-from stream.synthetic import SyntheticConfig, generate
+from logs.offline import LogExamples, log_examples
+from logs.synthetic import SyntheticConfig, generate
 
 FULL_BATCHES = (256, 512, 1024, 2048, 4096, 8192)
 QUICK_BATCHES = (1024,)

@@ -121,7 +121,7 @@ def _label(h: float) -> str:
 
 
 class ImpressionEvent(NamedTuple):
-    """An impression as the stage reads it (``stream.events.Impression`` has the same
+    """An impression as the stage reads it (``logs.events.Impression`` has the same
     attribute names and is accepted as is)."""
 
     impression_id: str
@@ -133,7 +133,7 @@ class ImpressionEvent(NamedTuple):
 
 
 class ClickEvent(NamedTuple):
-    """A click as the stage reads it (``stream.events.Click`` is accepted as is)."""
+    """A click as the stage reads it (``logs.events.Click`` is accepted as is)."""
 
     impression_id: str
     ts: float

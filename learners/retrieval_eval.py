@@ -90,7 +90,7 @@ def evaluate_retrieval(
     ``y`` (N,) 0/1), then score each click of the rest (see the module docstring).
 
     ``oracle(user_ids, item_ids) -> (U, I)`` scores of the world that generated the log
-    (e.g. :func:`stream.synthetic.click_propensity`) adds the ``oracle`` row. Returns
+    (e.g. :func:`logs.synthetic.click_propensity`) adds the ``oracle`` row. Returns
     ``{"train_rows", "test_clicks", "items", "unseen_share", "k", "rows": {name: metrics}}``.
     """
     if not 0.0 < train_fraction < 1.0:

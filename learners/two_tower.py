@@ -1,7 +1,7 @@
 """Two-tower retrieval model: user and item towers trained on clicks with in-batch negatives.
 
 Rows are the flat example dicts of :mod:`learners.encoding` (as built by
-``stream.events.example_row``). The **user tower** sees ``user_id`` and the row's
+``logs.events.example_row``). The **user tower** sees ``user_id`` and the row's
 categorical (``str``) context fields that are neither item fields nor excluded (e.g.
 ``user_segment``, ``ctx_device``); numeric context is left out because in these logs it is
 per impression (OBD's ``affinity_shown`` is a user x item score that would leak the item).

@@ -1,7 +1,7 @@
 """Per-example sample weights for training.
 
 :func:`time_decay_weights` makes older history weigh less, exponentially in its age: used by
-``stream.offline.pretrain(half_life_s=...)`` and the streaming trainer
+``logs.offline.pretrain(half_life_s=...)`` and the streaming trainer
 (``TrainerConfig.time_decay_half_life_s``).
 """
 

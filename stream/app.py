@@ -32,12 +32,7 @@ from faust.types import TP
 
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
-from modelstore.snapshot import LoadedModels, ModelReplica
-from modelstore.store import DirectoryStore
-from monitoring.metrics import StreamrecMetrics
-from stream.broker import create_topics
-from stream.control import check_model_record, parse_control
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
     TOPIC_DEAD_LETTER,
@@ -49,6 +44,13 @@ from stream.events import (
     ScoredBatch,
     decode_labeled_batch,
 )
+from modelstore.snapshot import LoadedModels, ModelReplica
+from modelstore.store import DirectoryStore
+from monitoring.metrics import StreamrecMetrics
+from serving.recommender import Recommender, RequestBatcher, ServingError
+from stream.broker import create_topics
+from stream.control import check_model_record, parse_control
+from stream.gate import ServingGate
 from stream.httpd import harden, read_json_body
 from stream.limits import labeled_records, payload_limit, scored_records
 from stream.producer import partition_of
@@ -63,7 +65,6 @@ from stream.services import (
     _FncThen,
     control_bytes,
 )
-from stream.serving import Recommender, RequestBatcher, ServingError, ServingGate
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         broker_credentials=settings.faust_credentials(),  # None: PLAINTEXT
         store=f"{settings.table_store}://",
         datadir=settings.data_dir,
-        # /recommend and /score (stream.serving) on the Faust web server; off when no port
+        # /recommend and /score (serving.recommender) on the Faust web server; off when no port
         web_enabled=(trains or serves) and settings.web_port > 0,
         web_bind=settings.web_host,
         web_port=settings.web_port or 6066,
@@ -772,7 +773,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     @app.page("/recommend")
     class RecommendView(faust.web.View):
         """``GET /recommend?user_id=U&k=K[&ctx_<name>=value ...]``: top-k by calibrated
-        pCTR (see :meth:`stream.serving.Recommender.recommend`); 4xx/503 with ``error``."""
+        pCTR (see :meth:`serving.recommender.Recommender.recommend`); 4xx/503 with ``error``."""
 
         async def get(self, request: faust.web.Request) -> faust.web.Response:
             q = request.query

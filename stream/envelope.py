@@ -3,7 +3,7 @@
 Faust pays its per-record machinery (futures, sensors, an event-loop yield) once per Kafka
 record, not per event; a record that carries a few hundred events pays it once for all of
 them. A record on ``impressions`` or ``clicks`` is EITHER one JSON event (any producer,
-see :mod:`stream.events`) OR an envelope:
+see :mod:`logs.events`) OR an envelope:
 
 ======  =======  ==============================================================
 bytes   field    value
@@ -21,10 +21,10 @@ the event's key), like a single-event producer would, so co-partitioning holds
 (:class:`stream.producer.EventProducer` does this). Watermarks stay single JSON records.
 
 Validation is per event: a bad event inside an envelope is rejected alone (its own
-:class:`~stream.events.InvalidEvent` reason) and the others proceed; an envelope that
+:class:`~logs.events.InvalidEvent` reason) and the others proceed; an envelope that
 cannot be decoded at all is rejected whole (``bad_envelope``, or ``unsupported_version``).
 
->>> from stream.events import Click
+>>> from logs.events import Click
 >>> raw = encode_envelope("clicks", [{"impression_id": "a", "ts": 1700000000.0}])
 >>> raw[:5]
 b'\\xffSRE\\x01'
@@ -42,7 +42,7 @@ from typing import Any
 
 import msgspec
 
-from stream.events import (
+from logs.events import (
     MAX_EVENT_BYTES,
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,

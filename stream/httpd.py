@@ -25,7 +25,7 @@ Faust's own pages (``/table/`` lists the join state, ``/router/`` the partition 
 >>> parse_json_body(b"[" * 200_000)
 Traceback (most recent call last):
 ...
-stream.serving.ServingError: the body is not valid JSON (nested too deeply)
+serving.recommender.ServingError: the body is not valid JSON (nested too deeply)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
-from stream.serving import ServingConfig, ServingError
+from serving.recommender import ServingConfig, ServingError
 
 __all__ = ["harden", "parse_json_body", "read_json_body"]
 

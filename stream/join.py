@@ -61,7 +61,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from stream.events import Click, Impression, LabeledExample
+from logs.events import Click, Impression, LabeledExample
 
 __all__ = ["DELAYED_FEEDBACK_SCHEMES", "JoinConfig", "JoinCounters", "OnlineJoiner", "offline_join"]
 

@@ -7,7 +7,7 @@ it (the rest is headroom for the key, headers and the record batch framing), so 
 valid but large examples is sent as several records instead of failing with
 ``MessageSizeTooLarge`` and restarting the stage on the same input forever.
 
->>> from stream.events import Impression, LabeledExample
+>>> from logs.events import Impression, LabeledExample
 >>> big = [LabeledExample(Impression(f"i{n}", 1.7e9, "u", "x" * 200), 0, 1.7e9)
 ...        for n in range(10)]
 >>> records, too_large = labeled_records(big, max_bytes=1000)  # ~310 bytes each
@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import fields
 
-from stream.events import LabeledExample, ScoredBatch
+from logs.events import LabeledExample, ScoredBatch
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -76,7 +76,7 @@ _LABELED_TAIL = b"]}"
 def labeled_records(
     examples: Sequence[LabeledExample], max_bytes: int, max_items: int | None = None
 ) -> tuple[list[bytes], list[LabeledExample]]:
-    """``labeled`` record values (the format of :func:`stream.events.encode_labeled_batch`)
+    """``labeled`` record values (the format of :func:`logs.events.encode_labeled_batch`)
     of at most ``max_bytes`` each, in order, and the examples too large for any record."""
     parts = [
         json.dumps(e.to_dict(), separators=(",", ":"), allow_nan=False).encode() for e in examples

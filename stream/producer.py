@@ -26,8 +26,8 @@ from typing import Any
 import msgspec
 from kafka.partitioner.default import murmur2
 
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS
 from stream.envelope import encode_envelope_raw
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS
 
 __all__ = ["EventProducer", "partition_of"]
 

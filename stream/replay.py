@@ -8,7 +8,7 @@ partition every few milliseconds (:class:`stream.producer.EventProducer`), parti
 exactly as single-event records with the same key would be; ``fmt="json"`` sends one JSON
 record per event (what a third-party producer does).
 The two streams are merged by event time (an impression before a click at equal times).
-Every ``watermark_every`` events and at the end, a :class:`~stream.events.Watermark` goes to
+Every ``watermark_every`` events and at the end, a :class:`~logs.events.Watermark` goes to
 every partition of both topics; the final one is past the last event time by the join
 window plus lateness, so the joiner can label every impression.
 """
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
-from stream.logs import frame_to_rows, read_log_frame
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
+from logs.io import frame_to_rows, read_log_frame
 
 log = logging.getLogger(__name__)
 

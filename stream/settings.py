@@ -29,8 +29,8 @@ from learners.ranker import RankerConfig
 from learners.two_tower import TwoTowerConfig
 from modelstore.store import StoreConfig
 from monitoring.drift import DriftConfig
+from serving.recommender import ServingConfig
 from stream.join import JoinConfig
-from stream.serving import ServingConfig
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class MonitorConfig:
     #: calibrator refitted on an alarm: "shift" (logit shift, 1 parameter: stable on the
     #: small post-alarm window), "platt", "isotonic" or "histogram"
     calibrator: str = "shift"
-    #: recalibration policy (learners.calibration.TrackingRecalibrator): "track" (an alarm
+    #: recalibration policy (learners.recalibration.TrackingRecalibrator): "track" (an alarm
     #: restarts the label window at recal_window and arms refits every refit_every examples,
     #: each validated on the newest slice, while the served base rate is kept on target as
     #: the model itself adapts; disarms after settle_refits refits within

@@ -6,7 +6,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 
-from stream.events import (
+from logs.events import (
     LabeledExample,
 )
 
@@ -39,7 +39,7 @@ class SeenKeys:
         """The examples whose (impression_id, label) is new: a correction (label 1 after a
         label 0) or a fake negative's positive is not a duplicate.
 
-        >>> from stream.events import Impression, LabeledExample
+        >>> from logs.events import Impression, LabeledExample
         >>> seen = SeenKeys(horizon=10)
         >>> imp = Impression("a", 0.0, "u", "i")
         >>> neg = LabeledExample(imp, 0, 1.0, kind="negative")

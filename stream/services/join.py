@@ -11,9 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from features.stage import FeatureConfig, FeatureStage
-from monitoring.metrics import StreamrecMetrics
-from stream.envelope import decode_envelope, is_envelope
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     Click,
     DeadLetter,
@@ -25,6 +23,8 @@ from stream.events import (
     parse_input,
     with_history,
 )
+from monitoring.metrics import StreamrecMetrics
+from stream.envelope import decode_envelope, is_envelope
 from stream.join import OnlineJoiner
 from stream.settings import Settings
 

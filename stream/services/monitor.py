@@ -12,13 +12,13 @@ from learners.calibration import (
     calibrator_from_dict,
     fit_if_better,
 )
+from logs.events import (
+    ScoredBatch,
+)
 from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
-from stream.events import (
-    ScoredBatch,
-)
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,14 @@ class MonitorService:
     window and one drift detector per segment (slate position; at most ``max_segments``).
     An alarm of the drift test on all examples after the warm-up recalibrates by
     ``monitor.recalibration`` (see :class:`stream.settings.MonitorConfig` and
-    :class:`learners.calibration.TrackingRecalibrator`); a per-segment alarm is counted
+    :class:`learners.recalibration.TrackingRecalibrator`); a per-segment alarm is counted
     (``streamrec_segment_drift_alarms_total``) but recalibrates nothing.
     """
 
     def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
         # Imported here rather than at the top: this class is the only user in the module.
-        from learners.calibration import TrackingConfig, TrackingRecalibrator
         from learners.guarded import GuardConfig, GuardedRecalibrator
+        from learners.recalibration import TrackingConfig, TrackingRecalibrator
         from monitoring.calibration import TimeCalibrationWindow
         from monitoring.drift import SegmentedDriftDetector
 

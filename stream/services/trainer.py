@@ -22,14 +22,14 @@ from learners.delayed_feedback import fnc_correct
 from learners.ranker import TorchRanker
 from learners.two_tower import TwoTowerModel
 from learners.weighting import time_decay_weights
-from modelstore.snapshot import publish_snapshot
-from modelstore.store import DirectoryStore, Manifest, StoreError
-from monitoring.metrics import StreamrecMetrics
-from stream.events import (
+from logs.events import (
     LabeledExample,
     ScoredBatch,
     example_row,
 )
+from modelstore.snapshot import publish_snapshot
+from modelstore.store import DirectoryStore, Manifest, StoreError
+from monitoring.metrics import StreamrecMetrics
 from stream.services.dedup import SeenKeys
 from stream.services.join import segment_of
 from stream.settings import Settings

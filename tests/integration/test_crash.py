@@ -24,14 +24,14 @@ from pathlib import Path
 
 import pytest
 
+from logs.events import TOPIC_LABELED, TOPIC_SCORED
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.demo import read_topic, scrape
-from stream.events import TOPIC_LABELED, TOPIC_SCORED
-from stream.logs import read_log_frame
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 pytestmark = pytest.mark.integration
 

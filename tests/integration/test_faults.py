@@ -5,7 +5,7 @@
   out-of-range positions, ...) interleaved with a valid synthetic log. Every bad record
   must reach ``dead-letter`` with the reason the generator expects, the worker must stay
   up, and the counts must add up.
-  Valid impressions with unknown extra fields are accepted (``stream.events`` ignores
+  Valid impressions with unknown extra fields are accepted (``logs.events`` ignores
   unknown top-level fields) and must be labelled like the log's.
 * A null-value record (a tombstone) on an input topic is dead-lettered like any other bad
   record (reason ``bad_json``, empty ``raw_b64``).
@@ -35,9 +35,7 @@ from typing import TYPE_CHECKING
 import pytest
 from kafka import KafkaProducer
 
-from stream.broker import EmbeddedBroker, free_port, read_records, wait_for_port
-from stream.demo import scrape
-from stream.events import (
+from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     TOPIC_CLICKS,
     TOPIC_DEAD_LETTER,
@@ -46,9 +44,11 @@ from stream.events import (
     InvalidEvent,
     parse_input,
 )
-from stream.logs import read_log_frame, write_log
+from logs.io import read_log_frame, write_log
+from logs.synthetic import SyntheticConfig, write_synthetic
+from stream.broker import EmbeddedBroker, free_port, read_records, wait_for_port
+from stream.demo import scrape
 from stream.replay import replay
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 if TYPE_CHECKING:
     from tests.integration.conftest import S3Server  # the `s3` fixture's type
@@ -166,7 +166,7 @@ def bad_records(rng: random.Random, ts_range: tuple[float, float], n_rounds: int
 
     Each expected reason is fixed by construction (one defect in an otherwise valid
     record, or a defect that fails before any field is read); :func:`check_generator`
-    confirms it against :func:`stream.events.parse_input`.
+    confirms it against :func:`logs.events.parse_input`.
     """
     lo, hi = ts_range
 
@@ -257,7 +257,7 @@ def check_generator(bad: list[Bad]) -> None:
 def extra_field_impressions(
     rng: random.Random, ts_range: tuple[float, float], n: int
 ) -> list[tuple[str, bytes]]:
-    """Valid impressions with unknown extra fields: ``stream.events`` ignores unknown
+    """Valid impressions with unknown extra fields: ``logs.events`` ignores unknown
     top-level fields, so these are ACCEPTED and labelled (timestamps inside the log's
     range, so they move no watermark)."""
     lo, hi = ts_range

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from logs.events import TOPIC_LABELED
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.demo import read_topic, scrape
-from stream.events import TOPIC_LABELED
-from stream.logs import read_log_frame
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 from tests.integration.conftest import WINDOW_SCHEME_ENV
 
 pytestmark = pytest.mark.integration

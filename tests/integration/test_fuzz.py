@@ -31,10 +31,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
-from stream.broker import EmbeddedBroker
-from stream.control import parse_control
-from stream.envelope import ENVELOPE_MAGIC
-from stream.events import (
+from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     MAX_EVENT_BYTES,
     TOPIC_CLICKS,
@@ -44,11 +41,14 @@ from stream.events import (
     TOPIC_SCORED,
     InvalidEvent,
 )
-from stream.logs import read_log_frame
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
+from stream.broker import EmbeddedBroker
+from stream.control import parse_control
+from stream.envelope import ENVELOPE_MAGIC
 from stream.replay import replay
 from stream.services import JoinService
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 from tests.integration.test_faults import (
     FINAL_GAP_S,
     Bad,

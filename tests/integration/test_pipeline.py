@@ -14,20 +14,20 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
-from stream.app import create_worker_topics
-from stream.broker import EmbeddedBroker, free_port, wait_for_port
-from stream.demo import read_scored, read_topic, scrape
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
     TOPIC_DEAD_LETTER,
     TOPIC_IMPRESSIONS,
     TOPIC_LABELED,
 )
-from stream.logs import read_log_frame
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
+from stream.app import create_worker_topics
+from stream.broker import EmbeddedBroker, free_port, wait_for_port
+from stream.demo import read_scored, read_topic, scrape
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 pytestmark = pytest.mark.integration
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Impression, InvalidEvent
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, read_records
 from stream.envelope import decode_envelope, is_envelope
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Impression, InvalidEvent
-from stream.logs import read_log_frame
 from stream.producer import partition_of
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 pytestmark = pytest.mark.integration
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from bench.e2e import FINAL_GAP_S, worker_processes
+from logs.events import TOPIC_LABELED, TOPIC_SCORED
+from logs.io import read_log_frame
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, read_records
-from stream.events import TOPIC_LABELED, TOPIC_SCORED
-from stream.logs import read_log_frame
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 
 from bench.e2e import FINAL_GAP_S, WorkerProc, worker_processes
+from logs.events import TOPIC_CONTROL
+from logs.synthetic import SyntheticConfig, write_synthetic
 from modelstore.store import DirectoryStore
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, strip_scheme
-from stream.events import TOPIC_CONTROL
 from stream.replay import replay
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 pytestmark = pytest.mark.integration
 

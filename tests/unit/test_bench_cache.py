@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality import cache_dir, synthetic_examples
-from stream.synthetic import SyntheticConfig
+from logs.synthetic import SyntheticConfig
 
 CFG = SyntheticConfig(n_impressions=300, seed=1, drift_at=None)
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench import quality_history
 from learners.ranker import RankerConfig, TorchRanker
-from stream.synthetic import SyntheticConfig, generate
+from logs.synthetic import SyntheticConfig, generate
 
 
 def test_quality_history_reports_peers_constant_and_ablation(

@@ -118,9 +118,9 @@ def test_joiner_in_process_labels_equal_the_offline_join_under_interleaving(
     tmp_path: Path,
 ) -> None:
     from bench import joiner
+    from logs.io import read_log_frame
+    from logs.synthetic import SyntheticConfig, write_synthetic
     from stream.join import JoinConfig
-    from stream.logs import read_log_frame
-    from stream.synthetic import SyntheticConfig, write_synthetic
 
     path = tmp_path / "log.csv"
     write_synthetic(

@@ -14,11 +14,10 @@ from learners.calibration import (
     LogitShiftCalibrator,
     OffsetCalibrator,
     PlattCalibrator,
-    TrackingConfig,
-    TrackingRecalibrator,
     fit_if_better,
     solve_offset,
 )
+from learners.recalibration import TrackingConfig, TrackingRecalibrator
 
 
 def naive_offset(z: list[float], target: float) -> float:

@@ -14,7 +14,7 @@ from learners.calibration import PlattCalibrator
 from learners.encoding import EncoderConfig, FeatureEncoder, frozen_fields
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from stream.serving import Recommender
+from serving.recommender import Recommender
 from stream.settings import Settings
 
 ENC = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=2)

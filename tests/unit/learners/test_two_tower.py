@@ -10,8 +10,8 @@ import torch
 from index.faiss_index import IndexConfig, build_snapshot
 from learners.encoding import EncoderConfig
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from stream.offline import log_examples
-from stream.synthetic import SyntheticConfig, generate
+from logs.offline import log_examples
+from logs.synthetic import SyntheticConfig, generate
 
 SMALL = dict(
     device="cpu",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from logs.events import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
-from stream.events import ScoredBatch
 from stream.join import JoinConfig
 from stream.services import MonitorService
 from stream.settings import Settings

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stream.events import Click, Impression, LabeledExample
+from logs.events import Click, Impression, LabeledExample
 from stream.join import OnlineJoiner
 
 T0 = 1_700_000_000.0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.cli import main
-from stream.synthetic import SyntheticConfig, write_synthetic
 
 
 def test_evaluate_retrieval_prints_and_writes_every_row_with_the_oracle(tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
-"""stream.offline.history_ablation: the demo's with/without-history rows."""
+"""logs.offline.history_ablation: the demo's with/without-history rows."""
 
 from __future__ import annotations
 
+from logs.offline import history_ablation
+from logs.synthetic import SyntheticConfig, generate
 from stream.demo import _rows
-from stream.offline import history_ablation
 from stream.settings import Settings
-from stream.synthetic import SyntheticConfig, generate
 
 
 def test_history_helps_on_a_world_where_it_matters() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.logs import (
+from logs.io import (
     REQUIRED_COLUMNS,
     RESERVED_COLUMNS,
     LogFormatError,

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from stream.logs import read_log_frame, write_log
-from stream.movielens import MovieLensConfig, convert_movielens, ratings_to_impressions
+from logs.io import read_log_frame, write_log
+from logs.movielens import MovieLensConfig, convert_movielens, ratings_to_impressions
 
 
 def _ratings(n: int = 600, seed: int = 3) -> pd.DataFrame:
@@ -106,7 +106,7 @@ def test_bad_input_is_a_clear_error() -> None:
 
 
 def test_cli_converts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stream.movielens as ml
+    import logs.movielens as ml
     from stream.cli import main
 
     monkeypatch.setattr(ml, "load_movielens", lambda: _ratings(200))

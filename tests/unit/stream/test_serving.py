@@ -10,8 +10,9 @@ from learners.calibration import Calibrator, PlattCalibrator
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from stream.events import Impression, example_row
-from stream.serving import Recommender, ServingConfig, ServingError, ServingGate
+from logs.events import Impression, example_row
+from serving.recommender import Recommender, ServingConfig, ServingError
+from stream.gate import ServingGate
 
 ENC = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=2)
 ITEMS = [f"i{j}" for j in range(300)]

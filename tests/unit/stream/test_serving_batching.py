@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from index.faiss_index import IndexHolder
-from stream.serving import RequestBatcher, ServingError, recommend_many
+from serving.recommender import RequestBatcher, ServingError, recommend_many
 from tests.unit.stream.test_serving import Live
 
 
@@ -108,7 +108,7 @@ def test_the_gate_answers_batched_requests_together_and_bounds_them(live: Live) 
     a bad one fails alone with its status, and ``max_inflight`` still sheds load."""
     import asyncio
 
-    from stream.serving import ServingGate
+    from stream.gate import ServingGate
 
     rec = live.recommender()
     batcher = RequestBatcher(rec, max_batch=16, max_wait_s=0.02)

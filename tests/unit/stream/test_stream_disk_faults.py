@@ -15,9 +15,9 @@ import torch
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from logs.events import Impression, LabeledExample
 from modelstore.store import DirectoryStore, StoreConfig
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Impression, LabeledExample
 from stream.runs import RUNS_FILE, note_start
 from stream.services import TrainerService
 from stream.settings import Settings, TrainerConfig

@@ -11,6 +11,14 @@ from kafka.partitioner.default import DefaultPartitioner
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from logs.events import (
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    Click,
+    Impression,
+    InvalidEvent,
+    Watermark,
+)
 from monitoring.metrics import StreamrecMetrics
 from stream.envelope import (
     ENVELOPE_MAGIC,
@@ -18,14 +26,6 @@ from stream.envelope import (
     encode_envelope,
     encode_envelope_raw,
     is_envelope,
-)
-from stream.events import (
-    TOPIC_CLICKS,
-    TOPIC_IMPRESSIONS,
-    Click,
-    Impression,
-    InvalidEvent,
-    Watermark,
 )
 from stream.join import JoinConfig
 from stream.producer import EventProducer, partition_of

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from logs.events import (
     MAX_EVENT_BYTES,
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from features.stage import FeatureStage
-from monitoring.metrics import StreamrecMetrics
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
@@ -23,6 +22,7 @@ from stream.events import (
     example_row,
     parse_input,
 )
+from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig
 from stream.services import JoinService, MemoryJoinState
 from stream.settings import Settings
@@ -146,7 +146,7 @@ def test_serving_reads_the_same_features_as_training_without_changing_state() ->
     from learners.calibration import PlattCalibrator
     from learners.encoding import EncoderConfig
     from learners.ranker import RankerConfig, TorchRanker
-    from stream.serving import Recommender, ServingConfig
+    from serving.recommender import Recommender, ServingConfig
 
     recs = records(120, seed=3)
     svc = JoinService(SETTINGS, StreamrecMetrics())

@@ -20,10 +20,7 @@ from learners.calibration import (
     PlattCalibrator,
     calibrator_from_dict,
 )
-from monitoring.metrics import StreamrecMetrics
-from stream.control import parse_control
-from stream.envelope import encode_envelope
-from stream.events import (
+from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     MAX_EVENT_BYTES,
     TOPIC_CLICKS,
@@ -37,6 +34,9 @@ from stream.events import (
     decode_labeled_batch,
     parse_impression,
 )
+from monitoring.metrics import StreamrecMetrics
+from stream.control import parse_control
+from stream.envelope import encode_envelope
 from stream.join import JoinConfig
 from stream.limits import labeled_records, payload_limit, scored_records
 from stream.services import JoinService, MemoryJoinState, MonitorService, TrainerService

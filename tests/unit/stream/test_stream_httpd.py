@@ -19,9 +19,9 @@ import faust.web
 import pytest
 
 from learners.calibration import PlattCalibrator
+from serving.recommender import ServingConfig, ServingError
 from stream.broker import free_port
 from stream.httpd import parse_json_body
-from stream.serving import ServingConfig, ServingError
 from stream.settings import Settings
 
 HEADER_TIMEOUT_S = 1.0

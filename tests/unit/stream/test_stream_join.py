@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import Click, Impression, LabeledExample
+from logs.events import Click, Impression, LabeledExample
 from stream.join import JoinConfig, OnlineJoiner, offline_join
 from tests.unit.stream.join_helpers import T0, W, both, click, imp, kinds
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression
 from monitoring.metrics import StreamrecMetrics
-from stream.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression
 from stream.join import ORPHAN_OVERHEAD, JoinConfig, OnlineJoiner, impression_bytes
 from stream.services import JoinService
 from stream.settings import Settings

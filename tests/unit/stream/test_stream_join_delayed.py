@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learners.delayed_feedback import SCHEMES
-from stream.events import Click, Impression, LabeledExample
+from logs.events import Click, Impression, LabeledExample
 from stream.join import DELAYED_FEEDBACK_SCHEMES, JoinConfig, OnlineJoiner, offline_join
 from tests.unit.stream.join_helpers import T0, W, both, click, imp, kinds
 

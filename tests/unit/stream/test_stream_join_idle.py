@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+from logs.events import Impression
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Impression
 from stream.join import JoinConfig, OnlineJoiner
 from stream.services import JoinService
 from stream.settings import Settings

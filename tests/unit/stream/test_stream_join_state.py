@@ -16,8 +16,7 @@ import pytest
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
-from monitoring.metrics import StreamrecMetrics
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
@@ -25,6 +24,7 @@ from stream.events import (
     LabeledExample,
     Watermark,
 )
+from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig, offline_join
 from stream.services import JoinService, MemoryJoinState, SeenKeys, TrainerService
 from stream.settings import Settings, TrainerConfig

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from logs.events import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
-from stream.events import ScoredBatch
 from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import MonitorService
 from stream.settings import MonitorConfig, Settings

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
+from logs.offline import evaluate, log_examples, pretrain, quality
+from logs.synthetic import SyntheticConfig, generate, write_synthetic
 from stream.cli import main
-from stream.offline import evaluate, log_examples, pretrain, quality
-from stream.synthetic import SyntheticConfig, generate, write_synthetic
 
 SMALL = RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=2**12))
 

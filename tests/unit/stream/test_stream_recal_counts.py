@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from logs.events import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
 from monitoring.report import load_run
-from stream.events import ScoredBatch
 from stream.join import JoinConfig
 from stream.services import MonitorService
 from stream.settings import MonitorConfig, Settings

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.events import parse_impression
+from logs.events import parse_impression
+from logs.synthetic import SyntheticConfig, generate
 from stream.replay import _impressions, event_order
-from stream.synthetic import SyntheticConfig, generate
 
 
 @pytest.fixture(scope="module")

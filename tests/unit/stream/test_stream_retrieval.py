@@ -8,10 +8,10 @@ import numpy as np
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from learners.two_tower import TwoTowerConfig
+from logs.events import Impression, LabeledExample
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Impression, LabeledExample
+from serving.recommender import Recommender
 from stream.services import IndexerService, TrainerService
-from stream.serving import Recommender
 from stream.settings import IndexerConfig, Settings, TrainerConfig
 
 T0 = 1_700_000_000.0

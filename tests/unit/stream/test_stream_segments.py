@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from logs.events import LabeledExample
 from monitoring.metrics import StreamrecMetrics
-from stream.events import LabeledExample
 from stream.segments import SegmentedState, decode_segment, encode_segment
 from stream.services import JoinService, MemoryJoinState
 from tests.unit.stream.test_stream_join_state import SETTINGS, drain, log_records

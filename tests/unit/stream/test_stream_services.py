@@ -12,8 +12,7 @@ import pytest
 from learners.calibration import PlattCalibrator, calibrator_from_dict
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
-from monitoring.metrics import StreamrecMetrics
-from stream.events import (
+from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
@@ -23,6 +22,8 @@ from stream.events import (
     Watermark,
     example_row,
 )
+from logs.synthetic import SyntheticConfig, generate
+from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig
 from stream.services import (
     IndexerService,
@@ -32,7 +33,6 @@ from stream.services import (
     segment_of,
 )
 from stream.settings import IndexerConfig, MonitorConfig, Settings, TrainerConfig
-from stream.synthetic import SyntheticConfig, generate
 
 T0 = 1_700_000_000.0
 BATCH = 64

@@ -11,10 +11,10 @@ import numpy as np
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from learners.two_tower import TwoTowerConfig
+from logs.events import Impression, LabeledExample
 from modelstore.snapshot import ModelReplica
 from modelstore.store import DirectoryStore, StoreConfig
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Impression, LabeledExample
 from stream.services import IndexerService, TrainerService
 from stream.settings import Settings, TrainerConfig
 

@@ -10,8 +10,8 @@ import pytest
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
 from learners.weighting import time_decay_weights
+from logs.events import Impression, LabeledExample, example_row
 from monitoring.metrics import StreamrecMetrics
-from stream.events import Impression, LabeledExample, example_row
 from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import TrainerService
 from stream.settings import Settings, TrainerConfig

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.logs import RESERVED_COLUMNS, frame_to_rows, read_log_frame
-from stream.synthetic import (
+from logs.io import RESERVED_COLUMNS, frame_to_rows, read_log_frame
+from logs.synthetic import (
     SyntheticConfig,
     click_propensity,
     generate,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.synthetic import SyntheticConfig, generate
+from logs.synthetic import SyntheticConfig, generate
 
 BASE = SyntheticConfig(
     n_impressions=30_000, n_users=400, n_items=300, drift_at=None, base_ctr=0.08, seed=4
@@ -95,8 +95,8 @@ def test_history_settings_are_validated() -> None:
 def test_cli_generate_history(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
+    from logs.synthetic import read_meta
     from stream.cli import main
-    from stream.synthetic import read_meta
 
     out = tmp_path / "h.csv"
     res = CliRunner().invoke(main, ["generate", str(out), "--impressions", "300", "--history"])

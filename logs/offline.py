@@ -25,6 +25,7 @@ import pandas as pd
 from features.stage import FeatureConfig, FeatureStage, attach_log
 from learners.ranker import RankerConfig, TorchRanker
 from learners.weighting import time_decay_weights
+from logs.io import frame_to_rows, read_log_frame
 from monitoring.calibration import (
     auc,
     calibration_ratio,
@@ -32,7 +33,6 @@ from monitoring.calibration import (
     log_loss,
     normalized_entropy,
 )
-from stream.logs import frame_to_rows, read_log_frame
 
 
 @dataclass

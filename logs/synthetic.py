@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stream.logs import write_log
+from logs.io import write_log
 
 __all__ = ["SyntheticConfig", "generate", "write_synthetic", "read_meta", "click_propensity"]
 
@@ -470,7 +470,7 @@ def click_propensity(
 
 
 def generate(config: SyntheticConfig) -> pd.DataFrame:
-    """A synthetic canonical log (normal form of :func:`stream.logs.read_log_frame`):
+    """A synthetic canonical log (normal form of :func:`logs.io.read_log_frame`):
     reserved columns ``ts, impression_id, user_id, item_id, position, click, click_ts,
     true_p`` (``ts``/``click_ts`` epoch seconds UTC, whole microseconds; ``true_p`` in
     [0, 0.99]) and features ``ctx_device``, ``item_category``, ``user_segment``
@@ -490,7 +490,7 @@ def _meta_path(path: str | Path) -> Path:
 
 
 def write_synthetic(config: SyntheticConfig, path: str | Path) -> dict[str, Any]:
-    """Generate a log, write it with :func:`stream.logs.write_log` (``.csv`` or ``.csv.gz``)
+    """Generate a log, write it with :func:`logs.io.write_log` (``.csv`` or ``.csv.gz``)
     and write the sidecar ``NAME.meta.json`` beside it. Returns the metadata: ``source``,
     ``config`` (all fields), ``n_rows``, ``n_clicks``, ``drift_ts`` (epoch s UTC of the first
     drifted impression, or None), ``mean_true_ctr_before_drift`` / ``..._after_drift``
@@ -507,7 +507,7 @@ def write_synthetic(config: SyntheticConfig, path: str | Path) -> dict[str, Any]
     cfg = asdict(config)
     cfg["position_bias"] = list(config.position_bias)
     meta: dict[str, Any] = {
-        "source": "stream.synthetic",
+        "source": "logs.synthetic",
         "config": cfg,
         "n_rows": len(df),
         "n_clicks": int(df["click"].sum()),

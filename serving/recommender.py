@@ -9,22 +9,19 @@ consistent set, whose versions it reports.
 
 A request flows: user vector (two-tower user tower, or the ranker's user embedding as a
 fallback) -> top ``N = max(k, candidates)`` items of the current index snapshot -> the
-ranker's P(click) on rows built like :func:`stream.events.example_row` (``user_id``,
+ranker's P(click) on rows built like :func:`logs.events.example_row` (``user_id``,
 ``item_id``, ``position`` = ``ServingConfig.position``, plus the request context) -> the
 calibrator -> the ``k`` items with the highest calibrated pCTR.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,7 +31,7 @@ from features.stage import FeatureStage
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
 from learners.ranker import TorchRanker
-from stream.events import (
+from logs.events import (
     _RESERVED_FEATURE_NAMES,
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,
@@ -49,7 +46,6 @@ __all__ = [
     "RequestBatcher",
     "ServingConfig",
     "ServingError",
-    "ServingGate",
     "recommend_many",
 ]
 
@@ -134,61 +130,6 @@ class ServingConfig:
             raise ValueError(f"ServingConfig.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
-class ServingGate:
-    """Runs the recommender's calls for the web views: on ``threads`` threads off the
-    event loop (inline when 0), at most ``max_inflight`` at once (one more raises
-    :class:`ServingError` 503 without waiting).
-
-    The threads read the live ranker, calibrator and index while the trainer updates them
-    on the loop: the models have no dropout or batch norm, the index is swapped
-    atomically, and a forward pass that overlaps an optimiser step sees a mix of the two
-    weight versions, as asynchronous (Hogwild-style) serving does.
-    """
-
-    def __init__(self, threads: int, max_inflight: int) -> None:
-        if threads < 0 or max_inflight < 1:
-            raise ValueError(
-                f"need threads >= 0 and max_inflight >= 1, got {threads}, {max_inflight}"
-            )
-        self.max_inflight = max_inflight
-        self.inflight = 0
-        self._executor = (
-            ThreadPoolExecutor(threads, thread_name_prefix="streamrec-serving") if threads else None
-        )
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, off the loop when the gate has threads."""
-        with self._slot():
-            if self._executor is None:
-                return fn(*args)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-
-    async def run_future(self, submit: Callable[..., Future[T]], *args: Any) -> T:
-        """The answer of ``submit(*args)`` (e.g. :meth:`RequestBatcher.submit`, which
-        computes on its own thread), under the same ``max_inflight`` bound as :meth:`run`."""
-        with self._slot():
-            return await asyncio.wrap_future(submit(*args))
-
-    @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
-        """One of ``max_inflight`` places for a request; :class:`ServingError` 503 when
-        none is free (at once, no queueing)."""
-        if self.inflight >= self.max_inflight:
-            raise ServingError(
-                503, f"overloaded: {self.max_inflight} requests in flight; retry shortly"
-            )
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-
 def _check_user(user_id: object) -> str:
     if not isinstance(user_id, str) or not user_id:
         raise ServingError(400, "user_id must be a non-empty string")
@@ -262,7 +203,7 @@ class Recommender:
         >>> rec.recommend("u1", k=0)
         Traceback (most recent call last):
         ...
-        stream.serving.ServingError: k must be an integer in [1, 100], got 0
+        serving.recommender.ServingError: k must be an integer in [1, 100], got 0
     """
 
     def __init__(

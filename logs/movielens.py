@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stream.logs import write_log
+from logs.io import write_log
 
 __all__ = [
     "MovieLensConfig",

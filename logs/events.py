@@ -25,7 +25,7 @@ examples/s on 2 cores; batches make the trainer and monitor hops nearly free.
 >>> parse_click(b'{"impression_id": "a", "ts": "soon"}')
 Traceback (most recent call last):
 ...
-stream.events.InvalidEvent: bad_type: field 'ts' must be a number, got str
+logs.events.InvalidEvent: bad_type: field 'ts' must be a number, got str
 """
 
 from __future__ import annotations

@@ -1,0 +1,10 @@
+"""Impression logs and the event schema, as plain libraries (no Kafka, no Faust).
+
+* :mod:`logs.events`: the events (impression, click, watermark, labelled example, scored
+  batch, dead letter, control records), their JSON encoding and validation;
+* :mod:`logs.io`: the canonical log format: readers and writers (CSV, JSONL, Parquet),
+  the Open Bandit Dataset conversion;
+* :mod:`logs.synthetic`: the synthetic worlds with known true click probabilities;
+* :mod:`logs.movielens`: MovieLens ratings turned into an impression log;
+* :mod:`logs.offline`: in-process prequential evaluation and pretraining over a log.
+"""
