@@ -264,7 +264,11 @@ class Settings:
     #: measured it against positives at window close, click-time positives and BCE + FNC.
     #: (``ranker.loss = "bce"``, the default, is read as FNW on the fake-negative stream
     #: unless ``trainer.fnc``: see __post_init__)
-    join: JoinConfig = field(default_factory=lambda: JoinConfig(delayed_feedback="fake_negative"))
+    join: JoinConfig = field(
+        default_factory=lambda: JoinConfig(
+            delayed_feedback="fake_negative", align_fake_negatives=True
+        )
+    )
     ranker: RankerConfig = field(
         default_factory=lambda: RankerConfig(
             encoder=EncoderConfig(admit_after=WORKER_ADMIT_AFTER, max_num_fields=WORKER_NUM_FIELDS)
@@ -432,7 +436,7 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
         raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
     values = dict(values)
     if cls is JoinConfig:  # the worker's labelling scheme (fresh labels) unless the file sets one
-        values = {"delayed_feedback": "fake_negative", **values}
+        values = {"delayed_feedback": "fake_negative", "align_fake_negatives": True, **values}
     if cls is RankerConfig:  # the worker's admission threshold unless the file sets one
         values["encoder"] = {
             "admit_after": WORKER_ADMIT_AFTER,

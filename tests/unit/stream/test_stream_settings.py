@@ -65,7 +65,12 @@ def test_toml_sections_and_top_level_keys_are_applied(tmp_path: Path) -> None:
     assert s == Settings(
         broker="10.0.0.1:9092",
         partitions=8,
-        join=JoinConfig(window_s=900.0, emit_positives="click", delayed_feedback="fake_negative"),
+        join=JoinConfig(
+            window_s=900.0,
+            emit_positives="click",
+            delayed_feedback="fake_negative",
+            align_fake_negatives=True,
+        ),
         ranker=RankerConfig(
             model="logreg",
             hidden=(32, 16),
