@@ -130,7 +130,7 @@ class TargetAttention(nn.Module):
         >>> pooled, summary = att(q, keys, seq, ages, torch.tensor([6, 6]))
         >>> pooled.shape, bool((pooled[1] == 0).all())
         (torch.Size([2, 4]), True)
-        >>> [[round(float(v), 3) for v in row] for row in summary[:, 1:]]  # log1p(1), 2/9
+        >>> [[round(float(v), 3) for v in row] for row in summary[:, 1:].detach()]  # log1p(1), 2/9
         [[0.693, 0.222], [0.0, 0.0]]
     """
 

@@ -257,9 +257,10 @@ class Settings:
     kafka_sasl_mechanism: str = "PLAIN"
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = field(default="", repr=False)
-    #: fresh labels by default: every impression reaches the trainer at once as a fake
-    #: negative and again as a positive when its click arrives (seconds, not the 30-minute
-    #: window), trained with the FNW loss (Ktena et al. 2019), which keeps the CTR unbiased;
+    #: fresh labels by default: every impression reaches the trainer as a fake negative
+    #: once the clicks input reaches its event time (join.align_fake_negatives) and again
+    #: as a positive when its click arrives (seconds, not the 30-minute window), trained
+    #: with the FNW loss (Ktena et al. 2019), which keeps the CTR unbiased;
     #: the monitor judges final labels (monitoring.outcomes). bench/fresh_labels.py
     #: measured it against positives at window close, click-time positives and BCE + FNC.
     #: (``ranker.loss = "bce"``, the default, is read as FNW on the fake-negative stream
