@@ -303,7 +303,7 @@ class HistoryPool(nn.Module):
         >>> with torch.no_grad():
         ...     _ = table.weight.copy_(torch.arange(20.0).reshape(10, 2))
         >>> out = pool(torch.tensor([[1, 3, 0], [0, 0, 0]]), torch.zeros(2, 3), table)
-        >>> [[round(float(v), 4) for v in row] for row in out]  # (4, 5) / |(4, 5)|, log 3
+        >>> [[round(float(v), 4) for v in row] for row in out.detach()]  # (4, 5) / |(4, 5)|, log 3
         [[0.6247, 0.7809, 1.0986], [0.0, 0.0, 0.0]]
     """
 
