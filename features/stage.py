@@ -290,12 +290,11 @@ class FeatureStage:
 
     def approx_bytes(self) -> int:
         """Estimated memory of the state, bytes (O(1): counts times measured sizes)."""
-        return (
-            len(self._keys) * KEY_BYTES
-            + len(self._imps) * IMPRESSION_BYTES
-            + len(self._early) * EARLY_CLICK_BYTES
-            + self._n_seq * SEQUENCE_ENTRY_BYTES
-        )
+        return len(self._keys) * KEY_BYTES + self._id_bytes() + self._n_seq * SEQUENCE_ENTRY_BYTES
+
+    def _id_bytes(self) -> int:
+        """Estimated bytes of the remembered impression ids and early clicks."""
+        return len(self._imps) * IMPRESSION_BYTES + len(self._early) * EARLY_CLICK_BYTES
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable state (lists, dicts, str, float, int)."""
@@ -610,7 +609,7 @@ class FeatureStage:
         90% of each share so that the next shed is ~10% of the state away."""
         c = self.config
         budget = c.max_bytes
-        imp_bytes = len(self._imps) * IMPRESSION_BYTES + len(self._early) * EARLY_CLICK_BYTES
+        imp_bytes = self._id_bytes()
         if imp_bytes > 0.4 * budget:
             # arrival order is dict order: drop the oldest-arrived ids
             n_drop = len(self._imps) - int(0.36 * budget / IMPRESSION_BYTES)
@@ -623,7 +622,7 @@ class FeatureStage:
                 for iid in list(itertools.islice(self._early, n_early)):
                     del self._early[iid]
                 self.stats["orphan_clicks"] += n_early
-            imp_bytes = len(self._imps) * IMPRESSION_BYTES + len(self._early) * EARLY_CLICK_BYTES
+            imp_bytes = self._id_bytes()
         if self._n_seq * SEQUENCE_ENTRY_BYTES > 0.2 * budget:
             target = int(0.18 * budget / SEQUENCE_ENTRY_BYTES)
             users = sorted(

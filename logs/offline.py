@@ -96,6 +96,25 @@ def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> Log
 RAMP_FROM = 32  # rows of evaluate's first batch (see evaluate)
 
 
+#: numeric slots the ranker gets when the historical features are on (the stage emits
+#: about 40 ``hist_*`` numerics; EncoderConfig's default of 8 would keep the first 8 only)
+HIST_NUM_FIELDS = 64
+
+
+def with_hist_slots(config: RankerConfig) -> RankerConfig:
+    """``config`` with at least :data:`HIST_NUM_FIELDS` numeric encoder slots."""
+    if config.encoder.max_num_fields >= HIST_NUM_FIELDS:
+        return config
+    enc = dataclasses.replace(config.encoder, max_num_fields=HIST_NUM_FIELDS)
+    return dataclasses.replace(config, encoder=enc)
+
+
+def for_final_labels(config: RankerConfig) -> RankerConfig:
+    """FNW is the loss of a fake-negative stream; a log's labels are final, and plain BCE
+    learns the CTR from them (a worker warm-started from it continues with "fnw")."""
+    return dataclasses.replace(config, loss="bce") if config.loss == "fnw" else config
+
+
 def _batches(n: int, batch_size: int, ramp_from: int | None = None) -> Sequence[slice]:
     """Consecutive slices of ``batch_size`` rows; with ``ramp_from``, the first ones are
     ``ramp_from``, twice that, ... rows until ``batch_size`` is reached."""
@@ -141,11 +160,7 @@ def pretrain(
     # No bias warm-up: pretraining is not scored, and re-centring the bias on the first
     # steps of a short offline run (50 steps) left the online model's level drifting
     # afterwards (bench.calibration, no drift: within +-5% 40% of the time, 72% without).
-    config = dataclasses.replace(config or RankerConfig(), bias_warmup=0.0)
-    if config.loss == "fnw":
-        # FNW is for the fake-negative stream; a log's labels are final: plain BCE learns
-        # the CTR from them (the worker continues online with "fnw", TorchRanker.load)
-        config = dataclasses.replace(config, loss="bce")
+    config = for_final_labels(dataclasses.replace(config or RankerConfig(), bias_warmup=0.0))
     ranker = TorchRanker(config, seed=seed, online=False)
     rng = np.random.default_rng(seed)
     n = len(examples)
@@ -254,24 +269,16 @@ def history_ablation(
     process, prequential) once with the historical features of ``features`` (default
     :class:`FeatureConfig`) and once without. Returns ``{"with": quality, "without":
     quality}`` (:func:`quality` blocks, with ``seconds``)."""
-    if config.loss == "fnw":  # final labels here: FNW is the loss of a fake-negative stream
-        config = dataclasses.replace(config, loss="bce")
+    config = for_final_labels(config)
     out: dict[str, dict[str, float]] = {}
     for name, fcfg in (("with", features or FeatureConfig()), ("without", None)):
         t0 = time.perf_counter()
         ex = log_examples(df, fcfg)
-        rcfg = config
-        if fcfg is not None and config.encoder.max_num_fields < HIST_NUM_FIELDS:
-            enc = dataclasses.replace(config.encoder, max_num_fields=HIST_NUM_FIELDS)
-            rcfg = dataclasses.replace(config, encoder=enc)
+        rcfg = config if fcfg is None else with_hist_slots(config)
         report = evaluate(ex, TorchRanker(rcfg, seed=seed, online=False), progress=progress)
         out[name] = dict(report["all"], seconds=time.perf_counter() - t0)
     return out
 
-
-#: numeric slots the ranker gets when the historical features are on (the stage emits
-#: about 40 ``hist_*`` numerics; EncoderConfig's default of 8 would keep the first 8 only)
-HIST_NUM_FIELDS = 64
 
 #: the feature stage's settings ``load_examples`` (evaluate, pretrain) uses by default
 DEFAULT_FEATURES = FeatureConfig()

@@ -374,14 +374,9 @@ def _feature_config(on: bool) -> Any:
 
 
 def _with_hist_slots(cfg: Any, on: bool) -> Any:
-    from logs.offline import HIST_NUM_FIELDS
+    from logs.offline import with_hist_slots
 
-    if not on or cfg.encoder.max_num_fields >= HIST_NUM_FIELDS:
-        return cfg
-    import dataclasses
-
-    enc = dataclasses.replace(cfg.encoder, max_num_fields=HIST_NUM_FIELDS)
-    return dataclasses.replace(cfg, encoder=enc)
+    return with_hist_slots(cfg) if on else cfg
 
 
 @main.command("pretrain")
