@@ -13,6 +13,10 @@ the largest inner product, by exact search. One relevant item per query, so
 - ``coverage``: the share of the catalogue retrieved for at least one query.
 
 A clicked item outside the catalogue counts as a miss (``unseen_share`` reports how many).
+With ``exclude_seen``, every row (model and references alike) skips the items of the
+query's own ``hist_seq`` (the user's recent clicks), as a recommender that does not
+re-offer what was just consumed would (right for films, wrong where repeat clicks are
+the norm, so it is off by default).
 Reference rows: ``popularity`` (the ``k`` most clicked training items for every query),
 ``random`` (``k`` catalogue items drawn per query, seeded) and, given a score function of
 the world that made the log, ``oracle``.
@@ -54,15 +58,36 @@ def retrieval_metrics(top: np.ndarray, truth: np.ndarray, n_items: int) -> dict[
     """
     if len(truth) == 0:
         return {"recall_at_k": math.nan, "ndcg_at_k": math.nan, "coverage": math.nan}
-    hit = top == truth[:, None]  # (Q, k); -1 never matches
+    hit = top == truth[:, None]  # (Q, k); -1 never matches (top holds indices or -2 pads)
     rank = np.argmax(hit, axis=1)
     found = hit.any(axis=1)
     gain = np.where(found, 1.0 / np.log2(rank + 2.0), 0.0)
     return {
         "recall_at_k": float(found.mean()),
         "ndcg_at_k": float(gain.mean()),
-        "coverage": float(len(np.unique(top)) / n_items) if n_items else math.nan,
+        "coverage": float(len(np.unique(top[top >= 0])) / n_items) if n_items else math.nan,
     }
+
+
+def _seen_columns(queries: Rows, col: Mapping[str, int]) -> list[set[int]]:
+    out = []
+    for q in queries:
+        hist = q.get("hist_seq")
+        ids = hist if isinstance(hist, list | tuple | np.ndarray) else ()
+        out.append({col[str(i)] for i in ids if str(i) in col})
+    return out
+
+
+def _drop_seen(top: np.ndarray, seen: list[set[int]] | None, k: int) -> np.ndarray:
+    """The first ``k`` columns of each row of ``top`` (Q, W) not in its ``seen`` set,
+    padded with -2 (never a hit, not counted in coverage) where fewer are left."""
+    if seen is None:
+        return top[:, :k]
+    out = np.full((len(top), k), -2, dtype=np.int64)
+    for r, (row, s) in enumerate(zip(top.tolist(), seen, strict=True)):
+        keep = [c for c in row if c not in s][:k]
+        out[r, : len(keep)] = keep
+    return out
 
 
 def _top_k(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
@@ -85,13 +110,15 @@ def evaluate_retrieval(
     batch_size: int = 1024,
     oracle: Callable[[list[str], list[str]], np.ndarray] | None = None,
     seed: int = 0,
+    exclude_seen: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` on the first ``train_fraction`` of ``rows`` (time-ordered, labels
     ``y`` (N,) 0/1), then score each click of the rest (see the module docstring).
 
     ``oracle(user_ids, item_ids) -> (U, I)`` scores of the world that generated the log
     (e.g. :func:`logs.synthetic.click_propensity`) adds the ``oracle`` row. Returns
-    ``{"train_rows", "test_clicks", "items", "unseen_share", "k", "rows": {name: metrics}}``.
+    ``{"train_rows", "test_clicks", "items", "unseen_share", "k", "exclude_seen",
+    "rows": {name: metrics}}``. ``exclude_seen``: see the module docstring.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
@@ -109,34 +136,43 @@ def evaluate_retrieval(
     test = [i for i in range(split, len(rows)) if y[i] > 0 and rows[i].get("item_id") is not None]
     truth = np.array([col.get(str(rows[i]["item_id"]), -1) for i in test], dtype=np.int64)
     n_items = len(catalogue)
-    kk = min(k, n_items)
     out: dict[str, Any] = {
         "train_rows": split,
         "test_clicks": len(test),
         "items": n_items,
         "unseen_share": float((truth < 0).mean()) if len(test) else math.nan,
         "k": k,
+        "exclude_seen": exclude_seen,
         "rows": {},
     }
     if not test or not n_items:
         return out
     queries = [rows[i] for i in test]
-    top = _top_k(model.user_vectors(queries), model.item_vectors(catalogue), kk)
-    out["rows"]["model"] = retrieval_metrics(top, truth, n_items)
+    seen = _seen_columns(queries, col) if exclude_seen else None
+    extra = max((len(s) for s in seen), default=0) if seen is not None else 0
+    kk = min(k, n_items)
+    wide = min(kk + extra, n_items)  # candidates per query before the seen items go
+    top = _top_k(model.user_vectors(queries), model.item_vectors(catalogue), wide)
+    out["rows"]["model"] = retrieval_metrics(_drop_seen(top, seen, kk), truth, n_items)
     clicked = Counter(str(r["item_id"]) for r, t in zip(rows[:split], y[:split], strict=True)
                       if t > 0 and "item_id" in r)  # fmt: skip
-    popular = np.array([col[i] for i, _ in clicked.most_common(kk)], dtype=np.int64)
+    popular = np.array([col[i] for i, _ in clicked.most_common(wide)], dtype=np.int64)
     if len(popular):
         pop_top = np.broadcast_to(popular, (len(test), len(popular)))
-        out["rows"]["popularity"] = retrieval_metrics(pop_top, truth, n_items)
+        out["rows"]["popularity"] = retrieval_metrics(
+            _drop_seen(pop_top, seen, min(kk, len(popular))), truth, n_items
+        )
     rng = np.random.default_rng(seed)
-    rand_top = np.stack([rng.choice(n_items, kk, replace=False) for _ in test])
-    out["rows"]["random"] = retrieval_metrics(rand_top, truth, n_items)
+    rand_top = np.stack([rng.choice(n_items, wide, replace=False) for _ in test])
+    out["rows"]["random"] = retrieval_metrics(_drop_seen(rand_top, seen, kk), truth, n_items)
     known = [j for j, q in enumerate(queries) if q.get("user_id") is not None]
     if oracle is not None and known:  # over the queries with a user id
         users = sorted({str(queries[j]["user_id"]) for j in known})
-        best = np.argsort(-oracle(users, catalogue), axis=1)[:, :kk]
+        best = np.argsort(-oracle(users, catalogue), axis=1)[:, :wide]
         by_user = {u: best[n] for n, u in enumerate(users)}
         oracle_top = np.stack([by_user[str(queries[j]["user_id"])] for j in known])
-        out["rows"]["oracle"] = retrieval_metrics(oracle_top, truth[known], n_items)
+        known_seen = None if seen is None else [seen[j] for j in known]
+        out["rows"]["oracle"] = retrieval_metrics(
+            _drop_seen(oracle_top, known_seen, kk), truth[known], n_items
+        )
     return out

@@ -21,10 +21,15 @@ each click is a (user, item) positive and the other clicks of the batch are its 
 (in-batch softmax at ``temperature``), plus hard negatives (items ranked high for the user
 but not clicked, e.g. :meth:`index.hard_negatives.HardNegativePool.sample`) whose share of
 the negatives ramps linearly from 0 to ``max_hard_share`` (at most 0.5) over
-``ramp_examples`` clicks. ``loss="sampled_softmax"`` subtracts ``log q(item)`` from every
-logit (Yi et al. 2019), ``q`` being the item's share of recent clicks from a decayed
-count-min sketch: in-batch negatives are drawn in proportion to popularity, and without
-the correction the model learns ``p(item | user) / q(item)`` and under-recommends popular
+``ramp_examples`` clicks, plus ``uniform_negatives`` items drawn uniformly from every item
+the model has seen shown (mixed negative sampling, Yang et al. 2020: in-batch negatives
+are only ever clicked items, so an item shown but never clicked would never be scored
+down). ``loss="sampled_softmax"`` subtracts from every logit the log of the probability
+that its item is among the step's negatives (Yi et al. 2019's logQ correction, with each
+item listed once): ``1 - (1 - q)^B (1 - n / M)`` for ``B`` clicks, ``q`` the item's share
+of recent clicks from a decayed count-min sketch, ``n`` uniform draws from ``M``
+remembered items; for rare items without uniform draws this is ``log q`` plus a constant.
+Without it the model learns ``p(item | user) / q(item)`` and under-recommends popular
 items (hard negatives get the same correction, so one scale holds for every logit).
 ``loss="info_nce"`` is the uncorrected in-batch softmax. ``sampled_softmax`` lists each
 distinct item of the batch once as a negative and, with ``remove_accidental_hits`` (the
@@ -109,6 +114,15 @@ class TwoTowerConfig:
         ramp_examples: clicks over which the hard share ramps from 0 to ``max_hard_share``
             (0: no ramp).
         n_hard: most hard negatives asked for per click.
+        uniform_negatives: items drawn per step uniformly from the remembered catalogue
+            (every item of a learned row, clicked or not, up to ``max_items``) and added to
+            the negatives: mixed negative sampling (Yang et al. 2020). In-batch negatives
+            are only ever clicked items, so an item that is shown but never clicked in
+            training is never scored down and can end up retrieved for every user (on the
+            MovieLens dev log recall@10 fell below random without them). With
+            ``sampled_softmax`` every logit is corrected by the log of the probability
+            that its item is among the negatives (``TwoTowerModel._log_inclusion``).
+            0 turns them off.
         popularity_width: columns of the count-min sketch of click counts (per row; 4 rows).
         popularity_half_life: clicks after which a click counts half in ``q``.
         max_items: items whose latest item-side features are remembered (least recently
@@ -143,6 +157,7 @@ class TwoTowerConfig:
     max_hard_share: float = 0.0
     ramp_examples: int = 50_000
     n_hard: int = 2
+    uniform_negatives: int = 64
     popularity_width: int = 2**16
     popularity_half_life: float = 200_000.0
     max_items: int = 200_000
@@ -176,9 +191,10 @@ class TwoTowerConfig:
         for name in ("batch_size", "popularity_width", "max_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.ramp_examples < 0 or self.n_hard < 0:
+        if self.ramp_examples < 0 or self.n_hard < 0 or self.uniform_negatives < 0:
             raise ValueError(
-                f"ramp_examples and n_hard must be >= 0, got {self.ramp_examples}, {self.n_hard}"
+                "ramp_examples, n_hard and uniform_negatives must be >= 0, got "
+                f"{self.ramp_examples}, {self.n_hard}, {self.uniform_negatives}"
             )
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         object.__setattr__(self, "exclude_fields", tuple(self.exclude_fields))
@@ -197,6 +213,7 @@ class TwoTowerConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         d.setdefault("behaviour_len", 0)  # written before the behaviour tower
+        d.setdefault("uniform_negatives", 0)  # written before mixed negative sampling
         for enc in ("user_encoder", "item_encoder"):
             if enc in d:
                 e = dict(d[enc])
@@ -457,6 +474,8 @@ class TwoTowerModel:
         self.sparse_optimizer = torch.optim.SparseAdam(tables, lr=config.lr)
         self.popularity = _PopularitySketch(config.popularity_width, config.popularity_half_life)
         self._item_features: OrderedDict[str, dict[str, object]] = OrderedDict()
+        self._catalogue: list[str] = []  # the remembered items, for uniform draws
+        self._slot: dict[str, int] = {}  # item -> its index in _catalogue
         self.hard_negatives: HardNegativeSource | None = None
         self.n_updates = 0
         self.n_examples = 0  # clicks passed to a step: the curriculum's clock
@@ -489,7 +508,10 @@ class TwoTowerModel:
         }
 
     def _remember_item(self, part: dict[str, object]) -> None:
+        """Remember an item (LRU over ``max_items``) and its latest item-side features; an
+        item seen without features keeps the ones it had."""
         item = str(part["item_id"])
+        known = self._item_features.get(item)
         if len(part) > 1:
             # Plain str/float values only, so the store loads with weights_only=True.
             self._item_features[item] = {
@@ -497,9 +519,30 @@ class TwoTowerModel:
                 for k, v in part.items()
                 if k != "item_id"
             }
+        elif known is None:
+            self._item_features[item] = {}
+        if known is None:
+            self._slot[item] = len(self._catalogue)
+            self._catalogue.append(item)
+        else:
             self._item_features.move_to_end(item)
-            if len(self._item_features) > self.config.max_items:
-                self._item_features.popitem(last=False)
+        if len(self._item_features) > self.config.max_items:
+            gone, _ = self._item_features.popitem(last=False)
+            at = self._slot.pop(gone)
+            last = self._catalogue.pop()
+            if last != gone:  # swap-remove keeps the sampling list dense, O(1)
+                self._catalogue[at] = last
+                self._slot[last] = at
+
+    def _draw_uniform(self, taken: set[str]) -> list[str]:
+        """Up to ``uniform_negatives`` distinct remembered items, uniformly, none in
+        ``taken``; seeded by (seed, n_updates), so a reloaded model draws the same ones."""
+        n, size = self.config.uniform_negatives, len(self._catalogue)
+        if n == 0 or size == 0:
+            return []
+        rng = np.random.default_rng((self.seed, self.n_updates))
+        picks = rng.choice(size, min(n, size), replace=False)
+        return [it for it in (self._catalogue[int(i)] for i in picks) if it not in taken]
 
     def _item_rows(self, item_ids: Sequence[str]) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
@@ -643,6 +686,9 @@ class TwoTowerModel:
         w_arr = np.ones(len(X)) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
         if w_arr.shape[0] != len(X):
             raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+        for row in X:  # every shown item joins the catalogue the uniform negatives come from
+            if row.get("item_id") is not None:
+                self._remember_item(self._item_part(row))
         ok = np.isfinite(y_arr) & np.isfinite(w_arr) & (y_arr > 0) & (w_arr > 0)
         pos = [i for i in np.flatnonzero(ok).tolist() if X[i].get("item_id") is not None]
         bs = self.config.batch_size
@@ -719,30 +765,48 @@ class TwoTowerModel:
         u = self._users(rows)  # (B, D)
         k = self._items(item_parts)  # (B, D)
         h = self._items(self._item_rows(hard)) if hard else k[:0]  # (H, D)
+        uni = self._draw_uniform(set(first) | set(hard))
+        r = self._items(self._item_rows(uni)) if uni else k[:0]  # (R, D)
         tau = cfg.temperature
         if cfg.loss == "info_nce":
-            per = info_nce_loss(u, torch.cat([k, h]), tau, reduction="none")
+            per = info_nce_loss(u, torch.cat([k, h, r]), tau, reduction="none")
         else:
             uniq = list(first.values())
-            neg_items = [items[i] for i in uniq] + hard
-            log_q_pos = torch.from_numpy(self.popularity.log_q(items)).to(self.device)
-            log_q_neg = torch.from_numpy(self.popularity.log_q(neg_items)).to(self.device)
-            neg = torch.cat([k[uniq], h])
+            neg_items = [items[i] for i in uniq] + hard + uni
+            log_q_pos = torch.from_numpy(self._log_inclusion(items, b, len(uni)))
+            log_q_neg = torch.from_numpy(self._log_inclusion(neg_items, b, len(uni)))
+            neg = torch.cat([k[uniq], h, r])
             exclude = None
             if cfg.remove_accidental_hits:
                 # A row's own item is among the negatives once, at its first in-batch
-                # position (hard negatives never repeat a batch item): O(B), not O(B x N).
+                # position (hard and uniform negatives never repeat a batch item): O(B).
                 column = {item: c for c, item in enumerate(neg_items[: len(uniq)])}
                 exclude = torch.zeros(b, len(neg_items), dtype=torch.bool, device=self.device)
                 exclude[torch.arange(b), torch.tensor([column[it] for it in items])] = True
             per = sampled_softmax_loss(
-                u, k, neg, log_q_pos, log_q_neg, tau, reduction="none", exclude=exclude
-            )
+                u, k, neg, log_q_pos.to(self.device), log_q_neg.to(self.device), tau,
+                reduction="none", exclude=exclude,
+            )  # fmt: skip
         wt = torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device)
         loss = (per * wt).mean()
         self._record_scores(u, k, h, items, owners)
         self._apply(loss)
         self.n_examples += b
+
+    def _log_inclusion(self, items: Sequence[str], n_rows: int, n_uniform: int) -> np.ndarray:
+        """(N,) log of the probability that each item is among a step's negatives, each
+        listed once: in the batch (``n_rows`` clicks drawn in proportion to click share
+        ``q``) or among the ``n_uniform`` uniform draws from the ``M`` remembered items,
+        ``pi = 1 - (1 - q)^n_rows (1 - n_uniform / M)``. Subtracting ``log pi`` makes the
+        sampled partition sum an unbiased estimate of the full one; for rare items and no
+        uniform draws it is ``log q`` plus a constant (the softmax ignores the constant),
+        and when the draws cover the catalogue it is 0: the full softmax."""
+        q = np.exp(self.popularity.log_q(items))
+        miss_uniform = 1.0 - min(1.0, n_uniform / max(len(self._catalogue), 1))
+        if miss_uniform <= 0.0:
+            return np.zeros(len(items), dtype=np.float64)
+        log_miss = n_rows * np.log1p(-np.minimum(q, 1.0 - 1e-12)) + math.log(miss_uniform)
+        return np.log(-np.expm1(log_miss))
 
     def _record_scores(
         self, u: Tensor, k: Tensor, h: Tensor, items: list[str], owners: list[int]
@@ -788,6 +852,7 @@ class TwoTowerModel:
             "popularity": torch.from_numpy(self.popularity.table.copy()),
             "popularity_total": self.popularity.total,
             "item_features": [[k, dict(v)] for k, v in self._item_features.items()],
+            "catalogue": list(self._catalogue),  # the uniform draws' order
             "n_updates": self.n_updates,
             "n_examples": self.n_examples,
             "n_skipped_nonfinite": self.n_skipped_nonfinite,
@@ -821,6 +886,10 @@ class TwoTowerModel:
         model.popularity.table = state["popularity"].numpy().astype(np.float64)
         model.popularity.total = float(state["popularity_total"])
         model._item_features = OrderedDict((str(k), dict(v)) for k, v in state["item_features"])
+        order = [str(i) for i in state.get("catalogue", ())]
+        same = len(order) == len(model._item_features) and set(order) == set(model._item_features)
+        model._catalogue = order if same else list(model._item_features)
+        model._slot = {item: i for i, item in enumerate(model._catalogue)}
         model.n_updates = int(state["n_updates"])
         model.n_examples = int(state["n_examples"])
         model.n_skipped_nonfinite = int(state.get("n_skipped_nonfinite", 0))

@@ -514,11 +514,17 @@ def evaluate_cmd(
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="First N rows only.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--exclude-seen",
+    is_flag=True,
+    help="Every row skips the query's own hist_seq items (no re-offering what was just "
+    "clicked; for logs without repeat clicks, such as MovieLens).",
+)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 def evaluate_retrieval_cmd(
     log_path: str, k: int, train_fraction: float, behaviour_len: int | None, batch_size: int,
-    limit: int | None, seed: int, json_out: str | None, config: str | None,
+    limit: int | None, seed: int, exclude_seen: bool, json_out: str | None, config: str | None,
 ) -> None:  # fmt: skip
     """Two-tower retrieval on a log: recall@k, NDCG@k, coverage; popularity and random rows,
     and the oracle on a synthetic log with its .meta.json (time-ordered split, exact search,
@@ -554,7 +560,7 @@ def evaluate_retrieval_cmd(
             oracle = functools.partial(click_propensity, world)
     report = evaluate_retrieval(
         examples.rows, examples.y, TwoTowerModel(tt, seed=seed), train_fraction=train_fraction,
-        k=k, batch_size=batch_size, oracle=oracle, seed=seed,
+        k=k, batch_size=batch_size, oracle=oracle, seed=seed, exclude_seen=exclude_seen,
     )  # fmt: skip
     report.update(log=log_path, behaviour_len=tt.behaviour_len)
     if json_out:

@@ -29,6 +29,12 @@ def test_evaluate_retrieval_prints_and_writes_every_row_with_the_oracle(tmp_path
     for m in report["rows"].values():
         assert 0.0 <= m["ndcg_at_k"] <= m["recall_at_k"] <= 1.0 and 0.0 < m["coverage"] <= 1.0
     assert report["rows"]["oracle"]["recall_at_k"] > report["rows"]["random"]["recall_at_k"]
+    assert report["exclude_seen"] is False
+    r = CliRunner().invoke(
+        main, ["evaluate-retrieval", str(log), "--k", "5", "--exclude-seen", "--json", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["exclude_seen"] is True
 
 
 def test_evaluate_retrieval_rejects_a_bad_split(tmp_path: Path) -> None:
