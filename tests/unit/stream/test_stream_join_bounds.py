@@ -8,7 +8,14 @@ import random
 
 from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression
 from monitoring.metrics import StreamrecMetrics
-from stream.join import ORPHAN_OVERHEAD, JoinConfig, OnlineJoiner, impression_bytes
+from stream.join import (
+    ORPHAN_OVERHEAD,
+    JoinConfig,
+    OnlineJoiner,
+    impression_bytes,
+    pack_impression,
+    packed_bytes,
+)
 from stream.services import JoinService
 from stream.settings import Settings
 
@@ -53,7 +60,7 @@ def test_orphan_clicks_are_bounded_by_count_and_bytes_and_given_up_as_orphans() 
 
 
 def test_labelled_impressions_kept_for_corrections_are_bounded_by_bytes() -> None:
-    cap = 30 * (impression_bytes(big(0)) + 100)
+    cap = 30 * (packed_bytes(pack_impression(big(0), {})) + 100)  # kept packed
     j = OnlineJoiner(JoinConfig(window_s=1.0, lateness_s=0.0, dedup_horizon_s=1e9,
                                 max_done_bytes=cap, idle_timeout_s=None))  # fmt: skip
     for n in range(300):
