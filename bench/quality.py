@@ -59,6 +59,7 @@ import logs.synthetic
 from bench.run import OBD_CSV, OBD_DIR, bench_cli, machine, results_path, stamp, write_report
 from learners.peers import PEERS
 from learners.ranker import MODELS, RankerConfig, TorchRanker
+from learners.util import atomic_write
 from logs.io import read_obd
 from logs.offline import LogExamples, evaluate, log_examples, pretrain, quality
 from logs.synthetic import SyntheticConfig, generate
@@ -141,14 +142,8 @@ def synthetic_examples(cfg: SyntheticConfig, cache: Path | None = None) -> LogEx
         if isinstance(examples, LogExamples) and len(examples) == cfg.n_impressions:
             return examples
     examples = log_examples(generate(cfg))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(examples, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: pickle.dump(examples, f, protocol=pickle.HIGHEST_PROTOCOL),
+                 fsync=False)  # fmt: skip
     return examples
 
 

@@ -14,15 +14,14 @@ import math
 import numbers
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 from river import linear_model, optim
 
 from learners.models import INITIAL_CTR
+from learners.util import atomic_write
 
 __all__ = ["RiverFTRLProximal", "RiverLogisticRegression", "river_features"]
 
@@ -98,17 +97,7 @@ class _RiverPeer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Atomically pickle the learner (temp file in the same directory, fsync, replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:

@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
 
+from learners.util import PROB_EPS, logit, sigmoid
+
 __all__ = [
     "CALIBRATOR_KINDS",
     "Calibrator",
@@ -33,18 +35,8 @@ __all__ = [
     "solve_offset",
 ]
 
-_EPS = 1e-7
+_EPS = PROB_EPS
 _L2 = 1e-4  # pull toward the identity (a=1, b=0); keeps the fit finite when labels are constant
-
-
-def _logit(p: Any) -> np.ndarray:
-    q = np.clip(np.asarray(p, dtype=np.float64).reshape(-1), _EPS, 1.0 - _EPS)
-    return np.log(q) - np.log1p(-q)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def _weights(w: Any, n: int) -> np.ndarray:
@@ -90,7 +82,7 @@ class PlattCalibrator:
 
     def transform(self, p: Any) -> np.ndarray:
         """Calibrated probabilities, float64 ``(N,)`` in [0, 1]."""
-        return _sigmoid(self.a * _logit(p) + self.b)
+        return sigmoid(self.a * logit(p) + self.b)
 
     def fit(self, p: Any, y: Any, w: Any = None, max_iter: int = 50) -> PlattCalibrator:
         """Return a NEW calibrator fitted by damped Newton on weighted mean log loss.
@@ -98,7 +90,7 @@ class PlattCalibrator:
         ``p``: (N,) probabilities, ``y``: (N,) 0/1 labels, ``w``: optional (N,) weights.
         A tiny L2 penalty toward (a=1, b=0) keeps the fit finite on degenerate data.
         """
-        z = _logit(p)
+        z = logit(p)
         t = np.asarray(y, dtype=np.float64).reshape(-1)
         if t.shape[0] != z.shape[0]:
             raise ValueError(f"len(y)={t.shape[0]} does not match len(p)={z.shape[0]}")
@@ -120,7 +112,7 @@ class PlattCalibrator:
 
         f = objective(theta)
         for _ in range(max_iter):
-            q = _sigmoid(theta[0] * z + theta[1])
+            q = sigmoid(theta[0] * z + theta[1])
             r = ww * (q - t)
             grad = np.array([(r * z).sum(), r.sum()]) + _L2 * (theta - prior)
             h = ww * q * (1 - q)
@@ -514,16 +506,16 @@ class LogitShiftCalibrator:
 
     def transform(self, p: Any) -> np.ndarray:
         """``p``: (N,) probabilities -> (N,) shifted probabilities."""
-        return _sigmoid(_logit(p) + self.b)
+        return sigmoid(logit(p) + self.b)
 
     def fit(self, p: Any, y: Any, w: Any = None, max_iter: int = 50) -> LogitShiftCalibrator:
         """Newton's method on the weighted log loss in ``b`` (a tiny L2 toward 0)."""
-        z = _logit(p)
+        z = logit(p)
         yy = np.asarray(y, dtype=np.float64)
         ww = _weights(w, len(yy))
         b = 0.0
         for _ in range(max_iter):
-            q = _sigmoid(z + b)
+            q = sigmoid(z + b)
             grad = float((ww * (q - yy)).sum()) + _L2 * b
             hess = float((ww * q * (1 - q)).sum()) + _L2
             step = grad / hess
@@ -648,7 +640,7 @@ def solve_offset(logits: Any, target: float, start: float = 0.0) -> float:
     lo, hi = -40.0 - float(z.max()), 40.0 - float(z.min())  # mean(sigmoid) ~0 / ~1 there
     d = min(max(float(start), lo), hi)
     for _ in range(100):
-        q = _sigmoid(z + d)
+        q = sigmoid(z + d)
         g = float(q.mean()) - t
         if g == 0.0:
             return d

@@ -33,6 +33,7 @@ import numpy as np
 import vowpalwabbit
 
 from learners.baselines import RiverFTRLProximal, RiverLogisticRegression
+from learners.util import atomic_write
 
 __all__ = ["PEERS", "VWConfig", "VowpalWabbitLogistic", "vw_example"]
 
@@ -237,20 +238,12 @@ class VowpalWabbitLogistic:
         }
         fd, model_tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".vw", dir=path.parent)
         os.close(fd)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             self.workspace.save(model_tmp)
             model = Path(model_tmp).read_bytes()
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC)
-                f.write(json.dumps(header).encode() + b"\n")
-                f.write(model)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            atomic_write(
+                path, lambda f: f.write(_MAGIC + json.dumps(header).encode() + b"\n" + model)
+            )
         finally:
             Path(model_tmp).unlink(missing_ok=True)
 

@@ -26,10 +26,8 @@ import functools
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +38,7 @@ from learners.encoding import EncodedBatch, EncoderConfig, FeatureEncoder, infer
 from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
+from learners.util import atomic_write, logit, sigmoid
 
 __all__ = [
     "MODELS",
@@ -265,7 +264,7 @@ class TorchRanker:
         if self._corrected or config.prior_ctr != INITIAL_CTR:
             # The raw output whose corrected P(click) is prior_ctr.
             with torch.no_grad():
-                self._output_bias().fill_(self._raw_logit(_logit(config.prior_ctr)))
+                self._output_bias().fill_(self._raw_logit(float(logit(config.prior_ctr)[0])))
         self.bias_centred = False
         # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
         self.bias_warm = (0.0, 0.0)
@@ -411,7 +410,7 @@ class TorchRanker:
         lo, hi = -40.0, 40.0  # logit shift; the weighted mean prediction increases with it
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            mean_p = float((w * _sigmoid(self._calibrated(raw_logits + mid))).sum()) / total
+            mean_p = float((w * sigmoid(self._calibrated(raw_logits + mid))).sum()) / total
             if mean_p < target:
                 lo = mid
             else:
@@ -504,7 +503,7 @@ class TorchRanker:
     def predict_proba_many(self, X: Rows) -> np.ndarray:
         """P(click), float64 ``(B,)`` in [0, 1]."""
         logits = self.predict_logit_many(X)
-        return _sigmoid(self._calibrated(logits))
+        return sigmoid(self._calibrated(logits))
 
     def learn_many(self, X: Rows, y: Any, w: Any = None, y2: Any = None) -> None:
         """One optimiser step on the batch (``y``: (B,) 0/1, ``w``: optional (B,) weights).
@@ -537,7 +536,7 @@ class TorchRanker:
             not self.bias_centred or self.bias_warm[1] < self.config.bias_warmup
         )
         raw = logits.detach().cpu().numpy().astype(np.float64) if scores or centre else None
-        p = _sigmoid(self._calibrated(raw)) if raw is not None and scores else None
+        p = sigmoid(self._calibrated(raw)) if raw is not None and scores else None
         if centre and raw is not None:
             y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
             w_arr = np.ones_like(y_arr) if w is None else np.asarray(w, np.float64).reshape(-1)
@@ -661,27 +660,7 @@ class TorchRanker:
         return ranker
 
 
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # exp of -|x| never overflows; float64 in and out.
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then replace ``path``:
-    a reader never sees a half-written checkpoint."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    a reader never sees a half-written checkpoint (:func:`learners.util.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))

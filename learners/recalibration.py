@@ -19,10 +19,10 @@ from learners.calibration import (
     CALIBRATOR_KINDS,
     Calibrator,
     OffsetCalibrator,
-    _logit,
     log_loss,
     solve_offset,
 )
+from learners.util import logit
 
 __all__ = ["RefitResult", "TrackingConfig", "TrackingRecalibrator"]
 
@@ -236,7 +236,7 @@ class TrackingRecalibrator:
     def _levelled(self, m: Calibrator, target: float, p: np.ndarray) -> tuple[Calibrator, float]:
         if not isinstance(m, OffsetCalibrator) or p.size == 0:
             return m, 0.0
-        delta = solve_offset(_logit(m.transform(p)), target)
+        delta = solve_offset(logit(m.transform(p)), target)
         return m.with_offset(delta), delta
 
     def refit(self) -> RefitResult:
@@ -281,7 +281,7 @@ class TrackingRecalibrator:
             self.calibrator = published
             self.n_published += 1
         if p_new.size and self.target is not None:
-            self.offset = float(np.mean(_logit(self.calibrator.transform(p_new)) - _logit(p_new)))
+            self.offset = float(np.mean(logit(self.calibrator.transform(p_new)) - logit(p_new)))
         else:
             self.offset = 0.0
         return RefitResult(

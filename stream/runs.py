@@ -18,9 +18,9 @@ crashed or exited with an error. ``streamrec_unclean_restarts`` exports the seco
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from learners.util import atomic_write
 
 __all__ = ["RUNS_FILE", "note_exit", "note_start"]
 
@@ -36,14 +36,8 @@ def _read(path: Path) -> dict[str, int]:
 
 
 def _write(path: Path, d: dict[str, int]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".worker-runs.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(d, f)
-        os.replace(tmp, path)
-    except BaseException:  # e.g. ENOSPC: the old file stays whole, no temp file is left
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # e.g. ENOSPC: the old file stays whole, no temp file is left
+    atomic_write(path, lambda f: json.dump(d, f), binary=False, fsync=False, prefix=".worker-runs.")
 
 
 def note_start(data_dir: str | Path) -> tuple[int, int]:

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from learners.util import atomic_write
 from stream.broker import EmbeddedBroker, free_port
 
 HOST = "127.0.0.1"
@@ -208,14 +208,9 @@ def read_state(run_dir: str | Path) -> dict[str, Any] | None:
 
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
     # a unique temp name (O_EXCL): a planted file or symlink is never written through
-    fd, tmp = tempfile.mkstemp(prefix=".stack.", suffix=".json.tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, state_path(run_dir))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(state, indent=2) + "\n"
+    atomic_write(state_path(run_dir), lambda f: f.write(text), binary=False, fsync=False,
+                 prefix=".stack.json.")  # fmt: skip
 
 
 def live_processes(state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from learners.calibration import (
 from learners.delayed_feedback import fnc_correct
 from learners.ranker import TorchRanker
 from learners.two_tower import TwoTowerModel
+from learners.util import atomic_write
 from learners.weighting import time_decay_weights
 from logs.events import (
     LabeledExample,
@@ -314,20 +313,14 @@ class TrainerService:
         self._last_checkpoint = now
         d = Path(cfg.checkpoint_dir)
         path = d / f"ranker-v{self.model_version:08d}.pt"
-        tmp = ""
         try:
             d.mkdir(parents=True, exist_ok=True)
             self.ranker.save(path)  # atomic: a temp file, fsync, rename (removed on error)
             # a unique temp name (O_EXCL): a planted symlink is never followed
-            fd, tmp = tempfile.mkstemp(prefix=".LATEST.", suffix=".tmp", dir=d)
-            with os.fdopen(fd, "w") as f:
-                f.write(path.name)
-            os.replace(tmp, d / "LATEST")
+            atomic_write(d / "LATEST", lambda f: f.write(path.name), binary=False, fsync=False)
         except OSError as exc:
             # e.g. ENOSPC: the previous checkpoint and LATEST stay as they were; training
             # goes on (a raise here would drop the micro-batch) and the next one is tried
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
             log.error("checkpoint %s not written (%s); the previous one is kept", path,
                       exc.strerror or exc)  # fmt: skip
             self.metrics.store_failures.labels(reason="checkpoint").inc()
