@@ -20,8 +20,8 @@ In process, no Kafka: for each (scenario, seed) a synthetic log with known ``tru
   applied as the trainer applies them. Calibration never changes what the model learns, so
   one ranker run serves all three.
 - **peers**, adapting on their own (their monitors' calibrators are not applied):
-  ``river_logreg`` (:class:`learners.baselines.RiverLogisticRegression`, SGD lr 0.05) and
-  ``vw_logistic`` (:class:`learners.peers.VowpalWabbitLogistic`, VW's defaults), each
+  ``river_logreg`` (:class:`learners.river_peers.RiverLogisticRegression`, SGD lr 0.05) and
+  ``vw_logistic`` (:class:`learners.vw_peer.VowpalWabbitLogistic`, VW's defaults), each
   trained on the history first, then test-then-train on the same micro-batches.
 
 Scenarios: ``abrupt`` (the generator's default drift: every ``true_p`` x1.6 from the middle
@@ -64,9 +64,9 @@ import pandas as pd
 from prometheus_client import CollectorRegistry
 
 from bench.run import bench_parser, machine, results_path, stamp, write_report
-from learners.baselines import RiverLogisticRegression
 from learners.calibration import Calibrator, PlattCalibrator, calibrator_from_dict
 from learners.ranker import TorchRanker
+from learners.river_peers import RiverLogisticRegression
 from logs.events import Impression, LabeledExample, ScoredBatch, example_row
 from logs.io import frame_to_rows
 from logs.offline import log_examples, pretrain
@@ -255,7 +255,7 @@ def run_streamrec(
 def _peer(name: str, seed: int) -> Any:
     if name == "river_logreg":
         return RiverLogisticRegression(seed=seed)
-    from learners.peers import VowpalWabbitLogistic
+    from learners.vw_peer import VowpalWabbitLogistic
 
     return VowpalWabbitLogistic(seed=seed)
 

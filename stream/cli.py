@@ -469,7 +469,7 @@ def evaluate_cmd(
         raise click.ClickException(str(exc)) from None
     learner: object
     if model == "river-logreg":
-        from learners.baselines import RiverLogisticRegression
+        from learners.river_peers import RiverLogisticRegression
 
         learner = RiverLogisticRegression(seed=seed)
     elif warm_start:

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from learners.baselines import RiverFTRLProximal, RiverLogisticRegression
 from learners.encoding import EncoderConfig
 from learners.losses import LOSSES
-from learners.peers import VowpalWabbitLogistic, VWConfig
 from learners.ranker import MODELS, RankerConfig, TorchRanker
+from learners.river_peers import RiverFTRLProximal, RiverLogisticRegression
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
+from learners.vw_peer import VowpalWabbitLogistic, VWConfig
 
 SMALL = EncoderConfig(num_buckets=1 << 12, max_cat_fields=6, max_num_fields=3)
 

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from learners.baselines import RiverFTRLProximal
-from learners.peers import PEERS, VowpalWabbitLogistic, VWConfig, vw_example
+from learners.peers import PEERS
+from learners.river_peers import RiverFTRLProximal
+from learners.vw_peer import VowpalWabbitLogistic, VWConfig, vw_example
 
 
 def xor_stream(n: int, seed: int) -> tuple[list[dict[str, object]], np.ndarray]:

@@ -5,7 +5,7 @@ logistic regression trained with FTRL-Proximal, McMahan et al. 2013, the classic
 CTR learner) share one implementation: rows become river feature dicts
 (:func:`river_features`), each batch is scored before any of it is learned (test-then-train)
 and then learned one example at a time, in order. The Vowpal Wabbit peer is in
-:mod:`learners.peers`.
+:mod:`learners.vw_peer` (the registry of all: :mod:`learners.peers`).
 """
 
 from __future__ import annotations
