@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from learners.base import Rows
 from learners.encoding import EncodedBatch, EncoderConfig, FeatureEncoder, inference
 from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Rows = Sequence[Mapping[str, object]]
 _Inputs = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 """``(cat, num, seq, seq_age)`` model inputs on the device."""
 

@@ -31,9 +31,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from learners.base import Rows
+
 __all__ = ["RetrievalModel", "evaluate_retrieval", "retrieval_metrics"]
 
-Rows = Sequence[Mapping[str, object]]
 _CHUNK = 4096  # queries per exact-search matrix product
 
 

@@ -14,18 +14,18 @@ import math
 import numbers
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Self
 
 import numpy as np
 from river import linear_model, optim
 
+from learners.base import Rows
 from learners.models import INITIAL_CTR
 from learners.util import atomic_write
 
 __all__ = ["RiverFTRLProximal", "RiverLogisticRegression", "river_features"]
 
-Rows = Sequence[Mapping[str, object]]
 
 _INTERCEPT_INIT = math.log(INITIAL_CTR / (1 - INITIAL_CTR))
 

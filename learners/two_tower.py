@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learners.base import Rows
 from learners.encoding import SEQ_FIELD, EncoderConfig, FeatureEncoder, inference
 from learners.losses import info_nce_loss, sampled_softmax_loss
 from learners.models import N_AGE_BUCKETS, age_buckets
@@ -68,7 +69,6 @@ __all__ = [
     "TwoTowerModel",
 ]
 
-Rows = Sequence[Mapping[str, object]]
 HardNegativeSource = Callable[[str, int], list[str]]
 """``hard_negatives(user_id, n) -> up to n item ids`` ranked high for the user, not clicked."""
 

@@ -23,7 +23,7 @@ import math
 import numbers
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import vowpalwabbit
 
+from learners.base import Rows
 from learners.util import atomic_write
 
 __all__ = ["VWConfig", "VowpalWabbitLogistic", "vw_example"]
 
-Rows = Sequence[Mapping[str, object]]
 
 _MAGIC = b"streamrec-vw-1\n"
 _UNSAFE = str.maketrans({" ": "_", "\t": "_", "\n": "_", "\r": "_", "|": "_", ":": "_"})

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from learners.base import Learner
 from learners.encoding import EncoderConfig
 from learners.losses import LOSSES
 from learners.ranker import MODELS, RankerConfig, TorchRanker
@@ -38,7 +39,7 @@ LOSS_SETTINGS: dict[str, dict[str, Any]] = {
     "combined_pair": {"pair_alpha": 0.5},
 }
 
-LEARNERS: dict[str, Callable[[], Any]] = {
+LEARNERS: dict[str, Callable[[], Learner]] = {
     **{f"torch-{m}": _torch(model=m, num_experts=2) for m in MODELS},
     # The layout of checkpoints from before the behaviour parts (and an A/B baseline).
     "torch-dcnv2-no-behaviour": _torch(model="dcnv2", sequence_attention=False, pair_crosses=False),
@@ -67,7 +68,7 @@ TORCH_LEARNERS = [k for k in LEARNERS if k.startswith("torch")]
 
 
 @pytest.fixture(params=list(LEARNERS))
-def make(request: pytest.FixtureRequest) -> Callable[[], Any]:
+def make(request: pytest.FixtureRequest) -> Callable[[], Learner]:
     return LEARNERS[request.param]
 
 
@@ -136,7 +137,14 @@ ROWS, Y = planted_stream(512, seed=1)
 HIST_ROWS = with_history(ROWS, seed=3)
 
 
-def test_input_rows_are_not_mutated(make: Callable[[], Any]) -> None:
+def test_satisfies_the_learner_protocol(make: Callable[[], Learner]) -> None:
+    learner = make()
+    assert isinstance(learner, Learner) and isinstance(learner.seed, int)
+    twin = learner.clone()
+    assert type(twin) is type(learner) and twin is not learner and twin.seed == learner.seed
+
+
+def test_input_rows_are_not_mutated(make: Callable[[], Learner]) -> None:
     model = make()
     rows = ROWS[:64]
     before = copy.deepcopy(rows)
@@ -146,7 +154,7 @@ def test_input_rows_are_not_mutated(make: Callable[[], Any]) -> None:
     assert rows == before
 
 
-def test_predict_proba_shape_and_range(make: Callable[[], Any]) -> None:
+def test_predict_proba_shape_and_range(make: Callable[[], Learner]) -> None:
     model = make()
     feed(model, ROWS[:256], Y[:256])
     p = model.predict_proba_many(ROWS[256:320])
@@ -156,7 +164,7 @@ def test_predict_proba_shape_and_range(make: Callable[[], Any]) -> None:
 
 
 def test_save_load_round_trip_gives_identical_predictions(
-    make: Callable[[], Any], tmp_path: Path
+    make: Callable[[], Learner], tmp_path: Path
 ) -> None:
     model = make()
     feed(model, ROWS[:256], Y[:256])
@@ -175,7 +183,7 @@ def test_save_load_round_trip_gives_identical_predictions(
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # no temp files left
 
 
-def test_seeded_clones_agree_after_learning_the_same_batches(make: Callable[[], Any]) -> None:
+def test_seeded_clones_agree_after_learning_the_same_batches(make: Callable[[], Learner]) -> None:
     model = make()
     feed(model, ROWS[:64], Y[:64])
     a, b = model.clone(), model.clone()
@@ -185,14 +193,14 @@ def test_seeded_clones_agree_after_learning_the_same_batches(make: Callable[[], 
     np.testing.assert_array_equal(a.predict_proba_many(ROWS), b.predict_proba_many(ROWS))
 
 
-def test_clone_is_untrained(make: Callable[[], Any]) -> None:
+def test_clone_is_untrained(make: Callable[[], Learner]) -> None:
     model = make()
     fresh = model.predict_proba_many(ROWS[:32])
     feed(model, ROWS, Y)
     np.testing.assert_array_equal(model.clone().predict_proba_many(ROWS[:32]), fresh)
 
 
-def test_unseen_categories_and_missing_features_are_handled(make: Callable[[], Any]) -> None:
+def test_unseen_categories_and_missing_features_are_handled(make: Callable[[], Learner]) -> None:
     model = make()
     feed(model, ROWS[:128], Y[:128])
     odd: list[dict[str, object]] = [
@@ -206,7 +214,7 @@ def test_unseen_categories_and_missing_features_are_handled(make: Callable[[], A
     assert p.shape == (5,) and np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))
 
 
-def test_score_and_learn_returns_pre_update_scores(make: Callable[[], Any]) -> None:
+def test_score_and_learn_returns_pre_update_scores(make: Callable[[], Learner]) -> None:
     model = make()
     feed(model, ROWS[:128], Y[:128])
     batch, y = ROWS[128:192], Y[128:192]
@@ -216,7 +224,7 @@ def test_score_and_learn_returns_pre_update_scores(make: Callable[[], Any]) -> N
     assert not np.allclose(model.predict_proba_many(batch), before, rtol=0, atol=1e-7)
 
 
-def test_learns_a_planted_signal(make: Callable[[], Any]) -> None:
+def test_learns_a_planted_signal(make: Callable[[], Learner]) -> None:
     rows, y = planted_stream(5000, seed=2)
     model = make()
     feed(model, rows[:3500], y[:3500])
@@ -261,7 +269,7 @@ def test_second_label_with_unknowns_is_accepted_by_every_torch_learner(
 
 
 def test_rows_with_history_round_trip_and_score_before_learning(
-    make: Callable[[], Any], tmp_path: Path
+    make: Callable[[], Learner], tmp_path: Path
 ) -> None:
     model = make()
     before = copy.deepcopy(HIST_ROWS)
@@ -279,7 +287,7 @@ def test_rows_with_history_round_trip_and_score_before_learning(
     assert HIST_ROWS == before
 
 
-def test_malformed_history_is_handled(make: Callable[[], Any]) -> None:
+def test_malformed_history_is_handled(make: Callable[[], Learner]) -> None:
     model = make()
     feed(model, HIST_ROWS[:128], Y[:128])
     odd: list[dict[str, object]] = [
