@@ -20,7 +20,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from modelstore.snapshot import LoadedModels, ModelReplica
 from modelstore.store import DirectoryStore
 from monitoring.metrics import StreamrecMetrics
 from serving.recommender import Recommender, RequestBatcher, ServingError
+from stream.acks import InputAcks, TrainedAcks
 from stream.broker import create_topics
 from stream.control import check_model_record, parse_control
 from stream.gate import ServingGate
@@ -302,17 +302,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             await dead.send(value=rt.join.orphans.pop().to_json())
         commit_state()
 
-    # Input records whose state changes may still sit in an open segment of the state
-    # (stream.segments): acked, so that Faust may commit their offsets, only once those
-    # changes are handed to the producer, which Faust flushes before it commits.
-    unacked_inputs: list[Any] = []
+    input_acks = InputAcks(lambda event: event.message.partition)
 
-    def commit_state() -> None:
+    def flush_join_state() -> None:
         rt.join.save_features()
         rt.join.state.flush()
-        for event in unacked_inputs:
-            event.ack()
-        unacked_inputs.clear()
+
+    def commit_state() -> None:
+        input_acks.commit(flush_join_state)
 
     async def joiner(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.noack().events():  # type: ignore[attr-defined]
@@ -320,11 +317,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             try:
                 out, dls = rt.join.handle_record(event.value, msg.topic, msg.partition, msg.offset)
             except Exception as exc:  # a bug must not stall the partition: park the record
-                unacked_inputs.append(event)
+                input_acks.add(event)
                 stage_error("joiner", where(event))
                 await dead_letter(event, InvalidEvent("processing_error", repr(exc)))
                 continue
-            unacked_inputs.append(event)
+            input_acks.add(event)
             try:
                 for dl in dls:
                     log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
@@ -332,7 +329,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                     await dead.send(value=dl.to_json())
                 if out and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
                     await flush_labeled(force=False)
-                elif len(unacked_inputs) >= STATE_FLUSH_RECORDS:
+                elif len(input_acks) >= STATE_FLUSH_RECORDS:
                     commit_state()
             except Exception:  # producing failed: the labels stay pending in the state
                 stage_error("joiner", where(event))
@@ -369,27 +366,10 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         gone = {tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)}
         # Faust waited for every input record to be acked, so what they changed is flushed;
         # anything unacked left is uncommitted and goes to the next owner with its inputs
-        unacked_inputs[:] = [e for e in unacked_inputs if e.message.partition not in gone]
+        input_acks.drop_partitions(gone)
         rt.join.drop(gone)
 
-    # ``labeled`` records whose examples are still in the trainer's buffer, oldest first,
-    # with how many of their examples are left: a record is acked (so its offset can be
-    # committed) only once every example of it was learned from, so a crash re-delivers
-    # buffered examples instead of losing them.
-    unacked: deque[list[Any]] = deque()
-
-    def ack_trained(n: int | None) -> None:
-        """``n`` examples left the buffer (None: all of them)."""
-        while unacked and (n is None or n > 0 or unacked[0][1] == 0):
-            item = unacked[0]
-            take = item[1] if n is None else min(n, item[1])
-            item[1] -= take
-            if n is not None:
-                n -= take
-            if item[1] > 0:
-                break
-            unacked.popleft()
-            item[0].ack()
+    trained_acks = TrainedAcks()  # labeled records acked once all their examples learned
 
     # One micro-batch at a time: the agent and the flush timer both call train_due, and
     # the models must not be saved or stepped while a step runs on the training thread.
@@ -416,7 +396,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 batch = rt.trainer.finish(taken, result)
                 for value in scored_records(batch, max_payload):  # split under the limit
                     await scored.send(key=b"trainer", value=value)
-                ack_trained(len(batch.impression_ids))
+                trained_acks.learned(len(batch.impression_ids))
             if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
                 await refresh_index()
             rt.trainer.maybe_checkpoint()
@@ -434,7 +414,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     def drop_buffer() -> int:
         dropped = rt.trainer.drop_buffer()
-        ack_trained(None)
+        trained_acks.learned(None)
         return dropped
 
     async def trainer(stream: faust.StreamT[bytes]) -> None:
@@ -449,9 +429,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 await dead_letter(event, exc)
                 event.ack()
                 continue
-            unacked.append([event, added])
+            trained_acks.add(event, added)
             try:
-                ack_trained(0)  # a record whose examples were all duplicates
+                trained_acks.learned(0)  # a record whose examples were all duplicates
                 await train_due()
             except Exception as exc:
                 stage_error("trainer", where(event))  # the micro-batch is dead-lettered
