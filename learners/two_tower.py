@@ -415,8 +415,8 @@ class TwoTowerModel:
     """Two-tower retrieval model with the shared learner interface.
 
     Only clicked rows are learned from (see the module docstring). ``hard_negatives`` is
-    an optional callable ``(user_id, n) -> list[item_id]`` set on the model (it is not
-    saved, nor copied by :meth:`clone`). After each step, ``hard_share`` is the realised
+    an optional callable ``(user_id, n) -> list[item_id]`` given to the constructor (or to
+    :meth:`load` / :meth:`from_state`; it is not saved, nor copied by :meth:`clone`). After each step, ``hard_share`` is the realised
     share of hard negatives among a row's negatives, ``target_hard_share`` the curriculum's
     target, and ``mean_hard_score`` / ``mean_random_score`` the mean cosine between users
     and their hard / in-batch (random) negatives: hard scores far above random ones while
@@ -442,6 +442,7 @@ class TwoTowerModel:
         self,
         config: TwoTowerConfig = TwoTowerConfig(),  # noqa: B008 - frozen, immutable default
         seed: int = 0,
+        hard_negatives: HardNegativeSource | None = None,
     ) -> None:
         self.config = config
         self.seed = seed
@@ -476,7 +477,7 @@ class TwoTowerModel:
         self._item_features: OrderedDict[str, dict[str, object]] = OrderedDict()
         self._catalogue: list[str] = []  # the remembered items, for uniform draws
         self._slot: dict[str, int] = {}  # item -> its index in _catalogue
-        self.hard_negatives: HardNegativeSource | None = None
+        self.hard_negatives: HardNegativeSource | None = hard_negatives
         self.n_updates = 0
         self.n_examples = 0  # clicks passed to a step: the curriculum's clock
         self.n_skipped_nonfinite = 0
@@ -863,20 +864,31 @@ class TwoTowerModel:
         atomic_torch_save(self.state(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | None = None) -> TwoTowerModel:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | None = None,
+        hard_negatives: HardNegativeSource | None = None,
+    ) -> TwoTowerModel:
         """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``),
-        optionally onto another ``device``. ``hard_negatives`` is not restored."""
+        optionally onto another ``device``; the ``hard_negatives`` source is not in a
+        checkpoint (it is the indexer's), so it is given here."""
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_state(state, device=device)
+        return cls.from_state(state, device=device, hard_negatives=hard_negatives)
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], device: str | None = None) -> TwoTowerModel:
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        device: str | None = None,
+        hard_negatives: HardNegativeSource | None = None,
+    ) -> TwoTowerModel:
         """A model from :meth:`state` (see :meth:`load`). Without the ``optimizer`` keys (a
         serving snapshot, :mod:`modelstore.snapshot`) the optimiser moments start afresh."""
         config = TwoTowerConfig.from_dict(state["config"])
         if device is not None:
             config = dataclasses.replace(config, device=device)
-        model = cls(config, seed=int(state["seed"]))
+        model = cls(config, seed=int(state["seed"]), hard_negatives=hard_negatives)
         model.model.load_state_dict(state["model"])
         if "optimizer" in state:
             model.optimizer.load_state_dict(state["optimizer"])

@@ -37,7 +37,7 @@ import torch
 from index.faiss_index import IndexConfig, IndexSnapshot
 from learners.calibration import Calibrator, calibrator_from_dict
 from learners.ranker import TorchRanker
-from learners.two_tower import TwoTowerModel
+from learners.two_tower import HardNegativeSource, TwoTowerModel
 from modelstore.store import DirectoryStore, Manifest, StoreError
 
 __all__ = ["LoadedModels", "ModelReplica", "load_snapshot", "publish_snapshot"]
@@ -127,11 +127,15 @@ def _load_index(d: Path) -> IndexSnapshot:
 
 
 def load_snapshot(
-    store: DirectoryStore, version: int, device: str | None = None, optimizer: bool = False
+    store: DirectoryStore,
+    version: int,
+    device: str | None = None,
+    optimizer: bool = False,
+    hard_negatives: HardNegativeSource | None = None,
 ) -> LoadedModels:
     """Verify (sizes, SHA-256) then load ``version``: what serving needs, and with
-    ``optimizer`` the optimiser moments too (a resuming trainer). Raises
-    :class:`StoreError`."""
+    ``optimizer`` the optimiser moments too (a resuming trainer), and the two-tower gets
+    the ``hard_negatives`` source. Raises :class:`StoreError`."""
     m = store.open(version, only=None if optimizer else SERVING_FILES)
     d = m.path
     if "ranker.pt" not in m.files or "calibrator.json" not in m.files:
@@ -141,7 +145,9 @@ def load_snapshot(
             _load_split(d, "ranker", optimizer), device=device, online=True
         )
         two_tower = (
-            TwoTowerModel.from_state(_load_split(d, "two_tower", optimizer), device=device)
+            TwoTowerModel.from_state(
+                _load_split(d, "two_tower", optimizer), device=device, hard_negatives=hard_negatives
+            )
             if "two_tower.pt" in m.files
             else None
         )

@@ -250,13 +250,20 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         )
         # the table holds segments: one changelog record per flush, not one per change
         join_state = SegmentedState(TableJoinState(join_table))
+    index_service = IndexerService(settings, metrics)
+    pool_rng = np.random.default_rng(settings.trainer.seed)
     rt = Runtime(
         settings=settings,
         metrics=metrics,
         join=JoinService(settings, metrics, join_state),
-        trainer=TrainerService(settings, metrics),
+        # curriculum hard negatives for the two-tower, from the indexer's pools
+        trainer=TrainerService(
+            settings,
+            metrics,
+            hard_negatives=lambda user, n: index_service.pool.sample(user, n, pool_rng),
+        ),  # fmt: skip
         monitor=MonitorService(settings, metrics),
-        indexer=IndexerService(settings, metrics),
+        indexer=index_service,
     )
     app.streamrec = rt  # type: ignore[attr-defined]  # faust.App allows extra attributes
 
@@ -725,11 +732,6 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         else None
     )
     app.request_batcher = batcher  # type: ignore[attr-defined]
-    if rt.trainer.two_tower is not None:  # curriculum hard negatives from the pools
-        pool_rng = np.random.default_rng(settings.trainer.seed)
-        rt.trainer.two_tower.hard_negatives = lambda user, n: rt.indexer.pool.sample(
-            user, n, pool_rng
-        )
 
     async def answer(
         view: faust.web.View, endpoint: str, fn: Callable[..., dict[str, Any]], *args: Any

@@ -18,7 +18,7 @@ from learners.calibration import (
 )
 from learners.delayed_feedback import fnc_correct
 from learners.ranker import TorchRanker
-from learners.two_tower import TwoTowerModel
+from learners.two_tower import HardNegativeSource, TwoTowerModel
 from learners.util import atomic_write
 from learners.weighting import time_decay_weights
 from logs.events import (
@@ -113,9 +113,16 @@ class TrainerService:
     """
 
     def __init__(
-        self, settings: Settings, metrics: StreamrecMetrics, ranker: TorchRanker | None = None
+        self,
+        settings: Settings,
+        metrics: StreamrecMetrics,
+        ranker: TorchRanker | None = None,
+        hard_negatives: HardNegativeSource | None = None,
     ) -> None:
+        """``hard_negatives``: the two-tower's curriculum source (the indexer's pools),
+        given to it at construction and again when it is resumed from the model store."""
         self.settings = settings
+        self._hard_negatives = hard_negatives
         self.metrics = metrics
         cfg = settings.trainer
         if ranker is None:
@@ -135,7 +142,7 @@ class TrainerService:
         #: positives of every micro-batch after the ranker; None: serving retrieves with
         #: the ranker's own user and item embeddings
         self.two_tower: TwoTowerModel | None = (
-            TwoTowerModel(settings.two_tower, seed=cfg.seed)
+            TwoTowerModel(settings.two_tower, seed=cfg.seed, hard_negatives=hard_negatives)
             if settings.retrieval == "two_tower"
             else None
         )
@@ -344,8 +351,9 @@ class TrainerService:
         for version in reversed(store.versions()):
             try:
                 loaded = load_snapshot(
-                    store, version, device=self.settings.ranker.device, optimizer=True
-                )
+                    store, version, device=self.settings.ranker.device, optimizer=True,
+                    hard_negatives=self._hard_negatives,
+                )  # fmt: skip
             except StoreError as exc:
                 log.warning("model store: cannot resume from version %d: %s", version, exc)
                 continue

@@ -74,3 +74,21 @@ def test_trainer_publishes_a_replica_loads_it_and_a_restart_resumes(tmp_path: Pa
     assert restarted.model_version == trainer.model_version
     np.testing.assert_allclose(restarted.ranker.predict_proba_many(rows),
                                trainer.ranker.predict_proba_many(rows), rtol=1e-6)  # fmt: skip
+
+
+def test_the_hard_negative_source_reaches_the_two_tower_fresh_and_resumed(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "store")
+
+    def source(user: str, n: int) -> list[str]:
+        return []
+
+    trainer = TrainerService(settings, StreamrecMetrics(), hard_negatives=source)
+    assert trainer.two_tower is not None and trainer.two_tower.hard_negatives is source
+    _train(trainer, 16, "a")
+    indexer = IndexerService(settings, StreamrecMetrics())
+    indexer.refresh(trainer.ranker, trainer.catalogue, trainer.two_tower)
+    assert trainer.publish(indexer.holder.current) is not None
+    resumed = TrainerService(settings, StreamrecMetrics(), hard_negatives=source)
+    assert resumed.model_version == trainer.model_version  # it did load the store's model
+    assert resumed.two_tower is not None and resumed.two_tower.hard_negatives is source
+    assert TrainerService(settings, StreamrecMetrics()).two_tower.hard_negatives is None  # type: ignore[union-attr]
