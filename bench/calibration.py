@@ -67,7 +67,7 @@ from bench.run import bench_parser, machine, results_path, stamp, write_report
 from learners.calibration import Calibrator, PlattCalibrator, calibrator_from_dict
 from learners.ranker import TorchRanker
 from learners.river_peers import RiverLogisticRegression
-from logs.events import Impression, LabeledExample, ScoredBatch, example_row
+from logs.events import LabeledExample, ScoredBatch, example_row
 from logs.io import frame_to_rows
 from logs.offline import log_examples, pretrain
 from logs.synthetic import SyntheticConfig, generate
@@ -161,15 +161,7 @@ def labelled(df: pd.DataFrame) -> list[LabeledExample]:
     """Every row as the joiner would emit it: a positive at its click, else a negative."""
     out = []
     for r in frame_to_rows(df):
-        imp = Impression(
-            impression_id=r.impression_id,
-            ts=r.ts,
-            user_id=r.user_id,
-            item_id=r.item_id,
-            position=r.position,
-            features=r.features,
-            true_p=r.true_p,
-        )
+        imp = r.impression()
         if r.click:
             out.append(LabeledExample(imp, 1, r.click_ts or r.ts, kind="positive"))
         else:

@@ -85,7 +85,7 @@ WARMUP = 50
 N_CENTERS = 1_000
 
 
-def _train_tower(seed: int = 0) -> tuple[TwoTowerModel, list[dict[str, object]], dict[str, Any]]:
+def train_tower(seed: int = 0) -> tuple[TwoTowerModel, list[dict[str, object]], dict[str, Any]]:
     """The tower after one pass over ``LOG``, the log's user request rows, and the log's
     item attributes (``{item_id: {item_category, item_price}}``)."""
     ex = log_examples(generate(LOG))
@@ -386,7 +386,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     load_before = os.getloadavg()[0]
     n = QUICK_ITEMS if quick else FULL_ITEMS
     print(f"train the tower on {LOG.n_impressions:,} impressions", flush=True)
-    model, user_rows, known = _train_tower()
+    model, user_rows, known = train_tower()
     rows = catalogue_rows(n, known)
     ids = [str(r["item_id"]) for r in rows]
     print(f"catalogue refresh ({n:,} items)", flush=True)

@@ -39,11 +39,11 @@ import pandas as pd
 
 from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
 from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
-from logs.io import read_log_frame, read_obd
+from logs.io import log_impressions, read_log_frame, read_obd
 from logs.synthetic import SyntheticConfig, write_synthetic
 from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig, OnlineJoiner, offline_join
-from stream.replay import _impressions, event_order
+from stream.replay import event_order
 from stream.services import JoinService, MemoryJoinState
 from stream.settings import Settings
 
@@ -55,7 +55,7 @@ def records(df: pd.DataFrame, seed: int = 0) -> list[tuple[str, int, bytes]]:
     """(topic, partition, raw value) in a consumer's order: each partition in event-time
     order, partitions interleaved in random chunks of 1..500 records; producer watermarks
     on every partition every 2,000 events and a final one past every window."""
-    payloads = [i.to_json() for i in _impressions(df)]
+    payloads = [i.to_json() for i in log_impressions(df)]
     ids = df["impression_id"].astype(str).to_numpy()
     ev_ts, ev_row, ev_click = event_order(df)
     parts: list[list[tuple[str, int, bytes]]] = [[] for _ in range(PARTITIONS)]

@@ -42,8 +42,8 @@ import pandas as pd
 from prometheus_client import CollectorRegistry
 
 from learners.ranker import TorchRanker
-from logs.events import Click, Impression, LabeledExample, example_row
-from logs.io import frame_to_rows
+from logs.events import Click, LabeledExample, example_row
+from logs.io import log_impressions
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics
 from stream.join import OnlineJoiner
@@ -131,21 +131,6 @@ class SimResult:
     monitor: dict[str, Any] = field(default_factory=dict)
 
 
-def _impressions(df: pd.DataFrame) -> list[Impression]:
-    return [
-        Impression(
-            impression_id=r.impression_id,
-            ts=r.ts,
-            user_id=r.user_id,
-            item_id=r.item_id,
-            position=r.position,
-            features=r.features,
-            true_p=r.true_p,
-        )
-        for r in frame_to_rows(df)
-    ]
-
-
 def sim_settings(settings: Settings) -> Settings:
     """``settings`` as the simulation needs them: no wall-clock idle timeout (event time
     only), no checkpoints, one torch thread's worth of work on the loop."""
@@ -173,7 +158,7 @@ def simulate(
     trainer = TrainerService(settings, metrics, ranker)
     monitor = MonitorService(settings, metrics)
     joiner = OnlineJoiner(settings.join, clock=lambda: 0.0)
-    imps = _impressions(df)
+    imps = log_impressions(df)
     n = len(imps)
     ts = df["ts"].to_numpy(dtype=np.float64)
     click_ts = df["click_ts"].to_numpy(dtype=np.float64)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench.index import percentiles_ms, threads
-from bench.index_scale import _train_tower, catalogue_rows
+from bench.index_scale import catalogue_rows, train_tower
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from index.faiss_index import IndexHolder, build_snapshot
 from learners.calibration import PlattCalibrator
@@ -85,7 +85,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     load_before = os.getloadavg()[0]
     n_items, per_client = QUICK if quick else FULL
     print(f"tower, catalogue of {n_items:,} items, index", flush=True)
-    model, user_rows, known = _train_tower()
+    model, user_rows, known = train_tower()
     rows = catalogue_rows(n_items, known)
     ids = [str(r["item_id"]) for r in rows]
     vectors = model.catalogue_vectors(rows)

@@ -32,6 +32,7 @@ __all__ = [
     "calibrator_from_dict",
     "fit_if_better",
     "log_loss",
+    "new_calibrator",
     "solve_offset",
 ]
 
@@ -555,6 +556,17 @@ _KINDS: dict[
     "histogram": HistogramBinningCalibrator,
 }
 CALIBRATOR_KINDS = tuple(_KINDS)
+
+
+def new_calibrator(kind: str) -> Calibrator:
+    """An unfitted calibrator of ``kind`` (one of :data:`CALIBRATOR_KINDS`).
+
+    >>> type(new_calibrator("shift")).__name__
+    'LogitShiftCalibrator'
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown calibrator kind {kind!r}; expected one of {CALIBRATOR_KINDS}")
+    return _KINDS[kind]()
 
 
 def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:

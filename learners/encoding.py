@@ -167,10 +167,6 @@ def _age(value: object) -> float:
     return -1.0
 
 
-def _signed_log1p(x: float) -> float:
-    return math.copysign(math.log1p(abs(x)), x)
-
-
 class FeatureEncoder:
     """Encode rows into hashed categorical buckets and squashed numerics.
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from learners.calibration import _KINDS, Calibrator, LogitShiftCalibrator
+from learners.calibration import CALIBRATOR_KINDS, Calibrator, LogitShiftCalibrator, new_calibrator
 
 __all__ = ["GuardConfig", "GuardEvent", "GuardedRecalibrator"]
 
@@ -61,7 +61,7 @@ class GuardConfig:
     min_clicks: int = 30
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
+        if self.kind not in CALIBRATOR_KINDS:
             raise ValueError(f"unknown calibrator kind {self.kind!r}")
         if self.fit_window < 1 or self.holdout < 1 or not self.z >= 0:
             raise ValueError("GuardConfig: need fit_window >= 1, holdout >= 1, z >= 0")
@@ -126,7 +126,7 @@ class GuardedRecalibrator:
         y = np.concatenate([c[1] for c in self._recent])[-self.config.fit_window :]
         if y.sum() < self.config.min_clicks:
             return False
-        self.candidate = _KINDS[self.config.kind]().fit(p, y)
+        self.candidate = new_calibrator(self.config.kind).fit(p, y)
         self._fwd_p, self._fwd_y, self._n_fwd = [], [], 0
         return True
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from learners.calibration import (
-    _KINDS,
     CALIBRATOR_KINDS,
     Calibrator,
     OffsetCalibrator,
     log_loss,
+    new_calibrator,
     solve_offset,
 )
 from learners.util import logit
@@ -63,7 +63,7 @@ class TrackingConfig:
     min_positives: int = 20
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
+        if self.kind not in CALIBRATOR_KINDS:
             raise ValueError(f"kind must be one of {CALIBRATOR_KINDS}, got {self.kind!r}")
         if not 1 <= self.recal_window <= self.max_window:
             raise ValueError("need 1 <= recal_window <= max_window")
@@ -159,9 +159,9 @@ class TrackingRecalibrator:
     def __init__(self, config: TrackingConfig | None = None) -> None:
         self.config = config if config is not None else TrackingConfig()
         cfg = self.config
-        self._cls = _KINDS[cfg.kind]
-        self.calibrator: Calibrator = self._cls()
-        self.map: Calibrator = self._cls()
+        self._kind = cfg.kind
+        self.calibrator: Calibrator = new_calibrator(cfg.kind)
+        self.map: Calibrator = new_calibrator(cfg.kind)
         self.target: float | None = None
         self.offset = 0.0
         self.armed = False
@@ -274,7 +274,7 @@ class TrackingRecalibrator:
             moved = float(published.transform(p_new).mean()) / mean_raw - 1 if mean_raw else 0
             self._settled = self._settled + 1 if abs(moved) < cfg.identity_tolerance else 0
             if self._settled >= cfg.settle_refits:
-                published, disarmed = self._cls(), True
+                published, disarmed = new_calibrator(self._kind), True
                 self._disarm()
         changed = _moves(published, self.calibrator, p_new)
         if changed:
@@ -315,7 +315,7 @@ class TrackingRecalibrator:
 
     def _disarm(self) -> None:
         self.armed = False
-        self.map = self._cls()
+        self.map = new_calibrator(self._kind)
         self.target = None
         self.offset = 0.0
         self._trend = 0.0

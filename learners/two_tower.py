@@ -416,11 +416,12 @@ class TwoTowerModel:
 
     Only clicked rows are learned from (see the module docstring). ``hard_negatives`` is
     an optional callable ``(user_id, n) -> list[item_id]`` given to the constructor (or to
-    :meth:`load` / :meth:`from_state`; it is not saved, nor copied by :meth:`clone`). After each step, ``hard_share`` is the realised
-    share of hard negatives among a row's negatives, ``target_hard_share`` the curriculum's
-    target, and ``mean_hard_score`` / ``mean_random_score`` the mean cosine between users
-    and their hard / in-batch (random) negatives: hard scores far above random ones while
-    recall stalls suggest the pool holds unlabelled positives.
+    :meth:`load` / :meth:`from_state`; it is not saved, nor copied by :meth:`clone`).
+    After each step, ``hard_share`` is the realised share of hard negatives among a row's
+    negatives, ``target_hard_share`` the curriculum's target, and ``mean_hard_score`` /
+    ``mean_random_score`` the mean cosine between users and their hard / in-batch (random)
+    negatives: hard scores far above random ones while recall stalls suggest the pool
+    holds unlabelled positives.
 
     Example:
         >>> cfg = TwoTowerConfig(embedding_dim=8, device="cpu",

@@ -67,6 +67,8 @@ from typing import Any, Literal, TextIO
 import numpy as np
 import pandas as pd
 
+from logs.events import Impression
+
 __all__ = [
     "RESERVED_COLUMNS",
     "REQUIRED_COLUMNS",
@@ -137,6 +139,20 @@ class LogRow:
     features: dict[str, str | float]
     true_p: float | None = None
     propensity: float | None = None
+
+    def impression(self) -> Impression:
+        """The row's impression event (its features as they are; ``true_p`` travels as its
+        own field, never as a feature; the click and the propensity stay behind)."""
+        return Impression(
+            impression_id=self.impression_id, ts=self.ts, user_id=self.user_id,
+            item_id=self.item_id, position=self.position, features=self.features,
+            true_p=self.true_p,
+        )  # fmt: skip
+
+
+def log_impressions(df: pd.DataFrame) -> list[Impression]:
+    """Every row's impression (:meth:`LogRow.impression`), in the frame's order."""
+    return [r.impression() for r in frame_to_rows(df)]
 
 
 # --------------------------------------------------------------------------- helpers

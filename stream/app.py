@@ -56,13 +56,13 @@ from stream.limits import labeled_records, payload_limit, scored_records
 from stream.producer import partition_of
 from stream.segments import SegmentedState
 from stream.services import (
+    FncThenCalibrator,
     IndexerService,
     JoinService,
     JoinState,
     MonitorService,
     SeenKeys,
     TrainerService,
-    _FncThen,
     control_bytes,
 )
 from stream.settings import Settings
@@ -684,7 +684,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             cal, version = cur.calibrator, cur.calibrator_version
             if rt.trainer.calibrator_version > version:
                 cal, version = rt.trainer.calibrator, rt.trainer.calibrator_version
-            return (_FncThen(cal) if settings.trainer.fnc else cal), version  # type: ignore[return-value]
+            return (FncThenCalibrator(cal) if settings.trainer.fnc else cal), version  # type: ignore[return-value]
 
         def _replica_user_vectors(ids: list[str]) -> np.ndarray:
             cur = _replica_models()

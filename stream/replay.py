@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
-from logs.io import frame_to_rows, read_log_frame
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
+from logs.io import log_impressions, read_log_frame
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +48,6 @@ class ReplayStats:
     @property
     def events_per_s(self) -> float:
         return (self.impressions + self.clicks) / self.seconds if self.seconds > 0 else math.nan
-
-
-def _impressions(df: pd.DataFrame) -> list[Impression]:
-    """Every row's impression (features: the non-reserved columns, absent if empty;
-    ``true_p`` travels as its own field, never as a feature)."""
-    return [
-        Impression(
-            impression_id=r.impression_id,
-            ts=r.ts,
-            user_id=r.user_id,
-            item_id=r.item_id,
-            position=r.position,
-            features=r.features,
-            true_p=r.true_p,
-        )
-        for r in frame_to_rows(df)
-    ]
 
 
 def event_order(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,7 +104,7 @@ def replay(
     if df.empty:
         log.warning("%s has no rows; nothing to replay", log_path)
         return stats
-    imps = _impressions(df)
+    imps = log_impressions(df)
     ids = df["impression_id"].to_numpy(dtype=object)
     users = df["user_id"].to_numpy(dtype=object)
     ev_ts, ev_row, ev_click = event_order(df)

@@ -8,9 +8,15 @@ One module per room: join, trainer, dedup, monitor, indexer.
 from stream.services.control import control_bytes
 from stream.services.dedup import SeenKeys
 from stream.services.indexer import IndexerService
-from stream.services.join import JoinService, JoinState, MemoryJoinState, _pending_value, segment_of
+from stream.services.join import JoinService, JoinState, MemoryJoinState, segment_of
 from stream.services.monitor import MonitorService
-from stream.services.trainer import Catalogue, StepResult, TakenBatch, TrainerService, _FncThen
+from stream.services.trainer import (
+    Catalogue,
+    FncThenCalibrator,
+    StepResult,
+    TakenBatch,
+    TrainerService,
+)
 
 __all__ = [
     "Catalogue",
@@ -23,8 +29,7 @@ __all__ = [
     "StepResult",
     "TakenBatch",
     "TrainerService",
-    "_FncThen",
-    "_pending_value",
+    "FncThenCalibrator",
     "control_bytes",
     "segment_of",
 ]

@@ -74,7 +74,7 @@ class Catalogue:
         return {u: set(items) for u, items in self.seen.items()}
 
 
-class _FncThen:
+class FncThenCalibrator:
     """``calibrator.transform(fnc_correct(p))`` (serving with fake-negative calibration)."""
 
     def __init__(self, calibrator: Calibrator) -> None:
@@ -420,4 +420,4 @@ class TrainerService:
         correction when ``trainer.fnc`` is on (as :meth:`step` does for the monitor)."""
         if not self.settings.trainer.fnc:
             return self.calibrator
-        return _FncThen(self.calibrator)  # type: ignore[return-value]  # transform only
+        return FncThenCalibrator(self.calibrator)  # type: ignore[return-value]  # transform only

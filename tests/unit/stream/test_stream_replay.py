@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from logs.events import parse_impression
+from logs.io import log_impressions
 from logs.synthetic import SyntheticConfig, generate
-from stream.replay import _impressions, event_order
+from stream.replay import event_order
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_clicks_without_a_finite_time_are_not_replayed() -> None:
 def test_impression_payloads_parse_and_carry_true_p_only_at_top_level(
     log: pd.DataFrame,
 ) -> None:
-    payloads = [i.to_json() for i in _impressions(log)]
+    payloads = [i.to_json() for i in log_impressions(log)]
     assert len(payloads) == len(log)
     for raw, (_, row) in zip(payloads, log.iterrows(), strict=True):
         obj = json.loads(raw)
@@ -105,7 +106,7 @@ def test_propensity_and_missing_values_never_become_features() -> None:
         dev=["ios", None, "web", "ios"],
         price=[1.5, 2.5, np.nan, 4.0],
     )
-    imps = [parse_impression(i.to_json()) for i in _impressions(df)]
+    imps = [parse_impression(i.to_json()) for i in log_impressions(df)]
     assert [im.features for im in imps] == [
         {"dev": "ios", "price": 1.5},
         {"price": 2.5},
