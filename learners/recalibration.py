@@ -18,13 +18,14 @@ from learners.calibration import (
     CALIBRATOR_KINDS,
     Calibrator,
     OffsetCalibrator,
+    fit_if_better,
     log_loss,
     new_calibrator,
     solve_offset,
 )
 from learners.util import logit
 
-__all__ = ["RefitResult", "TrackingConfig", "TrackingRecalibrator"]
+__all__ = ["RefitResult", "TrackingConfig", "TrackingRecalibrator", "refit_on_alarm"]
 
 
 @dataclass(frozen=True)
@@ -331,3 +332,40 @@ def _moves(new: Calibrator, old: Calibrator, p: np.ndarray, tol: float = 1e-4) -
         return new != old
     a, b = float(new.transform(p).mean()), float(old.transform(p).mean())
     return abs(a - b) > tol * max(abs(b), 1e-12)
+
+
+def refit_on_alarm(
+    p_raw: Any,
+    y: Any,
+    current: Calibrator,
+    *,
+    kind: str,
+    recal_window: int,
+    holdout_fraction: float,
+) -> RefitResult:
+    """The ``"alarm"`` policy: one validated refit per drift alarm, then fixed until the
+    next. A ``kind`` calibrator is fitted on the newest ``recal_window`` of ``p_raw`` /
+    ``y`` (N,) but the newest ``holdout_fraction`` of them (at least one), and published
+    only if it beats ``current`` on those (:func:`learners.calibration.fit_if_better`).
+    The same :class:`RefitResult` as :meth:`TrackingRecalibrator.refit` (no level
+    tracking: ``target`` None, ``offset`` 0).
+
+    >>> rng = np.random.default_rng(0)
+    >>> p = rng.uniform(0.02, 0.2, 4_000)
+    >>> y = (rng.random(4_000) < 2 * p).astype(float)  # the model under-predicts 2x
+    >>> r = refit_on_alarm(p, y, new_calibrator("shift"), kind="shift", recal_window=2_000,
+    ...                    holdout_fraction=0.25)
+    >>> r.accepted, r.n_fit, r.n_holdout, r.published is not None
+    (True, 1500, 500, True)
+    """
+    p_raw = np.asarray(p_raw, dtype=np.float64)[-recal_window:]
+    y = np.asarray(y, dtype=np.float64)[-recal_window:]
+    n_hold = max(1, int(len(y) * holdout_fraction))
+    chosen, accepted, ll_old, ll_new = fit_if_better(
+        p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], current, kind=kind
+    )
+    return RefitResult(
+        accepted=accepted, holdout_logloss_old=ll_old, holdout_logloss_new=ll_new,
+        published=chosen if accepted else None, target=None, offset=0.0,
+        n_fit=len(y) - n_hold, n_holdout=n_hold,
+    )  # fmt: skip

@@ -10,8 +10,8 @@ from learners.calibration import (
     Calibrator,
     PlattCalibrator,
     calibrator_from_dict,
-    fit_if_better,
 )
+from learners.recalibration import refit_on_alarm
 from logs.events import (
     ScoredBatch,
 )
@@ -312,19 +312,16 @@ class MonitorService:
             return [alarm]
         if cfg.recalibration == "alarm":
             p_raw, y = self.raw.window_arrays()
-            p_raw, y = p_raw[-cfg.recal_window :], y[-cfg.recal_window :]
-            n_hold = max(1, int(len(y) * cfg.holdout_fraction))
-            chosen, accepted, ll_old, ll_new = fit_if_better(
-                p_raw[:-n_hold], y[:-n_hold], p_raw[-n_hold:], y[-n_hold:], self.calibrator,
-                kind=cfg.calibrator,
+            result = refit_on_alarm(
+                p_raw, y, self.calibrator, kind=cfg.calibrator, recal_window=cfg.recal_window,
+                holdout_fraction=cfg.holdout_fraction,
             )  # fmt: skip
-            published = chosen if accepted else None
-        else:
+        else:  # "track" / "continuous"
             self.tracker.restart()
             result = self.tracker.refit()
-            accepted = bool(result.accepted)
-            ll_old, ll_new = result.holdout_logloss_old, result.holdout_logloss_new
-            published = result.published
+        accepted = bool(result.accepted)
+        ll_old, ll_new = result.holdout_logloss_old, result.holdout_logloss_new
+        published = result.published
         event: dict[str, object] = {
             "kind": "drift",
             "event_ts": event_ts,
