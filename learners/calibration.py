@@ -15,6 +15,7 @@ only when it lowers held-out log loss (:func:`fit_if_better`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "LogitShiftCalibrator",
     "OffsetCalibrator",
     "PlattCalibrator",
+    "VersionedCalibrator",
     "calibrator_from_dict",
     "fit_if_better",
     "log_loss",
@@ -567,6 +569,32 @@ def new_calibrator(kind: str) -> Calibrator:
     if kind not in _KINDS:
         raise ValueError(f"unknown calibrator kind {kind!r}; expected one of {CALIBRATOR_KINDS}")
     return _KINDS[kind]()
+
+
+@dataclass(frozen=True)
+class VersionedCalibrator:
+    """A served calibrator and its version: one immutable pair, replaced whole, so a
+    reader on another thread never sees one's calibrator with the other's version.
+
+    >>> cur = VersionedCalibrator(PlattCalibrator(), 0)
+    >>> params = {"kind": "platt", "a": 1.5, "b": 0.0}
+    >>> new = cur.newer({"kind": "calibrator", "version": 2, "params": params})
+    >>> new.version, new.calibrator.a, new.newer({"kind": "calibrator", "version": 2})
+    (2, 1.5, None)
+    """
+
+    calibrator: Calibrator
+    version: int
+
+    def newer(self, msg: dict[str, object]) -> VersionedCalibrator | None:
+        """The pair a validated ``calibrator`` control record carries when its version is
+        newer than this one's, else None (other kinds: None)."""
+        if msg.get("kind") != "calibrator":
+            return None
+        version = int(msg["version"])  # type: ignore[call-overload]  # validated by the parser
+        if version <= self.version:
+            return None
+        return VersionedCalibrator(calibrator_from_dict(msg["params"]), version)  # type: ignore[arg-type]
 
 
 def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:

@@ -682,8 +682,9 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             # the newest of the snapshot's calibrator and one announced on control since
             cur = _replica_models()
             cal, version = cur.calibrator, cur.calibrator_version
-            if rt.trainer.calibrator_version > version:
-                cal, version = rt.trainer.calibrator, rt.trainer.calibrator_version
+            announced = rt.trainer.served_calibrator  # one read: calibrator and version agree
+            if announced.version > version:
+                cal, version = announced.calibrator, announced.version
             return (FncThenCalibrator(cal) if settings.trainer.fnc else cal), version  # type: ignore[return-value]
 
         def _replica_user_vectors(ids: list[str]) -> np.ndarray:
@@ -703,7 +704,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         recommender = Recommender(
             rt.indexer.holder,
             ranker=lambda: rt.trainer.ranker,
-            calibrator=lambda: (rt.trainer.serving_calibrator(), rt.trainer.calibrator_version),
+            calibrator=rt.trainer.serving_calibrator,
             # the index holds two-tower item vectors when the two-tower model is on
             user_vectors=(
                 None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors

@@ -9,7 +9,7 @@ import numpy as np
 from learners.calibration import (
     Calibrator,
     PlattCalibrator,
-    calibrator_from_dict,
+    VersionedCalibrator,
 )
 from learners.recalibration import refit_on_alarm
 from logs.events import (
@@ -209,15 +209,13 @@ class MonitorService:
         """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
         so that this monitor's next version number continues from it; tracking resumes
         from it when it is not the identity."""
-        if msg.get("kind") == "calibrator":
-            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
-            if version > self.calibrator_version:
-                self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
-                self.calibrator_version = version
-                if self.guard is not None:
-                    self.guard.serving = self.calibrator
-                elif self.settings.monitor.recalibration in ("track", "continuous"):
-                    self.tracker.adopt(self.calibrator)
+        newer = VersionedCalibrator(self.calibrator, self.calibrator_version).newer(msg)
+        if newer is not None:
+            self.calibrator, self.calibrator_version = newer.calibrator, newer.version
+            if self.guard is not None:
+                self.guard.serving = self.calibrator
+            elif self.settings.monitor.recalibration in ("track", "continuous"):
+                self.tracker.adopt(self.calibrator)
 
     def publish(self) -> None:
         """Push window/lifetime/segment snapshots and reliability bins to the gauges (cheap

@@ -14,7 +14,7 @@ from index.faiss_index import IndexSnapshot
 from learners.calibration import (
     Calibrator,
     PlattCalibrator,
-    calibrator_from_dict,
+    VersionedCalibrator,
 )
 from learners.delayed_feedback import fnc_correct
 from learners.ranker import TorchRanker
@@ -146,8 +146,9 @@ class TrainerService:
             if settings.retrieval == "two_tower"
             else None
         )
-        self.calibrator: Calibrator = PlattCalibrator()
-        self.calibrator_version = 0
+        #: the served calibrator and its version, one pair replaced whole (serving threads
+        #: read it while control records replace it on the event loop)
+        self.served_calibrator = VersionedCalibrator(PlattCalibrator(), 0)
         self.model_version = 0
         self.buffer: list[LabeledExample] = []
         self.emitted_at: list[float | None] = []  # parallel to buffer
@@ -300,15 +301,11 @@ class TrainerService:
         announcement is not loaded here: a ``serve`` worker loads it from the model store
         (:class:`modelstore.snapshot.ModelReplica`, path confined to the store and checked
         against the manifest's digest); nothing loads a file a record points at."""
-        if msg.get("kind") == "model":
-            return
-        elif msg.get("kind") == "calibrator":
-            version = int(msg["version"])  # type: ignore[call-overload]  # validated by sender
-            if version > self.calibrator_version:
-                self.calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
-                self.calibrator_version = version
-                self.metrics.calibrator_version.set(version)
-                log.info("calibrator v%d applied: %s", version, self.calibrator)
+        newer = self.served_calibrator.newer(msg)
+        if newer is not None:
+            self.served_calibrator = newer
+            self.metrics.calibrator_version.set(newer.version)
+            log.info("calibrator v%d applied: %s", newer.version, newer.calibrator)
 
     def maybe_checkpoint(self, force: bool = False) -> Path | None:
         cfg = self.settings.trainer
@@ -360,7 +357,9 @@ class TrainerService:
             self.ranker = loaded.ranker
             if self.two_tower is not None and loaded.two_tower is not None:
                 self.two_tower = loaded.two_tower
-            self.calibrator, self.calibrator_version = loaded.calibrator, loaded.calibrator_version
+            self.served_calibrator = VersionedCalibrator(
+                loaded.calibrator, loaded.calibrator_version
+            )
             self.model_version = self.ranker.n_updates
             self.metrics.model_version.set(self.model_version)
             self.metrics.calibrator_version.set(self.calibrator_version)
@@ -415,9 +414,24 @@ class TrainerService:
                 "index_version": m.meta.get("index_version"),
                 "created_at": m.created_at}  # fmt: skip
 
-    def serving_calibrator(self) -> Calibrator:
-        """What /recommend applies to the ranker's scores: the calibrator, after the FNC
-        correction when ``trainer.fnc`` is on (as :meth:`step` does for the monitor)."""
+    @property
+    def calibrator(self) -> Calibrator:
+        """The served calibrator (of :attr:`served_calibrator`)."""
+        return self.served_calibrator.calibrator
+
+    @calibrator.setter
+    def calibrator(self, calibrator: Calibrator) -> None:
+        self.served_calibrator = VersionedCalibrator(calibrator, self.calibrator_version)
+
+    @property
+    def calibrator_version(self) -> int:
+        return self.served_calibrator.version
+
+    def serving_calibrator(self) -> tuple[Calibrator, int]:
+        """What /recommend applies to the ranker's scores, with its version, from one read
+        of the pair: the calibrator, after the FNC correction when ``trainer.fnc`` is on
+        (as :meth:`step` does for the monitor)."""
+        served = self.served_calibrator
         if not self.settings.trainer.fnc:
-            return self.calibrator
-        return FncThenCalibrator(self.calibrator)  # type: ignore[return-value]  # transform only
+            return served.calibrator, served.version
+        return FncThenCalibrator(served.calibrator), served.version  # type: ignore[return-value]  # transform only

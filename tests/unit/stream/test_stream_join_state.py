@@ -244,7 +244,7 @@ def test_fake_negative_scheme_needs_its_loss_and_fnc_serves_corrected_scores() -
     assert scored is not None
     row = [{"user_id": "u", "item_id": "x", "position": None}]
     b = trainer.ranker.predict_proba_many(row)
-    served = trainer.serving_calibrator().transform(b)
+    served = trainer.serving_calibrator()[0].transform(b)
     np.testing.assert_allclose(served, b / (1 - b), rtol=1e-6)
 
 

@@ -68,7 +68,7 @@ def test_two_tower_index_refresh_pools_and_recommend() -> None:
     rec = Recommender(
         indexer.holder,
         ranker=lambda: trainer.ranker,
-        calibrator=lambda: (trainer.serving_calibrator(), trainer.calibrator_version),
+        calibrator=trainer.serving_calibrator,
         user_vectors=trainer.two_tower.user_vectors,
     )
     out = rec.recommend("u3", k=5)

@@ -380,3 +380,20 @@ def test_trainer_step_split_across_threads_gives_the_same_batches(
     assert split.n_examples == inline.n_examples == len(examples)
     assert sample(metrics, "streamrec_scored_total") == len(examples)
     assert split.catalogue.items.keys() == inline.catalogue.items.keys()
+
+
+def test_the_served_calibrator_and_its_version_change_together() -> None:
+    svc = TrainerService(FAST, StreamrecMetrics())
+    before = svc.serving_calibrator()
+    assert before[1] == 0
+    svc.apply_control(
+        {"kind": "calibrator", "version": 3, "params": {"kind": "platt", "a": 2.0, "b": 0.1}}
+    )
+    cal, version = svc.serving_calibrator()
+    assert version == 3 and isinstance(cal, PlattCalibrator) and cal.a == 2.0
+    svc.apply_control(
+        {"kind": "calibrator", "version": 2, "params": {"kind": "platt", "a": 9.0, "b": 0}}
+    )
+    assert svc.serving_calibrator() == (cal, 3)  # an older version is ignored
+    svc.apply_control({"kind": "model", "version": 9})  # not a calibrator: nothing changes
+    assert svc.served_calibrator.version == 3 and before[0] is not cal
