@@ -35,6 +35,7 @@ implement it too: ``publish``, ``versions``, ``open``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "DirectoryStore",
+    "WriterLock",
     "FileEntry",
     "Manifest",
     "ModelStore",
@@ -91,8 +93,9 @@ class StoreConfig:
 
 
 class StoreError(Exception):
-    """A version that cannot be used; ``reason`` is a short metric label (``missing``,
-    ``corrupt``, ``checksum``, ``outside_store``, ``digest``, ``load_error``)."""
+    """A version that cannot be used, or a store that cannot be written; ``reason`` is a
+    short metric label (``missing``, ``corrupt``, ``checksum``, ``outside_store``,
+    ``digest``, ``load_error``, ``writer_locked``)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -156,6 +159,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+WRITER_LOCK = ".writer.lock"
+
+
+class WriterLock:
+    """The store's single-writer lock: an exclusive ``flock`` on ``root/.writer.lock``,
+    held while this object is open (the OS drops it when the process dies, so a killed
+    trainer never leaves a stale lock). The holder's pid is written in the file for the
+    error message of the next one. See :meth:`DirectoryStore.lock_writer`."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / WRITER_LOCK
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                "writer_locked",
+                f"another trainer (pid {holder}) is publishing to the model store {root}: "
+                "one trainer per store (stop it, or give this worker another --model-store)",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class DirectoryStore:
     """:class:`ModelStore` in a local or shared directory (see the module docstring).
 
@@ -172,6 +219,22 @@ class DirectoryStore:
 
     def path(self, version: int) -> Path:
         return self.root / f"v{version:08d}"
+
+    def lock_writer(self) -> WriterLock:
+        """Take the single-writer lock (a trainer holds it while it runs) or raise
+        :class:`StoreError` ``writer_locked`` naming the holder's pid. Readers need none.
+
+        >>> import tempfile
+        >>> store = DirectoryStore(tempfile.mkdtemp())
+        >>> first = store.lock_writer()
+        >>> store.lock_writer()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modelstore.store.StoreError: another trainer (pid ...) is publishing to the model store ...
+        >>> first.release(); store.lock_writer().held
+        True
+        """
+        return WriterLock(self.root)
 
     def versions(self) -> list[int]:
         """Published versions on disk, ascending (complete ones only: a version directory

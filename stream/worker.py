@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from modelstore.store import StoreError
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port, is_tansu
@@ -59,7 +60,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         print(f"streamrec worker: recommendations on {web}/recommend?user_id=...&k=10",
               flush=True)  # fmt: skip
     log.info("role %s, consumer group %s", settings.role, group_id(settings))
-    app = create_app(settings, metrics)
+    try:
+        app = create_app(settings, metrics)
+    except StoreError as exc:  # e.g. writer_locked: a refusal, not a crash
+        note_exit(settings.data_dir, True)
+        server.shutdown()
+        raise SystemExit(f"streamrec worker: {exc}") from None
     rt = app.streamrec  # type: ignore[attr-defined]
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's signal types are narrow

@@ -27,7 +27,7 @@ from logs.events import (
     example_row,
 )
 from modelstore.snapshot import publish_snapshot
-from modelstore.store import DirectoryStore, Manifest, StoreError
+from modelstore.store import DirectoryStore, Manifest, StoreError, WriterLock
 from monitoring.metrics import StreamrecMetrics
 from stream.services.dedup import SeenKeys
 from stream.services.join import segment_of
@@ -168,6 +168,11 @@ class TrainerService:
         self.published: Manifest | None = None
         self._published_key: tuple[object, ...] = ()
         self._last_publish = time.monotonic()
+        #: one trainer per store: held while this service lives (raises StoreError
+        #: "writer_locked" when another trainer holds it); :meth:`close` releases it
+        self.writer_lock: WriterLock | None = (
+            None if self.store is None else self.store.lock_writer()
+        )
         if self.store is not None:  # a restart continues from the store, not the warm start
             self._resume_from_store(self.store)
         metrics.model_version.set(0)
@@ -306,6 +311,11 @@ class TrainerService:
             self.served_calibrator = newer
             self.metrics.calibrator_version.set(newer.version)
             log.info("calibrator v%d applied: %s", newer.version, newer.calibrator)
+
+    def close(self) -> None:
+        """Release the model store's writer lock (the process exiting releases it too)."""
+        if self.writer_lock is not None:
+            self.writer_lock.release()
 
     def maybe_checkpoint(self, force: bool = False) -> Path | None:
         cfg = self.settings.trainer

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -122,6 +124,17 @@ def test_serve_replica_follows_the_store_and_rejects_corrupt_versions(
             assert mt["streamrec_store_version"] >= served["store_version"]
             assert mt["streamrec_store_propagation_seconds_count"] >= 1
             assert mt.get("streamrec_scored_total", 0) == 0  # it trains nothing
+
+            # a second trainer on the same store is refused at start, with the reason
+            second = subprocess.run(
+                [sys.executable, "-m", "stream.cli", "worker", "--broker", broker.url,
+                 "--metrics-port", "0", "--data-dir", str(tmp_path / "second-data"), *args,
+                 "--role", "trainer"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert second.returncode != 0
+            assert "one trainer per store" in second.stderr, second.stderr[-2000:]
+            assert "Traceback" not in second.stderr
 
             # the trainer stops: the replica keeps serving its newest version
             trainer.proc.terminate()

@@ -102,6 +102,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_store_version_and_trainin
     monkeypatch.undo()
 
     # a restart resumes from the last good version
+    trainer.close()
     restarted = TrainerService(settings, StreamrecMetrics())
     assert restarted.model_version == good.meta["model_version"]
     np.testing.assert_allclose(restarted.ranker.predict_proba_many(ROWS), good_scores,
@@ -121,6 +122,7 @@ def test_a_truncated_newest_version_is_rejected_and_the_previous_one_resumed(
     assert v1 is not None and v2 is not None and v2.meta["model_version"] > v1.meta["model_version"]
     ranker = v2.path / "ranker.pt"
     ranker.write_bytes(ranker.read_bytes()[:1000])  # a crash mid-copy, a bad disk
+    trainer.close()
     with caplog.at_level(logging.WARNING):
         restarted = TrainerService(settings, StreamrecMetrics())
     assert "cannot resume from version 2" in caplog.text and "truncated" in caplog.text

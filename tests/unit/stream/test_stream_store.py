@@ -4,16 +4,18 @@ restarted trainer resumes from the store."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from learners.two_tower import TwoTowerConfig
 from logs.events import Impression, LabeledExample
 from modelstore.snapshot import ModelReplica
-from modelstore.store import DirectoryStore, StoreConfig
+from modelstore.store import DirectoryStore, StoreConfig, StoreError
 from monitoring.metrics import StreamrecMetrics
 from stream.services import IndexerService, TrainerService
 from stream.settings import Settings, TrainerConfig
@@ -70,6 +72,10 @@ def test_trainer_publishes_a_replica_loads_it_and_a_restart_resumes(tmp_path: Pa
     trainer.publish(indexer.holder.current)
     trainer.publish(indexer.holder.current)
     assert DirectoryStore(settings.model_store).versions() == [2, 3]  # keep=2
+    with pytest.raises(StoreError, match="one trainer per store") as refused:
+        TrainerService(settings, StreamrecMetrics())  # while the first one runs
+    assert refused.value.reason == "writer_locked" and str(os.getpid()) in str(refused.value)
+    trainer.close()  # as its process ending would
     restarted = TrainerService(settings, StreamrecMetrics())
     assert restarted.model_version == trainer.model_version
     np.testing.assert_allclose(restarted.ranker.predict_proba_many(rows),
@@ -88,7 +94,9 @@ def test_the_hard_negative_source_reaches_the_two_tower_fresh_and_resumed(tmp_pa
     indexer = IndexerService(settings, StreamrecMetrics())
     indexer.refresh(trainer.ranker, trainer.catalogue, trainer.two_tower)
     assert trainer.publish(indexer.holder.current) is not None
+    trainer.close()
     resumed = TrainerService(settings, StreamrecMetrics(), hard_negatives=source)
     assert resumed.model_version == trainer.model_version  # it did load the store's model
     assert resumed.two_tower is not None and resumed.two_tower.hard_negatives is source
+    resumed.close()
     assert TrainerService(settings, StreamrecMetrics()).two_tower.hard_negatives is None  # type: ignore[union-attr]
