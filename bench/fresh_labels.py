@@ -43,7 +43,6 @@ from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import TorchRanker
 from logs.offline import log_examples, pretrain
 from monitoring.calibration import normalized_entropy
-from stream.join import JoinConfig
 from stream.settings import Settings
 
 ARMS = ("window", "click_pos", "fn_fnw", "fn_fnc")
@@ -258,7 +257,9 @@ def main(quick: bool = False, *, results_dir: Path | None = None,
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
         "rates_per_min": list(RATES),
-        "join": dataclasses.asdict(JoinConfig()),
+        # the worker's join settings (Settings().join, e.g. align_fake_negatives on) that
+        # every arm starts from before its own changes
+        "join": dataclasses.asdict(Settings().join),
         "runs": runs,
         "summary": summarize(runs),
     }
