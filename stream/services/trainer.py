@@ -249,8 +249,8 @@ class TrainerService:
         p_raw = self.ranker.score_and_learn(rows, y, w)
         if self.settings.trainer.fnc:  # the model learnt p / (1 + p) from fake negatives
             p_raw = fnc_correct(p_raw)
-        if self.two_tower is not None and y.any():
-            self.two_tower.learn_many(rows, y)
+        if self.two_tower is not None:  # every batch: its shown items join the catalogue of
+            self.two_tower.learn_many(rows, y)  # uniform negatives; only clicks take a step
         seconds = time.perf_counter() - t0
         p = self.calibrator.transform(p_raw)
         skipped = self.ranker.n_skipped_nonfinite > skipped_before

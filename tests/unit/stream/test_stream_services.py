@@ -397,3 +397,14 @@ def test_the_served_calibrator_and_its_version_change_together() -> None:
     assert svc.serving_calibrator() == (cal, 3)  # an older version is ignored
     svc.apply_control({"kind": "model", "version": 9})  # not a calibrator: nothing changes
     assert svc.served_calibrator.version == 3 and before[0] is not cal
+
+
+def test_items_of_a_click_free_batch_join_the_two_towers_catalogue() -> None:
+    svc = TrainerService(FAST, StreamrecMetrics())
+    assert svc.two_tower is not None
+    imps = [Impression(f"n{k}", 1_700_000_000.0 + k, f"u{k}", f"item{k}") for k in range(8)]
+    svc.add([LabeledExample(imp, 0, imp.ts + 60.0, kind="negative") for imp in imps])
+    while svc.step() is not None:
+        pass
+    assert svc.two_tower.n_updates == 0  # no click: no step
+    assert {f"item{k}" for k in range(8)} <= set(svc.two_tower._catalogue)
