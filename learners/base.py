@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Learner", "Rows"]
+__all__ = ["Learner", "Rows", "labels_and_weights"]
 
 Rows = Sequence[Mapping[str, object]]
 """A batch of B flat example rows (``learners.encoding``): field name -> str, number or
@@ -52,3 +52,23 @@ class Learner(Protocol):
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a checkpoint atomically."""
         ...
+
+
+def labels_and_weights(X: Rows, y: Any, w: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``y`` and ``w`` of a ``learn_many(X, y, w)`` call as float64 ``(B,)`` arrays
+    (``w`` None: ones), checked against ``len(X)``; values are not filtered here.
+
+    >>> labels_and_weights([{}, {}], [1, 0])[1].tolist()
+    [1.0, 1.0]
+    >>> labels_and_weights([{}], [1, 0])
+    Traceback (most recent call last):
+    ...
+    ValueError: len(y)=2 does not match len(X)=1
+    """
+    y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
+    if y_arr.shape[0] != len(X):
+        raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
+    w_arr = np.ones(len(X)) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
+    if w_arr.shape[0] != len(X):
+        raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+    return y_arr, w_arr

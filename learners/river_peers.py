@@ -20,7 +20,7 @@ from typing import Any, Self
 import numpy as np
 from river import linear_model, optim
 
-from learners.base import Rows
+from learners.base import Rows, labels_and_weights
 from learners.models import INITIAL_CTR
 from learners.util import atomic_write
 
@@ -75,14 +75,9 @@ class _RiverPeer:
 
         Examples with a non-finite label or weight are skipped.
         """
-        y_arr = np.asarray(y).reshape(-1)
-        if y_arr.shape[0] != len(X):
-            raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
-        w_arr = None if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
-        if w_arr is not None and w_arr.shape[0] != len(X):
-            raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+        y_arr, w_arr = labels_and_weights(X, y, w)
         for i, row in enumerate(X):
-            weight = 1.0 if w_arr is None else float(w_arr[i])
+            weight = float(w_arr[i])
             label = float(y_arr[i])
             if not (math.isfinite(weight) and math.isfinite(label)):
                 continue

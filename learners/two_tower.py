@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learners.base import Rows
+from learners.base import Rows, labels_and_weights
 from learners.encoding import SEQ_FIELD, EncoderConfig, FeatureEncoder, inference
 from learners.losses import info_nce_loss, sampled_softmax_loss
 from learners.models import N_AGE_BUCKETS, age_buckets
@@ -682,12 +682,7 @@ class TwoTowerModel:
         labels or weights drop the row); ``w``: optional (B,) example weights. Rows without
         ``item_id`` are skipped. Clicks are learned in steps of at most ``batch_size``.
         """
-        y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
-        if y_arr.shape[0] != len(X):
-            raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
-        w_arr = np.ones(len(X)) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
-        if w_arr.shape[0] != len(X):
-            raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+        y_arr, w_arr = labels_and_weights(X, y, w)
         for row in X:  # every shown item joins the catalogue the uniform negatives come from
             if row.get("item_id") is not None:
                 self._remember_item(self._item_part(row))

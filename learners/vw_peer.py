@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import vowpalwabbit
 
-from learners.base import Rows
+from learners.base import Rows, labels_and_weights
 from learners.util import atomic_write
 
 __all__ = ["VWConfig", "VowpalWabbitLogistic", "vw_example"]
@@ -171,12 +171,7 @@ class VowpalWabbitLogistic:
 
     def _labelled(self, X: Rows, y: Any, w: Any) -> list[str | None]:
         """VW examples for learning; None where the label or weight is unusable."""
-        y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
-        if y_arr.shape[0] != len(X):
-            raise ValueError(f"len(y)={y_arr.shape[0]} does not match len(X)={len(X)}")
-        w_arr = np.ones(len(X)) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
-        if w_arr.shape[0] != len(X):
-            raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
+        y_arr, w_arr = labels_and_weights(X, y, w)
         out: list[str | None] = []
         for row, label, weight in zip(X, y_arr.tolist(), w_arr.tolist(), strict=True):
             ok = math.isfinite(label) and math.isfinite(weight) and weight > 0
