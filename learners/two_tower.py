@@ -744,9 +744,7 @@ class TwoTowerModel:
 
     def _step(self, rows: list[Mapping[str, object]], weights: np.ndarray) -> None:
         cfg = self.config
-        item_parts = [self._item_part(r) for r in rows]
-        for part in item_parts:
-            self._remember_item(part)
+        item_parts = [self._item_part(r) for r in rows]  # remembered by learn_many already
         items = [str(p["item_id"]) for p in item_parts]
         users = [None if r.get("user_id") is None else str(r["user_id"]) for r in rows]
         self.popularity.update(items)
