@@ -1,4 +1,4 @@
-"""The worker's stages as plain objects; the Faust agents in :mod:`stream.app` are thin
+"""The worker's stages as plain objects; the Faust agents in :mod:`stream.agents` are thin
 wrappers that move bytes between topics and these objects. Everything here is testable
 without Kafka.
 

@@ -1,0 +1,152 @@
+"""The joiner: ``impressions`` + ``clicks`` → :class:`stream.services.JoinService` →
+``labeled``, with the input acks of at-least-once delivery (:class:`stream.acks.InputAcks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+from faust.types import TP
+
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_LABELED, DeadLetter, InvalidEvent
+from stream.acks import InputAcks
+from stream.agents.outputs import Outputs
+from stream.agents.runtime import Runtime
+from stream.limits import labeled_records
+
+__all__ = ["LABELED_FLUSH_S", "LABELED_FLUSH_SIZE", "STATE_FLUSH_RECORDS", "JoinerAgents"]
+
+log = logging.getLogger(__name__)
+
+#: Examples per ``labeled`` record (~250 bytes each: far below the 1 MB message limit) and
+#: the longest a released label waits in the joiner's output buffer (wall seconds).
+LABELED_FLUSH_SIZE = 1000
+LABELED_FLUSH_S = 0.2
+#: input records between two flushes of the join state by the joiner itself (the labels'
+#: flusher flushes it every LABELED_FLUSH_S too)
+STATE_FLUSH_RECORDS = 2000
+
+
+class JoinerAgents:
+    """The ``joiner`` agent, the labels' flush timer and the revocation handler.
+
+    An input record is acked only after the join-state segment holding its changes went
+    to the producer (:meth:`commit_state`); released labels go out before their
+    impressions leave the state (:meth:`flush_labeled`).
+    """
+
+    def __init__(self, app: faust.App, rt: Runtime, out: Outputs) -> None:
+        self.app, self.rt, self.out = app, rt, out
+        self.acks = InputAcks(lambda event: event.message.partition)
+
+    def install(self) -> None:
+        """Register the agent on the input topics and the flush timer."""
+
+        async def joiner(stream: faust.StreamT[bytes]) -> None:
+            await self.run(stream)
+
+        async def labeled_flusher() -> None:
+            await self.timed_flush()
+
+        self.app.agent(self.out.inputs, name="joiner")(joiner)
+        self.app.timer(interval=LABELED_FLUSH_S)(labeled_flusher)
+
+    def connect_revocation(self) -> None:
+        """Drop revoked input partitions (on every role: the signal is the app's)."""
+
+        async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+            revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
+            self.revoked(revoked)
+
+        self.app.on_partitions_revoked.connect(on_revoked)
+
+    async def run(self, stream: faust.StreamT[bytes]) -> None:
+        rt, out = self.rt, self.out
+        async for event in stream.noack().events():  # type: ignore[attr-defined]
+            msg = event.message
+            try:
+                labels, dls = rt.join.handle_record(
+                    event.value, msg.topic, msg.partition, msg.offset
+                )
+            except Exception as exc:  # a bug must not stall the partition: park the record
+                self.acks.add(event)
+                out.stage_error("joiner", out.where(event))
+                await out.dead_letter(event, InvalidEvent("processing_error", repr(exc)))
+                continue
+            self.acks.add(event)
+            try:
+                for dl in dls:
+                    log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition,
+                                msg.offset, dl.reason)  # fmt: skip
+                    await out.dead.send(value=dl.to_json())
+                if labels and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
+                    await self.flush_labeled(force=False)
+                elif len(self.acks) >= STATE_FLUSH_RECORDS:
+                    self.commit_state()
+            except Exception:  # producing failed: the labels stay pending in the state
+                out.stage_error("joiner", out.where(event))
+
+    async def flush_labeled(self, force: bool) -> None:
+        """Send queued labels; then (and only then) their impressions leave the state."""
+        rt, out = self.rt, self.out
+        # taken in one go: the other flusher (timer or agent) runs while this one awaits
+        ready = rt.join.take_ready(None if force else LABELED_FLUSH_SIZE)
+        for partition, buf in ready.items():
+            key = str(partition).encode()
+            # split by bytes (and count) under the record limit: valid but large impressions
+            # in one batch must not make the producer refuse it
+            records, too_large = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
+            sending = [await out.labeled.send(key=key, value=value) for value in records]
+            for e in too_large:  # cannot happen with a limit >= 64 KiB events; kept safe
+                exc = InvalidEvent("too_large", "labelled example over max_message_bytes")
+                rt.metrics.dead_letters.labels(reason=exc.reason).inc()
+                letter = DeadLetter.of(TOPIC_LABELED, partition, -1, exc, e.impression.to_json())
+                await out.dead.send(value=letter.to_json())
+            # the broker has the labels before the state says so: a RocksDB store is
+            # local and durable at once, so marking them earlier could lose them
+            await asyncio.gather(*sending)
+            rt.join.sent(partition, buf)
+        while rt.join.orphans:
+            await out.dead.send(value=rt.join.orphans.pop().to_json())
+        self.commit_state()
+
+    def commit_state(self) -> None:
+        """Flush the join state (and the feature state) to the producer, then ack inputs."""
+        self.acks.commit(self._flush_state)
+
+    def _flush_state(self) -> None:
+        self.rt.join.save_features()
+        self.rt.join.state.flush()
+
+    def input_lags(self) -> dict[tuple[str, int], int]:
+        """Unconsumed records per input partition (from the last fetch's high watermark)."""
+        lags: dict[tuple[str, int], int] = {}
+        for (topic, partition), offset in self.rt.join.offsets.items():
+            try:
+                high = self.app.consumer.highwater(TP(topic, partition))
+            except Exception:  # no fetch yet, or a rebalance in progress
+                continue
+            if high is not None:
+                lags[(topic, partition)] = int(high) - 1 - offset
+        return lags
+
+    async def timed_flush(self) -> None:
+        """The timer: backlog note, release due labels, send them; never raises."""
+        try:
+            self.rt.join.note_backlog(self.input_lags())
+            self.rt.join.tick()
+            await self.flush_labeled(force=True)
+        except Exception:  # a timer that raises stops the worker: count it, retry next tick
+            self.out.stage_error("labeled_flusher", "a timed flush")
+
+    def revoked(self, revoked: set[TP]) -> None:
+        """A revoked input partition's joiner is dropped: the next owner rebuilds it from
+        the table, and re-emits the labels this worker had not sent yet."""
+        gone = {tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)}
+        # Faust waited for every input record to be acked, so what they changed is flushed;
+        # anything unacked left is uncommitted and goes to the next owner with its inputs
+        self.acks.drop_partitions(gone)
+        self.rt.join.drop(gone)
