@@ -38,7 +38,7 @@ each on a fresh broker:
    ``/proc`` and ``getrusage``.
 3. **scale-out** (``--scale-out N``, default 2; 0 skips it): phase 2 again with N workers in
    one consumer group, started together. They split the input partitions, so the joiner
-   runs in N processes; ``labeled`` has one partition, so one of them trains (DESIGN.md:
+   runs in N processes; ``labeled`` has one partition, so one of them trains (docs/DESIGN.md:
    "more Faust workers for joiner and monitor; the trainer is one consumer of labeled").
    Metrics are summed over the workers; the ratio to phase 2 is reported.
 4. **split** (unless ``--no-split``): phase 2 again with one ``--role joiner`` and one
@@ -115,7 +115,7 @@ FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impressio
 GOAL_IMPRESSIONS_PER_S = 20_000.0
 SAMPLE_S = 0.5
 WAIT_MIN_S, WAIT_RATE = 180.0, 100.0  # after the replay: wait max(180 s, n / 100/s)
-SCALE_OUT_WORKERS = 2  # workers of the scale-out phase (DESIGN.md: more joiner workers)
+SCALE_OUT_WORKERS = 2  # workers of the scale-out phase (docs/DESIGN.md: more joiner workers)
 SPLIT_ROLES = ("joiner", "trainer")  # the split phase: one worker per side
 PROFILE_N = 20_000  # impressions of the profiled run (a prefix of the log)
 PROFILE_RATE = 100  # py-spy samples per second

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, overload, runtime_checkable
 import numpy as np
 
 from learners.util import PROB_EPS, logit, sigmoid
+from monitoring.calibration import log_loss
 
 __all__ = [
     "CALIBRATOR_KINDS",
@@ -33,7 +34,6 @@ __all__ = [
     "VersionedCalibrator",
     "calibrator_from_dict",
     "fit_if_better",
-    "log_loss",
     "new_calibrator",
     "solve_offset",
 ]
@@ -49,17 +49,6 @@ def _weights(w: Any, n: int) -> np.ndarray:
     if arr.shape[0] != n:
         raise ValueError(f"len(w)={arr.shape[0]} does not match len(p)={n}")
     return arr
-
-
-def log_loss(p: Any, y: Any, w: Any = None) -> float:
-    """Weighted mean log loss (nats) of probabilities ``p`` (N,) against 0/1 labels ``y``."""
-    q = np.clip(np.asarray(p, dtype=np.float64).reshape(-1), _EPS, 1.0 - _EPS)
-    t = np.asarray(y, dtype=np.float64).reshape(-1)
-    ww = _weights(w, q.shape[0])
-    total = float(ww.sum())
-    if total <= 0:
-        return float("nan")
-    return float(-(ww * (t * np.log(q) + (1 - t) * np.log1p(-q))).sum() / total)
 
 
 class PlattCalibrator:

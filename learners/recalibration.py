@@ -19,11 +19,11 @@ from learners.calibration import (
     Calibrator,
     OffsetCalibrator,
     fit_if_better,
-    log_loss,
     new_calibrator,
     solve_offset,
 )
 from learners.util import logit
+from monitoring.calibration import log_loss
 
 __all__ = ["RefitResult", "TrackingConfig", "TrackingRecalibrator", "refit_on_alarm"]
 

@@ -4,7 +4,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learners.calibration import PlattCalibrator, fit_if_better, log_loss
+from learners.calibration import PlattCalibrator, fit_if_better
+from monitoring.calibration import log_loss
 
 
 def miscalibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

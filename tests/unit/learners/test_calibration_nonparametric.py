@@ -19,9 +19,9 @@ from learners.calibration import (
     PlattCalibrator,
     calibrator_from_dict,
     fit_if_better,
-    log_loss,
     pool_adjacent_violators,
 )
+from monitoring.calibration import log_loss
 
 
 def brute_force_isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
