@@ -73,6 +73,7 @@ from logs.offline import log_examples, pretrain
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.calibration import log_loss
 from monitoring.metrics import StreamrecMetrics
+from stream.control import CalibratorUpdate
 from stream.join import JoinConfig
 from stream.services import MonitorService, TrainerService, segment_of
 from stream.settings import MonitorConfig, Settings
@@ -190,7 +191,7 @@ def _peer_batch(examples: list[LabeledExample], p: np.ndarray) -> ScoredBatch:
 
 def _alarm_rows(monitor: MonitorService) -> list[int]:
     """Online rows at which the monitor's drift alarms fired (end of the alarming batch)."""
-    return [int(e["examples_seen"]) for e in monitor.events]  # type: ignore[call-overload]
+    return [int(e.examples_seen or 0) for e in monitor.events]
 
 
 def run_streamrec(
@@ -223,8 +224,8 @@ def run_streamrec(
         # its calibrators (calibration never changes what the model learns).
         p_cont[rows] = served = cont_calibrator.transform(p_raw[rows])
         for msg in cont_monitor.observe(dataclasses.replace(batch, p=served.tolist())):
-            if msg["kind"] == "calibrator":
-                cont_calibrator = calibrator_from_dict(msg["params"])  # type: ignore[arg-type]
+            if isinstance(msg, CalibratorUpdate):
+                cont_calibrator = calibrator_from_dict(msg.params)
     seconds = time.perf_counter() - t0
 
     def served_by(m: MonitorService, scores: np.ndarray) -> dict[str, Any]:

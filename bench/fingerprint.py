@@ -83,7 +83,7 @@ def run(n_impressions: int = 12_000, seed: int = 7) -> dict[str, str]:
         while (batch := trainer.step()) is not None:
             _feed(parts["scored"], dataclasses.asdict(batch))
             for msg in monitor.observe(batch):
-                _feed(parts["control"], msg)
+                _feed(parts["control"], msg.to_dict())
                 trainer.apply_control(msg)
                 monitor.apply_control(msg)
 

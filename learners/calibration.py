@@ -566,24 +566,20 @@ class VersionedCalibrator:
     reader on another thread never sees one's calibrator with the other's version.
 
     >>> cur = VersionedCalibrator(PlattCalibrator(), 0)
-    >>> params = {"kind": "platt", "a": 1.5, "b": 0.0}
-    >>> new = cur.newer({"kind": "calibrator", "version": 2, "params": params})
-    >>> new.version, new.calibrator.a, new.newer({"kind": "calibrator", "version": 2})
+    >>> new = cur.newer(2, {"kind": "platt", "a": 1.5, "b": 0.0})
+    >>> new.version, new.calibrator.a, new.newer(2, {"kind": "platt", "a": 9.0, "b": 0.0})
     (2, 1.5, None)
     """
 
     calibrator: Calibrator
     version: int
 
-    def newer(self, msg: dict[str, object]) -> VersionedCalibrator | None:
-        """The pair a validated ``calibrator`` control record carries when its version is
-        newer than this one's, else None (other kinds: None)."""
-        if msg.get("kind") != "calibrator":
-            return None
-        version = int(msg["version"])  # type: ignore[call-overload]  # validated by the parser
+    def newer(self, version: int, params: dict[str, Any]) -> VersionedCalibrator | None:
+        """The pair of a (validated) calibrator ``params`` at ``version`` when that is
+        newer than this one's, else None."""
         if version <= self.version:
             return None
-        return VersionedCalibrator(calibrator_from_dict(msg["params"]), version)  # type: ignore[arg-type]
+        return VersionedCalibrator(calibrator_from_dict(params), version)
 
 
 def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:

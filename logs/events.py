@@ -11,7 +11,7 @@ inside Faust's deserialiser, which would drop it.
 | clicks        | user_id          | :class:`Click` or a watermark                  |
 | labeled       | joiner partition | :class:`LabeledExample` s: encode_labeled_batch |
 | scored        | trainer          | :class:`ScoredBatch`                           |
-| control       | kind             | ``{"kind": ..., "version": ...}``              |
+| control       | kind             | typed records of :mod:`stream.control`         |
 | dead-letter   | none             | :class:`DeadLetter`                            |
 
 ``labeled`` and ``scored`` carry micro-batches rather than one record per example: in

@@ -1,4 +1,14 @@
-"""Validation of ``control`` records: one typed parser in front of every consumer.
+"""The control plane: one typed record per ``control`` message kind, encoded by
+:func:`encode_control` and decoded (validated first) by :func:`decode_control`, the one
+parser in front of every consumer.
+
+- :class:`CalibratorUpdate` (``calibrator``): a calibrator to serve, from the monitor;
+- :class:`ModelAnnouncement` (``model``): a model-store version, from the trainer;
+- :class:`IndexVersion` (``index``) and :class:`IndexRejected` (``index_rejected``): an
+  index swapped in, or a build that failed its checks, from the indexer;
+- :class:`DriftAlarm` (``drift``) and :class:`Recalibration` (``recalibration``): an
+  alarm, and a judged refit with its decision, from the monitor;
+- :class:`OtherControl`: any other kind, kept whole and applied by no one.
 
 Every worker reads ``control`` from offset 0 at start, so a record that made a consumer
 raise would stop every worker on every restart until retention removed it. Nothing is
@@ -33,15 +43,32 @@ logs.events.InvalidEvent: non_finite: calibrator params hold a non-finite number
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from logs.events import InvalidEvent
 
-__all__ = ["MAX_CONTROL_BYTES", "MAX_VERSION", "check_model_record", "parse_control"]
+__all__ = [
+    "MAX_CONTROL_BYTES",
+    "MAX_VERSION",
+    "CalibratorUpdate",
+    "ControlRecord",
+    "DriftAlarm",
+    "IndexRejected",
+    "IndexVersion",
+    "ModelAnnouncement",
+    "OtherControl",
+    "Recalibration",
+    "check_model_record",
+    "decode_control",
+    "encode_control",
+    "parse_control",
+]
 
 #: Largest ``control`` record accepted (an isotonic calibrator of a few thousand knots is
 #: ~100 KB).
@@ -138,7 +165,169 @@ def parse_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) -
     return msg
 
 
-def check_model_record(msg: dict[str, Any], model_store: str) -> str | None:
+class _Record:
+    """A control record: ``to_dict`` gives ``kind`` then the fields in declared order,
+    leaving out the optional ones (:attr:`_OPTIONAL`) that are None."""
+
+    kind: ClassVar[str]
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None or f.name not in self._OPTIONAL:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """From a dict :func:`parse_control` accepted; absent fields are None."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CalibratorUpdate(_Record):
+    """A calibrator to serve: ``params`` rebuild it
+    (:func:`learners.calibration.calibrator_from_dict`); newer versions win."""
+
+    kind: ClassVar[str] = "calibrator"
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"event_ts", "reason"})
+    version: int
+    params: dict[str, Any]
+    event_ts: float | None = None  #: event time (s) of the batch that caused it
+    reason: str | None = None  #: "alarm", "refit", "identity", "level", "accepted", ...
+
+
+@dataclass(frozen=True)
+class ModelAnnouncement(_Record):
+    """A model-store version: its directory, the manifest's SHA-256, the model versions."""
+
+    kind: ClassVar[str] = "model"
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    version: int
+    path: str | None = None
+    digest: str | None = None
+    model_version: int | None = None
+    index_version: int | None = None
+    created_at: float | None = None
+
+
+@dataclass(frozen=True)
+class IndexVersion(_Record):
+    """A FAISS index swapped in (informational)."""
+
+    kind: ClassVar[str] = "index"
+    version: int | None
+    items: int | None = None
+    index_kind: str | None = None
+    recall_check: float | None = None
+    retrieval_model: str | None = None
+    pool_users: int | None = None
+    build_s: float | None = None
+
+
+@dataclass(frozen=True)
+class IndexRejected(_Record):
+    """An index build that failed its checks; the previous version keeps serving."""
+
+    kind: ClassVar[str] = "index_rejected"
+    version: int | None
+    reasons: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class DriftAlarm(_Record):
+    """A calibration drift alarm: ``accepted`` None when nothing was refitted at once
+    (``proposed``: a guarded refit was proposed), else the refit's held-out verdict."""
+
+    kind: ClassVar[str] = "drift"
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"proposed", "holdout_logloss_old", "holdout_logloss_new"}
+    )
+    event_ts: float | None
+    examples_seen: int | None = None
+    z: float | None = None
+    accepted: bool | None = None
+    proposed: bool | None = None
+    holdout_logloss_old: float | None = None
+    holdout_logloss_new: float | None = None
+
+
+@dataclass(frozen=True)
+class Recalibration(_Record):
+    """A judged refit: ``decision`` "accepted", "rejected" or "rollback"; the guarded
+    policy adds its held-out gain and its standard error (nats)."""
+
+    kind: ClassVar[str] = "recalibration"
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"gain_nats", "se_nats"})
+    event_ts: float | None
+    examples_seen: int | None = None
+    decision: str | None = None
+    reason: str | None = None
+    gain_nats: float | None = None
+    se_nats: float | None = None
+
+
+@dataclass(frozen=True)
+class OtherControl:
+    """A record of a kind nothing here applies (kept whole, e.g. for a report)."""
+
+    kind: str
+    fields: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+ControlRecord = (
+    CalibratorUpdate
+    | ModelAnnouncement
+    | IndexVersion
+    | IndexRejected
+    | DriftAlarm
+    | Recalibration
+    | OtherControl
+)
+_KINDS: dict[str, type[_Record]] = {
+    c.kind: c
+    for c in (
+        CalibratorUpdate,
+        ModelAnnouncement,
+        IndexVersion,
+        IndexRejected,
+        DriftAlarm,
+        Recalibration,
+    )  # fmt: skip
+}
+
+
+def encode_control(record: ControlRecord) -> bytes:
+    """The ``control`` record value (JSON) of ``record``.
+
+    >>> encode_control(CalibratorUpdate(3, {"a": 1.0, "b": 0.2}))
+    b'{"kind": "calibrator", "version": 3, "params": {"a": 1.0, "b": 0.2}}'
+    """
+    return json.dumps(record.to_dict()).encode()
+
+
+def decode_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) -> ControlRecord:
+    """The typed record of one ``control`` value, validated by :func:`parse_control`
+    first. Raises :class:`~logs.events.InvalidEvent`.
+
+    >>> decode_control(b'{"kind": "calibrator", "version": 3, "params": {"a": 1.0, "b": 0}}')
+    CalibratorUpdate(version=3, params={'a': 1.0, 'b': 0}, event_ts=None, reason=None)
+    >>> decode_control(b'{"kind": "hello", "version": 1}')
+    OtherControl(kind='hello', fields={'kind': 'hello', 'version': 1})
+    """
+    msg = parse_control(raw, max_bytes)
+    cls = _KINDS.get(msg["kind"])
+    if cls is None:
+        return OtherControl(msg["kind"], msg)
+    return cls.from_dict(msg)
+
+
+def check_model_record(msg: ModelAnnouncement, model_store: str) -> str | None:
     """Why a parsed ``model`` record must not be acted on, or None when it may be.
 
     A ``model`` record only ever names a version of the model store: its ``path`` (when
@@ -150,13 +339,13 @@ def check_model_record(msg: dict[str, Any], model_store: str) -> str | None:
     that is not (or no longer) in the store is not an error (an old record of a pruned
     version): None. Returns a :class:`~modelstore.store.StoreError` reason otherwise.
 
-    >>> check_model_record({"kind": "model", "version": 3, "path": "/etc/passwd"}, "")
+    >>> check_model_record(ModelAnnouncement(3, path="/etc/passwd"), "")
     'outside_store'
-    >>> check_model_record({"kind": "model", "version": 3}, "")
+    >>> check_model_record(ModelAnnouncement(3), "")
     """
     from modelstore.store import DirectoryStore, StoreError
 
-    path, digest, version = msg.get("path"), msg.get("digest"), msg.get("version")
+    path, digest, version = msg.path, msg.digest, msg.version
     if not model_store:
         return "outside_store" if path is not None else None
     if isinstance(version, bool) or not isinstance(version, int):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from logs.events import TOPIC_CONTROL, TOPIC_SCORED, ScoredBatch
+from logs.events import TOPIC_CONTROL, TOPIC_SCORED, InvalidEvent, ScoredBatch
 from logs.synthetic import SyntheticConfig, read_meta, write_synthetic
 from monitoring.calibration import (
     auc,
@@ -35,10 +35,22 @@ from monitoring.calibration import (
 )
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
+from stream.control import ControlRecord, DriftAlarm, Recalibration, decode_control
 from stream.replay import replay
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _control_records(values: list[bytes]) -> list[ControlRecord]:
+    """The typed ``control`` records of a run (one the workers rejected is left out too)."""
+    out = []
+    for v in values:
+        try:
+            out.append(decode_control(v))
+        except InvalidEvent:
+            continue
+    return out
 
 
 def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
@@ -272,7 +284,7 @@ def run_demo(
             final = _wait_done(metrics_url, stats.impressions, worker, t0 + timeout_s, progress)
             t_done = time.monotonic()
             batches = read_scored(broker.url)
-            controls = [json.loads(v) for v in read_topic(broker.url, TOPIC_CONTROL)]
+            controls = _control_records(read_topic(broker.url, TOPIC_CONTROL))
         finally:
             _stop(worker)
     records = ScoredArrays.of(batches)
@@ -281,10 +293,10 @@ def run_demo(
         run / "scored.npz", ts=arr.ts, y=arr.y, p=arr.p, p_raw=arr.p_raw, true_p=arr.true_p
     )
     summary = summarize(arr, drift_ts)
-    alarms = [c for c in controls if c.get("kind") == "drift"]
+    alarms = [c.to_dict() for c in controls if isinstance(c, DriftAlarm)]
     # one record per counted refit (MonitorService._count_refit): the report draws these,
     # the table below reads the counters; the two agree
-    refits = [c for c in controls if c.get("kind") == "recalibration"]
+    refits = [c.to_dict() for c in controls if isinstance(c, Recalibration)]
     delays = []
     if drift_ts is not None and arr.ts.size:
         # post-drift impressions the monitor had taken in when it alarmed: the scored

@@ -17,7 +17,7 @@ from logs.events import TOPIC_CONTROL, InvalidEvent
 from stream.agents.outputs import Outputs
 from stream.agents.replica import ReplicaAgents
 from stream.agents.runtime import Runtime
-from stream.control import check_model_record, parse_control
+from stream.control import ModelAnnouncement, check_model_record, decode_control
 
 __all__ = ["ControlAgent"]
 
@@ -74,29 +74,26 @@ class ControlAgent:
             await consumer.stop()
 
     def apply(self, value: bytes | None) -> None:
-        """Apply one ``control`` record that :func:`stream.control.parse_control`
+        """Apply one ``control`` record that :func:`stream.control.decode_control`
         accepts; a rejected one is counted and skipped."""
         rt = self.rt
         try:
-            msg = parse_control(value, max(rt.settings.max_message_bytes, 1024**2))
+            record = decode_control(value, max(rt.settings.max_message_bytes, 1024**2))
         except InvalidEvent as exc:
             rt.metrics.control_rejected.labels(reason=exc.reason).inc()
             log.warning("control record rejected and skipped: %s", exc)
             return
-        if not isinstance(msg, dict):
-            return
-        if msg.get("kind") == "model":
+        if isinstance(record, ModelAnnouncement):
             # only a version of the model store with its manifest's digest, on every
             # worker: a legacy record naming a file elsewhere is refused and counted
-            refused = check_model_record(msg, rt.settings.model_store)
+            refused = check_model_record(record, rt.settings.model_store)
             if refused is not None:
                 rt.metrics.control_rejected.labels(reason=refused).inc()
                 log.warning("control 'model' record refused (%s): version %r, path %r",
-                            refused, msg.get("version"), msg.get("path"))  # fmt: skip
-                if self.replica is not None:  # and in the replica's store_failures, as before
-                    self.replica.announce(msg, refused=True)
+                            refused, record.version, record.path)  # fmt: skip
+            if self.replica is not None:  # refused ones count in store_failures too
+                self.replica.announce(record, refused=refused is not None)
+            if refused is not None:
                 return
-        rt.trainer.apply_control(msg)
-        rt.monitor.apply_control(msg)
-        if self.replica is not None and msg.get("kind") == "model":
-            self.replica.announce(msg, refused=False)
+        rt.trainer.apply_control(record)
+        rt.monitor.apply_control(record)

@@ -55,8 +55,8 @@ class MonitorAgent:
                                              batch.model_version)):  # fmt: skip
             self.rt.metrics.duplicate_examples.labels(stage="monitor").inc(len(ids))
             return
-        for msg in self.rt.monitor.observe(batch):
-            await self.out.announce(str(msg["kind"]).encode(), msg)
+        for record in self.rt.monitor.observe(batch):
+            await self.out.announce(record)
 
 
 class Gauges:

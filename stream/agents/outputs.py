@@ -18,8 +18,8 @@ from logs.events import (
     InvalidEvent,
 )
 from monitoring.metrics import StreamrecMetrics
+from stream.control import ControlRecord, encode_control
 from stream.limits import payload_limit
-from stream.services import control_bytes
 
 __all__ = ["Outputs"]
 
@@ -65,6 +65,7 @@ class Outputs:
         except Exception:
             self.stage_error("dead_letter", self.where(event))
 
-    async def announce(self, key: bytes, msg: dict[str, object]) -> None:
-        """One message on ``control`` (validated by every reader: :mod:`stream.control`)."""
-        await self.control.send(key=key, value=control_bytes(msg))
+    async def announce(self, record: ControlRecord) -> None:
+        """One record on ``control``, keyed by its kind (every reader validates it:
+        :func:`stream.control.decode_control`)."""
+        await self.control.send(key=record.kind.encode(), value=encode_control(record))

@@ -17,6 +17,7 @@ from modelstore.store import DirectoryStore
 from serving.recommender import Recommender, ServingError
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
+from stream.control import ModelAnnouncement
 from stream.services import FncThenCalibrator
 
 __all__ = ["ReplicaAgents"]
@@ -52,11 +53,11 @@ class ReplicaAgents:
         self.app.task(store_refresher)
         self.app.agent(self.out.control, name="serve-control")(control_drain)
 
-    def announce(self, msg: dict[str, object], *, refused: bool) -> None:
+    def announce(self, msg: ModelAnnouncement, *, refused: bool) -> None:
         """A ``model`` record from ``control``: refresh soon unless it was refused; new
         load failures counted either way."""
         before = self.replica.n_failures
-        if self.replica.announce(msg) is not None and not refused:
+        if self.replica.announce(msg.to_dict()) is not None and not refused:
             self.refresh_soon.set()
         self.count_failures(before)
 

@@ -87,7 +87,7 @@ class TrainerAgents:
                 # on the training thread (models still: the lock is held), off the loop
                 manifest = await self._on_thread(rt.trainer.publish, index)
                 if manifest is not None:
-                    await out.announce(b"model", rt.trainer.store_announcement(manifest))
+                    await out.announce(rt.trainer.store_announcement(manifest))
 
     def drop_buffer(self) -> int:
         """Drop the buffered examples after a failed step (their records are acked)."""
@@ -130,7 +130,7 @@ class TrainerAgents:
         rt = self.rt
         msg = rt.indexer.refresh(rt.trainer.ranker, rt.trainer.catalogue, rt.trainer.two_tower)
         if msg is not None:
-            await self.out.announce(b"index", msg)
+            await self.out.announce(msg)
 
     async def timed_refresh(self) -> None:
         try:

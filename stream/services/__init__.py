@@ -5,7 +5,6 @@ without Kafka.
 One module per room: join, trainer, dedup, monitor, indexer.
 """
 
-from stream.services.control import control_bytes
 from stream.services.dedup import SeenKeys
 from stream.services.indexer import IndexerService
 from stream.services.join import JoinService, JoinState, MemoryJoinState, segment_of
@@ -30,6 +29,5 @@ __all__ = [
     "TakenBatch",
     "TrainerService",
     "FncThenCalibrator",
-    "control_bytes",
     "segment_of",
 ]

@@ -10,6 +10,7 @@ from index.hard_negatives import HardNegativePool
 from learners.ranker import TorchRanker
 from learners.two_tower import TwoTowerModel
 from monitoring.metrics import StreamrecMetrics
+from stream.control import IndexRejected, IndexVersion
 from stream.services.trainer import Catalogue
 from stream.settings import Settings
 
@@ -39,7 +40,7 @@ class IndexerService:
 
     def refresh(
         self, ranker: TorchRanker, catalogue: Catalogue, two_tower: TwoTowerModel | None = None
-    ) -> dict[str, object] | None:
+    ) -> IndexVersion | IndexRejected | None:
         """Build a new snapshot off the serving path from the retrieval model's item
         vectors (``two_tower``, else the ranker's embeddings), verify it (size, unit norms,
         recall@K against exact search on a sample) and swap it in atomically; a snapshot
@@ -67,14 +68,13 @@ class IndexerService:
             m.index_rejected.inc()
             log.warning("index v%d not built, v%d keeps serving: %s", self.version + 1,
                         self.version, exc)  # fmt: skip
-            return {"kind": "index_rejected", "version": self.version + 1, "reasons": [str(exc)]}
+            return IndexRejected(self.version + 1, [str(exc)])
         check = self.holder.swap_if_valid(snapshot)
         if not check.ok:
             m.index_rejected.inc()
             log.warning("index v%d rejected, v%d keeps serving: %s", snapshot.version,
                         self.version, "; ".join(check.reasons))  # fmt: skip
-            return {"kind": "index_rejected", "version": snapshot.version,
-                    "reasons": list(check.reasons)}  # fmt: skip
+            return IndexRejected(snapshot.version, list(check.reasons))
         self.version = snapshot.version
         self.built_at_update = model.n_updates
         self.built_items = len(items)
@@ -88,13 +88,12 @@ class IndexerService:
         m.index_items.set(len(snapshot))
         m.hard_negative_pool_users.set(self.pool.n_users)
         m.hard_negative_pool_items.set(self.pool.size)
-        return {
-            "kind": "index",
-            "version": self.version,
-            "items": len(snapshot),
-            "index_kind": snapshot.kind,
-            "recall_check": check.recall,
-            "retrieval_model": "ranker_embeddings" if two_tower is None else "two_tower",
-            "pool_users": self.pool.n_users,
-            "build_s": time.perf_counter() - t0,
-        }
+        return IndexVersion(
+            self.version,
+            items=len(snapshot),
+            index_kind=snapshot.kind,
+            recall_check=check.recall,
+            retrieval_model="ranker_embeddings" if two_tower is None else "two_tower",
+            pool_users=self.pool.n_users,
+            build_s=time.perf_counter() - t0,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -19,6 +20,7 @@ from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
+from stream.control import CalibratorUpdate, ControlRecord, DriftAlarm, Recalibration
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class MonitorService:
         self.n_alarms = 0
         self.n_recalibrations = 0
         self.n_rejected = 0
-        self.events: list[dict[str, object]] = []
+        self.events: list[DriftAlarm] = []
         self.window_label = f"{cfg.window // 1000}k" if cfg.window >= 1000 else str(cfg.window)
         s = cfg.time_window_s
         self.time_label = (
@@ -108,7 +110,7 @@ class MonitorService:
             return CalibrationDriftDetector(self.settings.drift)
         return make_detector(cfg.detector)
 
-    def observe(self, batch: ScoredBatch) -> list[dict[str, object]]:
+    def observe(self, batch: ScoredBatch) -> list[ControlRecord]:
         """Update statistics with one scored batch; returns the control messages to
         publish: a ``drift`` record per alarm, and a ``calibrator`` whenever a new version
         is published (an accepted refit, or a level update while tracking).
@@ -138,7 +140,7 @@ class MonitorService:
 
     def _observe(
         self, p: np.ndarray, p_raw: np.ndarray, y: np.ndarray, ts: np.ndarray, segs: np.ndarray
-    ) -> list[dict[str, object]]:
+    ) -> list[ControlRecord]:
         """:meth:`observe` on final labels: (N,) served and raw scores, labels, impression
         times and segments."""
         cfg = self.settings.monitor
@@ -158,7 +160,7 @@ class MonitorService:
             win.update(predictions=p[mask], labels=y[mask])
         self.segment_detector.update_many(p, y, segs)
         self.detector.update_many(p, y)
-        out: list[dict[str, object]] = []
+        out: list[ControlRecord] = []
         event_ts = float(ts.max()) if ts.size else 0.0
         if self.guard is not None:
             out += self._on_guard(p_raw, y, event_ts)
@@ -184,32 +186,33 @@ class MonitorService:
             return out + self._on_refit(event_ts)
         return out
 
-    def _on_guard(
-        self, p_raw: np.ndarray, y: np.ndarray, event_ts: float
-    ) -> list[dict[str, object]]:
+    def _on_guard(self, p_raw: np.ndarray, y: np.ndarray, event_ts: float) -> list[ControlRecord]:
         """recalibration="guarded": judge a waiting refit on these forward labels, or the
         served calibrator against the raw ranker (rollback); a calibrator when it changes."""
         assert self.guard is not None
-        out: list[dict[str, object]] = []
+        out: list[ControlRecord] = []
         for ev in self.guard.update(p_raw, y):
             if ev.kind == "rollback":
                 self.n_rollbacks += 1
                 self.metrics.recalibration_rollbacks.inc()
                 log.info("recalibration rolled back (served lost %.5f nats to raw)", ev.gain)
-                out.append(self._refit_record(None, event_ts, "rollback"))
+                record = self._refit_record(None, event_ts, "rollback")
             else:
-                out.append(self._count_refit(ev.kind == "accepted", event_ts, "guarded"))
-            out[-1].update(gain_nats=ev.gain, se_nats=ev.se)
+                record = self._count_refit(ev.kind == "accepted", event_ts, "guarded")
+            out.append(dataclasses.replace(record, gain_nats=ev.gain, se_nats=ev.se))
             if ev.kind != "rejected":
                 out.append(self._calibrator_message(ev.calibrator, event_ts, ev.kind))
                 self.served.reset_window()
         return out
 
-    def apply_control(self, msg: dict[str, object]) -> None:
+    def apply_control(self, record: ControlRecord) -> None:
         """Adopt a newer calibrator seen on ``control`` (e.g. published before a restart),
         so that this monitor's next version number continues from it; tracking resumes
         from it when it is not the identity."""
-        newer = VersionedCalibrator(self.calibrator, self.calibrator_version).newer(msg)
+        if not isinstance(record, CalibratorUpdate):
+            return
+        current = VersionedCalibrator(self.calibrator, self.calibrator_version)
+        newer = current.newer(record.version, record.params)
         if newer is not None:
             self.calibrator, self.calibrator_version = newer.calibrator, newer.version
             if self.guard is not None:
@@ -239,32 +242,19 @@ class MonitorService:
 
     def _calibrator_message(
         self, calibrator: Calibrator, event_ts: float, reason: str
-    ) -> dict[str, object]:
+    ) -> CalibratorUpdate:
         self.calibrator = calibrator
         self.calibrator_version += 1
         self.metrics.calibrator_updates.inc()
-        return {
-            "kind": "calibrator",
-            "version": self.calibrator_version,
-            "params": calibrator.to_dict(),
-            "event_ts": event_ts,
-            "reason": reason,
-        }
+        return CalibratorUpdate(
+            self.calibrator_version, calibrator.to_dict(), event_ts=event_ts, reason=reason
+        )
 
-    def _refit_record(
-        self, accepted: bool | None, event_ts: float, reason: str
-    ) -> dict[str, object]:
+    def _refit_record(self, accepted: bool | None, event_ts: float, reason: str) -> Recalibration:
         decision = "rollback" if accepted is None else "accepted" if accepted else "rejected"
-        record: dict[str, object] = {
-            "kind": "recalibration",
-            "event_ts": event_ts,
-            "examples_seen": self.n_seen,
-            "decision": decision,
-            "reason": reason,
-        }
-        return record
+        return Recalibration(event_ts, self.n_seen, decision, reason)
 
-    def _count_refit(self, accepted: bool, event_ts: float, reason: str) -> dict[str, object]:
+    def _count_refit(self, accepted: bool, event_ts: float, reason: str) -> Recalibration:
         """Count a judged refit (``streamrec_recalibrations_total`` or ``_rejected_total``)
         and return its ``recalibration`` control record: one record per count, so that the
         report (which draws these records) and the CLI table (which reads the counters)
@@ -277,7 +267,7 @@ class MonitorService:
             self.metrics.recalibrations_rejected.inc()
         return self._refit_record(accepted, event_ts, reason)
 
-    def _on_refit(self, event_ts: float) -> list[dict[str, object]]:
+    def _on_refit(self, event_ts: float) -> list[ControlRecord]:
         """A periodic refit while tracking: counted, and published when it changes."""
         result = self.tracker.refit()
         if result.accepted is None:  # too few clicks in the window yet
@@ -288,7 +278,7 @@ class MonitorService:
         reason = "identity" if result.disarmed else "refit" if result.accepted else "level"
         return [record, self._calibrator_message(result.published, event_ts, reason)]
 
-    def _on_drift(self, event_ts: float) -> list[dict[str, object]]:
+    def _on_drift(self, event_ts: float) -> list[ControlRecord]:
         cfg = self.settings.monitor
         self.n_alarms += 1
         self.metrics.drift_alarms.inc()
@@ -298,14 +288,7 @@ class MonitorService:
         if cfg.recalibration in ("off", "guarded"):
             # guarded: a refit fitted now is judged on the labels that come after it
             proposed = self.guard.propose() if self.guard is not None else False
-            alarm: dict[str, object] = {
-                "kind": "drift",
-                "event_ts": event_ts,
-                "examples_seen": self.n_seen,
-                "z": z,
-                "accepted": None,
-                "proposed": proposed,
-            }
+            alarm = DriftAlarm(event_ts, self.n_seen, z, accepted=None, proposed=proposed)
             self.events.append(alarm)
             return [alarm]
         if cfg.recalibration == "alarm":
@@ -320,15 +303,8 @@ class MonitorService:
         accepted = bool(result.accepted)
         ll_old, ll_new = result.holdout_logloss_old, result.holdout_logloss_new
         published = result.published
-        event: dict[str, object] = {
-            "kind": "drift",
-            "event_ts": event_ts,
-            "examples_seen": self.n_seen,
-            "z": z,
-            "accepted": accepted,
-            "holdout_logloss_old": ll_old,
-            "holdout_logloss_new": ll_new,
-        }
+        event = DriftAlarm(event_ts, self.n_seen, z, accepted=accepted,
+                           holdout_logloss_old=ll_old, holdout_logloss_new=ll_new)  # fmt: skip
         self.events.append(event)
         record = self._count_refit(accepted, event_ts, "alarm")
         if not accepted:

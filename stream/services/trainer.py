@@ -29,6 +29,7 @@ from logs.events import (
 from modelstore.snapshot import publish_snapshot
 from modelstore.store import DirectoryStore, Manifest, StoreError, WriterLock
 from monitoring.metrics import StreamrecMetrics
+from stream.control import CalibratorUpdate, ControlRecord, ModelAnnouncement
 from stream.services.dedup import SeenKeys
 from stream.services.join import segment_of
 from stream.settings import Settings
@@ -301,12 +302,14 @@ class TrainerService:
             true_p=[e.impression.true_p for e in batch],
         )
 
-    def apply_control(self, msg: dict[str, object]) -> None:
-        """Apply a ``control`` message: a calibrator from the monitor. A ``model``
+    def apply_control(self, record: ControlRecord) -> None:
+        """Apply a ``control`` record: a calibrator from the monitor. A ``model``
         announcement is not loaded here: a ``serve`` worker loads it from the model store
         (:class:`modelstore.snapshot.ModelReplica`, path confined to the store and checked
         against the manifest's digest); nothing loads a file a record points at."""
-        newer = self.served_calibrator.newer(msg)
+        if not isinstance(record, CalibratorUpdate):
+            return
+        newer = self.served_calibrator.newer(record.version, record.params)
         if newer is not None:
             self.served_calibrator = newer
             self.metrics.calibrator_version.set(newer.version)
@@ -416,13 +419,13 @@ class TrainerService:
         mt.store_bytes.set(m.total_bytes)
         return m
 
-    def store_announcement(self, m: Manifest) -> dict[str, object]:
+    def store_announcement(self, m: Manifest) -> ModelAnnouncement:
         """The ``control`` record of a published version: store version, its directory,
         the manifest's SHA-256 (replicas accept nothing else) and the model versions."""
-        return {"kind": "model", "version": m.version, "path": str(m.path.resolve()),
-                "digest": m.digest, "model_version": m.meta.get("model_version"),
-                "index_version": m.meta.get("index_version"),
-                "created_at": m.created_at}  # fmt: skip
+        return ModelAnnouncement(m.version, path=str(m.path.resolve()), digest=m.digest,
+                                 model_version=m.meta.get("model_version"),
+                                 index_version=m.meta.get("index_version"),
+                                 created_at=m.created_at)  # fmt: skip
 
     @property
     def calibrator(self) -> Calibrator:

@@ -35,7 +35,7 @@ from logs.events import (
     parse_impression,
 )
 from monitoring.metrics import StreamrecMetrics
-from stream.control import parse_control
+from stream.control import decode_control, parse_control
 from stream.envelope import encode_envelope
 from stream.join import JoinConfig
 from stream.limits import labeled_records, payload_limit, scored_records
@@ -129,7 +129,7 @@ def test_services_apply_every_accepted_control_record_without_raising() -> None:
         control({"kind": "something_new"}),
     ]
     for raw in accepted:
-        msg = parse_control(raw)
+        msg = decode_control(raw)
         trainer.apply_control(msg)
         monitor.apply_control(msg)
     assert trainer.calibrator_version == 2 and monitor.calibrator_version == 2
@@ -264,13 +264,13 @@ def test_the_skew_is_configurable_and_inf_turns_the_check_off() -> None:
 
 def test_a_model_record_names_only_a_version_of_the_store_with_its_digest(tmp_path: Path) -> None:
     from modelstore.store import DirectoryStore
-    from stream.control import check_model_record
+    from stream.control import ModelAnnouncement, check_model_record
 
     store = DirectoryStore(tmp_path / "store")
     m = store.publish(lambda d: (d / "ranker.pt").write_bytes(b"weights"))
     root = str(store.root)
     ok = {"kind": "model", "version": m.version, "path": str(m.path), "digest": m.digest}
-    assert check_model_record(parse_control(control(ok)), root) is None
+    assert check_model_record(decode_control(control(ok)), root) is None
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (store.root / "v00000009").symlink_to(outside)  # a planted link inside the store
@@ -286,9 +286,9 @@ def test_a_model_record_names_only_a_version_of_the_store_with_its_digest(tmp_pa
     }
     for reason, records in refused.items():
         for rec in records:
-            assert check_model_record(parse_control(control(rec)), root) == reason, rec
+            assert check_model_record(decode_control(control(rec)), root) == reason, rec
     # a legacy record naming a checkpoint file, on a worker without a store: refused
     legacy = {"kind": "model", "version": 9, "path": str(tmp_path / "ranker-v9.pt")}
-    assert check_model_record(parse_control(control(legacy)), "") == "outside_store"
+    assert check_model_record(decode_control(control(legacy)), "") == "outside_store"
     # an old announcement of a version pruned since: not an error, nothing to do
-    assert check_model_record({"kind": "model", "version": 77}, root) is None
+    assert check_model_record(ModelAnnouncement(77), root) is None

@@ -25,6 +25,7 @@ from logs.events import (
     Watermark,
 )
 from monitoring.metrics import StreamrecMetrics
+from stream.control import ModelAnnouncement
 from stream.join import JoinConfig, offline_join
 from stream.services import JoinService, MemoryJoinState, SeenKeys, TrainerService
 from stream.settings import Settings, TrainerConfig
@@ -217,7 +218,7 @@ def test_checkpoints_are_retained_by_count_and_no_announced_path_is_loaded(
     # a model record naming a file is never loaded (only a serve worker's model store is)
     serving = TrainerService(settings, StreamrecMetrics())
     before = serving.ranker
-    serving.apply_control({"kind": "model", "version": 99, "path": str(paths[-1])})
+    serving.apply_control(ModelAnnouncement(99, path=str(paths[-1])))
     assert serving.ranker is before and serving.model_version == 0
 
 

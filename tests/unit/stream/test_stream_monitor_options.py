@@ -7,6 +7,7 @@ import pytest
 
 from logs.events import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
+from stream.control import CalibratorUpdate
 from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import MonitorService
 from stream.settings import MonitorConfig, Settings
@@ -50,7 +51,7 @@ def run(detector: str, calibrator: str, recal_window: int) -> tuple[MonitorServi
     for b in batches(rng, 20, 1.0):
         svc.observe(b)
     messages = [m for b in batches(rng, 40, 1.6) for m in svc.observe(b)]
-    return svc, [m for m in messages if m["kind"] == "calibrator"]
+    return svc, [m for m in messages if m.kind == "calibrator"]
 
 
 @pytest.mark.parametrize("calibrator", ["shift", "platt"])
@@ -59,7 +60,7 @@ def test_each_detector_triggers_a_recalibration_after_an_abrupt_ctr_jump(
     detector: str, calibrator: str
 ) -> None:
     svc, cal = run(detector, calibrator, 2_500)
-    assert all(m["params"]["kind"] == calibrator for m in cal)
+    assert all(m.params["kind"] == calibrator for m in cal)
     assert cal, f"{detector}: no accepted recalibration after a x1.6 jump"
     assert svc.calibrator.transform(np.array([0.04]))[0] > 0.05
 
@@ -68,7 +69,7 @@ def test_each_detector_triggers_a_recalibration_after_an_abrupt_ctr_jump(
 def test_nonparametric_calibrators_are_fitted_published_and_applied(calibrator: str) -> None:
     # they need a larger fit window than Platt's 2 parameters
     svc, cal = run("window_z", calibrator, 10_000)
-    assert cal and all(m["params"]["kind"] == calibrator for m in cal)
+    assert cal and all(m.params["kind"] == calibrator for m in cal)
     assert svc.calibrator.transform(np.array([0.04]))[0] > 0.042
 
 
@@ -132,10 +133,10 @@ def test_tracking_publishes_versions_with_reasons_and_counts_refits() -> None:
     for b in batches(rng, 20, 1.0):
         assert svc.observe(b) == []  # calibrated: not tracking, nothing published
     messages = [m for b in batches(rng, 30, 1.6) for m in svc.observe(b)]
-    cal = [m for m in messages if m["kind"] == "calibrator"]
-    assert [m["version"] for m in cal] == list(range(1, len(cal) + 1))
-    assert cal[0]["reason"] == "alarm" and len(cal) > 3
-    assert {m["reason"] for m in cal} <= {"alarm", "refit", "level"}
+    cal = [m for m in messages if m.kind == "calibrator"]
+    assert [m.version for m in cal] == list(range(1, len(cal) + 1))
+    assert cal[0].reason == "alarm" and len(cal) > 3
+    assert {m.reason for m in cal} <= {"alarm", "refit", "level"}
     r = metrics.registry
     assert r.get_sample_value("streamrec_calibrator_updates_total") == len(cal)
     refits = svc.n_recalibrations + svc.n_rejected
@@ -155,7 +156,7 @@ def test_continuous_mode_calibrates_from_the_end_of_the_warmup_without_an_alarm(
     )
     svc = MonitorService(settings, StreamrecMetrics())
     rng = np.random.default_rng(2)
-    cal = [m for b in batches(rng, 40, 1.1) for m in svc.observe(b) if m["kind"] == "calibrator"]
+    cal = [m for b in batches(rng, 40, 1.1) for m in svc.observe(b) if m.kind == "calibrator"]
     assert svc.n_alarms == 0 and cal
     assert svc.calibrator.transform(np.array([0.04]))[0] == pytest.approx(0.044, rel=0.04)
 
@@ -166,11 +167,11 @@ def test_a_restarted_monitor_adopts_the_published_calibrator_and_keeps_tracking(
         StreamrecMetrics(),
     )
     params = {"kind": "shift", "b": 0.4}
-    svc.apply_control({"kind": "calibrator", "version": 7, "params": params})
+    svc.apply_control(CalibratorUpdate(7, params))
     assert svc.calibrator_version == 7 and svc.tracker.armed
     rng = np.random.default_rng(3)
-    cal = [m for b in batches(rng, 6, 1.0) for m in svc.observe(b) if m["kind"] == "calibrator"]
-    assert cal and cal[0]["version"] == 8  # continues from the adopted version
+    cal = [m for b in batches(rng, 6, 1.0) for m in svc.observe(b) if m.kind == "calibrator"]
+    assert cal and cal[0].version == 8  # continues from the adopted version
     assert abs(svc.calibrator.transform(np.array([0.04]))[0] / 0.04 - 1) < 0.15
 
 

@@ -12,6 +12,13 @@ import pytest
 from logs.events import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
 from monitoring.report import load_run
+from stream.control import (
+    CalibratorUpdate,
+    DriftAlarm,
+    Recalibration,
+    decode_control,
+    encode_control,
+)
 from stream.join import JoinConfig
 from stream.services import MonitorService
 from stream.settings import MonitorConfig, Settings
@@ -43,9 +50,10 @@ def test_report_table_and_metrics_count_the_same_accepted_recalibrations(
     controls = [
         m for b in batches(rng, 20, 1.0) + batches(rng, 30, 1.6, 20) for m in svc.observe(b)
     ]
-    controls = json.loads(json.dumps(controls))  # as read back from the control topic
-    alarms = [c for c in controls if c["kind"] == "drift"]
-    refits = [c for c in controls if c["kind"] == "recalibration"]
+    # as read back from the control topic (stream.demo)
+    controls = [decode_control(encode_control(c)) for c in controls]
+    alarms = [c.to_dict() for c in controls if isinstance(c, DriftAlarm)]
+    refits = [c.to_dict() for c in controls if isinstance(c, Recalibration)]
     counter = metrics.registry.get_sample_value("streamrec_recalibrations_total")
     rejected = metrics.registry.get_sample_value("streamrec_recalibrations_rejected_total")
     accepted_alarms = sum(bool(a.get("accepted")) for a in alarms)
@@ -75,19 +83,19 @@ def run_guarded(scale_after: float, calibrated_after: bool = False) -> tuple[Mon
 
 def test_guarded_accepts_a_real_shift_on_forward_labels_only() -> None:
     svc, msgs = run_guarded(1.6)
-    decisions = [m["decision"] for m in msgs if m["kind"] == "recalibration"]
+    decisions = [m.decision for m in msgs if m.kind == "recalibration"]
     assert "accepted" in decisions
-    first_alarm = next(i for i, m in enumerate(msgs) if m["kind"] == "drift")
-    first_cal = next(i for i, m in enumerate(msgs) if m["kind"] == "calibrator")
+    first_alarm = next(i for i, m in enumerate(msgs) if m.kind == "drift")
+    first_cal = next(i for i, m in enumerate(msgs) if m.kind == "calibrator")
     assert first_cal > first_alarm
     # judged on labels that came after the alarm: not in the alarm's own batch
-    assert msgs[first_cal]["event_ts"] > msgs[first_alarm]["event_ts"]
+    assert msgs[first_cal].event_ts > msgs[first_alarm].event_ts  # type: ignore[operator]
     assert svc.calibrator.transform(np.array([0.04]))[0] > 0.055
 
 
 def test_guarded_publishes_nothing_without_drift() -> None:
     svc, msgs = run_guarded(1.0)
-    assert [m for m in msgs if m["kind"] == "calibrator"] == []
+    assert [m for m in msgs if m.kind == "calibrator"] == []
     assert svc.calibrator.transform(np.array([0.04]))[0] == pytest.approx(0.04)
 
 
@@ -98,9 +106,9 @@ def test_guarded_rolls_back_a_calibrator_that_loses_to_the_raw_ranker() -> None:
                         recalibration="guarded", recal_window=4096))  # fmt: skip
     svc = MonitorService(settings, StreamrecMetrics())
     bad = LogitShiftCalibrator(0.5)  # e.g. a refit the ranker has caught up with since
-    svc.apply_control({"kind": "calibrator", "version": 1, "params": bad.to_dict()})
+    svc.apply_control(CalibratorUpdate(1, bad.to_dict()))
     rng = np.random.default_rng(5)
     msgs = [m for b in batches(rng, 8, 1.0) for m in svc.observe(b)]
-    assert [m["decision"] for m in msgs if m["kind"] == "recalibration"] == ["rollback"]
+    assert [m.decision for m in msgs if m.kind == "recalibration"] == ["rollback"]
     assert svc.n_rollbacks == 1
     assert svc.calibrator.transform(np.array([0.04]))[0] == pytest.approx(0.04)

@@ -54,7 +54,7 @@ def test_two_tower_index_refresh_pools_and_recommend() -> None:
     assert trainer.two_tower.n_updates >= 2
     assert indexer.due(trainer.ranker, trainer.two_tower)
     msg = indexer.refresh(trainer.ranker, trainer.catalogue, trainer.two_tower)
-    assert msg is not None and msg["kind"] == "index" and msg["retrieval_model"] == "two_tower"
+    assert msg is not None and msg.kind == "index" and msg.retrieval_model == "two_tower"
     snapshot = indexer.holder.current
     assert snapshot is not None and snapshot.dim == s.two_tower.embedding_dim
     assert not indexer.due(trainer.ranker, trainer.two_tower)
@@ -83,7 +83,7 @@ def test_a_snapshot_failing_verification_keeps_the_old_one_and_is_counted() -> N
     assert trainer.two_tower is None
     feed(trainer, 128)
     first = indexer.refresh(trainer.ranker, trainer.catalogue)
-    assert first is not None and first["kind"] == "index"
+    assert first is not None and first.kind == "index"
 
     class Broken:  # the ranker (one update later) turns its item vectors non-finite
         n_updates = trainer.ranker.n_updates + 1
@@ -94,6 +94,6 @@ def test_a_snapshot_failing_verification_keeps_the_old_one_and_is_counted() -> N
             return v
 
     msg = indexer.refresh(Broken(), trainer.catalogue)  # type: ignore[arg-type]
-    assert msg is not None and msg["kind"] == "index_rejected"
+    assert msg is not None and msg.kind == "index_rejected"
     assert indexer.holder.current is not None and indexer.holder.current.version == 1
     assert metrics.registry.get_sample_value("streamrec_index_rejected_total") == 1

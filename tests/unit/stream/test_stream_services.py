@@ -24,6 +24,7 @@ from logs.events import (
 )
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics
+from stream.control import CalibratorUpdate, IndexVersion, ModelAnnouncement
 from stream.join import JoinConfig
 from stream.services import (
     IndexerService,
@@ -205,8 +206,8 @@ def test_step_records_items_users_and_their_clicks_in_the_catalogue(
         assert clicks == {e.impression.item_id for e in mine if e.label}
 
 
-def calibrator_msg(version: int, a: float, b: float) -> dict[str, object]:
-    return {"kind": "calibrator", "version": version, "params": {"a": a, "b": b}}
+def calibrator_msg(version: int, a: float, b: float) -> CalibratorUpdate:
+    return CalibratorUpdate(version, {"a": a, "b": b})
 
 
 def test_calibrator_control_message_changes_the_served_probability(
@@ -230,7 +231,7 @@ def test_calibrator_messages_not_newer_than_the_current_one_are_ignored(
     svc.apply_control(calibrator_msg(2, 1.0, 0.5))
     svc.apply_control(calibrator_msg(1, 3.0, -1.0))
     svc.apply_control(calibrator_msg(2, 3.0, -1.0))
-    svc.apply_control({"kind": "index", "version": 9})
+    svc.apply_control(IndexVersion(9))
     assert svc.calibrator == PlattCalibrator(1.0, 0.5)
     assert svc.calibrator_version == 2
 
@@ -263,7 +264,7 @@ def scored(p: np.ndarray, y: np.ndarray, start: int) -> ScoredBatch:
 
 
 def calibrators(msgs: list[dict[str, object]]) -> list[dict[str, object]]:
-    return [m for m in msgs if m["kind"] == "calibrator"]
+    return [m for m in msgs if m.kind == "calibrator"]
 
 
 PRE_DRIFT_BATCHES = 120  # 60k calibrated examples: past the monitor's warm-up
@@ -287,15 +288,15 @@ def test_ctr_jump_with_unchanged_predictions_fires_an_alarm_and_recalibrates(
         if msgs:
             break
     (msg,) = calibrators(msgs)
-    assert msg["version"] == 1
-    params = msg["params"]
+    assert msg.version == 1
+    params = msg.params
     assert isinstance(params, dict)
     new_p = calibrator_from_dict(params).transform(np.array([0.04]))[0]
     assert 0.045 < new_p < 0.09
     assert svc.n_alarms == 1 and svc.calibrator_version == 1
     assert sample(metrics, "streamrec_drift_alarms_total") == 1
     assert sample(metrics, "streamrec_recalibrations_total") == 1
-    assert svc.events[-1]["accepted"] is True
+    assert svc.events[-1].accepted is True
 
 
 def test_calibrated_stream_raises_no_alarm(metrics: StreamrecMetrics) -> None:
@@ -343,9 +344,9 @@ def test_indexer_refresh_builds_a_new_versioned_index_and_pools(
         pass
     second = svc.refresh(trainer.ranker, trainer.catalogue)
     assert first is not None and second is not None
-    assert (first["version"], second["version"]) == (1, 2)
-    assert second["items"] == len(trainer.catalogue.items) == len(svc.holder.current)
-    assert second["pool_users"] == svc.pool.n_users > 0
+    assert (first.version, second.version) == (1, 2)
+    assert second.items == len(trainer.catalogue.items) == len(svc.holder.current)
+    assert second.pool_users == svc.pool.n_users > 0
     assert sample(metrics, "streamrec_index_version") == 2
     assert sample(metrics, "streamrec_index_refreshes_total") == 2
     some_clicks = False
@@ -386,16 +387,12 @@ def test_the_served_calibrator_and_its_version_change_together() -> None:
     svc = TrainerService(FAST, StreamrecMetrics())
     before = svc.serving_calibrator()
     assert before[1] == 0
-    svc.apply_control(
-        {"kind": "calibrator", "version": 3, "params": {"kind": "platt", "a": 2.0, "b": 0.1}}
-    )
+    svc.apply_control(CalibratorUpdate(3, {"kind": "platt", "a": 2.0, "b": 0.1}))
     cal, version = svc.serving_calibrator()
     assert version == 3 and isinstance(cal, PlattCalibrator) and cal.a == 2.0
-    svc.apply_control(
-        {"kind": "calibrator", "version": 2, "params": {"kind": "platt", "a": 9.0, "b": 0}}
-    )
+    svc.apply_control(CalibratorUpdate(2, {"kind": "platt", "a": 9.0, "b": 0}))
     assert svc.serving_calibrator() == (cal, 3)  # an older version is ignored
-    svc.apply_control({"kind": "model", "version": 9})  # not a calibrator: nothing changes
+    svc.apply_control(ModelAnnouncement(9))  # not a calibrator: nothing changes
     assert svc.served_calibrator.version == 3 and before[0] is not cal
 
 

@@ -3,7 +3,6 @@ restarted trainer resumes from the store."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from logs.events import Impression, LabeledExample
 from modelstore.snapshot import ModelReplica
 from modelstore.store import DirectoryStore, StoreConfig, StoreError
 from monitoring.metrics import StreamrecMetrics
+from stream.control import decode_control, encode_control
 from stream.services import IndexerService, TrainerService
 from stream.settings import Settings, TrainerConfig
 
@@ -55,12 +55,12 @@ def test_trainer_publishes_a_replica_loads_it_and_a_restart_resumes(tmp_path: Pa
     m = trainer.publish(indexer.holder.current)
     assert not trainer.publish_due(indexer.holder.current, force=True)  # nothing changed
     assert m is not None and m.version == 1
-    msg = json.loads(json.dumps(trainer.store_announcement(m)))
-    assert msg["kind"] == "model" and msg["digest"] == m.digest
-    assert msg["model_version"] == trainer.model_version >= 1
+    msg = decode_control(encode_control(trainer.store_announcement(m)))  # as on the topic
+    assert msg.kind == "model" and msg.digest == m.digest
+    assert msg.model_version == trainer.model_version >= 1
 
     replica = ModelReplica(DirectoryStore(settings.model_store))
-    assert replica.announce(msg) == 1 and replica.refresh() is not None
+    assert replica.announce(msg.to_dict()) == 1 and replica.refresh() is not None
     cur = replica.current
     assert cur is not None and cur.index is not None and cur.two_tower is not None
     rows = [{"user_id": "u1", "item_id": f"x{j}", "position": 1} for j in range(5)]
