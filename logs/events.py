@@ -371,7 +371,7 @@ def _features(d: Mapping[str, Any]) -> dict[str, str | float]:
     for k, v in raw.items():
         if len(k) > MAX_FEATURE_NAME_LEN:
             raise InvalidEvent("too_large", f"feature name longer than {MAX_FEATURE_NAME_LEN}")
-        if k in _RESERVED_FEATURE_NAMES:
+        if k in RESERVED_FEATURE_NAMES:
             raise InvalidEvent("bad_value", f"feature name {k!r} is reserved")
         if v is None:
             continue
@@ -389,7 +389,7 @@ def _features(d: Mapping[str, Any]) -> dict[str, str | float]:
     return out
 
 
-_RESERVED_FEATURE_NAMES = frozenset(
+RESERVED_FEATURE_NAMES = frozenset(
     {"ts", "impression_id", "user_id", "item_id", "position", "click", "click_ts", "true_p",
      "propensity"}
 )  # fmt: skip

@@ -32,10 +32,10 @@ from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
 from learners.ranker import TorchRanker
 from logs.events import (
-    _RESERVED_FEATURE_NAMES,
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,
     MAX_ID_LEN,
+    RESERVED_FEATURE_NAMES,
     Impression,
     example_row,
     with_history,
@@ -151,7 +151,7 @@ def _check_context(context: object, max_fields: int) -> dict[str, str | float]:
             raise ServingError(
                 400, f"context names must be strings of 1..{MAX_FEATURE_NAME_LEN} characters"
             )
-        if key in _RESERVED_FEATURE_NAMES:
+        if key in RESERVED_FEATURE_NAMES:
             raise ServingError(400, f"context name {key!r} is reserved")
         if isinstance(value, str):
             if len(value) > MAX_FEATURE_VALUE_LEN:

@@ -26,6 +26,7 @@ from index.faiss_index import IndexConfig
 from learners.delayed_feedback import check_loss_for_scheme
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from learners.recalibration import TrackingConfig
 from learners.two_tower import TwoTowerConfig
 from modelstore.store import StoreConfig
 from monitoring.drift import DriftConfig
@@ -149,6 +150,34 @@ class MonitorConfig:
             raise ValueError("monitor: need 0 < time_bucket_s <= time_window_s")
         if self.reliability_bins < 1:
             raise ValueError("monitor.reliability_bins must be >= 1")
+        self.tracking()  # its own checks, with the monitor's names in the message
+
+    def tracking(self) -> TrackingConfig:
+        """The tracking policy's settings (``recalibration`` "track" or "continuous"),
+        the one place they are drawn from this config.
+
+        The monitor keeps them flat, under ``[monitor]``, rather than as a nested
+        ``[monitor.tracking]`` table: ``calibrator``, ``recal_window`` and
+        ``holdout_fraction`` also drive the "alarm" and "guarded" policies, so nesting
+        would give each of these knobs two homes (or make one policy read the other's).
+
+        >>> MonitorConfig(recalibration="continuous").tracking().settle_refits
+        0
+        """
+        try:
+            return TrackingConfig(
+                kind=self.calibrator,
+                recal_window=self.recal_window,
+                max_window=self.recal_max_window,
+                refit_every=self.refit_every,
+                holdout_fraction=self.holdout_fraction,
+                trend=self.level_trend,
+                identity_tolerance=self.identity_tolerance,
+                # continuous: armed from the warm-up on and never disarmed
+                settle_refits=0 if self.recalibration == "continuous" else self.settle_refits,
+            )
+        except ValueError as exc:
+            raise ValueError(f"monitor (tracking recalibration): {exc}") from None
 
 
 @dataclass(frozen=True)

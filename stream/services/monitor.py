@@ -42,7 +42,7 @@ class MonitorService:
     def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
         # Imported here rather than at the top: this class is the only user in the module.
         from learners.guarded import GuardConfig, GuardedRecalibrator
-        from learners.recalibration import TrackingConfig, TrackingRecalibrator
+        from learners.recalibration import TrackingRecalibrator
         from monitoring.calibration import TimeCalibrationWindow
         from monitoring.drift import SegmentedDriftDetector
 
@@ -59,18 +59,7 @@ class MonitorService:
         self.segments: dict[str, CalibrationWindow] = {}
         self.detector: DriftDetector = self._new_detector()
         self.segment_detector = SegmentedDriftDetector(self._new_detector, cfg.max_segments)
-        self.tracker = TrackingRecalibrator(
-            TrackingConfig(
-                kind=cfg.calibrator,
-                recal_window=cfg.recal_window,
-                max_window=cfg.recal_max_window,
-                refit_every=cfg.refit_every,
-                holdout_fraction=cfg.holdout_fraction,
-                trend=cfg.level_trend,
-                identity_tolerance=cfg.identity_tolerance,
-                settle_refits=0 if cfg.recalibration == "continuous" else cfg.settle_refits,
-            )
-        )
+        self.tracker = TrackingRecalibrator(cfg.tracking())
         #: recalibration="guarded": forward-holdout acceptance and rollback
         self.guard: GuardedRecalibrator | None = (
             GuardedRecalibrator(

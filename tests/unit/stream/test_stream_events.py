@@ -19,6 +19,7 @@ from logs.events import (
     MAX_TS,
     MIN_TS,
     REASONS,
+    RESERVED_FEATURE_NAMES,
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
@@ -355,7 +356,7 @@ def test_example_row_of_a_parsed_impression_never_contains_true_p(
         imp = parse_impression(raw(imp_obj(features=features, true_p=true_p)))
     except InvalidEvent as exc:
         assert exc.reason == "bad_value"
-        assert {"true_p", "propensity", "ts"} & set(features)
+        assert RESERVED_FEATURE_NAMES & set(features)  # e.g. true_p, propensity, position
         return
     row = example_row(imp)
     assert "true_p" not in row

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,17 @@ def test_bad_recalibration_settings_are_clear_errors() -> None:
         MonitorConfig(recal_window=10_000, recal_max_window=5_000)
     with pytest.raises(ValueError, match="time_bucket_s"):
         MonitorConfig(time_window_s=60.0, time_bucket_s=120.0)
+
+
+def test_the_tracking_policy_reads_its_settings_from_the_monitor_config_in_one_place() -> None:
+    cfg = MonitorConfig(calibrator="platt", recal_window=1000, recal_max_window=9000,
+                        refit_every=300, level_trend=0.3, settle_refits=7)  # fmt: skip
+    t = cfg.tracking()
+    assert (t.kind, t.recal_window, t.max_window, t.refit_every, t.trend, t.settle_refits) == (
+        "platt", 1000, 9000, 300, 0.3, 7,
+    )  # fmt: skip
+    assert dataclasses.replace(cfg, recalibration="continuous").tracking().settle_refits == 0
+    svc = MonitorService(Settings(join=JoinConfig(), monitor=cfg), StreamrecMetrics())
+    assert svc.tracker.config == t
+    with pytest.raises(ValueError, match="monitor \\(tracking recalibration\\)"):
+        MonitorConfig(level_trend=1.5)
