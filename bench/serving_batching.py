@@ -36,7 +36,8 @@ from bench.run import bench_cli, machine, results_path, stamp, write_report
 from index.faiss_index import IndexHolder, build_snapshot
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
-from serving.recommender import Recommender, RequestBatcher, ServingConfig
+from serving.batching import RequestBatcher
+from serving.recommender import Recommender, ServingConfig
 
 NAME = "serving_batching"
 CLIENTS = 8

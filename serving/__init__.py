@@ -2,9 +2,9 @@
 (:class:`Recommender`), and micro-batching of concurrent requests (:class:`RequestBatcher`).
 No HTTP, Kafka or asyncio here: ``stream`` wires it to the web routes (``stream.gate``)."""
 
+from serving.batching import RequestBatcher
 from serving.recommender import (
     Recommender,
-    RequestBatcher,
     ServingConfig,
     ServingError,
     recommend_many,

@@ -9,7 +9,8 @@ from typing import Any
 
 import faust
 
-from serving.recommender import Recommender, RequestBatcher, ServingError
+from serving.batching import RequestBatcher
+from serving.recommender import Recommender, ServingError
 from stream.agents.replica import ReplicaAgents
 from stream.agents.runtime import Runtime
 from stream.gate import ServingGate

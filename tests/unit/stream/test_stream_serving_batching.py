@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from index.faiss_index import IndexHolder
-from serving.recommender import RequestBatcher, ServingError, recommend_many
+from serving.batching import RequestBatcher
+from serving.recommender import ServingError, recommend_many
 from tests.unit.stream.test_serving import Live
 
 
