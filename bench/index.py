@@ -66,7 +66,7 @@ from index.hard_negatives import HardNegativePool
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from logs.io import read_obd
+from logs.obd import read_obd
 from logs.offline import LogExamples, log_examples
 from logs.synthetic import SyntheticConfig, click_propensity, generate
 from serving.recommender import Recommender, ServingConfig

@@ -39,7 +39,8 @@ import pandas as pd
 
 from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
 from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
-from logs.io import log_impressions, read_log_frame, read_obd
+from logs.io import log_impressions, read_log_frame
+from logs.obd import read_obd
 from logs.synthetic import SyntheticConfig, write_synthetic
 from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig, OnlineJoiner, offline_join

@@ -14,7 +14,7 @@ sees the same log in the same order, batches of 1024, scored then learned from
   the generator's source, since turning 1M impressions into rows takes longer than most
   learners' runs.
 - ``obd``: the Open Bandit Dataset sample at ``../shared/data/obd/random/all/all.csv``
-  (converted with ``logs.io.read_obd`` and its ``item_context.csv``), when present;
+  (converted with ``logs.obd.read_obd`` and its ``item_context.csv``), when present;
   skipped with a note otherwise. 10k impressions, 38 clicks. ``dcnv2_warm`` there is
   pretrained on the ``bts/all`` week (another logging policy, same items) and evaluated on
   the whole ``random/all`` log.
@@ -60,7 +60,7 @@ from bench.run import OBD_CSV, OBD_DIR, bench_cli, machine, results_path, stamp,
 from learners.peers import PEERS
 from learners.ranker import MODELS, RankerConfig, TorchRanker
 from learners.util import atomic_write
-from logs.io import read_obd
+from logs.obd import read_obd
 from logs.offline import LogExamples, evaluate, log_examples, pretrain, quality
 from logs.synthetic import SyntheticConfig, generate
 

@@ -45,7 +45,7 @@ import pandas as pd
 from bench.quality import LEARNERS
 from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import RankerConfig, TorchRanker
-from logs.io import read_obd
+from logs.obd import read_obd
 from logs.offline import LogExamples, evaluate, log_examples
 from logs.synthetic import SyntheticConfig, generate
 

@@ -65,7 +65,7 @@ def generate(
 )
 def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: float) -> None:
     """Convert an Open Bandit Dataset CSV into the canonical log format."""
-    from logs.io import convert_obd
+    from logs.obd import convert_obd
 
     if item_context is None:
         guess = Path(src).parent / "item_context.csv"

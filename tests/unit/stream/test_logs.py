@@ -16,13 +16,12 @@ from logs.io import (
     RESERVED_COLUMNS,
     LogFormatError,
     LogRow,
-    convert_obd,
     frame_to_rows,
     iter_log,
     read_log_frame,
-    read_obd,
     write_log,
 )
+from logs.obd import convert_obd, read_obd
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "obd"
 OBD_CSV = FIXTURES / "all.csv"
