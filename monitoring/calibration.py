@@ -1,4 +1,5 @@
-"""Calibration statistics: pure ``compute``-style functions and a lifetime + window tracker.
+"""Calibration statistics: pure ``compute``-style functions (the stateful trackers over a
+stream are in :mod:`monitoring.windows`).
 
 Conventions shared by every function here:
 
@@ -20,11 +21,13 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "EMPTY_SNAPSHOT",
+    "check_edges",
+    "log_loss_terms",
+    "validate_arrays",
     "DEFAULT_RELIABILITY_EDGES",
     "CalibrationSnapshot",
-    "CalibrationWindow",
     "Reliability",
-    "TimeCalibrationWindow",
     "auc",
     "binned_sums",
     "calibration_ratio",
@@ -49,7 +52,7 @@ ArrayLike = npt.ArrayLike
 FloatArray = npt.NDArray[np.float64]
 
 
-def _validate(
+def validate_arrays(
     p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Return ``(p, y, w)`` as float64 1-D arrays of one length, ``w`` filled with ones."""
@@ -77,7 +80,7 @@ def _entropy(rate: float) -> float:
     return -(rate * math.log(rate) + (1.0 - rate) * math.log(1.0 - rate))
 
 
-def _log_loss_terms(p: FloatArray, y: FloatArray) -> FloatArray:
+def log_loss_terms(p: FloatArray, y: FloatArray) -> FloatArray:
     pc = np.clip(p, EPS, 1.0 - EPS)
     return -(y * np.log(pc) + (1.0 - y) * np.log1p(-pc))
 
@@ -90,7 +93,7 @@ def calibration_ratio(p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None) ->
     >>> calibration_ratio([0.5, 0.5], [1, 0])
     1.0
     """
-    pa, ya, wa = _validate(p, y, w)
+    pa, ya, wa = validate_arrays(p, y, w)
     den = float(np.dot(wa, ya))
     if den == 0.0:
         return math.nan
@@ -102,11 +105,11 @@ def log_loss(p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None) -> float:
 
     Returns ``math.nan`` for empty input or zero total weight.
     """
-    pa, ya, wa = _validate(p, y, w)
+    pa, ya, wa = validate_arrays(p, y, w)
     sw = float(wa.sum())
     if sw == 0.0:
         return math.nan
-    return float(np.dot(wa, _log_loss_terms(pa, ya))) / sw
+    return float(np.dot(wa, log_loss_terms(pa, ya))) / sw
 
 
 def normalized_entropy(p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None) -> float:
@@ -115,7 +118,7 @@ def normalized_entropy(p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None) -
     Below 1.0 means the model beats always predicting the base rate. Returns ``math.nan``
     when the base rate is 0 or 1 (or the input is empty).
     """
-    pa, ya, wa = _validate(p, y, w)
+    pa, ya, wa = validate_arrays(p, y, w)
     sw = float(wa.sum())
     if sw == 0.0:
         return math.nan
@@ -146,7 +149,7 @@ def auc(p: ArrayLike, y: ArrayLike) -> float:
     >>> auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     0.75
     """
-    pa, ya, _ = _validate(p, y)
+    pa, ya, _ = validate_arrays(p, y)
     pos = ya >= 0.5
     n_pos = int(pos.sum())
     n_neg = pa.size - n_pos
@@ -184,7 +187,7 @@ def expected_calibration_error(
     suits CTRs concentrated near 0; ``"width"`` uses equal-width bins on ``[0, 1]``. Empty
     bins are skipped. Returns ``math.nan`` for empty input.
     """
-    pa, ya, _ = _validate(p, y)
+    pa, ya, _ = validate_arrays(p, y)
     if pa.size == 0:
         return math.nan
     total = 0.0
@@ -213,7 +216,7 @@ def reliability_bins(
     >>> reliability_bins([0.01, 0.02, 0.03], [0, 0, 1], edges=[0.0, 0.025, 1.0])
     [(0.015, 0.0, 2), (0.03, 1.0, 1)]
     """
-    pa, ya, _ = _validate(p, y)
+    pa, ya, _ = validate_arrays(p, y)
     if edges is not None:
         rel = compute_reliability(*binned_sums(pa, ya, edges=edges), edges=edges)
         keep = rel.count > 0
@@ -227,7 +230,7 @@ def reliability_bins(
     ]
 
 
-def _check_edges(edges: ArrayLike) -> FloatArray:
+def check_edges(edges: ArrayLike) -> FloatArray:
     e = np.asarray(edges, dtype=np.float64).reshape(-1)
     if e.size < 2 or not np.all(np.diff(e) > 0) or e[0] < 0.0 or e[-1] > 1.0:
         raise ValueError(f"edges must be >= 2 strictly increasing values in [0, 1], got {e}")
@@ -247,8 +250,8 @@ def binned_sums(
     >>> [s.tolist() for s in binned_sums([0.01, 0.02, 0.5], [0, 1, 1], edges=[0, 0.1, 1])]
     [[2.0, 1.0], [0.03, 0.5], [1.0, 1.0]]
     """
-    pa, ya, wa = _validate(p, y, w)
-    e = _check_edges(edges)
+    pa, ya, wa = validate_arrays(p, y, w)
+    e = check_edges(edges)
     k = e.size - 1
     which = np.clip(np.searchsorted(e, pa, side="right") - 1, 0, k - 1)
     sums = [
@@ -297,7 +300,7 @@ def compute_reliability(
     sy = np.asarray(sum_y, dtype=np.float64).reshape(-1)
     if not n.shape == sp.shape == sy.shape:
         raise ValueError(f"count, sum_p, sum_y must have one shape, got {n.shape}, {sp.shape}")
-    e = None if edges is None else _check_edges(edges)
+    e = None if edges is None else check_edges(edges)
     if e is not None and e.size != n.size + 1:
         raise ValueError(f"need {n.size + 1} edges for {n.size} bins, got {e.size}")
     nan = np.full(n.shape, math.nan)
@@ -343,7 +346,7 @@ class CalibrationSnapshot:
     z: float
 
 
-_EMPTY = CalibrationSnapshot(
+EMPTY_SNAPSHOT = CalibrationSnapshot(
     n=0,
     positives=0.0,
     mean_p=math.nan,
@@ -378,7 +381,7 @@ def compute_snapshot(
     (0.1, 0.125, 0.8, 0.3)
     """
     if n == 0:
-        return _EMPTY
+        return EMPTY_SNAPSHOT
     ll = sum_wll / sum_w if sum_w else math.nan
     h = _entropy(sum_wy / sum_w) if sum_w else math.nan
     return CalibrationSnapshot(
@@ -393,298 +396,3 @@ def compute_snapshot(
         log_loss=ll,
         z=drift_z(sum_wy, sum_wp, sum_var),
     )
-
-
-def _check_batch(
-    predictions: ArrayLike, labels: ArrayLike, weights: ArrayLike | None
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    p, y, w = _validate(predictions, labels, weights)
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(y)) and np.all(np.isfinite(w))):
-        raise ValueError("predictions, labels and weights must be finite")
-    if np.any((p < 0.0) | (p > 1.0)) or np.any((y < 0.0) | (y > 1.0)):
-        raise ValueError("predictions and labels must lie in [0, 1]")
-    return p, y, w
-
-
-class CalibrationWindow:
-    """Lifetime running sums plus a ring buffer of the last ``size`` examples.
-
-    ``update`` is O(batch); ``lifetime()`` is O(1) from the running sums (Σw, Σw·p, Σw·y,
-    Σw²·p(1−p), Σw·logloss), and its ``auc`` and ``ece`` are ``nan`` because they need the
-    examples themselves. ``window()`` computes everything from the buffer, O(size log size).
-    The drift variance uses ``Σw²·p(1−p)`` (the variance of ``Σw·y`` under calibration),
-    which is ``Σp(1−p)`` for unit weights. Window ``auc`` and ``ece`` ignore the weights.
-
-    Args:
-        size: number of most recent examples kept for ``window()`` (>= 1).
-
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> cw = CalibrationWindow(size=1_000)
-    >>> p = np.full(5_000, 0.1)
-    >>> cw.update(predictions=p, labels=(rng.random(5_000) < p).astype(float))
-    >>> cw.window().n, cw.lifetime().n
-    (1000, 5000)
-    >>> 0.8 < cw.lifetime().ratio < 1.25
-    True
-    """
-
-    def __init__(self, size: int = 20_000) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size = size
-        self._p = np.zeros(size, dtype=np.float64)
-        self._y = np.zeros(size, dtype=np.float64)
-        self._w = np.zeros(size, dtype=np.float64)
-        self._head = 0  # next write position
-        self._count = 0  # examples currently in the window
-        self._n = 0
-        self._sum_w = 0.0
-        self._sum_wp = 0.0
-        self._sum_wy = 0.0
-        self._sum_var = 0.0
-        self._sum_wll = 0.0
-
-    def update(
-        self,
-        *,
-        predictions: ArrayLike,
-        labels: ArrayLike,
-        weights: ArrayLike | None = None,
-    ) -> None:
-        """Add a batch: ``predictions`` (B,) in [0, 1], ``labels`` (B,) 0/1, ``weights`` (B,).
-
-        Raises ValueError on mismatched shapes, non-finite or out-of-range values; a rejected
-        batch leaves the state unchanged.
-        """
-        p, y, w = _check_batch(predictions, labels, weights)
-        b = p.size
-        if b == 0:
-            return
-        self._n += b
-        self._sum_w += float(w.sum())
-        self._sum_wp += float(np.dot(w, p))
-        self._sum_wy += float(np.dot(w, y))
-        self._sum_var += float(np.dot(w * w, p * (1.0 - p)))
-        self._sum_wll += float(np.dot(w, _log_loss_terms(p, y)))
-
-        if b >= self.size:
-            # Only the tail survives; lay it out from position 0.
-            self._p[:] = p[-self.size :]
-            self._y[:] = y[-self.size :]
-            self._w[:] = w[-self.size :]
-            self._head = 0
-            self._count = self.size
-            return
-        idx = (self._head + np.arange(b)) % self.size
-        self._p[idx] = p
-        self._y[idx] = y
-        self._w[idx] = w
-        self._head = (self._head + b) % self.size
-        self._count = min(self._count + b, self.size)
-
-    def _window_index(self) -> npt.NDArray[np.intp]:
-        start = (self._head - self._count) % self.size
-        return (start + np.arange(self._count)) % self.size
-
-    def window_arrays(self) -> tuple[FloatArray, FloatArray]:
-        """``(p, y)`` of the window, each (n,) float64, oldest first (copies)."""
-        idx = self._window_index()
-        return self._p[idx], self._y[idx]
-
-    def window(self) -> CalibrationSnapshot:
-        """All statistics over the last ``size`` examples (fewer before the buffer fills)."""
-        if self._count == 0:
-            return _EMPTY
-        idx = self._window_index()
-        p, y, w = self._p[idx], self._y[idx], self._w[idx]
-        sw = float(w.sum())
-        swp = float(np.dot(w, p))
-        swy = float(np.dot(w, y))
-        return CalibrationSnapshot(
-            n=int(p.size),
-            positives=swy,
-            mean_p=swp / sw if sw else math.nan,
-            actual_ctr=swy / sw if sw else math.nan,
-            ratio=swp / swy if swy else math.nan,
-            ece=expected_calibration_error(p, y),
-            ne=normalized_entropy(p, y, w),
-            auc=auc(p, y),
-            log_loss=log_loss(p, y, w),
-            z=drift_z(swy, swp, float(np.dot(w * w, p * (1.0 - p)))),
-        )
-
-    def lifetime(self) -> CalibrationSnapshot:
-        """O(1) statistics over every example seen; ``auc`` and ``ece`` are ``nan``."""
-        return compute_snapshot(
-            self._n, self._sum_w, self._sum_wp, self._sum_wy, self._sum_var, self._sum_wll
-        )
-
-    def reliability(self, n_bins: int = 10, edges: ArrayLike | None = None) -> Reliability:
-        """Reliability bins of the window: ``n_bins`` equal-mass bins (``edges=None``, weighted
-        means, bins of equally many examples) or the fixed bins ``edges``. Empty window: all
-        ``n_bins`` (or ``len(edges) − 1``) bins empty."""
-        if n_bins < 1:
-            raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-        idx = self._window_index()
-        p, y, w = self._p[idx], self._y[idx], self._w[idx]
-        if edges is not None:
-            return compute_reliability(*binned_sums(p, y, w, edges=edges), edges=edges)
-        count, sum_p, sum_y = np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
-        if p.size:
-            for k, b in enumerate(np.array_split(np.argsort(p, kind="mergesort"), n_bins)):
-                count[k] = w[b].sum()
-                sum_p[k] = np.dot(w[b], p[b])
-                sum_y[k] = np.dot(w[b], y[b])
-        return compute_reliability(count, sum_p, sum_y)
-
-    def reset_window(self) -> None:
-        """Empty the window (e.g. after a recalibration); lifetime sums are kept."""
-        self._p[:] = 0.0
-        self._y[:] = 0.0
-        self._w[:] = 0.0
-        self._head = 0
-        self._count = 0
-
-
-_N_SUMS = 6  # per bucket: n, Σw, Σw·p, Σw·y, Σw²·p(1−p), Σw·logloss
-
-
-class TimeCalibrationWindow:
-    """Lifetime running sums plus the sums of the last ``span_s`` seconds of event time.
-
-    Event time is cut into buckets of ``bucket_s`` seconds (bucket ``k`` holds
-    ``k·bucket_s <= ts < (k+1)·bucket_s``); each bucket keeps the running sums of
-    :class:`CalibrationWindow` plus per-bin sums for the fixed reliability ``edges``. The
-    window is the newest ``ceil(span_s / bucket_s)`` buckets up to the newest event seen
-    (the :attr:`watermark`), so it spans between ``span_s − bucket_s`` and ``span_s``
-    seconds of elapsed event time plus the current bucket. Memory is O(buckets x bins),
-    whatever the traffic. An example older than the window when it arrives counts towards
-    :meth:`lifetime` and :attr:`n_late` only.
-
-    Everything is computed from sums, so ``window().auc`` is ``nan`` and ``window().ece``
-    uses the fixed bins (the equal-mass ECE of :class:`CalibrationWindow` needs examples).
-
-    Args:
-        span_s: window length in seconds (> 0).
-        bucket_s: bucket length in seconds (> 0, at most ``span_s``); the window's
-            resolution.
-        edges: fixed reliability-bin edges, ``K + 1`` increasing values in ``[0, 1]``.
-
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> tw = TimeCalibrationWindow(span_s=600.0, bucket_s=60.0)
-    >>> ts = 1_699_999_980.0 + np.arange(20_000) * 0.1  # 2,000 s of events, 10 per second
-    >>> p = np.full(20_000, 0.05)
-    >>> tw.update(predictions=p, labels=rng.random(20_000) < p, ts=ts)
-    >>> tw.window().n, tw.lifetime().n  # 9 whole one-minute buckets and the newest 20 s
-    (5600, 20000)
-    >>> 0.8 < tw.window().ratio < 1.25
-    True
-    """
-
-    def __init__(
-        self,
-        span_s: float = 3600.0,
-        bucket_s: float = 60.0,
-        edges: ArrayLike = DEFAULT_RELIABILITY_EDGES,
-    ) -> None:
-        if not (math.isfinite(span_s) and span_s > 0):
-            raise ValueError(f"span_s must be > 0, got {span_s}")
-        if not (math.isfinite(bucket_s) and 0 < bucket_s <= span_s):
-            raise ValueError(f"bucket_s must be in (0, span_s], got {bucket_s}")
-        self.span_s = float(span_s)
-        self.bucket_s = float(bucket_s)
-        self.edges = _check_edges(edges)
-        self.n_buckets = math.ceil(self.span_s / self.bucket_s - 1e-9)
-        k = self.edges.size - 1
-        self._ids = np.full(self.n_buckets, np.iinfo(np.int64).min, dtype=np.int64)
-        self._sums = np.zeros((self.n_buckets, _N_SUMS))
-        self._bins = np.zeros((self.n_buckets, 3, k))
-        self._life = np.zeros(_N_SUMS)
-        self._life_bins = np.zeros((3, k))
-        self._newest: int | None = None
-        self._watermark = -math.inf
-        self.n_late = 0
-
-    @property
-    def watermark(self) -> float:
-        """Newest event time seen, epoch seconds (``-inf`` before the first example)."""
-        return self._watermark
-
-    @staticmethod
-    def _sums_of(p: FloatArray, y: FloatArray, w: FloatArray) -> FloatArray:
-        return np.array(
-            [
-                float(p.size),
-                float(w.sum()),
-                float(np.dot(w, p)),
-                float(np.dot(w, y)),
-                float(np.dot(w * w, p * (1.0 - p))),
-                float(np.dot(w, _log_loss_terms(p, y))),
-            ]
-        )
-
-    def update(
-        self,
-        *,
-        predictions: ArrayLike,
-        labels: ArrayLike,
-        ts: ArrayLike,
-        weights: ArrayLike | None = None,
-    ) -> None:
-        """Add a batch: ``predictions`` (B,) in [0, 1], ``labels`` (B,) 0/1, ``ts`` (B,) event
-        times in epoch seconds (any order), ``weights`` (B,) or None.
-
-        Raises ValueError on mismatched shapes, non-finite or out-of-range values; a rejected
-        batch leaves the state unchanged.
-        """
-        p, y, w = _check_batch(predictions, labels, weights)
-        t = np.asarray(ts, dtype=np.float64).reshape(-1)
-        if t.shape != p.shape:
-            raise ValueError(f"ts must have shape {p.shape}, got {t.shape}")
-        if not np.all(np.isfinite(t)):
-            raise ValueError("ts must be finite")
-        if p.size == 0:
-            return
-        self._life += self._sums_of(p, y, w)
-        self._life_bins += np.stack(binned_sums(p, y, w, edges=self.edges))
-        self._watermark = max(self._watermark, float(t.max()))
-        ids = np.floor(t / self.bucket_s).astype(np.int64)
-        newest = int(ids.max()) if self._newest is None else max(self._newest, int(ids.max()))
-        self._newest = newest
-        oldest = newest - self.n_buckets + 1
-        live = ids >= oldest
-        self.n_late += int(p.size - live.sum())
-        for k in np.unique(ids[live]).tolist():
-            slot = k % self.n_buckets
-            if self._ids[slot] != k:  # an expired bucket (or never used): start afresh
-                self._ids[slot] = k
-                self._sums[slot] = 0.0
-                self._bins[slot] = 0.0
-            m = ids == k
-            self._sums[slot] += self._sums_of(p[m], y[m], w[m])
-            self._bins[slot] += np.stack(binned_sums(p[m], y[m], w[m], edges=self.edges))
-
-    def _live(self) -> npt.NDArray[np.bool_]:
-        if self._newest is None:
-            return np.zeros(self.n_buckets, dtype=bool)
-        return self._ids > self._newest - self.n_buckets
-
-    def window(self) -> CalibrationSnapshot:
-        """Statistics over the window's buckets; ``auc`` ``nan``, ``ece`` on the fixed bins."""
-        live = self._live()
-        n, sw, swp, swy, svar, swll = self._sums[live].sum(axis=0).tolist()
-        return compute_snapshot(int(n), sw, swp, swy, svar, swll, ece=self.reliability().ece)
-
-    def lifetime(self) -> CalibrationSnapshot:
-        """Statistics over every example seen; ``auc`` ``nan``, ``ece`` on the fixed bins."""
-        n, sw, swp, swy, svar, swll = self._life.tolist()
-        count, sum_p, sum_y = self._life_bins
-        ece = compute_reliability(count, sum_p, sum_y, edges=self.edges).ece
-        return compute_snapshot(int(n), sw, swp, swy, svar, swll, ece=ece)
-
-    def reliability(self) -> Reliability:
-        """Fixed-bin reliability of the window (bins of :attr:`edges`)."""
-        count, sum_p, sum_y = self._bins[self._live()].sum(axis=0)
-        return compute_reliability(count, sum_p, sum_y, edges=self.edges)

@@ -28,7 +28,7 @@ class StreamrecMetrics:
     Args:
         registry: where the metrics are registered; a fresh ``CollectorRegistry`` if None.
 
-    >>> from monitoring.calibration import CalibrationWindow
+    >>> from monitoring.windows import CalibrationWindow
     >>> m = StreamrecMetrics()
     >>> m.impressions.inc(3)
     >>> cw = CalibrationWindow(size=100)

@@ -16,10 +16,10 @@ from learners.recalibration import refit_on_alarm
 from logs.events import (
     ScoredBatch,
 )
-from monitoring.calibration import CalibrationWindow
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
+from monitoring.windows import CalibrationWindow
 from stream.control import CalibratorUpdate, ControlRecord, DriftAlarm, Recalibration
 from stream.settings import Settings
 
@@ -43,8 +43,8 @@ class MonitorService:
         # Imported here rather than at the top: this class is the only user in the module.
         from learners.guarded import GuardConfig, GuardedRecalibrator
         from learners.recalibration import TrackingRecalibrator
-        from monitoring.calibration import TimeCalibrationWindow
         from monitoring.drift import SegmentedDriftDetector
+        from monitoring.windows import TimeCalibrationWindow
 
         self.settings = settings
         self.metrics = metrics

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import monitoring
-from monitoring.calibration import CalibrationWindow
 from monitoring.dashboards import promql_metric_names
 from monitoring.metrics import StreamrecMetrics, serve_metrics
+from monitoring.windows import CalibrationWindow
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitoring.calibration import (
-    CalibrationWindow,
     auc,
     calibration_ratio,
     drift_z,
@@ -18,6 +17,7 @@ from monitoring.calibration import (
     normalized_entropy,
     reliability_bins,
 )
+from monitoring.windows import CalibrationWindow
 
 # --- deliberately naive references (Python loops, no numpy tricks) -----------------------
 

@@ -10,11 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring.calibration import (
     CalibrationSnapshot,
-    CalibrationWindow,
-    TimeCalibrationWindow,
     compute_reliability,
 )
 from monitoring.metrics import StreamrecMetrics, serve_metrics
+from monitoring.windows import CalibrationWindow, TimeCalibrationWindow
 
 WINDOW_GAUGES = {
     "predicted_ctr",

@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 
 from monitoring.calibration import (
     DEFAULT_RELIABILITY_EDGES,
-    CalibrationWindow,
-    TimeCalibrationWindow,
     binned_sums,
     compute_reliability,
     compute_snapshot,
@@ -20,6 +18,7 @@ from monitoring.calibration import (
     normalized_entropy,
     reliability_bins,
 )
+from monitoring.windows import CalibrationWindow, TimeCalibrationWindow
 
 EDGES = [0.0, 0.02, 0.05, 0.1, 1.0]
 
