@@ -101,7 +101,7 @@ def run(n: int = 150_000, seed: int = 3, top: int = 15) -> dict[str, Any]:
             "feature_state_bytes": sum(st.approx_bytes() for st in join.features.values()),
             "catalogue_users": len(trainer.catalogue.users),
             "catalogue_items": len(trainer.catalogue.items),
-            "two_tower_items": 0 if tt is None else len(tt._catalogue),  # noqa: SLF001
+            "two_tower_items": 0 if tt is None else tt.n_remembered,
         }
 
     early_at = int(len(events) * 0.62)  # 2.6 h of event time: the join's state is full

@@ -352,21 +352,28 @@ class TwoTowerModel:
         ``item_id`` are skipped. Clicks are learned in steps of at most ``batch_size``.
         """
         y_arr, w_arr = labels_and_weights(X, y, w)
-        for row in X:  # every shown item joins the catalogue the uniform negatives come from
+        parts: dict[int, dict[str, object]] = {}
+        for i, row in enumerate(X):  # every shown item joins the uniform negatives' catalogue
             if row.get("item_id") is not None:
-                self._remember_item(self._item_part(row))
+                parts[i] = self._item_part(row)
+                self._remember_item(parts[i])
         ok = np.isfinite(y_arr) & np.isfinite(w_arr) & (y_arr > 0) & (w_arr > 0)
-        pos = [i for i in np.flatnonzero(ok).tolist() if X[i].get("item_id") is not None]
+        pos = [i for i in np.flatnonzero(ok).tolist() if i in parts]
         bs = self.config.batch_size
         for s in range(0, len(pos), bs):
             chunk = pos[s : s + bs]
-            self._step([X[i] for i in chunk], w_arr[chunk])
+            self._step([X[i] for i in chunk], [parts[i] for i in chunk], w_arr[chunk])
 
     def score_and_learn(self, X: Rows, y: Any, w: Any = None) -> np.ndarray:
         """Progressive validation: :meth:`predict_proba_many` BEFORE learning the batch."""
         p = self.predict_proba_many(X)
         self.learn_many(X, y, w)
         return p
+
+    @property
+    def n_remembered(self) -> int:
+        """Items remembered for the uniform negatives (at most ``max_items``)."""
+        return len(self._catalogue)
 
     @property
     def target_hard_share(self) -> float:
@@ -411,9 +418,14 @@ class TwoTowerModel:
                 owners.append(row)
         return items[:budget], owners[:budget]
 
-    def _step(self, rows: list[Mapping[str, object]], weights: np.ndarray) -> None:
+    def _step(
+        self,
+        rows: list[Mapping[str, object]],
+        item_parts: list[dict[str, object]],
+        weights: np.ndarray,
+    ) -> None:
+        """One gradient step on clicked ``rows`` (B) and their item-side parts (B)."""
         cfg = self.config
-        item_parts = [self._item_part(r) for r in rows]  # remembered by learn_many already
         items = [str(p["item_id"]) for p in item_parts]
         users = [None if r.get("user_id") is None else str(r["user_id"]) for r in rows]
         self.popularity.update(items)

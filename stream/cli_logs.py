@@ -102,6 +102,16 @@ def convert_movielens_cmd(
     click.echo(f"wrote {n:,} impressions to {dst}")
 
 
+#: ``--features/--no-features`` of the commands that load a log into examples
+_features_option = click.option(
+    "--features/--no-features",
+    "hist_features",
+    default=True,
+    show_default=True,
+    help="Attach the historical features of the feature stage (off: ablation).",
+)
+
+
 def _ranker_config(
     model: str | None, loss: str | None, base_lr: float | None, config: str | None
 ) -> RankerConfig:
@@ -140,13 +150,7 @@ def _with_hist_slots(cfg: Any, on: bool) -> Any:
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="First N rows only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
-@click.option(
-    "--features/--no-features",
-    "hist_features",
-    default=True,
-    show_default=True,
-    help="Attach the historical features of the feature stage (off: ablation).",
-)
+@_features_option
 def pretrain_cmd(
     log_path: str, out: str, epochs: int, batch_size: int, model: str | None, loss: str | None,
     base_lr: float | None, limit: int | None, seed: int, config: str | None,
@@ -193,13 +197,7 @@ def pretrain_cmd(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
-@click.option(
-    "--features/--no-features",
-    "hist_features",
-    default=True,
-    show_default=True,
-    help="Attach the historical features of the feature stage (off: ablation).",
-)
+@_features_option
 def evaluate_cmd(
     log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
     warm_start: str | None, batch_size: int, ramp_from: int, limit: int | None, seed: int,
