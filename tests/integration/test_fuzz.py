@@ -59,8 +59,8 @@ from tests.integration.test_faults import (
     stop_worker,
     wait_for,
 )
-from tests.unit.stream.test_stream_hostile import HOSTILE_CONTROL
-from tests.unit.stream.test_stream_httpd import HOSTILE_BODIES
+from tests.unit.stream.test_hostile import HOSTILE_CONTROL
+from tests.unit.stream.test_httpd import HOSTILE_BODIES
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 from index.faiss_index import IndexHolder
 from serving.batching import RequestBatcher
 from serving.recommender import ServingError, recommend_many
-from tests.unit.stream.test_serving import Live
+from tests.unit.serving.test_recommender import Live
 
 
 @pytest.fixture

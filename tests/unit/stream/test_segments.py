@@ -13,7 +13,7 @@ from logs.events import LabeledExample
 from monitoring.metrics import StreamrecMetrics
 from stream.segments import SegmentedState, decode_segment, encode_segment
 from stream.services import JoinService, MemoryJoinState
-from tests.unit.stream.test_stream_join_state import SETTINGS, drain, log_records
+from tests.unit.stream.test_join_state import SETTINGS, drain, log_records
 
 
 def test_segment_encoding_round_trips_puts_and_deletes() -> None:
