@@ -14,6 +14,11 @@ Reported: RSS and tracemalloc's traced bytes every 10 % of the events, the sizes
 bounded structures at both snapshots, and the 15 source lines whose live bytes grew most
 between them. tracemalloc sees Python allocations only (not torch's tensors, not
 RocksDB), and taking a snapshot itself raises RSS. Writes ``bench/results/memory_probe.json``.
+
+Where tracemalloc names an allocation site shared by many owners (``json/decoder.py``:
+everything parsed from a record), ``--holders`` counts, at each snapshot, who keeps those
+objects (the holder's type and its own allocation site); ``--depth N`` records N frames
+per allocation and reports the call stacks behind the largest growth (much slower).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,30 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def holders(site: str = "json/decoder.py", top: int = 12) -> list[dict[str, Any]]:
+    """Who keeps the objects allocated at ``site``: for every object the garbage collector
+    tracks, its direct referents that were allocated there, counted by the holder's type
+    and the holder's own allocation site (a str inside a parsed dict is held by that dict,
+    allocated at ``site`` too; the dict's holder is the next row). Slow: one pass over
+    every object."""
+    count: Counter[str] = Counter()
+    size: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        held = [
+            r for r in gc.get_referents(obj)
+            if (tb := tracemalloc.get_object_traceback(r)) is not None
+            and tb[0].filename.endswith(site)
+        ]  # fmt: skip
+        if not held:
+            continue
+        tb = tracemalloc.get_object_traceback(obj)
+        where = f"{tb[0].filename.rsplit('/', 2)[-1]}:{tb[0].lineno}" if tb else "untraced"
+        owner = f"{type(obj).__module__}.{type(obj).__qualname__} (allocated at {where})"
+        count[owner] += len(held)
+        size[owner] += sum(sys.getsizeof(r) for r in held)
+    return [{"holder": h, "objects": n, "mb": size[h] / 1e6} for h, n in count.most_common(top)]
+
+
 def _events(n: int, seed: int) -> list[tuple[float, int, bytes]]:
     df = generate(SyntheticConfig(n_impressions=n, seed=seed, impressions_per_s=EVENT_RATE))
     cols = [c for c in df.columns if c.startswith(("ctx_", "item_", "user_"))]
@@ -67,7 +98,9 @@ def _events(n: int, seed: int) -> list[tuple[float, int, bytes]]:
     return out
 
 
-def run(n: int = 150_000, seed: int = 3, top: int = 15) -> dict[str, Any]:
+def run(
+    n: int = 150_000, seed: int = 3, top: int = 15, depth: int = 1, census: bool = False
+) -> dict[str, Any]:
     settings = Settings()
     events = _events(n, seed)
     join = JoinService(settings, StreamrecMetrics())
@@ -109,7 +142,7 @@ def run(n: int = 150_000, seed: int = 3, top: int = 15) -> dict[str, Any]:
     snaps: dict[str, Any] = {}
     marks: dict[str, dict[str, Any]] = {}
     t0 = time.time()
-    tracemalloc.start(1)
+    tracemalloc.start(depth)
     for i, (ts, which, payload) in enumerate(events):
         topic = TOPIC_CLICKS if which else TOPIC_IMPRESSIONS
         join.handle_record(payload, topic, 0, offsets[which])
@@ -135,15 +168,26 @@ def run(n: int = 150_000, seed: int = 3, top: int = 15) -> dict[str, Any]:
             marks[name] = {"events": i, "rss_mb": rss_mb(), "traced_mb": traced, **sizes()}
             snaps[name] = tracemalloc.take_snapshot()
             print(f"{name}: {marks[name]}", flush=True)
+            if census:
+                marks[name]["json_holders"] = holders()
+                for h in marks[name]["json_holders"]:
+                    print(f"  {h['objects']:9,d} parsed-JSON objects ({h['mb']:.1f} MB) held by "
+                          f"{h['holder']}", flush=True)  # fmt: skip
     diff = snaps["late"].compare_to(snaps["early"], "lineno")
     growth = [
         {"where": str(s.traceback[0]), "mb": s.size_diff / 1e6, "blocks": s.count_diff}
         for s in diff[:top]
     ]
+    stacks = []
+    if depth > 1:  # the call stacks behind the largest growth (who keeps what)
+        for s in snaps["late"].compare_to(snaps["early"], "traceback")[:top]:
+            frames = [f"{f.filename}:{f.lineno}" for f in s.traceback]
+            stacks.append({"mb": s.size_diff / 1e6, "blocks": s.count_diff, "stack": frames})
     per_k = 1e3 / max(1, marks["late"]["events"] - marks["early"]["events"])
     return {
         "benchmark": "memory_probe",
-        "command": f"python -m bench.memory_probe --n {n}",
+        "command": f"python -m bench.memory_probe --n {n} --depth {depth}"
+        + (" --holders" if census else ""),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "impressions": n,
         "event_rate_per_s": EVENT_RATE,
@@ -155,20 +199,32 @@ def run(n: int = 150_000, seed: int = 3, top: int = 15) -> dict[str, Any]:
             "rss_mb_per_1k_events": (marks["late"]["rss_mb"] - marks["early"]["rss_mb"]) * per_k,
         },  # fmt: skip
         "top_growth": growth,
+        "traceback_depth": depth,
+        "top_growth_stacks": stacks,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory_probe", description=__doc__)
     p.add_argument("--n", type=int, default=150_000, help="impressions")
+    p.add_argument("--depth", type=int, default=1,
+                   help="frames kept per allocation; > 1 also reports the stacks behind the "
+                   "largest growth (slower)")  # fmt: skip
+    p.add_argument("--holders", action="store_true",
+                   help="at each snapshot, count who keeps the objects parsed from JSON "
+                   "(one slow pass over every object)")  # fmt: skip
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    report = run(a.n)
+    report = run(a.n, depth=a.depth, census=a.holders)
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps(report, indent=2, default=float))
     print("growth after the join's state is full:", report["after_full_state"])
     for g in report["top_growth"]:
         print(f"  {g['mb']:+7.1f} MB {g['blocks']:+9d} blocks  {g['where']}")
+    for st in report["top_growth_stacks"]:
+        print(f"  {st['mb']:+7.1f} MB {st['blocks']:+9d} blocks, most recent call last:")
+        for frame in st["stack"]:
+            print(f"      {frame}")
     print(f"wrote {a.results}")
     return 0
 

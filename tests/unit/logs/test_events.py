@@ -423,3 +423,23 @@ def test_parse_input_of_random_json_returns_an_event_or_raises_invalid_event(
 ) -> None:
     text = json.dumps(obj)  # allow_nan: NaN and Infinity literals reach the parser
     parses_or_rejects(text if as_text else text.encode(), topic)
+
+
+def test_parsed_ids_and_feature_strings_are_shared_across_records() -> None:
+    """State keeps impressions for hours: two records of the same user, item and feature
+    values decode into one copy of each string (interned), not one per record."""
+
+    def record(iid: str, x: float) -> bytes:
+        feats = {"ctx_device": "mobile-app", "x": x}
+        d = {"impression_id": iid, "ts": TS, "user_id": "user-7", "item_id": "item-9",
+             "features": feats}  # fmt: skip
+        return json.dumps(d).encode()
+
+    a, b = parse_impression(record("a", 1.5)), parse_impression(record("b", 2.5))
+    assert a.user_id is b.user_id and a.item_id is b.item_id
+    ka, kb = next(iter(a.features)), next(iter(b.features))
+    assert ka == kb == "ctx_device" and ka is kb
+    assert a.features["ctx_device"] is b.features["ctx_device"]
+    raw = json.dumps({"impression_id": "a", "ts": TS + 1, "user_id": "user-7"}).encode()
+    click = parse_input(raw, TOPIC_CLICKS)
+    assert isinstance(click, Click) and click.user_id is a.user_id
