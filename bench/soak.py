@@ -22,11 +22,15 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
 - lag: ``lag_events`` (events replayed minus events the joiner consumed) and
   ``event_time_lag_s`` (the replay clock minus the join watermark: includes the 60 s
   allowed lateness);
-- latency: ``score_ms_p50``/``p99`` of ``--requests`` ``POST /score`` calls (10 items).
+- latency: ``score_ms_p50``/``p99`` of ``--requests`` ``POST /score`` calls (10 items);
+  ``freshness_p50_s``/``p99_s``: label emitted -> ranker learned from it, over the
+  sample's interval (the worker's ``streamrec_update_freshness_seconds`` histogram,
+  interpolated in its buckets as PromQL's ``histogram_quantile``).
 
 The report (``bench/results/soak_<minutes>m.json``, and ``.png`` with matplotlib) gives the
 least-squares slopes after ``--warmup-frac`` of the run (default the first third): RSS in
-MB/hour and % of its mean per hour (bar: < 1 %/h), disk in MB/hour.
+MB/hour and % of its mean per hour (bar: < 1 %/h), disk in MB/hour; and label -> update
+p50/p99 over everything after the warm-up (a paced rate, unlike ``bench.e2e``'s backlog).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import worker_process
+from bench.e2e import histogram_quantile, worker_process
 from bench.run import RESULTS_DIR, machine, write_report
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
@@ -57,6 +61,7 @@ from stream.settings import Settings
 
 EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
 FEATURE_MAX_BYTES = 128 * 2**20  # below the default (512 MiB): reached within the warm-up
+FRESHNESS = "streamrec_update_freshness_seconds"  # label emitted -> ranker learned, s
 CONFIG = f"""
 feature_max_bytes = {FEATURE_MAX_BYTES}
 [trainer]
@@ -146,6 +151,7 @@ def run(
     web_port = free_port()
     web = f"http://127.0.0.1:{web_port}"
     rows: list[dict[str, Any]] = []
+    hists: list[dict[str, float]] = []  # label -> update buckets, one per row
     replayed = [0]
     os.environ.setdefault("STREAMREC_RECOVERY_CONSISTENCY_CHECK", "false")  # Tansu
     with EmbeddedBroker(log_path=run_dir / "tansu.log") as broker:
@@ -203,10 +209,19 @@ def run(
                     "stage_errors": sum(v for k, v in m.items()
                                         if k.startswith("streamrec_stage_errors_total")),
                 })  # fmt: skip
+                buckets = {k: v for k, v in m.items() if k.startswith(FRESHNESS + "_bucket")}
+                fresh = _delta(buckets, hists[-1] if hists else {})
+                hists.append(buckets)
+                rows[-1]["freshness_p50_s"] = histogram_quantile(fresh, FRESHNESS, 0.5)
+                rows[-1]["freshness_p99_s"] = histogram_quantile(fresh, FRESHNESS, 0.99)
                 print(json.dumps(rows[-1]), flush=True)
             worker.check()  # it never exited
             producer.join(timeout=120)  # its last records and the final watermark
     report = summarize(rows, minutes=minutes, rate=rate, warmup_frac=warmup_frac)
+    if len(hists) >= 2:  # label -> update over the whole run after the warm-up
+        after = _delta(hists[-1], hists[int(len(hists) * warmup_frac)])
+        for q, key in ((0.5, "freshness_p50_s"), (0.99, "freshness_p99_s")):
+            report["after_warmup"][key] = histogram_quantile(after, FRESHNESS, q)
     report["machine"] = machine()
     if keep:
         report["run_dir"] = str(run_dir)
@@ -217,6 +232,11 @@ def run(
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
     return report
+
+
+def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Cumulative histogram buckets of ``now`` minus those of an earlier scrape."""
+    return {k: v - before.get(k, 0.0) for k, v in now.items()}
 
 
 def summarize(
