@@ -92,9 +92,9 @@ class RankerConfig:
     ``sparse_embeddings``: sparse gradients and lazy Adam (SparseAdam) for the embedding
     tables, dense Adam for the rest; False: one dense Adam over everything.
     ``sequence_attention``: DIN-style target attention of the candidate over the row's
-    ``hist_seq`` (:class:`learners.models.TargetAttention`; needs ``encoder.max_seq_len > 0``;
+    ``hist_seq`` (:class:`learners.layers.TargetAttention`; needs ``encoder.max_seq_len > 0``;
     not used by ``logreg``). ``pair_crosses``: a hashed scalar weight per user x item pair
-    (:class:`learners.models.PairCrosses`). A config dict written before these settings
+    (:class:`learners.layers.PairCrosses`). A config dict written before these settings
     existed loads with both off and ``encoder.max_seq_len = 0`` (the layout its checkpoint
     has).
     """
