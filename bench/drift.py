@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from monitoring.drift import DETECTOR_NAMES, DriftDetector, RiverDriftDetector, make_detector
+from monitoring.drift import DETECTOR_NAMES, DriftDetector, make_detector
+from monitoring.drift_sequential import RiverDriftDetector
 
 BATCH = 1024
 MEAN_CTR = 0.04

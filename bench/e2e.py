@@ -68,29 +68,35 @@ import asyncio
 import json
 import math
 import os
-import resource
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from bench.e2e_measures import (
+    Sampler,
+    downsample,
+    fit_lag_slope,
+    histogram_quantile,
+    merged_metrics,
+    py_spy_binary,
+    quantiles,
+    record_times,
+    slope_rate,
+    start_py_spy,
+    stop_py_spy,
+    summarize_profile,
+)
+from bench.e2e_table import goal_line, table
 from bench.run import machine, results_path, stamp, write_report
+from bench.workers import cpu_seconds, self_cpu_seconds, worker_processes
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     TOPIC_SCORED,
-    InvalidEvent,
     parse_input,
 )
 from logs.io import read_log_frame, write_log
@@ -99,11 +105,8 @@ from stream.app import topic_plan
 from stream.broker import (
     EmbeddedBroker,
     create_topics,
-    free_port,
     read_records,
-    wait_for_port,
 )
-from stream.demo import scrape
 from stream.envelope import decode_envelope, is_envelope
 from stream.replay import ReplayStats, replay
 from stream.settings import Settings
@@ -113,114 +116,10 @@ QUICK_N = 10_000
 EVENT_RATE = 10.0  # impressions per second of event time in the synthetic log
 FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impression labelled
 GOAL_IMPRESSIONS_PER_S = 20_000.0
-SAMPLE_S = 0.5
 WAIT_MIN_S, WAIT_RATE = 180.0, 100.0  # after the replay: wait max(180 s, n / 100/s)
 SCALE_OUT_WORKERS = 2  # workers of the scale-out phase (docs/DESIGN.md: more joiner workers)
 SPLIT_ROLES = ("joiner", "trainer")  # the split phase: one worker per side
 PROFILE_N = 20_000  # impressions of the profiled run (a prefix of the log)
-PROFILE_RATE = 100  # py-spy samples per second
-
-
-# --- processes ---------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux ``/proc``); nan elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return math.nan
-
-
-def self_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-@dataclass
-class WorkerProc:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    metrics_url: str
-
-    def metrics(self) -> dict[str, float]:
-        return scrape(self.metrics_url)
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            text = self.log_path.read_text(errors="replace")
-            first = [ln[:400] for ln in text.splitlines() if "[ERROR]" in ln][:15]
-            raise RuntimeError(
-                f"the worker exited with {self.proc.returncode} (log {self.log_path}); first "
-                "errors:\n" + "\n".join(first) + "\n...\n" + text[-2000:]
-            )
-
-
-@contextmanager
-def worker_processes(
-    broker: str,
-    run_dir: Path,
-    n: int = 1,
-    torch_threads: int | None = None,
-    extra_args: tuple[str, ...] = (),
-    roles: tuple[str, ...] | None = None,
-) -> Iterator[list[WorkerProc]]:
-    """``n`` worker subprocesses of one consumer group, started together (so that one
-    group join assigns them all), each yielded once it has joined (Faust logged
-    ``Ready``). ``torch_threads`` sets ``OMP_NUM_THREADS`` (None: torch's default);
-    ``extra_args`` are appended to ``streamrec worker``'s command line; ``roles`` (one per
-    worker, overriding ``n``) adds ``--role``. Logs and data directories:
-    ``worker.log``/``worker-data`` (then ``worker1.log``, ...) in ``run_dir``."""
-    if roles is not None:
-        n = len(roles)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if torch_threads is not None:
-        env["OMP_NUM_THREADS"] = str(torch_threads)
-    workers: list[WorkerProc] = []
-    try:
-        for i in range(n):
-            name = f"worker{i}" if i else "worker"
-            port = free_port()
-            log_path = run_dir / f"{name}.log"
-            cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
-                   "--metrics-port", str(port), "--data-dir", str(run_dir / f"{name}-data"),
-                   *extra_args, *(("--role", roles[i]) if roles else ())]  # fmt: skip
-            with open(log_path, "ab") as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-            workers.append(WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics"))
-        deadline = time.monotonic() + 90
-        for w in workers:
-            port = int(w.metrics_url.rsplit(":", 1)[1].split("/")[0])
-            wait_for_port("127.0.0.1", port, timeout_s=max(1.0, deadline - time.monotonic()))
-            while "Worker]: Ready" not in w.log_path.read_text(errors="replace"):
-                w.check()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker not ready in 90 s; see {w.log_path}")
-                time.sleep(0.2)
-        yield workers
-    finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
-
-
-@contextmanager
-def worker_process(
-    broker: str,
-    run_dir: Path,
-    torch_threads: int | None = None,
-    extra_args: tuple[str, ...] = (),
-) -> Iterator[WorkerProc]:
-    """One worker of :func:`worker_processes` (log ``run_dir/worker.log``)."""
-    with worker_processes(broker, run_dir, 1, torch_threads, extra_args) as workers:
-        yield workers[0]
 
 
 # --- phase 1: producer alone and plain consumers ----------------------------------------------
@@ -298,142 +197,6 @@ def producer_alone(log_path: Path, run_dir: Path, fmt: str = "envelope") -> dict
 # --- phase 2: the pipeline ----------------------------------------------------------------------
 
 
-@dataclass
-class Sampler:
-    """Scrapes ``/metrics`` of every worker every ``SAMPLE_S`` in a thread (counters summed
-    over the workers); lag against replay progress."""
-
-    workers: list[WorkerProc]
-    t0: float
-    progress: list[tuple[float, int]] = field(default_factory=list)  # (t, events replayed)
-    samples: list[dict[str, float]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def on_progress(self, k: int) -> None:
-        self.progress.append((time.monotonic() - self.t0, k))
-
-    def sample(self) -> dict[str, float]:
-        m = merged_metrics(self.workers)
-        consumed = m.get("streamrec_impressions_total", 0.0) + m.get("streamrec_clicks_total", 0)
-        replayed = self.progress[-1][1] if self.progress else 0
-        s = {
-            "t": time.monotonic() - self.t0,
-            "replayed": float(replayed),
-            "consumed": consumed,
-            "lag": max(0.0, replayed - consumed),
-            "impressions": m.get("streamrec_impressions_total", 0.0),
-            "labeled": m.get("sum:streamrec_labeled_total", 0.0),
-            "scored": m.get("streamrec_scored_total", 0.0),
-            "pending": m.get("streamrec_pending_impressions", 0.0),
-        }
-        self.samples.append(s)
-        return s
-
-    def run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            try:
-                self.sample()
-            except OSError:
-                pass  # a dropped scrape of a busy worker
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def merged_metrics(workers: list[WorkerProc]) -> dict[str, float]:
-    """One scrape of every worker, each sample summed over them (counters, histogram
-    buckets and the gauges read here are all additive across workers)."""
-    total: Counter[str] = Counter()
-    for w in workers:
-        total.update(w.metrics())
-    return dict(total)
-
-
-def _crossing(samples: list[dict[str, float]], key: str, level: float) -> float | None:
-    """Time at which ``samples[key]`` first reaches ``level`` (linear between samples)."""
-    prev = None
-    for s in samples:
-        if s[key] >= level:
-            if prev is None or s[key] == prev[key]:
-                return s["t"]
-            f = (level - prev[key]) / (s[key] - prev[key])
-            return prev["t"] + f * (s["t"] - prev["t"])
-        prev = s
-    return None
-
-
-def slope_rate(samples: list[dict[str, float]], key: str, n: int) -> float | None:
-    """Rate of ``key`` between 10% and 90% of ``n`` (per second)."""
-    t10, t90 = _crossing(samples, key, 0.1 * n), _crossing(samples, key, 0.9 * n)
-    if t10 is None or t90 is None or t90 <= t10:
-        return None
-    return 0.8 * n / (t90 - t10)
-
-
-def histogram_quantile(m: dict[str, float], name: str, q: float) -> float | None:
-    """PromQL ``histogram_quantile`` over one unlabelled histogram of a scrape."""
-    buckets = []
-    prefix = f'{name}_bucket{{le="'
-    for k, v in m.items():
-        if k.startswith(prefix):
-            le = k[len(prefix) : -2]
-            buckets.append((math.inf if le == "+Inf" else float(le), v))
-    buckets.sort()
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    lo_bound, lo_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lo_bound  # as Prometheus: the highest finite bound
-            if count == lo_count:
-                return bound
-            return lo_bound + (bound - lo_bound) * (rank - lo_count) / (count - lo_count)
-        lo_bound, lo_count = bound, count
-    return None
-
-
-def _quantiles(x: list[float]) -> dict[str, float | None]:
-    if not x:
-        return {"n": 0, "p50": None, "p99": None, "max": None}
-    a = np.asarray(x, dtype=np.float64)
-    return {
-        "n": len(x),
-        "p50": float(np.percentile(a, 50)),
-        "p99": float(np.percentile(a, 99)),
-        "max": float(a.max()),
-    }
-
-
-def _lag_slope(samples: list[dict[str, float]], t_end: float) -> float | None:
-    pts = [(s["t"], s["lag"]) for s in samples if s["t"] <= t_end]
-    if len(pts) < 3:
-        return None
-    t, lag = np.asarray(pts).T
-    return float(np.polyfit(t, lag, 1)[0])
-
-
-def _downsample(samples: list[dict[str, float]], k: int = 60) -> list[dict[str, float]]:
-    step = max(1, len(samples) // k)
-    keep = samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])
-    return [{key: round(v, 3) for key, v in s.items()} for s in keep]
-
-
-def record_times(records: list[Any], topic: str) -> dict[str, float]:
-    """impression_id -> CreateTime (s) of the record that carried it (JSON or envelope)."""
-    out: dict[str, float] = {}
-    for r in records:
-        t = r.timestamp / 1000
-        if is_envelope(r.value):
-            for event, _ in decode_envelope(r.value, topic):
-                if not isinstance(event, InvalidEvent):
-                    out[event.impression_id] = t
-        elif r.key is not None:
-            out[r.key.decode()] = t
-    return out
-
-
 def pipeline(
     log_path: Path,
     n: int,
@@ -464,7 +227,7 @@ def pipeline(
         worker = procs[0]
         spy = None
         if profile_out is not None:
-            spy = _start_py_spy(worker.proc.pid, profile_out, run_dir)
+            spy = start_py_spy(worker.proc.pid, profile_out, run_dir)
         t0 = time.monotonic()
         sampler = Sampler(procs, t0)
         thread = threading.Thread(target=sampler.run, daemon=True)
@@ -499,7 +262,7 @@ def pipeline(
         sampler.stop()
         thread.join()
         if spy is not None:
-            _stop_py_spy(spy)
+            stop_py_spy(spy)
         final = merged_metrics(procs)
         scored = read_records(broker.url, TOPIC_SCORED)
         clicks = read_records(broker.url, TOPIC_CLICKS)
@@ -524,7 +287,7 @@ def pipeline(
                 click_lat.append(t - click_ts[iid])
     seconds = last_s - first_s if scored else math.nan
     samples = sampler.samples
-    lag_slope = _lag_slope(samples, t_replayed)
+    lag_slope = fit_lag_slope(samples, t_replayed)
     lags = [s["lag"] for s in samples if s["t"] <= t_replayed]
     return {
         "workers": workers,
@@ -549,8 +312,8 @@ def pipeline(
             "grows": None if lag_slope is None else lag_slope > 0,
         },
         "latency_s": {
-            "click_to_update": _quantiles(click_lat),
-            "impression_to_update": _quantiles(imp_lat),
+            "click_to_update": quantiles(click_lat),
+            "impression_to_update": quantiles(imp_lat),
             "label_to_update_histogram": {
                 "p50": histogram_quantile(final, "streamrec_update_freshness_seconds", 0.5),
                 "p99": histogram_quantile(final, "streamrec_update_freshness_seconds", 0.99),
@@ -566,104 +329,7 @@ def pipeline(
             final.get("streamrec_train_step_seconds_sum", 0.0)
             / max(1.0, final.get("streamrec_train_step_seconds_count", 0.0))
         ),
-        "samples": _downsample(samples),
-    }
-
-
-# --- phase 3: profile ---------------------------------------------------------------------------
-
-
-def py_spy_binary() -> str | None:
-    local = Path(sys.executable).with_name("py-spy")
-    return str(local) if local.exists() else shutil.which("py-spy")
-
-
-def _start_py_spy(pid: int, out: Path, run_dir: Path) -> subprocess.Popen[bytes]:
-    binary = py_spy_binary()
-    assert binary is not None
-    cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
-           "--rate", str(PROFILE_RATE), "--nonblocking", "--threads"]  # fmt: skip
-    with open(run_dir / "py-spy.log", "ab") as log:
-        spy = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    time.sleep(0.5)
-    if spy.poll() is not None:
-        raise RuntimeError(f"py-spy exited at start; see {run_dir / 'py-spy.log'}")
-    return spy
-
-
-def _stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
-    spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-    try:
-        spy.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
-
-
-_LIBS = (
-    ("stream/", "streamrec stream/"), ("learners/", "streamrec learners/"),
-    ("monitoring/", "streamrec monitoring/"), ("index/", "streamrec index/"),
-    ("faust/", "faust"), ("mode/", "mode"), ("aiokafka/", "aiokafka"), ("kafka/", "kafka"),
-    ("torch/", "torch"), ("numpy/", "numpy"), ("json/", "json"), ("asyncio/", "asyncio"),
-    ("selectors", "asyncio"), ("prometheus_client/", "prometheus_client"),
-    ("rocksdict", "rocksdict"), ("faiss", "faiss"), ("river/", "river"),
-)  # fmt: skip
-
-
-def _frame_name(frame: str) -> str:
-    """``func (path/file.py:123)`` -> ``func (path/file.py)``."""
-    head, _, loc = frame.rpartition(" (")
-    return f"{head} ({loc.rsplit(':', 1)[0]})" if head else frame
-
-
-def _lib(frame: str) -> str:
-    loc = frame.rpartition(" (")[2]
-    for needle, name in _LIBS:
-        if needle in loc:
-            return name
-    return "other (stdlib, C extensions, ...)"
-
-
-def summarize_profile(path: Path, seconds: float, top: int = 20) -> dict[str, Any]:
-    """Aggregate py-spy's raw (collapsed) stacks: thread shares, top self/inclusive frames,
-    and self samples by the library of the leaf frame."""
-    self_c: Counter[str] = Counter()
-    incl_c: Counter[str] = Counter()
-    lib_c: Counter[str] = Counter()
-    thread_c: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_s = line.rpartition(" ")
-        if not stack or not count_s.isdigit():
-            continue
-        count = int(count_s)
-        frames = stack.split(";")
-        if frames[0].startswith(("thread (", "process ")):
-            thread_c[frames[0].split(" ")[0] + " " + frames[0].split(" ")[1]] += count
-            frames = [f for f in frames[1:] if not f.startswith("process ")]
-        if not frames:
-            continue
-        total += count
-        names = [_frame_name(f) for f in frames]
-        self_c[names[-1]] += count
-        lib_c[_lib(frames[-1])] += count
-        for name in set(names):
-            incl_c[name] += count
-
-    def share(c: Counter[str], k: int) -> list[dict[str, Any]]:
-        return [
-            {"frame": f, "samples": v, "share": round(v / total, 4)} for f, v in c.most_common(k)
-        ]
-
-    return {
-        "samples": total,
-        "rate_hz": PROFILE_RATE,
-        "seconds": seconds,
-        "busy_share_of_wall": round(total / (PROFILE_RATE * seconds), 3) if seconds else None,
-        "threads": share(thread_c, 10),
-        "by_library_self": share(lib_c, 20),
-        "top_self": share(self_c, top),
-        "top_inclusive": share(incl_c, top + 20),
+        "samples": downsample(samples),
     }
 
 
@@ -806,117 +472,6 @@ def run(
     print(goal_line(report["goal"]))
     print(f"wrote {out_path}")
     return report
-
-
-def _f(v: Any, digits: int = 0) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float | int):
-        return f"{v:,.{digits}f}"
-    return str(v)
-
-
-def table(report: dict[str, Any]) -> str:
-    """Markdown table of the headline numbers (and the profile's top costs, if any)."""
-    a, p, r = report["producer_alone"], report["pipeline"], report["ratios"]
-    lat, lag = p["latency_s"], p["lag"]
-    cpu = p["cpu_seconds"]
-    rows = [
-        ("impressions scored / replayed",
-         f"{_f(p['scored_examples'])} / {_f(p['impressions'])}"
-         + ("" if p.get("complete", True) else " (timed out waiting)")),
-        ("pipeline impressions/s (first record -> last scored)", _f(p["impressions_per_s"])),
-        ("pipeline steady impressions/s (10%-90% scored)", _f(p["steady_impressions_per_s"])),
-        ("joiner ingest impressions/s (10%-90%)", _f(p["ingest_impressions_per_s"])),
-        ("replay impressions/s while the worker runs", _f(p["replay_impressions_per_s"])),
-        ("producer alone: events/s (records/s)",
-         f"{_f(a['events_per_s'])} ({_f(a['records_per_s'])})"),
-        ("plain aiokafka consume: records/s (impressions/s)",
-         f"{_f(a['raw_consume']['records_per_s'])} ({_f(a['raw_consume']['impressions_per_s'])})"),
-        ("aiokafka consume + decode: impressions/s",
-         _f(a["consume_parse"]["impressions_per_s"])),
-        ("pipeline / producer alone", _f(r["pipeline_over_producer_alone"], 3)),
-        ("pipeline with single-event JSON records: impressions/s",
-         _f((report.get("pipeline_json") or {}).get("impressions_per_s"))),
-        ("envelopes / JSON records: pipeline, replay",
-         f"{_f(r.get('envelope_over_json_pipeline'), 2)}, "
-         f"{_f(r.get('envelope_over_json_replay'), 2)}"),
-        ("pipeline / plain consume", _f(r["pipeline_over_raw_consume"], 3)),
-        ("lag grows during replay (slope, events/s)",
-         f"{_f(lag['grows'])} ({_f(lag['slope_events_per_s_during_replay'])})"),
-        ("max lag (events)", _f(lag["max_events"])),
-        ("replay end -> all scored (s)", _f(p["seconds_replay_end_to_all_scored"], 1)),
-        ("click -> model update p50 / p99 (s, wall)",
-         f"{_f(lat['click_to_update']['p50'], 2)} / {_f(lat['click_to_update']['p99'], 2)}"),
-        ("impression -> model update p50 / p99 (s, wall)",
-         f"{_f(lat['impression_to_update']['p50'], 2)} / "
-         f"{_f(lat['impression_to_update']['p99'], 2)}"),
-        ("label -> update p50 / p99 (s, histogram)",
-         f"{_f(lat['label_to_update_histogram']['p50'], 3)} / "
-         f"{_f(lat['label_to_update_histogram']['p99'], 3)}"),
-        ("impression -> label p50 / p99 (s, event time, histogram)",
-         f"{_f(lat['impression_to_label_event_time_histogram']['p50'])} / "
-         f"{_f(lat['impression_to_label_event_time_histogram']['p99'])}"),
-        ("CPU s: worker / broker / producer process",
-         " / ".join(_f(v, 1) for v in cpu.values())),
-    ]  # fmt: skip
-    for key, label in (("scale_out", None), ("split", "joiner + trainer workers")):
-        rows += _phase_rows(report, key, label)
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    if report.get("profile"):
-        lines += ["", profile_table(report["profile"])]
-    return "\n".join(lines)
-
-
-def _phase_rows(report: dict[str, Any], key: str, label: str | None) -> list[tuple[str, str]]:
-    """Table rows of a multi-worker phase (``scale_out`` or ``split``), if it ran."""
-    s = report.get(key)
-    if not s:
-        return []
-    k = label or f"{s['workers']} workers"
-    ratio = report["ratios"].get(f"{key}_over_one_worker")
-    lat = s["latency_s"]["click_to_update"]
-    fresh = s["latency_s"]["label_to_update_histogram"]
-    return [
-        (f"{k}: pipeline impressions/s (x one worker)",
-         f"{_f(s['impressions_per_s'])} ({_f(ratio, 2)}x)"),
-        (f"{k}: steady / joiner ingest impressions/s",
-         f"{_f(s['steady_impressions_per_s'])} / {_f(s['ingest_impressions_per_s'])}"),
-        (f"{k}: click -> model update p50 / p99 (s, wall)",
-         f"{_f(lat['p50'], 2)} / {_f(lat['p99'], 2)}"),
-        (f"{k}: label -> update p50 / p99 (s, histogram)",
-         f"{_f(fresh['p50'], 3)} / {_f(fresh['p99'], 3)}"),
-        (f"{k}: CPU s workers / broker / producer process",
-         " / ".join(_f(v, 1) for v in s["cpu_seconds"].values())),
-    ]  # fmt: skip
-
-
-def profile_table(prof: dict[str, Any], k: int = 12) -> str:
-    lines = [
-        f"Worker profile (py-spy, {prof['samples']:,} samples at {prof['rate_hz']} Hz, busy "
-        f"{_f(prof['busy_share_of_wall'], 2)} of wall; profiled run "
-        f"{_f(prof.get('profiled_run_impressions_per_s'))} impressions/s):",
-        "",
-        "| top self frames | share | | library (leaf frame) | share |",
-        "|---|---|---|---|---|",
-    ]
-    libs = prof["by_library_self"]
-    for i, s in enumerate(prof["top_self"][:k]):
-        lib = libs[i] if i < len(libs) else None
-        lines.append(
-            f"| `{s['frame']}` | {s['share']:.1%} | | "
-            + (f"{lib['frame']} | {lib['share']:.1%} |" if lib else " | |")
-        )
-    return "\n".join(lines)
-
-
-def goal_line(goal: dict[str, Any]) -> str:
-    return (
-        f"Goal: {goal['target']}. Measured: {goal['impressions_per_s']:,.0f} impressions/s "
-        f"= {goal['ratio']:.2f}x the goal."
-    )
 
 
 def cli(argv: list[str] | None = None) -> int:

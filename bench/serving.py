@@ -45,8 +45,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.e2e import worker_process
 from bench.run import bench_cli, machine, results_path, stamp, write_report
+from bench.workers import worker_process
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.broker import EmbeddedBroker, free_port

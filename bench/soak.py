@@ -49,8 +49,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import histogram_quantile, worker_process
+from bench.e2e_measures import histogram_quantile
 from bench.run import RESULTS_DIR, machine, write_report
+from bench.workers import worker_process
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics

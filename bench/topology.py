@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import WorkerProc, worker_processes
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from bench.serving import FINAL_GAP_S, FULL_LOG, QUICK_LOG, Phase, Traffic, load, wait_ready
+from bench.workers import WorkerProc, worker_processes
 from logs.synthetic import write_synthetic
 from modelstore.store import DirectoryStore, StoreError
 from stream.broker import EmbeddedBroker

@@ -3,7 +3,9 @@
 ``X`` is a sequence of flat example dicts (see :mod:`learners.encoding`), ``y`` an array
 ``(B,)`` of 0/1 labels and ``w`` optional per-example weights ``(B,)``. ``y2`` (optional,
 ``model="mmoe"`` only) is a ``(B,)`` second label (e.g. conversion) for task 1, NaN where
-unknown.
+unknown. Its settings, :class:`~learners.ranker_config.RankerConfig` and
+:data:`~learners.ranker_config.MODELS`, live in :mod:`learners.ranker_config` and are
+importable from here.
 
 Device: ``RankerConfig.device="auto"`` trains on CUDA when it is available (host arrays
 are copied through pinned memory with ``non_blocking=True``), else on the CPU.
@@ -27,7 +29,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from learners.base import Rows
-from learners.encoding import EncodedBatch, EncoderConfig, FeatureEncoder, inference
+from learners.encoding import EncodedBatch, FeatureEncoder, inference
 from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
+from learners.ranker_config import MODELS, RankerConfig
 from learners.util import atomic_write, logit, sigmoid
 
 __all__ = [
@@ -55,143 +57,12 @@ log = logging.getLogger(__name__)
 _Inputs = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 """``(cat, num, seq, seq_age)`` model inputs on the device."""
 
-MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe")
-"""Values accepted by ``RankerConfig.model``."""
-
 # loss name -> {keyword of LOSSES[name]: RankerConfig field}
 _LOSS_PARAMS: dict[str, dict[str, str]] = {
     "weighted_bce": {"pos_weight": "pos_weight"},
     "focal": {"gamma": "focal_gamma", "alpha": "focal_alpha"},
     "combined_pair": {"alpha": "pair_alpha"},
 }
-
-
-_PRE_BEHAVIOUR = ("sequence_attention", "pair_crosses")
-
-
-@dataclass(frozen=True)
-class RankerConfig:
-    """Ranker settings. ``lr`` used = ``base_lr * online_lr_scale`` when online.
-
-    ``pos_weight`` is used by ``loss="weighted_bce"``, ``pair_alpha`` (the BCE share) by
-    ``loss="combined_pair"``, ``focal_*`` by ``loss="focal"``; ``num_experts`` and
-    ``num_tasks`` by ``model="mmoe"`` (task 0 = click, task 1 = the optional ``y2`` label).
-
-    ``prior_ctr`` in (0, 1): the CTR the output bias starts at. ``bias_prior_strength``
-    (pseudo-examples, > 0, or None to disable): on a fresh ranker's first learning step the
-    output bias is shifted so that the batch's mean prediction is
-    ``(sum w y + s prior_ctr) / (sum w + s)``; ``bias_warmup`` (examples, >= 0): the same
-    shift is made on every learning step until that many examples (by weight) have been
-    learned, with the sums running over all of them, so a cold model follows the log's
-    shrunk base rate instead of waiting for gradient steps to walk the bias there (a log
-    whose CTR is far from ``prior_ctr``, e.g. 0.4% against 3%, otherwise over-predicts for
-    thousands of impressions). ``loss_correction``: map the outputs of
-    ``focal`` / ``weighted_bce`` models back to P(click) (:mod:`learners.links`); focal at
-    default settings is otherwise badly over-predicting (calibration ratio ~4.6 at a 5% CTR).
-    ``amp``: bf16 autocast of the forward pass on CUDA; ignored on the CPU.
-    ``sparse_embeddings``: sparse gradients and lazy Adam (SparseAdam) for the embedding
-    tables, dense Adam for the rest; False: one dense Adam over everything.
-    ``sequence_attention``: DIN-style target attention of the candidate over the row's
-    ``hist_seq`` (:class:`learners.models.TargetAttention`; needs ``encoder.max_seq_len > 0``;
-    not used by ``logreg``). ``pair_crosses``: a hashed scalar weight per user x item pair
-    (:class:`learners.models.PairCrosses`). A config dict written before these settings
-    existed loads with both off and ``encoder.max_seq_len = 0`` (the layout its checkpoint
-    has).
-    """
-
-    model: str = "dcnv2"  # one of MODELS
-    embedding_dim: int = 16
-    cross_layers: int = 2
-    hidden: tuple[int, ...] = (128, 64)
-    loss: str = "bce"  # a key of learners.losses.LOSSES
-    focal_gamma: float = 2.0
-    focal_alpha: float | None = None
-    pos_weight: float = 1.0
-    pair_alpha: float = 0.5
-    num_experts: int = 4
-    num_tasks: int = 2
-    # Cold/offline Adam rate. 0.005 beat 0.01 on both benchmark logs (prequential NE on 1M
-    # synthetic impressions 0.958 vs 0.964; OBD 1.092 vs 1.101); the online rate
-    # base_lr * online_lr_scale stays 0.001.
-    base_lr: float = 0.005
-    online_lr_scale: float = 0.2
-    grad_clip_norm: float = 10.0
-    device: str = "auto"
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    prior_ctr: float = INITIAL_CTR
-    bias_prior_strength: float | None = 100.0
-    bias_warmup: float = 10_000.0
-    loss_correction: bool = True
-    amp: bool = False
-    sparse_embeddings: bool = True
-    sequence_attention: bool = True
-    pair_crosses: bool = True
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; expected one of {MODELS}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {tuple(LOSSES)}")
-        if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-        if self.cross_layers < 0:
-            raise ValueError(f"cross_layers must be >= 0, got {self.cross_layers}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden sizes must be >= 1, got {self.hidden}")
-        if self.focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
-        if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
-            raise ValueError(f"focal_alpha must be in [0, 1] or None, got {self.focal_alpha}")
-        if not (math.isfinite(self.pos_weight) and self.pos_weight > 0):
-            raise ValueError(f"pos_weight must be a positive finite number, got {self.pos_weight}")
-        if not 0.0 <= self.pair_alpha <= 1.0:
-            raise ValueError(f"pair_alpha must be in [0, 1], got {self.pair_alpha}")
-        if self.num_experts < 1 or self.num_tasks < 1:
-            raise ValueError(
-                f"num_experts and num_tasks must be >= 1, got {self.num_experts}, {self.num_tasks}"
-            )
-        if self.model == "mmoe" and not self.hidden:
-            raise ValueError("model='mmoe' needs at least one hidden layer (the experts)")
-        for name in ("base_lr", "online_lr_scale", "grad_clip_norm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
-        if not 0.0 < self.prior_ctr < 1.0:
-            raise ValueError(f"prior_ctr must be in (0, 1), got {self.prior_ctr}")
-        s = self.bias_prior_strength
-        if s is not None and not (math.isfinite(s) and s > 0):
-            raise ValueError(f"bias_prior_strength must be positive finite or None, got {s}")
-        if not (math.isfinite(self.bias_warmup) and self.bias_warmup >= 0):
-            raise ValueError(f"bias_warmup must be finite and >= 0, got {self.bias_warmup}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as e:
-                raise ValueError(f"invalid device {self.device!r}: {e}") from e
-        # Accept a list for ``hidden`` (e.g. from TOML) but store the immutable form.
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain containers only (lists, not tuples) so it loads with ``weights_only``."""
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        d["encoder"]["categorical_keys"] = list(self.encoder.categorical_keys)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RankerConfig:
-        """Inverse of :meth:`to_dict`."""
-        d = dict(d)
-        enc = dict(d.pop("encoder", {}))
-        # Written before the behaviour settings: the model had none of their parameters.
-        for key in _PRE_BEHAVIOUR:
-            d.setdefault(key, False)
-        enc.setdefault("max_seq_len", 0)
-        if "categorical_keys" in enc:
-            enc["categorical_keys"] = tuple(enc["categorical_keys"])
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
-        return cls(encoder=EncoderConfig(**enc), **d)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -234,6 +105,7 @@ class TorchRanker:
     """Online CTR ranker (test-then-train) over flat example dicts.
 
     Example:
+        >>> from learners.encoding import EncoderConfig
         >>> cfg = RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=1024),
         ...                    device="cpu")
         >>> ranker = TorchRanker(cfg, seed=0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learners.encoding import EncoderConfig
-from learners.models import N_AGE_BUCKETS, age_buckets
+from learners.layers import N_AGE_BUCKETS, age_buckets
 
 __all__ = [
     "BEHAVIOUR_POOLS",
@@ -259,7 +259,7 @@ class HistoryPool(nn.Module):
     seconds (-1 unknown), ``table``: the item id embedding ``(num_buckets, F)`` ->
     ``(B, F + 1)``: ``normalize(sum_j softmax_j(a[age_bucket_j]) e(seq_j))`` over the valid
     positions (``a`` learned, one logit per age bucket of
-    :func:`learners.models.age_buckets`, starting equal: a plain mean) and
+    :func:`learners.layers.age_buckets`, starting equal: a plain mean) and
     ``log1p(#valid)``. No valid position: all zeros.
 
     ``mode="attention"`` (width ``dim`` = F): the logits gain ``4 cos(W e(seq_0), e(seq_j))``

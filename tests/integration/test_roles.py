@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.e2e import FINAL_GAP_S, worker_processes
+from bench.e2e import FINAL_GAP_S
+from bench.workers import worker_processes
 from logs.events import TOPIC_LABELED, TOPIC_SCORED
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic

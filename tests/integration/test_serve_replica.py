@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from bench.e2e import FINAL_GAP_S, WorkerProc, worker_processes
+from bench.e2e import FINAL_GAP_S
+from bench.workers import WorkerProc, worker_processes
 from logs.events import TOPIC_CONTROL
 from logs.synthetic import SyntheticConfig, write_synthetic
 from modelstore.store import DirectoryStore

@@ -1,4 +1,5 @@
-"""The pure helpers of bench/e2e.py (the benchmark itself needs a broker and minutes)."""
+"""The pure helpers of bench/e2e.py, in bench/e2e_measures.py (the benchmark itself needs a
+broker and minutes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.e2e import histogram_quantile, slope_rate, summarize_profile
+from bench.e2e_measures import histogram_quantile, slope_rate, summarize_profile
 
 
 def scrape_of(name: str, bounds: list[float], counts: list[float]) -> dict[str, float]:

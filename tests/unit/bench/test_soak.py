@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.e2e import histogram_quantile
+from bench.e2e_measures import histogram_quantile
 from bench.soak import FRESHNESS, _delta
 
 

@@ -16,17 +16,8 @@ import pytest
 import torch
 
 from learners.encoding import EncoderConfig, FeatureEncoder, bucket_of
-from learners.models import (
-    INITIAL_CTR,
-    N_AGE_BUCKETS,
-    DCNv2,
-    DeepFM,
-    MMoE,
-    PairCrosses,
-    TargetAttention,
-    WideAndDeep,
-    age_buckets,
-)
+from learners.layers import N_AGE_BUCKETS, PairCrosses, TargetAttention, age_buckets
+from learners.models import INITIAL_CTR, DCNv2, DeepFM, MMoE, WideAndDeep
 from learners.ranker import RankerConfig, TorchRanker, atomic_torch_save
 from tests.unit.learners.test_learner_checks import auc
 

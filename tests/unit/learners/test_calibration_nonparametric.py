@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from learners.calibration import (
     CALIBRATOR_KINDS,
     Calibrator,
-    HistogramBinningCalibrator,
-    IsotonicCalibrator,
     LogitShiftCalibrator,
     PlattCalibrator,
     calibrator_from_dict,
     fit_if_better,
+)
+from learners.calibration_nonparametric import (
+    HistogramBinningCalibrator,
+    IsotonicCalibrator,
     pool_adjacent_violators,
 )
 from monitoring.calibration import log_loss

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learners.calibration import (
-    IsotonicCalibrator,
     LogitShiftCalibrator,
     OffsetCalibrator,
     PlattCalibrator,
     fit_if_better,
     solve_offset,
 )
+from learners.calibration_nonparametric import IsotonicCalibrator
 from learners.recalibration import TrackingConfig, TrackingRecalibrator
 
 

@@ -10,18 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import drift as river_drift
 
-from monitoring.drift import (
-    DETECTOR_NAMES,
+from monitoring.drift import DETECTOR_NAMES, CalibrationDriftDetector, DriftDetector, make_detector
+from monitoring.drift_sequential import (
     RESIDUAL_P_MIN,
-    CalibrationDriftDetector,
     CusumConfig,
     CusumDriftDetector,
-    DriftDetector,
     PageHinkleyConfig,
     PageHinkleyDriftDetector,
     RiverDriftDetector,
     _fading_sum,
-    make_detector,
     standardized_residual,
 )
 

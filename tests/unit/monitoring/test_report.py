@@ -14,16 +14,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from monitoring.report import (
-    ReportData,
-    build_figures,
-    format_value,
-    load_run,
-    render_html,
-    render_png,
-    write_figures,
-    write_report,
-)
+from monitoring.report import ReportData, format_value, load_run, render_html, write_report
+from monitoring.report_figures import build_figures, render_png, write_figures
 
 T0 = 1_700_000_000.0
 DRIFT_AFTER_S = 5_400.0  # the planted shift, 90 minutes into a 3-hour stream

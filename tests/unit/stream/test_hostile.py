@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learners.calibration import (
-    HistogramBinningCalibrator,
-    IsotonicCalibrator,
-    LogitShiftCalibrator,
-    PlattCalibrator,
-    calibrator_from_dict,
-)
+from learners.calibration import LogitShiftCalibrator, PlattCalibrator, calibrator_from_dict
+from learners.calibration_nonparametric import HistogramBinningCalibrator, IsotonicCalibrator
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     MAX_EVENT_BYTES,

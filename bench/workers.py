@@ -1,0 +1,131 @@
+"""Worker subprocesses for the benchmarks that drive a real ``streamrec worker``
+(:mod:`bench.e2e`, :mod:`bench.serving`, :mod:`bench.soak`, :mod:`bench.topology`):
+:func:`worker_processes` starts ``python -m stream.cli worker`` processes of one consumer
+group and yields them once they are ready (:class:`WorkerProc`: the process, its log and its
+``/metrics`` URL), and :func:`cpu_seconds` / :func:`self_cpu_seconds` read the CPU time of a
+process (Linux ``/proc``) and of this one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from stream.broker import free_port, wait_for_port
+from stream.demo import scrape
+
+__all__ = [
+    "WorkerProc",
+    "cpu_seconds",
+    "self_cpu_seconds",
+    "worker_process",
+    "worker_processes",
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux ``/proc``); nan elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def self_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class WorkerProc:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    metrics_url: str
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_url)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            text = self.log_path.read_text(errors="replace")
+            first = [ln[:400] for ln in text.splitlines() if "[ERROR]" in ln][:15]
+            raise RuntimeError(
+                f"the worker exited with {self.proc.returncode} (log {self.log_path}); first "
+                "errors:\n" + "\n".join(first) + "\n...\n" + text[-2000:]
+            )
+
+
+@contextmanager
+def worker_processes(
+    broker: str,
+    run_dir: Path,
+    n: int = 1,
+    torch_threads: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    roles: tuple[str, ...] | None = None,
+) -> Iterator[list[WorkerProc]]:
+    """``n`` worker subprocesses of one consumer group, started together (so that one
+    group join assigns them all), each yielded once it has joined (Faust logged
+    ``Ready``). ``torch_threads`` sets ``OMP_NUM_THREADS`` (None: torch's default);
+    ``extra_args`` are appended to ``streamrec worker``'s command line; ``roles`` (one per
+    worker, overriding ``n``) adds ``--role``. Logs and data directories:
+    ``worker.log``/``worker-data`` (then ``worker1.log``, ...) in ``run_dir``."""
+    if roles is not None:
+        n = len(roles)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if torch_threads is not None:
+        env["OMP_NUM_THREADS"] = str(torch_threads)
+    workers: list[WorkerProc] = []
+    try:
+        for i in range(n):
+            name = f"worker{i}" if i else "worker"
+            port = free_port()
+            log_path = run_dir / f"{name}.log"
+            cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
+                   "--metrics-port", str(port), "--data-dir", str(run_dir / f"{name}-data"),
+                   *extra_args, *(("--role", roles[i]) if roles else ())]  # fmt: skip
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            workers.append(WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics"))
+        deadline = time.monotonic() + 90
+        for w in workers:
+            port = int(w.metrics_url.rsplit(":", 1)[1].split("/")[0])
+            wait_for_port("127.0.0.1", port, timeout_s=max(1.0, deadline - time.monotonic()))
+            while "Worker]: Ready" not in w.log_path.read_text(errors="replace"):
+                w.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker not ready in 90 s; see {w.log_path}")
+                time.sleep(0.2)
+        yield workers
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+
+@contextmanager
+def worker_process(
+    broker: str,
+    run_dir: Path,
+    torch_threads: int | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> Iterator[WorkerProc]:
+    """One worker of :func:`worker_processes` (log ``run_dir/worker.log``)."""
+    with worker_processes(broker, run_dir, 1, torch_threads, extra_args) as workers:
+        yield workers[0]
