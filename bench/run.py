@@ -52,6 +52,7 @@ NAMES = (
     "index_scale",
     "retrieval_ablation",
     "serving_batching",
+    "hot_paths",
 )
 
 

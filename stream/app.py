@@ -49,6 +49,7 @@ from stream.producer import partition_of
 from stream.segments import SegmentedState
 from stream.services import IndexerService, JoinService, JoinState, MonitorService, TrainerService
 from stream.settings import Settings
+from stream.transport import StreamrecApp
 
 __all__ = [
     "JOIN_TABLE",
@@ -227,7 +228,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     trains = settings.role in ("all", "trainer")
     serves = settings.role == "serve"
     web = (trains or serves) and settings.web_port > 0
-    app = faust.App(group_id(settings), **faust_options(settings, web=web))
+    app = StreamrecApp(group_id(settings), **faust_options(settings, web=web))
+    app.fetch_max_wait_s = settings.fetch_max_wait_s  # each hop's wait (stream.transport)
 
     # the services (plain objects, no Kafka: stream.services)
     indexer = IndexerService(settings, metrics)

@@ -232,6 +232,10 @@ class Settings:
     model_store: str = ""
     rebalance_timeout_s: float = 3.0
     session_timeout_s: float = 6.0
+    #: the longest the worker's consumer lets the broker hold a fetch, seconds (Faust's
+    #: own value is 1.5). Apache Kafka answers as soon as a record arrives; the embedded
+    #: broker holds the fetch, so every hop paid up to this wait (stream.transport)
+    fetch_max_wait_s: float = 0.1
     replay_watermark_every: int = 2000
     #: the joiner's durable state table: "rocksdb" (local RocksDB under data_dir, restored
     #: from the changelog only past its own offsets: production) or "memory" (restored from
@@ -353,6 +357,8 @@ class Settings:
             raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
+        if not 0 < self.fetch_max_wait_s <= 30:  # NaN fails too
+            raise ValueError("fetch_max_wait_s must be in (0, 30] seconds")
         if not self.max_future_skew_s >= 0:  # NaN fails too
             raise ValueError("max_future_skew_s must be >= 0 (inf: no check)")
         if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +221,16 @@ def test_format_value() -> None:
     assert format_value(math.nan) == "n/a"
 
 
-def test_rendering_200k_points_is_fast() -> None:
+def test_200k_impressions_draw_at_most_n_points_per_line() -> None:
+    # what keeps rendering fast at any N (its time is bench.hot_paths'; a timed assertion
+    # here was flaky): every line of every figure has at most n_points points
     data = planted_drift(n=200_000, seed=3)
-    start = time.perf_counter()
-    page = render_html(data)
-    assert time.perf_counter() - start < 3.0
-    assert page.count("<img ") == 3
+    figures = build_figures(data, n_points=150)
+    lengths = [len(line.get_xdata()) for fig in figures.values() for ax in fig.axes
+               for line in ax.get_lines()]  # fmt: skip
+    assert lengths and max(lengths) <= 150
+    assert max(lengths) > 100  # the time series are drawn, at about n_points windows
+    assert render_html(data).count("<img ") == 3
 
 
 # --- run directories -----------------------------------------------------------------------
