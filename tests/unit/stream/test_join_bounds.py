@@ -8,14 +8,8 @@ import random
 
 from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression
 from monitoring.metrics import StreamrecMetrics
-from stream.join import (
-    ORPHAN_OVERHEAD,
-    JoinConfig,
-    OnlineJoiner,
-    impression_bytes,
-    pack_impression,
-    packed_bytes,
-)
+from stream.join import JoinConfig, OnlineJoiner
+from stream.join_memory import ORPHAN_OVERHEAD, impression_bytes, pack_impression, packed_bytes
 from stream.services import JoinService
 from stream.settings import Settings
 

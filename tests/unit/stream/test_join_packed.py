@@ -9,14 +9,8 @@ import tracemalloc
 import numpy as np
 
 from logs.events import Click, Impression
-from stream.join import (
-    JoinConfig,
-    OnlineJoiner,
-    PackedImpression,
-    impression_bytes,
-    pack_impression,
-    packed_bytes,
-)
+from stream.join import JoinConfig, OnlineJoiner
+from stream.join_memory import PackedImpression, impression_bytes, pack_impression, packed_bytes
 
 
 def decoded(n: int, seed: int = 0) -> list[Impression]:
