@@ -2,12 +2,14 @@
 wrappers that move bytes between topics and these objects. Everything here is testable
 without Kafka.
 
-One module per room: join, trainer, dedup, monitor, indexer.
+One module per room: join (its durable state in join_state), trainer, dedup, monitor,
+indexer.
 """
 
 from stream.services.dedup import SeenKeys
 from stream.services.indexer import IndexerService
-from stream.services.join import JoinService, JoinState, MemoryJoinState, segment_of
+from stream.services.join import JoinService, segment_of
+from stream.services.join_state import JoinState, MemoryJoinState
 from stream.services.monitor import MonitorService
 from stream.services.trainer import (
     Catalogue,

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +26,13 @@ from logs.events import (
 from monitoring.metrics import StreamrecMetrics
 from stream.envelope import decode_envelope, is_envelope
 from stream.join import OnlineJoiner
+from stream.services.join_state import (
+    JoinState,
+    MemoryJoinState,
+    delta_chunks,
+    pending_value,
+    replay_features,
+)
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,95 +45,9 @@ def segment_of(position: int | None) -> str:
     return str(position) if position < 10 else "10+"
 
 
-class JoinState(Protocol):
-    """The joiner's durable state, per input partition: a Faust table with a changelog in the
-    worker (:class:`stream.app.TableJoinState`), :class:`MemoryJoinState` in process.
-
-    Keys inside a partition: ``i/<impression_id>`` a pending impression (value: JSON
-    ``{"i": impression, "c": in-window click ts or null}``) or, once its label is sent, a
-    labelled one kept for the dedup horizon (``{"d": label, "t": label ts, "i": impression
-    (negatives only, for a late click's correction)}``), ``c/<impression_id>`` an orphan
-    click waiting for its impression (value: the click ts), ``w`` the event time reached on
-    each input (value: JSON ``{"impressions": ts, "clicks": ts}``).
-    """
-
-    def put(self, partition: int, key: str, value: bytes) -> None: ...
-
-    def delete(self, partition: int, key: str) -> None: ...
-
-    def items(self, partition: int) -> Iterable[tuple[str, bytes]]: ...
-
-    def flush(self, partitions: Iterable[int] | None = None) -> int:
-        """Make buffered changes durable (:class:`stream.segments.SegmentedState`); the
-        inputs that caused them may be committed after it. Returns records written."""
-        ...
-
-    def drop(self, partitions: Iterable[int]) -> None:
-        """Forget what this worker holds of revoked partitions (not their durable state)."""
-        ...
-
-
-class MemoryJoinState:
-    """:class:`JoinState` in a dict (tests, in-process runs); not durable."""
-
-    def __init__(self) -> None:
-        self.data: dict[int, dict[str, bytes]] = {}
-
-    def put(self, partition: int, key: str, value: bytes) -> None:
-        self.data.setdefault(partition, {})[key] = value
-
-    def delete(self, partition: int, key: str) -> None:
-        self.data.get(partition, {}).pop(key, None)
-
-    def items(self, partition: int) -> Iterable[tuple[str, bytes]]:
-        return list(self.data.get(partition, {}).items())
-
-    def flush(self, partitions: Iterable[int] | None = None) -> int:
-        return 0  # every change is in place at once
-
-    def drop(self, partitions: Iterable[int]) -> None:
-        pass  # the dict plays the durable store: it outlives the worker's view of it
-
-    def __len__(self) -> int:
-        return sum(len(d) for d in self.data.values())
-
-
-def _pending_value(imp: Impression, click_ts: float | None) -> bytes:
-    return b'{"c":%s,"i":%s}' % (b"null" if click_ts is None else repr(click_ts).encode(),
-                                 imp.to_json())  # fmt: skip
-
-
 def _stage_attrs(features: Mapping[str, object]) -> dict[str, str]:
     """The impression attributes the feature stage reads (``item_*`` strings)."""
     return {k: v for k, v in features.items() if k.startswith("item_") and isinstance(v, str)}
-
-
-def _delta_chunks(calls: list[list[Any]], size: int) -> list[bytes]:
-    """``calls`` as JSON lists of at most about ``size`` bytes each (a call over it alone)."""
-    out: list[bytes] = []
-    part: list[bytes] = []
-    n = 0
-    for call in calls:
-        b = json.dumps(call, separators=(",", ":"), ensure_ascii=False).encode()
-        if part and n + len(b) + 1 > size:
-            out.append(b"[" + b",".join(part) + b"]")
-            part, n = [], 0
-        part.append(b)
-        n += len(b) + 1
-    if part:
-        out.append(b"[" + b",".join(part) + b"]")
-    return out
-
-
-def _replay_features(stage: FeatureStage, calls: list[list[Any]]) -> None:
-    """Apply journalled stage calls (see :meth:`JoinService.save_features`) in order."""
-    for c in calls:
-        if c[0] == "i":
-            stage.impression(c[1], float(c[2]), c[3], c[4], c[5], c[6])
-        elif c[0] == "c":
-            stage.click(c[1], float(c[2]))
-        else:
-            raise ValueError(f"unknown feature journal call {c[0]!r}")
 
 
 class JoinService:
@@ -233,7 +154,7 @@ class JoinService:
                 if feature_pieces:
                     stage.load_state_dict(json.loads(raw))
                 for k in range(feature_deltas):  # the journal: replay the calls in order
-                    _replay_features(stage, json.loads(deltas[k]))
+                    replay_features(stage, json.loads(deltas[k]))
                 self._features_pieces[partition] = feature_pieces
                 self._feature_journal[partition] = [
                     len(raw),
@@ -389,7 +310,7 @@ class JoinService:
             out = j.on_click(event)
             imp = j.pending.get(iid)
             if imp is not None and iid in j.clicked:
-                state.put(partition, "i/" + iid, _pending_value(imp, j.clicked[iid]))
+                state.put(partition, "i/" + iid, pending_value(imp, j.clicked[iid]))
             elif not had_orphan and iid in j.orphan_clicks:
                 state.put(partition, "c/" + iid, repr(event.ts).encode())
             self._save_watermark(partition, j)
@@ -481,7 +402,7 @@ class JoinService:
             if not calls:
                 continue
             snap_bytes, delta_bytes, n_deltas = self._feature_journal.get(p, [0, 0, 0])
-            chunks = _delta_chunks(calls, size)
+            chunks = delta_chunks(calls, size)
             new_bytes = sum(len(c) for c in chunks)
             if delta_bytes + new_bytes > max(snap_bytes // 4, self.FEATURE_SNAPSHOT_MIN_BYTES):
                 raw = json.dumps(stage.state_dict(), separators=(",", ":")).encode()

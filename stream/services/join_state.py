@@ -1,0 +1,102 @@
+"""The join room's durable state: the :class:`JoinState` protocol (its key layout) and
+:class:`MemoryJoinState`, and the encodings of its entries: a pending impression
+(:func:`pending_value`) and the feature journal's deltas (:func:`delta_chunks`, replayed by
+:func:`replay_features`). :class:`stream.services.JoinService` writes and restores it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from features.stage import FeatureStage
+from logs.events import Impression
+
+
+class JoinState(Protocol):
+    """The joiner's durable state, per input partition: a Faust table with a changelog in the
+    worker (:class:`stream.app.TableJoinState`), :class:`MemoryJoinState` in process.
+
+    Keys inside a partition: ``i/<impression_id>`` a pending impression (value: JSON
+    ``{"i": impression, "c": in-window click ts or null}``) or, once its label is sent, a
+    labelled one kept for the dedup horizon (``{"d": label, "t": label ts, "i": impression
+    (negatives only, for a late click's correction)}``), ``c/<impression_id>`` an orphan
+    click waiting for its impression (value: the click ts), ``w`` the event time reached on
+    each input (value: JSON ``{"impressions": ts, "clicks": ts}``).
+    """
+
+    def put(self, partition: int, key: str, value: bytes) -> None: ...
+
+    def delete(self, partition: int, key: str) -> None: ...
+
+    def items(self, partition: int) -> Iterable[tuple[str, bytes]]: ...
+
+    def flush(self, partitions: Iterable[int] | None = None) -> int:
+        """Make buffered changes durable (:class:`stream.segments.SegmentedState`); the
+        inputs that caused them may be committed after it. Returns records written."""
+        ...
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget what this worker holds of revoked partitions (not their durable state)."""
+        ...
+
+
+class MemoryJoinState:
+    """:class:`JoinState` in a dict (tests, in-process runs); not durable."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, dict[str, bytes]] = {}
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        self.data.setdefault(partition, {})[key] = value
+
+    def delete(self, partition: int, key: str) -> None:
+        self.data.get(partition, {}).pop(key, None)
+
+    def items(self, partition: int) -> Iterable[tuple[str, bytes]]:
+        return list(self.data.get(partition, {}).items())
+
+    def flush(self, partitions: Iterable[int] | None = None) -> int:
+        return 0  # every change is in place at once
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        pass  # the dict plays the durable store: it outlives the worker's view of it
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.data.values())
+
+
+def pending_value(imp: Impression, click_ts: float | None) -> bytes:
+    """The value of a pending impression's ``i/<impression_id>`` entry."""
+    return b'{"c":%s,"i":%s}' % (b"null" if click_ts is None else repr(click_ts).encode(),
+                                 imp.to_json())  # fmt: skip
+
+
+def delta_chunks(calls: list[list[Any]], size: int) -> list[bytes]:
+    """``calls`` as JSON lists of at most about ``size`` bytes each (a call over it alone)."""
+    out: list[bytes] = []
+    part: list[bytes] = []
+    n = 0
+    for call in calls:
+        b = json.dumps(call, separators=(",", ":"), ensure_ascii=False).encode()
+        if part and n + len(b) + 1 > size:
+            out.append(b"[" + b",".join(part) + b"]")
+            part, n = [], 0
+        part.append(b)
+        n += len(b) + 1
+    if part:
+        out.append(b"[" + b",".join(part) + b"]")
+    return out
+
+
+def replay_features(stage: FeatureStage, calls: list[list[Any]]) -> None:
+    """Apply journalled stage calls in order (see
+    :meth:`stream.services.JoinService.save_features`)."""
+    for c in calls:
+        if c[0] == "i":
+            stage.impression(c[1], float(c[2]), c[3], c[4], c[5], c[6])
+        elif c[0] == "c":
+            stage.click(c[1], float(c[2]))
+        else:
+            raise ValueError(f"unknown feature journal call {c[0]!r}")
