@@ -41,16 +41,10 @@ from learners.links import CORRECTED_LOSSES, calibrated_logits
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 from learners.ranker_config import MODELS, RankerConfig
-from learners.util import atomic_write, logit, sigmoid
+from learners.training import atomic_torch_save, guarded_step, pick_device
+from learners.util import logit, sigmoid
 
-__all__ = [
-    "MODELS",
-    "RankerConfig",
-    "TorchRanker",
-    "atomic_torch_save",
-    "guarded_step",
-    "pick_device",
-]
+__all__ = ["MODELS", "RankerConfig", "TorchRanker"]
 
 log = logging.getLogger(__name__)
 
@@ -63,42 +57,6 @@ _LOSS_PARAMS: dict[str, dict[str, str]] = {
     "focal": {"gamma": "focal_gamma", "alpha": "focal_alpha"},
     "combined_pair": {"alpha": "pair_alpha"},
 }
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def guarded_step(
-    loss: Tensor,
-    dense_params: Sequence[Tensor],
-    clip_norm: float,
-    optimizers: Sequence[torch.optim.Optimizer],
-) -> bool:
-    """Backward ``loss`` and step every optimizer, dense gradients clipped to ``clip_norm``
-    (sparse embedding gradients are left to lazy Adam). A non-finite loss, dense gradient
-    norm or sparse gradient skips the step: gradients are cleared, weights unchanged, and
-    False is returned."""
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    ok = bool(torch.isfinite(loss))
-    if ok:
-        loss.backward()
-        ok = bool(torch.isfinite(nn.utils.clip_grad_norm_(dense_params, clip_norm)))
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if ok and p.grad is not None and p.grad.is_sparse:
-                    ok = bool(torch.isfinite(p.grad.coalesce().values()).all())
-    if ok:
-        for opt in optimizers:
-            opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    return ok
 
 
 class TorchRanker:
@@ -530,9 +488,3 @@ class TorchRanker:
         warm = state.get("bias_warm")
         ranker.bias_warm = done if warm is None else (float(warm[0]), float(warm[1]))
         return ranker
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then replace ``path``:
-    a reader never sees a half-written checkpoint (:func:`learners.util.atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))

@@ -54,7 +54,6 @@ from torch import Tensor, nn
 from learners.base import Rows, labels_and_weights
 from learners.encoding import SEQ_FIELD, FeatureEncoder, inference
 from learners.losses import info_nce_loss, sampled_softmax_loss
-from learners.ranker import atomic_torch_save, guarded_step, pick_device
 from learners.towers import (
     BEHAVIOUR_POOLS,
     TWO_TOWER_LOSSES,
@@ -63,6 +62,7 @@ from learners.towers import (
     Tower,
     TwoTowerConfig,
 )
+from learners.training import atomic_torch_save, guarded_step, pick_device
 
 __all__ = [
     "BEHAVIOUR_POOLS",

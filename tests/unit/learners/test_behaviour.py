@@ -18,7 +18,8 @@ import torch
 from learners.encoding import EncoderConfig, FeatureEncoder, bucket_of
 from learners.layers import N_AGE_BUCKETS, PairCrosses, TargetAttention, age_buckets
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, MMoE, WideAndDeep
-from learners.ranker import RankerConfig, TorchRanker, atomic_torch_save
+from learners.ranker import RankerConfig, TorchRanker
+from learners.training import atomic_torch_save
 from tests.unit.learners.test_learner_checks import auc
 
 CFG = EncoderConfig(num_buckets=1 << 12, max_cat_fields=4, max_num_fields=2, max_seq_len=3)

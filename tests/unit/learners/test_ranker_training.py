@@ -13,7 +13,8 @@ import torch
 
 from learners.encoding import EncoderConfig
 from learners.models import INITIAL_CTR
-from learners.ranker import MODELS, RankerConfig, TorchRanker, pick_device
+from learners.ranker import MODELS, RankerConfig, TorchRanker
+from learners.training import pick_device
 
 SMALL = EncoderConfig(num_buckets=1 << 10, max_cat_fields=4, max_num_fields=2)
 

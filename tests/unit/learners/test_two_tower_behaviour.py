@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from learners.encoding import EncoderConfig
-from learners.ranker import atomic_torch_save
+from learners.training import atomic_torch_save
 from learners.two_tower import HistoryPool, TwoTowerConfig, TwoTowerModel
 
 ENC = EncoderConfig(num_buckets=1 << 12, max_cat_fields=4, max_num_fields=2, max_seq_len=0)

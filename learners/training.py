@@ -1,0 +1,60 @@
+"""What the torch learners share for training (:class:`learners.ranker.TorchRanker`,
+:class:`learners.two_tower.TwoTowerModel`): the device choice (:func:`pick_device`), the
+optimiser step that skips a non-finite loss or gradient (:func:`guarded_step`) and the
+atomic checkpoint write (:func:`atomic_torch_save`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from learners.util import atomic_write
+
+__all__ = ["atomic_torch_save", "guarded_step", "pick_device"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def guarded_step(
+    loss: Tensor,
+    dense_params: Sequence[Tensor],
+    clip_norm: float,
+    optimizers: Sequence[torch.optim.Optimizer],
+) -> bool:
+    """Backward ``loss`` and step every optimizer, dense gradients clipped to ``clip_norm``
+    (sparse embedding gradients are left to lazy Adam). A non-finite loss, dense gradient
+    norm or sparse gradient skips the step: gradients are cleared, weights unchanged, and
+    False is returned."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    ok = bool(torch.isfinite(loss))
+    if ok:
+        loss.backward()
+        ok = bool(torch.isfinite(nn.utils.clip_grad_norm_(dense_params, clip_norm)))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if ok and p.grad is not None and p.grad.is_sparse:
+                    ok = bool(torch.isfinite(p.grad.coalesce().values()).all())
+    if ok:
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return ok
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then replace ``path``:
+    a reader never sees a half-written checkpoint (:func:`learners.util.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
