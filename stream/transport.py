@@ -24,15 +24,13 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 __all__ = ["StreamrecApp", "set_fetch_max_wait"]
 
-DEFAULT_FETCH_MAX_WAIT_S = 0.1
-
 
 def set_fetch_max_wait(consumer: aiokafka.AIOKafkaConsumer, seconds: float) -> None:
     """Set an unstarted aiokafka consumer's fetch wait (its fetcher is built at start)."""
     if not hasattr(consumer, "_fetch_max_wait_ms"):
         raise RuntimeError(
             "aiokafka's consumer has no _fetch_max_wait_ms: this aiokafka version is not "
-            "supported by stream.transport (set fetch_max_wait_s to 1.5 to skip it)"
+            "supported by stream.transport (pyproject.toml allows aiokafka <0.15)"
         )
     consumer._fetch_max_wait_ms = max(1, round(seconds * 1000))
 
@@ -59,7 +57,8 @@ class StreamrecApp(faust.App):
     """A :class:`faust.App` whose worker consumer waits at most ``fetch_max_wait_s`` for
     a fetch (``None``: Faust's 1.5 s). Only the ``kafka://`` (aiokafka) transport."""
 
-    fetch_max_wait_s: float | None = DEFAULT_FETCH_MAX_WAIT_S
+    #: create_app sets it from ``Settings.fetch_max_wait_s`` (the one default)
+    fetch_max_wait_s: float | None = None
 
     def _new_transport(self) -> Any:
         url = self.conf.broker_consumer[0]
