@@ -50,6 +50,7 @@ class TrainerConfig:
     checkpoint_every_s: float = 60.0
     warm_start: str | None = None
     #: the newest (impression_id, label) keys remembered to drop redelivered examples
+    #: (as 64-bit hashes, ~8 bytes a key: :class:`stream.services.SeenKeys`)
     dedup_horizon: int = 1_000_000
     #: fake-negative calibration (Ktena et al. 2019): with ``join.delayed_feedback =
     #: "fake_negative"`` and BCE, served scores are mapped b -> b / (1 - b)
