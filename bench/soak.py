@@ -61,6 +61,10 @@ from stream.replay import replay
 from stream.settings import Settings
 
 EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
+#: the synthetic log's users (its default). Per-user state fills with each user's history:
+#: the trainer's shown items (50 a user) and the click sequence every kept impression
+#: carries (``seq_len`` 20) take ~3 hours at 200/s for 5,000 users, ~15 minutes for 500
+DEFAULT_USERS = 5_000
 FEATURE_MAX_BYTES = 128 * 2**20  # below the default (512 MiB): reached within the warm-up
 FRESHNESS = "streamrec_update_freshness_seconds"  # label emitted -> ranker learned, s
 CONFIG = f"""
@@ -135,14 +139,15 @@ def run(
     warmup_frac: float = 1 / 3,
     results_dir: Path | None = None,
     keep: bool = False,
+    users: int = DEFAULT_USERS,
 ) -> dict[str, Any]:
     duration = minutes * 60.0
     speedup = rate / EVENT_RATE
     run_dir = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))  # private (0700)
     log = run_dir / "log.csv"
     n = int(rate * duration) + 500  # the replay ends with the soak (then joined)
-    write_synthetic(SyntheticConfig(n_impressions=n, seed=0, impressions_per_s=EVENT_RATE,
-                                    drift_at=None), log)  # fmt: skip
+    write_synthetic(SyntheticConfig(n_impressions=n, n_users=users, seed=0,
+                                    impressions_per_s=EVENT_RATE, drift_at=None), log)  # fmt: skip
     head = read_log_frame(log).head(200)
     items = [str(i) for i in head["item_id"].unique()[:10]]
     ts0 = float(head["ts"].min())
@@ -219,6 +224,7 @@ def run(
             worker.check()  # it never exited
             producer.join(timeout=120)  # its last records and the final watermark
     report = summarize(rows, minutes=minutes, rate=rate, warmup_frac=warmup_frac)
+    report["users"] = users
     if len(hists) >= 2:  # label -> update over the whole run after the warm-up
         after = _delta(hists[-1], hists[int(len(hists) * warmup_frac)])
         for q, key in ((0.5, "freshness_p50_s"), (0.99, "freshness_p99_s")):
@@ -228,7 +234,8 @@ def run(
         report["run_dir"] = str(run_dir)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # ~1 GB after 5 minutes (store, ckpts)
-    out = (results_dir or RESULTS_DIR) / f"soak_{minutes:g}m.json"
+    tag = "" if users == DEFAULT_USERS else f"_{users}users"
+    out = (results_dir or RESULTS_DIR) / f"soak_{minutes:g}m{tag}.json"
     write_report(report, out)
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
@@ -335,11 +342,17 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20, help="/score calls per sample")
     p.add_argument("--warmup-frac", type=float, default=1 / 3,
                    help="share of the run left out of the slopes")  # fmt: skip
+    p.add_argument(
+        "--users",
+        type=int,
+        default=DEFAULT_USERS,
+        help="users in the synthetic log (fewer: per-user state fills sooner)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, data)")
     p.add_argument("--results-dir", type=Path, default=None, help=f"default {RESULTS_DIR}")
     a = p.parse_args(argv)
     run(5.0 if a.quick else a.minutes, a.rate, a.sample_s, a.requests, a.warmup_frac,
-        results_dir=a.results_dir, keep=a.keep)  # fmt: skip
+        results_dir=a.results_dir, keep=a.keep, users=a.users)  # fmt: skip
     return 0
 
 
