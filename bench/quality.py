@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import logs.io
+import logs.log_format
 import logs.synthetic
 from bench.run import OBD_CSV, OBD_DIR, bench_cli, machine, results_path, stamp, write_report
 from learners.peers import PEERS
@@ -125,7 +126,7 @@ def synthetic_examples(cfg: SyntheticConfig, cache: Path | None = None) -> LogEx
     directory is created mode 0700; one that is a symlink, not ours or open to others is
     not used (the rows are computed, with a note), and only our own file is unpickled."""
     key = hashlib.sha256(repr((CACHE_VERSION, dataclasses.asdict(cfg))).encode())
-    for module in (logs.synthetic, logs.io):
+    for module in (logs.synthetic, logs.io, logs.log_format):
         key.update(Path(str(module.__file__)).read_bytes())
     d = cache or cache_dir()
     try:

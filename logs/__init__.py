@@ -2,8 +2,9 @@
 
 * :mod:`logs.events`: the events (impression, click, watermark, labelled example, scored
   batch, dead letter, control records), their JSON encoding and validation;
-* :mod:`logs.io`: the canonical log format: readers and writers (CSV, JSONL, Parquet),
-  the Open Bandit Dataset conversion;
+* :mod:`logs.log_format`: the canonical log format: its columns, normal form and validation;
+* :mod:`logs.io`: readers and writers of that format (CSV, JSONL, Parquet);
+* :mod:`logs.obd`: the Open Bandit Dataset conversion;
 * :mod:`logs.synthetic`: the synthetic worlds with known true click probabilities;
 * :mod:`logs.movielens`: MovieLens ratings turned into an impression log;
 * :mod:`logs.offline`: in-process prequential evaluation and pretraining over a log.

@@ -1,32 +1,11 @@
 """Readers and writer for the canonical impression log (see ``docs/LOG_FORMAT.md``).
 
-One row per impression, ordered by event time. Reserved columns:
+The format itself (its reserved columns, the normal form every reader returns, and the
+validation readers and writer share) is :mod:`logs.log_format`; this module moves logs
+between files and frames and turns frames into :class:`LogRow` objects.
 
-========================  ============================================================
-``ts``                    impression event time, epoch seconds (UTC), float64
-``impression_id``         unique string id (the impression/click join key)
-``user_id``, ``item_id``  strings (read as text, so ``"007"`` stays ``"007"``)
-``position``              1-based slot in the slate, nullable ``Int64`` (``<NA>`` = unknown)
-``click``                 0 / 1, int64
-``click_ts``              epoch seconds (UTC) of the click, float64; NaN exactly when
-                          ``click == 0``; ``click_ts >= ts``
-``true_p``                true click probability in [0, 1] (synthetic logs); never a feature
-``propensity``            logging-policy probability in (0, 1] (OBD); never a feature
-========================  ============================================================
-
-Every other column is a feature. A feature column is *numeric* (float64) when every
-non-empty value parses as a finite number, otherwise *categorical* (``str`` values); an empty
-cell is a missing value (NaN), never the category ``"nan"``. Id and categorical columns use
-the dtype pandas gives a list of strings (``str`` on pandas >= 3, ``object`` before).
-
-:func:`read_log_frame` returns frames in one normal form whatever the file format (CSV,
-CSV.gz, JSONL, JSONL.gz, Parquet): the reserved columns present in
-:data:`RESERVED_COLUMNS` order (``position`` and ``click_ts`` are always there, filled
-with missing values when the file lacks them; ``true_p`` / ``propensity`` only when the
-file has them), then the features sorted by name, with a fresh ``RangeIndex``.
-
-Unsorted input is an error, not silently fixed: a replay must see exactly the order the
-writer meant, and ties keep the writer's order, so only the writer can sort (stably).
+:func:`read_log_frame` reads CSV, CSV.gz, JSONL, JSONL.gz and Parquet into the normal form;
+:func:`write_log` writes canonical CSV (optionally gzipped, byte-for-byte reproducible).
 
 Example:
 
@@ -58,15 +37,25 @@ import gzip
 import io
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
 
 from logs.events import Impression
+
+# the format's names, re-exported: users and README examples import them from here
+from logs.log_format import (
+    REQUIRED_COLUMNS,
+    RESERVED_COLUMNS,
+    LogFormatError,
+    SourceKind,
+    as_object_str,
+    normalize_frame,
+)
 
 __all__ = [
     "RESERVED_COLUMNS",
@@ -81,39 +70,9 @@ __all__ = [
     "normalize_frame",
 ]
 
-RESERVED_COLUMNS: tuple[str, ...] = (
-    "ts",
-    "impression_id",
-    "user_id",
-    "item_id",
-    "position",
-    "click",
-    "click_ts",
-    "true_p",
-    "propensity",
-)
-REQUIRED_COLUMNS: tuple[str, ...] = ("ts", "impression_id", "user_id", "item_id", "click")
-
-_ID_COLUMNS = ("impression_id", "user_id", "item_id")
-_ALWAYS_PRESENT = ("position", "click_ts")
-
-_Kind = Literal["csv", "jsonl", "parquet", "frame"]
-
-# the dtype pandas gives a column of Python strings: "str" on pandas >= 3, object before;
-# the normal form uses it so frames built from plain lists of str compare equal
-_TEXT_DTYPE = pd.Series(["a"]).dtype
-
 
 def _is_text(dtype: Any) -> bool:
     return pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
-
-
-class LogFormatError(ValueError):
-    """A log file (or frame) does not follow the canonical format.
-
-    The message names the file, the column and, where it makes sense, the data row
-    (1-based) and the line of the file (CSV: the header is line 1).
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +116,7 @@ def log_impressions(df: pd.DataFrame) -> list[Impression]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _kind_of(path: Path) -> tuple[_Kind, bool]:
+def _kind_of(path: Path) -> tuple[SourceKind, bool]:
     """Return (format, gzipped) from the file name suffixes."""
     suffixes = [s.lower() for s in path.suffixes]
     gz = bool(suffixes) and suffixes[-1] == ".gz"
@@ -174,185 +133,6 @@ def _kind_of(path: Path) -> tuple[_Kind, bool]:
         f"{path}: unknown log format; expected a name ending in .csv, .csv.gz, .jsonl, "
         ".jsonl.gz or .parquet"
     )
-
-
-def _locator(kind: _Kind) -> Callable[[int], str]:
-    """Map a 0-based data row to a human-readable position."""
-    if kind == "csv":
-        return lambda i: f"row {i + 1} (line {i + 2})"
-    if kind == "jsonl":
-        return lambda i: f"row {i + 1} (line {i + 1})"
-    return lambda i: f"row {i + 1}"
-
-
-def as_object_str(s: pd.Series) -> pd.Series:
-    """Values as ``str`` in an object Series; missing and empty strings become NaN."""
-    out = s.astype(object)
-    missing = out.isna().to_numpy()
-    if pd.api.types.infer_dtype(out, skipna=True) not in ("string", "empty"):
-        out = pd.Series(
-            [v if m or isinstance(v, str) else str(v) for v, m in zip(out, missing, strict=True)],
-            index=s.index,
-            dtype=object,
-        )
-    empty = (out == "").to_numpy(dtype=bool)
-    if empty.any():
-        out = out.where(~empty, np.nan)
-    return out.where(out.notna(), np.nan)
-
-
-def _parse_numbers(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a column as float64. Returns (values, unparsable) where unparsable flags
-    non-empty cells that are not numbers; empty cells are NaN and not flagged."""
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return s.to_numpy(dtype=float), np.zeros(len(s), dtype=bool)
-    if pd.api.types.is_numeric_dtype(s.dtype):
-        return s.to_numpy(dtype=float, na_value=np.nan), np.zeros(len(s), dtype=bool)
-    text = as_object_str(s)
-    present = text.notna().to_numpy()
-    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    return values, present & np.isnan(values)
-
-
-def _feature_column(s: pd.Series) -> pd.Series:
-    """Type a feature column by the spec's rule (numeric iff every non-empty value parses
-    as a finite number)."""
-    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
-        values = s.to_numpy(dtype=float, na_value=np.nan)
-        if np.isfinite(values[~np.isnan(values)]).all():
-            return pd.Series(values, dtype="float64")
-        return as_object_str(s).reset_index(drop=True)
-    text = as_object_str(s).reset_index(drop=True)
-    try:
-        # raise mode stops at the first non-number, so categorical columns cost ~nothing
-        values = pd.to_numeric(text).to_numpy(dtype=float, na_value=np.nan)
-    except (ValueError, TypeError):
-        return text
-    if np.isfinite(values[~np.isnan(values)]).all():
-        return pd.Series(values, dtype="float64")
-    return text
-
-
-def normalize_frame(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
-    """A log table built in memory (e.g. by a converter) in the normal form of
-    :func:`read_log_frame`, validated the same way; errors name ``source``, the column and
-    the row. Raises :class:`LogFormatError`."""
-    return _normalize(raw, source=source, kind="frame")
-
-
-def _normalize(raw: pd.DataFrame, *, source: str, kind: _Kind) -> pd.DataFrame:
-    """Validate a raw log table and return it in the normal form described in the module
-    docstring. Raises LogFormatError naming ``source``, the column and the row."""
-    raw = raw.reset_index(drop=True)
-    raw.columns = [str(c) for c in raw.columns]
-    where = _locator(kind)
-
-    def fail(col: str, i: int, msg: str) -> LogFormatError:
-        return LogFormatError(f"{source}: column {col!r}, {where(i)}: {msg}")
-
-    dupes = sorted({c for c in raw.columns if list(raw.columns).count(c) > 1})
-    if dupes:
-        raise LogFormatError(f"{source}: duplicate column(s) {', '.join(map(repr, dupes))}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
-    if missing:
-        raise LogFormatError(
-            f"{source}: missing required column(s) {', '.join(map(repr, missing))}; "
-            f"found {list(raw.columns)}"
-        )
-    n = len(raw)
-    out: dict[str, pd.Series] = {}
-
-    # ts: finite, non-negative epoch seconds, non-decreasing
-    ts, bad = _parse_numbers(raw["ts"])
-    invalid = bad | ~np.isfinite(ts) | (ts < 0)
-    if invalid.any():
-        i = int(np.argmax(invalid))
-        raise fail("ts", i, f"expected finite non-negative epoch seconds, got {raw['ts'][i]!r}")
-    if n > 1:
-        back = np.diff(ts) < 0
-        if back.any():
-            i = int(np.argmax(back)) + 1
-            raise fail(
-                "ts",
-                i,
-                f"ts {ts[i]!r} is before the previous row's {ts[i - 1]!r}; rows must be "
-                "ordered by ts (non-decreasing; sort stably before writing)",
-            )
-    out["ts"] = pd.Series(ts, dtype="float64")
-
-    for col in _ID_COLUMNS:
-        ids = as_object_str(raw[col])
-        empty = ids.isna().to_numpy()
-        if empty.any():
-            raise fail(col, int(np.argmax(empty)), "empty id")
-        out[col] = ids.reset_index(drop=True).astype(_TEXT_DTYPE)
-    dup = out["impression_id"].duplicated().to_numpy()
-    if dup.any():
-        i = int(np.argmax(dup))
-        raise fail("impression_id", i, f"duplicate impression_id {out['impression_id'][i]!r}")
-
-    # position: optional, 1-based integer, empty = unknown
-    if "position" in raw.columns:
-        pos, bad = _parse_numbers(raw["position"])
-        present = ~np.isnan(pos)
-        with np.errstate(invalid="ignore"):
-            invalid = bad | (present & (~np.isfinite(pos) | (pos < 1) | (pos != np.floor(pos))))
-        if invalid.any():
-            i = int(np.argmax(invalid))
-            raise fail(
-                "position", i, f"expected a 1-based integer or empty, got {raw['position'][i]!r}"
-            )
-        out["position"] = pd.Series(pos, dtype="float64").astype("Int64")
-    else:
-        out["position"] = pd.Series(pd.array([pd.NA] * n, dtype="Int64"))
-
-    click, bad = _parse_numbers(raw["click"])
-    invalid = bad | ~np.isin(click, (0.0, 1.0))
-    if invalid.any():
-        i = int(np.argmax(invalid))
-        raise fail("click", i, f"expected 0 or 1, got {raw['click'][i]!r}")
-    out["click"] = pd.Series(click.astype(np.int64))
-
-    # click_ts: set exactly on clicked rows, never before ts; absent column = unknown times
-    if "click_ts" in raw.columns:
-        cts, bad = _parse_numbers(raw["click_ts"])
-        present = ~np.isnan(cts)
-        checks = (
-            (bad, "expected epoch seconds or empty"),
-            (present & ~np.isfinite(cts), "expected finite epoch seconds"),
-            ((click == 1) & ~present, "click is 1 but click_ts is empty"),
-            ((click == 0) & present, "click_ts is set on a row with click 0"),
-            (present & (cts < ts), "click_ts is before the impression ts"),
-        )
-        for mask, msg in checks:
-            if mask.any():
-                i = int(np.argmax(mask))
-                raise fail("click_ts", i, f"{msg} (click_ts={raw['click_ts'][i]!r}, ts={ts[i]!r})")
-        out["click_ts"] = pd.Series(cts, dtype="float64")
-    else:
-        out["click_ts"] = pd.Series(np.full(n, np.nan), dtype="float64")
-
-    for col, low_open in (("true_p", False), ("propensity", True)):
-        if col not in raw.columns:
-            continue
-        vals, bad = _parse_numbers(raw[col])
-        present = ~np.isnan(vals)
-        with np.errstate(invalid="ignore"):
-            low = vals <= 0 if low_open else vals < 0
-            invalid = bad | (present & (~np.isfinite(vals) | low | (vals > 1)))
-        if invalid.any():
-            i = int(np.argmax(invalid))
-            rng = "(0, 1]" if low_open else "[0, 1]"
-            raise fail(col, i, f"expected a probability in {rng} or empty, got {raw[col][i]!r}")
-        out[col] = pd.Series(vals, dtype="float64")
-
-    for col in sorted(c for c in raw.columns if c not in RESERVED_COLUMNS):
-        feature = _feature_column(raw[col])
-        out[col] = feature if feature.dtype == np.float64 else feature.astype(_TEXT_DTYPE)
-
-    frame = pd.DataFrame(out)
-    frame.index = pd.RangeIndex(n)
-    return frame
 
 
 # --------------------------------------------------------------------------- reading
@@ -395,7 +175,7 @@ def read_log_frame(path: str | Path) -> pd.DataFrame:
         if isinstance(exc, LogFormatError):
             raise
         raise LogFormatError(f"{path}: cannot parse as {kind}: {exc}") from exc
-    return _normalize(raw, source=str(path), kind=kind)
+    return normalize_frame(raw, source=str(path), kind=kind)
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -531,7 +311,7 @@ def write_log(df: pd.DataFrame, path: str | Path) -> None:
     if kind != "csv":
         raise LogFormatError(f"{path}: write_log writes CSV only (.csv or .csv.gz)")
     source = f"write_log({path})"
-    frame = _normalize(df, source=source, kind="frame")
+    frame = normalize_frame(df, source=source)
     for col in frame.columns:
         if col in RESERVED_COLUMNS or col not in df.columns:
             continue
@@ -584,6 +364,3 @@ def _write_rows(text: TextIO, header: list[str], cells: list[list[str]], quote_a
     )
     writer.writerow(header)
     writer.writerows(zip(*cells, strict=True))
-
-
-# --------------------------------------------------------------------------- Open Bandit

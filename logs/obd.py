@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from logs.io import LogFormatError, as_object_str, normalize_frame, write_log
+from logs.io import write_log
+from logs.log_format import LogFormatError, as_object_str, normalize_frame
 
 __all__ = ["convert_obd", "read_obd"]
 

@@ -105,7 +105,7 @@ def demo(
     config: str | None, timeout: float, ablation: bool,
 ) -> None:  # fmt: skip
     """Embedded broker + worker + replay of a synthetic log with a drift; prints a summary."""
-    from logs.io import LogFormatError
+    from logs.log_format import LogFormatError
     from stream.broker import BrokerNotFound, BrokerStartError
     from stream.demo import run_demo
 
@@ -222,7 +222,7 @@ def replay_cmd(
     partitions: int, config: str | None, fmt: str,
 ) -> None:  # fmt: skip
     """Publish a canonical log (CSV, CSV.gz, JSONL, Parquet) in event-time order."""
-    from logs.io import LogFormatError
+    from logs.log_format import LogFormatError
     from stream.app import create_worker_topics
     from stream.replay import replay
 

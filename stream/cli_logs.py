@@ -157,7 +157,7 @@ def pretrain_cmd(
     hist_features: bool = True,
 ) -> None:  # fmt: skip
     """Train a ranker offline on a canonical log; the worker warm-starts from --out."""
-    from logs.io import LogFormatError
+    from logs.log_format import LogFormatError
     from logs.offline import load_examples, pretrain
 
     cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
@@ -207,7 +207,7 @@ def evaluate_cmd(
     import json
 
     from learners.ranker import TorchRanker
-    from logs.io import LogFormatError
+    from logs.log_format import LogFormatError
     from logs.offline import evaluate, load_examples
     from logs.synthetic import read_meta
 
@@ -286,7 +286,7 @@ def evaluate_retrieval_cmd(
 
     from learners.retrieval_eval import evaluate_retrieval
     from learners.two_tower import TwoTowerModel
-    from logs.io import LogFormatError
+    from logs.log_format import LogFormatError
     from logs.offline import load_examples
     from logs.synthetic import SyntheticConfig, click_propensity, read_meta
 

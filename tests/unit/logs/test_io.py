@@ -11,16 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logs.io import (
-    REQUIRED_COLUMNS,
-    RESERVED_COLUMNS,
-    LogFormatError,
-    LogRow,
-    frame_to_rows,
-    iter_log,
-    read_log_frame,
-    write_log,
-)
+from logs.io import LogRow, frame_to_rows, iter_log, read_log_frame, write_log
+from logs.log_format import REQUIRED_COLUMNS, RESERVED_COLUMNS, LogFormatError
 from logs.obd import convert_obd, read_obd
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "obd"

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logs.io import RESERVED_COLUMNS, frame_to_rows, read_log_frame
+from logs.io import frame_to_rows, read_log_frame
+from logs.log_format import RESERVED_COLUMNS
 from logs.synthetic import (
     SyntheticConfig,
     click_propensity,
