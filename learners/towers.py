@@ -78,7 +78,7 @@ class TwoTowerConfig:
             training is never scored down and can end up retrieved for every user (on the
             MovieLens dev log recall@10 fell below random without them). With
             ``sampled_softmax`` every logit is corrected by the log of the probability
-            that its item is among the negatives (``TwoTowerModel._log_inclusion``).
+            that its item is among the negatives (:func:`learners.negatives.log_inclusion`).
             0 turns them off.
         popularity_width: columns of the count-min sketch of click counts (per row; 4 rows).
         popularity_half_life: clicks after which a click counts half in ``q``.

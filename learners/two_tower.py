@@ -22,15 +22,13 @@ each click is a (user, item) positive and the other clicks of the batch are its 
 but not clicked, e.g. :meth:`index.hard_negatives.HardNegativePool.sample`) whose share of
 the negatives ramps linearly from 0 to ``max_hard_share`` (at most 0.5) over
 ``ramp_examples`` clicks, plus ``uniform_negatives`` items drawn uniformly from every item
-the model has seen shown (mixed negative sampling, Yang et al. 2020: in-batch negatives
-are only ever clicked items, so an item shown but never clicked would never be scored
-down). ``loss="sampled_softmax"`` subtracts from every logit the log of the probability
-that its item is among the step's negatives (Yi et al. 2019's logQ correction, with each
-item listed once): ``1 - (1 - q)^B (1 - n / M)`` for ``B`` clicks, ``q`` the item's share
-of recent clicks from a decayed count-min sketch, ``n`` uniform draws from ``M``
-remembered items; for rare items without uniform draws this is ``log q`` plus a constant.
-Without it the model learns ``p(item | user) / q(item)`` and under-recommends popular
-items (hard negatives get the same correction, so one scale holds for every logit).
+the model has seen shown (mixed negative sampling; hard and uniform ones are drawn by
+:mod:`learners.negatives`). ``loss="sampled_softmax"`` subtracts from every logit the log
+of the probability that its item is among the step's negatives (Yi et al. 2019's logQ
+correction, :func:`learners.negatives.log_inclusion`; ``q``, the item's share of recent
+clicks, from a decayed count-min sketch). Without it the model learns
+``p(item | user) / q(item)`` and under-recommends popular items (hard negatives get the
+same correction, so one scale holds for every logit).
 ``loss="info_nce"`` is the uncorrected in-batch softmax. ``sampled_softmax`` lists each
 distinct item of the batch once as a negative and, with ``remove_accidental_hits`` (the
 default), masks a row's own item out of its negatives (otherwise it appears twice and
@@ -41,10 +39,9 @@ negative.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +51,13 @@ from torch import Tensor, nn
 from learners.base import Rows, labels_and_weights
 from learners.encoding import SEQ_FIELD, FeatureEncoder, inference
 from learners.losses import info_nce_loss, sampled_softmax_loss
+from learners.negatives import (
+    HardNegativeSource,
+    draw_hard,
+    draw_uniform,
+    log_inclusion,
+    target_hard_share,
+)
 from learners.towers import (
     BEHAVIOUR_POOLS,
     TWO_TOWER_LOSSES,
@@ -72,9 +76,6 @@ __all__ = [
     "TwoTowerConfig",
     "TwoTowerModel",
 ]
-
-HardNegativeSource = Callable[[str, int], list[str]]
-"""``hard_negatives(user_id, n) -> up to n item ids`` ranked high for the user, not clicked."""
 
 _VECTOR_CHUNK = 8192  # rows per forward pass in user_vectors / item_vectors
 
@@ -208,12 +209,8 @@ class TwoTowerModel:
     def _draw_uniform(self, taken: set[str]) -> list[str]:
         """Up to ``uniform_negatives`` distinct remembered items, uniformly, none in
         ``taken``; seeded by (seed, n_updates), so a reloaded model draws the same ones."""
-        n, size = self.config.uniform_negatives, len(self._catalogue)
-        if n == 0 or size == 0:
-            return []
-        rng = np.random.default_rng((self.seed, self.n_updates))
-        picks = rng.choice(size, min(n, size), replace=False)
-        return [it for it in (self._catalogue[int(i)] for i in picks) if it not in taken]
+        n = self.config.uniform_negatives
+        return draw_uniform(self._catalogue, n, self.seed, self.n_updates, taken)
 
     def _item_rows(self, item_ids: Sequence[str]) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
@@ -379,44 +376,7 @@ class TwoTowerModel:
     def target_hard_share(self) -> float:
         """The curriculum's hard-negative share now: linear in clicks learned, capped."""
         cfg = self.config
-        if cfg.ramp_examples == 0:
-            return cfg.max_hard_share
-        return cfg.max_hard_share * min(1.0, self.n_examples / cfg.ramp_examples)
-
-    def _draw_hard(
-        self, users: list[str | None], n_random: int, batch_items: set[str]
-    ) -> tuple[list[str], list[int]]:
-        """Hard negatives for this step and the row that asked for each one.
-
-        At most ``floor(s / (1 - s) * n_random)`` of them (``s`` = target share), so that
-        hard / (hard + random) never exceeds ``s``; at most ``n_hard`` per click; items
-        already in the batch are dropped (they are in-batch negatives already).
-        """
-        share = self.target_hard_share
-        if self.hard_negatives is None or share <= 0.0 or n_random <= 0 or self.config.n_hard == 0:
-            return [], []
-        budget = min(
-            math.floor(share / (1.0 - share) * n_random + 1e-9), self.config.n_hard * len(users)
-        )
-        if budget <= 0:
-            return [], []
-        per_row = min(self.config.n_hard, -(-budget // len(users)))
-        items: list[str] = []
-        owners: list[int] = []
-        taken: set[str] = set()
-        for row, user in enumerate(users):
-            if len(items) >= budget:
-                break
-            if user is None:
-                continue
-            for item in self.hard_negatives(user, min(per_row, budget - len(items))):
-                item = str(item)
-                if item in batch_items or item in taken:
-                    continue
-                taken.add(item)
-                items.append(item)
-                owners.append(row)
-        return items[:budget], owners[:budget]
+        return target_hard_share(cfg.max_hard_share, cfg.ramp_examples, self.n_examples)
 
     def _step(
         self,
@@ -434,7 +394,10 @@ class TwoTowerModel:
         for i, item in enumerate(items):
             first.setdefault(item, i)
         n_random = (len(first) if cfg.loss == "sampled_softmax" else b) - 1
-        hard, owners = self._draw_hard(users, n_random, set(first))
+        share = self.target_hard_share
+        hard, owners = draw_hard(
+            self.hard_negatives, users, n_random, set(first), share, cfg.n_hard
+        )
         self.hard_share = len(hard) / (len(hard) + n_random) if hard else 0.0
 
         self.model.train()
@@ -470,19 +433,10 @@ class TwoTowerModel:
         self.n_examples += b
 
     def _log_inclusion(self, items: Sequence[str], n_rows: int, n_uniform: int) -> np.ndarray:
-        """(N,) log of the probability that each item is among a step's negatives, each
-        listed once: in the batch (``n_rows`` clicks drawn in proportion to click share
-        ``q``) or among the ``n_uniform`` uniform draws from the ``M`` remembered items,
-        ``pi = 1 - (1 - q)^n_rows (1 - n_uniform / M)``. Subtracting ``log pi`` makes the
-        sampled partition sum an unbiased estimate of the full one; for rare items and no
-        uniform draws it is ``log q`` plus a constant (the softmax ignores the constant),
-        and when the draws cover the catalogue it is 0: the full softmax."""
+        """(N,) log of the probability that each item is among a step's negatives
+        (:func:`learners.negatives.log_inclusion` at the items' click shares)."""
         q = np.exp(self.popularity.log_q(items))
-        miss_uniform = 1.0 - min(1.0, n_uniform / max(len(self._catalogue), 1))
-        if miss_uniform <= 0.0:
-            return np.zeros(len(items), dtype=np.float64)
-        log_miss = n_rows * np.log1p(-np.minimum(q, 1.0 - 1e-12)) + math.log(miss_uniform)
-        return np.log(-np.expm1(log_miss))
+        return log_inclusion(q, n_rows, n_uniform, len(self._catalogue))
 
     def _record_scores(
         self, u: Tensor, k: Tensor, h: Tensor, items: list[str], owners: list[int]

@@ -36,8 +36,9 @@ import torch
 
 from index.faiss_index import IndexConfig, IndexSnapshot
 from learners.calibration import Calibrator, calibrator_from_dict
+from learners.negatives import HardNegativeSource
 from learners.ranker import TorchRanker
-from learners.two_tower import HardNegativeSource, TwoTowerModel
+from learners.two_tower import TwoTowerModel
 from modelstore.store import DirectoryStore, Manifest, StoreError
 
 __all__ = ["LoadedModels", "ModelReplica", "load_snapshot", "publish_snapshot"]

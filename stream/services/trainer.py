@@ -17,8 +17,9 @@ from learners.calibration import (
     VersionedCalibrator,
 )
 from learners.delayed_feedback import fnc_correct
+from learners.negatives import HardNegativeSource
 from learners.ranker import TorchRanker
-from learners.two_tower import HardNegativeSource, TwoTowerModel
+from learners.two_tower import TwoTowerModel
 from learners.util import atomic_write
 from learners.weighting import time_decay_weights
 from logs.events import (
