@@ -26,7 +26,7 @@ from logs.events import (
     LabeledExample,
     ScoredBatch,
     Watermark,
-    decode_labeled_batch,
+    decode_labeled,
     parse_impression,
 )
 from monitoring.metrics import StreamrecMetrics
@@ -160,14 +160,14 @@ def test_twenty_60kb_examples_are_split_under_the_record_limit() -> None:
     records, too_large = labeled_records(examples, limit)
     assert not too_large and len(records) >= 2
     assert all(len(r) <= limit for r in records)
-    back = [e for r in records for e in decode_labeled_batch(r)]
+    back = [e for r in records for e in decode_labeled(r)]
     assert [e.impression.impression_id for e in back] == [f"imp-{n}" for n in range(20)]
 
 
 def test_labeled_records_respect_the_count_cap_and_flag_an_example_too_large_alone() -> None:
     small = [LabeledExample(Impression(f"s{n}", T0, "u", "i"), 1, T0) for n in range(25)]
     records, _ = labeled_records(small, 10**6, max_items=10)
-    assert [len(decode_labeled_batch(r)) for r in records] == [10, 10, 5]
+    assert [len(decode_labeled(r)) for r in records] == [10, 10, 5]
     records, too_large = labeled_records([small[0], _big_example(1), small[1]], 70_000 // 2)
     assert [e.impression.impression_id for e in too_large] == ["imp-1"]
     assert len(records) == 2
@@ -179,7 +179,7 @@ def test_a_large_scored_batch_is_halved_until_each_record_fits() -> None:
                         [0.1] * n, [0.1] * n, ["1"] * n, [None] * n)  # fmt: skip
     records = scored_records(batch, 200_000)
     assert len(records) > 1 and all(len(r) <= 200_000 for r in records)
-    parts = [ScoredBatch.from_json(r) for r in records]
+    parts = [ScoredBatch.decode(r) for r in records]
     assert [i for p in parts for i in p.impression_ids] == batch.impression_ids
 
 
