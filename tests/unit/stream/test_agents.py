@@ -90,7 +90,9 @@ def wired(tmp_path: Path) -> tuple[faust.App, Runtime, Outputs]:
         broker="127.0.0.1:1",
         data_dir=str(tmp_path / "data"),
         ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=2**10)),
-        trainer=TrainerConfig(batch_size=BATCH, offload=False, checkpoint_dir=""),
+        # flush_s long: a first train step slower than the default 0.5 s (a loaded machine)
+        # must not flush the rest of the buffer; the tests move buffer_since to flush
+        trainer=TrainerConfig(batch_size=BATCH, flush_s=60.0, offload=False, checkpoint_dir=""),
         join=JoinConfig(window_s=60.0, lateness_s=0.0),  # labels when the window closes
     )
     metrics = StreamrecMetrics()
