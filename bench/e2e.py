@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import shutil
@@ -97,6 +96,7 @@ from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     TOPIC_SCORED,
+    ScoredBatch,
     parse_input,
 )
 from logs.io import read_log_frame, write_log
@@ -275,10 +275,10 @@ def pipeline(
     click_lat, imp_lat = [], []
     n_scored = missing = 0
     for r in scored:
-        batch = json.loads(r.value)
+        batch = ScoredBatch.decode(r.value)
         t = r.timestamp / 1000
-        n_scored += len(batch["impression_ids"])
-        for iid, y in zip(batch["impression_ids"], batch["label"], strict=True):
+        n_scored += len(batch.impression_ids)
+        for iid, y in zip(batch.impression_ids, batch.label, strict=True):
             if iid in impressions_ts:
                 imp_lat.append(t - impressions_ts[iid])
             else:

@@ -6,10 +6,17 @@ messages, and writes it with per-part hashes to ``bench/results/fingerprint.json
 refactor that keeps behaviour must keep the hash bit-identical.
 
     python -m bench.fingerprint
+    python -m bench.fingerprint --wire   # through the topics' encodings; prints only
+
+``--wire`` sends every labelled example and scored batch through the encoding of its topic
+(:func:`stream.limits.labeled_records` then :func:`logs.events.decode_labeled`;
+:meth:`ScoredBatch.encode` then :meth:`ScoredBatch.decode`), as the worker does between its
+stages: the same hash shows the encodings change nothing the model or the monitor sees.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -25,11 +32,14 @@ from logs.events import (
     Click,
     Impression,
     LabeledExample,
+    ScoredBatch,
     Watermark,
+    decode_labeled,
 )
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig
+from stream.limits import labeled_records, payload_limit
 from stream.services import JoinService, MonitorService, TrainerService
 from stream.settings import MonitorConfig, Settings, TrainerConfig
 
@@ -40,8 +50,9 @@ def _feed(h: hashlib._Hash, obj: object) -> None:
     h.update(json.dumps(obj, sort_keys=True, default=repr).encode())
 
 
-def run(n_impressions: int = 12_000, seed: int = 7) -> dict[str, str]:
-    """Drive the services over ``n_impressions`` synthetic impressions; per-part sha256s."""
+def run(n_impressions: int = 12_000, seed: int = 7, wire: bool = False) -> dict[str, str]:
+    """Drive the services over ``n_impressions`` synthetic impressions; per-part sha256s.
+    ``wire``: labels and scores go through their topics' encodings between the services."""
     settings = Settings(
         ranker=RankerConfig(encoder=EncoderConfig(num_buckets=2**12)),
         trainer=TrainerConfig(batch_size=64),
@@ -74,13 +85,21 @@ def run(n_impressions: int = 12_000, seed: int = 7) -> dict[str, str]:
     parts = {k: hashlib.sha256() for k in ("labels", "scored", "control", "params")}
     offsets = [0, 0]
 
+    limit = payload_limit(settings.max_message_bytes)
+
     def route(labels: list[LabeledExample]) -> None:
+        if wire:
+            records, too_large = labeled_records(labels, limit)
+            assert not too_large
+            labels = [e for r in records for e in decode_labeled(r)]
         for e in labels:
             _feed(
                 parts["labels"], [e.impression.impression_id, e.label, e.kind, e.label_ts, e.weight]
             )
         trainer.add(labels)
         while (batch := trainer.step()) is not None:
+            if wire:
+                batch = ScoredBatch.decode(batch.encode())
             _feed(parts["scored"], dataclasses.asdict(batch))
             for msg in monitor.observe(batch):
                 _feed(parts["control"], msg.to_dict())
@@ -109,10 +128,14 @@ def run(n_impressions: int = 12_000, seed: int = 7) -> dict[str, str]:
     return {"sha256": total, **digests, "span_s": f"{events[-1][0] - events[0][0]:.0f}"}
 
 
-def main() -> None:
-    result = run()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fingerprint", description=__doc__)
+    parser.add_argument("--wire", action="store_true", help="through the topics' encodings")
+    args = parser.parse_args(argv)
+    result = run(wire=args.wire)
+    if not args.wire:
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(result["sha256"])
     for k, v in result.items():
         print(f"  {k}: {v}")

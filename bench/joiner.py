@@ -23,7 +23,6 @@ Two parts, one run:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -171,7 +170,7 @@ def run_in_process(df: pd.DataFrame, name: str, config: JoinConfig) -> dict[str,
 
 def run_broker(log_path: Path, df: pd.DataFrame, store: str, window_s: float) -> dict[str, Any]:
     """One worker process on a fresh embedded broker; the log replayed at full speed."""
-    from logs.events import TOPIC_LABELED
+    from logs.events import TOPIC_LABELED, decode_labeled
     from stream.app import create_worker_topics
     from stream.broker import EmbeddedBroker, free_port, wait_for_port
     from stream.demo import read_topic, scrape
@@ -226,8 +225,8 @@ def run_broker(log_path: Path, df: pd.DataFrame, store: str, window_s: float) ->
             deadline = time.monotonic() + 60  # the last labels may still be in flight
             while True:
                 examples = [
-                    e for raw in read_topic(broker.url, TOPIC_LABELED)
-                    for e in json.loads(raw)["examples"]
+                    e.to_dict() for raw in read_topic(broker.url, TOPIC_LABELED)
+                    for e in decode_labeled(raw)
                 ]  # fmt: skip
                 if len({e["impression_id"] for e in examples}) >= n:
                     break

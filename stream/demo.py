@@ -79,7 +79,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[byte
 
 def read_scored(bootstrap: str, timeout_s: float = 60.0) -> list[ScoredBatch]:
     """Read the whole ``scored`` topic from the beginning."""
-    return [ScoredBatch.from_json(v) for v in read_topic(bootstrap, TOPIC_SCORED, timeout_s)]
+    return [ScoredBatch.decode(v) for v in read_topic(bootstrap, TOPIC_SCORED, timeout_s)]
 
 
 @dataclass

@@ -7,23 +7,28 @@ it (the rest is headroom for the key, headers and the record batch framing), so 
 valid but large examples is sent as several records instead of failing with
 ``MessageSizeTooLarge`` and restarting the stage on the same input forever.
 
->>> from logs.events import Impression, LabeledExample
+>>> from logs.events import Impression, LabeledExample, decode_labeled
 >>> big = [LabeledExample(Impression(f"i{n}", 1.7e9, "u", "x" * 200), 0, 1.7e9)
 ...        for n in range(10)]
->>> records, too_large = labeled_records(big, max_bytes=1000)  # ~310 bytes each
->>> len(records), [len(json.loads(r)["examples"]) for r in records], too_large
-(5, [2, 2, 2, 2, 2], [])
+>>> records, too_large = labeled_records(big, max_bytes=1000)  # 250 bytes each
+>>> len(records), [len(decode_labeled(r)) for r in records], too_large
+(4, [3, 3, 3, 1], [])
 >>> max(map(len, records)) <= 1000
 True
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import fields
 
-from logs.events import LabeledExample, ScoredBatch
+from logs.events import (
+    LABELED_OVERHEAD,
+    LabeledExample,
+    ScoredBatch,
+    encode_labeled_example,
+    encode_labeled_raw,
+)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -69,28 +74,21 @@ def chunks_by_bytes(
     return out
 
 
-_LABELED_HEAD = b'{"examples":['
-_LABELED_TAIL = b"]}"
-
-
 def labeled_records(
     examples: Sequence[LabeledExample], max_bytes: int, max_items: int | None = None
 ) -> tuple[list[bytes], list[LabeledExample]]:
-    """``labeled`` record values (the format of :func:`logs.events.encode_labeled_batch`)
-    of at most ``max_bytes`` each, in order, and the examples too large for any record."""
-    parts = [
-        json.dumps(e.to_dict(), separators=(",", ":"), allow_nan=False).encode() for e in examples
-    ]
-    overhead = len(_LABELED_HEAD) + len(_LABELED_TAIL)
+    """``labeled`` record values (the format of :func:`logs.events.encode_labeled`) of at
+    most ``max_bytes`` each, in order, and the examples too large for any record."""
+    parts = [encode_labeled_example(e) for e in examples]
     records: list[bytes] = []
     too_large: list[LabeledExample] = []
     for a, b in chunks_by_bytes(
-        [len(p) for p in parts], max_bytes, max_items=max_items, overhead=overhead
+        [len(p) for p in parts], max_bytes, max_items=max_items, overhead=LABELED_OVERHEAD
     ):
-        if b - a == 1 and len(parts[a]) + overhead > max_bytes:
+        if b - a == 1 and len(parts[a]) + LABELED_OVERHEAD > max_bytes:
             too_large.append(examples[a])
             continue
-        records.append(_LABELED_HEAD + b",".join(parts[a:b]) + _LABELED_TAIL)
+        records.append(encode_labeled_raw(parts[a:b]))
     return records, too_large
 
 
@@ -98,7 +96,7 @@ def scored_records(batch: ScoredBatch, max_bytes: int) -> list[bytes]:
     """``scored`` record values of at most ``max_bytes`` each: the batch, or its halves
     (recursively) when it is larger. A single example is always one record (its ids are
     bounded by the input validation)."""
-    raw = batch.to_json()
+    raw = batch.encode()
     n = len(batch.impression_ids)
     if len(raw) <= max_bytes or n <= 1:
         return [raw]

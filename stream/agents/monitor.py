@@ -46,7 +46,7 @@ class MonitorAgent:
 
     async def observe(self, event: Any) -> None:
         try:
-            batch = ScoredBatch.from_json(event.value)
+            batch = ScoredBatch.decode(event.value)
         except InvalidEvent as exc:
             await self.out.dead_letter(event, exc)
             return

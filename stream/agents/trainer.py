@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import faust
 
-from logs.events import InvalidEvent, decode_labeled_batch
+from logs.events import InvalidEvent, decode_labeled
 from stream.acks import TrainedAcks
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
@@ -99,7 +99,7 @@ class TrainerAgents:
         rt, out = self.rt, self.out
         async for event in stream.noack().events():  # type: ignore[attr-defined]
             try:
-                examples = decode_labeled_batch(event.value)
+                examples = decode_labeled(event.value)
                 added = rt.trainer.add(examples, emitted_at=event.message.timestamp)
             except Exception as exc:
                 if not isinstance(exc, InvalidEvent):

@@ -12,7 +12,6 @@ tail) and memory (restored from the whole changelog).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -24,7 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from logs.events import TOPIC_LABELED, TOPIC_SCORED
+from logs.events import (
+    TOPIC_LABELED,
+    TOPIC_SCORED,
+    LabeledExample,
+    ScoredBatch,
+    decode_labeled,
+)
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
@@ -60,7 +65,11 @@ def start_worker(broker: str, port: int, data_dir: Path, store: str, log: Path) 
 
 
 def labeled(bootstrap: str) -> list[dict[str, object]]:
-    return [e for raw in read_topic(bootstrap, TOPIC_LABELED) for e in json.loads(raw)["examples"]]
+    return [
+        e
+        for raw in read_topic(bootstrap, TOPIC_LABELED)
+        for e in map(LabeledExample.to_dict, decode_labeled(raw))
+    ]
 
 
 @pytest.mark.parametrize("store", ["rocksdb", "memory"])
@@ -147,7 +156,7 @@ def test_sigkill_mid_replay_loses_no_impression(tmp_path: Path, store: str) -> N
         deadline = time.monotonic() + 60
         while True:
             scored = {i for raw in read_topic(broker.url, TOPIC_SCORED)
-                      for i in json.loads(raw)["impression_ids"]}  # fmt: skip
+                      for i in ScoredBatch.decode(raw).impression_ids}  # fmt: skip
             if scored >= truth.keys():
                 break
             assert time.monotonic() < deadline, f"{len(truth.keys() - scored)} never scored"

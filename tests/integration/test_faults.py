@@ -42,6 +42,8 @@ from logs.events import (
     TOPIC_IMPRESSIONS,
     TOPIC_LABELED,
     InvalidEvent,
+    LabeledExample,
+    decode_labeled,
     parse_input,
 )
 from logs.io import read_log_frame, write_log
@@ -140,7 +142,7 @@ def labelled_ids(bootstrap: str) -> list[str]:
     return [
         e["impression_id"]
         for raw in read_topic(bootstrap, TOPIC_LABELED)
-        for e in json.loads(raw)["examples"]
+        for e in map(LabeledExample.to_dict, decode_labeled(raw))
     ]
 
 
@@ -465,7 +467,9 @@ def test_worker_survives_a_broker_outage_and_labels_every_impression(
             what="every impression labelled and scored after the restart",
         )
         examples = [
-            e for raw in read_topic(broker.url, TOPIC_LABELED) for e in json.loads(raw)["examples"]
+            e
+            for raw in read_topic(broker.url, TOPIC_LABELED)
+            for e in map(LabeledExample.to_dict, decode_labeled(raw))
         ]
     finally:
         stop_worker(worker)

@@ -5,7 +5,6 @@ label."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logs.events import TOPIC_LABELED
+from logs.events import (
+    TOPIC_LABELED,
+    LabeledExample,
+    decode_labeled,
+)
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
@@ -68,7 +71,9 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
             assert time.monotonic() < deadline, f"pipeline did not finish: {m}"
             time.sleep(0.5)
         examples = [
-            e for raw in read_topic(broker.url, TOPIC_LABELED) for e in json.loads(raw)["examples"]
+            e
+            for raw in read_topic(broker.url, TOPIC_LABELED)
+            for e in map(LabeledExample.to_dict, decode_labeled(raw))
         ]
         kinds: dict[str, list[str]] = {}
         for e in examples:

@@ -40,6 +40,7 @@ from logs.events import (
     TOPIC_IMPRESSIONS,
     TOPIC_SCORED,
     InvalidEvent,
+    ScoredBatch,
 )
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
@@ -266,7 +267,7 @@ def test_fuzz_campaign_no_worker_exit_every_bad_record_dead_lettered(tmp_path: P
         wait_for(worker, lambda m: m.get("streamrec_scored_total", 0) >= len(valid_ids),
                  timeout_s=30, what="scores")  # fmt: skip
         scored = {i for raw in read_topic(broker.url, TOPIC_SCORED)
-                  for i in json.loads(raw)["impression_ids"]}  # fmt: skip
+                  for i in ScoredBatch.decode(raw).impression_ids}  # fmt: skip
         assert scored >= valid_ids
 
         # hostile HTTP on the worker's serving port: 4xx with a reason, never a 500

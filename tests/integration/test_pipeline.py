@@ -20,6 +20,8 @@ from logs.events import (
     TOPIC_DEAD_LETTER,
     TOPIC_IMPRESSIONS,
     TOPIC_LABELED,
+    LabeledExample,
+    decode_labeled,
 )
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
@@ -121,7 +123,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
 
 
 def labeled_examples(bootstrap: str) -> list[dict[str, object]]:
-    return [e for raw in read_topic(bootstrap, TOPIC_LABELED) for e in json.loads(raw)["examples"]]
+    return [
+        e
+        for raw in read_topic(bootstrap, TOPIC_LABELED)
+        for e in map(LabeledExample.to_dict, decode_labeled(raw))
+    ]
 
 
 def test_every_impression_is_labelled_exactly_once(pipeline: dict) -> None:

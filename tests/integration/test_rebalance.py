@@ -9,7 +9,6 @@ then the rest of the log is replayed. Every impression must come out on ``labele
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,11 @@ import pytest
 
 from bench.e2e import FINAL_GAP_S
 from bench.workers import worker_processes
-from logs.events import TOPIC_LABELED
+from logs.events import (
+    TOPIC_LABELED,
+    LabeledExample,
+    decode_labeled,
+)
 from logs.io import read_log_frame, write_log
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
@@ -72,7 +75,7 @@ def test_a_joining_worker_rebuilds_the_partitions_it_takes_over(
         labels = Counter(
             e["impression_id"]
             for r in read_records(broker.url, TOPIC_LABELED)
-            for e in json.loads(r.value)["examples"]
+            for e in map(LabeledExample.to_dict, decode_labeled(r.value))
             if e.get("kind") != "correction"
         )
     assert set(labels) == set(df["impression_id"].astype(str))  # none lost

@@ -7,7 +7,6 @@ must be labelled and scored once, by the side whose job it is.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,13 @@ import pytest
 
 from bench.e2e import FINAL_GAP_S
 from bench.workers import worker_processes
-from logs.events import TOPIC_LABELED, TOPIC_SCORED
+from logs.events import (
+    TOPIC_LABELED,
+    TOPIC_SCORED,
+    LabeledExample,
+    ScoredBatch,
+    decode_labeled,
+)
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
@@ -53,11 +58,11 @@ def test_joiner_and_trainer_workers_share_the_pipeline(
         labeled = Counter(
             e["impression_id"]
             for r in read_records(broker.url, TOPIC_LABELED)
-            for e in json.loads(r.value)["examples"]
+            for e in map(LabeledExample.to_dict, decode_labeled(r.value))
         )
         scored = Counter(
             i for r in read_records(broker.url, TOPIC_SCORED)
-            for i in json.loads(r.value)["impression_ids"]
+            for i in ScoredBatch.decode(r.value).impression_ids
         )  # fmt: skip
     assert set(labeled) == ids and set(scored) == ids
     assert sum(labeled.values()) == sum(scored.values()) == N_IMPRESSIONS

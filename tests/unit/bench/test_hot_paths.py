@@ -1,4 +1,5 @@
-"""bench.hot_paths writes each path's time and its ratio to the target."""
+"""bench.hot_paths writes each path's time and its ratio to the target, and the JSON and
+binary codecs of the internal topics side by side."""
 
 from __future__ import annotations
 
@@ -18,3 +19,13 @@ def test_quick_run_reports_each_path_against_its_target(tmp_path: Path) -> None:
         assert r["seconds"] > 0 and r["target_s"] == hot_paths.TARGETS_S[name]
         assert abs(r["ratio_to_target"] - r["seconds"] / r["target_s"]) < 0.01
     assert "| encode |" in hot_paths.table(written)
+    codec = written["codecs"]
+    assert codec["examples"] == 1024
+    for topic in ("labeled", "scored"):
+        json_form, binary = codec[topic]["json"], codec[topic]["binary"]
+        assert json_form["total_ms"] > 0 and binary["total_ms"] > 0
+        assert 0 < binary["bytes"] < json_form["bytes"]  # sizes are deterministic; times not
+        assert codec[topic]["json_over_binary"]["bytes"] == round(
+            json_form["bytes"] / binary["bytes"], 2
+        )
+    assert "| labeled | binary |" in hot_paths.table(written)

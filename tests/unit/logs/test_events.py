@@ -1,4 +1,5 @@
-"""Validation of raw records into events, and the lossless batch encodings."""
+"""Validation of raw records into events, and dead letters (the labeled and scored
+encodings: test_batch_encoding.py)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,7 @@ from logs.events import (
     DeadLetter,
     Impression,
     InvalidEvent,
-    LabeledExample,
-    ScoredBatch,
     Watermark,
-    decode_labeled_batch,
-    encode_labeled_batch,
     example_row,
     parse_click,
     parse_impression,
@@ -249,66 +246,7 @@ def test_click_json_round_trip_is_lossless() -> None:
     assert parse_click(Click("a", TS).to_json()) == Click("a", TS)
 
 
-def test_labeled_batch_round_trip_is_lossless() -> None:
-    examples = [
-        LabeledExample(full_impression(), 1, TS + 30, 1.0, "positive"),
-        LabeledExample(Impression("b", TS, "u", "i"), 0, TS + 1800, 0.5, "negative"),
-        LabeledExample(full_impression(impression_id="c"), 1, TS + 99, 2.0, "correction"),
-    ]
-    assert decode_labeled_batch(encode_labeled_batch(examples)) == examples
-    assert decode_labeled_batch(encode_labeled_batch([])) == []
-
-
-@pytest.mark.parametrize(
-    ("record", "reason"),
-    [
-        (b'{"examples": 1}', "missing_field"),
-        (b"{}", "missing_field"),
-        (b'{"examples": [1]}', "not_an_object"),
-        (b"[]", "not_an_object"),
-    ],
-)
-def test_malformed_labeled_batches_raise_invalid_event(record: bytes, reason: str) -> None:
-    with pytest.raises(InvalidEvent) as info:
-        decode_labeled_batch(record)
-    assert info.value.reason == reason
-
-
-def test_labeled_example_with_a_label_other_than_0_or_1_is_bad_value() -> None:
-    d = LabeledExample(full_impression(), 1, TS + 1).to_dict()
-    d["label"] = 2
-    with pytest.raises(InvalidEvent) as info:
-        decode_labeled_batch(json.dumps({"examples": [d]}).encode())
-    assert info.value.reason == "bad_value"
-
-
-def scored_batch() -> ScoredBatch:
-    return ScoredBatch(
-        model_version=3,
-        calibrator_version=1,
-        impression_ids=["a", "b"],
-        ts=[TS, TS + 1],
-        label=[0, 1],
-        p_raw=[0.01, 0.2],
-        p=[0.015, 0.25],
-        segment=["1", "10+"],
-        true_p=[None, 0.3],
-    )
-
-
-def test_scored_batch_round_trip_is_lossless() -> None:
-    batch = scored_batch()
-    assert ScoredBatch.from_json(batch.to_json()) == batch
-
-
-def test_scored_batch_with_a_missing_or_short_array_is_rejected() -> None:
-    d = json.loads(scored_batch().to_json())
-    short = {**d, "p": [0.1]}
-    missing = {k: v for k, v in d.items() if k != "segment"}
-    for obj, reason in ((short, "bad_value"), (missing, "missing_field")):
-        with pytest.raises(InvalidEvent) as info:
-            ScoredBatch.from_json(json.dumps(obj).encode())
-        assert info.value.reason == reason
+# the labeled and scored encodings: tests/unit/logs/test_batch_encoding.py
 
 
 def test_dead_letter_keeps_origin_reason_and_exact_bytes() -> None:

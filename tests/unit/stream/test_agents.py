@@ -28,8 +28,8 @@ from logs.events import (
     Impression,
     LabeledExample,
     Watermark,
-    decode_labeled_batch,
-    encode_labeled_batch,
+    decode_labeled,
+    encode_labeled,
 )
 from monitoring.metrics import StreamrecMetrics
 from stream.agents import ControlAgent, JoinerAgents, MonitorAgent, Outputs, TrainerAgents
@@ -90,7 +90,9 @@ def wired(tmp_path: Path) -> tuple[faust.App, Runtime, Outputs]:
         broker="127.0.0.1:1",
         data_dir=str(tmp_path / "data"),
         ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=2**10)),
-        trainer=TrainerConfig(batch_size=BATCH, offload=False, checkpoint_dir=""),
+        # flush_s long: a first train step slower than the default 0.5 s (a loaded machine)
+        # must not flush the rest of the buffer; the tests move buffer_since to flush
+        trainer=TrainerConfig(batch_size=BATCH, flush_s=60.0, offload=False, checkpoint_dir=""),
         join=JoinConfig(window_s=60.0, lateness_s=0.0),  # labels when the window closes
     )
     metrics = StreamrecMetrics()
@@ -142,7 +144,7 @@ def test_labels_reach_the_broker_before_state_or_acks_let_go(wired: Any) -> None
     asyncio.run(go())
     assert len(out.labeled.sent) == 1
     key, value = out.labeled.sent[0]
-    labels = sorted((e.impression.impression_id, e.label) for e in decode_labeled_batch(value))
+    labels = sorted((e.impression.impression_id, e.label) for e in decode_labeled(value))
     assert (key, labels) == (b"0", [("a", 1), ("b", 0)])
     assert sent_when_marked == [1]  # the state let go only once the labels were sent
     assert [e.acks for e in events] == [1] * len(events)  # each input acked exactly once
@@ -203,8 +205,8 @@ def test_a_labeled_record_is_acked_once_its_examples_were_learned(wired: Any) ->
         )
         for i in range(BATCH + 3)
     ]
-    first = FakeEvent(TOPIC_LABELED, 0, 0, encode_labeled_batch(examples[:3]))
-    second = FakeEvent(TOPIC_LABELED, 0, 1, encode_labeled_batch(examples[3:]))
+    first = FakeEvent(TOPIC_LABELED, 0, 0, encode_labeled(examples[:3]))
+    second = FakeEvent(TOPIC_LABELED, 0, 1, encode_labeled(examples[3:]))
     broken = FakeEvent(TOPIC_LABELED, 0, 2, b"not a batch")
 
     async def go() -> None:
@@ -230,7 +232,7 @@ def test_a_repeated_scored_batch_is_counted_and_skipped(wired: Any) -> None:
         for i in range(BATCH)
     ]
     asyncio.run(trainer.run(FakeStream([FakeEvent(TOPIC_LABELED, 0, 0,
-                                                   encode_labeled_batch(examples))])))  # fmt: skip
+                                                   encode_labeled(examples))])))  # fmt: skip
     ((_, scored),) = out.scored.sent
     monitor = MonitorAgent(app, rt, out)
     events = [FakeEvent("scored", 0, i, scored) for i in range(2)]

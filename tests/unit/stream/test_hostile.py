@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from learners.calibration import LogitShiftCalibrator, PlattCalibrator, calibrator_from_dict
 from learners.calibration_nonparametric import HistogramBinningCalibrator, IsotonicCalibrator
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
+    LABELED_OVERHEAD,
     MAX_EVENT_BYTES,
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
@@ -26,7 +29,8 @@ from logs.events import (
     LabeledExample,
     ScoredBatch,
     Watermark,
-    decode_labeled_batch,
+    decode_labeled,
+    encode_labeled,
     parse_impression,
 )
 from monitoring.metrics import StreamrecMetrics
@@ -160,17 +164,45 @@ def test_twenty_60kb_examples_are_split_under_the_record_limit() -> None:
     records, too_large = labeled_records(examples, limit)
     assert not too_large and len(records) >= 2
     assert all(len(r) <= limit for r in records)
-    back = [e for r in records for e in decode_labeled_batch(r)]
+    back = [e for r in records for e in decode_labeled(r)]
     assert [e.impression.impression_id for e in back] == [f"imp-{n}" for n in range(20)]
 
 
 def test_labeled_records_respect_the_count_cap_and_flag_an_example_too_large_alone() -> None:
     small = [LabeledExample(Impression(f"s{n}", T0, "u", "i"), 1, T0) for n in range(25)]
     records, _ = labeled_records(small, 10**6, max_items=10)
-    assert [len(decode_labeled_batch(r)) for r in records] == [10, 10, 5]
+    assert [len(decode_labeled(r)) for r in records] == [10, 10, 5]
     records, too_large = labeled_records([small[0], _big_example(1), small[1]], 70_000 // 2)
     assert [e.impression.impression_id for e in too_large] == ["imp-1"]
     assert len(records) == 2
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=30),
+    max_bytes=st.integers(1024, 12_000),
+    max_items=st.none() | st.integers(1, 8),
+)
+def test_labeled_records_fit_the_limit_and_keep_every_example_in_order(
+    sizes: list[int], max_bytes: int, max_items: int | None
+) -> None:
+    examples = [
+        LabeledExample(Impression(f"e{k}", T0, "u", "i", position=1,
+                                  features={f"f{j}": "v" * min(1000, n - 1000 * j)
+                                            for j in range(n // 1000 + 1)}), k % 2, T0)
+        for k, n in enumerate(sizes)
+    ]  # fmt: skip
+    records, too_large = labeled_records(examples, max_bytes, max_items)
+    assert all(len(r) <= max_bytes for r in records)
+    back = [[e.impression.impression_id for e in decode_labeled(r)] for r in records]
+    assert all(0 < len(ids) <= (max_items or len(examples)) for ids in back)
+    sent = {i for ids in back for i in ids}
+    assert [i for ids in back for i in ids] == [
+        e.impression.impression_id for e in examples if e.impression.impression_id in sent
+    ]  # in order, each once
+    # refused only when too large alone (up to the bound on the header's size)
+    assert all(len(encode_labeled([e])) + LABELED_OVERHEAD > max_bytes for e in too_large)
+    assert len(sent) + len(too_large) == len(examples)
 
 
 def test_a_large_scored_batch_is_halved_until_each_record_fits() -> None:
@@ -179,7 +211,7 @@ def test_a_large_scored_batch_is_halved_until_each_record_fits() -> None:
                         [0.1] * n, [0.1] * n, ["1"] * n, [None] * n)  # fmt: skip
     records = scored_records(batch, 200_000)
     assert len(records) > 1 and all(len(r) <= 200_000 for r in records)
-    parts = [ScoredBatch.from_json(r) for r in records]
+    parts = [ScoredBatch.decode(r) for r in records]
     assert [i for p in parts for i in p.impression_ids] == batch.impression_ids
 
 
