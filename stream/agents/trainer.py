@@ -84,8 +84,9 @@ class TrainerAgents:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
 
     async def train_due(self) -> None:
-        """Step every due micro-batch, send its scores, then refresh the index,
-        checkpoint and publish to the model store when each is due."""
+        """Step every due micro-batch, send its scores, then refresh the index, and
+        checkpoint and publish to the model store when each is due (the models copied
+        here, under the lock; written and announced in the background)."""
         rt, out = self.rt, self.out
         async with self.lock:
             while rt.trainer.due():
