@@ -20,11 +20,13 @@ previous one keeps serving.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,16 @@ from learners.ranker import TorchRanker
 from learners.two_tower import TwoTowerModel
 from modelstore.store import DirectoryStore, Manifest, StoreError
 
-__all__ = ["LoadedModels", "ModelReplica", "load_snapshot", "publish_snapshot"]
+__all__ = [
+    "LoadedModels",
+    "ModelReplica",
+    "Snapshot",
+    "load_snapshot",
+    "publish_snapshot",
+    "state_copy",
+    "take_snapshot",
+    "write_snapshot",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,133 @@ class LoadedModels:
     loaded_at: float = field(default_factory=time.time)  # epoch s
 
 
+def state_copy(obj: Any, reuse: Any = None) -> Any:
+    """A copy of a ``state()`` / ``state_dict()`` tree that training cannot change: every
+    tensor ``.detach().to("cpu", copy=True)`` (on the CPU path too), numpy arrays copied,
+    dicts, lists and tuples rebuilt, anything else deep-copied. A tensor that appears
+    twice stays one tensor. What :func:`take_snapshot` and the trainer's checkpoint hold
+    while the models train on; serialise it on another thread.
+
+    ``reuse``: an earlier copy of the same tree that nothing reads any more (its write
+    ended): a CPU tensor at the same place with the same shape and dtype is overwritten
+    (``copy_``) instead of allocated afresh, which spares the page faults of a new
+    allocation (a 56 MB copy: ~10 ms instead of ~35 ms). Anything that does not match is
+    copied afresh.
+
+    >>> t = torch.zeros(2)
+    >>> c = state_copy({"w": t, "v": [t], "n": 1})
+    >>> _ = t.add_(1.0)
+    >>> c["w"].tolist(), c["v"][0] is c["w"], c["n"]
+    ([0.0, 0.0], True, 1)
+    >>> d = state_copy({"w": t, "v": [t], "n": 1}, reuse=c)
+    >>> d["w"] is c["w"], d["w"].tolist(), d["v"][0] is d["w"]
+    (True, [1.0, 1.0], True)
+    """
+    return _copy(obj, reuse, {}, set())
+
+
+def _copy(obj: Any, reuse: Any, memo: dict[int, Any], used: set[int]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            src = obj.detach()
+            if (
+                isinstance(reuse, torch.Tensor)
+                and id(reuse) not in used  # a buffer shared in the old tree: not twice
+                and reuse.device.type == "cpu"
+                and reuse.layout == torch.strided == src.layout
+                and reuse.shape == src.shape
+                and reuse.dtype == src.dtype
+            ):
+                used.add(id(reuse))
+                memo[key] = reuse.copy_(src)
+            else:
+                memo[key] = src.to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if type(obj) in (dict, OrderedDict):
+        old = reuse if isinstance(reuse, dict) else {}
+        return type(obj)((k, _copy(v, old.get(k), memo, used)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        olds = list(reuse) if isinstance(reuse, (list, tuple)) else []
+        olds += [None] * (len(obj) - len(olds))
+        return type(obj)(_copy(v, o, memo, used) for v, o in zip(obj, olds, strict=False))
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    return copy.deepcopy(obj)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One model set copied at one instant (:func:`take_snapshot`), ready to be written
+    by :func:`write_snapshot` on any thread while the live models keep training.
+    ``index``: an :class:`IndexSnapshot` is never changed once built (a refresh swaps in
+    a new one), so it is shared, not copied."""
+
+    ranker: dict[str, Any]
+    two_tower: dict[str, Any] | None
+    index: IndexSnapshot | None
+    calibrator: dict[str, Any]
+    calibrator_version: int
+    meta: dict[str, Any]
+
+
+def take_snapshot(
+    ranker: TorchRanker,
+    two_tower: TwoTowerModel | None,
+    index: IndexSnapshot | None,
+    calibrator: Calibrator,
+    calibrator_version: int,
+    reuse: Snapshot | None = None,
+) -> Snapshot:
+    """Copy what :func:`write_snapshot` writes (:func:`state_copy`: tensors to CPU). The
+    caller keeps the models still while this runs (no training step); not afterwards.
+    ``reuse``: an earlier snapshot, already written, whose buffers may be overwritten."""
+    return Snapshot(
+        ranker=state_copy(ranker.state(), None if reuse is None else reuse.ranker),
+        two_tower=(
+            None
+            if two_tower is None
+            else state_copy(two_tower.state(), None if reuse is None else reuse.two_tower)
+        ),
+        index=index,
+        calibrator=copy.deepcopy(calibrator.to_dict()),
+        calibrator_version=calibrator_version,
+        meta={
+            "model_version": ranker.n_updates,
+            "two_tower_updates": None if two_tower is None else two_tower.n_updates,
+            "index_version": None if index is None else index.version,
+            "index_items": None if index is None else len(index),
+            "calibrator_version": calibrator_version,
+        },
+    )
+
+
+def write_snapshot(store: DirectoryStore, snap: Snapshot) -> Manifest:
+    """Write ``snap`` as one version of ``store`` (atomically, checksummed, then pruned to
+    its ``keep``); it touches no live model, so it may run on any thread (one publish at
+    a time per store)."""
+
+    def write(d: Path) -> None:
+        _save_split(snap.ranker, d, "ranker")
+        if snap.two_tower is not None:
+            _save_split(snap.two_tower, d, "two_tower")
+        index = snap.index
+        if index is not None:
+            faiss.write_index(index.index, str(d / "index.faiss"))
+            (d / "index.json").write_text(json.dumps({
+                "version": index.version, "built_at": index.built_at, "dim": index.dim,
+                "ids": [str(i) for i in index.ids.tolist()],
+                "config": dataclasses.asdict(index.config),
+            }))  # fmt: skip
+        (d / "calibrator.json").write_text(
+            json.dumps({"version": snap.calibrator_version, "params": snap.calibrator})
+        )
+
+    return store.publish(write, meta=snap.meta)
+
+
 def publish_snapshot(
     store: DirectoryStore,
     ranker: TorchRanker,
@@ -69,31 +207,10 @@ def publish_snapshot(
     calibrator_version: int,
 ) -> Manifest:
     """Write one version of the models to ``store`` (atomically, then pruned to its
-    ``keep``). The caller must keep the models still meanwhile (no training step)."""
-
-    def write(d: Path) -> None:
-        _save_split(ranker.state(), d, "ranker")
-        if two_tower is not None:
-            _save_split(two_tower.state(), d, "two_tower")
-        if index is not None:
-            faiss.write_index(index.index, str(d / "index.faiss"))
-            (d / "index.json").write_text(json.dumps({
-                "version": index.version, "built_at": index.built_at, "dim": index.dim,
-                "ids": [str(i) for i in index.ids.tolist()],
-                "config": dataclasses.asdict(index.config),
-            }))  # fmt: skip
-        (d / "calibrator.json").write_text(
-            json.dumps({"version": calibrator_version, "params": calibrator.to_dict()})
-        )
-
-    meta = {
-        "model_version": ranker.n_updates,
-        "two_tower_updates": None if two_tower is None else two_tower.n_updates,
-        "index_version": None if index is None else index.version,
-        "index_items": None if index is None else len(index),
-        "calibrator_version": calibrator_version,
-    }
-    return store.publish(write, meta=meta)
+    ``keep``): :func:`take_snapshot` then :func:`write_snapshot`. The caller must keep the
+    models still meanwhile (no training step)."""
+    snap = take_snapshot(ranker, two_tower, index, calibrator, calibrator_version)
+    return write_snapshot(store, snap)
 
 
 _OPTIM_KEYS = ("optimizer", "sparse_optimizer")

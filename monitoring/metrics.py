@@ -294,6 +294,13 @@ class StreamrecMetrics:
             " full disk: the previous one is kept), by reason.",
             ("reason",),
         )
+        self.store_writes_skipped = counter(
+            "store_writes_skipped",
+            "Checkpoints (kind=checkpoint) or model-store versions (kind=publish) that fell"
+            " due while the previous one was still being written in the background: taken"
+            " once that write ends, with the newest models (one count per busy write).",
+            ("kind",),
+        )
         self.store_loads = counter("store_loads", "Model-store versions loaded and swapped in.")
         self.store_publish_seconds = Histogram(
             "streamrec_store_publish_seconds",

@@ -258,6 +258,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     trainer = TrainerAgents(app, rt, out)
     app.train_lock = trainer.lock  # type: ignore[attr-defined]  # the worker saves under it
     app.train_thread = trainer.thread  # type: ignore[attr-defined]
+    app.trainer_agents = trainer  # type: ignore[attr-defined]  # the worker's final writes
     if trains:
         trainer.install()  # labeled -> scored; index refreshes; model-store versions
         MonitorAgent(app, rt, out).install()  # scored -> control

@@ -66,18 +66,13 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         note_exit(settings.data_dir, True)
         server.shutdown()
         raise SystemExit(f"streamrec worker: {exc}") from None
-    rt = app.streamrec  # type: ignore[attr-defined]
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's signal types are narrow
     async def _checkpoint(sender: object, **kwargs: object) -> None:
-        async with app.train_lock:  # type: ignore[attr-defined]  # not mid-step
-            path = rt.trainer.maybe_checkpoint(force=True)
-            # the newest models to the store: a restarted trainer resumes from them
-            manifest = (
-                rt.trainer.publish(rt.indexer.holder.current)
-                if rt.trainer.publish_due(rt.indexer.holder.current, force=True)
-                else None
-            )
+        # background writes under way finish first; then the newest models are written
+        # (a restarted trainer resumes from the store)
+        trainer_agents = app.trainer_agents  # type: ignore[attr-defined]
+        path, manifest = await trainer_agents.final_writes()
         if path:
             log.info("final checkpoint %s", path)
         if manifest is not None:
@@ -98,4 +93,6 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
             app.request_batcher.close()  # type: ignore[attr-defined]
         if app.train_thread is not None:  # type: ignore[attr-defined]
             app.train_thread.shutdown(wait=True)  # type: ignore[attr-defined]
+        # a background write under way finishes (its files are atomic either way)
+        app.trainer_agents.writer.shutdown(wait=True)  # type: ignore[attr-defined]
         server.shutdown()

@@ -1,25 +1,31 @@
 """The trainer side: ``labeled`` → model steps (on a training thread when
 ``trainer.offload``) → ``scored``; index refreshes and model-store versions announced on
 ``control``. Labeled records are acked once all their examples were learned from
-(:class:`stream.acks.TrainedAcks`).
+(:class:`stream.acks.TrainedAcks`). Checkpoints and model-store versions are copied under
+the trainer lock and written on a writer thread, off the event loop and off the lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
 
 from logs.events import InvalidEvent, decode_labeled
+from modelstore.store import Manifest
 from stream.acks import TrainedAcks
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
 from stream.limits import scored_records
 
 __all__ = ["TrainerAgents"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -28,8 +34,15 @@ class TrainerAgents:
     """The ``trainer`` agent, its flush timer and the indexer's timer.
 
     One micro-batch at a time: the agent and the flush timer both call :meth:`train_due`
-    under :attr:`lock`, and the models are never saved or stepped while a step runs on
+    under :attr:`lock`, and the models are never copied or stepped while a step runs on
     the training thread (:attr:`thread`, ``None`` when steps run on the event loop).
+
+    A checkpoint or a model-store version is a copy of the models taken under the lock
+    (tensors to CPU: tens of milliseconds), then serialised, written, fsynced, renamed and
+    pruned on :attr:`writer` (one thread: one write at a time) while training goes on; a
+    version is announced on ``control`` once it is durably in the store. One that falls
+    due while the previous one of its kind is still being written waits for it (counted
+    in ``streamrec_store_writes_skipped_total``) and then takes the newest models.
     """
 
     def __init__(self, app: faust.App, rt: Runtime, out: Outputs) -> None:
@@ -41,6 +54,11 @@ class TrainerAgents:
             if rt.settings.trainer.offload
             else None
         )
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="streamrec-write")
+        #: the background write of each kind ("checkpoint", "publish"), its announcement
+        #: included; a finished one stays until the next replaces it
+        self.writes: dict[str, asyncio.Task[None]] = {}
+        self._deferred: set[str] = set()  # kinds due while their write ran (counted once)
 
     def install(self) -> None:
         """Register the agent on ``labeled``, its flush timer and the index timer."""
@@ -66,8 +84,9 @@ class TrainerAgents:
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
 
     async def train_due(self) -> None:
-        """Step every due micro-batch, send its scores, then refresh the index,
-        checkpoint and publish to the model store when each is due."""
+        """Step every due micro-batch, send its scores, then refresh the index, and
+        checkpoint and publish to the model store when each is due (the models copied
+        here, under the lock; written and announced in the background)."""
         rt, out = self.rt, self.out
         async with self.lock:
             while rt.trainer.due():
@@ -81,13 +100,78 @@ class TrainerAgents:
                 self.acks.learned(len(batch.impression_ids))
             if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
                 await self.refresh_index()
-            rt.trainer.maybe_checkpoint()
+            # the copies under the lock (on the training thread: the loop stays free),
+            # the writes on the writer thread after it
+            if rt.trainer.checkpoint_due() and self._free("checkpoint"):
+                job = await self._on_thread(rt.trainer.checkpoint_snapshot)
+                if job is not None:
+                    self._start("checkpoint", rt.trainer.write_checkpoint, job)
             index = rt.indexer.holder.current
-            if rt.trainer.publish_due(index):
-                # on the training thread (models still: the lock is held), off the loop
-                manifest = await self._on_thread(rt.trainer.publish, index)
-                if manifest is not None:
-                    await out.announce(rt.trainer.store_announcement(manifest))
+            if rt.trainer.publish_due(index) and self._free("publish"):
+                pub = await self._on_thread(rt.trainer.publish_snapshot, index)
+                if pub is not None:
+                    self._start("publish", rt.trainer.write_publish, pub)
+
+    def _free(self, kind: str) -> bool:
+        """True when no write of ``kind`` is running; else the due one waits for it
+        (counted once per running write) and False."""
+        task = self.writes.get(kind)
+        if task is None or task.done():
+            self._deferred.discard(kind)
+            return True
+        if kind not in self._deferred:
+            self._deferred.add(kind)
+            self.rt.metrics.store_writes_skipped.labels(kind=kind).inc()
+            log.info("%s due while the previous one is still being written: taken after it",
+                     kind)  # fmt: skip
+        return False
+
+    def _start(self, kind: str, write: Callable[[Any], object], job: object) -> None:
+        """``write(job)`` on the writer thread; a version is announced once written."""
+        loop = asyncio.get_running_loop()
+        written = loop.run_in_executor(self.writer, write, job)
+        self.writes[kind] = loop.create_task(self._finish(kind, written))
+
+    async def _finish(self, kind: str, written: asyncio.Future[object]) -> None:
+        try:
+            result = await written
+        except Exception:  # the writers log and count OSError; anything else lands here
+            log.exception("background %s write failed; the next one is tried on schedule",
+                          kind)  # fmt: skip
+            self.rt.metrics.store_failures.labels(reason=kind).inc()
+            return
+        if isinstance(result, Manifest):  # durably in the store: now replicas may load it
+            try:
+                await self.out.announce(self.rt.trainer.store_announcement(result))
+            except Exception:
+                self.out.stage_error("trainer", f"announcing store version {result.version}")
+
+    async def drain(self) -> None:
+        """Wait for the background writes (and their announcements) under way."""
+        await asyncio.gather(*self.writes.values(), return_exceptions=True)
+
+    async def final_writes(self) -> tuple[Path | None, Manifest | None]:
+        """On shutdown: the writes under way finish, then a forced checkpoint and, when
+        anything changed, a model-store version of the newest models (the restarted
+        trainer resumes from them), both written before this returns (not announced)."""
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        async with self.lock:  # not mid-step
+            await self.drain()
+            path = None
+            if rt.trainer.checkpoint_due(force=True):
+                job = rt.trainer.checkpoint_snapshot()
+                if job is not None:
+                    path = await loop.run_in_executor(self.writer, rt.trainer.write_checkpoint,
+                                                      job)  # fmt: skip
+            index = rt.indexer.holder.current
+            manifest = None
+            if rt.trainer.publish_due(index, force=True):
+                pub = rt.trainer.publish_snapshot(index)
+                if pub is not None:
+                    manifest = await loop.run_in_executor(self.writer, rt.trainer.write_publish,
+                                                          pub)  # fmt: skip
+        return path, manifest
 
     def drop_buffer(self) -> int:
         """Drop the buffered examples after a failed step (their records are acked)."""

@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from learners.calibration import (
 from learners.delayed_feedback import fnc_correct
 from learners.negatives import HardNegativeSource
 from learners.ranker import TorchRanker
+from learners.training import atomic_torch_save
 from learners.two_tower import TwoTowerModel
 from learners.util import atomic_write
 from learners.weighting import time_decay_weights
@@ -27,7 +29,7 @@ from logs.events import (
     ScoredBatch,
     example_row,
 )
-from modelstore.snapshot import publish_snapshot
+from modelstore.snapshot import Snapshot, state_copy, take_snapshot, write_snapshot
 from modelstore.store import DirectoryStore, Manifest, StoreError, WriterLock
 from monitoring.metrics import StreamrecMetrics
 from stream.control import CalibratorUpdate, ControlRecord, ModelAnnouncement
@@ -98,6 +100,23 @@ class TakenBatch:
 
 
 @dataclass(frozen=True)
+class CheckpointJob:
+    """A checkpoint taken by :meth:`TrainerService.checkpoint_snapshot`, not written yet."""
+
+    path: Path  # ranker-vNNNNNNNN.pt in ``trainer.checkpoint_dir``
+    state: dict[str, Any]  # the ranker's state, copied (tensors on CPU)
+
+
+@dataclass(frozen=True)
+class PublishJob:
+    """A model set taken by :meth:`TrainerService.publish_snapshot`, not written yet."""
+
+    snapshot: Snapshot
+    key: tuple[object, ...]  # what changed-since-last-publish compares
+    snapshot_s: float  # wall seconds of the copy
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What :meth:`TrainerService.compute` gives back: scores taken before learning."""
 
@@ -161,6 +180,10 @@ class TrainerService:
         self.n_examples = 0
         self.n_corrections = 0
         self._last_checkpoint = time.monotonic()
+        #: the copies of the last written checkpoint and store version: nothing reads them
+        #: any more, the next snapshot of the kind overwrites them (no fresh allocation)
+        self._spare_checkpoint: dict[str, Any] | None = None
+        self._spare_publish: Snapshot | None = None
         #: the model store this worker publishes to (trainer/all roles with a store)
         self.store: DirectoryStore | None = (
             DirectoryStore(settings.model_store, keep=settings.store.keep)
@@ -321,19 +344,43 @@ class TrainerService:
         if self.writer_lock is not None:
             self.writer_lock.release()
 
-    def maybe_checkpoint(self, force: bool = False) -> Path | None:
+    def checkpoint_due(self, force: bool = False) -> bool:
+        """True when a checkpoint should be taken now: a ``checkpoint_dir`` is set and
+        ``checkpoint_every_s`` passed since the last one (or ``force``)."""
         cfg = self.settings.trainer
         if not cfg.checkpoint_dir:
+            return False
+        return force or time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every_s
+
+    def checkpoint_snapshot(self) -> CheckpointJob | None:
+        """The ranker's state copied now (:func:`modelstore.snapshot.state_copy`, tensors
+        to CPU) with the path it goes to: the cheap part, taken while no training step
+        runs. Restarts the ``checkpoint_every_s`` clock. None without a checkpoint_dir."""
+        if not self.settings.trainer.checkpoint_dir:
             return None
-        now = time.monotonic()
-        if not force and now - self._last_checkpoint < cfg.checkpoint_every_s:
-            return None
-        self._last_checkpoint = now
-        d = Path(cfg.checkpoint_dir)
+        self._last_checkpoint = time.monotonic()
+        d = Path(self.settings.trainer.checkpoint_dir)
         path = d / f"ranker-v{self.model_version:08d}.pt"
+        spare, self._spare_checkpoint = self._spare_checkpoint, None
+        return CheckpointJob(path, state_copy(self.ranker.state(), spare))
+
+    def write_checkpoint(self, job: CheckpointJob) -> Path | None:
+        """Write a :meth:`checkpoint_snapshot` (atomically: a temp file, fsync, rename),
+        point ``LATEST`` at it and prune to ``keep_checkpoints``. It touches no live
+        model: it may run on a writer thread while training goes on (one at a time).
+        Returns the path, or None when the write failed (logged and counted). Afterwards
+        ``job``'s buffers are recycled by the next :meth:`checkpoint_snapshot`."""
+        try:
+            return self._write_checkpoint(job)
+        finally:
+            self._spare_checkpoint = job.state
+
+    def _write_checkpoint(self, job: CheckpointJob) -> Path | None:
+        path = job.path
+        d = path.parent
         try:
             d.mkdir(parents=True, exist_ok=True)
-            self.ranker.save(path)  # atomic: a temp file, fsync, rename (removed on error)
+            atomic_torch_save(job.state, path)  # a temp file, fsync, rename (removed on error)
             # a unique temp name (O_EXCL): a planted symlink is never followed
             atomic_write(d / "LATEST", lambda f: f.write(path.name), binary=False, fsync=False)
         except OSError as exc:
@@ -343,15 +390,24 @@ class TrainerService:
                       exc.strerror or exc)  # fmt: skip
             self.metrics.store_failures.labels(reason="checkpoint").inc()
             return None
-        if path not in self.checkpoints:
-            self.checkpoints.append(path)
+        checkpoints = list(self.checkpoints)
+        if path not in checkpoints:
+            checkpoints.append(path)
         # retention by count: the newest ``keep_checkpoints`` files of this naming stay
-        keep = cfg.keep_checkpoints
+        keep = self.settings.trainer.keep_checkpoints
         old = sorted(p for p in d.glob("ranker-v*.pt") if p.is_file() and not p.is_symlink())
         for stale in old[:-keep] if len(old) > keep else []:
             stale.unlink(missing_ok=True)
-        self.checkpoints = [p for p in self.checkpoints if p.exists()]
+        self.checkpoints = [p for p in checkpoints if p.exists()]
         return path
+
+    def maybe_checkpoint(self, force: bool = False) -> Path | None:
+        """:meth:`checkpoint_snapshot` then :meth:`write_checkpoint` in a row, when due
+        (blocking: the worker takes the snapshot under its lock and writes on a thread)."""
+        if not self.checkpoint_due(force):
+            return None
+        job = self.checkpoint_snapshot()
+        return None if job is None else self.write_checkpoint(job)
 
     def _resume_from_store(self, store: DirectoryStore) -> None:
         """A restarted trainer continues from the newest good version of its store (ranker,
@@ -397,28 +453,49 @@ class TrainerService:
         every = self.settings.store.publish_every_s
         return force or time.monotonic() - self._last_publish >= every
 
-    def publish(self, index: IndexSnapshot | None) -> Manifest | None:
-        """Publish ranker, two-tower, ``index``, calibrator to the model store (blocking:
-        run it where no training step can run meanwhile). None without a store or when the
-        write failed (logged and counted; the next one is tried on schedule)."""
+    def publish_snapshot(self, index: IndexSnapshot | None) -> PublishJob | None:
+        """Copy ranker, two-tower, calibrator (and take ``index``, never changed once
+        built) for the model store: the cheap part, taken while no training step runs.
+        Restarts the ``publish_every_s`` clock. None without a store."""
         if self.store is None:
             return None
         self._last_publish = time.monotonic()
         t0 = time.perf_counter()
+        spare, self._spare_publish = self._spare_publish, None
+        snap = take_snapshot(self.ranker, self.two_tower, index, self.calibrator,
+                             self.calibrator_version, reuse=spare)  # fmt: skip
+        return PublishJob(snap, self._published_state(index), time.perf_counter() - t0)
+
+    def write_publish(self, job: PublishJob) -> Manifest | None:
+        """Write a :meth:`publish_snapshot` as a store version (files, checksums, manifest,
+        fsync, rename, pruning to ``store.keep``). It touches no live model: it may run
+        on a writer thread while training goes on (one at a time). None when the write
+        failed (logged and counted; the next one is tried on schedule). Afterwards
+        ``job``'s buffers are recycled by the next :meth:`publish_snapshot`."""
+        if self.store is None:
+            return None
+        t0 = time.perf_counter()
         try:
-            m = publish_snapshot(self.store, self.ranker, self.two_tower, index,
-                                 self.calibrator, self.calibrator_version)  # fmt: skip
+            m = write_snapshot(self.store, job.snapshot)
         except (OSError, ValueError) as exc:
             log.error("model store: publishing failed: %s", exc)
             self.metrics.store_failures.labels(reason="publish").inc()
             return None
-        self.published = m
-        self._published_key = self._published_state(index)
+        finally:
+            self._spare_publish = job.snapshot
+        self.published, self._published_key = m, job.key
         mt = self.metrics
-        mt.store_publish_seconds.observe(time.perf_counter() - t0)
+        mt.store_publish_seconds.observe(job.snapshot_s + time.perf_counter() - t0)
         mt.store_version.set(m.version)
         mt.store_bytes.set(m.total_bytes)
         return m
+
+    def publish(self, index: IndexSnapshot | None) -> Manifest | None:
+        """:meth:`publish_snapshot` then :meth:`write_publish` in a row (blocking: run it
+        where no training step can run meanwhile; the worker takes the snapshot under its
+        lock and writes on a thread). None without a store or when the write failed."""
+        job = self.publish_snapshot(index)
+        return None if job is None else self.write_publish(job)
 
     def store_announcement(self, m: Manifest) -> ModelAnnouncement:
         """The ``control`` record of a published version: store version, its directory,

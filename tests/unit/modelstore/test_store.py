@@ -10,13 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from index.faiss_index import IndexConfig, build_snapshot
 from learners.calibration import LogitShiftCalibrator, PlattCalibrator
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
-from modelstore.snapshot import ModelReplica, load_snapshot, publish_snapshot
+from modelstore.snapshot import (
+    ModelReplica,
+    load_snapshot,
+    publish_snapshot,
+    state_copy,
+    take_snapshot,
+    write_snapshot,
+)
 from modelstore.store import DirectoryStore, StoreConfig, StoreError
 
 
@@ -140,6 +148,41 @@ def test_snapshot_round_trips_models_index_and_calibrator(tmp_path: Path) -> Non
     assert got.calibrator_version == 7
     p = np.array([0.1, 0.5])
     np.testing.assert_allclose(got.calibrator.transform(p), cal.transform(p))
+
+
+def test_a_snapshot_writes_the_models_of_its_instant_though_they_train_on(
+    tmp_path: Path,
+) -> None:
+    ranker, tt = _models()
+    rows = [{"user_id": "u1", "item_id": f"i{j}", "device": "ios"} for j in range(13)]
+    at_snapshot = (ranker.predict_proba_many(rows), tt.user_vectors(["u1"]))
+    snap = take_snapshot(ranker, tt, None, PlattCalibrator(), 3)
+    for _ in range(3):  # training goes on before the snapshot is written
+        ranker.learn_many(rows, np.ones(len(rows)))
+        tt.learn_many(rows, np.ones(len(rows)))
+    assert not np.allclose(ranker.predict_proba_many(rows), at_snapshot[0])
+    store = DirectoryStore(tmp_path)
+    m = write_snapshot(store, snap)
+    assert m.meta["model_version"] == snap.meta["model_version"] < ranker.n_updates
+    got = load_snapshot(store, m.version, optimizer=True)
+    np.testing.assert_allclose(got.ranker.predict_proba_many(rows), at_snapshot[0], rtol=1e-6)
+    np.testing.assert_allclose(got.two_tower.user_vectors(["u1"]),  # type: ignore[union-attr]
+                               at_snapshot[1], rtol=1e-6)  # fmt: skip
+
+
+def test_state_copy_overwrites_only_matching_buffers_of_the_copy_it_reuses() -> None:
+    a, b = torch.ones(3), torch.zeros(2, dtype=torch.int64)
+    old = state_copy({"a": a, "b": b, "opt": {"m": [a, a]}})
+    shared = old["opt"]["m"][0]
+    assert shared is old["a"]  # one tensor twice stays one
+    new_a, new_m0, new_m1 = torch.full((3,), 2.0), torch.full((3,), 3.0), torch.full((3,), 4.0)
+    got = state_copy({"a": new_a, "b": torch.zeros(5), "opt": {"m": [new_m0, new_m1]}},
+                     reuse=old)  # fmt: skip
+    assert got["a"] is old["a"] and got["a"].tolist() == [2.0] * 3  # reused in place
+    assert got["b"] is not old["b"] and got["b"].shape == (5,)  # shape changed: fresh
+    # the old tree shared one buffer between "a" and m[0]: used once, never twice
+    assert [t.tolist() for t in got["opt"]["m"]] == [[3.0] * 3, [4.0] * 3]
+    assert got["a"].tolist() == [2.0] * 3
 
 
 def test_replica_keeps_the_old_version_when_a_new_one_is_corrupt(tmp_path: Path) -> None:
