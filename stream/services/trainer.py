@@ -368,12 +368,14 @@ class TrainerService:
         """Write a :meth:`checkpoint_snapshot` (atomically: a temp file, fsync, rename),
         point ``LATEST`` at it and prune to ``keep_checkpoints``. It touches no live
         model: it may run on a writer thread while training goes on (one at a time).
-        Returns the path, or None when the write failed (logged and counted). Afterwards
-        ``job``'s buffers are recycled by the next :meth:`checkpoint_snapshot`."""
+        Returns the path, or None when the write failed (logged and counted). With
+        ``trainer.reuse_snapshot_buffers``, ``job``'s buffers are then recycled by the next
+        :meth:`checkpoint_snapshot`."""
         try:
             return self._write_checkpoint(job)
         finally:
-            self._spare_checkpoint = job.state
+            if self.settings.trainer.reuse_snapshot_buffers:
+                self._spare_checkpoint = job.state
 
     def _write_checkpoint(self, job: CheckpointJob) -> Path | None:
         path = job.path
@@ -470,8 +472,9 @@ class TrainerService:
         """Write a :meth:`publish_snapshot` as a store version (files, checksums, manifest,
         fsync, rename, pruning to ``store.keep``). It touches no live model: it may run
         on a writer thread while training goes on (one at a time). None when the write
-        failed (logged and counted; the next one is tried on schedule). Afterwards
-        ``job``'s buffers are recycled by the next :meth:`publish_snapshot`."""
+        failed (logged and counted; the next one is tried on schedule). With
+        ``trainer.reuse_snapshot_buffers``, ``job``'s buffers are then recycled by the next
+        :meth:`publish_snapshot`."""
         if self.store is None:
             return None
         t0 = time.perf_counter()
@@ -482,7 +485,8 @@ class TrainerService:
             self.metrics.store_failures.labels(reason="publish").inc()
             return None
         finally:
-            self._spare_publish = job.snapshot
+            if self.settings.trainer.reuse_snapshot_buffers:
+                self._spare_publish = job.snapshot
         self.published, self._published_key = m, job.key
         mt = self.metrics
         mt.store_publish_seconds.observe(job.snapshot_s + time.perf_counter() - t0)

@@ -289,3 +289,38 @@ def test_shutdown_waits_for_the_write_under_way_then_writes_the_newest_models(
     assert (ckpt / "LATEST").read_text() == path.name
     assert manifest is not None and manifest.meta["model_version"] == v2
     agents.writer.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_snapshot_buffers_are_recycled_only_when_asked(tmp_path: Path, reuse: bool) -> None:
+    enc = EncoderConfig(num_buckets=2**10)
+    settings = Settings(
+        ranker=RankerConfig(model="logreg", encoder=enc),
+        trainer=TrainerConfig(checkpoint_dir=str(tmp_path / "ckpt"),
+                              reuse_snapshot_buffers=reuse),
+    )  # fmt: skip
+    trainer = TrainerService(settings, StreamrecMetrics())
+
+    def pointers(state: Any) -> set[int]:
+        found: set[int] = set()
+
+        def walk(x: Any) -> None:
+            if isinstance(x, torch.Tensor):
+                found.add(x.data_ptr())
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, list | tuple):
+                for v in x:
+                    walk(v)
+
+        walk(state)
+        return found
+
+    first = trainer.checkpoint_snapshot()
+    assert first is not None and trainer.write_checkpoint(first) is not None
+    kept = pointers(first.state)
+    second = trainer.checkpoint_snapshot()
+    assert second is not None and kept
+    shared = kept & pointers(second.state)
+    assert bool(shared) == reuse  # the written copy's memory is reused, or freshly allocated
