@@ -21,6 +21,7 @@ from modelstore.store import Manifest
 from stream.acks import TrainedAcks
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
+from stream.heap import trim_heap
 from stream.limits import scored_records
 
 __all__ = ["TrainerAgents"]
@@ -129,7 +130,7 @@ class TrainerAgents:
     def _start(self, kind: str, write: Callable[[Any], object], job: object) -> None:
         """``write(job)`` on the writer thread; a version is announced once written."""
         loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(self.writer, write, job)
+        written = loop.run_in_executor(self.writer, _then_trim, write, job)
         self.writes[kind] = loop.create_task(self._finish(kind, written))
 
     async def _finish(self, kind: str, written: asyncio.Future[object]) -> None:
@@ -221,3 +222,12 @@ class TrainerAgents:
             await self.refresh_index()
         except Exception:
             self.out.stage_error("indexer", "a timed index refresh")
+
+
+def _then_trim(write: Callable[[Any], object], job: object) -> object:
+    """``write(job)``, then the freed copies and buffers go back to the OS
+    (:func:`stream.heap.trim_heap`)."""
+    try:
+        return write(job)
+    finally:
+        trim_heap()
