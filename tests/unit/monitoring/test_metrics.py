@@ -92,6 +92,7 @@ STORE = {
     "streamrec_store_bytes",
     "streamrec_store_version",
     "streamrec_store_failures_total",
+    "streamrec_store_writes_skipped_total",
     "streamrec_store_loads_total",
 } | {
     f"streamrec_store_{h}_seconds_{s}"
