@@ -46,7 +46,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from sys import intern
 from typing import Annotated, Any, Literal
@@ -333,13 +333,7 @@ def decode_labeled(raw: bytes | None) -> list[LabeledExample]:
     """
     if raw is None or raw[:1] != b"\xff":
         return _decode_labeled_json(raw)
-    body = _body(raw, LABELED_MAGIC, "labeled")
-    try:
-        wire = _labeled_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _diagnose_labeled(body, exc) from None
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise InvalidEvent("bad_envelope", f"labeled: {str(exc)[:200]}") from None
+    wire = _decode_body(raw, LABELED_MAGIC, "labeled", _labeled_decoder, _diagnose_labeled)
     out = []
     for w in wire:
         if w.features and max(map(len, w.features)) > MAX_FEATURE_NAME_LEN:
@@ -367,6 +361,24 @@ def _body(raw: bytes, magic: bytes, what: str) -> memoryview:
             "unsupported_version", f"{what} version {raw[4]}; this worker reads {BATCH_VERSION}"
         )
     return memoryview(raw)[5:]
+
+
+def _decode_body(
+    raw: bytes,
+    magic: bytes,
+    what: str,
+    decoder: msgspec.msgpack.Decoder[Any],
+    diagnose: Callable[[memoryview, msgspec.ValidationError], InvalidEvent],
+) -> Any:
+    """A binary record's body decoded by ``decoder``: a value the typed decoder refuses
+    gets ``diagnose``'s reason, bytes that are not MessagePack ``bad_envelope``."""
+    body = _body(raw, magic, what)
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise diagnose(body, exc) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidEvent("bad_envelope", f"{what}: {str(exc)[:200]}") from None
 
 
 def _diagnose_labeled(body: memoryview, exc: msgspec.ValidationError) -> InvalidEvent:
@@ -435,13 +447,7 @@ class ScoredBatch:
         lengths), ``non_finite`` (a time)."""
         if raw is None or raw[:1] != b"\xff":
             return _scored_from_json(raw)
-        body = _body(raw, SCORED_MAGIC, "scored")
-        try:
-            w = _scored_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            raise _diagnose_scored(body, exc) from None
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise InvalidEvent("bad_envelope", f"scored: {str(exc)[:200]}") from None
+        w = _decode_body(raw, SCORED_MAGIC, "scored", _scored_decoder, _diagnose_scored)
         batch = ScoredBatch(w.model_version, w.calibrator_version, w.impression_ids, w.ts,
                             w.label, w.p_raw, w.p, w.segment, w.true_p)  # fmt: skip
         _check_lengths(batch)
