@@ -31,6 +31,15 @@ The report (``bench/results/soak_<minutes>m.json``, and ``.png`` with matplotlib
 least-squares slopes after ``--warmup-frac`` of the run (default the first third): RSS in
 MB/hour and % of its mean per hour (bar: < 1 %/h), disk in MB/hour; and label -> update
 p50/p99 over everything after the warm-up (a paced rate, unlike ``bench.e2e``'s backlog).
+
+``--hostile-per-s N`` mixes hostile input into the same run (:mod:`bench.hostile`): every
+second N bad ``impressions``/``clicks`` records (random bytes, NaN, ids past the limits,
+future events, broken envelopes, ...) and one bad ``control`` record; once a minute three
+oversized ones (64 KiB + 1 byte, 1 MB, 1.5 MB). Each row then adds ``hostile_sent``,
+``dead_letters`` (the worker's ``streamrec_dead_letters_total``, all reasons),
+``control_sent`` and ``control_rejected``; the report says whether every hostile record was
+dead-lettered or rejected. The file name says the world: ``soak_40m_500users_hostile.json``,
+and ``_<rate>ps`` when ``--rate`` is not 200.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -50,8 +60,10 @@ from typing import Any
 import numpy as np
 
 from bench.e2e_measures import histogram_quantile
+from bench.hostile import HOSTILE_CONTROL, hostile_records
 from bench.run import RESULTS_DIR, machine, write_report
 from bench.workers import worker_process
+from logs.events import TOPIC_CONTROL
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
@@ -60,6 +72,7 @@ from stream.demo import scrape
 from stream.replay import replay
 from stream.settings import Settings
 
+DEFAULT_RATE = 200.0  # impressions per wall second
 EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
 #: the synthetic log's users (its default). Per-user state fills with each user's history:
 #: the trainer's shown items (50 a user) and the click sequence every kept impression
@@ -131,15 +144,56 @@ def _score_latencies(web: str, items: list[str], n: int) -> list[float]:
     return out
 
 
+class HostileInjector(threading.Thread):
+    """Sends hostile records beside the replay (see the module docstring); counts them."""
+
+    def __init__(self, url: str, per_s: float, ts_range: tuple[float, float]) -> None:
+        super().__init__(daemon=True, name="hostile")
+        self.url, self.per_s, self.ts_range = url, per_s, ts_range
+        self.stop = threading.Event()
+        self.sent = 0  # impressions/clicks records
+        self.control_sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from kafka import KafkaProducer  # the replay's client; only this mode needs it here
+
+        rng = random.Random(19)
+        producer = KafkaProducer(bootstrap_servers=[self.url], max_request_size=8 << 20,
+                                 linger_ms=20, batch_size=1 << 20)  # fmt: skip
+        try:
+            k = 0
+            while not self.stop.wait(1.0):
+                n = max(1, round(self.per_s))
+                for b in hostile_records(rng, self.ts_range, n, oversized=k % 60 == 0):
+                    producer.send(b.topic, b.value)
+                    self.sent += 1
+                raw = HOSTILE_CONTROL[k % len(HOSTILE_CONTROL)][0]  # None: a tombstone
+                producer.send(TOPIC_CONTROL, raw, key=b"hostile")
+                self.control_sent += 1
+                k += 1
+            producer.flush(timeout=60)
+        except BaseException as e:  # reported in the results, never silently lost
+            self.error = e
+            print(f"hostile injector stopped: {e!r}", flush=True)
+        finally:
+            producer.close(timeout=10)
+
+
+def _sum(m: dict[str, float], name: str) -> float:
+    return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+
 def run(
     minutes: float = 30.0,
-    rate: float = 200.0,
+    rate: float = DEFAULT_RATE,
     sample_s: float = 60.0,
     requests: int = 20,
     warmup_frac: float = 1 / 3,
     results_dir: Path | None = None,
     keep: bool = False,
     users: int = DEFAULT_USERS,
+    hostile_per_s: float = 0.0,
 ) -> dict[str, Any]:
     duration = minutes * 60.0
     speedup = rate / EVENT_RATE
@@ -173,6 +227,10 @@ def run(
 
             producer = threading.Thread(target=produce, daemon=True)
             producer.start()
+            ts_range = (ts0, ts0 + n / EVENT_RATE)
+            hostile = HostileInjector(broker.url, hostile_per_s, ts_range)
+            if hostile_per_s > 0:
+                hostile.start()
             next_at = time.monotonic() + sample_s
             t0 = time.monotonic()
             while time.monotonic() - t0 < duration:
@@ -220,11 +278,24 @@ def run(
                 hists.append(buckets)
                 rows[-1]["freshness_p50_s"] = histogram_quantile(fresh, FRESHNESS, 0.5)
                 rows[-1]["freshness_p99_s"] = histogram_quantile(fresh, FRESHNESS, 0.99)
+                if hostile_per_s > 0:
+                    rows[-1] |= _hostile_row(hostile, m)
                 print(json.dumps(rows[-1]), flush=True)
             worker.check()  # it never exited
+            hostile.stop.set()
             producer.join(timeout=120)  # its last records and the final watermark
+            if hostile_per_s > 0:
+                hostile.join(timeout=120)
+                time.sleep(sample_s / 4)  # the worker reads the last hostile records
+                worker.check()
+                final = _hostile_row(hostile, scrape(worker.metrics_url))
     report = summarize(rows, minutes=minutes, rate=rate, warmup_frac=warmup_frac)
     report["users"] = users
+    report["command"] += f" --users {users}" + (
+        f" --hostile-per-s {hostile_per_s:g}" if hostile_per_s > 0 else ""
+    )
+    if hostile_per_s > 0:
+        report["hostile"] = _hostile_summary(hostile_per_s, hostile, final)
     if len(hists) >= 2:  # label -> update over the whole run after the warm-up
         after = _delta(hists[-1], hists[int(len(hists) * warmup_frac)])
         for q, key in ((0.5, "freshness_p50_s"), (0.99, "freshness_p99_s")):
@@ -235,11 +306,36 @@ def run(
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # ~1 GB after 5 minutes (store, ckpts)
     tag = "" if users == DEFAULT_USERS else f"_{users}users"
+    tag += "" if rate == DEFAULT_RATE else f"_{rate:g}ps"
+    tag += "_hostile" if hostile_per_s > 0 else ""
     out = (results_dir or RESULTS_DIR) / f"soak_{minutes:g}m{tag}.json"
     write_report(report, out)
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
     return report
+
+
+def _hostile_row(hostile: HostileInjector, m: dict[str, float]) -> dict[str, float]:
+    return {
+        "hostile_sent": hostile.sent,
+        "dead_letters": _sum(m, "streamrec_dead_letters_total"),
+        "control_sent": hostile.control_sent,
+        "control_rejected": _sum(m, "streamrec_control_rejected_total"),
+    }
+
+
+def _hostile_summary(
+    per_s: float, hostile: HostileInjector, final: dict[str, float]
+) -> dict[str, Any]:
+    """Sent against dead-lettered/rejected at the end (the valid log adds no dead letters:
+    the synthetic log is clean)."""
+    return {
+        "per_s": per_s,
+        "final": final,
+        "every_record_dead_lettered": final["dead_letters"] >= final["hostile_sent"],
+        "every_control_rejected": final["control_rejected"] >= final["control_sent"],
+        "injector_error": None if hostile.error is None else repr(hostile.error),
+    }
 
 
 def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -337,7 +433,7 @@ def cli(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--quick", action="store_true", help="5 minutes: a smoke run, not the soak")
-    p.add_argument("--rate", type=float, default=200.0, help="impressions per wall second")
+    p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="impressions per wall second")
     p.add_argument("--sample-s", type=float, default=60.0)
     p.add_argument("--requests", type=int, default=20, help="/score calls per sample")
     p.add_argument("--warmup-frac", type=float, default=1 / 3,
@@ -348,11 +444,14 @@ def cli(argv: list[str] | None = None) -> int:
         default=DEFAULT_USERS,
         help="users in the synthetic log (fewer: per-user state fills sooner)",
     )
+    p.add_argument("--hostile-per-s", type=float, default=0.0,
+                   help="hostile records per second mixed in (bench.hostile); 0: none")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, data)")
     p.add_argument("--results-dir", type=Path, default=None, help=f"default {RESULTS_DIR}")
     a = p.parse_args(argv)
     run(5.0 if a.quick else a.minutes, a.rate, a.sample_s, a.requests, a.warmup_frac,
-        results_dir=a.results_dir, keep=a.keep, users=a.users)  # fmt: skip
+        results_dir=a.results_dir, keep=a.keep, users=a.users,
+        hostile_per_s=a.hostile_per_s)  # fmt: skip
     return 0
 
 

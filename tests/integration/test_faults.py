@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import pytest
 from kafka import KafkaProducer
 
+from bench.hostile import Bad
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     TOPIC_CLICKS,
@@ -147,16 +148,6 @@ def labelled_ids(bootstrap: str) -> list[str]:
 
 
 # --- fuzzed bad input -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Bad:
-    """A record to send, the reason the worker must dead-letter it with, and a tag."""
-
-    topic: str
-    value: bytes
-    reason: str
-    kind: str
 
 
 def _json(d: object) -> bytes:

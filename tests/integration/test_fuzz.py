@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
+from bench.hostile import HOSTILE_CONTROL, Bad, hostile_records
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     MAX_EVENT_BYTES,
-    TOPIC_CLICKS,
     TOPIC_CONTROL,
     TOPIC_DEAD_LETTER,
     TOPIC_IMPRESSIONS,
@@ -46,13 +46,11 @@ from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.broker import EmbeddedBroker
 from stream.control import parse_control
-from stream.envelope import ENVELOPE_MAGIC
 from stream.replay import replay
 from stream.services import JoinService
 from stream.settings import Settings
 from tests.integration.test_faults import (
     FINAL_GAP_S,
-    Bad,
     Worker,
     labelled_ids,
     read_topic,
@@ -60,7 +58,6 @@ from tests.integration.test_faults import (
     stop_worker,
     wait_for,
 )
-from tests.unit.stream.test_hostile import HOSTILE_CONTROL
 from tests.unit.stream.test_httpd import HOSTILE_BODIES
 
 pytestmark = pytest.mark.integration
@@ -71,67 +68,6 @@ N_LOG = 1_500
 
 def _json(d: object) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
-
-
-def hostile_records(rng: random.Random, ts_range: tuple[float, float], n: int) -> list[Bad]:
-    """``n`` bad input records, each with the reason its one defect fixes, shuffled."""
-    lo, hi = ts_range
-    now = time.time()
-    I, C = TOPIC_IMPRESSIONS, TOPIC_CLICKS  # noqa: E741  # short: one per row below
-
-    def imp(**over: object) -> dict[str, object]:
-        d: dict[str, object] = {
-            "impression_id": f"bad-{rng.getrandbits(40):010x}",
-            "ts": round(rng.uniform(lo, hi), 3),
-            "user_id": f"u{rng.randrange(500)}",
-            "item_id": f"i{rng.randrange(500)}",
-            "position": rng.randint(1, 3),
-        }
-        d.update(over)
-        return {k: v for k, v in d.items() if v is not None}
-
-    def junk(k: int) -> bytes:  # bytes >= 0x80: never valid UTF-8 JSON
-        return bytes(rng.randrange(0x80, 0x100) for _ in range(k))
-
-    makers = [
-        lambda: Bad(I, junk(rng.randint(1, 64)), "bad_json", "random_bytes"),
-        lambda: Bad(C, junk(rng.randint(1, 16)), "bad_json", "click_random_bytes"),
-        lambda: Bad(I, b'{"impression_id":"\xc3\x28","ts":1}', "bad_json", "invalid_utf8"),
-        lambda: Bad(I, b"[" * rng.randint(5_000, 20_000), "bad_json", "deep_nesting"),
-        lambda: Bad(I, _json(imp()).replace(b'"ts":', b'"ts":NaN,"x":'), "non_finite",
-                    "ts_nan"),
-        lambda: Bad(I, _json(imp(ts=1e300)), "bad_timestamp", "ts_1e300"),
-        lambda: Bad(I, _json(imp(ts=10**400)), "non_finite", "ts_huge_int"),
-        lambda: Bad(I, _json(imp(position=10**40)), "bad_value", "position_huge_int"),
-        lambda: Bad(I, _json(imp(impression_id=10**300)), "bad_value", "id_huge_int"),
-        lambda: Bad(I, _json(imp(user_id="u" * rng.randint(257, 5_000))), "bad_value",
-                    "id_too_long"),
-        lambda: Bad(I, _json([imp(), imp()]), "not_an_object", "array"),
-        lambda: Bad(I, _json(imp(item_id=None) | {"item_id": None}), "missing_field",
-                    "missing_item"),
-        lambda: Bad(I, _json(imp())[:-1] + b',"ts":"later"}', "bad_type", "duplicate_key"),
-        lambda: Bad(I, _json(imp(ts=now + rng.uniform(3_600, 10**7))), "future_ts",
-                    "future_impression"),
-        lambda: Bad(C, _json({"impression_id": "x", "ts": now + 86_400}), "future_ts",
-                    "future_click"),
-        lambda: Bad(I, _json({"type": "watermark", "ts": now + 86_400}), "future_ts",
-                    "future_watermark"),
-        lambda: Bad(C, b'{"impression_id":"x","ts":Infinity}', "non_finite", "click_inf"),
-        lambda: Bad(C, _json({"ts": round(rng.uniform(lo, hi), 3)}), "missing_field",
-                    "click_missing_id"),
-        lambda: Bad(I, _json(imp(features=[1, 2])), "bad_type", "features_array"),
-        lambda: Bad(I, ENVELOPE_MAGIC + b"\x01" + junk(rng.randint(1, 40)), "bad_envelope",
-                    "broken_envelope"),
-        lambda: Bad(I, ENVELOPE_MAGIC + b"\x09", "unsupported_version", "envelope_v9"),
-    ]  # fmt: skip
-    out = [rng.choice(makers)() for _ in range(n)]
-    # at and above every size limit: the 64 KiB event, the 1 MB record, far above it
-    pad = MAX_EVENT_BYTES - len(_json(imp(features={"f": ""}))) + 1
-    out.append(Bad(I, _json(imp(features={"f": "x" * pad})), "too_large", "event_limit_plus_1"))
-    for size in (1_000_000, 1_500_000):
-        out.append(Bad(I, _json(imp(impression_id="x" * size)), "too_large", f"id_{size}"))
-    rng.shuffle(out)
-    return out
 
 
 def check_reasons(bad: list[Bad]) -> None:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.hostile import HOSTILE_CONTROL
 from learners.calibration import LogitShiftCalibrator, PlattCalibrator, calibrator_from_dict
 from learners.calibration_nonparametric import HistogramBinningCalibrator, IsotonicCalibrator
 from logs.events import (
@@ -50,37 +51,6 @@ def control(obj: object) -> bytes:
 
 
 # --- control records ----------------------------------------------------------------------
-
-HOSTILE_CONTROL = [
-    (b"", "bad_json"),
-    (None, "bad_json"),
-    (b"\xff\xfe", "bad_json"),
-    (b"[" * 200_000, "bad_json"),  # deep nesting: RecursionError inside json
-    (control([1, 2]), "not_an_object"),
-    (control({"version": 3}), "missing_field"),
-    (control({"kind": ["calibrator"]}), "missing_field"),
-    (control({"kind": "calibrator"}), "missing_field"),
-    (control({"kind": "calibrator", "version": "7", "params": {"a": 1, "b": 0}}), "bad_type"),
-    (control({"kind": "calibrator", "version": True, "params": {"a": 1, "b": 0}}), "bad_type"),
-    (control({"kind": "calibrator", "version": 1.5, "params": {"a": 1, "b": 0}}), "bad_type"),
-    (control({"kind": "calibrator", "version": -1, "params": {"a": 1, "b": 0}}), "bad_value"),
-    (control({"kind": "calibrator", "version": 10**30, "params": {"a": 1, "b": 0}}), "bad_value"),
-    (control({"kind": "calibrator", "version": 2, "params": []}), "bad_type"),
-    (control({"kind": "calibrator", "version": 2}), "bad_type"),
-    (b'{"kind": "calibrator", "version": 2, "params": {"a": NaN, "b": 0}}', "non_finite"),
-    (b'{"kind": "calibrator", "version": 2, "params": {"a": 1, "b": Infinity}}', "non_finite"),
-    (control({"kind": "calibrator", "version": 2, "params": {"a": 1, "b": 10**400}}),
-     "non_finite"),
-    (control({"kind": "calibrator", "version": 2, "params": {"a": -3.0, "b": 0}}), "bad_value"),
-    (control({"kind": "calibrator", "version": 2, "params": {"kind": "nope"}}), "bad_value"),
-    (control({"kind": "calibrator", "version": 2, "params": {"kind": "isotonic", "x": [0.1],
-                                                              "y": [0.2, 0.3]}}), "bad_value"),
-    (control({"kind": "calibrator", "version": 2, "params": {"kind": "isotonic",
-              "x": [0.1, 0.9], "y": [0.9, 0.1]}}), "bad_value"),
-    (control({"kind": "model", "version": "latest", "path": "/etc/passwd"}), "bad_type"),
-    (control({"kind": "model", "version": 3, "path": ["x"]}), "bad_type"),
-    (control({"kind": "index", "version": {"a": 1}}), "bad_type"),
-]  # fmt: skip
 
 
 @pytest.mark.parametrize(("raw", "reason"), HOSTILE_CONTROL)
