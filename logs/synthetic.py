@@ -19,19 +19,8 @@ before the drift is ``base_ctr``. From the drift time on, every ``true_p`` is mu
 ``drift_multiplier`` and clipped to at most 0.99. ``click ~ Bernoulli(true_p)``.
 
 **History world** (``history=True``; off by default so the classic world and its numbers
-are unchanged: its draws come from a separate ``default_rng([seed, 1])``). Three effects a
-model can only learn from history, on top of the terms above:
-
-- *drifting taste*: each user has a favourite category, which changes to a random one with
-  probability ``taste_drift`` at each of their requests; items of it get ``+taste_effect``
-  in the logit, so the user's recent clicks reveal it;
-- *popularity waves*: item ``j`` peaks at a random time ``tau_j`` (spread over the log and
-  a little beyond); its logit gets ``popularity_wave * (exp(-((t - tau_j) / w)^2 / 2) -
-  0.5)`` with ``w`` a sixth of the log's span, so recent item CTRs predict current ones;
-- *fatigue*: each earlier unclicked exposure of the pair lowers the logit by ``fatigue``
-  (drawn request by request, so ``true_p`` depends on the realised past clicks);
-  recommenders show items again: each slot re-shows, with probability
-  ``repeat_exposure``, one of the user's last 20 shown items.
+are unchanged): drifting taste, popularity waves and fatigue, three effects a model can
+only learn from history, on top of the terms above (see :mod:`logs.synthetic_history`).
 
 The bias is solved on the logits before fatigue (fatigue lowers the mean CTR a little
 below ``base_ctr``); the drift multiplies the fatigued probability. ``true_p`` stays the
@@ -63,7 +52,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +60,7 @@ import numpy as np
 import pandas as pd
 
 from logs.io import write_log
+from logs.synthetic_history import add_history_terms, fatigued_clicks, history_plan
 
 __all__ = ["SyntheticConfig", "generate", "write_synthetic", "read_meta", "click_propensity"]
 
@@ -249,79 +238,6 @@ def _draw_world(c: SyntheticConfig, rng: np.random.Generator) -> _World:
                   price_z, user_w, item_w)  # fmt: skip
 
 
-def _history_plan(
-    c: SyntheticConfig,
-    rng: np.random.Generator,
-    req_user: np.ndarray,
-    req_ts_us: np.ndarray,
-    slates: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Draw what the history world knows before any click: each request's favourite
-    category of its user (a slow random walk per user), each item's popularity peak time
-    (epoch us) and the wave width (us); re-show items of the user's recent exposures in
-    ``slates`` (in place). Returns ``(favourite (n_req,), peak (n_items,), width)``."""
-    n_req, s = slates.shape
-    favourite = np.empty(n_req, dtype=np.int64)
-    fav_now = np.asarray(rng.integers(_N_CATEGORIES, size=c.n_users))
-    change = np.asarray(rng.random(n_req) < c.taste_drift)
-    new_fav = np.asarray(rng.integers(_N_CATEGORIES, size=n_req))
-    n_repeat = np.asarray(rng.binomial(s, c.repeat_exposure, size=n_req))
-    shown: dict[int, deque[int]] = {}
-    for r in range(n_req):
-        u = int(req_user[r])
-        if change[r]:
-            fav_now[u] = new_fav[r]
-        favourite[r] = fav_now[u]
-        recent = shown.get(u)
-        if recent is None:
-            recent = shown[u] = deque(maxlen=20)
-        if n_repeat[r] and recent:
-            pool = list(dict.fromkeys(recent))
-            k = min(int(n_repeat[r]), len(pool))
-            again = [pool[j] for j in rng.choice(len(pool), size=k, replace=False)]
-            rest = [int(i) for i in slates[r] if int(i) not in again]
-            slates[r] = (again + rest)[:s]
-        recent.extend(int(i) for i in slates[r])
-    span = float(req_ts_us[-1] - req_ts_us[0]) or 1.0
-    peak = req_ts_us[0] + rng.uniform(-0.2, 1.2, size=c.n_items) * span
-    return favourite, peak, span / 6.0
-
-
-def _fatigued_clicks(
-    c: SyntheticConfig,
-    uniform: np.ndarray,
-    logit: np.ndarray,
-    scale: np.ndarray,
-    true_p: np.ndarray,
-    user: np.ndarray,
-    item: np.ndarray,
-    req: np.ndarray,
-) -> np.ndarray:
-    """Draw clicks in request order: ``true_p = min(sigmoid(logit - fatigue * k) * scale,
-    0.99)`` with ``k`` the pair's unclicked exposures in earlier requests (``true_p`` is
-    updated in place where ``k > 0``)."""
-    n = len(logit)
-    click = np.zeros(n, dtype=np.int64)
-    unclicked: dict[tuple[int, int], int] = {}
-    start = 0
-    while start < n:  # one request (same ts) at a time
-        end = start
-        while end < n and req[end] == req[start]:
-            end += 1
-        for j in range(start, end):
-            k = unclicked.get((int(user[j]), int(item[j])), 0)
-            if k:
-                p = scale[j] / (1.0 + math.exp(-(logit[j] - c.fatigue * k)))
-                true_p[j] = min(p, 0.99)
-            click[j] = uniform[j] < true_p[j]
-        for j in range(start, end):
-            if not click[j]:
-                key = (int(user[j]), int(item[j]))
-                unclicked[key] = unclicked.get(key, 0) + 1
-        start = end
-    return click
-
-
 def _simulate(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None]:
     """The log frame and the drift time (epoch s, or None)."""
     frame, drift_ts, _, _ = _simulate_world(config)
@@ -350,7 +266,7 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
     slates = _distinct_slates(rng, item_w / item_w.sum(), n_req, s)
     hrng = np.random.default_rng([c.seed, 1])  # history draws: the classic world is unchanged
     if c.history:
-        favourite, peak, width = _history_plan(c, hrng, req_user, req_ts_us, slates)
+        plan = history_plan(c, hrng, _N_CATEGORIES, req_user, req_ts_us, slates)
 
     # impressions (row-major: request, then position)
     req = np.repeat(np.arange(n_req), s)[:n]
@@ -369,10 +285,7 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
         + np.log(np.asarray(c.position_bias, dtype=float))[pos - 1]
     )
     if c.history:  # taste and popularity waves (known before any click)
-        logit = logit + c.taste_effect * (item_cat[item] == favourite[req])
-        logit = logit + c.popularity_wave * (
-            np.exp(-0.5 * ((ts_us - peak[item]) / width) ** 2) - 0.5
-        )
+        logit = add_history_terms(c, plan, logit, item_cat[item], item, req, ts_us)
     drift_row = n
     if c.drift_at is not None:
         first_req = min(round(c.drift_at * n / s), n_req)
@@ -390,7 +303,7 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
         scale = np.ones(n)
         if c.drift_at is not None:
             scale[drift_row:] = c.drift_multiplier
-        click = _fatigued_clicks(c, rng.random(n), bias + logit, scale, true_p, user, item, req)
+        click = fatigued_clicks(c, rng.random(n), bias + logit, scale, true_p, user, item, req)
     else:
         click = (rng.random(n) < true_p).astype(np.int64)
     delay_us = np.minimum(

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from serving.recommender import Recommender, Request, ServingError, recommend_many
+from serving.recommender import Recommender, recommend_many
+from serving.requests import Request, ServingError
 
 __all__ = ["RequestBatcher"]
 

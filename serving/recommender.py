@@ -28,14 +28,14 @@ from features.stage import FeatureStage
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
 from learners.ranker import TorchRanker
-from logs.events import (
-    MAX_FEATURE_NAME_LEN,
-    MAX_FEATURE_VALUE_LEN,
-    MAX_ID_LEN,
-    RESERVED_FEATURE_NAMES,
-    Impression,
-    example_row,
-    with_history,
+from logs.events import Impression, example_row, with_history
+from serving.requests import (
+    Request,
+    ServingError,
+    check_context,
+    check_items,
+    check_k,
+    check_user,
 )
 
 __all__ = [
@@ -49,19 +49,6 @@ T = TypeVar("T")
 
 UserVectors = Callable[[list[str]], np.ndarray]
 """``user_ids (U,) -> (U, D) float32`` user vectors in the index's space."""
-
-
-class ServingError(Exception):
-    """A request that cannot be served: ``status`` is the HTTP status to answer with (400 for
-    a bad request, 503 while no index is available), ``message`` says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"ServingError({self.status}, {self.message!r})"
 
 
 @dataclass(frozen=True)
@@ -126,43 +113,6 @@ class ServingConfig:
             raise ValueError(f"ServingConfig.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
-def _check_user(user_id: object) -> str:
-    if not isinstance(user_id, str) or not user_id:
-        raise ServingError(400, "user_id must be a non-empty string")
-    if len(user_id) > MAX_ID_LEN:
-        raise ServingError(400, f"user_id must have at most {MAX_ID_LEN} characters")
-    return user_id
-
-
-def _check_context(context: object, max_fields: int) -> dict[str, str | float]:
-    if context is None:
-        return {}
-    if not isinstance(context, Mapping):
-        raise ServingError(400, "context must be an object of feature name -> value")
-    if len(context) > max_fields:
-        raise ServingError(400, f"context has {len(context)} fields, at most {max_fields}")
-    out: dict[str, str | float] = {}
-    for key, value in context.items():
-        if not isinstance(key, str) or not key or len(key) > MAX_FEATURE_NAME_LEN:
-            raise ServingError(
-                400, f"context names must be strings of 1..{MAX_FEATURE_NAME_LEN} characters"
-            )
-        if key in RESERVED_FEATURE_NAMES:
-            raise ServingError(400, f"context name {key!r} is reserved")
-        if isinstance(value, str):
-            if len(value) > MAX_FEATURE_VALUE_LEN:
-                raise ServingError(400, f"context {key!r} is longer than {MAX_FEATURE_VALUE_LEN}")
-            out[key] = value
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            f = float(value)
-            if not math.isfinite(f):
-                raise ServingError(400, f"context {key!r} must be finite")
-            out[key] = f
-        else:
-            raise ServingError(400, f"context {key!r} must be a string or a number")
-    return out
-
-
 class Recommender:
     """Retrieve, rank and calibrate for one user.
 
@@ -199,7 +149,7 @@ class Recommender:
         >>> rec.recommend("u1", k=0)
         Traceback (most recent call last):
         ...
-        serving.recommender.ServingError: k must be an integer in [1, 100], got 0
+        serving.requests.ServingError: k must be an integer in [1, 100], got 0
     """
 
     def __init__(
@@ -224,28 +174,6 @@ class Recommender:
     def retrieval_model(self) -> str:
         """The retrieval source: "two_tower" with ``user_vectors``, else "ranker_embeddings"."""
         return "ranker_embeddings" if self.user_vectors is None else "two_tower"
-
-    def _check_k(self, k: object) -> int:
-        max_k = self.config.max_k
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= max_k:
-            raise ServingError(400, f"k must be an integer in [1, {max_k}], got {k!r}")
-        return int(k)
-
-    def _check_items(self, item_ids: object) -> list[str]:
-        if isinstance(item_ids, str) or not isinstance(item_ids, Sequence):
-            raise ServingError(400, "item_ids must be a list of strings")
-        if not item_ids:
-            raise ServingError(400, "item_ids must not be empty")
-        if len(item_ids) > self.config.max_candidates:
-            raise ServingError(
-                400, f"{len(item_ids)} item_ids, at most {self.config.max_candidates}"
-            )
-        for item in item_ids:
-            if not isinstance(item, str) or not item or len(item) > MAX_ID_LEN:
-                raise ServingError(400, f"item ids must be strings of 1..{MAX_ID_LEN} characters")
-        if len(set(item_ids)) != len(item_ids):
-            raise ServingError(400, "item_ids must be distinct")
-        return list(item_ids)
 
     def _rows(
         self, user_id: str, items: Sequence[str], context: Mapping[str, str | float]
@@ -287,13 +215,15 @@ class Recommender:
             raise ServingError(503, "the model produced a non-finite score; not served")
         return p_raw.astype(np.float64), p, int(ranker.n_updates), int(cal_version)
 
-    def _user_vector(self, user_id: str, snapshot: IndexSnapshot) -> np.ndarray:
+    def _user_vectors(self, user_ids: list[str], snapshot: IndexSnapshot) -> np.ndarray:
+        """(U, dim) float32 vectors of ``user_ids`` (U,) from the retrieval model; a 503
+        when they do not fit ``snapshot`` or are not finite."""
         if self.user_vectors is None:
-            vec = self.ranker().user_vectors([user_id])
+            vec = self.ranker().user_vectors(user_ids)
         else:
-            vec = self.user_vectors([user_id])
+            vec = self.user_vectors(user_ids)
         vec = np.asarray(vec, dtype=np.float32)
-        if vec.shape != (1, snapshot.dim):
+        if vec.shape != (len(user_ids), snapshot.dim):
             raise ServingError(
                 503,
                 f"user vectors of shape {vec.shape} do not fit index version "
@@ -328,14 +258,14 @@ class Recommender:
                 when the user vectors do not fit the current index.
         """
         t0 = time.perf_counter()
-        user_id = _check_user(user_id)
-        k = self._check_k(k)
-        ctx = _check_context(context, self.config.max_context)
+        user_id = check_user(user_id)
+        k = check_k(k, self.config.max_k)
+        ctx = check_context(context, self.config.max_context)
         snapshot = self.index.current
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
         n = max(k, self.config.candidates)
-        scores, ids = snapshot.search(self._user_vector(user_id, snapshot), n)
+        scores, ids = snapshot.search(self._user_vectors([user_id], snapshot), n)
         found = [j for j, item in enumerate(ids[0]) if item is not None]
         items = [str(ids[0, j]) for j in found]
         retrieval = scores[0, found].astype(np.float64)
@@ -345,31 +275,19 @@ class Recommender:
         else:
             p_raw = p = np.zeros(0)
             model_version, cal_version = int(self.ranker().n_updates), self.calibrator()[1]
-        # Best calibrated pCTR first; the retrieval score breaks ties.
-        order = np.lexsort((-retrieval, -p))[:k]
         t2 = time.perf_counter()
-        return {
-            "user_id": user_id,
-            "items": [
-                {
-                    "item_id": items[j],
-                    "score": float(p[j]),
-                    "p_raw": float(p_raw[j]),
-                    "retrieval_score": float(retrieval[j]),
-                }
-                for j in order.tolist()
-            ],
-            "index_version": snapshot.version,
-            "model_version": model_version,
-            "calibrator_version": int(cal_version),
-            "retrieval_model": self.retrieval_model,
-            "candidates": len(items),
-            "timing_ms": {
-                "retrieve": 1e3 * (t1 - t0),
-                "rank": 1e3 * (t2 - t1),
-                "total": 1e3 * (time.perf_counter() - t0),
-            },
-        }
+        return _answer(
+            self,
+            user_id,
+            k,
+            items,
+            retrieval,
+            p_raw,
+            p,
+            snapshot.version,
+            (model_version, int(cal_version)),
+            (t0, t1, t2),
+        )
 
     def score(
         self, user_id: str, item_ids: Sequence[str], context: Mapping[str, Any] | None = None
@@ -387,9 +305,9 @@ class Recommender:
                 ``max_candidates``).
         """
         t0 = time.perf_counter()
-        user_id = _check_user(user_id)
-        items = self._check_items(item_ids)
-        ctx = _check_context(context, self.config.max_context)
+        user_id = check_user(user_id)
+        items = check_items(item_ids, self.config.max_candidates)
+        ctx = check_context(context, self.config.max_context)
         snapshot = self.index.current
         p_raw, p, model_version, cal_version = self._rank(user_id, items, ctx)
         return {
@@ -405,8 +323,49 @@ class Recommender:
         }
 
 
-Request = tuple[str, int, Mapping[str, Any] | None]
-"""``(user_id, k, context)`` as :meth:`Recommender.recommend` takes them."""
+def _answer(
+    rec: Recommender,
+    user_id: str,
+    k: int,
+    items: list[str],
+    retrieval: np.ndarray,
+    p_raw: np.ndarray,
+    p: np.ndarray,
+    index_version: int,
+    versions: tuple[int, int],
+    times: tuple[float, float, float],
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """The answer of :meth:`Recommender.recommend`: the top ``k`` of ``items`` (N,) by
+    calibrated pCTR ``p`` (N,), the ``retrieval`` score (N,) breaking ties. ``versions`` is
+    ``(model_version, calibrator_version)``, ``times`` the ``perf_counter`` seconds at the
+    start, after retrieval and after ranking; ``batch`` (the batch size) is added to
+    ``timing_ms`` when given."""
+    t0, t1, t2 = times
+    order = np.lexsort((-retrieval, -p))[:k]
+    timing: dict[str, float] = {"retrieve": 1e3 * (t1 - t0), "rank": 1e3 * (t2 - t1)}
+    out = {
+        "user_id": user_id,
+        "items": [
+            {
+                "item_id": items[j],
+                "score": float(p[j]),
+                "p_raw": float(p_raw[j]),
+                "retrieval_score": float(retrieval[j]),
+            }
+            for j in order.tolist()
+        ],
+        "index_version": index_version,
+        "model_version": versions[0],
+        "calibrator_version": versions[1],
+        "retrieval_model": rec.retrieval_model,
+        "candidates": len(items),
+        "timing_ms": timing,
+    }
+    timing["total"] = 1e3 * (time.perf_counter() - t0)
+    if batch is not None:
+        timing["batch"] = batch
+    return out
 
 
 def recommend_many(
@@ -429,9 +388,9 @@ def recommend_many(
             valid.append(
                 (
                     j,
-                    _check_user(user_id),
-                    rec._check_k(k),
-                    _check_context(context, rec.config.max_context),
+                    check_user(user_id),
+                    check_k(k, rec.config.max_k),
+                    check_context(context, rec.config.max_context),
                 )
             )
         except ServingError as exc:
@@ -442,21 +401,7 @@ def recommend_many(
     try:
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
-        users = [u for _, u, _, _ in valid]
-        vecs = (
-            rec.ranker().user_vectors(users)
-            if rec.user_vectors is None
-            else rec.user_vectors(users)
-        )
-        vecs = np.asarray(vecs, dtype=np.float32)
-        if vecs.shape != (len(users), snapshot.dim):
-            raise ServingError(
-                503,
-                f"user vectors of shape {vecs.shape} do not fit index version "
-                f"{snapshot.version} (dim {snapshot.dim}); the index is being rebuilt",
-            )
-        if not np.all(np.isfinite(vecs)):
-            raise ServingError(503, "the retrieval model produced a non-finite user vector")
+        vecs = rec._user_vectors([u for _, u, _, _ in valid], snapshot)
     except ServingError as exc:
         for j, *_ in valid:
             out[j] = exc
@@ -483,28 +428,17 @@ def recommend_many(
         p_raw = p_raw_all[start : start + len(items)]
         p = p_all[start : start + len(items)]
         start += len(items)
-        order = np.lexsort((-retrieval, -p))[:k]
-        out[j] = {
-            "user_id": user_id,
-            "items": [
-                {
-                    "item_id": items[c],
-                    "score": float(p[c]),
-                    "p_raw": float(p_raw[c]),
-                    "retrieval_score": float(retrieval[c]),
-                }
-                for c in order.tolist()
-            ],
-            "index_version": snapshot.version,
-            "model_version": int(ranker.n_updates),
-            "calibrator_version": int(cal_version),
-            "retrieval_model": rec.retrieval_model,
-            "candidates": len(items),
-            "timing_ms": {
-                "retrieve": 1e3 * (t1 - t0),
-                "rank": 1e3 * (t2 - t1),
-                "total": 1e3 * (time.perf_counter() - t0),
-                "batch": len(requests),
-            },
-        }
+        out[j] = _answer(
+            rec,
+            user_id,
+            k,
+            items,
+            retrieval,
+            p_raw,
+            p,
+            snapshot.version,
+            (int(ranker.n_updates), int(cal_version)),
+            (t0, t1, t2),
+            len(requests),
+        )
     return out
