@@ -201,7 +201,8 @@ def run_streamrec(
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "pretrained.pt"
         pretrain(history, ckpt, config=settings.ranker, seed=seed, progress=False)
-        ranker = TorchRanker.load(ckpt, device=settings.ranker.device, online=True)
+        ranker = TorchRanker.load(ckpt, device=settings.ranker.device, online=True,
+                                  fnc=settings.ranker.fnc)  # fmt: skip
     trainer = TrainerService(settings, StreamrecMetrics(registry=CollectorRegistry()), ranker)
     monitor, raw_monitor = _monitor(settings), _monitor(settings)
     continuous = settings.replace(

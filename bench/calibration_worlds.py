@@ -103,7 +103,7 @@ def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "pretrained.pt"
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
-        ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss)
+        ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     res = simulate(df, s, seed=w.seed, ranker=ranker)
     m = slice(prime, None)
     d = None if drift is None else drift - history - prime

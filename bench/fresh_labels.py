@@ -121,7 +121,7 @@ def run_one(arm: str, w: World, history: int, settings: Settings | None = None) 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp) / "pretrained.pt"
             pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
-            ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss)
+            ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     res = simulate(df, s, seed=w.seed, ranker=ranker)
     m = slice(prime, None)
     out = measure(res.p_serve[m], res.p_serve_raw[m], res.true_p[m], res.y[m],

@@ -172,9 +172,6 @@ def simulate(
     alarm_rows: list[int] = []
     refit_rows: list[int] = []
     rollback_rows: list[int] = []
-    fnc = settings.trainer.fnc
-    from learners.delayed_feedback import fnc_correct
-
     ci = 0  # next click (in click-time order)
     i = 0
     trained = 0
@@ -185,9 +182,8 @@ def simulate(
             j += 1
         t_end = float(ts[j - 1])
         step_imps = imps[i:j]
+        # through FNC when settings.trainer.fnc: the ranker's output link (RankerConfig.fnc)
         raw = ranker.predict_proba_many([example_row(m) for m in step_imps])
-        if fnc:
-            raw = fnc_correct(raw)
         p_serve_raw[i:j] = raw
         p_serve[i:j] = trainer.calibrator.transform(raw)
         # the step's events in event-time order (clicks of this step's impressions too)

@@ -18,7 +18,9 @@ labelling schemes, ``JoinConfig.delayed_feedback``:
     positives and ``(1 - f)(1 + f)`` on negatives (``f`` the model's own prediction, no
     gradient through it) make the expected gradient vanish at ``f = p``.
   - **FNC** (fake-negative calibration): train plain BCE, which learns ``b``, and serve
-    ``p = b / (1 - b)`` (:func:`fnc_correct`, the inverse of ``b = p / (1 + p)``).
+    ``p = b / (1 - b)`` (:func:`fnc_correct`, the inverse of ``b = p / (1 + p)``). It is
+    one of the ranker's output links (:mod:`learners.links`, ``RankerConfig.fnc``) and is
+    importable from here.
 
 :func:`check_loss_for_scheme` rejects the combinations that train a biased model; the
 stream layer calls it on its settings.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from learners.links import fnc_correct
 from learners.losses import LOSSES
 
 __all__ = [
@@ -61,24 +64,6 @@ def fake_negative_rate(p: npt.ArrayLike) -> np.ndarray:
     """
     pa = np.asarray(p, dtype=np.float64)
     return pa / (1.0 + pa)
-
-
-def fnc_correct(p_biased: npt.ArrayLike) -> np.ndarray:
-    """Fake-negative calibration: ``p = b / (1 - b)`` clipped to [0, 1], float64.
-
-    ``p_biased``: ``b``, the probabilities of a model trained with plain BCE on the
-    fake-negative stream, in [0, 1], any shape (same shape out). It inverts
-    :func:`fake_negative_rate`. ``b >= 1/2`` means ``p >= 1`` and maps to 1 (a model that
-    has not converged can output it); NaN stays NaN.
-
-    >>> fnc_correct([0.2, 0.5, 0.9]).tolist()
-    [0.25, 1.0, 1.0]
-    """
-    b = np.asarray(p_biased, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = b / (1.0 - b)
-    p = np.where(b >= 0.5, 1.0, p)  # also b == 1 (0 / 0 would be NaN)
-    return np.clip(p, 0.0, 1.0)
 
 
 def check_loss_for_scheme(scheme: str, loss: str, *, fnc: bool = False) -> None:

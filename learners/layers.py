@@ -226,6 +226,13 @@ class Behaviour(nn.Module):
         """Numeric columns added to the model's input (the attention summary)."""
         return 0 if self.attention is None else TargetAttention.SUMMARY
 
+    def input_width(self, num_cat_fields: int, num_num_fields: int) -> int:
+        """Width of the flat model input over these parts: ``(Fc + extra_fields) * D + Fn +
+        extra_numerics`` for ``Fc`` categorical and ``Fn`` numeric fields."""
+        return (
+            (num_cat_fields + self.extra_fields) * self.dim + num_num_fields + self.extra_numerics
+        )
+
     def inputs(
         self,
         embedding: nn.Embedding,

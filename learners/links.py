@@ -23,6 +23,14 @@ For BCE that ``q`` is ``p`` itself. For two of the ranker losses it is not, and 
 :func:`calibrated_logits` applies the correction for a loss name and its parameters; the
 ranker applies it to its outputs (``RankerConfig.loss_correction``).
 
+One more output link does not come from the loss but from the labels: plain BCE on the
+fake-negative stream (:mod:`learners.delayed_feedback`) learns ``b = p / (1 + p)``, and
+**FNC** serves ``p = b / (1 - b)`` (:func:`fnc_correct`). It is applied in probability
+space, after ``sigmoid`` of the (loss-corrected) logit, so that the ranker's scores are
+exactly (bit for bit) ``fnc_correct`` of its uncorrected ones; the ranker applies it to
+its outputs when ``RankerConfig.fnc`` is set (the stream layer sets it from
+``trainer.fnc``). The model itself still learns ``b``: the link changes no training step.
+
 Example:
     >>> x = np.array([-3.0, 0.0, 2.0])
     >>> np.allclose(calibrated_logits(x, "bce"), x)
@@ -31,6 +39,8 @@ Example:
     [-4.0, -1.0, 1.0]
     >>> bool(np.all(np.diff(calibrated_logits(x, "focal", gamma=2.0)) > 0))  # monotone
     True
+    >>> fnc_correct([0.2, 0.25, 0.5]).tolist()  # b -> b / (1 - b), 1 from b = 1/2 on
+    [0.25, 0.3333333333333333, 1.0]
 """
 
 from __future__ import annotations
@@ -38,8 +48,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["CORRECTED_LOSSES", "calibrated_logits", "focal_calibrated_logits"]
+__all__ = ["CORRECTED_LOSSES", "calibrated_logits", "fnc_correct", "focal_calibrated_logits"]
 
 CORRECTED_LOSSES = ("focal", "weighted_bce")
 """Losses :func:`calibrated_logits` changes; every other loss maps logits to themselves."""
@@ -96,3 +107,21 @@ def calibrated_logits(logits: np.ndarray, loss: str, **params: float | None) -> 
         k = params.get("pos_weight")
         return x - math.log(1.0 if k is None else k)
     return x
+
+
+def fnc_correct(p_biased: npt.ArrayLike) -> np.ndarray:
+    """Fake-negative calibration: ``p = b / (1 - b)`` clipped to [0, 1], float64.
+
+    ``p_biased``: ``b``, the probabilities of a model trained with plain BCE on the
+    fake-negative stream, in [0, 1], any shape (same shape out). It inverts
+    :func:`learners.delayed_feedback.fake_negative_rate`. ``b >= 1/2`` means ``p >= 1``
+    and maps to 1 (a model that has not converged can output it); NaN stays NaN.
+
+    >>> fnc_correct([0.2, 0.5, 0.9]).tolist()
+    [0.25, 1.0, 1.0]
+    """
+    b = np.asarray(p_biased, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = b / (1.0 - b)
+    p = np.where(b >= 0.5, 1.0, p)  # also b == 1 (0 / 0 would be NaN)
+    return np.clip(p, 0.0, 1.0)

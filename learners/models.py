@@ -186,11 +186,7 @@ class DCNv2(_HeadModel):
         self.num_num_fields = num_num_fields
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
         self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
-        d0 = (
-            (num_cat_fields + self.behaviour.extra_fields) * embedding_dim
-            + num_num_fields
-            + self.behaviour.extra_numerics
-        )
+        d0 = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.cross = nn.ModuleList(CrossLayer(d0) for _ in range(cross_layers))
         self.deep, width = mlp(d0, hidden)
         self.head = nn.Linear(d0 + width, 1)
@@ -253,11 +249,7 @@ class WideAndDeep(_HeadModel):
         self.wide_numeric = nn.Linear(num_num_fields, 1, bias=False)
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
         self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
-        width = (
-            (num_cat_fields + self.behaviour.extra_fields) * embedding_dim
-            + num_num_fields
-            + self.behaviour.extra_numerics
-        )
+        width = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.deep, width = mlp(width, hidden)
         self.head = nn.Linear(width, 1)
         self.reset_parameters(generator)
@@ -326,11 +318,7 @@ class DeepFM(_HeadModel):
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
         self.numeric_embedding = nn.Parameter(torch.empty(num_num_fields, embedding_dim))
         self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
-        width = (
-            (num_cat_fields + self.behaviour.extra_fields) * embedding_dim
-            + num_num_fields
-            + self.behaviour.extra_numerics
-        )
+        width = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.deep, width = mlp(width, hidden)
         self.head = nn.Linear(width, 1)
         self.reset_parameters(generator)
@@ -406,11 +394,7 @@ class MMoE(nn.Module):
         self.num_tasks = num_tasks
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
         self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
-        d0 = (
-            (num_cat_fields + self.behaviour.extra_fields) * embedding_dim
-            + num_num_fields
-            + self.behaviour.extra_numerics
-        )
+        d0 = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.experts = nn.ModuleList(mlp(d0, hidden)[0] for _ in range(num_experts))
         width = hidden[-1]
         self.gates = nn.ModuleList(nn.Linear(d0, num_experts) for _ in range(num_tasks))

@@ -17,7 +17,9 @@ a fresh ranker it is re-centred on the batch's CTR, shrunk towards ``prior_ctr``
 ``bias_prior_strength`` pseudo-examples, before the gradient is taken (a cold model on a
 0.4% CTR log otherwise spends thousands of examples predicting 3%). Losses whose minimiser
 is not P(click) (``focal``, ``weighted_bce``) have their outputs mapped back to P(click)
-(``loss_correction``, see :mod:`learners.links`).
+(``loss_correction``, see :mod:`learners.links`); with ``fnc`` the probabilities then go
+through the FNC link (:func:`learners.links.fnc_correct`), which neither the output bias's
+start nor its re-centring sees (they follow the label rate the model learns).
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from torch import Tensor, nn
 
 from learners.base import Rows
 from learners.encoding import EncodedBatch, FeatureEncoder, inference
-from learners.links import CORRECTED_LOSSES, calibrated_logits
+from learners.links import CORRECTED_LOSSES, calibrated_logits, fnc_correct
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 from learners.ranker_config import MODELS, RankerConfig
-from learners.training import atomic_torch_save, guarded_step, pick_device
+from learners.training import Checkpointed, guarded_step, pick_device, read_checkpoint
 from learners.util import logit, sigmoid
 
 __all__ = ["MODELS", "RankerConfig", "TorchRanker"]
@@ -59,7 +61,7 @@ _LOSS_PARAMS: dict[str, dict[str, str]] = {
 }
 
 
-class TorchRanker:
+class TorchRanker(Checkpointed):
     """Online CTR ranker (test-then-train) over flat example dicts.
 
     Example:
@@ -201,6 +203,12 @@ class TorchRanker:
             return raw_logits
         return calibrated_logits(raw_logits, self.config.loss, **self._link_params)
 
+    def _served(self, raw_logits: np.ndarray) -> np.ndarray:
+        """Raw model logits (B,) -> P(click) (B,), float64: the loss's correction, sigmoid,
+        then the FNC link when ``config.fnc``."""
+        p = sigmoid(self._calibrated(raw_logits))
+        return fnc_correct(p) if self.config.fnc else p
+
     def _raw_logit(self, target: float) -> float:
         """The raw logit whose calibrated logit is ``target`` (bisection; the map is monotone)."""
         if not self._corrected:
@@ -319,8 +327,8 @@ class TorchRanker:
     def predict_logit_many(self, X: Rows) -> np.ndarray:
         """The model's raw logits (the loss's input), float64 ``(B,)``. Eval mode, no gradient.
 
-        For ``focal`` / ``weighted_bce`` with ``loss_correction``, ``sigmoid`` of these is not
-        P(click); :meth:`predict_proba_many` applies the correction.
+        For ``focal`` / ``weighted_bce`` with ``loss_correction``, or with ``fnc``, ``sigmoid``
+        of these is not P(click); :meth:`predict_proba_many` applies the correction.
         """
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
@@ -332,8 +340,7 @@ class TorchRanker:
 
     def predict_proba_many(self, X: Rows) -> np.ndarray:
         """P(click), float64 ``(B,)`` in [0, 1]."""
-        logits = self.predict_logit_many(X)
-        return sigmoid(self._calibrated(logits))
+        return self._served(self.predict_logit_many(X))
 
     def learn_many(self, X: Rows, y: Any, w: Any = None, y2: Any = None) -> None:
         """One optimiser step on the batch (``y``: (B,) 0/1, ``w``: optional (B,) weights).
@@ -366,7 +373,7 @@ class TorchRanker:
             not self.bias_centred or self.bias_warm[1] < self.config.bias_warmup
         )
         raw = logits.detach().cpu().numpy().astype(np.float64) if scores or centre else None
-        p = sigmoid(self._calibrated(raw)) if raw is not None and scores else None
+        p = self._served(raw) if raw is not None and scores else None
         if centre and raw is not None:
             y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
             w_arr = np.ones_like(y_arr) if w is None else np.asarray(w, np.float64).reshape(-1)
@@ -416,10 +423,6 @@ class TorchRanker:
             "bias_warm": list(self.bias_warm),
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write a checkpoint (see :func:`atomic_torch_save`)."""
-        atomic_torch_save(self.state(), path)
-
     @classmethod
     def load(
         cls,
@@ -427,16 +430,17 @@ class TorchRanker:
         device: str | None = None,
         online: bool | None = None,
         loss: str | None = None,
+        fnc: bool | None = None,
     ) -> TorchRanker:
         """Load a checkpoint written by :meth:`save`, optionally onto another ``device``.
 
         ``online``: override the saved mode; e.g. ``online=True`` warm-starts an offline
         (pretrain) checkpoint at ``base_lr * online_lr_scale``. ``loss``: continue with
         another loss than the saved one, e.g. ``"fnw"`` online on fake negatives after a
-        pretrain on final labels with ``"bce"``.
+        pretrain on final labels with ``"bce"``; ``fnc``: likewise the FNC output link.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_state(state, device=device, online=online, source=str(path), loss=loss)
+        return cls.from_state(read_checkpoint(path), device=device, online=online,
+                              source=str(path), loss=loss, fnc=fnc)  # fmt: skip
 
     @classmethod
     def from_state(
@@ -446,15 +450,16 @@ class TorchRanker:
         online: bool | None = None,
         source: str = "state",
         loss: str | None = None,
+        fnc: bool | None = None,
     ) -> TorchRanker:
         """A ranker from :meth:`state` (see :meth:`load`). Without the ``optimizer`` key
         (a serving snapshot, :mod:`modelstore.snapshot`) the optimiser moments start
         afresh."""
-        config = RankerConfig.from_dict(state["config"])
-        if device is not None:
-            config = dataclasses.replace(config, device=device)
-        if loss is not None:
-            config = dataclasses.replace(config, loss=loss)
+        given: dict[str, Any] = {"device": device, "loss": loss, "fnc": fnc}
+        config = dataclasses.replace(
+            RankerConfig.from_dict(state["config"]),
+            **{k: v for k, v in given.items() if v is not None},
+        )
         if online is None:
             online = bool(state.get("online", True))
         ranker = cls(config, seed=int(state["seed"]), online=online)

@@ -45,6 +45,10 @@ class RankerConfig:
     thousands of impressions). ``loss_correction``: map the outputs of
     ``focal`` / ``weighted_bce`` models back to P(click) (:mod:`learners.links`); focal at
     default settings is otherwise badly over-predicting (calibration ratio ~4.6 at a 5% CTR).
+    ``fnc``: serve ``p = b / (1 - b)`` (:func:`learners.links.fnc_correct`) of the model's
+    probability ``b``, for plain BCE (``loss="bce"`` only) on the fake-negative stream,
+    which learns ``b = p / (1 + p)``; an output link only, training is unchanged. The
+    stream layer sets it from ``trainer.fnc``.
     ``amp``: bf16 autocast of the forward pass on CUDA; ignored on the CPU.
     ``sparse_embeddings``: sparse gradients and lazy Adam (SparseAdam) for the embedding
     tables, dense Adam for the rest; False: one dense Adam over everything.
@@ -79,6 +83,7 @@ class RankerConfig:
     bias_prior_strength: float | None = 100.0
     bias_warmup: float = 10_000.0
     loss_correction: bool = True
+    fnc: bool = False
     amp: bool = False
     sparse_embeddings: bool = True
     sequence_attention: bool = True
@@ -95,6 +100,11 @@ class RankerConfig:
             raise ValueError(f"cross_layers must be >= 0, got {self.cross_layers}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be >= 1, got {self.hidden}")
+        if self.fnc and self.loss != "bce":
+            raise ValueError(
+                f"fnc corrects plain BCE on fake negatives; loss {self.loss!r} with fnc would "
+                "serve a miscalibrated score: use loss 'bce' or turn fnc off"
+            )
         if self.focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:

@@ -1,7 +1,10 @@
 """The parts of the two-tower retriever (:mod:`learners.two_tower`): its config, the
 towers (:class:`Tower`), the behaviour pooling of the user tower (:class:`HistoryPool`)
 and the decayed item-popularity sketch behind the logQ correction
-(:class:`PopularitySketch`). Shapes: ``B`` rows, ``L`` history items, ``D`` dims.
+(:class:`PopularitySketch`); the split of a row into the towers' fields
+(:func:`user_part`, :func:`item_part`) and the slots of its history's items
+(:func:`history_slots`); the mean cosines of a step's negatives (:func:`negative_cosines`).
+Shapes: ``B`` rows, ``L`` history items, ``D`` dims.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learners.encoding import EncoderConfig
+from learners.encoding import SEQ_FIELD, EncoderConfig
 from learners.layers import N_AGE_BUCKETS, age_buckets
 
 __all__ = [
@@ -28,6 +31,10 @@ __all__ = [
     "PopularitySketch",
     "Tower",
     "TwoTowerConfig",
+    "history_slots",
+    "item_part",
+    "negative_cosines",
+    "user_part",
 ]
 
 TWO_TOWER_LOSSES = ("info_nce", "sampled_softmax")
@@ -181,6 +188,83 @@ class TwoTowerConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def _is_item_field(key: str, config: TwoTowerConfig) -> bool:
+    return key == "item_id" or key.startswith(config.item_prefix)
+
+
+def user_part(row: Mapping[str, object], config: TwoTowerConfig) -> dict[str, object]:
+    """The user tower's fields of ``row``: ``user_id`` and the categorical (``str``)
+    context fields that are neither item fields nor in ``config.exclude_fields``."""
+    excluded = config.exclude_fields
+    out: dict[str, object] = {}
+    for key, value in row.items():
+        if value is None or key in excluded or _is_item_field(key, config):
+            continue
+        if key == "user_id" or isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def item_part(row: Mapping[str, object], config: TwoTowerConfig) -> dict[str, object]:
+    """The item tower's fields of ``row``: ``item_id`` and the ``config.item_prefix``
+    fields (categorical and numeric), none excluded, no None values."""
+    excluded = config.exclude_fields
+    return {
+        k: v
+        for k, v in row.items()
+        if v is not None and k not in excluded and _is_item_field(k, config)
+    }
+
+
+def history_slots(
+    rows: Sequence[Mapping[str, object]], seq: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Where the ``hist_seq`` items of ``rows`` sit among their distinct items.
+
+    ``seq``: the rows' encoded history, ``(B, N)`` (from
+    :meth:`learners.encoding.FeatureEncoder.encode_sequence`; 0 where a slot is empty).
+    Returns int64 ``(B, N)`` indices into the distinct items counted from 1 (0: padding)
+    and the distinct item ids, in the order first met.
+    """
+    b, n = seq.shape
+    index = np.zeros((b, n), dtype=np.int64)  # 0: padding; distinct items from 1
+    distinct: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        items = row.get(SEQ_FIELD)
+        if not seq[i, 0] or not isinstance(items, Sequence | np.ndarray):
+            continue
+        ids = [str(x) for x in items if x is not None and type(x) is not bool][:n]
+        for j, item in enumerate(ids):
+            if not seq[i, j]:
+                break
+            index[i, j] = distinct.setdefault(item, len(distinct) + 1)
+    return index, list(distinct)
+
+
+def negative_cosines(
+    u: Tensor, k: Tensor, h: Tensor, items: list[str], owners: list[int]
+) -> tuple[float | None, float | None]:
+    """The mean cosine of a step's users and their random and hard negatives.
+
+    ``u``, ``k``: the ``(B, D)`` unit vectors of the clicked rows' users and items
+    (``items``: their B item ids); ``h``: ``(H, D)`` hard negatives, ``owners`` the row of
+    each. Random: over the pairs of a user and another row's different item (None when
+    there is none); hard: over ``owners`` (None when there are none).
+    """
+    with torch.no_grad():
+        ud, kd = u.detach(), k.detach()
+        sims = ud @ kd.T  # (B, B)
+        ids = np.asarray(items, dtype=object)
+        other = torch.from_numpy(ids[:, None] != ids[None, :]).to(u.device)
+        n_other = int(other.sum())
+        random = float((sims * other).sum() / n_other) if n_other else None
+        hard = None
+        if owners:
+            own = torch.as_tensor(owners, device=u.device)
+            hard = float((ud[own] * h.detach()).sum(-1).mean())
+    return random, hard
 
 
 class Tower(nn.Module):

@@ -1,7 +1,8 @@
 """What the torch learners share for training (:class:`learners.ranker.TorchRanker`,
 :class:`learners.two_tower.TwoTowerModel`): the device choice (:func:`pick_device`), the
-optimiser step that skips a non-finite loss or gradient (:func:`guarded_step`) and the
-atomic checkpoint write (:func:`atomic_torch_save`).
+optimiser step that skips a non-finite loss or gradient (:func:`guarded_step`), the
+atomic checkpoint write (:func:`atomic_torch_save`), its read (:func:`read_checkpoint`) and
+the ``save`` both learners have (:class:`Checkpointed`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from learners.util import atomic_write
 
-__all__ = ["atomic_torch_save", "guarded_step", "pick_device"]
+__all__ = ["Checkpointed", "atomic_torch_save", "guarded_step", "pick_device", "read_checkpoint"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -58,3 +59,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then replace ``path``:
     a reader never sees a half-written checkpoint (:func:`learners.util.atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint written by :func:`atomic_torch_save`, loaded onto the CPU with
+    ``torch.load(weights_only=True)`` (plain containers and tensors only)."""
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+class Checkpointed:
+    """A learner whose checkpoint is its :meth:`state` (plain containers and tensors)."""
+
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`save` writes; plain containers and tensors only."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomically write :meth:`state` as a checkpoint (see :func:`atomic_torch_save`)."""
+        atomic_torch_save(self.state(), path)

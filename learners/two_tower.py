@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from learners.base import Rows, labels_and_weights
-from learners.encoding import SEQ_FIELD, FeatureEncoder, inference
+from learners.encoding import FeatureEncoder, inference
 from learners.losses import info_nce_loss, sampled_softmax_loss
 from learners.negatives import (
     HardNegativeSource,
@@ -65,8 +65,12 @@ from learners.towers import (
     PopularitySketch,
     Tower,
     TwoTowerConfig,
+    history_slots,
+    item_part,
+    negative_cosines,
+    user_part,
 )
-from learners.training import atomic_torch_save, guarded_step, pick_device
+from learners.training import Checkpointed, guarded_step, pick_device, read_checkpoint
 
 __all__ = [
     "BEHAVIOUR_POOLS",
@@ -80,7 +84,7 @@ __all__ = [
 _VECTOR_CHUNK = 8192  # rows per forward pass in user_vectors / item_vectors
 
 
-class TwoTowerModel:
+class TwoTowerModel(Checkpointed):
     """Two-tower retrieval model with the shared learner interface.
 
     Only clicked rows are learned from (see the module docstring). ``hard_negatives`` is
@@ -157,28 +161,7 @@ class TwoTowerModel:
         self.mean_hard_score: float | None = None
         self.mean_random_score: float | None = None
 
-    # -- feature split ---------------------------------------------------------------------
-    def _is_item_field(self, key: str) -> bool:
-        return key == "item_id" or key.startswith(self.config.item_prefix)
-
-    def _user_part(self, row: Mapping[str, object]) -> dict[str, object]:
-        excluded = self.config.exclude_fields
-        out: dict[str, object] = {}
-        for key, value in row.items():
-            if value is None or key in excluded or self._is_item_field(key):
-                continue
-            if key == "user_id" or isinstance(value, str):
-                out[key] = value
-        return out
-
-    def _item_part(self, row: Mapping[str, object]) -> dict[str, object]:
-        excluded = self.config.exclude_fields
-        return {
-            k: v
-            for k, v in row.items()
-            if v is not None and k not in excluded and self._is_item_field(k)
-        }
-
+    # -- remembered items ------------------------------------------------------------------
     def _remember_item(self, part: dict[str, object]) -> None:
         """Remember an item (LRU over ``max_items``) and its latest item-side features; an
         item seen without features keeps the ones it had."""
@@ -245,27 +228,16 @@ class TwoTowerModel:
         """``(B, N, D)`` item-tower vectors of the rows' ``hist_seq`` items where ``seq``
         (from :meth:`FeatureEncoder.encode_sequence`) is valid, zeros elsewhere; each
         distinct item is embedded once, with its remembered attributes."""
-        b, n = seq.shape
-        index = np.zeros((b, n), dtype=np.int64)  # 0: padding; distinct items from 1
-        distinct: dict[str, int] = {}
-        for i, row in enumerate(rows):
-            items = row.get(SEQ_FIELD)
-            if not seq[i, 0] or not isinstance(items, Sequence | np.ndarray):
-                continue
-            ids = [str(x) for x in items if x is not None and type(x) is not bool][:n]
-            for j, item in enumerate(ids):
-                if not seq[i, j]:
-                    break
-                index[i, j] = distinct.setdefault(item, len(distinct) + 1)
+        index, distinct = history_slots(rows, seq)
         dim = self.config.embedding_dim
         if not distinct:
-            return torch.zeros(b, n, dim, device=self.device)
-        vectors = self._items(self._item_rows(list(distinct)))
+            return torch.zeros(*seq.shape, dim, device=self.device)
+        vectors = self._items(self._item_rows(distinct))
         table = torch.cat([torch.zeros(1, dim, device=self.device), vectors])
         return table[torch.from_numpy(index).to(self.device)]
 
     def _users(self, rows: Rows) -> Tensor:
-        parts = [self._user_part(r) for r in rows]
+        parts = [user_part(r, self.config) for r in rows]
         return self._embed("user", self.user_encoder, parts, rows)
 
     def _items(self, parts: Rows) -> Tensor:
@@ -293,7 +265,7 @@ class TwoTowerModel:
         item fields are ignored).
         """
         rows = [{"user_id": r} if isinstance(r, str) else r for r in rows_or_ids]
-        return self._vectors("user", [self._user_part(r) for r in rows], rows)
+        return self._vectors("user", [user_part(r, self.config) for r in rows], rows)
 
     @inference  # serving cannot change the model: no new slots
     def item_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
@@ -317,7 +289,7 @@ class TwoTowerModel:
         self.model.eval()
         with torch.no_grad():
             for s in range(0, len(rows), batch_size):
-                parts = [self._item_part(r) for r in rows[s : s + batch_size]]
+                parts = [item_part(r, self.config) for r in rows[s : s + batch_size]]
                 if any("item_id" not in p for p in parts):
                     raise ValueError("every catalogue row needs an item_id")
                 out[s : s + len(parts)] = self._items(parts).cpu().numpy()
@@ -337,7 +309,7 @@ class TwoTowerModel:
         self.model.eval()
         with torch.no_grad():
             u = self._users(X)
-            v = self._items([self._item_part(r) for r in X])
+            v = self._items([item_part(r, self.config) for r in X])
             cos = (u * v).sum(-1).clamp(-1.0, 1.0)
         return ((1.0 + cos.cpu().numpy().astype(np.float64)) / 2.0).clip(0.0, 1.0)
 
@@ -352,7 +324,7 @@ class TwoTowerModel:
         parts: dict[int, dict[str, object]] = {}
         for i, row in enumerate(X):  # every shown item joins the uniform negatives' catalogue
             if row.get("item_id") is not None:
-                parts[i] = self._item_part(row)
+                parts[i] = item_part(row, self.config)
                 self._remember_item(parts[i])
         ok = np.isfinite(y_arr) & np.isfinite(w_arr) & (y_arr > 0) & (w_arr > 0)
         pos = [i for i in np.flatnonzero(ok).tolist() if i in parts]
@@ -428,7 +400,11 @@ class TwoTowerModel:
             )  # fmt: skip
         wt = torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device)
         loss = (per * wt).mean()
-        self._record_scores(u, k, h, items, owners)
+        random, hard_cos = negative_cosines(u, k, h, items, owners)
+        if random is not None:  # None: no two clicks on different items in the batch
+            self.mean_random_score = random
+        if hard_cos is not None:
+            self.mean_hard_score = hard_cos
         self._apply(loss)
         self.n_examples += b
 
@@ -437,22 +413,6 @@ class TwoTowerModel:
         (:func:`learners.negatives.log_inclusion` at the items' click shares)."""
         q = np.exp(self.popularity.log_q(items))
         return log_inclusion(q, n_rows, n_uniform, len(self._catalogue))
-
-    def _record_scores(
-        self, u: Tensor, k: Tensor, h: Tensor, items: list[str], owners: list[int]
-    ) -> None:
-        with torch.no_grad():
-            ud, kd = u.detach(), k.detach()
-            sims = ud @ kd.T  # (B, B)
-            ids = np.asarray(items, dtype=object)
-            other = torch.from_numpy(ids[:, None] != ids[None, :]).to(self.device)
-            n_other = int(other.sum())
-            self.mean_random_score = (
-                float((sims * other).sum() / n_other) if n_other else self.mean_random_score
-            )
-            if owners:
-                own = torch.as_tensor(owners, device=self.device)
-                self.mean_hard_score = float((ud[own] * h.detach()).sum(-1).mean())
 
     def _apply(self, loss: Tensor) -> None:
         """One Adam step (dense layers clipped to ``grad_clip_norm``; the embedding rows of
@@ -488,10 +448,6 @@ class TwoTowerModel:
             "n_skipped_nonfinite": self.n_skipped_nonfinite,
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write a checkpoint (see :func:`atomic_torch_save`)."""
-        atomic_torch_save(self.state(), path)
-
     @classmethod
     def load(
         cls,
@@ -502,8 +458,7 @@ class TwoTowerModel:
         """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``),
         optionally onto another ``device``; the ``hard_negatives`` source is not in a
         checkpoint (it is the indexer's), so it is given here."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls.from_state(state, device=device, hard_negatives=hard_negatives)
+        return cls.from_state(read_checkpoint(path), device=device, hard_negatives=hard_negatives)
 
     @classmethod
     def from_state(

@@ -111,8 +111,11 @@ def with_hist_slots(config: RankerConfig) -> RankerConfig:
 
 def for_final_labels(config: RankerConfig) -> RankerConfig:
     """FNW is the loss of a fake-negative stream; a log's labels are final, and plain BCE
-    learns the CTR from them (a worker warm-started from it continues with "fnw")."""
-    return dataclasses.replace(config, loss="bce") if config.loss == "fnw" else config
+    learns the CTR from them (a worker warm-started from it continues with "fnw"). FNC,
+    the output link of BCE on that stream, is off for the same reason."""
+    if config.loss == "fnw":
+        config = dataclasses.replace(config, loss="bce")
+    return dataclasses.replace(config, fnc=False) if config.fnc else config
 
 
 def _batches(n: int, batch_size: int, ramp_from: int | None = None) -> Sequence[slice]:

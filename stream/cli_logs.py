@@ -122,7 +122,8 @@ def _ranker_config(
         k: v for k, v in (("model", model), ("loss", loss), ("base_lr", base_lr)) if v
     }
     try:
-        return dataclasses.replace(ranker, **changes)
+        # a log's labels are final: no FNC output link (that is the fake-negative stream's)
+        return dataclasses.replace(ranker, fnc=False, **changes)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 

@@ -53,7 +53,8 @@ class TrainerConfig:
     #: (as 64-bit hashes, ~8 bytes a key: :class:`stream.services.SeenKeys`)
     dedup_horizon: int = 1_000_000
     #: fake-negative calibration (Ktena et al. 2019): with ``join.delayed_feedback =
-    #: "fake_negative"`` and BCE, served scores are mapped b -> b / (1 - b)
+    #: "fake_negative"`` and BCE, served scores are mapped b -> b / (1 - b) by the ranker's
+    #: FNC output link (``Settings`` sets ``ranker.fnc`` from it)
     fnc: bool = False
     #: torch intra-op threads in the worker process (0: torch's default). One thread: the
     #: worker's event loop already keeps a core busy, and two threads on 2 cores made a
@@ -348,6 +349,10 @@ class Settings:
             object.__setattr__(self, "ranker", dataclasses.replace(self.ranker, loss="fnw"))
         # a delayed-feedback scheme needs its matching loss (clear error at start-up)
         check_loss_for_scheme(self.join.delayed_feedback, self.ranker.loss, fnc=self.trainer.fnc)
+        if self.ranker.fnc != self.trainer.fnc:  # FNC is the ranker's output link
+            object.__setattr__(
+                self, "ranker", dataclasses.replace(self.ranker, fnc=self.trainer.fnc)
+            )
         if self.processing_guarantee not in ("at_least_once", "exactly_once"):
             raise ValueError(
                 "processing_guarantee must be 'at_least_once' or 'exactly_once', got "

@@ -18,7 +18,6 @@ from serving.recommender import Recommender, ServingError
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
 from stream.control import ModelAnnouncement
-from stream.services import FncThenCalibrator
 
 __all__ = ["ReplicaAgents"]
 
@@ -112,7 +111,7 @@ class ReplicaAgents:
         announced = self.rt.trainer.served_calibrator  # one read: calibrator and version agree
         if announced.version > version:
             cal, version = announced.calibrator, announced.version
-        return (FncThenCalibrator(cal) if self.rt.settings.trainer.fnc else cal), version  # type: ignore[return-value]
+        return cal, version  # the snapshot's ranker applies FNC itself (RankerConfig.fnc)
 
     def user_vectors(self, ids: list[str]) -> np.ndarray:
         cur = self.models()

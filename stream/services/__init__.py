@@ -2,22 +2,17 @@
 wrappers that move bytes between topics and these objects. Everything here is testable
 without Kafka.
 
-One module per room: join (its durable state in join_state), trainer, dedup, monitor,
-indexer.
+One module per room: join (its durable state in join_state), trainer (its catalogue in
+catalogue), dedup, monitor, indexer.
 """
 
+from stream.services.catalogue import Catalogue
 from stream.services.dedup import SeenKeys
 from stream.services.indexer import IndexerService
 from stream.services.join import JoinService, segment_of
 from stream.services.join_state import JoinState, MemoryJoinState
 from stream.services.monitor import MonitorService
-from stream.services.trainer import (
-    Catalogue,
-    FncThenCalibrator,
-    StepResult,
-    TakenBatch,
-    TrainerService,
-)
+from stream.services.trainer import StepResult, TakenBatch, TrainerService
 
 __all__ = [
     "Catalogue",
@@ -30,6 +25,5 @@ __all__ = [
     "StepResult",
     "TakenBatch",
     "TrainerService",
-    "FncThenCalibrator",
     "segment_of",
 ]

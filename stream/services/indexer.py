@@ -11,7 +11,7 @@ from learners.ranker import TorchRanker
 from learners.two_tower import TwoTowerModel
 from monitoring.metrics import StreamrecMetrics
 from stream.control import IndexRejected, IndexVersion
-from stream.services.trainer import Catalogue
+from stream.services.catalogue import Catalogue
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from learners.calibration import (
     PlattCalibrator,
     VersionedCalibrator,
 )
-from learners.delayed_feedback import fnc_correct
 from learners.negatives import HardNegativeSource
 from learners.ranker import TorchRanker
 from learners.training import atomic_torch_save
@@ -33,62 +31,12 @@ from modelstore.snapshot import Snapshot, state_copy, take_snapshot, write_snaps
 from modelstore.store import DirectoryStore, Manifest, StoreError, WriterLock
 from monitoring.metrics import StreamrecMetrics
 from stream.control import CalibratorUpdate, ControlRecord, ModelAnnouncement
+from stream.services.catalogue import Catalogue
 from stream.services.dedup import SeenKeys
 from stream.services.join import segment_of
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Catalogue:
-    """Items and users the trainer has seen (bounded, most recent kept) and user clicks."""
-
-    max_items: int
-    max_users: int
-    items: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    users: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
-    #: user id -> the newest ``max_seen`` items shown to them (clicked or not), for the
-    #: hard-negative pools ("seen without a click")
-    seen: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
-    max_seen: int = 50
-
-    def add(self, user_id: str, item_id: str, clicked: bool) -> None:
-        self.items[item_id] = None
-        self.items.move_to_end(item_id)
-        if len(self.items) > self.max_items:
-            self.items.popitem(last=False)
-        clicks = self.users.get(user_id)
-        if clicks is None:
-            clicks = self.users[user_id] = set()
-        else:
-            self.users.move_to_end(user_id)
-        if clicked:
-            clicks.add(item_id)
-        shown = self.seen.setdefault(user_id, OrderedDict())
-        shown[item_id] = None
-        shown.move_to_end(item_id)
-        if len(shown) > self.max_seen:
-            shown.popitem(last=False)
-        if len(self.users) > self.max_users:
-            gone, _ = self.users.popitem(last=False)
-            self.seen.pop(gone, None)
-
-    def seen_sets(self) -> dict[str, set[str]]:
-        return {u: set(items) for u, items in self.seen.items()}
-
-
-class FncThenCalibrator:
-    """``calibrator.transform(fnc_correct(p))`` (serving with fake-negative calibration)."""
-
-    def __init__(self, calibrator: Calibrator) -> None:
-        self.calibrator = calibrator
-
-    def transform(self, p: np.ndarray) -> np.ndarray:
-        return self.calibrator.transform(fnc_correct(p))
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.calibrator, name)
 
 
 @dataclass(frozen=True)
@@ -155,9 +103,15 @@ class TrainerService:
                     device=settings.ranker.device,
                     online=True,
                     loss=settings.ranker.loss,
+                    fnc=settings.ranker.fnc,
                 )
             else:
                 ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
+        if ranker.config.fnc != settings.trainer.fnc:  # FNC is the ranker's output link
+            raise ValueError(
+                f"trainer.fnc={settings.trainer.fnc} but the ranker was built with "
+                f"fnc={ranker.config.fnc}: build it from settings.ranker"
+            )
         self.ranker = ranker
         #: the retrieval model (``settings.retrieval == "two_tower"``), trained on the
         #: positives of every micro-batch after the ranker; None: serving retrieves with
@@ -271,9 +225,9 @@ class TrainerService:
             w *= time_decay_weights(ts, float(ts.max()), half_life)
         skipped_before = self.ranker.n_skipped_nonfinite
         t0 = time.perf_counter()
+        # with trainer.fnc the ranker's FNC output link (RankerConfig.fnc) already maps the
+        # p / (1 + p) it learnt from fake negatives back to p: not corrected again here
         p_raw = self.ranker.score_and_learn(rows, y, w)
-        if self.settings.trainer.fnc:  # the model learnt p / (1 + p) from fake negatives
-            p_raw = fnc_correct(p_raw)
         if self.two_tower is not None:  # every batch: its shown items join the catalogue of
             self.two_tower.learn_many(rows, y)  # uniform negatives; only clicks take a step
         seconds = time.perf_counter() - t0
@@ -524,9 +478,7 @@ class TrainerService:
 
     def serving_calibrator(self) -> tuple[Calibrator, int]:
         """What /recommend applies to the ranker's scores, with its version, from one read
-        of the pair: the calibrator, after the FNC correction when ``trainer.fnc`` is on
-        (as :meth:`step` does for the monitor)."""
+        of the pair (the scores are FNC-corrected by the ranker itself when ``trainer.fnc``
+        is on: ``RankerConfig.fnc``)."""
         served = self.served_calibrator
-        if not self.settings.trainer.fnc:
-            return served.calibrator, served.version
-        return FncThenCalibrator(served.calibrator), served.version  # type: ignore[return-value]  # transform only
+        return served.calibrator, served.version

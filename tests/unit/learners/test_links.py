@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learners.links import calibrated_logits, focal_calibrated_logits
+from learners.links import calibrated_logits, fnc_correct, focal_calibrated_logits
 from learners.losses import LOSSES
 
 GRID = torch.linspace(-14.0, 8.0, 220_001, dtype=torch.float64)
@@ -78,3 +78,56 @@ def test_invalid_parameters_are_rejected() -> None:
         focal_calibrated_logits(np.zeros(2), -1.0)
     with pytest.raises(ValueError, match="alpha"):
         focal_calibrated_logits(np.zeros(2), 2.0, 1.0)
+
+
+def _fake_negative_batches(n_batches: int = 4, size: int = 32) -> list[tuple[list, np.ndarray]]:
+    """Batches of a fake-negative stream: every impression a negative, some clicks again."""
+    rng = np.random.default_rng(3)
+    out = []
+    for k in range(n_batches):
+        rows = [{"user_id": f"u{rng.integers(8)}", "item_id": f"i{rng.integers(12)}"}
+                for _ in range(size)]  # fmt: skip
+        y = (rng.random(size) < 0.1 + 0.05 * k).astype(np.float64)
+        out.append((rows, y))
+    return out
+
+
+def test_fnc_link_serves_what_fnc_then_the_calibrator_served() -> None:
+    from dataclasses import replace
+
+    from learners.calibration import PlattCalibrator
+    from learners.encoding import EncoderConfig
+    from learners.ranker import RankerConfig, TorchRanker
+
+    cfg = RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256), device="cpu")
+    plain, linked = TorchRanker(cfg, seed=0), TorchRanker(replace(cfg, fnc=True), seed=0)
+    for rows, y in _fake_negative_batches():
+        before = plain.score_and_learn(rows, y)
+        # the progressive-validation scores go through the link once, training does not
+        np.testing.assert_array_equal(linked.score_and_learn(rows, y), fnc_correct(before))
+    for (name, a), b in zip(plain.model.state_dict().items(),
+                            linked.model.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    test = [{"user_id": f"u{k}", "item_id": f"i{k}"} for k in range(8)]
+    cal = PlattCalibrator(a=1.3, b=-0.2)
+    b = plain.predict_proba_many(test)
+    assert np.all((b > 0.0) & (b < 0.5))  # so 0, 1 and 2 corrections all differ
+    served = cal.transform(linked.predict_proba_many(test))
+    np.testing.assert_array_equal(served, cal.transform(fnc_correct(b)))  # the old path
+    assert not np.allclose(served, cal.transform(b))  # not applied
+    assert not np.allclose(served, cal.transform(fnc_correct(fnc_correct(b))))  # not twice
+
+
+@pytest.mark.parametrize("loss", ["focal", "fnw", "weighted_bce"])
+def test_the_fnc_link_is_for_plain_bce_only(loss: str) -> None:
+    from learners.ranker import RankerConfig
+
+    with pytest.raises(ValueError, match="fnc corrects plain BCE"):
+        RankerConfig(loss=loss, fnc=True)
+
+
+def test_fnc_correct_is_one_function_in_links_and_delayed_feedback() -> None:
+    import learners.delayed_feedback as df
+
+    assert df.fnc_correct is fnc_correct
+    np.testing.assert_array_equal(fnc_correct([0.2, 0.5, -0.1]), [0.25, 1.0, 0.0])

@@ -8,14 +8,17 @@ state and re-deliver the records after the last "commit", as Kafka would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from learners.calibration import PlattCalibrator
+from learners.delayed_feedback import fnc_correct
 from learners.encoding import EncoderConfig
-from learners.ranker import RankerConfig
+from learners.ranker import RankerConfig, TorchRanker
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
@@ -23,6 +26,7 @@ from logs.events import (
     Impression,
     LabeledExample,
     Watermark,
+    example_row,
 )
 from monitoring.metrics import StreamrecMetrics
 from stream.control import ModelAnnouncement
@@ -238,15 +242,40 @@ def test_fake_negative_scheme_needs_its_loss_and_fnc_serves_corrected_scores() -
         ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256)),
         trainer=TrainerConfig(batch_size=2, fnc=True),
     )
+    assert settings.ranker.fnc  # FNC is the ranker's output link
     trainer = Trainer(settings, StreamrecMetrics())
+    # the old path: the same ranker without the link, then fnc_correct, then the calibrator
+    twin = TorchRanker(dataclasses.replace(settings.ranker, fnc=False),
+                       seed=settings.trainer.seed, online=True)  # fmt: skip
     imps = [Impression(f"i{k}", T0 + k, "u", "x") for k in range(2)]
     trainer.add([LabeledExample(imp, 0, imp.ts, kind="fake_negative") for imp in imps])
     scored = trainer.step()
     assert scored is not None
+    b_before = twin.score_and_learn([example_row(i) for i in imps], np.zeros(2), np.ones(2))
+    np.testing.assert_array_equal(scored.p_raw, fnc_correct(b_before))  # corrected once
+    trainer.calibrator = PlattCalibrator(a=1.2, b=0.3)
     row = [{"user_id": "u", "item_id": "x", "position": None}]
-    b = trainer.ranker.predict_proba_many(row)
-    served = trainer.serving_calibrator()[0].transform(b)
-    np.testing.assert_allclose(served, b / (1 - b), rtol=1e-6)
+    b = twin.predict_proba_many(row)
+    assert 0.0 < b[0] < 0.5  # so no, one and two corrections all differ
+    cal, _ = trainer.serving_calibrator()
+    served = cal.transform(trainer.ranker.predict_proba_many(row))
+    np.testing.assert_array_equal(served, trainer.calibrator.transform(fnc_correct(b)))
+    assert not np.allclose(served, cal.transform(b))
+    assert not np.allclose(served, cal.transform(fnc_correct(fnc_correct(b))))
+    with pytest.raises(ValueError, match="trainer.fnc=True but the ranker"):
+        Trainer(settings, StreamrecMetrics(), twin)  # a ranker without the link
+
+
+@pytest.mark.parametrize(("loss", "message"), [("focal", "no correction"), ("fnw", "twice")])
+def test_fnc_is_still_refused_with_losses_that_do_not_learn_the_biased_rate(
+    loss: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(
+            join=JoinConfig(delayed_feedback="fake_negative"),
+            ranker=RankerConfig(loss=loss),
+            trainer=TrainerConfig(fnc=True),
+        )
 
 
 def test_fake_negative_mode_survives_a_restart_before_the_click() -> None:
