@@ -8,7 +8,7 @@ In process, no Kafka: for each (scenario, seed) a synthetic log with known ``tru
   by :func:`logs.offline.pretrain` on the history at the base learning rate (as
   ``streamrec demo`` does), then learning online (``base_lr * online_lr_scale``) inside a
   :class:`stream.services.TrainerService`, micro-batches of 1024: each step scores the
-  batch, learns from it and returns the :class:`logs.events.ScoredBatch` the worker
+  batch, learns from it and returns the :class:`logs.batches.ScoredBatch` the worker
   publishes. A :class:`stream.services.MonitorService` (``Settings()`` defaults, a fresh
   registry) observes every batch; every ``calibrator`` control message it returns is
   applied to the trainer at once (``TrainerService.apply_control``), so the next batch is
@@ -67,7 +67,8 @@ from bench.run import bench_parser, machine, results_path, stamp, write_report
 from learners.calibration import Calibrator, PlattCalibrator, calibrator_from_dict
 from learners.ranker import TorchRanker
 from learners.river_peers import RiverLogisticRegression
-from logs.events import LabeledExample, ScoredBatch, example_row
+from logs.batches import ScoredBatch
+from logs.events import LabeledExample, example_row
 from logs.io import frame_to_rows
 from logs.offline import log_examples, pretrain
 from logs.synthetic import SyntheticConfig, generate

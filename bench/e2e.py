@@ -92,13 +92,8 @@ from bench.e2e_measures import (
 from bench.e2e_table import goal_line, table
 from bench.run import machine, results_path, stamp, write_report
 from bench.workers import cpu_seconds, self_cpu_seconds, worker_processes
-from logs.events import (
-    TOPIC_CLICKS,
-    TOPIC_IMPRESSIONS,
-    TOPIC_SCORED,
-    ScoredBatch,
-    parse_input,
-)
+from logs.batches import ScoredBatch
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_SCORED, parse_input
 from logs.io import read_log_frame, write_log
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import topic_plan

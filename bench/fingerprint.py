@@ -9,7 +9,7 @@ refactor that keeps behaviour must keep the hash bit-identical.
     python -m bench.fingerprint --wire   # through the topics' encodings; prints only
 
 ``--wire`` sends every labelled example and scored batch through the encoding of its topic
-(:func:`stream.limits.labeled_records` then :func:`logs.events.decode_labeled`;
+(:func:`stream.limits.labeled_records` then :func:`logs.batches.decode_labeled`;
 :meth:`ScoredBatch.encode` then :meth:`ScoredBatch.decode`), as the worker does between its
 stages: the same hash shows the encodings change nothing the model or the monitor sees.
 """
@@ -26,15 +26,14 @@ import numpy as np
 
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from logs.batches import ScoredBatch, decode_labeled
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
     Impression,
     LabeledExample,
-    ScoredBatch,
     Watermark,
-    decode_labeled,
 )
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics

@@ -18,7 +18,7 @@ the joiner made (51 features each: 4 from the log, 47 ``hist_*``) and the 1,024-
 ``scored`` batch of a trainer step. ``labeled`` encode is the joiner's
 :func:`stream.limits.labeled_records` under the default record limit (the JSON side: the
 same split over per-example ``json.dumps``, as it was); decode is the trainer's
-:func:`logs.events.decode_labeled` of every record (it reads both forms). ``scored``:
+:func:`logs.batches.decode_labeled` of every record (it reads both forms). ``scored``:
 :meth:`ScoredBatch.encode` / :meth:`ScoredBatch.decode` against the former ``to_json``
 (``json.dumps`` of the fields) and the JSON path of ``decode``.
 
@@ -37,14 +37,8 @@ import numpy as np
 
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.encoding import FeatureEncoder
-from logs.events import (
-    TOPIC_CLICKS,
-    TOPIC_IMPRESSIONS,
-    LabeledExample,
-    ScoredBatch,
-    Watermark,
-    decode_labeled,
-)
+from logs.batches import ScoredBatch, decode_labeled
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, LabeledExample, Watermark
 from logs.io import log_impressions
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics

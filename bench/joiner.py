@@ -170,7 +170,8 @@ def run_in_process(df: pd.DataFrame, name: str, config: JoinConfig) -> dict[str,
 
 def run_broker(log_path: Path, df: pd.DataFrame, store: str, window_s: float) -> dict[str, Any]:
     """One worker process on a fresh embedded broker; the log replayed at full speed."""
-    from logs.events import TOPIC_LABELED, decode_labeled
+    from logs.batches import decode_labeled
+    from logs.events import TOPIC_LABELED
     from stream.app import create_worker_topics
     from stream.broker import EmbeddedBroker, free_port, wait_for_port
     from stream.demo import read_topic, scrape

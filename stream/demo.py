@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from logs.events import TOPIC_CONTROL, TOPIC_SCORED, InvalidEvent, ScoredBatch
+from logs.batches import ScoredBatch
+from logs.events import TOPIC_CONTROL, TOPIC_SCORED, InvalidEvent
 from logs.synthetic import SyntheticConfig, read_meta, write_synthetic
 from monitoring.calibration import (
     auc,

@@ -7,7 +7,8 @@ it (the rest is headroom for the key, headers and the record batch framing), so 
 valid but large examples is sent as several records instead of failing with
 ``MessageSizeTooLarge`` and restarting the stage on the same input forever.
 
->>> from logs.events import Impression, LabeledExample, decode_labeled
+>>> from logs.batches import decode_labeled
+>>> from logs.events import Impression, LabeledExample
 >>> big = [LabeledExample(Impression(f"i{n}", 1.7e9, "u", "x" * 200), 0, 1.7e9)
 ...        for n in range(10)]
 >>> records, too_large = labeled_records(big, max_bytes=1000)  # 250 bytes each
@@ -22,13 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import fields
 
-from logs.events import (
-    LABELED_OVERHEAD,
-    LabeledExample,
-    ScoredBatch,
-    encode_labeled_example,
-    encode_labeled_raw,
-)
+from logs.batches import LABELED_OVERHEAD, ScoredBatch, encode_labeled_example, encode_labeled_raw
+from logs.events import LabeledExample
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -77,7 +73,7 @@ def chunks_by_bytes(
 def labeled_records(
     examples: Sequence[LabeledExample], max_bytes: int, max_items: int | None = None
 ) -> tuple[list[bytes], list[LabeledExample]]:
-    """``labeled`` record values (the format of :func:`logs.events.encode_labeled`) of at
+    """``labeled`` record values (the format of :func:`logs.batches.encode_labeled`) of at
     most ``max_bytes`` each, in order, and the examples too large for any record."""
     parts = [encode_labeled_example(e) for e in examples]
     records: list[bytes] = []

@@ -10,7 +10,8 @@ from typing import Any
 import faust
 import numpy as np
 
-from logs.events import InvalidEvent, ScoredBatch
+from logs.batches import ScoredBatch
+from logs.events import InvalidEvent
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
 from stream.services import SeenKeys

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import faust
 
-from logs.events import InvalidEvent, decode_labeled
+from logs.batches import decode_labeled
+from logs.events import InvalidEvent
 from modelstore.store import Manifest
 from stream.acks import TrainedAcks
 from stream.agents.outputs import Outputs

@@ -13,9 +13,7 @@ from learners.calibration import (
     VersionedCalibrator,
 )
 from learners.recalibration import refit_on_alarm
-from logs.events import (
-    ScoredBatch,
-)
+from logs.batches import ScoredBatch
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes

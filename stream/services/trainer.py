@@ -22,11 +22,8 @@ from learners.training import atomic_torch_save
 from learners.two_tower import TwoTowerModel
 from learners.util import atomic_write
 from learners.weighting import time_decay_weights
-from logs.events import (
-    LabeledExample,
-    ScoredBatch,
-    example_row,
-)
+from logs.batches import ScoredBatch
+from logs.events import LabeledExample, example_row
 from modelstore.snapshot import Snapshot, state_copy, take_snapshot, write_snapshot
 from modelstore.store import DirectoryStore, Manifest, StoreError, WriterLock
 from monitoring.metrics import StreamrecMetrics

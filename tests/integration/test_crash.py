@@ -23,13 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from logs.events import (
-    TOPIC_LABELED,
-    TOPIC_SCORED,
-    LabeledExample,
-    ScoredBatch,
-    decode_labeled,
-)
+from logs.batches import ScoredBatch, decode_labeled
+from logs.events import TOPIC_LABELED, TOPIC_SCORED, LabeledExample
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics

@@ -36,6 +36,7 @@ import pytest
 from kafka import KafkaProducer
 
 from bench.hostile import Bad
+from logs.batches import decode_labeled
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     TOPIC_CLICKS,
@@ -44,7 +45,6 @@ from logs.events import (
     TOPIC_LABELED,
     InvalidEvent,
     LabeledExample,
-    decode_labeled,
     parse_input,
 )
 from logs.io import read_log_frame, write_log

@@ -14,11 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logs.events import (
-    TOPIC_LABELED,
-    LabeledExample,
-    decode_labeled,
-)
+from logs.batches import decode_labeled
+from logs.events import TOPIC_LABELED, LabeledExample
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics

@@ -32,6 +32,7 @@ import pytest
 from kafka import KafkaProducer
 
 from bench.hostile import HOSTILE_CONTROL, Bad, hostile_records
+from logs.batches import ScoredBatch
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
     MAX_EVENT_BYTES,
@@ -40,7 +41,6 @@ from logs.events import (
     TOPIC_IMPRESSIONS,
     TOPIC_SCORED,
     InvalidEvent,
-    ScoredBatch,
 )
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
+from logs.batches import decode_labeled
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_CONTROL,
@@ -21,7 +22,6 @@ from logs.events import (
     TOPIC_IMPRESSIONS,
     TOPIC_LABELED,
     LabeledExample,
-    decode_labeled,
 )
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic

@@ -17,11 +17,8 @@ import pytest
 
 from bench.e2e import FINAL_GAP_S
 from bench.workers import worker_processes
-from logs.events import (
-    TOPIC_LABELED,
-    LabeledExample,
-    decode_labeled,
-)
+from logs.batches import decode_labeled
+from logs.events import TOPIC_LABELED, LabeledExample
 from logs.io import read_log_frame, write_log
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics

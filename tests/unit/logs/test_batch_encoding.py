@@ -15,9 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logs.events import (
+from logs.batches import (
     BATCH_VERSION,
     LABELED_MAGIC,
+    SCORED_MAGIC,
+    ScoredBatch,
+    decode_labeled,
+    encode_labeled,
+)
+from logs.events import (
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,
     MAX_FEATURES,
@@ -26,13 +32,9 @@ from logs.events import (
     MIN_TS,
     REASONS,
     RESERVED_FEATURE_NAMES,
-    SCORED_MAGIC,
     Impression,
     InvalidEvent,
     LabeledExample,
-    ScoredBatch,
-    decode_labeled,
-    encode_labeled,
 )
 from stream.envelope import encode_envelope
 

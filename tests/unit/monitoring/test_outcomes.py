@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from logs.events import ScoredBatch
+from logs.batches import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
 from stream.join import JoinConfig

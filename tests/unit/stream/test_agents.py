@@ -20,6 +20,7 @@ import pytest
 from learners.calibration import PlattCalibrator
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from logs.batches import decode_labeled, encode_labeled
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
@@ -28,8 +29,6 @@ from logs.events import (
     Impression,
     LabeledExample,
     Watermark,
-    decode_labeled,
-    encode_labeled,
 )
 from monitoring.metrics import StreamrecMetrics
 from stream.agents import ControlAgent, JoinerAgents, MonitorAgent, Outputs, TrainerAgents

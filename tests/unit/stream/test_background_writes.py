@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import stream.services.trainer as trainer_module
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from learners.two_tower import TwoTowerConfig
-from logs.events import TOPIC_LABELED, Impression, LabeledExample, encode_labeled
+from logs.batches import encode_labeled
+from logs.events import TOPIC_LABELED, Impression, LabeledExample
 from modelstore.store import DirectoryStore, StoreConfig
 from monitoring.metrics import StreamrecMetrics
 from stream.agents import Outputs, TrainerAgents
@@ -30,6 +30,7 @@ from stream.agents.runtime import Runtime
 from stream.control import decode_control
 from stream.services import IndexerService, JoinService, MonitorService, TrainerService
 from stream.settings import Settings, TrainerConfig
+from tests.unit.stream.test_agents import FakeEvent, FakeStream
 
 T0 = 1_700_000_000.0
 BATCH = 8
@@ -51,29 +52,6 @@ class FakeTopic:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
-
-
-class FakeEvent:
-    def __init__(self, offset: int, value: bytes) -> None:
-        self.message = type("M", (), {"topic": TOPIC_LABELED, "partition": 0,
-                                      "offset": offset, "timestamp": time.time()})()  # fmt: skip
-        self.value = value
-        self.acks = 0
-
-    def ack(self) -> None:
-        self.acks += 1
-
-
-class FakeStream:
-    def __init__(self, events: list[FakeEvent]) -> None:
-        self._events = events
-
-    def noack(self) -> FakeStream:
-        return self
-
-    async def events(self) -> Any:
-        for e in self._events:
-            yield e
 
 
 class Gate:
@@ -140,7 +118,7 @@ def _batch(offset: int) -> FakeStream:
         )  # fmt: skip
         for i in range(BATCH)
     ]
-    return FakeStream([FakeEvent(offset, encode_labeled(examples))])
+    return FakeStream([FakeEvent(TOPIC_LABELED, 0, offset, encode_labeled(examples))])
 
 
 def _sample(rt: Runtime, name: str, **labels: str) -> float:

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from bench.hostile import HOSTILE_CONTROL
 from learners.calibration import LogitShiftCalibrator, PlattCalibrator, calibrator_from_dict
 from learners.calibration_nonparametric import HistogramBinningCalibrator, IsotonicCalibrator
+from logs.batches import LABELED_OVERHEAD, ScoredBatch, decode_labeled, encode_labeled
 from logs.events import (
     DEAD_LETTER_PREFIX_BYTES,
-    LABELED_OVERHEAD,
     MAX_EVENT_BYTES,
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
@@ -28,10 +28,7 @@ from logs.events import (
     Impression,
     InvalidEvent,
     LabeledExample,
-    ScoredBatch,
     Watermark,
-    decode_labeled,
-    encode_labeled,
     parse_impression,
 )
 from monitoring.metrics import StreamrecMetrics

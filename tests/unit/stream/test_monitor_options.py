@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from logs.events import ScoredBatch
+from logs.batches import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
 from stream.control import CalibratorUpdate
 from stream.join import JoinConfig  # the window scheme: final labels

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logs.events import ScoredBatch
+from logs.batches import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
 from monitoring.report import load_run
 from stream.control import (

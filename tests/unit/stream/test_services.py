@@ -12,13 +12,13 @@ import pytest
 from learners.calibration import PlattCalibrator, calibrator_from_dict
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from logs.batches import ScoredBatch
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     Click,
     Impression,
     LabeledExample,
-    ScoredBatch,
     Watermark,
     example_row,
 )
