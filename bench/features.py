@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from bench.run import bench_cli, machine, results_path, stamp, write_report
-from features.stage import ClickEvent, FeatureConfig, FeatureStage, ImpressionEvent
+from features.config import ClickEvent, FeatureConfig, ImpressionEvent
+from features.stage import FeatureStage
 from stream.producer import partition_of
 
 NAME = "features"

@@ -95,7 +95,7 @@ class ConstantCTR:
 def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
     """``df``'s rows with the feature stage's point-in-time features (``logs.offline.
     log_examples`` with ``FeatureConfig(**overrides)``, the path ``evaluate`` uses)."""
-    from features.stage import FeatureConfig
+    from features.config import FeatureConfig
 
     return log_examples(df, FeatureConfig(**overrides))
 

@@ -5,6 +5,7 @@ point-in-time ``hist_*`` numerics and the ``hist_seq`` / ``hist_seq_age`` behavi
 sequence of the history contract (see ``learners.encoding``).
 """
 
-from features.stage import FeatureConfig, FeatureStage
+from features.config import FeatureConfig
+from features.stage import FeatureStage
 
 __all__ = ["FeatureConfig", "FeatureStage"]

@@ -66,50 +66,14 @@ import heapq
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
+
+from features.config import FeatureConfig
+from features.records import COUNT, NEVER, TIME, KeyRecords
 
 _SEP = "\x1f"
-_LN2 = math.log(2.0)
-_NEG_INF = -math.inf
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """Feature-stage settings (seconds are event-time seconds).
-
-    ``counters`` / ``sequence``: ablation switches (counts, CTRs, recency / the click
-    sequence). ``ttl_s``: an idle key expires after this long without an event.
-    ``max_keys``: budget on tracked keys (user, item and pair keys together).
-    ``max_bytes``: the memory budget of one stage (one input partition), estimated by
-    :meth:`FeatureStage.approx_bytes`; 256 MiB by default.
-    """
-
-    half_lives_s: tuple[float, ...] = (3600.0, 86_400.0, 30 * 86_400.0)
-    seq_len: int = 20
-    seq_keep: int = 40
-    lateness_s: float = 600.0
-    max_buffer: int = 32
-    impression_ttl_s: float = 7200.0
-    ttl_s: float = 90 * 86_400.0
-    max_keys: int = 2_000_000
-    max_bytes: int = 256 * 2**20
-    ctr_prior: float = 0.05
-    ctr_strength: float = 20.0
-    counters: bool = True
-    sequence: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.half_lives_s or any(h <= 0 for h in self.half_lives_s):
-            raise ValueError(f"half_lives_s must be positive, got {self.half_lives_s}")
-        if self.seq_len < 0 or self.seq_keep < self.seq_len:
-            raise ValueError("need 0 <= seq_len <= seq_keep")
-        if self.lateness_s < 0 or self.max_buffer < 2:
-            raise ValueError("need lateness_s >= 0 and max_buffer >= 2")
-        if self.impression_ttl_s <= 0 or self.ttl_s <= 0 or self.max_keys < 1:
-            raise ValueError("TTLs and max_keys must be positive")
-        if self.max_bytes < 2**20:
-            raise ValueError(f"max_bytes must be at least 1 MiB, got {self.max_bytes}")
+_NEG_INF = NEVER
+_R, _N = TIME, COUNT
 
 
 def _label(h: float) -> str:
@@ -119,32 +83,6 @@ def _label(h: float) -> str:
         return f"{int(h // 3600)}h"
     return f"{int(h)}s"
 
-
-class ImpressionEvent(NamedTuple):
-    """An impression as the stage reads it (``logs.events.Impression`` has the same
-    attribute names and is accepted as is)."""
-
-    impression_id: str
-    ts: float
-    user_id: str
-    item_id: str
-    position: int | None = None
-    features: Mapping[str, object] = {}
-
-
-class ClickEvent(NamedTuple):
-    """A click as the stage reads it (``logs.events.Click`` is accepted as is)."""
-
-    impression_id: str
-    ts: float
-    user_id: str | None = None
-
-
-# A key record (a list, so that state_dict is plain JSON):
-# [R, n_imp, imp_0..imp_{H-1}, clk_0..clk_{H-1}, last_imp, last_clk, horizon,
-#  evicted_last_imp, evicted_last_clk, buf]
-# buf: flat list of floats, +t for an impression, -t for a click (event times are > 0).
-_R, _N = 0, 1
 
 # Bytes per entry for approx_bytes (CPython 3.11, tracemalloc; the budget test re-measures):
 # a key record with a few buffered events and its dict slot; an impression id with its
@@ -160,15 +98,10 @@ class FeatureStage:
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
         self.config = c = config or FeatureConfig()
-        self._h = len(c.half_lives_s)
-        self._rates = [_LN2 / h for h in c.half_lives_s]
-        labels = [_label(h) for h in c.half_lives_s]
-        self._labels = labels
-        h = self._h
-        self._i0, self._c0 = 2, 2 + h
-        self._last_imp, self._last_clk = 2 + 2 * h, 3 + 2 * h
-        self._horizon, self._ev_imp, self._ev_clk = 4 + 2 * h, 5 + 2 * h, 6 + 2 * h
-        self._buf = 7 + 2 * h
+        self._rec = kr = KeyRecords(c.half_lives_s, c.lateness_s, c.max_buffer)
+        self._h, self._rates, self._c0 = kr.h, kr.rates, kr.c0
+        self._last_imp, self._last_clk = kr.last_imp, kr.last_clk
+        self._labels = [_label(h) for h in c.half_lives_s]
         self._names: dict[str, list[tuple[str, str, str]]] = {}
         self._keys: dict[str, list[Any]] = {}
         # impression_id -> [ts, user, item, position, ((item_* name, value), ...), clicked]
@@ -407,7 +340,9 @@ class FeatureStage:
                         out[nr] = (cl + prior) / (im + strength)
                     n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
                 else:
-                    imps, clks, n, last_imp, last_clk = self._query(rec, t)
+                    imps, clks, n, last_imp, last_clk, approx = self._rec.query(rec, t)
+                    if approx:
+                        self.stats["approximate"] += 1
                     for j in range(h):
                         ni, nc, nr = names[j]
                         im, cl = imps[j], clks[j]
@@ -440,106 +375,11 @@ class FeatureStage:
                     out["hist_seq_age"] = [t - x[0] for x in picked]
         return out
 
-    def _query(
-        self, rec: list[Any], t: float
-    ) -> tuple[list[float], list[float], float, float, float]:
-        h, i0, c0 = self._h, self._i0, self._c0
-        r = rec[_R]
-        if t > r:
-            dt = t - r
-            fs = [math.exp(-dt * a) for a in self._rates]
-            imps = [rec[i0 + j] * fs[j] for j in range(h)]
-            clks = [rec[c0 + j] * fs[j] for j in range(h)]
-            return imps, clks, rec[_N], rec[self._last_imp], rec[self._last_clk]
-        # t <= R: take out the buffered events at or after t
-        if t <= rec[self._horizon]:
-            self.stats["approximate"] += 1
-        rates = self._rates
-        gs = [math.exp((r - t) * a) for a in rates]
-        imps = [rec[i0 + j] * gs[j] for j in range(h)]
-        clks = [rec[c0 + j] * gs[j] for j in range(h)]
-        n = rec[_N]
-        last_imp, last_clk = rec[self._ev_imp], rec[self._ev_clk]
-        if last_imp >= t:  # only when approximate: an evicted event at or after t
-            last_imp = _NEG_INF
-        if last_clk >= t:
-            last_clk = _NEG_INF
-        for v in rec[self._buf]:
-            te = v if v > 0 else -v
-            if te >= t:
-                ws = [math.exp((te - t) * a) for a in rates]
-                if v > 0:
-                    n -= 1
-                    for j in range(h):
-                        imps[j] -= ws[j]
-                else:
-                    for j in range(h):
-                        clks[j] -= ws[j]
-            elif v > 0:
-                if te > last_imp:
-                    last_imp = te
-            elif te > last_clk:
-                last_clk = te
-        imps = [x if x > 0.0 else 0.0 for x in imps]
-        clks = [x if x > 0.0 else 0.0 for x in clks]
-        return imps, clks, n, last_imp, last_clk
-
     def _apply(self, key: str, te: float, is_click: bool) -> None:
         rec = self._keys.get(key)
-        h = self._h
         if rec is None:
-            rec = [te, 0.0] + [0.0] * (2 * h) + [_NEG_INF] * 5 + [[]]
-            self._keys[key] = rec
-        r = rec[_R]
-        off = self._c0 if is_click else self._i0
-        if te >= r:
-            if te > r:
-                dt = te - r
-                for j, a in enumerate(self._rates):
-                    f = math.exp(-dt * a)
-                    rec[2 + j] *= f
-                    rec[2 + h + j] *= f
-                rec[_R] = te
-            for j in range(h):
-                rec[off + j] += 1.0
-        else:
-            dt = r - te
-            for j, a in enumerate(self._rates):
-                rec[off + j] += math.exp(-dt * a)
-        if is_click:
-            if te > rec[self._last_clk]:
-                rec[self._last_clk] = te
-        else:
-            rec[_N] += 1.0
-            if te > rec[self._last_imp]:
-                rec[self._last_imp] = te
-        buf = rec[self._buf]
-        buf.append(-te if is_click else te)
-        if len(buf) > 4 and abs(buf[0]) <= rec[_R] - self.config.lateness_s:
-            self._prune(rec)
-        elif len(buf) > self.config.max_buffer:
-            self._prune(rec)
-
-    def _prune(self, rec: list[Any]) -> None:
-        buf = rec[self._buf]
-        cut = rec[_R] - self.config.lateness_s
-        keep = [v for v in buf if abs(v) > cut]
-        drop = [v for v in buf if abs(v) <= cut]
-        if len(keep) > self.config.max_buffer // 2:
-            keep.sort(key=abs)
-            extra = len(keep) - self.config.max_buffer // 2
-            drop.extend(keep[:extra])
-            keep = keep[extra:]
-        for v in drop:
-            te = abs(v)
-            if te > rec[self._horizon]:
-                rec[self._horizon] = te
-            if v > 0:
-                if te > rec[self._ev_imp]:
-                    rec[self._ev_imp] = te
-            elif te > rec[self._ev_clk]:
-                rec[self._ev_clk] = te
-        rec[self._buf] = keep
+            rec = self._keys[key] = self._rec.new(te)
+        self._rec.apply(rec, te, is_click)
 
     def _click_apply(self, imp: list[Any], ts: float) -> None:
         imp[5] = 1
@@ -664,36 +504,3 @@ def _imp_from_v1(v: Sequence[Any]) -> list[Any]:
         elif parts[0] == "a":
             cats.append((parts[2], parts[3]))
     return [v[0], v[1], v[2], position, tuple(cats), v[4]]
-
-
-def attach_log(
-    stage: FeatureStage,
-    ts: Sequence[float],
-    impression_id: Sequence[str],
-    user_id: Sequence[str],
-    item_id: Sequence[str],
-    position: Sequence[int | None],
-    attrs: Sequence[Mapping[str, object]],
-    click_ts: Sequence[float | None],
-) -> list[dict[str, object]]:
-    """Features of every row of an impression log (N rows), replayed in event-time order:
-    impressions at ``ts``, clicks at ``click_ts`` (``None``/NaN: not clicked), an
-    impression before a click at the same time. Returns N feature dicts aligned with the
-    rows (a duplicate id's row gets ``{}``)."""
-    n = len(ts)
-    events: list[tuple[float, int, int]] = []
-    for r in range(n):
-        events.append((float(ts[r]), 0, r))
-        ct = click_ts[r]
-        if ct is not None and ct == ct:
-            events.append((float(ct), 1, r))
-    events.sort()
-    out: list[dict[str, object]] = [{} for _ in range(n)]
-    for t, kind, r in events:
-        if kind == 0:
-            f = stage.impression(impression_id[r], t, user_id[r], item_id[r], position[r], attrs[r])
-            if f is not None:
-                out[r] = f
-        else:
-            stage.click(impression_id[r], t, user_id[r])
-    return out

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.stage import FeatureConfig, FeatureStage, attach_log
+from features.config import FeatureConfig
+from features.replay import attach_log
+from features.stage import FeatureStage
 from learners.ranker import RankerConfig, TorchRanker
 from learners.weighting import time_decay_weights
 from logs.io import frame_to_rows, read_log_frame

@@ -129,7 +129,7 @@ def _ranker_config(
 
 
 def _feature_config(on: bool) -> Any:
-    from features.stage import FeatureConfig
+    from features.config import FeatureConfig
 
     return FeatureConfig() if on else None
 

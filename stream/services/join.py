@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from features.stage import FeatureConfig, FeatureStage
+from features.config import FeatureConfig
+from features.stage import FeatureStage
 from logs.events import (
     TOPIC_CLICKS,
     Click,

@@ -16,7 +16,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features.stage import ClickEvent, FeatureConfig, FeatureStage, ImpressionEvent, attach_log
+from features.config import ClickEvent, FeatureConfig, ImpressionEvent
+from features.replay import attach_log
+from features.stage import FeatureStage
 
 EXACT = FeatureConfig(
     half_lives_s=(60.0, 3600.0),

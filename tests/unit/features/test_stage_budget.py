@@ -12,7 +12,8 @@ import tracemalloc
 
 import pytest
 
-from features.stage import FeatureConfig, FeatureStage
+from features.config import FeatureConfig
+from features.stage import FeatureStage
 
 
 def _stream(n: int, seed: int, n_users: int, n_items: int) -> list[tuple]:
