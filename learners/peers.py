@@ -5,14 +5,14 @@ in :mod:`learners.vw_peer`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from learners.base import Learner
 from learners.river_peers import RiverFTRLProximal, RiverLogisticRegression
 from learners.vw_peer import VowpalWabbitLogistic, VWConfig
 
 __all__ = ["PEERS"]
 
-PEERS: dict[str, Callable[[int], Any]] = {
+PEERS: dict[str, Callable[[int], Learner]] = {
     "river_logreg": lambda seed: RiverLogisticRegression(seed=seed),
     "river_ftrl": lambda seed: RiverFTRLProximal(seed=seed),
     "vw": lambda seed: VowpalWabbitLogistic(VWConfig(), seed=seed),
