@@ -58,7 +58,9 @@ window (+60 s lateness) holds ~18,600 impressions: labels flow from about then o
 final watermark releases the last window at once.
 
 Goal (issue #8): >= 20,000 impressions/s end to end on 2 cores.
-Writes ``bench/results/e2e.json`` (``e2e_quick.json``) and prints a table.
+Writes ``bench/results/e2e.json`` (``e2e_quick.json``) and prints a table
+(:mod:`bench.e2e_table`); phase 1 is :mod:`bench.e2e_producer`, the measures of the others
+:mod:`bench.e2e_measures`.
 """
 
 from __future__ import annotations
