@@ -63,7 +63,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import bench_cli, machine, results_path, stamp, write_report
+from bench.run import bench_cli, machine, publish, stamp
+from bench.run import finite_or_dash as _f
 from learners.delayed_feedback import check_loss_for_scheme, fnc_correct
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
@@ -359,14 +360,7 @@ def main(
         },
         "results": results,
     }
-    write_report(report, out := results_path(results_dir, "delayed_feedback", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
-
-
-def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, spec)
+    return publish(report, results_dir, "delayed_feedback", quick, table)
 
 
 def table(report: dict[str, Any]) -> str:

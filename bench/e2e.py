@@ -58,13 +58,14 @@ window (+60 s lateness) holds ~18,600 impressions: labels flow from about then o
 final watermark releases the last window at once.
 
 Goal (issue #8): >= 20,000 impressions/s end to end on 2 cores.
-Writes ``bench/results/e2e.json`` (``e2e_quick.json``) and prints a table.
+Writes ``bench/results/e2e.json`` (``e2e_quick.json``) and prints a table
+(:mod:`bench.e2e_table`); phase 1 is :mod:`bench.e2e_producer`, the measures of the others
+:mod:`bench.e2e_measures`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import shutil
@@ -89,104 +90,29 @@ from bench.e2e_measures import (
     stop_py_spy,
     summarize_profile,
 )
+from bench.e2e_producer import producer_alone
 from bench.e2e_table import goal_line, table
 from bench.run import machine, results_path, stamp, write_report
-from bench.workers import cpu_seconds, self_cpu_seconds, worker_processes
+from bench.workers import FINAL_GAP_S, cpu_seconds, self_cpu_seconds, worker_processes
 from logs.batches import ScoredBatch
-from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_SCORED, parse_input
+from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_SCORED
 from logs.io import read_log_frame, write_log
 from logs.synthetic import SyntheticConfig, write_synthetic
-from stream.app import topic_plan
 from stream.broker import (
     EmbeddedBroker,
-    create_topics,
     read_records,
 )
-from stream.envelope import decode_envelope, is_envelope
 from stream.replay import ReplayStats, replay
 from stream.settings import Settings
 
 FULL_N = 100_000
 QUICK_N = 10_000
 EVENT_RATE = 10.0  # impressions per second of event time in the synthetic log
-FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impression labelled
 GOAL_IMPRESSIONS_PER_S = 20_000.0
 WAIT_MIN_S, WAIT_RATE = 180.0, 100.0  # after the replay: wait max(180 s, n / 100/s)
 SCALE_OUT_WORKERS = 2  # workers of the scale-out phase (docs/DESIGN.md: more joiner workers)
 SPLIT_ROLES = ("joiner", "trainer")  # the split phase: one worker per side
 PROFILE_N = 20_000  # impressions of the profiled run (a prefix of the log)
-
-
-# --- phase 1: producer alone and plain consumers ----------------------------------------------
-
-
-async def _consume(bootstrap: str, expected: int, parse: bool) -> dict[str, Any]:
-    """Read ``impressions`` and ``clicks`` from the beginning with a plain aiokafka consumer
-    (no group) until ``expected`` records arrived (not up to ``end_offsets()``: Tansu
-    0.6.0 under-reports it, see :func:`stream.broker.read_records`)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        parts = [
-            TopicPartition(t, p)
-            for t in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)
-            for p in sorted(consumer.partitions_for_topic(t) or ())
-        ]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        n = 0
-        t0 = time.perf_counter()
-        deadline = time.monotonic() + 300
-        while n < expected and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-            for tp, records in batches.items():
-                n += len(records)
-                if parse:
-                    for r in records:
-                        try:
-                            if is_envelope(r.value):
-                                decode_envelope(r.value, tp.topic)
-                            else:
-                                parse_input(r.value, tp.topic)
-                        except ValueError:
-                            pass
-        seconds = time.perf_counter() - t0
-    finally:
-        await consumer.stop()
-    return {"records": n, "seconds": seconds, "records_per_s": n / seconds}
-
-
-def producer_alone(log_path: Path, run_dir: Path, fmt: str = "envelope") -> dict[str, Any]:
-    """Replay into a broker with no worker, then the plain consumers of what it wrote."""
-    with EmbeddedBroker(log_path=run_dir / f"tansu-producer-{fmt}.log") as broker:
-        settings = Settings(broker=broker.url)
-        create_topics(broker.url, topic_plan(settings))
-        cpu0 = self_cpu_seconds()
-        stats = replay(
-            log_path, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S, fmt=fmt
-        )
-        cpu = self_cpu_seconds() - cpu0
-        records = stats.records
-        raw = asyncio.run(_consume(broker.url, records, parse=False))
-        parsed = asyncio.run(_consume(broker.url, records, parse=True))
-    events = stats.impressions + stats.clicks
-    return {
-        "format": fmt,
-        "impressions": stats.impressions,
-        "clicks": stats.clicks,
-        "records": records,
-        "seconds": stats.seconds,
-        "records_per_s": records / stats.seconds,
-        "events_per_s": events / stats.seconds,
-        "impressions_per_s": stats.impressions / stats.seconds,
-        "producer_cpu_s": cpu,
-        "raw_consume": {**raw, "impressions_per_s": stats.impressions / raw["seconds"]},
-        "consume_parse": {**parsed, "impressions_per_s": stats.impressions / parsed["seconds"]},
-    }
 
 
 # --- phase 2: the pipeline ----------------------------------------------------------------------

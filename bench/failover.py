@@ -31,28 +31,12 @@ from typing import Any
 import aiohttp
 
 from bench.run import machine, results_path, stamp, write_report
+from bench.workers import STORE_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTIONS = 8
 LOAD_S = 12.0
 KILL_AT_S = 4.0
-CONFIG = """
-[ranker.encoder]
-num_buckets = 4096
-[two_tower.user_encoder]
-num_buckets = 4096
-max_cat_fields = 8
-max_num_fields = 0
-[two_tower.item_encoder]
-num_buckets = 4096
-max_cat_fields = 8
-max_num_fields = 4
-[indexer]
-refresh_s = 1.0
-[store]
-publish_every_s = 1.0
-poll_s = 0.5
-"""
 NGINX_MAIN = """pid {d}/nginx.pid;
 error_log {d}/error.log;
 events {{}}
@@ -129,7 +113,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         raise SystemExit("bench.failover needs nginx (apt-get install nginx-light)")
     d = Path(tempfile.mkdtemp(prefix="streamrec-failover-"))
     run = d / "stack"
-    (d / "streamrec.toml").write_text(CONFIG)
+    (d / "streamrec.toml").write_text(STORE_CONFIG)
     up = _cli("stack", "up", "--joiners", "1", "--serve", "2", "--run-dir", str(run),
               "--broker-port", "0", "--metrics-base-port", "0", "--web-base-port", "0",
               "--no-prometheus", "--config", str(d / "streamrec.toml"))  # fmt: skip

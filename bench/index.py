@@ -51,17 +51,24 @@ import math
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
-import torch
 
-from bench.run import OBD_CSV, OBD_DIR, bench_parser, machine, results_path, stamp, write_report
-from index.faiss_index import IndexConfig, IndexHolder, IndexSnapshot, build_snapshot
+from bench.index_tables import index_table as table
+from bench.run import (
+    OBD_CSV,
+    OBD_DIR,
+    bench_parser,
+    load_note,
+    machine,
+    publish,
+    stamp,
+)
+from bench.vectors import N_CENTERS, clustered, percentiles_ms, recall, search_latency, threads
+from index.faiss_index import IndexConfig, IndexHolder, build_snapshot
 from index.hard_negatives import HardNegativePool
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
@@ -72,7 +79,6 @@ from logs.synthetic import SyntheticConfig, click_propensity, generate
 from serving.recommender import Recommender, ServingConfig
 
 DIM = 64
-N_CENTERS = 1_000
 FULL_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (5_000, 20_000)
 KINDS = ("flat", "ivf", "hnsw")
@@ -92,55 +98,12 @@ FULL_HNSW_SUBSET: int | None = None  # build every size fully
 HARD_RAMP = 10_000  # clicks; the full log has ~32k training clicks
 
 
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run with ``n`` torch intra-op and FAISS OpenMP threads, then restore both."""
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        faiss.omp_set_num_threads(before[1])
-
-
-def clustered(n: int, seed: int) -> np.ndarray:
-    """(n, DIM) float32 unit vectors: a random one of ``N_CENTERS`` centres plus N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(12345).standard_normal((N_CENTERS, DIM)).astype(np.float32)
-    x = centers[rng.integers(0, N_CENTERS, n)]
-    x += rng.standard_normal((n, DIM), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def recall(got: np.ndarray, want: np.ndarray) -> float:
-    hits = sum(len(set(a) & set(b)) for a, b in zip(got.tolist(), want.tolist(), strict=True))
-    return hits / want.size
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    ms = 1e3 * np.asarray(seconds)
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
-
-
-def single_query_latency(snap: IndexSnapshot, queries: np.ndarray) -> dict[str, float]:
-    times = []
-    with threads(1):
-        for q in queries:
-            t = time.perf_counter()
-            snap.search(q[None, :], K)
-            times.append(time.perf_counter() - t)
-    return percentiles_ms(times)
-
-
 def index_kinds(sizes: tuple[int, ...], hnsw_subset: int | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for n in sizes:
-        vecs = clustered(n, seed=n)
+        vecs = clustered(n, DIM, seed=n)
         ids = [f"i{j}" for j in range(n)]
-        queries = clustered(RECALL_QUERIES + LATENCY_QUERIES, seed=n + 1)
+        queries = clustered(RECALL_QUERIES + LATENCY_QUERIES, DIM, seed=n + 1)
         q_recall, q_latency = queries[:RECALL_QUERIES], queries[RECALL_QUERIES:]
         exact: dict[int, np.ndarray] = {}
         for kind in KINDS:
@@ -169,7 +132,7 @@ def index_kinds(sizes: tuple[int, ...], hnsw_subset: int | None) -> list[dict[st
                 "measured_on": m,
                 "build_s": build_s,
                 "recall_at_10": recall(got, exact[m]),
-                **single_query_latency(snap, q_latency),
+                **search_latency(snap, q_latency, K),
             }
             if kind == "ivf":
                 row["nlist"], row["nprobe"] = cfg.ivf_cells(m), cfg.ivf_nprobe
@@ -429,8 +392,7 @@ def main(
         else:
             notes.append(f"OBD sample not found at {OBD_DIR}: obd rows skipped")
     notes.append(
-        f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
-        f"end, on {os.cpu_count()} CPUs (timings are wall clock; a shared machine inflates them)"
+        load_note(load_before) + " (timings are wall clock; a shared machine inflates them)"
     )
     report: dict[str, Any] = {
         **stamp("index", quick),
@@ -448,65 +410,7 @@ def main(
         "recommend": recommend,
         "retrieval": retrieval,
     }
-    write_report(report, out := results_path(results_dir, "index", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
-
-
-def table(report: dict[str, Any]) -> str:
-    """Markdown: the index kinds, the recommend latency line, and the recall@10 table."""
-    lines = [
-        "| items | kind | build s | recall@10 vs exact | query p50 ms | query p99 ms | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["index"]["results"]:
-        extra = ""
-        if r["kind"] == "ivf":
-            extra = f"nlist {r['nlist']}, nprobe {r['nprobe']}"
-        elif r["kind"] == "hnsw":
-            extra = f"M {r['m']}, efSearch {r['ef_search']}"
-        if r.get("note"):
-            extra += f"; build extrapolated from {r['measured_on']:,}"
-        lines.append(
-            f"| {r['n']:,} | {r['kind']} | {r['build_s']:.2f} | {r['recall_at_10']:.3f} | "
-            f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {extra} |"
-        )
-    rec = report["recommend"]
-    lines += [
-        "",
-        f"Recommend (k={rec['k']}, {rec['candidates']} candidates, {rec['items']:,}-item "
-        f"{rec['index_kind']} index, {rec['retrieval_model']} retrieval, {rec['ranker']}): "
-        f"p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, "
-        f"{rec['requests_per_s']:.0f} requests/s sequential (retrieve p50 "
-        f"{rec['retrieve_p50_ms']:.2f} ms, rank p50 {rec['rank_p50_ms']:.2f} ms).",
-        "",
-        "| log | test clicks | items | "
-        + " | ".join(
-            f"{m} recall@10"
-            for m in ("two_tower", "two_tower_info_nce", "two_tower_hard_negatives")
-        )
-        + " | popularity | random | segment oracle | oracle |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for log, r in report["retrieval"].items():
-        models = r["models"]
-        cells = [
-            f"{models[m]['recall_at_10']:.4f}" if m in models else "-"
-            for m in (
-                "two_tower",
-                "two_tower_info_nce",
-                "two_tower_hard_negatives",
-                "popularity",
-                "random",
-                "segment_oracle",
-                "oracle",
-            )
-        ]
-        lines.append(
-            f"| {log} | {r['test_clicks']:,} | {r['items']:,} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines)
+    return publish(report, results_dir, "index", quick, table)
 
 
 def cli(argv: list[str] | None = None) -> int:

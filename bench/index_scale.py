@@ -49,8 +49,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bench.index import percentiles_ms, threads
-from bench.run import bench_parser, machine, results_path, stamp, write_report
+from bench.index_tables import index_scale_table as table
+from bench.run import bench_cli, load_note, machine, publish, stamp
+from bench.vectors import N_CENTERS, clustered, percentiles_ms, recall, search_latency, threads
 from index.faiss_index import (
     IndexConfig,
     IndexHolder,
@@ -82,7 +83,6 @@ REFRESH_PROBE = 20_000
 FULL_REQUESTS = 2_000
 QUICK_REQUESTS = 500
 WARMUP = 50
-N_CENTERS = 1_000
 
 
 def train_tower(seed: int = 0) -> tuple[TwoTowerModel, list[dict[str, object]], dict[str, Any]]:
@@ -151,31 +151,6 @@ def refresh(model: TwoTowerModel, rows: list[dict[str, object]]) -> tuple[np.nda
     }
 
 
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """(n, dim) float32 unit vectors: a random one of ``N_CENTERS`` centres plus N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(12345).standard_normal((N_CENTERS, dim)).astype(np.float32)
-    x = centers[rng.integers(0, N_CENTERS, n)]
-    x += rng.standard_normal((n, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def _recall(got: np.ndarray, want: np.ndarray) -> float:
-    hits = sum(len(set(a) & set(b)) for a, b in zip(got.tolist(), want.tolist(), strict=True))
-    return hits / want.size
-
-
-def _latency(snap: IndexSnapshot, queries: np.ndarray, k: int) -> dict[str, float]:
-    times = []
-    with threads(1):
-        for q in queries:
-            t = time.perf_counter()
-            snap.search(q[None, :], k)
-            times.append(time.perf_counter() - t)
-    return percentiles_ms(times)
-
-
 def _measure(
     snap: IndexSnapshot, q_recall: np.ndarray, q_latency: np.ndarray, exact: np.ndarray
 ) -> dict[str, Any]:
@@ -183,11 +158,11 @@ def _measure(
         got = snap.search(q_recall, CANDIDATES)[1]
     check = verify_snapshot(snap)
     return {
-        "recall_at_10": _recall(got[:, :10], exact[:, :10]),
-        "recall_at_200": _recall(got, exact),
+        "recall_at_10": recall(got[:, :10], exact[:, :10]),
+        "recall_at_200": recall(got, exact),
         "verify_recall_at_10": check.recall,
         "verify_ok": check.ok,
-        **_latency(snap, q_latency, CANDIDATES),
+        **search_latency(snap, q_latency, CANDIDATES),
     }
 
 
@@ -447,8 +422,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         "machine": {**machine(), "threads_query_and_serving": 1},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "notes": [
-            f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} "
-            f"at the end, on {os.cpu_count()} CPUs (wall clock on a shared machine)",
+            load_note(load_before) + " (wall clock on a shared machine)",
             f"chosen = lowest worst-case query p99 over both data sets with recall@10 and "
             f"recall@200 >= {TARGET_RECALL} and verify_snapshot passing on both",
         ],
@@ -473,48 +447,11 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         },
         "recommend": rec,
     }
-    write_report(report, out := results_path(results_dir, "index_scale", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
-
-
-def table(report: dict[str, Any]) -> str:
-    """Markdown: the sweep and the refresh / recommend lines."""
-    lines = [
-        "| data | kind | params | build s | recall@10 | recall@200 | verify recall@10 | "
-        "search(k=200) p50 ms | p99 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for data, rows in report["sweep"]["results"].items():
-        for r in rows:
-            params = ", ".join(
-                f"{k}={r[k]}" for k in ("nlist", "nprobe", "m", "ef_search") if k in r
-            )
-            lines.append(
-                f"| {data} | {r['kind']} | {params} | {r['build_s']:.1f} | "
-                f"{r['recall_at_10']:.3f} | {r['recall_at_200']:.3f} | "
-                f"{r['verify_recall_at_10']:.3f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |"
-            )
-    f, rec = report["refresh"], report["recommend"]
-    lines += [
-        "",
-        f"refresh: {f['items']:,} items, item tower {f['items_per_s']:,.0f} items/s (batch "
-        f"{f['batch_size']:,}), index build {f['index_build_s']:.1f} s, verify "
-        f"{f['verify_s']:.1f} s",
-        f"chosen: {report['sweep']['chosen']}",
-        f"recommend (k=10, {rec['candidates']} candidates, {rec['items']:,} items, "
-        f"{rec['index_kind']}): p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, "
-        f"{rec['requests_per_s']:.0f} req/s; bar p99 <= 20 ms: {rec['meets_bar']}",
-    ]
-    return "\n".join(lines)
+    return publish(report, results_dir, "index_scale", quick, table)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = bench_parser("index_scale", __doc__, "100k items instead of 1M")
-    args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir)
-    return 0
+    return bench_cli("index_scale", __doc__, "100k items instead of 1M", main, argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
+from bench.run import OBD_CSV, bench_cli, machine, publish, stamp
 from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
 from logs.io import log_impressions, read_log_frame
 from logs.obd import read_obd
@@ -301,10 +301,7 @@ def main(quick: bool = False, results_dir: Path | None = None) -> dict[str, Any]
         "in_process": in_process,
         "broker": broker_runs,
     }
-    write_report(report, out := results_path(results_dir, "joiner", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
+    return publish(report, results_dir, "joiner", quick, table)
 
 
 def _row(r: dict[str, Any]) -> str:

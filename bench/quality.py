@@ -58,6 +58,7 @@ import logs.io
 import logs.log_format
 import logs.synthetic
 from bench.run import OBD_CSV, OBD_DIR, bench_cli, machine, results_path, stamp, write_report
+from bench.run import finite_or_dash as _f
 from learners.peers import PEERS
 from learners.ranker import MODELS, RankerConfig, TorchRanker
 from learners.util import atomic_write
@@ -340,10 +341,6 @@ def _load_note(start: float, end: float) -> str:
         "(above the CPU count, other processes slowed the examples/s; the quality numbers "
         "do not depend on it)"
     )
-
-
-def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from bench.quality import LEARNERS
-from bench.run import OBD_CSV, bench_cli, machine, results_path, stamp, write_report
+from bench.run import OBD_CSV, bench_cli, machine, publish, stamp
 from learners.ranker import RankerConfig, TorchRanker
 from logs.obd import read_obd
 from logs.offline import LogExamples, evaluate, log_examples
@@ -219,10 +219,7 @@ def main(
         "history_world": HISTORY_WORLD,
         "datasets": datasets,
     }
-    write_report(report, out := results_path(results_dir, NAME, quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
+    return publish(report, results_dir, NAME, quick, table)
 
 
 def _f(x: Any, spec: str = ".4f") -> str:

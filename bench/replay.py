@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import bench_cli, machine, results_path, stamp, write_report
+from bench.run import bench_cli, machine, publish, stamp
 from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, InvalidEvent
 from logs.io import read_log_frame, write_log
 from logs.synthetic import SyntheticConfig, write_synthetic
@@ -119,10 +119,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
             "ratio": env / GOAL_EVENTS_PER_S,
         },
     }
-    write_report(report, out := results_path(results_dir, "replay", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
+    return publish(report, results_dir, "replay", quick, table)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from bench.history_models import K, World, WorldConfig, history_world
-from bench.run import bench_cli, machine, results_path, stamp, write_report
+from bench.run import bench_cli, machine, publish, stamp
 from index.faiss_index import IndexConfig, build_snapshot
 from index.hard_negatives import HardNegativePool
 from learners.retrieval_eval import retrieval_metrics
@@ -259,10 +259,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     print("hard negatives", flush=True)
     report["hard_negatives"] = run_variants(world, HARD, seeds)
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_report(report, out := results_path(results_dir, NAME, quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
+    return publish(report, results_dir, NAME, quick, table)
 
 
 def table(report: dict[str, Any]) -> str:

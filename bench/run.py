@@ -9,8 +9,9 @@ Each benchmark module ``bench.<name>`` exposes ``main(quick, *, results_dir) -> 
 (``bench.drift`` and ``bench.e2e``: ``run``), writes its JSON file and prints its table;
 ``table(report)`` (or ``markdown(report)``) gives its section of the README, and
 :mod:`bench.plots` draws ``<name>.png`` next to the JSON where a plot says more.
-This module also holds the helpers the benchmarks share: :func:`machine` and
-:func:`stamp`.
+This module also holds the helpers the benchmarks share: :func:`machine`, :func:`stamp`,
+:func:`load_note`, :func:`publish` (write the JSON, print the table), and the table cells
+:func:`or_dash` and :func:`finite_or_dash`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import sys
@@ -112,6 +114,40 @@ def bench_cli(
 def write_report(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def publish(
+    report: dict[str, Any],
+    results_dir: Path | None,
+    name: str,
+    quick: bool,
+    table: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """Write ``report`` to :func:`results_path`, print ``table(report)`` and the path
+    written; the report (a benchmark's ``main`` returns it)."""
+    write_report(report, out := results_path(results_dir, name, quick))
+    print(table(report))
+    print(f"wrote {out}")
+    return report
+
+
+def load_note(load_before: float) -> str:
+    """The report note on the machine's load: the 1-minute load average ``load_before``
+    (taken at the start) and now, and the CPU count."""
+    return (
+        f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+        f"the end, on {os.cpu_count()} CPUs"
+    )
+
+
+def or_dash(x: float | None, spec: str = ".2f") -> str:
+    """A table cell: ``format(x, spec)``, or ``-`` when ``x`` is None."""
+    return "-" if x is None else format(x, spec)
+
+
+def finite_or_dash(x: float | None, spec: str) -> str:
+    """A table cell: ``format(x, spec)``, or ``-`` when ``x`` is None, NaN or infinite."""
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 # Every benchmark module is ``bench.<name>`` and has ``main(quick, *, results_dir)`` (here

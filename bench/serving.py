@@ -45,8 +45,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.run import bench_cli, machine, results_path, stamp, write_report
-from bench.workers import worker_process
+from bench.run import bench_cli, load_note, machine, publish, stamp
+from bench.run import or_dash as _ms
+from bench.workers import FINAL_GAP_S, worker_process
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.broker import EmbeddedBroker, free_port
@@ -60,7 +61,6 @@ QUICK_LOG = SyntheticConfig(
     n_impressions=6_000, n_users=1_000, n_items=2_000, drift_at=None, seed=0,
     impressions_per_s=10.0,
 )  # fmt: skip
-FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impression labelled
 BUSY_CONCURRENCY = 4
 IDLE_CONCURRENCY = (1, 4, 16)
 SCORE_CONCURRENCY = 4
@@ -208,6 +208,14 @@ def _print(p: dict[str, Any]) -> None:
     )
 
 
+def non_200(p: dict[str, Any]) -> dict[str, Any]:
+    """A phase summary's (:meth:`Phase.summary`) answers other than 200, by status, and its
+    transport errors, by kind: the table's ``non-200`` cell."""
+    bad = {k: v for k, v in p["status"].items() if k != "200"}
+    bad.update(p["transport_errors"])
+    return bad
+
+
 def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, Any]:
     """Run the phases, write the JSON, print the table; the report."""
     cfg = QUICK_LOG if quick else FULL_LOG
@@ -283,8 +291,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     notes = [
         "client (aiohttp), worker and broker share this machine's cores; the client's own "
         "CPU time is part of every latency",
-        f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
-        f"the end, on {os.cpu_count()} CPUs",
+        load_note(load_before),
     ]
     report: dict[str, Any] = {
         **stamp("serving", quick),
@@ -300,14 +307,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         "phases": phases,
         "notes": notes,
     }
-    write_report(report, out := results_path(results_dir, "serving", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+    return publish(report, results_dir, "serving", quick, table)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -320,8 +320,7 @@ def table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in report["phases"]:
-        bad = {k: v for k, v in p["status"].items() if k != "200"}
-        bad.update(p["transport_errors"])
+        bad = non_200(p)
         lines.append(
             f"| {p['phase']} | {p['endpoint']} | {p['concurrency']} | {p['requests']:,} | "
             f"{p['ok_per_s'] or 0:,.1f} | {_ms(p['p50_ms'])} | {_ms(p['p90_ms'])} | "

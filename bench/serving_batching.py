@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.index import percentiles_ms, threads
 from bench.index_scale import catalogue_rows, train_tower
-from bench.run import bench_cli, machine, results_path, stamp, write_report
+from bench.run import bench_cli, load_note, machine, publish, stamp
+from bench.vectors import percentiles_ms, threads
 from index.faiss_index import IndexHolder, build_snapshot
 from learners.calibration import PlattCalibrator
 from learners.ranker import RankerConfig, TorchRanker
@@ -144,15 +144,11 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         report["modes"]["batched"]["mean_batch"] = batcher.n_requests / max(batcher.n_batches, 1)
         report["modes"]["batched"]["max_batch_seen"] = batcher.max_seen
     report["notes"] = [
-        f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
-        f"the end, on {os.cpu_count()} CPUs (wall clock on a shared machine)",
+        load_note(load_before) + " (wall clock on a shared machine)",
         "closed loop: each client sends its next request when the previous one is answered",
     ]
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    write_report(report, out := results_path(results_dir, NAME, quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
+    return publish(report, results_dir, NAME, quick, table)
 
 
 def table(report: dict[str, Any]) -> str:

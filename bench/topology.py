@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import bench_cli, machine, results_path, stamp, write_report
-from bench.serving import FINAL_GAP_S, FULL_LOG, QUICK_LOG, Phase, Traffic, load, wait_ready
-from bench.workers import WorkerProc, worker_processes
+from bench.run import bench_cli, machine, publish, stamp
+from bench.run import or_dash as _f
+from bench.serving import FULL_LOG, QUICK_LOG, Phase, Traffic, load, non_200, wait_ready
+from bench.workers import FINAL_GAP_S, WorkerProc, worker_processes
 from logs.synthetic import write_synthetic
 from modelstore.store import DirectoryStore, StoreError
 from stream.broker import EmbeddedBroker
@@ -256,14 +257,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
             "newer one) - the version's manifest created_at (50 ms polling included)",
         ],
     }
-    write_report(report, out := results_path(results_dir, "topology", quick))
-    print(table(report))
-    print(f"wrote {out}")
-    return report
-
-
-def _f(v: float | None, fmt: str = ".2f") -> str:
-    return "-" if v is None else format(v, fmt)
+    return publish(report, results_dir, "topology", quick, table)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -283,8 +277,7 @@ def table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for ph in report["phases"]:
-        bad = {k: v for k, v in ph["status"].items() if k != "200"}
-        bad.update(ph["transport_errors"])
+        bad = non_200(ph)
         lines.append(
             f"| {ph['phase']} | {ph['concurrency']} | {ph['requests']:,} | "
             f"{ph['ok_per_s'] or 0:,.1f} | {_f(ph['p50_ms'])} | {_f(ph['p99_ms'])} | "

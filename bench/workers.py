@@ -3,7 +3,10 @@
 :func:`worker_processes` starts ``python -m stream.cli worker`` processes of one consumer
 group and yields them once they are ready (:class:`WorkerProc`: the process, its log and its
 ``/metrics`` URL), and :func:`cpu_seconds` / :func:`self_cpu_seconds` read the CPU time of a
-process (Linux ``/proc``) and of this one.
+process (Linux ``/proc``) and of this one. :data:`FINAL_GAP_S` is the final watermark gap
+(seconds) a replay ends with so that the workers label every impression, and
+:data:`STORE_CONFIG` the small ``streamrec.toml`` of the runs that publish to a model store
+(:mod:`bench.failover`, the ``stack`` integration test).
 """
 
 from __future__ import annotations
@@ -24,12 +27,34 @@ from stream.broker import free_port, wait_for_port
 from stream.demo import scrape
 
 __all__ = [
+    "FINAL_GAP_S",
+    "STORE_CONFIG",
     "WorkerProc",
     "cpu_seconds",
     "self_cpu_seconds",
     "worker_process",
     "worker_processes",
 ]
+
+FINAL_GAP_S = 1800.0 + 60.0 + 1.0  # join window + lateness + 1: every impression labelled
+#: Small hashed encoders, a 1 s index refresh and 1 s store publishes / 0.5 s polls.
+STORE_CONFIG = """
+[ranker.encoder]
+num_buckets = 4096
+[two_tower.user_encoder]
+num_buckets = 4096
+max_cat_fields = 8
+max_num_fields = 0
+[two_tower.item_encoder]
+num_buckets = 4096
+max_cat_fields = 8
+max_num_fields = 4
+[indexer]
+refresh_s = 1.0
+[store]
+publish_every_s = 1.0
+poll_s = 0.5
+"""
 
 
 def cpu_seconds(pid: int) -> float:

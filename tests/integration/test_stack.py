@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bench.workers import STORE_CONFIG
 from stream.demo import scrape
 from stream.stack import find_prometheus, pid_alive
 
@@ -161,25 +162,6 @@ def test_stack_roles_order_joiners_one_trainer_then_replicas() -> None:
         "joiner", "joiner", "trainer", "serve", "serve"]  # fmt: skip
     assert StackConfig(workers=2).roles() == ["all", "all"]
     assert StackConfig(serve=1).roles() == ["trainer", "serve"]
-
-
-STORE_CONFIG = """
-[ranker.encoder]
-num_buckets = 4096
-[two_tower.user_encoder]
-num_buckets = 4096
-max_cat_fields = 8
-max_num_fields = 0
-[two_tower.item_encoder]
-num_buckets = 4096
-max_cat_fields = 8
-max_num_fields = 4
-[indexer]
-refresh_s = 1.0
-[store]
-publish_every_s = 1.0
-poll_s = 0.5
-"""
 
 
 def test_stack_up_joiners_trainer_and_serve_replicas(tmp_path: Path) -> None:

@@ -93,22 +93,22 @@ def test_quality_reports_the_default_ranker_goals_against_the_peers(tmp_path: Pa
 
 
 def test_calibration_quick_measures_every_learner_and_renders(tmp_path: Path) -> None:
-    from bench import calibration
+    from bench import calibration, calibration_summary
 
     report = calibration.main(quick=True, results_dir=tmp_path)
 
     written = json.loads((tmp_path / "calibration_quick.json").read_text())
     assert written["command"] == "python -m bench.calibration --quick"
-    assert set(written["learners"]) == set(calibration.LEARNERS)
-    recal = written["learners"][calibration.RECAL]["abrupt"]
+    assert set(written["learners"]) == set(calibration_summary.LEARNERS)
+    recal = written["learners"][calibration_summary.RECAL]["abrupt"]
     assert recal["seeds"] == 1 and len(recal["recovery_10"]) == 1
     assert recal["detection_delay"][0] is not None  # the x1.6 jump is detected
-    assert written["goal"]["fastest_peer"] in calibration.PEERS
+    assert written["goal"]["fastest_peer"] in calibration_summary.PEERS
     assert report["machine"]["workers"] >= 1
     readme = run.render(quick=True, results_dir=tmp_path).read_text()
-    assert "## calibration" in readme and f"| {calibration.RECAL} |" in readme
+    assert "## calibration" in readme and f"| {calibration_summary.RECAL} |" in readme
     assert "Goal: streamrec (recalibrated) back within" in readme
-    traj = written["runs"][0]["learners"][calibration.RECAL]["trajectory"]
+    traj = written["runs"][0]["learners"][calibration_summary.RECAL]["trajectory"]
     assert len(traj["row"]) == len(traj["ratio"]) > 10 and traj["row"] == sorted(traj["row"])
     assert any(r is not None and 0.5 < r < 2 for r in traj["ratio"])
     assert "![calibration](calibration_quick.png)" in readme
