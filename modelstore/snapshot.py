@@ -250,17 +250,20 @@ def load_snapshot(
     device: str | None = None,
     optimizer: bool = False,
     hard_negatives: HardNegativeSource | None = None,
+    fnc: bool | None = None,
 ) -> LoadedModels:
     """Verify (sizes, SHA-256) then load ``version``: what serving needs, and with
     ``optimizer`` the optimiser moments too (a resuming trainer), and the two-tower gets
-    the ``hard_negatives`` source. Raises :class:`StoreError`."""
+    the ``hard_negatives`` source. ``fnc`` (None: the snapshot's own) sets the ranker's FNC
+    output link, so that a snapshot written before the link was part of the ranker's
+    config serves corrected scores under ``trainer.fnc``. Raises :class:`StoreError`."""
     m = store.open(version, only=None if optimizer else SERVING_FILES)
     d = m.path
     if "ranker.pt" not in m.files or "calibrator.json" not in m.files:
         raise StoreError("corrupt", f"version {version}: no ranker.pt or calibrator.json")
     try:
         ranker = TorchRanker.from_state(
-            _load_split(d, "ranker", optimizer), device=device, online=True
+            _load_split(d, "ranker", optimizer), device=device, online=True, fnc=fnc
         )
         two_tower = (
             TwoTowerModel.from_state(
@@ -289,9 +292,12 @@ class ModelReplica:
     ``current`` is replaced by one assignment: a request reads it once.
     """
 
-    def __init__(self, store: DirectoryStore, device: str | None = "cpu") -> None:
+    def __init__(
+        self, store: DirectoryStore, device: str | None = "cpu", fnc: bool | None = None
+    ) -> None:
         self.store = store
         self.device = device
+        self.fnc = fnc  # the FNC output link of every loaded ranker (None: the snapshot's)
         self.current: LoadedModels | None = None
         self.failures: dict[str, int] = {}
         self.n_failures = 0
@@ -351,7 +357,7 @@ class ModelReplica:
                 if version in self.bad:
                     continue
                 try:
-                    loaded = load_snapshot(self.store, version, self.device)
+                    loaded = load_snapshot(self.store, version, self.device, fnc=self.fnc)
                 except StoreError as exc:
                     if exc.reason == "missing":  # pruned meanwhile: try the next one
                         continue

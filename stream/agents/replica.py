@@ -34,6 +34,7 @@ class ReplicaAgents:
         self.replica = ModelReplica(
             DirectoryStore(settings.model_store, keep=settings.store.keep),
             device=settings.ranker.device,
+            fnc=settings.trainer.fnc,
         )
         self.refresh_soon = asyncio.Event()
         self._reported: dict[str, int] = {}

@@ -372,7 +372,7 @@ class TrainerService:
             try:
                 loaded = load_snapshot(
                     store, version, device=self.settings.ranker.device, optimizer=True,
-                    hard_negatives=self._hard_negatives,
+                    hard_negatives=self._hard_negatives, fnc=self.settings.trainer.fnc,
                 )  # fmt: skip
             except StoreError as exc:
                 log.warning("model store: cannot resume from version %d: %s", version, exc)

@@ -15,6 +15,7 @@ import torch
 from index.faiss_index import IndexConfig, build_snapshot
 from learners.calibration import LogitShiftCalibrator, PlattCalibrator
 from learners.encoding import EncoderConfig
+from learners.links import fnc_correct
 from learners.ranker import RankerConfig, TorchRanker
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
 from modelstore.snapshot import (
@@ -236,3 +237,24 @@ def test_serving_skips_the_optimiser_files_a_resuming_trainer_needs(tmp_path: Pa
     with pytest.raises(StoreError) as exc:
         load_snapshot(store, m.version, optimizer=True)
     assert exc.value.reason == "checksum"
+
+
+def test_a_replica_applies_the_workers_fnc_link_to_a_snapshot_written_without_it(
+    tmp_path: Path,
+) -> None:
+    """A snapshot from before FNC was part of the ranker's config (or from a trainer with
+    it off) serves FNC-corrected scores on a replica configured with ``trainer.fnc``."""
+    ranker, tt = _models()
+    assert not ranker.config.fnc
+    store = DirectoryStore(tmp_path, keep=2)
+    publish_snapshot(store, ranker, tt, None, LogitShiftCalibrator(b=0.0), calibrator_version=1)
+    rows = [{"user_id": "u1", "item_id": f"i{j}", "device": "ios"} for j in range(13)]
+    p = ranker.predict_proba_many(rows)
+    plain, with_fnc = ModelReplica(store), ModelReplica(store, fnc=True)
+    assert plain.refresh() is not None and with_fnc.refresh() is not None
+    assert plain.current is not None and with_fnc.current is not None
+    np.testing.assert_allclose(plain.current.ranker.predict_proba_many(rows), p, rtol=1e-6)
+    got = with_fnc.current.ranker.predict_proba_many(rows)
+    assert with_fnc.current.ranker.config.fnc
+    np.testing.assert_allclose(got, fnc_correct(p), rtol=1e-6)
+    assert not np.allclose(got, p)  # the link changes the scores: applied exactly once
