@@ -25,7 +25,7 @@ Faust's own pages (``/table/`` lists the join state, ``/router/`` the partition 
 >>> parse_json_body(b"[" * 200_000)
 Traceback (most recent call last):
 ...
-serving.recommender.ServingError: the body is not valid JSON (nested too deeply)
+serving.requests.ServingError: the body is not valid JSON (nested too deeply)
 """
 
 from __future__ import annotations
