@@ -181,6 +181,7 @@ class HostileInjector(threading.Thread):
 
 
 def _sum(m: dict[str, float], name: str) -> float:
+    """The sum of metric ``name`` over all its label sets in a scrape."""
     return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
 
 
@@ -244,7 +245,7 @@ def run(
                 )
                 wm = m.get("streamrec_event_time_watermark_seconds", math.nan)
                 replay_clock = ts0 + (time.time() - t_start) * speedup
-                state = sum(v for k, v in m.items() if k.startswith("streamrec_join_state_bytes"))
+                state = _sum(m, "streamrec_join_state_bytes")
                 rows.append({
                     "t_s": round(time.monotonic() - t0, 1),
                     "worker_rss_mb": round(rss_mb(worker.proc.pid), 1),
@@ -270,8 +271,7 @@ def run(
                     "score_ms_p50": round(float(np.quantile(lat, 0.5)), 2) if lat else None,
                     "score_ms_p99": round(float(np.quantile(lat, 0.99)), 2) if lat else None,
                     "score_errors": requests - len(lat),
-                    "stage_errors": sum(v for k, v in m.items()
-                                        if k.startswith("streamrec_stage_errors_total")),
+                    "stage_errors": _sum(m, "streamrec_stage_errors_total"),
                 })  # fmt: skip
                 buckets = {k: v for k, v in m.items() if k.startswith(FRESHNESS + "_bucket")}
                 fresh = _delta(buckets, hists[-1] if hists else {})
