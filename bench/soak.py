@@ -13,6 +13,11 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
 
 - ``worker_rss_mb``, ``broker_rss_mb`` (``/proc/<pid>/status`` VmRSS; the broker keeps
   every record in memory, so its growth is the harness's, not the worker's);
+  ``worker_rss_min_mb``/``max_mb``: the extremes of the worker's RSS sampled every
+  ``--rss-every-s`` seconds (5) over the row's interval (:mod:`bench.memory_series`): the
+  minimum is the floor left once transient copies are freed; ``rss_heap_mb``,
+  ``rss_anon_mb``, ``rss_file_mb``: the RSS split by kind of mapping (brk heap, other
+  anonymous, file-backed), to attribute growth;
 - state sizes: ``join_state_bytes`` (pending + done + orphans, the joiner's estimate),
   ``pending``, ``orphans_waiting``, ``join_state_entries``, ``feature_state_bytes`` (the
   feature stages' estimate; the soak sets ``feature_max_bytes`` to 128 MiB so that the
@@ -29,7 +34,10 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
 
 The report (``bench/results/soak_<minutes>m.json``, and ``.png`` with matplotlib) gives the
 least-squares slopes after ``--warmup-frac`` of the run (default the first third): RSS in
-MB/hour and % of its mean per hour (bar: < 1 %/h), disk in MB/hour; and label -> update
+MB/hour and % of its mean per hour (bar: < 1 %/h), disk in MB/hour; ``memory_fits``: for
+RSS, its floor and each kind of mapping, the least-squares slope with its standard error,
+Theil-Sen's slope and whether slope + 2 SE is below 1 % of the mean RSS per hour (the bar
+resolved, not only met by a noisy estimate); and label -> update
 p50/p99 over everything after the warm-up (a paced rate, unlike ``bench.e2e``'s backlog).
 
 ``--hostile-per-s N`` mixes hostile input into the same run (:mod:`bench.hostile`): every
@@ -61,6 +69,7 @@ import numpy as np
 
 from bench.e2e_measures import histogram_quantile
 from bench.hostile import HOSTILE_CONTROL, hostile_records
+from bench.memory_series import RssSampler, SlopeFit, rss_breakdown_mb, rss_mb, slope_fit
 from bench.run import RESULTS_DIR, machine, write_report
 from bench.workers import worker_process
 from logs.events import TOPIC_CONTROL
@@ -91,19 +100,6 @@ keep = 5
 """
 
 
-def rss_mb(pid: int | None) -> float:
-    """Resident set size of a live process, MB (``/proc``); nan if unknown."""
-    if pid is None:
-        return math.nan
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
-
-
 def du_mb(path: Path) -> float:
     """Bytes of the regular files under ``path`` (symlinks not followed), MB."""
     total = 0
@@ -122,11 +118,22 @@ def slope_per_hour(t_s: list[float], y: list[float]) -> float | None:
     >>> round(slope_per_hour([0, 60, 120], [100.0, 101.0, 102.0]), 6)
     60.0
     """
-    pts = [(t, v) for t, v in zip(t_s, y, strict=True) if math.isfinite(v)]
-    if len(pts) < 3:
+    fit = slope_fit(t_s, y)
+    return None if fit is None else fit.ols
+
+
+def _fit_row(fit: SlopeFit | None, mean: float) -> dict[str, Any] | None:
+    if fit is None:
         return None
-    t, v = np.asarray(pts).T
-    return float(np.polyfit(t, v, 1)[0] * 3600.0)
+    return {
+        "ols_mb_per_h": round(fit.ols, 2),
+        "se_mb_per_h": round(fit.se, 2),
+        "theil_sen_mb_per_h": round(fit.theil_sen, 2),
+        "ols_pct_per_h": round(100 * fit.ols / mean, 2),
+        "ols_plus_2se_pct_per_h": round(100 * (fit.ols + 2 * fit.se) / mean, 2),
+        "resolved_below_1pct_per_h": fit.resolved_below(0.01 * mean),
+        "points": fit.n,
+    }
 
 
 def _score_latencies(web: str, items: list[str], n: int) -> list[float]:
@@ -195,6 +202,7 @@ def run(
     keep: bool = False,
     users: int = DEFAULT_USERS,
     hostile_per_s: float = 0.0,
+    rss_every_s: float = 5.0,
 ) -> dict[str, Any]:
     duration = minutes * 60.0
     speedup = rate / EVENT_RATE
@@ -221,6 +229,8 @@ def run(
                 str(ckpt), "--web-port", str(web_port))  # fmt: skip
         with worker_process(broker.url, run_dir, extra_args=args) as worker:
             t_start = time.time()
+            sampler = RssSampler(worker.proc.pid, rss_every_s)
+            sampler.start()
 
             def produce() -> None:
                 replay(log, broker.url, speedup=speedup, progress=False,
@@ -246,9 +256,18 @@ def run(
                 wm = m.get("streamrec_event_time_watermark_seconds", math.nan)
                 replay_clock = ts0 + (time.time() - t_start) * speedup
                 state = _sum(m, "streamrec_join_state_bytes")
+                rss_now = rss_mb(worker.proc.pid)
+                between = [*sampler.take(), rss_now]  # the interval's samples and now
+                kinds = rss_breakdown_mb(worker.proc.pid)
                 rows.append({
                     "t_s": round(time.monotonic() - t0, 1),
-                    "worker_rss_mb": round(rss_mb(worker.proc.pid), 1),
+                    "worker_rss_mb": round(rss_now, 1),
+                    "worker_rss_min_mb": round(min(between), 1),
+                    "worker_rss_max_mb": round(max(between), 1),
+                    "rss_samples": len(between),
+                    "rss_heap_mb": round(kinds["heap"], 1),
+                    "rss_anon_mb": round(kinds["anon"], 1),
+                    "rss_file_mb": round(kinds["file"], 1),
                     "broker_rss_mb": round(rss_mb(broker.pid), 1),
                     "join_state_bytes": state,
                     "pending": m.get("streamrec_pending_impressions", math.nan),
@@ -281,6 +300,7 @@ def run(
                 if hostile_per_s > 0:
                     rows[-1] |= _hostile_row(hostile, m)
                 print(json.dumps(rows[-1]), flush=True)
+            sampler.stop()
             worker.check()  # it never exited
             hostile.stop.set()
             producer.join(timeout=120)  # its last records and the final watermark
@@ -291,6 +311,7 @@ def run(
                 final = _hostile_row(hostile, scrape(worker.metrics_url))
     report = summarize(rows, minutes=minutes, rate=rate, warmup_frac=warmup_frac)
     report["users"] = users
+    report["rss_every_s"] = rss_every_s
     report["command"] += f" --users {users}" + (
         f" --hostile-per-s {hostile_per_s:g}" if hostile_per_s > 0 else ""
     )
@@ -352,6 +373,18 @@ def summarize(
     rss = [r["worker_rss_mb"] for r in cut]
     mean_rss = float(np.nanmean(rss)) if rss else math.nan
     rss_slope = slope_per_hour(t, rss)
+    floor = [r.get("worker_rss_min_mb", math.nan) for r in cut]
+    fits = {
+        "worker_rss": _fit_row(slope_fit(t, rss), mean_rss),
+        # the floor: each row's minimum over its interval's samples (transient copies freed)
+        "worker_rss_floor": _fit_row(slope_fit(t, floor), mean_rss),
+        **{
+            f"rss_{kind}": _fit_row(
+                slope_fit(t, [r.get(f"rss_{kind}_mb", math.nan) for r in cut]), mean_rss
+            )
+            for kind in ("heap", "anon", "file")
+        },
+    }
     disk = [r["data_dir_mb"] + r["store_mb"] + r["checkpoints_mb"] for r in cut]
     return {
         "benchmark": "soak",
@@ -375,6 +408,7 @@ def summarize(
                 t, [r["feature_state_bytes"] for r in cut]
             ),
             "feature_max_bytes": FEATURE_MAX_BYTES,
+            "memory_fits": fits,
             "max_store_versions": max((r["store_versions"] for r in rows), default=0),
             "max_checkpoint_files": max((r["checkpoint_files"] for r in rows), default=0),
             "max_lag_events": max((r["lag_events"] for r in rows), default=None),
@@ -400,7 +434,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     t = [r["t_s"] / 60 for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     series = [
-        (axes[0, 0], [("worker_rss_mb", "worker RSS"), ("broker_rss_mb", "broker RSS")], "MB"),
+        (
+            axes[0, 0],
+            [
+                ("worker_rss_mb", "worker RSS"),
+                ("worker_rss_min_mb", "worker RSS floor"),
+                ("broker_rss_mb", "broker RSS"),
+            ],
+            "MB",
+        ),
         (
             axes[0, 1],
             [
@@ -415,7 +457,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ]
     for ax, keys, unit in series:
         for key, label in keys:
-            ax.plot(t, [np.nan if r[key] is None else r[key] for r in rows], label=label)
+            ax.plot(t, [np.nan if r.get(key) is None else r[key] for r in rows], label=label)
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
     for ax in axes[1]:
@@ -446,12 +488,14 @@ def cli(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--hostile-per-s", type=float, default=0.0,
                    help="hostile records per second mixed in (bench.hostile); 0: none")  # fmt: skip
+    p.add_argument("--rss-every-s", type=float, default=5.0,
+                   help="RSS samples between rows (each row keeps their min and max)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, data)")
     p.add_argument("--results-dir", type=Path, default=None, help=f"default {RESULTS_DIR}")
     a = p.parse_args(argv)
     run(5.0 if a.quick else a.minutes, a.rate, a.sample_s, a.requests, a.warmup_frac,
         results_dir=a.results_dir, keep=a.keep, users=a.users,
-        hostile_per_s=a.hostile_per_s)  # fmt: skip
+        hostile_per_s=a.hostile_per_s, rss_every_s=a.rss_every_s)  # fmt: skip
     return 0
 
 
