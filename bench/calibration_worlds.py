@@ -51,7 +51,7 @@ from typing import Any, cast
 import numpy as np
 
 from bench.fresh_labels import measure
-from bench.pipeline_sim import World, make_world, simulate
+from bench.pipeline_sim import SimResult, World, make_world, simulate
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from learners.ranker import TorchRanker
 from logs.offline import log_examples, pretrain
@@ -81,8 +81,10 @@ def prime_rows(rate_per_min: float) -> int:
     return int(min(max(rate_per_min / 60.0 * 3 * DELAY_MEAN_S, 500), 30_000))
 
 
-def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
-    """One pipeline run: :func:`bench.fresh_labels.measure` plus monitor counts."""
+def run_world(policy: str, w: World, history: int) -> tuple[SimResult, int, int | None]:
+    """Simulate world ``w`` through the worker's services with ``policy``, the ranker
+    pretrained on ``history`` impressions of it: the result, the rows streamed before the
+    measured part (``prime``) and the drift's row within the measured part (None)."""
     import torch
 
     torch.set_num_threads(1)
@@ -105,8 +107,13 @@ def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     res = simulate(df, s, seed=w.seed, ranker=ranker)
+    return res, prime, None if drift is None else drift - history - prime
+
+
+def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
+    """One pipeline run: :func:`bench.fresh_labels.measure` plus monitor counts."""
+    res, prime, d = run_world(policy, w, history)
     m = slice(prime, None)
-    d = None if drift is None else drift - history - prime
     out = measure(res.p_serve[m], res.p_serve_raw[m], res.true_p[m], res.y[m], d)
     monitored = int(res.monitor["monitored"])
     out.update(

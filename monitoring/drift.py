@@ -13,6 +13,9 @@ recalibrating: it restarts the statistic and starts the cooldown).
   Page-Hinkley on the same residual.
 - :class:`~monitoring.drift_sequential.RiverDriftDetector` (``"adwin"``,
   ``"river_page_hinkley"``): River's detectors fed one residual at a time.
+- :class:`~monitoring.drift_wander.WanderDriftDetector` (``"wander_z"``): a window z-test
+  over blocks sized by expected clicks whose variance adds the learning model's own wander,
+  estimated from the stream.
 
 :func:`make_detector` builds any of them by name. :class:`SegmentedDriftDetector` runs one of
 these per segment (e.g. slate position) of a bounded set, so a drift confined to one segment
@@ -45,6 +48,7 @@ from monitoring.drift_sequential import (
     RiverDriftDetector,
     validate,
 )
+from monitoring.drift_wander import WanderConfig, WanderDriftDetector
 
 __all__ = [
     "DETECTOR_NAMES",
@@ -227,7 +231,7 @@ class CalibrationDriftDetector(AlarmState):
         self._cooldown_left = self.config.cooldown
 
 
-DETECTOR_NAMES = ("window_z", "cusum", "page_hinkley", "adwin", "river_page_hinkley")
+DETECTOR_NAMES = ("window_z", "cusum", "page_hinkley", "adwin", "river_page_hinkley", "wander_z")
 
 
 def make_detector(name: str, **params: Any) -> DriftDetector:
@@ -237,7 +241,8 @@ def make_detector(name: str, **params: Any) -> DriftDetector:
     (:class:`~monitoring.drift_sequential.CusumConfig`), ``"page_hinkley"``
     (:class:`~monitoring.drift_sequential.PageHinkleyConfig`), ``"adwin"`` and
     ``"river_page_hinkley"`` (:class:`~monitoring.drift_sequential.RiverDriftDetector`
-    keywords and River parameters).
+    keywords and River parameters), ``"wander_z"``
+    (:class:`~monitoring.drift_wander.WanderConfig`).
 
     >>> make_detector("cusum", h=40.0).config.h
     40.0
@@ -254,6 +259,8 @@ def make_detector(name: str, **params: Any) -> DriftDetector:
         return RiverDriftDetector("adwin", **params)
     if name == "river_page_hinkley":
         return RiverDriftDetector("page_hinkley", **params)
+    if name == "wander_z":
+        return WanderDriftDetector(WanderConfig(**params))
     raise ValueError(f"unknown detector {name!r}; expected one of {DETECTOR_NAMES}")
 
 
