@@ -206,6 +206,18 @@ def main(
     return report
 
 
+def rejudge(report: dict[str, Any], streams: Path) -> dict[str, Any]:
+    """``report`` with every run's detectors judged again on its saved stream (from a run
+    with ``STREAMREC_DRIFT_STREAMS=streams``): detectors can change without simulating."""
+    runs = []
+    for r in report["runs"]:
+        d = np.load(streams / f"{r['scenario']}_{r['rate_per_min']:g}_{r['seed']}.npz")
+        drift = int(d["drift"])
+        again = judge(d["p"], d["y"], d["true_p"], None if drift < 0 else drift)
+        runs.append({**r, **again})
+    return {**report, "runs": runs, "summary": summarize(runs), "detectors": list(DETECTORS)}
+
+
 def cli(argv: list[str] | None = None) -> int:
     return bench_cli("drift_worlds", __doc__, "60k/30k-impression logs, one seed", main, argv)
 

@@ -56,7 +56,12 @@ import numpy.typing as npt
 
 from monitoring.drift_sequential import AlarmState, validate
 
-__all__ = ["WanderConfig", "WanderDriftDetector"]
+__all__ = ["CHI2_1_TRIMMED_MEAN", "TRIM_KEEP", "WanderConfig", "WanderDriftDetector"]
+
+TRIM_KEEP = 0.9
+"""Share of the reference blocks (the smallest squared residuals) the wander is fitted on."""
+CHI2_1_TRIMMED_MEAN = 0.6230154841346819
+"""Mean of a chi-square(1) variable below its 90% quantile (2.7055): ``P(chi2(3) < q) / 0.9``."""
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,19 @@ class WanderDriftDetector(AlarmState):
         if len(ref) < cfg.min_ref_blocks:
             return
         o, e, v = (np.asarray(col, dtype=np.float64) for col in zip(*ref, strict=True))
-        ok = e > 0
-        excess = ((o[ok] - e[ok]) ** 2 - v[ok]) / e[ok] ** 2
-        self._tau2 = max(cfg.tau_floor**2, float(excess.mean()) if excess.size else 0.0)
+        ok = (e > 0) & (v > 0)
+        tau2 = 0.0
+        if ok.any():
+            # (O - E)^2 / V is chi2(1) times phi = 1 + tau2 E^2 / V under Gaussian wander.
+            # The mean of its lower 90% over blocks, over chi2(1)'s, estimates phi and is
+            # not moved by the few drifted blocks that enter the reference before an alarm
+            # Minus one standard error of that mean: with few blocks the estimate's own noise
+            # would otherwise pass for wander and blunt the test (a lower confidence bound)
+            r = np.sort((o[ok] - e[ok]) ** 2 / v[ok])
+            kept = r[: max(2, int(TRIM_KEEP * r.size))]
+            lcb = float(kept.mean() - kept.std(ddof=1) / math.sqrt(kept.size))
+            tau2 = (lcb / CHI2_1_TRIMMED_MEAN - 1.0) * float(np.mean(v[ok] / e[ok] ** 2))
+        self._tau2 = max(cfg.tau_floor**2, tau2)
         so = sum(w[0] for w in win)
         se = sum(w[1] for w in win)
         sv = sum(w[2] for w in win)

@@ -15,6 +15,7 @@ from learners.calibration import (
 from learners.recalibration import refit_on_alarm
 from logs.batches import ScoredBatch
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
+from monitoring.drift_wander import WanderDriftDetector
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
 from monitoring.windows import CalibrationWindow
@@ -95,6 +96,8 @@ class MonitorService:
         cfg = self.settings.monitor
         if cfg.detector == "window_z":
             return CalibrationDriftDetector(self.settings.drift)
+        if cfg.detector == "wander_z":
+            return WanderDriftDetector(self.settings.drift_wander)
         return make_detector(cfg.detector)
 
     def observe(self, batch: ScoredBatch) -> list[ControlRecord]:
