@@ -103,6 +103,8 @@ class FeatureStage:
         self._last_imp, self._last_clk = kr.last_imp, kr.last_clk
         self._labels = [_label(h) for h in c.half_lives_s]
         self._names: dict[str, list[tuple[str, str, str]]] = {}
+        # kind -> the features of a key never seen (in feature order)
+        self._empty: dict[str, dict[str, object]] = {}
         self._keys: dict[str, list[Any]] = {}
         # impression_id -> [ts, user, item, position, ((item_* name, value), ...), clicked]
         # (its keys are rebuilt when a click comes: ~3x smaller than keeping them)
@@ -165,11 +167,9 @@ class FeatureStage:
             return None
         cats = _categoricals(attrs)
         keys = self._key_list(user_id, item_id, position, cats)
-        feats = self._compute(ts, user_id, keys)
+        feats = self._compute(ts, user_id, keys, update=True)
         self.stats["impressions"] += 1
         self._imps[impression_id] = [ts, user_id, item_id, position, cats, 0]
-        for _, k in keys:
-            self._apply(k, ts, False)
         early = self._early.pop(impression_id, None)
         if early is not None:
             self._click_apply(self._imps[impression_id], early[0])
@@ -305,27 +305,42 @@ class FeatureStage:
                 for lab in self._labels
             ]
             self._names[ent] = names
+            empty: dict[str, object] = {}
+            for ni, nc, nr in names:
+                empty[ni] = 0.0
+                empty[nc] = 0.0
+                empty[nr] = self.config.ctr_prior
+            if ent == "ui":
+                empty["hist_ui_n"] = 0.0
+            self._empty[ent] = empty
         return names
 
-    def _compute(self, t: float, user: str, keys: list[tuple[str, str]]) -> dict[str, object]:
+    def _compute(
+        self, t: float, user: str, keys: list[tuple[str, str]], update: bool = False
+    ) -> dict[str, object]:
+        """The features at ``t`` of an impression of ``user`` touching ``keys`` ((kind,
+        key) pairs, see :meth:`_key_list`). ``update``: also count the impression at
+        ``t`` into each key, right after reading the key (the keys are distinct, so this
+        is the same as reading all of them first; in order, the decay factors read for the
+        features are the ones the update needs)."""
         c = self.config
         out: dict[str, object] = {}
+        keys_of = self._keys
+        kr = self._rec
         if c.counters:
-            h, c0, li, lc = self._h, self._c0, self._last_imp, self._last_clk
+            h, i0, c0, li, lc = self._h, kr.i0, self._c0, self._last_imp, self._last_clk
+            bi, lateness, max_buffer = kr.buf, kr.lateness_s, kr.max_buffer
             rates = self._rates
             prior, strength = c.ctr_prior * c.ctr_strength, c.ctr_strength
             log1p, exp = math.log1p, math.exp
             for ent, key in keys:
-                names = self._feature_names(ent)
-                rec = self._keys.get(key)
+                names = self._names.get(ent) or self._feature_names(ent)
+                rec = keys_of.get(key)
                 if rec is None:
-                    for j in range(h):
-                        ni, nc, nr = names[j]
-                        out[ni] = 0.0
-                        out[nc] = 0.0
-                        out[nr] = c.ctr_prior
-                    if ent == "ui":
-                        out["hist_ui_n"] = 0.0
+                    out.update(self._empty[ent])
+                    if update:
+                        rec = keys_of[key] = kr.new(t)
+                        kr.apply(rec, t, False)
                     continue
                 r = rec[_R]
                 if t > r:  # in order: the aggregates decayed to t (the common case)
@@ -333,14 +348,26 @@ class FeatureStage:
                     for j in range(h):
                         ni, nc, nr = names[j]
                         f = exp(-dt * rates[j])
-                        im = rec[2 + j] * f
+                        im = rec[i0 + j] * f
                         cl = rec[c0 + j] * f
                         out[ni] = log1p(im)
                         out[nc] = log1p(cl)
                         out[nr] = (cl + prior) / (im + strength)
+                        if update:  # KeyRecords.apply(rec, t, False), sharing f
+                            rec[i0 + j] = im + 1.0
+                            rec[c0 + j] = cl
                     n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
+                    if update:
+                        rec[_R] = t
+                        rec[_N] = n + 1.0
+                        if t > last_imp:
+                            rec[li] = t
+                        buf = rec[bi]
+                        buf.append(t)
+                        if (len(buf) > 4 and abs(buf[0]) <= t - lateness) or len(buf) > max_buffer:
+                            kr.prune(rec)
                 else:
-                    imps, clks, n, last_imp, last_clk, approx = self._rec.query(rec, t)
+                    imps, clks, n, last_imp, last_clk, approx = kr.query(rec, t)
                     if approx:
                         self.stats["approximate"] += 1
                     for j in range(h):
@@ -349,6 +376,8 @@ class FeatureStage:
                         out[ni] = log1p(im)
                         out[nc] = log1p(cl)
                         out[nr] = (cl + prior) / (im + strength)
+                    if update:
+                        kr.apply(rec, t, False)
                 if ent == "user":
                     if last_imp > _NEG_INF:
                         out["hist_user_since_imp"] = log1p(t - last_imp)
@@ -358,6 +387,9 @@ class FeatureStage:
                     out["hist_ui_n"] = log1p(n)
                     if last_imp > _NEG_INF:
                         out["hist_ui_since_imp"] = log1p(t - last_imp)
+        elif update:
+            for _, key in keys:
+                self._apply(key, t, False)
         if c.sequence and c.seq_len:
             s = self._seq.get(user)
             if s is not None:
