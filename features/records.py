@@ -100,13 +100,12 @@ class KeyRecords:
             imps = [rec[i0 + j] * fs[j] for j in range(h)]
             clks = [rec[c0 + j] * fs[j] for j in range(h)]
             return imps, clks, rec[COUNT], rec[self.last_imp], rec[self.last_clk], False
-        # t <= R: take out the buffered events at or after t (event times are > 0, so
-        # v >= t is an impression and -v >= t a click); each count's subtractions run in
-        # buffer order
+        # t <= R: take out the buffered events at or after t (impressions v > 0, clicks
+        # v < 0), as time differences; each count's subtractions run in buffer order
         approximate = t <= rec[self.horizon]
         buf = rec[self.buf]
-        later_imps = [v - t for v in buf if v >= t]
-        later_clks = [-v - t for v in buf if -v >= t]
+        later_imps = [v - t for v in buf if v >= t and v > 0.0]
+        later_clks = [-v - t for v in buf if -v >= t and v < 0.0]
         exp = math.exp
         imps, clks = [], []
         for j, a in enumerate(self.rates):
