@@ -100,36 +100,36 @@ class KeyRecords:
             imps = [rec[i0 + j] * fs[j] for j in range(h)]
             clks = [rec[c0 + j] * fs[j] for j in range(h)]
             return imps, clks, rec[COUNT], rec[self.last_imp], rec[self.last_clk], False
-        # t <= R: take out the buffered events at or after t
+        # t <= R: take out the buffered events at or after t (impressions v > 0, clicks
+        # v < 0), as time differences; each count's subtractions run in buffer order
         approximate = t <= rec[self.horizon]
-        rates = self.rates
-        gs = [math.exp((r - t) * a) for a in rates]
-        imps = [rec[i0 + j] * gs[j] for j in range(h)]
-        clks = [rec[c0 + j] * gs[j] for j in range(h)]
-        n = rec[COUNT]
+        buf = rec[self.buf]
+        later_imps = [v - t for v in buf if v >= t and v > 0.0]
+        later_clks = [-v - t for v in buf if -v >= t and v < 0.0]
+        exp = math.exp
+        imps, clks = [], []
+        for j, a in enumerate(self.rates):
+            g = exp((r - t) * a)
+            x = rec[i0 + j] * g
+            for d in later_imps:
+                x -= exp(d * a)
+            imps.append(x if x > 0.0 else 0.0)
+            x = rec[c0 + j] * g
+            for d in later_clks:
+                x -= exp(d * a)
+            clks.append(x if x > 0.0 else 0.0)
+        n = rec[COUNT] - len(later_imps)
         last_imp, last_clk = rec[self.ev_imp], rec[self.ev_clk]
         if last_imp >= t:  # only when approximate: an evicted event at or after t
             last_imp = NEVER
         if last_clk >= t:
             last_clk = NEVER
-        for v in rec[self.buf]:
-            te = v if v > 0 else -v
-            if te >= t:
-                ws = [math.exp((te - t) * a) for a in rates]
-                if v > 0:
-                    n -= 1
-                    for j in range(h):
-                        imps[j] -= ws[j]
-                else:
-                    for j in range(h):
-                        clks[j] -= ws[j]
-            elif v > 0:
-                if te > last_imp:
-                    last_imp = te
-            elif te > last_clk:
-                last_clk = te
-        imps = [x if x > 0.0 else 0.0 for x in imps]
-        clks = [x if x > 0.0 else 0.0 for x in clks]
+        for v in buf:
+            if 0.0 < v < t:
+                if v > last_imp:
+                    last_imp = v
+            elif -t < v < 0.0 and -v > last_clk:
+                last_clk = -v
         return imps, clks, n, last_imp, last_clk, approximate
 
     def prune(self, rec: list[Any]) -> None:

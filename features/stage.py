@@ -71,7 +71,9 @@ from typing import Any
 from features.config import FeatureConfig
 from features.records import COUNT, NEVER, TIME, KeyRecords
 
-_SEP = "\x1f"
+_SEP = "\x1f"  # between the parts of a key (its kind's letter, user, item, ...)
+_KINDS = ("user", "item", "ui")
+_KINDS_POS = (*_KINDS, "item_pos")
 _NEG_INF = NEVER
 _R, _N = TIME, COUNT
 
@@ -102,7 +104,11 @@ class FeatureStage:
         self._h, self._rates, self._c0 = kr.h, kr.rates, kr.c0
         self._last_imp, self._last_clk = kr.last_imp, kr.last_clk
         self._labels = [_label(h) for h in c.half_lives_s]
-        self._names: dict[str, list[tuple[str, str, str]]] = {}
+        # kind -> per half-life (imp name, clk name, ctr name, rate 1/s, imp index, clk
+        # index in a key record)
+        self._names: dict[str, list[tuple[str, str, str, float, int, int]]] = {}
+        # kind -> the features of a key never seen (in feature order)
+        self._empty: dict[str, dict[str, object]] = {}
         self._keys: dict[str, list[Any]] = {}
         # impression_id -> [ts, user, item, position, ((item_* name, value), ...), clicked]
         # (its keys are rebuilt when a click comes: ~3x smaller than keeping them)
@@ -164,12 +170,10 @@ class FeatureStage:
             self.stats["duplicate_impressions"] += 1
             return None
         cats = _categoricals(attrs)
-        keys = self._key_list(user_id, item_id, position, cats)
-        feats = self._compute(ts, user_id, keys)
+        kinds, keys = self._key_list(user_id, item_id, position, cats)
+        feats = self._compute(ts, user_id, kinds, keys, update=True)
         self.stats["impressions"] += 1
         self._imps[impression_id] = [ts, user_id, item_id, position, cats, 0]
-        for _, k in keys:
-            self._apply(k, ts, False)
         early = self._early.pop(impression_id, None)
         if early is not None:
             self._click_apply(self._imps[impression_id], early[0])
@@ -188,9 +192,9 @@ class FeatureStage:
     ) -> dict[str, object]:
         """The features an impression with these fields would get at ``ts``; changes no
         state (serving)."""
-        keys = self._key_list(user_id, item_id, position, _categoricals(attrs))
+        kinds, keys = self._key_list(user_id, item_id, position, _categoricals(attrs))
         approx = self.stats["approximate"]
-        feats = self._compute(ts, user_id, keys)
+        feats = self._compute(ts, user_id, kinds, keys)
         self.stats["approximate"] = approx
         return feats
 
@@ -285,70 +289,113 @@ class FeatureStage:
 
     def _key_list(
         self, user: str, item: str, position: int | None, cats: tuple[tuple[str, str], ...]
-    ) -> list[tuple[str, str]]:
-        keys = [
-            ("user", "u" + _SEP + user),
-            ("item", "i" + _SEP + item),
-            ("ui", "p" + _SEP + user + _SEP + item),
-        ]
+    ) -> tuple[Sequence[str], list[str]]:
+        """The kinds (``user``, ``item``, ``ui``, ``item_pos`` when ``position`` is known,
+        ``u_<attribute>`` per attribute) and the keys of the state an impression touches,
+        in feature order (two lists of the same length)."""
+        keys = [f"u\x1f{user}", f"i\x1f{item}", f"p\x1f{user}\x1f{item}"]
         if position is not None:
-            keys.append(("item_pos", "q" + _SEP + item + _SEP + str(position)))
-        for name, value in cats:
-            keys.append(("u_" + name, "a" + _SEP + user + _SEP + name + _SEP + value))
-        return keys
+            keys.append(f"q\x1f{item}\x1f{position!s}")
+        kinds: Sequence[str] = _KINDS if position is None else _KINDS_POS
+        if cats:
+            kinds = [*kinds, *["u_" + name for name, _ in cats]]
+            keys += [f"a\x1f{user}\x1f{name}\x1f{value}" for name, value in cats]
+        return kinds, keys
 
-    def _feature_names(self, ent: str) -> list[tuple[str, str, str]]:
+    def _feature_names(self, ent: str) -> list[tuple[str, str, str, float, int, int]]:
+        """Per half-life of the key kind ``ent``: its imp / clk / ctr feature names, the
+        decay rate (1/s) and the indices of its decayed counts in a key record."""
         names = self._names.get(ent)
         if names is None:
+            kr = self._rec
             names = [
-                (f"hist_{ent}_imp_{lab}", f"hist_{ent}_clk_{lab}", f"hist_{ent}_ctr_{lab}")
-                for lab in self._labels
-            ]
+                (f"hist_{ent}_imp_{lab}", f"hist_{ent}_clk_{lab}", f"hist_{ent}_ctr_{lab}",
+                 a, kr.i0 + j, kr.c0 + j)
+                for j, (lab, a) in enumerate(zip(self._labels, kr.rates, strict=True))
+            ]  # fmt: skip
             self._names[ent] = names
+            empty: dict[str, object] = {}
+            for ni, nc, nr, _, _, _ in names:
+                empty[ni] = 0.0
+                empty[nc] = 0.0
+                empty[nr] = self.config.ctr_prior
+            if ent == "ui":
+                empty["hist_ui_n"] = 0.0
+            self._empty[ent] = empty
         return names
 
-    def _compute(self, t: float, user: str, keys: list[tuple[str, str]]) -> dict[str, object]:
+    def _compute(
+        self,
+        t: float,
+        user: str,
+        kinds: Sequence[str],
+        keys: list[str],
+        update: bool = False,
+    ) -> dict[str, object]:
+        """The features at ``t`` of an impression of ``user`` touching ``keys`` (of
+        ``kinds``, see :meth:`_key_list`). ``update``: also count the impression at
+        ``t`` into each key, right after reading the key (the keys are distinct, so this
+        is the same as reading all of them first; in order, the decay factors read for the
+        features are the ones the update needs)."""
         c = self.config
         out: dict[str, object] = {}
+        keys_of = self._keys
+        kr = self._rec
         if c.counters:
-            h, c0, li, lc = self._h, self._c0, self._last_imp, self._last_clk
-            rates = self._rates
+            li, lc = self._last_imp, self._last_clk
+            bi, lateness, max_buffer = kr.buf, kr.lateness_s, kr.max_buffer
             prior, strength = c.ctr_prior * c.ctr_strength, c.ctr_strength
             log1p, exp = math.log1p, math.exp
-            for ent, key in keys:
-                names = self._feature_names(ent)
-                rec = self._keys.get(key)
+            for ent, key in zip(kinds, keys, strict=True):
+                names = self._names.get(ent) or self._feature_names(ent)
+                rec = keys_of.get(key)
                 if rec is None:
-                    for j in range(h):
-                        ni, nc, nr = names[j]
-                        out[ni] = 0.0
-                        out[nc] = 0.0
-                        out[nr] = c.ctr_prior
-                    if ent == "ui":
-                        out["hist_ui_n"] = 0.0
+                    out.update(self._empty[ent])
+                    if update:
+                        rec = keys_of[key] = kr.new(t)
+                        kr.apply(rec, t, False)
                     continue
                 r = rec[_R]
                 if t > r:  # in order: the aggregates decayed to t (the common case)
-                    dt = t - r
-                    for j in range(h):
-                        ni, nc, nr = names[j]
-                        f = exp(-dt * rates[j])
-                        im = rec[2 + j] * f
-                        cl = rec[c0 + j] * f
-                        out[ni] = log1p(im)
-                        out[nc] = log1p(cl)
-                        out[nr] = (cl + prior) / (im + strength)
+                    mdt = r - t  # -(t - r)
+                    if update:  # and KeyRecords.apply(rec, t, False), sharing the decay
+                        for ni, nc, nr, a, ii, ci in names:
+                            f = exp(mdt * a)
+                            im = rec[ii] * f
+                            cl = rec[ci] * f
+                            out[ni] = log1p(im)
+                            out[nc] = log1p(cl)
+                            out[nr] = (cl + prior) / (im + strength)
+                            rec[ii] = im + 1.0
+                            rec[ci] = cl
+                    else:
+                        for ni, nc, nr, a, ii, ci in names:
+                            f = exp(mdt * a)
+                            im = rec[ii] * f
+                            cl = rec[ci] * f
+                            out[ni] = log1p(im)
+                            out[nc] = log1p(cl)
+                            out[nr] = (cl + prior) / (im + strength)
                     n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
+                    if update:
+                        rec[_R] = t
+                        rec[_N] = n + 1.0
+                        if t > last_imp:
+                            rec[li] = t
+                        buf = rec[bi]
+                        buf.append(t)
+                        if (len(buf) > 4 and abs(buf[0]) <= t - lateness) or len(buf) > max_buffer:
+                            kr.prune(rec)
                 else:
-                    imps, clks, n, last_imp, last_clk, approx = self._rec.query(rec, t)
+                    imps, clks, n, last_imp, last_clk, approx = kr.query(rec, t)
                     if approx:
                         self.stats["approximate"] += 1
-                    for j in range(h):
-                        ni, nc, nr = names[j]
-                        im, cl = imps[j], clks[j]
+                    for (ni, nc, nr, _, _, _), im, cl in zip(names, imps, clks, strict=True):
                         out[ni] = log1p(im)
                         out[nc] = log1p(cl)
                         out[nr] = (cl + prior) / (im + strength)
+                    if update:
+                        kr.apply(rec, t, False)
                 if ent == "user":
                     if last_imp > _NEG_INF:
                         out["hist_user_since_imp"] = log1p(t - last_imp)
@@ -358,6 +405,9 @@ class FeatureStage:
                     out["hist_ui_n"] = log1p(n)
                     if last_imp > _NEG_INF:
                         out["hist_ui_since_imp"] = log1p(t - last_imp)
+        elif update:
+            for key in keys:
+                self._apply(key, t, False)
         if c.sequence and c.seq_len:
             s = self._seq.get(user)
             if s is not None:
@@ -384,7 +434,7 @@ class FeatureStage:
     def _click_apply(self, imp: list[Any], ts: float) -> None:
         imp[5] = 1
         self.stats["clicks"] += 1
-        for _, k in self._key_list(imp[1], imp[2], imp[3], imp[4]):
+        for k in self._key_list(imp[1], imp[2], imp[3], imp[4])[1]:
             self._apply(k, ts, True)
         if self.config.sequence:
             user = imp[1]
@@ -487,9 +537,11 @@ def _categoricals(attrs: Mapping[str, object] | None) -> tuple[tuple[str, str], 
     if not attrs:
         return ()
     return tuple(
-        (name, value)
-        for name, value in attrs.items()
-        if name.startswith("item_") and isinstance(value, str)
+        [
+            (name, value)
+            for name, value in attrs.items()
+            if name.startswith("item_") and isinstance(value, str)
+        ]
     )
 
 
