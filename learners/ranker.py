@@ -43,7 +43,14 @@ from learners.links import CORRECTED_LOSSES, calibrated_logits, fnc_correct
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 from learners.ranker_config import MODELS, RankerConfig
-from learners.training import Checkpointed, guarded_step, pick_device, read_checkpoint
+from learners.training import (
+    Checkpointed,
+    build_module,
+    guarded_step,
+    pick_device,
+    read_checkpoint,
+    weights_to_load,
+)
 from learners.util import logit, sigmoid
 
 __all__ = ["MODELS", "RankerConfig", "TorchRanker"]
@@ -88,7 +95,7 @@ class TorchRanker(Checkpointed):
         self._cuda = self.device.type == "cuda"
         self.encoder = FeatureEncoder(config.encoder)
         self._generator = torch.Generator().manual_seed(seed)
-        self.model = self._build_model().to(self.device)
+        self.model = build_module(self._build_model, self.device)
         params = {kw: getattr(config, f) for kw, f in _LOSS_PARAMS.get(config.loss, {}).items()}
         self._loss_fn = functools.partial(LOSSES[config.loss], **params)
         self._link_params: dict[str, float | None] = params
@@ -462,7 +469,8 @@ class TorchRanker(Checkpointed):
         )
         if online is None:
             online = bool(state.get("online", True))
-        ranker = cls(config, seed=int(state["seed"]), online=online)
+        with weights_to_load():  # every weight is loaded below: no random init
+            ranker = cls(config, seed=int(state["seed"]), online=online)
         try:
             ranker.model.load_state_dict(state["model"])
         except RuntimeError as e:
