@@ -197,7 +197,10 @@ class TorchRanker(Checkpointed):
         """``(cat, num, seq, seq_age)`` on the device; ``seq``/``seq_age`` None unless the
         model attends and some row of the batch has history (an all-padding block pools to
         zero anyway, so its attention pass is skipped)."""
-        batch: EncodedBatch = self.encoder.encode(X)
+        return self._inputs(self.encoder.encode(X))
+
+    def _inputs(self, batch: EncodedBatch) -> _Inputs:
+        """An encoded batch on the device, as :meth:`_tensors` gives it."""
         cat, num = self._to_device(batch.cat), self._to_device(batch.num)
         if not self.uses_sequence or batch.seq is None or not batch.seq.any():
             return cat, num, None, None
@@ -339,11 +342,14 @@ class TorchRanker(Checkpointed):
         """
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
-        inputs = self._tensors(X)
-        self.model.eval()
-        with torch.no_grad():
+        return self._predict_logits(self._tensors(X))
+
+    def _predict_logits(self, inputs: _Inputs) -> np.ndarray:
+        if self.model.training:  # only the training step switches it back
+            self.model.eval()
+        with torch.inference_mode():
             logits, _ = self._forward(inputs)
-        return logits.detach().cpu().numpy().astype(np.float64)
+        return logits.cpu().numpy().astype(np.float64)
 
     def predict_proba_many(self, X: Rows) -> np.ndarray:
         """P(click), float64 ``(B,)`` in [0, 1]."""
