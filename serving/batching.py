@@ -4,6 +4,7 @@ arrives within a few milliseconds (``bench.serving_batching`` measures the gain)
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -35,6 +36,11 @@ class RequestBatcher:
     more for at most ``max_wait_s`` (or until ``max_batch``), answers them all with
     :func:`recommend_many` (one FAISS search, one ranker call) and completes each future.
 
+    With ``adaptive_wait`` it stops waiting once the batch holds as many requests as the
+    largest of the last ``WINDOW`` batches (what is already queued is still taken, up to
+    ``max_batch``): under a steady number of concurrent clients the batch is complete when
+    they have all arrived, and waiting out ``max_wait_s`` would only add latency.
+
     ``n_batches`` / ``n_requests`` / ``max_seen`` count what it did. :meth:`submit` returns
     a thread future, :meth:`recommend` blocks, and :meth:`submit_to` hands a batch's
     answers over in one call per ``via`` (a web view's event loop is woken once per batch,
@@ -57,8 +63,14 @@ class RequestBatcher:
         >>> batcher.close()
     """
 
+    WINDOW = 16
+
     def __init__(
-        self, recommender: Recommender, max_batch: int = 32, max_wait_s: float = 0.002
+        self,
+        recommender: Recommender,
+        max_batch: int = 32,
+        max_wait_s: float = 0.002,
+        adaptive_wait: bool = True,
     ) -> None:
         if max_batch < 1 or not (math.isfinite(max_wait_s) and max_wait_s >= 0):
             raise ValueError(
@@ -67,6 +79,9 @@ class RequestBatcher:
         self.recommender = recommender
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.adaptive_wait = adaptive_wait
+        #: sizes of the last WINDOW batches (adaptive_wait)
+        self._recent: collections.deque[int] = collections.deque(maxlen=self.WINDOW)
         self.n_batches = 0
         self.n_requests = 0
         self.max_seen = 0
@@ -108,15 +123,21 @@ class RequestBatcher:
             batch = [first]
             deadline = time.perf_counter() + self.max_wait_s
             stop = False
+            # with adaptive_wait: no waiting once as many as recently came together are in
+            expect = max(self._recent, default=self.max_batch) if self.adaptive_wait else None
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                    if expect is not None and len(batch) >= expect:
+                        nxt = self._queue.get_nowait()
+                    else:
+                        nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
                 if nxt is None:
                     stop = True
                     break
                 batch.append(nxt)
+            self._recent.append(len(batch))
             self._answer(batch)
             if stop:
                 return

@@ -83,3 +83,23 @@ def test_a_cancelled_thread_future_is_skipped() -> None:
     finally:
         batcher.close()
     assert len(after["items"]) == 2 and gone.cancelled()
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_adaptive_wait_stops_once_as_many_as_recently_came_are_in(adaptive: bool) -> None:
+    import time
+
+    batcher = RequestBatcher(Live().recommender(), max_batch=8, max_wait_s=1.0,
+                             adaptive_wait=adaptive)  # fmt: skip
+    try:
+        batcher.recommend("u1", 3)  # a batch of one: expect one at a time from now on
+        first = batcher.submit("u2", 3)
+        time.sleep(0.2)  # well inside max_wait_s
+        second = batcher.submit("u3", 3)
+        answers = [first.result(timeout=30), second.result(timeout=30)]
+    finally:
+        batcher.close()
+    assert [len(a["items"]) for a in answers] == [3, 3]
+    # adaptive: u2 is answered alone at once; otherwise it waits and u3 joins its batch
+    assert batcher.n_batches == (3 if adaptive else 2)
+    assert [a["timing_ms"]["batch"] for a in answers] == ([1, 1] if adaptive else [2, 2])
