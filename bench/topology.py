@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import sys
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import bench_cli, machine, publish, stamp
+from bench.run import bench_cli, load_note, machine, publish, stamp
 from bench.run import or_dash as _f
 from bench.serving import FULL_LOG, QUICK_LOG, Phase, Traffic, load, non_200, wait_ready
 from bench.workers import FINAL_GAP_S, WorkerProc, worker_processes
@@ -142,6 +143,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     cfg = QUICK_LOG if quick else FULL_LOG
     idle_s = QUICK_IDLE_S if quick else FULL_IDLE_S
     t_start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     run_dir = Path(tempfile.mkdtemp(prefix="streamrec-topology-"))
     keep = False
     phases: list[dict[str, Any]] = []
@@ -253,6 +255,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         "phases": phases,
         "notes": [
             "client, training worker, replica and broker share this machine's cores",
+            load_note(load_before),
             "propagation = the last replica's first /version answer with that version (or a "
             "newer one) - the version's manifest created_at (50 ms polling included)",
         ],

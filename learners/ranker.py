@@ -43,7 +43,14 @@ from learners.links import CORRECTED_LOSSES, calibrated_logits, fnc_correct
 from learners.losses import LOSSES, bce_with_logits
 from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 from learners.ranker_config import MODELS, RankerConfig
-from learners.training import Checkpointed, guarded_step, pick_device, read_checkpoint
+from learners.training import (
+    Checkpointed,
+    build_module,
+    guarded_step,
+    pick_device,
+    read_checkpoint,
+    weights_to_load,
+)
 from learners.util import logit, sigmoid
 
 __all__ = ["MODELS", "RankerConfig", "TorchRanker"]
@@ -88,7 +95,7 @@ class TorchRanker(Checkpointed):
         self._cuda = self.device.type == "cuda"
         self.encoder = FeatureEncoder(config.encoder)
         self._generator = torch.Generator().manual_seed(seed)
-        self.model = self._build_model().to(self.device)
+        self.model = build_module(self._build_model, self.device)
         params = {kw: getattr(config, f) for kw, f in _LOSS_PARAMS.get(config.loss, {}).items()}
         self._loss_fn = functools.partial(LOSSES[config.loss], **params)
         self._link_params: dict[str, float | None] = params
@@ -190,7 +197,10 @@ class TorchRanker(Checkpointed):
         """``(cat, num, seq, seq_age)`` on the device; ``seq``/``seq_age`` None unless the
         model attends and some row of the batch has history (an all-padding block pools to
         zero anyway, so its attention pass is skipped)."""
-        batch: EncodedBatch = self.encoder.encode(X)
+        return self._inputs(self.encoder.encode(X))
+
+    def _inputs(self, batch: EncodedBatch) -> _Inputs:
+        """An encoded batch on the device, as :meth:`_tensors` gives it."""
         cat, num = self._to_device(batch.cat), self._to_device(batch.num)
         if not self.uses_sequence or batch.seq is None or not batch.seq.any():
             return cat, num, None, None
@@ -332,11 +342,14 @@ class TorchRanker(Checkpointed):
         """
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
-        inputs = self._tensors(X)
-        self.model.eval()
-        with torch.no_grad():
+        return self._predict_logits(self._tensors(X))
+
+    def _predict_logits(self, inputs: _Inputs) -> np.ndarray:
+        if self.model.training:  # only the training step switches it back
+            self.model.eval()
+        with torch.inference_mode():
             logits, _ = self._forward(inputs)
-        return logits.detach().cpu().numpy().astype(np.float64)
+        return logits.cpu().numpy().astype(np.float64)
 
     def predict_proba_many(self, X: Rows) -> np.ndarray:
         """P(click), float64 ``(B,)`` in [0, 1]."""
@@ -462,7 +475,8 @@ class TorchRanker(Checkpointed):
         )
         if online is None:
             online = bool(state.get("online", True))
-        ranker = cls(config, seed=int(state["seed"]), online=online)
+        with weights_to_load():  # every weight is loaded below: no random init
+            ranker = cls(config, seed=int(state["seed"]), online=online)
         try:
             ranker.model.load_state_dict(state["model"])
         except RuntimeError as e:

@@ -42,7 +42,7 @@ import dataclasses
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,7 +70,14 @@ from learners.towers import (
     negative_cosines,
     user_part,
 )
-from learners.training import Checkpointed, guarded_step, pick_device, read_checkpoint
+from learners.training import (
+    Checkpointed,
+    build_module,
+    guarded_step,
+    pick_device,
+    read_checkpoint,
+    weights_to_load,
+)
 
 __all__ = [
     "BEHAVIOUR_POOLS",
@@ -130,18 +137,25 @@ class TwoTowerModel(Checkpointed):
         pool_dim = (
             config.embedding_dim if config.behaviour_pool == "item_tower" else config.feature_dim
         )
-        history = HistoryPool(config.behaviour_pool, pool_dim) if config.behaviour_len else None
-        extra = history.out_dim(pool_dim) if history is not None else 0
-        self.user_tower = Tower(
-            ue.num_buckets, ue.max_cat_fields, ue.max_num_fields, *dims, gen, extra_dim=extra
+
+        def build() -> nn.ModuleDict:
+            history = HistoryPool(config.behaviour_pool, pool_dim) if config.behaviour_len else None
+            extra = history.out_dim(pool_dim) if history is not None else 0
+            towers: dict[str, nn.Module] = {
+                "user": Tower(ue.num_buckets, ue.max_cat_fields, ue.max_num_fields, *dims, gen,
+                              extra_dim=extra),
+                "item": Tower(ie.num_buckets, ie.max_cat_fields, ie.max_num_fields, *dims, gen),
+            }  # fmt: skip
+            if history is not None:
+                towers["history"] = history
+            return nn.ModuleDict(towers)
+
+        self.model = cast(nn.ModuleDict, build_module(build, self.device))
+        self.user_tower = cast(Tower, self.model["user"])
+        self.item_tower = cast(Tower, self.model["item"])
+        self.history: HistoryPool | None = (
+            cast(HistoryPool, self.model["history"]) if "history" in self.model else None
         )
-        self.item_tower = Tower(ie.num_buckets, ie.max_cat_fields, ie.max_num_fields, *dims, gen)
-        towers: dict[str, nn.Module] = {"user": self.user_tower, "item": self.item_tower}
-        self.history: HistoryPool | None = history
-        if history is not None:
-            towers["history"] = history
-        self.model = nn.ModuleDict(towers)
-        self.model.to(self.device)
         fused = self.device.type in ("cpu", "cuda")
         tables = [self.user_tower.embedding.weight, self.item_tower.embedding.weight]
         dense = [p for p in self.model.parameters() if all(p is not t for t in tables)]
@@ -472,7 +486,8 @@ class TwoTowerModel(Checkpointed):
         config = TwoTowerConfig.from_dict(state["config"])
         if device is not None:
             config = dataclasses.replace(config, device=device)
-        model = cls(config, seed=int(state["seed"]), hard_negatives=hard_negatives)
+        with weights_to_load():  # every weight is loaded below: no random init
+            model = cls(config, seed=int(state["seed"]), hard_negatives=hard_negatives)
         model.model.load_state_dict(state["model"])
         if "optimizer" in state:
             model.optimizer.load_state_dict(state["optimizer"])

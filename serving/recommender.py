@@ -27,6 +27,7 @@ import numpy as np
 from features.stage import FeatureStage
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
+from learners.encoding import CandidateRows
 from learners.ranker import TorchRanker
 from logs.events import Impression, example_row, with_history
 from serving.requests import (
@@ -195,11 +196,36 @@ class Recommender:
                 )
                 for item in items
             ]
+        base = self._base(user_id, context)
+        return [{**base, "item_id": item} for item in items]
+
+    def _base(self, user_id: str, context: Mapping[str, str | float]) -> dict[str, object]:
+        """A candidate's row without its ``item_id`` (no historical features)."""
         base: dict[str, object] = dict(context)
         base["user_id"] = user_id
         if self.config.position is not None:
             base["position"] = self.config.position
-        return [{**base, "item_id": item} for item in items]
+        return base
+
+    def _p_raw(
+        self,
+        ranker: TorchRanker,
+        queries: Sequence[tuple[str, Sequence[str], Mapping[str, str | float]]],
+    ) -> np.ndarray:
+        """The ranker's P(click) of every ``(user_id, items, context)`` query's rows
+        (:meth:`_rows`), query after query: (N,) for N items in all. Without historical
+        features the rows differ only in ``item_id``: a
+        :class:`~learners.encoding.CandidateRows`, whose encoding encodes each query's row
+        once (the same values)."""
+        rows: Sequence[Mapping[str, object]]
+        if self.history is None:
+            bases = [self._base(user_id, ctx) for user_id, _, ctx in queries]
+            rows = CandidateRows(bases, [items for _, items, _ in queries])
+        else:
+            rows = [
+                row for user_id, items, ctx in queries for row in self._rows(user_id, items, ctx)
+            ]
+        return np.asarray(ranker.predict_proba_many(rows)) if len(rows) else np.zeros(0)
 
     def _rank(
         self, user_id: str, items: Sequence[str], context: Mapping[str, str | float]
@@ -207,7 +233,7 @@ class Recommender:
         """Raw and calibrated P(click) (N,) float64, model and calibrator versions."""
         ranker = self.ranker()
         calibrator, cal_version = self.calibrator()
-        p_raw = np.asarray(ranker.predict_proba_many(self._rows(user_id, items, context)))
+        p_raw = np.asarray(self._p_raw(ranker, [(user_id, items, context)]))
         p = np.asarray(calibrator.transform(p_raw), dtype=np.float64).reshape(-1)
         if not (np.all(np.isfinite(p)) and np.all(np.isfinite(p_raw))):
             # never serve NaN (invalid JSON) or inf: control records are validated, but a
@@ -410,16 +436,17 @@ def recommend_many(
     scores, ids = snapshot.search(vecs, n)
     t1 = time.perf_counter()
     per: list[tuple[list[str], np.ndarray]] = []
-    rows: list[dict[str, object]] = []
-    for q, (_, user_id, k, ctx) in enumerate(valid):
+    for q, (_, _, k, _) in enumerate(valid):
         m = max(k, rec.config.candidates)
         found = [c for c in range(min(m, ids.shape[1])) if ids[q, c] is not None]
         items = [str(ids[q, c]) for c in found]
         per.append((items, scores[q, found].astype(np.float64)))
-        rows.extend(rec._rows(user_id, items, ctx))
     ranker = rec.ranker()
     calibrator, cal_version = rec.calibrator()
-    p_raw_all = np.asarray(ranker.predict_proba_many(rows) if rows else np.zeros(0))
+    queries = [
+        (user_id, items, ctx) for (_, user_id, _, ctx), (items, _) in zip(valid, per, strict=True)
+    ]
+    p_raw_all = np.asarray(rec._p_raw(ranker, queries))
     p_all = np.asarray(calibrator.transform(p_raw_all), dtype=np.float64).reshape(-1)
     p_raw_all = p_raw_all.astype(np.float64).reshape(-1)
     t2 = time.perf_counter()

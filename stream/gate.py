@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from serving.batching import Answer, RequestBatcher
 from serving.recommender import ServingError
 
 __all__ = ["ServingGate"]
@@ -54,6 +55,21 @@ class ServingGate:
         with self._slot():
             return await asyncio.wrap_future(submit(*args))
 
+    async def run_batched(self, batcher: RequestBatcher, *request: Any) -> dict[str, Any]:
+        """The answer of ``request`` (``user_id, k, context``) from ``batcher``, under the
+        same ``max_inflight`` bound as :meth:`run`: the batcher hands a batch's answers
+        to this loop in one ``call_soon_threadsafe`` (one wake-up per batch, where a thread
+        future per request, :meth:`run_future`, costs one each)."""
+        with self._slot():
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            batcher.submit_to(
+                (request[0], request[1], request[2]),
+                functools.partial(_settle, fut),
+                loop.call_soon_threadsafe,
+            )
+            return await fut
+
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:
         """One of ``max_inflight`` places for a request; :class:`ServingError` 503 when
@@ -71,3 +87,13 @@ class ServingGate:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(fut: asyncio.Future[dict[str, Any]], answer: Answer) -> None:
+    """Complete ``fut`` on its loop, unless its awaiter has gone (cancelled)."""
+    if fut.done():
+        return
+    if isinstance(answer, BaseException):
+        fut.set_exception(answer)
+    else:
+        fut.set_result(answer)

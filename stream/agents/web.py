@@ -84,7 +84,7 @@ def install_web(
         ``error``; both counted in the serving metrics."""
         try:
             if batcher is not None and endpoint == "recommend":
-                out = await gate.run_future(batcher.submit, *args)
+                out = await gate.run_batched(batcher, *args)
             else:
                 out = await gate.run(fn, *args)
         except ServingError as exc:
