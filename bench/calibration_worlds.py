@@ -35,6 +35,13 @@ window error) in every world, per policy. Writes ``bench/results/calibration_wor
 
 At 30,000 a minute the final labels of the 5-minute window lag 150,000 impressions, more
 than a run: the monitor cannot act there and served = raw by construction (reported).
+
+``--dfm`` compares the labelling schemes instead of the policies, in the same worlds and
+runs (policy ``off``, so served = raw): ``default`` (the worker's fake negatives + FNW) and
+``dfm`` (``join.delayed_feedback="dfm"``, loss ``dfm``, observation time
+``DFM_OBSERVE_S``: one mean click delay, so 37% of the clicks come after it and the delay
+head models them). Plan :data:`DFM_PLAN` (``--quick``: :data:`QUICK`); writes
+``calibration_worlds_dfm.json`` (``calibration_worlds_dfm_quick.json``).
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ import numpy as np
 
 from bench.fresh_labels import measure
 from bench.pipeline_sim import SimResult, World, make_world, simulate
-from bench.run import bench_cli, machine, results_path, stamp, write_report
+from bench.run import bench_parser, machine, results_path, stamp, write_report
 from learners.ranker import TorchRanker
 from logs.offline import log_examples, pretrain
 from stream.settings import Settings
@@ -65,6 +72,19 @@ DELAY_MEAN_S = 60.0
 WARMUP = 5_000
 FULL = {"n": 30_000, "history": 5_000, "seeds": (0, 1, 2), "rates": RATES}
 QUICK = {"n": 10_000, "history": 2_000, "seeds": (0,), "rates": (100.0, 3_000.0)}
+DFM_PLAN = {"n": 30_000, "history": 5_000, "seeds": (0, 1), "rates": RATES}
+#: ``--dfm``: the labelling schemes compared, and the DFM observation time (seconds)
+LABEL_SCHEMES = ("default", "dfm")
+DFM_OBSERVE_S = 60.0
+
+
+def scheme_settings(scheme: str) -> Settings:
+    """``"default"``: the worker's settings; ``"dfm"``: the same with the DFM scheme (its
+    loss follows: "bce" is read as "dfm") observing for :data:`DFM_OBSERVE_S`."""
+    if scheme == "default":
+        return Settings()
+    join = dataclasses.replace(Settings().join, delayed_feedback="dfm", dfm_observe_s=DFM_OBSERVE_S)
+    return Settings(join=join)
 
 
 def policy_settings(policy: str, base: Settings | None = None) -> Settings:
@@ -81,14 +101,17 @@ def prime_rows(rate_per_min: float) -> int:
     return int(min(max(rate_per_min / 60.0 * 3 * DELAY_MEAN_S, 500), 30_000))
 
 
-def run_world(policy: str, w: World, history: int) -> tuple[SimResult, int, int | None]:
-    """Simulate world ``w`` through the worker's services with ``policy``, the ranker
-    pretrained on ``history`` impressions of it: the result, the rows streamed before the
-    measured part (``prime``) and the drift's row within the measured part (None)."""
+def run_world(
+    policy: str, w: World, history: int, scheme: str = "default"
+) -> tuple[SimResult, int, int | None]:
+    """Simulate world ``w`` through the worker's services with ``policy`` and label
+    ``scheme``, the ranker pretrained on ``history`` impressions of it: the result, the
+    rows streamed before the measured part (``prime``) and the drift's row within the
+    measured part (None)."""
     import torch
 
     torch.set_num_threads(1)
-    s = policy_settings(policy)
+    s = policy_settings(policy, scheme_settings(scheme))
     prime = prime_rows(w.rate_per_min)
     lead = history + prime
     total = w.n + lead
@@ -110,14 +133,16 @@ def run_world(policy: str, w: World, history: int) -> tuple[SimResult, int, int 
     return res, prime, None if drift is None else drift - history - prime
 
 
-def run_one(policy: str, w: World, history: int) -> dict[str, Any]:
+def run_one(policy: str, w: World, history: int, scheme: str = "default") -> dict[str, Any]:
     """One pipeline run: :func:`bench.fresh_labels.measure` plus monitor counts."""
-    res, prime, d = run_world(policy, w, history)
+    res, prime, d = run_world(policy, w, history, scheme)
     m = slice(prime, None)
     out = measure(res.p_serve[m], res.p_serve_raw[m], res.true_p[m], res.y[m], d)
     monitored = int(res.monitor["monitored"])
     out.update(
-        policy=policy,
+        # the summary keys on the policy: a scheme's runs are summarised apart
+        policy=policy if scheme == "default" else f"{policy} ({scheme})",
+        label_scheme=scheme,
         scenario=w.scenario,
         rate_per_min=w.rate_per_min,
         seed=w.seed,
@@ -209,7 +234,7 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _job(args: tuple[str, World, int]) -> dict[str, Any]:
+def _job(args: tuple[str, World, int, str]) -> dict[str, Any]:
     return run_one(*args)
 
 
@@ -219,17 +244,25 @@ def main(
     results_dir: Path | None = None,
     policies: tuple[str, ...] = POLICIES,
     workers: int = 2,
+    dfm: bool = False,
 ) -> dict[str, Any]:
-    plan = cast(dict[str, Any], QUICK if quick else FULL)
+    """``dfm``: the labelling schemes (:data:`LABEL_SCHEMES`) under policy ``off`` instead
+    of the policies (see the module doc)."""
+    plan = cast(dict[str, Any], QUICK if quick else DFM_PLAN if dfm else FULL)
+    schemes = LABEL_SCHEMES if dfm else ("default",)
+    if dfm:
+        policies = ("off",)
     jobs = [
-        (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"])
+        (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"], lab)
         for seed in plan["seeds"]
         for sc in SCENARIOS
         for rate in plan["rates"]
         for pol in policies
+        for lab in schemes
     ]
     t0 = time.perf_counter()
-    path = results_path(results_dir, "calibration_worlds", quick)
+    name = "calibration_worlds_dfm" if dfm else "calibration_worlds"
+    path = results_path(results_dir, name, quick)
     partial = path.with_suffix(".runs.jsonl")  # each run as it ends (a long run can be cut)
     partial.parent.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -239,10 +272,56 @@ def main(
             f.write(json.dumps(r) + "\n")
             f.flush()
     report = build_report(runs, quick, plan, round(time.perf_counter() - t0, 1))
+    if dfm:
+        report["command"] += " --dfm"
+        report["dfm_observe_s"] = DFM_OBSERVE_S
+        report["schemes"] = scheme_comparison(runs)
     write_report(report, path)
     partial.unlink()
     print(table(report))
+    if dfm:
+        print(scheme_table(report["schemes"]))
     return report
+
+
+def scheme_comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``--dfm``: per (scenario, rate), the raw ranker's ratio over the last half and mean
+    ``|log ratio|`` over the 5k windows of each scheme, median over seeds."""
+    keys = sorted({(r["scenario"], r["rate_per_min"]) for r in runs})
+    rows = []
+    for sc, rate in keys:
+        row: dict[str, Any] = {"scenario": sc, "rate_per_min": rate}
+        for lab in LABEL_SCHEMES:
+            rs = [r for r in runs if (r["scenario"], r["rate_per_min"], r.get("label_scheme",
+                  "default")) == (sc, rate, lab)]  # fmt: skip
+            if not rs:
+                continue
+            row[f"{lab}_ratio_last_half"] = _median([r["raw"]["ratio_last_half"] for r in rs])
+            row[f"{lab}_mean_abs_log_ratio"] = _median(
+                [r["raw"].get("mean_abs_log_ratio", math.nan) for r in rs]
+            )
+            row[f"{lab}_ne_last_half"] = _median([r["raw"]["ne_last_half"] for r in rs])
+            row[f"{lab}_seeds"] = len(rs)
+        rows.append(row)
+    return rows
+
+
+def scheme_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | rate/min | raw ratio last half: default / dfm "
+        "| mean abs log ratio (5k): default / dfm | NE last half: default / dfm |",
+        "|" + "---|" * 5,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['rate_per_min']:g} "
+            f"| {_fmt(r.get('default_ratio_last_half'))} / {_fmt(r.get('dfm_ratio_last_half'))} "
+            f"| {_fmt(r.get('default_mean_abs_log_ratio'))} / "
+            f"{_fmt(r.get('dfm_mean_abs_log_ratio'))} "
+            f"| {_fmt(r.get('default_ne_last_half'), '.4f')} / "
+            f"{_fmt(r.get('dfm_ne_last_half'), '.4f')} |"
+        )
+    return "\n".join(lines)
 
 
 def build_report(
@@ -265,7 +344,13 @@ def build_report(
     }
 
 
+def cli(argv: list[str] | None = None) -> int:
+    parser = bench_parser("calibration_worlds", __doc__, "one seed, 2 rates, 10k impressions")
+    parser.add_argument("--dfm", action="store_true", help="default vs DFM labelling, policy off")
+    args = parser.parse_args(argv)
+    main(args.quick, results_dir=args.results_dir, dfm=args.dfm)
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(
-        bench_cli("calibration_worlds", __doc__, "one seed, 2 rates, 10k impressions", main, None)
-    )
+    raise SystemExit(cli())

@@ -46,11 +46,17 @@ served through FNC (the same training run as the plain BCE arm, only the served 
 differs); and, full run only, a reference ``window`` W=4 h + BCE (nearly every click
 inside the window: unbiased labels, 4 h late). The fake-negative arms attribute clicks
 for 4 h too (``P(delay > 4 h) = e^-12``), which costs only memory: their labels are
-immediate whatever W is.
+immediate whatever W is. ``dfm`` T=5 min and T=30 min (Chapelle 2014,
+``delayed_feedback="dfm"``, loss ``dfm``): a click within T trains at once as a positive
+with its delay, an impression unclicked at T trains once as "no click after T" (78% and
+22% of the clicks come after T); the delay head models the rest. Clicks after T (weight-0
+``late_click`` records) are not trained on.
 
 Claim checked: ``|ratio - 1|`` of FNW and of FNC is below that of plain BCE on the
 fake-negative stream, for every log and model. Writes ``bench/results/delayed_feedback.json``
-(``delayed_feedback_quick.json``) and prints a table.
+(``delayed_feedback_quick.json``) and prints a table. ``--dfm`` runs only the DFM arms
+beside ``fake_negative, fnw`` and ``window W=30m`` (the same logs and models) and writes
+``delayed_feedback_dfm.json`` (``delayed_feedback_dfm_quick.json``).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import bench_cli, machine, publish, stamp
+from bench.run import bench_parser, machine, publish, stamp
 from bench.run import finite_or_dash as _f
 from learners.delayed_feedback import check_loss_for_scheme, fnc_correct
 from learners.encoding import EncoderConfig
@@ -100,6 +106,7 @@ class Run:
     window_s: float
     loss: str
     reference: bool = False  # full run only
+    observe_s: float = 300.0  # scheme "dfm": the observation time T
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,11 @@ RUNS = (
     Run("fake_negative_bce", "fake_negative", LONG_W, "bce"),
     Run("fake_negative_fnw", "fake_negative", LONG_W, "fnw"),
     Run("window_4h", "window", LONG_W, "bce", reference=True),
+    Run("dfm_5m", "dfm", LONG_W, "dfm", observe_s=300.0),
+    Run("dfm_30m", "dfm", LONG_W, "dfm", observe_s=1800.0),
 )
+#: the runs of ``--dfm``
+DFM_RUNS = ("window_30m", "fake_negative_fnw", "dfm_5m", "dfm_30m")
 ARMS = (
     Arm("window W=30m, bce", "window_30m"),
     Arm("window W=5m, bce", "window_5m"),
@@ -126,6 +137,8 @@ ARMS = (
     Arm("fake_negative, fnw", "fake_negative_fnw"),
     Arm("fake_negative, bce + fnc", "fake_negative_bce", fnc=True),
     Arm("window W=4h, bce (reference)", "window_4h"),
+    Arm("dfm T=5m, dfm", "dfm_5m"),
+    Arm("dfm T=30m, dfm", "dfm_30m"),
 )
 
 
@@ -182,6 +195,7 @@ def stream_train(log: Log, run: Run, model: str) -> dict[str, Any]:
         lateness_s=LATENESS_S,
         idle_timeout_s=None,
         delayed_feedback=run.scheme,
+        dfm_observe_s=run.observe_s,
     )
     joiner = OnlineJoiner(join_cfg)
     config = RankerConfig(model=model, loss=run.loss, encoder=ENCODER)
@@ -191,12 +205,16 @@ def stream_train(log: Log, run: Run, model: str) -> dict[str, Any]:
     p = np.empty(n, dtype=np.float64)
     buf_idx: list[int] = []
     buf_y: list[float] = []
+    buf_e: list[float] = []  # seconds from the impression to its label (dfm: d or T)
     lat = {"n": 0, "sum": 0.0, "pos_n": 0, "pos_sum": 0.0}
 
     def take(out: list[LabeledExample], now: float) -> None:
         for e in out:
+            if e.weight == 0:
+                continue  # a dfm late click: not trained on
             buf_idx.append(index[e.impression.impression_id])
             buf_y.append(float(e.label))
+            buf_e.append(e.label_ts - e.impression.ts)
             delay = now - e.impression.ts
             lat["n"] += 1
             lat["sum"] += delay
@@ -222,7 +240,9 @@ def stream_train(log: Log, run: Run, model: str) -> dict[str, Any]:
         take(joiner.on_watermark(t_end, "clicks"), t_end)
         while len(buf_idx) - n_learned >= BATCH:
             idx = buf_idx[n_learned : n_learned + BATCH]
-            ranker.learn_many([log.rows[k] for k in idx], buf_y[n_learned : n_learned + BATCH])
+            part = slice(n_learned, n_learned + BATCH)
+            elapsed = np.maximum(buf_e[part], 0.0) if run.loss == "dfm" else None
+            ranker.learn_many([log.rows[k] for k in idx], buf_y[part], elapsed=elapsed)
             n_learned += BATCH
     seconds = time.perf_counter() - t0
     c = joiner.counters
@@ -245,11 +265,13 @@ def _clean(q: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in q.items()}
 
 
-def run_log(log: Log, model: str, with_reference: bool) -> list[dict[str, Any]]:
-    """Every arm on ``log`` with ``model``: one result dict per arm."""
+def run_log(
+    log: Log, model: str, with_reference: bool, only: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """Every arm on ``log`` with ``model`` (``only``: those runs): one dict per arm."""
     runs: dict[str, dict[str, Any]] = {}
     for r in RUNS:
-        if r.reference and not with_reference:
+        if (r.reference and not with_reference) or (only is not None and r.name not in only):
             continue
         print(f"  {log.name} / {model} / {r.name}", flush=True)
         runs[r.name] = stream_train(log, r, model)
@@ -272,6 +294,7 @@ def run_log(log: Log, model: str, with_reference: bool) -> list[dict[str, Any]]:
                 "arm": arm.name,
                 "scheme": run.scheme,
                 "window_s": run.window_s,
+                "observe_s": run.observe_s if run.scheme == "dfm" else None,
                 "loss": run.loss,
                 "fnc": arm.fnc,
                 **stats,
@@ -293,6 +316,9 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if (r["log"], r["model"]) == (log_name, model)
         }
         err = {k: abs(v - 1.0) for k, v in ratio.items()}
+        if "fake_negative, bce" not in err:  # --dfm
+            out.append({"log": log_name, "model": model, **dfm_claim(ratio)})
+            continue
         base = err["fake_negative, bce"]
         out.append(
             {
@@ -309,12 +335,27 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def dfm_claim(ratio: dict[str, float]) -> dict[str, Any]:
+    """``--dfm``: the ratios, and whether each DFM arm's ``|ratio - 1|`` is below FNW's."""
+    fnw = ratio["fake_negative, fnw"]
+    out: dict[str, Any] = {"fnw_ratio": fnw, "window_30m_ratio": ratio["window W=30m, bce"]}
+    for arm, key in (("dfm T=5m, dfm", "dfm_5m"), ("dfm T=30m, dfm", "dfm_30m")):
+        out[f"{key}_ratio"] = ratio[arm]
+        out[f"{key}_beats_fnw"] = abs(ratio[arm] - 1.0) < abs(fnw - 1.0)
+    return out
+
+
 def main(
-    quick: bool = False, *, results_dir: Path | None = None, n: int | None = None
+    quick: bool = False,
+    *,
+    results_dir: Path | None = None,
+    n: int | None = None,
+    dfm: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark, write its JSON, print its table; the report.
 
-    ``n`` overrides the number of impressions per log (tests use a tiny log).
+    ``n`` overrides the number of impressions per log (tests use a tiny log). ``dfm``: only
+    :data:`DFM_RUNS`, written to ``delayed_feedback_dfm.json``.
     """
     n_impressions = n or (QUICK_N if quick else FULL_N)
     models = QUICK_MODELS if quick else FULL_MODELS
@@ -338,7 +379,9 @@ def main(
             "clicks_after_5m": float(np.exp(-300.0 / DELAY_MEAN_S)),
         }
         for model in models:
-            results += run_log(log, model, with_reference=not quick)
+            only = DFM_RUNS if dfm else None
+            results += run_log(log, model, with_reference=not quick, only=only)
+    name = "delayed_feedback_dfm" if dfm else "delayed_feedback"
     report: dict[str, Any] = {
         **stamp("delayed_feedback", quick),
         "machine": {
@@ -360,7 +403,10 @@ def main(
         },
         "results": results,
     }
-    return publish(report, results_dir, "delayed_feedback", quick, table)
+    if dfm:
+        report["command"] += " --dfm"
+        report["claim"]["target"] = "|ratio - 1| of DFM below that of FNW"
+    return publish(report, results_dir, name, quick, table)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -382,6 +428,13 @@ def table(report: dict[str, Any]) -> str:
     claim = report.get("claim", {})
     for c in claim.get("results", []):
         lines.append("")
+        if "dfm_5m_ratio" in c:
+            lines.append(
+                f"DFM ({c['log']}, {c['model']}): ratio fnw {c['fnw_ratio']:.3f}, dfm T=5m "
+                f"{c['dfm_5m_ratio']:.3f}, T=30m {c['dfm_30m_ratio']:.3f}; window W=30m "
+                f"{c['window_30m_ratio']:.3f}."
+            )
+            continue
         lines.append(
             f"Claim ({c['log']}, {c['model']}): ratio fake_negative+bce "
             f"{c['fake_negative_bce_ratio']:.3f} vs fnw {c['fnw_ratio']:.3f} and fnc "
@@ -393,7 +446,11 @@ def table(report: dict[str, Any]) -> str:
 
 def cli(argv: list[str] | None = None) -> int:
     quick = "40k impressions, ctr 20%% log, logreg only"
-    return bench_cli("delayed_feedback", __doc__, quick, main, argv)
+    parser = bench_parser("delayed_feedback", __doc__, quick)
+    parser.add_argument("--dfm", action="store_true", help="the DFM arms beside FNW only")
+    args = parser.parse_args(argv)
+    main(args.quick, results_dir=args.results_dir, dfm=args.dfm)
+    return 0
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def simulate(
         out.extend(joiner.on_watermark(t_end, "impressions"))
         out.extend(joiner.on_watermark(t_end, "clicks"))
         for e in out:
-            if e.label:
+            if e.label and e.weight > 0:  # not a dfm late click (scored, never trained on)
                 latency.append(t_end - e.label_ts)
         i = j
         if not out:

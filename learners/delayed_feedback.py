@@ -1,6 +1,6 @@
-"""Training on streams with delayed clicks: fake negatives, FNW and FNC.
+"""Training on streams with delayed clicks: fake negatives, FNW and FNC, and DFM.
 
-A click can arrive long after its impression. The joiner (:mod:`stream.join`) offers two
+A click can arrive long after its impression. The joiner (:mod:`stream.join`) offers three
 labelling schemes, ``JoinConfig.delayed_feedback``:
 
 * ``"window"``: wait the attribution window ``W`` before labelling. Labels are correct
@@ -21,6 +21,18 @@ labelling schemes, ``JoinConfig.delayed_feedback``:
     ``p = b / (1 - b)`` (:func:`fnc_correct`, the inverse of ``b = p / (1 + p)``). It is
     one of the ranker's output links (:mod:`learners.links`, ``RankerConfig.fnc``) and is
     importable from here.
+
+* ``"dfm"`` (Chapelle, "Modeling Delayed Feedback in Display Advertising", KDD 2014): a
+  click is trained on at click time as a positive with its delay ``d``; an impression
+  still unclicked after the observation time ``T`` (``JoinConfig.dfm_observe_s``) is
+  trained on once as "not clicked after ``e = T``". Each impression is one record, its
+  observation censored at ``T``; the loss ``"dfm"`` (:func:`learners.losses.dfm_loss`)
+  models the delay as Exponential(``lambda(x)``) with a delay head on the ranker, so the
+  clicks still to come after ``T`` are accounted for (``p (1 - e^(-lambda T))`` is what
+  the labels show, ``p`` what is learnt and served). A click after its impression was
+  released unclicked is counted (late) and sent with weight 0: the monitor sees the final
+  label, the model is not trained on it again (its censored record already has the
+  likelihood of "no click by ``T``"; a second record would count the impression twice).
 
 :func:`check_loss_for_scheme` rejects the combinations that train a biased model; the
 stream layer calls it on its settings.
@@ -48,11 +60,15 @@ __all__ = [
     "fnc_correct",
 ]
 
-SCHEMES = ("window", "fake_negative")
+SCHEMES = ("window", "fake_negative", "dfm")
 """Labelling schemes, the values of ``stream.join.JoinConfig.delayed_feedback``."""
 
-DELAYED_FEEDBACK_LOSS: dict[str, str | None] = {"window": None, "fake_negative": "fnw"}
-"""The loss to train each scheme with: ``None`` is any loss but ``"fnw"``; on
+DELAYED_FEEDBACK_LOSS: dict[str, str | None] = {
+    "window": None,
+    "fake_negative": "fnw",
+    "dfm": "dfm",
+}
+"""The loss to train each scheme with: ``None`` is any loss but ``"fnw"`` and ``"dfm"``; on
 ``"fake_negative"``, ``"bce"`` is the alternative when the scores go through
 :func:`fnc_correct` (see :func:`check_loss_for_scheme`)."""
 
@@ -73,7 +89,10 @@ def check_loss_for_scheme(scheme: str, loss: str, *, fnc: bool = False) -> None:
     ``fnc``: whether served scores go through :func:`fnc_correct`.
 
     * ``"fake_negative"``: ``"fnw"`` (without FNC), or ``"bce"`` with ``fnc=True``.
-    * ``"window"``: any loss but ``"fnw"``, and no FNC (both assume fake negatives).
+    * ``"window"``: any loss but ``"fnw"`` and ``"dfm"``, and no FNC (FNW and FNC assume
+      fake negatives).
+    * ``"dfm"``: loss ``"dfm"`` only, without FNC; and ``"dfm"`` on no other scheme (it
+      needs the censored records and their elapsed times).
 
     >>> check_loss_for_scheme("fake_negative", "fnw")
     >>> check_loss_for_scheme("fake_negative", "bce", fnc=True)
@@ -86,6 +105,25 @@ def check_loss_for_scheme(scheme: str, loss: str, *, fnc: bool = False) -> None:
         raise ValueError(f"unknown delayed_feedback scheme {scheme!r}; expected one of {SCHEMES}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {tuple(LOSSES)}")
+    if scheme == "dfm":
+        if loss != "dfm":
+            raise ValueError(
+                f"delayed_feedback='dfm' releases unclicked impressions after "
+                f"join.dfm_observe_s, before all their clicks: loss {loss!r} would learn "
+                "the clicks seen so far, not the CTR; use loss 'dfm' (the delay model)"
+            )
+        if fnc:
+            raise ValueError(
+                "FNC (fnc_correct) inverts the fake-negative bias, which "
+                "delayed_feedback='dfm' does not have: turn it off"
+            )
+        return
+    if loss == "dfm":
+        raise ValueError(
+            f"loss 'dfm' needs delayed_feedback='dfm' (censored records with their elapsed "
+            f"times); with delayed_feedback={scheme!r} use "
+            f"{'fnw' if scheme == 'fake_negative' else 'bce'!r} or set delayed_feedback='dfm'"
+        )
     if scheme == "window":
         if loss == "fnw":
             raise ValueError(

@@ -30,6 +30,7 @@ __all__ = [
     "bce_with_logits",
     "bpr_loss",
     "combined_pair_loss",
+    "dfm_loss",
     "fnw_loss_with_logits",
     "focal_loss_with_logits",
     "info_nce_loss",
@@ -191,6 +192,70 @@ def fnw_loss_with_logits(
     f = torch.sigmoid(logits).detach()
     # softplus(-z) = -log sigmoid(z), softplus(z) = -log(1 - sigmoid(z)), stable for large |z|
     per = t * (1 + f) * F.softplus(-logits) + (1 - t) * (1 - f) * (1 + f) * F.softplus(logits)
+    return _reduce(per, weights, reduction)
+
+
+#: log-rates beyond +-30 (a mean delay 1e13 times the time unit or 1e-13 of it) are clamped
+DFM_LOG_RATE_CLAMP = 30.0
+#: the hazard ``lambda * e`` of an unclicked example is clamped here: exp(-50) is 0 already
+DFM_MAX_HAZARD = 50.0
+
+
+def dfm_loss(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    *,
+    log_rate: Tensor | None = None,
+    elapsed: Tensor | None = None,
+) -> Tensor:
+    """Delayed-feedback model loss (Chapelle, "Modeling Delayed Feedback in Display
+    Advertising", KDD 2014), in nats.
+
+    The click probability is ``p = sigmoid(logits)``, the click delay is Exponential with
+    rate ``lam = exp(log_rate)`` (per unit of ``elapsed``). Per example, with ``t`` the label
+    and ``e = elapsed`` (the click delay ``d`` when ``t = 1``, the time the example has been
+    observed without a click when ``t = 0``)::
+
+        t = 1: -log p - log lam + lam d             (clicked after d)
+        t = 0: -log(1 - p + p exp(-lam e))          (not clicked after e)
+
+    computed as ``softplus(-z) - g + exp(g) d`` and
+    ``-logaddexp(logsigmoid(-z), logsigmoid(z) - lam e)`` (``z`` the logit, ``g`` the
+    log-rate clamped to +-:data:`DFM_LOG_RATE_CLAMP`, ``lam e`` clamped to
+    :data:`DFM_MAX_HAZARD` in the unclicked term), finite for any finite inputs. An
+    unclicked example with ``e = 0`` carries no information (loss 0); as ``e`` grows it
+    tends to BCE's ``-log(1 - p)``.
+
+    ``logits``, ``targets`` (0/1), ``weights``: (B,) as in :func:`bce_with_logits`;
+    ``log_rate``: (B,) float, the delay head's output; ``elapsed``: (B,) float >= 0, in the
+    time unit of the rate (the ranker passes seconds / ``RankerConfig.delay_scale_s``).
+    ``elapsed=None`` means the labels are final (observed for ever): the loss is then BCE
+    on ``p`` and the delay head is not involved (``log_rate`` may be None), so that a DFM
+    model pretrains on a log's final labels like any other.
+
+    Example:
+        >>> z, g = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])  # p = 1/2, lam = 1
+        >>> dfm_loss(z, torch.tensor([1.0, 0.0]), log_rate=g,
+        ...          elapsed=torch.tensor([1.0, 0.0]), reduction="none")
+        tensor([1.6931, 0.0000])
+        >>> round(float(dfm_loss(z, torch.tensor([0.0, 0.0]), log_rate=g,
+        ...                      elapsed=torch.tensor([1.0, 1.0]))), 4)  # -log(1/2 + e^-1/2)
+        0.3799
+    """
+    if elapsed is None:
+        return bce_with_logits(logits, targets, weights, reduction)
+    if log_rate is None:
+        raise ValueError("dfm_loss with elapsed times needs log_rate (the delay head's output)")
+    t = targets.to(logits.dtype)
+    e = elapsed.to(logits.dtype)
+    g = log_rate.to(logits.dtype).clamp(-DFM_LOG_RATE_CLAMP, DFM_LOG_RATE_CLAMP)
+    rate = torch.exp(g)
+    clicked = F.softplus(-logits) - g + rate * e
+    hazard = (rate * e).clamp(max=DFM_MAX_HAZARD)
+    unclicked = -torch.logaddexp(F.logsigmoid(-logits), F.logsigmoid(logits) - hazard)
+    per = t * clicked + (1 - t) * unclicked
     return _reduce(per, weights, reduction)
 
 
@@ -404,11 +469,13 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "ranknet": ranknet_loss,
     "combined_pair": _combined_pair_entry,
     "fnw": fnw_loss_with_logits,
+    "dfm": dfm_loss,
 }
 """Ranker losses: ``LOSSES[name](logits, targets, weights=None, reduction="mean")``.
 
 Extra parameters are keyword-only with defaults (``weighted_bce``: ``pos_weight``;
-``focal``: ``gamma``, ``alpha``; ``combined_pair``: ``alpha``), so
-``functools.partial(LOSSES[name], **params)`` keeps the common signature. ``fnw`` is for
-the fake-negative stream only (see :mod:`learners.delayed_feedback`).
+``focal``: ``gamma``, ``alpha``; ``combined_pair``: ``alpha``; ``dfm``: ``log_rate``,
+``elapsed``, per batch), so ``functools.partial(LOSSES[name], **params)`` keeps the common
+signature. ``fnw`` is for the fake-negative stream only, ``dfm`` for the ``"dfm"`` scheme
+(or final labels, where it is BCE); see :mod:`learners.delayed_feedback`.
 """

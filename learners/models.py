@@ -45,6 +45,7 @@ from learners.layers import (
 __all__ = [
     "DCNv2",
     "DeepFM",
+    "DelayHead",
     "INITIAL_CTR",
     "LogisticModel",
     "MMoE",
@@ -141,6 +142,39 @@ class LogisticModel(nn.Module):
         if self.num_num_fields:
             logit = logit + self.numeric(num).squeeze(-1)
         return logit + _user_item_dot(self.embedding, cat) + self.behaviour.pair_logit(cat)
+
+
+class DelayHead(nn.Module):
+    """The click-delay head of a DFM ranker (Chapelle 2014): a linear model over the same
+    hashed buckets and numerics, ``g = bias + sum_f w[cat_f] + v . num``, the log of the
+    delay's Exponential rate (``loss="dfm"``, :func:`learners.losses.dfm_loss`).
+
+    Small on purpose: one scalar per bucket (no embedding vectors), so it adds
+    ``num_buckets + num_num_fields + 1`` parameters to the ranker. Starts at ``g = 0``
+    everywhere: a mean delay of one time unit (``RankerConfig.delay_scale_s``).
+
+    Example:
+        >>> h = DelayHead(num_buckets=100, num_num_fields=2)
+        >>> h(torch.tensor([[5, 7, 0]]), torch.zeros(1, 2))
+        tensor([0.], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, num_buckets: int, num_num_fields: int) -> None:
+        super().__init__()
+        self.num_num_fields = num_num_fields
+        self.weights = nn.Embedding(num_buckets, 1, padding_idx=0)
+        self.numeric = nn.Linear(num_num_fields, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(()))
+        with torch.no_grad():
+            self.weights.weight.zero_()
+            self.numeric.weight.zero_()
+
+    def forward(self, cat: Tensor, num: Tensor) -> Tensor:
+        """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn) -> log-rates float32 (B,)."""
+        g = self.weights(cat).squeeze(-1).sum(-1) + self.bias
+        if self.num_num_fields:
+            g = g + self.numeric(num).squeeze(-1)
+        return g
 
 
 class CrossLayer(nn.Module):

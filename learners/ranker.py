@@ -20,6 +20,15 @@ is not P(click) (``focal``, ``weighted_bce``) have their outputs mapped back to 
 (``loss_correction``, see :mod:`learners.links`); with ``fnc`` the probabilities then go
 through the FNC link (:func:`learners.links.fnc_correct`), which neither the output bias's
 start nor its re-centring sees (they follow the label rate the model learns).
+
+Delayed feedback (DFM, Chapelle 2014): with ``loss="dfm"`` (or ``RankerConfig.delay_head``)
+the ranker carries a click-delay head (:class:`learners.models.DelayHead`, the log-rate of an
+Exponential delay); ``learn_many`` / ``score_and_learn`` then take ``elapsed``: (B,) seconds,
+the click delay of a label-1 row and the time a label-0 row was observed unclicked
+(:func:`learners.losses.dfm_loss`). Without ``elapsed`` the labels are taken as final (BCE).
+Scores are the click probability only; :meth:`TorchRanker.predict_delay_rate_many` gives
+the head's rates. Its re-centred output bias targets the label rate, which on a censored
+stream is a lower bound of the CTR (the gradient takes it from there).
 """
 
 from __future__ import annotations
@@ -41,7 +50,15 @@ from learners.base import Rows
 from learners.encoding import EncodedBatch, FeatureEncoder, inference
 from learners.links import CORRECTED_LOSSES, calibrated_logits, fnc_correct
 from learners.losses import LOSSES, bce_with_logits
-from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
+from learners.models import (
+    INITIAL_CTR,
+    DCNv2,
+    DeepFM,
+    DelayHead,
+    LogisticModel,
+    MMoE,
+    WideAndDeep,
+)
 from learners.ranker_config import MODELS, RankerConfig
 from learners.training import (
     Checkpointed,
@@ -96,6 +113,14 @@ class TorchRanker(Checkpointed):
         self.encoder = FeatureEncoder(config.encoder)
         self._generator = torch.Generator().manual_seed(seed)
         self.model = build_module(self._build_model, self.device)
+        enc = config.encoder
+        #: the DFM click-delay head (``config.has_delay_head``), else None; built with its
+        #: own initial values even when loading (a checkpoint may lack it: DFM starts it)
+        self.delay_head: DelayHead | None = (
+            DelayHead(enc.num_buckets, enc.max_num_fields).to(self.device)
+            if config.has_delay_head
+            else None
+        )
         params = {kw: getattr(config, f) for kw, f in _LOSS_PARAMS.get(config.loss, {}).items()}
         self._loss_fn = functools.partial(LOSSES[config.loss], **params)
         self._link_params: dict[str, float | None] = params
@@ -112,18 +137,27 @@ class TorchRanker(Checkpointed):
         # which made the step memory-bound (bench.trainer). The rest: fused dense Adam.
         tables: list[Tensor] = []
         if config.sparse_embeddings:
-            for module in self.model.modules():
+            for module in self._modules_trained():
                 if isinstance(module, nn.Embedding):
                     module.sparse = True
                     tables.append(module.weight)
         table_ids = {id(t) for t in tables}
-        self._dense_params = [p for p in self.model.parameters() if id(p) not in table_ids]
+        trained = list(self.model.parameters())
+        if self.delay_head is not None:
+            trained += list(self.delay_head.parameters())
+        self._dense_params = [p for p in trained if id(p) not in table_ids]
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(self._dense_params, lr=self.lr, fused=fused)
         self.sparse_optimizer = torch.optim.SparseAdam(tables, lr=self.lr) if tables else None
         self.n_updates = 0
         self.n_skipped_nonfinite = 0
         self.last_loss: float | None = None
+
+    def _modules_trained(self) -> Iterator[nn.Module]:
+        """The model's modules, then the delay head's (when there is one)."""
+        yield from self.model.modules()
+        if self.delay_head is not None:
+            yield from self.delay_head.modules()
 
     def _build_model(self) -> nn.Module:
         cfg, enc = self.config, self.config.encoder
@@ -297,6 +331,24 @@ class TorchRanker(Checkpointed):
                 return tasks[:, 0], tasks
             return self.model(cat, num, seq, seq_age).float(), None
 
+    def _log_rate(self, inputs: _Inputs) -> Tensor:
+        """The delay head's log-rates (B,) per ``delay_scale_s``, float32."""
+        assert self.delay_head is not None
+        cat, num, _, _ = inputs
+        return self.delay_head(cat, num).float()
+
+    def _elapsed(self, X: Rows, elapsed: Any) -> Tensor | None:
+        """``elapsed`` seconds (B,) -> a tensor in units of ``delay_scale_s`` for the DFM
+        loss; None when not given or the loss is not ``dfm`` (it ignores them then)."""
+        if elapsed is None or self.config.loss != "dfm":
+            return None
+        e = np.asarray(elapsed, dtype=np.float32).reshape(-1)
+        if e.shape[0] != len(X):
+            raise ValueError(f"len(elapsed)={e.shape[0]} does not match len(X)={len(X)}")
+        if np.any(e < 0):
+            raise ValueError("elapsed times must be >= 0 seconds")
+        return self._to_device(e / np.float32(self.config.delay_scale_s))
+
     def _loss(
         self,
         logits: Tensor,
@@ -304,10 +356,17 @@ class TorchRanker(Checkpointed):
         weights: Tensor | None,
         task_logits: Tensor | None = None,
         targets2: Tensor | None = None,
+        log_rate: Tensor | None = None,
+        elapsed: Tensor | None = None,
     ) -> Tensor:
         """Configured loss on the click; plus, for MMoE with ``y2``, BCE of task 1 on the rows
-        where ``y2`` is finite (mean over those rows; 0 when there are none)."""
-        loss = self._loss_fn(logits, targets, weights=weights)
+        where ``y2`` is finite (mean over those rows; 0 when there are none). ``log_rate``
+        and ``elapsed`` (B,): the DFM loss's delay terms (``loss="dfm"`` only)."""
+        if elapsed is not None:
+            loss = self._loss_fn(logits, targets, weights=weights, log_rate=log_rate,
+                                 elapsed=elapsed)  # fmt: skip
+        else:
+            loss = self._loss_fn(logits, targets, weights=weights)
         if task_logits is None or targets2 is None:
             return loss
         known = torch.isfinite(targets2)
@@ -355,30 +414,65 @@ class TorchRanker(Checkpointed):
         """P(click), float64 ``(B,)`` in [0, 1]."""
         return self._served(self.predict_logit_many(X))
 
-    def learn_many(self, X: Rows, y: Any, w: Any = None, y2: Any = None) -> None:
+    @inference
+    def predict_delay_rate_many(self, X: Rows) -> np.ndarray:
+        """The delay head's click-delay rates, per SECOND, float64 ``(B,)`` (the mean delay
+        of a click is ``1 / rate``). Raises ValueError without a delay head."""
+        if self.delay_head is None:
+            raise ValueError("this ranker has no delay head (loss='dfm' or delay_head=True)")
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.float64)
+        inputs = self._tensors(X)
+        self.delay_head.eval()
+        with torch.no_grad():
+            g = self._log_rate(inputs)
+        g64 = g.detach().cpu().numpy().astype(np.float64)
+        return np.exp(g64) / self.config.delay_scale_s
+
+    def start_delay_at(self, mean_delay_s: float) -> None:
+        """Set the delay head's bias so that its rate is ``1 / mean_delay_s`` where the
+        bucket weights are 0 (a fresh head: everywhere); e.g. the mean click delay of a
+        log before pretraining (the exact rate of Exponential delays observed in full)."""
+        if self.delay_head is None:
+            raise ValueError("this ranker has no delay head (loss='dfm' or delay_head=True)")
+        if not (math.isfinite(mean_delay_s) and mean_delay_s > 0):
+            raise ValueError(f"mean_delay_s must be positive finite, got {mean_delay_s}")
+        with torch.no_grad():
+            self.delay_head.bias.fill_(math.log(self.config.delay_scale_s / mean_delay_s))
+
+    def learn_many(
+        self, X: Rows, y: Any, w: Any = None, y2: Any = None, elapsed: Any = None
+    ) -> None:
         """One optimiser step on the batch (``y``: (B,) 0/1, ``w``: optional (B,) weights).
 
         ``y2``: optional (B,) task-1 labels, NaN where unknown; used by ``model="mmoe"``
-        only (ignored by single-task models).
+        only (ignored by single-task models). ``elapsed``: optional (B,) seconds >= 0 for
+        ``loss="dfm"``: a label-1 row's click delay, a label-0 row's time observed without
+        a click (ignored by other losses; None: the labels are final).
         """
-        self._learn(X, y, w, y2, scores=False)
+        self._learn(X, y, w, y2, elapsed, scores=False)
 
-    def score_and_learn(self, X: Rows, y: Any, w: Any = None, y2: Any = None) -> np.ndarray:
+    def score_and_learn(
+        self, X: Rows, y: Any, w: Any = None, y2: Any = None, elapsed: Any = None
+    ) -> np.ndarray:
         """Progressive validation: P(click) float64 ``(B,)`` BEFORE the update, then learn.
 
         The models have no dropout/batch norm, so the training forward pass yields the
-        same scores as :meth:`predict_proba_many` and is reused. ``y2`` as in
-        :meth:`learn_many`.
+        same scores as :meth:`predict_proba_many` and is reused. ``y2`` and ``elapsed`` as
+        in :meth:`learn_many`.
         """
-        out = self._learn(X, y, w, y2, scores=True)
+        out = self._learn(X, y, w, y2, elapsed, scores=True)
         assert out is not None
         return out
 
-    def _learn(self, X: Rows, y: Any, w: Any, y2: Any, scores: bool) -> np.ndarray | None:
+    def _learn(
+        self, X: Rows, y: Any, w: Any, y2: Any, elapsed: Any, scores: bool
+    ) -> np.ndarray | None:
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64) if scores else None
         targets, weights = self._targets(X, y, w)
         targets2 = self._second_targets(X, y2)
+        elapsed_t = self._elapsed(X, elapsed)
         inputs = self._tensors(X)
         self.model.train()
         logits, task_logits = self._forward(inputs)
@@ -395,7 +489,12 @@ class TorchRanker(Checkpointed):
                 # The first gradient is taken at the re-centred bias: at a badly wrong CTR it
                 # would push every parameter the same way and Adam's momentum would carry it.
                 logits, task_logits = self._forward(inputs)
-        self._step(self._loss(logits, targets, weights, task_logits, targets2))
+        log_rate = None
+        if elapsed_t is not None:
+            assert self.delay_head is not None  # loss "dfm" always has one
+            self.delay_head.train()
+            log_rate = self._log_rate(inputs)
+        self._step(self._loss(logits, targets, weights, task_logits, targets2, log_rate, elapsed_t))
         return p
 
     def _vectors(self, field_name: str, values: Sequence[str]) -> np.ndarray:
@@ -425,6 +524,7 @@ class TorchRanker(Checkpointed):
             "seed": self.seed,
             "online": self.online,
             "model": self.model.state_dict(),
+            "delay_head": None if self.delay_head is None else self.delay_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sparse_optimizer": (
                 None if self.sparse_optimizer is None else self.sparse_optimizer.state_dict()
@@ -469,6 +569,9 @@ class TorchRanker(Checkpointed):
         (a serving snapshot, :mod:`modelstore.snapshot`) the optimiser moments start
         afresh."""
         given: dict[str, Any] = {"device": device, "loss": loss, "fnc": fnc}
+        saved_head = state.get("delay_head")
+        if saved_head is not None:  # a trained delay head stays, whatever loss follows
+            given["delay_head"] = True
         config = dataclasses.replace(
             RankerConfig.from_dict(state["config"]),
             **{k: v for k, v in given.items() if v is not None},
@@ -485,9 +588,16 @@ class TorchRanker(Checkpointed):
                 f"(model={config.model!r}, sequence_attention={config.sequence_attention}, "
                 f"pair_crosses={config.pair_crosses}): {e}"
             ) from e
+        fresh_head = ranker.delay_head is not None and saved_head is None
+        if ranker.delay_head is not None and saved_head is not None:
+            ranker.delay_head.load_state_dict(saved_head)
+        elif fresh_head:  # e.g. loss="dfm" over a checkpoint trained without the head
+            log.info("%s: no delay head in the checkpoint; it starts afresh", source)
         sparse_state: Any = state.get("sparse_optimizer")
         if "optimizer" not in state:
             pass  # weights only: the moments start afresh
+        elif fresh_head:  # the optimiser's parameter list has the new head's too
+            log.warning("%s: optimizer state without the delay head, not loaded", source)
         elif (sparse_state is None) == (ranker.sparse_optimizer is None):
             ranker.optimizer.load_state_dict(state["optimizer"])
             if ranker.sparse_optimizer is not None:

@@ -49,6 +49,12 @@ class RankerConfig:
     probability ``b``, for plain BCE (``loss="bce"`` only) on the fake-negative stream,
     which learns ``b = p / (1 + p)``; an output link only, training is unchanged. The
     stream layer sets it from ``trainer.fnc``.
+    ``delay_head``: a click-delay head (:class:`learners.models.DelayHead`, DFM, Chapelle
+    2014) beside the model; always on with ``loss="dfm"``, which trains it
+    (:func:`learners.losses.dfm_loss`). The served score is the click probability only.
+    ``delay_scale_s`` (seconds, > 0): the head's time unit; delays and elapsed times are
+    divided by it, so the rate stays near 1 for delays near it (the head starts at a mean
+    delay of one unit). Saved with the ranker (``state()["delay_head"]``).
     ``amp``: bf16 autocast of the forward pass on CUDA; ignored on the CPU.
     ``sparse_embeddings``: sparse gradients and lazy Adam (SparseAdam) for the embedding
     tables, dense Adam for the rest; False: one dense Adam over everything.
@@ -84,6 +90,8 @@ class RankerConfig:
     bias_warmup: float = 10_000.0
     loss_correction: bool = True
     fnc: bool = False
+    delay_head: bool = False
+    delay_scale_s: float = 300.0
     amp: bool = False
     sparse_embeddings: bool = True
     sequence_attention: bool = True
@@ -105,6 +113,8 @@ class RankerConfig:
                 f"fnc corrects plain BCE on fake negatives; loss {self.loss!r} with fnc would "
                 "serve a miscalibrated score: use loss 'bce' or turn fnc off"
             )
+        if not (math.isfinite(self.delay_scale_s) and self.delay_scale_s > 0):
+            raise ValueError(f"delay_scale_s must be positive finite, got {self.delay_scale_s}")
         if self.focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
@@ -137,6 +147,11 @@ class RankerConfig:
                 raise ValueError(f"invalid device {self.device!r}: {e}") from e
         # Accept a list for ``hidden`` (e.g. from TOML) but store the immutable form.
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    @property
+    def has_delay_head(self) -> bool:
+        """Whether the ranker carries a click-delay head (``delay_head`` or ``loss="dfm"``)."""
+        return self.delay_head or self.loss == "dfm"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers only (lists, not tuples) so it loads with ``weights_only``."""

@@ -45,6 +45,9 @@ class LogExamples:
     y: np.ndarray  # (N,) float64 0/1
     ts: np.ndarray  # (N,) float64 epoch s
     true_p: np.ndarray | None  # (N,) float64 or None
+    #: (N,) float64 seconds from impression to click (NaN where not clicked or unknown), or
+    #: None; a DFM ranker pretrains its delay head on them (:func:`pretrain`)
+    delay: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -52,7 +55,8 @@ class LogExamples:
     def slice(self, start: int, stop: int | None = None) -> LogExamples:
         s = slice(start, stop)
         tp = None if self.true_p is None else self.true_p[s]
-        return LogExamples(self.rows[s], self.y[s], self.ts[s], tp)
+        delay = None if self.delay is None else self.delay[s]
+        return LogExamples(self.rows[s], self.y[s], self.ts[s], tp, delay)
 
 
 def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> LogExamples:
@@ -92,7 +96,29 @@ def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> Log
     y = df["click"].to_numpy(dtype=np.float64)
     ts = df["ts"].to_numpy(dtype=np.float64)
     tp = df["true_p"].to_numpy(dtype=np.float64) if "true_p" in df else None
-    return LogExamples(rows, y, ts, tp)
+    delay = None
+    if "click_ts" in df:
+        with np.errstate(invalid="ignore"):
+            d = df["click_ts"].to_numpy(dtype=np.float64) - ts
+        delay = np.where((y == 1) & (d >= 0), d, np.nan)
+    return LogExamples(rows, y, ts, tp, delay)
+
+
+#: elapsed seconds given to an unclicked example of a log (final labels): "never clicked"
+#: (the DFM loss's hazard is clamped long before: its term is BCE's -log(1 - p))
+FINAL_ELAPSED_S = 1e9
+
+
+def final_elapsed(examples: LogExamples) -> np.ndarray | None:
+    """Elapsed seconds for a DFM ranker on a log's final labels: each click's delay, and
+    :data:`FINAL_ELAPSED_S` for the unclicked; None (labels only: BCE, the delay head
+    untrained) when some click's delay is unknown."""
+    if examples.delay is None:
+        return None
+    clicked = examples.y == 1
+    if not np.all(np.isfinite(examples.delay[clicked])):
+        return None
+    return np.where(clicked, np.nan_to_num(examples.delay, nan=0.0), FINAL_ELAPSED_S)
 
 
 RAMP_FROM = 32  # rows of evaluate's first batch (see evaluate)
@@ -150,6 +176,9 @@ def pretrain(
     ``examples``, so that older history weighs less.
 
     Returns a summary (examples, epochs, seconds, final training log loss on the data).
+
+    A DFM ranker (``config.loss == "dfm"``) with the clicks' delays (``examples.delay``)
+    starts its delay head at their mean and trains it on them (:func:`final_elapsed`).
     """
     from tqdm import tqdm
 
@@ -167,6 +196,10 @@ def pretrain(
     # afterwards (bench.calibration, no drift: within +-5% 40% of the time, 72% without).
     config = for_final_labels(dataclasses.replace(config or RankerConfig(), bias_warmup=0.0))
     ranker = TorchRanker(config, seed=seed, online=False)
+    # a DFM ranker also learns the click delays of the log (its delay head)
+    elapsed = final_elapsed(examples) if config.loss == "dfm" else None
+    if elapsed is not None and examples.y.any():  # the head starts at the log's mean delay
+        ranker.start_delay_at(max(float(elapsed[examples.y == 1].mean()), 1e-3))
     rng = np.random.default_rng(seed)
     n = len(examples)
     t0 = time.perf_counter()
@@ -176,7 +209,8 @@ def pretrain(
         for s in _batches(n, batch_size):
             idx = order[s]
             w = None if weights is None else weights[idx]
-            ranker.learn_many([examples.rows[i] for i in idx], examples.y[idx], w)
+            e = None if elapsed is None else elapsed[idx]
+            ranker.learn_many([examples.rows[i] for i in idx], examples.y[idx], w, elapsed=e)
             bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - t0

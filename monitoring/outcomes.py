@@ -15,6 +15,13 @@ window closes when the newest impression time seen passes ``ts + window_s + late
 impression was resolved are counted in :attr:`FinalOutcomes.late_positives` (the stream
 lagged by more than the lateness), not applied.
 
+With the DFM scheme (``delayed_feedback="dfm"``) an impression's FIRST record may be its
+positive (a click before the observation time, sent at click time), and a click after it
+follows the impression's label-0 record as a weight-0 ``late_click``:
+``FinalOutcomes(..., positives_first=True)`` keeps a positive whose impression has no record
+yet as that impression's record (label 1 at once), so every impression is still judged once,
+on its final label, with the score of its first record.
+
 Memory: the provisional records of one window (``window_s`` of event time) as numpy
 columns, plus the ids of the clicked ones.
 
@@ -46,12 +53,25 @@ class FinalOutcomes:
     Args:
         window_s: the attribution window, seconds of event time.
         lateness_s: extra seconds of event time before an impression is resolved.
+        positives_first: a label-1 record of an impression with no record yet is its
+            record (the ``"dfm"`` stream); False: label-1 records only mark clicks.
+
+    >>> fo = FinalOutcomes(window_s=60.0, positives_first=True)
+    >>> fo.add(["a", "b"], ts=[0.0, 1.0], label=[1, 0], columns={"p": [0.4, 0.2]})
+    >>> fo.add(["b"], ts=[1.0], label=[1], columns={"p": [0.3]})  # b's late click
+    >>> fo.add(["c"], ts=[100.0], label=[0], columns={"p": [0.3]})
+    >>> out = fo.resolve()
+    >>> out["label"].tolist(), out["p"].tolist()
+    ([1.0, 1.0], [0.4, 0.2])
     """
 
-    def __init__(self, window_s: float, lateness_s: float = 0.0) -> None:
+    def __init__(
+        self, window_s: float, lateness_s: float = 0.0, *, positives_first: bool = False
+    ) -> None:
         if window_s < 0 or lateness_s < 0:
             raise ValueError("window_s and lateness_s must be >= 0")
         self.horizon_s = float(window_s) + float(lateness_s)
+        self.positives_first = positives_first
         self._chunks: deque[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = deque()
         self._clicked: dict[str, float] = {}  # impression id -> its ts
         self._pending_ids: set[str] = set()
@@ -80,6 +100,8 @@ class FinalOutcomes:
         for k in np.flatnonzero(~neg):
             iid = ids[int(k)]
             if iid in self._pending_ids or t[k] > self.clock - self.horizon_s:
+                if self.positives_first and iid not in self._pending_ids:
+                    neg[k] = True  # its first record: kept below (label 1 on resolving)
                 self._clicked[iid] = float(t[k])
             else:
                 self.late_positives += 1

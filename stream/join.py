@@ -49,6 +49,17 @@ trained as negatives long before their clicks pulled the model's CTR down (``mak
 normalised entropy 1.2 instead of 0.98). After a restart every pending impression newer
 than the restored clicks time is held again (at-least-once: a few may be sent twice).
 
+``"dfm"`` (the delayed-feedback model, Chapelle 2014; :mod:`learners.delayed_feedback`):
+every impression is emitted once. A click within the observation time ``T``
+(``dfm_observe_s``, <= ``W``) emits it at once as a ``positive`` (``label_ts`` the click
+time, so its delay is ``label_ts - ts``); an impression still unclicked when the
+watermark passes ``ts + T`` is emitted as a ``negative`` with ``label_ts = ts + T`` (the
+elapsed time the loss needs is ``label_ts - ts``; the ``labeled`` record needs no new
+field). A click later than ``T`` (and within ``W``) is a **late click**: counted
+(``late_clicks``) and emitted as a ``late_click`` with label 1 and WEIGHT 0, so that the
+monitor judges the final label while the model is not trained on the impression again
+(its censored record stands; ``emit_corrections`` is not used).
+
 >>> j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0))
 >>> j.on_impression(Impression("a", 100.0, "u", "i"))
 []
@@ -84,7 +95,7 @@ from stream.join_memory import (
 __all__ = ["DELAYED_FEEDBACK_SCHEMES", "JoinConfig", "JoinCounters", "OnlineJoiner", "offline_join"]
 
 #: Values of ``JoinConfig.delayed_feedback`` (see the module doc).
-DELAYED_FEEDBACK_SCHEMES = ("window", "fake_negative")
+DELAYED_FEEDBACK_SCHEMES = ("window", "fake_negative", "dfm")
 
 
 @dataclass(frozen=True)
@@ -109,9 +120,16 @@ class JoinConfig:
         idle_timeout_s: WALL seconds after which an input that sent nothing (no event, no
             watermark) stops holding the watermark back, so a quiet click stream or an
             empty partition cannot stall labelling forever; None: pure event time.
-        delayed_feedback: ``"window"`` or ``"fake_negative"`` (see the module doc).
+        delayed_feedback: ``"window"``, ``"fake_negative"`` or ``"dfm"`` (see the module
+            doc).
         align_fake_negatives: hold each fake negative until the clicks input reaches its
             event time (see the module doc; the worker's default).
+        dfm_observe_s: ``delayed_feedback="dfm"``: the observation time ``T`` after which
+            an unclicked impression is trained on as "not clicked after T" (0 < T <=
+            ``window_s``; other schemes ignore it). 300 s: negatives 6x fresher than the
+            30-minute window, while T is still a few typical click delays (minutes), so
+            most clicks come before it and the delay model only extrapolates the tail
+            (with delays ~Exp(mean 120 s), 8% of the clicks).
     """
 
     window_s: float = 1800.0
@@ -128,6 +146,7 @@ class JoinConfig:
     idle_timeout_s: float | None = 60.0
     delayed_feedback: str = "window"  # one of DELAYED_FEEDBACK_SCHEMES
     align_fake_negatives: bool = False
+    dfm_observe_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("window_s", "lateness_s", "orphan_grace_s", "dedup_horizon_s"):
@@ -143,6 +162,14 @@ class JoinConfig:
             raise ValueError(
                 f"JoinConfig.delayed_feedback must be one of {DELAYED_FEEDBACK_SCHEMES}, "
                 f"got {self.delayed_feedback!r}"
+            )
+        if not self.dfm_observe_s > 0:
+            raise ValueError(f"JoinConfig.dfm_observe_s must be > 0, got {self.dfm_observe_s}")
+        if self.delayed_feedback == "dfm" and self.dfm_observe_s > self.window_s:
+            raise ValueError(
+                f"JoinConfig.dfm_observe_s={self.dfm_observe_s} exceeds window_s="
+                f"{self.window_s}: a click after the attribution window never counts, so "
+                "observing longer than it only delays the negatives"
             )
 
 
@@ -281,7 +308,7 @@ class OnlineJoiner:
             self._add_pending(iid, imp)
             if click_ts is not None:
                 self.clicked[iid] = click_ts
-            heapq.heappush(self._deadlines, (imp.ts + self.config.window_s, iid))
+            heapq.heappush(self._deadlines, (imp.ts + self._horizon, iid))
         for iid, ts in sorted(orphans, key=lambda o: o[1]):
             self._add_orphan(iid, ts)
         for source, ts in max_ts.items():
@@ -327,6 +354,13 @@ class OnlineJoiner:
         out: list[LabeledExample] = []
         click_ts = self._pop_orphan(iid)
         in_window = click_ts is not None and click_ts - imp.ts <= self.config.window_s
+        observe = self.config.dfm_observe_s
+        if click_ts is not None and in_window and self._dfm and click_ts - imp.ts > observe:
+            # dfm: its click came after T (the impression was late): unclicked at T, then late
+            self._label(imp, 0, imp.ts + observe, "negative", out)
+            self._late_click(imp, click_ts, out)
+            out.extend(self._expire())
+            return out
         if self.config.delayed_feedback == "fake_negative":
             self.held.append(imp)
             self._held_ids.add(iid)
@@ -337,7 +371,7 @@ class OnlineJoiner:
             self._add_pending(iid, imp)
             if click_ts is not None and in_window:
                 self.clicked[iid] = click_ts
-            heapq.heappush(self._deadlines, (imp.ts + self.config.window_s, iid))
+            heapq.heappush(self._deadlines, (imp.ts + self._horizon, iid))
             cfg = self.config
             while self.pending and (len(self.pending) > cfg.max_pending
                                     or self.pending_bytes > cfg.max_pending_bytes):  # fmt: skip
@@ -357,7 +391,12 @@ class OnlineJoiner:
             else:
                 self.counters.clicks += 1
                 if click.ts - imp.ts <= self.config.window_s:
-                    if self._positives_at_click:
+                    if self._dfm and click.ts - imp.ts > self.config.dfm_observe_s:
+                        # pending only because the watermark has not passed ts + T yet
+                        self._pop_pending(iid)
+                        self._label(imp, 0, imp.ts + self.config.dfm_observe_s, "negative", out)
+                        self._late_click(imp, click.ts, out)
+                    elif self._positives_at_click:
                         self._pop_pending(iid)
                         self._label(imp, 1, click.ts, "positive", out)
                     else:
@@ -372,6 +411,9 @@ class OnlineJoiner:
             elif self.config.delayed_feedback == "fake_negative":
                 self.counters.clicks += 1  # the negative was provisional: add the positive
                 self._label(packed.unpack(), 1, click.ts, "positive", out)
+            elif self._dfm:
+                self.counters.clicks += 1  # after T: its censored record stands
+                self._late_click(packed.unpack(), click.ts, out)
             else:
                 self.counters.clicks += 1
                 self.counters.late_clicks += 1
@@ -421,7 +463,25 @@ class OnlineJoiner:
     @property
     def _positives_at_click(self) -> bool:
         c = self.config
-        return c.emit_positives == "click" or c.delayed_feedback == "fake_negative"
+        return c.emit_positives == "click" or c.delayed_feedback in ("fake_negative", "dfm")
+
+    @property
+    def _dfm(self) -> bool:
+        return self.config.delayed_feedback == "dfm"
+
+    @property
+    def _horizon(self) -> float:
+        """Seconds after its ``ts`` at which an unclicked impression is labelled: ``T`` for
+        ``"dfm"``, the window ``W`` otherwise."""
+        c = self.config
+        return c.dfm_observe_s if c.delayed_feedback == "dfm" else c.window_s
+
+    def _late_click(self, imp: Impression, click_ts: float, out: list[LabeledExample]) -> None:
+        """dfm: a click after ``T`` on an impression released unclicked: counted, and sent
+        with weight 0 (final label for the monitor; nothing for the model to learn)."""
+        self.counters.late_clicks += 1
+        self._set_done(imp.impression_id, 1, click_ts, None)
+        out.append(LabeledExample(imp, 1, click_ts, 0.0, "late_click"))
 
     def _release_held(self, out: list[LabeledExample]) -> None:
         """Send the held fake negatives whose event time the clicks input has reached (all
@@ -462,7 +522,7 @@ class OnlineJoiner:
             imp = self._pop_pending(iid)
             if imp is not None:
                 self.counters.forced_negatives += 1
-                self._close(imp, imp.ts + self.config.window_s, out)
+                self._close(imp, imp.ts + self._horizon, out)
                 return
 
     def _expire(self) -> list[LabeledExample]:

@@ -355,6 +355,9 @@ class Settings:
             # labels): what "bce" means for the default scheme, so that switching the
             # scheme alone (join.delayed_feedback) gives a calibrated model either way
             object.__setattr__(self, "ranker", dataclasses.replace(self.ranker, loss="fnw"))
+        if self.join.delayed_feedback == "dfm" and self.ranker.loss == "bce":
+            # likewise: on the DFM stream, log loss with the delay model is the DFM loss
+            object.__setattr__(self, "ranker", dataclasses.replace(self.ranker, loss="dfm"))
         # a delayed-feedback scheme needs its matching loss (clear error at start-up)
         check_loss_for_scheme(self.join.delayed_feedback, self.ranker.loss, fnc=self.trainer.fnc)
         if self.ranker.fnc != self.trainer.fnc:  # FNC is the ranker's output link

@@ -75,10 +75,15 @@ class MonitorService:
         self.n_rollbacks = 0
         self.calibrator: Calibrator = PlattCalibrator()
         self.calibrator_version = 0
-        #: final labels of a fake-negative stream (None: the labels are final already)
+        #: final labels of a fake-negative or DFM stream (None: the labels are final already)
+        scheme = settings.join.delayed_feedback
         self.outcomes: FinalOutcomes | None = (
-            FinalOutcomes(settings.join.window_s, settings.join.lateness_s)
-            if settings.join.delayed_feedback == "fake_negative"
+            FinalOutcomes(
+                settings.join.window_s,
+                settings.join.lateness_s,
+                positives_first=scheme == "dfm",
+            )
+            if scheme in ("fake_negative", "dfm")
             else None
         )
         self.n_seen = 0
@@ -108,7 +113,10 @@ class MonitorService:
         With ``join.delayed_feedback="fake_negative"`` the batch's labels are provisional:
         each impression is judged once, on its final label, when its attribution window
         has closed (:class:`monitoring.outcomes.FinalOutcomes`), with the scores of its
-        first record (taken when it reached the trainer, at its impression time)."""
+        first record (taken when it reached the trainer, at its impression time). With
+        ``"dfm"`` likewise: an impression's first record is its positive (click before
+        ``join.dfm_observe_s``) or its unclicked record, and a later click (a weight-0
+        ``late_click``) makes its final label 1."""
         if self.outcomes is None:
             return self._observe(
                 np.asarray(batch.p, dtype=np.float64),

@@ -212,7 +212,11 @@ class TrainerService:
     def compute(self, taken: TakenBatch) -> StepResult:
         """Score then learn ``taken`` with the ranker (and the two-tower model on its
         clicks): the models' state only, so it may run off the event loop (one call at a
-        time). Returns the raw and calibrated scores (N,) float64 and the step's seconds."""
+        time). Returns the raw and calibrated scores (N,) float64 and the step's seconds.
+
+        With ``loss="dfm"`` each example's ``label_ts - ts`` (its click delay, or the time
+        it was observed unclicked) goes to the ranker as ``elapsed``. Weight-0 examples
+        (a DFM ``late_click``) are scored for the monitor and not learnt from."""
         batch = taken.examples
         rows = [example_row(e.impression) for e in batch]
         y = np.fromiter((e.label for e in batch), dtype=np.float64, count=len(batch))
@@ -220,11 +224,30 @@ class TrainerService:
         if (half_life := self.settings.trainer.time_decay_half_life_s) is not None:
             ts = np.fromiter((e.impression.ts for e in batch), dtype=np.float64, count=len(batch))
             w *= time_decay_weights(ts, float(ts.max()), half_life)
+        elapsed = None
+        if self.ranker.config.loss == "dfm":  # click delay, or time observed unclicked (s)
+            elapsed = np.fromiter(
+                (max(0.0, e.label_ts - e.impression.ts) for e in batch),
+                dtype=np.float64,
+                count=len(batch),
+            )
         skipped_before = self.ranker.n_skipped_nonfinite
         t0 = time.perf_counter()
         # with trainer.fnc the ranker's FNC output link (RankerConfig.fnc) already maps the
         # p / (1 + p) it learnt from fake negatives back to p: not corrected again here
-        p_raw = self.ranker.score_and_learn(rows, y, w)
+        learn = w > 0
+        if learn.all():
+            p_raw = self.ranker.score_and_learn(rows, y, w, elapsed=elapsed)
+        else:  # weight-0 rows (a DFM late click) are scored, never stepped on (Adam's
+            # momentum would move the model on a batch of them alone)
+            p_raw = np.empty(len(batch), dtype=np.float64)
+            idle, keep = np.flatnonzero(~learn), np.flatnonzero(learn)
+            p_raw[idle] = self.ranker.predict_proba_many([rows[k] for k in idle])
+            if keep.size:
+                p_raw[keep] = self.ranker.score_and_learn(
+                    [rows[k] for k in keep], y[keep], w[keep],
+                    elapsed=None if elapsed is None else elapsed[keep],
+                )  # fmt: skip
         if self.two_tower is not None:  # every batch: its shown items join the catalogue of
             self.two_tower.learn_many(rows, y)  # uniform negatives; only clicks take a step
         seconds = time.perf_counter() - t0

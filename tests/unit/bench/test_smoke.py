@@ -36,7 +36,7 @@ def test_delayed_feedback_quick_reports_every_arm_and_renders_its_table(tmp_path
     written = json.loads((tmp_path / "delayed_feedback_quick.json").read_text())
     assert written["command"] == "python -m bench.delayed_feedback --quick"
     arms = {(r["log"], r["arm"]) for r in written["results"]}
-    assert len(arms) == len(written["results"]) == 5  # quick: one log, no reference arm
+    assert len(arms) == len(written["results"]) == 7  # quick: one log, no reference arm
     for r in written["results"]:
         assert 0 < r["tail"]["ratio_vs_true_p"] < 10
         assert r["label_latency_s"] >= 0

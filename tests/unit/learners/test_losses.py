@@ -369,7 +369,7 @@ def test_excluded_negatives_drop_out_of_the_sampled_softmax() -> None:
 
 
 def test_loss_registry_names() -> None:
-    assert set(LOSSES) == {"bce", "weighted_bce", "focal", "ranknet", "combined_pair", "fnw"}
+    assert set(LOSSES) == {"bce", "weighted_bce", "focal", "ranknet", "combined_pair", "fnw", "dfm"}
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

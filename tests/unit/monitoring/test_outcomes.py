@@ -70,3 +70,38 @@ def test_a_batch_spanning_more_than_a_window_is_resolved_record_by_record() -> N
     out = fo.resolve()  # clock 30: a (0) and b (15) are due, c is not
     assert out["p"].tolist() == [1.0, 2.0] and out["label"].tolist() == [0.0, 1.0]
     assert fo.pending == 1
+
+
+def test_monitor_judges_final_labels_on_the_dfm_stream() -> None:
+    """DFM stream at a true CTR of 0.1, delays ~Exp(60 s), T = 30 s: the records' label
+    rate is 0.1 (1 - e^-0.5) ~ 0.04; the monitor's, on final labels, is the clicks' 0.1
+    (each impression once: its click-time positive or its unclicked record, made 1 by a
+    weight-0 late click)."""
+    rng = np.random.default_rng(1)
+    join = JoinConfig(window_s=600.0, lateness_s=0.0, delayed_feedback="dfm", dfm_observe_s=30.0)
+    settings = Settings(join=join)
+    assert settings.ranker.loss == "dfm"  # "bce" on the DFM stream is read as DFM
+    mon = MonitorService(settings, StreamrecMetrics(registry=CollectorRegistry()))
+    assert mon.outcomes is not None and mon.outcomes.positives_first
+    n = 20_000
+    ts = np.arange(n, dtype=np.float64)  # one impression a second
+    clicked = rng.random(n) < 0.1
+    delay = rng.exponential(60.0, n)
+    events = []  # (event time, impression, label) in the order the joiner sends them
+    for k in range(n):
+        if clicked[k] and delay[k] <= 30.0:
+            events.append((ts[k] + delay[k], k, 1))
+        else:
+            events.append((ts[k] + 30.0, k, 0))
+            if clicked[k] and delay[k] <= 600.0:
+                events.append((ts[k] + delay[k], k, 1))  # the weight-0 late click
+    events.sort()
+    for start in range(0, len(events), 500):
+        part = events[start : start + 500]
+        mon.observe(_batch([f"i{k}" for _, k, _ in part], [ts[k] for _, k, _ in part],
+                           [lab for _, _, lab in part], 0.1))  # fmt: skip
+    assert mon.n_seen > 0.8 * n and mon.outcomes.late_positives == 0
+    final = clicked & (delay <= 600.0)
+    assert mon.served.lifetime().actual_ctr == pytest.approx(final[: mon.n_seen].mean(), abs=1e-9)
+    first_records = sum(1 for k in range(n) if clicked[k] and delay[k] <= 30.0)
+    assert first_records < 0.6 * final.sum()  # most clicks came after T: the records alone are low
