@@ -27,7 +27,7 @@ Variants:
   0.05, spelled out as ``MEAN``) against ``behaviour_pool="attention"`` and
   ``"item_tower"``, the id-only tower, the user tower without ``user_id`` (behaviour and
   context only), 1 / 3 / 5 passes, learning rate 0.01 and temperatures 0.02 / 0.1; then
-  the defaults since (``NEW``: item-tower pool, no ``user_id``, lr 0.01, temperature 0.2)
+  the candidate ``NEW`` (item-tower pool, no ``user_id``, lr 0.01, temperature 0.2)
   against temperature 0.1, ``user_id`` back in, the ``"recency"`` and ``"self_attention"``
   pools, and 5 passes with the learning rate times 0.6 each pass;
 - **hard negatives** (section ``hard_negatives``): ``MEAN`` with a
@@ -66,7 +66,7 @@ REFERENCES = ("popularity", "random", "last_click_category_popularity", "history
 
 # name -> (TwoTowerConfig settings, passes, hard negatives on, lr decay per pass)
 Variant = tuple[dict[str, Any], int, bool, float]
-# The rows measured before the 2026-12-04 default change keep their settings spelled out.
+# The defaults (mean pool, user_id in, lr 0.03, temperature 0.05), spelled out.
 MEAN: dict[str, Any] = {
     "behaviour_pool": "mean", "exclude_fields": ("position",), "lr": 0.03, "temperature": 0.05,
 }  # fmt: skip

@@ -67,11 +67,7 @@ class TwoTowerConfig:
         item_encoder: hashed buckets and slots of the item-side fields (slot 0 stays empty).
         item_prefix: fields starting with it (and ``item_id``) go to the item tower.
         exclude_fields: fields neither tower sees (``position`` is a display bias, not a
-            preference, and is unknown at retrieval time; ``user_id``: the user tower reads
-            behaviour and context only, which did better than with the id on the history
-            world, MovieLens and the synthetic log, see :class:`TwoTowerConfig` below; a
-            deployment whose rows carry no ``hist_seq`` should put the id back with
-            ``exclude_fields=("position",)``).
+            preference, and is unknown at retrieval time).
         temperature: softmax temperature on cosines (> 0).
         loss: "sampled_softmax" (in-batch with logQ correction) or "info_nce".
         remove_accidental_hits: with ``sampled_softmax``, leave a row's own positive item
@@ -79,12 +75,11 @@ class TwoTowerConfig:
         batch_size: clicks per optimiser step; a larger batch is split.
         lr: Adam learning rate.
 
-            The defaults (item-tower pool, no ``user_id``, lr 0.01, temperature 0.2)
-            replaced a mean pool with ``user_id``, lr 0.03, temperature 0.05 on
-            2026-12-04: one pass, seed 0, recall@10 0.242 against 0.186 on the history world
-            (``bench.retrieval_ablation``, 3 seeds there), 0.0454 against 0.0369 on the
-            MovieLens dev log (popularity 0.0429) and 0.163 against 0.158 on a 300k
-            synthetic log (popularity 0.155).
+            Not the default yet: item-tower pool, no ``user_id``, lr 0.01, temperature
+            0.2 gave recall@10 0.240 against 0.193 on the history world
+            (``bench.retrieval_ablation``, 3 seeds) and 0.0438 (3 seeds) against
+            popularity 0.0429 on MovieLens, but without ``user_id`` the tower cannot learn
+            per-user taste on rows without ``hist_seq`` (unit tests' latent-taste worlds).
         max_hard_share: final share of hard negatives among a row's negatives, in [0, 0.5];
             0 (the default) turns hard negatives off. Measured honestly
             (``bench.retrieval_ablation``, history world, 3 seeds): caps 0.1 / 0.25 / 0.5
@@ -135,14 +130,12 @@ class TwoTowerConfig:
     user_encoder: EncoderConfig = field(default_factory=_user_encoder)
     item_encoder: EncoderConfig = field(default_factory=_item_encoder)
     item_prefix: str = "item_"
-    # user_id out: on the history world, MovieLens and the synthetic log the user tower did
-    # better on behaviour and context alone (bench/results/retrieval_ablation.json).
-    exclude_fields: tuple[str, ...] = ("position", "user_id")
-    temperature: float = 0.2
+    exclude_fields: tuple[str, ...] = ("position",)
+    temperature: float = 0.05
     loss: str = "sampled_softmax"
     remove_accidental_hits: bool = True
     batch_size: int = 512
-    lr: float = 0.01
+    lr: float = 0.03
     # Off: on the history world no cap (0.1-0.5) or ramp (0-20k clicks) raised recall@10
     # beyond seed noise (bench/results/retrieval_ablation.json).
     max_hard_share: float = 0.0
@@ -155,7 +148,7 @@ class TwoTowerConfig:
     grad_clip_norm: float = 10.0
     device: str = "auto"
     behaviour_len: int = 20
-    behaviour_pool: str = "item_tower"
+    behaviour_pool: str = "mean"
     encoder_layers: int = 1
     encoder_heads: int = 1
     encoder_dropout: float = 0.0
