@@ -96,6 +96,9 @@ class World:
     clicks: list[tuple[int, str, str, float]]  # (row, user, item, ts) of every click
     propensity: Callable[[int], np.ndarray]  # row -> expected clicks over every item (I,)
     items: list[str]
+    # row -> expected clicks (I,) from what the row shows (its clicks and their ages) only;
+    # see history_world
+    history_propensity: Callable[[int], np.ndarray] | None = None
 
 
 def _sigmoid(x: np.ndarray | float) -> Any:
@@ -180,8 +183,43 @@ def history_world(c: WorldConfig) -> World:
     def unclicked_before(u: int, i: int, row: int) -> int:
         return sum(1 for m in by_pair.get((u, i), ()) if m < row)
 
+    col = {f"i{i}": i for i in range(c.n_items)}
+    # Exposure x click probability per hidden cluster, before the repeat boost: (clusters, I).
+    on = cluster_of[None, :] == np.arange(c.clusters)[:, None]
+    exposure_k = 0.5 * pop[None, :] + 0.5 * on * np.stack(
+        [np.bincount(in_cluster[k], cluster_pop[k], c.n_items) for k in range(c.clusters)]
+    )
+    base_k = c.base_logit + item_bias[None, :] + c.cluster_effect * on
+    per_user_s = c.impressions_per_s / c.n_users  # a user's impressions per second
+
+    def history_propensity(row: int) -> np.ndarray:
+        """The best a model reading only the row's history can do: an exact filter of the
+        hidden cluster over the row's clicks (oldest first; each click's likelihood per
+        cluster, the cluster kept between clicks with probability ``(1 - drift)`` per
+        expected impression of the user in the gap, else redrawn), then the expected
+        clicks with the repeat boost. Fatigue (unclicked exposures) and the evidence of
+        unclicked impressions are not in a row, so they are left out."""
+        r = rows[row]
+        hist = [col[str(i)] for i in r["hist_seq"]][::-1]  # type: ignore[attr-defined]
+        ages = [float(a) for a in r["hist_seq_age"]][::-1]  # type: ignore[attr-defined]
+        post = np.full(c.clusters, 1.0 / c.clusters)
+        seen: list[int] = []
+        for j, (i, age) in enumerate(zip(hist, ages, strict=True)):
+            p_k = exposure_k * _sigmoid(
+                base_k + c.repeat_effect * np.isin(np.arange(c.n_items), seen)
+            )
+            post = post * p_k[:, i] / p_k.sum(1)
+            post /= post.sum()
+            seen.append(i)
+            gap = (age - ages[j + 1]) if j + 1 < len(ages) else age
+            stay = (1.0 - c.drift) ** (gap * per_user_s)
+            post = stay * post + (1.0 - stay) / c.clusters
+        logit = base_k + c.repeat_effect * np.isin(np.arange(c.n_items), seen)
+        out: np.ndarray = post @ (exposure_k * _sigmoid(logit))
+        return out
+
     items = [f"i{i}" for i in range(c.n_items)]
-    return World(LogExamples(rows, y, ts, true_p), clicks, propensity, items)
+    return World(LogExamples(rows, y, ts, true_p), clicks, propensity, items, history_propensity)
 
 
 def attach_history(df: pd.DataFrame, length: int = HIST_LEN) -> list[list[tuple[str, float]]]:

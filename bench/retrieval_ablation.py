@@ -13,15 +13,24 @@ standard deviation over seeds (the model's seed; the world is fixed), and the ro
 world's expected clicks per request, ranked; on the first 2,000 test clicks, quick 300;
 it knows each user's hidden current cluster) and ``last_click_category_popularity`` (not
 learned: the most clicked training items after a click in the category of the row's most
-recent click, what the history says about that cluster read off directly).
+recent click, what the history says about that cluster read off directly) and
+``history_oracle`` (the world's expected clicks given only what a row shows: an exact
+filter of the hidden cluster over the row's clicks and their ages, plus the repeat boost;
+fatigue is not in a row; on the oracle's test clicks): the ceiling of any model that
+reads the history, against which the issue's bar, half-way from popularity to the
+``oracle``, can be judged.
 
 Variants:
 
-- **behaviour tower** (section ``behaviour``): the default (mean pool with learned
-  age-bucket weights) against ``behaviour_pool="attention"`` and ``"item_tower"``, the
-  id-only tower, the user tower without ``user_id`` (behaviour and context only), 1 / 3 /
-  5 passes, learning rate 0.01 and temperatures 0.02 / 0.1;
-- **hard negatives** (section ``hard_negatives``): the default with a
+- **behaviour tower** (section ``behaviour``): the defaults before 2026-12-04 (mean pool
+  with learned age-bucket weights, ``user_id`` in the user tower, lr 0.03, temperature
+  0.05, spelled out as ``MEAN``) against ``behaviour_pool="attention"`` and
+  ``"item_tower"``, the id-only tower, the user tower without ``user_id`` (behaviour and
+  context only), 1 / 3 / 5 passes, learning rate 0.01 and temperatures 0.02 / 0.1; then
+  the candidate ``NEW`` (item-tower pool, no ``user_id``, lr 0.01, temperature 0.2)
+  against temperature 0.1, ``user_id`` back in, the ``"recency"`` and ``"self_attention"``
+  pools, and 5 passes with the learning rate times 0.6 each pass;
+- **hard negatives** (section ``hard_negatives``): ``MEAN`` with a
   :class:`index.hard_negatives.HardNegativePool` kept fresh during training (as the
   indexer does: refreshed every 20 batches from an exact index of the model's item
   vectors, each user queried with their latest row, history included; seen-but-not-clicked
@@ -53,39 +62,63 @@ NAME = "retrieval_ablation"
 BATCH = 1_024
 REFRESH_BATCHES = 20
 TRAIN_FRACTION = 0.8
+REFERENCES = ("popularity", "random", "last_click_category_popularity", "history_oracle", "oracle")
 
-# name -> (TwoTowerConfig overrides, passes, hard negatives on)
-Variant = tuple[dict[str, Any], int, bool]
-ATT: dict[str, Any] = {"behaviour_pool": "attention"}
+# name -> (TwoTowerConfig settings, passes, hard negatives on, lr decay per pass)
+Variant = tuple[dict[str, Any], int, bool, float]
+# The defaults (mean pool, user_id in, lr 0.03, temperature 0.05), spelled out.
+MEAN: dict[str, Any] = {
+    "behaviour_pool": "mean", "exclude_fields": ("position",), "lr": 0.03, "temperature": 0.05,
+}  # fmt: skip
+ATT: dict[str, Any] = {**MEAN, "behaviour_pool": "attention"}
 NO_UID: dict[str, Any] = {"exclude_fields": ("position", "user_id"), "lr": 0.01}
-ITEM: dict[str, Any] = {"behaviour_pool": "item_tower"}
+ITEM: dict[str, Any] = {**MEAN, "behaviour_pool": "item_tower"}
+# item tower over the history, no user_id, lr 0.01, temperature 0.2
+NEW: dict[str, Any] = {**ITEM, **NO_UID, "temperature": 0.2}
 BEHAVIOUR: dict[str, Variant] = {
-    "id_only": ({"behaviour_len": 0}, 1, False),
-    "mean_pool": ({}, 1, False),
-    "mean_pool_3_passes": ({}, 3, False),
-    "mean_pool_lr_0.01_3_passes": ({"lr": 0.01}, 3, False),
-    "mean_pool_tau_0.02": ({"temperature": 0.02}, 1, False),
-    "mean_pool_tau_0.1": ({"temperature": 0.1}, 1, False),
-    "attention_pool": (ATT, 1, False),
-    "attention_pool_lr_0.01_3_passes": ({**ATT, "lr": 0.01}, 3, False),
-    "item_tower_pool_lr_0.01_3_passes": ({**ITEM, "lr": 0.01}, 3, False),
-    "mean_pool_no_user_id_lr_0.01_3_passes": (NO_UID, 3, False),
-    "item_tower_pool_no_user_id_lr_0.01_3_passes": ({**ITEM, **NO_UID}, 3, False),
-    "item_tower_pool_no_user_id_lr_0.01_5_passes": ({**ITEM, **NO_UID}, 5, False),
+    "id_only": ({**MEAN, "behaviour_len": 0}, 1, False, 1.0),
+    "mean_pool": (MEAN, 1, False, 1.0),
+    "mean_pool_3_passes": (MEAN, 3, False, 1.0),
+    "mean_pool_lr_0.01_3_passes": ({**MEAN, "lr": 0.01}, 3, False, 1.0),
+    "mean_pool_tau_0.02": ({**MEAN, "temperature": 0.02}, 1, False, 1.0),
+    "mean_pool_tau_0.1": ({**MEAN, "temperature": 0.1}, 1, False, 1.0),
+    "attention_pool": (ATT, 1, False, 1.0),
+    "attention_pool_lr_0.01_3_passes": ({**ATT, "lr": 0.01}, 3, False, 1.0),
+    "item_tower_pool_lr_0.01_3_passes": ({**ITEM, "lr": 0.01}, 3, False, 1.0),
+    "mean_pool_no_user_id_lr_0.01_3_passes": ({**MEAN, **NO_UID}, 3, False, 1.0),
+    "item_tower_pool_no_user_id_lr_0.01_3_passes": ({**ITEM, **NO_UID}, 3, False, 1.0),
+    "item_tower_pool_no_user_id_lr_0.01_5_passes": ({**ITEM, **NO_UID}, 5, False, 1.0),
     "item_tower_pool_no_user_id_lr_0.01_5_passes_tau_0.1": (
-        {**ITEM, **NO_UID, "temperature": 0.1}, 5, False
+        {**ITEM, **NO_UID, "temperature": 0.1}, 5, False, 1.0
     ),
-    "attention_pool_no_user_id_lr_0.01_5_passes": ({**ATT, **NO_UID}, 5, False),
+    "attention_pool_no_user_id_lr_0.01_5_passes": ({**ATT, **NO_UID}, 5, False, 1.0),
+    # 2026-12-04: temperature 0.2, recency and sequence encoders, lr decay over passes
+    "item_tower_pool_lr_0.01_tau_0.2": ({**NEW, "exclude_fields": ("position",)}, 1, False, 1.0),
+    "item_tower_pool_no_user_id_lr_0.01_tau_0.1": ({**NEW, "temperature": 0.1}, 1, False, 1.0),
+    "item_tower_pool_no_user_id_lr_0.01_tau_0.2": (NEW, 1, False, 1.0),
+    "recency_pool_no_user_id_lr_0.01_tau_0.2": (
+        {**NEW, "behaviour_pool": "recency"}, 1, False, 1.0
+    ),
+    "self_attention_pool_no_user_id_lr_0.01_tau_0.2": (
+        {**NEW, "behaviour_pool": "self_attention"}, 1, False, 1.0
+    ),
+    "item_tower_pool_no_user_id_lr_0.01_tau_0.2_5_passes_decay_0.6": (NEW, 5, False, 0.6),
+    "recency_pool_no_user_id_lr_0.01_tau_0.2_5_passes_decay_0.6": (
+        {**NEW, "behaviour_pool": "recency"}, 5, False, 0.6
+    ),
+    "self_attention_pool_no_user_id_lr_0.01_tau_0.2_5_passes_decay_0.6": (
+        {**NEW, "behaviour_pool": "self_attention"}, 5, False, 0.6
+    ),
 }  # fmt: skip
 HARD: dict[str, Variant] = {
-    "none": ({}, 1, False),
-    "cap_0.1_ramp_0": ({"max_hard_share": 0.1, "ramp_examples": 0}, 1, True),
-    "cap_0.25_ramp_0": ({"max_hard_share": 0.25, "ramp_examples": 0}, 1, True),
-    "cap_0.5_ramp_0": ({"max_hard_share": 0.5, "ramp_examples": 0}, 1, True),
-    "cap_0.5_ramp_5k": ({"max_hard_share": 0.5, "ramp_examples": 5_000}, 1, True),
-    "cap_0.25_ramp_5k": ({"max_hard_share": 0.25, "ramp_examples": 5_000}, 1, True),
-    "cap_0.5_ramp_20k": ({"max_hard_share": 0.5, "ramp_examples": 20_000}, 1, True),
-}
+    "none": (MEAN, 1, False, 1.0),
+    "cap_0.1_ramp_0": ({**MEAN, "max_hard_share": 0.1, "ramp_examples": 0}, 1, True, 1.0),
+    "cap_0.25_ramp_0": ({**MEAN, "max_hard_share": 0.25, "ramp_examples": 0}, 1, True, 1.0),
+    "cap_0.5_ramp_0": ({**MEAN, "max_hard_share": 0.5, "ramp_examples": 0}, 1, True, 1.0),
+    "cap_0.5_ramp_5k": ({**MEAN, "max_hard_share": 0.5, "ramp_examples": 5_000}, 1, True, 1.0),
+    "cap_0.25_ramp_5k": ({**MEAN, "max_hard_share": 0.25, "ramp_examples": 5_000}, 1, True, 1.0),
+    "cap_0.5_ramp_20k": ({**MEAN, "max_hard_share": 0.5, "ramp_examples": 20_000}, 1, True, 1.0),
+}  # fmt: skip
 
 
 class PoolFeeder:
@@ -126,15 +159,24 @@ class PoolFeeder:
 
 
 def train_eval(
-    world: World, overrides: dict[str, Any], passes: int, hard: bool, seed: int
+    world: World,
+    overrides: dict[str, Any],
+    passes: int,
+    hard: bool,
+    seed: int,
+    lr_decay: float = 1.0,
 ) -> dict[str, Any]:
-    """Train one variant on the first 80% and score the clicks of the rest."""
+    """Train one variant on the first 80% and score the clicks of the rest; pass ``p``
+    (from 0) learns at ``lr * lr_decay ** p``."""
     ex = world.examples
     split = int(TRAIN_FRACTION * len(ex))
     model = TwoTowerModel(TwoTowerConfig(device="cpu", **overrides), seed=seed)
     feeder = PoolFeeder(model, world.items, seed) if hard else None
     t = time.perf_counter()
-    for _ in range(passes):
+    for p in range(passes):
+        for opt in (model.optimizer, model.sparse_optimizer):
+            for group in opt.param_groups:
+                group["lr"] = model.config.lr * lr_decay**p
         for b, s in enumerate(range(0, split, BATCH)):
             rows, y = ex.rows[s : min(s + BATCH, split)], ex.y[s : min(s + BATCH, split)]
             if feeder is not None:
@@ -165,13 +207,14 @@ def train_eval(
 
 def run_variants(world: World, variants: dict[str, Variant], seeds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, (overrides, passes, hard) in variants.items():
-        runs = [train_eval(world, overrides, passes, hard, seed) for seed in range(seeds)]
+    for name, (overrides, passes, hard, decay) in variants.items():
+        runs = [train_eval(world, overrides, passes, hard, s, decay) for s in range(seeds)]
         rec = np.array([r["recall_at_10"] for r in runs])
         ndcg = np.array([r["ndcg_at_10"] for r in runs])
         out[name] = {
             "config": overrides,
             "passes": passes,
+            "lr_decay": decay,
             "hard_negatives": hard,
             "recall_at_10": float(rec.mean()),
             "recall_at_10_std": float(rec.std(ddof=1)) if len(rec) > 1 else 0.0,
@@ -228,11 +271,20 @@ def references(world: World, oracle_rows: int) -> dict[str, Any]:
         "ndcg_at_10": orc["ndcg_at_k"],
         "test_clicks": len(sample),
     }
+    if world.history_propensity is not None:
+        hp = world.history_propensity
+        top = np.stack([np.argsort(-hp(n), kind="stable")[:K] for n, _ in sample])
+        hor = retrieval_metrics(top, truth[: len(sample)], len(world.items))
+        out["history_oracle"] = {
+            "recall_at_10": hor["recall_at_k"],
+            "ndcg_at_10": hor["ndcg_at_k"],
+            "test_clicks": len(sample),
+        }
     bar = out["popularity"]["recall_at_10"] + 0.5 * (
         out["oracle"]["recall_at_10"] - out["popularity"]["recall_at_10"]
     )
     out["bar_recall_at_10"] = bar
-    for name in ("popularity", "random", "last_click_category_popularity", "oracle"):
+    for name in (n for n in REFERENCES if n in out):
         print(f"  {name:<34} recall@10 {out[name]['recall_at_10']:.4f}", flush=True)
     print(f"  bar (half-way popularity -> oracle) {bar:.4f}", flush=True)
     return out
@@ -272,7 +324,7 @@ def table(report: dict[str, Any]) -> str:
                 f"| {r['ndcg_at_10']:.4f} ± {r['ndcg_at_10_std']:.4f} |"
             )
     refs = report["references"]
-    for name in ("popularity", "random", "last_click_category_popularity", "oracle"):
+    for name in (n for n in REFERENCES if n in refs):
         ndcg = refs[name].get("ndcg_at_10")
         lines.append(
             f"| reference | {name} | {refs[name]['recall_at_10']:.4f} | "

@@ -60,6 +60,7 @@ from learners.negatives import (
 )
 from learners.towers import (
     BEHAVIOUR_POOLS,
+    ITEM_TOWER_POOLS,
     TWO_TOWER_LOSSES,
     HistoryPool,
     PopularitySketch,
@@ -134,12 +135,17 @@ class TwoTowerModel(Checkpointed):
         gen = torch.Generator().manual_seed(seed)
         ue, ie = config.user_encoder, config.item_encoder
         dims = (config.feature_dim, config.hidden, config.embedding_dim)
-        pool_dim = (
-            config.embedding_dim if config.behaviour_pool == "item_tower" else config.feature_dim
-        )
+        on_items = config.behaviour_pool in ITEM_TOWER_POOLS
+        pool_dim = config.embedding_dim if on_items else config.feature_dim
 
         def build() -> nn.ModuleDict:
-            history = HistoryPool(config.behaviour_pool, pool_dim) if config.behaviour_len else None
+            history = None
+            if config.behaviour_len:
+                history = HistoryPool(
+                    config.behaviour_pool, pool_dim, config.behaviour_len,
+                    layers=config.encoder_layers, heads=config.encoder_heads,
+                    dropout=config.encoder_dropout, generator=gen,
+                )  # fmt: skip
             extra = history.out_dim(pool_dim) if history is not None else 0
             towers: dict[str, nn.Module] = {
                 "user": Tower(ue.num_buckets, ue.max_cat_fields, ue.max_num_fields, *dims, gen,
@@ -232,7 +238,7 @@ class TwoTowerModel(Checkpointed):
             seq_t = torch.from_numpy(seq).to(self.device, non_blocking=True)
             age_t = torch.from_numpy(age).to(self.device, non_blocking=True)
             table: nn.Embedding | Tensor = self.item_tower.embedding
-            if self.history.mode == "item_tower":
+            if self.history.mode in ITEM_TOWER_POOLS:
                 table = self._sequence_item_vectors(rows, seq)
             extra = self.history(seq_t, age_t, table)
         out: Tensor = self.user_tower(cat, num, extra)
