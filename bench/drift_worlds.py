@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench.calibration_worlds import run_world
-from bench.pipeline_sim import World
+from bench.pipeline_sim import World, window_stats
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from stream.settings import Settings
@@ -83,17 +83,6 @@ def alarms_of(make: Callable[[], DriftDetector], p: np.ndarray, y: np.ndarray) -
     return out
 
 
-def wander(p: np.ndarray, true_p: np.ndarray, size: int = 5_000) -> dict[str, float]:
-    """Mean and worst ``|log(Σp/Σtrue_p)|`` over non-overlapping windows of ``size``."""
-    k = p.size // size
-    if k == 0:
-        return {"mean_abs_log_ratio": math.nan, "max_abs_log_ratio": math.nan}
-    r = np.abs(
-        np.log(p[: k * size].reshape(k, size).sum(1) / true_p[: k * size].reshape(k, size).sum(1))
-    )
-    return {"mean_abs_log_ratio": float(r.mean()), "max_abs_log_ratio": float(r.max())}
-
-
 def run_task(task: tuple[str, float, int, int, int]) -> dict[str, Any]:
     scenario, rate, seed, n, history = task
     t0 = time.perf_counter()
@@ -116,7 +105,7 @@ def judge(p: np.ndarray, y: np.ndarray, tp: np.ndarray, drift: int | None) -> di
     final labels ``y``, truth ``tp`` (all (N,)), the drift's row (None: no drift)."""
     out: dict[str, Any] = {
         "impressions": int(p.size),
-        "served_wander": wander(p, tp),
+        "served_wander": window_stats(p, tp),
         "detectors": {},
     }
     for name, make in DETECTORS.items():

@@ -372,10 +372,11 @@ def summarize(
     t = [r["t_s"] for r in cut]
     rss = [r["worker_rss_mb"] for r in cut]
     mean_rss = float(np.nanmean(rss)) if rss else math.nan
-    rss_slope = slope_per_hour(t, rss)
+    rss_fit = slope_fit(t, rss)
+    rss_slope = None if rss_fit is None else rss_fit.ols
     floor = [r.get("worker_rss_min_mb", math.nan) for r in cut]
     fits = {
-        "worker_rss": _fit_row(slope_fit(t, rss), mean_rss),
+        "worker_rss": _fit_row(rss_fit, mean_rss),
         # the floor: each row's minimum over its interval's samples (transient copies freed)
         "worker_rss_floor": _fit_row(slope_fit(t, floor), mean_rss),
         **{

@@ -358,24 +358,16 @@ class FeatureStage:
                 r = rec[_R]
                 if t > r:  # in order: the aggregates decayed to t (the common case)
                     mdt = r - t  # -(t - r)
-                    if update:  # and KeyRecords.apply(rec, t, False), sharing the decay
-                        for ni, nc, nr, a, ii, ci in names:
-                            f = exp(mdt * a)
-                            im = rec[ii] * f
-                            cl = rec[ci] * f
-                            out[ni] = log1p(im)
-                            out[nc] = log1p(cl)
-                            out[nr] = (cl + prior) / (im + strength)
+                    for ni, nc, nr, a, ii, ci in names:
+                        f = exp(mdt * a)
+                        im = rec[ii] * f
+                        cl = rec[ci] * f
+                        out[ni] = log1p(im)
+                        out[nc] = log1p(cl)
+                        out[nr] = (cl + prior) / (im + strength)
+                        if update:  # and KeyRecords.apply(rec, t, False), sharing the decay
                             rec[ii] = im + 1.0
                             rec[ci] = cl
-                    else:
-                        for ni, nc, nr, a, ii, ci in names:
-                            f = exp(mdt * a)
-                            im = rec[ii] * f
-                            cl = rec[ci] * f
-                            out[ni] = log1p(im)
-                            out[nc] = log1p(cl)
-                            out[nr] = (cl + prior) / (im + strength)
                     n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
                     if update:
                         rec[_R] = t
