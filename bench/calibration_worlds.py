@@ -42,6 +42,13 @@ runs (policy ``off``, so served = raw): ``default`` (the worker's fake negatives
 ``DFM_OBSERVE_S``: one mean click delay, so 37% of the clicks come after it and the delay
 head models them). Plan :data:`DFM_PLAN` (``--quick``: :data:`QUICK`); writes
 ``calibration_worlds_dfm.json`` (``calibration_worlds_dfm_quick.json``).
+
+``--startup`` compares, the same way, the fake negatives with (``startup``) and without
+(``default``) the joiner's start-up compensation (``join.startup_compensation``: the fake
+negatives of the first window after a fresh start weigh the estimated click-delay CDF;
+its prior mean delay is the mean delay of the pretraining log's clicks, as a deployment
+would read it off its log). Plan :data:`STARTUP_PLAN` (``--quick``: :data:`QUICK`);
+writes ``calibration_worlds_startup.json``.
 """
 
 from __future__ import annotations
@@ -75,14 +82,23 @@ QUICK = {"n": 10_000, "history": 2_000, "seeds": (0,), "rates": (100.0, 3_000.0)
 DFM_PLAN = {"n": 30_000, "history": 5_000, "seeds": (0, 1), "rates": RATES}
 #: ``--dfm``: the labelling schemes compared, and the DFM observation time (seconds)
 LABEL_SCHEMES = ("default", "dfm")
+#: ``--startup``: without / with the joiner's start-up compensation
+STARTUP_SCHEMES = ("default", "startup")
+STARTUP_PLAN = {"n": 10_000, "history": 2_000, "seeds": (0, 1), "rates": RATES}
 DFM_OBSERVE_S = 60.0
 
 
-def scheme_settings(scheme: str) -> Settings:
+def scheme_settings(scheme: str, prior_delay_s: float | None = None) -> Settings:
     """``"default"``: the worker's settings; ``"dfm"``: the same with the DFM scheme (its
-    loss follows: "bce" is read as "dfm") observing for :data:`DFM_OBSERVE_S`."""
+    loss follows: "bce" is read as "dfm") observing for :data:`DFM_OBSERVE_S`;
+    ``"startup"``: with the start-up compensation, prior mean delay ``prior_delay_s``."""
     if scheme == "default":
         return Settings()
+    if scheme == "startup":
+        base = Settings().join
+        prior = base.startup_delay_prior_s if prior_delay_s is None else prior_delay_s
+        join = dataclasses.replace(base, startup_compensation=True, startup_delay_prior_s=prior)
+        return Settings(join=join)
     join = dataclasses.replace(Settings().join, delayed_feedback="dfm", dfm_observe_s=DFM_OBSERVE_S)
     return Settings(join=join)
 
@@ -111,7 +127,6 @@ def run_world(
     import torch
 
     torch.set_num_threads(1)
-    s = policy_settings(policy, scheme_settings(scheme))
     prime = prime_rows(w.rate_per_min)
     lead = history + prime
     total = w.n + lead
@@ -125,6 +140,9 @@ def run_world(
     )
     df_all, drift = make_world(full)
     hist, df = df_all.iloc[:history], df_all.iloc[history:].reset_index(drop=True)
+    delays = (hist["click_ts"] - hist["ts"]).dropna().to_numpy()
+    prior = float(delays.mean()) if delays.size else None
+    s = policy_settings(policy, scheme_settings(scheme, prior))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "pretrained.pt"
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
@@ -245,12 +263,15 @@ def main(
     policies: tuple[str, ...] = POLICIES,
     workers: int = 2,
     dfm: bool = False,
+    startup: bool = False,
 ) -> dict[str, Any]:
     """``dfm``: the labelling schemes (:data:`LABEL_SCHEMES`) under policy ``off`` instead
-    of the policies (see the module doc)."""
-    plan = cast(dict[str, Any], QUICK if quick else DFM_PLAN if dfm else FULL)
-    schemes = LABEL_SCHEMES if dfm else ("default",)
-    if dfm:
+    of the policies (see the module doc); ``startup``: :data:`STARTUP_SCHEMES` the same
+    way."""
+    full_plan = STARTUP_PLAN if startup else DFM_PLAN if dfm else FULL
+    plan = cast(dict[str, Any], QUICK if quick else full_plan)
+    schemes = STARTUP_SCHEMES if startup else LABEL_SCHEMES if dfm else ("default",)
+    if dfm or startup:
         policies = ("off",)
     jobs = [
         (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"], lab)
@@ -261,7 +282,13 @@ def main(
         for lab in schemes
     ]
     t0 = time.perf_counter()
-    name = "calibration_worlds_dfm" if dfm else "calibration_worlds"
+    name = (
+        "calibration_worlds_startup"
+        if startup
+        else "calibration_worlds_dfm"
+        if dfm
+        else "calibration_worlds"
+    )
     path = results_path(results_dir, name, quick)
     partial = path.with_suffix(".runs.jsonl")  # each run as it ends (a long run can be cut)
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -275,23 +302,29 @@ def main(
     if dfm:
         report["command"] += " --dfm"
         report["dfm_observe_s"] = DFM_OBSERVE_S
-        report["schemes"] = scheme_comparison(runs)
+    if startup:
+        report["command"] += " --startup"
+    if dfm or startup:
+        report["schemes"] = scheme_comparison(runs, schemes)
     write_report(report, path)
     partial.unlink()
     print(table(report))
-    if dfm:
-        print(scheme_table(report["schemes"]))
+    if dfm or startup:
+        print(scheme_table(report["schemes"], schemes))
     return report
 
 
-def scheme_comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``--dfm``: per (scenario, rate), the raw ranker's ratio over the last half and mean
-    ``|log ratio|`` over the 5k windows of each scheme, median over seeds."""
+def scheme_comparison(
+    runs: list[dict[str, Any]], schemes: tuple[str, ...] = LABEL_SCHEMES
+) -> list[dict[str, Any]]:
+    """``--dfm`` / ``--startup``: per (scenario, rate), the raw ranker's ratio over the last
+    half, mean and worst ``|log ratio|`` over the 5k windows and impressions to recover
+    within ±10% after a drift, of each scheme, median over seeds."""
     keys = sorted({(r["scenario"], r["rate_per_min"]) for r in runs})
     rows = []
     for sc, rate in keys:
         row: dict[str, Any] = {"scenario": sc, "rate_per_min": rate}
-        for lab in LABEL_SCHEMES:
+        for lab in schemes:
             rs = [r for r in runs if (r["scenario"], r["rate_per_min"], r.get("label_scheme",
                   "default")) == (sc, rate, lab)]  # fmt: skip
             if not rs:
@@ -300,27 +333,38 @@ def scheme_comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{lab}_mean_abs_log_ratio"] = _median(
                 [r["raw"].get("mean_abs_log_ratio", math.nan) for r in rs]
             )
+            row[f"{lab}_max_abs_log_ratio"] = _median(
+                [r["raw"].get("max_abs_log_ratio", math.nan) for r in rs]
+            )
+            if "recovery_10pct" in rs[0]["raw"]:
+                row[f"{lab}_recovery_10pct"] = _median([r["raw"]["recovery_10pct"] for r in rs])
             row[f"{lab}_ne_last_half"] = _median([r["raw"]["ne_last_half"] for r in rs])
             row[f"{lab}_seeds"] = len(rs)
         rows.append(row)
     return rows
 
 
-def scheme_table(rows: list[dict[str, Any]]) -> str:
+def scheme_table(rows: list[dict[str, Any]], schemes: tuple[str, ...] = LABEL_SCHEMES) -> str:
+    a, b = schemes
     lines = [
-        "| scenario | rate/min | raw ratio last half: default / dfm "
-        "| mean abs log ratio (5k): default / dfm | NE last half: default / dfm |",
-        "|" + "---|" * 5,
+        f"| scenario | rate/min | raw ratio last half: {a} / {b} "
+        f"| mean abs log ratio (5k): {a} / {b} | worst: {a} / {b} "
+        f"| recover ±10%: {a} / {b} | NE last half: {a} / {b} |",
+        "|" + "---|" * 7,
     ]
     for r in rows:
-        lines.append(
-            f"| {r['scenario']} | {r['rate_per_min']:g} "
-            f"| {_fmt(r.get('default_ratio_last_half'))} / {_fmt(r.get('dfm_ratio_last_half'))} "
-            f"| {_fmt(r.get('default_mean_abs_log_ratio'))} / "
-            f"{_fmt(r.get('dfm_mean_abs_log_ratio'))} "
-            f"| {_fmt(r.get('default_ne_last_half'), '.4f')} / "
-            f"{_fmt(r.get('dfm_ne_last_half'), '.4f')} |"
-        )
+        cells = [
+            ("ratio_last_half", ".3f"),
+            ("mean_abs_log_ratio", ".3f"),
+            ("max_abs_log_ratio", ".3f"),
+            ("recovery_10pct", ".0f"),
+            ("ne_last_half", ".4f"),
+        ]
+        parts = [
+            f"{_fmt(r.get(f'{a}_{k}', math.nan), f)} / {_fmt(r.get(f'{b}_{k}', math.nan), f)}"
+            for k, f in cells
+        ]
+        lines.append(f"| {r['scenario']} | {r['rate_per_min']:g} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
 
@@ -347,8 +391,11 @@ def build_report(
 def cli(argv: list[str] | None = None) -> int:
     parser = bench_parser("calibration_worlds", __doc__, "one seed, 2 rates, 10k impressions")
     parser.add_argument("--dfm", action="store_true", help="default vs DFM labelling, policy off")
+    parser.add_argument(
+        "--startup", action="store_true", help="without vs with start-up compensation, policy off"
+    )
     args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir, dfm=args.dfm)
+    main(args.quick, results_dir=args.results_dir, dfm=args.dfm, startup=args.startup)
     return 0
 
 
