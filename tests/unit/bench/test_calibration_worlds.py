@@ -67,3 +67,21 @@ def test_policy_settings_are_the_worker_defaults_but_window_warmup_and_policy() 
     assert s.ranker == d.ranker and s.join.delayed_feedback == d.join.delayed_feedback
     assert isinstance(s.ranker, RankerConfig)
     assert np.isclose(cw.prime_rows(100.0), 500) and cw.prime_rows(30_000.0) == 30_000
+
+
+def test_startup_scheme_settings_and_comparison_table() -> None:
+    s = cw.policy_settings("off", cw.scheme_settings("startup", 42.0))
+    assert s.join.startup_compensation and s.join.startup_delay_prior_s == 42.0
+    assert s.join.delayed_feedback == "fake_negative" and s.ranker.loss == "fnw"
+    assert not cw.scheme_settings("default").join.startup_compensation
+
+    def run(scheme: str, err: float, seed: int) -> dict:
+        raw = {"ratio_last_half": 1 - err, "mean_abs_log_ratio": err, "max_abs_log_ratio": 2 * err,
+               "recovery_10pct": 100 * seed, "ne_last_half": 1.0}  # fmt: skip
+        return {"scenario": "abrupt", "rate_per_min": 100.0, "label_scheme": scheme, "raw": raw}
+
+    runs = [run("default", 0.4, s) for s in (1, 2, 3)] + [run("startup", 0.1, s) for s in (1, 2)]
+    rows = cw.scheme_comparison(runs, cw.STARTUP_SCHEMES)
+    assert rows[0]["default_seeds"] == 3 and rows[0]["startup_recovery_10pct"] == 150.0
+    text = cw.scheme_table(rows, cw.STARTUP_SCHEMES)
+    assert "| abrupt | 100 | 0.600 / 0.900 | 0.400 / 0.100 | 0.800 / 0.200 | 200 / 150 |" in text
