@@ -117,6 +117,11 @@ class TwoTowerConfig:
             position) or "self_attention" (the item-tower vectors plus position and
             age-bucket embeddings through :class:`CausalEncoder`, SASRec-style; the most
             recent position's output is the pooled vector).
+        user_id_fallback: the user tower reads ``user_id`` only for rows without history
+            (no ``hist_seq`` item, or ``behaviour_len`` 0), so a user with clicks is
+            represented by what they clicked and context; a row without history (a new
+            user, or one queried by id alone) still gets their id. Off by default: the
+            user tower reads ``user_id`` on every row (unless excluded).
         encoder_layers: transformer blocks of the "self_attention" pool (>= 1).
         encoder_heads: attention heads of each block (divides ``embedding_dim``).
         encoder_dropout: dropout of the "self_attention" pool while learning, in [0, 1);
@@ -149,6 +154,7 @@ class TwoTowerConfig:
     device: str = "auto"
     behaviour_len: int = 20
     behaviour_pool: str = "mean"
+    user_id_fallback: bool = False
     encoder_layers: int = 1
     encoder_heads: int = 1
     encoder_dropout: float = 0.0
@@ -229,10 +235,18 @@ def _is_item_field(key: str, config: TwoTowerConfig) -> bool:
     return key == "item_id" or key.startswith(config.item_prefix)
 
 
+def _has_history(row: Mapping[str, object]) -> bool:
+    hist = row.get("hist_seq")
+    return isinstance(hist, list | tuple | np.ndarray) and len(hist) > 0
+
+
 def user_part(row: Mapping[str, object], config: TwoTowerConfig) -> dict[str, object]:
-    """The user tower's fields of ``row``: ``user_id`` and the categorical (``str``)
-    context fields that are neither item fields nor in ``config.exclude_fields``."""
+    """The user tower's fields of ``row``: ``user_id`` (with ``config.user_id_fallback``,
+    only when the row has no ``hist_seq`` item) and the categorical (``str``) context
+    fields that are neither item fields nor in ``config.exclude_fields``."""
     excluded = config.exclude_fields
+    if config.user_id_fallback and config.behaviour_len and _has_history(row):
+        excluded = (*excluded, "user_id")
     out: dict[str, object] = {}
     for key, value in row.items():
         if value is None or key in excluded or _is_item_field(key, config):
