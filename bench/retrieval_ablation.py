@@ -71,9 +71,10 @@ REFERENCES = (
 
 # name -> (TwoTowerConfig settings, passes, hard negatives on, lr decay per pass)
 Variant = tuple[dict[str, Any], int, bool, float]
-# The defaults (mean pool, user_id in, lr 0.03, temperature 0.05), spelled out.
+# The defaults before 2026-12-05 (mean pool, user_id in, lr 0.03, temperature 0.05).
 MEAN: dict[str, Any] = {
     "behaviour_pool": "mean", "exclude_fields": ("position",), "lr": 0.03, "temperature": 0.05,
+    "user_id_fallback": False,
 }  # fmt: skip
 ATT: dict[str, Any] = {**MEAN, "behaviour_pool": "attention"}
 NO_UID: dict[str, Any] = {"exclude_fields": ("position", "user_id"), "lr": 0.01}

@@ -10,13 +10,14 @@ On both logs the rows are: the not-learned references ``popularity`` and ``coocc
 :func:`learners.retrieval_eval.cooccurrence_top`: what a sequence signal alone reaches,
 so a two-tower below it has not learned the sequence), and the two-tower variants:
 
-- ``default``: :class:`learners.two_tower.TwoTowerConfig` as shipped (mean pool,
-  ``user_id`` on every row, lr 0.03, temperature 0.05);
-- ``default_user_id_fallback``: the same with ``user_id_fallback`` (``user_id`` only for
-  rows without history);
+- ``old_default``: the :class:`learners.two_tower.TwoTowerConfig` defaults before
+  2026-12-05 (mean pool, ``user_id`` on every row, lr 0.03, temperature 0.05);
+- ``old_default_user_id_fallback``: the same with ``user_id_fallback`` (``user_id`` only
+  for rows without history);
 - ``item_tower_fallback_tau_0.2``: item-tower pool, ``user_id_fallback``, lr 0.01,
   temperature 0.2 (the best one-pass history-world settings of
-  ``bench/results/retrieval_ablation.json``, with the id kept for rows without history);
+  ``bench/results/retrieval_ablation.json``, with the id kept for rows without history;
+  the defaults since 2026-12-05, chosen from this benchmark);
 - ``recency_fallback_tau_0.2``: the same with the ``recency`` pool.
 
 History world: :func:`bench.retrieval_ablation.train_eval` (first 80% learned in order,
@@ -45,9 +46,13 @@ from learners.two_tower import TwoTowerConfig, TwoTowerModel
 NAME = "retrieval_sequence"
 FALLBACK: dict[str, Any] = {"user_id_fallback": True}
 TUNED: dict[str, Any] = {**FALLBACK, "lr": 0.01, "temperature": 0.2}
+# The defaults before 2026-12-05, spelled out.
+OLD: dict[str, Any] = {
+    "behaviour_pool": "mean", "user_id_fallback": False, "lr": 0.03, "temperature": 0.05,
+}  # fmt: skip
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "default_user_id_fallback": FALLBACK,
+    "old_default": OLD,
+    "old_default_user_id_fallback": {**OLD, **FALLBACK},
     "item_tower_fallback_tau_0.2": {**TUNED, "behaviour_pool": "item_tower"},
     "recency_fallback_tau_0.2": {**TUNED, "behaviour_pool": "recency"},
 }

@@ -61,7 +61,8 @@ def test_user_id_fallback_keeps_the_id_only_for_rows_without_history() -> None:
     with_hist = {"user_id": "u1", "ctx": "web", "hist_seq": ["a"], "item_id": "b"}
     assert user_part(with_hist, cfg) == {"ctx": "web"}
     assert user_part({"user_id": "u1", "hist_seq": []}, cfg)["user_id"] == "u1"
-    assert user_part(with_hist, TwoTowerConfig(device="cpu"))["user_id"] == "u1"
+    off = TwoTowerConfig(device="cpu", user_id_fallback=False)
+    assert user_part(with_hist, off)["user_id"] == "u1"
     # behaviour_len 0: the tower reads no history, so the id stays
     assert (
         user_part(with_hist, TwoTowerConfig(device="cpu", behaviour_len=0, user_id_fallback=True))[
@@ -69,7 +70,7 @@ def test_user_id_fallback_keeps_the_id_only_for_rows_without_history() -> None:
         ]
         == "u1"
     )
-    # the setting survives a config dict, and an old dict loads it off
+    # the setting survives a config dict
     assert TwoTowerConfig.from_dict(cfg.to_dict()).user_id_fallback
     old = {
         k: v for k, v in TwoTowerConfig(device="cpu").to_dict().items() if k != "user_id_fallback"
@@ -86,7 +87,7 @@ def test_user_id_fallback_vectors_follow_history_not_id_once_learned() -> None:
     np.testing.assert_allclose(a, b, atol=1e-6)  # same history: the id is not read
     c, d = model.user_vectors(["u1", "u2"])  # no history: the id is the fallback
     assert np.abs(c - d).max() > 1e-3
-    plain = TwoTowerModel(config(), seed=0)
+    plain = TwoTowerModel(config(user_id_fallback=False), seed=0)
     plain.learn_many(rows, np.ones(len(rows)))
     e, f = plain.user_vectors([{"user_id": "u1", **hist}, {"user_id": "u2", **hist}])
     assert np.abs(e - f).max() > 1e-3  # without the setting the id is read with history too
