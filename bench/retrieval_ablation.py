@@ -9,7 +9,9 @@ each click of the last 20% is a query: recall@10 and NDCG@10 of exact search ove
 world's catalogue with the row's user, context and history
 (:func:`learners.retrieval_eval.retrieval_metrics`). Reported per variant: mean and
 standard deviation over seeds (the model's seed; the world is fixed), and the rows
-``popularity`` (the 10 most clicked training items), ``random`` and ``oracle`` (the
+``popularity`` (the 10 most clicked training items), ``random``, ``cooccurrence`` (not
+learned: the items most often clicked right after the row's last 5 clicks in training,
+:func:`learners.retrieval_eval.cooccurrence_top`) and ``oracle`` (the
 world's expected clicks per request, ranked; on the first 2,000 test clicks, quick 300;
 it knows each user's hidden current cluster) and ``last_click_category_popularity`` (not
 learned: the most clicked training items after a click in the category of the row's most
@@ -55,20 +57,24 @@ from bench.history_models import K, World, WorldConfig, history_world
 from bench.run import bench_cli, machine, publish, stamp
 from index.faiss_index import IndexConfig, build_snapshot
 from index.hard_negatives import HardNegativePool
-from learners.retrieval_eval import retrieval_metrics
+from learners.retrieval_eval import cooccurrence_top, retrieval_metrics
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
 
 NAME = "retrieval_ablation"
 BATCH = 1_024
 REFRESH_BATCHES = 20
 TRAIN_FRACTION = 0.8
-REFERENCES = ("popularity", "random", "last_click_category_popularity", "history_oracle", "oracle")
+REFERENCES = (
+    "popularity", "random", "cooccurrence", "last_click_category_popularity", "history_oracle",
+    "oracle",
+)  # fmt: skip
 
 # name -> (TwoTowerConfig settings, passes, hard negatives on, lr decay per pass)
 Variant = tuple[dict[str, Any], int, bool, float]
-# The defaults (mean pool, user_id in, lr 0.03, temperature 0.05), spelled out.
+# The defaults before 2026-12-05 (mean pool, user_id in, lr 0.03, temperature 0.05).
 MEAN: dict[str, Any] = {
     "behaviour_pool": "mean", "exclude_fields": ("position",), "lr": 0.03, "temperature": 0.05,
+    "user_id_fallback": False,
 }  # fmt: skip
 ATT: dict[str, Any] = {**MEAN, "behaviour_pool": "attention"}
 NO_UID: dict[str, Any] = {"exclude_fields": ("position", "user_id"), "lr": 0.01}
@@ -243,6 +249,11 @@ def references(world: World, oracle_rows: int) -> dict[str, Any]:
     pop = retrieval_metrics(np.broadcast_to(popular, (len(test), K)), truth, len(world.items))
     out["popularity"] = {"recall_at_10": pop["recall_at_k"], "ndcg_at_10": pop["ndcg_at_k"]}
     out["random"] = {"recall_at_10": K / len(world.items)}
+    # Not learned: items most often clicked right after the row's last 5 clicks in training
+    train = ex.rows[:split]
+    co = cooccurrence_top(train, ex.y[:split], [ex.rows[n] for n, _ in test], col, K, popular)
+    c = retrieval_metrics(co, truth, len(world.items))
+    out["cooccurrence"] = {"recall_at_10": c["recall_at_k"], "ndcg_at_10": c["ndcg_at_k"]}
     # Not learned: the 10 items most clicked in training after a click in the same item
     # category as this row's most recent click (popularity without history). What the
     # history can tell about the user's hidden current cluster, read off directly.

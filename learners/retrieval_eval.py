@@ -18,8 +18,11 @@ query's own ``hist_seq`` (the user's recent clicks), as a recommender that does 
 re-offer what was just consumed would (right for films, wrong where repeat clicks are
 the norm, so it is off by default).
 Reference rows: ``popularity`` (the ``k`` most clicked training items for every query),
-``random`` (``k`` catalogue items drawn per query, seeded) and, given a score function of
-the world that made the log, ``oracle``.
+``random`` (``k`` catalogue items drawn per query, seeded), ``cooccurrence`` (not learned:
+the items most often clicked right after the query's last ``window`` clicked items in
+training, :func:`cooccurrence_top`; what a sequence signal alone reaches, so a model below
+it has not learned the sequence) and, given a score function of the world that made the
+log, ``oracle``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 
 from learners.base import Rows
 
-__all__ = ["RetrievalModel", "evaluate_retrieval", "retrieval_metrics"]
+__all__ = ["RetrievalModel", "cooccurrence_top", "evaluate_retrieval", "retrieval_metrics"]
 
 _CHUNK = 4096  # queries per exact-search matrix product
 
@@ -88,6 +91,66 @@ def _drop_seen(top: np.ndarray, seen: list[set[int]] | None, k: int) -> np.ndarr
     for r, (row, s) in enumerate(zip(top.tolist(), seen, strict=True)):
         keep = [c for c in row if c not in s][:k]
         out[r, : len(keep)] = keep
+    return out
+
+
+def _history(row: Mapping[str, object]) -> list[str]:
+    hist = row.get("hist_seq")
+    return [str(i) for i in hist] if isinstance(hist, list | tuple | np.ndarray) else []
+
+
+def cooccurrence_top(
+    train: Rows,
+    train_y: np.ndarray,
+    queries: Rows,
+    col: Mapping[str, int],
+    width: int,
+    popular: np.ndarray,
+    *,
+    window: int = 5,
+) -> np.ndarray:
+    """Item-to-item co-occurrence retrieval, not learned: int ``(Q, width)`` catalogue
+    indices per query, best first.
+
+    Transitions come from the clicked ``train`` rows (labels ``train_y`` (N,)) alone: each
+    click on item ``b`` whose row's ``hist_seq`` (the user's earlier clicks, most recent
+    first, point-in-time) starts with ``a`` counts one ``a -> b`` ("clicked right after";
+    no future: a row's history precedes it). A query scores item ``c`` by
+    ``sum_j count(h_j -> c) / (1 + j)`` over its ``hist_seq`` items ``h_j``, ``j <
+    window``; ties and the rest are filled in ``popular`` order (catalogue indices, most
+    clicked first), so a query without history gets popularity.
+
+    Example:
+        >>> rows = [{"item_id": "b", "hist_seq": ["a"]}, {"item_id": "c", "hist_seq": ["a"]},
+        ...         {"item_id": "c", "hist_seq": ["b", "a"]}]
+        >>> col = {"a": 0, "b": 1, "c": 2}
+        >>> q = [{"hist_seq": ["a"]}, {"hist_seq": ["b"]}, {}]
+        >>> cooccurrence_top(rows, np.ones(3), q, col, 2, np.array([2, 1, 0])).tolist()
+        [[2, 1], [2, 1], [2, 1]]
+        >>> cooccurrence_top(rows[:2], np.ones(2), q[:1], col, 3, np.array([0, 2, 1])).tolist()
+        [[2, 1, 0]]
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    after: dict[str, Counter[int]] = {}
+    for row, label in zip(train, np.asarray(train_y).tolist(), strict=True):
+        item = row.get("item_id")
+        hist = _history(row)
+        if label > 0 and item is not None and str(item) in col and hist:
+            after.setdefault(hist[0], Counter())[col[str(item)]] += 1
+    fill = np.asarray(popular, dtype=np.int64).tolist()
+    rank = {c: r for r, c in enumerate(fill)}
+    tail = len(rank)
+    out = np.full((len(queries), width), -2, dtype=np.int64)
+    for q, row in enumerate(queries):
+        score: dict[int, float] = {}
+        for j, prev in enumerate(_history(row)[:window]):
+            for c, n in after.get(prev, Counter()).items():
+                score[c] = score.get(c, 0.0) + n / (1.0 + j)
+        ranked = sorted(score, key=lambda c: (-score[c], rank.get(c, tail), c))[:width]
+        taken = set(ranked)
+        ranked += [c for c in fill[: width + len(ranked)] if c not in taken][: width - len(ranked)]
+        out[q, : len(ranked)] = ranked
     return out
 
 
@@ -162,6 +225,10 @@ def evaluate_retrieval(
         pop_top = np.broadcast_to(popular, (len(test), len(popular)))
         out["rows"]["popularity"] = retrieval_metrics(
             _drop_seen(pop_top, seen, min(kk, len(popular))), truth, n_items
+        )
+        co_top = cooccurrence_top(rows[:split], y[:split], queries, col, wide, popular)
+        out["rows"]["cooccurrence"] = retrieval_metrics(
+            _drop_seen(co_top, seen, kk), truth, n_items
         )
     rng = np.random.default_rng(seed)
     rand_top = np.stack([rng.choice(n_items, wide, replace=False) for _ in test])

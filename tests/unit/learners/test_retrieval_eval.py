@@ -74,7 +74,7 @@ def test_split_catalogue_unseen_items_and_reference_rows() -> None:
     assert m["recall_at_k"] == pytest.approx(1 / 3) and m["coverage"] == 0.5
     assert m["ndcg_at_k"] == pytest.approx(1 / 3 / math.log2(3))
     # popularity: training clicks i0, i1, i3, i0 -> i0 then i1 or i3
-    assert set(rep["rows"]) == {"model", "popularity", "random", "oracle"}
+    assert set(rep["rows"]) == {"model", "popularity", "cooccurrence", "random", "oracle"}
     with pytest.raises(ValueError, match="train_fraction"):
         evaluate_retrieval(rows, y, model, train_fraction=1.0)
 

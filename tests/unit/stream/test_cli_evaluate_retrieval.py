@@ -25,7 +25,7 @@ def test_evaluate_retrieval_prints_and_writes_every_row_with_the_oracle(tmp_path
     assert "recall@5" in r.output and "oracle" in r.output
     report = json.loads(out.read_text())
     assert report["behaviour_len"] == 0 and report["k"] == 5 and report["test_clicks"] > 0
-    assert set(report["rows"]) == {"model", "popularity", "random", "oracle"}
+    assert set(report["rows"]) == {"model", "popularity", "cooccurrence", "random", "oracle"}
     for m in report["rows"].values():
         assert 0.0 <= m["ndcg_at_k"] <= m["recall_at_k"] <= 1.0 and 0.0 < m["coverage"] <= 1.0
     assert report["rows"]["oracle"]["recall_at_k"] > report["rows"]["random"]["recall_at_k"]
