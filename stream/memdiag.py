@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from stream.heap import trim_heap
+from stream.heap import malloc_totals, trim_heap
 
 __all__ = [
     "Census",
@@ -158,7 +158,8 @@ def census(top: int = 25) -> dict[str, Any]:
     """Live objects the garbage collector tracks: ``types`` (the ``top`` most common type
     names and their counts), ``objects``; ``torch_tensor_mb`` / ``torch_tensors``: bytes
     (MB) of the distinct storages of live tensors (parameters, optimiser state, buffers)
-    and how many tensors; ``rss_mb``: the process's RSS at the time."""
+    and how many tensors; ``rss_mb``: the process's RSS at the time; ``malloc_<kind>_mb``:
+    :func:`stream.heap.malloc_totals` (glibc's arenas, in use, free, mmapped)."""
     counts: Counter[str] = Counter()
     torch = sys.modules.get("torch")
     storages: dict[int, int] = {}
@@ -175,12 +176,14 @@ def census(top: int = 25) -> dict[str, Any]:
             except Exception:  # sparse, meta or otherwise storage-less tensors
                 continue
     del objs
+    heap = malloc_totals()
     return {
         "objects": sum(counts.values()),
         "types": dict(counts.most_common(top)),
         "torch_tensor_mb": round(sum(storages.values()) / 1e6, 2),
         "torch_tensors": n_tensors,
         "rss_mb": round(_rss_mb(), 1),
+        **({f"malloc_{k}_mb": round(v, 1) for k, v in heap.items()} if heap else {}),
     }
 
 
