@@ -104,6 +104,14 @@ class StreamrecMetrics:
             " the TTL: expired; over the budget: evicted), impressions, sequences.",
             ("kind",),
         )
+        self.rocksdb_memory_bytes = gauge(
+            "rocksdb_memory_bytes",
+            "Native memory of the join-state RocksDB databases on this worker, by kind:"
+            " memtables, block_cache (data blocks; with index and filter blocks when they"
+            " are charged to it), table_readers (index and filter blocks held outside the"
+            " cache).",
+            ("kind",),
+        )
         self.orphan_clicks_waiting = gauge(
             "orphan_clicks_waiting",
             "Clicks waiting for their impression (bounded by [join] max_orphans).",

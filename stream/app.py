@@ -53,6 +53,7 @@ from stream.transport import StreamrecApp
 
 __all__ = [
     "JOIN_TABLE",
+    "ROCKSDB_MEMORY",
     "Runtime",
     "TableJoinState",
     "changelog_topic",
@@ -110,6 +111,14 @@ def create_worker_topics(settings: Settings, bootstrap: str | None = None) -> li
     )  # fmt: skip
 
 
+#: RocksDB's memory properties summed by :meth:`TableJoinState.native_memory`
+ROCKSDB_MEMORY = {
+    "memtables": "rocksdb.size-all-mem-tables",
+    "block_cache": "rocksdb.block-cache-usage",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+}
+
+
 class TableJoinState:
     """:class:`stream.services.JoinState` over a Faust table with raw bytes keys/values.
 
@@ -134,6 +143,18 @@ class TableJoinState:
             store._key_index[k] = partition
             db_for(partition).put(k, value)
         self.table.send_changelog(partition, k, value)
+
+    def native_memory(self) -> dict[str, int]:
+        """Bytes RocksDB holds in memory over the store's open partition databases, by
+        kind (:data:`ROCKSDB_MEMORY`); empty for a store that is not RocksDB."""
+        dbs = getattr(self.table.data, "_dbs", None)
+        if not dbs:
+            return {}
+        out = dict.fromkeys(ROCKSDB_MEMORY, 0)
+        for db in list(dbs.values()):
+            for kind, prop in ROCKSDB_MEMORY.items():
+                out[kind] += int(db.property_int_value(prop) or 0)
+        return out
 
     def delete(self, partition: int, key: str) -> None:
         k = f"{partition}/{key}".encode()

@@ -263,6 +263,9 @@ class Settings:
     #: write buffer on disk.
     rocksdb_write_buffer_mb: int = 16
     rocksdb_block_cache_mb: int = 32
+    #: seconds between periodic ``malloc_trim(0)`` calls (stream.memdiag; the writer thread
+    #: also trims after each checkpoint and store version); 0 = only those
+    memory_trim_s: float = 0.0
     #: Faust's processing guarantee: "at_least_once" (default; what the embedded broker
     #: supports, with idempotent trainer and monitor) or "exactly_once" (Kafka
     #: transactions: for Apache Kafka only, untested here since Tansu fails transactions)
@@ -377,6 +380,8 @@ class Settings:
             raise ValueError("feature_max_bytes must be at least 1 MiB per partition")
         if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
             raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
+        if not self.memory_trim_s >= 0:  # NaN fails too
+            raise ValueError("memory_trim_s must be >= 0 (0: no malloc_trim)")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not 0 < self.fetch_max_wait_s <= 30:  # NaN fails too

@@ -9,6 +9,7 @@ from modelstore.store import StoreError
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port, is_tansu
+from stream.memdiag import MallocTrimmer, census_from_env, tracemalloc_from_env
 from stream.runs import note_exit, note_start
 from stream.settings import Settings
 
@@ -78,6 +79,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         if manifest is not None:
             log.info("final model-store version %d", manifest.version)
 
+    tracer = tracemalloc_from_env()  # STREAMREC_TRACEMALLOC=<dir>: a diagnostic, off by default
+    counter = census_from_env()  # STREAMREC_CENSUS=<dir>: likewise
+    trimmer = MallocTrimmer(settings.memory_trim_s) if settings.memory_trim_s > 0 else None
+    if trimmer is not None:
+        trimmer.start()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     clean = False
     try:
@@ -96,3 +102,6 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         # a background write under way finishes (its files are atomic either way)
         app.trainer_agents.writer.shutdown(wait=True)  # type: ignore[attr-defined]
         server.shutdown()
+        for thread in (tracer, counter, trimmer):
+            if thread is not None:
+                thread.stop()

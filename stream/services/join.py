@@ -501,6 +501,11 @@ class JoinService:
                 "evicted_sequences",
             ):
                 m.feature_state_shed.labels(kind=kind).set(sum(st.stats[kind] for st in stages))
+        store = getattr(self.state, "store", self.state)  # under a SegmentedState
+        native = getattr(store, "native_memory", None)
+        if native is not None:
+            for kind, n in native().items():
+                m.rocksdb_memory_bytes.labels(kind=kind).set(n)
         wms = [j.watermark for j in self.joiners.values() if np.isfinite(j.watermark)]
         if wms:
             self.metrics.event_time_watermark_seconds.set(min(wms))

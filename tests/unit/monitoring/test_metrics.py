@@ -39,6 +39,7 @@ OTHER_GAUGES = {
     "feature_state_bytes",
     "feature_state_shed",
     "orphan_clicks_waiting",
+    "rocksdb_memory_bytes",
     "calibrator_offset",
     "calibration_target_ctr",
     "worker_starts",

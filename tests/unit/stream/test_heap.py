@@ -42,3 +42,17 @@ def test_a_failing_trim_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(heap, "_malloc_trim", lambda: boom)
     assert heap.trim_heap() is None
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallinfo2 is glibc's")  # fmt: skip
+def test_malloc_totals_follow_what_is_allocated_and_freed() -> None:
+    before = heap.malloc_totals()
+    assert before is not None and set(before) == {"arenas", "in_use", "free", "mmapped"}
+    blocks = [ctypes.create_string_buffer(4096) for _ in range(20_000)]  # ~82 MB
+    during = heap.malloc_totals()
+    assert during is not None and 60 < during["in_use"] - before["in_use"] < 120
+    assert during["arenas"] >= during["in_use"]  # in use inside the arenas (mmapped apart)
+    del blocks
+    after = heap.malloc_totals()
+    assert after is not None and during["in_use"] - after["in_use"] > 60

@@ -120,3 +120,24 @@ def test_the_join_state_rocksdb_memory_is_bounded_by_settings(tmp_path: object) 
     opts = store.rocksdb_options  # Faust's defaults: 64 MB x 3 memtables, a 2 GiB cache
     assert (opts.write_buffer_size, opts.max_write_buffer_number) == (8 << 20, 2)
     assert (opts.block_cache_size, opts.block_cache_compressed_size) == (16 << 20, 4 << 20)
+
+
+def test_the_join_state_rocksdb_memory_is_measured(tmp_path: object) -> None:
+    from stream.app import JOIN_TABLE, ROCKSDB_MEMORY, TableJoinState, create_app
+    from stream.segments import SegmentedState
+
+    settings = Settings(role="joiner", data_dir=str(tmp_path), features=False)
+    table = create_app(settings).tables[JOIN_TABLE]
+    state = TableJoinState(table)
+    assert state.native_memory() == {}  # no partition database open yet
+    db = table.data._db_for_partition(0)
+    for k in range(2000):  # ~2 MB into the memtable (16 MB: no flush)
+        db.put(f"0/s/{k}".encode(), bytes(1000))
+    mem = state.native_memory()
+    assert set(mem) == set(ROCKSDB_MEMORY)
+    assert 2_000_000 < mem["memtables"] < 8_000_000
+    metrics = StreamrecMetrics()
+    svc = JoinService(settings, metrics, state=SegmentedState(state))
+    svc.update_gauges()
+    got = metrics.registry.get_sample_value("streamrec_rocksdb_memory_bytes", {"kind": "memtables"})
+    assert got == mem["memtables"]
