@@ -168,7 +168,7 @@ def census(top: int = 25) -> dict[str, Any]:
     for o in objs:
         t = type(o)
         counts[t.__qualname__] += 1
-        if torch is not None and isinstance(o, torch.Tensor):
+        if torch is not None and issubclass(t, torch.Tensor):  # type, not __class__: no lazy attrs
             n_tensors += 1
             try:
                 st = o.untyped_storage()
