@@ -7,7 +7,8 @@ default-with-history row (no ``sequence_attention``, no ``pair_crosses``, a shor
 ``bias_warmup``: 2,000 rows, or 0 = centred on the first batch only), each with ranker
 seeds 0 and 1, in one run: overall NE, AUC, calibration ratio, and the ratio
 sum(p) / sum(y) per 5,000-row segment of the log (prequential scores of
-``logs.offline.evaluate``, batches 1,024). Defaults unchanged.
+``logs.offline.evaluate``, batches 1,024). Peers ``constant`` (the running click rate) and ``vw_ui``
+as references. Defaults unchanged.
 Writes ``bench/results/quality_history_diag.json``.
 """
 
@@ -22,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from bench.quality import LEARNERS
 from bench.quality_history import (
     BATCH,
     HISTORY_WORLD,
     QUICK_SYNTHETIC,
+    ConstantCTR,
     _movielens,
     with_history,
 )
@@ -78,6 +81,18 @@ def main(out: Path = Path("bench/results/quality_history_diag.json")) -> dict[st
         if "true_p" in df:  # the oracle's own segment ratios: the noise floor of this table
             info["oracle_segment_ratios"] = _segments(df["true_p"].to_numpy(), y)
         report["logs"][log] = info
+        plain = log_examples(df)
+        peers: dict[str, Any] = {"constant": ConstantCTR, "vw_ui": LEARNERS["vw_ui"]}
+        for name, factory in peers.items():  # the reference: how a peer's ratio drifts
+            rep = evaluate(plain, factory(), batch_size=BATCH, progress=False)
+            q = rep["all"]
+            rows[f"peer_{name}"] = {
+                "ne": round(q["normalized_entropy"], 4),
+                "auc": round(q["auc"], 4),
+                "calibration_ratio": round(q["calibration_ratio"], 4),
+                "segment_ratios": _segments(np.asarray(rep["scores"]), np.asarray(plain.y)),
+            }
+            print(log, name, rows[f"peer_{name}"], flush=True)
         for name, (fo, rc) in VARIANTS.items():
             key = json.dumps(fo)
             if key not in feats:
