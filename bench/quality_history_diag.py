@@ -60,6 +60,17 @@ def _segments(p: np.ndarray, y: np.ndarray) -> list[float]:
     return out
 
 
+def _row(rep: dict[str, Any], y: np.ndarray) -> dict[str, Any]:
+    """One table row from ``logs.offline.evaluate``'s report ``rep`` over labels ``y``."""
+    q = rep["all"]
+    return {
+        "ne": round(q["normalized_entropy"], 4),
+        "auc": round(q["auc"], 4),
+        "calibration_ratio": round(q["calibration_ratio"], 4),
+        "segment_ratios": _segments(np.asarray(rep["scores"]), np.asarray(y)),
+    }
+
+
 def main(out: Path = Path("bench/results/quality_history_diag.json")) -> dict[str, Any]:
     logs = {}
     ml = _movielens(True)
@@ -85,13 +96,7 @@ def main(out: Path = Path("bench/results/quality_history_diag.json")) -> dict[st
         peers: dict[str, Any] = {"constant": ConstantCTR, "vw_ui": LEARNERS["vw_ui"]}
         for name, factory in peers.items():  # the reference: how a peer's ratio drifts
             rep = evaluate(plain, factory(), batch_size=BATCH, progress=False)
-            q = rep["all"]
-            rows[f"peer_{name}"] = {
-                "ne": round(q["normalized_entropy"], 4),
-                "auc": round(q["auc"], 4),
-                "calibration_ratio": round(q["calibration_ratio"], 4),
-                "segment_ratios": _segments(np.asarray(rep["scores"]), np.asarray(plain.y)),
-            }
+            rows[f"peer_{name}"] = _row(rep, plain.y)
             print(log, name, rows[f"peer_{name}"], flush=True)
         for name, (fo, rc) in VARIANTS.items():
             key = json.dumps(fo)
@@ -104,13 +109,7 @@ def main(out: Path = Path("bench/results/quality_history_diag.json")) -> dict[st
                 rep = evaluate(
                     ex, TorchRanker(cfg, seed=seed, online=False), batch_size=BATCH, progress=False
                 )
-                q = rep["all"]
-                rows[f"{name}/seed{seed}"] = {
-                    "ne": round(q["normalized_entropy"], 4),
-                    "auc": round(q["auc"], 4),
-                    "calibration_ratio": round(q["calibration_ratio"], 4),
-                    "segment_ratios": _segments(np.asarray(rep["scores"]), np.asarray(ex.y)),
-                }
+                rows[f"{name}/seed{seed}"] = _row(rep, ex.y)
                 print(
                     log,
                     name,

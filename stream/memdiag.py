@@ -28,8 +28,9 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from stream.heap import malloc_totals, trim_heap
 
@@ -130,17 +131,34 @@ class TracemallocDumper(_Periodic):
         self.dumps += 1
 
 
+_P = TypeVar("_P", bound=_Periodic)
+
+
+def _start_from_env(
+    env: dict[str, str] | None,
+    dir_key: str,
+    every_key: str,
+    make: Callable[[Path, float], _P],
+    what: str,
+) -> _P | None:
+    """``make(folder, every_s)`` started, if ``env[dir_key]`` (default: the process's
+    environment) names a folder (``every_s``: ``env[every_key]``, default 60); else None."""
+    env = dict(os.environ) if env is None else env
+    out = env.get(dir_key, "")
+    if not out:
+        return None
+    thread = make(Path(out), float(env.get(every_key, "60")))
+    thread.start()
+    log.warning("%s on: every %gs to %s", what, thread.interval_s, out)
+    return thread
+
+
 def tracemalloc_from_env(env: dict[str, str] | None = None) -> TracemallocDumper | None:
     """A started :class:`TracemallocDumper` if ``STREAMREC_TRACEMALLOC`` names a folder,
     else None (nothing started)."""
-    env = dict(os.environ) if env is None else env
-    out = env.get(TRACEMALLOC_ENV, "")
-    if not out:
-        return None
-    dumper = TracemallocDumper(Path(out), float(env.get(TRACEMALLOC_EVERY_ENV, "60")))
-    dumper.start()
-    log.warning("tracemalloc on: snapshots every %gs to %s", dumper.interval_s, out)
-    return dumper
+    return _start_from_env(
+        env, TRACEMALLOC_ENV, TRACEMALLOC_EVERY_ENV, TracemallocDumper, "tracemalloc snapshots"
+    )
 
 
 def _rss_mb() -> float:
@@ -214,11 +232,4 @@ class Census(_Periodic):
 
 def census_from_env(env: dict[str, str] | None = None) -> Census | None:
     """A started :class:`Census` if ``STREAMREC_CENSUS`` names a folder, else None."""
-    env = dict(os.environ) if env is None else env
-    out = env.get(CENSUS_ENV, "")
-    if not out:
-        return None
-    c = Census(Path(out), float(env.get(CENSUS_EVERY_ENV, "60")))
-    c.start()
-    log.warning("memory census on: every %gs to %s", c.interval_s, out)
-    return c
+    return _start_from_env(env, CENSUS_ENV, CENSUS_EVERY_ENV, Census, "memory census")
