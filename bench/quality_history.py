@@ -16,7 +16,8 @@ batches of 1,024, scored then learned from (``logs.offline.evaluate``, as
   few clicks: only "not worse than the constant model" is meaningful there).
 
 Learners: ``dcnv2`` (the default ranker, ``RankerConfig()``) on the log's own features
-(``no_history``), the same with the feature stage's counters (``counters``:
+(``no_history``), the same (with ``logs.offline.with_hist_slots``' 64 numeric slots, as
+``streamrec evaluate`` and the worker) with the feature stage's counters (``counters``:
 ``features.FeatureConfig(sequence=False)``), and with counters and the recent-click
 sequence (``counters_sequence``: ``FeatureConfig()``), the features attached point-in-time
 by ``logs.offline.log_examples(df, FeatureConfig(...))`` (what ``streamrec evaluate``
@@ -46,7 +47,7 @@ from bench.quality import LEARNERS
 from bench.run import OBD_CSV, bench_cli, machine, publish, stamp
 from learners.ranker import RankerConfig, TorchRanker
 from logs.obd import read_obd
-from logs.offline import LogExamples, evaluate, log_examples
+from logs.offline import LogExamples, evaluate, log_examples, with_hist_slots
 from logs.synthetic import SyntheticConfig, generate
 
 NAME = "quality_history"
@@ -100,8 +101,13 @@ def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
     return log_examples(df, FeatureConfig(**overrides))
 
 
-def _ranker() -> TorchRanker:
-    return TorchRanker(RankerConfig(), seed=0, online=False)
+def _ranker(history: bool = False) -> TorchRanker:
+    """The default ranker; with ``history`` it gets the numeric slots the feature stage's
+    ``hist_*`` values need (``with_hist_slots``, what ``streamrec evaluate`` and the worker
+    use). Without them ``EncoderConfig``'s 8 slots kept the first 8 names in sorted order
+    and the ranker silently ignored the rest of the history."""
+    cfg = RankerConfig()
+    return TorchRanker(with_hist_slots(cfg) if history else cfg, seed=0, online=False)
 
 
 def _learners() -> dict[str, Callable[[], Any]]:
@@ -116,7 +122,11 @@ def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
     q = rep["all"]
     if "oracle_normalized_entropy" in q:
         q["ne_over_oracle"] = q["normalized_entropy"] / q["oracle_normalized_entropy"]
-    return {"seconds": round(rep["seconds"], 1), **q}
+    out = {"seconds": round(rep["seconds"], 1), **q}
+    encoder = getattr(learner, "encoder", None)
+    if encoder is not None:  # fields the ranker had no slot for (must be 0)
+        out["dropped_fields"] = encoder.n_dropped_fields
+    return out
 
 
 def run_log(df: pd.DataFrame, history: bool = True) -> dict[str, Any]:
@@ -133,7 +143,7 @@ def run_log(df: pd.DataFrame, history: bool = True) -> dict[str, Any]:
         t = time.perf_counter()
         rows = ex if overrides is None else with_history(df, overrides)
         attach_s = time.perf_counter() - t
-        out[name] = _score(rows, _ranker())
+        out[name] = _score(rows, _ranker(history=overrides is not None))
         out[name]["feature_attach_seconds"] = round(attach_s, 1)
         print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
     return out

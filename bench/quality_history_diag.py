@@ -33,7 +33,7 @@ from bench.quality_history import (
     with_history,
 )
 from learners.ranker import RankerConfig, TorchRanker
-from logs.offline import evaluate, log_examples
+from logs.offline import evaluate, log_examples, with_hist_slots
 from logs.synthetic import SyntheticConfig, generate
 
 __all__ = ["SEGMENT", "VARIANTS", "main"]
@@ -106,6 +106,8 @@ def main(out: Path = Path("bench/results/quality_history_diag.json")) -> dict[st
             for seed in SEEDS:
                 t = time.perf_counter()
                 cfg = dataclasses.replace(RankerConfig(), **rc)
+                if fo is not None:  # the hist_* values need more than the default 8 slots
+                    cfg = with_hist_slots(cfg)
                 rep = evaluate(
                     ex, TorchRanker(cfg, seed=seed, online=False), batch_size=BATCH, progress=False
                 )

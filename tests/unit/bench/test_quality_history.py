@@ -18,7 +18,9 @@ def test_quality_history_reports_peers_constant_and_ablation(
     # a small ranker keeps the test fast; the wiring (features attached, rows) is the same
     cfg_ranker = RankerConfig(model="logreg")
     monkeypatch.setattr(
-        quality_history, "_ranker", lambda: TorchRanker(cfg_ranker, seed=0, online=False)
+        quality_history,
+        "_ranker",
+        lambda history=False: TorchRanker(cfg_ranker, seed=0, online=False),
     )
     cfg = SyntheticConfig(n_impressions=600, n_users=50, n_items=60, history=True, seed=1)
     logs = {"history_synthetic": generate(cfg), "obd": generate(SyntheticConfig(400))}
@@ -41,3 +43,25 @@ def test_quality_history_reports_peers_constant_and_ablation(
     assert set(written["datasets"]["obd"]["goal"]) == {"ranker", "ranker_ne", "constant_ne", "met"}
     text = quality_history.table(report)
     assert "| history_synthetic | dcnv2_counters |" in text
+    # the ranker rows say how many fields had no slot (the logreg above has 8 slots)
+    assert learners["dcnv2_no_history"]["dropped_fields"] == 0
+    assert learners["dcnv2_counters"]["dropped_fields"] > 0
+
+
+def test_history_rows_give_every_hist_field_a_slot() -> None:
+    """The bench's history rows must see every historical feature: with the encoder's
+    default 8 numeric slots the ranker kept the first 8 ``hist_*`` names and ignored the
+    rest (the bug this guards against)."""
+    cfg = SyntheticConfig(n_impressions=400, n_users=30, n_items=40, history=True, seed=2)
+    ex = quality_history.with_history(generate(cfg), {})
+    hist = {k for row in ex.rows for k, v in row.items() if k.startswith("hist_")}
+    assert len(hist) > 8
+    with_slots = quality_history._ranker(history=True)
+    with_slots.encoder.encode(ex.rows)
+    assert with_slots.encoder.n_dropped_fields == 0
+    assert set(with_slots.encoder.num_fields) >= {
+        k for k in hist if isinstance(ex.rows[-1].get(k), float)
+    }
+    plain = quality_history._ranker()
+    plain.encoder.encode(ex.rows)
+    assert plain.encoder.n_dropped_fields > 0  # what the bench measured before
