@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from bench.quality import LEARNERS
-from bench.run import OBD_CSV, bench_cli, machine, publish, stamp
+from bench.run import OBD_CSV, bench_parser, machine, publish, stamp
 from learners.ranker import RankerConfig, TorchRanker
 from logs.obd import read_obd
 from logs.offline import LogExamples, evaluate, log_examples, with_hist_slots
@@ -73,6 +73,7 @@ ABLATION = {
     "dcnv2_counters_sequence": {},
 }
 DEFAULT_WITH_HISTORY = "dcnv2_counters_sequence"
+DEFAULT_SEEDS = 3  # model seeds of DEFAULT_WITH_HISTORY (goal judged per seed)
 # bench.run's OBD path (beside the checkout), else beside a git worktree's parent folder
 _OBD_REL = ("shared", "data", "obd", "random", "all", "all.csv")
 OBD_CANDIDATES = (OBD_CSV, Path(__file__).resolve().parents[3].joinpath(*_OBD_REL))
@@ -101,13 +102,13 @@ def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
     return log_examples(df, FeatureConfig(**overrides))
 
 
-def _ranker(history: bool = False) -> TorchRanker:
+def _ranker(history: bool = False, seed: int = 0) -> TorchRanker:
     """The default ranker; with ``history`` it gets the numeric slots the feature stage's
     ``hist_*`` values need (``with_hist_slots``, what ``streamrec evaluate`` and the worker
     use). Without them ``EncoderConfig``'s 8 slots kept the first 8 names in sorted order
     and the ranker silently ignored the rest of the history."""
     cfg = RankerConfig()
-    return TorchRanker(with_hist_slots(cfg) if history else cfg, seed=0, online=False)
+    return TorchRanker(with_hist_slots(cfg) if history else cfg, seed=seed, online=False)
 
 
 def _learners() -> dict[str, Callable[[], Any]]:
@@ -129,8 +130,10 @@ def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
     return out
 
 
-def run_log(df: pd.DataFrame, history: bool = True) -> dict[str, Any]:
-    """Every learner (and, with ``history``, the ablation rows) over the log ``df``."""
+def run_log(df: pd.DataFrame, history: bool = True, seeds: int = 1) -> dict[str, Any]:
+    """Every learner (and, with ``history``, the ablation rows) over the log ``df``; with
+    ``seeds`` > 1 the default ranker with history again with model seeds 1 .. seeds-1
+    (rows ``<DEFAULT_WITH_HISTORY>/seed<k>``; the plain row is seed 0)."""
     ex = log_examples(df)
     out: dict[str, Any] = {}
     for name, factory in _learners().items():
@@ -146,30 +149,48 @@ def run_log(df: pd.DataFrame, history: bool = True) -> dict[str, Any]:
         out[name] = _score(rows, _ranker(history=overrides is not None))
         out[name]["feature_attach_seconds"] = round(attach_s, 1)
         print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
+        if name == DEFAULT_WITH_HISTORY:
+            for seed in range(1, seeds):
+                out[f"{name}/seed{seed}"] = _score(rows, _ranker(history=True, seed=seed))
+                print(f"  {name}/seed{seed}", flush=True)
     return out
 
 
 def goal(learners: dict[str, Any], obd: bool) -> dict[str, Any]:
-    """The default ranker with history vs the best goal peer (or the constant on OBD)."""
+    """The default ranker with history vs the best goal peer (or the constant on OBD);
+    with extra seed rows (``run_log(seeds=...)``) also each seed's figures and whether
+    every seed meets the goal (``met_all_seeds``)."""
     ours = DEFAULT_WITH_HISTORY if DEFAULT_WITH_HISTORY in learners else "dcnv2_no_history"
-    ne = learners[ours]["normalized_entropy"]
+    rows = [ours, *sorted(k for k in learners if k.startswith(f"{ours}/seed"))]
     if obd:
         const = learners["constant"]["normalized_entropy"]
-        return {"ranker": ours, "ranker_ne": ne, "constant_ne": const, "met": ne <= const}
+        per_seed = {r: learners[r]["normalized_entropy"] <= const for r in rows}
+        out = {"ranker": ours, "ranker_ne": learners[ours]["normalized_entropy"]}
+        out |= {"constant_ne": const, "met": per_seed[ours]}
+        if len(rows) > 1:
+            out["met_all_seeds"] = all(per_seed.values())
+        return out
     peers = [p for p in GOAL_PEERS if p in learners]
     best = min(peers, key=lambda p: learners[p]["normalized_entropy"])
-    ratio = ne / learners[best]["normalized_entropy"]
-    cal = learners[ours]["calibration_ratio"]
-    return {
-        "ranker": ours,
-        "ranker_ne": ne,
-        "best_peer": best,
-        "best_peer_ne": learners[best]["normalized_entropy"],
-        "ne_ratio": ratio,
-        "ne_met": ratio <= GOAL_NE_RATIO,
-        "calibration_ratio": cal,
-        "calibration_met": abs(cal - 1.0) <= GOAL_RATIO_TOLERANCE,
-    }
+    best_ne = learners[best]["normalized_entropy"]
+
+    def judged(row: str) -> dict[str, Any]:
+        ratio = learners[row]["normalized_entropy"] / best_ne
+        cal = learners[row]["calibration_ratio"]
+        return {
+            "ranker_ne": learners[row]["normalized_entropy"],
+            "ne_ratio": ratio,
+            "ne_met": ratio <= GOAL_NE_RATIO,
+            "calibration_ratio": cal,
+            "calibration_met": abs(cal - 1.0) <= GOAL_RATIO_TOLERANCE,
+        }
+
+    out = {"ranker": ours, "best_peer": best, "best_peer_ne": best_ne, **judged(ours)}
+    if len(rows) > 1:
+        seeds = {r: judged(r) for r in rows}
+        out["seeds"] = seeds
+        out["met_all_seeds"] = all(j["ne_met"] and j["calibration_met"] for j in seeds.values())
+    return out
 
 
 def _movielens(quick: bool) -> pd.DataFrame | None:
@@ -187,9 +208,13 @@ def main(
     *,
     results_dir: Path | None = None,
     logs: dict[str, pd.DataFrame] | None = None,
+    seeds: int = DEFAULT_SEEDS,
 ) -> dict[str, Any]:
     """Run the benchmark, write its JSON, print its table; the report. ``logs`` replaces
-    the logs (name -> canonical frame; a name ``obd`` is judged against the constant)."""
+    the logs (name -> canonical frame; a name ``obd`` is judged against the constant);
+    ``seeds``: model seeds of the default ranker with history (:func:`run_log`)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     t0 = time.perf_counter()
     notes: list[str] = []
     if logs is None:
@@ -211,7 +236,7 @@ def main(
     datasets: dict[str, Any] = {}
     for name, df in logs.items():
         print(f"{name} ({len(df):,} impressions)", flush=True)
-        learners = run_log(df)
+        learners = run_log(df, seeds=seeds)
         datasets[name] = {
             "examples": len(df),
             "clicks": int(df["click"].sum()),
@@ -219,13 +244,17 @@ def main(
             "learners": learners,
             "goal": goal(learners, obd=name == "obd"),
         }
+    stamped = stamp(NAME, quick)
+    if seeds != DEFAULT_SEEDS:
+        stamped["command"] += f" --seeds {seeds}"
     report: dict[str, Any] = {
-        **stamp(NAME, quick),
+        **stamped,
         "machine": machine(),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "load_average_1m": os.getloadavg()[0],
         "notes": notes,
         "batch": BATCH,
+        "seeds": seeds,
         "history_world": HISTORY_WORLD,
         "datasets": datasets,
     }
@@ -255,7 +284,16 @@ def table(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return bench_cli(NAME, __doc__, "smaller logs (about a minute)", main, argv)
+    parser = bench_parser(NAME, __doc__, "smaller logs (about a minute)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=DEFAULT_SEEDS,
+        help="model seeds of the default ranker with history (default 3; goal per seed)",
+    )
+    args = parser.parse_args(argv)
+    main(args.quick, results_dir=args.results_dir, seeds=args.seeds)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,16 +20,17 @@ def test_quality_history_reports_peers_constant_and_ablation(
     monkeypatch.setattr(
         quality_history,
         "_ranker",
-        lambda history=False: TorchRanker(cfg_ranker, seed=0, online=False),
+        lambda history=False, seed=0: TorchRanker(cfg_ranker, seed=seed, online=False),
     )
     cfg = SyntheticConfig(n_impressions=600, n_users=50, n_items=60, history=True, seed=1)
     logs = {"history_synthetic": generate(cfg), "obd": generate(SyntheticConfig(400))}
-    report = quality_history.main(quick=True, results_dir=tmp_path, logs=logs)
+    report = quality_history.main(quick=True, results_dir=tmp_path, logs=logs, seeds=2)
 
     written = json.loads((tmp_path / "quality_history_quick.json").read_text())
-    assert written["command"] == "python -m bench.quality_history --quick"
+    assert written["command"] == "python -m bench.quality_history --quick --seeds 2"
     learners = written["datasets"]["history_synthetic"]["learners"]
-    expected = {*quality_history.PEERS, "constant", *quality_history.ABLATION}
+    seed1 = f"{quality_history.DEFAULT_WITH_HISTORY}/seed1"
+    expected = {*quality_history.PEERS, "constant", *quality_history.ABLATION, seed1}
     assert set(learners) == expected
     for q in learners.values():
         assert 0.0 <= q["auc"] <= 1.0 and q["normalized_entropy"] > 0
@@ -40,7 +41,15 @@ def test_quality_history_reports_peers_constant_and_ablation(
     goal = written["datasets"]["history_synthetic"]["goal"]
     assert goal["ranker"] == "dcnv2_counters_sequence"
     assert goal["best_peer"] in quality_history.GOAL_PEERS
-    assert set(written["datasets"]["obd"]["goal"]) == {"ranker", "ranker_ne", "constant_ne", "met"}
+    # a second model seed is a different model, judged on its own
+    assert learners[seed1]["normalized_entropy"] != pytest.approx(
+        learners[quality_history.DEFAULT_WITH_HISTORY]["normalized_entropy"], rel=1e-9
+    )
+    assert set(goal["seeds"]) == {quality_history.DEFAULT_WITH_HISTORY, seed1}
+    per_seed = [j["ne_met"] and j["calibration_met"] for j in goal["seeds"].values()]
+    assert goal["met_all_seeds"] == all(per_seed)
+    obd_goal = written["datasets"]["obd"]["goal"]
+    assert set(obd_goal) == {"ranker", "ranker_ne", "constant_ne", "met", "met_all_seeds"}
     text = quality_history.table(report)
     assert "| history_synthetic | dcnv2_counters |" in text
     # the ranker rows say how many fields had no slot (the logreg above has 8 slots)
