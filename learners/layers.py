@@ -93,7 +93,10 @@ class TargetAttention(nn.Module):
     the zero vector (no 0/0).
 
     Besides the pooled vector it returns ``SUMMARY`` scalars per row (B, 3): the attention
-    mass ``sum_j mask_j w_j``, ``log1p(#j: m_j)`` (clicks on this very item) and the recency
+    mass ``sum_j mask_j w_j`` (``log1p`` of it with ``log_mass``, like every count the model
+    reads: raw, it grows with the sequence length to ~N/2 at the start and swung the cold
+    model's output; MovieLens NE over 3 seeds 0.952-0.980 raw, 0.952-0.961 log-scaled),
+    ``log1p(#j: m_j)`` (clicks on this very item) and the recency
     of the latest such click, ``2 / (1 + age_bucket)`` in (0, 1] (0 without one). Telling
     "the candidate is one of my recent clicks" from embeddings alone takes a network many
     steps; the exact-match scalars give it at once, the attention the graded similarity.
@@ -113,8 +116,9 @@ class TargetAttention(nn.Module):
 
     SUMMARY = 3
 
-    def __init__(self, dim: int, hidden: int = _ATTENTION_HIDDEN) -> None:
+    def __init__(self, dim: int, hidden: int = _ATTENTION_HIDDEN, log_mass: bool = False) -> None:
         super().__init__()
+        self.log_mass = log_mass
         self.age = nn.Embedding(N_AGE_BUCKETS, dim, padding_idx=0)
         self.unit = nn.Sequential(nn.Linear(4 * dim + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
@@ -158,7 +162,10 @@ class TargetAttention(nn.Module):
         w = torch.sigmoid(self._scores(query, k, match)) * valid  # (B, N)
         pooled = (w[:, :, None] * k).sum(1)
         recency = (match * 2.0 / (1.0 + buckets.to(k.dtype))).amax(1)
-        summary = torch.stack([w.sum(1), torch.log1p(match.sum(1)), recency], dim=1)
+        mass = w.sum(1)
+        if self.log_mass:
+            mass = torch.log1p(mass)
+        summary = torch.stack([mass, torch.log1p(match.sum(1)), recency], dim=1)
         return pooled, summary
 
 
@@ -204,10 +211,17 @@ class PairCrosses(nn.Module):
 class Behaviour(nn.Module):
     """The optional behaviour parts a model owns: ``attention`` and ``pairs`` (or None)."""
 
-    def __init__(self, num_buckets: int, dim: int, sequence: bool, pair_crosses: bool) -> None:
+    def __init__(
+        self,
+        num_buckets: int,
+        dim: int,
+        sequence: bool,
+        pair_crosses: bool,
+        attention_log_mass: bool = False,
+    ) -> None:
         super().__init__()
         self.dim = dim
-        self.attention = TargetAttention(dim) if sequence else None
+        self.attention = TargetAttention(dim, log_mass=attention_log_mass) if sequence else None
         self.pairs = PairCrosses(num_buckets) if pair_crosses else None
 
     def reset_parameters(self, generator: torch.Generator | None) -> None:

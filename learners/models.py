@@ -214,12 +214,15 @@ class DCNv2(_HeadModel):
         generator: torch.Generator | None = None,
         sequence: bool = False,
         pair_crosses: bool = False,
+        attention_log_mass: bool = False,
     ) -> None:
         super().__init__()
         self.num_cat_fields = num_cat_fields
         self.num_num_fields = num_num_fields
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
-        self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
+        self.behaviour = Behaviour(
+            num_buckets, embedding_dim, sequence, pair_crosses, attention_log_mass
+        )
         d0 = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.cross = nn.ModuleList(CrossLayer(d0) for _ in range(cross_layers))
         self.deep, width = mlp(d0, hidden)
@@ -275,6 +278,7 @@ class WideAndDeep(_HeadModel):
         generator: torch.Generator | None = None,
         sequence: bool = False,
         pair_crosses: bool = False,
+        attention_log_mass: bool = False,
     ) -> None:
         super().__init__()
         self.num_cat_fields = num_cat_fields
@@ -282,7 +286,9 @@ class WideAndDeep(_HeadModel):
         self.wide = nn.Embedding(num_buckets, 1, padding_idx=0)
         self.wide_numeric = nn.Linear(num_num_fields, 1, bias=False)
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
-        self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
+        self.behaviour = Behaviour(
+            num_buckets, embedding_dim, sequence, pair_crosses, attention_log_mass
+        )
         width = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.deep, width = mlp(width, hidden)
         self.head = nn.Linear(width, 1)
@@ -343,6 +349,7 @@ class DeepFM(_HeadModel):
         generator: torch.Generator | None = None,
         sequence: bool = False,
         pair_crosses: bool = False,
+        attention_log_mass: bool = False,
     ) -> None:
         super().__init__()
         self.num_cat_fields = num_cat_fields
@@ -351,7 +358,9 @@ class DeepFM(_HeadModel):
         self.first_order_numeric = nn.Linear(num_num_fields, 1, bias=False)
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
         self.numeric_embedding = nn.Parameter(torch.empty(num_num_fields, embedding_dim))
-        self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
+        self.behaviour = Behaviour(
+            num_buckets, embedding_dim, sequence, pair_crosses, attention_log_mass
+        )
         width = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.deep, width = mlp(width, hidden)
         self.head = nn.Linear(width, 1)
@@ -416,6 +425,7 @@ class MMoE(nn.Module):
         generator: torch.Generator | None = None,
         sequence: bool = False,
         pair_crosses: bool = False,
+        attention_log_mass: bool = False,
     ) -> None:
         super().__init__()
         if not hidden:
@@ -427,7 +437,9 @@ class MMoE(nn.Module):
         self.num_experts = num_experts
         self.num_tasks = num_tasks
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
-        self.behaviour = Behaviour(num_buckets, embedding_dim, sequence, pair_crosses)
+        self.behaviour = Behaviour(
+            num_buckets, embedding_dim, sequence, pair_crosses, attention_log_mass
+        )
         d0 = self.behaviour.input_width(num_cat_fields, num_num_fields)
         self.experts = nn.ModuleList(mlp(d0, hidden)[0] for _ in range(num_experts))
         width = hidden[-1]

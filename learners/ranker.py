@@ -166,7 +166,11 @@ class TorchRanker(Checkpointed):
         pairs = cfg.pair_crosses
         if cfg.model == "logreg":
             return LogisticModel(*shape, embedding_dim=dim, generator=gen, pair_crosses=pairs)
-        behaviour = {"sequence": self.uses_sequence, "pair_crosses": pairs}
+        behaviour = {
+            "sequence": self.uses_sequence,
+            "pair_crosses": pairs,
+            "attention_log_mass": cfg.attention_log_mass,
+        }
         if cfg.model == "wide_deep":
             return WideAndDeep(
                 *shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen, **behaviour

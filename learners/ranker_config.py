@@ -23,7 +23,7 @@ __all__ = ["MODELS", "RankerConfig"]
 MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe")
 """Values accepted by ``RankerConfig.model``."""
 
-_PRE_BEHAVIOUR = ("sequence_attention", "pair_crosses")
+_PRE_BEHAVIOUR = ("sequence_attention", "pair_crosses", "attention_log_mass")
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,10 @@ class RankerConfig:
     ``sequence_attention``: DIN-style target attention of the candidate over the row's
     ``hist_seq`` (:class:`learners.layers.TargetAttention`; needs ``encoder.max_seq_len > 0``;
     not used by ``logreg``). ``pair_crosses``: a hashed scalar weight per user x item pair
-    (:class:`learners.layers.PairCrosses`). A config dict written before these settings
-    existed loads with both off and ``encoder.max_seq_len = 0`` (the layout its checkpoint
-    has).
+    (:class:`learners.layers.PairCrosses`). ``attention_log_mass``: the attention's
+    mass summary enters the model as ``log1p`` (see :class:`learners.layers.TargetAttention`).
+    A config dict written before these settings existed loads with all three off and
+    ``encoder.max_seq_len = 0`` (the layout and inputs its checkpoint was trained on).
     """
 
     model: str = "dcnv2"  # one of MODELS
@@ -96,6 +97,7 @@ class RankerConfig:
     sparse_embeddings: bool = True
     sequence_attention: bool = True
     pair_crosses: bool = True
+    attention_log_mass: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -165,7 +167,8 @@ class RankerConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         enc = dict(d.pop("encoder", {}))
-        # Written before the behaviour settings: the model had none of their parameters.
+        # Written before the behaviour settings: the model had none of their parameters
+        # (and, for attention_log_mass, read the attention mass unscaled).
         for key in _PRE_BEHAVIOUR:
             d.setdefault(key, False)
         enc.setdefault("max_seq_len", 0)

@@ -101,6 +101,39 @@ def test_attention_pools_only_valid_positions_and_empty_is_exactly_zero() -> Non
     torch.testing.assert_close(summary[:2, 1], torch.full((2,), math.log(2.0)))
 
 
+def test_attention_mass_is_log_scaled_with_log_mass_and_nothing_else_changes() -> None:
+    raw, logged = TargetAttention(D), TargetAttention(D, log_mass=True)
+    raw.reset_parameters(torch.Generator().manual_seed(0))
+    logged.load_state_dict(raw.state_dict())  # same parameters: log_mass has none
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(3, D, generator=g), torch.randn(3, 6, D, generator=g)
+    seq = torch.tensor([[3, 4, 5, 6, 7, 8], [3, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    ages = torch.full((3, 6), 60.0)
+    target = torch.tensor([4, 4, 4])
+    p_raw, s_raw = raw(q, keys, seq, ages, target)
+    p_log, s_log = logged(q, keys, seq, ages, target)
+    assert float(s_raw[0, 0].detach()) > 1.0  # six keys: the raw mass is well above 1
+    torch.testing.assert_close(s_log[:, 0], torch.log1p(s_raw[:, 0]))
+    torch.testing.assert_close(s_log[:, 1:], s_raw[:, 1:])
+    torch.testing.assert_close(p_log, p_raw)
+    assert torch.equal(s_log[2], torch.zeros(3))  # an empty sequence still gives zeros
+
+
+def test_checkpoint_from_before_log_mass_keeps_the_unscaled_mass(tmp_path: Path) -> None:
+    """A checkpoint trained with the raw attention mass (its config has no
+    ``attention_log_mass``) loads with it off and scores rows with history as before."""
+    ranker = _ranker(attention_log_mass=False)
+    rows, y = membership_world(256, seed=4)
+    ranker.learn_many(rows, y)
+    state = ranker.state()
+    del state["config"]["attention_log_mass"]
+    atomic_torch_save(state, tmp_path / "before.ckpt")
+    loaded = TorchRanker.load(tmp_path / "before.ckpt")
+    assert loaded.config.attention_log_mass is False and loaded.config.sequence_attention
+    np.testing.assert_array_equal(loaded.predict_proba_many(rows), ranker.predict_proba_many(rows))
+    assert RankerConfig().attention_log_mass  # new rankers log-scale it
+
+
 def test_pair_crosses_start_at_zero_and_ignore_absent_sides() -> None:
     pc = PairCrosses(NB)
     cat = torch.tensor([[3, 5, 7, 0], [0, 5, 7, 9], [3, 5, 0, 0], [3, 6, 7, 0]])
@@ -216,12 +249,13 @@ def test_checkpoint_from_before_the_behaviour_settings_loads_as_it_was(tmp_path:
         embedding_dim=4,
         sequence_attention=False,
         pair_crosses=False,
+        attention_log_mass=False,
     )
     ranker = TorchRanker(old, seed=1)
     rows, y = membership_world(64, seed=2)
     ranker.learn_many(rows, y)
     state = ranker.state()
-    for key in ("sequence_attention", "pair_crosses"):
+    for key in ("sequence_attention", "pair_crosses", "attention_log_mass"):
         del state["config"][key]
     del state["config"]["encoder"]["max_seq_len"]
     atomic_torch_save(state, tmp_path / "old.ckpt")
