@@ -103,9 +103,27 @@ class KeyRecords:
         # t <= R: take out the buffered events at or after t (impressions v > 0, clicks
         # v < 0), as time differences; each count's subtractions run in buffer order
         approximate = t <= rec[self.horizon]
-        buf = rec[self.buf]
-        later_imps = [v - t for v in buf if v >= t and v > 0.0]
-        later_clks = [-v - t for v in buf if -v >= t and v < 0.0]
+        last_imp, last_clk = rec[self.ev_imp], rec[self.ev_clk]
+        if last_imp >= t:  # only when approximate: an evicted event at or after t
+            last_imp = NEVER
+        if last_clk >= t:
+            last_clk = NEVER
+        # one pass over the buffer: the later events as time differences (buffer order),
+        # the newest earlier ones
+        later_imps: list[float] = []
+        later_clks: list[float] = []
+        for v in rec[self.buf]:
+            if v > 0.0:
+                if v >= t:
+                    later_imps.append(v - t)
+                elif v > last_imp:
+                    last_imp = v
+            else:
+                w = -v
+                if w >= t:
+                    later_clks.append(w - t)
+                elif w > last_clk:
+                    last_clk = w
         exp = math.exp
         imps, clks = [], []
         for j, a in enumerate(self.rates):
@@ -119,17 +137,6 @@ class KeyRecords:
                 x -= exp(d * a)
             clks.append(x if x > 0.0 else 0.0)
         n = rec[COUNT] - len(later_imps)
-        last_imp, last_clk = rec[self.ev_imp], rec[self.ev_clk]
-        if last_imp >= t:  # only when approximate: an evicted event at or after t
-            last_imp = NEVER
-        if last_clk >= t:
-            last_clk = NEVER
-        for v in buf:
-            if 0.0 < v < t:
-                if v > last_imp:
-                    last_imp = v
-            elif -t < v < 0.0 and -v > last_clk:
-                last_clk = -v
         return imps, clks, n, last_imp, last_clk, approximate
 
     def prune(self, rec: list[Any]) -> None:
