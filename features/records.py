@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import reduce
+from itertools import repeat
+from operator import mul, sub
 from typing import Any
 
 __all__ = ["COUNT", "NEVER", "TIME", "KeyRecords"]
@@ -124,17 +127,19 @@ class KeyRecords:
                     later_clks.append(w - t)
                 elif w > last_clk:
                     last_clk = w
+        # x - exp(d0 * a) - exp(d1 * a) - ... left to right (reduce runs the same float
+        # operations in the same order as a Python loop, without its overhead)
         exp = math.exp
         imps, clks = [], []
         for j, a in enumerate(self.rates):
             g = exp((r - t) * a)
             x = rec[i0 + j] * g
-            for d in later_imps:
-                x -= exp(d * a)
+            if later_imps:
+                x = reduce(sub, map(exp, map(mul, later_imps, repeat(a))), x)
             imps.append(x if x > 0.0 else 0.0)
             x = rec[c0 + j] * g
-            for d in later_clks:
-                x -= exp(d * a)
+            if later_clks:
+                x = reduce(sub, map(exp, map(mul, later_clks, repeat(a))), x)
             clks.append(x if x > 0.0 else 0.0)
         n = rec[COUNT] - len(later_imps)
         return imps, clks, n, last_imp, last_clk, approximate
