@@ -66,7 +66,8 @@ import gc
 import heapq
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from features.config import FeatureConfig
@@ -152,10 +153,7 @@ class FeatureStage:
         out: list[dict[str, object] | None] = []
         append = out.append
         impression, click = self.impression, self.click
-        was_enabled = gc.isenabled()
-        if was_enabled:
-            gc.disable()
-        try:
+        with paused_gc():
             for e in events:
                 if hasattr(e, "item_id"):
                     append(
@@ -166,9 +164,6 @@ class FeatureStage:
                 else:
                     click(e.impression_id, e.ts, getattr(e, "user_id", None))
                     append(None)
-        finally:
-            if was_enabled:
-                gc.enable()
         return out
 
     def impression(
@@ -538,6 +533,22 @@ class FeatureStage:
             for k in heapq.nsmallest(extra, self._keys, key=lambda k: self._keys[k][_R]):
                 del self._keys[k]
             self.stats["evicted_keys"] += extra
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a batch of stage calls (when it was
+    enabled), and restore it afterwards, also on error. The stage's state holds no
+    reference cycles, so nothing leaks; without the pause the collector's repeated passes
+    over the growing state cost ~30% of the stage's time (README "Memory and speed")."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _categoricals(attrs: Mapping[str, object] | None) -> tuple[tuple[str, str], ...]:
