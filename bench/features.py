@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 import tracemalloc
 from pathlib import Path
@@ -169,7 +170,9 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     events = event_stream(n, n_users=20_000, n_items=2_000)
     report: dict[str, Any] = stamp(NAME, quick)
     report["machine"] = machine()
+    report["load_1min_before"] = os.getloadavg()[0]  # the machine is shared
     report["throughput"] = throughput(events, repeats=1 if quick else 3)
+    report["load_1min_after_throughput"] = os.getloadavg()[0]
     per_key = bytes_per_key(5_000 if quick else 20_000)
     report["bytes_per_key"] = per_key
     report["projection_1M_users_10k_items"] = {

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import reduce
+from itertools import repeat
+from operator import mul, sub
 from typing import Any
 
 __all__ = ["COUNT", "NEVER", "TIME", "KeyRecords"]
@@ -103,33 +106,42 @@ class KeyRecords:
         # t <= R: take out the buffered events at or after t (impressions v > 0, clicks
         # v < 0), as time differences; each count's subtractions run in buffer order
         approximate = t <= rec[self.horizon]
-        buf = rec[self.buf]
-        later_imps = [v - t for v in buf if v >= t and v > 0.0]
-        later_clks = [-v - t for v in buf if -v >= t and v < 0.0]
-        exp = math.exp
-        imps, clks = [], []
-        for j, a in enumerate(self.rates):
-            g = exp((r - t) * a)
-            x = rec[i0 + j] * g
-            for d in later_imps:
-                x -= exp(d * a)
-            imps.append(x if x > 0.0 else 0.0)
-            x = rec[c0 + j] * g
-            for d in later_clks:
-                x -= exp(d * a)
-            clks.append(x if x > 0.0 else 0.0)
-        n = rec[COUNT] - len(later_imps)
         last_imp, last_clk = rec[self.ev_imp], rec[self.ev_clk]
         if last_imp >= t:  # only when approximate: an evicted event at or after t
             last_imp = NEVER
         if last_clk >= t:
             last_clk = NEVER
-        for v in buf:
-            if 0.0 < v < t:
-                if v > last_imp:
+        # one pass over the buffer: the later events as time differences (buffer order),
+        # the newest earlier ones
+        later_imps: list[float] = []
+        later_clks: list[float] = []
+        for v in rec[self.buf]:
+            if v > 0.0:
+                if v >= t:
+                    later_imps.append(v - t)
+                elif v > last_imp:
                     last_imp = v
-            elif -t < v < 0.0 and -v > last_clk:
-                last_clk = -v
+            else:
+                w = -v
+                if w >= t:
+                    later_clks.append(w - t)
+                elif w > last_clk:
+                    last_clk = w
+        # x - exp(d0 * a) - exp(d1 * a) - ... left to right (reduce runs the same float
+        # operations in the same order as a Python loop, without its overhead)
+        exp = math.exp
+        imps, clks = [], []
+        for j, a in enumerate(self.rates):
+            g = exp((r - t) * a)
+            x = rec[i0 + j] * g
+            if later_imps:
+                x = reduce(sub, map(exp, map(mul, later_imps, repeat(a))), x)
+            imps.append(x if x > 0.0 else 0.0)
+            x = rec[c0 + j] * g
+            if later_clks:
+                x = reduce(sub, map(exp, map(mul, later_clks, repeat(a))), x)
+            clks.append(x if x > 0.0 else 0.0)
+        n = rec[COUNT] - len(later_imps)
         return imps, clks, n, last_imp, last_clk, approximate
 
     def prune(self, rec: list[Any]) -> None:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from features.stage import FeatureStage
+from features.stage import FeatureStage, paused_gc
 from logs.events import Impression
 
 
@@ -93,10 +93,11 @@ def delta_chunks(calls: list[list[Any]], size: int) -> list[bytes]:
 def replay_features(stage: FeatureStage, calls: list[list[Any]]) -> None:
     """Apply journalled stage calls in order (see
     :meth:`stream.services.JoinService.save_features`)."""
-    for c in calls:
-        if c[0] == "i":
-            stage.impression(c[1], float(c[2]), c[3], c[4], c[5], c[6])
-        elif c[0] == "c":
-            stage.click(c[1], float(c[2]))
-        else:
-            raise ValueError(f"unknown feature journal call {c[0]!r}")
+    with paused_gc():
+        for c in calls:
+            if c[0] == "i":
+                stage.impression(c[1], float(c[2]), c[3], c[4], c[5], c[6])
+            elif c[0] == "c":
+                stage.click(c[1], float(c[2]))
+            else:
+                raise ValueError(f"unknown feature journal call {c[0]!r}")
