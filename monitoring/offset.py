@@ -58,7 +58,7 @@ class OffsetConfig:
     horizon: int = 12_000
     delay_mean_s: float | None = 60.0
     max_delay_s: float | None = None
-    prior_clicks: float = 5.0
+    prior_clicks: float = 1.0
     max_abs_offset: float = 1.0
 
     def __post_init__(self) -> None:
