@@ -49,6 +49,15 @@ negatives of the first window after a fresh start weigh the estimated click-dela
 its prior mean delay is the mean delay of the pretraining log's clicks, as a deployment
 would read it off its log). Plan :data:`STARTUP_PLAN` (``--quick``: :data:`QUICK`);
 writes ``calibration_worlds_startup.json``.
+
+``--recovery`` (issue 17: recovery after a drift) compares, all with the start-up
+compensation and policy ``off``, the served score of the ranker alone (``startup``), with
+the delay-aware logit offset :class:`monitoring.offset.LogitOffset` after it
+(``startup+offset``, delay model: the pretraining log's mean click delay, capped at the
+window) and with the same offset without a delay model (``startup+offset_nodelay``: the
+plain tracked ratio). Plan :data:`RECOVERY_PLAN`; per run also the impressions to ±10%
+on a trailing 1k window after the drift and the share of 1k windows beyond ±5% after
+that; writes ``calibration_worlds_recovery.json``.
 """
 
 from __future__ import annotations
@@ -64,11 +73,12 @@ from typing import Any, cast
 
 import numpy as np
 
-from bench.fresh_labels import measure
-from bench.pipeline_sim import SimResult, World, make_world, simulate
+from bench.fresh_labels import measure, recovery
+from bench.pipeline_sim import SimResult, World, make_world, simulate, window_stats
 from bench.run import bench_parser, machine, results_path, stamp, write_report
 from learners.ranker import TorchRanker
 from logs.offline import log_examples, pretrain
+from monitoring.offset import LogitOffset, OffsetConfig
 from stream.settings import Settings
 
 POLICIES = ("track", "guarded", "off")
@@ -84,6 +94,11 @@ DFM_PLAN = {"n": 30_000, "history": 5_000, "seeds": (0, 1), "rates": RATES}
 LABEL_SCHEMES = ("default", "dfm")
 #: ``--startup``: without / with the joiner's start-up compensation
 STARTUP_SCHEMES = ("default", "startup")
+#: ``--recovery``: ranker alone / + delay-aware offset / + offset without delay model
+RECOVERY_SCHEMES = ("startup", "startup+offset", "startup+offset_nodelay")
+RECOVERY_PLAN = {"n": 16_000, "history": 2_000, "seeds": (0, 1, 2), "rates": RATES}
+#: seeds at 30,000 a minute (the slowest runs)
+RECOVERY_SEEDS_FAST = (0, 1)
 STARTUP_PLAN = {"n": 10_000, "history": 2_000, "seeds": (0, 1), "rates": RATES}
 DFM_OBSERVE_S = 60.0
 
@@ -92,6 +107,7 @@ def scheme_settings(scheme: str, prior_delay_s: float | None = None) -> Settings
     """``"default"``: the worker's settings; ``"dfm"``: the same with the DFM scheme (its
     loss follows: "bce" is read as "dfm") observing for :data:`DFM_OBSERVE_S`;
     ``"startup"``: with the start-up compensation, prior mean delay ``prior_delay_s``."""
+    scheme = scheme.split("+")[0]
     if scheme == "default":
         return Settings()
     if scheme == "startup":
@@ -147,7 +163,16 @@ def run_world(
         ckpt = Path(tmp) / "pretrained.pt"
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
-    res = simulate(df, s, seed=w.seed, ranker=ranker)
+    offset = None
+    if "+offset" in scheme:
+        nodelay = scheme.endswith("_nodelay")
+        cfg = OffsetConfig(
+            enabled=True,
+            delay_mean_s=None if nodelay else (prior or DELAY_MEAN_S),
+            max_delay_s=None if nodelay else WINDOW_S,
+        )
+        offset = LogitOffset(cfg)
+    res = simulate(df, s, seed=w.seed, ranker=ranker, offset=offset)
     return res, prime, None if drift is None else drift - history - prime
 
 
@@ -172,6 +197,16 @@ def run_one(policy: str, w: World, history: int, scheme: str = "default") -> dic
         label_to_update_wall_p99_s=float(np.quantile(res.click_update_wall_s, 0.99)),
         seconds=round(res.seconds, 1),
     )
+    if d is not None:
+        p_m, t_m = res.p_serve[m], res.true_p[m]
+        rec = recovery(p_m, t_m, d, 0.10, step=250, window=1_000)
+        out["served"]["recovery_10pct_1k"] = rec
+        if rec is not None:
+            post = window_stats(p_m, t_m, start=d + rec, size=1_000)
+            out["served"]["post_recovery_1k_windows"] = post.get("windows", 0)
+            out["served"]["post_recovery_share_beyond_5pct_1k"] = post.get(
+                "share_beyond_5pct", math.nan
+            )
     return out
 
 
@@ -264,14 +299,25 @@ def main(
     workers: int = 2,
     dfm: bool = False,
     startup: bool = False,
+    recovery_arms: bool = False,
 ) -> dict[str, Any]:
     """``dfm``: the labelling schemes (:data:`LABEL_SCHEMES`) under policy ``off`` instead
     of the policies (see the module doc); ``startup``: :data:`STARTUP_SCHEMES` the same
     way."""
-    full_plan = STARTUP_PLAN if startup else DFM_PLAN if dfm else FULL
+    full_plan = (
+        RECOVERY_PLAN if recovery_arms else STARTUP_PLAN if startup else DFM_PLAN if dfm else FULL
+    )
     plan = cast(dict[str, Any], QUICK if quick else full_plan)
-    schemes = STARTUP_SCHEMES if startup else LABEL_SCHEMES if dfm else ("default",)
-    if dfm or startup:
+    schemes = (
+        RECOVERY_SCHEMES
+        if recovery_arms
+        else STARTUP_SCHEMES
+        if startup
+        else LABEL_SCHEMES
+        if dfm
+        else ("default",)
+    )
+    if dfm or startup or recovery_arms:
         policies = ("off",)
     jobs = [
         (pol, World(rate_per_min=rate, n=plan["n"], scenario=sc, seed=seed), plan["history"], lab)
@@ -280,10 +326,13 @@ def main(
         for rate in plan["rates"]
         for pol in policies
         for lab in schemes
+        if not (recovery_arms and not quick and rate >= 30_000 and seed not in RECOVERY_SEEDS_FAST)
     ]
     t0 = time.perf_counter()
     name = (
-        "calibration_worlds_startup"
+        "calibration_worlds_recovery"
+        if recovery_arms
+        else "calibration_worlds_startup"
         if startup
         else "calibration_worlds_dfm"
         if dfm
@@ -304,6 +353,9 @@ def main(
         report["dfm_observe_s"] = DFM_OBSERVE_S
     if startup:
         report["command"] += " --startup"
+    if recovery_arms:
+        report["command"] += " --recovery"
+        report["recovery"] = recovery_comparison(runs)
     if dfm or startup:
         report["schemes"] = scheme_comparison(runs, schemes)
     write_report(report, path)
@@ -311,7 +363,60 @@ def main(
     print(table(report))
     if dfm or startup:
         print(scheme_table(report["schemes"], schemes))
+    if recovery_arms:
+        print(recovery_table(report["recovery"]))
     return report
+
+
+RECOVERY_KEYS = (
+    "mean_abs_log_ratio",
+    "max_abs_log_ratio",
+    "share_beyond_5pct",
+    "recovery_10pct",
+    "recovery_10pct_1k",
+    "post_recovery_share_beyond_5pct_1k",
+)
+
+
+def recovery_comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``--recovery``: per (scenario, rate, arm) the SERVED score's numbers
+    (:data:`RECOVERY_KEYS`, median over seeds), the raw ranker's mean window error beside
+    them and whether served <= raw in every seed (the bar)."""
+    keys = sorted({(r["scenario"], r["rate_per_min"], r["label_scheme"]) for r in runs})
+    rows = []
+    for sc, rate, arm in keys:
+        rs = [r for r in runs if (r["scenario"], r["rate_per_min"], r["label_scheme"]) ==
+              (sc, rate, arm)]  # fmt: skip
+        row: dict[str, Any] = {"scenario": sc, "rate_per_min": rate, "arm": arm, "seeds": len(rs)}
+        for k in RECOVERY_KEYS:
+            if k in rs[0]["served"] or k.startswith(("recovery", "post")) and sc != "no_drift":
+                row[k] = _median([r["served"].get(k, math.nan) for r in rs])
+        row["raw_mean_abs_log_ratio"] = _median([r["raw"]["mean_abs_log_ratio"] for r in rs])
+        row["served_le_raw_all_seeds"] = all(
+            r["served"]["mean_abs_log_ratio"] <= r["raw"]["mean_abs_log_ratio"] + 1e-12 for r in rs
+        )
+        rows.append(row)
+    return rows
+
+
+def recovery_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | rate/min | arm | served mean / worst abs log ratio (5k) | raw mean "
+        "| share 5k windows > ±5% | recover ±10% (5k / 1k trailing) "
+        "| post-recovery 1k windows > ±5% | served <= raw every seed |",
+        "|" + "---|" * 9,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['rate_per_min']:g} | {r['arm']} "
+            f"| {_fmt(r.get('mean_abs_log_ratio'))} / {_fmt(r.get('max_abs_log_ratio'))} "
+            f"| {_fmt(r['raw_mean_abs_log_ratio'])} | {_fmt(r.get('share_beyond_5pct', math.nan))} "
+            f"| {_fmt(r.get('recovery_10pct', math.nan), '.0f')} / "
+            f"{_fmt(r.get('recovery_10pct_1k', math.nan), '.0f')} "
+            f"| {_fmt(r.get('post_recovery_share_beyond_5pct_1k', math.nan))} "
+            f"| {r['served_le_raw_all_seeds']} |"
+        )
+    return "\n".join(lines)
 
 
 def scheme_comparison(
@@ -394,8 +499,19 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--startup", action="store_true", help="without vs with start-up compensation, policy off"
     )
+    parser.add_argument(
+        "--recovery",
+        action="store_true",
+        help="ranker alone vs + logit offset (with / without delay model), start-up on, policy off",
+    )
     args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir, dfm=args.dfm, startup=args.startup)
+    main(
+        args.quick,
+        results_dir=args.results_dir,
+        dfm=args.dfm,
+        startup=args.startup,
+        recovery_arms=args.recovery,
+    )
     return 0
 
 

@@ -46,6 +46,7 @@ from logs.events import Click, LabeledExample, example_row
 from logs.io import log_impressions
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics
+from monitoring.offset import LogitOffset
 from stream.join import OnlineJoiner
 from stream.services import MonitorService, TrainerService
 from stream.settings import Settings
@@ -148,9 +149,12 @@ def simulate(
     step_s: float = 10.0,
     max_step: int = 1024,
     ranker: TorchRanker | None = None,
+    offset: LogitOffset | None = None,
 ) -> SimResult:
     """Run the pipeline over ``df`` (see the module doc); ``ranker`` (e.g. warm-started)
-    or a fresh one from ``settings.ranker`` seeded ``seed``."""
+    or a fresh one from ``settings.ranker`` seeded ``seed``; ``offset``: serve through a
+    :class:`monitoring.offset.LogitOffset` after the calibrator (fed each impression's
+    pre-offset served score and each click at its click time)."""
     settings = sim_settings(settings)
     metrics = StreamrecMetrics(registry=CollectorRegistry())
     if ranker is None:
@@ -186,6 +190,10 @@ def simulate(
         raw = ranker.predict_proba_many([example_row(m) for m in step_imps])
         p_serve_raw[i:j] = raw
         p_serve[i:j] = trainer.calibrator.transform(raw)
+        if offset is not None:
+            offset.refresh(float(ts[i]))
+            offset.observe_impressions([m.impression_id for m in step_imps], ts[i:j], p_serve[i:j])
+            p_serve[i:j] = offset.transform(p_serve[i:j])
         # the step's events in event-time order (clicks of this step's impressions too)
         events: list[tuple[float, int, Any]] = [(float(ts[k]), 0, imps[k]) for k in range(i, j)]
         while ci < clicked.size and click_ts[clicked[ci]] <= t_end:
@@ -193,6 +201,8 @@ def simulate(
             events.append((float(click_ts[k]), 1, Click(imps[k].impression_id, click_ts[k])))
             ci += 1
         events.sort(key=lambda e: (e[0], e[1]))
+        if offset is not None:
+            offset.observe_clicks([ev.impression_id for _, kind, ev in events if kind == 1])
         out: list[LabeledExample] = []
         for _, kind, ev in events:
             out.extend(joiner.on_impression(ev) if kind == 0 else joiner.on_click(ev))

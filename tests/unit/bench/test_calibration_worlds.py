@@ -85,3 +85,50 @@ def test_startup_scheme_settings_and_comparison_table() -> None:
     assert rows[0]["default_seeds"] == 3 and rows[0]["startup_recovery_10pct"] == 150.0
     text = cw.scheme_table(rows, cw.STARTUP_SCHEMES)
     assert "| abrupt | 100 | 0.600 / 0.900 | 0.400 / 0.100 | 0.800 / 0.200 | 200 / 150 |" in text
+
+
+def test_recovery_arms_comparison_and_table() -> None:
+    assert cw.scheme_settings("startup+offset", 42.0).join.startup_compensation
+
+    def run(arm: str, served: float, raw: float, rec: int | None) -> dict:
+        return {
+            "scenario": "abrupt",
+            "rate_per_min": 3000.0,
+            "label_scheme": arm,
+            "served": {"mean_abs_log_ratio": served, "max_abs_log_ratio": 2 * served,
+                       "share_beyond_5pct": 0.5, "recovery_10pct": rec,
+                       "recovery_10pct_1k": rec, "post_recovery_share_beyond_5pct_1k": 0.0},
+            "raw": {"mean_abs_log_ratio": raw},
+        }  # fmt: skip
+
+    runs = [run("startup", 0.3, 0.3, None), run("startup+offset", 0.1, 0.3, 4000),
+            run("startup+offset", 0.4, 0.3, 6000)]  # fmt: skip
+    rows = {r["arm"]: r for r in cw.recovery_comparison(runs)}
+    assert rows["startup"]["recovery_10pct"] is None  # never in one seed stays visible
+    off = rows["startup+offset"]
+    assert off["seeds"] == 2 and off["recovery_10pct"] == 5000.0
+    assert off["mean_abs_log_ratio"] == 0.25 and not off["served_le_raw_all_seeds"]
+    text = cw.recovery_table(list(rows.values()))
+    assert "| abrupt | 3000 | startup | 0.300 / 0.600 | 0.300 | 0.500 | never / never" in text
+    assert "| 5000 / 5000 | 0.000 | False |" in text
+
+
+def test_simulate_serves_through_the_offset_and_feeds_it_every_click() -> None:
+    from monitoring.offset import LogitOffset, OffsetConfig
+
+    w = World(rate_per_min=600.0, n=600, seed=1, delay_mean_s=10.0, max_delay_s=29.0)
+    df, _ = make_world(w)
+    s = cw.policy_settings("off")
+    s = s.replace(
+        join=dataclasses.replace(s.join, window_s=30.0),
+        ranker=dataclasses.replace(s.ranker, model="logreg", loss="fnw"),
+        retrieval="ranker",
+    )
+    off = LogitOffset(OffsetConfig(enabled=True, half_life=200, horizon=1_000, delay_mean_s=10.0))
+    res = simulate(df, s, step_s=5.0, offset=off)
+    assert off.n_seen == len(df)
+    clicks_in = int((df["click_ts"] <= float(df["ts"].iloc[-1])).sum())
+    assert int(off._c.sum()) == clicks_in  # every click sent by the end, once
+    # the served score is the raw (identity calibrator) moved by the offset of its step
+    moved = np.abs(np.log(res.p_serve / res.p_serve_raw))
+    assert moved.max() > 0 and moved.max() <= off.config.max_abs_offset + 1e-9

@@ -1,0 +1,181 @@
+"""A fast logit offset ahead of the served score: recovery after a drift (issue 17).
+
+:class:`LogitOffset` tracks the ratio ``m`` of the clicks that happened to the clicks the
+score it corrects predicted, over the recent impressions, and serves
+``sigmoid(logit(p) + log m)``. It composes with a learning ranker: each impression's
+score is remembered as it was SERVED (before the offset), so as the ranker catches up
+with a drift its own scores rise, the ratio falls back to 1 and the offset decays by
+itself; old impressions leave with an exponential weight (``half_life`` impressions).
+
+Clicks arrive late (delay ~ Exponential(``delay_mean_s``) capped at ``max_delay_s``), so
+a recent impression's click is only partly known. The estimate weighs each impression's
+predicted click by the probability ``F(age)`` that its click, if any, has arrived by
+``now`` (a delay model, as in DFM): ``m = (A + k) / (B + k)`` with
+
+- ``A = Σ_i w_i c_i`` (``c_i``: 1 once impression ``i``'s click has arrived),
+- ``B = Σ_i w_i p_i F(now - ts_i)``, ``w_i = 2^{-(N - n_i) / half_life}``,
+- ``k = prior_clicks`` (shrinks towards no offset while clicks are few).
+
+``E[A] = B`` on a calibrated stream whatever the delays, so the offset does not move
+there; after an abrupt change of the CTR the recent impressions' early clicks count at
+once, instead of one mean delay later. It learns from impressions and clicks, not from
+the joiner's fake-negative examples, so it is unbiased on them by construction.
+``delay_mean_s=None``: no delay model (``F = 1``), the plain tracked ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["LogitOffset", "OffsetConfig"]
+
+
+@dataclass(frozen=True)
+class OffsetConfig:
+    """Settings of :class:`LogitOffset`.
+
+    Attributes:
+        enabled: serve through the offset (off by default: see README "Recovery after a
+            drift").
+        half_life: impressions after which an impression's weight has halved (> 0).
+        horizon: impressions remembered (>= half_life; older ones weigh nothing).
+        delay_mean_s: mean click delay of the delay model, seconds (> 0); None: no delay
+            model (every impression's click counted as arrived).
+        max_delay_s: the attribution window, seconds (> 0 or None): an impression older
+            than it has all its clicks in (``F = 1``).
+        prior_clicks: pseudo-clicks on both sides of the ratio (>= 0).
+        max_abs_offset: bound on ``|log m|`` (> 0).
+    """
+
+    enabled: bool = False
+    half_life: int = 1_500
+    horizon: int = 12_000
+    delay_mean_s: float | None = 60.0
+    max_delay_s: float | None = None
+    prior_clicks: float = 1.0
+    max_abs_offset: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.half_life <= 0:
+            raise ValueError(f"half_life must be > 0, got {self.half_life}")
+        if self.horizon < self.half_life:
+            raise ValueError(f"horizon must be >= half_life, got {self.horizon}")
+        for name in ("delay_mean_s", "max_delay_s"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be > 0 or None, got {v}")
+        if not (math.isfinite(self.prior_clicks) and self.prior_clicks >= 0):
+            raise ValueError(f"prior_clicks must be >= 0, got {self.prior_clicks}")
+        if not (math.isfinite(self.max_abs_offset) and self.max_abs_offset > 0):
+            raise ValueError(f"max_abs_offset must be > 0, got {self.max_abs_offset}")
+
+
+class LogitOffset:
+    """The online offset (see the module doc). Feed it, in event-time order,
+    :meth:`observe_impressions` (the score each impression was served with before the
+    offset) and :meth:`observe_clicks`; :meth:`refresh` at event time ``now`` updates
+    :attr:`offset`; :meth:`transform` applies it."""
+
+    def __init__(self, config: OffsetConfig | None = None) -> None:
+        self.config = config or OffsetConfig(enabled=True)
+        h = self.config.horizon
+        self._ts = np.zeros(h)
+        self._p = np.zeros(h)
+        self._c = np.zeros(h)
+        self._slot: dict[str, int] = {}  # impression id -> ring slot (while remembered)
+        self._ids: list[str | None] = [None] * h
+        self.n_seen = 0  # impressions observed (ring position = n_seen % horizon)
+        self.offset = 0.0  # log m, nats on the logit scale
+
+    def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
+        """Impressions ``ids`` at event times ``ts`` (seconds, shape ``(n,)``) served with
+        scores ``p`` (probabilities before the offset, shape ``(n,)``)."""
+        ts_a = np.asarray(ts, dtype=np.float64).reshape(-1)
+        p_a = np.asarray(p, dtype=np.float64).reshape(-1)
+        if not (len(ids) == ts_a.size == p_a.size):
+            raise ValueError(f"ids, ts and p differ in length: {len(ids)}, {ts_a.size}, {p_a.size}")
+        if not (np.all(np.isfinite(ts_a)) and np.all((p_a >= 0) & (p_a <= 1))):
+            raise ValueError("ts must be finite and p within [0, 1]")
+        h = self.config.horizon
+        for iid, t, q in zip(ids, ts_a, p_a, strict=True):
+            k = self.n_seen % h
+            old = self._ids[k]
+            if old is not None:
+                self._slot.pop(old, None)
+            self._ids[k], self._slot[iid] = iid, k
+            self._ts[k], self._p[k], self._c[k] = t, q, 0.0
+            self.n_seen += 1
+
+    def observe_clicks(self, ids: Sequence[str]) -> int:
+        """Clicks on impressions ``ids``; returns how many were counted (a click on an
+        impression no longer remembered, or a duplicate, is not)."""
+        counted = 0
+        for iid in ids:
+            k = self._slot.get(iid)
+            if k is not None and self._c[k] == 0.0:
+                self._c[k] = 1.0
+                counted += 1
+        return counted
+
+    def refresh(self, now: float) -> float:
+        """Re-estimate the offset at event time ``now`` (seconds); returns it."""
+        c = self.config
+        n = min(self.n_seen, c.horizon)
+        if n == 0:
+            self.offset = 0.0
+            return 0.0
+        h = c.horizon
+        # ring slots newest first -> age in impressions 0..n-1
+        pos = (self.n_seen - 1 - np.arange(n)) % h
+        w = np.exp2(-np.arange(n) / c.half_life)
+        age = np.maximum(now - self._ts[pos], 0.0)
+        if c.delay_mean_s is None:
+            f = np.ones(n)
+        else:
+            f = -np.expm1(-age / c.delay_mean_s)
+            if c.max_delay_s is not None:
+                # the capped delay: everything in once the window has closed; before it
+                # the exponential's mass beyond the cap arrives at the cap
+                f = np.where(age >= c.max_delay_s, 1.0, f)
+        a = float(np.dot(w, self._c[pos]))
+        b = float(np.dot(w, self._p[pos] * f))
+        m = (a + c.prior_clicks) / (b + c.prior_clicks) if b + c.prior_clicks > 0 else 1.0
+        self.offset = float(np.clip(math.log(m) if m > 0 else -c.max_abs_offset,
+                                    -c.max_abs_offset, c.max_abs_offset))  # fmt: skip
+        return self.offset
+
+    def transform(self, p: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """``sigmoid(logit(p) + offset)``, shape of ``p``."""
+        q = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
+        z = np.log(q) - np.log1p(-q) + self.offset
+        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (for a snapshot); :meth:`from_state` restores it."""
+        n = min(self.n_seen, self.config.horizon)
+        pos = [(self.n_seen - n + i) % self.config.horizon for i in range(n)]
+        return {
+            "n_seen": self.n_seen,
+            "offset": self.offset,
+            "ids": [self._ids[k] for k in pos],
+            "ts": self._ts[pos].tolist(),
+            "p": self._p[pos].tolist(),
+            "c": self._c[pos].tolist(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], config: OffsetConfig | None = None) -> LogitOffset:
+        """The offset of :meth:`state_dict` ``state`` under ``config``."""
+        o = cls(config)
+        ids = list(state["ids"])
+        o.observe_impressions(ids, state["ts"], state["p"])
+        c = np.asarray(state["c"], dtype=np.float64)
+        o.observe_clicks([iid for iid, ci in zip(ids, c, strict=True) if ci > 0])
+        o.offset = float(state["offset"])
+        return o

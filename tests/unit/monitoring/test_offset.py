@@ -1,0 +1,114 @@
+"""monitoring.offset.LogitOffset on simulated impression/click streams with known truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from monitoring.offset import LogitOffset, OffsetConfig
+
+RATE_S = 50.0  # impressions per second of event time (3,000 a minute)
+DELAY_S = 60.0
+
+
+def stream(
+    offset: LogitOffset,
+    n: int,
+    p_served: float,
+    mult: float,
+    rng: np.random.Generator,
+    *,
+    t0: float = 0.0,
+    start: int = 0,
+    step: int = 250,
+) -> tuple[list[float], float]:
+    """Feed ``n`` impressions served at ``p_served`` whose true CTR is ``mult`` times it,
+    clicks after Exponential(DELAY_S) delays, in steps of ``step`` impressions; returns the
+    served (offset-corrected) mean per step and the end time."""
+    ts = t0 + np.arange(n) / RATE_S
+    clicked = rng.random(n) < min(p_served * mult, 0.99)
+    click_ts = ts + rng.exponential(DELAY_S, size=n)
+    ids = [f"i{start + k}" for k in range(n)]
+    order = np.argsort(click_ts)
+    order = order[clicked[order]]
+    ci = 0
+    served = []
+    pending = getattr(offset, "_test_pending", [])
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        offset.refresh(float(ts[i]))
+        served.append(float(offset.transform(np.full(j - i, p_served)).mean()))
+        offset.observe_impressions(ids[i:j], ts[i:j], np.full(j - i, p_served))
+        t_end = float(ts[j - 1])
+        due = [iid for iid, t in pending if t <= t_end]
+        pending = [(iid, t) for iid, t in pending if t > t_end]
+        while ci < order.size and click_ts[order[ci]] <= t_end:
+            due.append(ids[order[ci]])
+            ci += 1
+        offset.observe_clicks(due)
+    pending.extend((ids[k], float(click_ts[k])) for k in order[ci:])
+    offset._test_pending = pending  # type: ignore[attr-defined]
+    return served, float(ts[-1]) + 1.0 / RATE_S
+
+
+def test_recovers_a_planted_x1_6_offset() -> None:
+    rng = np.random.default_rng(0)
+    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    p = 0.04
+    before, t = stream(off, 20_000, p, 1.0, rng)
+    after, _ = stream(off, 20_000, p, 1.6, rng, t0=t, start=20_000)
+    assert abs(np.mean(before[-40:]) / p - 1) < 0.10
+    ratios = np.array(after) / (1.6 * p)
+    # within ±10% of the truth after at most 6,000 impressions (24 steps of 250) ...
+    first = int(np.flatnonzero(np.abs(ratios - 1) <= 0.10)[0])
+    assert first * 250 <= 6_000
+    # ... and the last 10,000 impressions' mean within ±5%
+    assert abs(ratios[-40:].mean() - 1) < 0.05
+    assert 0.3 < off.offset < 0.65  # log 1.6 = 0.47
+
+
+def test_does_not_move_on_a_calibrated_stream() -> None:
+    rng = np.random.default_rng(1)
+    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    served, _ = stream(off, 40_000, 0.04, 1.0, rng)
+    ratios = np.array(served[8:]) / 0.04
+    assert abs(ratios.mean() - 1) < 0.03
+    assert np.abs(ratios - 1).max() < 0.25
+
+
+def test_without_delay_model_lags_behind_the_delay() -> None:
+    """The plain tracked ratio counts recent impressions as unclicked: at 3,000 a minute
+    and a 60 s mean delay it sits far below the truth, the delay model does not."""
+    rng = np.random.default_rng(2)
+    plain = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=None))
+    served, _ = stream(plain, 20_000, 0.04, 1.0, rng)
+    assert np.mean(served[-20:]) / 0.04 < 0.8
+
+
+def test_state_round_trips() -> None:
+    rng = np.random.default_rng(3)
+    cfg = OffsetConfig(enabled=True, delay_mean_s=DELAY_S)
+    off = LogitOffset(cfg)
+    _, t = stream(off, 15_000, 0.05, 1.5, rng)
+    back = LogitOffset.from_state(off.state_dict(), cfg)
+    assert back.offset == off.offset
+    assert back.refresh(t) == pytest.approx(off.refresh(t), abs=1e-12)
+    assert not math.isclose(off.offset, 0.0)
+
+
+def test_bad_input_is_rejected() -> None:
+    with pytest.raises(ValueError, match="half_life"):
+        OffsetConfig(half_life=0)
+    with pytest.raises(ValueError, match="horizon"):
+        OffsetConfig(half_life=100, horizon=10)
+    with pytest.raises(ValueError, match="delay_mean_s"):
+        OffsetConfig(delay_mean_s=-1.0)
+    off = LogitOffset()
+    with pytest.raises(ValueError, match="differ in length"):
+        off.observe_impressions(["a"], [0.0, 1.0], [0.1])
+    with pytest.raises(ValueError, match="within"):
+        off.observe_impressions(["a"], [0.0], [1.5])
+    assert off.observe_clicks(["unknown"]) == 0
+    assert off.refresh(0.0) == 0.0
