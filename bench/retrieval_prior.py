@@ -69,8 +69,9 @@ def run_log(rows: Any, y: Any, seeds: int) -> dict[str, Any]:
             "unseen_share": r["unseen_share"],
             "seconds": round(time.perf_counter() - t, 1),
         })  # fmt: skip
-        print("   seed", seed, {k: round(v, 4) for k, v in runs[-1]["recall_at_10"].items()},
-              "beta", r["prior"]["beta"], "hl", r["prior"]["half_life_fraction"], flush=True)  # fmt: skip
+        recall = {k: round(v, 4) for k, v in runs[-1]["recall_at_10"].items()}
+        pick = (r["prior"]["beta"], r["prior"]["half_life_fraction"])
+        print(f"   seed {seed} {recall} beta, half-life {pick}", flush=True)
     summary = {}
     for k in ROWS:
         v = np.array([run["recall_at_10"][k] for run in runs if k in run["recall_at_10"]])
