@@ -23,6 +23,18 @@ the items most often clicked right after the query's last ``window`` clicked ite
 training, :func:`cooccurrence_top`; what a sequence signal alone reaches, so a model below
 it has not learned the sequence) and, given a score function of the world that made the
 log, ``oracle``.
+
+With ``prior`` (:class:`learners.retrieval_prior.ServingPrior`) two more rows: ``model_prior``,
+the model's cosine plus ``temperature * beta * log q(i)`` (:func:`~learners.retrieval_prior.
+prior_bias`; ``q`` the decayed click share of the training period's clicks,
+:class:`~learners.retrieval_prior.DecayedClicks`, point-in-time at the end of training), and
+``popularity_decayed``, the ``k`` items of largest decayed click count. ``beta`` and both
+half-lives are picked on the last ``validation_fraction`` of the training period: the model
+learns the rows before it, its clicks are scored against the catalogue so far and the
+counts of the clicks before it, then the model learns them too (the ``model`` row trains
+exactly as without ``prior``). The ``prior`` key of the result records the picks and the
+validation recall of every grid point (``test_by_beta``: the test recall of each ``beta`` at
+the picked half-life, for reference only, not for picking).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from learners.base import Rows
+from learners.retrieval_prior import DecayedClicks, ServingPrior, prior_bias
 
 __all__ = ["RetrievalModel", "cooccurrence_top", "evaluate_retrieval", "retrieval_metrics"]
 
@@ -154,10 +167,16 @@ def cooccurrence_top(
     return out
 
 
-def _top_k(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+def _top_k(
+    users: np.ndarray, items: np.ndarray, k: int, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """int ``(Q, k)`` indices of the largest ``users @ items.T (+ bias)`` per query, best
+    first; ``bias``: optional float ``(M,)`` added to every query's item scores."""
     out = np.empty((len(users), k), dtype=np.int64)
     for s in range(0, len(users), _CHUNK):
         scores = users[s : s + _CHUNK] @ items.T
+        if bias is not None:
+            scores = scores + bias[None, :]
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
         out[s : s + _CHUNK] = np.take_along_axis(part, order, axis=1)
@@ -175,6 +194,7 @@ def evaluate_retrieval(
     oracle: Callable[[list[str], list[str]], np.ndarray] | None = None,
     seed: int = 0,
     exclude_seen: bool = False,
+    prior: ServingPrior | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on the first ``train_fraction`` of ``rows`` (time-ordered, labels
     ``y`` (N,) 0/1), then score each click of the rest (see the module docstring).
@@ -182,7 +202,8 @@ def evaluate_retrieval(
     ``oracle(user_ids, item_ids) -> (U, I)`` scores of the world that generated the log
     (e.g. :func:`logs.synthetic.click_propensity`) adds the ``oracle`` row. Returns
     ``{"train_rows", "test_clicks", "items", "unseen_share", "k", "exclude_seen",
-    "rows": {name: metrics}}``. ``exclude_seen``: see the module docstring.
+    "rows": {name: metrics}}`` (and ``"prior"`` with ``prior``). ``exclude_seen`` and
+    ``prior``: see the module docstring.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
@@ -192,7 +213,15 @@ def evaluate_retrieval(
     if len(y) != len(rows):
         raise ValueError(f"len(y)={len(y)} does not match len(rows)={len(rows)}")
     split = int(train_fraction * len(rows))
-    for s in range(0, split, batch_size):
+    start = 0
+    chosen: dict[str, Any] | None = None
+    if prior is not None:  # learn up to the validation rows (on a batch edge), pick, go on
+        val = int(split * (1.0 - prior.validation_fraction)) // batch_size * batch_size
+        for s in range(0, val, batch_size):
+            model.learn_many(rows[s : s + batch_size], y[s : s + batch_size])
+        chosen = _pick_prior(rows, y, model, val, split, k, prior, exclude_seen)
+        start = val
+    for s in range(start, split, batch_size):
         e = min(s + batch_size, split)
         model.learn_many(rows[s:e], y[s:e])
     catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:split] if "item_id" in r))
@@ -216,8 +245,27 @@ def evaluate_retrieval(
     extra = max((len(s) for s in seen), default=0) if seen is not None else 0
     kk = min(k, n_items)
     wide = min(kk + extra, n_items)  # candidates per query before the seen items go
-    top = _top_k(model.user_vectors(queries), model.item_vectors(catalogue), wide)
+    u_vec, items = model.user_vectors(queries), model.item_vectors(catalogue)
+    top = _top_k(u_vec, items, wide)
     out["rows"]["model"] = retrieval_metrics(_drop_seen(top, seen, kk), truth, n_items)
+    if chosen is not None:
+        train_clicks = _clicked_items(rows[:split], y[:split])
+        counts = _decayed(train_clicks, chosen["half_life_fraction"])
+        tau = _temperature(model)
+        by_beta = {}
+        for beta in chosen["betas"]:
+            bias = prior_bias(counts.log_q(catalogue), beta, tau)
+            m = retrieval_metrics(_drop_seen(_top_k(u_vec, items, wide, bias), seen, kk),
+                                  truth, n_items)  # fmt: skip
+            by_beta[str(beta)] = m["recall_at_k"]
+            if beta == chosen["beta"]:
+                out["rows"]["model_prior"] = m
+        pop_counts = _decayed(train_clicks, chosen["popularity_half_life_fraction"])
+        pop_top = _popular_top(pop_counts, catalogue, wide)
+        out["rows"]["popularity_decayed"] = retrieval_metrics(
+            _drop_seen(np.broadcast_to(pop_top, (len(test), wide)), seen, kk), truth, n_items
+        )
+        out["prior"] = {**chosen, "test_by_beta": by_beta}
     clicked = Counter(str(r["item_id"]) for r, t in zip(rows[:split], y[:split], strict=True)
                       if t > 0 and "item_id" in r)  # fmt: skip
     popular = np.array([col[i] for i, _ in clicked.most_common(wide)], dtype=np.int64)
@@ -244,3 +292,94 @@ def evaluate_retrieval(
             _drop_seen(oracle_top, known_seen, kk), truth[known], n_items
         )
     return out
+
+
+def _clicked_items(rows: Rows, y: np.ndarray) -> list[str]:
+    return [str(r["item_id"]) for r, t in zip(rows, np.asarray(y).tolist(), strict=True)
+            if t > 0 and r.get("item_id") is not None]  # fmt: skip
+
+
+def _decayed(
+    clicks: list[str], half_life_fraction: float, n_period: int | None = None
+) -> DecayedClicks:
+    """The decayed counts of ``clicks`` (oldest first); the half-life is
+    ``half_life_fraction`` of ``n_period`` clicks (default: ``len(clicks)``)."""
+    n = len(clicks) if n_period is None else n_period
+    counts = DecayedClicks(max(1.0, half_life_fraction * n))
+    counts.update(clicks)
+    return counts
+
+
+def _popular_top(counts: DecayedClicks, catalogue: list[str], width: int) -> np.ndarray:
+    """int ``(width,)`` catalogue indices of the largest decayed counts (ties: catalogue
+    order)."""
+    lq = counts.log_q(catalogue)
+    return np.argsort(-lq, kind="stable")[: min(width, len(catalogue))].astype(np.int64)
+
+
+def _temperature(model: RetrievalModel) -> float:
+    """The model's softmax temperature (``model.config.temperature``), 1 without one."""
+    config = getattr(model, "config", None)
+    return float(getattr(config, "temperature", 1.0))
+
+
+def _pick_prior(
+    rows: Rows,
+    y: np.ndarray,
+    model: RetrievalModel,
+    val: int,
+    split: int,
+    k: int,
+    prior: ServingPrior,
+    exclude_seen: bool,
+) -> dict[str, Any]:
+    """Pick ``beta`` and the half-lives on the clicks of ``rows[val:split]`` with the model
+    as it is after learning ``rows[:val]`` and the counts of the clicks before ``val``."""
+    n_period = len(_clicked_items(rows[:split], y[:split]))
+    history = _clicked_items(rows[:val], y[:val])
+    catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:val] if "item_id" in r))
+    col = {item: c for c, item in enumerate(catalogue)}
+    picks: dict[str, Any] = {
+        "betas": list(prior.betas),
+        "half_life_fractions": list(prior.half_lives),
+        "validation_rows": split - val,
+        "validation_clicks": 0,
+        "beta": 0.0,
+        "half_life_fraction": prior.half_lives[0],
+        "popularity_half_life_fraction": prior.half_lives[0],
+        "validation": {"model": {}, "popularity_decayed": {}},
+    }
+    queries = [
+        rows[i] for i in range(val, split) if y[i] > 0 and rows[i].get("item_id") is not None
+    ]
+    if not queries or not catalogue or not history:
+        return picks
+    truth = np.array([col.get(str(q["item_id"]), -1) for q in queries], dtype=np.int64)
+    seen = _seen_columns(queries, col) if exclude_seen else None
+    extra = max((len(s) for s in seen), default=0) if seen is not None else 0
+    kk = min(k, len(catalogue))
+    wide = min(kk + extra, len(catalogue))
+    users, items = model.user_vectors(queries), model.item_vectors(catalogue)
+    tau = _temperature(model)
+    best, best_pop = (-1.0, 0.0, 0.0), (-1.0, 0.0)
+    for h in prior.half_lives:
+        counts = _decayed(history, h, n_period)
+        pop = np.broadcast_to(_popular_top(counts, catalogue, wide), (len(queries), wide))
+        r_pop = retrieval_metrics(_drop_seen(pop, seen, kk), truth, len(catalogue))["recall_at_k"]
+        picks["validation"]["popularity_decayed"][str(h)] = r_pop
+        if r_pop > best_pop[0]:
+            best_pop = (r_pop, h)
+        lq = counts.log_q(catalogue)
+        for beta in prior.betas:
+            top = _top_k(users, items, wide, prior_bias(lq, beta, tau))
+            r = retrieval_metrics(_drop_seen(top, seen, kk), truth, len(catalogue))["recall_at_k"]
+            picks["validation"]["model"][f"beta={beta},half_life={h}"] = r
+            if r > best[0]:
+                best = (r, beta, h)
+    picks.update(
+        validation_clicks=len(queries),
+        beta=best[1],
+        half_life_fraction=best[2],
+        popularity_half_life_fraction=best_pop[1],
+    )
+    return picks

@@ -269,11 +269,19 @@ def evaluate_cmd(
     help="Every row skips the query's own hist_seq items (no re-offering what was just "
     "clicked; for logs without repeat clicks, such as MovieLens).",
 )
+@click.option(
+    "--prior",
+    is_flag=True,
+    help="Add the model_prior and popularity_decayed rows: beta * log q added at query "
+    "time, beta and half-lives picked on the last 20% of the training period "
+    "(learners.retrieval_prior.ServingPrior defaults).",
+)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 def evaluate_retrieval_cmd(
     log_path: str, k: int, train_fraction: float, behaviour_len: int | None, batch_size: int,
-    limit: int | None, seed: int, exclude_seen: bool, json_out: str | None, config: str | None,
+    limit: int | None, seed: int, exclude_seen: bool, prior: bool, json_out: str | None,
+    config: str | None,
 ) -> None:  # fmt: skip
     """Two-tower retrieval on a log: recall@k, NDCG@k, coverage; popularity and random rows,
     and the oracle on a synthetic log with its .meta.json (time-ordered split, exact search,
@@ -286,6 +294,7 @@ def evaluate_retrieval_cmd(
     import numpy as np
 
     from learners.retrieval_eval import evaluate_retrieval
+    from learners.retrieval_prior import ServingPrior
     from learners.two_tower import TwoTowerModel
     from logs.log_format import LogFormatError
     from logs.offline import load_examples
@@ -310,6 +319,7 @@ def evaluate_retrieval_cmd(
     report = evaluate_retrieval(
         examples.rows, examples.y, TwoTowerModel(tt, seed=seed), train_fraction=train_fraction,
         k=k, batch_size=batch_size, oracle=oracle, seed=seed, exclude_seen=exclude_seen,
+        prior=ServingPrior() if prior else None,
     )  # fmt: skip
     report.update(log=log_path, behaviour_len=tt.behaviour_len)
     if json_out:
@@ -322,6 +332,13 @@ def evaluate_retrieval_cmd(
         click.echo(
             f"  {name:<11} recall@{k} {m['recall_at_k']:.4f}  NDCG@{k} {m['ndcg_at_k']:.4f}  "
             f"coverage {m['coverage']:.4f}"
+        )
+    if "prior" in report:
+        p = report["prior"]
+        click.echo(
+            f"  prior picked on {p['validation_clicks']:,} training-period clicks: beta "
+            f"{p['beta']}, half-life {p['half_life_fraction']} of the training clicks "
+            f"(popularity_decayed: {p['popularity_half_life_fraction']})"
         )
 
 

@@ -35,6 +35,13 @@ def test_evaluate_retrieval_prints_and_writes_every_row_with_the_oracle(tmp_path
     )
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["exclude_seen"] is True
+    r = CliRunner().invoke(
+        main, ["evaluate-retrieval", str(log), "--k", "5", "--prior", "--json", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert {"model_prior", "popularity_decayed"} <= set(report["rows"])
+    assert report["prior"]["beta"] in report["prior"]["betas"] and "beta" in r.output
 
 
 def test_evaluate_retrieval_rejects_a_bad_split(tmp_path: Path) -> None:
