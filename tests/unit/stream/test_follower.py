@@ -139,19 +139,15 @@ def test_bad_records_are_skipped_and_counted_never_raised() -> None:
     bad = bad_records()
     mixed = recs[:100] + bad + recs[100:]
     join, follower = joined(mixed), followed(mixed)
-    assert follower.skipped == {
-        "bad_json": 1,
-        "empty": 1,
-        "bad_type": 1,
-        "unsupported_version": 1,
-        "bad_envelope": 1,
-        "missing_field": 1,
-        "future_ts": 1,
-    } or sum(follower.skipped.values()) == len(bad)
-    assert sum(follower.skipped.values()) == len(bad)
+    # None and "{not json" do not parse; a click without a string id and an enveloped
+    # impression without its fields miss fields
+    assert follower.skipped == {"bad_json": 2, "missing_field": 2, "unsupported_version": 1,
+                                "bad_envelope": 1, "future_ts": 1}  # fmt: skip
     assert_same_peeks(follower, join, T0 + 10_000.0)
+    for p, stage in follower.stages.items():
+        assert stage.state_dict() == join.features[p].state_dict()
     st = follower.stage_for(USERS[0])
-    assert st is not None and "ok-1" in st.state_dict()["imps"] if "imps" in st.state_dict() else True
+    assert st is not None and "ok-1" in st.state_dict()["imps"]  # its envelope's good event
     assert follower.n_records == len(mixed)
 
 
