@@ -212,6 +212,11 @@ def test_serving_roles_that_do_not_join_read_the_follower(role: str, tmp_path: P
         assert rec.history("u1") is follower.stage_for("u1") is not None
     else:  # a joining worker reads its own stages (the single-worker path unchanged)
         assert follower is None and "feature_follower" not in tasks
-    off = create_app(settings.replace(feature_follow=False, data_dir=str(tmp_path / "off"),
-                                      model_store=settings.model_store and str(tmp_path / "m2")))
+    off = create_app(
+        settings.replace(
+            feature_follow=False,
+            data_dir=str(tmp_path / "off"),
+            model_store=settings.model_store and str(tmp_path / "m2"),
+        )
+    )
     assert off.feature_follower is None  # type: ignore[attr-defined]
