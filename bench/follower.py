@@ -10,6 +10,10 @@ the staleness ``now - newest event time applied`` is sampled (seconds; the gauge
 its effect is visible to ``/recommend`` on a worker that does not join (the producer's
 envelope linger, the broker, the fetch wait and the stage).
 
+``serving_cost``: milliseconds a replica's ranking step takes per answer with the
+follower's history (one ``peek`` and one distinct row per candidate) and without (one row
+encoded once for all candidates), alternated in the same process.
+
 Afterwards each partition's peek over every user x item must equal that of a
 :class:`features.stage.FeatureStage` fed the partition's events (impressions, then clicks,
 in the order produced): ``identical`` in the report (within :data:`TOLERANCE`: the two
@@ -180,6 +184,44 @@ async def follow_paced(
         "peeks_bit_identical": exact,
         "max_abs_diff": max_diff,
         "identical": bool(identical and compared > 0),
+        "_follower": follower,  # for serving_cost; main drops it from the report
+    }
+
+
+def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 20) -> dict[str, Any]:
+    """Milliseconds per answer of a replica's ranking step (``Recommender._p_raw``: rows,
+    encoding, the worker's default ranker over 200 candidates) with the follower's history
+    and without, alternated ``repeats`` times in this process (the ranker untrained: the
+    cost is the same)."""
+    from index.faiss_index import IndexHolder
+    from learners.calibration import PlattCalibrator
+    from learners.ranker import TorchRanker
+    from serving.recommender import Recommender
+
+    settings = Settings(partitions=PARTITIONS)
+    ranker = TorchRanker(settings.ranker, seed=0, online=False)
+    cal = PlattCalibrator(1.0, 0.0)
+    n_cand = settings.serving.candidates
+    items = [f"i{k % N_ITEMS}" for k in range(n_cand)]
+    ctx = {"item_cat": "c1"}
+    recs = {
+        "with_history": Recommender(IndexHolder(), lambda: ranker, lambda: (cal, 1),
+                                    config=settings.serving, history=follower.stage_for),
+        "without": Recommender(IndexHolder(), lambda: ranker, lambda: (cal, 1),
+                               config=settings.serving),
+    }  # fmt: skip
+    ms: dict[str, list[float]] = {k: [] for k in recs}
+    for _ in range(repeats):
+        for name, rec in recs.items():
+            t0 = time.perf_counter()
+            for u in range(users):
+                rec._p_raw(ranker, [(f"u{u}", items, ctx)])
+            ms[name].append((time.perf_counter() - t0) * 1000 / users)
+    return {
+        "candidates": n_cand,
+        "answers_per_run": users,
+        "ms_per_answer": {k: [round(x, 3) for x in v] for k, v in ms.items()},
+        "ratio_median": float(np.median(ms["with_history"]) / np.median(ms["without"])),
     }
 
 
@@ -188,6 +230,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     n, rate = (1000, 200.0) if quick else (10_000, 500.0)
     with EmbeddedBroker() as broker:
         result = asyncio.run(follow_paced(strip_scheme(broker.url), n, rate))
+    result["serving_cost"] = serving_cost(result.pop("_follower"))
     report = {
         **stamp("follower", quick),
         "machine": machine(),
@@ -207,6 +250,10 @@ def table(report: dict[str, Any]) -> str:
         f"{s['p50']:.3f} / {s['p99']:.3f} / {s['max']:.3f} | {report['state_bytes']:,} | "
         f"{report['identical']} (max diff {report['max_abs_diff']:.1e}; "
         f"{report['peeks_nonempty']}/{report['peeks_compared']} non-empty) |",
+        "",
+        f"ranking one answer ({report['serving_cost']['candidates']} candidates), ms, "
+        f"alternated: {report['serving_cost']['ms_per_answer']} (with/without "
+        f"{report['serving_cost']['ratio_median']:.2f}x)",
     ])  # fmt: skip
 
 
