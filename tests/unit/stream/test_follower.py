@@ -201,7 +201,7 @@ def test_serving_roles_that_do_not_join_read_the_follower(role: str, tmp_path: P
                         web_port=1)  # fmt: skip
     app = create_app(settings)
     follower = app.feature_follower  # type: ignore[attr-defined]
-    tasks = {t.__name__ for t in app._app_tasks}  # type: ignore[attr-defined]
+    tasks = {t.__name__ for t in app._app_tasks}
     if role in ("serve", "trainer"):
         assert isinstance(follower, FeatureFollower)
         assert "feature_follower" in tasks
@@ -220,3 +220,26 @@ def test_serving_roles_that_do_not_join_read_the_follower(role: str, tmp_path: P
         )
     )
     assert off.feature_follower is None  # type: ignore[attr-defined]
+
+
+def test_a_replica_recommender_builds_the_joining_workers_rows() -> None:
+    """The rows a serve/trainer worker ranks (history from its follower) equal those of a
+    joining worker (history from its own stages) at the same instant: no skew."""
+    from index.faiss_index import IndexHolder
+    from serving.recommender import Recommender
+
+    recs: list[tuple[str, int, bytes | None]] = list(records(300, 4))
+    join, follower = joined(recs), followed(recs)
+
+    def rec(history: object) -> Recommender:
+        return Recommender(IndexHolder(), ranker=lambda: None, calibrator=lambda: None,  # type: ignore[arg-type,return-value]
+                           history=history, clock=lambda: T0 + 400.0)  # type: ignore[arg-type]  # fmt: skip
+
+    served = rec(follower.stage_for)
+    joining = rec(lambda u: join.features.get(partition_of(u.encode(), P)))
+    with_hist = 0
+    for user in USERS[:10]:
+        rows = served._rows(user, ITEMS, {"item_cat": "c2"})
+        assert rows == joining._rows(user, ITEMS, {"item_cat": "c2"})
+        with_hist += sum(any(k.startswith("hist_") for k in r) for r in rows)
+    assert with_hist == 10 * len(ITEMS)
