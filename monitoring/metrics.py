@@ -104,6 +104,31 @@ class StreamrecMetrics:
             " the TTL: expired; over the budget: evicted), impressions, sequences.",
             ("kind",),
         )
+        self.feature_follower_staleness_seconds = gauge(
+            "feature_follower_staleness_seconds",
+            "Seconds between now and the newest event time the feature follower (serve and"
+            " trainer roles: their copy of the joiners' feature stages) applied; grows on"
+            " an idle stream too (read it with feature_follower_lag_records).",
+        )
+        self.feature_follower_lag_records = gauge(
+            "feature_follower_lag_records",
+            "Records of impressions/clicks the feature follower has not read yet, by topic"
+            " and partition (from the last fetch's high watermark).",
+            ("topic", "partition"),
+        )
+        self.feature_follower_state_bytes = gauge(
+            "feature_follower_state_bytes",
+            "Estimated bytes of the feature follower's stages (bounded by feature_max_bytes).",
+        )
+        self.feature_follower_events = counter(
+            "feature_follower_events", "Impressions and clicks the feature follower applied."
+        )
+        self.feature_follower_skipped = counter(
+            "feature_follower_skipped",
+            "Input records or enveloped events the feature follower skipped, by reason"
+            " (they do not decode, or are too far in the future).",
+            ("reason",),
+        )
         self.rocksdb_memory_bytes = gauge(
             "rocksdb_memory_bytes",
             "Native memory of the join-state RocksDB databases on this worker, by kind:"

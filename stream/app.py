@@ -35,6 +35,7 @@ from monitoring.metrics import StreamrecMetrics
 from serving.recommender import Recommender
 from stream.agents import (
     ControlAgent,
+    FeatureFollowerAgent,
     Gauges,
     JoinerAgents,
     MonitorAgent,
@@ -47,7 +48,14 @@ from stream.agents.runtime import Runtime
 from stream.broker import create_topics
 from stream.producer import partition_of
 from stream.segments import SegmentedState
-from stream.services import IndexerService, JoinService, JoinState, MonitorService, TrainerService
+from stream.services import (
+    FeatureFollower,
+    IndexerService,
+    JoinService,
+    JoinState,
+    MonitorService,
+    TrainerService,
+)
 from stream.settings import Settings
 from stream.transport import StreamrecApp
 
@@ -283,6 +291,15 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     if trains:
         trainer.install()  # labeled -> scored; index refreshes; model-store versions
         MonitorAgent(app, rt, out).install()  # scored -> control
+    # a worker that serves without joining follows the inputs for its feature stages
+    follower = (
+        FeatureFollower.from_settings(settings)
+        if settings.features and settings.feature_follow and settings.role in ("trainer", "serve")
+        else None
+    )
+    app.feature_follower = follower  # type: ignore[attr-defined]
+    if follower is not None:
+        FeatureFollowerAgent(app, settings, metrics, follower, out).install()
     replica = ReplicaAgents(app, rt, out) if serves else None
     if replica is not None:
         replica.install()  # model-store versions, swapped as new ones appear
@@ -292,7 +309,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
 
     # serving: retrieve -> rank -> calibrate (serving.recommender)
     if replica is not None:
-        recommender = replica.recommender()
+        recommender = replica.recommender(None if follower is None else follower.stage_for)
     else:
         recommender = Recommender(
             rt.indexer.holder,
@@ -303,9 +320,14 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors
             ),
             config=settings.serving,
-            # the live feature stage of the user's partition when this worker owns it
-            history=lambda user: rt.join.features.get(
-                partition_of(user.encode(), settings.partitions)
+            # the live feature stage of the user's partition when this worker owns it;
+            # a trainer-role worker owns none: its follower's copy
+            history=(
+                follower.stage_for
+                if follower is not None
+                else lambda user: rt.join.features.get(
+                    partition_of(user.encode(), settings.partitions)
+                )
             ),
         )
     app.recommender = recommender  # type: ignore[attr-defined]

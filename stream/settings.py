@@ -296,6 +296,15 @@ class Settings:
     #: partition's stage gets ``feature_max_bytes / partitions`` (FeatureConfig.max_bytes;
     #: past it a stage sheds its oldest state, counted). 512 MiB by default
     feature_max_bytes: int = 512 * 2**20
+    #: a worker that serves without joining ("serve" and "trainer" roles) keeps its own
+    #: copy of the feature stages (stream.services.follower.FeatureFollower: impressions
+    #: and clicks of every partition, read outside any consumer group), so /recommend and
+    #: /score rows carry the hist_* values the joiners compute; off: they are scored
+    #: without history (training/serving skew). Only with ``features``
+    feature_follow: bool = True
+    #: where that copy starts reading: "earliest" (the retained topics: the joiners'
+    #: stages rebuilt) or "latest" (only new events: history starts empty)
+    feature_follow_from: str = "earliest"
     #: how every Kafka client of the worker (Faust, the control listener, topic creation,
     #: replay) authenticates: "PLAINTEXT" (none: the default, and compose's default) or
     #: "SASL_PLAINTEXT" / "SASL_SSL" with ``kafka_sasl_mechanism`` ("PLAIN",
@@ -378,6 +387,11 @@ class Settings:
             raise ValueError("partitions must be >= 1")
         if self.feature_max_bytes < self.partitions * 2**20:
             raise ValueError("feature_max_bytes must be at least 1 MiB per partition")
+        if self.feature_follow_from not in ("earliest", "latest"):
+            raise ValueError(
+                "feature_follow_from must be 'earliest' or 'latest', got "
+                f"{self.feature_follow_from!r}"
+            )
         if self.rocksdb_write_buffer_mb < 1 or self.rocksdb_block_cache_mb < 1:
             raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if not self.memory_trim_s >= 0:  # NaN fails too

@@ -9,10 +9,13 @@ One module per room, in flow order:
 - :mod:`~stream.agents.monitor`: ``scored`` → drift and calibration → ``control``; gauges;
 - :mod:`~stream.agents.control`: ``control`` → every worker's calibrator and versions;
 - :mod:`~stream.agents.replica`: a ``serve`` worker's model-store versions;
+- :mod:`~stream.agents.follower`: ``impressions`` + ``clicks`` → the feature stages of a
+  worker that serves without joining;
 - :mod:`~stream.agents.web`: ``/recommend``, ``/score``, ``/version``, ``/health``.
 """
 
 from stream.agents.control import ControlAgent
+from stream.agents.follower import FeatureFollowerAgent
 from stream.agents.joiner import JoinerAgents
 from stream.agents.monitor import Gauges, MonitorAgent
 from stream.agents.outputs import Outputs
@@ -22,6 +25,7 @@ from stream.agents.web import install_web
 
 __all__ = [
     "ControlAgent",
+    "FeatureFollowerAgent",
     "Gauges",
     "JoinerAgents",
     "MonitorAgent",

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import faust
 import numpy as np
 
+from features.stage import FeatureStage
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
 from modelstore.snapshot import LoadedModels, ModelReplica
@@ -120,8 +122,12 @@ class ReplicaAgents:
             return cur.ranker.user_vectors(ids)
         return cur.two_tower.user_vectors(ids)
 
-    def recommender(self) -> Recommender:
-        """Retrieve → rank → calibrate over the replica's current version."""
+    def recommender(
+        self, history: Callable[[str], FeatureStage | None] | None = None
+    ) -> Recommender:
+        """Retrieve → rank → calibrate over the replica's current version; ``history``:
+        the user's feature stage (the worker's :class:`stream.services.FeatureFollower`),
+        None: rows without historical features."""
         replica = self.replica
 
         class _ReplicaIndex(IndexHolder):
@@ -138,4 +144,5 @@ class ReplicaAgents:
             calibrator=self.calibrator,
             user_vectors=self.user_vectors,
             config=self.rt.settings.serving,
+            history=history,
         )

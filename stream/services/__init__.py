@@ -3,11 +3,13 @@ wrappers that move bytes between topics and these objects. Everything here is te
 without Kafka.
 
 One module per room: join (its durable state in join_state), trainer (its catalogue in
-catalogue), dedup, monitor, indexer.
+catalogue), dedup, monitor, indexer, follower (the feature stages of workers that serve
+without joining).
 """
 
 from stream.services.catalogue import Catalogue
 from stream.services.dedup import SeenKeys
+from stream.services.follower import FeatureFollower
 from stream.services.indexer import IndexerService
 from stream.services.join import JoinService, segment_of
 from stream.services.join_state import JoinState, MemoryJoinState
@@ -16,6 +18,7 @@ from stream.services.trainer import StepResult, TakenBatch, TrainerService
 
 __all__ = [
     "Catalogue",
+    "FeatureFollower",
     "IndexerService",
     "JoinService",
     "JoinState",

@@ -125,6 +125,14 @@ def test_serve_replica_follows_the_store_and_rejects_corrupt_versions(
             assert mt["streamrec_store_version"] >= served["store_version"]
             assert mt["streamrec_store_propagation_seconds_count"] >= 1
             assert mt.get("streamrec_scored_total", 0) == 0  # it trains nothing
+            # its feature follower read every replayed impression (and the clicks) from the
+            # inputs outside any group: /recommend rows carry the joiners' history
+            mt = _wait(lambda: (mt := serve.metrics()).get(
+                "streamrec_feature_follower_events_total", 0) >= 3_000 and mt,
+                "the replica's follower applying the replay", workers)  # fmt: skip
+            assert mt["streamrec_feature_follower_state_bytes"] > 0
+            assert "streamrec_feature_follower_staleness_seconds" in mt
+            assert not any(k.startswith("streamrec_feature_follower_skipped") for k in mt)
 
             # a second trainer on the same store is refused at start, with the reason
             second = subprocess.run(

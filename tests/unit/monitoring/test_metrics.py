@@ -38,6 +38,9 @@ OTHER_GAUGES = {
     "join_state_bytes",
     "feature_state_bytes",
     "feature_state_shed",
+    "feature_follower_staleness_seconds",
+    "feature_follower_lag_records",
+    "feature_follower_state_bytes",
     "orphan_clicks_waiting",
     "rocksdb_memory_bytes",
     "calibrator_offset",
@@ -48,6 +51,8 @@ OTHER_GAUGES = {
 COUNTERS = {
     "impressions",
     "clicks",
+    "feature_follower_events",
+    "feature_follower_skipped",
     "labeled",
     "duplicate_impressions",
     "duplicate_clicks",
