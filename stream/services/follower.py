@@ -33,6 +33,7 @@ from logs.events import (
 )
 from stream.envelope import decode_envelope, is_envelope
 from stream.producer import partition_of
+from stream.services.join import feature_config
 from stream.settings import Settings
 
 __all__ = ["FOLLOW_FROM", "FeatureFollower", "feature_config"]
@@ -40,12 +41,6 @@ __all__ = ["FOLLOW_FROM", "FeatureFollower", "feature_config"]
 #: where a follower starts reading when it starts: the whole retained topics (the
 #: joiners' state is rebuilt, exact) or only new records (history starts empty)
 FOLLOW_FROM = ("earliest", "latest")
-
-
-def feature_config(settings: Settings) -> FeatureConfig:
-    """The feature stage settings of one input partition on a worker: the joiner's
-    (:class:`stream.services.JoinService`), ``feature_max_bytes / partitions`` each."""
-    return FeatureConfig(max_bytes=max(2**20, settings.feature_max_bytes // settings.partitions))
 
 
 class FeatureFollower:

@@ -39,6 +39,13 @@ from stream.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def feature_config(settings: Settings) -> FeatureConfig:
+    """The feature stage settings of one input partition on a worker (the joiner's, and a
+    :class:`stream.services.follower.FeatureFollower`'s): ``feature_max_bytes /
+    partitions`` each, at least 1 MiB."""
+    return FeatureConfig(max_bytes=max(2**20, settings.feature_max_bytes // settings.partitions))
+
+
 def segment_of(position: int | None) -> str:
     """Bounded segment label: the slate position 1..9, ``10+`` or ``unknown``."""
     if position is None:
@@ -89,9 +96,7 @@ class JoinService:
         #: partition -> its feature stage (historical features, ``Settings.features``)
         self.features: dict[int, FeatureStage] = {}
         self.feature_config: FeatureConfig | None = (
-            FeatureConfig(max_bytes=max(2**20, settings.feature_max_bytes // settings.partitions))
-            if settings.features
-            else None
+            feature_config(settings) if settings.features else None
         )
         self._features_pieces: dict[int, int] = {}
         #: partition -> the stage's calls since the last save (the journal's next delta)
