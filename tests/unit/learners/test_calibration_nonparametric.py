@@ -63,6 +63,15 @@ def make(kind: str) -> Calibrator:
     return classes[kind]()
 
 
+def test_pav_means_never_decrease_by_rounding() -> None:
+    """Hypothesis found it: equal means 0.46875 after a block of weight 0.5958... rounded
+    one ulp above the next block's, so the returned values decreased."""
+    w = [1.0, 0.5958680394951875, 1.0]
+    _, values, _ = pool_adjacent_violators([0.0, 0.46875, 0.46875], w)
+    assert np.all(np.diff(values) >= 0)
+    assert values[-1] == 0.46875
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     ys=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12),
