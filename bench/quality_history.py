@@ -73,6 +73,7 @@ ABLATION = {
     "dcnv2_counters_sequence": {},
 }
 DEFAULT_WITH_HISTORY = "dcnv2_counters_sequence"
+NO_FALLBACK = "_no_fallback"  # row suffix of the A/B baseline (--ab-fallback)
 DEFAULT_SEEDS = 3  # model seeds of DEFAULT_WITH_HISTORY (goal judged per seed)
 # bench.run's OBD path (beside the checkout), else beside a git worktree's parent folder
 _OBD_REL = ("shared", "data", "obd", "random", "all", "all.csv")
@@ -102,12 +103,13 @@ def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
     return log_examples(df, FeatureConfig(**overrides))
 
 
-def _ranker(history: bool = False, seed: int = 0) -> TorchRanker:
+def _ranker(history: bool = False, seed: int = 0, fallback: bool = True) -> TorchRanker:
     """The default ranker; with ``history`` it gets the numeric slots the feature stage's
     ``hist_*`` values need (``with_hist_slots``, what ``streamrec evaluate`` and the worker
     use). Without them ``EncoderConfig``'s 8 slots kept the first 8 names in sorted order
-    and the ranker silently ignored the rest of the history."""
-    cfg = RankerConfig()
+    and the ranker silently ignored the rest of the history. ``fallback=False``: without
+    the fallback mixture (``RankerConfig.fallback_mixture``), the A/B baseline."""
+    cfg = RankerConfig(fallback_mixture=fallback)
     return TorchRanker(with_hist_slots(cfg) if history else cfg, seed=seed, online=False)
 
 
@@ -130,10 +132,15 @@ def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
     return out
 
 
-def run_log(df: pd.DataFrame, history: bool = True, seeds: int = 1) -> dict[str, Any]:
+def run_log(
+    df: pd.DataFrame, history: bool = True, seeds: int = 1, ab_fallback: bool = False
+) -> dict[str, Any]:
     """Every learner (and, with ``history``, the ablation rows) over the log ``df``; with
     ``seeds`` > 1 the default ranker with history again with model seeds 1 .. seeds-1
-    (rows ``<DEFAULT_WITH_HISTORY>/seed<k>``; the plain row is seed 0)."""
+    (rows ``<DEFAULT_WITH_HISTORY>/seed<k>``; the plain row is seed 0). ``ab_fallback``:
+    after each seed of the default ranker with history, the same seed without the fallback
+    mixture (rows ``<DEFAULT_WITH_HISTORY>_no_fallback[/seed<k>]``), alternating, in the
+    same process."""
     ex = log_examples(df)
     out: dict[str, Any] = {}
     for name, factory in _learners().items():
@@ -149,10 +156,16 @@ def run_log(df: pd.DataFrame, history: bool = True, seeds: int = 1) -> dict[str,
         out[name] = _score(rows, _ranker(history=overrides is not None))
         out[name]["feature_attach_seconds"] = round(attach_s, 1)
         print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
-        if name == DEFAULT_WITH_HISTORY:
-            for seed in range(1, seeds):
-                out[f"{name}/seed{seed}"] = _score(rows, _ranker(history=True, seed=seed))
-                print(f"  {name}/seed{seed}", flush=True)
+        if name != DEFAULT_WITH_HISTORY:
+            continue
+        for seed in range(seeds):
+            tag = "" if seed == 0 else f"/seed{seed}"
+            if seed > 0:
+                out[f"{name}{tag}"] = _score(rows, _ranker(history=True, seed=seed))
+            if ab_fallback:
+                off = _ranker(history=True, seed=seed, fallback=False)
+                out[f"{name}{NO_FALLBACK}{tag}"] = _score(rows, off)
+            print(f"  {name}{tag}", flush=True)
     return out
 
 
@@ -209,10 +222,12 @@ def main(
     results_dir: Path | None = None,
     logs: dict[str, pd.DataFrame] | None = None,
     seeds: int = DEFAULT_SEEDS,
+    ab_fallback: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark, write its JSON, print its table; the report. ``logs`` replaces
     the logs (name -> canonical frame; a name ``obd`` is judged against the constant);
-    ``seeds``: model seeds of the default ranker with history (:func:`run_log`)."""
+    ``seeds``: model seeds of the default ranker with history; ``ab_fallback``: each also
+    without the fallback mixture (:func:`run_log`)."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     t0 = time.perf_counter()
@@ -236,7 +251,7 @@ def main(
     datasets: dict[str, Any] = {}
     for name, df in logs.items():
         print(f"{name} ({len(df):,} impressions)", flush=True)
-        learners = run_log(df, seeds=seeds)
+        learners = run_log(df, seeds=seeds, ab_fallback=ab_fallback)
         datasets[name] = {
             "examples": len(df),
             "clicks": int(df["click"].sum()),
@@ -247,6 +262,8 @@ def main(
     stamped = stamp(NAME, quick)
     if seeds != DEFAULT_SEEDS:
         stamped["command"] += f" --seeds {seeds}"
+    if ab_fallback:
+        stamped["command"] += " --ab-fallback"
     report: dict[str, Any] = {
         **stamped,
         "machine": machine(),
@@ -291,8 +308,14 @@ def cli(argv: list[str] | None = None) -> int:
         default=DEFAULT_SEEDS,
         help="model seeds of the default ranker with history (default 3; goal per seed)",
     )
+    parser.add_argument(
+        "--ab-fallback",
+        action="store_true",
+        help="each seed of the default ranker with history also without the fallback "
+        "mixture (rows *_no_fallback), alternating in the same process",
+    )
     args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir, seeds=args.seeds)
+    main(args.quick, results_dir=args.results_dir, seeds=args.seeds, ab_fallback=args.ab_fallback)
     return 0
 
 

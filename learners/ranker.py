@@ -21,6 +21,16 @@ is not P(click) (``focal``, ``weighted_bce``) have their outputs mapped back to 
 through the FNC link (:func:`learners.links.fnc_correct`), which neither the output bias's
 start nor its re-centring sees (they follow the label rate the model learns).
 
+Fallback (``RankerConfig.fallback_mixture``, off by default): the served probability is the
+online model selection of :class:`learners.mixture.FallbackMixture` between the model and
+the running base rate of the labels, weighted by each one's prequential log loss (each
+batch is judged before the model learns from it). A cold model over many features on a
+log with few clicks is then served about as well as the base rate (it is not worse than a
+constant model by more than ``ln 2`` nats in all), and a model that has earned
+``fallback_cap`` nats over it is served as is (weight ``1 - ~e^-cap``). The mixture is
+monotone in the model's score, so rankings do not change. :meth:`predict_logit_many` gives
+the model's raw logits, without it.
+
 Delayed feedback (DFM, Chapelle 2014): with ``loss="dfm"`` (or ``RankerConfig.delay_head``)
 the ranker carries a click-delay head (:class:`learners.models.DelayHead`, the log-rate of an
 Exponential delay); ``learn_many`` / ``score_and_learn`` then take ``elapsed``: (B,) seconds,
@@ -50,6 +60,7 @@ from learners.base import Rows
 from learners.encoding import EncodedBatch, FeatureEncoder, inference
 from learners.links import CORRECTED_LOSSES, calibrated_logits, fnc_correct
 from learners.losses import LOSSES, bce_with_logits
+from learners.mixture import FallbackMixture
 from learners.models import (
     INITIAL_CTR,
     DCNv2,
@@ -132,6 +143,17 @@ class TorchRanker(Checkpointed):
         self.bias_centred = False
         # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
         self.bias_warm = (0.0, 0.0)
+        #: the online model selection served over the model (``config.uses_fallback``)
+        self.mixture: FallbackMixture | None = (
+            FallbackMixture(
+                prior=config.prior_ctr,
+                strength=config.bias_prior_strength or 1.0,
+                cap=config.fallback_cap,
+                fake_negatives=config.loss == "fnw" or config.fnc,
+            )
+            if config.uses_fallback
+            else None
+        )
         # Embedding tables get sparse gradients and lazy Adam (only the rows a batch uses
         # are read and written); a dense Adam step touches all 2**18 rows of every table,
         # which made the step memory-bound (bench.trainer). The rest: fused dense Adam.
@@ -415,8 +437,9 @@ class TorchRanker(Checkpointed):
         return logits.cpu().numpy().astype(np.float64)
 
     def predict_proba_many(self, X: Rows) -> np.ndarray:
-        """P(click), float64 ``(B,)`` in [0, 1]."""
-        return self._served(self.predict_logit_many(X))
+        """P(click), float64 ``(B,)`` in [0, 1] (with the fallback mixture when on)."""
+        p = self._served(self.predict_logit_many(X))
+        return p if self.mixture is None else self.mixture.serve(p)
 
     @inference
     def predict_delay_rate_many(self, X: Rows) -> np.ndarray:
@@ -483,8 +506,16 @@ class TorchRanker(Checkpointed):
         centre = self.config.bias_prior_strength is not None and (
             not self.bias_centred or self.bias_warm[1] < self.config.bias_warmup
         )
-        raw = logits.detach().cpu().numpy().astype(np.float64) if scores or centre else None
-        p = self._served(raw) if raw is not None and scores else None
+        mixture = self.mixture
+        needed = scores or centre or mixture is not None
+        raw = logits.detach().cpu().numpy().astype(np.float64) if needed else None
+        p_model = self._served(raw) if raw is not None and (scores or mixture) else None
+        p = p_model
+        if mixture is not None and p_model is not None:
+            # judged on the batch before anyone learns from it (prequential)
+            p = mixture.serve(p_model) if scores else None
+            y_mix = np.asarray(y, dtype=np.float64).reshape(-1)
+            mixture.update(p_model, y_mix, None if w is None else np.asarray(w, np.float64))
         if centre and raw is not None:
             y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
             w_arr = np.ones_like(y_arr) if w is None else np.asarray(w, np.float64).reshape(-1)
@@ -538,6 +569,7 @@ class TorchRanker(Checkpointed):
             "n_skipped_nonfinite": self.n_skipped_nonfinite,
             "bias_centred": self.bias_centred,
             "bias_warm": list(self.bias_warm),
+            "mixture": None if self.mixture is None else self.mixture.state(),
         }
 
     @classmethod
@@ -620,4 +652,10 @@ class TorchRanker(Checkpointed):
         done = (0.0, math.inf) if ranker.n_updates > 0 else (0.0, 0.0)
         warm = state.get("bias_warm")
         ranker.bias_warm = done if warm is None else (float(warm[0]), float(warm[1]))
+        if ranker.mixture is not None:
+            mix = state.get("mixture")
+            if mix is not None:
+                ranker.mixture.load_state(mix)
+            elif ranker.n_updates > 0:  # written before the mixture (or with it off)
+                ranker.mixture.settle_on_ranker()
         return ranker

@@ -63,6 +63,16 @@ class RankerConfig:
     not used by ``logreg``). ``pair_crosses``: a hashed scalar weight per user x item pair
     (:class:`learners.layers.PairCrosses`). ``attention_log_mass``: the attention's
     mass summary enters the model as ``log1p`` (see :class:`learners.layers.TargetAttention`).
+    ``fallback_mixture``: serve the online model selection of :mod:`learners.mixture`
+    between the model and the running base rate of the labels (shrunk towards
+    ``prior_ctr`` with ``bias_prior_strength`` pseudo-examples, or 1 when that is None),
+    weighted by each one's prequential log loss; ``fallback_cap`` (nats, > 0): the clip of
+    their log-loss difference (the mixture then keeps weight ~``e^-cap`` on the loser and
+    can switch back after ``cap`` nats). Not used with ``loss="dfm"`` (labels not final).
+    Off by default (README "The fallback mixture": it meets the OBD bar but moves the
+    calibration ratio by 0.5-1.5%). A config dict written before it existed loads with it
+    off; a checkpoint without mixture state loaded with it on starts served by the model
+    (:meth:`learners.mixture.FallbackMixture.settle_on_ranker`).
     A config dict written before these settings existed loads with all three off and
     ``encoder.max_seq_len = 0`` (the layout and inputs its checkpoint was trained on).
     """
@@ -98,6 +108,8 @@ class RankerConfig:
     sequence_attention: bool = True
     pair_crosses: bool = True
     attention_log_mass: bool = True
+    fallback_mixture: bool = False
+    fallback_cap: float = 10.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -142,6 +154,9 @@ class RankerConfig:
             raise ValueError(f"bias_prior_strength must be positive finite or None, got {s}")
         if not (math.isfinite(self.bias_warmup) and self.bias_warmup >= 0):
             raise ValueError(f"bias_warmup must be finite and >= 0, got {self.bias_warmup}")
+        cap = self.fallback_cap
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"fallback_cap must be positive finite, got {cap}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -149,6 +164,11 @@ class RankerConfig:
                 raise ValueError(f"invalid device {self.device!r}: {e}") from e
         # Accept a list for ``hidden`` (e.g. from TOML) but store the immutable form.
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    @property
+    def uses_fallback(self) -> bool:
+        """Whether the ranker serves the fallback mixture (on, and the labels are final)."""
+        return self.fallback_mixture and self.loss != "dfm"
 
     @property
     def has_delay_head(self) -> bool:
