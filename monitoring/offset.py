@@ -21,6 +21,16 @@ there; after an abrupt change of the CTR the recent impressions' early clicks co
 once, instead of one mean delay later. It learns from impressions and clicks, not from
 the joiner's fake-negative examples, so it is unbiased on them by construction.
 ``delay_mean_s=None``: no delay model (``F = 1``), the plain tracked ratio.
+
+Shrinkage (``shrink=True``, issue 17): with few clicks in the window the ratio's noise
+alone moves ``log m`` by more than a calibrated ranker's error (100 impressions a minute:
+served 0.073 -> 0.083 mean ``|log ratio|``). The served offset is the positive-part
+James-Stein estimate of ``log m`` from one noisy observation, shrunk toward 0 by its
+variance under "no miscalibration": ``offset = max(0, 1 - v0 / g^2) * g`` with
+``g = log m`` and ``v0 = Σ w_i^2 p_i F_i / (B + k)^2`` (the Poisson variance of ``A`` when
+``E[A] = B``, by the delta method). While ``|g|`` is within the noise (``g^2 <= v0``) the
+offset is exactly 0; a real change (``g^2 >> v0``) passes nearly unshrunk. No constant
+is tuned to a world: the band scales with the clicks the window expects.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ class OffsetConfig:
             than it has all its clicks in (``F = 1``).
         prior_clicks: pseudo-clicks on both sides of the ratio (>= 0).
         max_abs_offset: bound on ``|log m|`` (> 0).
+        shrink: shrink ``log m`` toward 0 by its null variance (module doc, "Shrinkage").
     """
 
     enabled: bool = False
@@ -60,6 +71,7 @@ class OffsetConfig:
     max_delay_s: float | None = None
     prior_clicks: float = 1.0
     max_abs_offset: float = 1.0
+    shrink: bool = True
 
     def __post_init__(self) -> None:
         if self.half_life <= 0:
@@ -92,6 +104,7 @@ class LogitOffset:
         self._ids: list[str | None] = [None] * h
         self.n_seen = 0  # impressions observed (ring position = n_seen % horizon)
         self.offset = 0.0  # log m, nats on the logit scale
+        self.null_var = 0.0  # variance of log m under no miscalibration (last refresh)
 
     def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
         """Impressions ``ids`` at event times ``ts`` (seconds, shape ``(n,)``) served with
@@ -146,8 +159,12 @@ class LogitOffset:
         a = float(np.dot(w, self._c[pos]))
         b = float(np.dot(w, self._p[pos] * f))
         m = (a + c.prior_clicks) / (b + c.prior_clicks) if b + c.prior_clicks > 0 else 1.0
-        self.offset = float(np.clip(math.log(m) if m > 0 else -c.max_abs_offset,
-                                    -c.max_abs_offset, c.max_abs_offset))  # fmt: skip
+        g = math.log(m) if m > 0 else -c.max_abs_offset
+        if c.shrink and g != 0.0:
+            # null variance of log m (Poisson A with mean B), positive-part James-Stein
+            self.null_var = float(np.dot(w * w, self._p[pos] * f)) / (b + c.prior_clicks) ** 2
+            g *= max(0.0, 1.0 - self.null_var / (g * g))
+        self.offset = float(np.clip(g, -c.max_abs_offset, c.max_abs_offset))
         return self.offset
 
     def transform(self, p: npt.ArrayLike) -> npt.NDArray[np.float64]:

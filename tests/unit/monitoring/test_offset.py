@@ -112,3 +112,35 @@ def test_bad_input_is_rejected() -> None:
         off.observe_impressions(["a"], [0.0], [1.5])
     assert off.observe_clicks(["unknown"]) == 0
     assert off.refresh(0.0) == 0.0
+
+
+def test_shrinkage_holds_still_at_very_low_click_counts() -> None:
+    """p = 0.01: ~20 expected clicks in a half-life window, log m's noise ~0.2. The
+    shrunk offset stays within ±0.2 (about one null sd) and is exactly 0 most of the
+    time; the unshrunk ratio on the same stream wanders further."""
+    offs = {
+        s: LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S, shrink=s))
+        for s in (True, False)
+    }
+    seen: dict[bool, list[float]] = {True: [], False: []}
+    for s, off in offs.items():
+        rng = np.random.default_rng(4)
+        for k in range(8):
+            stream(off, 2_000, 0.01, 1.0, rng, t0=k * 2_000 / RATE_S, start=k * 2_000)
+            seen[s].append(off.refresh(k * 2_000 / RATE_S + 40.0))
+        assert off.null_var >= 0.0
+    shrunk, raw = np.abs(seen[True]), np.abs(seen[False])
+    assert shrunk.max() <= 0.2
+    assert np.mean(shrunk == 0.0) >= 0.5
+    assert shrunk.mean() < raw.mean()
+
+
+def test_shrinkage_still_recovers_a_x1_6_jump_within_8000_impressions() -> None:
+    rng = np.random.default_rng(5)
+    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    _, t = stream(off, 10_000, 0.02, 1.0, rng)
+    after, _ = stream(off, 16_000, 0.02, 1.6, rng, t0=t, start=10_000)
+    ratios = np.array(after) / (1.6 * 0.02)
+    first = int(np.flatnonzero(np.abs(ratios - 1) <= 0.10)[0])
+    assert first * 250 <= 8_000
+    assert 0.3 < off.offset < 0.65
