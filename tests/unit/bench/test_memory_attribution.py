@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -39,14 +41,20 @@ def test_the_growing_line_is_the_top_site(tmp_path: Path) -> None:
 
 
 def test_census_summary_sees_objects_grow(tmp_path: Path) -> None:
+    # the census counts every live object of the process: garbage left by earlier tests,
+    # collected between two ticks, made the total shrink under CI's test order
+    gc.collect()
     c = Census(tmp_path, interval_s=3600.0)
     c.start()
     keep: list[object] = []
+    gc.disable()
     try:
         for _ in range(4):
             keep.extend(Grower() for _ in range(5000))
+            time.sleep(0.2)  # the census stamps rows to 0.1 s: distinct times for the fit
             c.tick()
     finally:
+        gc.enable()
         c.stop()
     s = census_summary(tmp_path / "census.jsonl", warmup_frac=0.0)
     assert s["rows"] == 4
