@@ -509,16 +509,16 @@ class TorchRanker(Checkpointed):
         mixture = self.mixture
         needed = scores or centre or mixture is not None
         raw = logits.detach().cpu().numpy().astype(np.float64) if needed else None
-        p_model = self._served(raw) if raw is not None and (scores or mixture) else None
+        p_model = self._served(raw) if raw is not None and (scores or mixture is not None) else None
         p = p_model
+        if raw is not None and (centre or mixture is not None):
+            y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
+            w_arr = np.ones_like(y_arr) if w is None else np.asarray(w, np.float64).reshape(-1)
         if mixture is not None and p_model is not None:
             # judged on the batch before anyone learns from it (prequential)
             p = mixture.serve(p_model) if scores else None
-            y_mix = np.asarray(y, dtype=np.float64).reshape(-1)
-            mixture.update(p_model, y_mix, None if w is None else np.asarray(w, np.float64))
+            mixture.update(p_model, y_arr, w_arr)
         if centre and raw is not None:
-            y_arr = np.asarray(y, dtype=np.float64).reshape(-1)
-            w_arr = np.ones_like(y_arr) if w is None else np.asarray(w, np.float64).reshape(-1)
             if self._centre_output_bias(raw, y_arr, w_arr):
                 self.bias_centred = True
                 # The first gradient is taken at the re-centred bias: at a badly wrong CTR it
