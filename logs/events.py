@@ -45,6 +45,7 @@ import base64
 import hashlib
 import json
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from sys import intern
@@ -271,13 +272,26 @@ def as_object(obj: object) -> dict[str, Any]:
     return obj
 
 
+def normalize_id(s: str) -> str:
+    """An id in Unicode normal form C: a precomposed ``é`` and ``e`` + combining acute
+    accent are the same id (the same user, item or impression), however a producer spelled
+    it. ASCII ids, the common case, are returned as they are (no copy).
+
+    >>> normalize_id("cafe\u0301") == normalize_id("caf\u00e9") == "caf\u00e9"
+    True
+    """
+    return s if s.isascii() else unicodedata.normalize("NFC", s)
+
+
 def _str_id(d: Mapping[str, Any], name: str) -> str:
+    """The id ``d[name]``: a string, or an integer as its decimal string (``12`` is the
+    id ``"12"``), NFC-normalised (:func:`normalize_id`), of 1..``MAX_ID_LEN`` characters."""
     if name not in d or d[name] is None:
         raise InvalidEvent("missing_field", f"field {name!r} is required")
     v = d[name]
     if isinstance(v, bool) or not isinstance(v, str | int):
         raise InvalidEvent("bad_type", f"field {name!r} must be a string, got {type(v).__name__}")
-    s = str(v)
+    s = normalize_id(v) if isinstance(v, str) else str(v)
     if not s or len(s) > MAX_ID_LEN:
         raise InvalidEvent("bad_value", f"field {name!r} must have 1..{MAX_ID_LEN} characters")
     return s

@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
-from logs.events import Impression
+from logs.events import Impression, normalize_id
 
 # the format's names, re-exported: users and README examples import them from here
 from logs.log_format import (
@@ -223,7 +223,8 @@ def frame_to_rows(df: pd.DataFrame) -> list[LogRow]:
         return [None if math.isnan(v) else v for v in vals.tolist()]
 
     def strs(col: str) -> list[str]:
-        return [v if isinstance(v, str) else str(v) for v in df[col].tolist()]
+        # ids as the stream parses them: integers as decimal strings, NFC-normalised
+        return [normalize_id(v) if isinstance(v, str) else str(v) for v in df[col].tolist()]
 
     ts = df["ts"].to_numpy(dtype=float).tolist()
     click = df["click"].to_numpy(dtype=np.int64).tolist()

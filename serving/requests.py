@@ -20,6 +20,7 @@ from logs.events import (
     MAX_FEATURE_VALUE_LEN,
     MAX_ID_LEN,
     RESERVED_FEATURE_NAMES,
+    normalize_id,
 )
 
 __all__ = ["Request", "ServingError", "check_context", "check_items", "check_k", "check_user"]
@@ -46,6 +47,7 @@ def check_user(user_id: object) -> str:
     """``user_id`` if it is a string of 1..``MAX_ID_LEN`` characters, else a 400."""
     if not isinstance(user_id, str) or not user_id:
         raise ServingError(400, "user_id must be a non-empty string")
+    user_id = normalize_id(user_id)
     if len(user_id) > MAX_ID_LEN:
         raise ServingError(400, f"user_id must have at most {MAX_ID_LEN} characters")
     return user_id
@@ -101,8 +103,11 @@ def check_items(item_ids: object, max_candidates: int) -> list[str]:
     if len(item_ids) > max_candidates:
         raise ServingError(400, f"{len(item_ids)} item_ids, at most {max_candidates}")
     for item in item_ids:
-        if not isinstance(item, str) or not item or len(item) > MAX_ID_LEN:
+        if not isinstance(item, str) or not item:
             raise ServingError(400, f"item ids must be strings of 1..{MAX_ID_LEN} characters")
-    if len(set(item_ids)) != len(item_ids):
+    items = [normalize_id(item) for item in item_ids]
+    if max(map(len, items)) > MAX_ID_LEN:
+        raise ServingError(400, f"item ids must be strings of 1..{MAX_ID_LEN} characters")
+    if len(set(items)) != len(items):
         raise ServingError(400, "item_ids must be distinct")
-    return list(item_ids)
+    return items

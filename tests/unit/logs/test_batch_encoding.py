@@ -35,6 +35,7 @@ from logs.events import (
     Impression,
     InvalidEvent,
     LabeledExample,
+    normalize_id,
 )
 from stream.envelope import encode_envelope
 
@@ -105,7 +106,8 @@ def reason(fn: Any, raw: bytes | None) -> str:
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 ts = st.floats(min_value=MIN_TS, max_value=MAX_TS, exclude_max=True)
-ids = st.text(min_size=1, max_size=12)
+# ids as the joiner writes them: already in Unicode NFC (logs.events.normalize_id)
+ids = st.text(min_size=1, max_size=12).map(normalize_id)
 features = st.dictionaries(
     st.text(max_size=10).filter(lambda k: k not in RESERVED_FEATURE_NAMES),
     st.text(max_size=16) | finite,
