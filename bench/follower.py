@@ -11,8 +11,11 @@ its effect is visible to ``/recommend`` on a worker that does not join (the prod
 envelope linger, the broker, the fetch wait and the stage).
 
 ``serving_cost``: milliseconds a replica's ranking step takes per answer with the
-follower's history (one ``peek`` and one distinct row per candidate) and without (one row
-encoded once for all candidates), alternated in the same process.
+follower's history (the user's features read and encoded once per answer, each
+candidate's own features apart: ``peek_many`` and ``CandidateRows`` extras), without
+history (one row encoded once for all candidates) and ``per_candidate`` (history served
+the way it was before: one ``peek`` and one row per candidate), alternated in the same
+process.
 
 Afterwards each partition's peek over every user x item must equal that of a
 :class:`features.stage.FeatureStage` fed the partition's events (impressions, then clicks,
@@ -37,7 +40,14 @@ import numpy as np
 
 from bench.run import bench_cli, load_note, machine, publish, stamp
 from features.stage import FeatureStage
-from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression
+from logs.events import (
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    Click,
+    Impression,
+    example_row,
+    with_history,
+)
 from monitoring.metrics import StreamrecMetrics
 from stream.agents import FeatureFollowerAgent
 from stream.app import create_worker_topics
@@ -191,7 +201,9 @@ async def follow_paced(
 def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 20) -> dict[str, Any]:
     """Milliseconds per answer of a replica's ranking step (``Recommender._p_raw``: rows,
     encoding, the worker's default ranker over 200 candidates) with the follower's history
-    and without, alternated ``repeats`` times in this process (the ranker untrained: the
+    (the user's part read and encoded once per answer), without history, and
+    ``per_candidate`` (history the way it was served before: one ``peek`` and one row per
+    candidate), alternated ``repeats`` times in this process (the ranker untrained: the
     cost is the same)."""
     from index.faiss_index import IndexHolder
     from learners.calibration import PlattCalibrator
@@ -210,18 +222,43 @@ def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 20) -
         "without": Recommender(IndexHolder(), lambda: ranker, lambda: (cal, 1),
                                config=settings.serving),
     }  # fmt: skip
-    ms: dict[str, list[float]] = {k: [] for k in recs}
+    pos = settings.serving.position
+
+    def per_candidate(user: str) -> None:
+        """The form before ``peek_many``: one peek and one row per candidate."""
+        stage = follower.stage_for(user)
+        assert stage is not None
+        now = time.time()
+        ranker.predict_proba_many(
+            [
+                example_row(
+                    with_history(
+                        Impression("serve", now, user, it, pos, dict(ctx)),
+                        stage.peek(now, user, it, pos, ctx),
+                    )
+                )
+                for it in items
+            ]
+        )
+
+    runs: dict[str, Any] = {name: (lambda u, r=rec: r._p_raw(ranker, [(u, items, ctx)]))
+                            for name, rec in recs.items()}  # fmt: skip
+    runs["per_candidate"] = per_candidate
+    ms: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        for name, rec in recs.items():
+        for name, run in runs.items():
             t0 = time.perf_counter()
             for u in range(users):
-                rec._p_raw(ranker, [(f"u{u}", items, ctx)])
+                run(f"u{u}")
             ms[name].append((time.perf_counter() - t0) * 1000 / users)
     return {
         "candidates": n_cand,
         "answers_per_run": users,
         "ms_per_answer": {k: [round(x, 3) for x in v] for k, v in ms.items()},
         "ratio_median": float(np.median(ms["with_history"]) / np.median(ms["without"])),
+        "per_candidate_over_with_history": float(
+            np.median(ms["per_candidate"]) / np.median(ms["with_history"])
+        ),
     }
 
 
@@ -253,7 +290,8 @@ def table(report: dict[str, Any]) -> str:
         "",
         f"ranking one answer ({report['serving_cost']['candidates']} candidates), ms, "
         f"alternated: {report['serving_cost']['ms_per_answer']} (with/without "
-        f"{report['serving_cost']['ratio_median']:.2f}x)",
+        f"{report['serving_cost']['ratio_median']:.2f}x; per candidate/with "
+        f"{report['serving_cost']['per_candidate_over_with_history']:.2f}x)",
     ])  # fmt: skip
 
 

@@ -209,6 +209,35 @@ class FeatureStage:
         self.stats["approximate"] = approx
         return feats
 
+    def peek_many(
+        self,
+        ts: float,
+        user_id: str,
+        item_ids: Sequence[str],
+        position: int | None = None,
+        attrs: Mapping[str, object] | None = None,
+    ) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
+        """:meth:`peek` of one user's impression of each of ``item_ids`` (N,) at ``ts``, the
+        user's part computed once (serving ranks N candidates per request): ``(head,
+        parts, tail)`` with ``{**head, **parts[n], **tail} == peek(ts, user_id,
+        item_ids[n], position, attrs)``, values and key order alike. ``head``: the user's
+        counters and recency; ``parts[n]``: the item's, the user x item pair's and the
+        item x position's; ``tail``: the user x attribute counters and the behaviour
+        sequence. Changes no state."""
+        cats = _categoricals(attrs)
+        approx = self.stats["approximate"]
+        user_key = f"u\x1f{user_id}"
+        head = self._compute(ts, user_id, ("user",), [user_key], sequence=False)
+        parts = []
+        for item in item_ids:
+            kinds, keys = self._key_list(user_id, item, position, ())
+            parts.append(self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False))
+        kinds, keys = self._key_list(user_id, "", position, cats)
+        n = len(_KINDS if position is None else _KINDS_POS)
+        tail = self._compute(ts, user_id, kinds[n:], keys[n:])
+        self.stats["approximate"] = approx
+        return head, parts, tail
+
     def click(self, impression_id: str, ts: float, user_id: str | None = None) -> bool:
         """Apply a click at event time ``ts``. True when it was applied or kept for its
         impression; False for a duplicate. ``user_id`` is informational."""
@@ -342,12 +371,14 @@ class FeatureStage:
         kinds: Sequence[str],
         keys: list[str],
         update: bool = False,
+        sequence: bool = True,
     ) -> dict[str, object]:
         """The features at ``t`` of an impression of ``user`` touching ``keys`` (of
         ``kinds``, see :meth:`_key_list`). ``update``: also count the impression at
         ``t`` into each key, right after reading the key (the keys are distinct, so this
         is the same as reading all of them first; in order, the decay factors read for the
-        features are the ones the update needs)."""
+        features are the ones the update needs). ``sequence``: also read the user's
+        behaviour sequence (last, after every key's features)."""
         c = self.config
         out: dict[str, object] = {}
         keys_of = self._keys
@@ -411,7 +442,7 @@ class FeatureStage:
         elif update:
             for key in keys:
                 self._apply(key, t, False)
-        if c.sequence and c.seq_len:
+        if sequence and c.sequence and c.seq_len:
             s = self._seq.get(user)
             if s is not None:
                 clicks = s[1]

@@ -153,19 +153,35 @@ class CandidateRows(Sequence[Mapping[str, object]]):
     :meth:`FeatureEncoder.encode` encodes each base once (:meth:`~FeatureEncoder.
     encode_candidates`) instead of every row.
 
+    ``extras`` (optional, one list per query, one mapping per item): the candidate's own
+    features besides its id (e.g. the item's and the user x item pair's historical
+    counters); the row is then ``{**bases[q], **extras[q][n], "item_id": item}``. Their
+    names must not be in the query's base (ValueError when encoded).
+
     Example:
         >>> rows = CandidateRows([{"user_id": "u1"}, {"user_id": "u2"}], [["i1", "i2"], ["i3"]])
         >>> len(rows), rows[2], rows[-3]["item_id"]
         (3, {'user_id': 'u2', 'item_id': 'i3'}, 'i1')
+        >>> CandidateRows([{"user_id": "u1"}], [["i1"]], [[{"hist_x": 2.0}]])[0]
+        {'user_id': 'u1', 'hist_x': 2.0, 'item_id': 'i1'}
     """
 
     def __init__(
-        self, bases: Sequence[Mapping[str, object]], items: Sequence[Sequence[str]]
+        self,
+        bases: Sequence[Mapping[str, object]],
+        items: Sequence[Sequence[str]],
+        extras: Sequence[Sequence[Mapping[str, object]]] | None = None,
     ) -> None:
         if len(bases) != len(items):
             raise ValueError(f"{len(bases)} bases but {len(items)} item lists")
+        if extras is not None and (
+            len(extras) != len(items)
+            or any(len(e) != len(it) for e, it in zip(extras, items, strict=True))
+        ):
+            raise ValueError("extras must hold one mapping per item of every query")
         self.bases = bases
         self.items = items
+        self.extras = extras
         self._query = np.repeat(np.arange(len(bases)), [len(it) for it in items])
         self._start = np.concatenate([[0], np.cumsum([len(it) for it in items])]).astype(int)
 
@@ -186,7 +202,10 @@ class CandidateRows(Sequence[Mapping[str, object]]):
         if not 0 <= i < len(self):
             raise IndexError(i)
         q = int(self._query[i])
-        return {**self.bases[q], ITEM_FIELD: self.items[q][i - int(self._start[q])]}
+        n = i - int(self._start[q])
+        if self.extras is None:
+            return {**self.bases[q], ITEM_FIELD: self.items[q][n]}
+        return {**self.bases[q], **self.extras[q][n], ITEM_FIELD: self.items[q][n]}
 
 
 def _value_str(value: object) -> str:
@@ -314,7 +333,7 @@ class FeatureEncoder:
     def encode(self, rows: Sequence[Mapping[str, object]]) -> EncodedBatch:
         """Encode ``B`` rows into an :class:`EncodedBatch`. Rows are not modified."""
         if isinstance(rows, CandidateRows) and getattr(_MODE, "frozen", False):
-            return self.encode_candidates(rows.bases, rows.items)
+            return self.encode_candidates(rows.bases, rows.items, rows.extras)
         cfg = self.config
         n = len(rows)
         cat = np.zeros((n, cfg.max_cat_fields), dtype=np.int64)
@@ -361,15 +380,22 @@ class FeatureEncoder:
         return EncodedBatch(cat=cat, num=num, seq=seq, seq_age=seq_age)
 
     def encode_candidates(
-        self, bases: Sequence[Mapping[str, object]], items: Sequence[Sequence[str]]
+        self,
+        bases: Sequence[Mapping[str, object]],
+        items: Sequence[Sequence[str]],
+        extras: Sequence[Sequence[Mapping[str, object]]] | None = None,
     ) -> EncodedBatch:
         """At inference (:func:`frozen_fields`): the :meth:`encode` of the rows
         ``{**bases[q], "item_id": item}`` for each ``item`` of ``items[q]``, query after
         query (``N = sum(len(items[q]))`` rows), each base encoded once: serving ranks
-        ~200 candidates per request that differ only in ``item_id``.
+        ~200 candidates per request that differ only in ``item_id``. With ``extras`` (see
+        :class:`CandidateRows`) the rows are ``{**bases[q], **extras[q][n], "item_id":
+        item}``: the extras are encoded as rows of their own and their slots copied in.
 
         The arrays are equal to :meth:`encode` of those rows, and so is the count of unknown
         fields; ``n_bad_sequences`` counts a bad ``hist_seq`` once per base, not once per row.
+        An extra named like a field of its query's base, the item field or a sequence field
+        raises ValueError.
 
         Example:
             >>> enc = FeatureEncoder(EncoderConfig(num_buckets=1000, max_cat_fields=4))
@@ -388,10 +414,44 @@ class FeatureEncoder:
         cat = base.cat[rep]
         flat: list[object] = [item for it in items for item in it]
         cat[:, self._cat_slots[ITEM_FIELD]] = self._buckets(ITEM_FIELD, flat)
+        num = base.num[rep]
+        if extras is not None:
+            self._encode_extras(bases, extras, kept, cat, num)
         if base.seq is None or base.seq_age is None:
-            return EncodedBatch(cat=cat, num=base.num[rep])
-        return EncodedBatch(cat=cat, num=base.num[rep], seq=base.seq[rep],
+            return EncodedBatch(cat=cat, num=num)
+        return EncodedBatch(cat=cat, num=num, seq=base.seq[rep],
                             seq_age=base.seq_age[rep])  # fmt: skip
+
+    def _encode_extras(
+        self,
+        bases: Sequence[Mapping[str, object]],
+        extras: Sequence[Sequence[Mapping[str, object]]],
+        kept: Sequence[int],
+        cat: np.ndarray,
+        num: np.ndarray,
+    ) -> None:
+        """Write the slots of the candidates' ``extras`` (queries ``kept``, in order) into
+        ``cat`` (N, Fc) and ``num`` (N, Fn): slots the bases do not use, so zero there."""
+        rows = [e for q in kept for e in extras[q]]
+        names: set[str] = set()
+        for e in rows:
+            names.update(e)
+        for q in kept:
+            clash = names.intersection(bases[q])
+            if clash:
+                raise ValueError(f"extras {sorted(clash)[:5]} are also in the query's base")
+        if ITEM_FIELD in names or not names.isdisjoint(SEQ_FIELDS):
+            raise ValueError("extras must not hold the item id or the behaviour sequence")
+        if not names:
+            return
+        ext = self.encode(rows)  # the extras alone: slots of no base field
+        for key in names:
+            slot = self._cat_slots.get(key, _DROPPED)
+            if slot >= 0:
+                cat[:, slot] = ext.cat[:, slot]
+            slot = self._num_slots.get(key, _DROPPED)
+            if slot >= 0:
+                num[:, slot] = ext.num[:, slot]
 
     def encode_sequence(
         self, rows: Sequence[Mapping[str, object]], max_len: int

@@ -114,6 +114,78 @@ class ServingConfig:
             raise ValueError(f"ServingConfig.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
+def _history_parts(
+    stage: FeatureStage,
+    now: float,
+    user_id: str,
+    items: Sequence[str],
+    position: int | None,
+    context: Mapping[str, str | float],
+) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
+    """:meth:`~features.stage.FeatureStage.peek_many` encoded as :func:`with_history` and
+    :func:`example_row` encode an impression's features: ``(head, parts, tail)``."""
+    head, parts, tail = stage.peek_many(now, user_id, items, position, context)
+    # the tail (user x attribute counters, the behaviour sequence) through the very
+    # encoding an impression's features get: the sequence joined, cut and split again
+    enc = with_history(Impression("serve", now, user_id, "", position, {}), tail)
+    tail_row = example_row(enc)
+    return (
+        {k: float(v) for k, v in head.items()},  # type: ignore[arg-type]
+        [{k: float(v) for k, v in part.items()} for part in parts],  # type: ignore[arg-type]
+        {k: tail_row[k] for k in enc.features},
+    )
+
+
+def history_candidates(
+    stage: FeatureStage,
+    now: float,
+    user_id: str,
+    items: Sequence[str],
+    position: int | None,
+    context: Mapping[str, str | float],
+) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """One user's candidates ``items`` (N,) at ``now`` with the stage's historical
+    features, as a :class:`~learners.encoding.CandidateRows` query: ``(base, extras)``,
+    where ``{**base, **extras[n], "item_id": items[n]}`` equals (as a dict) the row
+    :func:`history_rows` gives: the training row of an impression arriving now. The
+    user's features (and its behaviour sequence) are read and encoded once, not once per
+    candidate. ``context`` must hold no ``hist_*`` name (the caller keeps the per-item
+    form then)."""
+    head, parts, tail = _history_parts(stage, now, user_id, items, position, context)
+    base: dict[str, object] = {**context, **head, **tail, "user_id": user_id}
+    if position is not None:
+        base["position"] = position
+    return base, parts
+
+
+def history_rows(
+    stage: FeatureStage,
+    now: float,
+    user_id: str,
+    items: Sequence[str],
+    position: int | None,
+    context: Mapping[str, str | float],
+) -> list[dict[str, object]]:
+    """The rows (N,) of one user's candidates ``items`` at ``now`` with the stage's
+    historical features: equal, values and key order alike, to ``example_row(with_history(
+    Impression("serve", now, user_id, item, position, context), stage.peek(now, user_id,
+    item, position, context)))`` per item, with the user's features read and encoded once
+    (:meth:`~features.stage.FeatureStage.peek_many`) instead of once per candidate.
+    ``context`` must hold no ``hist_*`` name (the caller keeps the per-item form then)."""
+    head, parts, tail = _history_parts(stage, now, user_id, items, position, context)
+    rows = []
+    for item, part in zip(items, parts, strict=True):
+        row: dict[str, object] = {**context, **head, **part}
+        for k, v in tail.items():  # a sequence list of its own per row, as example_row's
+            row[k] = list(v) if isinstance(v, list) else v
+        row["user_id"] = user_id
+        row["item_id"] = item
+        if position is not None:
+            row["position"] = position
+        rows.append(row)
+    return rows
+
+
 class Recommender:
     """Retrieve, rank and calibrate for one user.
 
@@ -187,15 +259,17 @@ class Recommender:
             now = self.clock()
             pos = self.config.position
             ctx = dict(context)
-            return [
-                example_row(
-                    with_history(
-                        Impression("serve", now, user_id, item, pos, ctx),
-                        stage.peek(now, user_id, item, pos, ctx),
+            if any(k.startswith("hist_") for k in ctx):  # a client's own hist_* values
+                return [
+                    example_row(
+                        with_history(
+                            Impression("serve", now, user_id, item, pos, ctx),
+                            stage.peek(now, user_id, item, pos, ctx),
+                        )
                     )
-                )
-                for item in items
-            ]
+                    for item in items
+                ]
+            return history_rows(stage, now, user_id, items, pos, ctx)
         base = self._base(user_id, context)
         return [{**base, "item_id": item} for item in items]
 
@@ -221,10 +295,26 @@ class Recommender:
         if self.history is None:
             bases = [self._base(user_id, ctx) for user_id, _, ctx in queries]
             rows = CandidateRows(bases, [items for _, items, _ in queries])
-        else:
+        elif any(k.startswith("hist_") for _, _, ctx in queries for k in ctx):
             rows = [
                 row for user_id, items, ctx in queries for row in self._rows(user_id, items, ctx)
             ]
+        else:  # each query's user part encoded once; the candidates' own features apart
+            now = self.clock()
+            heads: list[dict[str, object]] = []
+            extras: list[list[dict[str, object]]] = []
+            for user_id, items, ctx in queries:
+                stage = self.history(user_id)
+                extra: list[dict[str, object]]
+                if stage is None:
+                    base, extra = self._base(user_id, ctx), [{} for _ in items]
+                else:
+                    base, extra = history_candidates(
+                        stage, now, user_id, items, self.config.position, ctx
+                    )
+                heads.append(base)
+                extras.append(extra)
+            rows = CandidateRows(heads, [items for _, items, _ in queries], extras)
         return np.asarray(ranker.predict_proba_many(rows)) if len(rows) else np.zeros(0)
 
     def _rank(

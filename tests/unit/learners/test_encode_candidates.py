@@ -79,3 +79,56 @@ def test_candidate_rows_predict_as_explicit_rows(model: str) -> None:
     # while learning (not frozen) every row is read and encoded as given
     ranker.learn_many(CandidateRows(BASES, ITEMS), [1, 0] * 7)
     assert ranker.n_updates == 4
+
+
+def extras_for(items: list[list[str]]) -> list[list[dict[str, object]]]:
+    """Per candidate: a numeric extra (some missing), a categorical one on the second query
+    and a name with no slot on the third."""
+    out: list[list[dict[str, object]]] = []
+    for q, its in enumerate(items):
+        rows: list[dict[str, object]] = []
+        for n, _ in enumerate(its):
+            e: dict[str, object] = {} if n % 3 == 2 else {"hist_item_n": float(n) - 1.5}
+            if q == 1:
+                e["item_seg"] = f"s{n}"
+            if q == 2:
+                e["hist_unknown"] = 1.0
+            rows.append(e)
+        out.append(rows)
+    return out
+
+
+def explicit_extras(bases, items, extras):  # noqa: ANN001, ANN202
+    return [{**b, **e, "item_id": it} for b, its, es in zip(bases, items, extras, strict=True)
+            for it, e in zip(its, es, strict=True)]  # fmt: skip
+
+
+def test_encode_candidates_with_extras_equals_encode_of_every_row() -> None:
+    enc = trained_encoder()
+    enc.encode([{"user_id": "u0", "item_id": "i0", "hist_item_n": 1.0, "item_seg": "s"}])
+    extras = extras_for(ITEMS)
+    with frozen_fields():
+        before = enc.n_unknown_fields
+        got = enc.encode(CandidateRows(BASES, ITEMS, extras))
+        unknown = enc.n_unknown_fields - before
+        want = enc.encode(explicit_extras(BASES, ITEMS, extras))
+    assert unknown == enc.n_unknown_fields - before - unknown  # the same count as rows give
+    assert unknown == 2  # ctx_new (a base) and hist_unknown (an extra)
+    for name in ("cat", "num", "seq", "seq_age"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    slot = enc.num_fields.index("hist_item_n")
+    assert got.num[:, slot].any()  # the extras are there: the check is not vacuous
+    assert list(CandidateRows(BASES, ITEMS, extras)) == explicit_extras(BASES, ITEMS, extras)
+
+
+@pytest.mark.parametrize("bad", [{"ctx_device": "x"}, {"item_id": "i9"}, {"hist_seq": ["a"]}])
+def test_extras_may_not_repeat_a_base_field(bad: dict[str, object]) -> None:
+    enc = trained_encoder()
+    extras = [[dict(bad) for _ in its] for its in ITEMS]
+    with frozen_fields(), pytest.raises(ValueError, match="extras"):
+        enc.encode(CandidateRows(BASES, ITEMS, extras))
+
+
+def test_extras_must_match_the_items() -> None:
+    with pytest.raises(ValueError, match="one mapping per item"):
+        CandidateRows(BASES, ITEMS, [[{}] for _ in ITEMS])
