@@ -33,6 +33,7 @@ from stream.services.join_state import (
     delta_chunks,
     pending_value,
     replay_features,
+    state_json,
 )
 from stream.settings import Settings
 
@@ -349,7 +350,7 @@ class JoinService:
                 click_ts = j.clicked.get(iid)
                 state.put(partition, "i/" + iid, b'{"c":%s,"i":%s}' % (
                     b"null" if click_ts is None else repr(click_ts).encode(),
-                    raw if isinstance(raw, bytes) else event.to_json()))  # fmt: skip
+                    raw if isinstance(raw, bytes) else state_json(event)))  # fmt: skip
             if had_orphan and iid not in j.orphan_clicks:
                 state.delete(partition, "c/" + iid)
             self._save_watermark(partition, j)
@@ -466,7 +467,7 @@ class JoinService:
             if iid not in j.done:  # already past the dedup horizon: forgotten
                 self.state.delete(partition, "i/" + iid)
                 continue
-            imp = b"" if e.label else b',"i":' + e.impression.to_json()
+            imp = b"" if e.label else b',"i":' + state_json(e.impression)
             self.state.put(partition, "i/" + iid,
                            b'{"d":%d,"t":%r%s}' % (e.label, e.label_ts, imp))  # fmt: skip
 

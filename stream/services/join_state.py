@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+import msgspec
+
 from features.stage import FeatureStage, paused_gc
 from logs.events import Impression
 
@@ -67,10 +69,26 @@ class MemoryJoinState:
         return sum(len(d) for d in self.data.values())
 
 
+_json = msgspec.json.Encoder()
+
+
+def state_json(imp: Impression) -> bytes:
+    """``imp`` as the JSON object the join state keeps (the fields of
+    :meth:`~logs.events.Impression.to_dict`; UTF-8, not ``\\u``-escaped). msgspec's encoder:
+    the state writes one per impression, and the standard library's ``json.dumps`` was ~13%
+    of the join path (``bench.joiner`` profile). Parsed back by the standard library's
+    ``json.loads``; every float round-trips (the impression is validated finite).
+
+    >>> state_json(Impression("a", 1.7e9, "u", "\u00e9", features={"x": 0.1}))
+    b'{"impression_id":"a","ts":1700000000.0,"user_id":"u","item_id":"\xc3\xa9","features":{"x":0.1}}'
+    """
+    return _json.encode(imp.to_dict())
+
+
 def pending_value(imp: Impression, click_ts: float | None) -> bytes:
     """The value of a pending impression's ``i/<impression_id>`` entry."""
     return b'{"c":%s,"i":%s}' % (b"null" if click_ts is None else repr(click_ts).encode(),
-                                 imp.to_json())  # fmt: skip
+                                 state_json(imp))  # fmt: skip
 
 
 def delta_chunks(calls: list[list[Any]], size: int) -> list[bytes]:

@@ -211,3 +211,32 @@ def test_joiner_dead_letters_bad_events_of_an_envelope_and_keeps_the_rest() -> N
     assert set(svc.joiner(3).pending) == {"i0", "i2"}
     out, dead = svc.handle_record(ENVELOPE_MAGIC + b"\x07", TOPIC_IMPRESSIONS, 3, 18)
     assert out == [] and [d.reason for d in dead] == ["unsupported_version"]
+
+
+def test_the_same_events_in_json_and_in_an_envelope_are_labelled_once() -> None:
+    """A producer that retries a batch in the other form (JSON records, then an envelope
+    holding the same events, and again JSON; clicks too): every impression is labelled
+    once, with the label the first delivery earns, and the repeats are counted."""
+    svc = _service()
+    events = [imp(i, user=f"u{i % 3}") for i in range(12)]
+    clicks = [{"impression_id": f"i{i}", "ts": T0 + i + 5} for i in range(0, 12, 3)]
+    out = []
+    for e in events[:6]:
+        out += svc.handle_record(Impression(**e).to_json(), TOPIC_IMPRESSIONS, 0, 0)[0]
+    out += svc.handle_record(encode_envelope(TOPIC_IMPRESSIONS, events), TOPIC_IMPRESSIONS, 0, 1)[0]
+    for e in events[4:]:
+        out += svc.handle_record(Impression(**e).to_json(), TOPIC_IMPRESSIONS, 0, 2)[0]
+    out += svc.handle_record(encode_envelope(TOPIC_CLICKS, clicks), TOPIC_CLICKS, 0, 3)[0]
+    for c in clicks:
+        out += svc.handle_record(Click(**c).to_json(), TOPIC_CLICKS, 0, 4)[0]
+    wm = Watermark(T0 + 5000).to_json()
+    for topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS):
+        out += svc.handle_record(wm, topic, 0, 5)[0]
+    ids = [e.impression.impression_id for e in out]
+    assert sorted(ids) == sorted(f"i{i}" for i in range(12))  # each once
+    assert {e.impression.impression_id for e in out if e.label} == {
+        c["impression_id"] for c in clicks
+    }
+    c = svc.joiner(0).counters
+    assert c.duplicate_impressions == 6 + 8
+    assert c.duplicate_clicks == len(clicks)
