@@ -70,7 +70,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from features.config import FeatureConfig
+from features.config import MAX_NAME_LEN, FeatureConfig
 from features.records import COUNT, NEVER, TIME, KeyRecords
 
 _SEP = "\x1f"  # between the parts of a key (its kind's letter, user, item, ...)
@@ -106,6 +106,9 @@ class FeatureStage:
         self._h, self._rates, self._c0 = kr.h, kr.rates, kr.c0
         self._last_imp, self._last_clk = kr.last_imp, kr.last_clk
         self._labels = [_label(h) for h in c.half_lives_s]
+        # the longest item_* attribute name whose features (hist_u_<name>_imp_<label>)
+        # stay within MAX_NAME_LEN
+        self._max_attr_name = MAX_NAME_LEN - len("hist_u__imp_") - max(map(len, self._labels))
         # kind -> per half-life (imp name, clk name, ctr name, rate 1/s, imp index, clk
         # index in a key record)
         self._names: dict[str, list[tuple[str, str, str, float, int, int]]] = {}
@@ -137,6 +140,7 @@ class FeatureStage:
             "evicted_keys": 0,
             "evicted_impressions": 0,
             "evicted_sequences": 0,
+            "skipped_attributes": 0,
         }
 
     # ---------------------------------------------------------------- public API
@@ -180,7 +184,7 @@ class FeatureStage:
         if impression_id in self._imps:
             self.stats["duplicate_impressions"] += 1
             return None
-        cats = _categoricals(attrs)
+        cats = self._categoricals(attrs, count=True)
         kinds, keys = self._key_list(user_id, item_id, position, cats)
         feats = self._compute(ts, user_id, kinds, keys, update=True)
         self.stats["impressions"] += 1
@@ -203,7 +207,7 @@ class FeatureStage:
     ) -> dict[str, object]:
         """The features an impression with these fields would get at ``ts``; changes no
         state (serving)."""
-        kinds, keys = self._key_list(user_id, item_id, position, _categoricals(attrs))
+        kinds, keys = self._key_list(user_id, item_id, position, self._categoricals(attrs))
         approx = self.stats["approximate"]
         feats = self._compute(ts, user_id, kinds, keys)
         self.stats["approximate"] = approx
@@ -224,7 +228,7 @@ class FeatureStage:
         counters and recency; ``parts[n]``: the item's, the user x item pair's and the
         item x position's; ``tail``: the user x attribute counters and the behaviour
         sequence. Changes no state."""
-        cats = _categoricals(attrs)
+        cats = self._categoricals(attrs)
         approx = self.stats["approximate"]
         user_key = f"u\x1f{user_id}"
         head = self._compute(ts, user_id, ("user",), [user_key], sequence=False)
@@ -323,6 +327,27 @@ class FeatureStage:
         self.stats.update(state.get("stats", {}))
 
     # ---------------------------------------------------------------- internals
+    def _categoricals(
+        self, attrs: Mapping[str, object] | None, count: bool = False
+    ) -> tuple[tuple[str, str], ...]:
+        """The string ``item_*`` attributes that get user x attribute keys, in order: at
+        most ``max_attributes``, none whose feature names would be too long (``count``:
+        the skipped ones into ``stats["skipped_attributes"]``)."""
+        if not attrs:
+            return ()
+        out: list[tuple[str, str]] = []
+        cap, longest = self.config.max_attributes, self._max_attr_name
+        skipped = 0
+        for name, value in attrs.items():
+            if name.startswith("item_") and isinstance(value, str):
+                if len(out) < cap and len(name) <= longest:
+                    out.append((name, value))
+                else:
+                    skipped += 1
+        if skipped and count:
+            self.stats["skipped_attributes"] += skipped
+        return tuple(out)
+
     def _fix_record(self, rec: list[Any]) -> list[Any]:
         # state_dict writes "never" (-inf) as None
         return [(_NEG_INF if v is None else v) for v in rec[:-1]] + [list(rec[-1])]
@@ -580,19 +605,6 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-def _categoricals(attrs: Mapping[str, object] | None) -> tuple[tuple[str, str], ...]:
-    """The string ``item_*`` attributes that get user x attribute keys, in order."""
-    if not attrs:
-        return ()
-    return tuple(
-        [
-            (name, value)
-            for name, value in attrs.items()
-            if name.startswith("item_") and isinstance(value, str)
-        ]
-    )
 
 
 def _imp_from_v1(v: Sequence[Any]) -> list[Any]:

@@ -25,8 +25,8 @@ import msgspec
 from logs.events import (
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,
-    MAX_FEATURES,
     MAX_ID_LEN,
+    MAX_STORED_FEATURES,
     MAX_TS,
     MIN_TS,
     RESERVED_FEATURE_NAMES,
@@ -82,7 +82,8 @@ _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
 _FeatureValue = Annotated[str, msgspec.Meta(max_length=MAX_FEATURE_VALUE_LEN)] | _Finite
 # names unconstrained here: a constrained key type bypasses msgspec's cache of short keys,
 # which doubled the decode time; their length is checked after decoding
-_Features = Annotated[dict[str, _FeatureValue], msgspec.Meta(max_length=MAX_FEATURES)]
+# a labelled impression carries its historical features too: MAX_STORED_FEATURES
+_Features = Annotated[dict[str, _FeatureValue], msgspec.Meta(max_length=MAX_STORED_FEATURES)]
 
 
 class _WireLabeled(msgspec.Struct, array_like=True, gc=False):

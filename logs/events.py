@@ -63,6 +63,10 @@ MIN_TS = 946_684_800.0
 MAX_TS = 4_102_444_800.0
 MAX_ID_LEN = 256
 MAX_FEATURES = 256
+#: an impression the joiner keeps or labels carries its historical features too (at most
+#: ``features.config.MAX_HISTORY_FEATURES`` more): the limit on stored and ``labeled``
+#: impressions, which were validated against :data:`MAX_FEATURES` when they came in
+MAX_STORED_FEATURES = MAX_FEATURES + 512
 MAX_FEATURE_NAME_LEN = 128
 MAX_FEATURE_VALUE_LEN = 1024
 MAX_EVENT_BYTES = 64 * 1024
@@ -195,7 +199,7 @@ class LabeledExample:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> LabeledExample:
-        imp = _impression_from_obj(d)
+        imp = _impression_from_obj(d, stored=True)
         label = d.get("label")
         if label not in (0, 1):
             raise InvalidEvent("bad_value", f"label must be 0 or 1, got {label!r}")
@@ -330,14 +334,14 @@ def _ts(d: Mapping[str, Any], name: str = "ts") -> float:
     return ts
 
 
-def _features(d: Mapping[str, Any]) -> dict[str, str | float]:
+def _features(d: Mapping[str, Any], max_features: int = MAX_FEATURES) -> dict[str, str | float]:
     raw = d.get("features")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise InvalidEvent("bad_type", "field 'features' must be an object")
-    if len(raw) > MAX_FEATURES:
-        raise InvalidEvent("too_large", f"{len(raw)} features > {MAX_FEATURES}")
+    if len(raw) > max_features:
+        raise InvalidEvent("too_large", f"{len(raw)} features > {max_features}")
     out: dict[str, str | float] = {}
     for k, v in raw.items():
         if len(k) > MAX_FEATURE_NAME_LEN:
@@ -366,7 +370,9 @@ RESERVED_FEATURE_NAMES = frozenset(
 )  # fmt: skip
 
 
-def _impression_from_obj(d: Mapping[str, Any]) -> Impression:
+def _impression_from_obj(d: Mapping[str, Any], stored: bool = False) -> Impression:
+    """The validated impression of the object ``d``; ``stored``: one the joiner kept or
+    labelled, with its historical features (up to :data:`MAX_STORED_FEATURES` features)."""
     position = d.get("position")
     if position is not None:
         if isinstance(position, bool) or not isinstance(position, int):
@@ -383,7 +389,7 @@ def _impression_from_obj(d: Mapping[str, Any]) -> Impression:
         user_id=intern(_str_id(d, "user_id")),
         item_id=intern(_str_id(d, "item_id")),
         position=position,
-        features=_features(d),
+        features=_features(d, MAX_STORED_FEATURES if stored else MAX_FEATURES),
         served_score=_finite(d, "served_score", required=False),
         model_version=mv if isinstance(mv, int) and not isinstance(mv, bool) else None,
         true_p=true_p,
@@ -393,6 +399,13 @@ def _impression_from_obj(d: Mapping[str, Any]) -> Impression:
 def parse_impression(raw: bytes | str) -> Impression:
     """Validate one ``impressions`` record. Raises :class:`InvalidEvent`."""
     return _impression_from_obj(load_object(raw))
+
+
+def parse_stored_impression(raw: bytes | str) -> Impression:
+    """Validate an impression the joiner's own state kept (with its historical features):
+    as :func:`parse_impression`, without the input's byte limit and with
+    :data:`MAX_STORED_FEATURES` features. Raises :class:`InvalidEvent`."""
+    return _impression_from_obj(load_object(raw, max_bytes=None), stored=True)
 
 
 def parse_click(raw: bytes | str) -> Click:

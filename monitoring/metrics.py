@@ -101,7 +101,8 @@ class StreamrecMetrics:
         self.feature_state_shed = gauge(
             "feature_state_shed",
             "State the feature stages on this worker shed so far, by kind: keys (idle past"
-            " the TTL: expired; over the budget: evicted), impressions, sequences.",
+            " the TTL: expired; over the budget: evicted), impressions, sequences, and the"
+            " item_* attributes given no user x attribute key (skipped_attributes).",
             ("kind",),
         )
         self.feature_follower_staleness_seconds = gauge(

@@ -20,8 +20,8 @@ from logs.events import (
     InvalidEvent,
     LabeledExample,
     Watermark,
-    parse_impression,
     parse_input,
+    parse_stored_impression,
     with_history,
 )
 from monitoring.metrics import StreamrecMetrics
@@ -131,9 +131,9 @@ class JoinService:
             try:
                 if key.startswith("i/"):
                     d = json.loads(value)
-                    # ensure_ascii=False: the size limit is on UTF-8 bytes, and \u escapes
-                    # would grow a valid non-ASCII impression past it
-                    imp = (parse_impression(json.dumps(d["i"], ensure_ascii=False))
+                    # validated as a stored impression: with its historical features, it
+                    # may hold more than an input's features and bytes
+                    imp = (parse_stored_impression(json.dumps(d["i"], ensure_ascii=False))
                            if "i" in d else None)  # fmt: skip
                     if "d" in d:
                         done.append((key[2:], int(d["d"]), float(d["t"]), imp))
@@ -505,6 +505,7 @@ class JoinService:
                 "evicted_keys",
                 "evicted_impressions",
                 "evicted_sequences",
+                "skipped_attributes",
             ):
                 m.feature_state_shed.labels(kind=kind).set(sum(st.stats[kind] for st in stages))
         store = getattr(self.state, "store", self.state)  # under a SegmentedState

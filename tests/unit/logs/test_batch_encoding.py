@@ -26,8 +26,8 @@ from logs.batches import (
 from logs.events import (
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURE_VALUE_LEN,
-    MAX_FEATURES,
     MAX_ID_LEN,
+    MAX_STORED_FEATURES,
     MAX_TS,
     MIN_TS,
     REASONS,
@@ -188,7 +188,7 @@ BAD_FIELDS = [
     ("features", {"f": None}, "bad_type", None),
     ("features", {"f": "v" * (MAX_FEATURE_VALUE_LEN + 1)}, "too_large", "too_large"),
     ("features", {"k" * (MAX_FEATURE_NAME_LEN + 1): 1.0}, "too_large", "too_large"),
-    ("features", {f"f{k}": 1.0 for k in range(MAX_FEATURES + 1)}, "too_large", "too_large"),
+    ("features", {f"f{k}": 1.0 for k in range(MAX_STORED_FEATURES + 1)}, "too_large", "too_large"),
     ("features", {"ok": 1.0, "true_p": 0.5}, "bad_value", "bad_value"),
     ("served_score", NAN, "non_finite", "non_finite"),
     ("model_version", "12", "bad_type", None),
