@@ -192,8 +192,8 @@ def normalize_frame(raw: pd.DataFrame, *, source: str, kind: SourceKind = "frame
             raise fail(
                 "ts",
                 i,
-                f"ts {float(ts[i])!r} is before the previous row's {float(ts[i - 1])!r}; rows must be "
-                "ordered by ts (non-decreasing; sort stably before writing)",
+                f"ts {float(ts[i])!r} is before the previous row's {float(ts[i - 1])!r}; rows "
+                "must be ordered by ts (non-decreasing; sort stably before writing)",
             )
     out["ts"] = pd.Series(ts, dtype="float64")
 
