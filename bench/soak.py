@@ -33,7 +33,10 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
   interpolated in its buckets as PromQL's ``histogram_quantile``).
 
 The report (``bench/results/soak_<minutes>m.json``, and ``.png`` with matplotlib) gives the
-least-squares slopes after ``--warmup-frac`` of the run (default the first third): RSS in
+least-squares slopes after ``--warmup-frac`` of the run (default the first third) and up to
+the first row where the worker is more than a minute of input behind (``backlog_from_s``; a
+backlog grows the worker's buffers with the lag, and the embedded broker, which keeps every
+record in memory, slows the worker so after about two hours at 200/s): RSS in
 MB/hour and % of its mean per hour (bar: < 1 %/h), disk in MB/hour; ``memory_fits``: for
 RSS, its floor and each kind of mapping, the least-squares slope with its standard error,
 Theil-Sen's slope and whether slope + 2 SE is below 1 % of the mean RSS per hour (the bar
@@ -92,6 +95,8 @@ EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
 DEFAULT_USERS = 5_000
 FEATURE_MAX_BYTES = 128 * 2**20  # below the default (512 MiB): reached within the warm-up
 FULL_FRAC = 0.9  # the feature state counts as full from this share of FEATURE_MAX_BYTES
+#: the slopes stop where the worker falls this many seconds of input behind (a backlog)
+BACKLOG_S = 60.0
 FRESHNESS = "streamrec_update_freshness_seconds"  # label emitted -> ranker learned, s
 CONFIG = f"""
 feature_max_bytes = {FEATURE_MAX_BYTES}
@@ -371,11 +376,27 @@ def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in now.items()}
 
 
+def _backlog_row(rows: list[dict[str, Any]], start: int, rate: float) -> int:
+    """Index of the first row from ``start`` whose lag passes :data:`BACKLOG_S` seconds of
+    input (impressions and their ~5 % clicks), ``len(rows)`` if none does."""
+    limit = BACKLOG_S * rate * 1.05
+    return next((i for i in range(start, len(rows)) if rows[i]["lag_events"] > limit), len(rows))
+
+
 def summarize(
     rows: list[dict[str, Any]], *, minutes: float, rate: float, warmup_frac: float
 ) -> dict[str, Any]:
-    """Slopes after the warm-up and the extremes of every row series."""
-    cut = rows[int(len(rows) * warmup_frac) :]
+    """Slopes after the warm-up and the extremes of every row series.
+
+    The slopes stop at the first row after the warm-up whose ``lag_events`` passes
+    :data:`BACKLOG_S` seconds of input (``backlog_from_s``): from there the worker holds a
+    backlog (pending impressions, consumer buffers) that grows with the lag, not with time,
+    and on the embedded broker that happens once its memory storage has grown for about two
+    hours at 200/s. The rows after it stay in the report and its figure.
+    """
+    start = int(len(rows) * warmup_frac)
+    end = _backlog_row(rows, start, rate)
+    cut = rows[start:end]
     t = [r["t_s"] for r in cut]
     rss = [r["worker_rss_mb"] for r in cut]
     mean_rss = float(np.nanmean(rss)) if rss else math.nan
@@ -398,7 +419,7 @@ def summarize(
     # growth is part of any slope; fitted again from the first row at 90 % of the bound
     at = FULL_FRAC * FEATURE_MAX_BYTES
     full = next((i for i, r in enumerate(rows) if (r.get("feature_state_bytes") or 0) >= at), None)
-    bounded = rows[max(full, int(len(rows) * warmup_frac)) :] if full is not None else []
+    bounded = rows[max(full, start) : end] if full is not None else []
     tb = [r["t_s"] for r in bounded]
     mean_b = float(np.nanmean([r["worker_rss_mb"] for r in bounded])) if bounded else math.nan
     fits_bounded = {
@@ -415,6 +436,9 @@ def summarize(
         "rows": rows,
         "after_warmup": {
             "from_t_s": t[0] if t else None,
+            "to_t_s": t[-1] if t else None,
+            "backlog_from_s": rows[end]["t_s"] if end < len(rows) else None,
+            "rows_after_backlog": len(rows) - end,
             "worker_rss_mb_mean": round(mean_rss, 1),
             "worker_rss_slope_mb_per_h": None if rss_slope is None else round(rss_slope, 2),
             "worker_rss_slope_pct_per_h": None
@@ -440,6 +464,30 @@ def summarize(
         "bar": "RSS slope after warm-up < 1 %/h; disk bounded by retention (store keep 5, "
         "checkpoints keep 5); the issue asks for >= 30 minutes",
     }
+
+
+def refit(path: Path, warmup_frac: float) -> dict[str, Any]:
+    """Recompute a saved report's ``after_warmup`` from its rows with :func:`summarize`.
+
+    Keeps what the rows cannot give again (label -> update quantiles, from histograms not
+    kept in the rows), the run's command and machine; rewrites the report and its figure.
+    """
+    report = json.loads(path.read_text())
+    new = summarize(report["rows"], minutes=report["minutes"],
+                    rate=report["rate_impressions_per_s"], warmup_frac=warmup_frac)  # fmt: skip
+    after = new["after_warmup"]
+    for key, value in report["after_warmup"].items():
+        after.setdefault(key, value)
+    report["after_warmup"] = after
+    report["refit"] = {"date": new["date"], "warmup_frac": warmup_frac,
+                       "by": "bench.soak.summarize: slopes stop at backlog_from_s"}  # fmt: skip
+    report.pop("resummarized", None)
+    write_report(report, path)
+    plot(report, path.with_suffix(".png"))
+    print(f"rewrote {path}: RSS slope {after['worker_rss_slope_pct_per_h']} %/h, floor "
+          f"{(after['memory_fits']['worker_rss_floor'] or {}).get('ols_pct_per_h')} %/h "
+          f"from {after['from_t_s']} s to {after['to_t_s']} s")  # fmt: skip
+    return report
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -514,7 +562,13 @@ def cli(argv: list[str] | None = None) -> int:
                    help="RSS samples between rows (each row keeps their min and max)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, data)")
     p.add_argument("--results-dir", type=Path, default=None, help=f"default {RESULTS_DIR}")
+    p.add_argument("--refit", type=Path, default=None, metavar="REPORT",
+                   help="recompute REPORT's slopes from its rows (with --warmup-frac) and "
+                        "rewrite it and its figure; runs nothing")  # fmt: skip
     a = p.parse_args(argv)
+    if a.refit is not None:
+        refit(a.refit, a.warmup_frac)
+        return 0
     run(5.0 if a.quick else a.minutes, a.rate, a.sample_s, a.requests, a.warmup_frac,
         results_dir=a.results_dir, keep=a.keep, users=a.users,
         hostile_per_s=a.hostile_per_s, rss_every_s=a.rss_every_s)  # fmt: skip

@@ -45,3 +45,56 @@ def test_slopes_are_fitted_again_once_the_feature_state_sheds() -> None:
     rows_never_full = [r | {"feature_state_bytes": FEATURE_MAX_BYTES / 2} for r in rows]
     a = summarize(rows_never_full, minutes=60, rate=100, warmup_frac=1 / 3)["after_warmup"]
     assert a["feature_state_full_at_s"] is None and a["memory_fits_after_feature_bound"] is None
+
+
+def test_slopes_stop_where_the_worker_falls_a_minute_of_input_behind() -> None:
+    from bench.soak import BACKLOG_S, FEATURE_MAX_BYTES, summarize
+
+    rate = 200.0
+    rows = []
+    for k in range(60):  # flat RSS until minute 45; then a backlog grows the lag and the RSS
+        behind = max(0, k - 45)
+        mb = 900.0 + 20.0 * behind
+        rows.append({"t_s": 60.0 * k, "worker_rss_mb": mb + 20, "worker_rss_min_mb": mb,
+                     "rss_heap_mb": mb / 4, "rss_anon_mb": mb / 2, "rss_file_mb": 100.0,
+                     "data_dir_mb": 1.0, "store_mb": 1.0, "checkpoints_mb": 1.0,
+                     "join_state_bytes": 1.0, "feature_state_bytes": FEATURE_MAX_BYTES,
+                     "feature_keys_evicted": 0.0, "store_versions": 5,
+                     "checkpoint_files": 5, "lag_events": 13_000.0 * behind + 500.0 * (k % 2),
+                     "score_errors": 0, "stage_errors": 0.0})  # fmt: skip
+    assert rows[45]["lag_events"] < BACKLOG_S * rate < rows[46]["lag_events"]
+    a = summarize(rows, minutes=60, rate=rate, warmup_frac=1 / 3)["after_warmup"]
+    assert (a["from_t_s"], a["to_t_s"], a["backlog_from_s"]) == (20 * 60.0, 45 * 60.0, 46 * 60.0)
+    assert a["rows_after_backlog"] == 14 and a["max_lag_events"] == rows[-1]["lag_events"]
+    for fits in (a["memory_fits"], a["memory_fits_after_feature_bound"]):
+        assert fits["worker_rss_floor"]["points"] == 26
+        assert abs(fits["worker_rss_floor"]["ols_mb_per_h"]) < 1.0  # flat before the backlog
+    quiet = [r | {"lag_events": 0.0} for r in rows]  # the same RSS without a backlog
+    b = summarize(quiet, minutes=60, rate=rate, warmup_frac=1 / 3)["after_warmup"]
+    assert b["backlog_from_s"] is None and b["to_t_s"] == 59 * 60.0
+    assert b["memory_fits"]["worker_rss_floor"]["ols_mb_per_h"] > 100
+
+
+def test_refit_recomputes_a_saved_report_and_keeps_what_the_rows_cannot_give(tmp_path) -> None:
+    import json
+
+    from bench.soak import FEATURE_MAX_BYTES, cli, summarize
+
+    rows = [{"t_s": 60.0 * k, "worker_rss_mb": 900.0 + k, "worker_rss_min_mb": 880.0 + k,
+             "rss_heap_mb": 200.0, "rss_anon_mb": 500.0, "rss_file_mb": 100.0,
+             "data_dir_mb": 1.0, "store_mb": 1.0, "checkpoints_mb": 1.0, "join_state_bytes": 1.0,
+             "feature_state_bytes": FEATURE_MAX_BYTES, "feature_keys_evicted": 0.0,
+             "store_versions": 5, "checkpoint_files": 5,
+             "lag_events": 0.0 if k < 40 else 1e6, "score_errors": 0, "stage_errors": 0.0}
+            for k in range(50)]  # fmt: skip
+    old = summarize(rows, minutes=50, rate=200, warmup_frac=0.2)
+    old["after_warmup"] |= {"freshness_p50_s": 0.4, "to_t_s": None}
+    path = tmp_path / "soak.json"
+    path.write_text(json.dumps(old))
+    assert cli(["--refit", str(path), "--warmup-frac", "0.5"]) == 0
+    new = json.loads(path.read_text())
+    a = new["after_warmup"]
+    assert (a["from_t_s"], a["to_t_s"], a["backlog_from_s"]) == (25 * 60.0, 39 * 60.0, 40 * 60.0)
+    assert a["freshness_p50_s"] == 0.4  # kept: the rows cannot give it again
+    assert new["refit"]["warmup_frac"] == 0.5 and new["rows"] == rows
+    assert abs(a["memory_fits"]["worker_rss_floor"]["ols_mb_per_h"] - 60.0) < 1e-6
