@@ -6,6 +6,6 @@ sequence of the history contract (see ``learners.encoding``).
 """
 
 from features.config import FeatureConfig
-from features.stage import FeatureStage
+from features.stage import FeatureStage, PeekCache
 
-__all__ = ["FeatureConfig", "FeatureStage"]
+__all__ = ["FeatureConfig", "FeatureStage", "PeekCache"]

@@ -97,6 +97,19 @@ EARLY_CLICK_BYTES = 260
 SEQUENCE_ENTRY_BYTES = 220
 
 
+class PeekCache:
+    """Each item's own parts of :meth:`FeatureStage.peek_many` at one ``ts`` and
+    ``position`` of one stage, shared by the users of a serving batch (build one per
+    batch; the stage may change between batches). ``items``: item -> the part (item, user
+    x item, item x position features) of a user who never saw the item."""
+
+    __slots__ = ("items", "position", "stage", "ts")
+
+    def __init__(self, stage: FeatureStage, ts: float, position: int | None) -> None:
+        self.stage, self.ts, self.position = stage, ts, position
+        self.items: dict[str, dict[str, object]] = {}
+
+
 class FeatureStage:
     """Point-in-time historical features, state inside (see the module docstring)."""
 
@@ -220,6 +233,7 @@ class FeatureStage:
         item_ids: Sequence[str],
         position: int | None = None,
         attrs: Mapping[str, object] | None = None,
+        cache: PeekCache | None = None,
     ) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
         """:meth:`peek` of one user's impression of each of ``item_ids`` (N,) at ``ts``, the
         user's part computed once (serving ranks N candidates per request): ``(head,
@@ -227,20 +241,53 @@ class FeatureStage:
         item_ids[n], position, attrs)``, values and key order alike. ``head``: the user's
         counters and recency; ``parts[n]``: the item's, the user x item pair's and the
         item x position's; ``tail``: the user x attribute counters and the behaviour
-        sequence. Changes no state."""
+        sequence. Changes no state.
+
+        ``cache``: a :class:`PeekCache` of this stage at this ``ts`` and ``position``,
+        shared by the users of one serving batch: each item's own counters (and the item x
+        position's) are computed once per batch, not once per user, and a candidate the
+        user never saw gets the one shared (read-only) part of that item. Without counters
+        it is ignored.
+        """
         cats = self._categoricals(attrs)
         approx = self.stats["approximate"]
         user_key = f"u\x1f{user_id}"
         head = self._compute(ts, user_id, ("user",), [user_key], sequence=False)
-        parts = []
-        for item in item_ids:
-            kinds, keys = self._key_list(user_id, item, position, ())
-            parts.append(self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False))
+        parts: list[dict[str, object]] = []
+        if cache is not None and self.config.counters:
+            if cache.stage is not self or cache.ts != ts or cache.position != position:
+                raise ValueError("the PeekCache is of another stage, time or position")
+            self._cached_parts(user_id, item_ids, cache, parts)
+        else:
+            for item in item_ids:
+                kinds, keys = self._key_list(user_id, item, position, ())
+                parts.append(self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False))
         kinds, keys = self._key_list(user_id, "", position, cats)
         n = len(_KINDS if position is None else _KINDS_POS)
         tail = self._compute(ts, user_id, kinds[n:], keys[n:])
         self.stats["approximate"] = approx
         return head, parts, tail
+
+    def _cached_parts(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        cache: PeekCache,
+        parts: list[dict[str, object]],
+    ) -> None:
+        """:meth:`peek_many`'s ``parts`` through ``cache`` (appended to ``parts``): a pair
+        the state holds is computed for this user; any other candidate gets its item's
+        shared part, whose user x item features are those of a pair never seen."""
+        ts, position, keys_of, items = cache.ts, cache.position, self._keys, cache.items
+        for item in item_ids:
+            pair = f"p\x1f{user_id}\x1f{item}"
+            got = None if pair in keys_of else items.get(item)
+            if got is None:
+                kinds, keys = self._key_list(user_id, item, position, ())
+                got = self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False)
+                if pair not in keys_of:
+                    items[item] = got
+            parts.append(got)
 
     def click(self, impression_id: str, ts: float, user_id: str | None = None) -> bool:
         """Apply a click at event time ``ts``. True when it was applied or kept for its
@@ -383,7 +430,7 @@ class FeatureStage:
             for ni, nc, nr, _, _, _ in names:
                 empty[ni] = 0.0
                 empty[nc] = 0.0
-                empty[nr] = self.config.ctr_prior
+                empty[nr] = float(self.config.ctr_prior)
             if ent == "ui":
                 empty["hist_ui_n"] = 0.0
             self._empty[ent] = empty

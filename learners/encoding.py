@@ -444,14 +444,24 @@ class FeatureEncoder:
             raise ValueError("extras must not hold the item id or the behaviour sequence")
         if not names:
             return
+        take: np.ndarray | slice = slice(None)
+        if getattr(_MODE, "frozen", False):
+            # a row is encoded alone, so one dict shared by several candidates (the part of
+            # an item no user of the batch saw, features.stage.PeekCache) is encoded once;
+            # at inference nothing else depends on how many rows hold a field
+            first: dict[int, int] = {}
+            inv = [first.setdefault(id(e), len(first)) for e in rows]
+            if len(first) < len(rows):
+                uniq = list({id(e): e for e in rows}.values())
+                rows, take = uniq, np.asarray(inv, dtype=np.int64)
         ext = self.encode(rows)  # the extras alone: slots of no base field
         for key in names:
             slot = self._cat_slots.get(key, _DROPPED)
             if slot >= 0:
-                cat[:, slot] = ext.cat[:, slot]
+                cat[:, slot] = ext.cat[take, slot]
             slot = self._num_slots.get(key, _DROPPED)
             if slot >= 0:
-                num[:, slot] = ext.num[:, slot]
+                num[:, slot] = ext.num[take, slot]
 
     def encode_sequence(
         self, rows: Sequence[Mapping[str, object]], max_len: int

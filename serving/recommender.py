@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from features.stage import FeatureStage
+from features.stage import FeatureStage, PeekCache
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
 from learners.encoding import CandidateRows
@@ -121,17 +121,20 @@ def _history_parts(
     items: Sequence[str],
     position: int | None,
     context: Mapping[str, str | float],
+    cache: PeekCache | None = None,
 ) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
     """:meth:`~features.stage.FeatureStage.peek_many` encoded as :func:`with_history` and
-    :func:`example_row` encode an impression's features: ``(head, parts, tail)``."""
-    head, parts, tail = stage.peek_many(now, user_id, items, position, context)
+    :func:`example_row` encode an impression's features: ``(head, parts, tail)``. The
+    parts are the stage's own dicts (Python floats already; with ``cache`` several
+    candidates may share one): read them, never change them."""
+    head, parts, tail = stage.peek_many(now, user_id, items, position, context, cache)
     # the tail (user x attribute counters, the behaviour sequence) through the very
     # encoding an impression's features get: the sequence joined, cut and split again
     enc = with_history(Impression("serve", now, user_id, "", position, {}), tail)
     tail_row = example_row(enc)
     return (
         {k: float(v) for k, v in head.items()},  # type: ignore[arg-type]
-        [{k: float(v) for k, v in part.items()} for part in parts],  # type: ignore[arg-type]
+        parts,
         {k: tail_row[k] for k in enc.features},
     )
 
@@ -143,6 +146,7 @@ def history_candidates(
     items: Sequence[str],
     position: int | None,
     context: Mapping[str, str | float],
+    cache: PeekCache | None = None,
 ) -> tuple[dict[str, object], list[dict[str, object]]]:
     """One user's candidates ``items`` (N,) at ``now`` with the stage's historical
     features, as a :class:`~learners.encoding.CandidateRows` query: ``(base, extras)``,
@@ -150,8 +154,10 @@ def history_candidates(
     :func:`history_rows` gives: the training row of an impression arriving now. The
     user's features (and its behaviour sequence) are read and encoded once, not once per
     candidate. ``context`` must hold no ``hist_*`` name (the caller keeps the per-item
-    form then)."""
-    head, parts, tail = _history_parts(stage, now, user_id, items, position, context)
+    form then). ``cache``: a :class:`~features.stage.PeekCache` of ``stage`` at ``now``
+    and ``position`` shared by the queries of one batch (the extras may then share dicts:
+    read-only)."""
+    head, parts, tail = _history_parts(stage, now, user_id, items, position, context, cache)
     base: dict[str, object] = {**context, **head, **tail, "user_id": user_id}
     if position is not None:
         base["position"] = position
@@ -300,18 +306,20 @@ class Recommender:
                 row for user_id, items, ctx in queries for row in self._rows(user_id, items, ctx)
             ]
         else:  # each query's user part encoded once; the candidates' own features apart
-            now = self.clock()
+            now, pos = self.clock(), self.config.position
             heads: list[dict[str, object]] = []
             extras: list[list[dict[str, object]]] = []
+            caches: dict[int, PeekCache] = {}  # per stage: its items' parts, once a batch
             for user_id, items, ctx in queries:
                 stage = self.history(user_id)
                 extra: list[dict[str, object]]
                 if stage is None:
                     base, extra = self._base(user_id, ctx), [{} for _ in items]
                 else:
-                    base, extra = history_candidates(
-                        stage, now, user_id, items, self.config.position, ctx
-                    )
+                    cache = caches.get(id(stage))
+                    if cache is None:
+                        cache = caches[id(stage)] = PeekCache(stage, now, pos)
+                    base, extra = history_candidates(stage, now, user_id, items, pos, ctx, cache)
                 heads.append(base)
                 extras.append(extra)
             rows = CandidateRows(heads, [items for _, items, _ in queries], extras)

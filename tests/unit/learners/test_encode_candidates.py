@@ -132,3 +132,26 @@ def test_extras_may_not_repeat_a_base_field(bad: dict[str, object]) -> None:
 def test_extras_must_match_the_items() -> None:
     with pytest.raises(ValueError, match="one mapping per item"):
         CandidateRows(BASES, ITEMS, [[{}] for _ in ITEMS])
+
+
+def test_extras_shared_by_several_candidates_encode_as_their_copies() -> None:
+    """At inference a dict shared by several candidates' extras is encoded once; the
+    arrays and the unknown-field count equal those of the same extras as copies."""
+
+    enc = FeatureEncoder(EncoderConfig(num_buckets=512, max_cat_fields=6, max_num_fields=6))
+    enc.encode([{"user_id": "u", "item_id": "i", "x": 1.0, "y": 2.0, "c": "a"}])  # slots
+    shared = {"x": 0.5, "y": -3.0, "z": 7.0}  # z: unknown at inference
+    own = {"x": 2.0, "c": "b"}
+    bases = [{"user_id": "u1"}, {"user_id": "u2"}]
+    items = [["i1", "i2", "i3"], ["i4", "i5"]]
+    extras_shared = [[shared, own, shared], [shared, shared]]
+    extras_copies = [[dict(e) for e in q] for q in extras_shared]
+    with frozen_fields():
+        before = enc.n_unknown_fields
+        a = enc.encode_candidates(bases, items, extras_shared)
+        n_shared = enc.n_unknown_fields - before
+        b = enc.encode_candidates(bases, items, extras_copies)
+        n_copies = enc.n_unknown_fields - before - n_shared
+    assert np.array_equal(a.cat, b.cat) and np.array_equal(a.num, b.num)
+    assert n_shared == n_copies == 1
+    assert not np.array_equal(a.num[0], a.num[1])  # the own extra differs: not vacuous

@@ -178,3 +178,42 @@ def test_candidate_form_scores_bit_identically(pos: int | None) -> None:
     assert got.shape == want.shape == (14 + 3 + 5 + 9,)
     assert np.array_equal(got, want)
     assert len(set(np.round(got, 9))) > 10  # the rows differ: the check is not vacuous
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    counters=st.booleans(),
+    pos=st.sampled_from([None, 1, 3]),
+    ahead=st.sampled_from([-600.0, 0.0, 5.0]),
+)
+def test_a_batch_cache_gives_each_user_the_per_candidate_features(
+    seed: int, counters: bool, pos: int | None, ahead: float
+) -> None:
+    """``peek_many`` with one :class:`PeekCache` shared by the users of a batch: every
+    candidate's features equal ``peek``'s (bits and key order); a candidate the user never
+    saw shares its item's part with the other users, a pair the user saw has its own."""
+    from features.stage import PeekCache
+
+    stage, t = _stage(seed, FeatureConfig(counters=counters))
+    now = t + ahead
+    cache = PeekCache(stage, now, pos)
+    items = [f"i{k}" for k in range(14)]
+    got_parts: dict[str, list[dict[str, object]]] = {}
+    for user in ("u0", "u3", "nobody", "u0"):
+        head, parts, tail = stage.peek_many(now, user, items, pos, {"item_cat": "c1"}, cache)
+        got_parts[user] = parts
+        for item, part in zip(items, parts, strict=True):
+            want = stage.peek(now, user, item, pos, {"item_cat": "c1"})
+            got = {**head, **part, **tail}
+            assert list(got) == list(want)
+            assert all(_same(got[k], want[k]) for k in want), (got, want)
+    if counters:
+        for n, item in enumerate(items):
+            seen = f"p\x1fu0\x1f{item}" in stage._keys
+            assert (got_parts["u0"][n] is got_parts["nobody"][n]) is not seen
+        assert any(f"p\x1fu0\x1f{item}" in stage._keys for item in items)  # not vacuous
+    for wrong in (PeekCache(stage, now + 1, pos), PeekCache(FeatureStage(), now, pos)):
+        if counters:
+            with pytest.raises(ValueError, match="another stage"):
+                stage.peek_many(now, "u0", items, pos, None, wrong)
