@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import numbers
+import operator
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -454,6 +456,8 @@ class FeatureEncoder:
             if len(first) < len(rows):
                 uniq = list({id(e): e for e in rows}.values())
                 rows, take = uniq, np.asarray(inv, dtype=np.int64)
+            if self._encode_float_extras(rows, names, take, num):
+                return
         ext = self.encode(rows)  # the extras alone: slots of no base field
         for key in names:
             slot = self._cat_slots.get(key, _DROPPED)
@@ -462,6 +466,54 @@ class FeatureEncoder:
             slot = self._num_slots.get(key, _DROPPED)
             if slot >= 0:
                 num[:, slot] = ext.num[take, slot]
+
+    def _encode_float_extras(
+        self,
+        rows: Sequence[Mapping[str, object]],
+        names: set[str],
+        take: np.ndarray | slice,
+        num: np.ndarray,
+    ) -> bool:
+        """At inference, extras whose values are all Python floats (the historical
+        features of :mod:`features`) as numerics without :meth:`encode`'s per-value
+        gathering: rows with the same keys in the same order are read as one (R, K)
+        matrix. Writes ``num[:, slot]`` of each name from ``rows[take]``, equal to
+        :meth:`encode`'s (the same float64 transform; a non-finite value stays 0) and
+        counts the names without a slot; False (nothing done) for any other value or
+        a name declared categorical."""
+        if not names.isdisjoint(self._cat_keys) or not names.isdisjoint(self._cat_slots):
+            return False
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(tuple(row), []).append(i)
+        mats: list[tuple[tuple[str, ...], np.ndarray, np.ndarray]] = []
+        for keys, idx in groups.items():
+            if not keys:  # rows without extras (a user without a feature stage)
+                continue
+            get = operator.itemgetter(*keys)
+            vals = [get(rows[i]) for i in idx] if len(keys) > 1 else [
+                (rows[i][keys[0]],) for i in idx
+            ]  # fmt: skip
+            if not set(map(type, itertools.chain.from_iterable(vals))) <= {float}:
+                return False
+            mats.append((keys, np.asarray(idx, dtype=np.int64), np.array(vals, np.float64)))
+        ext = np.zeros((len(rows), num.shape[1]), dtype=np.float32)
+        slots = self._num_slots
+        for keys, rows_idx, mat in mats:
+            for j, key in enumerate(keys):
+                slot = slots.get(key, _DROPPED)
+                if slot < 0:
+                    continue
+                x = mat[:, j]
+                ok = np.isfinite(x)
+                x = np.where(ok, x, 0.0)
+                ext[rows_idx[ok], slot] = (np.sign(x) * np.log1p(np.abs(x)))[ok]
+        self.n_unknown_fields += sum(1 for k in names if k not in slots)
+        for key in names:
+            slot = slots.get(key, _DROPPED)
+            if slot >= 0:
+                num[:, slot] = ext[take, slot]
+        return True
 
     def encode_sequence(
         self, rows: Sequence[Mapping[str, object]], max_len: int

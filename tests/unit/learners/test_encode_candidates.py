@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from learners.encoding import CandidateRows, EncoderConfig, FeatureEncoder, frozen_fields
 from learners.ranker import RankerConfig, TorchRanker
@@ -155,3 +157,44 @@ def test_extras_shared_by_several_candidates_encode_as_their_copies() -> None:
     assert np.array_equal(a.cat, b.cat) and np.array_equal(a.num, b.num)
     assert n_shared == n_copies == 1
     assert not np.array_equal(a.num[0], a.num[1])  # the own extra differs: not vacuous
+
+
+_NAMES = ["h_a", "h_b", "h_c", "h_new"]  # h_new never gets a slot
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, -0.0, 1e300, -1e-300]),
+)
+_EXTRA = st.dictionaries(st.sampled_from(_NAMES), _VALUES, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(extras=st.lists(st.lists(_EXTRA, min_size=0, max_size=5), min_size=1, max_size=3),
+       odd=st.sampled_from([None, 3, "x", True]), share=st.booleans())  # fmt: skip
+def test_float_extras_encode_as_their_rows(
+    extras: list[list[dict[str, float]]], odd: object, share: bool
+) -> None:
+    """Extras of floats in any key order (NaN, inf, -0.0, missing, unknown names; shared
+    dicts or not) and, with ``odd``, one value of another type (the general path) encode
+    as :meth:`encode` encodes the whole rows, arrays and unknown-field count alike."""
+    enc = FeatureEncoder(EncoderConfig(num_buckets=512, max_cat_fields=4, max_num_fields=4))
+    enc.encode([{"user_id": "u", "item_id": "i", "h_a": 1.0, "h_b": 1.0, "h_c": 1.0}])
+    if share and extras[0]:
+        extras[0].append(extras[0][0])  # the same dict twice
+    if odd is not None and extras[0]:
+        extras[0][-1] = {**extras[0][-1], "h_b": odd}
+    bases = [{"user_id": f"u{q}"} for q in range(len(extras))]
+    items = [[f"i{q}_{n}" for n in range(len(e))] for q, e in enumerate(extras)]
+    rows = [{**bases[q], **x, "item_id": it}
+            for q, e in enumerate(extras) for x, it in zip(e, items[q], strict=True)]  # fmt: skip
+    with frozen_fields():
+        n0 = enc.n_unknown_fields
+        got = enc.encode_candidates(bases, items, extras)
+        n1 = enc.n_unknown_fields
+        want = enc.encode(rows) if rows else None
+        n2 = enc.n_unknown_fields
+    if want is None:
+        assert got.num.shape[0] == 0
+        return
+    assert np.array_equal(got.cat, want.cat)
+    assert np.array_equal(got.num.view(np.int32), want.num.view(np.int32))  # bits: -0.0
+    assert n1 - n0 == n2 - n1
