@@ -10,12 +10,12 @@ the staleness ``now - newest event time applied`` is sampled (seconds; the gauge
 its effect is visible to ``/recommend`` on a worker that does not join (the producer's
 envelope linger, the broker, the fetch wait and the stage).
 
-``serving_cost``: milliseconds a replica's ranking step takes per answer with the
-follower's history (the user's features read and encoded once per answer, each
-candidate's own features apart: ``peek_many`` and ``CandidateRows`` extras), without
-history (one row encoded once for all candidates) and ``per_candidate`` (history served
-the way it was before: one ``peek`` and one row per candidate), alternated in the same
-process.
+``serving_cost``: milliseconds (wall and CPU) a replica's ranking step takes per answer
+with the follower's history (the user's features read and encoded once per answer, each
+candidate's own features apart: ``peek_many`` and ``CandidateRows`` extras), the same 8
+answers per step (as the request batcher groups them), without history (one row encoded
+once for all candidates) and ``per_candidate`` (history served the way it was before: one
+``peek`` and one row per candidate), alternated in the same process.
 
 Afterwards each partition's peek over every user x item must equal that of a
 :class:`features.stage.FeatureStage` fed the partition's events (impressions, then clicks,
@@ -198,13 +198,18 @@ async def follow_paced(
     }
 
 
-def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 20) -> dict[str, Any]:
+BATCH = 8  # answers per ranking step in the batched row (serving.batch groups up to 32)
+
+
+def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 24) -> dict[str, Any]:
     """Milliseconds per answer of a replica's ranking step (``Recommender._p_raw``: rows,
     encoding, the worker's default ranker over 200 candidates) with the follower's history
     (the user's part read and encoded once per answer), without history, and
     ``per_candidate`` (history the way it was served before: one ``peek`` and one row per
-    candidate), alternated ``repeats`` times in this process (the ranker untrained: the
-    cost is the same)."""
+    candidate), and ``with_history_batch8`` (8 answers per step, as the request batcher
+    groups concurrent requests: their users share each item's part,
+    :class:`features.stage.PeekCache`), alternated ``repeats`` times in this process (the
+    ranker untrained: the cost is the same); wall and CPU milliseconds per answer."""
     from index.faiss_index import IndexHolder
     from learners.calibration import PlattCalibrator
     from learners.ranker import TorchRanker
@@ -241,23 +246,44 @@ def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 20) -
             ]
         )
 
-    runs: dict[str, Any] = {name: (lambda u, r=rec: r._p_raw(ranker, [(u, items, ctx)]))
-                            for name, rec in recs.items()}  # fmt: skip
-    runs["per_candidate"] = per_candidate
+    def one_by_one(rec: Recommender) -> Any:
+        return lambda names: [rec._p_raw(ranker, [(u, items, ctx)]) for u in names]
+
+    def batched(names: list[str]) -> None:
+        """``BATCH`` answers per ranking step, as the request batcher groups them."""
+        for k in range(0, len(names), BATCH):
+            recs["with_history"]._p_raw(ranker, [(u, items, ctx) for u in names[k : k + BATCH]])
+
+    runs: dict[str, Any] = {name: one_by_one(rec) for name, rec in recs.items()}
+
+    def per_candidate_all(names: list[str]) -> None:
+        for u in names:
+            per_candidate(u)
+
+    runs["per_candidate"] = per_candidate_all
+    runs[f"with_history_batch{BATCH}"] = batched
     ms: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    names = [f"u{u}" for u in range(users)]
     for _ in range(repeats):
         for name, run in runs.items():
-            t0 = time.perf_counter()
-            for u in range(users):
-                run(f"u{u}")
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(names)
             ms[name].append((time.perf_counter() - t0) * 1000 / users)
+            cpu[name].append((time.process_time() - c0) * 1000 / users)
     return {
         "candidates": n_cand,
         "answers_per_run": users,
         "ms_per_answer": {k: [round(x, 3) for x in v] for k, v in ms.items()},
+        # this process's CPU time (all its threads) per answer: less sensitive to a busy
+        # machine than the wall clock
+        "cpu_ms_per_answer": {k: [round(x, 3) for x in v] for k, v in cpu.items()},
         "ratio_median": float(np.median(ms["with_history"]) / np.median(ms["without"])),
         "per_candidate_over_with_history": float(
             np.median(ms["per_candidate"]) / np.median(ms["with_history"])
+        ),
+        f"with_history_over_batch{BATCH}": float(
+            np.median(cpu["with_history"]) / np.median(cpu[f"with_history_batch{BATCH}"])
         ),
     }
 
