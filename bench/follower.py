@@ -216,6 +216,10 @@ def serving_cost(follower: FeatureFollower, repeats: int = 3, users: int = 24) -
     from serving.recommender import Recommender
 
     settings = Settings(partitions=PARTITIONS)
+    if settings.trainer.torch_threads > 0:  # as a worker runs (stream.worker): 1 by default
+        import torch
+
+        torch.set_num_threads(settings.trainer.torch_threads)
     ranker = TorchRanker(settings.ranker, seed=0, online=False)
     cal = PlattCalibrator(1.0, 0.0)
     n_cand = settings.serving.candidates
