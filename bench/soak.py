@@ -17,7 +17,9 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
   ``--rss-every-s`` seconds (5) over the row's interval (:mod:`bench.memory_series`): the
   minimum is the floor left once transient copies are freed; ``rss_heap_mb``,
   ``rss_anon_mb``, ``rss_file_mb``: the RSS split by kind of mapping (brk heap, other
-  anonymous, file-backed), to attribute growth;
+  anonymous, file-backed), to attribute growth; ``malloc_<kind>_mb``: glibc's own count
+  (the worker's ``streamrec_malloc_bytes``: ``in_use``, ``free`` kept in its arenas,
+  ``arenas``, ``mmapped``), to tell live C-heap growth from fragmentation;
 - state sizes: ``join_state_bytes`` (pending + done + orphans, the joiner's estimate),
   ``pending``, ``orphans_waiting``, ``join_state_entries``, ``feature_state_bytes`` (the
   feature stages' estimate; the soak sets ``feature_max_bytes`` to 128 MiB so that the
@@ -95,6 +97,7 @@ EVENT_RATE = 10.0  # impressions per event-time second of the synthetic log
 DEFAULT_USERS = 5_000
 FEATURE_MAX_BYTES = 128 * 2**20  # below the default (512 MiB): reached within the warm-up
 FULL_FRAC = 0.9  # the feature state counts as full from this share of FEATURE_MAX_BYTES
+MALLOC_KINDS = ("in_use", "free", "arenas", "mmapped")  # streamrec_malloc_bytes{kind}
 #: the slopes stop where the worker falls this many seconds of input behind (a backlog)
 BACKLOG_S = 60.0
 FRESHNESS = "streamrec_update_freshness_seconds"  # label emitted -> ranker learned, s
@@ -289,6 +292,9 @@ def run(
                     **{f"rocksdb_{kind}_mb": round(
                         m.get(f'streamrec_rocksdb_memory_bytes{{kind="{kind}"}}', math.nan)
                         / 1e6, 2) for kind in ROCKSDB_MEMORY},  # fmt: skip
+                    **{f"malloc_{kind}_mb": round(
+                        m.get(f'streamrec_malloc_bytes{{kind="{kind}"}}', math.nan) / 1e6, 1)
+                       for kind in MALLOC_KINDS},  # fmt: skip
                     "data_dir_mb": round(du_mb(run_dir / "worker-data"), 2),
                     "store_mb": round(du_mb(store), 2),
                     "checkpoints_mb": round(du_mb(ckpt), 2),
@@ -412,6 +418,15 @@ def summarize(
                 slope_fit(t, [r.get(f"rss_{kind}_mb", math.nan) for r in cut]), mean_rss
             )
             for kind in ("heap", "anon", "file")
+        },
+        # glibc's view (the worker's streamrec_malloc_bytes): live C-heap bytes against the
+        # free ones its arenas keep (fragmentation); rows of older runs have neither
+        **{
+            f"malloc_{kind}": _fit_row(
+                slope_fit(t, [r.get(f"malloc_{kind}_mb", math.nan) for r in cut]), mean_rss
+            )
+            for kind in ("in_use", "free")
+            if any(math.isfinite(r.get(f"malloc_{kind}_mb", math.nan)) for r in cut)
         },
     }
     disk = [r["data_dir_mb"] + r["store_mb"] + r["checkpoints_mb"] for r in cut]

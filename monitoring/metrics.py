@@ -130,6 +130,14 @@ class StreamrecMetrics:
             " (they do not decode, or are too far in the future).",
             ("reason",),
         )
+        self.malloc_bytes = gauge(
+            "malloc_bytes",
+            "glibc's C heap of this worker process (mallinfo2, every 60 s), by kind: in_use,"
+            " free (kept in its arenas, not returned to the system), arenas (taken from the"
+            " system), mmapped (large blocks, each its own mapping). Python's small objects"
+            " (pymalloc) are not in it. Absent without glibc >= 2.33.",
+            ("kind",),
+        )
         self.rocksdb_memory_bytes = gauge(
             "rocksdb_memory_bytes",
             "Native memory of the join-state RocksDB databases on this worker, by kind:"

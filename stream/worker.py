@@ -9,7 +9,7 @@ from modelstore.store import StoreError
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port, is_tansu
-from stream.memdiag import MallocTrimmer, census_from_env, tracemalloc_from_env
+from stream.memdiag import HeapGauges, MallocTrimmer, census_from_env, tracemalloc_from_env
 from stream.runs import note_exit, note_start
 from stream.settings import Settings
 
@@ -84,6 +84,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     trimmer = MallocTrimmer(settings.memory_trim_s) if settings.memory_trim_s > 0 else None
     if trimmer is not None:
         trimmer.start()
+    heap_gauges = HeapGauges(metrics.malloc_bytes)  # the C heap, to tell a leak from holes
+    heap_gauges.start()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     clean = False
     try:
@@ -102,6 +104,6 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         # a background write under way finishes (its files are atomic either way)
         app.trainer_agents.writer.shutdown(wait=True)  # type: ignore[attr-defined]
         server.shutdown()
-        for thread in (tracer, counter, trimmer):
+        for thread in (tracer, counter, trimmer, heap_gauges):
             if thread is not None:
                 thread.stop()

@@ -98,3 +98,23 @@ def test_refit_recomputes_a_saved_report_and_keeps_what_the_rows_cannot_give(tmp
     assert a["freshness_p50_s"] == 0.4  # kept: the rows cannot give it again
     assert new["refit"]["warmup_frac"] == 0.5 and new["rows"] == rows
     assert abs(a["memory_fits"]["worker_rss_floor"]["ols_mb_per_h"] - 60.0) < 1e-6
+
+
+def test_the_c_heap_is_fitted_when_the_rows_have_it() -> None:
+    """Live C-heap bytes flat, the free bytes glibc keeps growing (fragmentation): the fits
+    say so; rows of an older run without the gauges get no such fits."""
+    from bench.soak import FEATURE_MAX_BYTES, summarize
+
+    rows = [{"t_s": 60.0 * k, "worker_rss_mb": 900.0 + k, "worker_rss_min_mb": 890.0 + k,
+             "rss_heap_mb": 300.0 + k, "rss_anon_mb": 500.0, "rss_file_mb": 100.0,
+             "malloc_in_use_mb": 260.0 + (k % 2), "malloc_free_mb": 40.0 + k,
+             "data_dir_mb": 1.0, "store_mb": 1.0, "checkpoints_mb": 1.0, "join_state_bytes": 1.0,
+             "feature_state_bytes": FEATURE_MAX_BYTES, "feature_keys_evicted": 0.0,
+             "store_versions": 5, "checkpoint_files": 5, "lag_events": 0.0, "score_errors": 0,
+             "stage_errors": 0.0} for k in range(40)]  # fmt: skip
+    fits = summarize(rows, minutes=40, rate=200, warmup_frac=0.25)["after_warmup"]["memory_fits"]
+    assert abs(fits["malloc_in_use"]["ols_mb_per_h"]) < 2.0
+    assert abs(fits["malloc_free"]["ols_mb_per_h"] - 60.0) < 1e-6
+    old = [{k: v for k, v in r.items() if not k.startswith("malloc_")} for r in rows]
+    fits = summarize(old, minutes=40, rate=200, warmup_frac=0.25)["after_warmup"]["memory_fits"]
+    assert "malloc_in_use" not in fits and "malloc_free" not in fits

@@ -43,6 +43,7 @@ OTHER_GAUGES = {
     "feature_follower_state_bytes",
     "orphan_clicks_waiting",
     "rocksdb_memory_bytes",
+    "malloc_bytes",
     "calibrator_offset",
     "calibration_target_ctr",
     "worker_starts",

@@ -120,3 +120,40 @@ def test_census_counts_the_bytes_of_live_tensors(tmp_path: Path) -> None:
         c.join(timeout=5)
     rows = [json.loads(line) for line in (tmp_path / "census.jsonl").read_text().splitlines()]
     assert len(rows) >= 2 and rows[0]["t_s"] < rows[1]["t_s"] and rows[0]["rss_mb"] > 0
+
+
+def test_heap_gauges_export_the_c_heap_and_follow_an_allocation() -> None:
+    """``malloc_bytes{kind}`` at start and again after 64 MB are malloc'ed and held."""
+    from monitoring.metrics import StreamrecMetrics
+    from stream.heap import malloc_totals
+    from stream.memdiag import HeapGauges
+
+    if malloc_totals() is None:
+        pytest.skip("no mallinfo2 in this C library")
+    metrics = StreamrecMetrics()
+
+    def in_use() -> float | None:
+        return metrics.registry.get_sample_value("streamrec_malloc_bytes", {"kind": "in_use"})
+
+    gauges = HeapGauges(metrics.malloc_bytes, interval_s=0.02)
+    gauges.start()
+    try:
+        _wait(lambda: gauges.reads >= 1)
+        first = in_use()
+        assert first is not None and first > 0
+        held = [bytearray(64 << 10) for _ in range(1024)]  # 64 MB in malloc's arenas
+        n = gauges.reads
+        _wait(lambda: gauges.reads >= n + 2)
+        got = in_use()
+        assert got is not None and got - first > 50e6, (first, got)
+        kinds = {"in_use", "free", "arenas", "mmapped"}
+        for kind in kinds:
+            assert (
+                metrics.registry.get_sample_value("streamrec_malloc_bytes", {"kind": kind})
+                is not None
+            )
+        del held
+    finally:
+        gauges.stop()
+        gauges.join(timeout=5)
+    assert not gauges.is_alive()
