@@ -96,7 +96,7 @@ LABEL_SCHEMES = ("default", "dfm")
 STARTUP_SCHEMES = ("default", "startup")
 #: ``--recovery``: ranker alone / + delay-aware offset / + offset without delay model
 RECOVERY_SCHEMES = ("startup", "startup+offset", "startup+offset_nodelay")
-RECOVERY_PLAN = {"n": 16_000, "history": 2_000, "seeds": (0, 1, 2), "rates": RATES}
+RECOVERY_PLAN = {"n": 16_000, "history": 2_000, "seeds": (0, 1, 2, 3, 4), "rates": RATES}
 #: seeds at 30,000 a minute (the slowest runs)
 RECOVERY_SEEDS_FAST = (0, 1)
 STARTUP_PLAN = {"n": 10_000, "history": 2_000, "seeds": (0, 1), "rates": RATES}
