@@ -80,6 +80,11 @@ _NEG_INF = NEVER
 _R, _N = TIME, COUNT
 
 
+def _pair_key(user: str, item: str) -> str:
+    """The state key of a user x item pair."""
+    return f"p\x1f{user}\x1f{item}"
+
+
 def _label(h: float) -> str:
     if h % 86_400 == 0:
         return f"{int(h // 86_400)}d"
@@ -280,12 +285,12 @@ class FeatureStage:
         shared part, whose user x item features are those of a pair never seen."""
         ts, position, keys_of, items = cache.ts, cache.position, self._keys, cache.items
         for item in item_ids:
-            pair = f"p\x1f{user_id}\x1f{item}"
-            got = None if pair in keys_of else items.get(item)
+            seen = _pair_key(user_id, item) in keys_of
+            got = None if seen else items.get(item)
             if got is None:
                 kinds, keys = self._key_list(user_id, item, position, ())
                 got = self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False)
-                if pair not in keys_of:
+                if not seen:
                     items[item] = got
             parts.append(got)
 
@@ -405,7 +410,7 @@ class FeatureStage:
         """The kinds (``user``, ``item``, ``ui``, ``item_pos`` when ``position`` is known,
         ``u_<attribute>`` per attribute) and the keys of the state an impression touches,
         in feature order (two lists of the same length)."""
-        keys = [f"u\x1f{user}", f"i\x1f{item}", f"p\x1f{user}\x1f{item}"]
+        keys = [f"u\x1f{user}", f"i\x1f{item}", _pair_key(user, item)]
         if position is not None:
             keys.append(f"q\x1f{item}\x1f{position!s}")
         kinds: Sequence[str] = _KINDS if position is None else _KINDS_POS

@@ -232,6 +232,14 @@ def _age(value: object) -> float:
     return -1.0
 
 
+def _signed_log1p(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A numeric column (N,) float64 as the encoder stores it: ``(ok, sign(x) *
+    log1p(|x|))``; ``ok`` marks the finite values (the others stay 0 in the batch)."""
+    ok = np.isfinite(x)
+    x = np.where(ok, x, 0.0)
+    return ok, np.sign(x) * np.log1p(np.abs(x))
+
+
 class FeatureEncoder:
     """Encode rows into hashed categorical buckets and squashed numerics.
 
@@ -372,10 +380,8 @@ class FeatureEncoder:
             if categorical:
                 cat[rows_idx, slot] = self._buckets(key, vals)
             else:
-                x = np.asarray(vals, dtype=np.float64)
-                ok = np.isfinite(x)
-                x = np.where(ok, x, 0.0)
-                num[rows_idx[ok], slot] = (np.sign(x) * np.log1p(np.abs(x)))[ok]
+                ok, y = _signed_log1p(np.asarray(vals, dtype=np.float64))
+                num[rows_idx[ok], slot] = y[ok]
         if cfg.max_seq_len == 0:
             return EncodedBatch(cat=cat, num=num)
         seq, seq_age = self.encode_sequence(rows, cfg.max_seq_len)
@@ -452,9 +458,15 @@ class FeatureEncoder:
             # an item no user of the batch saw, features.stage.PeekCache) is encoded once;
             # at inference nothing else depends on how many rows hold a field
             first: dict[int, int] = {}
-            inv = [first.setdefault(id(e), len(first)) for e in rows]
-            if len(first) < len(rows):
-                uniq = list({id(e): e for e in rows}.values())
+            uniq: list[Mapping[str, object]] = []
+            inv = []
+            for e in rows:
+                k = first.get(id(e))
+                if k is None:
+                    k = first[id(e)] = len(uniq)
+                    uniq.append(e)
+                inv.append(k)
+            if len(uniq) < len(rows):
                 rows, take = uniq, np.asarray(inv, dtype=np.int64)
             if self._encode_float_extras(rows, names, take, num):
                 return
@@ -504,10 +516,8 @@ class FeatureEncoder:
                 slot = slots.get(key, _DROPPED)
                 if slot < 0:
                     continue
-                x = mat[:, j]
-                ok = np.isfinite(x)
-                x = np.where(ok, x, 0.0)
-                ext[rows_idx[ok], slot] = (np.sign(x) * np.log1p(np.abs(x)))[ok]
+                ok, y = _signed_log1p(mat[:, j])
+                ext[rows_idx[ok], slot] = y[ok]
         self.n_unknown_fields += sum(1 for k in names if k not in slots)
         for key in names:
             slot = slots.get(key, _DROPPED)

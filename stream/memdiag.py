@@ -62,15 +62,23 @@ class _Periodic(threading.Thread):
         self.interval_s = interval_s
         self.stop_event = threading.Event()
 
+    #: tick once as soon as the thread starts, not only after the first interval
+    tick_at_start = False
+
     def tick(self) -> None:
         raise NotImplementedError
 
     def run(self) -> None:
+        if self.tick_at_start:
+            self._safe_tick()
         while not self.stop_event.wait(self.interval_s):
-            try:
-                self.tick()
-            except Exception:  # a diagnostic must never take the worker down
-                log.exception("%s failed", self.name)
+            self._safe_tick()
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception:  # a diagnostic must never take the worker down
+            log.exception("%s failed", self.name)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -95,6 +103,8 @@ class HeapGauges(_Periodic):
     ``mallinfo2`` walks the free chunks (milliseconds on a fragmented heap of a few hundred
     MB), off the event loop. Does nothing where the C library has no ``mallinfo2``."""
 
+    tick_at_start = True  # a scrape soon after the start sees the gauges
+
     def __init__(self, gauge: Any, interval_s: float = 60.0) -> None:
         super().__init__(interval_s, "heap-gauges")
         self.gauge = gauge
@@ -107,13 +117,6 @@ class HeapGauges(_Periodic):
         for kind, mb in heap.items():
             self.gauge.labels(kind=kind).set(mb * 1e6)
         self.reads += 1
-
-    def run(self) -> None:
-        try:  # once at start: a scrape soon after sees the gauges
-            self.tick()
-        except Exception:  # a diagnostic must never take the worker down
-            log.exception("%s failed", self.name)
-        super().run()
 
 
 class TracemallocDumper(_Periodic):
