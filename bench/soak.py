@@ -33,6 +33,9 @@ Every ``--sample-s`` seconds (default 60: one row per minute) it records:
   ``freshness_p50_s``/``p99_s``: label emitted -> ranker learned from it, over the
   sample's interval (the worker's ``streamrec_update_freshness_seconds`` histogram,
   interpolated in its buckets as PromQL's ``histogram_quantile``).
+- ``load_1m``: the machine's 1-minute load average (the report gives its mean and maximum
+  after the warm-up, ``load_1m_mean`` / ``load_1m_max``: slopes measured beside other work
+  are not comparable with a quiet run's).
 
 The report (``bench/results/soak_<minutes>m.json``, and ``.png`` with matplotlib) gives the
 least-squares slopes after ``--warmup-frac`` of the run (default the first third) and up to
@@ -309,6 +312,9 @@ def run(
                     "score_ms_p99": round(float(np.quantile(lat, 0.99)), 2) if lat else None,
                     "score_errors": requests - len(lat),
                     "stage_errors": _sum(m, "streamrec_stage_errors_total"),
+                    # the machine's 1-minute load (the worker, the broker, this harness
+                    # and anything else): a soak's slopes are only comparable when quiet
+                    "load_1m": round(os.getloadavg()[0], 2),
                 })  # fmt: skip
                 buckets = {k: v for k, v in m.items() if k.startswith(FRESHNESS + "_bucket")}
                 fresh = _delta(buckets, hists[-1] if hists else {})
@@ -380,6 +386,12 @@ def _hostile_summary(
 def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     """Cumulative histogram buckets of ``now`` minus those of an earlier scrape."""
     return {k: v - before.get(k, 0.0) for k, v in now.items()}
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the rows that have it (None when none has)."""
+    values = [r[key] for r in rows if key in r]
+    return round(float(np.mean(values)), 2) if values else None
 
 
 def _backlog_row(rows: list[dict[str, Any]], start: int, rate: float) -> int:
@@ -473,6 +485,9 @@ def summarize(
             "max_store_versions": max((r["store_versions"] for r in rows), default=0),
             "max_checkpoint_files": max((r["checkpoint_files"] for r in rows), default=0),
             "max_lag_events": max((r["lag_events"] for r in rows), default=None),
+            # rows of runs before it was recorded have no load_1m
+            "load_1m_mean": _mean_of(cut, "load_1m"),
+            "load_1m_max": max((r["load_1m"] for r in cut if "load_1m" in r), default=None),
             "score_errors": sum(r["score_errors"] for r in rows),
             "stage_errors": rows[-1]["stage_errors"] if rows else None,
         },  # fmt: skip

@@ -118,3 +118,22 @@ def test_the_c_heap_is_fitted_when_the_rows_have_it() -> None:
     old = [{k: v for k, v in r.items() if not k.startswith("malloc_")} for r in rows]
     fits = summarize(old, minutes=40, rate=200, warmup_frac=0.25)["after_warmup"]["memory_fits"]
     assert "malloc_in_use" not in fits and "malloc_free" not in fits
+
+
+def test_the_machine_load_after_the_warm_up_is_summarised_when_the_rows_have_it() -> None:
+    """A soak's slopes are only comparable on a quiet machine: the report gives the mean and
+    the highest 1-minute load over the fitted rows (none for rows of older runs)."""
+    from bench.soak import FEATURE_MAX_BYTES, summarize
+
+    rows = [{"t_s": 60.0 * k, "worker_rss_mb": 900.0, "worker_rss_min_mb": 890.0,
+             "rss_heap_mb": 300.0, "rss_anon_mb": 500.0, "rss_file_mb": 100.0,
+             "data_dir_mb": 1.0, "store_mb": 1.0, "checkpoints_mb": 1.0, "join_state_bytes": 1.0,
+             "feature_state_bytes": FEATURE_MAX_BYTES, "feature_keys_evicted": 0.0,
+             "store_versions": 5, "checkpoint_files": 5, "lag_events": 0.0, "score_errors": 0,
+             "stage_errors": 0.0, "load_1m": 9.0 if k < 10 else 1.0 + (k % 2)}
+            for k in range(40)]  # fmt: skip
+    a = summarize(rows, minutes=40, rate=200, warmup_frac=0.25)["after_warmup"]
+    assert (a["load_1m_mean"], a["load_1m_max"]) == (1.5, 2.0)  # the busy warm-up left out
+    old = [{k: v for k, v in r.items() if k != "load_1m"} for r in rows]
+    a = summarize(old, minutes=40, rate=200, warmup_frac=0.25)["after_warmup"]
+    assert a["load_1m_mean"] is None and a["load_1m_max"] is None
