@@ -266,6 +266,12 @@ class Settings:
     #: seconds between periodic ``malloc_trim(0)`` calls (stream.memdiag; the writer thread
     #: also trims after each checkpoint and store version); 0 = only those
     memory_trim_s: float = 0.0
+    #: glibc's mmap threshold for the worker process, KiB (``stream.heap.set_mmap_threshold``):
+    #: blocks this large or larger are mapped on their own and returned to the OS when
+    #: freed, so the model copies of checkpoints and store versions do not stay in a
+    #: thread's arena; 0 = glibc's own moving threshold. ``MALLOC_MMAP_THRESHOLD_`` in the
+    #: environment wins over it
+    malloc_mmap_threshold_kb: int = 1024
     #: Faust's processing guarantee: "at_least_once" (default; what the embedded broker
     #: supports, with idempotent trainer and monitor) or "exactly_once" (Kafka
     #: transactions: for Apache Kafka only, untested here since Tansu fails transactions)
@@ -396,6 +402,8 @@ class Settings:
             raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if not self.memory_trim_s >= 0:  # NaN fails too
             raise ValueError("memory_trim_s must be >= 0 (0: no malloc_trim)")
+        if not 0 <= self.malloc_mmap_threshold_kb <= 32 * 1024:
+            raise ValueError("malloc_mmap_threshold_kb must be in [0, 32768] (0: glibc's own)")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not 0 < self.fetch_max_wait_s <= 30:  # NaN fails too

@@ -9,6 +9,7 @@ from modelstore.store import StoreError
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port, is_tansu
+from stream.heap import configure_mmap_threshold
 from stream.memdiag import HeapGauges, MallocTrimmer, census_from_env, tracemalloc_from_env
 from stream.runs import note_exit, note_start
 from stream.settings import Settings
@@ -23,6 +24,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     SIGINT/SIGTERM."""
     import faust
 
+    # first, before the models and their copies are allocated (see stream.heap)
+    configure_mmap_threshold(settings.malloc_mmap_threshold_kb)
     if settings.web_port == 0:
         settings = settings.replace(web_port=free_port(settings.web_host))
     created = create_worker_topics(settings)

@@ -131,8 +131,18 @@ class TrainerAgents:
     def _start(self, kind: str, write: Callable[[Any], object], job: object) -> None:
         """``write(job)`` on the writer thread; a version is announced once written."""
         loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(self.writer, _then_trim, write, job)
+        written = loop.run_in_executor(self.writer, write, job)
         self.writes[kind] = loop.create_task(self._finish(kind, written))
+
+    def _trim_after_write(self) -> None:
+        """Queue :func:`stream.heap.trim_heap` on the writer thread: it runs after the
+        write's work item, and with it the copy it wrote, was released, so the copy's
+        freed memory can go back to the OS (a trim inside the write ran while the copy was
+        still referenced, and could give back none of it)."""
+        try:
+            asyncio.get_running_loop().run_in_executor(self.writer, trim_heap)
+        except RuntimeError:  # the writer is shut down (the worker is stopping)
+            pass
 
     async def _finish(self, kind: str, written: asyncio.Future[object]) -> None:
         try:
@@ -142,6 +152,8 @@ class TrainerAgents:
                           kind)  # fmt: skip
             self.rt.metrics.store_failures.labels(reason=kind).inc()
             return
+        finally:
+            self._trim_after_write()
         if isinstance(result, Manifest):  # durably in the store: now replicas may load it
             try:
                 await self.out.announce(self.rt.trainer.store_announcement(result))
@@ -223,12 +235,3 @@ class TrainerAgents:
             await self.refresh_index()
         except Exception:
             self.out.stage_error("indexer", "a timed index refresh")
-
-
-def _then_trim(write: Callable[[Any], object], job: object) -> object:
-    """``write(job)``, then the freed copies and buffers go back to the OS
-    (:func:`stream.heap.trim_heap`)."""
-    try:
-        return write(job)
-    finally:
-        trim_heap()

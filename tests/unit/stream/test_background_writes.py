@@ -302,3 +302,42 @@ def test_snapshot_buffers_are_recycled_only_when_asked(tmp_path: Path, reuse: bo
     assert second is not None and kept
     shared = kept & pointers(second.state)
     assert bool(shared) == reuse  # the written copy's memory is reused, or freshly allocated
+
+
+def test_the_heap_is_trimmed_after_a_write_once_its_copy_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trim that gives freed memory back to the OS runs on the writer thread after the
+    write, when nothing references the copy it wrote any more (a trim while the copy is
+    alive can return none of its memory)."""
+    import weakref
+
+    import stream.agents.trainer as agents_module
+
+    agents, rt, out = _wired(tmp_path)
+    jobs: list[weakref.ref[Any]] = []
+    take = rt.trainer.checkpoint_snapshot
+
+    def snapshot() -> Any:
+        job = take()
+        jobs.append(weakref.ref(job))
+        return job
+
+    released_at_trim: list[list[bool]] = []
+
+    def trim() -> bool:
+        released_at_trim.append([ref() is None for ref in jobs])
+        return True
+
+    monkeypatch.setattr(rt.trainer, "checkpoint_snapshot", snapshot)
+    monkeypatch.setattr(agents_module, "trim_heap", trim)
+
+    async def go() -> None:
+        await agents.run(_batch(0))  # a step, the checkpoint's copy, its write
+        await agents.drain()
+        # the trim was queued on the (one) writer thread behind the write: wait for it
+        await asyncio.get_running_loop().run_in_executor(agents.writer, lambda: None)
+
+    asyncio.run(go())
+    assert len(jobs) == 1 and (tmp_path / "ckpt" / "LATEST").is_file()
+    assert released_at_trim and released_at_trim[0] == [True]
