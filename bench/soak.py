@@ -59,6 +59,12 @@ oversized ones (64 KiB + 1 byte, 1 MB, 1.5 MB). Each row then adds ``hostile_sen
 ``control_sent`` and ``control_rejected``; the report says whether every hostile record was
 dead-lettered or rejected. The file name says the world: ``soak_40m_500users_hostile.json``,
 and ``_<rate>ps`` when ``--rate`` is not 200.
+
+``python -m bench.soak --refit REPORT --warmup-frac F [--segments 37-62,64-125]``
+recomputes a saved report from its rows; ``--segments`` adds the fits of those stretches
+(minutes) by kind of memory (:func:`segment_fits`: the floor, glibc's in-use, free and
+arena bytes, anonymous memory that is not glibc's, the RSS less glibc's free memory), to
+compare the parts of one run and to tell live memory from memory glibc keeps.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -496,8 +503,59 @@ def summarize(
     }
 
 
-def refit(path: Path, warmup_frac: float) -> dict[str, Any]:
-    """Recompute a saved report's ``after_warmup`` from its rows with :func:`summarize`.
+#: the series a segment is fitted over: a row's column, or a derived one
+_SEGMENT_SERIES: dict[str, Callable[[dict[str, Any]], float]] = {
+    "worker_rss_floor": lambda r: r["worker_rss_min_mb"],
+    "worker_rss": lambda r: r["worker_rss_mb"],
+    "rss_heap": lambda r: r["rss_heap_mb"],
+    "rss_anon": lambda r: r["rss_anon_mb"],
+    "rss_file": lambda r: r["rss_file_mb"],
+    "malloc_in_use": lambda r: r.get("malloc_in_use_mb", math.nan),
+    "malloc_free": lambda r: r.get("malloc_free_mb", math.nan),
+    "malloc_arenas": lambda r: r.get("malloc_arenas_mb", math.nan),
+    # other anonymous memory that is not glibc's: Python's object arenas, stacks, ...
+    # (anonymous RSS less the threads' arenas, i.e. all arenas but the brk heap, and the
+    # mapped blocks)
+    "anon_not_malloc": lambda r: (
+        r["rss_anon_mb"]
+        - (r.get("malloc_arenas_mb", math.nan) - r["rss_heap_mb"])
+        - r.get("malloc_mmapped_mb", math.nan)
+    ),
+    # what the RSS would be without the free memory glibc keeps
+    "rss_less_malloc_free": lambda r: r["worker_rss_mb"] - r.get("malloc_free_mb", math.nan),
+}
+
+
+def segment_fits(rows: list[dict[str, Any]], from_min: float, to_min: float) -> dict[str, Any]:
+    """Slopes of every :data:`_SEGMENT_SERIES` over the rows from minute ``from_min`` to
+    ``to_min`` (inclusive), each with % of the segment's mean RSS per hour: to compare the
+    stretches of one run (e.g. before and after a change made while it ran) and to tell
+    which kind of memory grows."""
+    cut = [r for r in rows if from_min * 60 <= r["t_s"] <= to_min * 60]
+    t = [r["t_s"] for r in cut]
+    mean = float(np.nanmean([r["worker_rss_mb"] for r in cut])) if cut else math.nan
+    fits = {k: _fit_row(slope_fit(t, [f(r) for r in cut]), mean)
+            for k, f in _SEGMENT_SERIES.items()}  # fmt: skip
+    return {"from_min": from_min, "to_min": to_min, "points": len(cut),
+            "worker_rss_mb_mean": round(mean, 1), "fits": fits}  # fmt: skip
+
+
+def parse_segments(text: str) -> list[tuple[float, float]]:
+    """``"37-62,64-125"`` -> ``[(37.0, 62.0), (64.0, 125.0)]`` (minutes)."""
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not sep or float(lo) >= float(hi):
+            raise ValueError(f"a segment is FROM-TO in minutes, FROM < TO; got {part!r}")
+        out.append((float(lo), float(hi)))
+    return out
+
+
+def refit(
+    path: Path, warmup_frac: float, segments: list[tuple[float, float]] | None = None
+) -> dict[str, Any]:
+    """Recompute a saved report's ``after_warmup`` from its rows with :func:`summarize`
+    (and, given ``segments``, its ``segments``: :func:`segment_fits` of each).
 
     Keeps what the rows cannot give again (label -> update quantiles, from histograms not
     kept in the rows), the run's command and machine; rewrites the report and its figure.
@@ -512,6 +570,8 @@ def refit(path: Path, warmup_frac: float) -> dict[str, Any]:
     report["refit"] = {"date": new["date"], "warmup_frac": warmup_frac,
                        "by": "bench.soak.summarize: slopes stop at backlog_from_s"}  # fmt: skip
     report.pop("resummarized", None)
+    if segments:
+        report["segments"] = [segment_fits(report["rows"], lo, hi) for lo, hi in segments]
     write_report(report, path)
     plot(report, path.with_suffix(".png"))
     print(f"rewrote {path}: RSS slope {after['worker_rss_slope_pct_per_h']} %/h, floor "
@@ -595,10 +655,19 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--refit", type=Path, default=None, metavar="REPORT",
                    help="recompute REPORT's slopes from its rows (with --warmup-frac) and "
                         "rewrite it and its figure; runs nothing")  # fmt: skip
+    p.add_argument(
+        "--segments",
+        type=parse_segments,
+        default=None,
+        metavar="A-B,C-D",
+        help="with --refit: also fit these stretches (minutes) by kind of memory",
+    )
     a = p.parse_args(argv)
     if a.refit is not None:
-        refit(a.refit, a.warmup_frac)
+        refit(a.refit, a.warmup_frac, a.segments)
         return 0
+    if a.segments is not None:
+        p.error("--segments needs --refit")
     run(5.0 if a.quick else a.minutes, a.rate, a.sample_s, a.requests, a.warmup_frac,
         results_dir=a.results_dir, keep=a.keep, users=a.users,
         hostile_per_s=a.hostile_per_s, rss_every_s=a.rss_every_s)  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.e2e_measures import histogram_quantile
 from bench.soak import FRESHNESS, _delta
 
@@ -137,3 +139,42 @@ def test_the_machine_load_after_the_warm_up_is_summarised_when_the_rows_have_it(
     old = [{k: v for k, v in r.items() if k != "load_1m"} for r in rows]
     a = summarize(old, minutes=40, rate=200, warmup_frac=0.25)["after_warmup"]
     assert a["load_1m_mean"] is None and a["load_1m_max"] is None
+
+
+def test_segments_fit_each_stretch_and_tell_glibc_free_memory_from_live_memory(tmp_path) -> None:
+    """Minutes 0-29: glibc keeps freed memory (arenas and free grow 60 MB/h, in use flat);
+    from minute 30 nothing grows. The segment fits say both, and --refit writes them."""
+    import json
+
+    from bench.soak import FEATURE_MAX_BYTES, cli, parse_segments, segment_fits, summarize
+
+    rows = []
+    for k in range(60):
+        held = float(min(k, 30))  # MB of free memory kept: +1 a minute until minute 30
+        rows.append({"t_s": 60.0 * k, "worker_rss_mb": 1000.0 + held,
+                     "worker_rss_min_mb": 990.0 + held, "rss_heap_mb": 300.0,
+                     "rss_anon_mb": 600.0 + held, "rss_file_mb": 100.0,
+                     "malloc_in_use_mb": 280.0 + (k % 2), "malloc_free_mb": 150.0 + held,
+                     "malloc_arenas_mb": 430.0 + held, "malloc_mmapped_mb": 150.0,
+                     "data_dir_mb": 1.0, "store_mb": 1.0, "checkpoints_mb": 1.0,
+                     "join_state_bytes": 1.0, "feature_state_bytes": FEATURE_MAX_BYTES,
+                     "feature_keys_evicted": 0.0, "store_versions": 5, "checkpoint_files": 5,
+                     "lag_events": 0.0, "score_errors": 0, "stage_errors": 0.0})  # fmt: skip
+    growing = segment_fits(rows, 5, 29)["fits"]
+    assert growing["worker_rss_floor"]["ols_mb_per_h"] == pytest.approx(60.0)
+    assert growing["malloc_free"]["ols_mb_per_h"] == pytest.approx(60.0)
+    assert abs(growing["malloc_in_use"]["ols_mb_per_h"]) < 2.0
+    assert abs(growing["anon_not_malloc"]["ols_mb_per_h"]) < 1e-6  # all of it is glibc's
+    assert abs(growing["rss_less_malloc_free"]["ols_mb_per_h"]) < 1e-6
+    flat = segment_fits(rows, 30, 59)
+    assert flat["points"] == 30
+    assert abs(flat["fits"]["worker_rss_floor"]["ols_mb_per_h"]) < 1e-6
+    assert parse_segments("5-29, 30-59") == [(5.0, 29.0), (30.0, 59.0)]
+    for bad in ("30", "40-30"):
+        with pytest.raises(ValueError, match="FROM-TO"):
+            parse_segments(bad)
+    path = tmp_path / "soak.json"
+    path.write_text(json.dumps(summarize(rows, minutes=60, rate=200, warmup_frac=0.25)))
+    assert cli(["--refit", str(path), "--warmup-frac", "0.5", "--segments", "5-29,30-59"]) == 0
+    written = json.loads(path.read_text())["segments"]
+    assert [(s["from_min"], s["to_min"]) for s in written] == [(5.0, 29.0), (30.0, 59.0)]
