@@ -12,7 +12,9 @@ not the worker's (Apache Kafka finds an offset in a segment index and drops old 
 retention).
 
 Run ``python -m bench.broker_fetch`` (levels up to 40,000 batches, ~3 minutes) or
-``--quick`` (up to 4,000). One topic with one partition on a fresh broker; batches of one
+``--quick`` (up to 4,000). A level whose last record does not come back within 30 s is
+reported as not fetched and ends the run. One topic with one partition on a fresh broker;
+batches of one
 200-byte record are produced (``batch_size=0``: no batching) up to each level, and at each
 level ``REPEATS`` fetches at the tail are timed: a consumer assigned to the partition seeks
 to the last offset and polls until that record comes back (median and p90, ms), with the
@@ -95,10 +97,18 @@ def measure(levels: tuple[int, ...], repeats: int = REPEATS) -> list[dict[str, A
                     produced = level - held
                     held = level
                     cpu0 = broker_cpu_s(broker.pid)
-                    lat = _fetches(consumer, tp, held - 1, repeats)
+                    try:
+                        lat = _fetches(consumer, tp, held - 1, repeats)
+                    except TimeoutError as exc:  # seen at 40,000 batches here: reported
+                        rate = round(produced / produce_s, 1)
+                        rows.append({"batches_held": held, "fetched": False, "error": str(exc),
+                                     "produce_batches_per_s": rate})  # fmt: skip
+                        print(rows[-1], flush=True)
+                        break
                     cpu = broker_cpu_s(broker.pid) - cpu0
                     rows.append({
                         "batches_held": held,
+                        "fetched": True,
                         "fetch_ms_p50": round(1e3 * float(np.median(lat)), 3),
                         "fetch_ms_p90": round(1e3 * float(np.quantile(lat, 0.9)), 3),
                         "broker_cpu_ms_per_fetch": round(1e3 * cpu / repeats, 3),
@@ -113,6 +123,7 @@ def measure(levels: tuple[int, ...], repeats: int = REPEATS) -> list[dict[str, A
 
 def fit_ms_per_10k(rows: list[dict[str, Any]], key: str = "fetch_ms_p50") -> float | None:
     """Least-squares slope of ``key`` against batches held, ms per 10,000 batches."""
+    rows = [r for r in rows if r.get("fetched", True)]
     if len(rows) < 2:
         return None
     x = np.asarray([r["batches_held"] for r in rows], dtype=np.float64)
@@ -150,6 +161,10 @@ def table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in report["levels"]:
+        if not r.get("fetched", True):
+            lines.append(f"| {r['batches_held']:,} | not fetched within 30 s | - | - | "
+                         f"{r['produce_batches_per_s']:,.0f} |")  # fmt: skip
+            continue
         lines.append(
             f"| {r['batches_held']:,} | {r['fetch_ms_p50']:.2f} | {r['fetch_ms_p90']:.2f} | "
             f"{r['broker_cpu_ms_per_fetch']:.2f} | {r['produce_batches_per_s']:,.0f} |"
