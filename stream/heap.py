@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from functools import cache
+from typing import Any
 
 __all__ = ["configure_mmap_threshold", "malloc_totals", "set_mmap_threshold", "trim_heap"]
 
@@ -32,17 +33,25 @@ MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 log = logging.getLogger(__name__)
 
 
-@cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _libc_function(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """The C library's function ``name`` with these argument and result types, or None
+    where there is no C library or it has no such function (they are glibc's: not musl,
+    not macOS)."""
+    lib = ctypes.util.find_library("c")
+    if lib is None:
         return None
     try:
-        fn = ctypes.CDLL(name).malloc_trim  # glibc only (not musl, not macOS)
+        fn = getattr(ctypes.CDLL(lib), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    fn: Callable[[int], int] | None = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
     return fn
 
 
@@ -62,15 +71,9 @@ def trim_heap() -> bool | None:
 
 @cache
 def _mallopt() -> Callable[[int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).mallopt  # glibc (musl has none)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    fn: Callable[[int, int], int] | None = _libc_function(
+        "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    )
     return fn
 
 
@@ -122,15 +125,7 @@ class _MallInfo2(ctypes.Structure):
 
 @cache
 def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = []
-    fn.restype = _MallInfo2
+    fn: Callable[[], _MallInfo2] | None = _libc_function("mallinfo2", [], _MallInfo2)  # >= 2.33
     return fn
 
 
