@@ -464,11 +464,17 @@ def calibration_dashboard() -> Dashboard:
         "target while the model adapts; empty when it is not tracking.",
     )
     lay.timeseries(
-        "Tracking calibrator: logit offset",
-        [("streamrec_calibrator_offset", "offset")],
+        "Logit offsets",
+        [
+            ("streamrec_calibrator_offset", "tracking calibrator"),
+            ("streamrec_served_offset", "fast offset"),
+        ],
         w=12,
-        description="Logit offset added to the raw scores; it shrinks as the model learns "
-        "the new base rate, and the calibrator returns to identity near 0.",
+        description="Tracking calibrator: the logit offset added to the raw scores; it "
+        "shrinks as the model learns the new base rate, and the calibrator returns to "
+        "identity near 0. Fast offset (offset.enabled): the offset after the calibrator, "
+        "from the clicks that arrived against the clicks the served scores predicted; it "
+        "decays as the ranker catches up.",
     )
     annotations = [
         _annotation(

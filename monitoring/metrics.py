@@ -239,6 +239,11 @@ class StreamrecMetrics:
             "Logit offset the tracking calibrator adds to bring the served base rate to its "
             "target (0 when not tracking).",
         )
+        self.served_offset = gauge(
+            "served_offset",
+            "Logit offset (nats) of the fast offset after the calibrator (offset.enabled, "
+            "issue 17) inside the published calibrator; 0 when off.",
+        )
         self.calibration_target_ctr = gauge(
             "calibration_target_ctr",
             "Base rate the tracking calibrator aims at (accepted window click rate), in [0, 1];"

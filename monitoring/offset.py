@@ -62,6 +62,10 @@ class OffsetConfig:
         prior_clicks: pseudo-clicks on both sides of the ratio (>= 0).
         max_abs_offset: bound on ``|log m|`` (> 0).
         shrink: shrink ``log m`` toward 0 by its null variance (module doc, "Shrinkage").
+        refresh_every: in the worker (``[offset]`` of the settings), impressions between
+            two re-estimates of the offset (>= 1).
+        min_change: in the worker, the change of the offset (nats, >= 0) that publishes a
+            new served calibrator on ``control``; smaller moves are not sent.
     """
 
     enabled: bool = False
@@ -72,6 +76,8 @@ class OffsetConfig:
     prior_clicks: float = 1.0
     max_abs_offset: float = 1.0
     shrink: bool = True
+    refresh_every: int = 500
+    min_change: float = 0.01
 
     def __post_init__(self) -> None:
         if self.half_life <= 0:
@@ -86,6 +92,10 @@ class OffsetConfig:
             raise ValueError(f"prior_clicks must be >= 0, got {self.prior_clicks}")
         if not (math.isfinite(self.max_abs_offset) and self.max_abs_offset > 0):
             raise ValueError(f"max_abs_offset must be > 0, got {self.max_abs_offset}")
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+        if not (math.isfinite(self.min_change) and self.min_change >= 0):
+            raise ValueError(f"min_change must be >= 0, got {self.min_change}")
 
 
 class LogitOffset:
@@ -108,7 +118,8 @@ class LogitOffset:
 
     def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
         """Impressions ``ids`` at event times ``ts`` (seconds, shape ``(n,)``) served with
-        scores ``p`` (probabilities before the offset, shape ``(n,)``)."""
+        scores ``p`` (probabilities before the offset, shape ``(n,)``). An id already
+        remembered (a redelivery) is skipped: its first score and click flag stay."""
         ts_a = np.asarray(ts, dtype=np.float64).reshape(-1)
         p_a = np.asarray(p, dtype=np.float64).reshape(-1)
         if not (len(ids) == ts_a.size == p_a.size):
@@ -117,6 +128,8 @@ class LogitOffset:
             raise ValueError("ts must be finite and p within [0, 1]")
         h = self.config.horizon
         for iid, t, q in zip(ids, ts_a, p_a, strict=True):
+            if iid in self._slot:
+                continue
             k = self.n_seen % h
             old = self._ids[k]
             if old is not None:
@@ -135,6 +148,10 @@ class LogitOffset:
                 self._c[k] = 1.0
                 counted += 1
         return counted
+
+    def remembers(self, impression_id: str) -> bool:
+        """True while impression ``impression_id`` is in the window."""
+        return impression_id in self._slot
 
     def refresh(self, now: float) -> float:
         """Re-estimate the offset at event time ``now`` (seconds); returns it."""

@@ -24,7 +24,9 @@ Accepted records (JSON objects, at most :data:`MAX_CONTROL_BYTES`):
 ``calibrator``     ``version`` int in [0, 2**53]; ``params`` an object that rebuilds a
                    calibrator (:func:`learners.calibration.calibrator_from_dict`) with
                    finite numbers only, whose map of [0, 1] is finite, inside [0, 1] and
-                   non-decreasing
+                   non-decreasing; ``offset`` (optional) a finite number of nats in
+                   [-20, 20]: the part of ``params``' logit that is the monitor's fast
+                   offset (``params`` already includes it: servers apply ``params``)
 ``model``          ``version`` int; ``path``/``digest`` strings when present
 other kinds        ``version`` int when present (``index``, ``drift``, ...: informational)
 =================  =================================================================
@@ -75,6 +77,8 @@ __all__ = [
 MAX_CONTROL_BYTES = 1024 * 1024
 #: Versions are counters: integers in [0, 2**53] (exact as JSON numbers everywhere).
 MAX_VERSION = 2**53
+#: Largest absolute value of a calibrator record's ``offset`` (nats on the logit scale).
+MAX_OFFSET = 20.0
 #: Largest absolute value of a calibrator parameter.
 MAX_PARAM = 1e9
 _MAX_KIND_LEN = 64
@@ -154,6 +158,16 @@ def parse_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) -
     if kind == "calibrator":
         msg["version"] = _version(msg, kind, required=True)
         msg["params"] = _calibrator_params(msg.get("params"))
+        off = msg.get("offset")
+        if off is not None and (
+            isinstance(off, bool)
+            or not isinstance(off, int | float)
+            or not math.isfinite(off)
+            or abs(off) > MAX_OFFSET
+        ):
+            raise InvalidEvent(
+                "bad_value", f"control 'calibrator': offset must be a number in +-{MAX_OFFSET:g}"
+            )
     elif kind == "model":
         msg["version"] = _version(msg, kind, required=True)
         for name in ("path", "digest"):
@@ -189,14 +203,17 @@ class _Record:
 @dataclass(frozen=True)
 class CalibratorUpdate(_Record):
     """A calibrator to serve: ``params`` rebuild it
-    (:func:`learners.calibration.calibrator_from_dict`); newer versions win."""
+    (:func:`learners.calibration.calibrator_from_dict`); newer versions win. ``offset``:
+    the monitor's fast logit offset (:class:`monitoring.offset.LogitOffset`) already
+    inside ``params`` (servers ignore it; a monitor adopting the record takes it out)."""
 
     kind: ClassVar[str] = "calibrator"
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"event_ts", "reason"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"event_ts", "reason", "offset"})
     version: int
     params: dict[str, Any]
     event_ts: float | None = None  #: event time (s) of the batch that caused it
-    reason: str | None = None  #: "alarm", "refit", "identity", "level", "accepted", ...
+    reason: str | None = None  #: "alarm", "refit", "identity", "level", "offset", ...
+    offset: float | None = None  #: nats of the fast offset inside ``params`` (None: none)
 
 
 @dataclass(frozen=True)
@@ -316,7 +333,7 @@ def decode_control(raw: bytes | str | None, max_bytes: int = MAX_CONTROL_BYTES) 
     first. Raises :class:`~logs.events.InvalidEvent`.
 
     >>> decode_control(b'{"kind": "calibrator", "version": 3, "params": {"a": 1.0, "b": 0}}')
-    CalibratorUpdate(version=3, params={'a': 1.0, 'b': 0}, event_ts=None, reason=None)
+    CalibratorUpdate(version=3, params={'a': 1.0, 'b': 0}, event_ts=None, reason=None, offset=None)
     >>> decode_control(b'{"kind": "hello", "version": 1}')
     OtherControl(kind='hello', fields={'kind': 'hello', 'version': 1})
     """

@@ -31,6 +31,7 @@ from learners.two_tower import TwoTowerConfig
 from modelstore.store import StoreConfig
 from monitoring.drift import DriftConfig
 from monitoring.drift_wander import WanderConfig
+from monitoring.offset import OffsetConfig
 from serving.recommender import ServingConfig
 from stream.join import JoinConfig
 
@@ -349,6 +350,10 @@ class Settings:
     #: the "wander_z" drift test (monitor.detector, the default)
     drift_wander: WanderConfig = field(default_factory=WanderConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    #: the fast logit offset after the calibrator (issue 17; monitoring.offset): off by
+    #: default (README "Recovery after a drift"). In the worker its delay model's cap
+    #: (``max_delay_s``) is the attribution window (join.window_s) unless set here.
+    offset: OffsetConfig = field(default_factory=OffsetConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     indexer: IndexerConfig = field(default_factory=IndexerConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
@@ -391,6 +396,11 @@ class Settings:
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if self.offset.enabled and self.monitor.calibrator not in ("platt", "shift"):
+            raise ValueError(
+                "offset.enabled needs a logit-affine calibrator (monitor.calibrator 'platt' "
+                f"or 'shift'), got {self.monitor.calibrator!r}"
+            )
         if self.feature_max_bytes < self.partitions * 2**20:
             raise ValueError("feature_max_bytes must be at least 1 MiB per partition")
         if self.feature_follow_from not in ("earliest", "latest"):
@@ -492,6 +502,7 @@ _SECTIONS: dict[str, type] = {
     "drift": DriftConfig,
     "drift_wander": WanderConfig,
     "monitor": MonitorConfig,
+    "offset": OffsetConfig,
     "index": IndexConfig,
     "indexer": IndexerConfig,
     "serving": ServingConfig,

@@ -9,6 +9,7 @@ import numpy as np
 
 from learners.calibration import (
     Calibrator,
+    OffsetCalibrator,
     PlattCalibrator,
     VersionedCalibrator,
 )
@@ -17,6 +18,7 @@ from logs.batches import ScoredBatch
 from monitoring.drift import CalibrationDriftDetector, DriftDetector, make_detector
 from monitoring.drift_wander import WanderDriftDetector
 from monitoring.metrics import StreamrecMetrics
+from monitoring.offset import LogitOffset
 from monitoring.outcomes import FinalOutcomes
 from monitoring.windows import CalibrationWindow
 from stream.control import CalibratorUpdate, ControlRecord, DriftAlarm, Recalibration
@@ -36,6 +38,15 @@ class MonitorService:
     ``monitor.recalibration`` (see :class:`stream.settings.MonitorConfig` and
     :class:`learners.recalibration.TrackingRecalibrator`); a per-segment alarm is counted
     (``streamrec_segment_drift_alarms_total``) but recalibrates nothing.
+
+    With ``offset.enabled`` (issue 17, off by default) a fast logit offset
+    (:class:`monitoring.offset.LogitOffset`) follows the calibrator: it learns from each
+    impression's first record (its score before the offset: the current calibrator on
+    its raw score) and from the clicks as they arrive, not from final labels, and every
+    ``offset.refresh_every`` impressions a move of at least ``offset.min_change`` nats
+    publishes the calibrator with the offset inside (``CalibratorUpdate.offset`` says how
+    much of it is the offset). The served score the windows and drift tests judge is the
+    one served, offset included.
     """
 
     def __init__(self, settings: Settings, metrics: StreamrecMetrics) -> None:
@@ -86,6 +97,15 @@ class MonitorService:
             if scheme in ("fake_negative", "dfm")
             else None
         )
+        ocfg = settings.offset
+        if ocfg.enabled and ocfg.max_delay_s is None:  # delays are capped by the window
+            ocfg = dataclasses.replace(ocfg, max_delay_s=settings.join.window_s)
+        #: the fast offset after the calibrator (None: offset.enabled is off)
+        self.offset: LogitOffset | None = LogitOffset(ocfg) if ocfg.enabled else None
+        self.served_offset = 0.0  #: nats of the offset inside the published calibrator
+        self.n_offset_updates = 0
+        self._offset_pending = 0  # impressions observed since the offset's last refresh
+        self._offset_now = -np.inf  # newest impression time seen (event seconds)
         self.n_seen = 0
         self.n_alarms = 0
         self.n_recalibrations = 0
@@ -108,7 +128,8 @@ class MonitorService:
     def observe(self, batch: ScoredBatch) -> list[ControlRecord]:
         """Update statistics with one scored batch; returns the control messages to
         publish: a ``drift`` record per alarm, and a ``calibrator`` whenever a new version
-        is published (an accepted refit, or a level update while tracking).
+        is published (an accepted refit, a level update while tracking, or a move of the
+        fast offset).
 
         With ``join.delayed_feedback="fake_negative"`` the batch's labels are provisional:
         each impression is judged once, on its final label, when its attribution window
@@ -117,6 +138,39 @@ class MonitorService:
         ``"dfm"`` likewise: an impression's first record is its positive (click before
         ``join.dfm_observe_s``) or its unclicked record, and a later click (a weight-0
         ``late_click``) makes its final label 1."""
+        out = self._feed_offset(batch) if self.offset is not None else []
+        return out + self._observe_labels(batch)
+
+    def _feed_offset(self, batch: ScoredBatch) -> list[ControlRecord]:
+        """Feed the fast offset with a batch's new impressions (first records) and
+        clicks; re-estimate it every ``offset.refresh_every`` impressions once it holds
+        ``half_life`` of them; a ``calibrator`` record when it moved enough."""
+        off = self.offset
+        assert off is not None
+        cfg = off.config
+        ids = batch.impression_ids
+        ts = np.asarray(batch.ts, dtype=np.float64)
+        new = [i for i, iid in enumerate(ids) if not off.remembers(iid)]
+        if new:
+            p_pre = self.calibrator.transform(np.asarray(batch.p_raw, dtype=np.float64)[new])
+            off.observe_impressions([ids[i] for i in new], ts[new], p_pre)
+            self._offset_pending += len(new)
+        off.observe_clicks([iid for iid, y in zip(ids, batch.label, strict=True) if y > 0])
+        if ts.size:
+            self._offset_now = max(self._offset_now, float(ts.max()))
+        if self._offset_pending < cfg.refresh_every or off.n_seen < cfg.half_life:
+            return []
+        self._offset_pending = 0
+        value = off.refresh(self._offset_now)
+        moved = abs(value - self.served_offset)
+        if moved < cfg.min_change and not (value == 0.0 and self.served_offset != 0.0):
+            return []
+        self.served_offset = value
+        self.n_offset_updates += 1
+        return [self._calibrator_message(self.calibrator, self._offset_now, "offset")]
+
+    def _observe_labels(self, batch: ScoredBatch) -> list[ControlRecord]:
+        """The windows, drift tests and recalibration of :meth:`observe`."""
         if self.outcomes is None:
             return self._observe(
                 np.asarray(batch.p, dtype=np.float64),
@@ -212,7 +266,14 @@ class MonitorService:
         current = VersionedCalibrator(self.calibrator, self.calibrator_version)
         newer = current.newer(record.version, record.params)
         if newer is not None:
-            self.calibrator, self.calibrator_version = newer.calibrator, newer.version
+            base = newer.calibrator
+            if record.offset and isinstance(base, OffsetCalibrator):
+                base = base.with_offset(-record.offset)  # the offset is not the calibrator's
+            if self.offset is not None:
+                # served as published until the offset, re-learning from its own window,
+                # moves by offset.min_change
+                self.served_offset = float(record.offset or 0.0)
+            self.calibrator, self.calibrator_version = base, newer.version
             if self.guard is not None:
                 self.guard.serving = self.calibrator
             elif self.settings.monitor.recalibration in ("track", "continuous"):
@@ -237,16 +298,25 @@ class MonitorService:
         m.calibrator_offset.set(self.tracker.offset if tracking else 0.0)
         target = self.tracker.target if tracking else None
         m.calibration_target_ctr.set(float("nan") if target is None else target)
+        m.served_offset.set(self.served_offset if self.offset is not None else 0.0)
 
     def _calibrator_message(
         self, calibrator: Calibrator, event_ts: float, reason: str
     ) -> CalibratorUpdate:
+        """Publish ``calibrator`` as the next version: with the fast offset inside
+        (``offset.enabled``), the served one is ``calibrator`` shifted by it."""
         self.calibrator = calibrator
         self.calibrator_version += 1
         self.metrics.calibrator_updates.inc()
+        offset: float | None = None
+        served = calibrator
+        if self.offset is not None and isinstance(calibrator, OffsetCalibrator):
+            offset = self.served_offset
+            served = calibrator.with_offset(offset) if offset else calibrator
         return CalibratorUpdate(
-            self.calibrator_version, calibrator.to_dict(), event_ts=event_ts, reason=reason
-        )
+            self.calibrator_version, served.to_dict(), event_ts=event_ts, reason=reason,
+            offset=offset,
+        )  # fmt: skip
 
     def _refit_record(self, accepted: bool | None, event_ts: float, reason: str) -> Recalibration:
         decision = "rollback" if accepted is None else "accepted" if accepted else "rejected"

@@ -204,6 +204,7 @@ def test_calibration_dashboard_shows_reliability_bins_and_per_segment_drift(
     exprs = dashboard_expressions(board)
     assert any("streamrec_segment_drift_alarms_total" in e for e in exprs)
     assert any("streamrec_calibrator_offset" in e for e in exprs)
+    assert any("streamrec_served_offset" in e for e in exprs)
 
 
 def test_operations_dashboard_shows_watermark_lag_and_rates(

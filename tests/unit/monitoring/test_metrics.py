@@ -45,6 +45,7 @@ OTHER_GAUGES = {
     "rocksdb_memory_bytes",
     "malloc_bytes",
     "calibrator_offset",
+    "served_offset",
     "calibration_target_ctr",
     "worker_starts",
     "unclean_restarts",

@@ -144,3 +144,21 @@ def test_shrinkage_still_recovers_a_x1_6_jump_within_8000_impressions() -> None:
     first = int(np.flatnonzero(np.abs(ratios - 1) <= 0.10)[0])
     assert first * 250 <= 8_000
     assert 0.3 < off.offset < 0.65
+
+
+def test_a_redelivered_impression_keeps_its_first_score_and_click() -> None:
+    off = LogitOffset(OffsetConfig(enabled=True, half_life=10, horizon=20))
+    off.observe_impressions(["a", "b"], [1.0, 2.0], [0.1, 0.2])
+    assert off.observe_clicks(["a"]) == 1
+    off.observe_impressions(["a", "c", "c"], [5.0, 6.0, 6.0], [0.9, 0.3, 0.4])
+    assert off.n_seen == 3 and off.remembers("c") and not off.remembers("d")
+    state = off.state_dict()
+    assert state["ids"] == ["a", "b", "c"]
+    assert state["p"] == [0.1, 0.2, 0.3] and state["c"] == [1.0, 0.0, 0.0]
+
+
+def test_worker_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="refresh_every"):
+        OffsetConfig(refresh_every=0)
+    with pytest.raises(ValueError, match="min_change"):
+        OffsetConfig(min_change=math.nan)
