@@ -55,9 +55,14 @@ compensation and policy ``off``, the served score of the ranker alone (``startup
 the delay-aware logit offset :class:`monitoring.offset.LogitOffset` after it
 (``startup+offset``, delay model: the pretraining log's mean click delay, capped at the
 window) and with the same offset without a delay model (``startup+offset_nodelay``: the
-plain tracked ratio). Plan :data:`RECOVERY_PLAN`; per run also the impressions to ±10%
-on a trailing 1k window after the drift and the share of 1k windows beyond ±5% after
-that; writes ``calibration_worlds_recovery.json``.
+plain tracked ratio), and the offset as the worker runs it (``startup+offset_worker``:
+``[offset] enabled`` with the same delay model; the monitor feeds it from the scored
+stream, re-estimates it every ``refresh_every`` impressions and publishes it inside the
+calibrator on ``control``, which the trainer applies: later and coarser than the bench's
+own offset, which sees every impression when it is served and every click at its click
+time). ``--arms A,B`` runs a subset. Plan :data:`RECOVERY_PLAN`; per run also the
+impressions to ±10% on a trailing 1k window after the drift and the share of 1k windows
+beyond ±5% after that; writes ``calibration_worlds_recovery.json``.
 """
 
 from __future__ import annotations
@@ -94,8 +99,10 @@ DFM_PLAN = {"n": 30_000, "history": 5_000, "seeds": (0, 1), "rates": RATES}
 LABEL_SCHEMES = ("default", "dfm")
 #: ``--startup``: without / with the joiner's start-up compensation
 STARTUP_SCHEMES = ("default", "startup")
-#: ``--recovery``: ranker alone / + delay-aware offset / + offset without delay model
-RECOVERY_SCHEMES = ("startup", "startup+offset", "startup+offset_nodelay")
+#: ``--recovery``: ranker alone / + delay-aware offset / + offset without delay model /
+#: + the offset as the worker runs it (``[offset] enabled``: in the monitor, fed from the
+#: scored stream, published on control)
+RECOVERY_SCHEMES = ("startup", "startup+offset", "startup+offset_nodelay", "startup+offset_worker")
 RECOVERY_PLAN = {"n": 16_000, "history": 2_000, "seeds": (0, 1, 2, 3, 4), "rates": RATES}
 #: seeds at 30,000 a minute (the slowest runs)
 RECOVERY_SEEDS_FAST = (0, 1)
@@ -164,7 +171,10 @@ def run_world(
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     offset = None
-    if "+offset" in scheme:
+    if scheme.endswith("+offset_worker"):  # the worker's own: the monitor runs it
+        ocfg = OffsetConfig(enabled=True, delay_mean_s=prior or DELAY_MEAN_S, max_delay_s=WINDOW_S)
+        s = s.replace(offset=ocfg)
+    elif "+offset" in scheme:
         nodelay = scheme.endswith("_nodelay")
         cfg = OffsetConfig(
             enabled=True,
@@ -300,10 +310,11 @@ def main(
     dfm: bool = False,
     startup: bool = False,
     recovery_arms: bool = False,
+    arms: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """``dfm``: the labelling schemes (:data:`LABEL_SCHEMES`) under policy ``off`` instead
     of the policies (see the module doc); ``startup``: :data:`STARTUP_SCHEMES` the same
-    way."""
+    way; ``arms``: only these of the schemes compared (e.g. of :data:`RECOVERY_SCHEMES`)."""
     full_plan = (
         RECOVERY_PLAN if recovery_arms else STARTUP_PLAN if startup else DFM_PLAN if dfm else FULL
     )
@@ -317,6 +328,11 @@ def main(
         if dfm
         else ("default",)
     )
+    if arms is not None:
+        unknown = set(arms) - set(schemes)
+        if unknown:
+            raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(schemes)}")
+        schemes = tuple(a for a in schemes if a in arms)
     if dfm or startup or recovery_arms:
         policies = ("off",)
     jobs = [
@@ -355,6 +371,8 @@ def main(
         report["command"] += " --startup"
     if recovery_arms:
         report["command"] += " --recovery"
+    if arms is not None:
+        report["command"] += " --arms " + ",".join(schemes)
         report["recovery"] = recovery_comparison(runs)
     if dfm or startup:
         report["schemes"] = scheme_comparison(runs, schemes)
@@ -502,8 +520,16 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recovery",
         action="store_true",
-        help="ranker alone vs + logit offset (with / without delay model), start-up on, policy off",
+        help="ranker alone vs + logit offset (with / without delay model, and in the worker's "
+        "monitor), start-up on, policy off",
     )
+    parser.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated subset of the compared arms (e.g. "
+        "startup,startup+offset,startup+offset_worker)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     args = parser.parse_args(argv)
     main(
         args.quick,
@@ -511,6 +537,8 @@ def cli(argv: list[str] | None = None) -> int:
         dfm=args.dfm,
         startup=args.startup,
         recovery_arms=args.recovery,
+        arms=None if args.arms is None else tuple(a for a in args.arms.split(",") if a),
+        workers=args.workers,
     )
     return 0
 

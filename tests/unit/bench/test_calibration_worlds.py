@@ -132,3 +132,38 @@ def test_simulate_serves_through_the_offset_and_feeds_it_every_click() -> None:
     # the served score is the raw (identity calibrator) moved by the offset of its step
     moved = np.abs(np.log(res.p_serve / res.p_serve_raw))
     assert moved.max() > 0 and moved.max() <= off.config.max_abs_offset + 1e-9
+
+
+def test_the_worker_offset_arm_serves_what_the_monitor_publishes() -> None:
+    from monitoring.offset import OffsetConfig
+
+    w = World(rate_per_min=600.0, n=3_000, seed=2, scenario="abrupt", delay_mean_s=10.0,
+              max_delay_s=29.0)  # fmt: skip
+    df, _ = make_world(w)
+    s = cw.policy_settings("off")
+    s = s.replace(
+        join=dataclasses.replace(s.join, window_s=30.0),
+        ranker=dataclasses.replace(s.ranker, model="logreg", loss="fnw"),
+        retrieval="ranker",
+        offset=OffsetConfig(
+            enabled=True, half_life=200, horizon=1_000, delay_mean_s=10.0, refresh_every=100
+        ),  # fmt: skip
+    )
+    res = simulate(df, s, step_s=5.0)
+
+    # the trainer serves the monitor's published calibrator: identity shifted by the
+    # offset once it is published (half_life impressions in), raw before
+    def logit(p: np.ndarray) -> np.ndarray:
+        return np.log(p / (1 - p))
+
+    shift = logit(res.p_serve) - logit(res.p_serve_raw)
+    assert np.allclose(shift[:200], 0.0)
+    assert np.abs(shift).max() > 0.01
+    assert np.abs(shift).max() <= s.offset.max_abs_offset + 1e-6
+
+
+def test_unknown_arms_are_a_clear_error() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown arms"):
+        cw.main(True, recovery_arms=True, arms=("startup", "bogus"))
