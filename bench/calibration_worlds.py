@@ -319,7 +319,7 @@ def main(
         RECOVERY_PLAN if recovery_arms else STARTUP_PLAN if startup else DFM_PLAN if dfm else FULL
     )
     plan = cast(dict[str, Any], QUICK if quick else full_plan)
-    schemes = (
+    schemes: tuple[str, ...] = (
         RECOVERY_SCHEMES
         if recovery_arms
         else STARTUP_SCHEMES
