@@ -118,8 +118,11 @@ class LogitOffset:
 
     def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
         """Impressions ``ids`` at event times ``ts`` (seconds, shape ``(n,)``) served with
-        scores ``p`` (probabilities before the offset, shape ``(n,)``). An id already
-        remembered (a redelivery) is skipped: its first score and click flag stay."""
+        scores ``p`` (probabilities before the offset, shape ``(n,)``). Skipped: an id
+        already remembered (a redelivery: its first score and click flag stay), and, once
+        the window is full, an impression older than its oldest (one that already left it,
+        e.g. a late positive record of an evicted impression: remembered again as new, its
+        click would count against the predictions of impressions it does not belong to)."""
         ts_a = np.asarray(ts, dtype=np.float64).reshape(-1)
         p_a = np.asarray(p, dtype=np.float64).reshape(-1)
         if not (len(ids) == ts_a.size == p_a.size):
@@ -131,6 +134,8 @@ class LogitOffset:
             if iid in self._slot:
                 continue
             k = self.n_seen % h
+            if self.n_seen >= h and t < self._ts[k]:  # slot k holds the oldest remembered
+                continue
             old = self._ids[k]
             if old is not None:
                 self._slot.pop(old, None)

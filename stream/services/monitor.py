@@ -150,7 +150,15 @@ class MonitorService:
         cfg = off.config
         ids = batch.impression_ids
         ts = np.asarray(batch.ts, dtype=np.float64)
-        new = [i for i, iid in enumerate(ids) if not off.remembers(iid)]
+        # an impression's first record: with fake negatives always its label-0 record (a
+        # positive of an impression not remembered belongs to one that left the window, or
+        # to one seen before a restart); otherwise the first record of any label
+        first_is_negative = self.settings.join.delayed_feedback == "fake_negative"
+        new = [
+            i
+            for i, (iid, y) in enumerate(zip(ids, batch.label, strict=True))
+            if not (off.remembers(iid) or (first_is_negative and y > 0))
+        ]
         if new:
             p_pre = self.calibrator.transform(np.asarray(batch.p_raw, dtype=np.float64)[new])
             off.observe_impressions([ids[i] for i in new], ts[new], p_pre)

@@ -162,3 +162,14 @@ def test_worker_settings_are_checked() -> None:
         OffsetConfig(refresh_every=0)
     with pytest.raises(ValueError, match="min_change"):
         OffsetConfig(min_change=math.nan)
+
+
+def test_an_impression_older_than_a_full_window_is_not_remembered_again() -> None:
+    off = LogitOffset(OffsetConfig(enabled=True, half_life=2, horizon=3))
+    off.observe_impressions(["a", "b", "c", "d"], [1.0, 2.0, 3.0, 4.0], [0.1] * 4)
+    assert not off.remembers("a")  # evicted by "d"
+    off.observe_impressions(["a"], [1.0], [0.1])  # a late record of "a": skipped
+    assert not off.remembers("a") and off.n_seen == 4
+    assert off.observe_clicks(["a"]) == 0
+    off.observe_impressions(["e"], [3.5], [0.1])  # within the window's span: kept
+    assert off.remembers("e") and not off.remembers("b")

@@ -142,3 +142,16 @@ def test_settings_section_and_checks(tmp_path) -> None:  # type: ignore[no-untyp
     svc = monitor()
     assert svc.offset is not None
     assert svc.offset.config.max_delay_s == svc.settings.join.window_s
+
+
+def test_with_fake_negatives_a_positive_of_an_unknown_impression_is_not_an_impression() -> None:
+    # e.g. the positive of an impression seen before a restart: counting it as a new
+    # clicked impression would inflate the clicks against the predictions
+    svc = monitor(refresh_every=10**9)
+    batch = ScoredBatch(0, 0, ["old", "n1", "n2", "n2"], [1.0, 5.0, 5.0, 5.0], [1, 0, 0, 1],
+                        [0.05] * 4, [0.05] * 4, ["1"] * 4, [None] * 4)  # fmt: skip
+    svc.observe(batch)
+    assert svc.offset is not None
+    assert not svc.offset.remembers("old") and svc.offset.n_seen == 2
+    # n2's fake negative and its positive in one batch: remembered, then clicked
+    assert svc.offset.state_dict()["c"] == [0.0, 1.0]
