@@ -60,9 +60,11 @@ plain tracked ratio), and the offset as the worker runs it (``startup+offset_wor
 stream, re-estimates it every ``refresh_every`` impressions and publishes it inside the
 calibrator on ``control``, which the trainer applies: later and coarser than the bench's
 own offset, which sees every impression when it is served and every click at its click
-time). ``--arms A,B`` runs a subset. Plan :data:`RECOVERY_PLAN`; per run also the
-impressions to ±10% on a trailing 1k window after the drift and the share of 1k windows
-beyond ±5% after that; writes ``calibration_worlds_recovery.json``.
+time); ``startup+offset_worker_gated``: the same behind a gate of :data:`GATE_Z` null
+standard deviations (``OffsetConfig.gate_z``). ``--arms A,B`` runs a subset. Plan
+:data:`RECOVERY_PLAN`; per run also the impressions to ±10% on a trailing 1k window after
+the drift and the share of 1k windows beyond ±5% after that; writes
+``calibration_worlds_recovery.json``.
 """
 
 from __future__ import annotations
@@ -102,7 +104,16 @@ STARTUP_SCHEMES = ("default", "startup")
 #: ``--recovery``: ranker alone / + delay-aware offset / + offset without delay model /
 #: + the offset as the worker runs it (``[offset] enabled``: in the monitor, fed from the
 #: scored stream, published on control)
-RECOVERY_SCHEMES = ("startup", "startup+offset", "startup+offset_nodelay", "startup+offset_worker")
+RECOVERY_SCHEMES = (
+    "startup",
+    "startup+offset",
+    "startup+offset_nodelay",
+    "startup+offset_worker",
+    "startup+offset_worker_gated",
+)
+#: ``startup+offset_worker_gated``: the worker's offset behind a gate of this many null
+#: standard deviations (OffsetConfig.gate_z)
+GATE_Z = 3.0
 RECOVERY_PLAN = {"n": 16_000, "history": 2_000, "seeds": (0, 1, 2, 3, 4), "rates": RATES}
 #: seeds at 30,000 a minute (the slowest runs)
 RECOVERY_SEEDS_FAST = (0, 1)
@@ -171,8 +182,13 @@ def run_world(
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     offset = None
-    if scheme.endswith("+offset_worker"):  # the worker's own: the monitor runs it
-        ocfg = OffsetConfig(enabled=True, delay_mean_s=prior or DELAY_MEAN_S, max_delay_s=WINDOW_S)
+    if "+offset_worker" in scheme:  # the worker's own: the monitor runs it
+        ocfg = OffsetConfig(
+            enabled=True,
+            delay_mean_s=prior or DELAY_MEAN_S,
+            max_delay_s=WINDOW_S,
+            gate_z=GATE_Z if scheme.endswith("_gated") else None,
+        )
         s = s.replace(offset=ocfg)
     elif "+offset" in scheme:
         nodelay = scheme.endswith("_nodelay")

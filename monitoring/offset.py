@@ -31,6 +31,13 @@ variance under "no miscalibration": ``offset = max(0, 1 - v0 / g^2) * g`` with
 ``E[A] = B``, by the delta method). While ``|g|`` is within the noise (``g^2 <= v0``) the
 offset is exactly 0; a real change (``g^2 >> v0``) passes nearly unshrunk. No constant
 is tuned to a world: the band scales with the clicks the window expects.
+
+Gate (``gate_z``, off by default): the positive-part estimate still serves part of the
+noise (about 0.4 of its standard deviation on average when nothing changed), and it
+follows the ranker's own wander. With a gate the offset serves nothing until
+``|z| = |log m| / sqrt(v0)`` reaches ``gate_z``, and serves the shrunk estimate until
+``|z|`` falls below ``release_z`` (the ranker caught up: the scores it remembers are the
+pre-offset ones, so ``z`` measures the ranker's miscalibration, not the served one).
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ class OffsetConfig:
             two re-estimates of the offset (>= 1).
         min_change: in the worker, the change of the offset (nats, >= 0) that publishes a
             new served calibrator on ``control``; smaller moves are not sent.
+        gate_z: serve an offset only once ``|log m|`` reaches ``gate_z`` null standard
+            deviations (> 0), until it falls below ``release_z`` (module doc, "Gate");
+            None: no gate.
+        release_z: see ``gate_z`` (>= 0, <= gate_z).
     """
 
     enabled: bool = False
@@ -78,6 +89,8 @@ class OffsetConfig:
     shrink: bool = True
     refresh_every: int = 500
     min_change: float = 0.01
+    gate_z: float | None = None
+    release_z: float = 1.0
 
     def __post_init__(self) -> None:
         if self.half_life <= 0:
@@ -96,6 +109,11 @@ class OffsetConfig:
             raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
         if not (math.isfinite(self.min_change) and self.min_change >= 0):
             raise ValueError(f"min_change must be >= 0, got {self.min_change}")
+        if self.gate_z is not None and not (math.isfinite(self.gate_z) and self.gate_z > 0):
+            raise ValueError(f"gate_z must be > 0 or None, got {self.gate_z}")
+        gate = math.inf if self.gate_z is None else self.gate_z
+        if not (math.isfinite(self.release_z) and 0 <= self.release_z <= gate):
+            raise ValueError(f"release_z must be in [0, gate_z], got {self.release_z}")
 
 
 class LogitOffset:
@@ -115,6 +133,8 @@ class LogitOffset:
         self.n_seen = 0  # impressions observed (ring position = n_seen % horizon)
         self.offset = 0.0  # log m, nats on the logit scale
         self.null_var = 0.0  # variance of log m under no miscalibration (last refresh)
+        self.z = 0.0  # log m in null standard deviations (last refresh)
+        self.engaged = False  # with a gate: serving an offset
 
     def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
         """Impressions ``ids`` at event times ``ts`` (seconds, shape ``(n,)``) served with
@@ -182,10 +202,18 @@ class LogitOffset:
         b = float(np.dot(w, self._p[pos] * f))
         m = (a + c.prior_clicks) / (b + c.prior_clicks) if b + c.prior_clicks > 0 else 1.0
         g = math.log(m) if m > 0 else -c.max_abs_offset
-        if c.shrink and g != 0.0:
-            # null variance of log m (Poisson A with mean B), positive-part James-Stein
+        if (c.shrink or c.gate_z is not None) and g != 0.0:
+            # null variance of log m (Poisson A with mean B)
             self.null_var = float(np.dot(w * w, self._p[pos] * f)) / (b + c.prior_clicks) ** 2
-            g *= max(0.0, 1.0 - self.null_var / (g * g))
+            self.z = g / math.sqrt(self.null_var) if self.null_var > 0 else 0.0
+            if c.shrink:  # positive-part James-Stein
+                g *= max(0.0, 1.0 - self.null_var / (g * g))
+        else:
+            self.z = 0.0
+        if c.gate_z is not None:
+            self.engaged = abs(self.z) >= (c.release_z if self.engaged else c.gate_z)
+            if not self.engaged:
+                g = 0.0
         self.offset = float(np.clip(g, -c.max_abs_offset, c.max_abs_offset))
         return self.offset
 
@@ -202,6 +230,7 @@ class LogitOffset:
         return {
             "n_seen": self.n_seen,
             "offset": self.offset,
+            "engaged": self.engaged,
             "ids": [self._ids[k] for k in pos],
             "ts": self._ts[pos].tolist(),
             "p": self._p[pos].tolist(),
@@ -217,4 +246,5 @@ class LogitOffset:
         c = np.asarray(state["c"], dtype=np.float64)
         o.observe_clicks([iid for iid, ci in zip(ids, c, strict=True) if ci > 0])
         o.offset = float(state["offset"])
+        o.engaged = bool(state.get("engaged", False))
         return o

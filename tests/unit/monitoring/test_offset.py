@@ -173,3 +173,41 @@ def test_an_impression_older_than_a_full_window_is_not_remembered_again() -> Non
     assert off.observe_clicks(["a"]) == 0
     off.observe_impressions(["e"], [3.5], [0.1])  # within the window's span: kept
     assert off.remembers("e") and not off.remembers("b")
+
+
+def test_a_gated_offset_stays_at_zero_on_a_calibrated_stream() -> None:
+    rng = np.random.default_rng(1)
+    shrunk = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    gated = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S, gate_z=3.0))
+    a, _ = stream(shrunk, 40_000, 0.04, 1.0, np.random.default_rng(1))
+    b, _ = stream(gated, 40_000, 0.04, 1.0, rng)
+    # the same clicks: the shrunk estimate serves some of their noise, the gate none
+    assert np.abs(np.array(a) / 0.04 - 1).max() > 0.0
+    assert np.abs(np.array(b) / 0.04 - 1).max() < 1e-9 and not gated.engaged
+
+
+def test_a_gated_offset_engages_on_a_x1_6_jump_and_releases_when_the_ranker_catches_up() -> None:
+    rng = np.random.default_rng(0)
+    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S, gate_z=3.0))
+    p = 0.04
+    _, t = stream(off, 20_000, p, 1.0, rng)
+    after, t = stream(off, 20_000, p, 1.6, rng, t0=t, start=20_000)
+    ratios = np.array(after) / (1.6 * p)
+    first = int(np.flatnonzero(np.abs(ratios - 1) <= 0.10)[0])
+    assert first * 250 <= 6_000 and off.engaged
+    assert abs(ratios[-40:].mean() - 1) < 0.05
+    # the ranker catches up: scores at the new truth; once the window holds them the
+    # pre-offset ratio is back within the noise and the offset lets go
+    caught, _ = stream(off, 30_000, 1.6 * p, 1.0, rng, t0=t, start=40_000)
+    assert not off.engaged and off.offset == 0.0
+    assert abs(np.mean(caught[-20:]) / (1.6 * p) - 1) < 1e-9
+
+
+def test_gate_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="gate_z"):
+        OffsetConfig(gate_z=0.0)
+    with pytest.raises(ValueError, match="release_z"):
+        OffsetConfig(gate_z=2.0, release_z=3.0)
+    off = LogitOffset(OffsetConfig(enabled=True, gate_z=2.0))
+    off.engaged = True
+    assert LogitOffset.from_state(off.state_dict(), off.config).engaged
