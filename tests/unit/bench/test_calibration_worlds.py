@@ -113,17 +113,22 @@ def test_recovery_arms_comparison_and_table() -> None:
     assert "| 5000 / 5000 | 0.000 | False |" in text
 
 
+def small_settings() -> Settings:
+    """Policy off, a 30 s window, a logreg ranker on FNW and no two-tower model: fast."""
+    s = cw.policy_settings("off")
+    return s.replace(
+        join=dataclasses.replace(s.join, window_s=30.0),
+        ranker=dataclasses.replace(s.ranker, model="logreg", loss="fnw"),
+        retrieval="ranker",
+    )
+
+
 def test_simulate_serves_through_the_offset_and_feeds_it_every_click() -> None:
     from monitoring.offset import LogitOffset, OffsetConfig
 
     w = World(rate_per_min=600.0, n=600, seed=1, delay_mean_s=10.0, max_delay_s=29.0)
     df, _ = make_world(w)
-    s = cw.policy_settings("off")
-    s = s.replace(
-        join=dataclasses.replace(s.join, window_s=30.0),
-        ranker=dataclasses.replace(s.ranker, model="logreg", loss="fnw"),
-        retrieval="ranker",
-    )
+    s = small_settings()
     off = LogitOffset(OffsetConfig(enabled=True, half_life=200, horizon=1_000, delay_mean_s=10.0))
     res = simulate(df, s, step_s=5.0, offset=off)
     assert off.n_seen == len(df)
@@ -140,14 +145,10 @@ def test_the_worker_offset_arm_serves_what_the_monitor_publishes() -> None:
     w = World(rate_per_min=600.0, n=3_000, seed=2, scenario="abrupt", delay_mean_s=10.0,
               max_delay_s=29.0)  # fmt: skip
     df, _ = make_world(w)
-    s = cw.policy_settings("off")
-    s = s.replace(
-        join=dataclasses.replace(s.join, window_s=30.0),
-        ranker=dataclasses.replace(s.ranker, model="logreg", loss="fnw"),
-        retrieval="ranker",
+    s = small_settings().replace(
         offset=OffsetConfig(
             enabled=True, half_life=200, horizon=1_000, delay_mean_s=10.0, refresh_every=100
-        ),  # fmt: skip
+        )
     )
     res = simulate(df, s, step_s=5.0)
 
