@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.run import machine, results_path, stamp, write_report
+from bench.run import bench_cli, machine, results_path, stamp, write_report
 from bench.workers import STORE_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,7 @@ async def _load(url: str, kill: Any) -> dict[str, Any]:
 
 
 def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, Any]:
+    """The run of the module doc (``quick``: the same run, already short)."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
         raise SystemExit("bench.failover needs nginx (apt-get install nginx-light)")
@@ -173,5 +174,9 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     return report
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return bench_cli("failover", __doc__, "the same run (about 40 s already)", main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())
