@@ -294,3 +294,17 @@ def test_time_window_reliability_is_published_with_the_fixed_bins(
     assert r.get_sample_value(
         "streamrec_calibration_ratio", {"window": "1m", "segment": "all"}
     ) == pytest.approx(0.53 / 2)
+
+
+def test_every_metric_the_docs_name_is_exported(metrics: StreamrecMetrics) -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    docs = [root / "README.md", root / "docs" / "DESIGN.md", root / "bench" / "README.md"]
+    named = set(re.findall(r"streamrec_[a-z0-9_]+", " ".join(p.read_text() for p in docs)))
+    samples = metrics.metric_names()
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", s) for s in samples}
+    assert len(named) >= 10
+    unknown = sorted(n for n in named if n not in samples and n not in families)
+    assert not unknown, f"the docs name metrics the code does not export: {unknown}"
