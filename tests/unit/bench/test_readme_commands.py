@@ -40,3 +40,13 @@ def test_each_named_bench_has_a_command_line_with_the_named_options(
     text = capsys.readouterr().out
     missing = [o for o in sorted(NAMED[module]) if o not in text]
     assert not missing, f"{module}: the README names {missing}, not in its --help"
+
+
+def test_every_results_file_the_docs_cite_is_committed() -> None:
+    docs = (*DOCS, ROOT / "docs" / "DESIGN.md")
+    cited = set()
+    for doc in docs:
+        cited |= set(re.findall(r"bench/results/[\w./-]+?\.(?:json|png)", doc.read_text()))
+    assert len(cited) >= 20
+    missing = sorted(c for c in cited if not (ROOT / c).is_file())
+    assert not missing, f"the docs cite results that are not in the tree: {missing}"
