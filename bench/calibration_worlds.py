@@ -387,9 +387,9 @@ def main(
         report["command"] += " --startup"
     if recovery_arms:
         report["command"] += " --recovery"
+        report["recovery"] = recovery_comparison(runs)
     if arms is not None:
         report["command"] += " --arms " + ",".join(schemes)
-        report["recovery"] = recovery_comparison(runs)
     if dfm or startup:
         report["schemes"] = scheme_comparison(runs, schemes)
     write_report(report, path)

@@ -168,3 +168,37 @@ def test_unknown_arms_are_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="unknown arms"):
         cw.main(True, recovery_arms=True, arms=("startup", "bogus"))
+
+
+def test_recovery_report_has_its_comparison_with_or_without_arms(
+    tmp_path,
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    class InProcess:  # the plan's runs made up, in this process
+        def __init__(self, max_workers: int) -> None:
+            pass
+
+        def __enter__(self) -> InProcess:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def map(self, fn, jobs):  # type: ignore[no-untyped-def]
+            return map(fn, jobs)
+
+    def fake(args):  # type: ignore[no-untyped-def]
+        policy, w, _, scheme = args
+        block = {"mean_abs_log_ratio": 0.1, "max_abs_log_ratio": 0.2}
+        return {"policy": policy, "scenario": w.scenario, "rate_per_min": w.rate_per_min,
+                "seed": w.seed, "label_scheme": scheme, "served": block, "raw": block,
+                "alarms_per_million": 0.0,
+                "monitor": {"alarms": 0, "recalibrations": 0, "rollbacks": 0,
+                            "monitored": 1}}  # fmt: skip
+
+    monkeypatch.setattr(cw, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(cw, "_job", fake)
+    for arms in (None, ("startup", "startup+offset_worker")):
+        report = cw.main(True, results_dir=tmp_path, recovery_arms=True, arms=arms)
+        assert {r["arm"] for r in report["recovery"]} == set(arms or cw.RECOVERY_SCHEMES)
+        assert ("--arms" in report["command"]) == (arms is not None)
