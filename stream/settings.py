@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from index.faiss_index import IndexConfig
+from learners.calibration import OffsetCalibrator, new_calibrator
 from learners.delayed_feedback import check_loss_for_scheme
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
@@ -396,11 +397,12 @@ class Settings:
             raise ValueError(f"retrieval must be 'two_tower' or 'ranker', got {self.retrieval!r}")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
-        if self.offset.enabled and self.monitor.calibrator not in ("platt", "shift"):
-            raise ValueError(
-                "offset.enabled needs a logit-affine calibrator (monitor.calibrator 'platt' "
-                f"or 'shift'), got {self.monitor.calibrator!r}"
-            )
+        if self.offset.enabled:
+            if not isinstance(new_calibrator(self.monitor.calibrator), OffsetCalibrator):
+                raise ValueError(
+                    "offset.enabled needs a logit-affine calibrator (monitor.calibrator "
+                    f"'platt' or 'shift'), got {self.monitor.calibrator!r}"
+                )
         if self.feature_max_bytes < self.partitions * 2**20:
             raise ValueError("feature_max_bytes must be at least 1 MiB per partition")
         if self.feature_follow_from not in ("earliest", "latest"):

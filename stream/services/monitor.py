@@ -161,8 +161,9 @@ class MonitorService:
         ]
         if new:
             p_pre = self.calibrator.transform(np.asarray(batch.p_raw, dtype=np.float64)[new])
+            before = off.n_seen  # it also skips impressions older than its window
             off.observe_impressions([ids[i] for i in new], ts[new], p_pre)
-            self._offset_pending += len(new)
+            self._offset_pending += off.n_seen - before
         off.observe_clicks([iid for iid, y in zip(ids, batch.label, strict=True) if y > 0])
         if ts.size:
             self._offset_now = max(self._offset_now, float(ts.max()))
