@@ -23,11 +23,14 @@ sequence (``counters_sequence``: ``FeatureConfig()``), the features attached poi
 by ``logs.offline.log_examples(df, FeatureConfig(...))`` (what ``streamrec evaluate``
 uses); the peers ``river_logreg``, ``river_ftrl``, ``vw`` and
 ``vw_ui`` (``-q ui``) at their libraries' defaults on the log's own features; ``constant``:
-the click rate of the labels seen so far. Reported per learner: AUC, NE, ECE, calibration
-ratio (and NE / oracle NE with ``true_p``). Goal (issue 13): the default ranker with
-history at least 2% below the best of ``vw_ui``, ``river_logreg``, ``river_ftrl`` in NE and
-calibration ratio within 1 +- 0.02 on the first two logs; on OBD, NE not above the
-constant model's. Writes ``bench/results/quality_history.json``
+the click rate of the labels seen so far. Rows ``dcnv2_counters_sequence+offset[/seed<k>]``:
+the same runs of the default ranker with history served through the logit offset
+(``monitoring.offset.LogitOffset`` at ``OffsetConfig``'s defaults, what ``[offset] enabled``
+serves; ``evaluate(offset=...)``), judged in ``goal_variants``. Reported per learner: AUC,
+NE, ECE, calibration ratio (and NE / oracle NE with ``true_p``). Goal (issue 13): the
+default ranker with history at least 2% below the best of ``vw_ui``, ``river_logreg``,
+``river_ftrl`` in NE and calibration ratio within 1 +- 0.02 on the first two logs; on OBD,
+NE not above the constant model's. Writes ``bench/results/quality_history.json``
 (``quality_history_quick.json``).
 """
 
@@ -49,6 +52,7 @@ from learners.ranker import RankerConfig, TorchRanker
 from logs.obd import read_obd
 from logs.offline import LogExamples, evaluate, log_examples, with_hist_slots
 from logs.synthetic import SyntheticConfig, generate
+from monitoring.offset import OffsetConfig
 
 NAME = "quality_history"
 BATCH = 1024
@@ -73,7 +77,15 @@ ABLATION = {
     "dcnv2_counters_sequence": {},
 }
 DEFAULT_WITH_HISTORY = "dcnv2_counters_sequence"
-NO_FALLBACK = "_no_fallback"  # row suffix of the A/B baseline (--ab-fallback)
+#: row suffix of the default ranker with history served through the logit offset
+#: (``[offset] enabled``; evaluate's ``offset``): the same run's served scores
+WITH_OFFSET = "+offset"
+#: row suffix of the default ranker with history with the fallback mixture on
+#: (``RankerConfig.fallback_mixture``, off by default; ``--ab-fallback``)
+WITH_FALLBACK = "+fallback"
+#: the variants of the default ranker with history that get a goal of their own
+#: (``goal_variants``), by row suffix
+VARIANTS = (WITH_OFFSET, WITH_FALLBACK, WITH_FALLBACK + WITH_OFFSET)
 DEFAULT_SEEDS = 3  # model seeds of DEFAULT_WITH_HISTORY (goal judged per seed)
 # bench.run's OBD path (beside the checkout), else beside a git worktree's parent folder
 _OBD_REL = ("shared", "data", "obd", "random", "all", "all.csv")
@@ -103,13 +115,16 @@ def with_history(df: pd.DataFrame, overrides: dict[str, Any]) -> LogExamples:
     return log_examples(df, FeatureConfig(**overrides))
 
 
-def _ranker(history: bool = False, seed: int = 0, fallback: bool = True) -> TorchRanker:
-    """The default ranker; with ``history`` it gets the numeric slots the feature stage's
-    ``hist_*`` values need (``with_hist_slots``, what ``streamrec evaluate`` and the worker
-    use). Without them ``EncoderConfig``'s 8 slots kept the first 8 names in sorted order
-    and the ranker silently ignored the rest of the history. ``fallback=False``: without
-    the fallback mixture (``RankerConfig.fallback_mixture``), the A/B baseline."""
-    cfg = RankerConfig(fallback_mixture=fallback)
+def _ranker(history: bool = False, seed: int = 0, fallback: bool | None = None) -> TorchRanker:
+    """The default ranker (``RankerConfig()``); with ``history`` it gets the numeric slots
+    the feature stage's ``hist_*`` values need (``with_hist_slots``, what ``streamrec
+    evaluate`` and the worker use). Without them ``EncoderConfig``'s 8 slots kept the first
+    8 names in sorted order and the ranker silently ignored the rest of the history.
+    ``fallback``: the fallback mixture (``RankerConfig.fallback_mixture``) on or off; None:
+    the default (off). Until 2026-12-06 this bench forced it on (True) in every ranker row
+    while the shipped default was off: its rows ``dcnv2_*`` from c09b973 (2026-12-05) to
+    then measured the mixture, not the default."""
+    cfg = RankerConfig() if fallback is None else RankerConfig(fallback_mixture=fallback)
     return TorchRanker(with_hist_slots(cfg) if history else cfg, seed=seed, online=False)
 
 
@@ -119,10 +134,7 @@ def _learners() -> dict[str, Callable[[], Any]]:
     return out
 
 
-def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
-    rep = evaluate(ex, learner, batch_size=BATCH, progress=False)
-    rep.pop("scores")
-    q = rep["all"]
+def _block(rep: dict[str, Any], q: dict[str, Any], learner: Any) -> dict[str, Any]:
     if "oracle_normalized_entropy" in q:
         q["ne_over_oracle"] = q["normalized_entropy"] / q["oracle_normalized_entropy"]
     out = {"seconds": round(rep["seconds"], 1), **q}
@@ -132,14 +144,30 @@ def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
     return out
 
 
+def _score(ex: LogExamples, learner: Any) -> dict[str, Any]:
+    rep = evaluate(ex, learner, batch_size=BATCH, progress=False)
+    return _block(rep, rep["all"], learner)
+
+
+def _score_with_offset(ex: LogExamples, learner: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One prequential run served through the logit offset (``OffsetConfig`` defaults,
+    ``evaluate(offset=...)``): the ranker's own quality and the served one (the offset
+    does not change what the ranker learns, so the first is :func:`_score`'s)."""
+    rep = evaluate(ex, learner, batch_size=BATCH, progress=False, offset=OffsetConfig(enabled=True))
+    served = _block(rep, rep["all"], learner) | {"offset_mean_abs": rep["offset"]["mean_abs"]}
+    return _block(rep, rep["raw"], learner), served
+
+
 def run_log(
     df: pd.DataFrame, history: bool = True, seeds: int = 1, ab_fallback: bool = False
 ) -> dict[str, Any]:
     """Every learner (and, with ``history``, the ablation rows) over the log ``df``; with
     ``seeds`` > 1 the default ranker with history again with model seeds 1 .. seeds-1
-    (rows ``<DEFAULT_WITH_HISTORY>/seed<k>``; the plain row is seed 0). ``ab_fallback``:
-    after each seed of the default ranker with history, the same seed without the fallback
-    mixture (rows ``<DEFAULT_WITH_HISTORY>_no_fallback[/seed<k>]``), alternating, in the
+    (rows ``<DEFAULT_WITH_HISTORY>/seed<k>``; the plain row is seed 0). Each run of the
+    default ranker with history is also served through the logit offset (rows
+    ``<DEFAULT_WITH_HISTORY>+offset[/seed<k>]``, :func:`_score_with_offset`).
+    ``ab_fallback``: after each seed of it, the same seed with the fallback mixture on
+    (rows ``<DEFAULT_WITH_HISTORY>+fallback[+offset][/seed<k>]``), alternating, in the
     same process."""
     ex = log_examples(df)
     out: dict[str, Any] = {}
@@ -153,27 +181,30 @@ def run_log(
         t = time.perf_counter()
         rows = ex if overrides is None else with_history(df, overrides)
         attach_s = time.perf_counter() - t
-        out[name] = _score(rows, _ranker(history=overrides is not None))
-        out[name]["feature_attach_seconds"] = round(attach_s, 1)
-        print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
         if name != DEFAULT_WITH_HISTORY:
+            out[name] = _score(rows, _ranker(history=overrides is not None))
+            out[name]["feature_attach_seconds"] = round(attach_s, 1)
+            print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
             continue
         for seed in range(seeds):
             tag = "" if seed == 0 else f"/seed{seed}"
-            if seed > 0:
-                out[f"{name}{tag}"] = _score(rows, _ranker(history=True, seed=seed))
-            if ab_fallback:
-                off = _ranker(history=True, seed=seed, fallback=False)
-                out[f"{name}{NO_FALLBACK}{tag}"] = _score(rows, off)
-            print(f"  {name}{tag}", flush=True)
+            for fallback in (None, True) if ab_fallback else (None,):
+                row = name if fallback is None else f"{name}{WITH_FALLBACK}"
+                raw, served = _score_with_offset(rows, _ranker(True, seed, fallback))
+                out[f"{row}{tag}"], out[f"{row}{WITH_OFFSET}{tag}"] = raw, served
+            if seed == 0:
+                out[name]["feature_attach_seconds"] = round(attach_s, 1)
+            print(f"  {name}{tag}: {time.perf_counter() - t:.1f} s", flush=True)
     return out
 
 
-def goal(learners: dict[str, Any], obd: bool) -> dict[str, Any]:
-    """The default ranker with history vs the best goal peer (or the constant on OBD);
-    with extra seed rows (``run_log(seeds=...)``) also each seed's figures and whether
-    every seed meets the goal (``met_all_seeds``)."""
-    ours = DEFAULT_WITH_HISTORY if DEFAULT_WITH_HISTORY in learners else "dcnv2_no_history"
+def goal(learners: dict[str, Any], obd: bool, ours: str | None = None) -> dict[str, Any]:
+    """The default ranker with history (or the row ``ours``, e.g. it served through the
+    offset) vs the best goal peer (or the constant on OBD); with extra seed rows
+    (``run_log(seeds=...)``) also each seed's figures and whether every seed meets the goal
+    (``met_all_seeds``)."""
+    if ours is None:
+        ours = DEFAULT_WITH_HISTORY if DEFAULT_WITH_HISTORY in learners else "dcnv2_no_history"
     rows = [ours, *sorted(k for k in learners if k.startswith(f"{ours}/seed"))]
     if obd:
         const = learners["constant"]["normalized_entropy"]
@@ -227,7 +258,7 @@ def main(
     """Run the benchmark, write its JSON, print its table; the report. ``logs`` replaces
     the logs (name -> canonical frame; a name ``obd`` is judged against the constant);
     ``seeds``: model seeds of the default ranker with history; ``ab_fallback``: each also
-    without the fallback mixture (:func:`run_log`)."""
+    with the fallback mixture on (:func:`run_log`)."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     t0 = time.perf_counter()
@@ -258,6 +289,11 @@ def main(
             "ctr": float(df["click"].mean()),
             "learners": learners,
             "goal": goal(learners, obd=name == "obd"),
+        }
+        datasets[name]["goal_variants"] = {
+            v: goal(learners, obd=name == "obd", ours=f"{DEFAULT_WITH_HISTORY}{v}")
+            for v in VARIANTS
+            if f"{DEFAULT_WITH_HISTORY}{v}" in learners
         }
     stamped = stamp(NAME, quick)
     if seeds != DEFAULT_SEEDS:
@@ -297,6 +333,8 @@ def table(report: dict[str, Any]) -> str:
             )
     for log, ds in report["datasets"].items():
         lines.append(f"\n{log}: goal {ds['goal']}")
+        for v, g in ds.get("goal_variants", {}).items():
+            lines.append(f"{log}: goal of {DEFAULT_WITH_HISTORY}{v} {g}")
     return "\n".join(lines)
 
 
@@ -311,8 +349,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ab-fallback",
         action="store_true",
-        help="each seed of the default ranker with history also without the fallback "
-        "mixture (rows *_no_fallback), alternating in the same process",
+        help="each seed of the default ranker with history also with the fallback "
+        "mixture on (rows *+fallback), alternating in the same process",
     )
     args = parser.parse_args(argv)
     main(args.quick, results_dir=args.results_dir, seeds=args.seeds, ab_fallback=args.ab_fallback)

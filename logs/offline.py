@@ -6,7 +6,9 @@
   (:func:`learners.weighting.time_decay_weights`, relative to the newest example).
 * :func:`evaluate` runs the same learner prequentially (test-then-train, as the streaming
   trainer does) and reports AUC, log loss, normalised entropy, calibration ratio, ECE,
-  examples per second and, when the log carries ``true_p``, the gap to the truth.
+  examples per second and, when the log carries ``true_p``, the gap to the truth. With
+  ``offset`` it scores as a worker with ``[offset] enabled`` serves: the ranker's score
+  through :class:`monitoring.offset.LogitOffset`, and reports the raw ranker beside it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from monitoring.calibration import (
     log_loss,
     normalized_entropy,
 )
+from monitoring.offset import LogitOffset, OffsetConfig
 
 
 @dataclass
@@ -256,6 +259,7 @@ def evaluate(
     drift_ts: float | None = None,
     progress: bool = True,
     ramp_from: int | None = RAMP_FROM,
+    offset: OffsetConfig | None = None,
 ) -> dict[str, Any]:
     """Prequential run: each batch is scored, then learned from. ``learner`` is any object
     with ``score_and_learn(X, y)`` (or ``predict_proba_many`` + ``learn_many``).
@@ -264,11 +268,24 @@ def evaluate(
     every batch is ``batch_size``), as a worker's time-flushed micro-batches do while
     traffic starts: a cold learner's first batch is scored before any label, and at 1,024
     rows that one batch alone can dominate the calibration ratio of a low-CTR log.
+
+    ``offset``: the scores are served through a :class:`LogitOffset` of these settings,
+    as a worker with ``[offset] enabled`` serves them; after each batch is scored, the
+    offset learns the batch's raw scores and labels and is re-estimated at the batch's
+    newest event time (a prequential batch's labels are final when it is learned, so the
+    delay model is off: ``delay_mean_s=None``). The report's ``all`` (and the drift
+    blocks) are then the served scores, and ``raw`` the ranker's own (``raw_scores``);
+    ``offset`` holds the offset's final value and its mean absolute value over batches.
     """
     from tqdm import tqdm
 
     n = len(examples)
     scores = np.empty(n, dtype=np.float64)
+    off = None
+    if offset is not None:
+        raw = np.empty(n, dtype=np.float64)
+        off = LogitOffset(dataclasses.replace(offset, delay_mean_s=None, max_delay_s=None))
+        abs_sum, n_batches = 0.0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, unit="ex", desc="evaluate", disable=not progress)
     for s in _batches(n, batch_size, ramp_from):
@@ -278,6 +295,15 @@ def evaluate(
         else:
             scores[s] = learner.predict_proba_many(rows)
             learner.learn_many(rows, y)
+        if off is not None:
+            raw[s] = scores[s]
+            scores[s] = off.transform(raw[s])
+            ids = [str(i) for i in range(s.start, s.stop)]
+            off.observe_impressions(ids, examples.ts[s], raw[s])
+            off.observe_clicks([ids[j] for j in np.flatnonzero(y)])
+            abs_sum += abs(off.offset)
+            n_batches += 1
+            off.refresh(float(examples.ts[s].max()))
         bar.update(len(rows))
     bar.close()
     seconds = time.perf_counter() - t0
@@ -287,12 +313,17 @@ def evaluate(
         "examples_per_s": n / seconds if seconds > 0 else math.nan,
         "all": quality(scores, examples.y, examples.true_p),
     }
+    if off is not None:
+        report["raw"] = quality(raw, examples.y, examples.true_p)
+        report["offset"] = {"final": off.offset, "mean_abs": abs_sum / max(n_batches, 1)}
     if drift_ts is not None:
         before = examples.ts < drift_ts
         for name, mask in (("before_drift", before), ("after_drift", ~before)):
             tp = None if examples.true_p is None else examples.true_p[mask]
             report[name] = quality(scores[mask], examples.y[mask], tp)
     report["scores"] = scores
+    if off is not None:
+        report["raw_scores"] = raw
     return report
 
 

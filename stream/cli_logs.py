@@ -198,13 +198,22 @@ def pretrain_cmd(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
+@click.option(
+    "--offset/--no-offset",
+    "serve_offset",
+    default=None,
+    help="Score through the logit offset as a worker with [offset] enabled serves, and "
+    "report the raw ranker beside it (default: the settings' [offset] enabled).",
+)
 @_features_option
 def evaluate_cmd(
     log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
     warm_start: str | None, batch_size: int, ramp_from: int, limit: int | None, seed: int,
-    json_out: str | None, config: str | None, hist_features: bool = True,
+    json_out: str | None, config: str | None, serve_offset: bool | None = None,
+    hist_features: bool = True,
 ) -> None:  # fmt: skip
     """Prequential (test-then-train) evaluation in process, no Kafka."""
+    import dataclasses
     import json
 
     from learners.ranker import TorchRanker
@@ -227,9 +236,14 @@ def evaluate_cmd(
         rcfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
         learner = TorchRanker(rcfg, seed=seed, online=online)
     drift_ts = (read_meta(log_path) or {}).get("drift_ts")
+    offset_cfg = load_settings(config).offset
+    if serve_offset is None:
+        serve_offset = offset_cfg.enabled
+    offset = dataclasses.replace(offset_cfg, enabled=True) if serve_offset else None
     report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts,
-                      ramp_from=ramp_from or None)  # fmt: skip
+                      ramp_from=ramp_from or None, offset=offset)  # fmt: skip
     report.pop("scores")
+    report.pop("raw_scores", None)
     report.update(log=log_path, model=model or "dcnv2", batch_size=batch_size,
                   ramp_from=ramp_from or None, features=hist_features)  # fmt: skip
     text = json.dumps(report, indent=2, default=float)
@@ -241,7 +255,15 @@ def evaluate_cmd(
         f"AUC {q['auc']:.4f}  log loss {q['log_loss']:.4f}  NE {q['normalized_entropy']:.4f}  "
         f"calibration ratio {q['calibration_ratio']:.4f}  ECE {q['ece']:.4f}"
         + (f"  ratio vs true_p {q['ratio_vs_true_p']:.4f}" if "ratio_vs_true_p" in q else "")
+        + (" (served through the logit offset)" if offset is not None else "")
     )
+    if offset is not None:
+        r = report["raw"]
+        click.echo(
+            f"raw ranker: NE {r['normalized_entropy']:.4f}  calibration ratio "
+            f"{r['calibration_ratio']:.4f}  ECE {r['ece']:.4f}; offset mean |log m| "
+            f"{report['offset']['mean_abs']:.4f}, final {report['offset']['final']:+.4f}"
+        )
 
 
 @click.command("evaluate-retrieval")

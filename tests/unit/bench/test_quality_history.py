@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,22 +17,35 @@ def test_quality_history_reports_peers_constant_and_ablation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a small ranker keeps the test fast; the wiring (features attached, rows) is the same
-    cfg_ranker = RankerConfig(model="logreg")
-    monkeypatch.setattr(
-        quality_history,
-        "_ranker",
-        lambda history=False, seed=0: TorchRanker(cfg_ranker, seed=seed, online=False),
-    )
+    made: list[bool | None] = []
+
+    def small(history: bool = False, seed: int = 0, fallback: bool | None = None) -> TorchRanker:
+        made.append(fallback)
+        cfg = RankerConfig(model="logreg")
+        if fallback is not None:
+            cfg = dataclasses.replace(cfg, fallback_mixture=fallback)
+        return TorchRanker(cfg, seed=seed, online=False)
+
+    monkeypatch.setattr(quality_history, "_ranker", small)
     cfg = SyntheticConfig(n_impressions=600, n_users=50, n_items=60, history=True, seed=1)
     logs = {"history_synthetic": generate(cfg), "obd": generate(SyntheticConfig(400))}
-    report = quality_history.main(quick=True, results_dir=tmp_path, logs=logs, seeds=2)
+    report = quality_history.main(
+        quick=True, results_dir=tmp_path, logs=logs, seeds=2, ab_fallback=True
+    )
 
     written = json.loads((tmp_path / "quality_history_quick.json").read_text())
-    assert written["command"] == "python -m bench.quality_history --quick --seeds 2"
+    assert written["command"] == "python -m bench.quality_history --quick --seeds 2 --ab-fallback"
     learners = written["datasets"]["history_synthetic"]["learners"]
-    seed1 = f"{quality_history.DEFAULT_WITH_HISTORY}/seed1"
+    ours = quality_history.DEFAULT_WITH_HISTORY
+    seed1 = f"{ours}/seed1"
+    served = f"{ours}{quality_history.WITH_OFFSET}"
+    variants = [f"{ours}{v}" for v in quality_history.VARIANTS]
     expected = {*quality_history.PEERS, "constant", *quality_history.ABLATION, seed1}
-    assert set(learners) == expected
+    assert set(learners) == expected | {f"{v}{tag}" for v in variants for tag in ("", "/seed1")}
+    # the default row is the shipped default (None: RankerConfig()), the A/B row the mixture
+    # per log: two ablation rows and two seeds of the default, two seeds with the mixture
+    assert made.count(None) == 2 * (2 + 2) and made.count(True) == 2 * 2
+    assert RankerConfig().fallback_mixture is False
     for q in learners.values():
         assert 0.0 <= q["auc"] <= 1.0 and q["normalized_entropy"] > 0
         assert q["ne_over_oracle"] > 0.9  # nobody beats the truth by much on 600 rows
@@ -48,6 +62,20 @@ def test_quality_history_reports_peers_constant_and_ablation(
     assert set(goal["seeds"]) == {quality_history.DEFAULT_WITH_HISTORY, seed1}
     per_seed = [j["ne_met"] and j["calibration_met"] for j in goal["seeds"].values()]
     assert goal["met_all_seeds"] == all(per_seed)
+    # the served rows are the same runs through the offset: same ranking power, other
+    # probabilities, judged on their own
+    for tag in ("", "/seed1"):
+        raw_q = learners[f"{quality_history.DEFAULT_WITH_HISTORY}{tag}"]
+        served_q = learners[f"{served}{tag}"]
+        assert served_q["n"] == raw_q["n"] and served_q["offset_mean_abs"] >= 0.0
+        assert served_q["auc"] == pytest.approx(raw_q["auc"], abs=0.02)
+    goals = written["datasets"]["history_synthetic"]["goal_variants"]
+    assert set(goals) == set(quality_history.VARIANTS)
+    for v, g in goals.items():
+        assert g["ranker"] == f"{ours}{v}"
+        assert set(g["seeds"]) == {f"{ours}{v}", f"{ours}{v}/seed1"}
+        assert g["calibration_ratio"] == learners[f"{ours}{v}"]["calibration_ratio"]
+    assert set(written["datasets"]["obd"]["goal_variants"]) == set(quality_history.VARIANTS)
     obd_goal = written["datasets"]["obd"]["goal"]
     assert set(obd_goal) == {"ranker", "ranker_ne", "constant_ne", "met", "met_all_seeds"}
     text = quality_history.table(report)

@@ -14,6 +14,7 @@ from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig, TorchRanker
 from logs.offline import evaluate, log_examples, pretrain, quality
 from logs.synthetic import SyntheticConfig, generate, write_synthetic
+from monitoring.offset import LogitOffset, OffsetConfig
 from stream.cli import main
 
 SMALL = RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=2**12))
@@ -69,6 +70,69 @@ def test_evaluate_is_test_then_train(examples, ramp_from: int | None, sizes: lis
     assert "ratio_vs_true_p" in report["all"]
 
 
+class HalfTheRate:
+    """Predicts half the click rate of the labels learned so far: calibration ratio ~0.5."""
+
+    def __init__(self) -> None:
+        self.clicks, self.n = 1.0, 20.0
+
+    def predict_proba_many(self, rows: list[dict[str, object]]) -> np.ndarray:
+        return np.full(len(rows), 0.5 * self.clicks / self.n)
+
+    def learn_many(self, rows: list[dict[str, object]], y: np.ndarray) -> None:
+        self.clicks += float(np.sum(y))
+        self.n += len(y)
+
+
+def test_evaluate_serves_through_the_offset(examples) -> None:
+    cfg = OffsetConfig(enabled=True, half_life=300, horizon=1200)
+    report = evaluate(examples, HalfTheRate(), batch_size=100, progress=False, offset=cfg)
+    plain = evaluate(examples, HalfTheRate(), batch_size=100, progress=False)
+    # the raw block is the run without the offset; the served one is corrected
+    np.testing.assert_allclose(report["raw_scores"], plain["scores"])
+    assert report["raw"] == plain["all"]
+    assert report["raw"]["calibration_ratio"] < 0.6
+    # most of the gap closed (the first batches are served before any click is known)
+    assert abs(report["all"]["calibration_ratio"] - 1.0) < 0.25
+    assert report["offset"]["final"] == pytest.approx(np.log(2.0), abs=0.2)
+    # served = the offset as it stood before each batch (it learns a batch once scored);
+    # labels are final, so no delay model whatever the settings say
+    off = LogitOffset(dataclasses.replace(cfg, delay_mean_s=None))
+    start = 0
+    for size in [32, 64, *[100] * 29, 4]:
+        s = slice(start, start + size)
+        np.testing.assert_allclose(report["scores"][s], off.transform(plain["scores"][s]))
+        ids = [str(i) for i in range(s.start, s.stop)]
+        off.observe_impressions(ids, examples.ts[s], plain["scores"][s])
+        off.observe_clicks([ids[j] for j in np.flatnonzero(examples.y[s])])
+        off.refresh(float(examples.ts[s].max()))
+        start += size
+    assert start == len(examples)
+
+
+def test_evaluate_offset_leaves_a_calibrated_learner_alone(examples) -> None:
+    """With the truth as the score there is nothing to correct: the shrunk offset stays
+    within the noise and the served ratio as close to 1 as the raw one."""
+
+    class Truth:
+        def __init__(self) -> None:
+            self.i = 0
+
+        def predict_proba_many(self, rows: list[dict[str, object]]) -> np.ndarray:
+            assert examples.true_p is not None
+            p = examples.true_p[self.i : self.i + len(rows)]
+            self.i += len(rows)
+            return p
+
+        def learn_many(self, rows: list[dict[str, object]], y: np.ndarray) -> None:
+            pass
+
+    report = evaluate(examples, Truth(), batch_size=100, progress=False,
+                      offset=OffsetConfig(enabled=True))  # fmt: skip
+    assert report["offset"]["mean_abs"] < 0.05
+    assert abs(report["all"]["calibration_ratio"] - report["raw"]["calibration_ratio"]) < 0.03
+
+
 def test_quality_matches_definitions() -> None:
     p = np.array([0.1, 0.2, 0.3, 0.4])
     y = np.array([0.0, 0.0, 1.0, 1.0])
@@ -90,6 +154,14 @@ def test_cli_pretrain_then_evaluate(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert report["examples"] == 2000 and "before_drift" in report and "after_drift" in report
+    assert "raw" not in report  # the offset is off by default, as in the worker
+    r = runner.invoke(main, ["evaluate", str(log), "--model", "logreg", "--offset",
+                             "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert "served through the logit offset" in r.output and "raw ranker: NE" in r.output
+    assert report["raw"]["n"] == 2000 and "final" in report["offset"]
+    assert "raw_scores" not in report
     r = runner.invoke(main, ["evaluate", str(log), "--model", "no-such-model"])
     assert r.exit_code != 0 and "unknown model" in r.output
 
