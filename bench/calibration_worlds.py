@@ -61,7 +61,10 @@ stream, re-estimates it every ``refresh_every`` impressions and publishes it ins
 calibrator on ``control``, which the trainer applies: later and coarser than the bench's
 own offset, which sees every impression when it is served and every click at its click
 time); ``startup+offset_worker_gated``: the same behind a gate of :data:`GATE_Z` null
-standard deviations (``OffsetConfig.gate_z``). ``--arms A,B`` runs a subset. Plan
+standard deviations (``OffsetConfig.gate_z``); ``startup+offset_worker_slowprior``: the
+worker's offset with a delay prior :data:`SLOW_PRIOR` times too slow, its delays learned
+from the stream (``OffsetConfig.estimate_delay``, the default since 2026-12-06), and
+``..._slowprior_fixed`` the same prior kept fixed. ``--arms A,B`` runs a subset. Plan
 :data:`RECOVERY_PLAN`; per run also the impressions to ±10% on a trailing 1k window after
 the drift and the share of 1k windows beyond ±5% after that; writes
 ``calibration_worlds_recovery.json``.
@@ -110,7 +113,13 @@ RECOVERY_SCHEMES = (
     "startup+offset_nodelay",
     "startup+offset_worker",
     "startup+offset_worker_gated",
+    "startup+offset_worker_slowprior",
+    "startup+offset_worker_slowprior_fixed",
 )
+#: ``*_slowprior``: the worker's offset with a delay prior this many times the true mean
+#: (the delays learned from the stream, the default); ``*_slowprior_fixed``: the same
+#: prior with ``estimate_delay`` off (the model before 2026-12-06)
+SLOW_PRIOR = 10.0
 #: ``startup+offset_worker_gated``: the worker's offset behind a gate of this many null
 #: standard deviations (OffsetConfig.gate_z)
 GATE_Z = 3.0
@@ -183,11 +192,13 @@ def run_world(
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     offset = None
     if "+offset_worker" in scheme:  # the worker's own: the monitor runs it
+        mean = prior or DELAY_MEAN_S
         ocfg = OffsetConfig(
             enabled=True,
-            delay_mean_s=prior or DELAY_MEAN_S,
+            delay_mean_s=mean * SLOW_PRIOR if "_slowprior" in scheme else mean,
             max_delay_s=WINDOW_S,
             gate_z=GATE_Z if scheme.endswith("_gated") else None,
+            estimate_delay=not scheme.endswith("_fixed"),
         )
         s = s.replace(offset=ocfg)
     elif "+offset" in scheme:
@@ -327,14 +338,20 @@ def main(
     startup: bool = False,
     recovery_arms: bool = False,
     arms: tuple[str, ...] | None = None,
+    plan_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``dfm``: the labelling schemes (:data:`LABEL_SCHEMES`) under policy ``off`` instead
     of the policies (see the module doc); ``startup``: :data:`STARTUP_SCHEMES` the same
-    way; ``arms``: only these of the schemes compared (e.g. of :data:`RECOVERY_SCHEMES`)."""
+    way; ``arms``: only these of the schemes compared (e.g. of :data:`RECOVERY_SCHEMES`);
+    ``plan_overrides``: replaces keys of the plan (``n``, ``seeds``, ``rates``)."""
     full_plan = (
         RECOVERY_PLAN if recovery_arms else STARTUP_PLAN if startup else DFM_PLAN if dfm else FULL
     )
-    plan = cast(dict[str, Any], QUICK if quick else full_plan)
+    plan = dict(cast(dict[str, Any], QUICK if quick else full_plan))
+    unknown_keys = set(plan_overrides or {}) - {"n", "seeds", "rates"}
+    if unknown_keys:
+        raise ValueError(f"unknown plan keys {sorted(unknown_keys)}")
+    plan.update(plan_overrides or {})
     schemes: tuple[str, ...] = (
         RECOVERY_SCHEMES
         if recovery_arms
@@ -390,6 +407,13 @@ def main(
         report["recovery"] = recovery_comparison(runs)
     if arms is not None:
         report["command"] += " --arms " + ",".join(schemes)
+    for key, flag in (("n", "--impressions"), ("seeds", "--seeds"), ("rates", "--rates")):
+        if key in (plan_overrides or {}):
+            value = plan[key]
+            shown = len(value) if key == "seeds" else value
+            if key == "rates":
+                shown = ",".join(f"{r:g}" for r in value)
+            report["command"] += f" {flag} {shown}"
     if dfm or startup:
         report["schemes"] = scheme_comparison(runs, schemes)
     write_report(report, path)
@@ -546,7 +570,21 @@ def cli(argv: list[str] | None = None) -> int:
         "startup,startup+offset,startup+offset_worker)",
     )
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    parser.add_argument(
+        "--impressions", type=int, default=None, help="impressions per log (replaces the plan's)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (the plan's)")
+    parser.add_argument(
+        "--rates", default=None, help="comma-separated impressions a minute (the plan's)"
+    )
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.impressions is not None:
+        overrides["n"] = args.impressions
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(args.seeds))
+    if args.rates is not None:
+        overrides["rates"] = tuple(float(r) for r in args.rates.split(",") if r)
     main(
         args.quick,
         results_dir=args.results_dir,
@@ -555,6 +593,7 @@ def cli(argv: list[str] | None = None) -> int:
         recovery_arms=args.recovery,
         arms=None if args.arms is None else tuple(a for a in args.arms.split(",") if a),
         workers=args.workers,
+        plan_overrides=overrides or None,
     )
     return 0
 

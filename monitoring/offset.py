@@ -22,6 +22,18 @@ once, instead of one mean delay later. It learns from impressions and clicks, no
 the joiner's fake-negative examples, so it is unbiased on them by construction.
 ``delay_mean_s=None``: no delay model (``F = 1``), the plain tracked ratio.
 
+Estimated delays (``estimate_delay``, on by default; needs ``max_delay_s``): a fixed
+``delay_mean_s`` biases the offset on a log whose clicks are slower or faster (clicks
+slower than the model counted as missing: the offset falls). :class:`DelayCDF` learns
+``F`` from the stream: each click's delay (its arrival time, the stream's newest event
+time when it is observed, minus its impression's time) goes into a histogram of its
+impression's time bucket (``max_delay_s / 4`` wide, 48 log-spaced delay bins). A bucket is
+*complete* once ``max_delay_s`` has passed since its end: every click of its impressions
+has arrived, so its delays are an unbiased sample of the capped delay distribution. The
+newest complete buckets holding at least ``min_delay_clicks`` clicks (up to 24 windows
+back) give ``F``; until then (at least one window of event time, longer at few clicks)
+the exponential model with ``delay_mean_s`` (the prior) serves.
+
 Shrinkage (``shrink=True``, issue 17): with few clicks in the window the ratio's noise
 alone moves ``log m`` by more than a calibrated ranker's error (100 impressions a minute:
 served 0.073 -> 0.083 mean ``|log ratio|``). The served offset is the positive-part
@@ -50,7 +62,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["LogitOffset", "OffsetConfig"]
+__all__ = ["DelayCDF", "LogitOffset", "OffsetConfig"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,11 @@ class OffsetConfig:
             deviations (> 0), until it falls below ``release_z`` (module doc, "Gate");
             None: no gate.
         release_z: see ``gate_z`` (>= 0, <= gate_z).
+        estimate_delay: learn the click-delay CDF from the stream (module doc,
+            "Estimated delays"); needs ``max_delay_s`` (the worker sets it to the join
+            window); ``delay_mean_s`` is then only the prior.
+        min_delay_clicks: complete clicks the estimated CDF needs before it replaces the
+            prior (>= 1).
     """
 
     enabled: bool = False
@@ -91,6 +108,8 @@ class OffsetConfig:
     min_change: float = 0.01
     gate_z: float | None = None
     release_z: float = 1.0
+    estimate_delay: bool = True
+    min_delay_clicks: int = 200
 
     def __post_init__(self) -> None:
         if self.half_life <= 0:
@@ -114,6 +133,79 @@ class OffsetConfig:
         gate = math.inf if self.gate_z is None else self.gate_z
         if not (math.isfinite(self.release_z) and 0 <= self.release_z <= gate):
             raise ValueError(f"release_z must be in [0, gate_z], got {self.release_z}")
+        if self.min_delay_clicks < 1:
+            raise ValueError(f"min_delay_clicks must be >= 1, got {self.min_delay_clicks}")
+
+
+class DelayCDF:
+    """The click-delay CDF learned from complete impression-time buckets (module doc,
+    "Estimated delays"). ``window_s``: the attribution window (every click arrives within
+    it, seconds > 0)."""
+
+    BINS = 48  # log-spaced delay bins from MIN_DELAY_S to the window
+    MIN_DELAY_S = 0.5
+    BUCKETS_PER_WINDOW = 4
+    #: complete buckets kept (24 windows of impressions: at a few clicks a minute the
+    #: newest ``min_clicks`` clicks span many windows); the newest ones holding
+    #: ``min_clicks`` clicks make the estimate
+    KEEP_COMPLETE = 96
+
+    def __init__(self, window_s: float, min_clicks: int = 200) -> None:
+        if not (math.isfinite(window_s) and window_s > 0):
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.window_s, self.min_clicks = float(window_s), int(min_clicks)
+        self.width = self.window_s / self.BUCKETS_PER_WINDOW
+        lo = min(self.MIN_DELAY_S, self.window_s / 2)
+        #: upper edges of the delay bins (seconds); bin 0 also holds delays below lo
+        self.edges = np.geomspace(lo, self.window_s, self.BINS)
+        self._buckets: dict[int, npt.NDArray[np.float64]] = {}
+        self.n_clicks = 0  # clicks in the complete buckets the last cdf() used
+
+    def add(self, imp_ts: npt.ArrayLike, delay_s: npt.ArrayLike) -> None:
+        """Clicks on impressions at ``imp_ts`` observed ``delay_s`` after them (seconds,
+        shape ``(n,)``; negative delays count as 0, delays past the window as the window)."""
+        ts = np.asarray(imp_ts, dtype=np.float64).reshape(-1)
+        d = np.asarray(delay_s, dtype=np.float64).reshape(-1)
+        ok = np.isfinite(ts) & np.isfinite(d)
+        ts, d = ts[ok], d[ok]
+        if ts.size == 0:
+            return
+        b = np.floor(ts / self.width).astype(np.int64)
+        k = np.minimum(np.searchsorted(self.edges, np.maximum(d, 0.0)), self.BINS - 1)
+        for bucket in np.unique(b):
+            counts = self._buckets.get(int(bucket))
+            if counts is None:
+                counts = self._buckets[int(bucket)] = np.zeros(self.BINS)
+            counts += np.bincount(k[b == bucket], minlength=self.BINS)
+
+    def cdf(self, now: float) -> npt.NDArray[np.float64] | None:
+        """``F`` at :attr:`edges` from the newest complete buckets at event time ``now``
+        (shape ``(BINS,)``), or None while they hold fewer than ``min_clicks`` clicks.
+        Drops buckets older than the ones it keeps."""
+        last_complete = math.floor((now - self.window_s) / self.width) - 1
+        complete = sorted((b for b in self._buckets if b <= last_complete), reverse=True)
+        for b in complete[self.KEEP_COMPLETE :]:
+            del self._buckets[b]
+        counts = np.zeros(self.BINS)
+        for b in complete[: self.KEEP_COMPLETE]:  # newest first, until min_clicks
+            counts += self._buckets[b]
+            if counts.sum() >= self.min_clicks:
+                break
+        self.n_clicks = int(counts.sum())
+        if self.n_clicks < self.min_clicks:
+            return None
+        return np.asarray(np.cumsum(counts) / counts.sum())
+
+    def at(self, cdf: npt.NDArray[np.float64], age_s: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """``F(age_s)`` from :meth:`cdf`'s values, linear in log delay between the bin
+        edges (0 at age 0, 1 from the window on)."""
+        a = np.asarray(age_s, dtype=np.float64)
+        x = np.log(np.maximum(a, 1e-9))
+        f = np.interp(x, np.log(self.edges), cdf, left=0.0, right=1.0)
+        lo = self.edges[0]
+        # below the first edge: linear in age from 0 at 0 to cdf[0] at the edge
+        f = np.where(a < lo, cdf[0] * np.clip(a, 0.0, None) / lo, f)
+        return np.asarray(np.where(a >= self.window_s, 1.0, f))
 
 
 class LogitOffset:
@@ -135,6 +227,16 @@ class LogitOffset:
         self.null_var = 0.0  # variance of log m under no miscalibration (last refresh)
         self.z = 0.0  # log m in null standard deviations (last refresh)
         self.engaged = False  # with a gate: serving an offset
+        c = self.config
+        #: the learned click-delay CDF (None: no delay model, or estimate_delay off)
+        self.delays: DelayCDF | None = (
+            DelayCDF(c.max_delay_s, c.min_delay_clicks)
+            if c.estimate_delay and c.delay_mean_s is not None and c.max_delay_s is not None
+            else None
+        )
+        #: where the last refresh's F came from: "none" (no delay model), "prior" (the
+        #: exponential with delay_mean_s) or "estimated" (:attr:`delays`)
+        self.delay_source = "none" if c.delay_mean_s is None else "prior"
 
     def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
         """Impressions ``ids`` at event times ``ts`` (seconds, shape ``(n,)``) served with
@@ -174,6 +276,14 @@ class LogitOffset:
                 counted += 1
         return counted
 
+    def observe_delays(self, imp_ts: npt.ArrayLike, now: float) -> None:
+        """Clicks on impressions at ``imp_ts`` (seconds, shape ``(n,)``) observed at event
+        time ``now``: their delays feed :attr:`delays` (every click, remembered impression
+        or not, so that the sample is not cut at the window's span). No-op without it."""
+        if self.delays is not None:
+            ts = np.asarray(imp_ts, dtype=np.float64).reshape(-1)
+            self.delays.add(ts, now - ts)
+
     def remembers(self, impression_id: str) -> bool:
         """True while impression ``impression_id`` is in the window."""
         return impression_id in self._slot
@@ -190,10 +300,15 @@ class LogitOffset:
         pos = (self.n_seen - 1 - np.arange(n)) % h
         w = np.exp2(-np.arange(n) / c.half_life)
         age = np.maximum(now - self._ts[pos], 0.0)
+        cdf = None if self.delays is None else self.delays.cdf(now)
         if c.delay_mean_s is None:
             f = np.ones(n)
+        elif cdf is not None and self.delays is not None:
+            f = self.delays.at(cdf, age)
+            self.delay_source = "estimated"
         else:
             f = -np.expm1(-age / c.delay_mean_s)
+            self.delay_source = "prior"
             if c.max_delay_s is not None:
                 # the capped delay: everything in once the window has closed; before it
                 # the exponential's mass beyond the cap arrives at the cap
@@ -235,6 +350,11 @@ class LogitOffset:
             "ts": self._ts[pos].tolist(),
             "p": self._p[pos].tolist(),
             "c": self._c[pos].tolist(),
+            "delay_buckets": (
+                {}
+                if self.delays is None
+                else {str(b): v.tolist() for b, v in self.delays._buckets.items()}
+            ),
         }
 
     @classmethod
@@ -246,5 +366,10 @@ class LogitOffset:
         c = np.asarray(state["c"], dtype=np.float64)
         o.observe_clicks([iid for iid, ci in zip(ids, c, strict=True) if ci > 0])
         o.offset = float(state["offset"])
+        if o.delays is not None:
+            for b, v in state.get("delay_buckets", {}).items():
+                counts = np.asarray(v, dtype=np.float64)
+                if counts.shape == (DelayCDF.BINS,):
+                    o.delays._buckets[int(b)] = counts
         o.engaged = bool(state.get("engaged", False))
         return o

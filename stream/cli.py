@@ -50,16 +50,20 @@ def install_log_redaction() -> None:
 
 class _RedactingGroup(click.Group):
     """The CLI's top group: an error message (a ``ClickException``) of any command goes
-    through :func:`monitoring.redact.redact` before it is printed."""
+    through :func:`monitoring.redact.redact` before it is printed; settings that cannot be
+    loaded (:class:`stream.settings.SettingsError`) are such an error, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from monitoring.redact import redact
+        from stream.settings import SettingsError
 
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
             exc.message = redact(exc.message)
             raise
+        except SettingsError as exc:  # a bad --config file or STREAMREC_* variable
+            raise click.ClickException(redact(str(exc))) from None
 
 
 @click.group(cls=_RedactingGroup)

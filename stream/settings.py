@@ -550,7 +550,18 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     for key in ("hidden", "categorical_keys"):  # TOML arrays -> the configs' tuples
         if key in values:
             values[key] = tuple(values[key])
-    return cls(**values)
+    try:
+        return cls(**values)
+    except SettingsError:
+        raise
+    except (ValueError, TypeError) as exc:  # name the section the bad value is in
+        raise SettingsError(f"[{name}]: {exc}") from exc
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be built: a TOML file that does not parse, an unknown key, a
+    value of the wrong type or out of range. The message names the file (or the
+    environment) and the reason; the CLI prints it as an error, without a traceback."""
 
 
 def load_settings(
@@ -558,7 +569,19 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build :class:`Settings` from a TOML file, ``STREAMREC_*`` variables and overrides."""
+    """Build :class:`Settings` from a TOML file, ``STREAMREC_*`` variables and overrides.
+    Raises :class:`SettingsError` (a ``ValueError``) when they do not make valid
+    settings."""
+    try:
+        return _load_settings(path, env, **overrides)
+    except (ValueError, TypeError, OSError) as exc:
+        where = f"settings {path}" if path is not None else "settings"
+        raise SettingsError(f"bad {where}: {exc}") from exc
+
+
+def _load_settings(
+    path: str | Path | None, env: Mapping[str, str] | None, **overrides: Any
+) -> Settings:
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     if path is not None:

@@ -159,14 +159,19 @@ class MonitorService:
             for i, (iid, y) in enumerate(zip(ids, batch.label, strict=True))
             if not (off.remembers(iid) or (first_is_negative and y > 0))
         ]
+        if ts.size:
+            self._offset_now = max(self._offset_now, float(ts.max()))
         if new:
             p_pre = self.calibrator.transform(np.asarray(batch.p_raw, dtype=np.float64)[new])
             before = off.n_seen  # it also skips impressions older than its window
             off.observe_impressions([ids[i] for i in new], ts[new], p_pre)
             self._offset_pending += off.n_seen - before
-        off.observe_clicks([iid for iid, y in zip(ids, batch.label, strict=True) if y > 0])
-        if ts.size:
-            self._offset_now = max(self._offset_now, float(ts.max()))
+        clicked = np.asarray(batch.label) > 0
+        off.observe_clicks([iid for iid, c in zip(ids, clicked, strict=True) if c])
+        if clicked.any():
+            # each click's delay: the stream's newest event time when its positive arrives
+            # (fresh labels: about its click time) minus its impression's time
+            off.observe_delays(ts[clicked], self._offset_now)
         if self._offset_pending < cfg.refresh_every or off.n_seen < cfg.half_life:
             return []
         self._offset_pending = 0

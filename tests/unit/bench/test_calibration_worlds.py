@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pytest
 
 from bench import calibration_worlds as cw
 from bench.pipeline_sim import World, make_world, simulate
@@ -202,3 +203,18 @@ def test_recovery_report_has_its_comparison_with_or_without_arms(
         report = cw.main(True, results_dir=tmp_path, recovery_arms=True, arms=arms)
         assert {r["arm"] for r in report["recovery"]} == set(arms or cw.RECOVERY_SCHEMES)
         assert ("--arms" in report["command"]) == (arms is not None)
+    # the plan's size, seeds and rates can be replaced, and the command says so
+    seen: list[tuple[int, float, int]] = []
+
+    def fake_seen(args):  # type: ignore[no-untyped-def]
+        seen.append((args[1].n, args[1].rate_per_min, args[1].seed))
+        return fake(args)
+
+    monkeypatch.setattr(cw, "_job", fake_seen)
+    over = {"n": 1234, "seeds": (0, 1), "rates": (3000.0,)}
+    report = cw.main(True, results_dir=tmp_path, recovery_arms=True,
+                     arms=("startup",), plan_overrides=over)  # fmt: skip
+    assert {(n, r) for n, r, _ in seen} == {(1234, 3000.0)} and {s for *_, s in seen} == {0, 1}
+    assert report["command"].endswith("--impressions 1234 --seeds 2 --rates 3000")
+    with pytest.raises(ValueError, match="unknown plan keys"):
+        cw.main(True, results_dir=tmp_path, recovery_arms=True, plan_overrides={"x": 1})

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
-from monitoring.offset import LogitOffset, OffsetConfig
+from monitoring.offset import DelayCDF, LogitOffset, OffsetConfig
 
 RATE_S = 50.0  # impressions per second of event time (3,000 a minute)
 DELAY_S = 60.0
@@ -211,3 +212,100 @@ def test_gate_settings_are_checked() -> None:
     off = LogitOffset(OffsetConfig(enabled=True, gate_z=2.0))
     off.engaged = True
     assert LogitOffset.from_state(off.state_dict(), off.config).engaged
+
+
+def _truncated_exponential(rng: np.random.Generator, mean: float, cap: float, n: int) -> np.ndarray:
+    """Delays ~ Exponential(mean) conditioned on <= cap (every click arrives in the window)."""
+    u = rng.random(n)
+    return -mean * np.log1p(-u * -np.expm1(-cap / mean))
+
+
+def test_delay_cdf_learns_the_delays_from_complete_buckets_only() -> None:
+    window, mean = 600.0, 120.0
+    rng = np.random.default_rng(11)
+    imp = rng.uniform(0.0, 3_000.0, 40_000)
+    d = _truncated_exponential(rng, mean, window, imp.size)
+    arrived = imp + d <= 3_000.0  # what the stream has shown at event time 3,000
+    cdf = DelayCDF(window, min_clicks=500)
+    cdf.add(imp[arrived], d[arrived])
+    f = cdf.cdf(3_000.0)
+    assert f is not None and cdf.n_clicks >= 500
+    for a in (30.0, 120.0, 300.0):
+        truth = -np.expm1(-a / mean) / -np.expm1(-window / mean)
+        assert cdf.at(f, [a])[0] == pytest.approx(truth, abs=0.03)
+    assert cdf.at(f, [0.0, window, 2 * window]).tolist() == [0.0, 1.0, 1.0]
+    # nothing complete yet, or too few clicks: no estimate
+    early = DelayCDF(window, min_clicks=500)
+    early.add(imp[arrived], d[arrived])
+    assert early.cdf(700.0) is None
+    few = DelayCDF(window, min_clicks=10**6)
+    few.add(imp[arrived], d[arrived])
+    assert few.cdf(3_000.0) is None
+
+
+def _slow_click_stream(off: LogitOffset, rng: np.random.Generator, hours: float) -> None:
+    """A calibrated stream (served 0.05, true 0.05) at 5 impressions/s whose clicks come
+    ~Exponential(300 s) later within a 30-minute window, fed as the worker's monitor does:
+    impressions, then each click with its delay at the stream's event time."""
+    rate, p, window = 5.0, 0.05, 1_800.0
+    n = int(hours * 3_600 * rate)
+    ts = np.arange(n) / rate
+    clicked = rng.random(n) < p
+    click_ts = ts + _truncated_exponential(rng, 300.0, window, n)
+    order = np.argsort(click_ts)
+    order = order[clicked[order]]
+    ci, step = 0, 50
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        off.observe_impressions([f"i{k}" for k in range(i, j)], ts[i:j], np.full(j - i, p))
+        now = float(ts[j - 1])
+        due = []
+        while ci < order.size and click_ts[order[ci]] <= now:
+            due.append(int(order[ci]))
+            ci += 1
+        off.observe_clicks([f"i{k}" for k in due])
+        off.observe_delays(ts[due], now)
+        if i % 500 == 0:
+            off.refresh(now)
+
+
+def test_estimated_delays_unbias_an_offset_whose_delay_prior_is_wrong() -> None:
+    """The prior says clicks come after 30 s, they come after ~300 s: with the prior the
+    offset takes the clicks not yet in for misses and pulls a calibrated score down; with
+    the delays learned from the stream it stays near 0."""
+    base = OffsetConfig(enabled=True, delay_mean_s=30.0, max_delay_s=1_800.0)
+    fixed = LogitOffset(dataclasses.replace(base, estimate_delay=False))
+    learned = LogitOffset(base)
+    _slow_click_stream(fixed, np.random.default_rng(12), hours=3.0)
+    _slow_click_stream(learned, np.random.default_rng(12), hours=3.0)
+    assert fixed.delay_source == "prior" and learned.delay_source == "estimated"
+    assert fixed.offset < -0.3
+    assert abs(learned.offset) < 0.1
+    # the learned delays survive a snapshot
+    back = LogitOffset.from_state(learned.state_dict(), base)
+    assert back.refresh(3 * 3_600.0) == pytest.approx(learned.refresh(3 * 3_600.0), abs=1e-12)
+    assert back.delay_source == "estimated"
+
+
+def test_no_delay_estimate_without_a_window_or_a_delay_model() -> None:
+    assert LogitOffset(OffsetConfig(enabled=True, max_delay_s=None)).delays is None
+    no_model = OffsetConfig(enabled=True, delay_mean_s=None, max_delay_s=600.0)
+    assert LogitOffset(no_model).delays is None
+    with pytest.raises(ValueError, match="min_delay_clicks"):
+        OffsetConfig(min_delay_clicks=0)
+    with pytest.raises(ValueError, match="window_s"):
+        DelayCDF(0.0)
+
+
+def test_delay_cdf_reaches_back_as_many_windows_as_few_clicks_need() -> None:
+    """At a few clicks a minute the newest complete buckets hold too few clicks: the
+    estimate sums older complete buckets (up to 24 windows) until it has enough."""
+    window = 60.0
+    rng = np.random.default_rng(13)
+    imp = np.sort(rng.uniform(0.0, 20 * window, 400))  # ~20 clicks per window
+    d = _truncated_exponential(rng, 10.0, window, imp.size)
+    cdf = DelayCDF(window, min_clicks=200)
+    cdf.add(imp, d)
+    f = cdf.cdf(21 * window)
+    assert f is not None and 200 <= cdf.n_clicks < 260
+    assert cdf.at(f, [10.0])[0] == pytest.approx(-np.expm1(-1.0), abs=0.08)

@@ -155,3 +155,34 @@ def test_with_fake_negatives_a_positive_of_an_unknown_impression_is_not_an_impre
     assert not svc.offset.remembers("old") and svc.offset.n_seen == 2
     # n2's fake negative and its positive in one batch: remembered, then clicked
     assert svc.offset.state_dict()["c"] == [0.0, 1.0]
+
+
+def test_the_monitor_learns_the_click_delays_when_its_prior_is_wrong() -> None:
+    """The prior says clicks come after 5 s, they come after ~60 s. The monitor feeds each
+    positive's delay (its batch's event time minus its impression's) to the offset, which
+    learns the delays once a join window of impressions is complete and then leaves the
+    calibrated stream alone; with the prior alone it pulls the score down."""
+    from stream.join import JoinConfig
+
+    def run(estimate: bool) -> MonitorService:
+        cfg = OffsetConfig(
+            enabled=True, delay_mean_s=5.0, estimate_delay=estimate, min_delay_clicks=100
+        )
+        settings = Settings(
+            monitor=MonitorConfig(warmup=10**9), join=JoinConfig(window_s=300.0), offset=cfg
+        )
+        svc = MonitorService(settings, StreamrecMetrics())
+        for b in fake_negative_stream(np.random.default_rng(7), 1_000, 1.0, 1.7e9, 0):
+            svc.observe(b)
+        return svc
+
+    learned, fixed = run(True), run(False)
+    assert learned.offset is not None and fixed.offset is not None
+    assert learned.offset.delays is not None and fixed.offset.delays is None
+    assert learned.offset.delay_source == "estimated" and fixed.offset.delay_source == "prior"
+    f = learned.offset.delays.cdf(learned._offset_now)
+    assert f is not None
+    # Exponential(60 s) within a 300 s window: F(60 s) = 0.636
+    assert learned.offset.delays.at(f, [60.0])[0] == pytest.approx(0.636, abs=0.08)
+    assert abs(learned.served_offset) < 0.1
+    assert fixed.served_offset < -0.2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,35 @@ def test_an_optional_bool_from_the_environment_is_a_bool_not_a_string() -> None:
     # "false" must not stay the (truthy) string "false": stack and tests set it
     assert [check(v) for v in ("false", "0", "true", "1", "auto", "")] == [
         False, False, True, True, None, None]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[offset]\nmin_delay_clicks = 0\n", {}, "[offset]: min_delay_clicks must be >= 1"),
+        ('[ranker]\nbase_lr = "fast"\n', {}, "[ranker]:"),
+        ("[ranker\n", {}, "Expected ']'"),
+        ("", {"STREAMREC_OFFSET__MIN_DELAY_CLICKS": "0"}, "min_delay_clicks must be >= 1"),
+    ],
+)
+def test_bad_settings_are_a_clear_cli_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, env: dict, message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from stream.cli import main
+    from stream.settings import SettingsError
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(text)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings(cfg)
+    from logs.synthetic import SyntheticConfig, write_synthetic
+
+    log = tmp_path / "log.csv.gz"
+    write_synthetic(SyntheticConfig(n_impressions=50), log)
+    r = CliRunner().invoke(main, ["evaluate", str(log), "--config", str(cfg)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert f"Error: bad settings {cfg}" in r.output and message in r.output
