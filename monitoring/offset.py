@@ -31,8 +31,12 @@ impression's time bucket (``max_delay_s / 4`` wide, 48 log-spaced delay bins). A
 *complete* once ``max_delay_s`` has passed since its end: every click of its impressions
 has arrived, so its delays are an unbiased sample of the capped delay distribution. The
 newest complete buckets holding at least ``min_delay_clicks`` clicks (up to 24 windows
-back) give ``F``; until then (at least one window of event time, longer at few clicks)
-the exponential model with ``delay_mean_s`` (the prior) serves.
+back) give ``F``. Until then (at least one window of event time, longer at few clicks)
+only the remembered impressions whose window has closed count, on both sides of the ratio
+(``F`` = 1 for them, 0 for the rest, and the rest's clicks left out): unbiased whatever
+the delays, late by a window; when the ring holds none (a window's impressions exceed
+``horizon``) there is no offset until the delays are learned. ``delay_mean_s`` then only
+says that there is a delay model; its value serves when ``estimate_delay`` is off.
 
 Shrinkage (``shrink=True``, issue 17): with few clicks in the window the ratio's noise
 alone moves ``log m`` by more than a calibrated ranker's error (100 impressions a minute:
@@ -91,7 +95,7 @@ class OffsetConfig:
         release_z: see ``gate_z`` (>= 0, <= gate_z).
         estimate_delay: learn the click-delay CDF from the stream (module doc,
             "Estimated delays"); needs ``max_delay_s`` (the worker sets it to the join
-            window); ``delay_mean_s`` is then only the prior.
+            window); ``delay_mean_s``'s value is then unused.
         min_delay_clicks: complete clicks the estimated CDF needs before it replaces the
             prior (>= 1).
     """
@@ -235,7 +239,9 @@ class LogitOffset:
             else None
         )
         #: where the last refresh's F came from: "none" (no delay model), "prior" (the
-        #: exponential with delay_mean_s) or "estimated" (:attr:`delays`)
+        #: exponential with delay_mean_s, estimate_delay off), "complete" (delays not
+        #: learned yet: only impressions whose window has closed) or "estimated"
+        #: (:attr:`delays`)
         self.delay_source = "none" if c.delay_mean_s is None else "prior"
 
     def observe_impressions(self, ids: Sequence[str], ts: npt.ArrayLike, p: npt.ArrayLike) -> None:
@@ -301,11 +307,20 @@ class LogitOffset:
         w = np.exp2(-np.arange(n) / c.half_life)
         age = np.maximum(now - self._ts[pos], 0.0)
         cdf = None if self.delays is None else self.delays.cdf(now)
+        clicks = self._c[pos]
         if c.delay_mean_s is None:
             f = np.ones(n)
-        elif cdf is not None and self.delays is not None:
-            f = self.delays.at(cdf, age)
-            self.delay_source = "estimated"
+        elif self.delays is not None:
+            if cdf is not None:
+                f = self.delays.at(cdf, age)
+                self.delay_source = "estimated"
+            else:
+                # delays not learned yet: only impressions whose window has closed count
+                # (all their clicks are in), on both sides of the ratio; none in the ring:
+                # no offset
+                f = (age >= self.delays.window_s).astype(np.float64)
+                clicks = clicks * f
+                self.delay_source = "complete"
         else:
             f = -np.expm1(-age / c.delay_mean_s)
             self.delay_source = "prior"
@@ -313,7 +328,7 @@ class LogitOffset:
                 # the capped delay: everything in once the window has closed; before it
                 # the exponential's mass beyond the cap arrives at the cap
                 f = np.where(age >= c.max_delay_s, 1.0, f)
-        a = float(np.dot(w, self._c[pos]))
+        a = float(np.dot(w, clicks))
         b = float(np.dot(w, self._p[pos] * f))
         m = (a + c.prior_clicks) / (b + c.prior_clicks) if b + c.prior_clicks > 0 else 1.0
         g = math.log(m) if m > 0 else -c.max_abs_offset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import time
 
@@ -21,12 +22,16 @@ def test_the_split_by_mapping_adds_up_to_the_rss_of_a_live_process() -> None:
 
 
 def test_a_new_anonymous_allocation_shows_in_anon_not_in_file() -> None:
+    # a mapping of its own (np.ones could reuse resident heap memory freed by an earlier
+    # test, and then no RSS would be new)
+    size = 64 * 2**20
     before = rss_breakdown_mb(os.getpid())
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched: above mmap's threshold
+    block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.write(b"\x01" * size)  # touched: resident
     after = rss_breakdown_mb(os.getpid())
     assert after["anon"] - before["anon"] > 50
     assert abs(after["file"] - before["file"]) < 20
-    del block
+    block.close()
 
 
 def test_parse_smaps_reads_a_mapping_without_a_name_as_anonymous() -> None:

@@ -243,14 +243,17 @@ def test_delay_cdf_learns_the_delays_from_complete_buckets_only() -> None:
     assert few.cdf(3_000.0) is None
 
 
-def _slow_click_stream(off: LogitOffset, rng: np.random.Generator, hours: float) -> None:
-    """A calibrated stream (served 0.05, true 0.05) at 5 impressions/s whose clicks come
-    ~Exponential(300 s) later within a 30-minute window, fed as the worker's monitor does:
-    impressions, then each click with its delay at the stream's event time."""
+def _slow_click_stream(
+    off: LogitOffset, rng: np.random.Generator, hours: float, mult: float = 1.0
+) -> None:
+    """A stream served at 0.05 whose true CTR is ``mult`` times that (1: calibrated), at 5
+    impressions/s, clicks ~Exponential(300 s) later within a 30-minute window, fed as the
+    worker's monitor does: impressions, then each click with its delay at the stream's
+    event time."""
     rate, p, window = 5.0, 0.05, 1_800.0
     n = int(hours * 3_600 * rate)
     ts = np.arange(n) / rate
-    clicked = rng.random(n) < p
+    clicked = rng.random(n) < p * mult
     click_ts = ts + _truncated_exponential(rng, 300.0, window, n)
     order = np.argsort(click_ts)
     order = order[clicked[order]]
@@ -309,3 +312,20 @@ def test_delay_cdf_reaches_back_as_many_windows_as_few_clicks_need() -> None:
     f = cdf.cdf(21 * window)
     assert f is not None and 200 <= cdf.n_clicks < 260
     assert cdf.at(f, [10.0])[0] == pytest.approx(-np.expm1(-1.0), abs=0.08)
+
+
+def test_until_the_delays_are_learned_only_closed_windows_count() -> None:
+    """Before the delay estimate exists the offset reads only the impressions whose
+    window has closed: a calibrated stream stays near 0 and a x1.6 one is found, whatever
+    the (wrong) prior says; with a ring shorter than a window there is no offset."""
+    cfg = OffsetConfig(enabled=True, delay_mean_s=30.0, max_delay_s=1_800.0,
+                       half_life=3_000, horizon=24_000, min_delay_clicks=10**9)  # fmt: skip
+    calm, jump = LogitOffset(cfg), LogitOffset(cfg)
+    _slow_click_stream(calm, np.random.default_rng(14), hours=3.0)
+    _slow_click_stream(jump, np.random.default_rng(15), hours=3.0, mult=1.6)
+    assert calm.delay_source == jump.delay_source == "complete"
+    assert abs(calm.offset) < 0.15
+    assert jump.offset == pytest.approx(math.log(1.6), abs=0.2)
+    short = LogitOffset(dataclasses.replace(cfg, horizon=3_000))  # 10 minutes < the window
+    _slow_click_stream(short, np.random.default_rng(15), hours=1.0, mult=1.6)
+    assert short.delay_source == "complete" and short.offset == 0.0

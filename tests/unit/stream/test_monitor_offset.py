@@ -57,9 +57,13 @@ def fake_negative_stream(
 
 
 def monitor(**offset: object) -> MonitorService:
+    """A monitor whose offset uses the known delay model (``estimate_delay`` off: these
+    tests are about the wiring; with the default the delays are learned first, see
+    ``test_the_monitor_learns_the_click_delays_when_its_prior_is_wrong``)."""
+    cfg = {"enabled": True, "delay_mean_s": DELAY_S, "estimate_delay": False, **offset}
     settings = Settings(
         monitor=MonitorConfig(warmup=10**9),  # no drift test acts: the offset alone
-        offset=OffsetConfig(enabled=True, delay_mean_s=DELAY_S, **offset),  # type: ignore[arg-type]
+        offset=OffsetConfig(**cfg),  # type: ignore[arg-type]
     )
     return MonitorService(settings, StreamrecMetrics())
 
