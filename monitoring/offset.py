@@ -167,15 +167,17 @@ class DelayCDF:
 
     def add(self, imp_ts: npt.ArrayLike, delay_s: npt.ArrayLike) -> None:
         """Clicks on impressions at ``imp_ts`` observed ``delay_s`` after them (seconds,
-        shape ``(n,)``; negative delays count as 0, delays past the window as the window)."""
+        shape ``(n,)``). A delay past the window (the pipeline's own lag) counts as the
+        window; a negative one, or one past twice the window, cannot be a click's and is
+        not counted, so only buckets near the stream's present are ever made."""
         ts = np.asarray(imp_ts, dtype=np.float64).reshape(-1)
         d = np.asarray(delay_s, dtype=np.float64).reshape(-1)
-        ok = np.isfinite(ts) & np.isfinite(d)
-        ts, d = ts[ok], d[ok]
+        ok = np.isfinite(ts) & np.isfinite(d) & (d >= 0.0) & (d <= 2.0 * self.window_s)
+        ts, d = ts[ok], np.minimum(d[ok], self.window_s)
         if ts.size == 0:
             return
         b = np.floor(ts / self.width).astype(np.int64)
-        k = np.minimum(np.searchsorted(self.edges, np.maximum(d, 0.0)), self.BINS - 1)
+        k = np.minimum(np.searchsorted(self.edges, d), self.BINS - 1)
         for bucket in np.unique(b):
             counts = self._buckets.get(int(bucket))
             if counts is None:

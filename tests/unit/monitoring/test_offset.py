@@ -329,3 +329,18 @@ def test_until_the_delays_are_learned_only_closed_windows_count() -> None:
     short = LogitOffset(dataclasses.replace(cfg, horizon=3_000))  # 10 minutes < the window
     _slow_click_stream(short, np.random.default_rng(15), hours=1.0, mult=1.6)
     assert short.delay_source == "complete" and short.offset == 0.0
+
+
+def test_delay_cdf_state_stays_bounded_under_hostile_times() -> None:
+    """Delays that cannot be a click's (negative, or far past the window: a hostile or
+    skewed time) are not counted, so the buckets stay near the present and complete ones
+    beyond the kept ones are dropped."""
+    window = 60.0
+    cdf = DelayCDF(window, min_clicks=1)
+    rng = np.random.default_rng(16)
+    cdf.add(rng.uniform(-1e9, 1e9, 10_000), rng.uniform(-1e9, 1e9, 10_000))
+    assert len(cdf._buckets) <= 2  # only the rare pairs that are plausible
+    for t in np.arange(0.0, 500 * window, 10.0):  # a long calm stream, a click every 10 s
+        cdf.add([t], [5.0])
+        cdf.cdf(t + 5.0)
+    assert len(cdf._buckets) <= DelayCDF.KEEP_COMPLETE + 2 * DelayCDF.BUCKETS_PER_WINDOW + 2
