@@ -244,6 +244,12 @@ class StreamrecMetrics:
             "Logit offset (nats) of the fast offset after the calibrator (offset.enabled, "
             "issue 17) inside the published calibrator; 0 when off.",
         )
+        self.offset_delay_clicks = gauge(
+            "offset_delay_clicks",
+            "Complete clicks the fast offset's learned click-delay CDF rests on "
+            "(offset.estimate_delay); 0 while it has too few and reads only impressions "
+            "whose window has closed, or when the offset is off.",
+        )
         self.calibration_target_ctr = gauge(
             "calibration_target_ctr",
             "Base rate the tracking calibrator aims at (accepted window click rate), in [0, 1];"

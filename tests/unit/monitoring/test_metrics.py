@@ -46,6 +46,7 @@ OTHER_GAUGES = {
     "malloc_bytes",
     "calibrator_offset",
     "served_offset",
+    "offset_delay_clicks",
     "calibration_target_ctr",
     "worker_starts",
     "unclean_restarts",

@@ -190,3 +190,8 @@ def test_the_monitor_learns_the_click_delays_when_its_prior_is_wrong() -> None:
     assert learned.offset.delays.at(f, [60.0])[0] == pytest.approx(0.636, abs=0.08)
     assert abs(learned.served_offset) < 0.1
     assert fixed.served_offset < -0.2
+    # the gauge says how many clicks the learned delays rest on (0 with the fixed prior)
+    for svc, positive in ((learned, True), (fixed, False)):
+        svc.publish()
+        got = svc.metrics.registry.get_sample_value("streamrec_offset_delay_clicks")
+        assert (got is not None and got >= 100) if positive else got == 0.0
