@@ -407,13 +407,13 @@ def main(
         report["recovery"] = recovery_comparison(runs)
     if arms is not None:
         report["command"] += " --arms " + ",".join(schemes)
-    for key, flag in (("n", "--impressions"), ("seeds", "--seeds"), ("rates", "--rates")):
-        if key in (plan_overrides or {}):
-            value = plan[key]
-            shown = len(value) if key == "seeds" else value
-            if key == "rates":
-                shown = ",".join(f"{r:g}" for r in value)
-            report["command"] += f" {flag} {shown}"
+    shown = {
+        "n": f"--impressions {plan['n']}",
+        "seeds": f"--seeds {len(plan['seeds'])}",
+        "rates": "--rates " + ",".join(f"{r:g}" for r in plan["rates"]),
+    }
+    for key in plan_overrides or {}:
+        report["command"] += f" {shown[key]}"
     if dfm or startup:
         report["schemes"] = scheme_comparison(runs, schemes)
     write_report(report, path)

@@ -113,11 +113,11 @@ _features_option = click.option(
 
 
 def _ranker_config(
-    model: str | None, loss: str | None, base_lr: float | None, config: str | None
+    model: str | None, loss: str | None, base_lr: float | None, ranker: RankerConfig
 ) -> RankerConfig:
+    """The settings' ``ranker`` with the command line's choices."""
     import dataclasses
 
-    ranker = load_settings(config).ranker
     changes: dict[str, Any] = {
         k: v for k, v in (("model", model), ("loss", loss), ("base_lr", base_lr)) if v
     }
@@ -161,7 +161,8 @@ def pretrain_cmd(
     from logs.log_format import LogFormatError
     from logs.offline import load_examples, pretrain
 
-    cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
+    ranker = load_settings(config).ranker
+    cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, ranker), hist_features)
     try:
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:
@@ -221,6 +222,7 @@ def evaluate_cmd(
     from logs.offline import evaluate, load_examples
     from logs.synthetic import read_meta
 
+    settings = load_settings(config)
     try:
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:
@@ -233,13 +235,13 @@ def evaluate_cmd(
     elif warm_start:
         learner = TorchRanker.load(warm_start, online=True)
     else:
-        rcfg = _with_hist_slots(_ranker_config(model, loss, base_lr, config), hist_features)
+        ranker_cfg = _ranker_config(model, loss, base_lr, settings.ranker)
+        rcfg = _with_hist_slots(ranker_cfg, hist_features)
         learner = TorchRanker(rcfg, seed=seed, online=online)
     drift_ts = (read_meta(log_path) or {}).get("drift_ts")
-    offset_cfg = load_settings(config).offset
     if serve_offset is None:
-        serve_offset = offset_cfg.enabled
-    offset = dataclasses.replace(offset_cfg, enabled=True) if serve_offset else None
+        serve_offset = settings.offset.enabled
+    offset = dataclasses.replace(settings.offset, enabled=True) if serve_offset else None
     report = evaluate(examples, learner, batch_size=batch_size, drift_ts=drift_ts,
                       ramp_from=ramp_from or None, offset=offset)  # fmt: skip
     report.pop("scores")

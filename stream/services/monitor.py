@@ -313,9 +313,9 @@ class MonitorService:
         target = self.tracker.target if tracking else None
         m.calibration_target_ctr.set(float("nan") if target is None else target)
         m.served_offset.set(self.served_offset if self.offset is not None else 0.0)
-        learned = self.offset is not None and self.offset.delay_source == "estimated"
-        delays = None if self.offset is None else self.offset.delays
-        m.offset_delay_clicks.set(delays.n_clicks if learned and delays is not None else 0)
+        off = self.offset
+        delays = off.delays if off is not None and off.delay_source == "estimated" else None
+        m.offset_delay_clicks.set(0 if delays is None else delays.n_clicks)
 
     def _calibrator_message(
         self, calibrator: Calibrator, event_ts: float, reason: str
