@@ -64,7 +64,10 @@ time); ``startup+offset_worker_gated``: the same behind a gate of :data:`GATE_Z`
 standard deviations (``OffsetConfig.gate_z``); ``startup+offset_worker_slowprior``: the
 worker's offset with a delay prior :data:`SLOW_PRIOR` times too slow, its delays learned
 from the stream (``OffsetConfig.estimate_delay``, the default since 2026-12-06), and
-``..._slowprior_fixed`` the same prior kept fixed. ``--arms A,B`` runs a subset. Plan
+``..._slowprior_fixed`` the same prior kept fixed; ``startup+offset_worker_hl<N>``: the
+worker's offset with a half-life of ``N`` impressions (horizon scaled alike; the default
+is 5,000 since 2026-12-06, 1,500 before). Every other arm runs with the worker's offset
+off (on by default since 2026-12-06). ``--arms A,B`` runs a subset. Plan
 :data:`RECOVERY_PLAN`; per run also the impressions to ±10% on a trailing 1k window after
 the drift and the share of 1k windows beyond ±5% after that; writes
 ``calibration_worlds_recovery.json``.
@@ -115,6 +118,8 @@ RECOVERY_SCHEMES = (
     "startup+offset_worker_gated",
     "startup+offset_worker_slowprior",
     "startup+offset_worker_slowprior_fixed",
+    "startup+offset_worker_hl1500",
+    "startup+offset_worker_hl15000",
 )
 #: ``*_slowprior``: the worker's offset with a delay prior this many times the true mean
 #: (the delays learned from the stream, the default); ``*_slowprior_fixed``: the same
@@ -191,8 +196,11 @@ def run_world(
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     offset = None
+    if "+offset_worker" not in scheme:  # the ranker alone, or the bench's own offset
+        s = s.replace(offset=dataclasses.replace(s.offset, enabled=False))
     if "+offset_worker" in scheme:  # the worker's own: the monitor runs it
         mean = prior or DELAY_MEAN_S
+        half_life = int(scheme.rsplit("_hl", 1)[1]) if "_hl" in scheme else None
         ocfg = OffsetConfig(
             enabled=True,
             delay_mean_s=mean * SLOW_PRIOR if "_slowprior" in scheme else mean,
@@ -200,6 +208,9 @@ def run_world(
             gate_z=GATE_Z if scheme.endswith("_gated") else None,
             estimate_delay=not scheme.endswith("_fixed"),
         )
+        if half_life is not None:  # the same, remembering as many half-lives
+            ratio = ocfg.horizon / ocfg.half_life
+            ocfg = dataclasses.replace(ocfg, half_life=half_life, horizon=int(half_life * ratio))
         s = s.replace(offset=ocfg)
     elif "+offset" in scheme:
         nodelay = scheme.endswith("_nodelay")
@@ -409,7 +420,8 @@ def main(
         report["command"] += " --arms " + ",".join(schemes)
     shown = {
         "n": f"--impressions {plan['n']}",
-        "seeds": f"--seeds {len(plan['seeds'])}",
+        "seeds": f"--seeds {max(plan['seeds']) + 1}"
+        + (f" --seed-from {min(plan['seeds'])}" if min(plan["seeds"]) else ""),
         "rates": "--rates " + ",".join(f"{r:g}" for r in plan["rates"]),
     }
     for key in plan_overrides or {}:
@@ -575,6 +587,12 @@ def cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (the plan's)")
     parser.add_argument(
+        "--seed-from",
+        type=int,
+        default=0,
+        help="with --seeds N: seeds K .. N-1 only (more seeds for an earlier run)",
+    )
+    parser.add_argument(
         "--rates", default=None, help="comma-separated impressions a minute (the plan's)"
     )
     args = parser.parse_args(argv)
@@ -582,7 +600,9 @@ def cli(argv: list[str] | None = None) -> int:
     if args.impressions is not None:
         overrides["n"] = args.impressions
     if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
+        overrides["seeds"] = tuple(range(args.seed_from, args.seeds))
+        if not overrides["seeds"]:
+            parser.error(f"--seed-from {args.seed_from} leaves no seed below --seeds {args.seeds}")
     if args.rates is not None:
         overrides["rates"] = tuple(float(r) for r in args.rates.split(",") if r)
     main(

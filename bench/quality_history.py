@@ -15,7 +15,8 @@ batches of 1,024, scored then learned from (``logs.offline.evaluate``, as
 - ``obd``: the Open Bandit Dataset ``random/all`` sample when present (10k impressions,
   few clicks: only "not worse than the constant model" is meaningful there).
 
-Learners: ``dcnv2`` (the default ranker, ``RankerConfig()``) on the log's own features
+Learners: ``dcnv2`` (the default ranker, ``RankerConfig()``: its fallback mixture on, as
+by default since 2026-12-06) on the log's own features
 (``no_history``), the same (with ``logs.offline.with_hist_slots``' 64 numeric slots, as
 ``streamrec evaluate`` and the worker) with the feature stage's counters (``counters``:
 ``features.FeatureConfig(sequence=False)``), and with counters and the recent-click
@@ -26,12 +27,13 @@ uses); the peers ``river_logreg``, ``river_ftrl``, ``vw`` and
 the click rate of the labels seen so far. Rows ``dcnv2_counters_sequence+offset[/seed<k>]``:
 the same runs of the default ranker with history served through the logit offset
 (``monitoring.offset.LogitOffset`` at ``OffsetConfig``'s defaults, what ``[offset] enabled``
-serves; ``evaluate(offset=...)``), judged in ``goal_variants``. Reported per learner: AUC,
-NE, ECE, calibration ratio (and NE / oracle NE with ``true_p``). Goal (issue 13): the
-default ranker with history at least 2% below the best of ``vw_ui``, ``river_logreg``,
-``river_ftrl`` in NE and calibration ratio within 1 +- 0.02 on the first two logs; on OBD,
-NE not above the constant model's. Writes ``bench/results/quality_history.json``
-(``quality_history_quick.json``).
+serves; ``evaluate(offset=...)``), judged in ``goal_variants``; ``--ab-fallback`` adds
+``+no_fallback[+offset]``: the same seeds with ``RankerConfig.fallback_mixture`` off.
+Reported per learner: AUC, NE, ECE, calibration ratio (and NE / oracle NE with
+``true_p``). Goal (issue 13): the default ranker with history at least 2% below the
+best of ``vw_ui``, ``river_logreg``, ``river_ftrl`` in NE and calibration ratio within
+1 +- 0.02 on the first two logs; on OBD, NE not above the constant model's. Writes
+``bench/results/quality_history.json`` (``quality_history_quick.json``).
 """
 
 from __future__ import annotations
@@ -80,12 +82,12 @@ DEFAULT_WITH_HISTORY = "dcnv2_counters_sequence"
 #: row suffix of the default ranker with history served through the logit offset
 #: (``[offset] enabled``; evaluate's ``offset``): the same run's served scores
 WITH_OFFSET = "+offset"
-#: row suffix of the default ranker with history with the fallback mixture on
-#: (``RankerConfig.fallback_mixture``, off by default; ``--ab-fallback``)
-WITH_FALLBACK = "+fallback"
+#: row suffix of the default ranker with history with the fallback mixture off
+#: (``RankerConfig.fallback_mixture``, on by default; ``--ab-fallback``)
+NO_FALLBACK = "+no_fallback"
 #: the variants of the default ranker with history that get a goal of their own
 #: (``goal_variants``), by row suffix
-VARIANTS = (WITH_OFFSET, WITH_FALLBACK, WITH_FALLBACK + WITH_OFFSET)
+VARIANTS = (WITH_OFFSET, NO_FALLBACK, NO_FALLBACK + WITH_OFFSET)
 DEFAULT_SEEDS = 3  # model seeds of DEFAULT_WITH_HISTORY (goal judged per seed)
 # bench.run's OBD path (beside the checkout), else beside a git worktree's parent folder
 _OBD_REL = ("shared", "data", "obd", "random", "all", "all.csv")
@@ -121,9 +123,9 @@ def _ranker(history: bool = False, seed: int = 0, fallback: bool | None = None) 
     evaluate`` and the worker use). Without them ``EncoderConfig``'s 8 slots kept the first
     8 names in sorted order and the ranker silently ignored the rest of the history.
     ``fallback``: the fallback mixture (``RankerConfig.fallback_mixture``) on or off; None:
-    the default (off). Until 2026-12-06 this bench forced it on (True) in every ranker row
-    while the shipped default was off: its rows ``dcnv2_*`` from c09b973 (2026-12-05) to
-    then measured the mixture, not the default."""
+    the default (on since 2026-12-06). Before that day this bench forced it on (True) in
+    every ranker row while the shipped default was off: its rows ``dcnv2_*`` from c09b973
+    (2026-12-05) to then measured the mixture, not the default."""
     cfg = RankerConfig() if fallback is None else RankerConfig(fallback_mixture=fallback)
     return TorchRanker(with_hist_slots(cfg) if history else cfg, seed=seed, online=False)
 
@@ -166,8 +168,8 @@ def run_log(
     (rows ``<DEFAULT_WITH_HISTORY>/seed<k>``; the plain row is seed 0). Each run of the
     default ranker with history is also served through the logit offset (rows
     ``<DEFAULT_WITH_HISTORY>+offset[/seed<k>]``, :func:`_score_with_offset`).
-    ``ab_fallback``: after each seed of it, the same seed with the fallback mixture on
-    (rows ``<DEFAULT_WITH_HISTORY>+fallback[+offset][/seed<k>]``), alternating, in the
+    ``ab_fallback``: after each seed of it, the same seed with the fallback mixture off
+    (rows ``<DEFAULT_WITH_HISTORY>+no_fallback[+offset][/seed<k>]``), alternating, in the
     same process."""
     ex = log_examples(df)
     out: dict[str, Any] = {}
@@ -188,8 +190,8 @@ def run_log(
             continue
         for seed in range(seeds):
             tag = "" if seed == 0 else f"/seed{seed}"
-            for fallback in (None, True) if ab_fallback else (None,):
-                row = name if fallback is None else f"{name}{WITH_FALLBACK}"
+            for fallback in (None, False) if ab_fallback else (None,):
+                row = name if fallback is None else f"{name}{NO_FALLBACK}"
                 raw, served = _score_with_offset(rows, _ranker(True, seed, fallback))
                 out[f"{row}{tag}"], out[f"{row}{WITH_OFFSET}{tag}"] = raw, served
             if seed == 0:
@@ -350,7 +352,7 @@ def cli(argv: list[str] | None = None) -> int:
         "--ab-fallback",
         action="store_true",
         help="each seed of the default ranker with history also with the fallback "
-        "mixture on (rows *+fallback), alternating in the same process",
+        "mixture off (rows *+no_fallback), alternating in the same process",
     )
     args = parser.parse_args(argv)
     main(args.quick, results_dir=args.results_dir, seeds=args.seeds, ab_fallback=args.ab_fallback)

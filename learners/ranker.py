@@ -21,7 +21,7 @@ is not P(click) (``focal``, ``weighted_bce``) have their outputs mapped back to 
 through the FNC link (:func:`learners.links.fnc_correct`), which neither the output bias's
 start nor its re-centring sees (they follow the label rate the model learns).
 
-Fallback (``RankerConfig.fallback_mixture``, off by default): the served probability is the
+Fallback (``RankerConfig.fallback_mixture``, on by default): the served probability is the
 online model selection of :class:`learners.mixture.FallbackMixture` between the model and
 the running base rate of the labels, weighted by each one's prequential log loss (each
 batch is judged before the model learns from it). A cold model over many features on a

@@ -69,8 +69,10 @@ class RankerConfig:
     weighted by each one's prequential log loss; ``fallback_cap`` (nats, > 0): the clip of
     their log-loss difference (the mixture then keeps weight ~``e^-cap`` on the loser and
     can switch back after ``cap`` nats). Not used with ``loss="dfm"`` (labels not final).
-    Off by default (README "The fallback mixture": it meets the OBD bar but moves the
-    calibration ratio by 0.5-1.5%). A config dict written before it existed loads with it
+    On by default since 2026-12-06 (README "The fallback mixture": on a log with too few
+    clicks to learn from it keeps the ranker from being worse than a constant model; the
+    0.5-1.5% it moves the calibration ratio is what the logit offset after it, on by
+    default as well, takes out). A config dict written before it existed loads with it
     off; a checkpoint without mixture state loaded with it on starts served by the model
     (:meth:`learners.mixture.FallbackMixture.settle_on_ranker`).
     A config dict written before these settings existed loads with all three off and
@@ -108,7 +110,7 @@ class RankerConfig:
     sequence_attention: bool = True
     pair_crosses: bool = True
     attention_log_mass: bool = True
-    fallback_mixture: bool = False
+    fallback_mixture: bool = True
     fallback_cap: float = 10.0
 
     def __post_init__(self) -> None:

@@ -101,8 +101,8 @@ class OffsetConfig:
     """
 
     enabled: bool = False
-    half_life: int = 1_500
-    horizon: int = 12_000
+    half_life: int = 5_000
+    horizon: int = 40_000
     delay_mean_s: float | None = 60.0
     max_delay_s: float | None = None
     prior_clicks: float = 1.0

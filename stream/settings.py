@@ -352,8 +352,9 @@ class Settings:
     drift_wander: WanderConfig = field(default_factory=WanderConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     #: the fast logit offset after the calibrator (issue 17; monitoring.offset): off by
-    #: default (README "Recovery after a drift"). In the worker its delay model's cap
-    #: (``max_delay_s``) is the attribution window (join.window_s) unless set here.
+    #: default (README "Recovery after a drift"; needs a logit-affine monitor.calibrator).
+    #: In the worker its delay model's cap (``max_delay_s``) is the attribution window
+    #: (join.window_s) unless set here.
     offset: OffsetConfig = field(default_factory=OffsetConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     indexer: IndexerConfig = field(default_factory=IndexerConfig)

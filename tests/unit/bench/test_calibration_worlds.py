@@ -216,5 +216,11 @@ def test_recovery_report_has_its_comparison_with_or_without_arms(
                      arms=("startup",), plan_overrides=over)  # fmt: skip
     assert {(n, r) for n, r, _ in seen} == {(1234, 3000.0)} and {s for *_, s in seen} == {0, 1}
     assert report["command"].endswith("--impressions 1234 --seeds 2 --rates 3000")
+    seen.clear()  # later seeds only (--seeds 5 --seed-from 3)
+    over = {"n": 1234, "seeds": (3, 4), "rates": (3000.0,)}
+    report = cw.main(True, results_dir=tmp_path, recovery_arms=True,
+                     arms=("startup",), plan_overrides=over)  # fmt: skip
+    assert {s for *_, s in seen} == {3, 4}
+    assert report["command"].endswith("--seeds 5 --seed-from 3 --rates 3000")
     with pytest.raises(ValueError, match="unknown plan keys"):
         cw.main(True, results_dir=tmp_path, recovery_arms=True, plan_overrides={"x": 1})

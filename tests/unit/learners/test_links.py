@@ -99,7 +99,9 @@ def test_fnc_link_serves_what_fnc_then_the_calibrator_served() -> None:
     from learners.encoding import EncoderConfig
     from learners.ranker import RankerConfig, TorchRanker
 
-    cfg = RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256), device="cpu")
+    # the model's own scores (no fallback mixture: it mixes in the label space)
+    cfg = RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256), device="cpu",
+                       fallback_mixture=False)  # fmt: skip
     plain, linked = TorchRanker(cfg, seed=0), TorchRanker(replace(cfg, fnc=True), seed=0)
     for rows, y in _fake_negative_batches():
         before = plain.score_and_learn(rows, y)

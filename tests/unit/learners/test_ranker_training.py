@@ -115,7 +115,8 @@ def test_first_step_centres_the_output_bias_on_the_shrunk_batch_ctr() -> None:
 
 def test_no_centring_when_disabled_or_after_loading_a_trained_checkpoint(tmp_path: Path) -> None:
     rows, y = stream(512, seed=2, ctr=0.004)
-    off = TorchRanker(_cfg(bias_prior_strength=None), seed=0, online=False)
+    # the model's own scores (the fallback mixture would serve the base rate)
+    off = TorchRanker(_cfg(bias_prior_strength=None, fallback_mixture=False), seed=0, online=False)
     off.learn_many(rows, y)
     assert not off.bias_centred
     assert off.predict_proba_many(rows).mean() > 0.02  # one step barely moves it
@@ -202,7 +203,7 @@ def test_focal_loss_correction_restores_calibration() -> None:
         # no bias warm-up: it would hold the raw output at the base rate for 10k examples
         # no pair weights: they shrink the raw focal over-prediction this test pins (to 2.25)
         cfg = _cfg(model="logreg", loss="focal", loss_correction=corrected, base_lr=0.1,
-                   bias_warmup=0.0, pair_crosses=False)  # fmt: skip
+                   bias_warmup=0.0, pair_crosses=False, fallback_mixture=False)  # fmt: skip
         ranker = TorchRanker(cfg, seed=0, online=False)
         for s in range(0, 8000, 250):
             ranker.learn_many(rows[s : s + 250], y[s : s + 250])

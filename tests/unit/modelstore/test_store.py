@@ -38,7 +38,9 @@ def _write(text: str) -> Callable[[Path], None]:
 
 def _models() -> tuple[TorchRanker, TwoTowerModel]:
     enc = EncoderConfig(num_buckets=512)
-    ranker = TorchRanker(RankerConfig(model="dcnv2", device="cpu", encoder=enc), seed=0)
+    # the model's own scores (no fallback mixture): the tests compare links exactly
+    cfg = RankerConfig(model="dcnv2", device="cpu", encoder=enc, fallback_mixture=False)
+    ranker = TorchRanker(cfg, seed=0)
     tt = TwoTowerModel(TwoTowerConfig(device="cpu", user_encoder=enc, item_encoder=enc), seed=0)
     rows = [{"user_id": f"u{i % 7}", "item_id": f"i{i % 13}", "device": "ios"} for i in range(64)]
     y = np.arange(64) % 3 == 0

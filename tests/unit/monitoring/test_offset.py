@@ -12,6 +12,9 @@ from monitoring.offset import DelayCDF, LogitOffset, OffsetConfig
 
 RATE_S = 50.0  # impressions per second of event time (3,000 a minute)
 DELAY_S = 60.0
+#: the half-life (and horizon) these tests were sized for; the default is 5,000 (README
+#: "Recovery after a drift": longer, so less noisy in the worker)
+HL = {"half_life": 1_500, "horizon": 12_000}
 
 
 def stream(
@@ -56,7 +59,7 @@ def stream(
 
 def test_recovers_a_planted_x1_6_offset() -> None:
     rng = np.random.default_rng(0)
-    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    off = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S))
     p = 0.04
     before, t = stream(off, 20_000, p, 1.0, rng)
     after, _ = stream(off, 20_000, p, 1.6, rng, t0=t, start=20_000)
@@ -72,7 +75,7 @@ def test_recovers_a_planted_x1_6_offset() -> None:
 
 def test_does_not_move_on_a_calibrated_stream() -> None:
     rng = np.random.default_rng(1)
-    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    off = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S))
     served, _ = stream(off, 40_000, 0.04, 1.0, rng)
     ratios = np.array(served[8:]) / 0.04
     assert abs(ratios.mean() - 1) < 0.03
@@ -83,14 +86,14 @@ def test_without_delay_model_lags_behind_the_delay() -> None:
     """The plain tracked ratio counts recent impressions as unclicked: at 3,000 a minute
     and a 60 s mean delay it sits far below the truth, the delay model does not."""
     rng = np.random.default_rng(2)
-    plain = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=None))
+    plain = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=None))
     served, _ = stream(plain, 20_000, 0.04, 1.0, rng)
     assert np.mean(served[-20:]) / 0.04 < 0.8
 
 
 def test_state_round_trips() -> None:
     rng = np.random.default_rng(3)
-    cfg = OffsetConfig(enabled=True, delay_mean_s=DELAY_S)
+    cfg = OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S)
     off = LogitOffset(cfg)
     _, t = stream(off, 15_000, 0.05, 1.5, rng)
     back = LogitOffset.from_state(off.state_dict(), cfg)
@@ -120,7 +123,7 @@ def test_shrinkage_holds_still_at_very_low_click_counts() -> None:
     shrunk offset stays within ±0.2 (about one null sd) and is exactly 0 most of the
     time; the unshrunk ratio on the same stream wanders further."""
     offs = {
-        s: LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S, shrink=s))
+        s: LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S, shrink=s))
         for s in (True, False)
     }
     seen: dict[bool, list[float]] = {True: [], False: []}
@@ -138,7 +141,7 @@ def test_shrinkage_holds_still_at_very_low_click_counts() -> None:
 
 def test_shrinkage_still_recovers_a_x1_6_jump_within_8000_impressions() -> None:
     rng = np.random.default_rng(5)
-    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
+    off = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S))
     _, t = stream(off, 10_000, 0.02, 1.0, rng)
     after, _ = stream(off, 16_000, 0.02, 1.6, rng, t0=t, start=10_000)
     ratios = np.array(after) / (1.6 * 0.02)
@@ -178,8 +181,8 @@ def test_an_impression_older_than_a_full_window_is_not_remembered_again() -> Non
 
 def test_a_gated_offset_stays_at_zero_on_a_calibrated_stream() -> None:
     rng = np.random.default_rng(1)
-    shrunk = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S))
-    gated = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S, gate_z=3.0))
+    shrunk = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S))
+    gated = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S, gate_z=3.0))
     a, _ = stream(shrunk, 40_000, 0.04, 1.0, np.random.default_rng(1))
     b, _ = stream(gated, 40_000, 0.04, 1.0, rng)
     # the same clicks: the shrunk estimate serves some of their noise, the gate none
@@ -189,7 +192,7 @@ def test_a_gated_offset_stays_at_zero_on_a_calibrated_stream() -> None:
 
 def test_a_gated_offset_engages_on_a_x1_6_jump_and_releases_when_the_ranker_catches_up() -> None:
     rng = np.random.default_rng(0)
-    off = LogitOffset(OffsetConfig(enabled=True, delay_mean_s=DELAY_S, gate_z=3.0))
+    off = LogitOffset(OffsetConfig(enabled=True, **HL, delay_mean_s=DELAY_S, gate_z=3.0))
     p = 0.04
     _, t = stream(off, 20_000, p, 1.0, rng)
     after, t = stream(off, 20_000, p, 1.6, rng, t0=t, start=20_000)
@@ -209,7 +212,7 @@ def test_gate_settings_are_checked() -> None:
         OffsetConfig(gate_z=0.0)
     with pytest.raises(ValueError, match="release_z"):
         OffsetConfig(gate_z=2.0, release_z=3.0)
-    off = LogitOffset(OffsetConfig(enabled=True, gate_z=2.0))
+    off = LogitOffset(OffsetConfig(enabled=True, **HL, gate_z=2.0))
     off.engaged = True
     assert LogitOffset.from_state(off.state_dict(), off.config).engaged
 
@@ -276,7 +279,7 @@ def test_estimated_delays_unbias_an_offset_whose_delay_prior_is_wrong() -> None:
     """The prior says clicks come after 30 s, they come after ~300 s: with the prior the
     offset takes the clicks not yet in for misses and pulls a calibrated score down; with
     the delays learned from the stream it stays near 0."""
-    base = OffsetConfig(enabled=True, delay_mean_s=30.0, max_delay_s=1_800.0)
+    base = OffsetConfig(enabled=True, **HL, delay_mean_s=30.0, max_delay_s=1_800.0)
     fixed = LogitOffset(dataclasses.replace(base, estimate_delay=False))
     learned = LogitOffset(base)
     _slow_click_stream(fixed, np.random.default_rng(12), hours=3.0)
@@ -291,8 +294,8 @@ def test_estimated_delays_unbias_an_offset_whose_delay_prior_is_wrong() -> None:
 
 
 def test_no_delay_estimate_without_a_window_or_a_delay_model() -> None:
-    assert LogitOffset(OffsetConfig(enabled=True, max_delay_s=None)).delays is None
-    no_model = OffsetConfig(enabled=True, delay_mean_s=None, max_delay_s=600.0)
+    assert LogitOffset(OffsetConfig(enabled=True, **HL, max_delay_s=None)).delays is None
+    no_model = OffsetConfig(enabled=True, **HL, delay_mean_s=None, max_delay_s=600.0)
     assert LogitOffset(no_model).delays is None
     with pytest.raises(ValueError, match="min_delay_clicks"):
         OffsetConfig(min_delay_clicks=0)

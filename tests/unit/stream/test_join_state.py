@@ -239,7 +239,9 @@ def test_fake_negative_scheme_needs_its_loss_and_fnc_serves_corrected_scores() -
         )
     settings = Settings(
         join=JoinConfig(delayed_feedback="fake_negative"),
-        ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=256)),
+        ranker=RankerConfig(
+            model="logreg", encoder=EncoderConfig(num_buckets=256), fallback_mixture=False
+        ),  # the link alone, compared exactly
         trainer=TrainerConfig(batch_size=2, fnc=True),
     )
     assert settings.ranker.fnc  # FNC is the ranker's output link

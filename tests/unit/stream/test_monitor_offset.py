@@ -75,6 +75,7 @@ def offsets(records: list) -> list[CalibratorUpdate]:
 def test_off_by_default_and_records_carry_no_offset() -> None:
     svc = MonitorService(Settings(), StreamrecMetrics())
     assert svc.offset is None
+    assert Settings().offset.half_life == 5_000  # when enabled (1,500 until 2026-12-06)
     rng = np.random.default_rng(0)
     out = [r for b in fake_negative_stream(rng, 200, 2.0, 1.7e9, 0) for r in svc.observe(b)]
     assert offsets(out) == []
@@ -170,8 +171,9 @@ def test_the_monitor_learns_the_click_delays_when_its_prior_is_wrong() -> None:
 
     def run(estimate: bool) -> MonitorService:
         cfg = OffsetConfig(
-            enabled=True, delay_mean_s=5.0, estimate_delay=estimate, min_delay_clicks=100
-        )
+            enabled=True, delay_mean_s=5.0, estimate_delay=estimate, min_delay_clicks=100,
+            half_life=1_500, horizon=12_000,
+        )  # fmt: skip
         settings = Settings(
             monitor=MonitorConfig(warmup=10**9), join=JoinConfig(window_s=300.0), offset=cfg
         )

@@ -9,6 +9,7 @@ import pytest
 
 from logs.batches import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
+from monitoring.offset import OffsetConfig
 from stream.control import CalibratorUpdate
 from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import MonitorService
@@ -42,6 +43,7 @@ def run(
 ) -> tuple[MonitorService, list]:
     settings = Settings(
         join=JoinConfig(),
+        offset=OffsetConfig(enabled=False),  # the calibrators alone (isotonic takes none)
         monitor=MonitorConfig(
             warmup=0,
             detector=detector,
