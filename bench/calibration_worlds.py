@@ -78,6 +78,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -121,6 +122,8 @@ RECOVERY_SCHEMES = (
     "startup+offset_worker_hl1500",
     "startup+offset_worker_hl15000",
 )
+#: ``--arms``: the worker's offset at any half-life of N >= 1 impressions
+_HL_ARM = re.compile(r"startup\+offset_worker_hl[1-9][0-9]*")
 #: ``*_slowprior``: the worker's offset with a delay prior this many times the true mean
 #: (the delays learned from the stream, the default); ``*_slowprior_fixed``: the same
 #: prior with ``estimate_delay`` off (the model before 2026-12-06)
@@ -373,6 +376,8 @@ def main(
         else ("default",)
     )
     if arms is not None:
+        if recovery_arms:  # any half-life: startup+offset_worker_hl<N>
+            schemes += tuple(a for a in arms if a not in schemes and _HL_ARM.fullmatch(a))
         unknown = set(arms) - set(schemes)
         if unknown:
             raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(schemes)}")

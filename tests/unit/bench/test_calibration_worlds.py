@@ -203,6 +203,13 @@ def test_recovery_report_has_its_comparison_with_or_without_arms(
         report = cw.main(True, results_dir=tmp_path, recovery_arms=True, arms=arms)
         assert {r["arm"] for r in report["recovery"]} == set(arms or cw.RECOVERY_SCHEMES)
         assert ("--arms" in report["command"]) == (arms is not None)
+    # any half-life of the worker's offset is an arm; other unknown arms are refused
+    report = cw.main(True, results_dir=tmp_path, recovery_arms=True,
+                     arms=("startup", "startup+offset_worker_hl2500"))  # fmt: skip
+    assert {r["arm"] for r in report["recovery"]} == {"startup", "startup+offset_worker_hl2500"}
+    for bad in ("startup+offset_worker_hl0", "startup+offset_worker_hlx", "nope"):
+        with pytest.raises(ValueError, match="unknown arms"):
+            cw.main(True, results_dir=tmp_path, recovery_arms=True, arms=(bad,))
     # the plan's size, seeds and rates can be replaced, and the command says so
     seen: list[tuple[int, float, int]] = []
 
