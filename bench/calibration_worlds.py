@@ -66,8 +66,9 @@ worker's offset with a delay prior :data:`SLOW_PRIOR` times too slow, its delays
 from the stream (``OffsetConfig.estimate_delay``, the default since 2026-12-06), and
 ``..._slowprior_fixed`` the same prior kept fixed; ``startup+offset_worker_hl<N>``: the
 worker's offset with a half-life of ``N`` impressions (horizon scaled alike; the default
-is 5,000 since 2026-12-06, 1,500 before). Every other arm runs with the worker's offset
-off (on by default since 2026-12-06). ``--arms A,B`` runs a subset. Plan
+is 5,000 since 2026-12-06, 1,500 before; any ``N`` is an arm of ``--arms``). Every other
+arm runs with the worker's offset off, whatever the settings' default. ``--arms A,B`` runs
+a subset. Plan
 :data:`RECOVERY_PLAN`; per run also the impressions to ±10% on a trailing 1k window after
 the drift and the share of 1k windows beyond ±5% after that; writes
 ``calibration_worlds_recovery.json``.
@@ -119,8 +120,6 @@ RECOVERY_SCHEMES = (
     "startup+offset_worker_gated",
     "startup+offset_worker_slowprior",
     "startup+offset_worker_slowprior_fixed",
-    "startup+offset_worker_hl1500",
-    "startup+offset_worker_hl15000",
 )
 #: ``--arms``: the worker's offset at any half-life of N >= 1 impressions
 _HL_ARM = re.compile(r"startup\+offset_worker_hl[1-9][0-9]*")
@@ -199,8 +198,6 @@ def run_world(
         pretrain(log_examples(hist), ckpt, config=s.ranker, seed=w.seed, progress=False)
         ranker = TorchRanker.load(ckpt, online=True, loss=s.ranker.loss, fnc=s.ranker.fnc)
     offset = None
-    if "+offset_worker" not in scheme:  # the ranker alone, or the bench's own offset
-        s = s.replace(offset=dataclasses.replace(s.offset, enabled=False))
     if "+offset_worker" in scheme:  # the worker's own: the monitor runs it
         mean = prior or DELAY_MEAN_S
         half_life = int(scheme.rsplit("_hl", 1)[1]) if "_hl" in scheme else None
@@ -215,14 +212,16 @@ def run_world(
             ratio = ocfg.horizon / ocfg.half_life
             ocfg = dataclasses.replace(ocfg, half_life=half_life, horizon=int(half_life * ratio))
         s = s.replace(offset=ocfg)
-    elif "+offset" in scheme:
-        nodelay = scheme.endswith("_nodelay")
-        cfg = OffsetConfig(
-            enabled=True,
-            delay_mean_s=None if nodelay else (prior or DELAY_MEAN_S),
-            max_delay_s=None if nodelay else WINDOW_S,
-        )
-        offset = LogitOffset(cfg)
+    else:  # the ranker alone, or the bench's own offset: the worker's is off
+        s = s.replace(offset=dataclasses.replace(s.offset, enabled=False))
+        if "+offset" in scheme:
+            nodelay = scheme.endswith("_nodelay")
+            cfg = OffsetConfig(
+                enabled=True,
+                delay_mean_s=None if nodelay else (prior or DELAY_MEAN_S),
+                max_delay_s=None if nodelay else WINDOW_S,
+            )
+            offset = LogitOffset(cfg)
     res = simulate(df, s, seed=w.seed, ranker=ranker, offset=offset)
     return res, prime, None if drift is None else drift - history - prime
 

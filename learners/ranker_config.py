@@ -70,9 +70,9 @@ class RankerConfig:
     their log-loss difference (the mixture then keeps weight ~``e^-cap`` on the loser and
     can switch back after ``cap`` nats). Not used with ``loss="dfm"`` (labels not final).
     On by default since 2026-12-06 (README "The fallback mixture": on a log with too few
-    clicks to learn from it keeps the ranker from being worse than a constant model; the
-    0.5-1.5% it moves the calibration ratio is what the logit offset after it, on by
-    default as well, takes out). A config dict written before it existed loads with it
+    clicks to learn from it keeps the ranker from being worse than a constant model; it
+    moves the calibration ratio by 0.5-1.5%, which the logit offset, ``[offset]``, off by
+    default, takes out). A config dict written before it existed loads with it
     off; a checkpoint without mixture state loaded with it on starts served by the model
     (:meth:`learners.mixture.FallbackMixture.settle_on_ranker`).
     A config dict written before these settings existed loads with all three off and

@@ -9,7 +9,6 @@ import pytest
 
 from logs.batches import ScoredBatch
 from monitoring.metrics import StreamrecMetrics
-from monitoring.offset import OffsetConfig
 from stream.control import CalibratorUpdate
 from stream.join import JoinConfig  # the window scheme: final labels
 from stream.services import MonitorService
@@ -43,7 +42,6 @@ def run(
 ) -> tuple[MonitorService, list]:
     settings = Settings(
         join=JoinConfig(),
-        offset=OffsetConfig(enabled=False),  # the calibrators alone (isotonic takes none)
         monitor=MonitorConfig(
             warmup=0,
             detector=detector,

@@ -24,7 +24,6 @@ from logs.events import (
 )
 from logs.synthetic import SyntheticConfig, generate
 from monitoring.metrics import StreamrecMetrics
-from monitoring.offset import OffsetConfig
 from stream.control import CalibratorUpdate, IndexVersion, ModelAnnouncement
 from stream.join import JoinConfig
 from stream.services import (
@@ -269,17 +268,14 @@ def calibrators(msgs: list[dict[str, object]]) -> list[dict[str, object]]:
 
 
 PRE_DRIFT_BATCHES = 120  # 60k calibrated examples: past the monitor's warm-up
-#: the drift test and recalibration alone (the offset: tests/unit/stream/test_monitor_offset.py)
-NO_OFFSET = OffsetConfig(enabled=False)
 
 
 def test_ctr_jump_with_unchanged_predictions_fires_an_alarm_and_recalibrates(
     metrics: StreamrecMetrics,
 ) -> None:
     svc = MonitorService(
-        Settings(join=JoinConfig(), monitor=MonitorConfig(recalibration="track"), offset=NO_OFFSET),
-        metrics,
-    )  # final labels; the drift test alone (the offset: test_monitor_offset.py)
+        Settings(join=JoinConfig(), monitor=MonitorConfig(recalibration="track")), metrics
+    )  # final labels
     rng = np.random.default_rng(11)
     p = np.full(500, 0.04)
     for k in range(PRE_DRIFT_BATCHES):
@@ -304,8 +300,7 @@ def test_ctr_jump_with_unchanged_predictions_fires_an_alarm_and_recalibrates(
 
 
 def test_calibrated_stream_raises_no_alarm(metrics: StreamrecMetrics) -> None:
-    # final labels (the offset, on by default, reads fake negatives' first records)
-    svc = MonitorService(Settings(join=JoinConfig(), offset=NO_OFFSET), metrics)
+    svc = MonitorService(Settings(), metrics)
     rng = np.random.default_rng(5)
     for k in range(PRE_DRIFT_BATCHES + 40):
         p = rng.uniform(0.02, 0.08, 500)
