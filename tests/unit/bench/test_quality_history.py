@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import quality_history
@@ -62,6 +63,18 @@ def test_quality_history_reports_peers_constant_and_ablation(
     assert set(goal["seeds"]) == {quality_history.DEFAULT_WITH_HISTORY, seed1}
     per_seed = [j["ne_met"] and j["calibration_met"] for j in goal["seeds"].values()]
     assert goal["met_all_seeds"] == all(per_seed)
+    # a truth-known log is also judged against sum true_p, with its label noise reported
+    for row, j in goal["seeds"].items():
+        assert j["calibration_vs_truth"] == learners[row]["ratio_vs_true_p"]
+        assert j["calibration_vs_truth_met"] == (abs(j["calibration_vs_truth"] - 1) <= 0.02)
+    per_seed_truth = [j["ne_met"] and j["calibration_vs_truth_met"] for j in goal["seeds"].values()]
+    assert goal["met_all_seeds_vs_truth"] == all(per_seed_truth)
+    df = logs["history_synthetic"]
+    noise = written["datasets"]["history_synthetic"]["label_noise"]
+    q = df["true_p"].to_numpy()
+    assert noise["clicks_over_true_p"] == pytest.approx(df["click"].sum() / q.sum())
+    assert noise["relative_se_of_clicks"] == pytest.approx((q * (1 - q)).sum() ** 0.5 / q.sum())
+    assert 0.05 < noise["relative_se_of_clicks"] < 1.0  # a few dozen clicks on 600 rows
     # the served rows are the same runs through the offset: same ranking power, other
     # probabilities, judged on their own
     for tag in ("", "/seed1"):
@@ -79,6 +92,7 @@ def test_quality_history_reports_peers_constant_and_ablation(
     assert set(written["datasets"]["obd"]["goal_variants"]) == set(quality_history.VARIANTS)
     obd_goal = written["datasets"]["obd"]["goal"]
     assert set(obd_goal) == {"ranker", "ranker_ne", "constant_ne", "met", "met_all_seeds"}
+    assert "relative_se_of_clicks" in written["datasets"]["obd"]["label_noise"]
     text = quality_history.table(report)
     assert "| history_synthetic | dcnv2_counters |" in text
     # the ranker rows say how many fields had no slot (the logreg above has 8 slots)
@@ -103,3 +117,34 @@ def test_history_rows_give_every_hist_field_a_slot() -> None:
     plain = quality_history._ranker()
     plain.encoder.encode(ex.rows)
     assert plain.encoder.n_dropped_fields > 0  # what the bench measured before
+
+
+def test_label_noise_without_truth_is_the_binomial_se_of_the_clicks() -> None:
+    import pandas as pd
+
+    df = pd.DataFrame({"click": [1] * 25 + [0] * 75})
+    noise = quality_history.label_noise(df)
+    assert noise == {"relative_se_of_clicks": pytest.approx((0.75 / 25) ** 0.5)}
+    assert quality_history.label_noise(pd.DataFrame({"click": [0, 0]})) == {
+        "relative_se_of_clicks": float("inf")
+    }
+
+
+def test_default_logs_add_one_history_world_per_data_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quality_history, "_movielens", lambda quick: None)
+    monkeypatch.setattr(quality_history, "OBD_CANDIDATES", ())
+    monkeypatch.setattr(quality_history, "QUICK_SYNTHETIC", 300)
+    notes: list[str] = []
+    logs = quality_history.default_logs(True, 3, notes)
+    assert list(logs) == [
+        "history_synthetic",
+        "history_synthetic_world1",
+        "history_synthetic_world2",
+    ]
+    assert all(len(df) == 300 for df in logs.values())
+    # other data seeds: other worlds, not the same log again
+    first, second = logs["history_synthetic"], logs["history_synthetic_world1"]
+    assert not np.allclose(first["true_p"].to_numpy(), second["true_p"].to_numpy())
+    assert any("movielens skipped" in n for n in notes) and any("OBD skipped" in n for n in notes)
+    with pytest.raises(ValueError, match="worlds must be >= 1"):
+        quality_history.main(quick=True, logs={}, worlds=0)
