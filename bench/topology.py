@@ -21,7 +21,10 @@ minute). Everything runs on this machine:
 4. **idle**: each at ``IDLE_CONCURRENCY`` connections for ``IDLE_S`` seconds.
 
 The client, both workers and the broker share the machine's cores: the replica's numbers
-are a lower bound for a replica with cores of its own. Writes
+are a lower bound for a replica with cores of its own. The training worker runs at CPU
+niceness ``--trainer-nice`` (default ``StackConfig.trainer_nice``, 10, what ``streamrec
+stack up --serve M`` gives its trainer; 0: the replicas' priority); ``trainer_lag`` says
+whether it still kept up with the paced replay. Writes
 ``bench/results/topology.json`` (``topology_quick.json``).
 """
 
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import bench_cli, load_note, machine, publish, stamp
+from bench.run import bench_parser, load_note, machine, publish, stamp
 from bench.run import or_dash as _f
 from bench.serving import FULL_LOG, QUICK_LOG, Phase, Traffic, load, non_200, wait_ready
 from bench.workers import FINAL_GAP_S, WorkerProc, worker_processes
@@ -50,12 +53,16 @@ from logs.synthetic import write_synthetic
 from modelstore.store import DirectoryStore, StoreError
 from stream.broker import EmbeddedBroker
 from stream.replay import replay
+from stream.stack import StackConfig
 
 PUBLISH_EVERY_S = 5.0
 REPLICAS = 2  # serve replicas; the load goes to the first one, all are watched
 SPEEDUP = 60.0  # event-time seconds per wall second (the log has 10 impressions/s)
 BUSY_CONCURRENCY = 4
 IDLE_CONCURRENCY = 4
+#: the training worker's CPU niceness, as ``streamrec stack up --serve M`` starts it
+#: (``StackConfig.trainer_nice``); ``--trainer-nice 0`` measures equal priority
+TRAINER_NICE = StackConfig.trainer_nice
 SLICE_S = 5.0
 FULL_IDLE_S, QUICK_IDLE_S = 20.0, 4.0
 POLL_S = 0.05
@@ -129,6 +136,15 @@ class Watcher(threading.Thread):
         return out
 
 
+def _niceness(pid: int) -> int | None:
+    """The nice value of process ``pid`` (Linux ``/proc``; None elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
 def _quantiles(x: list[float]) -> dict[str, float | None]:
     a = np.asarray(x, dtype=np.float64)
     if not a.size:
@@ -138,8 +154,11 @@ def _quantiles(x: list[float]) -> dict[str, float | None]:
             "max_s": float(a.max())}  # fmt: skip
 
 
-def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, Any]:
-    """Run the phases, write the JSON, print the table; the report."""
+def main(
+    quick: bool = False, *, results_dir: Path | None = None, trainer_nice: int = TRAINER_NICE
+) -> dict[str, Any]:
+    """Run the phases, write the JSON, print the table; the report. ``trainer_nice``: the
+    training worker's ``--nice`` (the replicas run at the bench's own priority)."""
     cfg = QUICK_LOG if quick else FULL_LOG
     idle_s = QUICK_IDLE_S if quick else FULL_IDLE_S
     t_start = time.perf_counter()
@@ -147,6 +166,7 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     run_dir = Path(tempfile.mkdtemp(prefix="streamrec-topology-"))
     keep = False
     phases: list[dict[str, Any]] = []
+    marks: dict[str, float] = {}  # perf_counter times: replay start / end, all scored
     try:
         log = run_dir / "log.csv"
         write_synthetic(cfg, log)
@@ -158,10 +178,18 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         with (
             EmbeddedBroker(log_path=run_dir / "tansu.log") as broker,
             worker_processes(
-                broker.url, run_dir, extra_args=args, roles=("all",) + ("serve",) * REPLICAS
+                broker.url,
+                run_dir,
+                extra_args=args,
+                roles=("all",) + ("serve",) * REPLICAS,
+                role_args={"all": ("--nice", str(trainer_nice))} if trainer_nice else None,
             ) as (trainer, serve, *others),  # fmt: skip
         ):
             webs = {"trainer": _web(trainer), "replica": _web(serve)}
+            niceness = {
+                "trainer": _niceness(trainer.proc.pid),
+                "replica": _niceness(serve.proc.pid),
+            }
             watcher = Watcher(DirectoryStore(store_dir),
                               [webs["replica"], *(_web(o) for o in others)])  # fmt: skip
             watcher.start()
@@ -170,16 +198,23 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
             def feed() -> None:
                 replay(log, broker.url, progress=False, final_watermark_gap_s=FINAL_GAP_S,
                        speedup=None if quick else SPEEDUP)  # fmt: skip
+                marks["replay_end"] = time.perf_counter()
 
             def watch_scored() -> None:
                 deadline = time.monotonic() + max(300.0, cfg.n_impressions / 50)
                 while time.monotonic() < deadline and trainer.proc.poll() is None:
-                    if trainer.metrics().get("streamrec_scored_total", 0.0) >= cfg.n_impressions:
+                    try:
+                        scored = trainer.metrics().get("streamrec_scored_total", 0.0)
+                    except OSError:  # a scrape timed out (a starved trainer): ask again
+                        scored = 0.0
+                    if scored >= cfg.n_impressions:
                         break
                     time.sleep(0.5)
+                marks["scored_all"] = time.perf_counter()
                 scored_all.set()
 
             feeder = threading.Thread(target=feed, daemon=True)
+            marks["replay_start"] = time.perf_counter()
             feeder.start()
             asyncio.run(wait_ready(webs["trainer"], traffic, timeout_s=180))
             asyncio.run(wait_ready(webs["replica"], traffic, timeout_s=180))
@@ -226,13 +261,25 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     h_sum = replica_metrics.get("streamrec_store_propagation_seconds_sum", 0.0)
     h_n = replica_metrics.get("streamrec_store_propagation_seconds_count", 0.0)
     published = trainer_metrics.get("streamrec_store_publish_seconds_count", 0.0)
+    stamped = stamp("topology", quick)
+    if trainer_nice != TRAINER_NICE:
+        stamped["command"] += f" --trainer-nice {trainer_nice}"
     report: dict[str, Any] = {
-        **stamp("topology", quick),
+        **stamped,
         "machine": machine(),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "data": f"write_synthetic(SyntheticConfig(n_impressions={cfg.n_impressions}, "
         f"n_users={cfg.n_users}, n_items={cfg.n_items}, drift_at=None, seed=0))",
         "replay_speedup": None if quick else SPEEDUP,
+        "trainer_nice": trainer_nice,
+        "niceness_seen": niceness,  # /proc/PID/stat of each process, once it was ready
+        # the trainer keeping up with the replay (paced at SPEEDUP): all scored after it
+        "trainer_lag": {
+            "seconds_replay_end_to_all_scored": round(marks["scored_all"] - marks["replay_end"], 2),
+            "impressions_per_s_replay_start_to_all_scored": round(
+                cfg.n_impressions / (marks["scored_all"] - marks["replay_start"]), 1
+            ),
+        },
         "setup": "Tansu + `worker --role all --model-store S` + `worker --role serve "
         f"--model-store S` ([store] publish_every_s={PUBLISH_EVERY_S}, keep=5, poll_s=2) + "
         "an aiohttp closed-loop client in the bench process; default model sizes",
@@ -290,7 +337,19 @@ def table(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return bench_cli("topology", __doc__, "smoke sizes (about a minute)", main, argv)
+    parser = bench_parser("topology", __doc__, "smoke sizes (about a minute)")
+    parser.add_argument(
+        "--trainer-nice",
+        type=int,
+        default=TRAINER_NICE,
+        choices=range(20),
+        metavar="N",
+        help=f"the training worker's CPU niceness, 0-19 (default {TRAINER_NICE}, as "
+        "`streamrec stack up --serve M`; 0: the same priority as the replicas)",
+    )
+    args = parser.parse_args(argv)
+    main(args.quick, results_dir=args.results_dir, trainer_nice=args.trainer_nice)
+    return 0
 
 
 if __name__ == "__main__":

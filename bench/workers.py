@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +98,14 @@ def worker_processes(
     torch_threads: int | None = None,
     extra_args: tuple[str, ...] = (),
     roles: tuple[str, ...] | None = None,
+    role_args: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Iterator[list[WorkerProc]]:
     """``n`` worker subprocesses of one consumer group, started together (so that one
     group join assigns them all), each yielded once it has joined (Faust logged
     ``Ready``). ``torch_threads`` sets ``OMP_NUM_THREADS`` (None: torch's default);
     ``extra_args`` are appended to ``streamrec worker``'s command line; ``roles`` (one per
-    worker, overriding ``n``) adds ``--role``. Logs and data directories:
+    worker, overriding ``n``) adds ``--role``, and ``role_args`` more arguments to the
+    workers of a role (e.g. ``{"all": ("--nice", "10")}``). Logs and data directories:
     ``worker.log``/``worker-data`` (then ``worker1.log``, ...) in ``run_dir``."""
     if roles is not None:
         n = len(roles)
@@ -118,7 +120,8 @@ def worker_processes(
             log_path = run_dir / f"{name}.log"
             cmd = [sys.executable, "-m", "stream.cli", "worker", "--broker", broker,
                    "--metrics-port", str(port), "--data-dir", str(run_dir / f"{name}-data"),
-                   *extra_args, *(("--role", roles[i]) if roles else ())]  # fmt: skip
+                   *extra_args, *(("--role", roles[i]) if roles else ()),
+                   *((role_args or {}).get(roles[i], ()) if roles else ())]  # fmt: skip
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             workers.append(WorkerProc(proc, log_path, f"http://127.0.0.1:{port}/metrics"))

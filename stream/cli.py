@@ -169,12 +169,19 @@ def demo(
     help="Model store directory (env STREAMREC_MODEL_STORE): trainer/all publish "
     "snapshots to it, serve loads them.",
 )
+@click.option(
+    "--nice",
+    default=None,
+    type=click.IntRange(0, 19),
+    help="Lower this worker's CPU priority by N (os.nice) at start, e.g. a trainer that "
+    "shares its cores with serve replicas [default: the settings' nice, 0].",
+)
 @click.pass_context
 def worker(
     ctx: click.Context, broker: str | None, config: str | None, metrics_port: int | None,
     metrics_host: str | None, data_dir: str | None, warm_start: str | None,
     checkpoint_dir: str | None, web_port: int | None, web_host: str | None, role: str | None,
-    model_store: str | None,
+    model_store: str | None, nice: int | None,
 ) -> None:  # fmt: skip
     """Run a worker: joiner, trainer, calibration monitor, indexer (or one side: --role)."""
     import dataclasses
@@ -184,7 +191,7 @@ def worker(
     settings = load_settings(
         config, broker=broker, metrics_port=metrics_port, metrics_host=metrics_host,
         data_dir=data_dir, web_port=web_port, web_host=web_host, role=role,
-        model_store=model_store,
+        model_store=model_store, nice=nice,
     )  # fmt: skip
     trainer = settings.trainer
     if warm_start:
@@ -356,10 +363,18 @@ def stack() -> None:
     show_default=True,
     help="The trainer's and the serve replicas' /recommend on this port + i; 0: free ports.",
 )
+@click.option(
+    "--trainer-nice",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0, 19),
+    help="Role topology with --serve replicas: the trainer's CPU niceness, so that the "
+    "replicas sharing its cores get the CPU first (0: equal priority).",
+)
 def stack_up(
     workers: int, run_dir: str, broker_port: int, metrics_base_port: int,
     prometheus: bool | None, prometheus_port: int, config: str | None, timeout: float,
-    joiners: int, serve: int, web_base_port: int,
+    joiners: int, serve: int, web_base_port: int, trainer_nice: int,
 ) -> None:  # fmt: skip
     """Start the broker, the topics, N workers (or joiners, a trainer and serve replicas)
     and Prometheus as detached processes."""
@@ -370,7 +385,7 @@ def stack_up(
         run_dir=Path(run_dir), workers=workers, broker_port=broker_port,
         metrics_base_port=metrics_base_port, prometheus=prometheus,
         prometheus_port=prometheus_port, config=config, timeout_s=timeout,
-        joiners=joiners, serve=serve, web_base_port=web_base_port,
+        joiners=joiners, serve=serve, web_base_port=web_base_port, trainer_nice=trainer_nice,
     )  # fmt: skip
     try:
         up(cfg, echo=click.echo)

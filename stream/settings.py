@@ -274,6 +274,12 @@ class Settings:
     #: thread's arena; 0 = glibc's own moving threshold. ``MALLOC_MMAP_THRESHOLD_`` in the
     #: environment wins over it
     malloc_mmap_threshold_kb: int = 1024
+    #: raise the worker's CPU niceness by this much at start (``os.nice``, 0-19; 0: leave
+    #: it): a trainer that shares its cores with serving replicas gives them the CPU first
+    #: and trains with what is left (``streamrec stack up --serve M`` starts its trainer at
+    #: ``StackConfig.trainer_nice``; see README "Roles"). Every thread the worker starts
+    #: inherits it
+    nice: int = 0
     #: Faust's processing guarantee: "at_least_once" (default; what the embedded broker
     #: supports, with idempotent trainer and monitor) or "exactly_once" (Kafka
     #: transactions: for Apache Kafka only, untested here since Tansu fails transactions)
@@ -415,6 +421,8 @@ class Settings:
             raise ValueError("rocksdb_write_buffer_mb and rocksdb_block_cache_mb must be >= 1")
         if not self.memory_trim_s >= 0:  # NaN fails too
             raise ValueError("memory_trim_s must be >= 0 (0: no malloc_trim)")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         if not 0 <= self.malloc_mmap_threshold_kb <= 32 * 1024:
             raise ValueError("malloc_mmap_threshold_kb must be in [0, 32768] (0: glibc's own)")
         if self.max_message_bytes < 64 * 1024:

@@ -60,6 +60,9 @@ class StackConfig:
     #: first port of the web servers (/recommend, /score, /version) of the trainer and
     #: the serve replicas, consecutive (0: free ports)
     web_base_port: int = 6066
+    #: with serve replicas: the trainer's CPU niceness (``worker --nice``), so that the
+    #: replicas sharing its cores answer first and it trains with the rest (0: equal)
+    trainer_nice: int = 10
 
     def roles(self) -> list[str]:
         """The role of each worker process, in start order."""
@@ -240,6 +243,8 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
         raise StackError("--workers must be >= 1")
     if cfg.joiners < 0 or cfg.serve < 0:
         raise StackError("--joiners and --serve must be >= 0")
+    if not 0 <= cfg.trainer_nice <= 19:
+        raise StackError(f"--trainer-nice must be in [0, 19], got {cfg.trainer_nice}")
     roles = cfg.roles()
     n_workers = len(roles)
     run = Path(cfg.run_dir).resolve()
@@ -335,6 +340,8 @@ def up(cfg: StackConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
                 cmd += ["--web-port", str(web_port), "--web-host", HOST]
             if role != "all":
                 cmd += ["--role", role, "--model-store", str(store)]
+            if role == "trainer" and cfg.serve and cfg.trainer_nice:
+                cmd += ["--nice", str(cfg.trainer_nice)]
             if cfg.config:
                 cmd += ["--config", str(Path(cfg.config).resolve())]
             with open(log, "ab") as out:

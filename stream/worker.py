@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from modelstore.store import StoreError
@@ -26,6 +27,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
 
     # first, before the models and their copies are allocated (see stream.heap)
     configure_mmap_threshold(settings.malloc_mmap_threshold_kb)
+    if settings.nice:  # before any thread starts: Linux threads inherit their creator's
+        os.nice(settings.nice)
     if settings.web_port == 0:
         settings = settings.replace(web_port=free_port(settings.web_host))
     created = create_worker_topics(settings)

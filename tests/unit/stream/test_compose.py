@@ -307,6 +307,10 @@ def test_roles_share_the_model_store_volume(
     assert services["joiner"]["command"] == ["worker", "--role", "joiner"]
     assert services["serve"]["command"] == ["worker", "--role", "serve"]
     assert "/health" in " ".join(services["serve"]["healthcheck"]["test"])
+    # on shared cores the replicas (default weight 1024) get the CPU before the trainer
+    for name in ("trainer", "trainer-gpu"):
+        assert services[name]["cpu_shares"] < 1024, name
+    assert "cpu_shares" not in services["serve"]
 
 
 def test_trainer_warm_starts_from_pretrain_only_when_it_exists(

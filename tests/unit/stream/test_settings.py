@@ -252,3 +252,14 @@ def test_bad_settings_are_a_clear_cli_error_not_a_traceback(
     r = CliRunner().invoke(main, ["evaluate", str(log), "--config", str(cfg)])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
     assert f"Error: bad settings {cfg}" in r.output and message in r.output
+
+
+def test_nice_is_a_niceness_increment_from_0_to_19(tmp_path: Path) -> None:
+    assert Settings().nice == 0
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="nice must be in"):
+            Settings(nice=bad)
+    conf = tmp_path / "s.toml"
+    conf.write_text("nice = 7\n")
+    assert load_settings(conf).nice == 7
+    assert load_settings(conf, nice=3).nice == 3  # the CLI's --nice wins over the file
