@@ -58,8 +58,11 @@ TOPIC_SCORED = "scored"
 TOPIC_CONTROL = "control"
 TOPIC_DEAD_LETTER = "dead-letter"
 
-#: Event times outside this range are rejected as absurd (epoch seconds, 2000-01-01 .. 2100).
-MIN_TS = 946_684_800.0
+#: Event times outside this range are rejected as absurd (epoch seconds, 1990-01-01 .. 2100):
+#: the lower bound admits every public interaction log (MovieLens' ratings start in 1995;
+#: ``streamrec convert-movielens`` writes them as they are) and still rejects relative
+#: seconds and other small numbers; the upper one, milliseconds sent as seconds.
+MIN_TS = 631_152_000.0
 MAX_TS = 4_102_444_800.0
 MAX_ID_LEN = 256
 MAX_FEATURES = 256

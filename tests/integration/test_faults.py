@@ -215,7 +215,7 @@ def bad_records(rng: random.Random, ts_range: tuple[float, float], n_rounds: int
             Bad(I, _json(imp(features={"f": -math.inf})), "non_finite", "feature_infinity"),
             Bad(I, _json(imp()).replace(b'"ts": ', b'"ts": 1e999, "x": '), "non_finite",
                 "ts_overflow"),
-            Bad(I, _json(imp(ts=rng.choice([0, -5.0, 1e11, 4.2e9, 946_684_799]))),
+            Bad(I, _json(imp(ts=rng.choice([0, -5.0, 1e11, 4.2e9, 631_151_999]))),
                 "bad_timestamp", "ts_out_of_range"),
             Bad(I, _json(imp(position=rng.choice([0, -1, -rng.randrange(1, 10**6), 10_001]))),
                 "bad_value", "bad_position"),
