@@ -69,7 +69,7 @@ def analyse(scored: dict[str, np.ndarray], window: int = WINDOW) -> dict[str, An
             "vs_labels": window_stats(p, y, size=window),
             "noise_floor": noise_floor(p, window),
         }
-        if truth is not None:
+        if truth is not None and np.all(np.isfinite(truth)):  # a log without truth: nan
             t = np.asarray(truth, dtype=np.float64)[order]
             block["vs_truth"] = window_stats(p, t, size=window)
         out[label] = block

@@ -123,6 +123,7 @@ def demo(
             settings=load_settings(config),
             timeout_s=timeout,
             history_ablation=ablation,
+            config_path=config,
         )
     except (BrokerNotFound, BrokerStartError, LogFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -199,6 +199,7 @@ def run_demo(
     timeout_s: float = 600.0,
     progress: bool = True,
     history_ablation: bool = True,
+    config_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``run_dir/report.json``).
 
@@ -263,7 +264,7 @@ def run_demo(
             broker=broker.url, metrics_port=metrics_port, data_dir=str(run / "worker-data")
         )
         create_worker_topics(settings)
-        worker = _start_worker(settings, run)
+        worker = _start_worker(settings, run, config_path)
         try:
             wait_for_port("127.0.0.1", metrics_port, timeout_s=60)
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -415,13 +416,21 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
-def _start_worker(settings: Settings, run: Path) -> subprocess.Popen[bytes]:
+def _start_worker(
+    settings: Settings, run: Path, config_path: str | Path | None = None
+) -> subprocess.Popen[bytes]:
+    """The demo's worker: ``settings``' broker, metrics port and data dir on its command
+    line, over the settings file ``config_path`` (the same file the demo read, so that the
+    worker runs with it too: before 2026-12-06 it was not passed, and a worker started by
+    ``streamrec demo --config FILE`` ran the defaults)."""
     cmd = [
         sys.executable, "-m", "stream.cli", "worker",
         "--broker", settings.broker,
         "--metrics-port", str(settings.metrics_port),
         "--data-dir", settings.data_dir,
     ]  # fmt: skip
+    if config_path is not None:
+        cmd += ["--config", str(Path(config_path).resolve())]
     if settings.trainer.warm_start:
         cmd += ["--warm-start", settings.trainer.warm_start]
     if settings.trainer.checkpoint_dir:

@@ -222,9 +222,11 @@ def test_indexer_refreshes_the_faiss_index_over_seen_items(pipeline: dict) -> No
 
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     run = tmp_path / "demo"
+    conf = tmp_path / "demo.toml"
+    conf.write_text('app_id = "democonf"\n')  # the worker must run with the demo's file too
     proc = subprocess.run(
         [sys.executable, "-m", "stream.cli", "demo", "--impressions", "4000", "--pretrain",
-         "2000", "--run-dir", str(run), "--timeout", "180"],
+         "2000", "--run-dir", str(run), "--timeout", "180", "--config", str(conf)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -237,6 +239,8 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert "calibration ratio before drift (served)" in proc.stdout
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+    worker_log = (run / "worker.log").read_text()
+    assert "for group democonf" in worker_log and "for group streamrec" not in worker_log
 
 
 def test_every_worker_applies_a_calibrator_published_on_control(pipeline: dict) -> None:

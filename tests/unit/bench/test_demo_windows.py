@@ -16,8 +16,8 @@ def _run(tmp_path: Path, scale: float, truth: bool, n: int = 20_000) -> Path:
     y = (rng.random(n) < true_p).astype(float)
     ts = rng.permutation(n).astype(float)  # arrival order differs from event time
     arrays = {"ts": ts, "y": y, "p": true_p * scale, "p_raw": true_p}
-    if truth:
-        arrays["true_p"] = true_p
+    # the demo writes true_p as nan when the log has no truth
+    arrays["true_p"] = true_p if truth else np.full(n, np.nan)
     run = tmp_path / f"run{scale}{truth}"
     run.mkdir()
     np.savez(run / "scored.npz", **arrays)
@@ -44,7 +44,7 @@ def test_a_biased_served_score_shows_beyond_the_floor(tmp_path: Path) -> None:
     run = _run(tmp_path, 1.3, truth=False)
     r = demo_windows.main([run], "b", window=2_000, results_dir=tmp_path)["runs"][str(run)]
     served = r["served"]
-    assert "vs_truth" not in served  # no true_p in the run
+    assert "vs_truth" not in served  # no truth in the log (nan true_p)
     assert served["ratio_all"] == pytest.approx(1.3, rel=0.05)
     assert served["vs_labels"]["mean_abs_log_ratio"] > 5 * served["noise_floor"]
     assert served["vs_labels"]["share_beyond_15pct"] > 0.5
