@@ -53,7 +53,7 @@ from logs.synthetic import write_synthetic
 from modelstore.store import DirectoryStore, StoreError
 from stream.broker import EmbeddedBroker
 from stream.replay import replay
-from stream.stack import StackConfig
+from stream.stack import StackConfig, niceness
 
 PUBLISH_EVERY_S = 5.0
 REPLICAS = 2  # serve replicas; the load goes to the first one, all are watched
@@ -136,15 +136,6 @@ class Watcher(threading.Thread):
         return out
 
 
-def _niceness(pid: int) -> int | None:
-    """The nice value of process ``pid`` (Linux ``/proc``; None elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[16])
-
-
 def _quantiles(x: list[float]) -> dict[str, float | None]:
     a = np.asarray(x, dtype=np.float64)
     if not a.size:
@@ -186,9 +177,9 @@ def main(
             ) as (trainer, serve, *others),  # fmt: skip
         ):
             webs = {"trainer": _web(trainer), "replica": _web(serve)}
-            niceness = {
-                "trainer": _niceness(trainer.proc.pid),
-                "replica": _niceness(serve.proc.pid),
+            nice_seen = {
+                "trainer": niceness(trainer.proc.pid),
+                "replica": niceness(serve.proc.pid),
             }
             watcher = Watcher(DirectoryStore(store_dir),
                               [webs["replica"], *(_web(o) for o in others)])  # fmt: skip
@@ -272,7 +263,7 @@ def main(
         f"n_users={cfg.n_users}, n_items={cfg.n_items}, drift_at=None, seed=0))",
         "replay_speedup": None if quick else SPEEDUP,
         "trainer_nice": trainer_nice,
-        "niceness_seen": niceness,  # /proc/PID/stat of each process, once it was ready
+        "niceness_seen": nice_seen,  # /proc/PID/stat of each process, once it was ready
         # the trainer keeping up with the replay (paced at SPEEDUP): all scored after it
         "trainer_lag": {
             "seconds_replay_end_to_all_scored": round(marks["scored_all"] - marks["replay_end"], 2),

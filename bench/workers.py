@@ -25,6 +25,7 @@ from pathlib import Path
 
 from stream.broker import free_port, wait_for_port
 from stream.demo import scrape
+from stream.stack import proc_stat
 
 __all__ = [
     "FINAL_GAP_S",
@@ -59,10 +60,12 @@ poll_s = 0.5
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process (Linux ``/proc``); nan elsewhere."""
+    fields = proc_stat(pid)
+    if fields is None:
+        return math.nan
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+    except (IndexError, ValueError):
         return math.nan
 
 

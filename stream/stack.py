@@ -74,14 +74,26 @@ class StackConfig:
 # ----------------------------------------------------------------------------- processes
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against pid reuse); None if unknown."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the process name (stat(5)'s field 3, the
+    state, is index 0); None without procfs or without the process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19] if len(fields) > 19 else None  # field 22 of stat(5)
+    return stat.rsplit(")", 1)[1].split()
+
+
+def niceness(pid: int) -> int | None:
+    """The nice value of ``pid`` (field 19 of stat(5)); None if unknown."""
+    fields = proc_stat(pid)
+    return int(fields[16]) if fields is not None and len(fields) > 16 else None
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (guards against pid reuse); None if unknown."""
+    fields = proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None  # field 22
 
 
 def pid_alive(pid: int, start_time: str | None = None) -> bool:

@@ -16,7 +16,7 @@ import pytest
 
 from bench.workers import STORE_CONFIG
 from stream.demo import scrape
-from stream.stack import find_prometheus, pid_alive
+from stream.stack import find_prometheus, niceness, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -183,8 +183,8 @@ def test_stack_up_joiners_trainer_and_serve_replicas(tmp_path: Path) -> None:
         assert workers["joiner-0"]["web_url"] is None
         # the trainer yields the shared cores to the replica (StackConfig.trainer_nice)
         pids = {p["name"]: p["pid"] for p in procs}
-        assert _niceness(pids["trainer-0"]) == _niceness(pids["serve-0"]) + 10
-        assert _niceness(pids["joiner-0"]) == _niceness(pids["serve-0"])
+        assert niceness(pids["trainer-0"]) == niceness(pids["serve-0"]) + 10
+        assert niceness(pids["joiner-0"]) == niceness(pids["serve-0"])
         serve = workers["serve-0"]["web_url"]
         assert f"{serve}/recommend" in up.stdout
         log = tmp_path / "log.csv.gz"
@@ -218,9 +218,3 @@ def test_stack_up_joiners_trainer_and_serve_replicas(tmp_path: Path) -> None:
 
 def status_text(run: Path) -> str:
     return cli("stack", "status", "--run-dir", str(run), timeout=60).stdout
-
-
-def _niceness(pid: int) -> int:
-    """A process's nice value (field 19 of /proc/PID/stat; the name may hold spaces)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])
