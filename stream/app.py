@@ -132,12 +132,21 @@ class TableJoinState:
 
     Keys are ``<partition>/<key>``. Each write goes to the table's store and, explicitly to
     the input partition's changelog partition, to the changelog (so releases made from a
-    timer, outside any event, are logged too). Faust flushes the producer before it commits
-    input offsets, so a change is durable before the record that caused it is committed.
+    timer, outside any event, are logged too). The futures of those changelog writes are
+    kept until :meth:`take_in_flight`: the joiner acks an input record only once the writes
+    of its flush are delivered (:class:`stream.acks.InputAcks`), since Faust may commit
+    offsets before its producer buffer is empty.
     """
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self._in_flight: list[Any] = []  # FutureMessage of the changelog writes
+
+    def take_in_flight(self) -> list[Any]:
+        """The changelog writes made since the last call (asyncio futures, done once the
+        broker has them)."""
+        out, self._in_flight = self._in_flight, []
+        return out
 
     def put(self, partition: int, key: str, value: bytes) -> None:
         k = f"{partition}/{key}".encode()
@@ -150,7 +159,7 @@ class TableJoinState:
             # and labels are marked sent from a timer too: name the partition explicitly
             store._key_index[k] = partition
             db_for(partition).put(k, value)
-        self.table.send_changelog(partition, k, value)
+        self._in_flight.append(self.table.send_changelog(partition, k, value))
 
     def native_memory(self) -> dict[str, int]:
         """Bytes RocksDB holds in memory over the store's open partition databases, by
@@ -170,7 +179,7 @@ class TableJoinState:
             del self.table.data[k]
         except KeyError:
             return  # never written (e.g. a positive emitted on arrival): no tombstone
-        self.table.send_changelog(partition, k, None)
+        self._in_flight.append(self.table.send_changelog(partition, k, None))
 
     def items(self, partition: int) -> Iterable[tuple[str, bytes]]:
         prefix = f"{partition}/".encode()

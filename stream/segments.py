@@ -17,10 +17,10 @@ roughly in arrival order, so old segments empty out and go; the live segments ho
 live keys plus a bounded number of superseded operations.
 
 Durability contract: a change is durable once :meth:`SegmentedState.flush` handed its
-segment to the store (for the Faust table: to the producer, which Faust flushes before it
-commits input offsets); the caller acks the input records that caused the changes only
-after the flush. A crash before the flush loses the changes *and* leaves their inputs
-uncommitted, so they are processed again: at-least-once, as before.
+segment to the store and the store made it durable (for the Faust table: once the broker
+confirmed the changelog write, see :class:`stream.acks.InputAcks`); the caller acks the
+input records that caused the changes only then. A crash before that loses the changes
+*and* leaves their inputs uncommitted, so they are processed again: at-least-once.
 
 Segment encoding (bytes): repeated ``key length (uint16 BE) | value length (uint32 BE,
 0xFFFFFFFF for a delete) | key (UTF-8) | value``.

@@ -33,14 +33,15 @@ STATE_FLUSH_RECORDS = 2000
 class JoinerAgents:
     """The ``joiner`` agent, the labels' flush timer and the revocation handler.
 
-    An input record is acked only after the join-state segment holding its changes went
-    to the producer (:meth:`commit_state`); released labels go out before their
+    An input record is acked only after the join-state segment holding its changes reached
+    the broker (:meth:`commit_state`); released labels go out before their
     impressions leave the state (:meth:`flush_labeled`).
     """
 
     def __init__(self, app: faust.App, rt: Runtime, out: Outputs) -> None:
         self.app, self.rt, self.out = app, rt, out
-        self.acks = InputAcks(lambda event: event.message.partition)
+        errors = rt.metrics.stage_errors.labels(stage="join_state_write")
+        self.acks = InputAcks(lambda event: event.message.partition, on_failed=errors.inc)
 
     def install(self) -> None:
         """Register the agent on the input topics and the flush timer."""
@@ -114,12 +115,14 @@ class JoinerAgents:
         self.commit_state()
 
     def commit_state(self) -> None:
-        """Flush the join state (and the feature state) to the producer, then ack inputs."""
+        """Flush the join state (and the feature state) to the producer; the inputs are
+        acked once the broker has every changelog write made since the last commit."""
         self.acks.commit(self._flush_state)
 
-    def _flush_state(self) -> None:
+    def _flush_state(self) -> list[Any]:
         self.rt.join.save_features()
         self.rt.join.state.flush()
+        return self.rt.join.take_in_flight()
 
     def input_lags(self) -> dict[tuple[str, int], int]:
         """Unconsumed records per input partition (from the last fetch's high watermark)."""

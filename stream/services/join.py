@@ -389,6 +389,13 @@ class JoinService:
         if marks:
             self.state.put(partition, "w", json.dumps(marks).encode())
 
+    def take_in_flight(self) -> list[Any]:
+        """The durable store's writes not yet confirmed, made since the last call (futures;
+        empty for a store that writes synchronously, like the in-process one)."""
+        store = getattr(self.state, "store", self.state)  # under a SegmentedState
+        take = getattr(store, "take_in_flight", None)
+        return [] if take is None else list(take())
+
     def save_features(self) -> int:
         """Journal what each partition's feature stage did since its last save; call it
         right before the state is flushed and input offsets are committed, so that a

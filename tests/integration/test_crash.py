@@ -117,10 +117,12 @@ def test_sigkill_mid_replay_loses_no_impression(tmp_path: Path, store: str) -> N
             examples = labeled(broker.url)
             if {e["impression_id"] for e in examples} >= truth.keys():
                 break
-            assert time.monotonic() < deadline, (
-                f"{len(truth.keys() - {e['impression_id'] for e in examples})} impressions"
-                " never labelled"
-            )
+            if time.monotonic() >= deadline:  # say which, and what the worker restored
+                missing = sorted(truth.keys() - {e["impression_id"] for e in examples})
+                restores = [ln for ln in worker_log.read_text().splitlines()
+                            if "restored" in ln or "Joined group" in ln]  # fmt: skip
+                raise AssertionError(f"{len(missing)} impressions never labelled, e.g."
+                                     f" {missing[:3]}; worker log: {restores[-10:]}")  # fmt: skip
             time.sleep(1.0)
         text = worker_log.read_text()
         # the kill came after labels had started to flow, and the restarted worker rebuilt

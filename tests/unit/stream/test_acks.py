@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -61,3 +62,55 @@ def test_input_acks_wait_for_the_flush_and_skip_revoked_partitions() -> None:
     acks.drop_partitions({1})
     acks.commit(lambda: None)
     assert [e.acks for e in events] == [1, 0, 1, 0] and len(acks) == 0
+
+
+def test_input_acks_wait_for_the_brokers_confirmation_of_every_write() -> None:
+    """Faust may commit offsets while its producer buffer still holds changelog writes, so
+    records are acked only when the writes of their flush are delivered."""
+    loop = asyncio.new_event_loop()
+    try:
+        unacked: list[int] = []
+        acks = InputAcks(lambda e: e.partition, on_failed=unacked.append)
+        first = [Event(0), Event(1)]
+        for e in first:
+            acks.add(e)
+        writes = [loop.create_future(), loop.create_future()]
+        acks.commit(lambda: writes)
+        later = Event(0)
+        acks.add(later)
+        acks.commit(lambda: [])  # nothing written since: acked at once, before `first`
+        assert [e.acks for e in first] == [0, 0] and later.acks == 1
+        assert acks.waiting == 2 and len(acks) == 0
+        writes[0].set_result("meta")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.acks for e in first] == [0, 0]  # one write still in flight
+        writes[1].set_result("meta")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.acks for e in first] == [1, 1] and acks.waiting == 0 and acks.failed == 0
+
+        # a failed write: its records are never acked (read again by the next owner)
+        lost = [Event(2), Event(3)]
+        for e in lost:
+            acks.add(e)
+        bad = [loop.create_future(), loop.create_future()]
+        acks.commit(lambda: bad)
+        bad[0].set_exception(OSError("broker gone"))
+        bad[1].set_result("meta")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [e.acks for e in lost] == [0, 0] and acks.failed == 2 and acks.waiting == 0
+
+        # writes already done when the flush returns: delivered ones ack at once
+        done = loop.create_future()
+        done.set_result("meta")
+        quick = Event(0)
+        acks.add(quick)
+        acks.commit(lambda: [done])
+        assert quick.acks == 1
+        cancelled = loop.create_future()
+        cancelled.cancel()
+        dropped = Event(0)
+        acks.add(dropped)
+        acks.commit(lambda: [done, cancelled])
+        assert dropped.acks == 0 and acks.failed == 3 and unacked == [2, 1]
+    finally:
+        loop.close()

@@ -141,3 +141,37 @@ def test_the_join_state_rocksdb_memory_is_measured(tmp_path: object) -> None:
     svc.update_gauges()
     got = metrics.registry.get_sample_value("streamrec_rocksdb_memory_bytes", {"kind": "memtables"})
     assert got == mem["memtables"]
+
+
+def test_the_join_states_changelog_writes_are_handed_to_the_acks() -> None:
+    """Every changelog write of the table state (puts, segment tombstones) comes back from
+    ``take_in_flight`` once, so the joiner acks its inputs only after their delivery."""
+    from stream.app import TableJoinState
+    from stream.segments import SegmentedState
+
+    class Table:  # the two things TableJoinState uses of a Faust table
+        def __init__(self) -> None:
+            self.data: dict[bytes, bytes] = {}
+            self.sent: list[tuple[int, bytes, bytes | None]] = []
+
+        def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> object:
+            self.sent.append((partition, key, value))
+            return len(self.sent)  # stands for the FutureMessage
+
+    table = Table()
+    svc = JoinService(Settings(role="joiner", features=False), StreamrecMetrics(),
+                      state=SegmentedState(TableJoinState(table), max_ops=2))  # fmt: skip
+    assert svc.take_in_flight() == []
+    svc.state.put(1, "i/a", b"x")
+    svc.state.put(1, "i/b", b"y")  # the second op fills the segment: written now
+    svc.state.delete(1, "i/a")
+    svc.state.delete(1, "i/b")
+    svc.state.flush()
+    # two segments, then the first one's tombstone (its ops were superseded)
+    assert [v is None for _, _, v in table.sent][:3] == [False, False, True]
+    assert svc.take_in_flight() == list(range(1, len(table.sent) + 1))
+    assert svc.take_in_flight() == []
+    n_sent = len(table.sent)
+    empty = TableJoinState(table)
+    empty.delete(0, "never-written")  # no write, no future
+    assert len(table.sent) == n_sent and empty.take_in_flight() == []
