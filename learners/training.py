@@ -101,8 +101,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A checkpoint written by :func:`atomic_torch_save`, loaded onto the CPU with
-    ``torch.load(weights_only=True)`` (plain containers and tensors only)."""
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    ``torch.load(weights_only=True)`` (plain containers and tensors only).
+
+    A missing file raises ``FileNotFoundError``; a file that is not such a checkpoint
+    (truncated, another format, a pickle with code in it) a ``ValueError`` naming it,
+    instead of torch's advice to load it with ``weights_only=False``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable streamrec checkpoint"
+            f" ({type(exc).__name__}: {first[:120]})"
+        ) from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)} is not a streamrec checkpoint (it holds a"
+                         f" {type(state).__name__}, not a dict)")  # fmt: skip
     return state
 
 

@@ -325,8 +325,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             ranker=lambda: rt.trainer.ranker,
             calibrator=rt.trainer.serving_calibrator,
             # the index holds two-tower item vectors when the two-tower model is on
+            # (a joiner serves nothing: its models are never built)
             user_vectors=(
-                None if rt.trainer.two_tower is None else rt.trainer.two_tower.user_vectors
+                rt.trainer.two_tower.user_vectors
+                if trains and rt.trainer.two_tower is not None
+                else None
             ),
             config=settings.serving,
             # the live feature stage of the user's partition when this worker owns it;

@@ -91,33 +91,19 @@ class TrainerService:
         self._hard_negatives = hard_negatives
         self.metrics = metrics
         cfg = settings.trainer
-        if ranker is None:
-            if cfg.warm_start:
-                # the online loss follows the labelling scheme (e.g. "fnw" on fake
-                # negatives), whatever loss the checkpoint was pretrained with
-                ranker = TorchRanker.load(
-                    cfg.warm_start,
-                    device=settings.ranker.device,
-                    online=True,
-                    loss=settings.ranker.loss,
-                    fnc=settings.ranker.fnc,
-                )
-            else:
-                ranker = TorchRanker(settings.ranker, seed=cfg.seed, online=True)
-        if ranker.config.fnc != settings.trainer.fnc:  # FNC is the ranker's output link
+        if ranker is not None and ranker.config.fnc != settings.trainer.fnc:
             raise ValueError(
                 f"trainer.fnc={settings.trainer.fnc} but the ranker was built with "
                 f"fnc={ranker.config.fnc}: build it from settings.ranker"
             )
-        self.ranker = ranker
-        #: the retrieval model (``settings.retrieval == "two_tower"``), trained on the
-        #: positives of every micro-batch after the ranker; None: serving retrieves with
-        #: the ranker's own user and item embeddings
-        self.two_tower: TwoTowerModel | None = (
-            TwoTowerModel(settings.two_tower, seed=cfg.seed, hard_negatives=hard_negatives)
-            if settings.retrieval == "two_tower"
-            else None
-        )
+        #: the models, built on first use (:attr:`ranker`, :attr:`two_tower`): a joiner or
+        #: a serving replica (its models come from the store) never builds them, ~90 MB of
+        #: parameters and a second of start-up with the defaults
+        self._ranker: TorchRanker | None = ranker
+        self._two_tower: TwoTowerModel | None = None
+        self._two_tower_built = False
+        if settings.role in ("trainer", "all"):  # a bad warm start fails here, at start-up
+            self.ranker, self.two_tower  # noqa: B018
         #: the served calibrator and its version, one pair replaced whole (serving threads
         #: read it while control records replace it on the event loop)
         self.served_calibrator = VersionedCalibrator(PlattCalibrator(), 0)
@@ -153,6 +139,53 @@ class TrainerService:
             self._resume_from_store(self.store)
         metrics.model_version.set(0)
         metrics.calibrator_version.set(0)
+
+    @property
+    def ranker(self) -> TorchRanker:
+        """The online ranker: warm-started from ``trainer.warm_start`` or fresh, on first
+        use (the online loss follows the labelling scheme, e.g. "fnw" on fake negatives,
+        whatever loss a checkpoint was pretrained with)."""
+        if self._ranker is None:
+            cfg, r = self.settings.trainer, self.settings.ranker
+            self._ranker = (
+                TorchRanker.load(
+                    cfg.warm_start, device=r.device, online=True, loss=r.loss, fnc=r.fnc
+                )
+                if cfg.warm_start
+                else TorchRanker(r, seed=cfg.seed, online=True)
+            )
+            if self._ranker.config.fnc != cfg.fnc:  # FNC is the ranker's output link
+                raise ValueError(
+                    f"trainer.fnc={cfg.fnc} but the ranker was built with "
+                    f"fnc={self._ranker.config.fnc}: build it from settings.ranker"
+                )
+        return self._ranker
+
+    @ranker.setter
+    def ranker(self, ranker: TorchRanker) -> None:
+        self._ranker = ranker
+
+    @property
+    def two_tower(self) -> TwoTowerModel | None:
+        """The retrieval model (``settings.retrieval == "two_tower"``), trained on the
+        positives of every micro-batch after the ranker, built on first use; None: serving
+        retrieves with the ranker's own user and item embeddings."""
+        if not self._two_tower_built:
+            self._two_tower_built = True
+            if self.settings.retrieval == "two_tower":
+                self._two_tower = TwoTowerModel(self.settings.two_tower,
+                                                seed=self.settings.trainer.seed,
+                                                hard_negatives=self._hard_negatives)  # fmt: skip
+        return self._two_tower
+
+    @two_tower.setter
+    def two_tower(self, model: TwoTowerModel | None) -> None:
+        self._two_tower, self._two_tower_built = model, True
+
+    @property
+    def models_built(self) -> bool:
+        """Whether the ranker exists yet (a joiner or a replica never builds it)."""
+        return self._ranker is not None
 
     def add(self, examples: list[LabeledExample], emitted_at: float | None = None) -> int:
         """Buffer examples; ``emitted_at``: wall time (epoch s) the joiner sent them, for the

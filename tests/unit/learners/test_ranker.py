@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,24 @@ def test_checkpoint_of_each_model_loads_with_weights_only(model: str, tmp_path: 
     loaded = TorchRanker.load(tmp_path / "m.ckpt", device="cpu", online=False)
     assert loaded.config == cfg and not loaded.online
     np.testing.assert_array_equal(loaded.predict_proba_many(ROWS), ranker.predict_proba_many(ROWS))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    """Truncated, foreign or code-carrying files: a ValueError naming the file, not torch's
+    advice to retry with weights_only=False; a missing file stays FileNotFoundError."""
+    ranker = TorchRanker(RankerConfig(model="logreg", device="cpu", encoder=SMALL), seed=1)
+    ranker.save(tmp_path / "good.ckpt")
+    data = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.ckpt").write_bytes(b"not a checkpoint")
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    (tmp_path / "code.ckpt").write_bytes(pickle.dumps(Path("x"), protocol=2))  # a class to import
+    for name in ("truncated", "text", "list", "code"):
+        with pytest.raises(ValueError, match=f"{name}.ckpt is not a .*streamrec checkpoint"):
+            TorchRanker.load(tmp_path / f"{name}.ckpt")
+    with pytest.raises(FileNotFoundError):
+        TorchRanker.load(tmp_path / "missing.ckpt")
+    TorchRanker.load(tmp_path / "good.ckpt")
 
 
 @pytest.mark.parametrize(

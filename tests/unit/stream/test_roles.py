@@ -3,6 +3,7 @@ built, not started: no broker needed)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def test_each_role_runs_its_side_of_the_pipeline(
     tasks = {t.__name__ for t in app._app_tasks}  # type: ignore[attr-defined]
     assert {"gauges", "control_listener"} <= tasks  # every role: metrics and control
     assert ("labeled_flusher" in tasks) is table
+    # only a role that trains builds the ranker and two-tower (~90 MB with the defaults)
+    assert app.streamrec.trainer.models_built is ("trainer" in agents)  # type: ignore[attr-defined]
     assert (
         {"trainer_flusher", "indexer"} <= tasks
         if "trainer" in agents
@@ -72,5 +75,24 @@ def test_a_serve_worker_trains_nothing_and_needs_a_model_store(tmp_path: Path) -
     assert not ({"trainer_flusher", "indexer", "labeled_flusher"} & tasks)
     assert app.replica is not None  # type: ignore[attr-defined]
     assert app.streamrec.trainer.store is None  # type: ignore[attr-defined]  # never publishes
+    assert not app.streamrec.trainer.models_built  # type: ignore[attr-defined]  # the store's
     env = {"STREAMREC_ROLE": "serve", "STREAMREC_MODEL_STORE": "/models/store"}
     assert load_settings(env=env).model_store == "/models/store"
+
+
+def test_a_training_role_fails_at_start_up_on_a_bad_warm_start(tmp_path: Path) -> None:
+    """The models of a training role are built with the app, not at the first batch."""
+    bad = tmp_path / "ranker.pt"
+    bad.write_bytes(b"not a checkpoint")
+    settings = Settings(broker="127.0.0.1:1", role="trainer", data_dir=str(tmp_path / "t"))
+    settings = dataclasses.replace(
+        settings, trainer=dataclasses.replace(settings.trainer, warm_start=str(bad))
+    )
+    with pytest.raises(ValueError, match="ranker.pt is not a readable streamrec checkpoint"):
+        create_app(settings)
+    serve = Settings(broker="127.0.0.1:1", role="serve", data_dir=str(tmp_path / "s"),
+                     model_store=str(tmp_path / "models"))  # fmt: skip
+    serve = dataclasses.replace(
+        serve, trainer=dataclasses.replace(serve.trainer, warm_start=str(bad))
+    )
+    create_app(serve)  # a replica never reads the warm start: its models come from the store
