@@ -65,12 +65,16 @@ def generate(
 )
 def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: float) -> None:
     """Convert an Open Bandit Dataset CSV into the canonical log format."""
+    from logs.log_format import LogFormatError
     from logs.obd import convert_obd
 
     if item_context is None:
         guess = Path(src).parent / "item_context.csv"
         item_context = str(guess) if guess.exists() else None
-    n = convert_obd(src, dst, item_context=item_context, click_delay_s=click_delay)
+    try:
+        n = convert_obd(src, dst, item_context=item_context, click_delay_s=click_delay)
+    except (LogFormatError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {n:,} impressions to {dst}")
 
 

@@ -31,3 +31,16 @@ def test_replay_reports_a_malformed_log(tmp_path: Path) -> None:
     )
     assert r.exit_code == 1
     assert "click" in r.output
+
+
+def test_convert_obd_reports_a_file_that_is_not_obd(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    r = CliRunner().invoke(main, ["convert-obd", str(bad), str(tmp_path / "out.csv")])
+    assert r.exit_code == 1
+    assert "Error: " in r.output and "not an Open Bandit Dataset file" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out.csv").exists()
+    bad.write_text(",timestamp,item_id,position,click,propensity_score\n"
+                   "0,2019-11-24 00:00:34+00:00,1,1,x,0.1\n")  # fmt: skip
+    r = CliRunner().invoke(main, ["convert-obd", str(bad), str(tmp_path / "out.csv")])
+    assert r.exit_code == 1 and "column 'click', row 1" in r.output
