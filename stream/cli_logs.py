@@ -350,6 +350,12 @@ def evaluate_retrieval_cmd(
         prior=ServingPrior() if prior else None,
     )  # fmt: skip
     report.update(log=log_path, behaviour_len=tt.behaviour_len)
+    if not report["test_clicks"]:
+        raise click.ClickException(
+            f"{log_path}: no click in the test part (the last {1 - train_fraction:.0%} of the"
+            f" log, {report['train_rows']:,} training rows before it): recall cannot be"
+            " measured; use a longer log or a smaller --train-fraction"
+        )
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2, default=float))
     click.echo(

@@ -49,3 +49,13 @@ def test_evaluate_retrieval_rejects_a_bad_split(tmp_path: Path) -> None:
     write_synthetic(SyntheticConfig(n_impressions=500, n_users=20, n_items=10), log)
     r = CliRunner().invoke(main, ["evaluate-retrieval", str(log), "--train-fraction", "1.5"])
     assert r.exit_code != 0 and "train-fraction" in r.output
+
+
+def test_a_log_without_test_clicks_is_a_clear_error_not_an_empty_table(tmp_path: Path) -> None:
+    log = tmp_path / "tiny.csv"
+    log.write_text("ts,impression_id,user_id,item_id,click\n"
+                   "1700000000,a,u,i,1\n1700000001,b,u,i,0\n")  # fmt: skip
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["evaluate-retrieval", str(log), "--json", str(out)])
+    assert r.exit_code == 1 and "no click in the test part" in r.output
+    assert "nan" not in r.output and not out.exists()
