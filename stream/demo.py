@@ -249,6 +249,9 @@ def run_demo(
                 trainer=dataclasses.replace(settings.trainer, warm_start=str(ckpt))
             )
     else:
+        # a bad log fails here, before a broker and a worker were started for it
+        if read_log_frame(log_path).empty:
+            raise ValueError(f"{log_path}: the log has no rows; nothing to replay")
         drift_ts = (read_meta(log_path) or {}).get("drift_ts")
     settings = settings.replace(
         trainer=dataclasses.replace(settings.trainer, checkpoint_dir=str(run / "checkpoints"))

@@ -44,3 +44,15 @@ def test_convert_obd_reports_a_file_that_is_not_obd(tmp_path: Path) -> None:
                    "0,2019-11-24 00:00:34+00:00,1,1,x,0.1\n")  # fmt: skip
     r = CliRunner().invoke(main, ["convert-obd", str(bad), str(tmp_path / "out.csv")])
     assert r.exit_code == 1 and "column 'click', row 1" in r.output
+
+
+def test_demo_checks_its_log_before_starting_a_broker(tmp_path: Path) -> None:
+    for text, message in [
+        ("a,b\n1,2\n", "missing required column"),
+        ("ts,impression_id,user_id,item_id,click\n", "no rows"),
+    ]:
+        log = tmp_path / "log.csv"
+        log.write_text(text)
+        r = CliRunner().invoke(main, ["demo", "--log", str(log), "--run-dir", str(tmp_path / "r")])
+        assert r.exit_code == 1 and message in r.output
+        assert "broker" not in r.output  # nothing was started for a log that cannot replay
