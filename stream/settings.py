@@ -537,12 +537,46 @@ def _coerce(value: str, default: object, annotation: object = "") -> object:
     return value
 
 
+def _checked(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with each one checked against the type of its field's default: a bool
+    for a bool, an integer for an int, a number for a float (made a float), a string for a
+    str, an array for a tuple. A wrong one is a ``SettingsError`` naming the key and the
+    value, not a ``TypeError`` from deep inside the config. Fields without such a default
+    (None, nested configs) are left to the config's own checks."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        f = fields.get(key)
+        default = dataclasses.MISSING if f is None else f.default
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int) and "float" in str(f.type if f else ""):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if ok:
+                out[key] = float(value)
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if ok:
+                out[key] = float(value)
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        elif isinstance(default, tuple):
+            ok, want = isinstance(value, (list, tuple)), "an array"
+        else:
+            continue
+        if not ok:
+            raise SettingsError(f"{where}{key} must be {want}, got {value!r}")
+    return out
+
+
 def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
-    values = dict(values)
+    values = _checked(cls, values, f"[{name}] ")
     if cls is JoinConfig:  # the worker's labelling scheme (fresh labels) unless the file sets one
         values = {"delayed_feedback": "fake_negative", "align_fake_negatives": True, **values}
     if cls is RankerConfig:  # the worker's admission threshold unless the file sets one
@@ -599,7 +633,7 @@ def _load_settings(
     unknown = set(data) - set(_TOP) - set(_SECTIONS)
     if unknown:
         raise ValueError(f"unknown settings keys in {path}: {sorted(unknown)}")
-    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in _TOP}
+    kwargs: dict[str, Any] = _checked(Settings, {k: v for k, v in data.items() if k in _TOP}, "")
     defaults = Settings()
     for key in _TOP:
         var = f"STREAMREC_{key.upper()}"

@@ -226,7 +226,12 @@ def test_an_optional_bool_from_the_environment_is_a_bool_not_a_string() -> None:
     ("text", "env", "message"),
     [
         ("[offset]\nmin_delay_clicks = 0\n", {}, "[offset]: min_delay_clicks must be >= 1"),
-        ('[ranker]\nbase_lr = "fast"\n', {}, "[ranker]:"),
+        ('[ranker]\nbase_lr = "fast"\n', {}, "[ranker] base_lr must be a number, got 'fast'"),
+        ('partitions = "four"\n', {}, "partitions must be an integer, got 'four'"),
+        ('features = "yes"\n', {}, "features must be true or false, got 'yes'"),
+        ("[trainer]\nbatch_size = 10.5\n", {}, "[trainer] batch_size must be an integer, got 10.5"),
+        ("[ranker]\nhidden = 5\n", {}, "[ranker] hidden must be an array, got 5"),
+        ("[ranker.encoder]\nnum_buckets = true\n", {}, "[ranker.encoder] num_buckets must be an"),
         ("[ranker\n", {}, "Expected ']'"),
         ("", {"STREAMREC_OFFSET__MIN_DELAY_CLICKS": "0"}, "min_delay_clicks must be >= 1"),
     ],
