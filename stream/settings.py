@@ -523,6 +523,15 @@ _SECTIONS: dict[str, type] = {
 _TOP = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
 
 
+def _coerce_var(var: str, value: str, default: object, annotation: object = "") -> object:
+    """:func:`_coerce` with an error that names the environment variable."""
+    try:
+        return _coerce(value, default, annotation)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise SettingsError(f"{var} must be {kind}, got {value!r}") from None
+
+
 def _coerce(value: str, default: object, annotation: object = "") -> object:
     if default is None and "bool" in str(annotation):  # bool | None: "auto" or "" is None
         if value.strip().lower() in ("", "auto", "none"):
@@ -638,7 +647,7 @@ def _load_settings(
     for key in _TOP:
         var = f"STREAMREC_{key.upper()}"
         if var in env:
-            kwargs[key] = _coerce(env[var], getattr(defaults, key), _TOP[key])
+            kwargs[key] = _coerce_var(var, env[var], getattr(defaults, key), _TOP[key])
     for name, cls in _SECTIONS.items():
         # STREAMREC_<SECTION>__<KEY> sets a scalar key of a section (the file's wins)
         section = dict(data.get(name, {}))
@@ -646,7 +655,7 @@ def _load_settings(
             var = f"STREAMREC_{name.upper()}__{fld.name.upper()}"
             default = fld.default
             if var in env and fld.name not in section and isinstance(default, (str, int, float)):
-                section[fld.name] = _coerce(env[var], default)
+                section[fld.name] = _coerce_var(var, env[var], default)
         if name in data or section:
             kwargs[name] = _section(cls, section, name)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})

@@ -234,6 +234,8 @@ def test_an_optional_bool_from_the_environment_is_a_bool_not_a_string() -> None:
         ("[ranker.encoder]\nnum_buckets = true\n", {}, "[ranker.encoder] num_buckets must be an"),
         ("[ranker\n", {}, "Expected ']'"),
         ("", {"STREAMREC_OFFSET__MIN_DELAY_CLICKS": "0"}, "min_delay_clicks must be >= 1"),
+        ("", {"STREAMREC_PARTITIONS": "four"}, "STREAMREC_PARTITIONS must be an integer, got"),
+        ("", {"STREAMREC_JOIN__WINDOW_S": "abc"}, "STREAMREC_JOIN__WINDOW_S must be a number"),
     ],
 )
 def test_bad_settings_are_a_clear_cli_error_not_a_traceback(
