@@ -108,9 +108,17 @@ def replay(
     ids = df["impression_id"].to_numpy(dtype=object)
     users = df["user_id"].to_numpy(dtype=object)
     ev_ts, ev_row, ev_click = event_order(df)
+    # acks=1 (at-least-once; Tansu has no transactions): kafka-python >= 2.1 defaults to an
+    # idempotent producer and warns at the user that acks=1 turns it off; say so instead
+    no_idempotence = (
+        {"enable_idempotence": False}
+        if "enable_idempotence" in KafkaProducer.DEFAULT_CONFIG
+        else {}
+    )
     producer = KafkaProducer(
         bootstrap_servers=bootstrap.split("://", 1)[-1].split(","),
         client_id="streamrec-replay",
+        **no_idempotence,
         acks=1,
         linger_ms=20,
         batch_size=512 * 1024,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,12 +46,15 @@ def _events(b: EmbeddedBroker, topic: str) -> list[tuple[int, float, object]]:
 
 
 def test_envelopes_hold_every_event_once_on_its_key_partition(
-    broker: EmbeddedBroker, tmp_path: Path
+    broker: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     log = tmp_path / "log.csv"
     write_synthetic(SyntheticConfig(n_impressions=3000, seed=2, drift_at=None), log)
     df = read_log_frame(log)
+    caplog.set_level(logging.WARNING)
     stats = replay(log, broker.url, progress=False)
+    # nothing printed at the user (kafka-python warned that acks=1 disables idempotence)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert stats.records < (stats.impressions + stats.clicks) / 10  # batched
     n_parts = Settings().partitions
     for topic, expected in (
