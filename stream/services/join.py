@@ -31,8 +31,10 @@ from stream.services.join_state import (
     JoinState,
     MemoryJoinState,
     delta_chunks,
+    load_json,
     pending_value,
     replay_features,
+    snapshot_json,
     state_json,
 )
 from stream.settings import Settings
@@ -159,9 +161,9 @@ class JoinService:
             try:
                 raw = b"".join(pieces[i] for i in range(feature_pieces))
                 if feature_pieces:
-                    stage.load_state_dict(json.loads(raw))
+                    stage.load_state_dict(load_json(raw))
                 for k in range(feature_deltas):  # the journal: replay the calls in order
-                    replay_features(stage, json.loads(deltas[k]))
+                    replay_features(stage, load_json(deltas[k]))
                 self._features_pieces[partition] = feature_pieces
                 self._feature_journal[partition] = [
                     len(raw),
@@ -419,7 +421,7 @@ class JoinService:
             chunks = delta_chunks(calls, size)
             new_bytes = sum(len(c) for c in chunks)
             if delta_bytes + new_bytes > max(snap_bytes // 4, self.FEATURE_SNAPSHOT_MIN_BYTES):
-                raw = json.dumps(stage.state_dict(), separators=(",", ":")).encode()
+                raw = snapshot_json(stage)
                 pieces = [raw[i : i + size] for i in range(0, len(raw), size)]
                 for i, piece in enumerate(pieces):
                     self.state.put(p, f"f/{i}", piece)
