@@ -368,14 +368,26 @@ class OnlineJoiner:
 
     @property
     def watermark(self) -> float:
-        timeout = self.config.idle_timeout_s
+        """The lower of the two inputs' newest event times, less ``lateness_s``; an input
+        idle for ``idle_timeout_s`` wall seconds does not hold it back, and with both idle
+        the newer holds. Read on every event (written out for the two inputs: the generic
+        form was ~5% of a worker's samples)."""
+        cfg = self.config
+        timeout = cfg.idle_timeout_s
+        imps, clicks = self.max_ts["impressions"], self.max_ts["clicks"]
+        low = imps if imps < clicks else clicks
         if timeout is None:
-            return min(self.max_ts.values()) - self.config.lateness_s
+            return low - cfg.lateness_s
         now = self._clock()
-        live = [ts for src, ts in self.max_ts.items() if now - self.last_seen[src] < timeout]
-        # every input idle: nothing new is coming, the newest time seen anywhere holds
-        base = min(live) if live else max(self.max_ts.values())
-        return base - self.config.lateness_s
+        imps_live = now - self.last_seen["impressions"] < timeout
+        clicks_live = now - self.last_seen["clicks"] < timeout
+        if imps_live and clicks_live:
+            base = low
+        elif imps_live or clicks_live:
+            base = imps if imps_live else clicks
+        else:  # every input idle: nothing new is coming, the newest time seen anywhere holds
+            base = clicks if imps < clicks else imps
+        return base - cfg.lateness_s
 
     def _see(self, source: str, ts: float) -> None:
         self.last_seen[source] = self._clock()
