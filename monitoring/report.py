@@ -25,6 +25,7 @@ import html
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -348,7 +349,8 @@ def load_run(run_dir: str | Path) -> ReportData:
 
     Raises:
         FileNotFoundError: naming whichever of the two input files is missing.
-        ValueError: if ``scored.npz`` lacks ``ts``, ``y`` or ``p``.
+        ValueError: if ``report.json`` is not a JSON object, or ``scored.npz`` is not a
+            readable array file holding ``ts``, ``y`` and ``p``.
     """
     run = Path(run_dir)
     report_path, scored_path = run / "report.json", run / "scored.npz"
@@ -358,9 +360,19 @@ def load_run(run_dir: str | Path) -> ReportData:
             f"cannot write a report for {run}: missing {' and '.join(missing)} "
             "(a run directory from `streamrec demo` holds report.json and scored.npz)"
         )
-    report = json.loads(report_path.read_text())
-    with np.load(scored_path) as npz:
-        arrays = {k: np.asarray(npz[k], dtype=np.float64) for k in npz.files}
+    try:
+        report = json.loads(report_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{report_path} is not valid JSON ({exc})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{report_path} holds a {type(report).__name__}, not a run's report")
+    try:
+        # allow_pickle stays off: a run directory may come from anywhere
+        with np.load(scored_path) as npz:
+            arrays = {k: np.asarray(npz[k], dtype=np.float64) for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        why = "not an .npz array file" if "pickle" in str(exc) else str(exc)
+        raise ValueError(f"{scored_path} is not a readable scored.npz ({why})") from None
     lacking = [k for k in ("ts", "y", "p") if k not in arrays]
     if lacking:
         raise ValueError(f"{scored_path} lacks the array(s) {', '.join(lacking)}")

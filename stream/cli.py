@@ -295,7 +295,7 @@ def report_cmd(run_dir: str, out: str | None) -> None:
 
     try:
         path = write_report(run_dir, out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # missing or unreadable run files
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {path}")
 

@@ -291,6 +291,27 @@ def test_write_report_names_the_missing_input(tmp_path: Path) -> None:
         write_report(tmp_path / "nowhere")
 
 
+def test_a_corrupt_run_dir_is_a_clear_error_on_the_command_line(tmp_path: Path) -> None:
+    """Unreadable run files: a ValueError naming the file (the CLI prints it), never a
+    JSONDecodeError, numpy's pickle advice or an AttributeError traceback."""
+    from click.testing import CliRunner
+
+    from stream.cli import main
+
+    cases = [
+        ("report.json", b"{bad json", r"report\.json is not valid JSON"),
+        ("report.json", b"[]", r"report\.json holds a list, not a run's report"),
+        ("scored.npz", b"garbage", r"scored\.npz is not a readable scored\.npz \(not an \.npz"),
+    ]
+    for name, content, message in cases:
+        run = make_run_dir(tmp_path / name / str(len(content)), planted_drift(n=300))
+        (run / name).write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            write_report(run)
+        r = CliRunner().invoke(main, ["report", str(run)])
+        assert r.exit_code == 1 and "Error: " in r.output and "Traceback" not in r.output
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
