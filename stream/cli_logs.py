@@ -167,6 +167,10 @@ def pretrain_cmd(
 
     ranker = load_settings(config).ranker
     cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, ranker), hist_features)
+    try:  # before the training: a checkpoint that cannot be written fails now, not after it
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the checkpoint {out}: {exc}") from None
     try:
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:

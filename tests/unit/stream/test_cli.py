@@ -56,3 +56,17 @@ def test_demo_checks_its_log_before_starting_a_broker(tmp_path: Path) -> None:
         r = CliRunner().invoke(main, ["demo", "--log", str(log), "--run-dir", str(tmp_path / "r")])
         assert r.exit_code == 1 and message in r.output
         assert "broker" not in r.output  # nothing was started for a log that cannot replay
+
+
+def test_pretrain_writes_into_a_new_folder_and_names_an_unwritable_one(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("ts,impression_id,user_id,item_id,click\n1700000000,a,u,i,1\n"
+                   "1700000001,b,u,j,0\n")  # fmt: skip
+    out = tmp_path / "new" / "deeper" / "m.pt"
+    r = CliRunner().invoke(main, ["pretrain", str(log), "--out", str(out)])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the folder should be
+    r = CliRunner().invoke(main, ["pretrain", str(log), "--out", str(blocker / "m.pt")])
+    assert r.exit_code == 1 and "cannot write the checkpoint" in r.output
+    assert "pretrained" not in r.output  # it failed before training
