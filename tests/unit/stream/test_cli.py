@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from stream.broker import free_port
@@ -58,15 +59,38 @@ def test_demo_checks_its_log_before_starting_a_broker(tmp_path: Path) -> None:
         assert "broker" not in r.output  # nothing was started for a log that cannot replay
 
 
-def test_pretrain_writes_into_a_new_folder_and_names_an_unwritable_one(tmp_path: Path) -> None:
+OBD_FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "obd" / "all.csv"
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["pretrain", "{log}", "--out", "{out}"], "the checkpoint"),
+        (["evaluate", "{log}", "--json", "{out}"], "the results"),
+        (["evaluate-retrieval", "{log}", "--json", "{out}"], "the results"),
+        (["generate", "{out}", "--impressions", "50"], "the log"),
+        (["convert-obd", str(OBD_FIXTURE), "{out}"], "the log"),
+    ],
+)
+def test_output_files_get_their_folder_or_a_clear_error_before_the_work(
+    tmp_path: Path, args: list[str], what: str
+) -> None:
     log = tmp_path / "log.csv"
-    log.write_text("ts,impression_id,user_id,item_id,click\n1700000000,a,u,i,1\n"
-                   "1700000001,b,u,j,0\n")  # fmt: skip
-    out = tmp_path / "new" / "deeper" / "m.pt"
-    r = CliRunner().invoke(main, ["pretrain", str(log), "--out", str(out)])
+    rows = "".join(
+        f"{1700000000 + k},m{k},u{k % 3},i{k % 4},{int(k % 5 == 0)}\n" for k in range(60)
+    )
+    log.write_text("ts,impression_id,user_id,item_id,click\n" + rows)
+    out = tmp_path / "new" / "deeper" / "out.csv"
+    r = CliRunner().invoke(main, [a.format(log=log, out=out) for a in args])
     assert r.exit_code == 0 and out.is_file(), r.output
     blocker = tmp_path / "file"
     blocker.write_text("x")  # a file where the folder should be
-    r = CliRunner().invoke(main, ["pretrain", str(log), "--out", str(blocker / "m.pt")])
-    assert r.exit_code == 1 and "cannot write the checkpoint" in r.output
-    assert "pretrained" not in r.output  # it failed before training
+    r = CliRunner().invoke(main, [a.format(log=log, out=blocker / "out.csv") for a in args])
+    assert r.exit_code == 1 and f"cannot write {what}" in r.output, r.output
+    assert "Traceback" not in r.output and "wrote" not in r.output  # before the work
+
+
+def test_generate_names_a_file_name_that_is_no_log_format(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["generate", str(tmp_path / "x.txt"), "--impressions", "10"])
+    assert r.exit_code == 1 and "unknown log format" in r.output and r.exception is not None
+    assert isinstance(r.exception, SystemExit)  # click's error exit, not a traceback
