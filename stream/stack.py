@@ -218,7 +218,26 @@ def read_state(run_dir: str | Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise StackError(f"{path} is not valid JSON ({exc}); remove it by hand") from None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    # every process entry as `up` writes it: an edited or damaged file is an error here,
+    # not a KeyError deep inside `down` (which signals the pids it reads)
+    procs = data.get("processes", [])
+    ok = isinstance(procs, list) and all(
+        isinstance(p, dict)
+        and isinstance(p.get("role"), str)
+        and isinstance(p.get("name"), str)
+        and isinstance(p.get("pid"), int)
+        and not isinstance(p.get("pid"), bool)
+        and p["pid"] > 0
+        for p in procs
+    )
+    if not ok:
+        raise StackError(
+            f"{path} has a damaged process list (each entry needs a role, a name and a"
+            " positive pid); stop those processes and remove it by hand"
+        )
+    return data
 
 
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:

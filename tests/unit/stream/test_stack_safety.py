@@ -80,3 +80,24 @@ def test_the_state_file_is_written_through_a_unique_temp_name(tmp_path: Path) ->
     assert read_state(tmp_path) == {"processes": []}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stack.json", "stack.json.tmp",
                                                           "victim"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "processes",
+    [
+        [{"name": "x", "pid": 123}],  # no role
+        [{"role": "worker", "name": "w", "pid": "123"}],  # pid not a number
+        [{"role": "worker", "name": "w", "pid": -1}],  # kill(-1) would signal every process
+        [{"role": "worker", "name": "w", "pid": 0}],  # kill(0): this process group
+        ["worker"],
+        {"worker": 1},
+    ],
+)
+def test_a_damaged_state_file_is_a_clear_error_and_nothing_is_signalled(
+    tmp_path: Path, processes: object
+) -> None:
+    import json
+
+    (tmp_path / "stack.json").write_text(json.dumps({"processes": processes}))
+    with pytest.raises(StackError, match="damaged process list"):
+        read_state(tmp_path)
