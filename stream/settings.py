@@ -77,6 +77,11 @@ class TrainerConfig:
     #: 56 MB checkpoint, under the trainer lock), at the cost of holding both copies
     #: resident (~56 + ~160 MB with the default models; +200 MB of RSS in bench.soak)
     reuse_snapshot_buffers: bool = False
+    #: a ranker that has not learned yet takes micro-batches of this many rows, then twice
+    #: that after each step, up to ``batch_size`` (0: off), as ``streamrec evaluate``'s
+    #: ``--ramp-from``: a cold model scores ~1k examples at its prior before its first
+    #: update otherwise (on the 0.4%-CTR OBD sample through the demo: half of all Sum p)
+    ramp_from: int = 32
 
     def __post_init__(self) -> None:
         h = self.time_decay_half_life_s
@@ -86,6 +91,8 @@ class TrainerConfig:
             raise ValueError("trainer.dedup_horizon must be >= 1")
         if self.batch_size < 1:
             raise ValueError("trainer.batch_size must be >= 1")
+        if self.ramp_from < 0:
+            raise ValueError("trainer.ramp_from must be >= 0 (0: off)")
         if self.flush_s <= 0:
             raise ValueError("trainer.flush_s must be > 0")
         if self.keep_checkpoints < 1:

@@ -215,8 +215,18 @@ class TrainerService:
         self.buffer_since = None
         return n
 
+    def batch_size_now(self) -> int:
+        """Rows of the next micro-batch: ``trainer.batch_size``, or while the ranker has
+        made fewer steps than the ramp needs, ``ramp_from * 2 ** steps`` (a warm-started or
+        resumed ranker has steps already)."""
+        cfg = self.settings.trainer
+        steps = self.ranker.n_updates
+        if not cfg.ramp_from or steps >= 30:
+            return cfg.batch_size
+        return min(cfg.batch_size, cfg.ramp_from << steps)
+
     def due(self, now: float | None = None) -> bool:
-        if len(self.buffer) >= self.settings.trainer.batch_size:
+        if len(self.buffer) >= self.batch_size_now():
             return True
         now = time.monotonic() if now is None else now
         return (
@@ -234,9 +244,9 @@ class TrainerService:
         return None if taken is None else self.finish(taken, self.compute(taken))
 
     def take(self) -> TakenBatch | None:
-        """Remove the next micro-batch (up to ``trainer.batch_size`` examples) from the
+        """Remove the next micro-batch (up to :meth:`batch_size_now` examples) from the
         buffer; None if it is empty."""
-        bs = self.settings.trainer.batch_size
+        bs = self.batch_size_now()
         batch, self.buffer = self.buffer[:bs], self.buffer[bs:]
         emitted, self.emitted_at = self.emitted_at[:bs], self.emitted_at[bs:]
         self.buffer_since = time.monotonic() if self.buffer else None

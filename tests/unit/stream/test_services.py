@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ T0 = 1_700_000_000.0
 BATCH = 64
 FAST = Settings(
     ranker=RankerConfig(model="logreg", encoder=EncoderConfig(num_buckets=2**12)),
-    trainer=TrainerConfig(batch_size=BATCH),
+    trainer=TrainerConfig(batch_size=BATCH, ramp_from=0),  # full batches from the start
     join=JoinConfig(window_s=60.0, lateness_s=0.0),
     indexer=IndexerConfig(pool_per_user=10),
 )
@@ -405,3 +406,26 @@ def test_items_of_a_click_free_batch_join_the_two_towers_catalogue() -> None:
         pass
     assert svc.two_tower.n_updates == 0  # no click: no step
     assert {f"item{k}" for k in range(8)} <= set(svc.two_tower._catalogue)
+
+
+def test_a_cold_ranker_ramps_its_micro_batches_and_a_warm_one_does_not(
+    metrics: StreamrecMetrics, examples: list[LabeledExample], tmp_path: Path
+) -> None:
+    """ramp_from rows, doubling after each step up to batch_size, while the ranker has not
+    learned (a cold model scores fewer examples at its prior); a warm start takes full
+    batches at once."""
+    s = dataclasses.replace(FAST, trainer=dataclasses.replace(FAST.trainer, ramp_from=8))
+    svc = TrainerService(s, metrics)
+    svc.add(examples[: 8 + 16 + 32 + 64 + 64])
+    sizes = []
+    while (scored := svc.step()) is not None:
+        sizes.append(len(scored.impression_ids))
+    assert sizes == [8, 16, 32, 64, 64]
+    svc.ranker.save(tmp_path / "warm.pt")
+    warm = dataclasses.replace(
+        s, trainer=dataclasses.replace(s.trainer, warm_start=str(tmp_path / "warm.pt"))
+    )
+    again = TrainerService(warm, StreamrecMetrics())
+    assert again.batch_size_now() == BATCH
+    with pytest.raises(ValueError, match="ramp_from"):
+        TrainerConfig(ramp_from=-1)
