@@ -72,14 +72,15 @@ class InputAcks:
         the records are then acked when every one of them is delivered, from their done
         callbacks; a failed or cancelled write leaves them unacked (and counted in
         :attr:`failed`), so their offsets are never committed."""
-        in_flight = [f for f in (flush() or ()) if not f.done() or not _delivered(f)]
+        writes = list(flush() or ())
         events, self._events = self._events, []
+        if any(f.done() and not _delivered(f) for f in writes):  # already failed
+            self._fail(events)
+            return
+        in_flight = [f for f in writes if not f.done()]
         if not in_flight:
             for event in events:
                 event.ack()
-            return
-        if any(f.done() for f in in_flight):  # already failed
-            self._fail(events)
             return
         self.waiting += len(events)
         left = [len(in_flight), False]  # writes not done, a write failed

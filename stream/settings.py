@@ -564,18 +564,17 @@ def _checked(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]
     for key, value in values.items():
         f = fields.get(key)
         default = dataclasses.MISSING if f is None else f.default
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int) and "float" in str(f.type if f else ""):
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, float) or (
+            isinstance(default, int) and "float" in str(f.type if f else "")
+        ):
+            ok, want = number, "a number"
             if ok:
                 out[key] = float(value)
         elif isinstance(default, int):
-            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(default, float):
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-            if ok:
-                out[key] = float(value)
+            ok, want = number and isinstance(value, int), "an integer"
         elif isinstance(default, str):
             ok, want = isinstance(value, str), "a string"
         elif isinstance(default, tuple):

@@ -91,11 +91,8 @@ class TrainerService:
         self._hard_negatives = hard_negatives
         self.metrics = metrics
         cfg = settings.trainer
-        if ranker is not None and ranker.config.fnc != settings.trainer.fnc:
-            raise ValueError(
-                f"trainer.fnc={settings.trainer.fnc} but the ranker was built with "
-                f"fnc={ranker.config.fnc}: build it from settings.ranker"
-            )
+        if ranker is not None:
+            self._check_fnc(ranker)
         #: the models, built on first use (:attr:`ranker`, :attr:`two_tower`): a joiner or
         #: a serving replica (its models come from the store) never builds them, ~90 MB of
         #: parameters and a second of start-up with the defaults
@@ -154,16 +151,20 @@ class TrainerService:
                 if cfg.warm_start
                 else TorchRanker(r, seed=cfg.seed, online=True)
             )
-            if self._ranker.config.fnc != cfg.fnc:  # FNC is the ranker's output link
-                raise ValueError(
-                    f"trainer.fnc={cfg.fnc} but the ranker was built with "
-                    f"fnc={self._ranker.config.fnc}: build it from settings.ranker"
-                )
+            self._check_fnc(self._ranker)
         return self._ranker
 
     @ranker.setter
     def ranker(self, ranker: TorchRanker) -> None:
         self._ranker = ranker
+
+    def _check_fnc(self, ranker: TorchRanker) -> None:
+        """FNC is the ranker's output link: it must match ``trainer.fnc``."""
+        if ranker.config.fnc != self.settings.trainer.fnc:
+            raise ValueError(
+                f"trainer.fnc={self.settings.trainer.fnc} but the ranker was built with "
+                f"fnc={ranker.config.fnc}: build it from settings.ranker"
+            )
 
     @property
     def two_tower(self) -> TwoTowerModel | None:
