@@ -94,3 +94,38 @@ def test_generate_names_a_file_name_that_is_no_log_format(tmp_path: Path) -> Non
     r = CliRunner().invoke(main, ["generate", str(tmp_path / "x.txt"), "--impressions", "10"])
     assert r.exit_code == 1 and "unknown log format" in r.output and r.exception is not None
     assert isinstance(r.exception, SystemExit)  # click's error exit, not a traceback
+
+
+def test_evaluate_learns_a_logs_final_labels_with_bce_not_the_workers_fnw(tmp_path: Path) -> None:
+    """The worker's settings train with fnw (bce on its fake-negative stream); on a log's
+    final labels fnw learns about p / (1 - p): at a 30% CTR the calibration ratio was
+    ~1.4. ``evaluate`` trains with plain BCE instead and refuses ``--loss fnw``."""
+    import json
+
+    import numpy as np
+
+    from stream.cli_logs import _ranker_config
+    from stream.settings import Settings
+
+    assert Settings().ranker.loss == "fnw"  # what the worker trains with
+    cfg = _ranker_config(None, None, None, Settings().ranker)
+    assert (cfg.loss, cfg.fnc) == ("bce", False)
+    rng = np.random.default_rng(0)
+    n = 4000
+    click = rng.random(n) < 0.3
+    rows = ["ts,impression_id,user_id,item_id,click,click_ts"]
+    for i in range(n):
+        ts = 1_700_000_000 + i
+        rows.append(f"{ts},i{i},u{rng.integers(50)},m{rng.integers(30)},{int(click[i])},"
+                    + (f"{ts + 5}" if click[i] else ""))  # fmt: skip
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(
+        main, ["evaluate", str(log), "--model", "logreg", "--no-features", "--json", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    ratio = json.loads(out.read_text())["all"]["calibration_ratio"]
+    assert 0.8 < ratio < 1.05, ratio  # fnw: 1.17 (1.31 with bias_prior_strength 10)
+    r = CliRunner().invoke(main, ["evaluate", str(log), "--loss", "fnw"])
+    assert r.exit_code == 2 and "fake-negative stream" in r.output
