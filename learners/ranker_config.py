@@ -99,11 +99,11 @@ class RankerConfig:
     device: str = "auto"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     prior_ctr: float = INITIAL_CTR
-    # 10 pseudo-examples (0.3 of a click at 3%): a weak prior. At 100 (until 2026-12-06)
-    # its 3 pseudo-clicks held a cold model above a 0.4% log for thousands of examples
-    # (OBD: worker calibration ratio 1.21-1.45, evaluate 1.33 on bts; README "Cold start on
-    # a low-CTR log").
-    bias_prior_strength: float | None = 10.0
+    # 30 pseudo-examples (about one click at 3%). At 100 (until 2026-12-06) its 3
+    # pseudo-clicks held a cold model above a 0.4% log for thousands of examples (cold
+    # OBD worker: calibration ratio 1.21-1.39); 10 cost NE on logs with many clicks. README
+    # "Cold start on a low-CTR log".
+    bias_prior_strength: float | None = 30.0
     bias_warmup: float = 10_000.0
     loss_correction: bool = True
     fnc: bool = False
