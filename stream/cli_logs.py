@@ -274,10 +274,14 @@ def evaluate_cmd(
 
         learner = RiverLogisticRegression(seed=seed)
     elif warm_start:
-        learner = TorchRanker.load(warm_start, online=True)
-        if learner.config.loss == "fnw" or learner.config.fnc:  # a worker's checkpoint
-            final = for_final_labels(learner.config)
-            learner = TorchRanker.load(warm_start, online=True, loss=final.loss, fnc=False)
+        from learners.ranker_config import RankerConfig
+        from learners.training import read_checkpoint
+
+        state = read_checkpoint(warm_start)  # a worker's (fnw, FNC) is evaluated with BCE
+        final = for_final_labels(RankerConfig.from_dict(state["config"]))
+        learner = TorchRanker.from_state(
+            state, online=True, source=warm_start, loss=final.loss, fnc=final.fnc
+        )
     else:
         ranker_cfg = _ranker_config(model, loss, base_lr, settings.ranker)
         rcfg = _with_hist_slots(ranker_cfg, hist_features)
