@@ -145,6 +145,7 @@ def read_log_frame(path: str | Path) -> pd.DataFrame:
     Returns the normal form described in the module docstring (``ts``/``click_ts`` in
     epoch seconds UTC). Raises :class:`LogFormatError` (naming the file, column and first
     offending row) on: missing required columns, empty ids, non-finite or negative ``ts``,
+    ``ts`` or ``click_ts`` at or after 2100-01-01 (times in milliseconds, say so),
     rows not ordered by ``ts``, duplicate ``impression_id``, ``click`` outside {0, 1},
     ``click_ts`` missing on a click / set on a non-click / before ``ts``, ``position`` not
     a positive integer, ``true_p`` / ``propensity`` outside [0, 1].

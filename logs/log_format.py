@@ -57,6 +57,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from logs.events import MAX_TS
+
 __all__ = [
     "RESERVED_COLUMNS",
     "REQUIRED_COLUMNS",
@@ -106,6 +108,20 @@ def _locator(kind: SourceKind) -> Callable[[int], str]:
     if kind == "jsonl":
         return lambda i: f"row {i + 1} (line {i + 1})"
     return lambda i: f"row {i + 1}"
+
+
+def _after_2100(ts: float) -> str:
+    """The error for an event time at or after 2100-01-01 (``logs.events.MAX_TS``): the
+    format's times are epoch seconds, and a log in milliseconds (or microseconds) would
+    otherwise be read as times centuries ahead, with every half-life and window off by
+    1,000x."""
+    for unit, div in (("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9)):
+        if ts / div < MAX_TS:
+            return (
+                f"ts {ts!r} is after 2100-01-01 as epoch seconds; the format's times are epoch "
+                f"seconds: if these are {unit}, divide ts and click_ts by {div:,.0f}"
+            )
+    return f"ts {ts!r} is after 2100-01-01 as epoch seconds"
 
 
 def as_object_str(s: pd.Series) -> pd.Series:
@@ -185,6 +201,10 @@ def normalize_frame(raw: pd.DataFrame, *, source: str, kind: SourceKind = "frame
     if invalid.any():
         i = int(np.argmax(invalid))
         raise fail("ts", i, f"expected finite non-negative epoch seconds, got {raw['ts'][i]!r}")
+    late = ts >= MAX_TS
+    if late.any():
+        i = int(np.argmax(late))
+        raise fail("ts", i, _after_2100(float(ts[i])))
     if n > 1:
         back = np.diff(ts) < 0
         if back.any():
@@ -240,6 +260,7 @@ def normalize_frame(raw: pd.DataFrame, *, source: str, kind: SourceKind = "frame
             ((click == 1) & ~present, "click is 1 but click_ts is empty"),
             ((click == 0) & present, "click_ts is set on a row with click 0"),
             (present & (cts < ts), "click_ts is before the impression ts"),
+            (present & (cts >= MAX_TS), "click_ts is after 2100-01-01 as epoch seconds"),
         )
         for mask, msg in checks:
             if mask.any():

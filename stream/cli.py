@@ -111,7 +111,7 @@ def demo(
     """Embedded broker + worker + replay of a synthetic log with a drift; prints a summary."""
     from logs.log_format import LogFormatError
     from stream.broker import BrokerNotFound, BrokerStartError
-    from stream.demo import run_demo
+    from stream.demo import DemoError, run_demo
 
     try:
         run_demo(
@@ -125,7 +125,7 @@ def demo(
             history_ablation=ablation,
             config_path=config,
         )
-    except (BrokerNotFound, BrokerStartError, LogFormatError, ValueError) as exc:
+    except (BrokerNotFound, BrokerStartError, LogFormatError, ValueError, DemoError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -234,21 +234,31 @@ def replay_cmd(
     partitions: int, config: str | None, fmt: str,
 ) -> None:  # fmt: skip
     """Publish a canonical log (CSV, CSV.gz, JSONL, Parquet) in event-time order."""
+    from logs.io import read_log_frame
     from logs.log_format import LogFormatError
     from stream.app import create_worker_topics
-    from stream.replay import replay
+    from stream.replay import check_replayable, replay
 
     settings = load_settings(config, broker=broker, partitions=partitions)
     if speedup is not None and speedup <= 0:
         raise click.BadParameter("must be > 0", param_hint="--speedup")
+    gap = settings.join.window_s + settings.join.lateness_s + 1
     try:
+        # a log the workers would refuse fails here, before the broker is touched
+        frame = read_log_frame(log_path)
+        if limit is not None:
+            frame = frame.iloc[:limit].reset_index(drop=True)
+        check_replayable(
+            frame, log_path, final_watermark_gap_s=gap,
+            max_future_skew_s=settings.max_future_skew_s,
+        )  # fmt: skip
         if create_topics:
             create_worker_topics(settings)
         stats = replay(
-            log_path, settings.bootstrap, speedup=speedup, limit=limit,
-            watermark_every=settings.replay_watermark_every,
-            final_watermark_gap_s=settings.join.window_s + settings.join.lateness_s + 1,
+            log_path, settings.bootstrap, speedup=speedup,
+            watermark_every=settings.replay_watermark_every, final_watermark_gap_s=gap,
             fmt=fmt, client_options=settings.kafka_client_options(),
+            max_future_skew_s=settings.max_future_skew_s, frame=frame,
         )  # fmt: skip
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None

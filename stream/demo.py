@@ -37,7 +37,7 @@ from monitoring.calibration import (
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.control import ControlRecord, DriftAlarm, Recalibration, decode_control
-from stream.replay import replay
+from stream.replay import check_replayable, replay
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,14 @@ def run_demo(
             )
     else:
         # a bad log fails here, before a broker and a worker were started for it
-        if read_log_frame(log_path).empty:
+        frame = read_log_frame(log_path)
+        if frame.empty:
             raise ValueError(f"{log_path}: the log has no rows; nothing to replay")
+        check_replayable(
+            frame, log_path, final_watermark_gap_s=_final_gap(settings),
+            max_future_skew_s=settings.max_future_skew_s,
+        )  # fmt: skip
+        del frame
         drift_ts = (read_meta(log_path) or {}).get("drift_ts")
     settings = settings.replace(
         trainer=dataclasses.replace(settings.trainer, checkpoint_dir=str(run / "checkpoints"))
@@ -278,8 +284,9 @@ def run_demo(
                 log_path,
                 broker.url,
                 watermark_every=settings.replay_watermark_every,
-                final_watermark_gap_s=settings.join.window_s + settings.join.lateness_s + 1,
+                final_watermark_gap_s=_final_gap(settings),
                 progress=progress,
+                max_future_skew_s=settings.max_future_skew_s,
             )
             print(
                 f"replayed {stats.impressions:,} impressions and {stats.clicks:,} clicks in "
@@ -461,22 +468,76 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
 MONITOR_GRACE_S = 15.0
 
 
+class DemoError(RuntimeError):
+    """The demo's worker exited, stood still, or did not finish in time (the message says
+    which, with its counts; ``streamrec demo`` prints it as an error, no traceback)."""
+
+
+def _final_gap(settings: Settings) -> float:
+    """The replay's final watermark gap: past the join window and its lateness."""
+    return settings.join.window_s + settings.join.lateness_s + 1
+
+
+#: ``_wait_done`` gives up when the worker's counters (impressions and clicks read,
+#: labelled, scored, dead letters) have not moved for this many seconds
+STALL_S = 90.0
+_PROGRESS = (
+    "streamrec_impressions_total",
+    "streamrec_clicks_total",
+    "sum:streamrec_labeled_total",
+    "streamrec_scored_total",
+    "sum:streamrec_dead_letters_total",
+)
+
+
+def _stall_message(m: dict[str, float], impressions: int, stalled_s: float) -> str:
+    """Why the demo stopped waiting: the counts, and the dead letters by reason."""
+    prefix = 'streamrec_dead_letters_total{reason="'
+    reasons = {k[len(prefix) : -2]: v for k, v in m.items() if k.startswith(prefix) and v > 0}
+    dead = ", ".join(f"{r} {v:,.0f}" for r, v in sorted(reasons.items(), key=lambda x: -x[1]))
+    return (
+        f"the worker made no progress for {stalled_s:.0f} s: "
+        f"{m.get('streamrec_impressions_total', 0.0):,.0f} impressions read, "
+        f"{m.get('sum:streamrec_labeled_total', 0.0):,.0f} labelled and "
+        f"{m.get('streamrec_scored_total', 0.0):,.0f} scored of {impressions:,} replayed; "
+        + (
+            f"dead letters: {dead} (the dead-letter topic has each one with its reason)"
+            if dead
+            else "no dead letters"
+        )
+        + "; see worker.log"
+    )
+
+
 def _wait_done(
     url: str,
     impressions: int,
     worker: subprocess.Popen[bytes],
     deadline: float,
     progress: bool,
+    stall_s: float = STALL_S,
 ) -> dict[str, float]:
+    """Wait until the worker has labelled, scored and monitored ``impressions``; returns the
+    last scrape. Raises when the worker exits, at ``deadline`` (monotonic seconds), or when
+    its counters stand still for ``stall_s`` (e.g. every event was dead-lettered), saying
+    why."""
     from tqdm import tqdm
 
     bar = tqdm(total=impressions, unit="imp", desc="labelled+scored", disable=not progress)
     done = 0
     trained_at: float | None = None
+    seen: tuple[float, ...] = ()
+    moved_at = time.monotonic()
     while True:
         if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {worker.returncode}; see worker.log")
+            raise DemoError(f"the worker exited with code {worker.returncode}; see worker.log")
         m = scrape(url)
+        counts = tuple(m.get(k, 0.0) for k in _PROGRESS)
+        if counts != seen:
+            seen, moved_at = counts, time.monotonic()
+        elif time.monotonic() - moved_at > stall_s:
+            bar.close()
+            raise DemoError(_stall_message(m, impressions, time.monotonic() - moved_at))
         labeled = m.get("sum:streamrec_labeled_total", 0.0)
         scored = m.get("streamrec_scored_total", 0.0)
         monitored = m.get("streamrec_monitored_total", 0.0)
@@ -496,7 +557,8 @@ def _wait_done(
             return scrape(url)
         if time.monotonic() > deadline:
             bar.close()
-            raise TimeoutError(
-                f"not done in time: {labeled:.0f} labelled, {scored:.0f} scored of {impressions}"
+            raise DemoError(
+                f"not done in time (--timeout): {labeled:,.0f} labelled, {scored:,.0f} scored "
+                f"of {impressions:,}; see worker.log"
             )
         time.sleep(0.5)

@@ -26,8 +26,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
+from logs.events import (
+    MIN_TS,
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    Click,
+    InvalidEvent,
+    Watermark,
+    input_from_obj,
+)
 from logs.io import log_impressions, read_log_frame
+from logs.log_format import LogFormatError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,86 @@ def event_order(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ev_ts[order], ev_row[order], ev_click[order]
 
 
+def check_replayable(
+    df: pd.DataFrame,
+    source: str | Path,
+    *,
+    final_watermark_gap_s: float,
+    max_future_skew_s: float = 300.0,
+    now: float | None = None,
+) -> None:
+    """Refuse, before anything is sent, a log whose events a worker would refuse: it
+    dead-letters every event time before 1990-01-01 (``bad_timestamp``: relative seconds)
+    and every event or watermark more than ``max_future_skew_s`` ahead of its clock
+    (``future_ts``). Replayed anyway, such a log is labelled partly or not at all, and
+    ``streamrec demo`` waits for labels that never come. The final watermark is the last
+    event time plus ``final_watermark_gap_s``, so a log that ended less than that long ago
+    cannot be replayed whole yet (its last impressions would never be labelled).
+
+    Every other check of the worker's (id lengths, feature counts and names, ...) runs on
+    a sample of :data:`CHECK_SAMPLE` impressions (the first, the last and random ones): a
+    log the worker would refuse in at least half of the sample is refused, naming the first
+    refused row and the reason; a smaller share is a warning (those rows become dead
+    letters with their reasons, as in production). A full check would cost ~5 µs a row.
+
+    ``df``: a log in normal form (:func:`logs.io.read_log_frame`); ``now``: epoch seconds
+    (default: this machine's clock). Raises :class:`~logs.log_format.LogFormatError`."""
+    if df.empty:
+        return
+    ts = df["ts"].to_numpy(dtype=np.float64)
+    if ts[0] < MIN_TS:
+        raise LogFormatError(
+            f"{source}: ts {float(ts[0])!r} (row 1) is before 1990-01-01 as epoch seconds; a "
+            "worker refuses such event times (bad_timestamp: relative seconds are not event "
+            "times). Add an epoch offset to ts and click_ts (e.g. the time the log starts) "
+            "before replaying; `streamrec evaluate` reads the log as it is"
+        )
+    click_ts = df["click_ts"].to_numpy(dtype=np.float64)
+    last = max(float(ts[-1]), float(np.nanmax(click_ts)) if np.isfinite(click_ts).any() else -1.0)
+    now = time.time() if now is None else now
+    final = last + final_watermark_gap_s
+    if final > now + max_future_skew_s:
+        ahead = final - now
+        raise LogFormatError(
+            f"{source}: the log's last event is at {last!r} epoch s, {last - now:+,.0f} s from "
+            f"this clock; the final watermark (last event + {final_watermark_gap_s:,.0f} s, so "
+            f"that every impression's window closes) would be {ahead:,.0f} s ahead of it, and "
+            f"a worker refuses event times more than max_future_skew_s = "
+            f"{max_future_skew_s:g} s ahead (future_ts): the log's last impressions would never "
+            "be labelled. Replay it once the clock has passed the final watermark, or set "
+            "max_future_skew_s = inf in the config of the worker and of the replay"
+        )
+    _check_sample(df, source)
+
+
+#: impressions of a log that :func:`check_replayable` runs through the worker's validation
+CHECK_SAMPLE = 1_000
+
+
+def _check_sample(df: pd.DataFrame, source: str | Path) -> None:
+    n = len(df)
+    rows = np.arange(n)
+    if n > CHECK_SAMPLE:
+        rng = np.random.default_rng(0)
+        rows = np.unique(np.r_[0, n - 1, rng.choice(n, CHECK_SAMPLE - 2, replace=False)])
+    refused: list[tuple[int, str]] = []
+    for row, imp in zip(rows.tolist(), log_impressions(df.iloc[rows]), strict=True):
+        try:
+            input_from_obj(imp.to_dict(), TOPIC_IMPRESSIONS)
+        except InvalidEvent as exc:
+            refused.append((row, f"{exc.reason}: {exc.detail}"))
+    if not refused:
+        return
+    row, why = refused[0]
+    msg = (
+        f"{source}: a worker would refuse {len(refused):,} of {len(rows):,} impressions "
+        f"checked (row {row + 1}: {why})"
+    )
+    if 2 * len(refused) >= len(rows):
+        raise LogFormatError(msg + "; fix the log before replaying it")
+    log.warning("%s; they will be dead-lettered with their reasons", msg)
+
+
 def replay(
     log_path: str | Path,
     bootstrap: str,
@@ -76,6 +165,8 @@ def replay(
     on_progress: Callable[[int], None] | None = None,
     fmt: str = "envelope",
     client_options: Mapping[str, Any] | None = None,
+    max_future_skew_s: float = 300.0,
+    frame: pd.DataFrame | None = None,
 ) -> ReplayStats:
     """Publish a canonical log to ``impressions`` and ``clicks``.
 
@@ -89,6 +180,10 @@ def replay(
         limit: replay only the first ``limit`` rows.
         fmt: ``"envelope"`` (batched envelopes, see :mod:`stream.envelope`) or ``"json"``
             (one JSON record per event).
+        max_future_skew_s: the workers' ``Settings.max_future_skew_s``: a log they would
+            refuse is refused here first (:func:`check_replayable`).
+        frame: the log already read by :func:`logs.io.read_log_frame` (it is then not read
+            again from ``log_path``, which only names it in messages).
     """
     from kafka import KafkaProducer
     from tqdm import tqdm
@@ -97,9 +192,13 @@ def replay(
 
     if fmt not in REPLAY_FORMATS:
         raise ValueError(f"fmt must be one of {REPLAY_FORMATS}, got {fmt!r}")
-    df = read_log_frame(log_path)
+    df = read_log_frame(log_path) if frame is None else frame
     if limit is not None:
         df = df.iloc[:limit].reset_index(drop=True)
+    check_replayable(
+        df, log_path, final_watermark_gap_s=final_watermark_gap_s,
+        max_future_skew_s=max_future_skew_s,
+    )  # fmt: skip
     stats = ReplayStats()
     if df.empty:
         log.warning("%s has no rows; nothing to replay", log_path)

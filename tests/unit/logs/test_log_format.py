@@ -75,6 +75,8 @@ def test_feature_is_numeric_iff_every_present_value_is_a_finite_number() -> None
         ({"propensity": [0.5, 0.0, 1.0]}, "propensity", 2),
         ({"true_p": [0.5, 0.0, 1.5]}, "true_p", 3),
         ({"position": [1, 0, 2]}, "position", 2),
+        ({"ts": [1.0, 2.0, 4.2e9]}, "ts", 3),
+        ({"click_ts": [None, 4.2e9, None]}, "click_ts", 2),
     ],
 )
 def test_invalid_value_error_names_source_column_and_row(
@@ -82,6 +84,23 @@ def test_invalid_value_error_names_source_column_and_row(
 ) -> None:
     with pytest.raises(LogFormatError, match=rf"^src: column '{column}', row {row}: "):
         normalize_frame(raw_frame(**overrides), source="src")
+
+
+@pytest.mark.parametrize(
+    ("ts", "hint"),
+    [
+        (1.7e12, "if these are milliseconds, divide ts and click_ts by 1,000$"),
+        (1.7e15, "if these are microseconds, divide ts and click_ts by 1,000,000$"),
+        (1.7e18, "if these are nanoseconds, divide ts and click_ts by 1,000,000,000$"),
+        (1e30, "is after 2100-01-01 as epoch seconds$"),
+    ],
+)
+def test_times_after_2100_are_refused_with_the_unit_they_look_like(ts: float, hint: str) -> None:
+    # a log in milliseconds would otherwise be read as times centuries ahead, with every
+    # half-life and window of the feature stage and the joiner 1,000x too short
+    raw = raw_frame(ts=[ts, ts, ts], click_ts=[None, ts + 1, None])
+    with pytest.raises(LogFormatError, match=rf"^src: column 'ts', row 1: .*{hint}"):
+        normalize_frame(raw, source="src")
 
 
 def test_the_source_kind_decides_only_how_a_row_is_located() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -10,8 +11,9 @@ import pytest
 
 from logs.events import parse_impression
 from logs.io import log_impressions
+from logs.log_format import LogFormatError
 from logs.synthetic import SyntheticConfig, generate
-from stream.replay import event_order
+from stream.replay import check_replayable, event_order
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,51 @@ def test_propensity_and_missing_values_never_become_features() -> None:
         {"dev": "ios", "price": 4.0},
     ]
     assert [im.true_p for im in imps] == [0.1, None, 0.3, 0.4]
+
+
+def _recent_log(end: float) -> pd.DataFrame:
+    df = generate(SyntheticConfig(n_impressions=200, seed=2))
+    shift = end - float(np.nanmax(df["click_ts"].to_numpy()))
+    df["ts"] += shift
+    df["click_ts"] += shift
+    return df
+
+
+def test_a_log_the_worker_would_refuse_is_refused_before_anything_is_sent() -> None:
+    now = 1_800_000_000.0
+    ok = _recent_log(now - 3_000.0)
+    check_replayable(ok, "ok.csv", final_watermark_gap_s=1_861.0, now=now)
+    # relative seconds: every event would be dead-lettered as bad_timestamp
+    rel = ok.copy()
+    rel["ts"] -= float(rel["ts"].iloc[0])
+    rel["click_ts"] -= float(ok["ts"].iloc[0])
+    with pytest.raises(LogFormatError, match=r"^rel.csv: ts 0.0 \(row 1\) is before 1990-01-01"):
+        check_replayable(rel, "rel.csv", final_watermark_gap_s=1_861.0, now=now)
+    # the final watermark (last event + the gap) would be future_ts for the worker
+    recent = _recent_log(now - 600.0)
+    with pytest.raises(LogFormatError, match=r"would be 1,261 s ahead of it.*max_future_skew_s"):
+        check_replayable(recent, "recent.csv", final_watermark_gap_s=1_861.0, now=now)
+    # a worker configured to accept it: the replay accepts it too
+    check_replayable(
+        recent, "recent.csv", final_watermark_gap_s=1_861.0, max_future_skew_s=math.inf, now=now
+    )
+    check_replayable(recent.iloc[:0], "empty.csv", final_watermark_gap_s=1_861.0, now=now)
+
+
+def test_a_log_mostly_refused_by_the_worker_is_refused_and_a_few_bad_rows_are_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = 1_800_000_000.0
+    ok = _recent_log(now - 3_000.0)
+    long_id = "u" * 300  # the worker's ids have 1..256 characters
+    bad = ok.assign(user_id=[long_id] * len(ok))
+    with pytest.raises(
+        LogFormatError,
+        match=r"would refuse 200 of 200 impressions checked \(row 1: bad_value: field 'user_id'",
+    ):
+        check_replayable(bad, "bad.csv", final_watermark_gap_s=1_861.0, now=now)
+    few = ok.copy()
+    few.loc[[3, 7], "user_id"] = long_id
+    with caplog.at_level("WARNING", logger="stream.replay"):
+        check_replayable(few, "few.csv", final_watermark_gap_s=1_861.0, now=now)
+    assert "a worker would refuse 2 of 200 impressions checked (row 4: bad_value" in caplog.text
