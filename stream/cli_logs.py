@@ -207,6 +207,16 @@ def pretrain_cmd(
         examples = load_examples(log_path, limit=limit, features=_feature_config(hist_features))
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None
+    if len(examples) == 0:
+        raise click.ClickException(f"{log_path}: the log has no rows; nothing to pretrain on")
+    clicks = int(examples.y.sum())
+    if clicks in (0, len(examples)):
+        click.echo(
+            f"warning: every one of the log's {len(examples):,} impressions is "
+            f"{'clicked' if clicks else 'unclicked'}: the ranker learns to predict "
+            f"{'1' if clicks else '0'} for everything",
+            err=True,
+        )
     report = pretrain(examples, out, config=cfg, epochs=epochs, batch_size=batch_size, seed=seed)
     click.echo(
         f"pretrained {cfg.model} on {report['examples']:,} examples x {epochs} epoch(s) in "

@@ -51,6 +51,13 @@ def test_demo_checks_its_log_before_starting_a_broker(tmp_path: Path) -> None:
     for text, message in [
         ("a,b\n1,2\n", "missing required column"),
         ("ts,impression_id,user_id,item_id,click\n", "no rows"),
+        # relative seconds: the worker would dead-letter every event (bad_timestamp)
+        ("ts,impression_id,user_id,item_id,click\n0,a,u,i,0\n", "before 1990-01-01"),
+        ("ts,impression_id,user_id,item_id,click\n1700000000000,a,u,i,0\n", "milliseconds"),
+        (
+            f"ts,impression_id,user_id,item_id,click\n1700000000,a,{'u' * 300},i,0\n",
+            "would refuse 1 of 1 impressions checked",
+        ),
     ]:
         log = tmp_path / "log.csv"
         log.write_text(text)
@@ -60,6 +67,19 @@ def test_demo_checks_its_log_before_starting_a_broker(tmp_path: Path) -> None:
 
 
 OBD_FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "obd" / "all.csv"
+
+
+def test_pretrain_refuses_an_empty_log_and_warns_about_one_without_clicks(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("ts,impression_id,user_id,item_id,click\n")
+    r = CliRunner().invoke(main, ["pretrain", str(log), "--out", str(tmp_path / "r.pt")])
+    assert r.exit_code == 1 and "no rows; nothing to pretrain on" in r.output
+    assert "Traceback" not in r.output
+    rows = "".join(f"{1700000000 + k},m{k},u{k % 3},i{k % 4},0\n" for k in range(40))
+    log.write_text("ts,impression_id,user_id,item_id,click\n" + rows)
+    r = CliRunner().invoke(main, ["pretrain", str(log), "--out", str(tmp_path / "r.pt")])
+    assert r.exit_code == 0
+    assert "every one of the log's 40 impressions is unclicked" in r.output
 
 
 @pytest.mark.parametrize(
