@@ -10,7 +10,11 @@ default retrieval (``beta = 0``), ``model_prior`` adds ``beta * log q`` with ``b
 the half-life picked on the last 20% of the training period
 (:mod:`learners.retrieval_prior`), ``popularity`` is the all-time training popularity (the
 MovieLens bar's reference, as defined before), ``popularity_decayed`` the decayed one with
-its half-life picked on the same validation split.
+its half-life picked on the same validation split. ``covisit`` is item-to-item
+co-visitation over the training clicks' point-in-time histories
+(:mod:`learners.covisit`); ``covisit_fused`` fuses it with decayed popularity and
+``model_fused`` the ``model_prior`` list with both, by weighted reciprocal rank fusion,
+weights and constant picked on the same validation split (``fusion`` per seed).
 
 Logs: the MovieLens dev log; the history world (:func:`bench.history_models.history_world`,
 300k impressions); a log without history (``logs.synthetic`` defaults but 200k impressions,
@@ -28,12 +32,16 @@ import numpy as np
 import torch
 
 from bench.run import bench_parser, load_note, machine, publish, stamp
+from learners.covisit import CoVisitConfig
 from learners.retrieval_eval import evaluate_retrieval
 from learners.retrieval_prior import ServingPrior
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
 
 NAME = "retrieval_prior"
-ROWS = ("model", "model_prior", "popularity", "popularity_decayed", "cooccurrence")
+ROWS = (
+    "model", "model_prior", "popularity", "popularity_decayed", "cooccurrence", "covisit",
+    "covisit_fused", "model_fused",
+)  # fmt: skip
 
 
 def logs(quick: bool, movielens: Path | None) -> dict[str, Any]:
@@ -62,10 +70,14 @@ def run_log(rows: Any, y: Any, seeds: int) -> dict[str, Any]:
     for seed in range(seeds):
         t = time.perf_counter()
         model = TwoTowerModel(TwoTowerConfig(device="cpu"), seed=seed)
-        r = evaluate_retrieval(rows, y, model, seed=seed, prior=ServingPrior())
+        r = evaluate_retrieval(
+            rows, y, model, seed=seed, prior=ServingPrior(), covisit=CoVisitConfig()
+        )
         runs.append({
             "recall_at_10": {k: r["rows"][k]["recall_at_k"] for k in ROWS if k in r["rows"]},
             "prior": r["prior"],
+            "fusion": {"picks": r["fusion"]["picks"],
+                       "validation_clicks": r["fusion"].get("validation_clicks", 0)},
             "unseen_share": r["unseen_share"],
             "seconds": round(time.perf_counter() - t, 1),
         })  # fmt: skip
@@ -95,6 +107,7 @@ def main(
         "machine": machine(),
         "seeds": seeds,
         "prior_config": ServingPrior().__dict__,
+        "covisit_config": CoVisitConfig().__dict__,
     }
     if movielens is not None:
         report["command"] += f" --movielens {movielens}"

@@ -35,6 +35,16 @@ counts of the clicks before it, then the model learns them too (the ``model`` ro
 exactly as without ``prior``). The ``prior`` key of the result records the picks and the
 validation recall of every grid point (``test_by_beta``: the test recall of each ``beta`` at
 the picked half-life, for reference only, not for picking).
+
+With ``covisit`` (:class:`learners.covisit.CoVisitConfig`) a ``covisit`` row: item-to-item
+co-visitation over the training clicks' point-in-time ``hist_seq``
+(:class:`~learners.covisit.CoVisitation`; a query without known history gets popularity).
+With ``prior`` too, two fused rows, by weighted reciprocal rank fusion of the top
+:data:`FUSION_WIDTH` of each source (:func:`~learners.covisit.rrf_fuse`):
+``covisit_fused`` (co-visitation + decayed popularity) and ``model_fused`` (the
+``model_prior`` list + co-visitation + decayed popularity); their weights and the fusion
+constant are picked on the same validation clicks (co-visitation then counts only the
+rows before them), recorded under ``fusion``.
 """
 
 from __future__ import annotations
@@ -47,11 +57,19 @@ from typing import Any, Protocol
 import numpy as np
 
 from learners.base import Rows
+from learners.covisit import CoVisitation, CoVisitConfig, rrf_fuse
 from learners.retrieval_prior import DecayedClicks, ServingPrior, prior_bias
 
 __all__ = ["RetrievalModel", "cooccurrence_top", "evaluate_retrieval", "retrieval_metrics"]
 
 _CHUNK = 4096  # queries per exact-search matrix product
+#: candidates of each source that reciprocal rank fusion merges
+FUSION_WIDTH = 100
+#: the fusion grid: RRF constant, decayed popularity's and co-visitation's weights (the
+#: first source, co-visitation or the model, weighs 1)
+FUSION_C = (10.0, 60.0)
+FUSION_POPULARITY = (0.0, 0.5, 1.0, 2.0)
+FUSION_COVISIT = (0.5, 1.0, 2.0)
 
 
 class RetrievalModel(Protocol):
@@ -195,6 +213,7 @@ def evaluate_retrieval(
     seed: int = 0,
     exclude_seen: bool = False,
     prior: ServingPrior | None = None,
+    covisit: CoVisitConfig | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on the first ``train_fraction`` of ``rows`` (time-ordered, labels
     ``y`` (N,) 0/1), then score each click of the rest (see the module docstring).
@@ -203,7 +222,7 @@ def evaluate_retrieval(
     (e.g. :func:`logs.synthetic.click_propensity`) adds the ``oracle`` row. Returns
     ``{"train_rows", "test_clicks", "items", "unseen_share", "k", "exclude_seen",
     "rows": {name: metrics}}`` (and ``"prior"`` with ``prior``). ``exclude_seen`` and
-    ``prior``: see the module docstring.
+    ``prior`` and ``covisit``: see the module docstring.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
@@ -215,15 +234,22 @@ def evaluate_retrieval(
     split = int(train_fraction * len(rows))
     start = 0
     chosen: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None
+    cv = None if covisit is None else CoVisitation(covisit)
     if prior is not None:  # learn up to the validation rows (on a batch edge), pick, go on
         val = int(split * (1.0 - prior.validation_fraction)) // batch_size * batch_size
         for s in range(0, val, batch_size):
             model.learn_many(rows[s : s + batch_size], y[s : s + batch_size])
         chosen = _pick_prior(rows, y, model, val, split, k, prior, exclude_seen)
+        if cv is not None:
+            cv.learn_many(rows[:val], y[:val])
+            fusion = _pick_fusion(rows, y, model, cv, val, split, k, chosen, exclude_seen)
         start = val
     for s in range(start, split, batch_size):
         e = min(s + batch_size, split)
         model.learn_many(rows[s:e], y[s:e])
+    if cv is not None:
+        cv.learn_many(rows[start:split], y[start:split])
     catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:split] if "item_id" in r))
     col = {item: c for c, item in enumerate(catalogue)}
     test = [i for i in range(split, len(rows)) if y[i] > 0 and rows[i].get("item_id") is not None]
@@ -266,6 +292,16 @@ def evaluate_retrieval(
             _drop_seen(np.broadcast_to(pop_top, (len(test), wide)), seen, kk), truth, n_items
         )
         out["prior"] = {**chosen, "test_by_beta": by_beta}
+        if cv is not None and fusion is not None:
+            beta_bias = prior_bias(counts.log_q(catalogue), chosen["beta"], tau)
+            lists = _fusion_lists(
+                u_vec, items, beta_bias, pop_counts, catalogue, cv, queries, extra
+            )
+            for name, (weights, c) in fusion["picks"].items():
+                fused = rrf_fuse(lists[: len(weights)] if name == "model_fused"
+                                 else [lists[1], lists[2]], weights, n_items, wide, c)  # fmt: skip
+                out["rows"][name] = retrieval_metrics(_drop_seen(fused, seen, kk), truth, n_items)
+            out["fusion"] = fusion
     clicked = Counter(str(r["item_id"]) for r, t in zip(rows[:split], y[:split], strict=True)
                       if t > 0 and "item_id" in r)  # fmt: skip
     popular = np.array([col[i] for i, _ in clicked.most_common(wide)], dtype=np.int64)
@@ -278,6 +314,9 @@ def evaluate_retrieval(
         out["rows"]["cooccurrence"] = retrieval_metrics(
             _drop_seen(co_top, seen, kk), truth, n_items
         )
+        if cv is not None:
+            cv_top = cv.top(queries, catalogue, wide, popular)
+            out["rows"]["covisit"] = retrieval_metrics(_drop_seen(cv_top, seen, kk), truth, n_items)
     rng = np.random.default_rng(seed)
     rand_top = np.stack([rng.choice(n_items, wide, replace=False) for _ in test])
     out["rows"]["random"] = retrieval_metrics(_drop_seen(rand_top, seen, kk), truth, n_items)
@@ -382,4 +421,86 @@ def _pick_prior(
         half_life_fraction=best[2],
         popularity_half_life_fraction=best_pop[1],
     )
+    return picks
+
+
+def _fusion_lists(
+    users: np.ndarray,
+    items: np.ndarray,
+    bias: np.ndarray,
+    pop_counts: DecayedClicks,
+    catalogue: list[str],
+    cv: CoVisitation,
+    queries: Rows,
+    extra: int,
+) -> list[np.ndarray]:
+    """The sources fusion merges, ``FUSION_WIDTH`` (+ ``extra``, the most seen items a
+    query may drop) each: the model with its prior ``bias`` (Q, W), co-visitation (Q, W)
+    and decayed popularity (W,)."""
+    width = min(FUSION_WIDTH + extra, len(catalogue))
+    pop = _popular_top(pop_counts, catalogue, width)
+    return [_top_k(users, items, width, bias), cv.top(queries, catalogue, width, pop), pop]
+
+
+def _pick_fusion(
+    rows: Rows,
+    y: np.ndarray,
+    model: RetrievalModel,
+    cv: CoVisitation,
+    val: int,
+    split: int,
+    k: int,
+    chosen: Mapping[str, Any],
+    exclude_seen: bool,
+) -> dict[str, Any]:
+    """Pick the fusion weights and constant (``FUSION_*`` grids) of ``covisit_fused`` and
+    ``model_fused`` on the clicks of ``rows[val:split]``, the model and ``cv`` as they are
+    after ``rows[:val]``, the popularity counts of the clicks before ``val`` at the
+    half-lives :func:`_pick_prior` chose."""
+    n_period = len(_clicked_items(rows[:split], y[:split]))
+    history = _clicked_items(rows[:val], y[:val])
+    catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:val] if "item_id" in r))
+    col = {item: c for c, item in enumerate(catalogue)}
+    picks: dict[str, Any] = {
+        "picks": {"covisit_fused": ([1.0, 0.0], FUSION_C[0]),
+                  "model_fused": ([1.0, FUSION_COVISIT[0], 0.0], FUSION_C[0])},
+        "validation": {"covisit_fused": {}, "model_fused": {}},
+    }  # fmt: skip
+    queries = [
+        rows[i] for i in range(val, split) if y[i] > 0 and rows[i].get("item_id") is not None
+    ]
+    if not queries or not catalogue or not history:
+        return picks
+    truth = np.array([col.get(str(q["item_id"]), -1) for q in queries], dtype=np.int64)
+    seen = _seen_columns(queries, col) if exclude_seen else None
+    extra = max((len(s) for s in seen), default=0) if seen is not None else 0
+    n = len(catalogue)
+    kk = min(k, n)
+    wide = min(kk + extra, n)
+    lq = _decayed(history, chosen["half_life_fraction"], n_period).log_q(catalogue)
+    bias = prior_bias(lq, chosen["beta"], _temperature(model))
+    pop_counts = _decayed(history, chosen["popularity_half_life_fraction"], n_period)
+    model_list, cv_list, pop = _fusion_lists(
+        model.user_vectors(queries), model.item_vectors(catalogue), bias, pop_counts,
+        catalogue, cv, queries, extra,
+    )  # fmt: skip
+
+    def recall(lists: list[np.ndarray], weights: list[float], c: float) -> float:
+        fused = rrf_fuse(lists, weights, n, wide, c)
+        return float(retrieval_metrics(_drop_seen(fused, seen, kk), truth, n)["recall_at_k"])
+
+    best: dict[str, tuple[float, list[float], float]] = {}
+    for c in FUSION_C:
+        for wp in FUSION_POPULARITY:
+            r = recall([cv_list, pop], [1.0, wp], c)
+            picks["validation"]["covisit_fused"][f"pop={wp},c={c}"] = r
+            if r > best.get("covisit_fused", (-1.0, [], 0.0))[0]:
+                best["covisit_fused"] = (r, [1.0, wp], c)
+            for wc in FUSION_COVISIT:
+                r = recall([model_list, cv_list, pop], [1.0, wc, wp], c)
+                picks["validation"]["model_fused"][f"covisit={wc},pop={wp},c={c}"] = r
+                if r > best.get("model_fused", (-1.0, [], 0.0))[0]:
+                    best["model_fused"] = (r, [1.0, wc, wp], c)
+    picks["picks"] = {name: (w, c) for name, (_, w, c) in best.items()}
+    picks["validation_clicks"] = len(queries)
     return picks

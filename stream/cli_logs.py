@@ -358,12 +358,19 @@ def evaluate_cmd(
     "time, beta and half-lives picked on the last 20% of the training period "
     "(learners.retrieval_prior.ServingPrior defaults).",
 )
+@click.option(
+    "--covisit",
+    is_flag=True,
+    help="Add the covisit row (item-to-item co-visitation over the clicks' histories) and, "
+    "with --prior, covisit_fused and model_fused (reciprocal rank fusion with decayed "
+    "popularity and the model, weights picked on the same validation clicks).",
+)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 def evaluate_retrieval_cmd(
     log_path: str, k: int, train_fraction: float, behaviour_len: int | None, batch_size: int,
-    limit: int | None, seed: int, exclude_seen: bool, prior: bool, json_out: str | None,
-    config: str | None,
+    limit: int | None, seed: int, exclude_seen: bool, prior: bool, covisit: bool,
+    json_out: str | None, config: str | None,
 ) -> None:  # fmt: skip
     """Two-tower retrieval on a log: recall@k, NDCG@k, coverage; popularity and random rows,
     and the oracle on a synthetic log with its .meta.json (time-ordered split, exact search,
@@ -375,6 +382,7 @@ def evaluate_retrieval_cmd(
 
     import numpy as np
 
+    from learners.covisit import CoVisitConfig
     from learners.retrieval_eval import evaluate_retrieval
     from learners.retrieval_prior import ServingPrior
     from learners.two_tower import TwoTowerModel
@@ -402,7 +410,7 @@ def evaluate_retrieval_cmd(
     report = evaluate_retrieval(
         examples.rows, examples.y, TwoTowerModel(tt, seed=seed), train_fraction=train_fraction,
         k=k, batch_size=batch_size, oracle=oracle, seed=seed, exclude_seen=exclude_seen,
-        prior=ServingPrior() if prior else None,
+        prior=ServingPrior() if prior else None, covisit=CoVisitConfig() if covisit else None,
     )  # fmt: skip
     report.update(log=log_path, behaviour_len=tt.behaviour_len)
     if not report["test_clicks"]:
@@ -419,7 +427,7 @@ def evaluate_retrieval_cmd(
     )
     for name, m in report["rows"].items():
         click.echo(
-            f"  {name:<11} recall@{k} {m['recall_at_k']:.4f}  NDCG@{k} {m['ndcg_at_k']:.4f}  "
+            f"  {name:<13} recall@{k} {m['recall_at_k']:.4f}  NDCG@{k} {m['ndcg_at_k']:.4f}  "
             f"coverage {m['coverage']:.4f}"
         )
     if "prior" in report:
@@ -429,6 +437,9 @@ def evaluate_retrieval_cmd(
             f"{p['beta']}, half-life {p['half_life_fraction']} of the training clicks "
             f"(popularity_decayed: {p['popularity_half_life_fraction']})"
         )
+    if "fusion" in report:
+        for name, (weights, c) in report["fusion"]["picks"].items():
+            click.echo(f"  {name} picked on the same clicks: weights {weights}, constant {c:g}")
 
 
 #: every command of this module, in the order ``streamrec --help`` lists them

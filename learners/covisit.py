@@ -1,0 +1,209 @@
+"""Item-to-item co-visitation retrieval, learned from the stream, and rank fusion.
+
+Item-based collaborative filtering ("people who clicked this also clicked", Sarwar et al.
+2001; Linden et al. 2003), kept the way a stream can keep it exactly: each click on item
+``b`` whose row carries the user's point-in-time behaviour sequence ``hist_seq`` (the
+feature stage's: the user's earlier clicks, most recent first, nothing from the future)
+counts one co-visit of ``b`` with each of the first ``window`` items of that sequence,
+both ways. A query row with history ``h_0, h_1, ...`` scores a candidate ``c`` by
+
+    sum_j  co(h_j, c) / ((1 + j) * (sqrt(n(h_j) * n(c)) + shrink))
+
+(``n``: the clicks of an item; the ``1 / (1 + j)`` weight favours the latest clicks;
+``shrink`` damps pairs seen a few times). A row without a known history item scores
+nothing, so its list is the fill order given (popularity).
+
+:func:`rrf_fuse` merges ranked candidate lists by weighted reciprocal rank fusion
+(Cormack et al. 2009): ``sum_l w_l / (c + rank_l(i))``, which needs no common scale
+between the sources (cosines, co-visit scores, counts).
+
+Memory: each item keeps at most ``max_neighbours`` co-visited items; past twice that, the
+least co-visited are dropped (counted in ``pruned``), so the counts of rare pairs are
+approximate.
+
+>>> cv = CoVisitation(CoVisitConfig(window=2, shrink=0.0))
+>>> rows = [{"item_id": "b", "hist_seq": ["a"]}, {"item_id": "c", "hist_seq": ["b", "a"]}]
+>>> cv.learn_many(rows, [1, 1])
+>>> catalogue = ["a", "b", "c", "d"]
+>>> cv.top([{"hist_seq": ["b"]}, {}], catalogue, 3, fill=np.array([3, 0, 1, 2])).tolist()
+[[0, 2, 3], [3, 0, 1]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from learners.base import Rows
+
+__all__ = ["CoVisitConfig", "CoVisitation", "rrf_fuse"]
+
+
+@dataclass(frozen=True)
+class CoVisitConfig:
+    """``window``: how many of a click's history items it co-visits (and how many of a
+    query's history items score). ``shrink`` >= 0: added to the normaliser. ``max_neighbours``:
+    co-visited items kept per item (the least co-visited are dropped past twice it)."""
+
+    window: int = 20
+    shrink: float = 10.0
+    max_neighbours: int = 500
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.max_neighbours < 1:
+            raise ValueError("window and max_neighbours must be >= 1")
+        if not (math.isfinite(self.shrink) and self.shrink >= 0):
+            raise ValueError(f"shrink must be finite and >= 0, got {self.shrink}")
+
+
+def _history(row: Mapping[str, object]) -> list[str]:
+    hist = row.get("hist_seq")
+    return [str(i) for i in hist] if isinstance(hist, list | tuple | np.ndarray) else []
+
+
+class CoVisitation:
+    """Co-visitation counts over clicked rows (see the module docstring); state inside."""
+
+    def __init__(self, config: CoVisitConfig | None = None) -> None:
+        self.config = config or CoVisitConfig()
+        self.co: dict[str, dict[str, float]] = {}
+        self.clicks: dict[str, float] = {}
+        self.pruned = 0
+        self._csr: tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def learn_many(self, X: Rows, y: Any) -> None:
+        """Count the clicks of ``X`` (labels ``y`` (N,), > 0 = clicked) in order."""
+        window, cap = self.config.window, self.config.max_neighbours
+        co, clicks = self.co, self.clicks
+        for row, label in zip(X, np.asarray(y, dtype=np.float64).reshape(-1).tolist(),
+                              strict=True):  # fmt: skip
+            item = row.get("item_id")
+            if label <= 0 or item is None:
+                continue
+            b = str(item)
+            clicks[b] = clicks.get(b, 0.0) + 1.0
+            hist = [a for a in _history(row)[:window] if a != b]
+            if not hist:
+                continue
+            nb = co.setdefault(b, {})
+            for a in hist:
+                nb[a] = nb.get(a, 0.0) + 1.0
+                na = co.setdefault(a, {})
+                na[b] = na.get(b, 0.0) + 1.0
+                if len(na) > 2 * cap:
+                    self._prune(na)
+            if len(nb) > 2 * cap:
+                self._prune(nb)
+        self._csr = None
+
+    def _prune(self, nb: dict[str, float]) -> None:
+        keep = sorted(nb.items(), key=lambda kv: -kv[1])[: self.config.max_neighbours]
+        self.pruned += len(nb) - len(keep)
+        nb.clear()
+        nb.update(keep)
+
+    def _matrix(
+        self, catalogue: Sequence[str]
+    ) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
+        """The normalised co-visit scores over ``catalogue`` as CSR arrays (indptr, indices,
+        data), rows and columns in catalogue order; cached until the next learn."""
+        key = tuple(catalogue)
+        col = {item: c for c, item in enumerate(catalogue)}
+        if self._csr is not None and self._csr[0] == key:
+            return col, self._csr[1], self._csr[2], self._csr[3]
+        n = np.array([self.clicks.get(item, 0.0) for item in catalogue], dtype=np.float64)
+        root = np.sqrt(np.maximum(n, 1.0))
+        indptr = [0]
+        indices: list[int] = []
+        data: list[float] = []
+        for a in catalogue:
+            for b, count in self.co.get(a, {}).items():
+                c = col.get(b)
+                if c is not None:
+                    indices.append(c)
+                    data.append(count)
+            indptr.append(len(indices))
+        ptr = np.asarray(indptr, dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64)
+        val = np.asarray(data, dtype=np.float64)
+        rows_of = np.repeat(np.arange(len(catalogue)), np.diff(ptr))
+        val = val / (root[rows_of] * root[idx] + self.config.shrink)
+        self._csr = (key, ptr, idx, val)
+        return col, ptr, idx, val
+
+    def top(
+        self, queries: Rows, catalogue: Sequence[str], width: int, fill: np.ndarray
+    ) -> np.ndarray:
+        """int ``(Q, width)`` catalogue indices per query row, best first: the co-visit
+        scores of the row's ``hist_seq``; the rest (and a row without a known history item)
+        in ``fill`` order (catalogue indices, e.g. by popularity)."""
+        col, ptr, idx, val = self._matrix(catalogue)
+        m = len(catalogue)
+        width = min(width, m)
+        fill = np.asarray(fill, dtype=np.int64)
+        # the fill order as a tiny tie-breaker below every co-visit score
+        base = np.zeros(m, dtype=np.float64)
+        base[fill] = -(np.arange(len(fill), dtype=np.float64) + 1.0) / (len(fill) + 1.0)
+        base[np.setdiff1d(np.arange(m), fill)] = -1.0
+        tiny = 1e-12
+        out = np.empty((len(queries), width), dtype=np.int64)
+        window = self.config.window
+        for q, row in enumerate(queries):
+            score = base * tiny
+            for j, h in enumerate(_history(row)[:window]):
+                a = col.get(h)
+                if a is not None:
+                    s, e = ptr[a], ptr[a + 1]
+                    score[idx[s:e]] += val[s:e] / (1.0 + j)
+            part = np.argpartition(-score, width - 1)[:width]
+            out[q] = part[np.argsort(-score[part], kind="stable")]
+        return out
+
+
+def rrf_fuse(
+    lists: Sequence[np.ndarray], weights: Sequence[float], n_items: int, width: int,
+    c: float = 60.0,
+) -> np.ndarray:  # fmt: skip
+    """Weighted reciprocal rank fusion: int ``(Q, width)`` indices of the largest ``sum_l
+    w_l / (c + rank_l(i))`` per query. ``lists``: int ``(Q, W_l)`` ranked indices per
+    query, or ``(W_l,)`` one list for every query (each list without repeats within a
+    row; ``-1`` entries are skipped); ``n_items``: the index range. Ties: the first
+    list's order."""
+    if len(lists) != len(weights) or not lists:
+        raise ValueError("need one weight per list, and at least one list")
+    q = max((len(x) for x in lists if x.ndim == 2), default=1)
+    width = min(width, n_items)
+    out = np.empty((q, width), dtype=np.int64)
+    chunk = max(1, 2_000_000 // max(n_items, 1))
+    for s in range(0, q, chunk):
+        e = min(q, s + chunk)
+        score = np.zeros((e - s, n_items), dtype=np.float64)
+        rows = np.arange(e - s)[:, None]
+        for lst, w in zip(lists, weights, strict=True):
+            if w == 0:
+                continue
+            part = lst[s:e] if lst.ndim == 2 else np.broadcast_to(lst, (e - s, len(lst)))
+            add = w / (c + np.arange(part.shape[1], dtype=np.float64))
+            ok = part >= 0
+            np.add.at(score, (np.broadcast_to(rows, part.shape)[ok], part[ok]),
+                      np.broadcast_to(add, part.shape)[ok])  # fmt: skip
+        first = lists[0]
+        if first.ndim == 1:
+            first = np.broadcast_to(first, (e - s, len(first)))
+        else:
+            first = first[s:e]
+        # tie-break by the first list's rank (a tiny decreasing bonus)
+        tb = np.zeros_like(score)
+        okf = first >= 0
+        np.add.at(tb, (np.broadcast_to(rows, first.shape)[okf], first[okf]),
+                  np.broadcast_to(-np.arange(first.shape[1], dtype=np.float64) * 1e-12
+                                  + 1e-9, first.shape)[okf])  # fmt: skip
+        score += tb
+        part_k = np.argpartition(-score, width - 1, axis=1)[:, :width]
+        order = np.argsort(-np.take_along_axis(score, part_k, axis=1), axis=1, kind="stable")
+        out[s:e] = np.take_along_axis(part_k, order, axis=1)
+    return out
