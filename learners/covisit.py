@@ -40,7 +40,7 @@ import numpy as np
 
 from learners.base import Rows
 
-__all__ = ["CoVisitConfig", "CoVisitation", "rrf_fuse"]
+__all__ = ["CoVisitConfig", "CoVisitation", "history_items", "rrf_fuse"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class CoVisitConfig:
             raise ValueError(f"shrink must be finite and >= 0, got {self.shrink}")
 
 
-def _history(row: Mapping[str, object]) -> list[str]:
+def history_items(row: Mapping[str, object]) -> list[str]:
+    """The items of a row's ``hist_seq`` (most recent first) as strings; [] without one."""
     hist = row.get("hist_seq")
     return [str(i) for i in hist] if isinstance(hist, list | tuple | np.ndarray) else []
 
@@ -86,7 +87,7 @@ class CoVisitation:
                 continue
             b = str(item)
             clicks[b] = clicks.get(b, 0.0) + 1.0
-            hist = [a for a in _history(row)[:window] if a != b]
+            hist = [a for a in history_items(row)[:window] if a != b]
             if not hist:
                 continue
             nb = co.setdefault(b, {})
@@ -154,7 +155,7 @@ class CoVisitation:
         window = self.config.window
         for q, row in enumerate(queries):
             score = base * tiny
-            for j, h in enumerate(_history(row)[:window]):
+            for j, h in enumerate(history_items(row)[:window]):
                 a = col.get(h)
                 if a is not None:
                     s, e = ptr[a], ptr[a + 1]

@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from learners.base import Rows
-from learners.covisit import CoVisitation, CoVisitConfig, rrf_fuse
+from learners.covisit import CoVisitation, CoVisitConfig, history_items, rrf_fuse
 from learners.retrieval_prior import DecayedClicks, ServingPrior, prior_bias
 
 __all__ = ["RetrievalModel", "cooccurrence_top", "evaluate_retrieval", "retrieval_metrics"]
@@ -125,11 +125,6 @@ def _drop_seen(top: np.ndarray, seen: list[set[int]] | None, k: int) -> np.ndarr
     return out
 
 
-def _history(row: Mapping[str, object]) -> list[str]:
-    hist = row.get("hist_seq")
-    return [str(i) for i in hist] if isinstance(hist, list | tuple | np.ndarray) else []
-
-
 def cooccurrence_top(
     train: Rows,
     train_y: np.ndarray,
@@ -166,7 +161,7 @@ def cooccurrence_top(
     after: dict[str, Counter[int]] = {}
     for row, label in zip(train, np.asarray(train_y).tolist(), strict=True):
         item = row.get("item_id")
-        hist = _history(row)
+        hist = history_items(row)
         if label > 0 and item is not None and str(item) in col and hist:
             after.setdefault(hist[0], Counter())[col[str(item)]] += 1
     fill = np.asarray(popular, dtype=np.int64).tolist()
@@ -175,7 +170,7 @@ def cooccurrence_top(
     out = np.full((len(queries), width), -2, dtype=np.int64)
     for q, row in enumerate(queries):
         score: dict[int, float] = {}
-        for j, prev in enumerate(_history(row)[:window]):
+        for j, prev in enumerate(history_items(row)[:window]):
             for c, n in after.get(prev, Counter()).items():
                 score[c] = score.get(c, 0.0) + n / (1.0 + j)
         ranked = sorted(score, key=lambda c: (-score[c], rank.get(c, tail), c))[:width]
