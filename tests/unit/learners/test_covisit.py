@@ -58,6 +58,17 @@ def test_neighbours_per_item_stay_bounded() -> None:
     assert all(v == 3.0 for v in cv.co["hub"].values())
 
 
+def test_the_entry_budget_drops_the_least_recently_clicked_items_lists() -> None:
+    cv = CoVisitation(CoVisitConfig(window=1, max_entries=40))
+    # 30 pairs clicked in turn: each pair adds 2 entries (a -> b and b -> a)
+    rows = [{"item_id": f"b{k}", "hist_seq": [f"a{k}"]} for k in range(30)]
+    cv.learn_many(rows, np.ones(30))
+    assert cv.entries <= 40 and cv.evicted > 0
+    assert cv.entries == sum(len(nb) for nb in cv.co.values())
+    assert "b29" in cv.co and "a29" in cv.co  # the latest pair is kept
+    assert "b0" not in cv.co and "a0" not in cv.co  # the oldest went first
+
+
 def test_rrf_fuse_adds_weighted_reciprocal_ranks() -> None:
     a = np.array([[0, 1, 2], [2, 1, 0]])
     b = np.array([3, 2, 1])  # one list for every query
