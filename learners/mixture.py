@@ -3,7 +3,9 @@
 :class:`FallbackMixture` serves a convex combination, in the space of the label rate the
 ranker learns, of two members: the ranker's probability ``b_r`` and the running base rate
 ``b_c`` of the labels learned so far (shrunk towards a prior with ``strength``
-pseudo-examples). The weights are the exponential weights of each member's *prequential*
+pseudo-examples; with ``half_life_clicks``, older labels count half after that many
+later clicks, so the base rate follows a click rate that moves while its noise stays that
+of a few hundred clicks). The weights are the exponential weights of each member's *prequential*
 log loss (every batch is scored by both members before either learns from it): with
 ``d = L_c - L_r`` the summed log-loss difference (nats), the ranker's weight is
 ``sigmoid(d)``. This is the Bayes mixture of two experts (log loss is 1-mixable), so its
@@ -57,7 +59,12 @@ class FallbackMixture:
     difference; ``fake_negatives``: the labels are the fake-negative stream's."""
 
     def __init__(
-        self, prior: float, strength: float, cap: float, fake_negatives: bool = False
+        self,
+        prior: float,
+        strength: float,
+        cap: float,
+        fake_negatives: bool = False,
+        half_life_clicks: float | None = None,
     ) -> None:
         if not 0.0 < prior < 1.0:
             raise ValueError(f"prior must be in (0, 1), got {prior}")
@@ -65,6 +72,12 @@ class FallbackMixture:
             raise ValueError(f"strength must be positive finite, got {strength}")
         if not (math.isfinite(cap) and cap > 0):
             raise ValueError(f"cap must be positive finite, got {cap}")
+        if half_life_clicks is not None and not (
+            math.isfinite(half_life_clicks) and half_life_clicks > 0
+        ):
+            raise ValueError(f"half_life_clicks must be positive finite or None, got "
+                             f"{half_life_clicks}")  # fmt: skip
+        self.half_life_clicks = half_life_clicks
         self.prior = prior
         self.strength = strength
         self.cap = cap
@@ -121,7 +134,11 @@ class FallbackMixture:
         gain = _log_loss(np.full_like(y, self.base_rate), y, w) - _log_loss(b_r, y, w)
         self.advantage = min(self.cap, max(-self.cap, self.advantage + gain))
         wy, sw = self.counts
-        self.counts = (wy + float((w * y).sum()), sw + total)
+        batch_wy = float((w * y).sum())
+        if self.half_life_clicks is not None:  # older labels count half after that many
+            keep = 0.5 ** (batch_wy / self.half_life_clicks)  # clicks (positives) since
+            wy, sw = wy * keep, sw * keep
+        self.counts = (wy + batch_wy, sw + total)
         self.n_examples += total
         return True
 

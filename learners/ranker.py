@@ -150,6 +150,7 @@ class TorchRanker(Checkpointed):
                 strength=config.bias_prior_strength or 1.0,
                 cap=config.fallback_cap,
                 fake_negatives=config.loss == "fnw" or config.fnc,
+                half_life_clicks=config.fallback_half_life_clicks,
             )
             if config.uses_fallback
             else None

@@ -68,7 +68,10 @@ class RankerConfig:
     ``prior_ctr`` with ``bias_prior_strength`` pseudo-examples, or 1 when that is None),
     weighted by each one's prequential log loss; ``fallback_cap`` (nats, > 0): the clip of
     their log-loss difference (the mixture then keeps weight ~``e^-cap`` on the loser and
-    can switch back after ``cap`` nats). Not used with ``loss="dfm"`` (labels not final).
+    can switch back after ``cap`` nats). ``fallback_half_life_clicks`` (> 0 or None): the
+    base rate's labels count half after this many later clicks, so it follows a click
+    rate that moves (200 since 2026-12-06; None: every label counts alike, as before).
+    Not used with ``loss="dfm"`` (labels not final).
     On by default since 2026-12-06 (README "The fallback mixture": on a log with too few
     clicks to learn from it keeps the ranker from being worse than a constant model; it
     moves the calibration ratio by 0.5-1.5%, which the logit offset, ``[offset]``, off by
@@ -116,6 +119,7 @@ class RankerConfig:
     attention_log_mass: bool = True
     fallback_mixture: bool = True
     fallback_cap: float = 10.0
+    fallback_half_life_clicks: float | None = 200.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -163,6 +167,10 @@ class RankerConfig:
         cap = self.fallback_cap
         if not (math.isfinite(cap) and cap > 0):
             raise ValueError(f"fallback_cap must be positive finite, got {cap}")
+        hl = self.fallback_half_life_clicks
+        if hl is not None and not (math.isfinite(hl) and hl > 0):
+            raise ValueError(f"fallback_half_life_clicks must be positive finite or None, "
+                             f"got {hl}")  # fmt: skip
         if self.device != "auto":
             try:
                 torch.device(self.device)
