@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -293,8 +293,7 @@ def evaluate_retrieval(
                 u_vec, items, beta_bias, pop_counts, catalogue, cv, queries, extra
             )
             for name, (weights, c) in fusion["picks"].items():
-                fused = rrf_fuse(lists[: len(weights)] if name == "model_fused"
-                                 else [lists[1], lists[2]], weights, n_items, wide, c)  # fmt: skip
+                fused = rrf_fuse(_sources(lists, name), weights, n_items, wide, c)
                 out["rows"][name] = retrieval_metrics(_drop_seen(fused, seen, kk), truth, n_items)
             out["fusion"] = fusion
     clicked = Counter(str(r["item_id"]) for r, t in zip(rows[:split], y[:split], strict=True)
@@ -357,6 +356,43 @@ def _temperature(model: RetrievalModel) -> float:
     return float(getattr(config, "temperature", 1.0))
 
 
+class _Validation(NamedTuple):
+    """The validation clicks of ``rows[val:split]`` scored against the catalogue of
+    ``rows[:val]`` (see :func:`_validation`)."""
+
+    n_period: int  # clicks of the whole training period
+    history: list[str]  # clicked items before ``val``, oldest first
+    catalogue: list[str]
+    queries: Rows
+    truth: np.ndarray  # (Q,) catalogue column of each query's item, -1 when unseen
+    seen: list[set[int]] | None
+    extra: int  # the most seen items a query may drop
+    kk: int
+    wide: int
+
+
+def _validation(
+    rows: Rows, y: np.ndarray, val: int, split: int, k: int, exclude_seen: bool
+) -> _Validation | None:
+    """The validation split both pickers score on; None when it has no click, catalogue
+    or earlier click to pick with."""
+    history = _clicked_items(rows[:val], y[:val])
+    catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:val] if "item_id" in r))
+    queries = [
+        rows[i] for i in range(val, split) if y[i] > 0 and rows[i].get("item_id") is not None
+    ]
+    if not queries or not catalogue or not history:
+        return None
+    col = {item: c for c, item in enumerate(catalogue)}
+    truth = np.array([col.get(str(q["item_id"]), -1) for q in queries], dtype=np.int64)
+    seen = _seen_columns(queries, col) if exclude_seen else None
+    extra = max((len(s) for s in seen), default=0) if seen is not None else 0
+    kk = min(k, len(catalogue))
+    n_period = len(_clicked_items(rows[:split], y[:split]))
+    return _Validation(n_period, history, catalogue, queries, truth, seen, extra, kk,
+                       min(kk + extra, len(catalogue)))  # fmt: skip
+
+
 def _pick_prior(
     rows: Rows,
     y: np.ndarray,
@@ -369,10 +405,6 @@ def _pick_prior(
 ) -> dict[str, Any]:
     """Pick ``beta`` and the half-lives on the clicks of ``rows[val:split]`` with the model
     as it is after learning ``rows[:val]`` and the counts of the clicks before ``val``."""
-    n_period = len(_clicked_items(rows[:split], y[:split]))
-    history = _clicked_items(rows[:val], y[:val])
-    catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:val] if "item_id" in r))
-    col = {item: c for c, item in enumerate(catalogue)}
     picks: dict[str, Any] = {
         "betas": list(prior.betas),
         "half_life_fractions": list(prior.half_lives),
@@ -383,21 +415,22 @@ def _pick_prior(
         "popularity_half_life_fraction": prior.half_lives[0],
         "validation": {"model": {}, "popularity_decayed": {}},
     }
-    queries = [
-        rows[i] for i in range(val, split) if y[i] > 0 and rows[i].get("item_id") is not None
-    ]
-    if not queries or not catalogue or not history:
+    v = _validation(rows, y, val, split, k, exclude_seen)
+    if v is None:
         return picks
-    truth = np.array([col.get(str(q["item_id"]), -1) for q in queries], dtype=np.int64)
-    seen = _seen_columns(queries, col) if exclude_seen else None
-    extra = max((len(s) for s in seen), default=0) if seen is not None else 0
-    kk = min(k, len(catalogue))
-    wide = min(kk + extra, len(catalogue))
+    catalogue, queries, truth, seen, kk, wide = (
+        v.catalogue,
+        v.queries,
+        v.truth,
+        v.seen,
+        v.kk,
+        v.wide,
+    )
     users, items = model.user_vectors(queries), model.item_vectors(catalogue)
     tau = _temperature(model)
     best, best_pop = (-1.0, 0.0, 0.0), (-1.0, 0.0)
     for h in prior.half_lives:
-        counts = _decayed(history, h, n_period)
+        counts = _decayed(v.history, h, v.n_period)
         pop = np.broadcast_to(_popular_top(counts, catalogue, wide), (len(queries), wide))
         r_pop = retrieval_metrics(_drop_seen(pop, seen, kk), truth, len(catalogue))["recall_at_k"]
         picks["validation"]["popularity_decayed"][str(h)] = r_pop
@@ -417,6 +450,14 @@ def _pick_prior(
         popularity_half_life_fraction=best_pop[1],
     )
     return picks
+
+
+#: the sources each fused row merges, as indices into :func:`_fusion_lists`'s lists
+_FUSED_SOURCES = {"covisit_fused": (1, 2), "model_fused": (0, 1, 2)}
+
+
+def _sources(lists: list[np.ndarray], name: str) -> list[np.ndarray]:
+    return [lists[i] for i in _FUSED_SOURCES[name]]
 
 
 def _fusion_lists(
@@ -452,50 +493,39 @@ def _pick_fusion(
     ``model_fused`` on the clicks of ``rows[val:split]``, the model and ``cv`` as they are
     after ``rows[:val]``, the popularity counts of the clicks before ``val`` at the
     half-lives :func:`_pick_prior` chose."""
-    n_period = len(_clicked_items(rows[:split], y[:split]))
-    history = _clicked_items(rows[:val], y[:val])
-    catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:val] if "item_id" in r))
-    col = {item: c for c, item in enumerate(catalogue)}
     picks: dict[str, Any] = {
         "picks": {"covisit_fused": ([1.0, 0.0], FUSION_C[0]),
                   "model_fused": ([1.0, FUSION_COVISIT[0], 0.0], FUSION_C[0])},
         "validation": {"covisit_fused": {}, "model_fused": {}},
     }  # fmt: skip
-    queries = [
-        rows[i] for i in range(val, split) if y[i] > 0 and rows[i].get("item_id") is not None
-    ]
-    if not queries or not catalogue or not history:
+    v = _validation(rows, y, val, split, k, exclude_seen)
+    if v is None:
         return picks
-    truth = np.array([col.get(str(q["item_id"]), -1) for q in queries], dtype=np.int64)
-    seen = _seen_columns(queries, col) if exclude_seen else None
-    extra = max((len(s) for s in seen), default=0) if seen is not None else 0
-    n = len(catalogue)
-    kk = min(k, n)
-    wide = min(kk + extra, n)
-    lq = _decayed(history, chosen["half_life_fraction"], n_period).log_q(catalogue)
+    n = len(v.catalogue)
+    lq = _decayed(v.history, chosen["half_life_fraction"], v.n_period).log_q(v.catalogue)
     bias = prior_bias(lq, chosen["beta"], _temperature(model))
-    pop_counts = _decayed(history, chosen["popularity_half_life_fraction"], n_period)
-    model_list, cv_list, pop = _fusion_lists(
-        model.user_vectors(queries), model.item_vectors(catalogue), bias, pop_counts,
-        catalogue, cv, queries, extra,
+    pop_counts = _decayed(v.history, chosen["popularity_half_life_fraction"], v.n_period)
+    lists = _fusion_lists(
+        model.user_vectors(v.queries), model.item_vectors(v.catalogue), bias, pop_counts,
+        v.catalogue, cv, v.queries, v.extra,
     )  # fmt: skip
 
-    def recall(lists: list[np.ndarray], weights: list[float], c: float) -> float:
-        fused = rrf_fuse(lists, weights, n, wide, c)
-        return float(retrieval_metrics(_drop_seen(fused, seen, kk), truth, n)["recall_at_k"])
+    def recall(name: str, weights: list[float], c: float) -> float:
+        fused = rrf_fuse(_sources(lists, name), weights, n, v.wide, c)
+        return float(retrieval_metrics(_drop_seen(fused, v.seen, v.kk), v.truth, n)["recall_at_k"])
 
     best: dict[str, tuple[float, list[float], float]] = {}
     for c in FUSION_C:
         for wp in FUSION_POPULARITY:
-            r = recall([cv_list, pop], [1.0, wp], c)
+            r = recall("covisit_fused", [1.0, wp], c)
             picks["validation"]["covisit_fused"][f"pop={wp},c={c}"] = r
             if r > best.get("covisit_fused", (-1.0, [], 0.0))[0]:
                 best["covisit_fused"] = (r, [1.0, wp], c)
             for wc in FUSION_COVISIT:
-                r = recall([model_list, cv_list, pop], [1.0, wc, wp], c)
+                r = recall("model_fused", [1.0, wc, wp], c)
                 picks["validation"]["model_fused"][f"covisit={wc},pop={wp},c={c}"] = r
                 if r > best.get("model_fused", (-1.0, [], 0.0))[0]:
                     best["model_fused"] = (r, [1.0, wc, wp], c)
     picks["picks"] = {name: (w, c) for name, (_, w, c) in best.items()}
-    picks["validation_clicks"] = len(queries)
+    picks["validation_clicks"] = len(v.queries)
     return picks
