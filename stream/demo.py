@@ -233,6 +233,7 @@ def run_demo(
         drift_ts = (read_meta(full) or {}).get("drift_ts")
         df = read_log_frame(full)
         log_path = run / "replay.csv.gz"
+        frame = None  # replay reads the log it writes next
         write_log(df.iloc[pretrain_impressions:].reset_index(drop=True), log_path)
         if pretrain_impressions > 0:
             ckpt = run / "pretrained.pt"
@@ -257,7 +258,6 @@ def run_demo(
             frame, log_path, final_watermark_gap_s=_final_gap(settings),
             max_future_skew_s=settings.max_future_skew_s,
         )  # fmt: skip
-        del frame
         drift_ts = (read_meta(log_path) or {}).get("drift_ts")
     settings = settings.replace(
         trainer=dataclasses.replace(settings.trainer, checkpoint_dir=str(run / "checkpoints"))
@@ -287,6 +287,7 @@ def run_demo(
                 final_watermark_gap_s=_final_gap(settings),
                 progress=progress,
                 max_future_skew_s=settings.max_future_skew_s,
+                frame=frame,  # a --log file is read once
             )
             print(
                 f"replayed {stats.impressions:,} impressions and {stats.clicks:,} clicks in "
