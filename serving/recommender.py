@@ -7,11 +7,13 @@ the trainer, the monitor and the indexer can replace them underneath (a new rank
 calibrator version, a new index snapshot) and each response is computed from one
 consistent set, whose versions it reports.
 
-A request flows: user vector (two-tower user tower, or the ranker's user embedding as a
-fallback) -> top ``N = max(k, candidates)`` items of the current index snapshot -> the
-ranker's P(click) on rows built like :func:`logs.events.example_row` (``user_id``,
-``item_id``, ``position`` = ``ServingConfig.position``, plus the request context) -> the
-calibrator -> the ``k`` items with the highest calibrated pCTR.
+A request flows: user vector (the two-tower user tower over the user's id, the request
+context and, with historical features, the user's behaviour sequence now, read from the
+feature stage as in training; or the ranker's user embedding as a fallback) -> top ``N =
+max(k, candidates)`` items of the current index snapshot -> the ranker's P(click) on rows
+built like :func:`logs.events.example_row` (``user_id``, ``item_id``, ``position`` =
+``ServingConfig.position``, plus the request context) -> the calibrator -> the ``k`` items
+with the highest calibrated pCTR.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ __all__ = [
 
 T = TypeVar("T")
 
-UserVectors = Callable[[list[str]], np.ndarray]
-"""``user_ids (U,) -> (U, D) float32`` user vectors in the index's space."""
+UserVectors = Callable[[list[dict[str, object]]], np.ndarray]
+"""``rows (U,) -> (U, D) float32`` user vectors in the index's space; each row holds the
+``user_id``, the request context and, with historical features, the user's behaviour
+sequence now (``hist_seq``, ``hist_seq_age``, ...): the user tower's input, as in training
+(e.g. ``TwoTowerModel.user_vectors``)."""
 
 
 @dataclass(frozen=True)
@@ -339,15 +344,35 @@ class Recommender:
             raise ServingError(503, "the model produced a non-finite score; not served")
         return p_raw.astype(np.float64), p, int(ranker.n_updates), int(cal_version)
 
-    def _user_vectors(self, user_ids: list[str], snapshot: IndexSnapshot) -> np.ndarray:
-        """(U, dim) float32 vectors of ``user_ids`` (U,) from the retrieval model; a 503
-        when they do not fit ``snapshot`` or are not finite."""
-        if self.user_vectors is None:
-            vec = self.ranker().user_vectors(user_ids)
+    def user_rows(
+        self, queries: Sequence[tuple[str, Mapping[str, str | float]]]
+    ) -> list[dict[str, object]]:
+        """The user tower's input of each ``(user_id, context)`` (U,): ``{**context,
+        "user_id"}`` plus, with historical features, the user's features now from the
+        stage (:meth:`~features.stage.FeatureStage.peek_many`'s tail through the training
+        encoding: the behaviour sequence ``hist_seq`` and its ages, the user x attribute
+        counters), so the tower reads at serving what it read in training. A context that
+        brings its own ``hist_*`` values keeps them."""
+        now = self.clock()
+        out = []
+        for user_id, ctx in queries:
+            row: dict[str, object] = {**ctx, "user_id": user_id}
+            stage = None if self.history is None else self.history(user_id)
+            if stage is not None and not any(k.startswith("hist_") for k in ctx):
+                _, _, tail = _history_parts(stage, now, user_id, (), self.config.position, ctx)
+                row.update(tail)
+            out.append(row)
+        return out
+
+    def _user_vectors(self, rows: list[dict[str, object]], snapshot: IndexSnapshot) -> np.ndarray:
+        """(U, dim) float32 vectors of the user rows (U,) (:meth:`user_rows`) from the
+        retrieval model; a 503 when they do not fit ``snapshot`` or are not finite."""
+        if self.user_vectors is None:  # the ranker's user embedding: by id
+            vec = self.ranker().user_vectors([str(r["user_id"]) for r in rows])
         else:
-            vec = self.user_vectors(user_ids)
+            vec = self.user_vectors(rows)
         vec = np.asarray(vec, dtype=np.float32)
-        if vec.shape != (len(user_ids), snapshot.dim):
+        if vec.shape != (len(rows), snapshot.dim):
             raise ServingError(
                 503,
                 f"user vectors of shape {vec.shape} do not fit index version "
@@ -389,7 +414,8 @@ class Recommender:
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
         n = max(k, self.config.candidates)
-        scores, ids = snapshot.search(self._user_vectors([user_id], snapshot), n)
+        vec = self._user_vectors(self.user_rows([(user_id, ctx)]), snapshot)
+        scores, ids = snapshot.search(vec, n)
         found = [j for j, item in enumerate(ids[0]) if item is not None]
         items = [str(ids[0, j]) for j in found]
         retrieval = scores[0, found].astype(np.float64)
@@ -525,7 +551,7 @@ def recommend_many(
     try:
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
-        vecs = rec._user_vectors([u for _, u, _, _ in valid], snapshot)
+        vecs = rec._user_vectors(rec.user_rows([(u, ctx) for _, u, _, ctx in valid]), snapshot)
     except ServingError as exc:
         for j, *_ in valid:
             out[j] = exc

@@ -116,11 +116,13 @@ class ReplicaAgents:
             cal, version = announced.calibrator, announced.version
         return cal, version  # the snapshot's ranker applies FNC itself (RankerConfig.fnc)
 
-    def user_vectors(self, ids: list[str]) -> np.ndarray:
+    def user_vectors(self, rows: list[dict[str, object]]) -> np.ndarray:
+        """(U, D) vectors of the user rows (:meth:`serving.recommender.Recommender.user_rows`)
+        from the snapshot's two-tower model, else the ranker's user embeddings (by id)."""
         cur = self.models()
         if cur.two_tower is None:
-            return cur.ranker.user_vectors(ids)
-        return cur.two_tower.user_vectors(ids)
+            return cur.ranker.user_vectors([str(r["user_id"]) for r in rows])
+        return cur.two_tower.user_vectors(rows)
 
     def recommender(
         self, history: Callable[[str], FeatureStage | None] | None = None

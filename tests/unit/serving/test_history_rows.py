@@ -217,3 +217,37 @@ def test_a_batch_cache_gives_each_user_the_per_candidate_features(
         if counters:
             with pytest.raises(ValueError, match="another stage"):
                 stage.peek_many(now, "u0", items, pos, None, wrong)
+
+
+@pytest.mark.parametrize("ctx", [{}, {"dev": "web", "x": 2.5}])
+def test_the_user_tower_reads_at_serving_what_it_read_in_training(
+    ctx: dict[str, str | float],
+) -> None:
+    """``Recommender.user_rows`` holds the user's side of the training row of an impression
+    arriving now (context, behaviour sequence and its ages): the two-tower user vector
+    served equals the vector of that training row, and differs from the id-only vector
+    (the history is read, not dropped)."""
+    import numpy as np
+
+    from learners.two_tower import TwoTowerConfig, TwoTowerModel
+
+    stage, t = _stage(5, FeatureConfig())
+    tower = TwoTowerModel(TwoTowerConfig(embedding_dim=8, device="cpu"), seed=0)
+    train = [r for u in ("u0", "u1", "u2") for r in _reference(stage, t, u, ["i1", "i2"], 1, ctx)]
+    tower.learn_many(train, np.ones(len(train)))
+    rec = Recommender(
+        IndexHolder(), lambda: None, lambda: None,  # type: ignore[arg-type,return-value]
+        user_vectors=tower.user_vectors, config=ServingConfig(position=1),
+        history=lambda user: None if user == "stateless" else stage, clock=lambda: t + 1,
+    )  # fmt: skip
+    users = ["u0", "u3", "nobody", "stateless"]
+    rows = rec.user_rows([(u, ctx) for u in users])
+    want = [_reference(stage, t + 1, u, ["i0"], 1, ctx)[0] for u in users[:3]]
+    for got, ref in zip(rows[:3], want, strict=True):
+        assert got["user_id"] == ref["user_id"]
+        for k in ("hist_seq", "hist_seq_age", *ctx):
+            assert (k in got) == (k in ref) and (k not in ref or _same(got[k], ref[k])), k
+    assert rows[0]["hist_seq"] and rows[1]["hist_seq"]  # u0 and u3 clicked: not vacuous
+    assert rows[3] == {**ctx, "user_id": "stateless"}
+    np.testing.assert_array_equal(tower.user_vectors(rows[:3]), tower.user_vectors(want))
+    assert not np.allclose(tower.user_vectors(rows[:1]), tower.user_vectors(["u0"]))
