@@ -292,7 +292,7 @@ def config_of(row: dict[str, Any]) -> IndexConfig:
 
 def recommend(
     holder: IndexHolder,
-    user_vectors: Callable[[list[str]], np.ndarray],
+    user_vectors: Callable[[list[dict[str, object]]], np.ndarray],
     users: list[str],
     items: list[str],
     n_requests: int,
@@ -405,8 +405,9 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     holder.swap(snap)
     by_user = {str(r["user_id"]): r for r in user_rows}
 
-    def user_vectors(user_ids: list[str]) -> np.ndarray:
-        return model.user_vectors([by_user.get(u, {"user_id": u}) for u in user_ids])
+    def user_vectors(rows: list[dict[str, object]]) -> np.ndarray:
+        # the user's stored row (its behaviour) stands in for a feature stage's
+        return model.user_vectors([by_user.get(str(r["user_id"]), r) for r in rows])
 
     n_requests = QUICK_REQUESTS if quick else FULL_REQUESTS
     print(f"recommend ({n_requests:,} requests)", flush=True)

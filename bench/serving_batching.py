@@ -96,8 +96,9 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
     by_user = {str(r["user_id"]): r for r in user_rows}
     users = list(by_user)
 
-    def user_vectors(user_ids: list[str]) -> np.ndarray:
-        return model.user_vectors([by_user.get(u, {"user_id": u}) for u in user_ids])
+    def user_vectors(rows: list[dict[str, object]]) -> np.ndarray:
+        # the user's stored row (its behaviour) stands in for a feature stage's
+        return model.user_vectors([by_user.get(str(r["user_id"]), r) for r in rows])
 
     rng = np.random.default_rng(1)
     ranker = TorchRanker(

@@ -58,6 +58,7 @@ import numpy as np
 
 from learners.base import Rows
 from learners.covisit import CoVisitation, CoVisitConfig, history_items, rrf_fuse
+from learners.retrieval_fusion import FusedRetrieval, FusionConfig
 from learners.retrieval_prior import DecayedClicks, ServingPrior, prior_bias
 
 __all__ = ["RetrievalModel", "cooccurrence_top", "evaluate_retrieval", "retrieval_metrics"]
@@ -209,6 +210,8 @@ def evaluate_retrieval(
     exclude_seen: bool = False,
     prior: ServingPrior | None = None,
     covisit: CoVisitConfig | None = None,
+    serving: FusionConfig | None = None,
+    candidates: int = 200,
 ) -> dict[str, Any]:
     """Train ``model`` on the first ``train_fraction`` of ``rows`` (time-ordered, labels
     ``y`` (N,) 0/1), then score each click of the rest (see the module docstring).
@@ -217,7 +220,9 @@ def evaluate_retrieval(
     (e.g. :func:`logs.synthetic.click_propensity`) adds the ``oracle`` row. Returns
     ``{"train_rows", "test_clicks", "items", "unseen_share", "k", "exclude_seen",
     "rows": {name: metrics}}`` (and ``"prior"`` with ``prior``). ``exclude_seen`` and
-    ``prior`` and ``covisit``: see the module docstring.
+    ``prior`` and ``covisit``: see the module docstring. ``serving`` adds the ``served``
+    row: what ``/recommend`` retrieves with it (``candidates`` items by exact cosine, fused
+    by :class:`~learners.retrieval_fusion.FusedRetrieval` fed the training rows in order).
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
@@ -261,6 +266,13 @@ def evaluate_retrieval(
     }
     if not test or not n_items:
         return out
+    served = None
+    if serving is not None:
+        served = FusedRetrieval(serving, temperature=_temperature(model))
+        for s in range(0, split, batch_size):
+            served.learn_many(
+                rows[s : min(split, s + batch_size)], y[s : min(split, s + batch_size)]
+            )
     queries = [rows[i] for i in test]
     seen = _seen_columns(queries, col) if exclude_seen else None
     extra = max((len(s) for s in seen), default=0) if seen is not None else 0
@@ -269,6 +281,12 @@ def evaluate_retrieval(
     u_vec, items = model.user_vectors(queries), model.item_vectors(catalogue)
     top = _top_k(u_vec, items, wide)
     out["rows"]["model"] = retrieval_metrics(_drop_seen(top, seen, kk), truth, n_items)
+    if served is not None:
+        out["rows"]["served"] = retrieval_metrics(
+            _drop_seen(_served_top(served, u_vec, items, catalogue, col, queries,
+                                   min(candidates, n_items), wide), seen, kk),
+            truth, n_items,
+        )  # fmt: skip
     if chosen is not None:
         train_clicks = _clicked_items(rows[:split], y[:split])
         counts = _decayed(train_clicks, chosen["half_life_fraction"])
@@ -348,6 +366,33 @@ def _popular_top(counts: DecayedClicks, catalogue: list[str], width: int) -> np.
     order)."""
     lq = counts.log_q(catalogue)
     return np.argsort(-lq, kind="stable")[: min(width, len(catalogue))].astype(np.int64)
+
+
+def _served_top(
+    served: FusedRetrieval,
+    u_vec: np.ndarray,
+    items: np.ndarray,
+    catalogue: Sequence[str],
+    col: Mapping[str, int],
+    queries: Rows,
+    candidates: int,
+    wide: int,
+) -> np.ndarray:
+    """int ``(Q, wide)`` catalogue indices of what ``/recommend`` retrieves: each query's
+    ``candidates`` best items by cosine (the index's exact search), fused with the user's
+    history by ``served``; -2 pads (and stands for an item outside the catalogue)."""
+    out = np.full((len(queries), wide), -2, dtype=np.int64)
+    for s in range(0, len(queries), _CHUNK):
+        scores = u_vec[s : s + _CHUNK] @ items.T
+        part = np.argpartition(-scores, candidates - 1, axis=1)[:, :candidates]
+        cos = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-cos, axis=1, kind="stable")
+        part, cos = np.take_along_axis(part, order, axis=1), np.take_along_axis(cos, order, axis=1)
+        ids = [[catalogue[j] for j in row] for row in part.tolist()]
+        hist = [history_items(q) for q in queries[s : s + _CHUNK]]
+        for q, (fused, _) in enumerate(served.fuse(ids, cos, hist, wide)):
+            out[s + q, : len(fused)] = [col.get(i, -2) for i in fused]
+    return out
 
 
 def _temperature(model: RetrievalModel) -> float:

@@ -90,6 +90,7 @@ class DecayedClicks:
         self.decay = 0.5 ** (1.0 / self.half_life)
         self._scale = 1.0  # counts are stored multiplied by 1 / decay ** clicks (rescaled)
         self._raw: dict[str, float] = {}
+        self._sum = 0.0  # sum of self._raw, kept as clicks arrive (log_q is O(N), not O(items))
         self.n_clicks = 0
 
     def update(self, items: Iterable[str]) -> None:
@@ -98,9 +99,11 @@ class DecayedClicks:
             self._scale /= self.decay
             key = str(item)
             self._raw[key] = self._raw.get(key, 0.0) + self._scale
+            self._sum += self._scale
             self.n_clicks += 1
             if self._scale > 1e150:  # keep the stored values finite
                 self._raw = {k: v / self._scale for k, v in self._raw.items()}
+                self._sum = math.fsum(self._raw.values())
                 self._scale = 1.0
 
     @property
@@ -111,7 +114,7 @@ class DecayedClicks:
     @property
     def total(self) -> float:
         """Sum of the decayed counts."""
-        return sum(self._raw.values()) / self._scale
+        return self._sum / self._scale
 
     def log_q(self, items: Sequence[str]) -> np.ndarray:
         """float64 ``(N,)`` natural-log share of the decayed clicks of each item; an item
@@ -121,8 +124,7 @@ class DecayedClicks:
             return np.zeros(len(items), dtype=np.float64)
         raw = np.array([self._raw.get(str(i), 0.0) for i in items], dtype=np.float64)
         floor = _FLOOR * self._scale
-        total = sum(self._raw.values())
-        return np.log(np.maximum(raw, floor)) - math.log(total)
+        return np.log(np.maximum(raw, floor)) - math.log(self._sum)
 
 
 def prior_bias(log_q: np.ndarray, beta: float, temperature: float) -> np.ndarray:

@@ -11,7 +11,9 @@ A snapshot's files (see :mod:`modelstore.store` for the manifest and checksums):
   the retrieval model is the two-tower one;
 - ``index.faiss`` and ``index.json``: the FAISS index (``faiss.write_index``) and its item
   ids, version, build time and :class:`index.faiss_index.IndexConfig`;
-- ``calibrator.json``: the calibrator's ``to_dict()`` and version.
+- ``calibrator.json``: the calibrator's ``to_dict()`` and version;
+- ``fusion.pt``: :meth:`learners.retrieval_fusion.FusedRetrieval.state_dict` (co-visit
+  counts and decayed clicks, plain types), when the trainer fuses candidates.
 
 :class:`ModelReplica` keeps the loaded set a serving worker answers from and swaps it with
 one reference assignment; a version that fails to verify or load is counted and the
@@ -40,6 +42,7 @@ from index.faiss_index import IndexConfig, IndexSnapshot
 from learners.calibration import Calibrator, calibrator_from_dict
 from learners.negatives import HardNegativeSource
 from learners.ranker import TorchRanker
+from learners.retrieval_fusion import FusedRetrieval
 from learners.two_tower import TwoTowerModel
 from modelstore.store import DirectoryStore, Manifest, StoreError
 
@@ -69,6 +72,7 @@ class LoadedModels:
     calibrator_version: int
     manifest: Manifest
     loaded_at: float = field(default_factory=time.time)  # epoch s
+    fusion: FusedRetrieval | None = None
 
 
 def state_copy(obj: Any, reuse: Any = None) -> Any:
@@ -141,6 +145,7 @@ class Snapshot:
     calibrator: dict[str, Any]
     calibrator_version: int
     meta: dict[str, Any]
+    fusion: dict[str, Any] | None = None
 
 
 def take_snapshot(
@@ -150,6 +155,7 @@ def take_snapshot(
     calibrator: Calibrator,
     calibrator_version: int,
     reuse: Snapshot | None = None,
+    fusion: FusedRetrieval | None = None,
 ) -> Snapshot:
     """Copy what :func:`write_snapshot` writes (:func:`state_copy`: tensors to CPU). The
     caller keeps the models still while this runs (no training step); not afterwards.
@@ -170,7 +176,9 @@ def take_snapshot(
             "index_version": None if index is None else index.version,
             "index_items": None if index is None else len(index),
             "calibrator_version": calibrator_version,
+            "fusion_clicks": None if fusion is None else fusion.n_clicks,
         },
+        fusion=None if fusion is None else fusion.state_dict(),
     )
 
 
@@ -194,6 +202,8 @@ def write_snapshot(store: DirectoryStore, snap: Snapshot) -> Manifest:
         (d / "calibrator.json").write_text(
             json.dumps({"version": snap.calibrator_version, "params": snap.calibrator})
         )
+        if snap.fusion is not None:
+            torch.save(snap.fusion, d / "fusion.pt")
 
     return store.publish(write, meta=snap.meta)
 
@@ -205,17 +215,20 @@ def publish_snapshot(
     index: IndexSnapshot | None,
     calibrator: Calibrator,
     calibrator_version: int,
+    fusion: FusedRetrieval | None = None,
 ) -> Manifest:
     """Write one version of the models to ``store`` (atomically, then pruned to its
     ``keep``): :func:`take_snapshot` then :func:`write_snapshot`. The caller must keep the
     models still meanwhile (no training step)."""
-    snap = take_snapshot(ranker, two_tower, index, calibrator, calibrator_version)
+    snap = take_snapshot(ranker, two_tower, index, calibrator, calibrator_version, fusion=fusion)
     return write_snapshot(store, snap)
 
 
 _OPTIM_KEYS = ("optimizer", "sparse_optimizer")
 #: what serving loads of a version (the ``*_optim.pt`` files are for a resuming trainer)
-SERVING_FILES = ("ranker.pt", "two_tower.pt", "index.faiss", "index.json", "calibrator.json")
+SERVING_FILES = (
+    "ranker.pt", "two_tower.pt", "index.faiss", "index.json", "calibrator.json", "fusion.pt",
+)  # fmt: skip
 
 
 def _save_split(state: Mapping[str, Any], d: Path, name: str) -> None:
@@ -276,9 +289,17 @@ def load_snapshot(
         cal = json.loads((d / "calibrator.json").read_text())
         calibrator = calibrator_from_dict(cal["params"])
         cal_version = int(cal["version"])
+        fusion = (
+            FusedRetrieval.from_state_dict(
+                torch.load(d / "fusion.pt", map_location="cpu", weights_only=True)
+            )
+            if "fusion.pt" in m.files
+            else None
+        )
     except Exception as exc:  # the checksums held, yet it does not load: still unusable
         raise StoreError("load_error", f"version {version}: {type(exc).__name__}: {exc}") from exc
-    return LoadedModels(version, ranker, two_tower, index, calibrator, cal_version, m)
+    return LoadedModels(version, ranker, two_tower, index, calibrator, cal_version, m,
+                        fusion=fusion)  # fmt: skip
 
 
 class ModelReplica:

@@ -29,8 +29,10 @@ import numpy as np
 from features.stage import FeatureStage, PeekCache
 from index.faiss_index import IndexHolder, IndexSnapshot
 from learners.calibration import Calibrator
+from learners.covisit import history_items
 from learners.encoding import CandidateRows
 from learners.ranker import TorchRanker
+from learners.retrieval_fusion import FusedRetrieval
 from logs.events import Impression, example_row, with_history
 from serving.requests import (
     Request,
@@ -245,6 +247,7 @@ class Recommender:
         config: ServingConfig = ServingConfig(),  # noqa: B008 - frozen, immutable default
         history: Callable[[str], FeatureStage | None] | None = None,
         clock: Callable[[], float] = time.time,
+        fusion: Callable[[], FusedRetrieval | None] | None = None,
     ) -> None:
         self.index = index
         self.ranker = ranker
@@ -253,6 +256,7 @@ class Recommender:
         self.config = config
         self.history = history
         self.clock = clock
+        self.fusion = fusion
 
     @property
     def retrieval_model(self) -> str:
@@ -352,16 +356,42 @@ class Recommender:
         stage (:meth:`~features.stage.FeatureStage.peek_many`'s tail through the training
         encoding: the behaviour sequence ``hist_seq`` and its ages, the user x attribute
         counters), so the tower reads at serving what it read in training. A context that
-        brings its own ``hist_*`` values keeps them."""
+        brings its own ``hist_*`` values keeps them (a ``hist_seq`` string split at
+        :data:`logs.events.SEQ_SEP`, as a training row's)."""
         now = self.clock()
         out = []
         for user_id, ctx in queries:
-            row: dict[str, object] = {**ctx, "user_id": user_id}
             stage = None if self.history is None else self.history(user_id)
-            if stage is not None and not any(k.startswith("hist_") for k in ctx):
-                _, _, tail = _history_parts(stage, now, user_id, (), self.config.position, ctx)
-                row.update(tail)
+            if any(k.startswith("hist_") for k in ctx):  # the client's, decoded as in training
+                row = example_row(Impression("serve", now, user_id, "", None, dict(ctx)))
+                del row["item_id"]
+            else:
+                row = {**ctx, "user_id": user_id}
+                if stage is not None:
+                    _, _, tail = _history_parts(stage, now, user_id, (), None, ctx)
+                    row.update(tail)
             out.append(row)
+        return out
+
+    def candidates(
+        self, rows: Sequence[Mapping[str, object]], scores: np.ndarray, ids: np.ndarray,
+        widths: Sequence[int],
+    ) -> list[tuple[list[str], np.ndarray]]:  # fmt: skip
+        """Per query ``q``: the index's hits ``ids[q]`` (cosines ``scores[q]``, None past
+        the last hit) cut to ``widths[q]`` -> ``(item ids, retrieval scores)``. With
+        fusion (the ``fusion`` getter's :class:`~learners.retrieval_fusion.FusedRetrieval`)
+        the hits are fused with co-visitation over the user row's ``hist_seq`` and recent
+        popularity, and the scores are the fusion's; else they are the cosines."""
+        fusion = None if self.fusion is None else self.fusion()
+        out = []
+        for q, width in enumerate(widths):
+            found = [c for c in range(min(width, ids.shape[1])) if ids[q, c] is not None]
+            items = [str(ids[q, c]) for c in found]
+            cos = scores[q, found].astype(np.float64)
+            if fusion is not None:
+                hist = history_items(rows[q])
+                items, cos = fusion.fuse([items], cos[None, :], [hist], width)[0]
+            out.append((items, cos))
         return out
 
     def _user_vectors(self, rows: list[dict[str, object]], snapshot: IndexSnapshot) -> np.ndarray:
@@ -414,11 +444,9 @@ class Recommender:
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
         n = max(k, self.config.candidates)
-        vec = self._user_vectors(self.user_rows([(user_id, ctx)]), snapshot)
-        scores, ids = snapshot.search(vec, n)
-        found = [j for j, item in enumerate(ids[0]) if item is not None]
-        items = [str(ids[0, j]) for j in found]
-        retrieval = scores[0, found].astype(np.float64)
+        rows = self.user_rows([(user_id, ctx)])
+        scores, ids = snapshot.search(self._user_vectors(rows, snapshot), n)
+        items, retrieval = self.candidates(rows, scores, ids, [n])[0]
         t1 = time.perf_counter()
         if items:
             p_raw, p, model_version, cal_version = self._rank(user_id, items, ctx)
@@ -551,20 +579,16 @@ def recommend_many(
     try:
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
-        vecs = rec._user_vectors(rec.user_rows([(u, ctx) for _, u, _, ctx in valid]), snapshot)
+        user_rows = rec.user_rows([(u, ctx) for _, u, _, ctx in valid])
+        vecs = rec._user_vectors(user_rows, snapshot)
     except ServingError as exc:
         for j, *_ in valid:
             out[j] = exc
         return out
-    n = max(max(k, rec.config.candidates) for _, _, k, _ in valid)
-    scores, ids = snapshot.search(vecs, n)
+    widths = [max(k, rec.config.candidates) for _, _, k, _ in valid]
+    scores, ids = snapshot.search(vecs, max(widths))
+    per = rec.candidates(user_rows, scores, ids, widths)
     t1 = time.perf_counter()
-    per: list[tuple[list[str], np.ndarray]] = []
-    for q, (_, _, k, _) in enumerate(valid):
-        m = max(k, rec.config.candidates)
-        found = [c for c in range(min(m, ids.shape[1])) if ids[q, c] is not None]
-        items = [str(ids[q, c]) for c in found]
-        per.append((items, scores[q, found].astype(np.float64)))
     ranker = rec.ranker()
     calibrator, cal_version = rec.calibrator()
     queries = [

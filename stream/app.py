@@ -332,6 +332,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
                 else None
             ),
             config=settings.serving,
+            # the trainer's co-visitation and decayed clicks (None: fusion off)
+            fusion=(lambda: rt.trainer.fusion) if trains else None,
             # the live feature stage of the user's partition when this worker owns it;
             # a trainer-role worker owns none: its follower's copy
             history=(

@@ -28,6 +28,7 @@ from learners.delayed_feedback import check_loss_for_scheme
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
 from learners.recalibration import TrackingConfig
+from learners.retrieval_fusion import FusionConfig
 from learners.two_tower import TwoTowerConfig
 from modelstore.store import StoreConfig
 from monitoring.drift import DriftConfig
@@ -377,6 +378,10 @@ class Settings:
     #: ranker's own user and item embeddings)
     retrieval: str = "two_tower"
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    #: /recommend's candidates: the retrieval model's fused with co-visitation over the
+    #: user's behaviour sequence and recent popularity (learners.retrieval_fusion),
+    #: learnt by the trainer from the labelled clicks
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
@@ -525,6 +530,7 @@ _SECTIONS: dict[str, type] = {
     "indexer": IndexerConfig,
     "serving": ServingConfig,
     "two_tower": TwoTowerConfig,
+    "fusion": FusionConfig,
     "store": StoreConfig,
 }
 _TOP = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}

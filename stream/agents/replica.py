@@ -147,4 +147,6 @@ class ReplicaAgents:
             user_vectors=self.user_vectors,
             config=self.rt.settings.serving,
             history=history,
+            # the snapshot's counts, when it has them and fusion is on here
+            fusion=lambda: self.models().fusion if self.rt.settings.fusion.enabled else None,
         )

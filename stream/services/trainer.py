@@ -18,6 +18,7 @@ from learners.calibration import (
 )
 from learners.negatives import HardNegativeSource
 from learners.ranker import TorchRanker
+from learners.retrieval_fusion import FusedRetrieval
 from learners.training import atomic_torch_save
 from learners.two_tower import TwoTowerModel
 from learners.util import atomic_write
@@ -99,6 +100,7 @@ class TrainerService:
         self._ranker: TorchRanker | None = ranker
         self._two_tower: TwoTowerModel | None = None
         self._two_tower_built = False
+        self._fusion: FusedRetrieval | None = None
         if settings.role in ("trainer", "all"):  # a bad warm start fails here, at start-up
             self.ranker, self.two_tower  # noqa: B018
         #: the served calibrator and its version, one pair replaced whole (serving threads
@@ -182,6 +184,16 @@ class TrainerService:
     @two_tower.setter
     def two_tower(self, model: TwoTowerModel | None) -> None:
         self._two_tower, self._two_tower_built = model, True
+
+    @property
+    def fusion(self) -> FusedRetrieval | None:
+        """The served candidate fusion (``settings.fusion``), learnt from every
+        micro-batch's clicks after the models, built with the ranker; None when
+        ``fusion.enabled`` is false or this worker does not train."""
+        if self._fusion is None and self.settings.fusion.enabled and self._ranker is not None:
+            tau = self.settings.two_tower.temperature  # the prior in its cosine units
+            self._fusion = FusedRetrieval(self.settings.fusion, temperature=tau)
+        return self._fusion
 
     @property
     def models_built(self) -> bool:
@@ -294,6 +306,8 @@ class TrainerService:
                 )  # fmt: skip
         if self.two_tower is not None:  # every batch: its shown items join the catalogue of
             self.two_tower.learn_many(rows, y)  # uniform negatives; only clicks take a step
+        if self.fusion is not None:  # co-visits and decayed clicks of the batch's clicks
+            self.fusion.learn_many(rows, y)
         seconds = time.perf_counter() - t0
         p = self.calibrator.transform(p_raw)
         skipped = self.ranker.n_skipped_nonfinite > skipped_before
@@ -447,6 +461,10 @@ class TrainerService:
             self.ranker = loaded.ranker
             if self.two_tower is not None and loaded.two_tower is not None:
                 self.two_tower = loaded.two_tower
+            if loaded.fusion is not None and self.settings.fusion.enabled:
+                self._fusion = FusedRetrieval.from_state_dict(
+                    loaded.fusion.state_dict(), self.settings.fusion
+                )
             self.served_calibrator = VersionedCalibrator(
                 loaded.calibrator, loaded.calibrator_version
             )
@@ -474,16 +492,17 @@ class TrainerService:
         return force or time.monotonic() - self._last_publish >= every
 
     def publish_snapshot(self, index: IndexSnapshot | None) -> PublishJob | None:
-        """Copy ranker, two-tower, calibrator (and take ``index``, never changed once
-        built) for the model store: the cheap part, taken while no training step runs.
-        Restarts the ``publish_every_s`` clock. None without a store."""
+        """Copy ranker, two-tower, calibrator, the candidate fusion's counts (and take
+        ``index``, never changed once built) for the model store: the cheap part, taken
+        while no training step runs. Restarts the ``publish_every_s`` clock. None without
+        a store."""
         if self.store is None:
             return None
         self._last_publish = time.monotonic()
         t0 = time.perf_counter()
         spare, self._spare_publish = self._spare_publish, None
         snap = take_snapshot(self.ranker, self.two_tower, index, self.calibrator,
-                             self.calibrator_version, reuse=spare)  # fmt: skip
+                             self.calibrator_version, reuse=spare, fusion=self.fusion)  # fmt: skip
         return PublishJob(snap, self._published_state(index), time.perf_counter() - t0)
 
     def write_publish(self, job: PublishJob) -> Manifest | None:

@@ -260,3 +260,29 @@ def test_a_replica_applies_the_workers_fnc_link_to_a_snapshot_written_without_it
     assert with_fnc.current.ranker.config.fnc
     np.testing.assert_allclose(got, fnc_correct(p), rtol=1e-6)
     assert not np.allclose(got, p)  # the link changes the scores: applied exactly once
+
+
+def test_the_candidate_fusion_counts_travel_with_a_snapshot(tmp_path: Path) -> None:
+    """``fusion.pt`` (plain types, read with ``weights_only``): a replica fuses exactly as
+    the trainer did; a snapshot without it loads without fusion."""
+    from learners.retrieval_fusion import FusedRetrieval, FusionConfig
+
+    ranker, tt = _models()
+    fusion = FusedRetrieval(FusionConfig(width=8, beta=0.5), temperature=0.07)
+    rng = np.random.default_rng(0)
+    rows = [
+        {"item_id": f"i{rng.integers(30)}", "hist_seq": [f"i{j}" for j in rng.integers(30, size=4)]}
+        for _ in range(500)
+    ]
+    fusion.learn_many(rows, rng.random(500) < 0.4)
+    store = DirectoryStore(tmp_path, keep=2)
+    m = publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0, fusion=fusion)
+    assert "fusion.pt" in m.files and m.meta["fusion_clicks"] == fusion.n_clicks > 100
+    got = load_snapshot(store, m.version).fusion
+    assert got is not None and got.config == fusion.config and got.temperature == 0.07
+    for r in rows[:20]:
+        args = ([["i1", "x", "i5"]], np.array([[0.4, 0.3, 0.2]]), [r["hist_seq"]], 8)
+        (a, sa), (b, sb) = fusion.fuse(*args)[0], got.fuse(*args)[0]  # type: ignore[arg-type]
+        assert a == b and np.array_equal(sa, sb)
+    m2 = publish_snapshot(store, ranker, tt, None, PlattCalibrator(), 0)
+    assert load_snapshot(store, m2.version).fusion is None

@@ -292,3 +292,31 @@ def test_gate_without_threads_runs_inline_and_propagates_errors() -> None:
         ServingConfig(threads=-1)
     with pytest.raises(ValueError, match="max_inflight"):
         ServingConfig(max_inflight=0)
+
+
+def test_fusion_ranks_the_fused_candidates_and_batches_answer_alike(live: Live) -> None:
+    """With a :class:`FusedRetrieval`, the ranked candidates are the fusion's (the index's
+    hits plus the items co-visited with the user's history and the recent favourites),
+    each with its fusion score; ``recommend_many`` answers each request as ``recommend``."""
+    from learners.retrieval_fusion import FusedRetrieval, FusionConfig
+    from serving.recommender import recommend_many
+
+    fusion = FusedRetrieval(FusionConfig(width=10))
+    # i250..i259 co-visited with i1 (the history a client brings); i299 the favourite
+    fusion.learn_many([{"item_id": f"i{250 + j}", "hist_seq": ["i1"]} for j in range(10)]
+                      + [{"item_id": "i299"}] * 30, np.ones(40))  # fmt: skip
+    ctx = {"ctx_device": "ios", "hist_seq": "i1"}
+    rec = live.recommender(config=ServingConfig(candidates=10), fusion=lambda: fusion)
+    plain = live.recommender(config=ServingConfig(candidates=10))
+    out = rec.recommend("u3", k=10, context=ctx)
+    hits = {it["item_id"] for it in plain.recommend("u3", k=10, context=ctx)["items"]}
+    assert out["candidates"] == 10
+    got = {it["item_id"] for it in out["items"]}
+    assert got - hits  # fused items the index alone did not retrieve
+    assert got <= hits | {f"i{250 + j}" for j in range(10)} | {"i299"}
+    rrf = [it["retrieval_score"] for it in out["items"]]
+    assert all(0 < r < 1 for r in rrf)  # reciprocal-rank sums, not cosines
+    batch = recommend_many(rec, [("u3", 10, ctx), ("u4", 3, {}), ("u3", 10, ctx)])
+    for a in (batch[0], batch[2]):
+        assert isinstance(a, dict) and a["items"] == out["items"]
+    assert isinstance(batch[1], dict) and len(batch[1]["items"]) == 3

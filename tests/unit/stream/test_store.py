@@ -67,6 +67,9 @@ def test_trainer_publishes_a_replica_loads_it_and_a_restart_resumes(tmp_path: Pa
     np.testing.assert_allclose(cur.ranker.predict_proba_many(rows),
                                trainer.ranker.predict_proba_many(rows), rtol=1e-6)  # fmt: skip
     assert cur.index.version == indexer.version and len(cur.index) == 5
+    # the candidate fusion's counts (8 of the 16 examples are clicks) travel with it
+    assert trainer.fusion is not None and trainer.fusion.n_clicks == 8
+    assert cur.fusion is not None and cur.fusion.popular_top(5) == trainer.fusion.popular_top(5)
 
     _train(trainer, 16, "b")
     trainer.publish(indexer.holder.current)
@@ -78,6 +81,7 @@ def test_trainer_publishes_a_replica_loads_it_and_a_restart_resumes(tmp_path: Pa
     trainer.close()  # as its process ending would
     restarted = TrainerService(settings, StreamrecMetrics())
     assert restarted.model_version == trainer.model_version
+    assert restarted.fusion is not None and restarted.fusion.n_clicks == 16  # resumed too
     np.testing.assert_allclose(restarted.ranker.predict_proba_many(rows),
                                trainer.ranker.predict_proba_many(rows), rtol=1e-6)  # fmt: skip
 

@@ -1,0 +1,141 @@
+"""The served candidate fusion (:mod:`learners.retrieval_fusion`): its sparse co-visitation
+equals the dense scoring the evaluation measured, its caches follow what it learns, and a
+trainer thread may learn while serving threads fuse."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from learners.covisit import CoVisitation
+from learners.retrieval_fusion import FusedRetrieval, FusionConfig
+
+
+def _stream(
+    seed: int, n: int = 3_000, items: int = 60
+) -> tuple[list[dict[str, object]], np.ndarray]:
+    """Rows of 40 users clicking ~30% of the time; ``hist_seq``: the user's earlier clicks,
+    most recent first (point in time), as the feature stage gives them."""
+    rng = random.Random(seed)
+    hist: dict[str, list[str]] = {}
+    rows, y = [], []
+    for _ in range(n):
+        u = f"u{rng.randrange(40)}"
+        h = hist.setdefault(u, [])
+        # a taste: items near the user's number, so co-visits carry a signal
+        item = f"i{(int(u[1:]) + int(rng.expovariate(0.3))) % items}"
+        rows.append({"user_id": u, "item_id": item, "hist_seq": list(h[:20])})
+        click = rng.random() < 0.3
+        y.append(float(click))
+        if click:
+            h.insert(0, item)
+    return rows, np.array(y)
+
+
+def test_sparse_covisitation_equals_the_dense_scoring_the_evaluation_measured() -> None:
+    rows, y = _stream(0)
+    fr = FusedRetrieval(FusionConfig(neighbours=10_000))
+    dense = CoVisitation(FusionConfig().covisit)
+    for s in range(0, len(rows), 128):  # in batches, as a trainer feeds it
+        fr.learn_many(rows[s : s + 128], y[s : s + 128])
+        dense.learn_many(rows[s : s + 128], y[s : s + 128])
+    catalogue = sorted({str(r["item_id"]) for r in rows})
+    queries = [r for r in rows[-200:] if r["hist_seq"]]
+    assert len(queries) > 100
+    want = dense.top(queries, catalogue, 30, fill=np.arange(len(catalogue)))
+    for q, row in zip(want, queries, strict=True):
+        got = fr.covisit_top(row["hist_seq"], 30)  # type: ignore[arg-type]
+        # the dense list past the scored items is the fill order: compare the scored prefix
+        assert got == [catalogue[j] for j in q[: len(got)]]
+
+
+def test_a_learnt_click_reaches_the_next_query_and_the_cache_is_refreshed() -> None:
+    fr = FusedRetrieval(FusionConfig(refresh_clicks=3, width=5))
+    fr.learn_many([{"item_id": "b", "hist_seq": ["a"]}], [1])
+    assert fr.covisit_top(["a"], 5) == ["b"]  # cached now
+    fr.learn_many(
+        [{"item_id": "c", "hist_seq": ["a"]}, {"item_id": "c", "hist_seq": ["a"]}], [1, 1]
+    )
+    assert fr.covisit_top(["a"], 5) == ["c", "b"]  # a's list changed: not the stale cache
+    assert fr.popular_top(5) == ["c", "b"]
+    fr.learn_many([{"item_id": "d"}] * 5, [1, 0, 1, 1, 1])  # past refresh_clicks
+    assert fr.popular_top(1) == ["d"]  # the popularity list was recomputed
+    assert fr.n_clicks == 7
+
+
+def test_the_prior_lifts_popular_items_and_beta_0_keeps_the_cosine_order() -> None:
+    fr = FusedRetrieval(FusionConfig(beta=1.0), temperature=0.1)
+    fr.learn_many([{"item_id": "pop"}] * 50 + [{"item_id": "rare"}], [1] * 51)
+    cos = np.array([0.50, 0.45])
+    assert fr.model_top(["rare", "pop"], cos, 2) == ["pop", "rare"]
+    plain = FusedRetrieval(FusionConfig(beta=0.0), temperature=0.1)
+    plain.learn_many([{"item_id": "pop"}] * 50, [1] * 50)
+    assert plain.model_top(["rare", "pop"], cos, 2) == ["rare", "pop"]
+
+
+def test_fusion_merges_the_three_lists_and_disabled_serves_the_model_list() -> None:
+    rows, y = _stream(1)
+    fr = FusedRetrieval(FusionConfig(width=20))
+    fr.learn_many(rows, y)
+    model_items = [f"m{j}" for j in range(30)]  # never clicked: only the model knows them
+    cos = np.linspace(0.9, 0.1, 30)[None, :]
+    ((items, scores),) = fr.fuse([model_items], cos, [rows[-1]["hist_seq"]], 25)  # type: ignore[list-item]
+    assert len(items) == len(set(items)) == 25 and np.all(np.diff(scores) <= 0)
+    assert items[0] == "m0" or items[0] in fr.covisit_top(rows[-1]["hist_seq"], 1)  # type: ignore[arg-type]
+    assert {"m0", "m1"} <= set(items) and set(items) - set(model_items)  # both kinds
+    off = FusedRetrieval(FusionConfig(enabled=False))
+    off.learn_many(rows, y)
+    ((items, scores),) = off.fuse([model_items], cos, [["i1"]], 10)
+    assert items == model_items[:10] and np.allclose(scores, cos[0, :10])
+
+
+def test_state_dict_round_trip_fuses_the_same() -> None:
+    rows, y = _stream(2)
+    fr = FusedRetrieval(FusionConfig(width=15), temperature=0.07)
+    fr.learn_many(rows[:2000], y[:2000])
+    back = FusedRetrieval.from_state_dict(fr.state_dict())
+    for r in rows[2000:2050]:
+        args = ([["i1", "i7", "x"]], np.array([[0.3, 0.2, 0.1]]), [r["hist_seq"]], 15)
+        a, b = fr.fuse(*args), back.fuse(*args)  # type: ignore[arg-type]
+        assert a[0][0] == b[0][0] and np.allclose(a[0][1], b[0][1])
+    back.learn_many(rows[2000:], y[2000:])  # and it goes on learning
+    assert back.n_clicks == int(y.sum())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"beta": -1.0}, {"half_life_clicks": 0.0}, {"width": 0}, {"weights": (0.0, 0.0, 0.0)},
+     {"weights": (1.0, 2.0)}, {"rrf_c": float("nan")}, {"neighbours": 0}],
+)  # fmt: skip
+def test_bad_configs_are_refused(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="FusionConfig"):
+        FusionConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_a_trainer_thread_learns_while_serving_threads_fuse() -> None:
+    rows, y = _stream(3, n=6_000)
+    fr = FusedRetrieval(FusionConfig(refresh_clicks=50))
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        try:
+            while not done.is_set():
+                for r in rows[::97]:
+                    fr.fuse([["i1", "i2"]], np.array([[0.5, 0.4]]), [r["hist_seq"]], 10)  # type: ignore[list-item]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for s in range(0, len(rows), 64):
+        fr.learn_many(rows[s : s + 64], y[s : s + 64])
+    done.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert fr.n_clicks == int(y.sum())
