@@ -15,6 +15,9 @@ co-visitation over the training clicks' point-in-time histories
 (:mod:`learners.covisit`); ``covisit_fused`` fuses it with decayed popularity and
 ``model_fused`` the ``model_prior`` list with both, by weighted reciprocal rank fusion,
 weights and constant picked on the same validation split (``fusion`` per seed).
+``served`` is what ``/recommend`` retrieves (:mod:`learners.retrieval_fusion` with its
+fixed defaults, no validation pick: the model's 200 best by cosine re-scored with the
+prior, fused with co-visitation and decayed popularity).
 
 Logs: the MovieLens dev log; the history world (:func:`bench.history_models.history_world`,
 300k impressions); a log without history (``logs.synthetic`` defaults but 200k impressions,
@@ -23,6 +26,7 @@ Logs: the MovieLens dev log; the history world (:func:`bench.history_models.hist
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -34,13 +38,14 @@ import torch
 from bench.run import bench_parser, load_note, machine, publish, stamp
 from learners.covisit import CoVisitConfig
 from learners.retrieval_eval import evaluate_retrieval
+from learners.retrieval_fusion import FusionConfig
 from learners.retrieval_prior import ServingPrior
 from learners.two_tower import TwoTowerConfig, TwoTowerModel
 
 NAME = "retrieval_prior"
 ROWS = (
     "model", "model_prior", "popularity", "popularity_decayed", "cooccurrence", "covisit",
-    "covisit_fused", "model_fused",
+    "covisit_fused", "model_fused", "served",
 )  # fmt: skip
 
 
@@ -71,8 +76,9 @@ def run_log(rows: Any, y: Any, seeds: int) -> dict[str, Any]:
         t = time.perf_counter()
         model = TwoTowerModel(TwoTowerConfig(device="cpu"), seed=seed)
         r = evaluate_retrieval(
-            rows, y, model, seed=seed, prior=ServingPrior(), covisit=CoVisitConfig()
-        )
+            rows, y, model, seed=seed, prior=ServingPrior(), covisit=CoVisitConfig(),
+            serving=FusionConfig(),
+        )  # fmt: skip
         runs.append({
             "recall_at_10": {k: r["rows"][k]["recall_at_k"] for k in ROWS if k in r["rows"]},
             "prior": r["prior"],
@@ -82,6 +88,7 @@ def run_log(rows: Any, y: Any, seeds: int) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t, 1),
         })  # fmt: skip
         recall = {k: round(v, 4) for k, v in runs[-1]["recall_at_10"].items()}
+        recall["served/popularity"] = round(recall["served"] / recall["popularity"], 3)
         pick = (r["prior"]["beta"], r["prior"]["half_life_fraction"])
         print(f"   seed {seed} {recall} beta, half-life {pick}", flush=True)
     summary = {}
@@ -108,6 +115,7 @@ def main(
         "seeds": seeds,
         "prior_config": ServingPrior().__dict__,
         "covisit_config": CoVisitConfig().__dict__,
+        "fusion_config": dataclasses.asdict(FusionConfig()),
     }
     if movielens is not None:
         report["command"] += f" --movielens {movielens}"

@@ -236,18 +236,29 @@ def evaluate_retrieval(
     chosen: dict[str, Any] | None = None
     fusion: dict[str, Any] | None = None
     cv = None if covisit is None else CoVisitation(covisit)
+    served = None if serving is None else FusedRetrieval(serving, _temperature(model))
+    seen_items: dict[str, None] = {}  # the catalogue so far, for the served row's observe
+
+    def learn(s: int, e: int) -> None:
+        """The model learns ``rows[s:e]``; the served fusion first observes (some of) its
+        clicks against the model and catalogue so far, then learns them, as a trainer."""
+        if served is not None:
+            _observe(served, model, rows[s:e], y[s:e], list(seen_items), candidates)
+            served.learn_many(rows[s:e], y[s:e])
+            seen_items.update((str(r["item_id"]), None) for r in rows[s:e] if "item_id" in r)
+        model.learn_many(rows[s:e], y[s:e])
+
     if prior is not None:  # learn up to the validation rows (on a batch edge), pick, go on
         val = int(split * (1.0 - prior.validation_fraction)) // batch_size * batch_size
         for s in range(0, val, batch_size):
-            model.learn_many(rows[s : s + batch_size], y[s : s + batch_size])
+            learn(s, min(s + batch_size, val))
         chosen = _pick_prior(rows, y, model, val, split, k, prior, exclude_seen)
         if cv is not None:
             cv.learn_many(rows[:val], y[:val])
             fusion = _pick_fusion(rows, y, model, cv, val, split, k, chosen, exclude_seen)
         start = val
     for s in range(start, split, batch_size):
-        e = min(s + batch_size, split)
-        model.learn_many(rows[s:e], y[s:e])
+        learn(s, min(s + batch_size, split))
     if cv is not None:
         cv.learn_many(rows[start:split], y[start:split])
     catalogue = list(dict.fromkeys(str(r["item_id"]) for r in rows[:split] if "item_id" in r))
@@ -266,13 +277,6 @@ def evaluate_retrieval(
     }
     if not test or not n_items:
         return out
-    served = None
-    if serving is not None:
-        served = FusedRetrieval(serving, temperature=_temperature(model))
-        for s in range(0, split, batch_size):
-            served.learn_many(
-                rows[s : min(split, s + batch_size)], y[s : min(split, s + batch_size)]
-            )
     queries = [rows[i] for i in test]
     seen = _seen_columns(queries, col) if exclude_seen else None
     extra = max((len(s) for s in seen), default=0) if seen is not None else 0
@@ -282,6 +286,7 @@ def evaluate_retrieval(
     top = _top_k(u_vec, items, wide)
     out["rows"]["model"] = retrieval_metrics(_drop_seen(top, seen, kk), truth, n_items)
     if served is not None:
+        out["served_setting"] = served.setting
         out["rows"]["served"] = retrieval_metrics(
             _drop_seen(_served_top(served, u_vec, items, catalogue, col, queries,
                                    min(candidates, n_items), wide), seen, kk),
@@ -366,6 +371,28 @@ def _popular_top(counts: DecayedClicks, catalogue: list[str], width: int) -> np.
     order)."""
     lq = counts.log_q(catalogue)
     return np.argsort(-lq, kind="stable")[: min(width, len(catalogue))].astype(np.int64)
+
+
+def _observe(
+    served: FusedRetrieval, model: RetrievalModel, rows: Rows, y: np.ndarray,
+    catalogue: list[str], candidates: int,
+) -> None:  # fmt: skip
+    """``served.observe`` of up to ``observe_per_batch`` clicks of ``rows`` (evenly
+    spaced), each with the model's ``candidates`` best items of ``catalogue`` by cosine, as
+    the trainer observes its micro-batches against the serving index."""
+    clicked = np.flatnonzero(np.asarray(y) > 0)
+    per = served.config.observe_per_batch
+    if not served.config.adapt or not len(clicked) or not catalogue:
+        return
+    pick = clicked[np.linspace(0, len(clicked) - 1, min(per, len(clicked))).astype(int)]
+    queries = [rows[int(j)] for j in pick]
+    scores = model.user_vectors(queries) @ model.item_vectors(catalogue).T
+    n = min(candidates, len(catalogue))
+    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    cos = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-cos, axis=1, kind="stable")
+    part, cos = np.take_along_axis(part, order, axis=1), np.take_along_axis(cos, order, axis=1)
+    served.observe(queries, [[catalogue[j] for j in row] for row in part.tolist()], cos)
 
 
 def _served_top(

@@ -45,7 +45,29 @@ from learners.base import Rows
 from learners.covisit import CoVisitation, CoVisitConfig, history_items
 from learners.retrieval_prior import DecayedClicks, prior_bias
 
-__all__ = ["FusedRetrieval", "FusionConfig"]
+__all__ = ["GRID_BETA", "GRID_C", "GRID_WEIGHTS", "FusedRetrieval", "FusionConfig"]
+
+
+#: the online pick's grid (``adapt``): the prior's ``beta``, the RRF constant, and the
+#: ``(model, covisit, popularity)`` weights
+GRID_BETA = (0.0, 1.0, 2.0)
+GRID_C = (10.0, 60.0)
+GRID_WEIGHTS = tuple(
+    (m, cv, p)
+    for m in (1.0, 0.0)
+    for cv in (0.0, 0.5, 1.0, 2.0)
+    for p in (0.0, 0.5, 1.0, 2.0)
+    if m or cv or p
+)
+
+
+def _grid_index(setting: tuple[float, float, tuple[float, ...]]) -> tuple[int, int, int] | None:
+    """The grid indices of ``(beta, rrf_c, weights)``; None off the grid."""
+    beta, c, w = setting
+    try:
+        return GRID_BETA.index(beta), GRID_C.index(c), GRID_WEIGHTS.index(tuple(w))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -70,11 +92,24 @@ class FusionConfig:
         neighbours: a history item's co-visited items read per query, the best first.
         refresh_clicks: clicks after which the cached neighbour lists and the popularity
             list are recomputed (an item's own list is recomputed as soon as it changes).
+        adapt: pick ``beta``, ``rrf_c`` and ``weights`` online from a grid
+            (:data:`GRID_BETA`, :data:`GRID_C`, :data:`GRID_WEIGHTS`) by the DCG@``adapt_k``
+            each setting would have given the clicks :meth:`FusedRetrieval.observe` sees
+            (prequential: scored before they are learnt), decayed with a half-life of
+            ``adapt_half_life`` observed clicks; the configured setting serves until
+            ``adapt_min_clicks`` clicks are observed, and after only while no grid setting
+            beats it by ``adapt_z`` standard errors (the decayed sum of the per-click gain
+            differences against ``adapt_z`` times the root of their decayed sum of
+            squares): the pick leaves it only on evidence. False: the configured setting
+            always. With ``adapt``, ``beta``, ``rrf_c`` and ``weights`` must be a grid point.
+        observe_per_batch: clicks of a micro-batch the trainer observes (each costs a
+            user-tower row and an index search).
 
-    The defaults are those ``evaluate-retrieval --prior --covisit`` picked on the MovieLens
-    dev log's validation clicks (weights 1, 2, 0.5, constant 10; half-life ~5% of its
-    36k training clicks), except ``beta``, 1 (the principled value; the pick, 2, sat at
-    the grid's edge).
+    The starting setting is what ``evaluate-retrieval --prior --covisit`` picked on the
+    MovieLens dev log's validation clicks (weights 1, 2, 0.5, constant 10; half-life ~5%
+    of its 36k training clicks), except ``beta``, 1 (the principled value; the pick, 2,
+    sat at the grid's edge). It is not right everywhere (the history world's pick was
+    weights 1, 0.5, 0 and ``beta`` 0), hence ``adapt``.
     """
 
     enabled: bool = True
@@ -89,18 +124,25 @@ class FusionConfig:
     covisit_max_entries: int = 2_000_000
     neighbours: int = 100
     refresh_clicks: int = 1_000
+    adapt: bool = True
+    adapt_min_clicks: int = 200
+    adapt_half_life: float = 2_000.0
+    adapt_k: int = 10
+    adapt_z: float = 2.0
+    observe_per_batch: int = 8
 
     def __post_init__(self) -> None:
         for name in ("beta", "covisit_shrink"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"FusionConfig.{name} must be finite and >= 0, got {v}")
-        for name in ("half_life_clicks", "rrf_c"):
+        for name in ("half_life_clicks", "rrf_c", "adapt_half_life"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"FusionConfig.{name} must be finite and > 0, got {v}")
         for name in ("width", "covisit_window", "covisit_max_neighbours",
-                     "covisit_max_entries", "neighbours", "refresh_clicks"):  # fmt: skip
+                     "covisit_max_entries", "neighbours", "refresh_clicks",
+                     "adapt_min_clicks", "adapt_k", "observe_per_batch"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"FusionConfig.{name} must be >= 1, got {getattr(self, name)}")
         w = tuple(float(x) for x in self.weights)
@@ -108,6 +150,15 @@ class FusionConfig:
             raise ValueError(f"FusionConfig.weights must be 3 finite values >= 0, not all 0, "
                              f"got {self.weights}")  # fmt: skip
         object.__setattr__(self, "weights", w)
+        if not (math.isfinite(self.adapt_z) and self.adapt_z >= 0):
+            raise ValueError(f"FusionConfig.adapt_z must be finite and >= 0, got {self.adapt_z}")
+        if self.adapt and _grid_index((self.beta, self.rrf_c, w)) is None:
+            raise ValueError(
+                f"FusionConfig: with adapt, beta must be one of {GRID_BETA}, rrf_c one of "
+                f"{GRID_C} and weights a (model, covisit, popularity) triple of "
+                f"{{0, 0.5, 1, 2}} with model in {{0, 1}} (got beta={self.beta}, "
+                f"rrf_c={self.rrf_c}, weights={w}); or set adapt = false"
+            )
 
     @property
     def covisit(self) -> CoVisitConfig:
@@ -134,6 +185,89 @@ class FusedRetrieval:
         self._rows: dict[str, tuple[list[str], np.ndarray]] = {}
         self._popular: list[str] | None = None
         self._since_refresh = 0
+        #: the online pick: decayed DCG per (beta, c, weights) of the grid, observed clicks
+        shape = (len(GRID_BETA), len(GRID_C), len(GRID_WEIGHTS))
+        self._gain = np.zeros(shape)
+        #: decayed sums of each setting's gain minus the configured setting's, and squares
+        self._d1 = np.zeros(shape)
+        self._d2 = np.zeros(shape)
+        self._observed = 0.0  # decayed count
+        self.n_observed = 0
+        self._w = np.array(GRID_WEIGHTS, dtype=np.float64).T  # (3, G)
+        cfg = self.config
+        self._setting = (cfg.beta, cfg.rrf_c, cfg.weights)
+        self._default = _grid_index(self._setting) if cfg.adapt else None
+
+    @property
+    def setting(self) -> dict[str, Any]:
+        """The setting :meth:`fuse` uses now: ``beta``, ``rrf_c``, ``weights`` and whether
+        it is the online pick (``adapted``), with the clicks observed."""
+        beta, c, w = self._setting
+        cfg = self.config
+        return {"beta": beta, "rrf_c": c, "weights": w, "observed": self.n_observed,
+                "adapted": (beta, c, w) != (cfg.beta, cfg.rrf_c, cfg.weights)}  # fmt: skip
+
+    def observe(self, rows: Rows, items: Sequence[Sequence[str]], cosines: np.ndarray) -> None:
+        """Score clicks before they are learnt, for the online pick: ``rows`` (Q,) clicked
+        rows (``item_id``, ``hist_seq``), ``items[q]`` (N_q,) and ``cosines[q]`` the
+        model's candidates for row ``q`` as serving would retrieve them now. Each grid
+        setting gains ``1 / log2(rank + 2)`` when its fused list ranks the clicked item
+        within ``adapt_k``. Call it before :meth:`learn_many` of the same rows."""
+        cfg = self.config
+        if not cfg.adapt:
+            return
+        cos = np.asarray(cosines, dtype=np.float64)
+        decay = 0.5 ** (1.0 / cfg.adapt_half_life)
+        pop = self.popular_top(cfg.width)
+        for q, row in enumerate(rows):
+            truth = row.get("item_id")
+            if truth is None:
+                continue
+            truth = str(truth)
+            lists_by_beta = [self._model_top(items[q], cos[q, : len(items[q])], b, cfg.width)
+                             for b in GRID_BETA]  # fmt: skip
+            cov = self.covisit_top(history_items(row), cfg.width)
+            gain = np.zeros_like(self._gain)
+            for bi, model_list in enumerate(lists_by_beta):
+                union = list(dict.fromkeys([*model_list, *cov, *pop]))
+                if truth not in union:
+                    continue
+                pos = {item: j for j, item in enumerate(union)}
+                rank = np.full((len(union), 3), np.inf)
+                for col, lst in enumerate((model_list, cov, pop)):
+                    for r, item in enumerate(lst):
+                        rank[pos[item], col] = r
+                t = pos[truth]
+                for ci, c in enumerate(GRID_C):
+                    score = (1.0 / (c + rank)) @ self._w  # (U, G); an absent item adds 0
+                    mine = score[t]
+                    # ties share the ranks they span; a setting that gives the item no
+                    # score (it is in no list it weighs) does not retrieve it
+                    above = (score > mine).sum(axis=0) + 0.5 * ((score == mine).sum(axis=0) - 1)
+                    hit = (above < cfg.adapt_k) & (mine > 0)
+                    gain[bi, ci] = np.where(hit, 1.0 / np.log2(above + 2.0), 0.0)
+            assert self._default is not None
+            d = gain - gain[self._default]
+            self._gain = self._gain * decay + gain
+            self._d1 = self._d1 * decay + d
+            self._d2 = self._d2 * decay + d * d
+            self._observed = self._observed * decay + 1.0
+            self.n_observed += 1
+        self._pick()
+
+    def _pick(self) -> None:
+        """The setting with the largest lower confidence bound ``d1 - z sqrt(d2)`` on its
+        gain over the configured one, when that bound is above 0; else the configured."""
+        cfg = self.config
+        if self._default is None or self.n_observed < cfg.adapt_min_clicks:
+            return
+        lcb = self._d1 - cfg.adapt_z * np.sqrt(self._d2)
+        flat = int(np.argmax(lcb))
+        b, c, w = (int(x) for x in np.unravel_index(flat, lcb.shape))
+        if lcb[b, c, w] > 0:
+            self._setting = (GRID_BETA[b], GRID_C[c], GRID_WEIGHTS[w])
+        else:
+            self._setting = (cfg.beta, cfg.rrf_c, cfg.weights)
 
     @property
     def n_clicks(self) -> int:
@@ -206,15 +340,20 @@ class FusedRetrieval:
             return self._popular[:width]
 
     def model_top(self, items: Sequence[str], cosines: np.ndarray, width: int) -> list[str]:
-        """``items`` (N,) re-ranked by ``cosine + temperature * beta * log q``, best
-        ``width``."""
+        """``items`` (N,) re-ranked by ``cosine + temperature * beta * log q`` (``beta`` of
+        the :attr:`setting` in use), best ``width``."""
+        return self._model_top(items, cosines, self._setting[0], width)
+
+    def _model_top(
+        self, items: Sequence[str], cosines: np.ndarray, beta: float, width: int
+    ) -> list[str]:
         if not len(items):
             return []
         cos = np.asarray(cosines, dtype=np.float64).reshape(-1)
-        if self.config.beta > 0:
+        if beta > 0:
             with self._lock:
                 lq = self.clicks.log_q(items)
-            cos = cos + prior_bias(lq, self.config.beta, self.temperature)
+            cos = cos + prior_bias(lq, beta, self.temperature)
         order = np.argsort(-cos, kind="stable")[:width]
         return [items[j] for j in order.tolist()]
 
@@ -237,17 +376,18 @@ class FusedRetrieval:
                 out.append((list(its)[:width], cos[q, : min(len(its), width)].copy()))
             return out
         cfg = self.config
-        pop = self.popular_top(cfg.width) if cfg.weights[2] > 0 else []
+        beta, c, weights = self._setting
+        pop = self.popular_top(cfg.width) if weights[2] > 0 else []
         for q, its in enumerate(items):
             lists = [
-                self.model_top(its, cos[q, : len(its)], cfg.width) if cfg.weights[0] > 0 else [],
-                self.covisit_top(histories[q], cfg.width) if cfg.weights[1] > 0 else [],
+                self._model_top(its, cos[q, : len(its)], beta, cfg.width) if weights[0] > 0 else [],
+                self.covisit_top(histories[q], cfg.width) if weights[1] > 0 else [],
                 pop,
             ]
             score: dict[str, float] = {}
-            for lst, w in zip(lists, cfg.weights, strict=True):
+            for lst, w in zip(lists, weights, strict=True):
                 for rank, item in enumerate(lst):
-                    score[item] = score.get(item, 0.0) + w / (cfg.rrf_c + rank)
+                    score[item] = score.get(item, 0.0) + w / (c + rank)
             best = sorted(score, key=lambda i: -score[i])[:width]  # stable: first-seen order
             out.append((best, np.array([score[i] for i in best], dtype=np.float64)))
         return out
@@ -264,6 +404,13 @@ class FusedRetrieval:
                 "covisit_clicks": dict(cv.clicks),
                 "counters": (cv.entries, cv.pruned, cv.evicted),
                 "decayed": (self.clicks._scale, dict(self.clicks._raw), self.clicks.n_clicks),
+                "adapt": (
+                    self._gain.tolist(),
+                    self._d1.tolist(),
+                    self._d2.tolist(),
+                    self._observed,
+                    self.n_observed,
+                ),  # fmt: skip
             }
 
     @classmethod
@@ -280,4 +427,13 @@ class FusedRetrieval:
         fr.clicks._scale, raw, fr.clicks.n_clicks = state["decayed"]
         fr.clicks._raw = dict(raw)
         fr.clicks._sum = math.fsum(fr.clicks._raw.values())
+        gain, d1, d2, observed, n_observed = state["adapt"]
+        saved = FusionConfig(**state["config"])
+        same = (saved.beta, saved.rrf_c, saved.weights) == fr._setting  # the same reference
+        if fr.config.adapt and same and np.shape(gain) == fr._gain.shape:
+            fr._gain = np.asarray(gain, dtype=np.float64)
+            fr._d1 = np.asarray(d1, dtype=np.float64)
+            fr._d2 = np.asarray(d2, dtype=np.float64)
+            fr._observed, fr.n_observed = float(observed), int(n_observed)
+            fr._pick()
         return fr

@@ -285,6 +285,8 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
         monitor=MonitorService(settings, metrics),
         indexer=indexer,
     )
+    # the fusion's online pick scores clicks against what serving would retrieve now
+    rt.trainer.serving_index = lambda: indexer.holder.current
     app.streamrec = rt  # type: ignore[attr-defined]  # faust.App allows extra attributes
     out = Outputs(app, metrics, settings.max_message_bytes)
 

@@ -139,3 +139,50 @@ def test_a_trainer_thread_learns_while_serving_threads_fuse() -> None:
         t.join()
     assert not errors
     assert fr.n_clicks == int(y.sum())
+
+
+def _observe_all(fr: FusedRetrieval, rows, y, model_list) -> None:  # noqa: ANN001
+    """Observe then learn each batch's clicks, the model always offering ``model_list``."""
+    for s in range(0, len(rows), 64):
+        clicks = [r for r, t in zip(rows[s : s + 64], y[s : s + 64], strict=True) if t > 0]
+        n = len(model_list)
+        fr.observe(
+            clicks, [model_list] * len(clicks), np.tile(np.linspace(1, 0, n), (len(clicks), 1))
+        )
+        fr.learn_many(rows[s : s + 64], y[s : s + 64])
+
+
+def test_the_online_pick_leaves_the_configured_setting_only_on_evidence() -> None:
+    """A model list that never holds the clicked item: the pick moves to a setting that
+    weighs co-visitation (the signal of this stream) at least twice the model; one that
+    always ranks it first: to a setting that weighs the model more than the configured
+    one does. Without enough evidence (a huge ``adapt_z``), the configured one stays."""
+    rows, y = _stream(4, n=8_000)
+    useless = FusedRetrieval(FusionConfig(adapt_min_clicks=100))
+    _observe_all(useless, rows, y, [f"m{j}" for j in range(50)])
+    assert useless.n_observed > 1_000
+    picked = useless.setting
+    assert picked["adapted"] and picked["weights"][1] >= 2 * picked["weights"][0], picked
+    perfect = FusedRetrieval(FusionConfig(adapt_min_clicks=100))
+    for s in range(0, len(rows), 64):
+        clicks = [r for r, t in zip(rows[s : s + 64], y[s : s + 64], strict=True) if t > 0]
+        lists = [[str(r["item_id"]), *[f"m{j}" for j in range(20)]] for r in clicks]
+        perfect.observe(clicks, lists, np.tile(np.linspace(1, 0, 21), (len(clicks), 1)))
+        perfect.learn_many(rows[s : s + 64], y[s : s + 64])
+    w = perfect.setting["weights"]
+    assert perfect.setting["adapted"] and w[0] == 1.0 and w[1] < FusionConfig().weights[1], w
+    cautious = FusedRetrieval(FusionConfig(adapt_min_clicks=100, adapt_z=1e3))
+    _observe_all(cautious, rows, y, [f"m{j}" for j in range(50)])
+    assert cautious.n_observed == useless.n_observed and not cautious.setting["adapted"]
+    # the pick and its evidence survive a snapshot
+    back = FusedRetrieval.from_state_dict(useless.state_dict())
+    assert back.setting == picked and back.n_observed == useless.n_observed
+    off = FusedRetrieval(FusionConfig(adapt=False))
+    _observe_all(off, rows, y, [f"m{j}" for j in range(50)])
+    assert off.n_observed == 0 and not off.setting["adapted"]
+
+
+def test_with_adapt_the_configured_setting_must_be_a_grid_point() -> None:
+    with pytest.raises(ValueError, match="grid|one of"):
+        FusionConfig(weights=(1.0, 3.0, 0.5))
+    FusionConfig(weights=(1.0, 3.0, 0.5), adapt=False)  # off the grid is fine without it

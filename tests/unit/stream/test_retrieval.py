@@ -97,3 +97,22 @@ def test_a_snapshot_failing_verification_keeps_the_old_one_and_is_counted() -> N
     assert msg is not None and msg.kind == "index_rejected"
     assert indexer.holder.current is not None and indexer.holder.current.version == 1
     assert metrics.registry.get_sample_value("streamrec_index_rejected_total") == 1
+
+
+def test_the_trainer_observes_clicks_against_the_serving_index_for_the_fusion_pick() -> None:
+    """Without a serving index the fusion learns but observes nothing; with one, each
+    batch's clicks (at most ``observe_per_batch``) are scored before they are learnt, and
+    both the ranker-embedding and the two-tower retrieval paths work."""
+    from learners.retrieval_fusion import FusionConfig
+
+    for retrieval in ("two_tower", "ranker"):
+        s = settings(retrieval=retrieval, fusion=FusionConfig(observe_per_batch=3))
+        trainer = TrainerService(s, StreamrecMetrics())
+        indexer = IndexerService(s, StreamrecMetrics())
+        feed(trainer, 256)
+        fusion = trainer.fusion
+        assert fusion is not None and fusion.n_clicks > 0 and fusion.n_observed == 0
+        assert indexer.refresh(trainer.ranker, trainer.catalogue, trainer.two_tower) is not None
+        trainer.serving_index = lambda: indexer.holder.current  # noqa: B023
+        feed(trainer, 256, seed=1)
+        assert 0 < fusion.n_observed <= 3 * 4  # 4 batches of 64, 3 clicks observed each
