@@ -268,7 +268,7 @@ def test_the_candidate_fusion_counts_travel_with_a_snapshot(tmp_path: Path) -> N
     from learners.retrieval_fusion import FusedRetrieval, FusionConfig
 
     ranker, tt = _models()
-    fusion = FusedRetrieval(FusionConfig(width=8, beta=0.5), temperature=0.07)
+    fusion = FusedRetrieval(FusionConfig(width=8, beta=2.0), temperature=0.07)
     rng = np.random.default_rng(0)
     rows = [
         {"item_id": f"i{rng.integers(30)}", "hist_seq": [f"i{j}" for j in rng.integers(30, size=4)]}
