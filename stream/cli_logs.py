@@ -365,12 +365,19 @@ def evaluate_cmd(
     "with --prior, covisit_fused and model_fused (reciprocal rank fusion with decayed "
     "popularity and the model, weights picked on the same validation clicks).",
 )
+@click.option(
+    "--served",
+    is_flag=True,
+    help="Add the served row: what /recommend retrieves with the settings' [fusion] (the "
+    "model's 200 best fused with co-visitation and decayed popularity, the fusion's setting "
+    "picked online as the trainer picks it).",
+)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
 @click.option("--config", default=None, type=click.Path(exists=True), help="Settings TOML.")
 def evaluate_retrieval_cmd(
     log_path: str, k: int, train_fraction: float, behaviour_len: int | None, batch_size: int,
     limit: int | None, seed: int, exclude_seen: bool, prior: bool, covisit: bool,
-    json_out: str | None, config: str | None,
+    served: bool, json_out: str | None, config: str | None,
 ) -> None:  # fmt: skip
     """Two-tower retrieval on a log: recall@k, NDCG@k, coverage; popularity and random rows,
     and the oracle on a synthetic log with its .meta.json (time-ordered split, exact search,
@@ -395,7 +402,8 @@ def evaluate_retrieval_cmd(
         examples = load_examples(log_path, limit=limit)
     except LogFormatError as exc:
         raise click.ClickException(str(exc)) from None
-    tt = load_settings(config).two_tower
+    settings = load_settings(config)
+    tt = settings.two_tower
     if behaviour_len is not None:
         tt = dataclasses.replace(tt, behaviour_len=behaviour_len)
     meta = read_meta(log_path) or {}
@@ -411,6 +419,7 @@ def evaluate_retrieval_cmd(
         examples.rows, examples.y, TwoTowerModel(tt, seed=seed), train_fraction=train_fraction,
         k=k, batch_size=batch_size, oracle=oracle, seed=seed, exclude_seen=exclude_seen,
         prior=ServingPrior() if prior else None, covisit=CoVisitConfig() if covisit else None,
+        serving=settings.fusion if served else None, candidates=settings.serving.candidates,
     )  # fmt: skip
     report.update(log=log_path, behaviour_len=tt.behaviour_len)
     if not report["test_clicks"]:
@@ -440,6 +449,13 @@ def evaluate_retrieval_cmd(
     if "fusion" in report:
         for name, (weights, c) in report["fusion"]["picks"].items():
             click.echo(f"  {name} picked on the same clicks: weights {weights}, constant {c:g}")
+    if "served_setting" in report:
+        st = report["served_setting"]
+        click.echo(
+            f"  served setting after {st['observed']:,} observed clicks: beta {st['beta']:g}, "
+            f"constant {st['rrf_c']:g}, weights {list(st['weights'])}"
+            + (" (picked online)" if st["adapted"] else " (the configured one)")
+        )
 
 
 #: every command of this module, in the order ``streamrec --help`` lists them

@@ -42,6 +42,14 @@ def test_evaluate_retrieval_prints_and_writes_every_row_with_the_oracle(tmp_path
     report = json.loads(out.read_text())
     assert {"model_prior", "popularity_decayed"} <= set(report["rows"])
     assert report["prior"]["beta"] in report["prior"]["betas"] and "beta" in r.output
+    r = CliRunner().invoke(
+        main, ["evaluate-retrieval", str(log), "--k", "5", "--served", "--json", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert "served" in report["rows"] and "served setting after" in r.output
+    assert report["served_setting"]["observed"] > 0  # the online pick saw clicks
+    assert 0.0 < report["rows"]["served"]["recall_at_k"] <= 1.0
 
 
 def test_evaluate_retrieval_rejects_a_bad_split(tmp_path: Path) -> None:
