@@ -31,15 +31,18 @@ before it). One lock guards them: a trainer thread learns while serving threads 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import heapq
 import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from learners.base import Rows
 from learners.covisit import CoVisitation, CoVisitConfig, history_items
@@ -396,22 +399,34 @@ class FusedRetrieval:
         """A copy of the learnt state of plain types only (dicts, str, float, int, tuples:
         ``torch.load(weights_only=True)`` reads it); the caches are rebuilt on load."""
         with self._lock:
-            cv = self.covisit
-            return {
-                "config": dataclasses.asdict(self.config),
-                "temperature": self.temperature,
-                "co": {a: dict(nb) for a, nb in cv.co.items()},
-                "covisit_clicks": dict(cv.clicks),
-                "counters": (cv.entries, cv.pruned, cv.evicted),
-                "decayed": (self.clicks._scale, dict(self.clicks._raw), self.clicks.n_clicks),
-                "adapt": (
-                    self._gain.tolist(),
-                    self._d1.tolist(),
-                    self._d2.tolist(),
-                    self._observed,
-                    self.n_observed,
-                ),  # fmt: skip
-            }
+            return copy.deepcopy(self._state())
+
+    def save(self, path: str | Path) -> None:
+        """``torch.save`` the :meth:`state_dict` to ``path`` without a copy first: the
+        live counts are written with the lock held (learning and fusing wait meanwhile;
+        ~0.7 s for 1M co-visit entries), so a writer thread can save while the event loop
+        goes on."""
+        with self._lock:
+            torch.save(self._state(), path)
+
+    def _state(self) -> dict[str, Any]:
+        """The state, its containers the live ones (hold the lock)."""
+        cv = self.covisit
+        return {
+            "config": dataclasses.asdict(self.config),
+            "temperature": self.temperature,
+            "co": cv.co,
+            "covisit_clicks": cv.clicks,
+            "counters": (cv.entries, cv.pruned, cv.evicted),
+            "decayed": (self.clicks._scale, self.clicks._raw, self.clicks.n_clicks),
+            "adapt": (
+                self._gain.tolist(),
+                self._d1.tolist(),
+                self._d2.tolist(),
+                self._observed,
+                self.n_observed,
+            ),  # fmt: skip
+        }
 
     @classmethod
     def from_state_dict(

@@ -145,7 +145,10 @@ class Snapshot:
     calibrator: dict[str, Any]
     calibrator_version: int
     meta: dict[str, Any]
-    fusion: dict[str, Any] | None = None
+    #: the live candidate fusion: :func:`write_snapshot` saves its counts then, under its
+    #: own lock (copying ~1M entries on the event loop took ~1-2 s), so they may be a few
+    #: batches newer than the models'
+    fusion: FusedRetrieval | None = None
 
 
 def take_snapshot(
@@ -178,7 +181,7 @@ def take_snapshot(
             "calibrator_version": calibrator_version,
             "fusion_clicks": None if fusion is None else fusion.n_clicks,
         },
-        fusion=None if fusion is None else fusion.state_dict(),
+        fusion=fusion,
     )
 
 
@@ -203,7 +206,7 @@ def write_snapshot(store: DirectoryStore, snap: Snapshot) -> Manifest:
             json.dumps({"version": snap.calibrator_version, "params": snap.calibrator})
         )
         if snap.fusion is not None:
-            torch.save(snap.fusion, d / "fusion.pt")
+            snap.fusion.save(d / "fusion.pt")
 
     return store.publish(write, meta=snap.meta)
 
