@@ -429,8 +429,10 @@ class Recommender:
             "p_raw" (the ranker's), "retrieval_score" (cosine in [-1, 1])}, ...]`` sorted by
             ``score`` descending (at most ``k``; fewer when the index holds fewer),
             ``"index_version"``, ``"model_version"`` (the ranker's update count),
-            ``"calibrator_version"``, ``"retrieval_model"``, ``"candidates"`` (items ranked)
-            and ``"timing_ms"`` (``retrieve``, ``rank``, ``total``).
+            ``"calibrator_version"``, ``"retrieval_model"``, ``"fusion"`` (the candidate
+            fusion's setting in use, :attr:`~learners.retrieval_fusion.FusedRetrieval.
+            setting`, or None without fusion), ``"candidates"`` (items ranked) and
+            ``"timing_ms"`` (``retrieve``, ``rank``, ``total``).
 
         Raises:
             ServingError: 400 for a bad argument, 503 before the first index snapshot or
@@ -520,6 +522,7 @@ def _answer(
     start, after retrieval and after ranking; ``batch`` (the batch size) is added to
     ``timing_ms`` when given."""
     t0, t1, t2 = times
+    fusion = None if rec.fusion is None else rec.fusion()
     order = np.lexsort((-retrieval, -p))[:k]
     timing: dict[str, float] = {"retrieve": 1e3 * (t1 - t0), "rank": 1e3 * (t2 - t1)}
     out = {
@@ -537,6 +540,7 @@ def _answer(
         "model_version": versions[0],
         "calibrator_version": versions[1],
         "retrieval_model": rec.retrieval_model,
+        "fusion": None if fusion is None else fusion.setting,
         "candidates": len(items),
         "timing_ms": timing,
     }

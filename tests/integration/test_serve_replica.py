@@ -120,6 +120,9 @@ def test_serve_replica_follows_the_store_and_rejects_corrupt_versions(
             status, rec = _get(f"{web}/recommend?user_id=u1&k=5")
             assert status == 200, rec
             assert len(rec["items"]) == 5 and rec["retrieval_model"] == "two_tower"
+            # the trainer's candidate fusion travels with the version and serves here
+            assert "fusion.pt" in m.files and m.meta["fusion_clicks"] > 0
+            assert rec["fusion"] is not None and len(rec["fusion"]["weights"]) == 3
             assert rec["index_version"] >= 1 and rec["model_version"] >= m.meta["model_version"]
             mt = serve.metrics()
             assert mt["streamrec_store_version"] >= served["store_version"]

@@ -314,6 +314,7 @@ def test_fusion_ranks_the_fused_candidates_and_batches_answer_alike(live: Live) 
     got = {it["item_id"] for it in out["items"]}
     assert got - hits  # fused items the index alone did not retrieve
     assert got <= hits | {f"i{250 + j}" for j in range(10)} | {"i299"}
+    assert out["fusion"] == fusion.setting and plain.recommend("u3", k=1)["fusion"] is None
     rrf = [it["retrieval_score"] for it in out["items"]]
     assert all(0 < r < 1 for r in rrf)  # reciprocal-rank sums, not cosines
     batch = recommend_many(rec, [("u3", 10, ctx), ("u4", 3, {}), ("u3", 10, ctx)])
