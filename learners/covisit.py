@@ -53,16 +53,19 @@ class CoVisitConfig:
     co-visited items kept per item (the least co-visited are dropped past twice it).
     ``max_entries``: the budget on co-visited entries over all items (about 100 bytes
     each): past it, the lists of the least recently clicked items are dropped until 90%
-    of it is left (counted in ``evicted``)."""
+    of it is left (counted in ``evicted``). ``max_items``: the items whose clicks are
+    counted; past it the least recently clicked tenth is forgotten, counts and list
+    (counted in ``forgotten``), so a stream of ever new item ids stays bounded."""
 
     window: int = 20
     shrink: float = 10.0
     max_neighbours: int = 500
     max_entries: int = 2_000_000
+    max_items: int = 1_000_000
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.max_neighbours < 1 or self.max_entries < 1:
-            raise ValueError("window, max_neighbours and max_entries must be >= 1")
+        if min(self.window, self.max_neighbours, self.max_entries, self.max_items) < 1:
+            raise ValueError("window, max_neighbours, max_entries and max_items must be >= 1")
         if not (math.isfinite(self.shrink) and self.shrink >= 0):
             raise ValueError(f"shrink must be finite and >= 0, got {self.shrink}")
 
@@ -84,6 +87,7 @@ class CoVisitation:
         self.entries = 0  # co-visited entries over all items
         self.pruned = 0
         self.evicted = 0
+        self.forgotten = 0
         self._csr: tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def learn_many(self, X: Rows, y: Any) -> None:
@@ -118,7 +122,20 @@ class CoVisitation:
                 self._prune(nb)
             if self.entries > self.config.max_entries:
                 self._evict()
+        if len(clicks) > self.config.max_items:
+            self._forget()
         self._csr = None
+
+    def _forget(self) -> None:
+        """Forget the least recently clicked items (counts and lists) down to 90% of
+        ``max_items``; their entries in other items' lists stay until pruned."""
+        drop = len(self.clicks) - int(0.9 * self.config.max_items)
+        for item in list(self.clicks)[:drop]:
+            del self.clicks[item]
+            nb = self.co.pop(item, None)
+            if nb is not None:
+                self.entries -= len(nb)
+            self.forgotten += 1
 
     def _prune(self, nb: dict[str, float]) -> None:
         keep = sorted(nb.items(), key=lambda kv: -kv[1])[: self.config.max_neighbours]

@@ -92,6 +92,9 @@ class FusionConfig:
         covisit_max_neighbours: co-visited items kept per item.
         covisit_max_entries: the budget on co-visited entries over all items (~52 bytes
             each).
+        covisit_max_items: the items whose clicks co-visitation counts (the least recently
+            clicked are forgotten past it; decayed counts below 0.5 are dropped at each
+            refresh), so ever new item ids cannot grow the state without bound.
         neighbours: a history item's co-visited items read per query, the best first.
         refresh_clicks: clicks after which the cached neighbour lists and the popularity
             list are recomputed (an item's own list is recomputed as soon as it changes).
@@ -125,6 +128,7 @@ class FusionConfig:
     covisit_shrink: float = 10.0
     covisit_max_neighbours: int = 500
     covisit_max_entries: int = 2_000_000
+    covisit_max_items: int = 1_000_000
     neighbours: int = 100
     refresh_clicks: int = 1_000
     adapt: bool = True
@@ -144,7 +148,7 @@ class FusionConfig:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"FusionConfig.{name} must be finite and > 0, got {v}")
         for name in ("width", "covisit_window", "covisit_max_neighbours",
-                     "covisit_max_entries", "neighbours", "refresh_clicks",
+                     "covisit_max_entries", "covisit_max_items", "neighbours", "refresh_clicks",
                      "adapt_min_clicks", "adapt_k", "observe_per_batch"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"FusionConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -167,7 +171,8 @@ class FusionConfig:
     def covisit(self) -> CoVisitConfig:
         return CoVisitConfig(window=self.covisit_window, shrink=self.covisit_shrink,
                              max_neighbours=self.covisit_max_neighbours,
-                             max_entries=self.covisit_max_entries)  # fmt: skip
+                             max_entries=self.covisit_max_entries,
+                             max_items=self.covisit_max_items)  # fmt: skip
 
 
 class FusedRetrieval:
@@ -293,6 +298,7 @@ class FusedRetrieval:
                 self._rows.clear()
                 self._popular = None
                 self._since_refresh = 0
+                self.clicks.prune()  # items decayed below log_q's floor: bounded memory
             else:
                 for r in clicked:  # the lists these clicks changed
                     self._rows.pop(str(r["item_id"]), None)

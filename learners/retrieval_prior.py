@@ -106,6 +106,16 @@ class DecayedClicks:
                 self._sum = math.fsum(self._raw.values())
                 self._scale = 1.0
 
+    def prune(self, below: float = _FLOOR) -> int:
+        """Forget the items with fewer than ``below`` decayed clicks (by default the floor
+        :meth:`log_q` gives them anyway, so their ``log_q`` is unchanged; the total keeps
+        their mass); returns how many. Keeps a stream of ever new items bounded."""
+        cut = below * self._scale
+        keep = {k: v for k, v in self._raw.items() if v >= cut}
+        n = len(self._raw) - len(keep)
+        self._raw = keep
+        return n
+
     @property
     def counts(self) -> Mapping[str, float]:
         """Decayed clicks per item now (the latest click counts 1)."""

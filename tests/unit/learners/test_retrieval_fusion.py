@@ -186,3 +186,22 @@ def test_with_adapt_the_configured_setting_must_be_a_grid_point() -> None:
     with pytest.raises(ValueError, match="grid|one of"):
         FusionConfig(weights=(1.0, 3.0, 0.5))
     FusionConfig(weights=(1.0, 3.0, 0.5), adapt=False)  # off the grid is fine without it
+
+
+def test_a_stream_of_ever_new_items_keeps_the_state_bounded() -> None:
+    """Every click on a new item id (hostile, or a catalogue that never repeats): the
+    co-visit counts forget the least recently clicked items past ``covisit_max_items``
+    and the decayed clicks drop items below ``log_q``'s floor at each refresh."""
+    fr = FusedRetrieval(FusionConfig(covisit_max_items=500, refresh_clicks=100,
+                                     half_life_clicks=50.0))  # fmt: skip
+    hist: list[str] = []
+    for s in range(0, 20_000, 100):
+        rows = [{"item_id": f"new{s + j}", "hist_seq": hist[:5]} for j in range(100)]
+        fr.learn_many(rows, np.ones(100))
+        hist = [f"new{s + j}" for j in range(99, 94, -1)]
+    cv = fr.covisit
+    assert len(cv.clicks) <= 500 and len(cv.co) <= 500 and cv.forgotten > 19_000
+    assert cv.entries == sum(len(nb) for nb in cv.co.values())  # the count stays exact
+    assert len(fr.clicks._raw) < 1_000  # ~50 * log2(2 / 0.5) + a refresh's worth
+    assert fr.popular_top(3)  # still serving
+    assert fr.covisit_top(hist, 5)  # the latest items' co-visits are kept
