@@ -612,6 +612,28 @@ def operations_dashboard() -> Dashboard:
         unit="reqps",
         description="FAISS rebuilds swapped in; see StreamrecIndexStale.",
     )
+    lay.timeseries(
+        "Candidate fusion setting",
+        [
+            ("streamrec_fusion_weight", "{{source}} weight"),
+            ("streamrec_fusion_beta", "prior beta"),
+            ("streamrec_fusion_adapted", "online pick"),
+        ],
+        w=12,
+        description="The weights /recommend fuses its candidate sources with, the prior on "
+        "the model's candidates, and whether an online pick replaced the configured setting "
+        "(it moves only on evidence from the clicks it scores).",
+    )
+    lay.timeseries(
+        "Candidate fusion state",
+        [
+            ("streamrec_fusion_observed_clicks", "observed clicks"),
+            ("streamrec_fusion_covisit_entries", "co-visit entries"),
+        ],
+        w=12,
+        description="Clicks scored for the online pick, and co-visited pairs kept (bounded "
+        "by fusion.covisit_max_entries).",
+    )
     return _dashboard(
         "streamrec-operations",
         "streamrec / Operations",

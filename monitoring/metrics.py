@@ -295,6 +295,25 @@ class StreamrecMetrics:
         self.retrieval_hard_share = gauge(
             "retrieval_hard_share", "Share of hard negatives in the two-tower curriculum now."
         )
+        self.fusion_weight = gauge(
+            "fusion_weight",
+            "Weight of each candidate source (model, covisit, popularity) in the served "
+            "reciprocal rank fusion now.",
+            ("source",),
+        )
+        self.fusion_beta = gauge(
+            "fusion_beta", "Weight of log q (the popularity prior) on the model's candidates now."
+        )
+        self.fusion_adapted = gauge(
+            "fusion_adapted", "1 when the fusion serves an online pick, 0 the configured setting."
+        )
+        self.fusion_observed_clicks = gauge(
+            "fusion_observed_clicks",
+            "Clicks the fusion's online pick has scored against the serving index.",
+        )
+        self.fusion_covisit_entries = gauge(
+            "fusion_covisit_entries", "Co-visited item pairs the fusion keeps (~52 bytes each)."
+        )
         # The raw (uncalibrated) ranker scores, next to the served ones above.
         self.raw_predicted_ctr = gauge(
             "raw_predicted_ctr", "Mean raw (uncalibrated) ranker prediction, in [0, 1].", _WS

@@ -356,6 +356,15 @@ class TrainerService:
             if tt.mean_random_score is not None:
                 m.retrieval_negative_cosine.labels(kind="random").set(tt.mean_random_score)
             m.retrieval_hard_share.set(tt.hard_share)
+        fusion = self._fusion
+        if fusion is not None:
+            st = fusion.setting
+            for source, w in zip(("model", "covisit", "popularity"), st["weights"], strict=True):
+                m.fusion_weight.labels(source=source).set(w)
+            m.fusion_beta.set(st["beta"])
+            m.fusion_adapted.set(1.0 if st["adapted"] else 0.0)
+            m.fusion_observed_clicks.set(st["observed"])
+            m.fusion_covisit_entries.set(fusion.covisit.entries)
         m.train_step_seconds.observe(result.seconds)
         now = time.time()
         for e, sent in zip(batch, emitted, strict=True):

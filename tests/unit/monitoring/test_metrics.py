@@ -84,6 +84,11 @@ RETRIEVAL_GAUGES = {
     "hard_negative_pool_age_seconds",
     "retrieval_negative_cosine",
     "retrieval_hard_share",
+    "fusion_weight",
+    "fusion_beta",
+    "fusion_adapted",
+    "fusion_observed_clicks",
+    "fusion_covisit_entries",
 }
 RAW_GAUGES = {"raw_predicted_ctr", "raw_calibration_ratio"} | RETRIEVAL_GAUGES
 RELIABILITY_GAUGES = {
