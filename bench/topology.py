@@ -146,10 +146,15 @@ def _quantiles(x: list[float]) -> dict[str, float | None]:
 
 
 def main(
-    quick: bool = False, *, results_dir: Path | None = None, trainer_nice: int = TRAINER_NICE
+    quick: bool = False,
+    *,
+    results_dir: Path | None = None,
+    trainer_nice: int = TRAINER_NICE,
+    fusion: bool = True,
 ) -> dict[str, Any]:
     """Run the phases, write the JSON, print the table; the report. ``trainer_nice``: the
-    training worker's ``--nice`` (the replicas run at the bench's own priority)."""
+    training worker's ``--nice`` (the replicas run at the bench's own priority);
+    ``fusion``: False serves the index's hits alone (``[fusion] enabled = false``)."""
     cfg = QUICK_LOG if quick else FULL_LOG
     idle_s = QUICK_IDLE_S if quick else FULL_IDLE_S
     t_start = time.perf_counter()
@@ -164,7 +169,8 @@ def main(
         traffic = Traffic(log, seed=1)
         store_dir = run_dir / "models"
         conf = run_dir / "streamrec.toml"
-        conf.write_text(CONFIG.format(publish=PUBLISH_EVERY_S))
+        conf.write_text(CONFIG.format(publish=PUBLISH_EVERY_S)
+                        + ("" if fusion else "[fusion]\nenabled = false\n"))  # fmt: skip
         args = ("--model-store", str(store_dir), "--config", str(conf))
         with (
             EmbeddedBroker(log_path=run_dir / "tansu.log") as broker,
@@ -255,6 +261,8 @@ def main(
     stamped = stamp("topology", quick)
     if trainer_nice != TRAINER_NICE:
         stamped["command"] += f" --trainer-nice {trainer_nice}"
+    if not fusion:
+        stamped["command"] += " --no-fusion"
     report: dict[str, Any] = {
         **stamped,
         "machine": machine(),
@@ -263,6 +271,7 @@ def main(
         f"n_users={cfg.n_users}, n_items={cfg.n_items}, drift_at=None, seed=0))",
         "replay_speedup": None if quick else SPEEDUP,
         "trainer_nice": trainer_nice,
+        "fusion": fusion,
         "niceness_seen": nice_seen,  # /proc/PID/stat of each process, once it was ready
         # the trainer keeping up with the replay (paced at SPEEDUP): all scored after it
         "trainer_lag": {
@@ -338,8 +347,13 @@ def cli(argv: list[str] | None = None) -> int:
         help=f"the training worker's CPU niceness, 0-19 (default {TRAINER_NICE}, as "
         "`streamrec stack up --serve M`; 0: the same priority as the replicas)",
     )
+    parser.add_argument(
+        "--no-fusion", action="store_true",
+        help="serve the index's hits alone ([fusion] enabled = false), for an A/B",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    main(args.quick, results_dir=args.results_dir, trainer_nice=args.trainer_nice)
+    main(args.quick, results_dir=args.results_dir, trainer_nice=args.trainer_nice,
+         fusion=not args.no_fusion)  # fmt: skip
     return 0
 
 
