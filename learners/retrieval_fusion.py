@@ -376,7 +376,10 @@ class FusedRetrieval:
         """Per query: the model's candidates ``items[q]`` (N_q,) with their cosines
         ``cosines[q]`` (the first N_q of a row), the user's ``histories[q]`` (most recent
         first) -> ``(ids, fused scores)``, the ``width`` best by weighted reciprocal rank
-        fusion (ties: the model's order, then co-visitation's, then popularity's).
+        fusion (ties: the model's order, then co-visitation's, then popularity's); when
+        the fused lists hold fewer than ``width`` items, the rest of ``items[q]`` follows
+        in the model's order with score 0 (the ranker sees as many candidates as without
+        fusion).
         Disabled, the model's list alone (its first ``width``, scores the cosines)."""
         cos = np.asarray(cosines, dtype=np.float64)
         out: list[tuple[list[str], np.ndarray]] = []
@@ -398,7 +401,13 @@ class FusedRetrieval:
                 for rank, item in enumerate(lst):
                     score[item] = score.get(item, 0.0) + w / (c + rank)
             best = sorted(score, key=lambda i: -score[i])[:width]  # stable: first-seen order
-            out.append((best, np.array([score[i] for i in best], dtype=np.float64)))
+            fused = [score[i] for i in best]
+            if len(best) < width:  # the rest of the model's candidates, in its order, so
+                taken = set(best)  # the ranker still sees ``width`` of them
+                rest = [i for i in its if i not in taken][: width - len(best)]
+                best += rest
+                fused += [0.0] * len(rest)
+            out.append((best, np.array(fused, dtype=np.float64)))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -316,7 +316,9 @@ def test_fusion_ranks_the_fused_candidates_and_batches_answer_alike(live: Live) 
     assert got <= hits | {f"i{250 + j}" for j in range(10)} | {"i299"}
     assert out["fusion"] == fusion.setting and plain.recommend("u3", k=1)["fusion"] is None
     rrf = [it["retrieval_score"] for it in out["items"]]
-    assert all(0 < r < 1 for r in rrf)  # reciprocal-rank sums, not cosines
+    assert all(0 <= r < 1 for r in rrf)  # reciprocal-rank sums, not cosines
+    wide = live.recommender(config=ServingConfig(candidates=250), fusion=lambda: fusion)
+    assert wide.recommend("u3", k=10, context=ctx)["candidates"] == 250  # padded from the hits
     batch = recommend_many(rec, [("u3", 10, ctx), ("u4", 3, {}), ("u3", 10, ctx)])
     for a in (batch[0], batch[2]):
         assert isinstance(a, dict) and a["items"] == out["items"]
