@@ -84,11 +84,16 @@ def run_log(rows: Any, y: Any, seeds: int) -> dict[str, Any]:
             "prior": r["prior"],
             "fusion": {"picks": r["fusion"]["picks"],
                        "validation_clicks": r["fusion"].get("validation_clicks", 0)},
+            "served_setting": r["served_setting"],
             "unseen_share": r["unseen_share"],
             "seconds": round(time.perf_counter() - t, 1),
         })  # fmt: skip
         recall = {k: round(v, 4) for k, v in runs[-1]["recall_at_10"].items()}
         recall["served/popularity"] = round(recall["served"] / recall["popularity"], 3)
+        st = r["served_setting"]
+        recall["served setting"] = (
+            f"beta {st['beta']:g}, c {st['rrf_c']:g}, w {list(st['weights'])}"
+        )
         pick = (r["prior"]["beta"], r["prior"]["half_life_fraction"])
         print(f"   seed {seed} {recall} beta, half-life {pick}", flush=True)
     summary = {}
