@@ -186,15 +186,25 @@ def _top_k(
 ) -> np.ndarray:
     """int ``(Q, k)`` indices of the largest ``users @ items.T (+ bias)`` per query, best
     first; ``bias``: optional float ``(M,)`` added to every query's item scores."""
+    return _top_k_scored(users, items, k, bias)[0]
+
+
+def _top_k_scored(
+    users: np.ndarray, items: np.ndarray, k: int, bias: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_top_k` and the scores ``(Q, k)`` of the indices it gives."""
     out = np.empty((len(users), k), dtype=np.int64)
+    val = np.empty((len(users), k), dtype=np.float64)
     for s in range(0, len(users), _CHUNK):
         scores = users[s : s + _CHUNK] @ items.T
         if bias is not None:
             scores = scores + bias[None, :]
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+        best = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-best, axis=1, kind="stable")
         out[s : s + _CHUNK] = np.take_along_axis(part, order, axis=1)
-    return out
+        val[s : s + _CHUNK] = np.take_along_axis(best, order, axis=1)
+    return out, val
 
 
 def evaluate_retrieval(
@@ -242,8 +252,17 @@ def evaluate_retrieval(
     def learn(s: int, e: int) -> None:
         """The model learns ``rows[s:e]``; the served fusion first observes (some of) its
         clicks against the model and catalogue so far, then learns them, as a trainer."""
+        if served is not None and seen_items:
+            catalogue = list(seen_items)
+
+            def retrieve(queries: Rows) -> tuple[list[list[str]], np.ndarray]:
+                top, cos = _top_k_scored(model.user_vectors(queries),
+                                         model.item_vectors(catalogue),
+                                         min(candidates, len(catalogue)))  # fmt: skip
+                return [[catalogue[j] for j in row] for row in top.tolist()], cos
+
+            served.observe_batch(rows[s:e], y[s:e], retrieve)
         if served is not None:
-            _observe(served, model, rows[s:e], y[s:e], list(seen_items), candidates)
             served.learn_many(rows[s:e], y[s:e])
             seen_items.update((str(r["item_id"]), None) for r in rows[s:e] if "item_id" in r)
         model.learn_many(rows[s:e], y[s:e])
@@ -373,28 +392,6 @@ def _popular_top(counts: DecayedClicks, catalogue: list[str], width: int) -> np.
     return np.argsort(-lq, kind="stable")[: min(width, len(catalogue))].astype(np.int64)
 
 
-def _observe(
-    served: FusedRetrieval, model: RetrievalModel, rows: Rows, y: np.ndarray,
-    catalogue: list[str], candidates: int,
-) -> None:  # fmt: skip
-    """``served.observe`` of up to ``observe_per_batch`` clicks of ``rows`` (evenly
-    spaced), each with the model's ``candidates`` best items of ``catalogue`` by cosine, as
-    the trainer observes its micro-batches against the serving index."""
-    clicked = np.flatnonzero(np.asarray(y) > 0)
-    per = served.config.observe_per_batch
-    if not served.config.adapt or not len(clicked) or not catalogue:
-        return
-    pick = clicked[np.linspace(0, len(clicked) - 1, min(per, len(clicked))).astype(int)]
-    queries = [rows[int(j)] for j in pick]
-    scores = model.user_vectors(queries) @ model.item_vectors(catalogue).T
-    n = min(candidates, len(catalogue))
-    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    cos = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-cos, axis=1, kind="stable")
-    part, cos = np.take_along_axis(part, order, axis=1), np.take_along_axis(cos, order, axis=1)
-    served.observe(queries, [[catalogue[j] for j in row] for row in part.tolist()], cos)
-
-
 def _served_top(
     served: FusedRetrieval,
     u_vec: np.ndarray,
@@ -409,16 +406,11 @@ def _served_top(
     ``candidates`` best items by cosine (the index's exact search), fused with the user's
     history by ``served``; -2 pads (and stands for an item outside the catalogue)."""
     out = np.full((len(queries), wide), -2, dtype=np.int64)
-    for s in range(0, len(queries), _CHUNK):
-        scores = u_vec[s : s + _CHUNK] @ items.T
-        part = np.argpartition(-scores, candidates - 1, axis=1)[:, :candidates]
-        cos = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-cos, axis=1, kind="stable")
-        part, cos = np.take_along_axis(part, order, axis=1), np.take_along_axis(cos, order, axis=1)
-        ids = [[catalogue[j] for j in row] for row in part.tolist()]
-        hist = [history_items(q) for q in queries[s : s + _CHUNK]]
-        for q, (fused, _) in enumerate(served.fuse(ids, cos, hist, wide)):
-            out[s + q, : len(fused)] = [col.get(i, -2) for i in fused]
+    top, cos = _top_k_scored(u_vec, items, candidates)
+    ids = [[catalogue[j] for j in row] for row in top.tolist()]
+    hist = [history_items(q) for q in queries]
+    for q, (fused, _) in enumerate(served.fuse(ids, cos, hist, wide)):
+        out[q, : len(fused)] = [col.get(i, -2) for i in fused]
     return out
 
 

@@ -36,7 +36,7 @@ import dataclasses
 import heapq
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,13 +193,11 @@ class FusedRetrieval:
         self._rows: dict[str, tuple[list[str], np.ndarray]] = {}
         self._popular: list[str] | None = None
         self._since_refresh = 0
-        #: the online pick: decayed DCG per (beta, c, weights) of the grid, observed clicks
+        #: the online pick: decayed sums of each grid setting's DCG gain minus the
+        #: configured setting's, per (beta, c, weights), and of their squares
         shape = (len(GRID_BETA), len(GRID_C), len(GRID_WEIGHTS))
-        self._gain = np.zeros(shape)
-        #: decayed sums of each setting's gain minus the configured setting's, and squares
         self._d1 = np.zeros(shape)
         self._d2 = np.zeros(shape)
-        self._observed = 0.0  # decayed count
         self.n_observed = 0
         self._w = np.array(GRID_WEIGHTS, dtype=np.float64).T  # (3, G)
         cfg = self.config
@@ -235,7 +233,7 @@ class FusedRetrieval:
             lists_by_beta = [self._model_top(items[q], cos[q, : len(items[q])], b, cfg.width)
                              for b in GRID_BETA]  # fmt: skip
             cov = self.covisit_top(history_items(row), cfg.width)
-            gain = np.zeros_like(self._gain)
+            gain = np.zeros_like(self._d1)
             for bi, model_list in enumerate(lists_by_beta):
                 union = list(dict.fromkeys([*model_list, *cov, *pop]))
                 if truth not in union:
@@ -256,12 +254,32 @@ class FusedRetrieval:
                     gain[bi, ci] = np.where(hit, 1.0 / np.log2(above + 2.0), 0.0)
             assert self._default is not None
             d = gain - gain[self._default]
-            self._gain = self._gain * decay + gain
             self._d1 = self._d1 * decay + d
             self._d2 = self._d2 * decay + d * d
-            self._observed = self._observed * decay + 1.0
             self.n_observed += 1
         self._pick()
+
+    def observe_batch(
+        self,
+        rows: Rows,
+        y: np.ndarray,
+        retrieve: Callable[[list[Mapping[str, object]]], tuple[list[list[str]], np.ndarray] | None],
+    ) -> None:
+        """:meth:`observe` of up to ``observe_per_batch`` clicks of a micro-batch ``rows``
+        (labels ``y`` (N,)), evenly spaced; ``retrieve(clicked rows)`` gives each one's
+        model candidates and cosines as serving would retrieve them now (None: nothing to
+        compare with). Call it before :meth:`learn_many` of the batch."""
+        if not self.config.adapt:
+            return
+        clicked = np.flatnonzero(np.asarray(y) > 0)
+        if not len(clicked):
+            return
+        n = min(self.config.observe_per_batch, len(clicked))
+        pick = clicked[np.linspace(0, len(clicked) - 1, n).astype(int)]
+        queries = [rows[int(j)] for j in pick]
+        got = retrieve(queries)
+        if got is not None:
+            self.observe(queries, *got)
 
     def _pick(self) -> None:
         """The setting with the largest lower confidence bound ``d1 - z sqrt(d2)`` on its
@@ -434,13 +452,7 @@ class FusedRetrieval:
             "covisit_clicks": cv.clicks,
             "counters": (cv.entries, cv.pruned, cv.evicted),
             "decayed": (self.clicks._scale, self.clicks._raw, self.clicks.n_clicks),
-            "adapt": (
-                self._gain.tolist(),
-                self._d1.tolist(),
-                self._d2.tolist(),
-                self._observed,
-                self.n_observed,
-            ),  # fmt: skip
+            "adapt": (self._d1.tolist(), self._d2.tolist(), self.n_observed),
         }
 
     @classmethod
@@ -457,13 +469,12 @@ class FusedRetrieval:
         fr.clicks._scale, raw, fr.clicks.n_clicks = state["decayed"]
         fr.clicks._raw = dict(raw)
         fr.clicks._sum = math.fsum(fr.clicks._raw.values())
-        gain, d1, d2, observed, n_observed = state["adapt"]
+        d1, d2, n_observed = state["adapt"]
         saved = FusionConfig(**state["config"])
         same = (saved.beta, saved.rrf_c, saved.weights) == fr._setting  # the same reference
-        if fr.config.adapt and same and np.shape(gain) == fr._gain.shape:
-            fr._gain = np.asarray(gain, dtype=np.float64)
+        if fr.config.adapt and same and np.shape(d1) == fr._d1.shape:
             fr._d1 = np.asarray(d1, dtype=np.float64)
             fr._d2 = np.asarray(d2, dtype=np.float64)
-            fr._observed, fr.n_observed = float(observed), int(n_observed)
+            fr.n_observed = int(n_observed)
             fr._pick()
         return fr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ class TrainerService:
         self._two_tower_built = False
         self._fusion: FusedRetrieval | None = None
         #: the index serving retrieves from now (the worker's indexer's), for the fusion's
-        #: online pick (:meth:`_observe_fusion`); None: the pick observes nothing
+        #: online pick (:meth:`_retrieve_now`); None: the pick observes nothing
         self.serving_index: Callable[[], IndexSnapshot | None] | None = None
         if settings.role in ("trainer", "all"):  # a bad warm start fails here, at start-up
             self.ranker, self.two_tower  # noqa: B018
@@ -199,30 +199,24 @@ class TrainerService:
             self._fusion = FusedRetrieval(self.settings.fusion, temperature=tau)
         return self._fusion
 
-    def _observe_fusion(self, rows: list[dict[str, object]], y: np.ndarray) -> None:
-        """Up to ``fusion.observe_per_batch`` of the batch's clicks (evenly spaced), each
-        with the retrieval model's ``serving.candidates`` best items of the serving index
-        for its row, given to the fusion's online pick before anything learns them."""
-        fusion = self.fusion
+    def _retrieve_now(
+        self, queries: list[Mapping[str, object]]
+    ) -> tuple[list[list[str]], np.ndarray] | None:
+        """Each row's ``serving.candidates`` best items of the serving index by the
+        retrieval model, and their cosines (None without an index that fits it), for the
+        fusion's online pick."""
         index = None if self.serving_index is None else self.serving_index()
-        if fusion is None or index is None or not fusion.config.adapt or not len(index):
-            return
-        clicked = np.flatnonzero(y > 0)
-        if not len(clicked):
-            return
-        per = fusion.config.observe_per_batch
-        pick = clicked[np.linspace(0, len(clicked) - 1, min(per, len(clicked))).astype(int)]
-        queries = [rows[int(j)] for j in pick]
+        if index is None or not len(index):
+            return None
         if self.two_tower is not None:
             vec = self.two_tower.user_vectors(queries)
         else:
             vec = self.ranker.user_vectors([str(r["user_id"]) for r in queries])
         vec = np.asarray(vec, dtype=np.float32)
         if vec.ndim != 2 or vec.shape[1] != index.dim or not np.isfinite(vec).all():
-            return  # the index is being rebuilt for another model: nothing to compare
+            return None  # the index is being rebuilt for another model: nothing to compare
         scores, ids = index.search(vec, self.settings.serving.candidates)
-        lists = [[str(i) for i in row if i is not None] for row in ids]
-        fusion.observe(queries, lists, scores)
+        return [[str(i) for i in row if i is not None] for row in ids], scores
 
     @property
     def models_built(self) -> bool:
@@ -334,7 +328,7 @@ class TrainerService:
                     elapsed=None if elapsed is None else elapsed[keep],
                 )  # fmt: skip
         if self.fusion is not None:  # its clicks scored against today's retrieval, first
-            self._observe_fusion(rows, y)
+            self.fusion.observe_batch(rows, y, self._retrieve_now)
         if self.two_tower is not None:  # every batch: its shown items join the catalogue of
             self.two_tower.learn_many(rows, y)  # uniform negatives; only clicks take a step
         if self.fusion is not None:  # co-visits and decayed clicks of the batch's clicks
