@@ -4,8 +4,10 @@ Item-based collaborative filtering ("people who clicked this also clicked", Sarw
 2001; Linden et al. 2003), kept the way a stream can keep it exactly: each click on item
 ``b`` whose row carries the user's point-in-time behaviour sequence ``hist_seq`` (the
 feature stage's: the user's earlier clicks, most recent first, nothing from the future)
-counts one co-visit of ``b`` with each of the first ``window`` items of that sequence,
-both ways. A query row with history ``h_0, h_1, ...`` scores a candidate ``c`` by
+counts one co-visit of ``b`` with each distinct item among the first ``window`` items of
+that sequence, both ways; a click on an item already in that window (a repeat) counts
+only as a click of ``b``, so clicking the same items in turn grows no pair. A query row
+with history ``h_0, h_1, ...`` scores a candidate ``c`` by
 
     sum_j  co(h_j, c) / ((1 + j) * (sqrt(n(h_j) * n(c)) + shrink))
 
@@ -91,7 +93,11 @@ class CoVisitation:
         self._csr: tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def learn_many(self, X: Rows, y: Any) -> None:
-        """Count the clicks of ``X`` (labels ``y`` (N,), > 0 = clicked) in order."""
+        """Count the clicks of ``X`` (labels ``y`` (N,), > 0 = clicked) in order. A
+        history item repeated within a click's window counts once, and a click
+        on an item already in its own window (a repeat, e.g. a user clicking the same
+        items in turn) adds no co-visits, only the item's click: one user cannot grow a
+        pair by clicking it over and over."""
         window, cap = self.config.window, self.config.max_neighbours
         co, clicks = self.co, self.clicks
         for row, label in zip(X, np.asarray(y, dtype=np.float64).reshape(-1).tolist(),
@@ -101,8 +107,8 @@ class CoVisitation:
                 continue
             b = str(item)
             clicks[b] = clicks.pop(b, 0.0) + 1.0  # re-inserted: the most recent now
-            hist = [a for a in history_items(row)[:window] if a != b]
-            if not hist:
+            hist = list(dict.fromkeys(history_items(row)[:window]))
+            if not hist or b in hist:  # a repeat: its co-visits were counted before
                 continue
             nb = co.setdefault(b, {})
             for a in hist:

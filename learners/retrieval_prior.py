@@ -93,18 +93,35 @@ class DecayedClicks:
         self._sum = 0.0  # sum of self._raw, kept as clicks arrive (log_q is O(N), not O(items))
         self.n_clicks = 0
 
-    def update(self, items: Iterable[str]) -> None:
-        """Count ``items`` (clicked item ids, oldest first)."""
-        for item in items:
-            self._scale /= self.decay
-            key = str(item)
-            self._raw[key] = self._raw.get(key, 0.0) + self._scale
-            self._sum += self._scale
-            self.n_clicks += 1
-            if self._scale > 1e150:  # keep the stored values finite
-                self._raw = {k: v / self._scale for k, v in self._raw.items()}
-                self._sum = math.fsum(self._raw.values())
-                self._scale = 1.0
+    def update(self, items: Iterable[str], weights: Iterable[float] | None = None) -> None:
+        """Count ``items`` (clicked item ids, oldest first). ``weights``: what each click
+        counts, in [0, 1] (None: 1 each); the clock moves by the weight too, so a click
+        counting ``w`` ages the others as ``w`` clicks would, and one counting 0 changes
+        nothing (:class:`~learners.retrieval_fusion.FusedRetrieval` credits a user's clicks
+        past a share of the recent ones this way)."""
+        if weights is None:
+            for item in items:
+                self._add(str(item), self.decay, 1.0)
+            return
+        for item, w in zip(items, weights, strict=True):
+            w = float(w)
+            if w > 0.0:
+                self._add(str(item), self.decay if w == 1.0 else self.decay**w, w)
+
+    def _add(self, key: str, decay: float, w: float) -> None:
+        self._scale /= decay
+        x = w * self._scale
+        self._raw[key] = self._raw.get(key, 0.0) + x
+        self._sum += x
+        self.n_clicks += 1
+        if self._scale > 1e150:  # keep the stored values finite
+            self._raw = {k: v / self._scale for k, v in self._raw.items()}
+            self._sum = math.fsum(self._raw.values())
+            self._scale = 1.0
+
+    def count(self, key: str) -> float:
+        """Decayed clicks of ``key`` now (0 when never counted or pruned)."""
+        return self._raw.get(key, 0.0) / self._scale
 
     def prune(self, below: float = _FLOOR) -> int:
         """Forget the items with fewer than ``below`` decayed clicks (by default the floor

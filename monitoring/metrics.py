@@ -314,6 +314,14 @@ class StreamrecMetrics:
         self.fusion_covisit_entries = gauge(
             "fusion_covisit_entries", "Co-visited item pairs the fusion keeps (~52 bytes each)."
         )
+        self.fusion_uncounted_clicks = gauge(
+            "fusion_uncounted_clicks",
+            "Clicks the fusion did not count, by reason: repeat (the item already in the "
+            "user's own recent clicks: neither popularity nor co-visits) or throttled "
+            "(popularity only: the user past fusion.max_user_share of the recent clicks; "
+            "fractions of clicks add up).",
+            ("reason",),
+        )
         # The raw (uncalibrated) ranker scores, next to the served ones above.
         self.raw_predicted_ctr = gauge(
             "raw_predicted_ctr", "Mean raw (uncalibrated) ranker prediction, in [0, 1].", _WS

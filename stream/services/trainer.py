@@ -359,6 +359,8 @@ class TrainerService:
             m.fusion_adapted.set(1.0 if st["adapted"] else 0.0)
             m.fusion_observed_clicks.set(st["observed"])
             m.fusion_covisit_entries.set(fusion.covisit.entries)
+            m.fusion_uncounted_clicks.labels(reason="repeat").set(fusion.repeats)
+            m.fusion_uncounted_clicks.labels(reason="throttled").set(fusion.throttled)
         m.train_step_seconds.observe(result.seconds)
         now = time.time()
         for e, sent in zip(batch, emitted, strict=True):

@@ -46,10 +46,18 @@ def test_sparse_covisitation_equals_the_dense_scoring_the_evaluation_measured() 
     queries = [r for r in rows[-200:] if r["hist_seq"]]
     assert len(queries) > 100
     want = dense.top(queries, catalogue, 30, fill=np.arange(len(catalogue)))
+    col, ptr, idx, val = dense._matrix(catalogue)
     for q, row in zip(want, queries, strict=True):
         got = fr.covisit_top(row["hist_seq"], 30)  # type: ignore[arg-type]
-        # the dense list past the scored items is the fill order: compare the scored prefix
-        assert got == [catalogue[j] for j in q[: len(got)]]
+        # the dense scores of the query (as dense.top sums them)
+        score = np.zeros(len(catalogue))
+        for j, h in enumerate(row["hist_seq"][:20]):  # type: ignore[index]
+            a = col[h]
+            score[idx[ptr[a] : ptr[a + 1]]] += val[ptr[a] : ptr[a + 1]] / (1.0 + j)
+        assert len(got) == int((score > 0).sum()) or len(got) == 30
+        # the dense list past the scored items is the fill order: compare the scored
+        # prefix, by score (equal scores may come in either order)
+        assert np.allclose([score[col[c]] for c in got], score[q[: len(got)]], rtol=1e-12)
 
 
 def test_a_learnt_click_reaches_the_next_query_and_the_cache_is_refreshed() -> None:
@@ -84,7 +92,16 @@ def test_fusion_merges_the_three_lists_and_disabled_serves_the_model_list() -> N
     cos = np.linspace(0.9, 0.1, 30)[None, :]
     ((items, scores),) = fr.fuse([model_items], cos, [rows[-1]["hist_seq"]], 25)  # type: ignore[list-item]
     assert len(items) == len(set(items)) == 25 and np.all(np.diff(scores) <= 0)
-    assert items[0] == "m0" or items[0] in fr.covisit_top(rows[-1]["hist_seq"], 1)  # type: ignore[arg-type]
+    # the fused order is the weighted reciprocal rank fusion of the three lists
+    lists = (fr.model_top(model_items, cos[0], 20),
+             fr.covisit_top(rows[-1]["hist_seq"], 20),  # type: ignore[arg-type]
+             fr.popular_top(20))  # fmt: skip
+    rrf: dict[str, float] = {}
+    for lst, w in zip(lists, fr.config.weights, strict=True):
+        for rank, item in enumerate(lst):
+            rrf[item] = rrf.get(item, 0.0) + w / (fr.config.rrf_c + rank)
+    assert np.allclose(scores[: len(rrf)], sorted(rrf.values(), reverse=True)[:25])
+    assert items[0] == max(rrf, key=rrf.__getitem__)
     assert {"m0", "m1"} <= set(items) and set(items) - set(model_items)  # both kinds
     off = FusedRetrieval(FusionConfig(enabled=False))
     off.learn_many(rows, y)
@@ -205,3 +222,74 @@ def test_a_stream_of_ever_new_items_keeps_the_state_bounded() -> None:
     assert len(fr.clicks._raw) < 1_000  # ~50 * log2(2 / 0.5) + a refresh's worth
     assert fr.popular_top(3)  # still serving
     assert fr.covisit_top(hist, 5)  # the latest items' co-visits are kept
+
+
+def _with_bot(
+    rows: list[dict[str, object]], y: np.ndarray, n_bot: int, cycle: int, users: int = 1
+) -> tuple[list[dict[str, object]], np.ndarray]:
+    """``rows`` with ``n_bot`` clicks of ``users`` bot accounts spread evenly among them:
+    every ``cycle``-th bot click is on "spam", the others on filler items no one else
+    clicks (``cycle`` > the co-visit window makes every spam click fresh; 1: spam only).
+    Each bot row carries its account's point-in-time ``hist_seq``, as the feature stage
+    gives it."""
+    out, yy = [], []
+    hist: dict[str, list[str]] = {}
+    every = max(1, len(rows) // n_bot)
+    k = 0
+    for j, (r, t) in enumerate(zip(rows, y.tolist(), strict=True)):
+        out.append(r)
+        yy.append(t)
+        if j % every == 0 and k < n_bot:
+            user = f"bot{k % users}"
+            h = hist.setdefault(user, [])
+            item = "spam" if k % cycle == 0 else f"filler{k % 60}"
+            out.append({"user_id": user, "item_id": item, "hist_seq": list(h[:20])})
+            yy.append(1.0)
+            h.insert(0, item)
+            k += 1
+    return out, np.array(yy)
+
+
+def _learn(fr: FusedRetrieval, rows: list[dict[str, object]], y: np.ndarray) -> FusedRetrieval:
+    for s in range(0, len(rows), 256):
+        fr.learn_many(rows[s : s + 256], y[s : s + 256])
+    return fr
+
+
+def test_one_user_cannot_flood_popularity_but_many_users_make_an_item_popular() -> None:
+    rows, y = _stream(5, n=12_000, items=200)
+    # one account clicking "spam" 3,000 times: repeats (spam is in its own window) count
+    # nowhere, so spam is not popular; the same clicks from 300 accounts are a real trend
+    one = _learn(FusedRetrieval(), *_with_bot(rows, y, 3_000, cycle=1))
+    assert "spam" not in one.popular_top(20) and one.repeats >= 2_999
+    many = _learn(FusedRetrieval(), *_with_bot(rows, y, 3_000, cycle=1, users=300))
+    assert many.popular_top(1) == ["spam"]
+    # spam every 26th click, fresh each time (25 filler clicks between): past the user's
+    # share its clicks stop counting; without the share (1) spam is the most popular item
+    cycling = _with_bot(rows, y, 6_000, cycle=26)
+    capped = _learn(FusedRetrieval(), *cycling)
+    assert "spam" not in capped.popular_top(20) and capped.throttled > 5_000
+    assert not any(i.startswith("filler") for i in capped.popular_top(20))
+    uncapped = _learn(FusedRetrieval(FusionConfig(max_user_share=1.0)), *cycling)
+    assert uncapped.popular_top(1) == ["spam"] and uncapped.throttled == 0
+    # the credit travels with a snapshot
+    back = FusedRetrieval.from_state_dict(capped.state_dict())
+    assert back.users.counts == capped.users.counts and back.throttled == capped.throttled
+    assert back.n_clicks == capped.n_clicks == int(cycling[1].sum())
+
+
+def test_ordinary_users_are_not_throttled() -> None:
+    rows, y = _stream(6, n=12_000, items=200)
+    rows = [{**r, "user_id": f"{r['user_id']}-{j % 5}"} for j, r in enumerate(rows)]  # 200 users
+    fr = _learn(FusedRetrieval(), rows, y)
+    assert fr.throttled == 0 and fr.n_clicks == int(y.sum())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"max_user_share": 0.0}, {"max_user_share": 1.5}, {"user_share_floor": 0.5},
+     {"user_share_floor": float("inf")}],
+)  # fmt: skip
+def test_bad_user_share_settings_are_refused(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="user_share"):
+        FusionConfig(**kw)  # type: ignore[arg-type]

@@ -39,6 +39,28 @@ def test_decayed_counts_match_a_direct_sum_and_never_see_the_future() -> None:
     assert np.all(q > 0) and q.sum() == pytest.approx(1.0, abs=0.05)  # floors add a little
 
 
+def test_weighted_clicks_count_and_age_the_others_by_their_weight() -> None:
+    rng = np.random.default_rng(2)
+    clicks = [f"i{int(j)}" for j in rng.integers(0, 10, 200)]
+    w = rng.choice([0.0, 0.3, 1.0], size=200).tolist()
+    c = DecayedClicks(half_life=25.0)
+    c.update(clicks, w)
+    # each click's weight times 0.5 ** (the weight that came after it / half-life)
+    after = np.cumsum(w[::-1])[::-1] - np.array(w)
+    for item in set(clicks):
+        want = sum(wt * 0.5 ** (a / 25.0) for x, wt, a in zip(clicks, w, after, strict=True)
+                   if x == item)  # fmt: skip
+        assert c.count(item) == pytest.approx(want, rel=1e-9)
+    assert c.total == pytest.approx(sum(c.counts.values()), rel=1e-9)
+    ones, plain = DecayedClicks(25.0), DecayedClicks(25.0)
+    ones.update(clicks, [1.0] * len(clicks))
+    plain.update(clicks)
+    assert ones.counts == plain.counts and ones.n_clicks == plain.n_clicks  # bit for bit
+    before = dict(plain.counts)
+    plain.update(["new", "i1"], [0.0, 0.0])  # a weight of 0 changes nothing
+    assert plain.counts == before and plain.count("new") == 0.0
+
+
 def test_counts_stay_finite_over_a_long_stream() -> None:
     c = DecayedClicks(half_life=1.0)
     c.update(["a"] * 3_000 + ["b"])

@@ -89,6 +89,7 @@ RETRIEVAL_GAUGES = {
     "fusion_adapted",
     "fusion_observed_clicks",
     "fusion_covisit_entries",
+    "fusion_uncounted_clicks",
 }
 RAW_GAUGES = {"raw_predicted_ctr", "raw_calibration_ratio"} | RETRIEVAL_GAUGES
 RELIABILITY_GAUGES = {
