@@ -49,7 +49,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from sys import intern
-from typing import Any
+from typing import Any, TypeVar
 
 TOPIC_IMPRESSIONS = "impressions"
 TOPIC_CLICKS = "clicks"
@@ -441,8 +441,23 @@ def input_from_obj(d: Mapping[str, Any], topic: str) -> Impression | Click:
     return _impression_from_obj(d)
 
 
+T = TypeVar("T")
+
 #: separator of the list-valued history features inside an impression's ``features``
 SEQ_SEP = "\x1f"
+
+#: the feature names the feature stage computes (``hist_*``): with historical features on
+#: an input's own values of them are dropped (:func:`without_history`)
+HISTORY_PREFIX = "hist_"
+
+
+def without_history(features: Mapping[str, T]) -> tuple[dict[str, T], int]:
+    """``features`` without the ``hist_*`` names, and how many were dropped. With
+    historical features on, the stage owns those names: an input (a producer, a log's
+    columns, a client's request context) cannot set or forge them, so a row's history is
+    always the stage's point-in-time values, in training and in serving alike."""
+    out = {k: v for k, v in features.items() if not k.startswith(HISTORY_PREFIX)}
+    return out, len(features) - len(out)
 
 
 def with_history(imp: Impression, hist: Mapping[str, object]) -> Impression:
@@ -450,8 +465,9 @@ def with_history(imp: Impression, hist: Mapping[str, object]) -> Impression:
     features, so they travel with it (pending state, labelled example) to the trainer.
     ``hist_seq`` / ``hist_seq_age`` (lists) are stored as ``SEQ_SEP``-joined strings
     (events carry str/float features only), cut to fit ``MAX_FEATURE_VALUE_LEN``;
-    :func:`example_row` turns them back into lists."""
-    feats: dict[str, str | float] = dict(imp.features)
+    :func:`example_row` turns them back into lists. The impression's own ``hist_*``
+    features are dropped first (:func:`without_history`)."""
+    feats: dict[str, str | float] = without_history(imp.features)[0]
     for k, v in hist.items():
         if isinstance(v, list):
             continue

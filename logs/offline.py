@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from features.replay import attach_log
 from features.stage import FeatureStage
 from learners.ranker import RankerConfig, TorchRanker
 from learners.weighting import time_decay_weights
+from logs.events import without_history
 from logs.io import frame_to_rows, read_log_frame
 from monitoring.calibration import (
     auc,
@@ -38,6 +40,8 @@ from monitoring.calibration import (
     normalized_entropy,
 )
 from monitoring.offset import LogitOffset, OffsetConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,12 +73,20 @@ def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> Log
     (``hist_*``, ``hist_seq``, ``hist_seq_age``), computed point-in-time by replaying the log
     in event-time order (impressions at ``ts``, clicks at ``click_ts``; a click without a
     ``click_ts`` counts from its impression's ``ts``) through the same stage the worker
-    runs. None: no historical features.
+    runs; the log's own ``hist_*`` columns, if any, are dropped (the stage owns those
+    names, :func:`logs.events.without_history`; a warning says how many). None: no
+    historical features.
     """
     rows: list[dict[str, object]] = []
     log_rows = frame_to_rows(df)
+    dropped = 0
     for r in log_rows:
-        row: dict[str, object] = dict(r.features)
+        row: dict[str, object]
+        if features is None:
+            row = dict(r.features)
+        else:
+            row, n = without_history(r.features)
+            dropped += n
         row["user_id"] = r.user_id
         row["item_id"] = r.item_id
         if r.position is not None:
@@ -96,6 +108,12 @@ def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> Log
         )
         for row, f in zip(rows, hist, strict=True):
             row.update(f)
+        if dropped:
+            log.warning(
+                "dropped %d hist_* values the log brought itself: with historical features "
+                "on, the feature stage computes them",
+                dropped,
+            )
     y = df["click"].to_numpy(dtype=np.float64)
     ts = df["ts"].to_numpy(dtype=np.float64)
     tp = df["true_p"].to_numpy(dtype=np.float64) if "true_p" in df else None

@@ -196,6 +196,13 @@ class StreamrecMetrics:
             "control records rejected by validation and skipped (never applied), by reason.",
             ("reason",),
         )
+        self.history_fields_dropped = counter(
+            "history_fields_dropped",
+            "hist_* features an input brought itself, dropped: with historical features on"
+            " the feature stage computes them (impressions: where=stream; request"
+            " contexts: where=serving).",
+            ("where",),
+        )
         self.fields_rejected = counter(
             "fields_rejected",
             "Feature fields given no encoder slot: unknown at inference (where=serving), or"

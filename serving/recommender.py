@@ -33,7 +33,7 @@ from learners.covisit import history_items
 from learners.encoding import CandidateRows
 from learners.ranker import TorchRanker
 from learners.retrieval_fusion import FusedRetrieval
-from logs.events import Impression, example_row, with_history
+from logs.events import HISTORY_PREFIX, Impression, example_row, with_history, without_history
 from serving.requests import (
     Request,
     ServingError,
@@ -248,6 +248,7 @@ class Recommender:
         history: Callable[[str], FeatureStage | None] | None = None,
         clock: Callable[[], float] = time.time,
         fusion: Callable[[], FusedRetrieval | None] | None = None,
+        on_history_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.index = index
         self.ranker = ranker
@@ -257,6 +258,9 @@ class Recommender:
         self.history = history
         self.clock = clock
         self.fusion = fusion
+        #: told how many ``hist_*`` context values a request brought for a user whose
+        #: history the stage computes (they are dropped: :func:`~logs.events.without_history`)
+        self.on_history_dropped = on_history_dropped
 
     @property
     def retrieval_model(self) -> str:
@@ -271,29 +275,33 @@ class Recommender:
             # the live feature stage of the user's partition, read only (peek), at the
             # request's time, through the same encoding as a joined impression: the rows
             # equal the training rows of an impression arriving now
-            now = self.clock()
-            pos = self.config.position
-            ctx = dict(context)
-            if any(k.startswith("hist_") for k in ctx):  # a client's own hist_* values
-                return [
-                    example_row(
-                        with_history(
-                            Impression("serve", now, user_id, item, pos, ctx),
-                            stage.peek(now, user_id, item, pos, ctx),
-                        )
-                    )
-                    for item in items
-                ]
-            return history_rows(stage, now, user_id, items, pos, ctx)
+            ctx = self._own_context(context)
+            return history_rows(stage, self.clock(), user_id, items, self.config.position, ctx)
         base = self._base(user_id, context)
         return [{**base, "item_id": item} for item in items]
 
+    def _own_context(self, context: Mapping[str, str | float]) -> dict[str, str | float]:
+        """``context`` without the ``hist_*`` values a client brought, for a user whose
+        history the stage computes (as a joined impression's are dropped: training and
+        serving read the stage's alone)."""
+        return without_history(context)[0]
+
+    def _count_dropped(self, user_id: str, context: Mapping[str, str | float]) -> None:
+        """Tell ``on_history_dropped`` how many ``hist_*`` values of a request's
+        ``context`` are dropped (those of a user whose history the stage computes)."""
+        if self.on_history_dropped is None or self.history is None:
+            return
+        n = sum(1 for k in context if k.startswith(HISTORY_PREFIX))
+        if n and self.history(user_id) is not None:
+            self.on_history_dropped(n)
+
     def _base(self, user_id: str, context: Mapping[str, str | float]) -> dict[str, object]:
-        """A candidate's row without its ``item_id`` (no historical features)."""
-        base: dict[str, object] = dict(context)
-        base["user_id"] = user_id
-        if self.config.position is not None:
-            base["position"] = self.config.position
+        """A candidate's row without its ``item_id`` (no feature stage): the context (a
+        client's own ``hist_seq`` string split as a training row's, :func:`example_row`),
+        ``user_id`` and the position."""
+        pos = self.config.position
+        base = example_row(Impression("serve", 0.0, user_id, "", pos, dict(context)))
+        del base["item_id"]
         return base
 
     def _p_raw(
@@ -310,10 +318,6 @@ class Recommender:
         if self.history is None:
             bases = [self._base(user_id, ctx) for user_id, _, ctx in queries]
             rows = CandidateRows(bases, [items for _, items, _ in queries])
-        elif any(k.startswith("hist_") for _, _, ctx in queries for k in ctx):
-            rows = [
-                row for user_id, items, ctx in queries for row in self._rows(user_id, items, ctx)
-            ]
         else:  # each query's user part encoded once; the candidates' own features apart
             now, pos = self.clock(), self.config.position
             heads: list[dict[str, object]] = []
@@ -328,7 +332,9 @@ class Recommender:
                     cache = caches.get(id(stage))
                     if cache is None:
                         cache = caches[id(stage)] = PeekCache(stage, now, pos)
-                    base, extra = history_candidates(stage, now, user_id, items, pos, ctx, cache)
+                    base, extra = history_candidates(
+                        stage, now, user_id, items, pos, self._own_context(ctx), cache
+                    )
                 heads.append(base)
                 extras.append(extra)
             rows = CandidateRows(heads, [items for _, items, _ in queries], extras)
@@ -355,21 +361,22 @@ class Recommender:
         "user_id"}`` plus, with historical features, the user's features now from the
         stage (:meth:`~features.stage.FeatureStage.peek_many`'s tail through the training
         encoding: the behaviour sequence ``hist_seq`` and its ages, the user x attribute
-        counters), so the tower reads at serving what it read in training. A context that
-        brings its own ``hist_*`` values keeps them (a ``hist_seq`` string split at
-        :data:`logs.events.SEQ_SEP`, as a training row's)."""
+        counters), so the tower reads at serving what it read in training; a client's own
+        ``hist_*`` context values are dropped then, as a joined impression's are. Without a
+        stage for the user a context's own ``hist_*`` values are kept (a ``hist_seq``
+        string split at :data:`logs.events.SEQ_SEP`, as a training row's)."""
         now = self.clock()
         out = []
         for user_id, ctx in queries:
             stage = None if self.history is None else self.history(user_id)
-            if any(k.startswith("hist_") for k in ctx):  # the client's, decoded as in training
+            if stage is None:  # the client's hist_* values, decoded as in training
                 row = example_row(Impression("serve", now, user_id, "", None, dict(ctx)))
                 del row["item_id"]
             else:
-                row = {**ctx, "user_id": user_id}
-                if stage is not None:
-                    _, _, tail = _history_parts(stage, now, user_id, (), None, ctx)
-                    row.update(tail)
+                own = self._own_context(ctx)
+                row = {**own, "user_id": user_id}
+                _, _, tail = _history_parts(stage, now, user_id, (), None, own)
+                row.update(tail)
             out.append(row)
         return out
 
@@ -442,6 +449,7 @@ class Recommender:
         user_id = check_user(user_id)
         k = check_k(k, self.config.max_k)
         ctx = check_context(context, self.config.max_context)
+        self._count_dropped(user_id, ctx)
         snapshot = self.index.current
         if snapshot is None:
             raise ServingError(503, "no index yet: the first snapshot has not been built")
@@ -488,6 +496,7 @@ class Recommender:
         user_id = check_user(user_id)
         items = check_items(item_ids, self.config.max_candidates)
         ctx = check_context(context, self.config.max_context)
+        self._count_dropped(user_id, ctx)
         snapshot = self.index.current
         p_raw, p, model_version, cal_version = self._rank(user_id, items, ctx)
         return {
@@ -579,6 +588,8 @@ def recommend_many(
             out[j] = exc
     if not valid:
         return out
+    for _, user_id, _, ctx in valid:
+        rec._count_dropped(user_id, ctx)
     snapshot = rec.index.current
     try:
         if snapshot is None:

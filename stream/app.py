@@ -319,8 +319,11 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
     Gauges(app, rt, out).install()
 
     # serving: retrieve -> rank -> calibrate (serving.recommender)
+    dropped = rt.metrics.history_fields_dropped.labels(where="serving").inc
     if replica is not None:
-        recommender = replica.recommender(None if follower is None else follower.stage_for)
+        recommender = replica.recommender(
+            None if follower is None else follower.stage_for, on_history_dropped=dropped
+        )
     else:
         recommender = Recommender(
             rt.indexer.holder,
@@ -336,6 +339,7 @@ def create_app(settings: Settings, metrics: StreamrecMetrics | None = None) -> f
             config=settings.serving,
             # the trainer's co-visitation and decayed clicks (None: fusion off)
             fusion=(lambda: rt.trainer.fusion) if trains else None,
+            on_history_dropped=dropped,
             # the live feature stage of the user's partition when this worker owns it;
             # a trainer-role worker owns none: its follower's copy
             history=(

@@ -125,11 +125,14 @@ class ReplicaAgents:
         return cur.two_tower.user_vectors(rows)
 
     def recommender(
-        self, history: Callable[[str], FeatureStage | None] | None = None
+        self,
+        history: Callable[[str], FeatureStage | None] | None = None,
+        on_history_dropped: Callable[[int], None] | None = None,
     ) -> Recommender:
         """Retrieve → rank → calibrate over the replica's current version; ``history``:
         the user's feature stage (the worker's :class:`stream.services.FeatureFollower`),
-        None: rows without historical features."""
+        None: rows without historical features; ``on_history_dropped``: see
+        :class:`~serving.recommender.Recommender`."""
         replica = self.replica
 
         class _ReplicaIndex(IndexHolder):
@@ -149,4 +152,5 @@ class ReplicaAgents:
             history=history,
             # the snapshot's counts, when it has them and fusion is on here
             fusion=lambda: self.models().fusion if self.rt.settings.fusion.enabled else None,
+            on_history_dropped=on_history_dropped,
         )

@@ -13,6 +13,7 @@ import numpy as np
 from features.config import FeatureConfig
 from features.stage import FeatureStage
 from logs.events import (
+    HISTORY_PREFIX,
     TOPIC_CLICKS,
     Click,
     DeadLetter,
@@ -23,6 +24,7 @@ from logs.events import (
     parse_input,
     parse_stored_impression,
     with_history,
+    without_history,
 )
 from monitoring.metrics import StreamrecMetrics
 from stream.envelope import decode_envelope, is_envelope
@@ -343,6 +345,10 @@ class JoinService:
                             _stage_attrs(event.features),
                         ]  # fmt: skip
                     )
+                    if any(k.startswith(HISTORY_PREFIX) for k in event.features):
+                        self.metrics.history_fields_dropped.labels(where="stream").inc(
+                            without_history(event.features)[1]
+                        )
                     event = with_history(event, hist)
                     raw = None
             had_orphan = iid in j.orphan_clicks

@@ -187,3 +187,23 @@ def test_pretrain_with_a_half_life_follows_the_recent_history(examples, tmp_path
 def test_pretrain_rejects_a_non_positive_half_life(examples, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="half_life_s"):
         pretrain(examples, tmp_path / "m.pt", config=SMALL, progress=False, half_life_s=0.0)
+
+
+def test_a_logs_own_history_columns_give_way_to_the_stages(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With historical features on, a log's own ``hist_*`` columns are dropped (the stage
+    computes those names; a warning counts them); off, they stay features like any other."""
+    from features.config import FeatureConfig
+
+    df = generate(SyntheticConfig(n_impressions=400, seed=4))
+    df["hist_user_since_clk"] = 0.5  # e.g. a log exported with another system's history
+    df["hist_seq"] = "i1"
+    with caplog.at_level("WARNING", logger="logs.offline"):
+        on = log_examples(df, FeatureConfig())
+    assert "dropped 800 hist_* values" in caplog.text
+    first = on.rows[0]  # the log's first impression: no history at all yet
+    assert "hist_seq" not in first and "hist_user_since_clk" not in first
+    assert first["hist_user_imp_1h"] == 0.0  # the stage's own values are there
+    off = log_examples(df)
+    assert off.rows[0]["hist_user_since_clk"] == 0.5 and off.rows[0]["hist_seq"] == "i1"

@@ -61,6 +61,7 @@ COUNTERS = {
     "duplicate_clicks",
     "late_clicks",
     "dead_letters",
+    "history_fields_dropped",
     "scored",
     "monitored",
     "train_batches",

@@ -251,3 +251,37 @@ def test_the_user_tower_reads_at_serving_what_it_read_in_training(
     assert rows[3] == {**ctx, "user_id": "stateless"}
     np.testing.assert_array_equal(tower.user_vectors(rows[:3]), tower.user_vectors(want))
     assert not np.allclose(tower.user_vectors(rows[:1]), tower.user_vectors(["u0"]))
+
+
+def test_a_clients_own_history_is_dropped_where_the_stage_computes_it() -> None:
+    """A request context's ``hist_*`` values (a forged behaviour sequence or counter) are
+    dropped for a user whose history the stage computes, as a joined impression's are, so
+    the rows (ranker and user tower) are the stage's alone; they are counted through
+    ``on_history_dropped`` once per request. Without a stage for the user they are kept,
+    decoded as a training row's."""
+    from learners.calibration import PlattCalibrator
+
+    stage, t = _stage(7, FeatureConfig())
+    dropped: list[int] = []
+    ranker = _ranker()
+    rec = Recommender(
+        IndexHolder(), lambda: ranker, lambda: (PlattCalibrator(), 0),
+        config=ServingConfig(position=1),
+        history=lambda user: None if user == "stateless" else stage, clock=lambda: t + 1,
+        on_history_dropped=dropped.append,
+    )  # fmt: skip
+    forged = {"hist_seq": "i11\x1fi10", "hist_user_imp_1h": 1e6, "dev": "web"}
+    plain = {"dev": "web"}
+    for user in ("u0", "nobody"):
+        assert rec._rows(user, ["i1", "i2"], forged) == rec._rows(user, ["i1", "i2"], plain)
+        assert rec.user_rows([(user, forged)]) == rec.user_rows([(user, plain)])
+        a = rec.score(user, ["i1", "i2"], forged)
+        b = rec.score(user, ["i1", "i2"], plain)
+        assert [x["p_raw"] for x in a["items"]] == [x["p_raw"] for x in b["items"]]
+    assert dropped == [2, 2]  # one count per request, none for the plain context
+    assert rec.user_rows([("nobody", forged)])[0].get("hist_seq") is None  # not vacuous:
+    assert rec.user_rows([("u0", plain)])[0]["hist_seq"]  # u0 has a sequence of its own
+    (kept,) = rec.user_rows([("stateless", forged)])
+    assert kept["hist_seq"] == ["i11", "i10"] and kept["hist_user_imp_1h"] == 1e6
+    assert rec._rows("stateless", ["i1"], forged)[0]["hist_seq"] == ["i11", "i10"]
+    assert dropped == [2, 2]

@@ -141,6 +141,40 @@ def test_features_off_leaves_impressions_alone() -> None:
     assert sink and all(not hist(e) for e in sink)
 
 
+def test_an_input_cannot_forge_the_stages_features() -> None:
+    """A producer's own ``hist_*`` features (a forged behaviour sequence, recency or
+    counter) never reach the labelled example with features on: the stage computes those
+    names, the input's are dropped and counted. With features off they are the input's."""
+    forged = {"hist_seq": "i9\x1fi8", "hist_seq_age": "1.0\x1f2.0", "hist_user_since_clk": 0.1,
+              "hist_user_imp_1h": 1e6, "hist_made_up": 3.0, "item_cat": "c1"}  # fmt: skip
+    recs = records(60, seed=3)
+    recs.insert(0, (TOPIC_IMPRESSIONS, Impression("forged", T0 - 1, "u-new", "i1", position=1,
+                                                  features=forged).to_json()))  # fmt: skip
+    metrics = StreamrecMetrics()
+    svc = JoinService(SETTINGS, metrics, MemoryJoinState())
+    sink: list[LabeledExample] = []
+    for offset, (topic, raw) in enumerate(recs):
+        svc.handle(raw, topic, 0, offset)
+    svc.tick()
+    drain(svc, sink)
+    (ex,) = [e for e in sink if e.impression.impression_id == "forged"]
+    row = example_row(ex.impression)
+    # u-new never clicked nor was shown anything: no sequence, no recency, counters 0
+    assert "hist_seq" not in row and "hist_user_since_clk" not in row
+    assert "hist_made_up" not in row and row["hist_user_imp_1h"] == 0.0
+    assert row["item_cat"] == "c1"  # the input's other features stay
+    dropped = metrics.history_fields_dropped.labels(where="stream")._value.get()
+    assert dropped == 5
+    off = JoinService(dataclasses.replace(SETTINGS, features=False), StreamrecMetrics())
+    for offset, (topic, raw) in enumerate(recs):
+        off.handle(raw, topic, 0, offset)
+    off.tick()
+    sink_off: list[LabeledExample] = []
+    drain(off, sink_off)
+    (ex,) = [e for e in sink_off if e.impression.impression_id == "forged"]
+    assert example_row(ex.impression)["hist_seq"] == ["i9", "i8"]
+
+
 def test_serving_reads_the_same_features_as_training_without_changing_state() -> None:
     from index.faiss_index import IndexHolder
     from learners.calibration import PlattCalibrator
