@@ -6,7 +6,9 @@ Item-based collaborative filtering ("people who clicked this also clicked", Sarw
 feature stage's: the user's earlier clicks, most recent first, nothing from the future)
 counts one co-visit of ``b`` with each distinct item among the first ``window`` items of
 that sequence, both ways; a click on an item already in that window (a repeat) counts
-only as a click of ``b``, so clicking the same items in turn grows no pair. A query row
+only as a click of ``b``, so clicking the same items in turn grows no pair, and a user
+counts a pair once (:class:`PairMemory`: a bot cannot grow a pair by clicking the two
+items near each other again and again). A query row
 with history ``h_0, h_1, ...`` scores a candidate ``c`` by
 
     sum_j  co(h_j, c) / ((1 + j) * (sqrt(n(h_j) * n(c)) + shrink))
@@ -39,13 +41,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 import numpy as np
 
 from learners.base import Rows
 
-__all__ = ["CoVisitConfig", "CoVisitation", "history_items", "rrf_fuse"]
+__all__ = ["CoVisitConfig", "CoVisitation", "PairMemory", "history_items", "rrf_fuse"]
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,23 @@ class CoVisitConfig:
     each): past it, the lists of the least recently clicked items are dropped until 90%
     of it is left (counted in ``evicted``). ``max_items``: the items whose clicks are
     counted; past it the least recently clicked tenth is forgotten, counts and list
-    (counted in ``forgotten``), so a stream of ever new item ids stays bounded."""
+    (counted in ``forgotten``), so a stream of ever new item ids stays bounded.
+    ``pair_memory``: slots (a power of two; 0: off) of :class:`PairMemory`, which counts a
+    pair once per user (8 bytes each: 4M slots, 32 MiB)."""
 
     window: int = 20
     shrink: float = 10.0
     max_neighbours: int = 500
     max_entries: int = 2_000_000
     max_items: int = 1_000_000
+    pair_memory: int = 1 << 22
 
     def __post_init__(self) -> None:
         if min(self.window, self.max_neighbours, self.max_entries, self.max_items) < 1:
             raise ValueError("window, max_neighbours, max_entries and max_items must be >= 1")
+        m = self.pair_memory
+        if m < 0 or (m and (m < 1024 or m & (m - 1))):
+            raise ValueError(f"pair_memory must be 0 or a power of two >= 1024, got {m}")
         if not (math.isfinite(self.shrink) and self.shrink >= 0):
             raise ValueError(f"shrink must be finite and >= 0, got {self.shrink}")
 
@@ -76,6 +85,36 @@ def history_items(row: Mapping[str, object]) -> list[str]:
     """The items of a row's ``hist_seq`` (most recent first) as strings; [] without one."""
     hist = row.get("hist_seq")
     return [str(i) for i in hist] if isinstance(hist, list | tuple | np.ndarray) else []
+
+
+class PairMemory:
+    """Which ``(user, item pair)`` co-visits were counted already, so one user counts a pair
+    once however often it clicks the two items near each other: a fixed table of ``slots``
+    64-bit fingerprints (blake2b of the user and the unordered pair), a pair's slot given
+    by its fingerprint's low bits. A pair whose slot another pair took since is counted
+    again (forgotten: at ~20 pairs a click, 4M slots hold a pair for ~100k clicks); a
+    wrong "counted" needs two pairs with equal 64-bit fingerprints. Not in snapshots: a
+    restarted counter starts empty."""
+
+    def __init__(self, slots: int) -> None:
+        self.table = np.zeros(slots, dtype=np.uint64)  # calloc'd: pages appear when used
+        self.mask = np.uint64(slots - 1)
+        self.repeated = 0  # pairs not counted again
+
+    def fresh(self, user: str, b: str, items: Sequence[str]) -> list[bool]:
+        """Per item ``a`` of ``items`` (N,): whether ``user`` co-visits ``(a, b)`` for the
+        first time (remembered now)."""
+        fps = np.fromiter(
+            (int.from_bytes(blake2b(f"{user}\x1f{min(a, b)}\x1f{max(a, b)}".encode(),
+                                    digest_size=8).digest(), "little") or 1
+             for a in items),
+            dtype=np.uint64, count=len(items),
+        )  # fmt: skip
+        slot = (fps & self.mask).astype(np.intp)
+        seen = self.table[slot] == fps
+        self.table[slot] = fps
+        self.repeated += int(seen.sum())
+        return (~seen).tolist()
 
 
 class CoVisitation:
@@ -90,6 +129,8 @@ class CoVisitation:
         self.pruned = 0
         self.evicted = 0
         self.forgotten = 0
+        m = self.config.pair_memory
+        self.pairs: PairMemory | None = PairMemory(m) if m else None
         self._csr: tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def learn_many(self, X: Rows, y: Any) -> None:
@@ -110,6 +151,12 @@ class CoVisitation:
             hist = list(dict.fromkeys(history_items(row)[:window]))
             if not hist or b in hist:  # a repeat: its co-visits were counted before
                 continue
+            user = row.get("user_id")
+            if self.pairs is not None and user is not None:  # once per user and pair
+                hist = [a for a, new in zip(hist, self.pairs.fresh(str(user), b, hist),
+                                            strict=True) if new]  # fmt: skip
+                if not hist:
+                    continue
             nb = co.setdefault(b, {})
             for a in hist:
                 if a not in nb:

@@ -23,15 +23,16 @@ State: the co-visit counts and the decayed clicks, fed in stream order by
 before it). One lock guards them: a trainer thread learns while serving threads fuse.
 
 **Floods.** Popularity and co-visits are what one user's clicks could push into everyone's
-candidates, so two rules bound one user's say (both counted, ``repeats`` and
-``throttled``): a click on an item already in the user's own window (``hist_seq``) makes
-neither popularity nor co-visits, and a user's clicks count in popularity (the list and
-the prior's ``q``) only up to ``max_user_share`` of the recent (decayed) credited clicks
-plus ``user_share_floor`` (:meth:`FusedRetrieval._credit`). Not bounded: many accounts
-acting together (their clicks look like a real trend), and co-visits from one account
-that clicks a target item between fresh sets of other items: the share does not apply
-to co-visits (capping them at 2% cost 2.4% of the MovieLens dev log's served recall, and
-did not keep such a bot out of its targets' lists in the flood test's world).
+candidates, so three rules bound one user's say (each counted: ``repeats``,
+``throttled``, ``covisit.pairs.repeated``): a click on an item already in the user's own
+window (``hist_seq``) makes neither popularity nor co-visits; a user's clicks count in
+popularity (the list and the prior's ``q``) only up to ``max_user_share`` of the recent
+(decayed) credited clicks plus ``user_share_floor`` (:meth:`FusedRetrieval._credit`);
+and a user co-visits a pair once (:class:`~learners.covisit.PairMemory`), however often
+it clicks the two near each other. (The share is not applied to co-visits: at 2% it cost
+2.4% of the MovieLens dev log's served recall and did not keep a bot out of its targets'
+lists; the pair memory does.) Not bounded: many accounts acting together, whose clicks
+look like a real trend.
 
 >>> fr = FusedRetrieval(FusionConfig(width=3), temperature=0.1)
 >>> fr.learn_many([{"item_id": "b", "hist_seq": ["a"]}, {"item_id": "c", "hist_seq": ["a"]},
@@ -109,6 +110,9 @@ class FusionConfig:
         covisit_max_items: the items whose clicks co-visitation counts (the least recently
             clicked are forgotten past it; decayed counts below 0.5 are dropped at each
             refresh), so ever new item ids cannot grow the state without bound.
+        covisit_pair_memory: slots of the memory that counts a co-visited pair once per
+            user (:class:`~learners.covisit.PairMemory`, 8 bytes each; a power of two, 0:
+            off).
         neighbours: a history item's co-visited items read per query, the best first.
         refresh_clicks: clicks after which the cached neighbour lists and the popularity
             list are recomputed (an item's own list is recomputed as soon as it changes).
@@ -153,6 +157,7 @@ class FusionConfig:
     covisit_max_neighbours: int = 500
     covisit_max_entries: int = 2_000_000
     covisit_max_items: int = 1_000_000
+    covisit_pair_memory: int = 1 << 22
     neighbours: int = 100
     refresh_clicks: int = 1_000
     adapt: bool = True
@@ -183,6 +188,10 @@ class FusionConfig:
             raise ValueError(f"FusionConfig.weights must be 3 finite values >= 0, not all 0, "
                              f"got {self.weights}")  # fmt: skip
         object.__setattr__(self, "weights", w)
+        try:
+            self.covisit  # noqa: B018 - validates the co-visit settings
+        except ValueError as exc:
+            raise ValueError(f"FusionConfig.covisit_*: {exc}") from None
         if not (0 < self.max_user_share <= 1):
             raise ValueError(f"FusionConfig.max_user_share must be in (0, 1], got "
                              f"{self.max_user_share}")  # fmt: skip
@@ -204,7 +213,8 @@ class FusionConfig:
         return CoVisitConfig(window=self.covisit_window, shrink=self.covisit_shrink,
                              max_neighbours=self.covisit_max_neighbours,
                              max_entries=self.covisit_max_entries,
-                             max_items=self.covisit_max_items)  # fmt: skip
+                             max_items=self.covisit_max_items,
+                             pair_memory=self.covisit_pair_memory)  # fmt: skip
 
 
 class FusedRetrieval:

@@ -630,11 +630,13 @@ def operations_dashboard() -> Dashboard:
             ("streamrec_fusion_observed_clicks", "observed clicks"),
             ("streamrec_fusion_covisit_entries", "co-visit entries"),
             ("streamrec_fusion_uncounted_clicks", "uncounted clicks: {{reason}}"),
+            ("streamrec_fusion_repeated_pairs", "co-visits a user had made"),
         ],
         w=12,
         description="Clicks scored for the online pick, co-visited pairs kept (bounded "
-        "by fusion.covisit_max_entries), and clicks the fusion did not count: repeats, and "
-        "one user's clicks past fusion.max_user_share in popularity (a flood).",
+        "by fusion.covisit_max_entries), and what the fusion did not count: repeats, one "
+        "user's clicks past fusion.max_user_share in popularity, and co-visits of a pair a "
+        "user had already made (a flood).",
     )
     return _dashboard(
         "streamrec-operations",

@@ -329,6 +329,11 @@ class StreamrecMetrics:
             "fractions of clicks add up).",
             ("reason",),
         )
+        self.fusion_repeated_pairs = gauge(
+            "fusion_repeated_pairs",
+            "Co-visits of an item pair a user had already made, not counted again "
+            "(fusion.covisit_pair_memory).",
+        )
         # The raw (uncalibrated) ranker scores, next to the served ones above.
         self.raw_predicted_ctr = gauge(
             "raw_predicted_ctr", "Mean raw (uncalibrated) ranker prediction, in [0, 1].", _WS

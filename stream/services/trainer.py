@@ -361,6 +361,8 @@ class TrainerService:
             m.fusion_covisit_entries.set(fusion.covisit.entries)
             m.fusion_uncounted_clicks.labels(reason="repeat").set(fusion.repeats)
             m.fusion_uncounted_clicks.labels(reason="throttled").set(fusion.throttled)
+            pairs = fusion.covisit.pairs
+            m.fusion_repeated_pairs.set(0 if pairs is None else pairs.repeated)
         m.train_step_seconds.observe(result.seconds)
         now = time.time()
         for e, sent in zip(batch, emitted, strict=True):

@@ -225,13 +225,19 @@ def test_a_stream_of_ever_new_items_keeps_the_state_bounded() -> None:
 
 
 def _with_bot(
-    rows: list[dict[str, object]], y: np.ndarray, n_bot: int, cycle: int, users: int = 1
+    rows: list[dict[str, object]],
+    y: np.ndarray,
+    n_bot: int,
+    cycle: int,
+    users: int = 1,
+    fill: list[str] | None = None,
 ) -> tuple[list[dict[str, object]], np.ndarray]:
     """``rows`` with ``n_bot`` clicks of ``users`` bot accounts spread evenly among them:
-    every ``cycle``-th bot click is on "spam", the others on filler items no one else
-    clicks (``cycle`` > the co-visit window makes every spam click fresh; 1: spam only).
-    Each bot row carries its account's point-in-time ``hist_seq``, as the feature stage
-    gives it."""
+    every ``cycle``-th bot click is on "spam", the others in turn on ``fill`` (default:
+    60 filler items no one else clicks); ``cycle`` > the co-visit window makes every spam
+    click fresh; 1: spam only. Each bot row carries its account's point-in-time
+    ``hist_seq``, as the feature stage gives it."""
+    fill = fill or [f"filler{j}" for j in range(60)]
     out, yy = [], []
     hist: dict[str, list[str]] = {}
     every = max(1, len(rows) // n_bot)
@@ -242,7 +248,7 @@ def _with_bot(
         if j % every == 0 and k < n_bot:
             user = f"bot{k % users}"
             h = hist.setdefault(user, [])
-            item = "spam" if k % cycle == 0 else f"filler{k % 60}"
+            item = "spam" if k % cycle == 0 else fill[k % len(fill)]
             out.append({"user_id": user, "item_id": item, "hist_seq": list(h[:20])})
             yy.append(1.0)
             h.insert(0, item)
@@ -276,6 +282,33 @@ def test_one_user_cannot_flood_popularity_but_many_users_make_an_item_popular() 
     back = FusedRetrieval.from_state_dict(capped.state_dict())
     assert back.users.counts == capped.users.counts and back.throttled == capped.throttled
     assert back.n_clicks == capped.n_clicks == int(cycling[1].sum())
+
+
+def test_one_user_cannot_push_an_item_into_the_co_visits_of_popular_items() -> None:
+    """A bot clicking "spam" between the 30 most popular items, fresh each time, co-visits
+    spam with each of them over and over: counted once per pair for that user
+    (``covisit_pair_memory``) spam stays out of their top 10; counted every time it is in
+    the lists of many of them."""
+    rows, y = _stream(7, n=12_000, items=200)
+    targets = _learn(FusedRetrieval(), rows, y).popular_top(30)
+    attack = _with_bot(rows, y, 4_000, cycle=26, fill=targets)
+    guarded = _learn(FusedRetrieval(), *attack)
+    assert guarded.covisit.pairs is not None and guarded.covisit.pairs.repeated > 1_000
+    assert sum("spam" in guarded.covisit_top([t], 10) for t in targets) == 0
+    naive = _learn(FusedRetrieval(FusionConfig(covisit_pair_memory=0)), *attack)
+    assert sum("spam" in naive.covisit_top([t], 10) for t in targets) >= 10
+
+
+def test_the_pair_memory_counts_a_pair_once_per_user() -> None:
+    from learners.covisit import PairMemory
+
+    pm = PairMemory(1024)
+    assert pm.fresh("u", "b", ["a", "c"]) == [True, True]
+    assert pm.fresh("u", "a", ["b", "d"]) == [False, True]  # (a, b) is (b, a)
+    assert pm.fresh("v", "b", ["a"]) == [True]  # another user counts it too
+    assert pm.fresh("u", "b", []) == [] and pm.repeated == 1
+    with pytest.raises(ValueError, match="pair_memory"):
+        FusionConfig(covisit_pair_memory=1000)
 
 
 def test_ordinary_users_are_not_throttled() -> None:

@@ -91,6 +91,7 @@ RETRIEVAL_GAUGES = {
     "fusion_observed_clicks",
     "fusion_covisit_entries",
     "fusion_uncounted_clicks",
+    "fusion_repeated_pairs",
 }
 RAW_GAUGES = {"raw_predicted_ctr", "raw_calibration_ratio"} | RETRIEVAL_GAUGES
 RELIABILITY_GAUGES = {
