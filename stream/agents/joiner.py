@@ -28,6 +28,10 @@ LABELED_FLUSH_S = 0.2
 #: input records between two flushes of the join state by the joiner itself (the labels'
 #: flusher flushes it every LABELED_FLUSH_S too)
 STATE_FLUSH_RECORDS = 2000
+#: input records the joiner handles before it lets the event loop run the other tasks: a
+#: buffered stream never suspends it, so without this a backlog starves the trainer agent
+#: (its finished training steps wait to be resumed), the timers and the web requests
+YIELD_EVERY = 64
 
 
 class JoinerAgents:
@@ -66,7 +70,12 @@ class JoinerAgents:
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
         rt, out = self.rt, self.out
+        since_yield = 0
         async for event in stream.noack().events():  # type: ignore[attr-defined]
+            since_yield += 1
+            if since_yield >= YIELD_EVERY:
+                since_yield = 0
+                await asyncio.sleep(0)
             msg = event.message
             try:
                 labels, dls = rt.join.handle_record(
