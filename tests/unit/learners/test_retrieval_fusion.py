@@ -206,20 +206,23 @@ def test_with_adapt_the_configured_setting_must_be_a_grid_point() -> None:
 
 
 def test_a_stream_of_ever_new_items_keeps_the_state_bounded() -> None:
-    """Every click on a new item id (hostile, or a catalogue that never repeats): the
-    co-visit counts forget the least recently clicked items past ``covisit_max_items``
-    and the decayed clicks drop items below ``log_q``'s floor at each refresh."""
+    """Every click on a new item id by a new user id (hostile, or a catalogue that never
+    repeats): the co-visit counts forget the least recently clicked items past
+    ``covisit_max_items``, and the decayed clicks (and the users' credit) drop keys below
+    ``log_q``'s floor at each refresh."""
     fr = FusedRetrieval(FusionConfig(covisit_max_items=500, refresh_clicks=100,
                                      half_life_clicks=50.0))  # fmt: skip
     hist: list[str] = []
     for s in range(0, 20_000, 100):
-        rows = [{"item_id": f"new{s + j}", "hist_seq": hist[:5]} for j in range(100)]
+        rows = [{"item_id": f"new{s + j}", "hist_seq": hist[:5], "user_id": f"user{s + j}"}
+                for j in range(100)]  # fmt: skip
         fr.learn_many(rows, np.ones(100))
         hist = [f"new{s + j}" for j in range(99, 94, -1)]
     cv = fr.covisit
     assert len(cv.clicks) <= 500 and len(cv.co) <= 500 and cv.forgotten > 19_000
     assert cv.entries == sum(len(nb) for nb in cv.co.values())  # the count stays exact
     assert len(fr.clicks._raw) < 1_000  # ~50 * log2(2 / 0.5) + a refresh's worth
+    assert len(fr.users._raw) < 1_000  # and so do ever new user ids (the share's credit)
     assert fr.popular_top(3)  # still serving
     assert fr.covisit_top(hist, 5)  # the latest items' co-visits are kept
 
