@@ -8,8 +8,8 @@ counts one co-visit of ``b`` with each distinct item among the first ``window`` 
 that sequence, both ways; a click on an item already in that window (a repeat) counts
 only as a click of ``b``, so clicking the same items in turn grows no pair, and a user
 counts a pair once (:class:`PairMemory`: a bot cannot grow a pair by clicking the two
-items near each other again and again). A query row
-with history ``h_0, h_1, ...`` scores a candidate ``c`` by
+items near each other again and again). A query row with history ``h_0, h_1, ...``
+scores a candidate ``c`` by
 
     sum_j  co(h_j, c) / ((1 + j) * (sqrt(n(h_j) * n(c)) + shrink))
 

@@ -229,7 +229,8 @@ class FusedRetrieval:
         self.temperature = float(temperature)
         self.covisit = CoVisitation(self.config.covisit)
         self.clicks = DecayedClicks(self.config.half_life_clicks)
-        #: each user's credited clicks on the same clock as ``clicks`` (``max_user_share``)
+        #: each user's credited clicks, aged by everyone's credited clicks
+        #: (``max_user_share``; a repeat moves this clock, not the popularity's)
         self.users = DecayedClicks(self.config.half_life_clicks)
         self.throttled = 0.0  # clicks not credited (the uncounted parts of clicks)
         self.repeats = 0  # clicks on an item already in the user's own window (not counted)
@@ -358,11 +359,12 @@ class FusedRetrieval:
             return
         window = self.config.covisit_window
         items = [str(r["item_id"]) for r in clicked]
+        hists = [history_items(r)[:window] for r in clicked]
         # a repeat (the item already in the user's own window) makes neither popularity
         # nor co-visits (CoVisitation skips them too): clicking the same items over and
         # over promotes nothing; it still counts in the item's clicks (the co-visit
         # normaliser) and against the user's share
-        repeat = [b in history_items(r)[:window] for r, b in zip(clicked, items, strict=True)]
+        repeat = [b in h for b, h in zip(items, hists, strict=True)]
         with self._lock:
             self.seen += len(clicked)
             self.repeats += sum(repeat)
@@ -378,9 +380,9 @@ class FusedRetrieval:
                 self.clicks.prune()  # items decayed below log_q's floor: bounded memory
                 self.users.prune()
             else:
-                for r in clicked:  # the lists these clicks changed
-                    self._rows.pop(str(r["item_id"]), None)
-                    for h in history_items(r)[:window]:
+                for b, hist in zip(items, hists, strict=True):  # the lists these clicks changed
+                    self._rows.pop(b, None)
+                    for h in hist:
                         self._rows.pop(h, None)
 
     def _credit(self, clicked: Rows) -> list[float]:
