@@ -13,6 +13,7 @@ import math
 import random
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -290,3 +291,24 @@ def test_attach_log_orders_by_event_time() -> None:
     assert f[1].get("hist_seq") is None  # first in event time
     assert f[0]["hist_seq"] == ["j"] and f[0]["hist_seq_age"] == [4.0]
     assert f[2]["hist_ui_n"] == math.log1p(1)
+
+
+@pytest.mark.parametrize("filler", [0, 500])
+def test_a_key_idle_past_the_ttl_reads_as_never_seen_whatever_the_sweeps(filler: int) -> None:
+    """Expiry is exact at every read: a user, item, pair or click sequence whose newest
+    event is more than ``ttl_s`` before the read reads as never seen, however many events
+    (and sweeps) came between; one just inside the TTL still counts."""
+    cfg = FeatureConfig(half_lives_s=(1e6,), ttl_s=1_000.0, impression_ttl_s=100.0)
+    stage = FeatureStage(cfg)
+    stage.impression("a", 0.0, "u", "i", 1, {"item_cat": "c"})
+    stage.click("a", 1.0)
+    for k in range(filler):  # other traffic: sweeps run between
+        stage.impression(f"f{k}", 2.0 + k * 2.0, f"x{k}", f"y{k}")
+    inside = stage.peek(1_000.5, "u", "i", 1, {"item_cat": "c"})
+    assert inside["hist_ui_n"] > 0 and inside["hist_seq"] == ["i"]
+    fresh = FeatureStage(cfg).peek(1_001.5, "u", "i", 1, {"item_cat": "c"})
+    got = stage.impression("b", 1_001.5, "u", "i", 1, {"item_cat": "c"})
+    assert got == fresh and "hist_seq" not in got  # every key and the sequence expired
+    assert stage.stats["expired_keys"] >= 5  # user, item, pair, item x position, u x cat
+    again = stage.peek(1_002.0, "u", "i", 1, {"item_cat": "c"})
+    assert again["hist_ui_n"] == pytest.approx(math.log1p(1))  # started afresh at 1,001.5
