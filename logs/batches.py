@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from sys import intern
 from typing import Annotated, Any, Literal
 
@@ -47,6 +47,9 @@ __all__ = [
     "encode_labeled",
     "encode_labeled_example",
     "encode_labeled_raw",
+    "MARKS_HEADER",
+    "decode_marks",
+    "encode_marks",
 ]
 
 
@@ -120,6 +123,9 @@ class _WireScored(msgspec.Struct, array_like=True, gc=False):
     p: list[float]
     segment: list[str]
     true_p: list[float | None]
+    # added in place (version 1): an older trainer's 9 fields decode with none, and an
+    # older monitor ignores the trailing element
+    marks: dict[Annotated[int, msgspec.Meta(ge=0)], _Ts] = {}
 
 
 _LABELED_FIELDS = _WireLabeled.__struct_fields__
@@ -127,6 +133,8 @@ _encoder = msgspec.msgpack.Encoder()
 _labeled_decoder = msgspec.msgpack.Decoder(list[_WireLabeled])
 _scored_decoder = msgspec.msgpack.Decoder(_WireScored)
 _any_decoder = msgspec.msgpack.Decoder()
+_encoder_json = msgspec.json.Encoder()
+_marks_json = msgspec.json.Decoder(dict[Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}$")], _Ts])
 
 
 def _labeled_row(e: LabeledExample) -> tuple[object, ...]:
@@ -186,6 +194,49 @@ def decode_labeled(raw: bytes | None) -> list[LabeledExample]:
                          w.position, w.features, w.served_score, w.model_version,
                          w.true_p)  # fmt: skip
         out.append(LabeledExample(imp, w.label, w.label_ts, w.weight, w.kind))
+    return out
+
+
+#: The Kafka header of a ``labeled`` record that carries the joiner's event-time marks
+#: (:func:`encode_marks`). A header, not a field: an older trainer reads the record as
+#: before and ignores it.
+MARKS_HEADER = "streamrec-marks"
+#: at most this many partitions in one mark (a hostile header cannot grow the monitor)
+MAX_MARK_PARTITIONS = 4096
+
+
+def encode_marks(marks: Mapping[int, float]) -> bytes:
+    """The value of :data:`MARKS_HEADER`: input partition -> event-time mark (epoch s).
+
+    A mark ``{p: W}`` on ``labeled`` says that every label the joiner will send for an
+    impression of input partition ``p`` with ``ts + join.window_s < W`` was sent before
+    it (``W`` is the partition's watermark, lateness already taken off). The trainer passes
+    marks on in :attr:`ScoredBatch.marks` after every example that came before them, so
+    the monitor can close the attribution windows that the stream's own impression times
+    never pass (the end of a replay, a quiet hour).
+
+    >>> encode_marks({0: 1700000000.5, 3: 1700000001.0})
+    b'{"0":1700000000.5,"3":1700000001.0}'
+    >>> decode_marks({MARKS_HEADER: encode_marks({0: 1.7e9})})
+    {0: 1700000000.0}
+    """
+    return _encoder_json.encode({str(int(p)): float(w) for p, w in marks.items()})
+
+
+def decode_marks(headers: Mapping[str, bytes] | None) -> dict[int, float]:
+    """The marks of a ``labeled`` record's headers (``{}`` without the header); raises
+    :class:`InvalidEvent` (``bad_value``) for a header that is not a JSON object of
+    partition numbers to finite times within the accepted range."""
+    raw = (headers or {}).get(MARKS_HEADER)
+    if raw is None:
+        return {}
+    try:
+        obj = _marks_json.decode(raw)
+        if len(obj) > MAX_MARK_PARTITIONS:
+            raise ValueError(f"more than {MAX_MARK_PARTITIONS} partitions")
+        out = {int(p): float(w) for p, w in obj.items()}
+    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        raise InvalidEvent("bad_value", f"{MARKS_HEADER} header: {str(exc)[:200]}") from None
     return out
 
 
@@ -270,13 +321,19 @@ class ScoredBatch:
     p: list[float]
     segment: list[str]
     true_p: list[float | None]
+    #: the joiner's event-time marks that reached the trainer before this batch's last
+    #: example was sent (input partition -> mark, :func:`encode_marks`); a batch may be
+    #: empty and carry only marks
+    marks: dict[int, float] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        """The ``scored`` record (binary, version :data:`BATCH_VERSION`)."""
-        return _SCORED_HEADER + _encoder.encode(
-            (self.model_version, self.calibrator_version, self.impression_ids, self.ts,
-             self.label, self.p_raw, self.p, self.segment, self.true_p)
+        """The ``scored`` record (binary, version :data:`BATCH_VERSION`; without marks the
+        same bytes as before they existed)."""
+        row: tuple[object, ...] = (
+            self.model_version, self.calibrator_version, self.impression_ids, self.ts,
+            self.label, self.p_raw, self.p, self.segment, self.true_p,
         )  # fmt: skip
+        return _SCORED_HEADER + _encoder.encode((*row, self.marks) if self.marks else row)
 
     @staticmethod
     def decode(raw: bytes | None) -> ScoredBatch:
@@ -288,7 +345,7 @@ class ScoredBatch:
             return _scored_from_json(raw)
         w = _decode_body(raw, SCORED_MAGIC, "scored", _scored_decoder, _diagnose_scored)
         batch = ScoredBatch(w.model_version, w.calibrator_version, w.impression_ids, w.ts,
-                            w.label, w.p_raw, w.p, w.segment, w.true_p)  # fmt: skip
+                            w.label, w.p_raw, w.p, w.segment, w.true_p, w.marks)  # fmt: skip
         _check_lengths(batch)
         return batch
 
@@ -309,7 +366,8 @@ def _diagnose_scored(body: memoryview, exc: msgspec.ValidationError) -> InvalidE
         return InvalidEvent("bad_type", detail)
     if not isinstance(obj, list):
         return InvalidEvent("bad_type", detail)
-    if len(obj) < len(_WireScored.__struct_fields__):
+    required = len(_WireScored.__struct_fields__) - len(_WireScored.__struct_defaults__)
+    if len(obj) < required:
         return InvalidEvent("missing_field", detail)
     d = dict(zip(_WireScored.__struct_fields__, obj, strict=False))
     ts, label = d["ts"], d["label"]

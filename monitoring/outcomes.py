@@ -81,6 +81,23 @@ class FinalOutcomes:
         self.duplicates = 0
         self.resolved = 0
 
+    def advance(self, clock: float) -> None:
+        """Move the clock (newest-impression-time scale, epoch s) forward to ``clock``
+        without a record: the stream says no label for an impression older than ``clock -
+        horizon_s`` is still to come (the joiner's event-time marks), so those resolve
+        even when no later impression arrives. An earlier ``clock`` changes nothing.
+
+        >>> fo = FinalOutcomes(window_s=60.0)
+        >>> fo.add(["a"], ts=[0.0], label=[0], columns={"p": [0.1]})
+        >>> fo.resolve(), fo.pending
+        ({}, 1)
+        >>> fo.advance(60.5)
+        >>> fo.resolve()["label"].tolist(), fo.pending
+        ([0.0], 0)
+        """
+        if clock > self.clock:
+            self.clock = float(clock)
+
     def add(
         self,
         ids: Sequence[str],
@@ -97,10 +114,16 @@ class FinalOutcomes:
         if t.size != len(ids) or lab.size != len(ids):
             raise ValueError("ids, ts and label must have one length")
         neg = lab == 0
-        for k in np.flatnonzero(~neg):
+        pos = np.flatnonzero(~neg)
+        # the batch's own label-0 records count as known: a positive that shares a batch
+        # with its impression's provisional record is not late, however old (a trainer
+        # batch may span more than a window of event time)
+        known = {ids[int(k)] for k in np.flatnonzero(neg)} if pos.size else set()
+        for k in pos:
             iid = ids[int(k)]
-            if iid in self._pending_ids or t[k] > self.clock - self.horizon_s:
-                if self.positives_first and iid not in self._pending_ids:
+            mine = iid in self._pending_ids or iid in known
+            if mine or t[k] > self.clock - self.horizon_s:
+                if self.positives_first and not mine:
                     neg[k] = True  # its first record: kept below (label 1 on resolving)
                 self._clicked[iid] = float(t[k])
             else:

@@ -338,6 +338,9 @@ def run_demo(
         "labeled": int(final.get("sum:streamrec_labeled_total", 0)),
         "scored_records": n_ids,
         "scored_distinct_impressions": distinct,
+        # impressions the calibration monitor judged on their final labels (all of them,
+        # once the replay's final watermark closed the last windows)
+        "monitored": int(final.get("streamrec_monitored_total", 0)),
         "drift_ts": drift_ts,
         "drift_alarms": int(final.get("streamrec_drift_alarms_total", 0)),
         "drift_alarm_events": alarms,
@@ -381,6 +384,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         ("clicks replayed", r["clicks"]),
         ("labelled", r["labeled"]),
         ("scored (distinct impressions)", r["scored_distinct_impressions"]),
+        ("judged by the monitor (final labels)", r.get("monitored")),
         ("AUC (progressive)", q["auc"]),
         ("log loss", q["log_loss"]),
         ("normalised entropy", q["normalized_entropy"]),
@@ -548,10 +552,12 @@ def _wait_done(
         trained = labeled >= impressions and scored >= labeled
         if trained and trained_at is None:
             trained_at = time.monotonic()
-        # the monitor takes the last scored batches in a moment later (a duplicate batch
-        # after a restart is never counted: do not wait for it for ever)
+        # the monitor takes the last scored batches in a moment later: it judges every
+        # impression once (with fresh labels: one per impression, not per scored row; the
+        # joiner's event-time marks close the last windows). A duplicate batch after a
+        # restart is never counted: do not wait for it for ever
         if trained_at is not None and (
-            monitored >= scored or time.monotonic() - trained_at > MONITOR_GRACE_S
+            monitored >= min(scored, impressions) or time.monotonic() - trained_at > MONITOR_GRACE_S
         ):
             bar.close()
             time.sleep(1.5)  # one more gauge publication and index refresh

@@ -90,8 +90,9 @@ def labeled_records(
 
 def scored_records(batch: ScoredBatch, max_bytes: int) -> list[bytes]:
     """``scored`` record values of at most ``max_bytes`` each: the batch, or its halves
-    (recursively) when it is larger. A single example is always one record (its ids are
-    bounded by the input validation)."""
+    (recursively) when it is larger; the batch's marks go with the last part only (they
+    follow every example of the batch). A single example is always one record (its ids
+    are bounded by the input validation)."""
     raw = batch.encode()
     n = len(batch.impression_ids)
     if len(raw) <= max_bytes or n <= 1:
@@ -102,6 +103,7 @@ def scored_records(batch: ScoredBatch, max_bytes: int) -> list[bytes]:
 
     def part(a: int, b: int) -> ScoredBatch:
         return ScoredBatch(**{k: getattr(batch, k)[a:b] if k in lists else getattr(batch, k)
-                              for k in names})  # fmt: skip
+                              for k in names if k != "marks"},
+                           marks=batch.marks if b == n else {})  # fmt: skip
 
     return scored_records(part(0, half), max_bytes) + scored_records(part(half, n), max_bytes)

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import faust
 from faust.types import TP
 
-from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, TOPIC_LABELED, DeadLetter, InvalidEvent
+from logs.batches import MARKS_HEADER, encode_labeled, encode_marks
+from logs.events import (
+    TOPIC_CLICKS,
+    TOPIC_IMPRESSIONS,
+    TOPIC_LABELED,
+    DeadLetter,
+    InvalidEvent,
+    LabeledExample,
+)
 from stream.acks import InputAcks
 from stream.agents.outputs import Outputs
 from stream.agents.runtime import Runtime
@@ -46,6 +55,8 @@ class JoinerAgents:
         self.app, self.rt, self.out = app, rt, out
         errors = rt.metrics.stage_errors.labels(stage="join_state_write")
         self.acks = InputAcks(lambda event: event.message.partition, on_failed=errors.inc)
+        self._flushing = 0  # flushes sending now (a mark is read only when none is)
+        self._sent_marks: dict[int, float] = {}  # input partition -> the last mark sent
 
     def install(self) -> None:
         """Register the agent on the input topics and the flush timer."""
@@ -100,16 +111,56 @@ class JoinerAgents:
                 out.stage_error("joiner", out.where(event))
 
     async def flush_labeled(self, force: bool) -> None:
-        """Send queued labels; then (and only then) their impressions leave the state."""
+        """Send queued labels; then (and only then) their impressions leave the state.
+
+        A forced flush that no other flush overlaps also sends each partition's
+        event-time mark when it moved (:meth:`stream.services.JoinService.marks`): as a
+        header of the partition's last record, or of an empty record (same key, so after
+        its labels), so the monitor can close windows no later impression passes."""
         rt, out = self.rt, self.out
         # taken in one go: the other flusher (timer or agent) runs while this one awaits
         ready = rt.join.take_ready(None if force else LABELED_FLUSH_SIZE)
+        # marks read with the take: an overlapping flush may still be sending older labels
+        marks = self._moved_marks() if force and not self._flushing else {}
+        self._flushing += 1
+        try:
+            await self._send_labeled(ready, marks)
+        finally:
+            self._flushing -= 1
+        while rt.join.orphans:
+            await out.dead.send(value=rt.join.orphans.pop().to_json())
+        self.commit_state()
+
+    def _moved_marks(self) -> dict[int, float]:
+        """The partitions' marks that moved since they were last sent."""
+        sent = self._sent_marks
+        return {p: w for p, w in self.rt.join.marks().items() if w > sent.get(p, -math.inf)}
+
+    async def _send_labeled(
+        self, ready: dict[int, list[LabeledExample]], marks: dict[int, float]
+    ) -> None:
+        rt, out = self.rt, self.out
+        for partition in sorted(marks.keys() - ready.keys()):
+            ready[partition] = []  # a mark alone: an empty record carries it
         for partition, buf in ready.items():
             key = str(partition).encode()
             # split by bytes (and count) under the record limit: valid but large impressions
             # in one batch must not make the producer refuse it
             records, too_large = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
-            sending = [await out.labeled.send(key=key, value=value) for value in records]
+            mark = marks.get(partition)
+            if mark is not None and not records:
+                records = [encode_labeled([])]
+            last = len(records) - 1
+            sending = [
+                await out.labeled.send(
+                    key=key,
+                    value=value,
+                    headers={MARKS_HEADER: encode_marks({partition: mark})}
+                    if mark is not None and k == last
+                    else None,
+                )
+                for k, value in enumerate(records)
+            ]
             for e in too_large:  # cannot happen with a limit >= 64 KiB events; kept safe
                 exc = InvalidEvent("too_large", "labelled example over max_message_bytes")
                 rt.metrics.dead_letters.labels(reason=exc.reason).inc()
@@ -119,9 +170,8 @@ class JoinerAgents:
             # local and durable at once, so marking them earlier could lose them
             await asyncio.gather(*sending)
             rt.join.sent(partition, buf)
-        while rt.join.orphans:
-            await out.dead.send(value=rt.join.orphans.pop().to_json())
-        self.commit_state()
+            if mark is not None:
+                self._sent_marks[partition] = mark
 
     def commit_state(self) -> None:
         """Flush the join state (and the feature state) to the producer; the inputs are
@@ -162,3 +212,5 @@ class JoinerAgents:
         # anything unacked left is uncommitted and goes to the next owner with its inputs
         self.acks.drop_partitions(gone)
         self.rt.join.drop(gone)
+        for p in gone:
+            self._sent_marks.pop(p, None)

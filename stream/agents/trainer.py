@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import faust
 
-from logs.batches import decode_labeled
+from logs.batches import decode_labeled, decode_marks
 from logs.events import InvalidEvent
 from modelstore.store import Manifest
 from stream.acks import TrainedAcks
@@ -100,6 +100,9 @@ class TrainerAgents:
                 for value in scored_records(batch, out.max_payload):  # split under the limit
                     await out.scored.send(key=b"trainer", value=value)
                 self.acks.learned(len(batch.impression_ids))
+            marks = rt.trainer.marks_batch()  # marks with no example left to follow
+            if marks is not None:
+                await out.scored.send(key=b"trainer", value=marks.encode())
             if rt.indexer.due(rt.trainer.ranker, rt.trainer.two_tower):
                 await self.refresh_index()
             # the copies under the lock (on the training thread: the loop stays free),
@@ -198,7 +201,9 @@ class TrainerAgents:
         async for event in stream.noack().events():  # type: ignore[attr-defined]
             try:
                 examples = decode_labeled(event.value)
-                added = rt.trainer.add(examples, emitted_at=event.message.timestamp)
+                added = rt.trainer.add(
+                    examples, emitted_at=event.message.timestamp, marks=self.marks_of(event)
+                )
             except Exception as exc:
                 if not isinstance(exc, InvalidEvent):
                     out.stage_error("trainer", out.where(event))
@@ -214,6 +219,15 @@ class TrainerAgents:
                 out.stage_error("trainer", out.where(event))  # the micro-batch is dead-lettered
                 self.drop_buffer()
                 await out.dead_letter(event, InvalidEvent("processing_error", repr(exc)))
+
+    def marks_of(self, event: Any) -> dict[int, float]:
+        """The event-time marks in a ``labeled`` record's headers; a bad header is counted
+        as a stage error and its marks ignored (its examples are still learnt from)."""
+        try:
+            return decode_marks(event.headers)
+        except InvalidEvent as exc:
+            self.out.stage_error("trainer", f"{self.out.where(event)}: {exc}")
+            return {}
 
     async def timed_flush(self) -> None:
         """The timer: train what is due; a failure drops the buffer and is counted."""

@@ -14,6 +14,8 @@ from features.config import FeatureConfig
 from features.stage import FeatureStage
 from logs.events import (
     HISTORY_PREFIX,
+    MAX_TS,
+    MIN_TS,
     TOPIC_CLICKS,
     Click,
     DeadLetter,
@@ -458,6 +460,18 @@ class JoinService:
         """Hand over the queued labels (partition -> examples); call :meth:`sent` once the
         producer has them."""
         out, self.outbox = self.outbox, {}
+        return out
+
+    def marks(self) -> dict[int, float]:
+        """Each owned input partition's event-time mark (:func:`logs.batches.encode_marks`):
+        its watermark, capped where releases are capped; partitions without a finite one
+        are left out. Read right after :meth:`take_ready` took everything: every label the
+        partition emitted up to now is in what was taken, or sent before."""
+        out: dict[int, float] = {}
+        for p, j in self.joiners.items():
+            w = min(j.watermark, j.limit)
+            if MIN_TS <= w < MAX_TS:  # finite, and a time the header may carry
+                out[p] = w
         return out
 
     def take_ready(self, min_size: int | None = None) -> dict[int, list[LabeledExample]]:

@@ -97,6 +97,8 @@ class MonitorService:
             if scheme in ("fake_negative", "dfm")
             else None
         )
+        #: input partition -> the newest event-time mark the joiner sent for it
+        self.marks: dict[int, float] = {}
         ocfg = settings.offset
         if ocfg.enabled and ocfg.max_delay_s is None:  # delays are capped by the window
             ocfg = dataclasses.replace(ocfg, max_delay_s=settings.join.window_s)
@@ -137,9 +139,30 @@ class MonitorService:
         first record (taken when it reached the trainer, at its impression time). With
         ``"dfm"`` likewise: an impression's first record is its positive (click before
         ``join.dfm_observe_s``) or its unclicked record, and a later click (a weight-0
-        ``late_click``) makes its final label 1."""
+        ``late_click``) makes its final label 1.
+
+        The batch's ``marks`` (the joiner's event-time marks, see
+        :func:`logs.batches.encode_marks`) move the final labels' clock: once every input
+        partition has a mark, an impression whose window closed before the lowest mark is
+        judged even when no later impression came (the end of a replay, a quiet hour). A
+        batch may carry only marks."""
+        if batch.marks:
+            self._take_marks(batch.marks)
+        if not batch.impression_ids:
+            return self._observe_labels(batch) if self.outcomes is not None else []
         out = self._feed_offset(batch) if self.offset is not None else []
         return out + self._observe_labels(batch)
+
+    def _take_marks(self, marks: dict[int, float]) -> None:
+        """Keep each input partition's newest mark; advance the final labels' clock to the
+        lowest of them (plus the lateness: a mark is a watermark, lateness taken off)."""
+        n = self.settings.partitions
+        kept = self.marks
+        for p, w in marks.items():
+            if 0 <= p < n and w > kept.get(p, -np.inf):
+                kept[p] = w
+        if self.outcomes is not None and len(kept) == n:
+            self.outcomes.advance(min(kept.values()) + self.settings.join.lateness_s)
 
     def _feed_offset(self, batch: ScoredBatch) -> list[ControlRecord]:
         """Feed the fast offset with a batch's new impressions (first records) and

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,12 @@ class TrainerService:
         self.model_version = 0
         self.buffer: list[LabeledExample] = []
         self.emitted_at: list[float | None] = []  # parallel to buffer
+        # the joiner's event-time marks (logs.batches.encode_marks), each with the count of
+        # examples buffered before it: it leaves with the first scored batch that has
+        # taken all of them (n_taken counts the examples taken or dropped)
+        self._marks: deque[tuple[int, dict[int, float]]] = deque()
+        self.n_buffered = 0
+        self.n_taken = 0
         self.buffer_since: float | None = None
         self.catalogue = Catalogue(settings.indexer.max_items, settings.indexer.max_users)
         self.applied = SeenKeys(cfg.dedup_horizon)
@@ -223,9 +231,17 @@ class TrainerService:
         """Whether the ranker exists yet (a joiner or a replica never builds it)."""
         return self._ranker is not None
 
-    def add(self, examples: list[LabeledExample], emitted_at: float | None = None) -> int:
+    def add(
+        self,
+        examples: list[LabeledExample],
+        emitted_at: float | None = None,
+        marks: dict[int, float] | None = None,
+    ) -> int:
         """Buffer examples; ``emitted_at``: wall time (epoch s) the joiner sent them, for the
-        label-to-update freshness histogram. Returns how many were buffered.
+        label-to-update freshness histogram; ``marks``: the record's event-time marks
+        (input partition -> mark, :func:`logs.batches.encode_marks`), passed on to the
+        monitor in the ``scored`` batch that follows the last of these examples (or alone,
+        :meth:`marks_batch`). Returns how many examples were buffered.
 
         Idempotent within a horizon: an example whose (impression_id, label) this trainer
         already applied (a redelivery after a crash or a rebalance, delivery being
@@ -241,11 +257,15 @@ class TrainerService:
             self.buffer_since = time.monotonic()
         self.buffer.extend(examples)
         self.emitted_at.extend([emitted_at] * len(examples))
+        self.n_buffered += len(examples)
+        if marks:
+            self._marks.append((self.n_buffered, marks))
         return len(examples)
 
     def drop_buffer(self) -> int:
         """Discard the buffered examples (after a failed step); returns how many."""
         n = len(self.buffer)
+        self.n_taken += n  # gone: the marks after them may leave
         self.buffer.clear()
         self.emitted_at.clear()
         self.buffer_since = None
@@ -285,6 +305,7 @@ class TrainerService:
         bs = self.batch_size_now()
         batch, self.buffer = self.buffer[:bs], self.buffer[bs:]
         emitted, self.emitted_at = self.emitted_at[:bs], self.emitted_at[bs:]
+        self.n_taken += len(batch)
         self.buffer_since = time.monotonic() if self.buffer else None
         return TakenBatch(batch, emitted) if batch else None
 
@@ -394,7 +415,28 @@ class TrainerService:
             p=[float(x) for x in result.p],
             segment=[segment_of(e.impression.position) for e in batch],
             true_p=[e.impression.true_p for e in batch],
+            marks=self._ready_marks(),
         )
+
+    def _ready_marks(self) -> dict[int, float]:
+        """The marks every example before which was taken: the newest per partition."""
+        out: dict[int, float] = {}
+        q = self._marks
+        while q and q[0][0] <= self.n_taken:
+            for p, w in q.popleft()[1].items():
+                if w > out.get(p, -math.inf):
+                    out[p] = w
+        return out
+
+    def marks_batch(self) -> ScoredBatch | None:
+        """An empty ``scored`` batch carrying the marks every example before which has
+        left in an earlier batch (e.g. a record of marks alone, with nothing buffered);
+        None when there are none. Call it after the due micro-batches were sent."""
+        marks = self._ready_marks()
+        if not marks:
+            return None
+        return ScoredBatch(self.model_version, self.calibrator_version, [], [], [], [], [], [],
+                           [], marks)  # fmt: skip
 
     def apply_control(self, record: ControlRecord) -> None:
         """Apply a ``control`` record: a calibrator from the monitor. A ``model``

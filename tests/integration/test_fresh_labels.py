@@ -85,14 +85,19 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
             [float(df.set_index("impression_id").loc[e["impression_id"], "click_ts"]) for e in pos]
         )
         assert np.abs(lag).max() < 1e-6
-        # the monitor judged each impression whose window closed once, on its final label
-        # (not N + clicks records); the last window's stay pending: no later impression
-        closed = int((df["ts"] < df["ts"].max() - WINDOW_S).sum())
-        while (seen := scrape(url).get("streamrec_monitored_total", 0)) < closed:
-            assert time.monotonic() < deadline, f"monitor saw {seen} of {closed}"
+        # the monitor judged each impression once, on its final label (not N + clicks
+        # records), the last window's too: no later impression passes it, but the replay's
+        # final watermark moved the joiner's event-time marks past it
+        while (seen := scrape(url).get("streamrec_monitored_total", 0)) < N:
+            assert time.monotonic() < deadline, f"monitor saw {seen} of {N}"
             time.sleep(0.5)
         time.sleep(1.5)
-        assert scrape(url)["streamrec_monitored_total"] == closed
+        m = scrape(url)
+        assert m["streamrec_monitored_total"] == N
+        # on final labels: every clicked impression once (the stream's own label-1 rate
+        # is clicks / (N + clicks))
+        lifetime = 'streamrec_actual_ctr{segment="all",window="lifetime"}'
+        assert m[lifetime] == pytest.approx(len(clicked) / N)
     finally:
         worker.terminate()
         try:

@@ -235,6 +235,7 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert report["pretrain"]["examples"] == 2000  # warm start from offline history
     assert list((run / "checkpoints").glob("ranker-v*.pt"))  # final checkpoint on shutdown
     assert report["scored_distinct_impressions"] == 4000
+    assert report["monitored"] == 4000  # every impression judged once, the last ones too
     assert 0.0 < report["quality"]["auc"] < 1.0
     assert "calibration ratio before drift (served)" in proc.stdout
     html = (run / "report.html").read_text()

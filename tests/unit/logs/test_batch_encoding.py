@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from logs.batches import (
     BATCH_VERSION,
     LABELED_MAGIC,
+    MARKS_HEADER,
     SCORED_MAGIC,
     ScoredBatch,
     decode_labeled,
+    decode_marks,
     encode_labeled,
+    encode_marks,
 )
 from logs.events import (
     MAX_FEATURE_NAME_LEN,
@@ -324,8 +327,9 @@ def scored_record(fields: object, version: int = BATCH_VERSION) -> bytes:
 
 
 def scored_fields(batch: ScoredBatch, **changes: object) -> list[object]:
+    """The documented layout: the nine fields, then the marks only when there are any."""
     d = {**dataclasses.asdict(batch), **changes}
-    return [d[k] for k in SCORED_FIELDS]
+    return [d[k] for k in SCORED_FIELDS if k != "marks" or d[k]]
 
 
 @pytest.mark.parametrize(
@@ -338,6 +342,59 @@ def test_scored_round_trip_is_bit_exact(batch: ScoredBatch) -> None:
     raw = batch.encode()
     assert raw == scored_record(scored_fields(batch))  # the documented layout
     assert canon(ScoredBatch.decode(raw)) == canon(batch)
+
+
+def test_scored_marks_round_trip_and_older_records_decode_without_them() -> None:
+    batch = dataclasses.replace(scored_batch(), marks={0: TS + 5.0, 7: TS - 0.25})
+    raw = batch.encode()
+    assert raw == scored_record(scored_fields(batch))
+    assert len(msgspec.msgpack.decode(raw[5:])) == 10
+    assert ScoredBatch.decode(raw).marks == {0: TS + 5.0, 7: TS - 0.25}
+    # a record of a trainer from before marks: nine fields, no marks
+    old = scored_record(scored_fields(scored_batch())[:9])
+    assert ScoredBatch.decode(old).marks == {}
+    # an empty batch carrying only marks is valid
+    only = ScoredBatch(0, 0, [], [], [], [], [], [], [], {2: TS})
+    assert ScoredBatch.decode(only.encode()) == only
+
+    # a reader from before marks (nine fields) ignores the trailing element
+    class OldWire(msgspec.Struct, array_like=True):
+        model_version: int
+        calibrator_version: int
+        impression_ids: list[str]
+        ts: list[float]
+        label: list[int]
+        p_raw: list[float]
+        p: list[float]
+        segment: list[str]
+        true_p: list[float | None]
+
+    assert msgspec.msgpack.decode(raw[5:], type=OldWire).impression_ids == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("marks", [{0: NAN}, {0: -1.0}, {-1: TS}, {0: "x"}])
+def test_bad_scored_marks_are_refused_with_a_reason(marks: dict) -> None:
+    raw = scored_record([*scored_fields(scored_batch())[:9], marks])
+    with pytest.raises(InvalidEvent, match=r"\$\[9\]") as exc:
+        ScoredBatch.decode(raw)
+    assert exc.value.reason == "bad_type"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[1]", b'{"x": 1700000000}', b'{"1": NaN}', b'{"1": 1e300}', b'{"-1": 1.7e9}', b"zz",
+     b'{"1": "1700000000"}', b'{"1234567890": 1.7e9}'],
+)  # fmt: skip
+def test_a_bad_marks_header_is_refused_with_a_reason(raw: bytes) -> None:
+    with pytest.raises(InvalidEvent, match=MARKS_HEADER) as exc:
+        decode_marks({MARKS_HEADER: raw})
+    assert exc.value.reason == "bad_value"
+
+
+def test_marks_header_round_trip() -> None:
+    marks = {0: TS, 5: TS + 0.125}
+    assert decode_marks({MARKS_HEADER: encode_marks(marks), "other": b"x"}) == marks
+    assert decode_marks({}) == {} and decode_marks(None) == {}
 
 
 def test_the_json_form_of_older_trainers_is_still_read() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -105,3 +107,55 @@ def test_monitor_judges_final_labels_on_the_dfm_stream() -> None:
     assert mon.served.lifetime().actual_ctr == pytest.approx(final[: mon.n_seen].mean(), abs=1e-9)
     first_records = sum(1 for k in range(n) if clicked[k] and delay[k] <= 30.0)
     assert first_records < 0.6 * final.sum()  # most clicks came after T: the records alone are low
+
+
+def test_the_joiners_marks_close_windows_no_later_impression_passes() -> None:
+    """The end of a replay: no impression comes after the last ones, so the newest
+    impression time never passes their windows; the joiner's marks (one per input
+    partition, a watermark: lateness taken off) do, once every partition has one."""
+    join = JoinConfig(window_s=60.0, lateness_s=5.0, delayed_feedback="fake_negative")
+    mon = MonitorService(
+        Settings(join=join, partitions=2), StreamrecMetrics(registry=CollectorRegistry())
+    )
+    ids = [f"i{k}" for k in range(10)]
+    mon.observe(_batch(ids, [100.0 + k for k in range(10)], [0] * 10, 0.1))
+    mon.observe(_batch(["i3"], [103.0], [1], 0.1))  # i3's click
+    assert mon.n_seen == 0  # no later impression: nothing judged
+    marks_only = dataclasses.replace(_batch([], [], [], 0.1), marks={0: 200.0})
+    mon.observe(marks_only)
+    assert mon.n_seen == 0  # partition 1 has said nothing yet: it may still hold clicks
+    mon.observe(dataclasses.replace(marks_only, marks={1: 170.0}))
+    # clock = min(200, 170) + 5 = 175; due: ts < 175 - 65 = 110: all ten
+    assert mon.n_seen == 10
+    assert mon.served.lifetime().actual_ctr == pytest.approx(0.1)  # i3 clicked, once
+    # an older mark moves nothing back; a partition the settings do not have is ignored
+    mon.observe(dataclasses.replace(marks_only, marks={1: 120.0, 7: 1e9}))
+    assert mon.marks == {0: 200.0, 1: 170.0}
+
+
+def test_marks_resolve_up_to_the_lowest_partition_only() -> None:
+    join = JoinConfig(window_s=60.0, lateness_s=0.0, delayed_feedback="fake_negative")
+    mon = MonitorService(
+        Settings(join=join, partitions=2), StreamrecMetrics(registry=CollectorRegistry())
+    )
+    mon.observe(_batch(["a", "b", "c"], [100.0, 130.0, 160.0], [0, 0, 0], 0.1))
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 1000.0, 1: 195.0}))
+    # clock 195: due ts < 135: a and b, not c
+    assert mon.n_seen == 2 and mon.outcomes is not None and mon.outcomes.pending == 1
+
+
+@pytest.mark.parametrize("positives_first", [False, True])
+def test_a_positive_in_the_batch_of_its_impressions_record_is_never_late(
+    positives_first: bool,
+) -> None:
+    """A trainer batch of a fast replay may span more than a window of event time: an
+    old impression's provisional record and its click in the same batch, behind the
+    clock, are one clicked impression, not a late positive."""
+    fo = FinalOutcomes(window_s=10.0, positives_first=positives_first)
+    fo.add(["z"], ts=[100.0], label=[0], columns={"p": [0.5]})  # the clock is at 100
+    fo.add(["a", "a", "b"], ts=[1.0, 1.0, 2.0], label=[0, 1, 0], columns={"p": [0.1] * 3})
+    assert fo.late_positives == 0
+    out = fo.resolve()
+    assert dict(zip(out["ts"].tolist(), out["label"].tolist(), strict=True)) == {1.0: 1.0, 2.0: 0.0}
+    fo.add(["c"], ts=[3.0], label=[1], columns={"p": [0.1]})  # alone, behind the clock: late
+    assert fo.late_positives == 1

@@ -20,7 +20,14 @@ import pytest
 from learners.calibration import PlattCalibrator
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
-from logs.batches import decode_labeled, encode_labeled
+from logs.batches import (
+    MARKS_HEADER,
+    ScoredBatch,
+    decode_labeled,
+    decode_marks,
+    encode_labeled,
+    encode_marks,
+)
 from logs.events import (
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
@@ -46,9 +53,13 @@ class FakeTopic:
 
     def __init__(self) -> None:
         self.sent: list[tuple[bytes | None, bytes]] = []
+        self.headers: list[dict | None] = []  # parallel to sent
 
-    async def send(self, key: bytes | None = None, value: bytes = b"") -> asyncio.Future[None]:
+    async def send(
+        self, key: bytes | None = None, value: bytes = b"", headers: dict | None = None
+    ) -> asyncio.Future[None]:
         self.sent.append((key, value))
+        self.headers.append(headers)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -60,6 +71,7 @@ class FakeEvent:
             topic=topic, partition=partition, offset=offset, timestamp=time.time()
         )
         self.value = value
+        self.headers: dict[str, bytes] = {}
         self.acks = 0
 
     def ack(self) -> None:
@@ -147,6 +159,35 @@ def test_labels_reach_the_broker_before_state_or_acks_let_go(wired: Any) -> None
     assert (key, labels) == (b"0", [("a", 1), ("b", 0)])
     assert sent_when_marked == [1]  # the state let go only once the labels were sent
     assert [e.acks for e in events] == [1] * len(events)  # each input acked exactly once
+    # the partition's event-time mark (its watermark) rides on its last labeled record
+    assert decode_marks(out.labeled.headers[0]) == {0: T0 + 100}
+
+
+def test_a_moved_mark_is_sent_once_alone_after_the_labels(wired: Any) -> None:
+    app, rt, out = wired
+    agents = JoinerAgents(app, rt, out)
+
+    def marks(value: int) -> list[FakeEvent]:
+        wm = Watermark(T0 + value).to_json()
+        return [FakeEvent(TOPIC_IMPRESSIONS, 0, value, wm), FakeEvent(TOPIC_CLICKS, 0, value, wm)]
+
+    async def go() -> None:
+        await agents.run(FakeStream([FakeEvent(TOPIC_IMPRESSIONS, 0, 0, imp("a", 0))]))
+        await agents.timed_flush()  # no finite watermark yet: no mark
+        assert out.labeled.sent == []
+        await agents.run(FakeStream(marks(30)))  # inside a's window: no label, a mark
+        await agents.timed_flush()
+        await agents.timed_flush()  # not moved: not sent again
+        await agents.run(FakeStream(marks(90)))  # closes a's window: its label, then mark
+        await agents.timed_flush()
+
+    asyncio.run(go())
+    sent = [(decode_labeled(v), decode_marks(h)) for (_, v), h in
+            zip(out.labeled.sent, out.labeled.headers, strict=True)]  # fmt: skip
+    assert [([e.impression.impression_id for e in ex], m) for ex, m in sent] == [
+        ([], {0: T0 + 30}),
+        (["a"], {0: T0 + 90}),
+    ]
 
 
 def test_a_record_that_breaks_the_joiner_is_dead_lettered_and_acked(wired: Any) -> None:
@@ -221,6 +262,38 @@ def test_a_labeled_record_is_acked_once_its_examples_were_learned(wired: Any) ->
     rt.trainer.buffer_since = time.monotonic() - 3600  # the flush interval has passed
     asyncio.run(agents.timed_flush())
     assert len(out.scored.sent) == 2 and second.acks == 1 and rt.trainer.buffer == []
+
+
+def test_marks_reach_scored_after_every_example_before_them(wired: Any) -> None:
+    app, rt, out = wired
+    agents = TrainerAgents(app, rt, out)
+    examples = [
+        LabeledExample(Impression(f"x{i}", T0 + i, "u", "i", position=1), i % 2, T0 + 99)
+        for i in range(BATCH + 3)
+    ]
+    first = FakeEvent(TOPIC_LABELED, 0, 0, encode_labeled(examples[:3]))
+    second = FakeEvent(TOPIC_LABELED, 0, 1, encode_labeled(examples[3:]))
+    second.headers = {MARKS_HEADER: encode_marks({0: T0 + 50})}
+    alone = FakeEvent(TOPIC_LABELED, 0, 2, encode_labeled([]))
+    alone.headers = {MARKS_HEADER: encode_marks({1: T0 + 60})}
+    bad = FakeEvent(TOPIC_LABELED, 0, 3, encode_labeled([]))
+    bad.headers = {MARKS_HEADER: b"not json"}
+    asyncio.run(agents.run(FakeStream([first, second])))
+    (one,) = [ScoredBatch.decode(v) for _, v in out.scored.sent]
+    # BATCH examples left, 3 of the mark's record still wait: the mark waits with them
+    assert len(one.impression_ids) == BATCH and one.marks == {}
+    rt.trainer.buffer_since = time.monotonic() - 3600
+    asyncio.run(agents.timed_flush())
+    two = ScoredBatch.decode(out.scored.sent[1][1])
+    assert len(two.impression_ids) == 3 and two.marks == {0: T0 + 50}
+    # a record of marks alone, nothing buffered: an empty scored batch carries them
+    asyncio.run(agents.run(FakeStream([alone, bad])))
+    three = ScoredBatch.decode(out.scored.sent[2][1])
+    assert three.impression_ids == [] and three.marks == {1: T0 + 60}
+    assert len(out.scored.sent) == 3 and alone.acks == 1 and bad.acks == 1
+    # a bad header is counted; the record's examples (none here) are not dead-lettered
+    assert sample(rt.metrics, "streamrec_stage_errors_total", stage="trainer") == 1
+    assert out.dead.sent == []
 
 
 def test_a_repeated_scored_batch_is_counted_and_skipped(wired: Any) -> None:

@@ -42,11 +42,15 @@ class FakeTopic:
 
     def __init__(self, store: Path | None = None) -> None:
         self.sent: list[tuple[bytes | None, bytes]] = []
+        self.headers: list[dict | None] = []  # parallel to sent
         self.store = store
         self.versions_at_send: list[list[int]] = []
 
-    async def send(self, key: bytes | None = None, value: bytes = b"") -> asyncio.Future[None]:
+    async def send(
+        self, key: bytes | None = None, value: bytes = b"", headers: dict | None = None
+    ) -> asyncio.Future[None]:
         self.sent.append((key, value))
+        self.headers.append(headers)
         if self.store is not None:
             self.versions_at_send.append(DirectoryStore(self.store).versions())
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

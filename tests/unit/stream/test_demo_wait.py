@@ -59,3 +59,29 @@ def test_a_worker_that_dead_letters_everything_is_reported_not_waited_for(
     assert msg.startswith("the worker made no progress for ")
     assert "0 labelled and 0 scored of 300 replayed" in msg
     assert "dead letters: bad_id 300, bad_timestamp 2" in msg
+
+
+def test_with_fresh_labels_the_wait_ends_once_every_impression_is_judged(
+    worker: subprocess.Popen[bytes],
+) -> None:
+    """Fresh labels: 100 impressions make 110 labelled and scored rows (each click once
+    more), and the monitor judges 100 impressions: that is done, not a lag to wait out for
+    MONITOR_GRACE_S (15 s) at the end of every demo."""
+    metrics = StreamrecMetrics()
+    server, port = serve_metrics(metrics.registry)
+    try:
+        metrics.labeled.labels(label="negative").inc(100)
+        metrics.labeled.labels(label="positive").inc(10)
+        metrics.scored.inc(110)
+        metrics.monitored.inc(100)
+        t0 = time.monotonic()
+        final = _wait_done(
+            f"http://127.0.0.1:{port}/metrics", 100, worker, time.monotonic() + 30,
+            progress=False,
+        )  # fmt: skip
+        waited = time.monotonic() - t0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert final["streamrec_monitored_total"] == 100
+    assert waited < 10.0  # 1.5 s for a last gauge publication, not the 15 s grace

@@ -175,11 +175,13 @@ def test_labeled_records_fit_the_limit_and_keep_every_example_in_order(
 def test_a_large_scored_batch_is_halved_until_each_record_fits() -> None:
     n = 3000
     batch = ScoredBatch(1, 0, [f"id-{'x' * 200}-{i}" for i in range(n)], [T0] * n, [0] * n,
-                        [0.1] * n, [0.1] * n, ["1"] * n, [None] * n)  # fmt: skip
+                        [0.1] * n, [0.1] * n, ["1"] * n, [None] * n, {0: T0, 3: T0})  # fmt: skip
     records = scored_records(batch, 200_000)
     assert len(records) > 1 and all(len(r) <= 200_000 for r in records)
     parts = [ScoredBatch.decode(r) for r in records]
     assert [i for p in parts for i in p.impression_ids] == batch.impression_ids
+    # the marks follow every example of the batch: on the last part only
+    assert [p.marks for p in parts] == [{}] * (len(parts) - 1) + [{0: T0, 3: T0}]
 
 
 # --- the event size check is on UTF-8 bytes, also after a restart -------------------------------
