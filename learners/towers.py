@@ -234,10 +234,6 @@ class TwoTowerConfig:
         return cls(**d)
 
 
-def _is_item_field(key: str, config: TwoTowerConfig) -> bool:
-    return key == "item_id" or key.startswith(config.item_prefix)
-
-
 def _has_history(row: Mapping[str, object]) -> bool:
     hist = row.get("hist_seq")
     return isinstance(hist, list | tuple | np.ndarray) and len(hist) > 0
@@ -250,23 +246,28 @@ def user_part(row: Mapping[str, object], config: TwoTowerConfig) -> dict[str, ob
     excluded = config.exclude_fields
     if config.user_id_fallback and config.behaviour_len and _has_history(row):
         excluded = (*excluded, "user_id")
-    out: dict[str, object] = {}
-    for key, value in row.items():
-        if value is None or key in excluded or _is_item_field(key, config):
-            continue
-        if key == "user_id" or isinstance(value, str):
-            out[key] = value
-    return out
+    prefix = config.item_prefix
+    # item fields: item_id and the item_prefix ones (tested inline: these run for every row
+    # of every batch, over ~60 fields a row, and a call per field was half of their time)
+    return {
+        k: v
+        for k, v in row.items()
+        if (k == "user_id" or isinstance(v, str))
+        and v is not None
+        and k != "item_id"
+        and not k.startswith(prefix)
+        and k not in excluded
+    }
 
 
 def item_part(row: Mapping[str, object], config: TwoTowerConfig) -> dict[str, object]:
     """The item tower's fields of ``row``: ``item_id`` and the ``config.item_prefix``
     fields (categorical and numeric), none excluded, no None values."""
-    excluded = config.exclude_fields
+    excluded, prefix = config.exclude_fields, config.item_prefix
     return {
         k: v
         for k, v in row.items()
-        if v is not None and k not in excluded and _is_item_field(k, config)
+        if (k == "item_id" or k.startswith(prefix)) and v is not None and k not in excluded
     }
 
 
