@@ -76,6 +76,8 @@ class FinalOutcomes:
         self._clicked: dict[str, float] = {}  # impression id -> its ts
         self._pending_ids: set[str] = set()
         self.clock = float("-inf")
+        #: the clock follows :meth:`advance` only (set by its first call)
+        self.marked = False
         self.pending = 0
         self.late_positives = 0
         self.duplicates = 0
@@ -87,6 +89,10 @@ class FinalOutcomes:
         horizon_s`` is still to come (the joiner's event-time marks), so those resolve
         even when no later impression arrives. An earlier ``clock`` changes nothing.
 
+        From the first call on, only this moves the clock: the newest impression time
+        ran ahead of the clicks of input partitions read more slowly, and resolved their
+        impressions before their positives came (late positives, a lower CTR).
+
         >>> fo = FinalOutcomes(window_s=60.0)
         >>> fo.add(["a"], ts=[0.0], label=[0], columns={"p": [0.1]})
         >>> fo.resolve(), fo.pending
@@ -95,6 +101,7 @@ class FinalOutcomes:
         >>> fo.resolve()["label"].tolist(), fo.pending
         ([0.0], 0)
         """
+        self.marked = True
         if clock > self.clock:
             self.clock = float(clock)
 
@@ -145,7 +152,7 @@ class FinalOutcomes:
                 cols = {name: np.asarray(v)[sel] for name, v in columns.items()}
                 self._chunks.append((new_ids, t[sel], cols))
                 self.pending += len(new_ids)
-        if t.size:
+        if t.size and not self.marked:
             self.clock = max(self.clock, float(t.max()))
 
     def resolve(self, *, flush: bool = False) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from faust.types import TP
 
 from logs.batches import MARKS_HEADER, encode_labeled, encode_marks
 from logs.events import (
+    MIN_TS,
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     TOPIC_LABELED,
@@ -132,9 +133,18 @@ class JoinerAgents:
         self.commit_state()
 
     def _moved_marks(self) -> dict[int, float]:
-        """The partitions' marks that moved since they were last sent."""
+        """The partitions' marks (every assigned input partition's, also one without
+        events yet) that moved since they were last sent."""
+        try:
+            assigned = [
+                tp.partition for tp in self.app.consumer.assignment()
+                if tp.topic == TOPIC_IMPRESSIONS
+            ]  # fmt: skip
+        except Exception:  # no consumer yet, or a rebalance in progress
+            assigned = []
         sent = self._sent_marks
-        return {p: w for p, w in self.rt.join.marks().items() if w > sent.get(p, -math.inf)}
+        marks = self.rt.join.marks(assigned)
+        return {p: w for p, w in marks.items() if w > sent.get(p, -math.inf)}
 
     async def _send_labeled(
         self, ready: dict[int, list[LabeledExample]], marks: dict[int, float]
@@ -144,6 +154,15 @@ class JoinerAgents:
             ready[partition] = []  # a mark alone: an empty record carries it
         for partition, buf in ready.items():
             key = str(partition).encode()
+            if buf and partition not in self._sent_marks:
+                # a partition's first labels follow a mark that closes nothing (MIN_TS,
+                # safe ahead of anything): the monitor then waits for marks from its
+                # first record on, instead of closing windows by impression times
+                self._sent_marks[partition] = MIN_TS
+                await out.labeled.send(
+                    key=key, value=encode_labeled([]),
+                    headers={MARKS_HEADER: encode_marks({partition: MIN_TS})},
+                )  # fmt: skip
             # split by bytes (and count) under the record limit: valid but large impressions
             # in one batch must not make the producer refuse it
             records, too_large = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)

@@ -462,16 +462,19 @@ class JoinService:
         out, self.outbox = self.outbox, {}
         return out
 
-    def marks(self) -> dict[int, float]:
+    def marks(self, assigned: Iterable[int] = ()) -> dict[int, float]:
         """Each owned input partition's event-time mark (:func:`logs.batches.encode_marks`):
-        its watermark, capped where releases are capped; partitions without a finite one
-        are left out. Read right after :meth:`take_ready` took everything: every label the
-        partition emitted up to now is in what was taken, or sent before."""
-        out: dict[int, float] = {}
+        its watermark, capped where releases are capped. ``assigned``: input partitions
+        this worker owns that may have no event yet; such a partition holds nothing, so
+        its mark is where this worker released everything (``MIN_TS`` while nothing is
+        known: "a joiner that sends marks", so the monitor waits for them). Read right
+        after :meth:`take_ready` took everything: every label a partition emitted up to
+        now is in what was taken, or sent before."""
+        released = self._released_to if MIN_TS <= self._released_to < MAX_TS else MIN_TS
+        out = dict.fromkeys(assigned, released)
         for p, j in self.joiners.items():
             w = min(j.watermark, j.limit)
-            if MIN_TS <= w < MAX_TS:  # finite, and a time the header may carry
-                out[p] = w
+            out[p] = w if MIN_TS <= w < MAX_TS else MIN_TS  # a time the header may carry
         return out
 
     def take_ready(self, min_size: int | None = None) -> dict[int, list[LabeledExample]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -97,8 +98,11 @@ class MonitorService:
             if scheme in ("fake_negative", "dfm")
             else None
         )
-        #: input partition -> the newest event-time mark the joiner sent for it
+        #: input partition -> the newest event-time mark the joiner sent for it, and the
+        #: wall time (``wall_clock``, s) it last moved
         self.marks: dict[int, float] = {}
+        self._marks_moved: dict[int, float] = {}
+        self.wall_clock = time.monotonic
         ocfg = settings.offset
         if ocfg.enabled and ocfg.max_delay_s is None:  # delays are capped by the window
             ocfg = dataclasses.replace(ocfg, max_delay_s=settings.join.window_s)
@@ -154,15 +158,29 @@ class MonitorService:
         return out + self._observe_labels(batch)
 
     def _take_marks(self, marks: dict[int, float]) -> None:
-        """Keep each input partition's newest mark; advance the final labels' clock to the
-        lowest of them (plus the lateness: a mark is a watermark, lateness taken off)."""
+        """Keep each input partition's newest mark. From the first mark on, the final
+        labels' clock follows the marks only: once every partition has one, the lowest
+        (plus the lateness: a mark is a watermark, lateness taken off). The joiner's own
+        idle rule: a partition whose mark has not moved for ``join.idle_timeout_s`` wall
+        seconds (no traffic) does not hold the others back; with every one idle, the
+        newest holds."""
         n = self.settings.partitions
-        kept = self.marks
+        kept, moved = self.marks, self._marks_moved
+        now = self.wall_clock()
+        if self.outcomes is not None:
+            # the joiners send marks: from now on only they close windows (the newest
+            # impression time ran ahead of the clicks of partitions read more slowly)
+            self.outcomes.marked = True
         for p, w in marks.items():
             if 0 <= p < n and w > kept.get(p, -np.inf):
                 kept[p] = w
-        if self.outcomes is not None and len(kept) == n:
-            self.outcomes.advance(min(kept.values()) + self.settings.join.lateness_s)
+                moved[p] = now
+        if self.outcomes is None or len(kept) < n:
+            return
+        timeout = self.settings.join.idle_timeout_s
+        live = [w for p, w in kept.items() if timeout is None or now - moved[p] < timeout]
+        low = min(live) if live else max(kept.values())
+        self.outcomes.advance(low + self.settings.join.lateness_s)
 
     def _feed_offset(self, batch: ScoredBatch) -> list[ControlRecord]:
         """Feed the fast offset with a batch's new impressions (first records) and

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from logs.batches import ScoredBatch
+from logs.events import MIN_TS
 from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
 from stream.join import JoinConfig
@@ -159,3 +160,51 @@ def test_a_positive_in_the_batch_of_its_impressions_record_is_never_late(
     assert dict(zip(out["ts"].tolist(), out["label"].tolist(), strict=True)) == {1.0: 1.0, 2.0: 0.0}
     fo.add(["c"], ts=[3.0], label=[1], columns={"p": [0.1]})  # alone, behind the clock: late
     assert fo.late_positives == 1
+
+
+def test_once_marked_only_marks_move_the_clock_and_an_idle_partition_stops_holding() -> None:
+    """Partition 1 is read more slowly: its impressions' clicks are behind partition 0's
+    newest impression time. Once every partition has a mark, newer impressions no longer
+    resolve anything; a partition whose mark stood still for join.idle_timeout_s (wall)
+    stops holding the others back, like the joiner's own rule."""
+    join = JoinConfig(
+        window_s=60.0, lateness_s=0.0, delayed_feedback="fake_negative", idle_timeout_s=30.0
+    )
+    mon = MonitorService(
+        Settings(join=join, partitions=2), StreamrecMetrics(registry=CollectorRegistry())
+    )
+    wall = [1000.0]
+    mon.wall_clock = lambda: wall[0]
+    mon.observe(_batch(["a", "b"], [100.0, 110.0], [0, 0], 0.1))
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 150.0, 1: 120.0}))
+    assert mon.n_seen == 0  # clock 120: nothing older than 60
+    # partition 0 races ahead: its impression at 500 would have resolved a and b
+    mon.observe(_batch(["c"], [500.0], [0], 0.1))
+    assert mon.n_seen == 0
+    mon.observe(_batch(["a"], [100.0], [1], 0.1))  # a's click, read late on partition 1
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 600.0, 1: 171.0}))
+    assert mon.n_seen == 2 and mon.outcomes is not None and mon.outcomes.late_positives == 0
+    assert mon.served.lifetime().actual_ctr == 0.5  # a clicked, b not
+    # partition 1 goes quiet; after the idle timeout partition 0's marks alone move it
+    wall[0] += 10.0
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 700.0}))
+    assert mon.n_seen == 2  # partition 1 (171) still holds: c (500) waits
+    wall[0] += 31.0
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 800.0}))
+    assert mon.n_seen == 3
+
+
+def test_from_the_first_mark_on_impression_times_close_nothing() -> None:
+    join = JoinConfig(window_s=60.0, lateness_s=0.0, delayed_feedback="fake_negative")
+    mon = MonitorService(
+        Settings(join=join, partitions=2), StreamrecMetrics(registry=CollectorRegistry())
+    )
+    # no marks yet (an older joiner): the newest impression time closes windows
+    mon.observe(_batch(["a", "b"], [100.0, 1000.0], [0, 0], 0.1))
+    assert mon.n_seen == 1
+    # a joiner that sends marks: partition 1 has not said anything yet, so nothing closes
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: MIN_TS}))
+    mon.observe(_batch(["c"], [5000.0], [0], 0.1))
+    assert mon.n_seen == 1
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 1100.0, 1: 1070.0}))
+    assert mon.n_seen == 2  # b (1000) closed at 1070; c waits

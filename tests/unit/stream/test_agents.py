@@ -29,6 +29,7 @@ from logs.batches import (
     encode_marks,
 )
 from logs.events import (
+    MIN_TS,
     TOPIC_CLICKS,
     TOPIC_IMPRESSIONS,
     TOPIC_LABELED,
@@ -153,14 +154,17 @@ def test_labels_reach_the_broker_before_state_or_acks_let_go(wired: Any) -> None
         await agents.timed_flush()
 
     asyncio.run(go())
-    assert len(out.labeled.sent) == 1
-    key, value = out.labeled.sent[0]
+    assert len(out.labeled.sent) == 2
+    # the partition's first labels follow a mark that closes nothing (the monitor then
+    # waits for marks from the start); its event-time mark rides on its last record
+    assert out.labeled.sent[0] == (b"0", encode_labeled([]))
+    assert decode_marks(out.labeled.headers[0]) == {0: MIN_TS}
+    key, value = out.labeled.sent[1]
     labels = sorted((e.impression.impression_id, e.label) for e in decode_labeled(value))
     assert (key, labels) == (b"0", [("a", 1), ("b", 0)])
-    assert sent_when_marked == [1]  # the state let go only once the labels were sent
+    assert decode_marks(out.labeled.headers[1]) == {0: T0 + 100}
+    assert sent_when_marked == [2]  # the state let go only once the labels were sent
     assert [e.acks for e in events] == [1] * len(events)  # each input acked exactly once
-    # the partition's event-time mark (its watermark) rides on its last labeled record
-    assert decode_marks(out.labeled.headers[0]) == {0: T0 + 100}
 
 
 def test_a_moved_mark_is_sent_once_alone_after_the_labels(wired: Any) -> None:
@@ -173,8 +177,7 @@ def test_a_moved_mark_is_sent_once_alone_after_the_labels(wired: Any) -> None:
 
     async def go() -> None:
         await agents.run(FakeStream([FakeEvent(TOPIC_IMPRESSIONS, 0, 0, imp("a", 0))]))
-        await agents.timed_flush()  # no finite watermark yet: no mark
-        assert out.labeled.sent == []
+        await agents.timed_flush()  # no watermark yet: the first mark says "nothing"
         await agents.run(FakeStream(marks(30)))  # inside a's window: no label, a mark
         await agents.timed_flush()
         await agents.timed_flush()  # not moved: not sent again
@@ -185,6 +188,7 @@ def test_a_moved_mark_is_sent_once_alone_after_the_labels(wired: Any) -> None:
     sent = [(decode_labeled(v), decode_marks(h)) for (_, v), h in
             zip(out.labeled.sent, out.labeled.headers, strict=True)]  # fmt: skip
     assert [([e.impression.impression_id for e in ex], m) for ex, m in sent] == [
+        ([], {0: MIN_TS}),  # a joiner that sends marks: the monitor waits for them
         ([], {0: T0 + 30}),
         (["a"], {0: T0 + 90}),
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from logs.events import Impression
+from logs.events import MIN_TS, Impression
 from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig, OnlineJoiner
 from stream.services import JoinService
@@ -87,3 +87,18 @@ def test_a_partition_with_unconsumed_records_is_not_idle() -> None:
     time.sleep(0.25)  # caught up and quiet now
     svc.note_backlog({("impressions", 1): 0, ("clicks", 1): 0})
     assert [e.impression.impression_id for e in svc.tick()] == ["a"]
+
+
+def test_marks_cover_every_assigned_partition() -> None:
+    """A joiner's event-time marks (for the monitor): a partition's watermark capped
+    where releases are; an assigned partition without events holds nothing, so its mark
+    is where the worker released everything; MIN_TS while nothing is known."""
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=5, idle_timeout_s=None))
+    svc = JoinService(settings, StreamrecMetrics())
+    assert svc.marks([0, 3]) == {0: MIN_TS, 3: MIN_TS}
+    svc.handle(imp("a", 100.0), "impressions", 0, 0)
+    assert svc.marks([0]) == {0: MIN_TS}  # no clicks read yet: no watermark
+    svc.handle(wm(1000.0), "clicks", 0, 1)
+    svc.handle(wm(900.0), "impressions", 0, 2)
+    svc.tick()
+    assert svc.marks([0, 3]) == {0: T0 + 895.0, 3: T0 + 895.0}
