@@ -10,10 +10,12 @@ act on a biased number (the stream's label-1 rate is ``p / (1 + p)``).
 :class:`FinalOutcomes` turns it back into one record per impression with its final label:
 the score of its first (provisional) record, the score it was served with at impression
 time, and label 1 iff a positive for it arrived before its window closed. An impression's
-window closes when the newest impression time seen passes ``ts + window_s + lateness_s``
-(the joiner's own rule, on the monitor's clock). Positives that arrive after their
-impression was resolved are counted in :attr:`FinalOutcomes.late_positives` (the stream
-lagged by more than the lateness), not applied.
+window closes when the clock passes ``ts + window_s + lateness_s`` (the joiner's own rule):
+the newest impression time seen, or, once :meth:`FinalOutcomes.advance` was called, only
+what it says (the worker's monitor calls it with the joiner's event-time marks).
+Positives that arrive after their impression was resolved are counted in
+:attr:`FinalOutcomes.late_positives` (the stream lagged by more than the lateness), not
+applied.
 
 With the DFM scheme (``delayed_feedback="dfm"``) an impression's FIRST record may be its
 positive (a click before the observation time, sent at click time), and a click after it
