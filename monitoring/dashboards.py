@@ -512,6 +512,7 @@ def operations_dashboard() -> Dashboard:
             (f"sum by (label) (rate(streamrec_labeled_total[{ri}]))", "labelled {{label}}"),
             (f"rate(streamrec_scored_total[{ri}])", "scored"),
             (f"rate(streamrec_monitored_total[{ri}])", "monitored"),
+            (f"rate(streamrec_monitor_late_positives_total[{ri}])", "clicks too late to judge"),
         ],
         w=12,
         unit="reqps",

@@ -221,8 +221,13 @@ class StreamrecMetrics:
         )
         self.scored = counter("scored", "Progressive predictions scored before training.")
         self.monitored = counter(
-            "monitored", "Scored examples the calibration monitor has taken in (its lag: "
-            "scored_total - monitored_total)."
+            "monitored", "Examples the calibration monitor has judged: with fresh labels one "
+            "per impression, on its final label once its attribution window closed (so below "
+            "scored_total, which counts each click's row too); else one per scored row."
+        )  # fmt: skip
+        self.monitor_late_positives = counter(
+            "monitor_late_positives", "Clicks that reached the monitor after their impression "
+            "was judged unclicked (counted, not applied: the stream lagged past the lateness)."
         )  # fmt: skip
         self.train_batches = counter("train_batches", "Training micro-batches applied.")
         self.nonfinite_batches = counter(

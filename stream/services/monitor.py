@@ -234,12 +234,15 @@ class MonitorService:
                 np.asarray(batch.ts, dtype=np.float64),
                 np.asarray(batch.segment),
             )
+        late = self.outcomes.late_positives
         self.outcomes.add(
             batch.impression_ids,
             ts=batch.ts,
             label=batch.label,
             columns={"p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment},
         )
+        if self.outcomes.late_positives > late:
+            self.metrics.monitor_late_positives.inc(self.outcomes.late_positives - late)
         done = self.outcomes.resolve()
         if not done:
             return []

@@ -64,6 +64,7 @@ COUNTERS = {
     "history_fields_dropped",
     "scored",
     "monitored",
+    "monitor_late_positives",
     "train_batches",
     "nonfinite_batches",
     "drift_alarms",

@@ -208,3 +208,15 @@ def test_from_the_first_mark_on_impression_times_close_nothing() -> None:
     assert mon.n_seen == 1
     mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 1100.0, 1: 1070.0}))
     assert mon.n_seen == 2  # b (1000) closed at 1070; c waits
+
+
+def test_late_positives_are_counted_in_the_metrics() -> None:
+    join = JoinConfig(window_s=60.0, lateness_s=0.0, delayed_feedback="fake_negative")
+    metrics = StreamrecMetrics(registry=CollectorRegistry())
+    mon = MonitorService(Settings(join=join, partitions=1), metrics)
+    mon.observe(_batch(["a"], [100.0], [0], 0.1))
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 200.0}))
+    assert mon.n_seen == 1  # a judged unclicked
+    mon.observe(_batch(["a", "b"], [100.0, 150.0], [1, 1], 0.1))  # a's click, too late
+    late = metrics.registry.get_sample_value("streamrec_monitor_late_positives_total")
+    assert late == 1 and mon.outcomes is not None and mon.outcomes.late_positives == 1
