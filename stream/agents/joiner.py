@@ -160,9 +160,8 @@ class JoinerAgents:
                 # first record on, instead of closing windows by impression times
                 self._sent_marks[partition] = MIN_TS
                 await out.labeled.send(
-                    key=key, value=encode_labeled([]),
-                    headers={MARKS_HEADER: encode_marks({partition: MIN_TS})},
-                )  # fmt: skip
+                    key=key, value=encode_labeled([]), headers=_mark_header(partition, MIN_TS)
+                )
             # split by bytes (and count) under the record limit: valid but large impressions
             # in one batch must not make the producer refuse it
             records, too_large = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
@@ -174,7 +173,7 @@ class JoinerAgents:
                 await out.labeled.send(
                     key=key,
                     value=value,
-                    headers={MARKS_HEADER: encode_marks({partition: mark})}
+                    headers=_mark_header(partition, mark)
                     if mark is not None and k == last
                     else None,
                 )
@@ -233,3 +232,8 @@ class JoinerAgents:
         self.rt.join.drop(gone)
         for p in gone:
             self._sent_marks.pop(p, None)
+
+
+def _mark_header(partition: int, mark: float) -> dict[str, bytes]:
+    """The headers of a ``labeled`` record carrying ``partition``'s event-time mark."""
+    return {MARKS_HEADER: encode_marks({partition: mark})}
