@@ -534,15 +534,8 @@ class FusedRetrieval:
             "co": cv.co,
             "covisit_clicks": cv.clicks,
             "counters": (cv.entries, cv.pruned, cv.evicted),
-            "decayed": (self.clicks._scale, self.clicks._raw, self.clicks.n_clicks),
-            "credit": (
-                self.users._scale,
-                self.users._raw,
-                self.users.n_clicks,
-                self.throttled,
-                self.repeats,
-                self.seen,
-            ),
+            "decayed": self.clicks.state(),
+            "credit": (*self.users.state(), self.throttled, self.repeats, self.seen),
             "adapt": (self._d1.tolist(), self._d2.tolist(), self.n_observed),
         }
 
@@ -557,14 +550,11 @@ class FusedRetrieval:
         cv.co = {a: dict(nb) for a, nb in state["co"].items()}
         cv.clicks = dict(state["covisit_clicks"])
         cv.entries, cv.pruned, cv.evicted = state["counters"]
-        fr.clicks._scale, raw, fr.clicks.n_clicks = state["decayed"]
-        fr.clicks._raw = dict(raw)
-        fr.clicks._sum = math.fsum(fr.clicks._raw.values())
+        fr.clicks.load_state(state["decayed"])
         if "credit" in state:
-            (fr.users._scale, raw, fr.users.n_clicks, fr.throttled, fr.repeats,
-             fr.seen) = state["credit"]  # fmt: skip
-            fr.users._raw = dict(raw)
-            fr.users._sum = math.fsum(fr.users._raw.values())
+            credit = state["credit"]
+            fr.users.load_state(credit)
+            fr.throttled, fr.repeats, fr.seen = credit[3:]
         else:  # saved before the user share: it starts empty
             fr.seen = fr.clicks.n_clicks
         d1, d2, n_observed = state["adapt"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -132,6 +133,16 @@ class DecayedClicks:
         n = len(self._raw) - len(keep)
         self._raw = keep
         return n
+
+    def state(self) -> tuple[float, dict[str, float], int]:
+        """``(scale, stored counts, clicks)``, for a snapshot (:meth:`load_state`)."""
+        return self._scale, self._raw, self.n_clicks
+
+    def load_state(self, state: Sequence[Any]) -> None:
+        """Restore :meth:`state` (its first three values; the total is recomputed)."""
+        self._scale, raw, self.n_clicks = state[0], state[1], state[2]
+        self._raw = dict(raw)
+        self._sum = math.fsum(self._raw.values())
 
     @property
     def counts(self) -> Mapping[str, float]:
