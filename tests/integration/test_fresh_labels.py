@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.workers import worker_processes
 from logs.batches import decode_labeled
 from logs.events import TOPIC_LABELED, LabeledExample
 from logs.io import read_log_frame
@@ -32,7 +34,9 @@ N = 1500
 WINDOW_S = 120.0
 
 
-def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Path) -> None:
+def _world(tmp_path: Path) -> tuple[Path, set[str], set[str], Path]:
+    """A slow log (5 impressions/s, clicks 20 s late), its impression ids, the clicks
+    inside the window, and the workers' config (window WINDOW_S, no lateness)."""
     log_path = tmp_path / "log.csv"
     write_synthetic(
         SyntheticConfig(
@@ -42,10 +46,38 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
     )
     df = read_log_frame(log_path)
     clicked = set(df["impression_id"][(df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)])
-    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
-    port = free_port()
     config = tmp_path / "worker.toml"
     config.write_text(f"[join]\nwindow_s = {WINDOW_S}\nlateness_s = 0.0\n")  # scheme: default
+    return log_path, set(df["impression_id"].astype(str)), clicked, config
+
+
+def _wait_judged(url: str, clicked: set[str], deadline: float, check: Callable[[], None]) -> None:
+    """Wait until the monitor has judged all N impressions, then assert it judged each
+    once on its final label: the lifetime CTR is the attributed clicks over N (the
+    stream's own label-1 rate would be clicks / (N + clicks)). The last window closes only
+    because the replay's final watermark moved the joiners' event-time marks past it."""
+    while (seen := scrape(url).get("streamrec_monitored_total", 0)) < N:
+        check()
+        assert time.monotonic() < deadline, f"monitor saw {seen} of {N}"
+        time.sleep(0.5)
+    # the gauges are set by a 1 s timer, which a busy machine delays: wait for the value,
+    # a few seconds at most
+    lifetime = 'streamrec_actual_ctr{segment="all",window="lifetime"}'
+    want = len(clicked) / N
+    settle = time.monotonic() + 10
+    while not math.isclose((m := scrape(url)).get(lifetime, math.nan), want, rel_tol=1e-9):
+        if time.monotonic() > settle:
+            break
+        time.sleep(0.5)
+    assert m["streamrec_monitored_total"] == N
+    assert m[lifetime] == pytest.approx(want)
+
+
+def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Path) -> None:
+    log_path, ids, clicked, config = _world(tmp_path)
+    df = read_log_frame(log_path)
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    port = free_port()
     create_worker_topics(Settings(broker=broker.url))
     env = {k: v for k, v in os.environ.items() if k != WINDOW_SCHEME_ENV}
     env.update(PYTHONUNBUFFERED="1", STREAMREC_RECOVERY_CONSISTENCY_CHECK="false")
@@ -76,7 +108,7 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
         kinds: dict[str, list[str]] = {}
         for e in examples:
             kinds.setdefault(str(e["impression_id"]), []).append(str(e["kind"]))
-        assert set(kinds) == set(df["impression_id"])
+        assert set(kinds) == ids
         assert all(k.count("fake_negative") == 1 for k in kinds.values())
         positives = {i for i, k in kinds.items() if "positive" in k}
         assert positives == clicked
@@ -86,24 +118,11 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
             [float(df.set_index("impression_id").loc[e["impression_id"], "click_ts"]) for e in pos]
         )
         assert np.abs(lag).max() < 1e-6
-        # the monitor judged each impression once, on its final label (not N + clicks
-        # records), the last window's too: no later impression passes it, but the replay's
-        # final watermark moved the joiner's event-time marks past it
-        while (seen := scrape(url).get("streamrec_monitored_total", 0)) < N:
-            assert time.monotonic() < deadline, f"monitor saw {seen} of {N}"
-            time.sleep(0.5)
-        # on final labels: every clicked impression once (the stream's own label-1 rate
-        # is clicks / (N + clicks)); the gauges are set by a 1 s timer, which a busy
-        # machine delays: wait for the value, a few seconds at most
-        lifetime = 'streamrec_actual_ctr{segment="all",window="lifetime"}'
-        want = len(clicked) / N
-        settle = time.monotonic() + 10
-        while not math.isclose((m := scrape(url)).get(lifetime, math.nan), want, rel_tol=1e-9):
-            if time.monotonic() > settle:
-                break
-            time.sleep(0.5)
-        assert m["streamrec_monitored_total"] == N
-        assert m[lifetime] == pytest.approx(want)
+
+        def alive() -> None:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+
+        _wait_judged(url, clicked, deadline, alive)
     finally:
         worker.terminate()
         try:
@@ -111,3 +130,31 @@ def test_fake_negatives_and_click_time_positives_through_the_broker(tmp_path: Pa
         except subprocess.TimeoutExpired:
             worker.kill()
         broker.stop()
+
+
+def test_two_joiner_workers_marks_reach_the_trainer_workers_monitor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Split roles with fresh labels: two joiner workers share the input partitions, and
+    the trainer worker's monitor closes windows only once the marks of every partition,
+    sent by both joiners, have come through ``labeled`` and ``scored``."""
+    monkeypatch.delenv(WINDOW_SCHEME_ENV, raising=False)
+    monkeypatch.setenv("STREAMREC_RECOVERY_CONSISTENCY_CHECK", "false")  # Tansu: see settings
+    log_path, ids, clicked, config = _world(tmp_path)
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        create_worker_topics(Settings(broker=broker.url))
+        roles = ("joiner", "joiner", "trainer")
+        with worker_processes(
+            broker.url, tmp_path, roles=roles, extra_args=("--config", str(config))
+        ) as (j1, j2, t):
+            replay(log_path, broker.url, progress=False, final_watermark_gap_s=WINDOW_S + 61)
+
+            def alive() -> None:
+                for w in (j1, j2, t):
+                    w.check()
+
+            _wait_judged(t.metrics_url, clicked, time.monotonic() + 120, alive)
+            # both joiners labelled (each owns some of the input partitions)
+            imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
+            assert sum(imps) == len(ids) and min(imps) > 0, imps
+            assert t.metrics().get("streamrec_impressions_total", 0) == 0
