@@ -466,7 +466,11 @@ class MMoE(nn.Module):
     @property
     def output_bias(self) -> nn.Parameter:
         """The click (task 0) tower's output bias parameter (shape ``(1,)``)."""
-        tower = self.towers[0]
+        return self.task_bias(0)
+
+    def task_bias(self, task: int) -> nn.Parameter:
+        """Task ``task``'s tower output bias parameter (shape ``(1,)``)."""
+        tower = self.towers[task]
         assert isinstance(tower, nn.Sequential)
         out = tower[-1]
         assert isinstance(out, nn.Linear)

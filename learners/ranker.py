@@ -96,6 +96,16 @@ _LOSS_PARAMS: dict[str, dict[str, str]] = {
 }
 
 
+def _esmm_nll(click_logit: Tensor, cvr_logit: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
+    """ESMM's CTCVR loss, summed: BCE of ``p = sigmoid(click) * sigmoid(cvr)`` against
+    ``y`` (B,) (clicked and converted), computed in log space (``log p`` = the two
+    log-sigmoids; ``log(1 - p)`` through ``log1p(-exp(log p))``, kept finite)."""
+    log_p = nn.functional.logsigmoid(click_logit) + nn.functional.logsigmoid(cvr_logit)
+    log_q = torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-7))
+    nll = -(y * log_p + (1.0 - y) * log_q)
+    return (nll if weights is None else nll * weights).sum()
+
+
 class TorchRanker(Checkpointed):
     """Online CTR ranker (test-then-train) over flat example dicts.
 
@@ -141,6 +151,8 @@ class TorchRanker(Checkpointed):
             with torch.no_grad():
                 self._output_bias().fill_(self._raw_logit(float(logit(config.prior_ctr)[0])))
         self.bias_centred = False
+        self.task1_centred = False  # MMoE: task 1's bias, on its first labels (y2)
+        self.task1_warm = (0.0, 0.0)  # ESMM: (clicks, conversions) before that centring
         # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
         self.bias_warm = (0.0, 0.0)
         #: the online model selection served over the model (``config.uses_fallback``)
@@ -328,6 +340,47 @@ class TorchRanker(Checkpointed):
             self._output_bias().add_(0.5 * (lo + hi))
         return True
 
+    def _centre_task1_bias(self, task_logits: np.ndarray, y: np.ndarray, y2: np.ndarray) -> bool:
+        """MMoE: shift task 1's output bias once, when its labels first allow it (a fresh
+        tower starts at ``logit(prior_ctr)``, which plain steps take hundreds of batches
+        to leave). ``task1="direct"``: on the first batch with ``y2`` labels, so that the
+        batch's mean P(y2) is its y2 rate shrunk to ``prior_ctr`` with
+        ``bias_prior_strength`` pseudo-examples. ``"esmm"``: task 1 is P(conversion |
+        click), so it needs clicks: the clicks and conversions of the known rows are
+        summed over batches (``task1_warm``) until they hold ``bias_prior_strength``
+        clicks, then the batch's mean pCVR is set to conversions / clicks (within [1e-4,
+        0.9]). ``task_logits``: float64 (B, T); ``y``, ``y2``: (B,), ``y2`` NaN where
+        unknown. False (nothing done yet) without enough labels, or with
+        ``bias_prior_strength`` None."""
+        strength = self.config.bias_prior_strength
+        known = np.isfinite(y2)
+        if strength is None or not known.any():
+            return False
+        if self.config.task1 == "esmm":
+            clicks, conversions = self.task1_warm
+            clicks += float(y[known].sum())
+            conversions += float(y2[known].sum())
+            self.task1_warm = (clicks, conversions)
+            if clicks < strength:
+                return False
+            target = min(max(conversions / clicks, 1e-4), 0.9)
+        else:
+            target = (float(y2[known].sum()) + strength * self.config.prior_ctr) / (
+                float(known.sum()) + strength
+            )
+        l1 = task_logits[known, 1]
+        lo, hi = -40.0, 40.0  # the mean probability increases with the shift
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if float(np.mean(sigmoid(l1 + mid))) < target:
+                lo = mid
+            else:
+                hi = mid
+        assert isinstance(self.model, MMoE)
+        with torch.no_grad():
+            self.model.task_bias(1).add_(0.5 * (lo + hi))
+        return True
+
     def _targets(self, X: Rows, y: Any, w: Any) -> tuple[Tensor, Tensor | None]:
         y_arr = np.asarray(y, dtype=np.float32).reshape(-1)
         if y_arr.shape[0] != len(X):
@@ -398,8 +451,12 @@ class TorchRanker(Checkpointed):
             return loss
         known = torch.isfinite(targets2)
         w2 = None if weights is None else weights[known]
+        if self.config.task1 == "esmm":
+            task1 = _esmm_nll(task_logits[known, 0], task_logits[known, 1], targets2[known], w2)
+        else:
+            task1 = bce_with_logits(task_logits[known, 1], targets2[known], weights=w2,
+                                    reduction="sum")  # fmt: skip
         # The sum over zero known rows is 0, not the NaN of an empty mean.
-        task1 = bce_with_logits(task_logits[known, 1], targets2[known], weights=w2, reduction="sum")
         return loss + task1 / known.sum().clamp(min=1)
 
     @property
@@ -441,6 +498,30 @@ class TorchRanker(Checkpointed):
         """P(click), float64 ``(B,)`` in [0, 1] (with the fallback mixture when on)."""
         p = self._served(self.predict_logit_many(X))
         return p if self.mixture is None else self.mixture.serve(p)
+
+    @inference
+    def predict_tasks_many(self, X: Rows) -> dict[str, np.ndarray]:
+        """MMoE's task probabilities, float64 ``(B,)`` each, from the model's own logits
+        (no loss correction, FNC link or fallback mixture: those are the click's
+        serving path, :meth:`predict_proba_many`): ``ctr`` = sigmoid(task 0) and
+        ``task1`` = P(y2) as trained (``task1="direct"``: sigmoid(task 1); ``"esmm"``:
+        pCTCVR = pCTR * pCVR), and with ``"esmm"`` also ``cvr`` = P(conversion | click).
+        Raises ValueError for a model without a task 1."""
+        if not isinstance(self.model, MMoE) or self.model.num_tasks < 2:
+            raise ValueError("predict_tasks_many needs model='mmoe' with num_tasks >= 2")
+        if len(X) == 0:
+            empty = np.zeros(0, dtype=np.float64)
+            keys = ("ctr", "task1", "cvr") if self.config.task1 == "esmm" else ("ctr", "task1")
+            return dict.fromkeys(keys, empty)
+        inputs = self._tensors(X)
+        self.model.eval()
+        with torch.inference_mode():
+            _, tasks = self._forward(inputs)
+        assert tasks is not None
+        p = torch.sigmoid(tasks[:, :2].double()).cpu().numpy()
+        if self.config.task1 == "esmm":
+            return {"ctr": p[:, 0], "task1": p[:, 0] * p[:, 1], "cvr": p[:, 1]}
+        return {"ctr": p[:, 0], "task1": p[:, 1]}
 
     @inference
     def predict_delay_rate_many(self, X: Rows) -> np.ndarray:
@@ -525,6 +606,12 @@ class TorchRanker(Checkpointed):
                 # The first gradient is taken at the re-centred bias: at a badly wrong CTR it
                 # would push every parameter the same way and Adam's momentum would carry it.
                 logits, task_logits = self._forward(inputs)
+        if targets2 is not None and task_logits is not None and not self.task1_centred:
+            tl = task_logits.detach().cpu().numpy().astype(np.float64)
+            y_now = np.asarray(y, dtype=np.float64).reshape(-1)
+            if self._centre_task1_bias(tl, y_now, np.asarray(y2, dtype=np.float64).reshape(-1)):
+                self.task1_centred = True
+                logits, task_logits = self._forward(inputs)
         log_rate = None
         if elapsed_t is not None:
             assert self.delay_head is not None  # loss "dfm" always has one
@@ -569,6 +656,8 @@ class TorchRanker(Checkpointed):
             "n_updates": self.n_updates,
             "n_skipped_nonfinite": self.n_skipped_nonfinite,
             "bias_centred": self.bias_centred,
+            "task1_centred": self.task1_centred,
+            "task1_warm": list(self.task1_warm),
             "bias_warm": list(self.bias_warm),
             "mixture": None if self.mixture is None else self.mixture.state(),
         }
@@ -649,6 +738,9 @@ class TorchRanker(Checkpointed):
         ranker.n_skipped_nonfinite = int(state.get("n_skipped_nonfinite", 0))
         # Checkpoints from before the flag: a trained model is never re-centred.
         ranker.bias_centred = bool(state.get("bias_centred", ranker.n_updates > 0))
+        ranker.task1_centred = bool(state.get("task1_centred", ranker.n_updates > 0))
+        clicks, conversions = state.get("task1_warm", (0.0, 0.0))
+        ranker.task1_warm = (float(clicks), float(conversions))
         # Checkpoints from before the warm-up: a trained model has finished warming up.
         done = (0.0, math.inf) if ranker.n_updates > 0 else (0.0, 0.0)
         warm = state.get("bias_warm")

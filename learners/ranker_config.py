@@ -23,6 +23,9 @@ __all__ = ["MODELS", "RankerConfig"]
 MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe")
 """Values accepted by ``RankerConfig.model``."""
 
+#: what MMoE's task 1 learns (RankerConfig.task1)
+TASK1_MODES = ("direct", "esmm")
+
 _PRE_BEHAVIOUR = ("sequence_attention", "pair_crosses", "attention_log_mass")
 
 
@@ -33,6 +36,11 @@ class RankerConfig:
     ``pos_weight`` is used by ``loss="weighted_bce"``, ``pair_alpha`` (the BCE share) by
     ``loss="combined_pair"``, ``focal_*`` by ``loss="focal"``; ``num_experts`` and
     ``num_tasks`` by ``model="mmoe"`` (task 0 = click, task 1 = the optional ``y2`` label).
+    ``task1`` (MMoE): ``"direct"``: task 1's logit is P(y2), trained by BCE on the rows
+    where ``y2`` is known; ``"esmm"`` (Ma et al. 2018, SIGIR): ``y2`` is "clicked and
+    converted" on every impression, task 1's logit is P(conversion | click) and the loss
+    is BCE of ``pCTR * pCVR`` against ``y2`` over all impressions, so the conversion
+    model is learnt on the whole impression space, not only on clicks.
 
     ``prior_ctr`` in (0, 1): the CTR the output bias starts at. ``bias_prior_strength``
     (pseudo-examples, > 0, or None to disable): on a fresh ranker's first learning step the
@@ -93,6 +101,7 @@ class RankerConfig:
     pair_alpha: float = 0.5
     num_experts: int = 4
     num_tasks: int = 2
+    task1: str = "direct"  # one of TASK1_MODES: what MMoE's task 1 learns from y2
     # Cold/offline Adam rate. 0.005 beat 0.01 on both benchmark logs (prequential NE on 1M
     # synthetic impressions 0.958 vs 0.964; OBD 1.092 vs 1.101); the online rate
     # base_lr * online_lr_scale stays 0.001.
@@ -151,6 +160,8 @@ class RankerConfig:
             raise ValueError(
                 f"num_experts and num_tasks must be >= 1, got {self.num_experts}, {self.num_tasks}"
             )
+        if self.task1 not in TASK1_MODES:
+            raise ValueError(f"task1 must be one of {TASK1_MODES}, got {self.task1!r}")
         if self.model == "mmoe" and not self.hidden:
             raise ValueError("model='mmoe' needs at least one hidden layer (the experts)")
         for name in ("base_lr", "online_lr_scale", "grad_clip_norm"):

@@ -346,7 +346,7 @@ def write_log(df: pd.DataFrame, path: str | Path) -> None:
 
 def _format_column(name: str, s: pd.Series) -> list[str]:
     """One column of a normal-form frame as CSV cells; missing -> ''."""
-    if name in ("ts", "click_ts"):
+    if name in ("ts", "click_ts", "conversion_ts"):
         return _format_epoch(s.to_numpy(dtype=float))
     if isinstance(s.dtype, pd.Int64Dtype):
         missing = s.isna().to_numpy().tolist()

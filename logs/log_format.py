@@ -13,6 +13,10 @@ One row per impression, ordered by event time. Reserved columns:
                           ``click == 0``; ``click_ts >= ts``
 ``true_p``                true click probability in [0, 1] (synthetic logs); never a feature
 ``propensity``            logging-policy probability in (0, 1] (OBD); never a feature
+``conversion``            optional second outcome, 0 / 1, int64; 1 only on a clicked row
+``conversion_ts``         epoch seconds (UTC) of the conversion; NaN exactly when
+                          ``conversion == 0``; ``conversion_ts >= click_ts``
+``true_cvr``              true P(conversion | click) in [0, 1] (synthetic); never a feature
 ========================  ============================================================
 
 Every other column is a feature. A feature column is *numeric* (float64) when every
@@ -23,8 +27,9 @@ the dtype pandas gives a list of strings (``str`` on pandas >= 3, ``object`` bef
 :func:`normalize_frame` returns a table in one normal form (the form
 :func:`logs.io.read_log_frame` returns whatever the file format): the reserved columns
 present in :data:`RESERVED_COLUMNS` order (``position`` and ``click_ts`` are always there,
-filled with missing values when the table lacks them; ``true_p`` / ``propensity`` only when
-the table has them), then the features sorted by name, with a fresh ``RangeIndex``.
+filled with missing values when the table lacks them; ``true_p``, ``propensity`` and the
+conversion columns only when the table has them; ``conversion`` needs ``conversion_ts``),
+then the features sorted by name, with a fresh ``RangeIndex``.
 
 Unsorted input is an error, not silently fixed: a replay must see exactly the order the
 writer meant, and ties keep the writer's order, so only the writer can sort (stably).
@@ -78,6 +83,9 @@ RESERVED_COLUMNS: tuple[str, ...] = (
     "click_ts",
     "true_p",
     "propensity",
+    "conversion",
+    "conversion_ts",
+    "true_cvr",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("ts", "impression_id", "user_id", "item_id", "click")
 
@@ -172,6 +180,77 @@ def _feature_column(s: pd.Series) -> pd.Series:
     return text
 
 
+def _probability(
+    raw: pd.DataFrame, col: str, low_open: bool, fail: Callable[[str, int, str], LogFormatError]
+) -> pd.Series:
+    """A probability column: in [0, 1] (``low_open``: (0, 1]) or empty."""
+    vals, bad = _parse_numbers(raw[col])
+    present = ~np.isnan(vals)
+    with np.errstate(invalid="ignore"):
+        low = vals <= 0 if low_open else vals < 0
+        invalid = bad | (present & (~np.isfinite(vals) | low | (vals > 1)))
+    if invalid.any():
+        i = int(np.argmax(invalid))
+        rng = "(0, 1]" if low_open else "[0, 1]"
+        raise fail(col, i, f"expected a probability in {rng} or empty, got {raw[col][i]!r}")
+    return pd.Series(vals, dtype="float64")
+
+
+def _conversions(
+    raw: pd.DataFrame,
+    click: np.ndarray,
+    click_ts: np.ndarray,
+    fail: Callable[[str, int, str], LogFormatError],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The second outcome: ``conversion`` (0/1, only on a clicked row) and its
+    ``conversion_ts`` (set exactly when converted, not before the click)."""
+    conv, bad = _parse_numbers(raw["conversion"])
+    conv = np.where(np.isnan(conv) & ~bad, 0.0, conv)  # empty: not converted
+    checks = (
+        (bad | ~np.isin(conv, (0.0, 1.0)), "expected 0, 1 or empty"),
+        ((conv == 1) & (click != 1), "conversion is 1 on a row with click 0"),
+    )
+    for mask, msg in checks:
+        if mask.any():
+            i = int(np.argmax(mask))
+            raise fail("conversion", i, f"{msg}, got {raw['conversion'][i]!r}")
+    cts = _event_times(raw, "conversion_ts", conv, "conversion", click_ts,
+                       ("click_ts", "click_ts"), fail)  # fmt: skip
+    return conv, cts
+
+
+def _event_times(
+    raw: pd.DataFrame,
+    col: str,
+    flag: np.ndarray,
+    flag_col: str,
+    earlier: np.ndarray,
+    earlier_names: tuple[str, str],
+    fail: Callable[[str, int, str], LogFormatError],
+) -> np.ndarray:
+    """An event-time column (``click_ts``, ``conversion_ts``): finite epoch seconds set
+    exactly on the rows whose ``flag`` (0/1) is 1, never before ``earlier`` (the time it
+    follows; a NaN there checks nothing) and before 2100. ``earlier_names``: that time's
+    column and how a message calls it."""
+    cts, bad = _parse_numbers(raw[col])
+    present = ~np.isnan(cts)
+    name, called = earlier_names
+    with np.errstate(invalid="ignore"):
+        checks = (
+            (bad, "expected epoch seconds or empty"),
+            (present & ~np.isfinite(cts), "expected finite epoch seconds"),
+            ((flag == 1) & ~present, f"{flag_col} is 1 but {col} is empty"),
+            ((flag == 0) & present, f"{col} is set on a row with {flag_col} 0"),
+            (present & (cts < earlier), f"{col} is before the {called}"),
+            (present & (cts >= MAX_TS), f"{col} is after 2100-01-01 as epoch seconds"),
+        )
+    for mask, msg in checks:
+        if mask.any():
+            i = int(np.argmax(mask))
+            raise fail(col, i, f"{msg} ({col}={raw[col][i]!r}, {name}={earlier[i]!r})")
+    return cts
+
+
 def normalize_frame(raw: pd.DataFrame, *, source: str, kind: SourceKind = "frame") -> pd.DataFrame:
     """A raw log table (read from a file of format ``kind``, or built in memory, e.g. by a
     converter) validated and in the normal form described in the module docstring.
@@ -252,37 +331,25 @@ def normalize_frame(raw: pd.DataFrame, *, source: str, kind: SourceKind = "frame
 
     # click_ts: set exactly on clicked rows, never before ts; absent column = unknown times
     if "click_ts" in raw.columns:
-        cts, bad = _parse_numbers(raw["click_ts"])
-        present = ~np.isnan(cts)
-        checks = (
-            (bad, "expected epoch seconds or empty"),
-            (present & ~np.isfinite(cts), "expected finite epoch seconds"),
-            ((click == 1) & ~present, "click is 1 but click_ts is empty"),
-            ((click == 0) & present, "click_ts is set on a row with click 0"),
-            (present & (cts < ts), "click_ts is before the impression ts"),
-            (present & (cts >= MAX_TS), "click_ts is after 2100-01-01 as epoch seconds"),
-        )
-        for mask, msg in checks:
-            if mask.any():
-                i = int(np.argmax(mask))
-                raise fail("click_ts", i, f"{msg} (click_ts={raw['click_ts'][i]!r}, ts={ts[i]!r})")
+        cts = _event_times(raw, "click_ts", click, "click", ts, ("ts", "impression ts"), fail)
         out["click_ts"] = pd.Series(cts, dtype="float64")
     else:
         out["click_ts"] = pd.Series(np.full(n, np.nan), dtype="float64")
 
     for col, low_open in (("true_p", False), ("propensity", True)):
-        if col not in raw.columns:
-            continue
-        vals, bad = _parse_numbers(raw[col])
-        present = ~np.isnan(vals)
-        with np.errstate(invalid="ignore"):
-            low = vals <= 0 if low_open else vals < 0
-            invalid = bad | (present & (~np.isfinite(vals) | low | (vals > 1)))
-        if invalid.any():
-            i = int(np.argmax(invalid))
-            rng = "(0, 1]" if low_open else "[0, 1]"
-            raise fail(col, i, f"expected a probability in {rng} or empty, got {raw[col][i]!r}")
-        out[col] = pd.Series(vals, dtype="float64")
+        if col in raw.columns:
+            out[col] = _probability(raw, col, low_open, fail)
+
+    has = [c for c in ("conversion", "conversion_ts") if c in raw.columns]
+    if len(has) == 1:
+        other = "conversion_ts" if has[0] == "conversion" else "conversion"
+        raise LogFormatError(f"{source}: column {has[0]!r} needs the column {other!r} beside it")
+    if has:
+        conv, conv_ts = _conversions(raw, click, out["click_ts"].to_numpy(), fail)
+        out["conversion"] = pd.Series(conv.astype(np.int64))
+        out["conversion_ts"] = pd.Series(conv_ts, dtype="float64")
+    if "true_cvr" in raw.columns:
+        out["true_cvr"] = _probability(raw, "true_cvr", False, fail)
 
     for col in sorted(c for c in raw.columns if c not in RESERVED_COLUMNS):
         feature = _feature_column(raw[col])

@@ -55,15 +55,23 @@ class LogExamples:
     #: (N,) float64 seconds from impression to click (NaN where not clicked or unknown), or
     #: None; a DFM ranker pretrains its delay head on them (:func:`pretrain`)
     delay: np.ndarray | None = None
+    #: (N,) float64 0/1, the second label "clicked and converted" (CTCVR, ESMM's
+    #: entire-space label) of a log with a ``conversion`` column, else None
+    y2: np.ndarray | None = None
+    #: (N,) float64 its truth ``true_p * true_cvr`` (synthetic logs), else None
+    true_p2: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def slice(self, start: int, stop: int | None = None) -> LogExamples:
         s = slice(start, stop)
-        tp = None if self.true_p is None else self.true_p[s]
-        delay = None if self.delay is None else self.delay[s]
-        return LogExamples(self.rows[s], self.y[s], self.ts[s], tp, delay)
+
+        def part(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[s]
+
+        return LogExamples(self.rows[s], self.y[s], self.ts[s], part(self.true_p),
+                           part(self.delay), part(self.y2), part(self.true_p2))  # fmt: skip
 
 
 def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> LogExamples:
@@ -122,7 +130,12 @@ def log_examples(df: pd.DataFrame, features: FeatureConfig | None = None) -> Log
         with np.errstate(invalid="ignore"):
             d = df["click_ts"].to_numpy(dtype=np.float64) - ts
         delay = np.where((y == 1) & (d >= 0), d, np.nan)
-    return LogExamples(rows, y, ts, tp, delay)
+    y2 = tp2 = None
+    if "conversion" in df:
+        y2 = df["conversion"].to_numpy(dtype=np.float64)
+        if tp is not None and "true_cvr" in df:
+            tp2 = tp * df["true_cvr"].to_numpy(dtype=np.float64)
+    return LogExamples(rows, y, ts, tp, delay, y2, tp2)
 
 
 #: elapsed seconds given to an unclicked example of a log (final labels): "never clicked"
@@ -269,6 +282,18 @@ def quality(p: np.ndarray, y: np.ndarray, true_p: np.ndarray | None = None) -> d
     return out
 
 
+def learns_task1(learner: Any) -> bool:
+    """Whether ``learner`` is a multi-task ranker (MMoE, two tasks or more) that learns the
+    second label ``y2`` and scores it (:meth:`TorchRanker.predict_tasks_many`)."""
+    cfg = getattr(learner, "config", None)
+    return (
+        isinstance(cfg, RankerConfig)
+        and cfg.model == "mmoe"
+        and cfg.num_tasks >= 2
+        and hasattr(learner, "predict_tasks_many")
+    )
+
+
 def evaluate(
     examples: LogExamples,
     learner: Any,
@@ -287,6 +312,10 @@ def evaluate(
     traffic starts: a cold learner's first batch is scored before any label, and at 1,024
     rows that one batch alone can dominate the calibration ratio of a low-CTR log.
 
+    A multi-task ranker (:func:`learns_task1`) on a log with a second label
+    (``examples.y2``) learns both, and its task-1 scores (P(y2), scored before the batch
+    is learnt) are judged in the report's ``task1`` block (against ``true_p2`` when known).
+
     ``offset``: the scores are served through a :class:`LogitOffset` of these settings,
     as a worker with ``[offset] enabled`` serves them; after each batch is scored, the
     offset learns the batch's raw scores and labels and is re-estimated at the batch's
@@ -299,6 +328,8 @@ def evaluate(
 
     n = len(examples)
     scores = np.empty(n, dtype=np.float64)
+    y2 = examples.y2 if learns_task1(learner) else None
+    scores2 = np.empty(n, dtype=np.float64)
     off = None
     if offset is not None:
         raw = np.empty(n, dtype=np.float64)
@@ -308,7 +339,10 @@ def evaluate(
     bar = tqdm(total=n, unit="ex", desc="evaluate", disable=not progress)
     for s in _batches(n, batch_size, ramp_from):
         rows, y = examples.rows[s], examples.y[s]
-        if hasattr(learner, "score_and_learn"):
+        if y2 is not None:  # task 1 is scored before either task learns
+            scores2[s] = learner.predict_tasks_many(rows)["task1"]
+            scores[s] = learner.score_and_learn(rows, y, y2=y2[s])
+        elif hasattr(learner, "score_and_learn"):
             scores[s] = learner.score_and_learn(rows, y)
         else:
             scores[s] = learner.predict_proba_many(rows)
@@ -331,6 +365,8 @@ def evaluate(
         "examples_per_s": n / seconds if seconds > 0 else math.nan,
         "all": quality(scores, examples.y, examples.true_p),
     }
+    if y2 is not None:
+        report["task1"] = quality(scores2, y2, examples.true_p2)
     if off is not None:
         report["raw"] = quality(raw, examples.y, examples.true_p)
         report["offset"] = {"final": off.offset, "mean_abs": abs_sum / max(n_batches, 1)}

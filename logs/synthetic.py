@@ -105,6 +105,10 @@ class SyntheticConfig:
     taste_drift: float = 0.02  # chance per request that a user's favourite category changes
     popularity_wave: float = 1.0  # amplitude (logit) of each item's rise and decay
     repeat_exposure: float = 0.4  # chance per slot of re-showing one of the user's last 20
+    # a second outcome after the click (off by default: the other columns are unchanged)
+    conversion: bool = False
+    base_cvr: float = 0.1  # mean true P(conversion | click) over the log's rows
+    conversion_delay_mean_s: float = 600.0  # conversion_ts = click_ts + Exponential(mean)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -147,6 +151,11 @@ class SyntheticConfig:
         need(
             math.isfinite(self.click_delay_mean_s) and self.click_delay_mean_s >= 0,
             f"click_delay_mean_s must be finite and >= 0, got {self.click_delay_mean_s}",
+        )
+        need(0.0 < self.base_cvr < 1.0, f"base_cvr must be in (0, 1), got {self.base_cvr}")
+        need(
+            math.isfinite(self.conversion_delay_mean_s) and self.conversion_delay_mean_s >= 0,
+            f"conversion_delay_mean_s must be finite and >= 0, got {self.conversion_delay_mean_s}",
         )
         need(
             self.drift_at is None or 0.0 < self.drift_at < 1.0,
@@ -332,7 +341,44 @@ def _simulate_world(config: SyntheticConfig) -> tuple[pd.DataFrame, float | None
             "user_segment": pd.Series(segments[user_seg[user]]),
         }
     )
+    if c.conversion:
+        frame = _add_conversions(c, frame, w, user, item, device, click_ts)
     return frame, drift_ts, w, bias
+
+
+def _add_conversions(
+    c: SyntheticConfig,
+    frame: pd.DataFrame,
+    w: _World,
+    user: np.ndarray,
+    item: np.ndarray,
+    device: np.ndarray,
+    click_ts: np.ndarray,
+) -> pd.DataFrame:
+    """The second outcome (``conversion=True``), from its own random stream (the other
+    columns do not change): ``true_cvr`` = P(conversion | click) =
+    ``sigmoid(b2 + 0.8 u.v2/sqrt(dim) + B[segment, category] + device2 - 0.6 z(log price))``
+    with ``v2 = 0.6 v + 0.8 noise`` (a taste partly shared with the click's), ``B`` an
+    affinity of its own and a stronger price effect; ``b2`` solved so that the mean
+    ``true_cvr`` over the rows is ``base_cvr``. A clicked row converts with probability
+    ``true_cvr``, at ``click_ts + Exponential(conversion_delay_mean_s)``; so
+    P(click and conversion) = ``true_p * true_cvr``."""
+    rng = np.random.default_rng([c.seed, 2])
+    item_vec2 = 0.6 * w.item_vec + 0.8 * rng.standard_normal(w.item_vec.shape)
+    affinity2 = rng.normal(0.0, 0.5, size=w.affinity.shape)
+    device2 = np.array([0.0, 0.3, -0.2])
+    logit2 = (
+        0.8 * np.einsum("ij,ij->i", w.user_vec[user], item_vec2[item]) / math.sqrt(c.dim)
+        + affinity2[w.user_seg[user], w.item_cat[item]]
+        + device2[device]
+        - 0.6 * w.price_z[item]
+    )
+    true_cvr = _sigmoid(_solve_bias(logit2, c.base_cvr) + logit2)
+    clicked = frame["click"].to_numpy() == 1
+    conversion = (clicked & (rng.random(len(frame)) < true_cvr)).astype(np.int64)
+    delay = rng.exponential(c.conversion_delay_mean_s, size=len(frame))
+    conv_ts = np.where(conversion == 1, np.round((click_ts + delay) * _US) / _US, np.nan)
+    return frame.assign(conversion=conversion, conversion_ts=conv_ts, true_cvr=true_cvr)
 
 
 def click_propensity(
@@ -387,7 +433,9 @@ def generate(config: SyntheticConfig) -> pd.DataFrame:
     reserved columns ``ts, impression_id, user_id, item_id, position, click, click_ts,
     true_p`` (``ts``/``click_ts`` epoch seconds UTC, whole microseconds; ``true_p`` in
     [0, 0.99]) and features ``ctx_device``, ``item_category``, ``user_segment``
-    (categorical) and ``item_price`` (numeric), ordered by ``ts``. Deterministic in
+    (categorical) and ``item_price`` (numeric), ordered by ``ts``; with
+    ``config.conversion`` also ``conversion``, ``conversion_ts`` and ``true_cvr`` (see
+    :func:`_add_conversions`). Deterministic in
     ``config`` (including ``config.seed``); see the module docstring for the model."""
     return _simulate(config)[0]
 
@@ -424,6 +472,7 @@ def write_synthetic(config: SyntheticConfig, path: str | Path) -> dict[str, Any]
         "config": cfg,
         "n_rows": len(df),
         "n_clicks": int(df["click"].sum()),
+        "n_conversions": int(df["conversion"].sum()) if "conversion" in df.columns else None,
         "drift_ts": drift_ts,
         "mean_true_ctr_before_drift": before,
         "mean_true_ctr_after_drift": after,

@@ -256,14 +256,24 @@ def pretrain_cmd(
     help="Score through the logit offset as a worker with [offset] enabled serves, and "
     "report the raw ranker beside it (default: the settings' [offset] enabled).",
 )
+@click.option(
+    "--task1",
+    default=None,
+    type=click.Choice(["direct", "esmm"]),
+    help="With --model mmoe on a log with a conversion column: task 1 learns 'clicked and "
+    "converted' directly, or as pCTR x pCVR (ESMM); default from settings: direct.",
+)
 @_features_option
 def evaluate_cmd(
     log_path: str, model: str | None, loss: str | None, base_lr: float | None, online: bool,
     warm_start: str | None, batch_size: int, ramp_from: int, limit: int | None, seed: int,
     json_out: str | None, config: str | None, serve_offset: bool | None = None,
-    hist_features: bool = True,
+    task1: str | None = None, hist_features: bool = True,
 ) -> None:  # fmt: skip
-    """Prequential (test-then-train) evaluation in process, no Kafka."""
+    """Prequential (test-then-train) evaluation in process, no Kafka.
+
+    A log with a second outcome (``conversion``) and ``--model mmoe`` also learns and
+    judges task 1, "clicked and converted" (the report's ``task1``)."""
     import dataclasses
     import json
 
@@ -294,6 +304,8 @@ def evaluate_cmd(
         )
     else:
         ranker_cfg = _ranker_config(model, loss, base_lr, settings.ranker)
+        if task1 is not None:
+            ranker_cfg = dataclasses.replace(ranker_cfg, task1=task1)
         rcfg = _with_hist_slots(ranker_cfg, hist_features)
         learner = TorchRanker(rcfg, seed=seed, online=online)
     drift_ts = (read_meta(log_path) or {}).get("drift_ts")
@@ -317,6 +329,15 @@ def evaluate_cmd(
         + (f"  ratio vs true_p {q['ratio_vs_true_p']:.4f}" if "ratio_vs_true_p" in q else "")
         + (" (served through the logit offset)" if offset is not None else "")
     )
+    if "task1" in report:
+        t = report["task1"]
+        mode = getattr(getattr(learner, "config", None), "task1", "?")
+        click.echo(
+            f"task 1 (clicked and converted, {mode}): AUC "
+            f"{t['auc']:.4f}  NE {t['normalized_entropy']:.4f}  calibration ratio "
+            f"{t['calibration_ratio']:.4f}"
+            + (f"  ratio vs truth {t['ratio_vs_true_p']:.4f}" if "ratio_vs_true_p" in t else "")
+        )
     if offset is not None:
         r = report["raw"]
         click.echo(

@@ -26,17 +26,16 @@ Y = (np.arange(32) % 5 == 0).astype(np.float64)
 
 
 def _mmoe(**kw: Any) -> TorchRanker:
-    cfg = RankerConfig(
-        model="mmoe",
-        fallback_mixture=False,  # the model's own scores, compared exactly
-        device="cpu",
-        encoder=SMALL,
-        hidden=(8,),
-        embedding_dim=4,
-        bias_prior_strength=None,  # the first step sees the initial logits
-        **kw,
-    )
-    return TorchRanker(cfg, seed=3, online=False)
+    settings: dict[str, Any] = {
+        "model": "mmoe",
+        "fallback_mixture": False,  # the model's own scores, compared exactly
+        "device": "cpu",
+        "encoder": SMALL,
+        "hidden": (8,),
+        "embedding_dim": 4,
+        "bias_prior_strength": None,  # the first step sees the initial logits
+    }
+    return TorchRanker(RankerConfig(**{**settings, **kw}), seed=3, online=False)
 
 
 def test_unknown_model_is_rejected_listing_the_choices() -> None:
@@ -202,3 +201,72 @@ def test_single_task_models_ignore_y2() -> None:
 def test_replace_keeps_validation() -> None:
     with pytest.raises(ValueError, match="pair_alpha"):
         dataclasses.replace(RankerConfig(), pair_alpha=2.0)
+
+
+def test_esmm_loss_is_click_loss_plus_ctcvr_bce_of_the_product() -> None:
+    ranker = _mmoe(task1="esmm")
+    fresh = ranker.clone()
+    y2 = np.where(np.arange(32) < 20, Y * (np.arange(32) % 3 == 0), np.nan)  # clicked & conv
+    ranker.learn_many(ROWS, Y, y2=y2)
+    with torch.no_grad():
+        assert isinstance(fresh.model, MMoE)
+        batch = fresh.encoder.encode(ROWS)
+        tasks = fresh.model.forward_tasks(torch.from_numpy(batch.cat), torch.from_numpy(batch.num))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    ctcvr = torch.sigmoid(tasks[:20, 0]) * torch.sigmoid(tasks[:20, 1])
+    t, t2 = torch.tensor(Y, dtype=torch.float32), torch.tensor(y2[:20], dtype=torch.float32)
+    expected = bce(tasks[:, 0], t) + torch.nn.functional.binary_cross_entropy(ctcvr, t2)
+    assert ranker.last_loss == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("task1", ["direct", "esmm"])
+def test_predict_tasks_many_gives_each_tasks_probability(task1: str) -> None:
+    ranker = _mmoe(task1=task1)
+    ranker.learn_many(ROWS, Y, y2=Y * (np.arange(32) % 2))
+    out = ranker.predict_tasks_many(ROWS)
+    logits = ranker.predict_logit_many(ROWS)
+    np.testing.assert_allclose(out["ctr"], 1 / (1 + np.exp(-logits)), rtol=1e-6)
+    assert out["task1"].shape == (32,) and ((out["task1"] > 0) & (out["task1"] < 1)).all()
+    if task1 == "esmm":
+        np.testing.assert_allclose(out["task1"], out["ctr"] * out["cvr"], rtol=1e-12)
+        assert (out["task1"] < out["ctr"]).all()  # pCTCVR never above pCTR
+    else:
+        assert "cvr" not in out
+    assert all(v.shape == (0,) for v in ranker.predict_tasks_many([]).values())
+
+
+def test_predict_tasks_many_needs_a_second_task() -> None:
+    cfg = RankerConfig(model="dcnv2", device="cpu", encoder=SMALL, hidden=(8,), embedding_dim=4)
+    with pytest.raises(ValueError, match="mmoe"):
+        TorchRanker(cfg, seed=0).predict_tasks_many(ROWS)
+    with pytest.raises(ValueError, match="task1"):
+        RankerConfig(model="mmoe", task1="cvr")
+
+
+@pytest.mark.parametrize("task1", ["direct", "esmm"])
+def test_task_one_starts_at_its_labels_rate(task1: str, tmp_path: Path) -> None:
+    # a fresh tower starts at logit(prior_ctr): task 1 is re-centred on its first labels,
+    # direct: on the batch's y2 rate shrunk to the prior; ESMM: pCVR on conversions /
+    # clicks, once 30 clicks (bias_prior_strength) have been seen
+    ranker = _mmoe(task1=task1, bias_prior_strength=30.0)
+    rows = ROWS * 32
+    y = np.tile(Y, 32)
+    y2 = y * (np.arange(len(y)) % 2)
+    few = slice(0, 32)  # 7 clicks: ESMM waits for more
+    ranker.learn_many(rows[few], y[few], y2=y2[few])
+    assert ranker.task1_centred == (task1 == "direct")
+    ranker.learn_many(rows, y, y2=y2)
+    assert ranker.task1_centred
+    if task1 == "esmm":
+        key, target = "cvr", (y2[few].sum() + y2.sum()) / (y[few].sum() + y.sum())
+    else:
+        key, target = "task1", (y2[few].sum() + 30.0 * ranker.config.prior_ctr) / (32 + 30.0)
+    # after the centring the Adam steps move the mean by little
+    assert ranker.predict_tasks_many(rows)[key].mean() == pytest.approx(target, rel=0.15)
+    untouched = _mmoe(task1=task1, bias_prior_strength=None)
+    untouched.learn_many(rows, y, y2=y2)
+    assert not untouched.task1_centred
+    assert abs(untouched.predict_tasks_many(rows)[key].mean() - target) > 0.02
+    ranker.save(tmp_path / "r.pt")
+    back = TorchRanker.load(tmp_path / "r.pt")
+    assert back.task1_centred and back.task1_warm == ranker.task1_warm

@@ -129,3 +129,50 @@ def test_logs_io_still_exports_the_format_names() -> None:
         assert getattr(logs.io, name) is getattr(logs.log_format, name)
         assert name in logs.io.__all__
     assert RESERVED_COLUMNS[:4] == ("ts", "impression_id", "user_id", "item_id")
+
+
+def _converted(**overrides: list[object]) -> pd.DataFrame:
+    cols: dict[str, list[object]] = {
+        "conversion": [0, 1, ""],
+        "conversion_ts": [None, 9.0, None],
+        "true_cvr": [0.1, 0.5, 0.2],
+    }
+    cols.update(overrides)
+    return raw_frame(**cols)
+
+
+def test_conversion_columns_are_reserved_and_typed() -> None:
+    frame = normalize_frame(_converted(), source="t")
+    assert {"conversion", "conversion_ts", "true_cvr"} <= set(RESERVED_COLUMNS)
+    assert frame["conversion"].tolist() == [0, 1, 0]  # an empty cell is "not converted"
+    assert frame["conversion"].dtype == np.int64
+    assert frame["conversion_ts"].isna().tolist() == [True, False, True]
+    assert list(frame.columns)[7:10] == ["conversion", "conversion_ts", "true_cvr"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "column", "message"),
+    [
+        ({"conversion": [1, 1, 0], "conversion_ts": [3.0, 9.0, None]}, "conversion",
+         "conversion is 1 on a row with click 0"),
+        ({"conversion": [0, 2, 0]}, "conversion", "expected 0, 1 or empty"),
+        ({"conversion_ts": [None, 2.4, None]}, "conversion_ts", "before the click_ts"),
+        ({"conversion_ts": [None, None, None]}, "conversion_ts",
+         "conversion is 1 but conversion_ts is empty"),
+        ({"conversion_ts": [5.0, 9.0, None]}, "conversion_ts",
+         "set on a row with conversion 0"),
+        ({"true_cvr": [0.1, 1.5, 0.2]}, "true_cvr", "expected a probability in [0, 1]"),
+    ],
+)  # fmt: skip
+def test_bad_conversion_cells_name_the_column_and_row(
+    overrides: dict[str, list[object]], column: str, message: str
+) -> None:
+    with pytest.raises(LogFormatError, match=rf"'{column}'.*row \d") as info:
+        normalize_frame(_converted(**overrides), source="t")
+    assert message in str(info.value)
+
+
+def test_conversion_needs_its_time_column_and_the_other_way_round() -> None:
+    for missing, other in (("conversion_ts", "conversion"), ("conversion", "conversion_ts")):
+        with pytest.raises(LogFormatError, match=f"'{other}' needs the column '{missing}'"):
+            normalize_frame(_converted().drop(columns=[missing]), source="t")

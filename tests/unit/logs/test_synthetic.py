@@ -265,3 +265,27 @@ def test_click_propensity_ranks_items_as_the_log_clicks_them() -> None:
     assert hits > flat_hits
     with pytest.raises(KeyError, match="not an id"):
         click_propensity(cfg, ["u50"], items)
+
+
+def test_the_second_outcome_follows_its_truth_and_leaves_the_other_columns_alone(
+    tmp_path: Path,
+) -> None:
+    base = SyntheticConfig(n_impressions=60_000, n_users=500, n_items=200, seed=4, drift_at=None)
+    plain = generate(base)
+    conv = generate(dataclasses.replace(base, conversion=True, base_cvr=0.3))
+    pd.testing.assert_frame_equal(conv[list(plain.columns)], plain)
+    clicked = conv["click"] == 1
+    assert conv.loc[~clicked, "conversion"].eq(0).all()
+    assert conv["true_cvr"].mean() == pytest.approx(0.3, abs=1e-6)
+    # P(conversion | click) is true_cvr: the clicked rows' conversions match their truth
+    # within a few standard errors
+    tc = conv.loc[clicked, "true_cvr"].to_numpy()
+    n_conv = conv.loc[clicked, "conversion"].sum()
+    assert abs(n_conv - tc.sum()) < 4 * np.sqrt((tc * (1 - tc)).sum())
+    done = conv["conversion"] == 1
+    assert (conv.loc[done, "conversion_ts"] >= conv.loc[done, "click_ts"]).all()
+    assert conv.loc[~done, "conversion_ts"].isna().all()
+    meta = write_synthetic(dataclasses.replace(base, conversion=True), tmp_path / "c.csv")
+    back = read_log_frame(tmp_path / "c.csv")
+    assert meta["n_conversions"] == int(back["conversion"].sum()) > 0
+    assert write_synthetic(base, tmp_path / "p.csv")["n_conversions"] is None

@@ -149,3 +149,26 @@ def test_evaluate_learns_a_logs_final_labels_with_bce_not_the_workers_fnw(tmp_pa
     assert 0.8 < ratio < 1.05, ratio  # fnw: 1.17 (1.31 with bias_prior_strength 10)
     r = CliRunner().invoke(main, ["evaluate", str(log), "--loss", "fnw"])
     assert r.exit_code == 2 and "fake-negative stream" in r.output
+
+
+def test_evaluate_learns_and_judges_the_second_label_with_mmoe(tmp_path: Path) -> None:
+    """A log with a conversion column: ``--model mmoe`` learns "clicked and converted" as
+    task 1 and reports it (ESMM: pCTR x pCVR); a single-task model reports the click only."""
+    import json
+
+    from logs.synthetic import SyntheticConfig, write_synthetic
+
+    log = tmp_path / "log.csv"
+    write_synthetic(SyntheticConfig(n_impressions=3000, n_users=200, n_items=100, seed=1,
+                                    drift_at=None, conversion=True, base_cvr=0.3), log)  # fmt: skip
+    out = tmp_path / "r.json"
+    args = ["evaluate", str(log), "--no-features", "--json", str(out)]
+    r = CliRunner().invoke(main, [*args, "--model", "mmoe", "--task1", "esmm"])
+    assert r.exit_code == 0, r.output
+    assert "task 1 (clicked and converted, esmm)" in r.output
+    task1 = json.loads(out.read_text())["task1"]
+    assert task1["n"] == 3000 and 0.5 < task1["ratio_vs_true_p"] < 2.0
+    assert task1["ctr"] < json.loads(out.read_text())["all"]["ctr"]  # conversions need clicks
+    r = CliRunner().invoke(main, [*args, "--model", "logreg"])
+    assert r.exit_code == 0 and "task 1" not in r.output
+    assert "task1" not in json.loads(out.read_text())
