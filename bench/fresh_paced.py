@@ -76,11 +76,6 @@ def lag_summary(samples: list[dict[str, float]], rate_per_s: float) -> dict[str,
     }
 
 
-def _total(metrics: dict[str, float], name: str) -> float:
-    """A counter's sum over its labels."""
-    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
-
-
 def run_rate(
     rate_per_min: float, minutes: float, window_s: float, sample_s: float, work: Path
 ) -> dict[str, Any]:
@@ -159,8 +154,8 @@ def run_rate(
                     and math.isclose(m.get(LIFETIME_CTR, math.nan), want, rel_tol=1e-9)
                 ),
                 late_positives=m.get("streamrec_monitor_late_positives_total", 0.0),
-                dead_letters=_total(m, "streamrec_dead_letters_total"),
-                stage_errors=_total(m, "streamrec_stage_errors_total"),
+                dead_letters=m.get("sum:streamrec_dead_letters_total", 0.0),
+                stage_errors=m.get("sum:streamrec_stage_errors_total", 0.0),
                 worker_alive=w.proc.poll() is None,
                 judging_lag=lag_summary(samples, rate),
                 samples=samples,
