@@ -95,10 +95,18 @@ def check_replayable(
     refused row and the reason; a smaller share is a warning (those rows become dead
     letters with their reasons, as in production). A full check would cost ~5 µs a row.
 
+    A log with a second outcome (``conversion``) is replayed without it, with a warning.
+
     ``df``: a log in normal form (:func:`logs.io.read_log_frame`); ``now``: epoch seconds
     (default: this machine's clock). Raises :class:`~logs.log_format.LogFormatError`."""
     if df.empty:
         return
+    if "conversion" in df.columns:
+        log.warning(
+            "%s: its conversion columns are not replayed: the stream carries no second label "
+            "yet (only `streamrec evaluate --model mmoe` learns it; README 'A second label')",
+            source,
+        )
     ts = df["ts"].to_numpy(dtype=np.float64)
     if ts[0] < MIN_TS:
         raise LogFormatError(

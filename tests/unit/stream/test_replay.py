@@ -164,3 +164,26 @@ def test_a_log_mostly_refused_by_the_worker_is_refused_and_a_few_bad_rows_are_a_
     with caplog.at_level("WARNING", logger="stream.replay"):
         check_replayable(few, "few.csv", final_watermark_gap_s=1_861.0, now=now)
     assert "a worker would refuse 2 of 200 impressions checked (row 4: bad_value" in caplog.text
+
+
+def test_a_second_outcome_is_never_a_feature_and_its_replay_says_it_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = 1_800_000_000.0
+    df = _recent_log(now - 3_000.0)
+    clicked = (df["click"] == 1).to_numpy()
+    df = df.assign(
+        conversion=clicked.astype(int),
+        conversion_ts=np.where(clicked, df["click_ts"] + 5.0, np.nan),
+        true_cvr=0.3,
+    )
+    imps = [parse_impression(i.to_json()) for i in log_impressions(df)]
+    assert not any({"conversion", "conversion_ts", "true_cvr"} & set(im.features) for im in imps)
+    with caplog.at_level("WARNING", logger="stream.replay"):
+        check_replayable(df, "two.csv", final_watermark_gap_s=1_861.0, now=now)
+    assert "two.csv: its conversion columns are not replayed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stream.replay"):
+        check_replayable(_recent_log(now - 3_000.0), "one.csv", final_watermark_gap_s=1_861.0,
+                         now=now)  # fmt: skip
+    assert "conversion" not in caplog.text
