@@ -237,8 +237,8 @@ def run_demo(
         drift_ts = (read_meta(full) or {}).get("drift_ts")
         df = read_log_frame(full)
         log_path = run / "replay.csv.gz"
-        frame = None  # replay reads the log it writes next
         write_log(df.iloc[pretrain_impressions:].reset_index(drop=True), log_path)
+        frame = read_log_frame(log_path)  # the log as written; replay and ablation share it
         if pretrain_impressions > 0:
             ckpt = run / "pretrained.pt"
             history = log_examples(df.iloc[:pretrain_impressions])
@@ -295,7 +295,7 @@ def run_demo(
                 final_watermark_gap_s=_final_gap(settings),
                 progress=progress,
                 max_future_skew_s=settings.max_future_skew_s,
-                frame=frame,  # a --log file is read once
+                frame=frame,  # the log is read once
             )
             print(
                 f"replayed {stats.impressions:,} impressions and {stats.clicks:,} clicks in "
@@ -306,8 +306,7 @@ def run_demo(
                 print("history ablation (beside the pipeline): the same ranker in process, "
                       "with and without history", flush=True)  # fmt: skip
                 ablation_run = pool.submit(
-                    run_ablation, read_log_frame(log_path), settings.ranker, seed=seed,
-                    progress=False,
+                    run_ablation, frame, settings.ranker, seed=seed, progress=False,
                 )  # fmt: skip
             final = _wait_done(metrics_url, stats.impressions, worker, t0 + timeout_s, progress)
             t_done = time.monotonic()
