@@ -20,12 +20,14 @@ the log has them (no historical features: this world has no history effects):
 - ``mmoe_direct``: MMoE, two tasks, task 1 learns CTCVR directly (``task1="direct"``);
 - ``mmoe_esmm``: MMoE, two tasks, task 1 learns P(conversion | click) through the ESMM
   loss on ``pCTR * pCVR`` (``task1="esmm"``); its task-1 score is pCTCVR.
+- ``ple_direct`` / ``ple_esmm``: PLE (Tang et al. 2020; ``model="ple"``, two extraction
+  levels, 4 shared experts and 2 of each task's own), task 1 as in the MMoE arms.
 
 Task 0 is scored as served (:meth:`TorchRanker.predict_proba_many`), task 1 by
 :meth:`TorchRanker.predict_tasks_many` (the report's ``task1`` block of ``evaluate``). Per
 arm and task: :func:`logs.offline.quality` (NE, AUC, Σp/Σy, Σp/Σtruth, ...).
 The issue's bar (#17): on the two-label log each task's NE below its single-task model's
-(``mmoe_*`` against ``mmoe_ctr`` / ``mmoe_ctcvr``, every seed). Writes
+(each two-task arm against ``mmoe_ctr`` / ``mmoe_ctcvr``, every seed). Writes
 ``bench/results/multitask.json`` (``multitask_quick.json``).
 """
 
@@ -53,6 +55,9 @@ ARMS: dict[str, tuple[dict[str, Any], str]] = {
     "mmoe_ctcvr": ({"model": "mmoe", "num_tasks": 1}, "ctcvr"),
     "mmoe_direct": ({"model": "mmoe", "num_tasks": 2, "task1": "direct"}, "both"),
     "mmoe_esmm": ({"model": "mmoe", "num_tasks": 2, "task1": "esmm"}, "both"),
+    # PLE (Tang et al. 2020): each task owns experts beside the shared ones
+    "ple_direct": ({"model": "ple", "num_tasks": 2, "task1": "direct"}, "both"),
+    "ple_esmm": ({"model": "ple", "num_tasks": 2, "task1": "esmm"}, "both"),
 }
 #: multi-task arm -> its single-task references, per task
 SINGLE = {"ctr": "mmoe_ctr", "ctcvr": "mmoe_ctcvr"}
@@ -101,7 +106,7 @@ def bars(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per multi-task arm and task: is its NE below its single-task model's in every seed,
     and the NE differences (multi - single) per seed."""
     out: dict[str, Any] = {}
-    for arm in ("mmoe_direct", "mmoe_esmm"):
+    for arm in (a for a, (_, learns) in ARMS.items() if learns == "both"):
         for task, single in SINGLE.items():
             diffs = [r["arms"][arm][task][NE] - r["arms"][single][task][NE] for r in runs]
             out[f"{arm}.{task}"] = {

@@ -498,3 +498,107 @@ class MMoE(nn.Module):
     ) -> Tensor:
         """Click logits, float32 (B,): column 0 of :meth:`forward_tasks`."""
         return self.forward_tasks(cat, num, seq, seq_age)[:, 0]
+
+
+class PLE(MMoE):
+    """Progressive layered extraction (Tang et al. 2020, RecSys): MMoE whose tasks also own
+    experts, so that a task's private signal need not pass through the shared ones.
+
+    Each of ``levels`` extraction levels holds ``num_experts`` shared experts and
+    ``task_experts`` experts of each task's own. Task ``t``'s gate mixes its own experts
+    and the shared ones; below the last level a shared gate mixes every expert for the next
+    level's shared experts, and task ``t``'s mixture feeds its own experts there. The first
+    level's experts are MLPs of ``hidden`` over ``x0`` (as MMoE's), later levels'
+    ``Linear -> ReLU`` of ``hidden[-1]``. Towers, the click's pair term and the output
+    biases are MMoE's (:meth:`MMoE.task_bias`). ``levels = 1`` is CGC (the paper's single
+    level).
+
+    Example:
+        >>> m = PLE(num_buckets=100, num_cat_fields=3, num_num_fields=2, embedding_dim=4,
+        ...         hidden=(8,), num_experts=2, num_tasks=2, task_experts=1, levels=2,
+        ...         generator=torch.Generator().manual_seed(0))
+        >>> cat, num = torch.tensor([[5, 7, 0], [1, 0, 0]]), torch.zeros(2, 2)
+        >>> m.forward_tasks(cat, num).shape, m(cat, num).shape
+        (torch.Size([2, 2]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        num_buckets: int,
+        num_cat_fields: int,
+        num_num_fields: int,
+        embedding_dim: int = 16,
+        hidden: tuple[int, ...] = (128, 64),
+        num_experts: int = 4,
+        num_tasks: int = 2,
+        generator: torch.Generator | None = None,
+        sequence: bool = False,
+        pair_crosses: bool = False,
+        attention_log_mass: bool = False,
+        task_experts: int = 2,
+        levels: int = 2,
+    ) -> None:
+        if task_experts < 1 or levels < 1:
+            raise ValueError(f"need task_experts, levels >= 1, got {task_experts}, {levels}")
+        super().__init__(
+            num_buckets, num_cat_fields, num_num_fields, embedding_dim, hidden, num_experts,
+            num_tasks, generator, sequence, pair_crosses, attention_log_mass,
+        )  # fmt: skip
+        self.task_experts = task_experts
+        self.levels = levels
+        d0 = self.behaviour.input_width(num_cat_fields, num_num_fields)
+        width = hidden[-1]
+        per_level = num_experts + num_tasks * task_experts
+        # per level: the shared experts, then task 0's, task 1's, ...
+        self.experts = nn.ModuleList(
+            nn.ModuleList(
+                (mlp(d0, hidden) if level == 0 else mlp(width, (width,)))[0]
+                for _ in range(per_level)
+            )
+            for level in range(levels)
+        )
+        # per level: each task's gate, then (below the last level) the shared gate
+        self.gates = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    nn.Linear(d0 if level == 0 else width, task_experts + num_experts)
+                    for _ in range(num_tasks)
+                ]
+                + (
+                    [nn.Linear(d0 if level == 0 else width, per_level)]
+                    if level < levels - 1
+                    else []
+                )
+            )  # fmt: skip
+            for level in range(levels)
+        )
+        self.reset_parameters(generator)
+
+    def forward_tasks(
+        self, cat: Tensor, num: Tensor, seq: Tensor | None = None, seq_age: Tensor | None = None
+    ) -> Tensor:
+        """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn), optional ``seq`` / ``seq_age``
+        (B, N) -> logits float32 (B, T)."""
+        emb = self.embedding(cat)  # (B, Fc, D)
+        x0 = _fields_x0(*self.behaviour.inputs(self.embedding, emb, cat, num, seq, seq_age))
+        e, k, n_tasks = self.num_experts, self.task_experts, self.num_tasks
+        inputs, shared_in = [x0] * n_tasks, x0
+        for level in range(self.levels):
+            experts = self.experts[level]
+            gates = self.gates[level]
+            assert isinstance(experts, nn.ModuleList) and isinstance(gates, nn.ModuleList)
+            shared = [experts[i](shared_in) for i in range(e)]
+            own = [[experts[e + t * k + j](inputs[t]) for j in range(k)] for t in range(n_tasks)]
+            mixed = []
+            for t in range(n_tasks):
+                g = torch.softmax(gates[t](inputs[t]), dim=-1)  # (B, k + E)
+                mixed.append((g[:, :, None] * torch.stack(own[t] + shared, dim=1)).sum(1))
+            if level < self.levels - 1:
+                every = torch.stack([o for t_own in own for o in t_own] + shared, dim=1)
+                g = torch.softmax(gates[n_tasks](shared_in), dim=-1)
+                shared_in = (g[:, :, None] * every).sum(1)
+            inputs = mixed
+        towers = zip(self.towers, inputs, strict=True)
+        out = torch.stack([tower(x).squeeze(-1) for tower, x in towers], dim=1)  # (B, T)
+        click = out[:, 0] + _pair_dot(emb) + self.behaviour.pair_logit(cat)
+        return torch.cat([click[:, None], out[:, 1:]], dim=1)

@@ -2,8 +2,8 @@
 
 ``X`` is a sequence of flat example dicts (see :mod:`learners.encoding`), ``y`` an array
 ``(B,)`` of 0/1 labels and ``w`` optional per-example weights ``(B,)``. ``y2`` (optional,
-``model="mmoe"`` only) is a ``(B,)`` second label (e.g. conversion) for task 1, NaN where
-unknown. Its settings, :class:`~learners.ranker_config.RankerConfig` and
+``model="mmoe"`` or ``"ple"`` only) is a ``(B,)`` second label (e.g. conversion) for task
+1, NaN where unknown. Its settings, :class:`~learners.ranker_config.RankerConfig` and
 :data:`~learners.ranker_config.MODELS`, live in :mod:`learners.ranker_config` and are
 importable from here.
 
@@ -63,6 +63,7 @@ from learners.losses import LOSSES, bce_with_logits
 from learners.mixture import FallbackMixture
 from learners.models import (
     INITIAL_CTR,
+    PLE,
     DCNv2,
     DeepFM,
     DelayHead,
@@ -153,6 +154,8 @@ class TorchRanker(Checkpointed):
         self.bias_centred = False
         self.task1_centred = False  # MMoE: task 1's bias, on its first labels (y2)
         self.task1_warm = (0.0, 0.0)  # ESMM: (clicks, conversions) before that centring
+        #: with a task 1: its P(y2) of the last :meth:`score_and_learn` batch, (B,) float64
+        self.last_task1: np.ndarray | None = None
         # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
         self.bias_warm = (0.0, 0.0)
         #: the online model selection served over the model (``config.uses_fallback``)
@@ -212,6 +215,18 @@ class TorchRanker(Checkpointed):
             )
         if cfg.model == "deepfm":
             return DeepFM(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen, **behaviour)
+        if cfg.model == "ple":
+            return PLE(
+                *shape,
+                embedding_dim=dim,
+                hidden=cfg.hidden,
+                num_experts=cfg.num_experts,
+                num_tasks=cfg.num_tasks,
+                generator=gen,
+                task_experts=cfg.task_experts,
+                levels=cfg.ple_levels,
+                **behaviour,
+            )
         if cfg.model == "mmoe":
             return MMoE(
                 *shape,
@@ -349,9 +364,13 @@ class TorchRanker(Checkpointed):
         click), so it needs clicks: the clicks and conversions of the known rows are
         summed over batches (``task1_warm``) until they hold ``bias_prior_strength``
         clicks, then the batch's mean pCVR is set to conversions / clicks (within [1e-4,
-        0.9]). ``task_logits``: float64 (B, T); ``y``, ``y2``: (B,), ``y2`` NaN where
-        unknown. False (nothing done yet) without enough labels, or with
-        ``bias_prior_strength`` None."""
+        0.9]). That needs clicked rows whose ``y2`` is their final outcome, converted or
+        not, in proportion (offline logs; ``join.delayed_feedback="window"`` sends them
+        so); a stream whose only clicked rows with ``y2`` are conversions (fake negatives:
+        the non-conversions' 0 rode on their label-0 records) never centres (no
+        non-conversion among them) and task 1 keeps its start. ``task_logits``:
+        float64 (B, T); ``y``, ``y2``: (B,), ``y2`` NaN where unknown. False (nothing
+        done yet) without enough labels, or with ``bias_prior_strength`` None."""
         strength = self.config.bias_prior_strength
         known = np.isfinite(y2)
         if strength is None or not known.any():
@@ -361,7 +380,7 @@ class TorchRanker(Checkpointed):
             clicks += float(y[known].sum())
             conversions += float(y2[known].sum())
             self.task1_warm = (clicks, conversions)
-            if clicks < strength:
+            if clicks < strength or conversions >= clicks:
                 return False
             target = min(max(conversions / clicks, 1e-4), 0.9)
         else:
@@ -393,14 +412,27 @@ class TorchRanker(Checkpointed):
             raise ValueError(f"len(w)={w_arr.shape[0]} does not match len(X)={len(X)}")
         return t, self._to_device(w_arr)
 
-    def _second_targets(self, X: Rows, y2: Any) -> Tensor | None:
-        """``y2`` as a (B,) tensor when the model has a task 1 to train, else None."""
-        if y2 is None or not isinstance(self.model, MMoE) or self.model.num_tasks < 2:
-            return None
+    @property
+    def has_task1(self) -> bool:
+        """The model has a second task (MMoE with ``num_tasks >= 2``) that ``y2`` trains."""
+        return isinstance(self.model, MMoE) and self.model.num_tasks >= 2
+
+    def _second_targets(self, X: Rows, y2: Any, w2: Any) -> tuple[Tensor | None, Tensor | None]:
+        """``y2`` (and ``w2``, None: ``w``'s) as (B,) tensors when the model has a task 1
+        to train, else (None, None)."""
+        if y2 is None or not self.has_task1:
+            return None, None
         y2_arr = np.asarray(y2, dtype=np.float32).reshape(-1)
         if y2_arr.shape[0] != len(X):
             raise ValueError(f"len(y2)={y2_arr.shape[0]} does not match len(X)={len(X)}")
-        return self._to_device(y2_arr)
+        if w2 is None:
+            return self._to_device(y2_arr), None
+        w2_arr = np.asarray(w2, dtype=np.float32).reshape(-1)
+        if w2_arr.shape[0] != len(X):
+            raise ValueError(f"len(w2)={w2_arr.shape[0]} does not match len(X)={len(X)}")
+        if not np.all(np.isfinite(w2_arr) & (w2_arr >= 0)):
+            raise ValueError("task-1 weights w2 must be finite and >= 0")
+        return self._to_device(y2_arr), self._to_device(w2_arr)
 
     def _forward(self, inputs: _Inputs) -> tuple[Tensor, Tensor | None]:
         """Click logits (B,) and, for MMoE, all task logits (B, T); float32 (also under amp)."""
@@ -438,10 +470,12 @@ class TorchRanker(Checkpointed):
         targets2: Tensor | None = None,
         log_rate: Tensor | None = None,
         elapsed: Tensor | None = None,
+        weights2: Tensor | None = None,
     ) -> Tensor:
         """Configured loss on the click; plus, for MMoE with ``y2``, BCE of task 1 on the rows
-        where ``y2`` is finite (mean over those rows; 0 when there are none). ``log_rate``
-        and ``elapsed`` (B,): the DFM loss's delay terms (``loss="dfm"`` only)."""
+        where ``y2`` is finite (mean over those rows; 0 when there are none), weighted by
+        ``weights2`` (None: the click's ``weights``). ``log_rate`` and ``elapsed`` (B,): the
+        DFM loss's delay terms (``loss="dfm"`` only)."""
         if elapsed is not None:
             loss = self._loss_fn(logits, targets, weights=weights, log_rate=log_rate,
                                  elapsed=elapsed)  # fmt: skip
@@ -450,7 +484,8 @@ class TorchRanker(Checkpointed):
         if task_logits is None or targets2 is None:
             return loss
         known = torch.isfinite(targets2)
-        w2 = None if weights is None else weights[known]
+        both = weights if weights2 is None else weights2
+        w2 = None if both is None else both[known]
         if self.config.task1 == "esmm":
             task1 = _esmm_nll(task_logits[known, 0], task_logits[known, 1], targets2[known], w2)
         else:
@@ -519,9 +554,10 @@ class TorchRanker(Checkpointed):
             _, tasks = self._forward(inputs)
         assert tasks is not None
         p = torch.sigmoid(tasks[:, :2].double()).cpu().numpy()
+        out = {"ctr": p[:, 0], "task1": self._task1_probability(tasks)}
         if self.config.task1 == "esmm":
-            return {"ctr": p[:, 0], "task1": p[:, 0] * p[:, 1], "cvr": p[:, 1]}
-        return {"ctr": p[:, 0], "task1": p[:, 1]}
+            out["cvr"] = p[:, 1]
+        return out
 
     @inference
     def predict_delay_rate_many(self, X: Rows) -> np.ndarray:
@@ -550,37 +586,45 @@ class TorchRanker(Checkpointed):
             self.delay_head.bias.fill_(math.log(self.config.delay_scale_s / mean_delay_s))
 
     def learn_many(
-        self, X: Rows, y: Any, w: Any = None, y2: Any = None, elapsed: Any = None
-    ) -> None:
+        self, X: Rows, y: Any, w: Any = None, y2: Any = None, elapsed: Any = None,
+        w2: Any = None,
+    ) -> None:  # fmt: skip
         """One optimiser step on the batch (``y``: (B,) 0/1, ``w``: optional (B,) weights).
 
-        ``y2``: optional (B,) task-1 labels, NaN where unknown; used by ``model="mmoe"``
-        only (ignored by single-task models). ``elapsed``: optional (B,) seconds >= 0 for
-        ``loss="dfm"``: a label-1 row's click delay, a label-0 row's time observed without
-        a click (ignored by other losses; None: the labels are final).
+        ``y2``: optional (B,) task-1 labels, NaN where unknown; used by ``model="mmoe"``/``"ple"``
+        only (ignored by single-task models). ``w2``: optional (B,) task-1 weights >= 0
+        (None: ``w``); e.g. a record that teaches task 1 only has ``w`` 0 and ``w2`` 1.
+        ``elapsed``: optional (B,) seconds >= 0 for ``loss="dfm"``: a label-1 row's click
+        delay, a label-0 row's time observed without a click (ignored by other losses;
+        None: the labels are final).
         """
-        self._learn(X, y, w, y2, elapsed, scores=False)
+        self._learn(X, y, w, y2, elapsed, scores=False, w2=w2)
 
     def score_and_learn(
-        self, X: Rows, y: Any, w: Any = None, y2: Any = None, elapsed: Any = None
-    ) -> np.ndarray:
+        self, X: Rows, y: Any, w: Any = None, y2: Any = None, elapsed: Any = None,
+        w2: Any = None,
+    ) -> np.ndarray:  # fmt: skip
         """Progressive validation: P(click) float64 ``(B,)`` BEFORE the update, then learn.
 
         The models have no dropout/batch norm, so the training forward pass yields the
-        same scores as :meth:`predict_proba_many` and is reused. ``y2`` and ``elapsed`` as
-        in :meth:`learn_many`.
+        same scores as :meth:`predict_proba_many` and is reused. ``y2``, ``w2`` and
+        ``elapsed`` as in :meth:`learn_many`. With a task 1, :attr:`last_task1` holds its
+        probabilities (:meth:`predict_tasks_many`'s ``task1``) of the same rows, also
+        before the update.
         """
-        out = self._learn(X, y, w, y2, elapsed, scores=True)
+        out = self._learn(X, y, w, y2, elapsed, scores=True, w2=w2)
         assert out is not None
         return out
 
     def _learn(
-        self, X: Rows, y: Any, w: Any, y2: Any, elapsed: Any, scores: bool
+        self, X: Rows, y: Any, w: Any, y2: Any, elapsed: Any, scores: bool, w2: Any = None
     ) -> np.ndarray | None:
         if len(X) == 0:
+            if scores and self.has_task1:
+                self.last_task1 = np.zeros(0, dtype=np.float64)
             return np.zeros(0, dtype=np.float64) if scores else None
         targets, weights = self._targets(X, y, w)
-        targets2 = self._second_targets(X, y2)
+        targets2, weights2 = self._second_targets(X, y2, w2)
         elapsed_t = self._elapsed(X, elapsed)
         inputs = self._tensors(X)
         self.model.train()
@@ -591,6 +635,8 @@ class TorchRanker(Checkpointed):
         mixture = self.mixture
         needed = scores or centre or mixture is not None
         raw = logits.detach().cpu().numpy().astype(np.float64) if needed else None
+        if scores and task_logits is not None and self.has_task1:
+            self.last_task1 = self._task1_probability(task_logits.detach())
         p_model = self._served(raw) if raw is not None and (scores or mixture is not None) else None
         p = p_model
         if raw is not None and (centre or mixture is not None):
@@ -609,7 +655,8 @@ class TorchRanker(Checkpointed):
         if targets2 is not None and task_logits is not None and not self.task1_centred:
             tl = task_logits.detach().cpu().numpy().astype(np.float64)
             y_now = np.asarray(y, dtype=np.float64).reshape(-1)
-            if self._centre_task1_bias(tl, y_now, np.asarray(y2, dtype=np.float64).reshape(-1)):
+            y2_now = np.asarray(y2, dtype=np.float64).reshape(-1)
+            if self._centre_task1_bias(tl, y_now, y2_now):
                 self.task1_centred = True
                 logits, task_logits = self._forward(inputs)
         log_rate = None
@@ -617,8 +664,15 @@ class TorchRanker(Checkpointed):
             assert self.delay_head is not None  # loss "dfm" always has one
             self.delay_head.train()
             log_rate = self._log_rate(inputs)
-        self._step(self._loss(logits, targets, weights, task_logits, targets2, log_rate, elapsed_t))
+        self._step(self._loss(logits, targets, weights, task_logits, targets2, log_rate, elapsed_t,
+                              weights2))  # fmt: skip
         return p
+
+    def _task1_probability(self, task_logits: Tensor) -> np.ndarray:
+        """P(y2) float64 (B,) from MMoE's task logits (B, T): sigmoid(task 1), or with
+        ESMM sigmoid(task 0) * sigmoid(task 1)."""
+        p = torch.sigmoid(task_logits[:, :2].double()).cpu().numpy()
+        return p[:, 0] * p[:, 1] if self.config.task1 == "esmm" else p[:, 1]
 
     def _vectors(self, field_name: str, values: Sequence[str]) -> np.ndarray:
         ids = torch.from_numpy(self.encoder.bucket_ids(field_name, values)).to(self.device)

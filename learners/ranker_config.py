@@ -20,7 +20,9 @@ from learners.models import INITIAL_CTR
 
 __all__ = ["MODELS", "RankerConfig"]
 
-MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe")
+MODELS = ("logreg", "wide_deep", "deepfm", "dcnv2", "mmoe", "ple")
+#: the multi-task models (task 0 the click, task 1 the second label)
+MULTITASK_MODELS = ("mmoe", "ple")
 """Values accepted by ``RankerConfig.model``."""
 
 #: what MMoE's task 1 learns (RankerConfig.task1)
@@ -101,6 +103,8 @@ class RankerConfig:
     pair_alpha: float = 0.5
     num_experts: int = 4
     num_tasks: int = 2
+    task_experts: int = 2  # model="ple": each task's own experts per level
+    ple_levels: int = 2  # model="ple": extraction levels (1: CGC)
     task1: str = "direct"  # one of TASK1_MODES: what MMoE's task 1 learns from y2
     # Cold/offline Adam rate. 0.005 beat 0.01 on both benchmark logs (prequential NE on 1M
     # synthetic impressions 0.958 vs 0.964; OBD 1.092 vs 1.101); the online rate
@@ -162,8 +166,13 @@ class RankerConfig:
             )
         if self.task1 not in TASK1_MODES:
             raise ValueError(f"task1 must be one of {TASK1_MODES}, got {self.task1!r}")
-        if self.model == "mmoe" and not self.hidden:
-            raise ValueError("model='mmoe' needs at least one hidden layer (the experts)")
+        if self.model in MULTITASK_MODELS and not self.hidden:
+            raise ValueError(f"model={self.model!r} needs at least one hidden layer (the experts)")
+        if self.task_experts < 1 or self.ple_levels < 1:
+            raise ValueError(
+                f"task_experts and ple_levels must be >= 1, got {self.task_experts}, "
+                f"{self.ple_levels}"
+            )
         for name in ("base_lr", "online_lr_scale", "grad_clip_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -62,7 +62,8 @@ __all__ = [
 #                        but another magic (an envelope, the other topic) is bad_envelope
 #   byte  4     version  01
 #   bytes 5..   body     labeled: an array of examples, each an array of _WireLabeled's 13
-#                        fields in order; scored: an array of _WireScored's 9 fields in order
+#                        fields in order (14 with a second label); scored: an array of
+#                        _WireScored's 9 fields in order (more, trailing, when set)
 #
 # Floats are MessagePack float64, so every value round-trips bit-exactly. The typed decoder
 # checks types, lengths and ranges in C; a body it refuses is diagnosed by the JSON form's
@@ -108,6 +109,9 @@ class _WireLabeled(msgspec.Struct, array_like=True, gc=False):
     label_ts: _Ts
     weight: _Finite
     kind: str
+    # added in place (version 1): written only when set, so a record without a second
+    # label is the same bytes as before it existed; an older trainer ignores it
+    label2: Literal[0, 1] | None = None
 
 
 class _WireScored(msgspec.Struct, array_like=True, gc=False):
@@ -126,6 +130,10 @@ class _WireScored(msgspec.Struct, array_like=True, gc=False):
     # added in place (version 1): an older trainer's 9 fields decode with none, and an
     # older monitor ignores the trailing element
     marks: dict[Annotated[int, msgspec.Meta(ge=0)], _Ts] = {}
+    # the second label (added in place, written only when set: see ScoredBatch)
+    p2: list[float] = []
+    label2_ids: list[_Id] = []
+    label2: list[Annotated[int, msgspec.Meta(ge=0, le=1)]] = []
 
 
 _LABELED_FIELDS = _WireLabeled.__struct_fields__
@@ -140,9 +148,10 @@ _marks_json = msgspec.json.Decoder(dict[Annotated[str, msgspec.Meta(pattern=r"^[
 def _labeled_row(e: LabeledExample) -> tuple[object, ...]:
     """The fields of :class:`_WireLabeled` (a tuple encodes as the same array)."""
     i = e.impression
-    return (i.impression_id, i.ts, i.user_id, i.item_id, i.position, i.features,
-            i.served_score, i.model_version, i.true_p, e.label, e.label_ts, e.weight,
-            e.kind)  # fmt: skip
+    row = (i.impression_id, i.ts, i.user_id, i.item_id, i.position, i.features,
+           i.served_score, i.model_version, i.true_p, e.label, e.label_ts, e.weight,
+           e.kind)  # fmt: skip
+    return row if e.label2 is None else (*row, e.label2)
 
 
 def encode_labeled(examples: Sequence[LabeledExample]) -> bytes:
@@ -193,7 +202,7 @@ def decode_labeled(raw: bytes | None) -> list[LabeledExample]:
         imp = Impression(w.impression_id, w.ts, intern(w.user_id), intern(w.item_id),
                          w.position, w.features, w.served_score, w.model_version,
                          w.true_p)  # fmt: skip
-        out.append(LabeledExample(imp, w.label, w.label_ts, w.weight, w.kind))
+        out.append(LabeledExample(imp, w.label, w.label_ts, w.weight, w.kind, w.label2))
     return out
 
 
@@ -325,15 +334,27 @@ class ScoredBatch:
     #: example was sent (input partition -> mark, :func:`encode_marks`); a batch may be
     #: empty and carry only marks
     marks: dict[int, float] = field(default_factory=dict)
+    #: the second label (a two-task ranker, ``join.conversion_window_s`` set): ``p2`` the
+    #: ranker's P(clicked and converted) of each row above, before learning (empty: none);
+    #: ``label2_ids`` / ``label2`` the clicked impressions' second labels that became
+    #: known in this batch (on a positive, or in a ``conversion`` / ``no_conversion``
+    #: record: those records are not rows above, their clicks were scored already)
+    p2: list[float] = field(default_factory=list)
+    label2_ids: list[str] = field(default_factory=list)
+    label2: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        """The ``scored`` record (binary, version :data:`BATCH_VERSION`; without marks the
-        same bytes as before they existed)."""
+        """The ``scored`` record (binary, version :data:`BATCH_VERSION`; without marks and
+        a second label the same bytes as before they existed)."""
         row: tuple[object, ...] = (
             self.model_version, self.calibrator_version, self.impression_ids, self.ts,
             self.label, self.p_raw, self.p, self.segment, self.true_p,
         )  # fmt: skip
-        return _SCORED_HEADER + _encoder.encode((*row, self.marks) if self.marks else row)
+        if self.p2 or self.label2_ids:
+            row = (*row, self.marks, self.p2, self.label2_ids, self.label2)
+        elif self.marks:
+            row = (*row, self.marks)
+        return _SCORED_HEADER + _encoder.encode(row)
 
     @staticmethod
     def decode(raw: bytes | None) -> ScoredBatch:
@@ -345,7 +366,8 @@ class ScoredBatch:
             return _scored_from_json(raw)
         w = _decode_body(raw, SCORED_MAGIC, "scored", _scored_decoder, _diagnose_scored)
         batch = ScoredBatch(w.model_version, w.calibrator_version, w.impression_ids, w.ts,
-                            w.label, w.p_raw, w.p, w.segment, w.true_p, w.marks)  # fmt: skip
+                            w.label, w.p_raw, w.p, w.segment, w.true_p, w.marks, w.p2,
+                            w.label2_ids, w.label2)  # fmt: skip
         _check_lengths(batch)
         return batch
 
@@ -355,6 +377,10 @@ def _check_lengths(batch: ScoredBatch) -> None:
     for name in ("ts", "label", "p_raw", "p", "segment", "true_p"):
         if len(getattr(batch, name)) != n:
             raise InvalidEvent("bad_value", f"scored batch: {name} has wrong length")
+    if batch.p2 and len(batch.p2) != n:
+        raise InvalidEvent("bad_value", "scored batch: p2 has wrong length")
+    if len(batch.label2) != len(batch.label2_ids):
+        raise InvalidEvent("bad_value", "scored batch: label2 has wrong length")
 
 
 def _diagnose_scored(body: memoryview, exc: msgspec.ValidationError) -> InvalidEvent:

@@ -9,7 +9,8 @@ deserialiser, which would drop it.
 | topic         | key              | value                                                |
 |---------------|------------------|------------------------------------------------------|
 | impressions   | user_id          | :class:`Impression` or a watermark (JSON), envelope  |
-| clicks        | user_id          | :class:`Click` or a watermark (JSON), envelope       |
+| clicks        | user_id          | :class:`Click` (a click or a conversion) or a        |
+|               |                  | watermark (JSON), envelope                           |
 | labeled       | joiner partition | :class:`LabeledExample` s: :mod:`logs.batches`       |
 | scored        | trainer          | ``ScoredBatch``: :mod:`logs.batches`                 |
 | control       | kind             | typed records of :mod:`stream.control`               |
@@ -147,6 +148,12 @@ class Impression:
 class Click:
     """A click on an impression. ``ts``: event time of the click, epoch seconds.
 
+    ``conversion``: this record is the impression's SECOND outcome (a conversion after
+    its click, ``"type": "conversion"`` in JSON) rather than its click. Conversions travel
+    on the ``clicks`` topic, keyed like clicks, so they reach the joiner partition that
+    holds their impression, in event-time order with the clicks (their watermarks cover
+    both); the joiner attaches them within ``join.conversion_window_s`` of the click.
+
     ``user_id`` (optional): the clicking user. Impressions and clicks are partitioned by
     ``user_id`` (per-user feature state is partition-local); a click without one is keyed
     by its ``impression_id`` instead and, with more than one partition, may land on
@@ -156,11 +163,14 @@ class Click:
     impression_id: str
     ts: float
     user_id: str | None = field(default=None, repr=False)
+    conversion: bool = False
 
     def to_json(self) -> bytes:
         d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts}
         if self.user_id is not None:
             d["user_id"] = self.user_id
+        if self.conversion:
+            d["type"] = "conversion"
         return json.dumps(d).encode()
 
 
@@ -187,6 +197,13 @@ class LabeledExample:
     ``fake_negative`` (``join.delayed_feedback="fake_negative"``: every impression at once,
     label 0; its click, if any, follows as a ``positive``).
     ``label_ts``: event time at which the label became known, epoch seconds.
+
+    ``label2`` (the second label, ``join.conversion_window_s`` set; None: not known by
+    this record): "clicked and converted" (CTCVR) of the impression. Records of every
+    impression not clicked carry 0 (final, or provisional as their click label is); a
+    clicked impression's comes in a record of its own, kind ``conversion`` (1, at the
+    conversion) or ``no_conversion`` (0, when the conversion window closes), with label 1
+    and WEIGHT 0: it teaches the second task only, its click was sent already.
     """
 
     impression: Impression
@@ -194,10 +211,13 @@ class LabeledExample:
     label_ts: float
     weight: float = 1.0
     kind: str = "positive"
+    label2: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = self.impression.to_dict()
         d.update(label=self.label, label_ts=self.label_ts, weight=self.weight, kind=self.kind)
+        if self.label2 is not None:
+            d["label2"] = self.label2
         return d
 
     @staticmethod
@@ -206,13 +226,21 @@ class LabeledExample:
         label = d.get("label")
         if label not in (0, 1):
             raise InvalidEvent("bad_value", f"label must be 0 or 1, got {label!r}")
+        label2 = d.get("label2")
+        if label2 is not None and (isinstance(label2, bool) or label2 not in (0, 1)):
+            raise InvalidEvent("bad_value", f"label2 must be 0, 1 or absent, got {label2!r}")
         return LabeledExample(
             impression=imp,
             label=int(label),
             label_ts=_ts(d, "label_ts"),
             weight=_finite(d, "weight", required=False, default=1.0),
             kind=str(d.get("kind", "positive")),
+            label2=None if label2 is None else int(label2),
         )
+
+
+#: kinds of the records that teach the second label only (weight 0 for the click)
+TASK1_KINDS = frozenset({"conversion", "no_conversion"})
 
 
 #: Bytes of a rejected record's value that its dead letter keeps (base64 in ``raw_b64``);
@@ -418,9 +446,19 @@ def parse_click(raw: bytes | str) -> Click:
 
 
 def _click_from_obj(d: Mapping[str, Any]) -> Click:
+    """A click, or with ``"type": "conversion"`` a conversion; another ``type`` is
+    refused (``bad_value``) rather than read as a click."""
     user = d.get("user_id")
+    kind = d.get("type")
+    if kind is not None and kind not in ("click", "conversion"):
+        raise InvalidEvent(
+            "bad_value",
+            f"field 'type' of a clicks record must be 'click' or 'conversion', "
+            f"got {str(kind)[:50]!r}",
+        )
     return Click(impression_id=_str_id(d, "impression_id"), ts=_ts(d),
-                 user_id=None if user is None else intern(_str_id(d, "user_id")))  # fmt: skip
+                 user_id=None if user is None else intern(_str_id(d, "user_id")),
+                 conversion=kind == "conversion")  # fmt: skip
 
 
 def parse_input(raw: bytes | str | None, topic: str) -> Impression | Click | Watermark:

@@ -29,6 +29,7 @@ from features.config import FeatureConfig
 from features.replay import attach_log
 from features.stage import FeatureStage
 from learners.ranker import RankerConfig, TorchRanker
+from learners.ranker_config import MULTITASK_MODELS
 from learners.weighting import time_decay_weights
 from logs.events import without_history
 from logs.io import frame_to_rows, read_log_frame
@@ -288,7 +289,7 @@ def learns_task1(learner: Any) -> bool:
     cfg = getattr(learner, "config", None)
     return (
         isinstance(cfg, RankerConfig)
-        and cfg.model == "mmoe"
+        and cfg.model in MULTITASK_MODELS
         and cfg.num_tasks >= 2
         and hasattr(learner, "predict_tasks_many")
     )

@@ -476,6 +476,37 @@ def calibration_dashboard() -> Dashboard:
         "from the clicks that arrived against the clicks the served scores predicted; it "
         "decays as the ranker catches up.",
     )
+    lay.timeseries(
+        "Second label (clicked and converted): predicted vs conversions",
+        [
+            ("streamrec_second_label_ratio", "lifetime predicted / conversions"),
+            (
+                "increase(streamrec_second_label_predicted_total[1h]) "
+                "/ increase(streamrec_second_label_outcomes_total[1h])",
+                "last hour predicted / conversions",
+            ),
+        ],
+        w=12,
+        thresholds=_band(0.9, 1.1),
+        description="A two-task ranker with join.conversion_window_s set: its P(clicked and "
+        "converted) summed over the impressions judged, over the conversions seen (1 = "
+        "calibrated). Conversions come up to join.window_s + conversion_window_s after "
+        "their impressions, so the ratio runs high while they are on their way; empty "
+        "without a second label.",
+    )
+    lay.timeseries(
+        "Conversions by outcome (per 5m)",
+        [
+            (
+                "sum by (outcome) (increase(streamrec_conversions_total[5m]))",
+                "{{outcome}}",
+            )
+        ],
+        w=12,
+        description="Conversion events the joiner attached to a clicked impression, late "
+        "(after the conversion window, or duplicates), orphan (no click came) or ignored "
+        "(no conversion window set).",
+    )
     annotations = [
         _annotation(
             "Recalibrations",

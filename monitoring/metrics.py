@@ -180,6 +180,28 @@ class StreamrecMetrics:
         self.late_clicks = counter(
             "late_clicks", "Clicks arriving after their negative was emitted (corrections)."
         )
+        # the second label (join.conversion_window_s; issue 17 item 4)
+        self.conversion_events = counter(
+            "conversion_events", "Conversion events received (on the clicks topic)."
+        )
+        self.conversions = counter(
+            "conversions",
+            "Conversion events by what the joiner did with them: attached (to a clicked "
+            "impression, within its conversion window), late (after that window, or a "
+            "duplicate), orphan (no click came within join.orphan_grace_s), ignored (no "
+            "conversion window set). Waiting ones are not counted yet.",
+            ("outcome",),
+        )
+        for outcome in ("attached", "late", "orphan", "ignored"):
+            self.conversions.labels(outcome=outcome)
+        self.second_labels = counter(
+            "second_labels",
+            "Second labels (clicked and converted) sent by the joiner in their own records: "
+            "1 at a conversion, 0 when a clicked impression's conversion window closed.",
+            ("label",),
+        )
+        for label in ("0", "1"):
+            self.second_labels.labels(label=label)
         self.dead_letters = counter(
             "dead_letters", "Events sent to the dead-letter topic, by reason.", ("reason",)
         )
@@ -220,6 +242,25 @@ class StreamrecMetrics:
             " (crashed or killed), persisted across restarts: a crash loop makes it climb.",
         )
         self.scored = counter("scored", "Progressive predictions scored before training.")
+        self.second_label_predicted = counter(
+            "second_label_predicted",
+            "Sum of the ranker's P(clicked and converted) over the impressions the monitor "
+            "judged (a two-task ranker; each impression once, its first record's score).",
+        )
+        self.second_label_judged = counter(
+            "second_label_judged", "Impressions judged with a P(clicked and converted)."
+        )
+        self.second_label_outcomes = counter(
+            "second_label_outcomes",
+            "Conversions (second labels 1) the monitor has seen; with "
+            "second_label_predicted_total, the second task's calibration.",
+        )
+        self.second_label_ratio = gauge(
+            "second_label_ratio",
+            "Lifetime sum of P(clicked and converted) over conversions seen (1 = calibrated; "
+            "conversions come up to join.window_s + conversion_window_s after their "
+            "impression, so it runs high while they are on their way).",
+        )
         self.monitored = counter(
             "monitored", "Examples the calibration monitor has judged: with fresh labels one "
             "per impression, on its final label once its attribution window closed (so below "

@@ -90,6 +90,9 @@ class ServingConfig:
             call); 1 answers each alone on the gate's threads.
         batch_wait_ms: most milliseconds the batcher waits for more requests after the
             first of a batch arrives.
+        second_label: ``/score`` also returns each item's ``p_ctcvr``, the ranker's
+            P(clicked and converted) (uncalibrated; a ranker with a task 1 only). Set by
+            ``Settings`` when ``join.conversion_window_s`` is.
     """
 
     max_k: int = 100
@@ -105,6 +108,7 @@ class ServingConfig:
     max_connections: int = 256
     batch: int = 32
     batch_wait_ms: float = 2.0
+    second_label: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_k", "candidates", "max_candidates", "max_context", "max_inflight",
@@ -310,8 +314,15 @@ class Recommender:
         queries: Sequence[tuple[str, Sequence[str], Mapping[str, str | float]]],
     ) -> np.ndarray:
         """The ranker's P(click) of every ``(user_id, items, context)`` query's rows
-        (:meth:`_rows`), query after query: (N,) for N items in all. Without historical
-        features the rows differ only in ``item_id``: a
+        (:meth:`_query_rows`), query after query: (N,) for N items in all."""
+        rows = self._query_rows(queries)
+        return np.asarray(ranker.predict_proba_many(rows)) if len(rows) else np.zeros(0)
+
+    def _query_rows(
+        self, queries: Sequence[tuple[str, Sequence[str], Mapping[str, str | float]]]
+    ) -> Sequence[Mapping[str, object]]:
+        """The ranker's input rows of every ``(user_id, items, context)`` query, query
+        after query. Without historical features the rows differ only in ``item_id``: a
         :class:`~learners.encoding.CandidateRows`, whose encoding encodes each query's row
         once (the same values)."""
         rows: Sequence[Mapping[str, object]]
@@ -338,7 +349,7 @@ class Recommender:
                 heads.append(base)
                 extras.append(extra)
             rows = CandidateRows(heads, [items for _, items, _ in queries], extras)
-        return np.asarray(ranker.predict_proba_many(rows)) if len(rows) else np.zeros(0)
+        return rows
 
     def _rank(
         self, user_id: str, items: Sequence[str], context: Mapping[str, str | float]
@@ -485,7 +496,9 @@ class Recommender:
 
         Returns ``{"user_id", "items": [{"item_id", "score", "p_raw"}, ...],
         "index_version"`` (None before the first snapshot), ``"model_version"``,
-        ``"calibrator_version"``, ``"timing_ms": {"total"}}``.
+        ``"calibrator_version"``, ``"timing_ms": {"total"}}``. With
+        ``ServingConfig.second_label`` and a ranker with a task 1, each item also has
+        ``"p_ctcvr"``: P(clicked and converted), ESMM's pCTR x pCVR or the direct task's.
 
         Raises:
             ServingError: 400 for a bad user id, context, or item list (not a list of
@@ -499,12 +512,21 @@ class Recommender:
         self._count_dropped(user_id, ctx)
         snapshot = self.index.current
         p_raw, p, model_version, cal_version = self._rank(user_id, items, ctx)
+        answers = [
+            {"item_id": item, "score": float(p[j]), "p_raw": float(p_raw[j])}
+            for j, item in enumerate(items)
+        ]
+        ranker = self.ranker()
+        if self.config.second_label and ranker.has_task1:
+            rows = self._query_rows([(user_id, items, ctx)])
+            p2 = ranker.predict_tasks_many(rows)["task1"]
+            if not np.all(np.isfinite(p2)):
+                raise ServingError(503, "the model produced a non-finite score; not served")
+            for answer, value in zip(answers, p2.tolist(), strict=True):
+                answer["p_ctcvr"] = value
         return {
             "user_id": user_id,
-            "items": [
-                {"item_id": item, "score": float(p[j]), "p_raw": float(p_raw[j])}
-                for j, item in enumerate(items)
-            ],
+            "items": answers,
             "index_version": None if snapshot is None else snapshot.version,
             "model_version": model_version,
             "calibrator_version": cal_version,

@@ -242,7 +242,7 @@ def replay_cmd(
     settings = load_settings(config, broker=broker, partitions=partitions)
     if speedup is not None and speedup <= 0:
         raise click.BadParameter("must be > 0", param_hint="--speedup")
-    gap = settings.join.window_s + settings.join.lateness_s + 1
+    gap = settings.final_watermark_gap_s
     try:
         # a log the workers would refuse fails here, before the broker is touched
         frame = read_log_frame(log_path)

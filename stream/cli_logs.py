@@ -46,9 +46,18 @@ def _output_file(path: str | None, what: str) -> None:
     show_default=True,
     help="A world where history matters: fatigue, drifting taste, popularity waves.",
 )
+@click.option(
+    "--conversion",
+    default=None,
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    metavar="CVR",
+    help="Add a second outcome after the click: conversions with mean P(conversion | click) "
+    "CVR (columns conversion, conversion_ts, true_cvr; replayed as conversion events).",
+)
 def generate(
-    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float, history: bool
-) -> None:
+    out: str, impressions: int, seed: int, drift_at: float, drift_multiplier: float,
+    history: bool, conversion: float | None,
+) -> None:  # fmt: skip
     """Write a synthetic log with known true click probabilities (and a .meta.json)."""
     from logs.log_format import LogFormatError
     from logs.synthetic import SyntheticConfig, write_synthetic
@@ -59,7 +68,8 @@ def generate(
         cfg = SyntheticConfig(
             n_impressions=impressions, seed=seed,
             drift_at=None if drift_at < 0 else drift_at, drift_multiplier=drift_multiplier,
-            history=history,
+            history=history, conversion=conversion is not None,
+            base_cvr=0.1 if conversion is None else conversion,
         )  # fmt: skip
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

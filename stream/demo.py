@@ -493,8 +493,9 @@ class DemoError(RuntimeError):
 
 
 def _final_gap(settings: Settings) -> float:
-    """The replay's final watermark gap: past the join window and its lateness."""
-    return settings.join.window_s + settings.join.lateness_s + 1
+    """The replay's final watermark gap: past the join (and conversion) window and its
+    lateness."""
+    return settings.final_watermark_gap_s
 
 
 #: ``_wait_done`` gives up when the worker's counters (impressions and clicks read,

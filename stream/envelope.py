@@ -30,7 +30,7 @@ cannot be decoded at all is rejected whole (``bad_envelope``, or ``unsupported_v
 b'\\xffSRE\\x01'
 >>> decoded = decode_envelope(raw, "clicks")
 >>> decoded[0][0]
-Click(impression_id='a', ts=1700000000.0)
+Click(impression_id='a', ts=1700000000.0, conversion=False)
 >>> decode_envelope(encode_envelope("clicks", [{"impression_id": "a"}]), "clicks")[0][0]
 InvalidEvent("missing_field: field 'ts' is required")
 """

@@ -74,6 +74,33 @@ field). A click later than ``T`` (and within ``W``) is a **late click**: counted
 monitor judges the final label while the model is not trained on the impression again
 (its censored record stands; ``emit_corrections`` is not used).
 
+**The second label** (``conversion_window_s`` set; None, the default: conversion events
+are counted in ``conversions_ignored`` and dropped). A conversion is a ``clicks`` record
+with ``conversion`` set (``"type": "conversion"``), at most ``conversion_window_s`` after
+its impression's click. Every record the joiner sends gains ``label2``, the impression's
+"clicked and converted" label, where this record knows it: 0 on the records of an
+impression not clicked (its ``negative`` or ``fake_negative``: final or provisional as its
+click label is), None on a click's records. A clicked impression waits in ``converting``
+(its deadline ``click_ts + conversion_window_s``) and is sent once more, with label 1 and
+weight 0 (its click was sent already): as a ``conversion`` (``label2=1``, ``label_ts`` the
+conversion time) when its conversion comes, or, when the watermark passes the deadline, as
+a ``no_conversion`` (``label2=0``) unless a record of it carried ``label2=0`` already (a
+fake negative, a DFM negative, a negative before a late click: under those schemes the
+second label is provisional too, 0 first and 1 on conversion, like the click's). With
+``"window"`` (final labels) every clicked impression's second label leaves when its
+conversion window ends, converted or not, like its click label when its attribution window
+ends: on its positive (``label2`` 1 or 0) if the conversion window ended first, else in
+its own record at the conversion window's end. Any slice of that stream then has the true
+conversion rate; sent at once, conversions would run ahead of the non-conversions of
+their time, and the first minutes would teach the second task a rate near 1. A
+conversion for an impression not waiting is counted: ``late_conversions`` (its impression
+was clicked: after the window, or a duplicate) and dropped; one whose click is not known
+yet waits for it like an orphan click (``orphan_grace_s``, ``max_orphans``), and is
+counted in ``orphan_conversions`` and dropped if it never comes. ``converting`` holds at
+most ``max_pending`` impressions (beyond it the oldest closes early); neither it nor the
+waiting conversions are saved across a restart (a known gap: their second labels are
+lost, README "A second label").
+
 >>> j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0))
 >>> j.on_impression(Impression("a", 100.0, "u", "i"))
 []
@@ -117,6 +144,16 @@ STARTUP_MAX_DELAYS = 5_000
 DELAYED_FEEDBACK_SCHEMES = ("window", "fake_negative", "dfm")
 
 
+@dataclass(slots=True)
+class _Converting:
+    """A clicked impression waiting for its conversion (the second label)."""
+
+    impression: Impression
+    click_ts: float
+    zero_sent: bool  # a record of it carried label2=0 (no no_conversion record then)
+    conversion_ts: float | None = None  # "window": came while the impression was pending
+
+
 @dataclass(frozen=True)
 class JoinConfig:
     """Joiner settings, seconds of event time.
@@ -155,6 +192,9 @@ class JoinConfig:
         startup_delay_prior_s: the prior mean click delay of that estimate, seconds (> 0).
         startup_prior_clicks: its weight, in clicks (>= 0; 0: the observed mean alone, 1
             s until the first click).
+        conversion_window_s: the second label's window: a conversion counts if it comes at
+            most this long after its impression's click (None: conversions are ignored,
+            no record carries ``label2``; see the module doc).
     """
 
     window_s: float = 1800.0
@@ -175,8 +215,14 @@ class JoinConfig:
     startup_compensation: bool = False
     startup_delay_prior_s: float = 60.0
     startup_prior_clicks: float = 10.0
+    conversion_window_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.conversion_window_s is not None and not self.conversion_window_s > 0:
+            raise ValueError(
+                f"JoinConfig.conversion_window_s must be > 0 or None, got "
+                f"{self.conversion_window_s}"
+            )
         if not (self.startup_delay_prior_s > 0 and self.startup_prior_clicks >= 0):
             raise ValueError(
                 "JoinConfig.startup_delay_prior_s must be > 0 and startup_prior_clicks >= 0"
@@ -218,6 +264,11 @@ class JoinCounters:
     orphan_clicks: int = 0
     forced_negatives: int = 0
     fake_negatives: int = 0  # delayed_feedback="fake_negative": negatives sent at impression
+    conversions: int = 0  # conversions attached (label2=1: own record, or on the positive)
+    no_conversions: int = 0  # clicked, window closed unconverted (label2=0 sent)
+    late_conversions: int = 0  # for a clicked impression no longer waiting: dropped
+    orphan_conversions: int = 0  # for an impression with no click known: dropped
+    conversions_ignored: int = 0  # conversion_window_s None: dropped
 
 
 class OnlineJoiner:
@@ -264,6 +315,14 @@ class OnlineJoiner:
         #: impression_id -> its :func:`impression_bytes` while pending (computed once: an
         #: impression with history features has ~50 of them)
         self._pending_size: dict[str, int] = {}
+        #: the second label: clicked impressions waiting for their conversion, id ->
+        #: (impression, click ts, a record of it carried label2=0), and their deadlines
+        self.converting: dict[str, _Converting] = {}
+        self._conv_deadlines: list[tuple[float, str]] = []
+        #: conversions whose click has not come yet (the clicks input ran ahead of the
+        #: impressions: the click waits as an orphan), id -> conversion ts; bounded like
+        #: orphan clicks (``orphan_grace_s``, ``max_orphans``)
+        self.early_conversions: OrderedDict[str, float] = OrderedDict()
 
     @property
     def state_bytes(self) -> int:
@@ -419,10 +478,12 @@ class OnlineJoiner:
             self._release_held(out)  # at once unless align_fake_negatives
         if click_ts is not None and in_window and self._positives_at_click:
             self._label(imp, 1, max(click_ts, imp.ts), "positive", out)
+            self._converting(imp, click_ts, self._fake_negatives, out)
         else:
             self._add_pending(iid, imp)
             if click_ts is not None and in_window:
                 self.clicked[iid] = click_ts
+                self._converting(imp, click_ts, False, out)
             heapq.heappush(self._deadlines, (imp.ts + self._horizon, iid))
             cfg = self.config
             while self.pending and (len(self.pending) > cfg.max_pending
@@ -432,10 +493,15 @@ class OnlineJoiner:
         return out
 
     def on_click(self, click: Click) -> list[LabeledExample]:
+        """A click, or a conversion (``click.conversion``: see the module doc)."""
         self._see("clicks", click.ts)
         iid = click.impression_id
         out: list[LabeledExample] = []
         self._release_held(out)  # negatives up to this click's time go before its positive
+        if click.conversion:
+            self._on_conversion(click, out)
+            out.extend(self._expire())
+            return out
         imp = self.pending.get(iid)
         if imp is not None:
             if iid in self.clicked:
@@ -451,8 +517,10 @@ class OnlineJoiner:
                     elif self._positives_at_click:
                         self._pop_pending(iid)
                         self._label(imp, 1, click.ts, "positive", out)
+                        self._converting(imp, click.ts, self._fake_negatives, out)
                     else:
                         self.clicked[iid] = click.ts
+                        self._converting(imp, click.ts, False, out)
             # a click after the window on a pending impression: the negative will follow
         elif iid in self.done:
             label, _, packed = self.done[iid]
@@ -462,7 +530,9 @@ class OnlineJoiner:
                 self.counters.clicks += 1  # a click after the window: the negative stands
             elif self.config.delayed_feedback == "fake_negative":
                 self.counters.clicks += 1  # the negative was provisional: add the positive
-                self._label(packed.unpack(), 1, click.ts, "positive", out)
+                imp = packed.unpack()
+                self._label(imp, 1, click.ts, "positive", out)
+                self._converting(imp, click.ts, True, out)
             elif self._dfm:
                 self.counters.clicks += 1  # after T: its censored record stands
                 self._late_click(packed.unpack(), click.ts, out)
@@ -470,9 +540,11 @@ class OnlineJoiner:
                 self.counters.clicks += 1
                 self.counters.late_clicks += 1
                 self._set_done(iid, 1, click.ts, None)
+                imp = packed.unpack()
                 if self.config.emit_corrections:
                     self.counters.corrections += 1
-                    out.append(LabeledExample(packed.unpack(), 1, click.ts, 1.0, "correction"))
+                    out.append(LabeledExample(imp, 1, click.ts, 1.0, "correction"))
+                self._converting(imp, click.ts, True, out)  # its negative carried label2=0
         elif iid in self.orphan_clicks:
             self.counters.duplicate_clicks += 1
         else:
@@ -503,9 +575,12 @@ class OnlineJoiner:
         return self._expire()
 
     def _label(
-        self, imp: Impression, label: int, label_ts: float, kind: str, out: list[LabeledExample]
-    ) -> None:
-        out.append(LabeledExample(imp, label, label_ts, 1.0, kind))
+        self, imp: Impression, label: int, label_ts: float, kind: str, out: list[LabeledExample],
+        label2: int | None = None,
+    ) -> None:  # fmt: skip
+        if label == 0 and self.config.conversion_window_s is not None:
+            label2 = 0
+        out.append(LabeledExample(imp, label, label_ts, 1.0, kind, label2))
         self._set_done(imp.impression_id, label, label_ts, None if label else imp)
         if label:
             self.counters.positives += 1
@@ -530,6 +605,101 @@ class OnlineJoiner:
         return self.config.delayed_feedback == "dfm"
 
     @property
+    def _fake_negatives(self) -> bool:
+        return self.config.delayed_feedback == "fake_negative"
+
+    # -- the second label (conversion_window_s; see the module doc)
+    def _converting(
+        self, imp: Impression, click_ts: float, zero_sent: bool, out: list[LabeledExample]
+    ) -> None:
+        """A click on ``imp`` counted: it waits for its conversion (or takes the one that
+        came first and waited). ``zero_sent``: a record of it carried ``label2=0`` already
+        (no ``no_conversion`` record then)."""
+        window = self.config.conversion_window_s
+        iid = imp.impression_id
+        if window is None or iid in self.converting:
+            return
+        entry = self.converting[iid] = _Converting(imp, click_ts, zero_sent)
+        heapq.heappush(self._conv_deadlines, (click_ts + window, iid))
+        early = self.early_conversions.pop(iid, None)
+        if early is not None:
+            self._attach(iid, entry, early, out)
+
+    def _on_conversion(self, conv: Click, out: list[LabeledExample]) -> None:
+        c = self.counters
+        window = self.config.conversion_window_s
+        if window is None:
+            c.conversions_ignored += 1
+            return
+        iid = conv.impression_id
+        waiting = self.converting.get(iid)
+        if waiting is not None and waiting.conversion_ts is None:
+            self._attach(iid, waiting, conv.ts, out)
+            return
+        known = self.done.get(iid)
+        if waiting is not None or (known is not None and known[0] == 1):
+            c.late_conversions += 1  # a duplicate, or after its window closed
+        elif iid in self.early_conversions:
+            c.late_conversions += 1  # a duplicate of one waiting for its click
+        else:  # its click (or impression) has not come yet: it waits, like an orphan click
+            self.early_conversions[iid] = conv.ts
+            while len(self.early_conversions) > self.config.max_orphans:
+                self.early_conversions.popitem(last=False)
+                c.orphan_conversions += 1
+
+    def _attach(self, iid: str, waiting: _Converting, conv_ts: float,
+                out: list[LabeledExample]) -> None:  # fmt: skip
+        """A conversion at ``conv_ts`` for the clicked impression ``waiting``."""
+        window = self.config.conversion_window_s
+        assert window is not None
+        if conv_ts - waiting.click_ts > window:
+            self.counters.late_conversions += 1  # its no_conversion (if any) follows
+            return
+        self.counters.conversions += 1
+        if self.config.delayed_feedback == "window":  # sent when its window ends
+            waiting.conversion_ts = conv_ts
+            return
+        del self.converting[iid]
+        ts = max(conv_ts, waiting.click_ts)
+        out.append(LabeledExample(waiting.impression, 1, ts, 0.0, "conversion", 1))
+
+    def _label2_at_close(self, iid: str, click_ts: float) -> int | None:
+        """``"window"``: the second label a clicked impression's positive carries when its
+        attribution window closes, if its conversion window ended by then
+        (``click_ts + conversion_window_s <= ts + window_s``): 1 if its conversion came,
+        else 0; otherwise None (it keeps waiting and follows in a record of its own at
+        its conversion window's end, whatever the outcome)."""
+        waiting = self.converting.get(iid)
+        window = self.config.conversion_window_s
+        if waiting is None or window is None:
+            return None
+        if click_ts + window > waiting.impression.ts + self.config.window_s:
+            return None
+        del self.converting[iid]
+        if waiting.conversion_ts is not None:
+            return 1
+        self.counters.no_conversions += 1
+        return 0
+
+    def _close_conversions(self, wm: float, out: list[LabeledExample]) -> None:
+        """Close the conversion windows that ended before ``wm`` (and the oldest beyond
+        ``max_pending`` waiting): a ``no_conversion`` record unless one carried label2=0.
+        An impression still pending (``"window"``) is left to its positive."""
+        dl, waiting = self._conv_deadlines, self.converting
+        while dl and (dl[0][0] < wm or len(waiting) > self.config.max_pending):
+            deadline, iid = heapq.heappop(dl)
+            entry = waiting.get(iid)
+            if entry is None or iid in self.pending:
+                continue  # converted, or its label rides on its positive
+            del waiting[iid]
+            if entry.conversion_ts is not None:  # "window": held until its window's end
+                out.append(LabeledExample(entry.impression, 1, entry.conversion_ts, 0.0,
+                                          "conversion", 1))  # fmt: skip
+            elif not entry.zero_sent:
+                self.counters.no_conversions += 1
+                out.append(LabeledExample(entry.impression, 1, deadline, 0.0, "no_conversion", 0))
+
+    @property
     def _horizon(self) -> float:
         """Seconds after its ``ts`` at which an unclicked impression is labelled: ``T`` for
         ``"dfm"``, the window ``W`` otherwise."""
@@ -542,6 +712,7 @@ class OnlineJoiner:
         self.counters.late_clicks += 1
         self._set_done(imp.impression_id, 1, click_ts, None)
         out.append(LabeledExample(imp, 1, click_ts, 0.0, "late_click"))
+        self._converting(imp, click_ts, True, out)  # its negative carried label2=0
 
     def _release_held(self, out: list[LabeledExample]) -> None:
         """Send the held fake negatives whose event time the clicks input has reached (all
@@ -561,7 +732,9 @@ class OnlineJoiner:
     def _send_fake_negative(self, imp: Impression, out: list[LabeledExample]) -> None:
         self._held_ids.discard(imp.impression_id)
         self.counters.fake_negatives += 1
-        out.append(LabeledExample(imp, 0, imp.ts, self._startup_weight(imp.ts), "fake_negative"))
+        label2 = None if self.config.conversion_window_s is None else 0
+        out.append(LabeledExample(imp, 0, imp.ts, self._startup_weight(imp.ts), "fake_negative",
+                                  label2))  # fmt: skip
 
     def _startup_weight(self, ts: float) -> float:
         """The weight of a fake negative at event time ``ts``: 1, or with
@@ -621,7 +794,8 @@ class OnlineJoiner:
         elif click_ts is None:
             self._label(imp, 0, deadline, "negative", out)
         else:
-            self._label(imp, 1, click_ts, "positive", out)
+            self._label(imp, 1, click_ts, "positive", out,
+                        self._label2_at_close(imp.impression_id, click_ts))  # fmt: skip
 
     def _force_oldest(self, out: list[LabeledExample]) -> None:
         while self._deadlines:
@@ -642,6 +816,15 @@ class OnlineJoiner:
             imp = self._pop_pending(iid)
             if imp is not None:
                 self._close(imp, deadline, out)
+        if self._conv_deadlines:
+            self._close_conversions(wm, out)
+        early = self.early_conversions
+        while early:
+            iid, cts = next(iter(early.items()))
+            if cts >= wm - self.config.orphan_grace_s:
+                break
+            early.popitem(last=False)
+            self.counters.orphan_conversions += 1
         grace = wm - self.config.orphan_grace_s
         while self.orphan_clicks:
             iid, cts = next(iter(self.orphan_clicks.items()))

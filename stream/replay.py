@@ -48,6 +48,7 @@ REPLAY_FORMATS = ("envelope", "json")
 class ReplayStats:
     impressions: int = 0
     clicks: int = 0
+    conversions: int = 0
     watermarks: int = 0
     records: int = 0  # Kafka records sent (envelopes count once, watermarks per partition)
     seconds: float = 0.0
@@ -56,21 +57,40 @@ class ReplayStats:
 
     @property
     def events_per_s(self) -> float:
-        return (self.impressions + self.clicks) / self.seconds if self.seconds > 0 else math.nan
+        events = self.impressions + self.clicks + self.conversions
+        return events / self.seconds if self.seconds > 0 else math.nan
 
 
-def event_order(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merged event-time order: arrays (event ts, row index, is_click) sorted stably."""
+#: event kinds of :func:`event_order` (with ``conversions``)
+IMPRESSION, CLICK, CONVERSION = 0, 1, 2
+
+
+def event_order(
+    df: pd.DataFrame, *, conversions: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merged event-time order: arrays (event ts, row index, kind) sorted stably, kind
+    :data:`IMPRESSION` (0) or :data:`CLICK` (1) as a bool ``is_click``; with
+    ``conversions`` and a log with a ``conversion`` column, also :data:`CONVERSION` (2)
+    events at ``conversion_ts`` (kind then int8). At equal times impressions go first,
+    then clicks, then conversions."""
     n = len(df)
     ts = df["ts"].to_numpy(dtype=np.float64)
     clicked = df["click"].to_numpy() == 1
     click_ts = df["click_ts"].to_numpy(dtype=np.float64)
     click_rows = np.flatnonzero(clicked & np.isfinite(click_ts))
-    ev_ts = np.concatenate([ts, click_ts[click_rows]])
-    ev_row = np.concatenate([np.arange(n), click_rows])
-    ev_click = np.concatenate([np.zeros(n, bool), np.ones(len(click_rows), bool)])
-    order = np.lexsort((ev_click, ev_ts))  # by time, impressions first at ties
-    return ev_ts[order], ev_row[order], ev_click[order]
+    parts_ts = [ts, click_ts[click_rows]]
+    parts_row = [np.arange(n), click_rows]
+    parts_kind = [np.zeros(n, np.int8), np.ones(len(click_rows), np.int8)]
+    if conversions and "conversion" in df.columns:
+        conv_ts = df["conversion_ts"].to_numpy(dtype=np.float64)
+        conv_rows = np.flatnonzero((df["conversion"].to_numpy() == 1) & np.isfinite(conv_ts))
+        parts_ts.append(conv_ts[conv_rows])
+        parts_row.append(conv_rows)
+        parts_kind.append(np.full(len(conv_rows), CONVERSION, np.int8))
+    ev_ts, ev_row, ev_kind = map(np.concatenate, (parts_ts, parts_row, parts_kind))
+    order = np.lexsort((ev_kind, ev_ts))  # by time, impressions first at ties
+    kind = ev_kind[order]
+    return ev_ts[order], ev_row[order], (kind if len(parts_kind) > 2 else kind.astype(bool))
 
 
 def check_replayable(
@@ -95,18 +115,13 @@ def check_replayable(
     refused row and the reason; a smaller share is a warning (those rows become dead
     letters with their reasons, as in production). A full check would cost ~5 µs a row.
 
-    A log with a second outcome (``conversion``) is replayed without it, with a warning.
+    A log with a second outcome (``conversion``) is replayed with it: its conversions go
+    to ``clicks`` as conversion records (:class:`logs.events.Click`), at ``conversion_ts``.
 
     ``df``: a log in normal form (:func:`logs.io.read_log_frame`); ``now``: epoch seconds
     (default: this machine's clock). Raises :class:`~logs.log_format.LogFormatError`."""
     if df.empty:
         return
-    if "conversion" in df.columns:
-        log.warning(
-            "%s: its conversion columns are not replayed: the stream carries no second label "
-            "yet (only `streamrec evaluate --model mmoe` learns it; README 'A second label')",
-            source,
-        )
     ts = df["ts"].to_numpy(dtype=np.float64)
     if ts[0] < MIN_TS:
         raise LogFormatError(
@@ -214,7 +229,7 @@ def replay(
     imps = log_impressions(df)
     ids = df["impression_id"].to_numpy(dtype=object)
     users = df["user_id"].to_numpy(dtype=object)
-    ev_ts, ev_row, ev_click = event_order(df)
+    ev_ts, ev_row, ev_kind = event_order(df, conversions=True)
     # acks=1 (at-least-once; Tansu has no transactions): kafka-python >= 2.1 defaults to an
     # idempotent producer and warns at the user that acks=1 turns it off; say so instead
     no_idempotence = (
@@ -255,31 +270,34 @@ def replay(
         ts0 = float(ev_ts[0])
         stats.first_ts = ts0
         bar = tqdm(total=len(ev_ts), unit="ev", disable=not progress, desc="replay")
-        for k, (ts, row, is_click) in enumerate(_iter(ev_ts, ev_row, ev_click)):
+        for k, (ts, row, kind) in enumerate(_iter(ev_ts, ev_row, ev_kind)):
             if speedup:
                 delay = (ts - ts0) / speedup - (time.monotonic() - t0)
                 if delay > 0:
                     events.send_pending()  # what is due leaves now, not after the sleep
                     time.sleep(delay)
             if fmt == "envelope":
-                if is_click:
-                    events.send_click(
-                        {"impression_id": str(ids[row]), "ts": ts, "user_id": str(users[row])}
-                    )
-                else:
+                if kind == IMPRESSION:
                     events.send_impression(imps[row].to_dict())
+                else:
+                    event = {"impression_id": str(ids[row]), "ts": ts, "user_id": str(users[row])}
+                    if kind == CONVERSION:
+                        event["type"] = "conversion"
+                    events.send_click(event)
             else:
                 key = str(users[row]).encode()
-                if is_click:
-                    value = Click(str(ids[row]), ts, str(users[row])).to_json()
-                    producer.send(TOPIC_CLICKS, key=key, value=value)
-                else:
+                if kind == IMPRESSION:
                     producer.send(TOPIC_IMPRESSIONS, key=key, value=imps[row].to_json())
+                else:
+                    click = Click(str(ids[row]), ts, str(users[row]), kind == CONVERSION)
+                    producer.send(TOPIC_CLICKS, key=key, value=click.to_json())
                 stats.records += 1
-            if is_click:
+            if kind == IMPRESSION:
+                stats.impressions += 1
+            elif kind == CLICK:
                 stats.clicks += 1
             else:
-                stats.impressions += 1
+                stats.conversions += 1
             if (k + 1) % watermark_every == 0:
                 watermark(ts)
             if (k + 1) % 1000 == 0:
@@ -299,6 +317,6 @@ def replay(
 
 
 def _iter(
-    ev_ts: np.ndarray, ev_row: np.ndarray, ev_click: np.ndarray
-) -> Iterator[tuple[float, int, bool]]:
-    return zip(ev_ts.tolist(), ev_row.tolist(), ev_click.tolist(), strict=True)
+    ev_ts: np.ndarray, ev_row: np.ndarray, ev_kind: np.ndarray
+) -> Iterator[tuple[float, int, int]]:
+    return zip(ev_ts.tolist(), ev_row.tolist(), ev_kind.astype(np.int8).tolist(), strict=True)

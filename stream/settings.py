@@ -27,6 +27,7 @@ from learners.calibration import OffsetCalibrator, new_calibrator
 from learners.delayed_feedback import check_loss_for_scheme
 from learners.encoding import EncoderConfig
 from learners.ranker import RankerConfig
+from learners.ranker_config import MULTITASK_MODELS
 from learners.recalibration import TrackingConfig
 from learners.retrieval_fusion import FusionConfig
 from learners.two_tower import TwoTowerConfig
@@ -403,6 +404,18 @@ class Settings:
             object.__setattr__(self, "ranker", dataclasses.replace(self.ranker, loss="dfm"))
         # a delayed-feedback scheme needs its matching loss (clear error at start-up)
         check_loss_for_scheme(self.join.delayed_feedback, self.ranker.loss, fnc=self.trainer.fnc)
+        if self.join.conversion_window_s is not None and not self.serving.second_label:
+            object.__setattr__(  # /score serves what the ranker learns: pCTCVR too
+                self, "serving", dataclasses.replace(self.serving, second_label=True)
+            )
+        if self.join.conversion_window_s is not None and not (
+            self.ranker.model in MULTITASK_MODELS and self.ranker.num_tasks >= 2
+        ):
+            raise ValueError(
+                "join.conversion_window_s (the second label) needs a ranker with a second "
+                f"task: ranker.model 'mmoe' or 'ple' with num_tasks >= 2, got "
+                f"model={self.ranker.model!r}"
+            )
         if self.ranker.fnc != self.trainer.fnc:  # FNC is the ranker's output link
             object.__setattr__(
                 self, "ranker", dataclasses.replace(self.ranker, fnc=self.trainer.fnc)
@@ -470,6 +483,14 @@ class Settings:
     @property
     def faust_broker(self) -> str:
         return ";".join(f"kafka://{h}" for h in self.bootstrap.split(","))
+
+    @property
+    def final_watermark_gap_s(self) -> float:
+        """Seconds past a replayed log's last event for its final watermark: every
+        attribution window (``join.window_s``) and conversion window
+        (``join.conversion_window_s``) closes, lateness included."""
+        j = self.join
+        return max(j.window_s, j.conversion_window_s or 0.0) + j.lateness_s + 1
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security keyword arguments for a kafka-python or aiokafka client ({} for
@@ -550,6 +571,8 @@ def _coerce(value: str, default: object, annotation: object = "") -> object:
         if value.strip().lower() in ("", "auto", "none"):
             return None
         return value.lower() in ("1", "true", "yes", "on")
+    if default is None and "float" in str(annotation):  # float | None: "" or "none" is None
+        return None if value.strip().lower() in ("", "none") else float(value)
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):
@@ -666,8 +689,13 @@ def _load_settings(
         for fld in dataclasses.fields(cls):
             var = f"STREAMREC_{name.upper()}__{fld.name.upper()}"
             default = fld.default
-            if var in env and fld.name not in section and isinstance(default, (str, int, float)):
-                section[fld.name] = _coerce_var(var, env[var], default)
+            optional_float = default is None and "float" in str(fld.type)
+            if (
+                var in env
+                and fld.name not in section
+                and (isinstance(default, (str, int, float)) or optional_float)
+            ):
+                section[fld.name] = _coerce_var(var, env[var], default, fld.type)
         if name in data or section:
             kwargs[name] = _section(cls, section, name)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})

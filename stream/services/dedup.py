@@ -18,9 +18,7 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
-from logs.events import (
-    LabeledExample,
-)
+from logs.events import TASK1_KINDS, LabeledExample
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,8 @@ class SeenKeys:
         return True
 
     def filter(self, examples: Iterable[LabeledExample]) -> list[LabeledExample]:
-        """The examples whose (impression_id, label) is new: a correction (label 1 after a
+        """The examples whose (impression_id, label) is new (a record of the second label
+        alone is keyed by its kind instead of its label): a correction (label 1 after a
         label 0) or a fake negative's positive is not a duplicate. One vectorised lookup
         per frozen generation for the whole batch.
 
@@ -90,7 +89,10 @@ class SeenKeys:
         ['negative', 'correction']
         """
         batch = list(examples)
-        hashes = [hash((e.impression.impression_id, e.label)) for e in batch]
+        # a record of the second label alone (TASK1_KINDS) has label 1 like its click's:
+        # keyed apart (2), so that it is not taken for a redelivered click
+        hashes = [hash((e.impression.impression_id, 2 if e.kind in TASK1_KINDS else e.label))
+                  for e in batch]  # fmt: skip
         old = np.zeros(len(batch), dtype=bool)
         if self._frozen and batch:
             arr = np.asarray(hashes, dtype=np.int64)

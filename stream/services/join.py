@@ -16,6 +16,7 @@ from logs.events import (
     HISTORY_PREFIX,
     MAX_TS,
     MIN_TS,
+    TASK1_KINDS,
     TOPIC_CLICKS,
     Click,
     DeadLetter,
@@ -94,6 +95,8 @@ class JoinService:
         # the labelled counters' children, looked up once (labels() takes a lock and builds
         # a key: ~3% of a worker's samples when called for every emitted batch)
         self._labeled_pos = metrics.labeled.labels(label="positive")
+        #: streamrec_conversions_total by outcome, as last exported (_export_conversions)
+        self._conversions_exported: tuple[int, ...] = (0, 0, 0, 0)
         self._labeled_neg = metrics.labeled.labels(label="negative")
         self.state: JoinState = state if state is not None else MemoryJoinState()
         self.joiners: dict[int, OnlineJoiner] = {}
@@ -316,6 +319,12 @@ class JoinService:
             source = "clicks" if topic == TOPIC_CLICKS else "impressions"
             out = j.on_watermark(event.ts, source)
             self._save_watermark(partition, j, force=True)
+        elif isinstance(event, Click) and event.conversion:
+            # the second label: no feature-stage click and no state of its own (the
+            # waiting conversions are not saved: see the module doc of stream.join)
+            self.metrics.conversion_events.inc()
+            out = j.on_click(event)
+            self._save_watermark(partition, j)
         elif isinstance(event, Click):
             self.metrics.clicks.inc()
             iid = event.impression_id
@@ -385,14 +394,47 @@ class JoinService:
             m.late_clicks.inc(after[2] - before[2])
         if out:
             self._count_labels(out)
+        if self.settings.join.conversion_window_s is not None or c.conversions_ignored:
+            self._export_conversions()
         return out
 
+    def _export_conversions(self) -> None:
+        """``streamrec_conversions_total`` by outcome: the joiners' counters (a conversion
+        is attached or given up on by a later click, impression or watermark too)."""
+        js = self.joiners.values()
+        now = (
+            sum(j.counters.conversions for j in js),
+            sum(j.counters.late_conversions for j in js),
+            sum(j.counters.orphan_conversions for j in js),
+            sum(j.counters.conversions_ignored for j in js),
+        )
+        for k, outcome in enumerate(("attached", "late", "orphan", "ignored")):
+            if now[k] > self._conversions_exported[k]:
+                self.metrics.conversions.labels(outcome=outcome).inc(
+                    now[k] - self._conversions_exported[k]
+                )
+        # a joiner dropped on a rebalance takes its counts along: never count down
+        self._conversions_exported = now
+
     def _count_labels(self, out: list[LabeledExample]) -> None:
-        positives = sum(e.label for e in out)
+        """``streamrec_labeled_total`` counts the click records; a clicked impression's
+        second label (its own record, :data:`logs.events.TASK1_KINDS`, or on its
+        positive) counts in ``streamrec_second_labels_total``."""
+        own = 0
+        if self.settings.join.conversion_window_s is not None:
+            second = [e.label2 for e in out if e.label and e.label2 is not None]
+            if second:
+                ones = sum(second)
+                if ones:
+                    self.metrics.second_labels.labels(label="1").inc(ones)
+                if len(second) > ones:
+                    self.metrics.second_labels.labels(label="0").inc(len(second) - ones)
+                own = sum(e.kind in TASK1_KINDS for e in out)
+        positives = sum(e.label for e in out) - own  # a second label's own record: 1
         if positives:
             self._labeled_pos.inc(positives)
-        if len(out) > positives:
-            self._labeled_neg.inc(len(out) - positives)
+        if len(out) - own > positives:
+            self._labeled_neg.inc(len(out) - own - positives)
 
     def _save_watermark(self, partition: int, j: OnlineJoiner, force: bool = False) -> None:
         now = time.monotonic()
@@ -523,6 +565,8 @@ class JoinService:
         out = self._release()
         if out:
             self._count_labels(out)
+        if self.settings.join.conversion_window_s is not None:
+            self._export_conversions()
         return out
 
     def update_gauges(self) -> None:

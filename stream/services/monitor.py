@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,6 +115,11 @@ class MonitorService:
         self._offset_pending = 0  # impressions observed since the offset's last refresh
         self._offset_now = -np.inf  # newest impression time seen (event seconds)
         self.n_seen = 0
+        #: the second label (join.conversion_window_s): Σ P(clicked and converted) of the
+        #: impressions judged, how many, and the conversions seen (:meth:`_judge_second`)
+        self.second_predicted = 0.0
+        self.second_judged = 0
+        self.second_outcomes = 0
         self.n_alarms = 0
         self.n_recalibrations = 0
         self.n_rejected = 0
@@ -152,6 +159,8 @@ class MonitorService:
         batch may carry only marks."""
         if batch.marks:
             self._take_marks(batch.marks)
+        if batch.label2:
+            self._judge_second(None, batch.label2)
         if not batch.impression_ids:
             return self._observe_labels(batch) if self.outcomes is not None else []
         out = self._feed_offset(batch) if self.offset is not None else []
@@ -225,8 +234,12 @@ class MonitorService:
         return [self._calibrator_message(self.calibrator, self._offset_now, "offset")]
 
     def _observe_labels(self, batch: ScoredBatch) -> list[ControlRecord]:
-        """The windows, drift tests and recalibration of :meth:`observe`."""
+        """The windows, drift tests and recalibration of :meth:`observe`; the second
+        label's calibration (:meth:`_judge_second`)."""
+        second = self.settings.join.conversion_window_s is not None
         if self.outcomes is None:
+            if second and batch.p2:
+                self._judge_second(np.asarray(batch.p2, dtype=np.float64), ())
             return self._observe(
                 np.asarray(batch.p, dtype=np.float64),
                 np.asarray(batch.p_raw, dtype=np.float64),
@@ -235,18 +248,41 @@ class MonitorService:
                 np.asarray(batch.segment),
             )
         late = self.outcomes.late_positives
-        self.outcomes.add(
-            batch.impression_ids,
-            ts=batch.ts,
-            label=batch.label,
-            columns={"p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment},
-        )
+        columns: dict[str, list[Any]] = {
+            "p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment,
+        }  # fmt: skip
+        if second:  # every batch has the column (NaN: a ranker without a task 1)
+            columns["p2"] = batch.p2 or [np.nan] * len(batch.p)
+        self.outcomes.add(batch.impression_ids, ts=batch.ts, label=batch.label, columns=columns)
         if self.outcomes.late_positives > late:
             self.metrics.monitor_late_positives.inc(self.outcomes.late_positives - late)
         done = self.outcomes.resolve()
         if not done:
             return []
+        if "p2" in done:
+            self._judge_second(done["p2"], ())
         return self._observe(done["p"], done["p_raw"], done["label"], done["ts"], done["segment"])
+
+    def _judge_second(self, p2: np.ndarray | None, label2: Sequence[int]) -> None:
+        """The second label's calibration: ``p2`` (N,) the ranker's P(clicked and converted)
+        of impressions judged now (each once, its first record's; NaN entries, a ranker
+        without a task 1, are skipped), ``label2`` second labels that became known
+        (conversions count). Lifetime sums: ``streamrec_second_label_ratio`` is
+        Σp2 / conversions."""
+        m = self.metrics
+        if p2 is not None:
+            ok = p2[np.isfinite(p2)]
+            if ok.size:
+                self.second_predicted += float(ok.sum())
+                self.second_judged += int(ok.size)
+                m.second_label_predicted.inc(float(ok.sum()))
+                m.second_label_judged.inc(int(ok.size))
+        ones = sum(label2)
+        if ones:
+            self.second_outcomes += ones
+            m.second_label_outcomes.inc(ones)
+        if self.second_outcomes:
+            m.second_label_ratio.set(self.second_predicted / self.second_outcomes)
 
     def _observe(
         self, p: np.ndarray, p_raw: np.ndarray, y: np.ndarray, ts: np.ndarray, segs: np.ndarray

@@ -27,7 +27,7 @@ from learners.two_tower import TwoTowerModel
 from learners.util import atomic_write
 from learners.weighting import time_decay_weights
 from logs.batches import ScoredBatch
-from logs.events import LabeledExample, example_row
+from logs.events import TASK1_KINDS, LabeledExample, example_row
 from modelstore.snapshot import Snapshot, state_copy, take_snapshot, write_snapshot
 from modelstore.store import DirectoryStore, Manifest, StoreError, WriterLock
 from monitoring.metrics import StreamrecMetrics
@@ -73,6 +73,8 @@ class StepResult:
     p: np.ndarray  # (N,) float64, calibrated
     seconds: float  # wall seconds of the score-and-learn
     skipped_nonfinite: bool  # the update was skipped (non-finite loss or gradient)
+    #: (N,) float64, the ranker's P(clicked and converted) with a second label, else None
+    p2: np.ndarray | None = None
 
 
 class TrainerService:
@@ -227,6 +229,12 @@ class TrainerService:
         return [[str(i) for i in row if i is not None] for row in ids], scores
 
     @property
+    def second_label_on(self) -> bool:
+        """The second label trains the ranker: ``join.conversion_window_s`` is set and the
+        ranker has a task 1 (``ranker.model`` "mmoe" or "ple", ``num_tasks >= 2``)."""
+        return self.settings.join.conversion_window_s is not None and self.ranker.has_task1
+
+    @property
     def models_built(self) -> bool:
         """Whether the ranker exists yet (a joiner or a replica never builds it)."""
         return self._ranker is not None
@@ -316,14 +324,32 @@ class TrainerService:
 
         With ``loss="dfm"`` each example's ``label_ts - ts`` (its click delay, or the time
         it was observed unclicked) goes to the ranker as ``elapsed``. Weight-0 examples
-        (a DFM ``late_click``) are scored for the monitor and not learnt from."""
+        (a DFM ``late_click``) are scored for the monitor and not learnt from.
+
+        The second label (:meth:`second_label_on`): each example's ``label2`` (NaN where
+        None) trains the ranker's task 1 with weight 1 (times the time decay), the records
+        of the second label alone (``conversion``, ``no_conversion``: click weight 0)
+        included; the two-tower model and the fusion never see those records (their
+        label 1 is a click already counted)."""
         batch = taken.examples
         rows = [example_row(e.impression) for e in batch]
-        y = np.fromiter((e.label for e in batch), dtype=np.float64, count=len(batch))
-        w = np.fromiter((e.weight for e in batch), dtype=np.float64, count=len(batch))
+        n = len(batch)
+        y = np.fromiter((e.label for e in batch), dtype=np.float64, count=n)
+        w = np.fromiter((e.weight for e in batch), dtype=np.float64, count=n)
+        decay = None
         if (half_life := self.settings.trainer.time_decay_half_life_s) is not None:
-            ts = np.fromiter((e.impression.ts for e in batch), dtype=np.float64, count=len(batch))
-            w *= time_decay_weights(ts, float(ts.max()), half_life)
+            ts = np.fromiter((e.impression.ts for e in batch), dtype=np.float64, count=n)
+            decay = time_decay_weights(ts, float(ts.max()), half_life)
+            w *= decay
+        y2 = w2 = None
+        learn = w > 0
+        if self.second_label_on:
+            y2 = np.fromiter((np.nan if e.label2 is None else e.label2 for e in batch),
+                             dtype=np.float64, count=n)  # fmt: skip
+            w2 = np.isfinite(y2).astype(np.float64)
+            if decay is not None:
+                w2 *= decay
+            learn |= w2 > 0
         elapsed = None
         if self.ranker.config.loss == "dfm":  # click delay, or time observed unclicked (s)
             elapsed = np.fromiter(
@@ -335,19 +361,32 @@ class TrainerService:
         t0 = time.perf_counter()
         # with trainer.fnc the ranker's FNC output link (RankerConfig.fnc) already maps the
         # p / (1 + p) it learnt from fake negatives back to p: not corrected again here
-        learn = w > 0
+        ranker = self.ranker
+        p2 = None
         if learn.all():
-            p_raw = self.ranker.score_and_learn(rows, y, w, elapsed=elapsed)
+            p_raw = ranker.score_and_learn(rows, y, w, y2=y2, elapsed=elapsed, w2=w2)
+            p2 = ranker.last_task1 if y2 is not None else None
         else:  # weight-0 rows (a DFM late click) are scored, never stepped on (Adam's
             # momentum would move the model on a batch of them alone)
-            p_raw = np.empty(len(batch), dtype=np.float64)
+            p_raw = np.empty(n, dtype=np.float64)
             idle, keep = np.flatnonzero(~learn), np.flatnonzero(learn)
-            p_raw[idle] = self.ranker.predict_proba_many([rows[k] for k in idle])
+            idle_rows = [rows[k] for k in idle]
+            p_raw[idle] = ranker.predict_proba_many(idle_rows)
+            if y2 is not None:
+                p2 = np.empty(n, dtype=np.float64)
+                p2[idle] = ranker.predict_tasks_many(idle_rows)["task1"]
             if keep.size:
-                p_raw[keep] = self.ranker.score_and_learn(
+                p_raw[keep] = ranker.score_and_learn(
                     [rows[k] for k in keep], y[keep], w[keep],
+                    y2=None if y2 is None else y2[keep],
                     elapsed=None if elapsed is None else elapsed[keep],
+                    w2=None if w2 is None else w2[keep],
                 )  # fmt: skip
+                if p2 is not None and ranker.last_task1 is not None:
+                    p2[keep] = ranker.last_task1
+        if y2 is not None and any(e.kind in TASK1_KINDS for e in batch):
+            clicks = [k for k, e in enumerate(batch) if e.kind not in TASK1_KINDS]
+            rows, y = [rows[k] for k in clicks], y[clicks]
         if self.fusion is not None:  # its clicks scored against today's retrieval, first
             self.fusion.observe_batch(rows, y, self._retrieve_now)
         if self.two_tower is not None:  # every batch: its shown items join the catalogue of
@@ -358,7 +397,7 @@ class TrainerService:
         p = self.calibrator.transform(p_raw)
         skipped = self.ranker.n_skipped_nonfinite > skipped_before
         return StepResult(np.asarray(p_raw, dtype=np.float64), np.asarray(p, np.float64),
-                          seconds, skipped)  # fmt: skip
+                          seconds, skipped, p2)  # fmt: skip
 
     def finish(self, taken: TakenBatch, result: StepResult) -> ScoredBatch:
         """Metrics, catalogue and counters after :meth:`compute`; the ``scored`` batch."""
@@ -386,10 +425,23 @@ class TrainerService:
             m.fusion_repeated_pairs.set(0 if pairs is None else pairs.repeated)
         m.train_step_seconds.observe(result.seconds)
         now = time.time()
-        for e, sent in zip(batch, emitted, strict=True):
-            m.label_delay_seconds.observe(max(0.0, e.label_ts - e.impression.ts))
+        for sent in emitted:
             if sent is not None:
                 m.update_freshness_seconds.observe(max(0.0, now - sent))
+        p_raw, p, p2 = result.p_raw, result.p, result.p2
+        label2_ids: list[str] = []
+        label2: list[int] = []
+        if p2 is not None:  # clicked impressions' second labels, for the monitor
+            known = [e for e in batch if e.label and e.label2 is not None]
+            label2_ids = [e.impression.impression_id for e in known]
+            label2 = [int(e.label2 or 0) for e in known]
+        if any(e.kind in TASK1_KINDS for e in batch):  # the second label's own records
+            clicks = [k for k, e in enumerate(batch) if e.kind not in TASK1_KINDS]
+            batch = [batch[k] for k in clicks]
+            p_raw, p = p_raw[clicks], p[clicks]
+            p2 = None if p2 is None else p2[clicks]
+        for e in batch:
+            m.label_delay_seconds.observe(max(0.0, e.label_ts - e.impression.ts))
         if result.skipped_nonfinite:
             m.nonfinite_batches.inc()
         else:
@@ -403,7 +455,7 @@ class TrainerService:
             self.catalogue.add(imp.user_id, imp.item_id, bool(e.label))
             if e.kind == "correction":
                 self.n_corrections += 1
-        self.n_examples += len(batch)
+        self.n_examples += len(taken.examples)
         m.scored.inc(len(batch))
         return ScoredBatch(
             model_version=self.model_version,
@@ -411,11 +463,14 @@ class TrainerService:
             impression_ids=[e.impression.impression_id for e in batch],
             ts=[e.impression.ts for e in batch],
             label=[int(e.label) for e in batch],
-            p_raw=[float(x) for x in result.p_raw],
-            p=[float(x) for x in result.p],
+            p_raw=[float(x) for x in p_raw],
+            p=[float(x) for x in p],
             segment=[segment_of(e.impression.position) for e in batch],
             true_p=[e.impression.true_p for e in batch],
             marks=self._ready_marks(),
+            p2=[] if p2 is None else [float(x) for x in p2],
+            label2_ids=label2_ids,
+            label2=label2,
         )
 
     def _ready_marks(self) -> dict[int, float]:

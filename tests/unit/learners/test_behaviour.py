@@ -17,7 +17,7 @@ import torch
 
 from learners.encoding import EncoderConfig, FeatureEncoder, bucket_of
 from learners.layers import N_AGE_BUCKETS, PairCrosses, TargetAttention, age_buckets
-from learners.models import INITIAL_CTR, DCNv2, DeepFM, MMoE, WideAndDeep
+from learners.models import INITIAL_CTR, PLE, DCNv2, DeepFM, MMoE, WideAndDeep
 from learners.ranker import RankerConfig, TorchRanker
 from learners.training import atomic_torch_save
 from tests.unit.learners.test_learner_checks import auc
@@ -152,6 +152,7 @@ BEHAVIOUR_MODELS: dict[str, Any] = {
     "deepfm": lambda **kw: DeepFM(NB, FC, FN, embedding_dim=D, hidden=(8,), **kw),
     "wide_deep": lambda **kw: WideAndDeep(NB, FC, FN, embedding_dim=D, hidden=(8,), **kw),
     "mmoe": lambda **kw: MMoE(NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=2, **kw),
+    "ple": lambda **kw: PLE(NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=2, **kw),
 }
 
 

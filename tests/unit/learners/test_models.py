@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from learners.models import INITIAL_CTR, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
+from learners.models import INITIAL_CTR, PLE, DCNv2, DeepFM, LogisticModel, MMoE, WideAndDeep
 
 NB, FC, FN, D = 64, 4, 3, 4
 
@@ -23,6 +23,18 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "dcnv2": lambda: DCNv2(NB, FC, FN, embedding_dim=D, hidden=(8,), generator=_gen()),
     "mmoe": lambda: MMoE(
         NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=3, num_tasks=2, generator=_gen()
+    ),
+    "ple": lambda: PLE(
+        NB,
+        FC,
+        FN,
+        embedding_dim=D,
+        hidden=(8,),
+        num_experts=2,
+        num_tasks=2,
+        generator=_gen(),
+        task_experts=1,
+        levels=2,
     ),
 }
 

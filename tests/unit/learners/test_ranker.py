@@ -42,7 +42,7 @@ def test_unknown_model_is_rejected_listing_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown model 'xgb'") as err:
         RankerConfig(model="xgb")
     assert all(name in str(err.value) for name in MODELS)
-    assert set(MODELS) == {"logreg", "wide_deep", "deepfm", "dcnv2", "mmoe"}
+    assert set(MODELS) == {"logreg", "wide_deep", "deepfm", "dcnv2", "mmoe", "ple"}
 
 
 @pytest.mark.parametrize(
@@ -65,6 +65,12 @@ def test_invalid_new_settings_are_rejected(field: str, value: object) -> None:
 def test_mmoe_without_hidden_layers_is_rejected() -> None:
     with pytest.raises(ValueError, match="hidden"):
         RankerConfig(model="mmoe", hidden=())
+    with pytest.raises(ValueError, match="hidden"):
+        RankerConfig(model="ple", hidden=())
+    with pytest.raises(ValueError, match="task_experts"):
+        RankerConfig(model="ple", task_experts=0)
+    with pytest.raises(ValueError, match="ple_levels"):
+        RankerConfig(model="ple", ple_levels=0)
 
 
 def test_config_round_trips_new_fields_through_plain_containers() -> None:

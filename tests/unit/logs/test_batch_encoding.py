@@ -327,16 +327,21 @@ def scored_record(fields: object, version: int = BATCH_VERSION) -> bytes:
 
 
 def scored_fields(batch: ScoredBatch, **changes: object) -> list[object]:
-    """The documented layout: the nine fields, then the marks only when there are any."""
+    """The documented layout: the nine fields, then the marks only when there are any
+    (the second label's three, then with the marks however empty, only when set)."""
     d = {**dataclasses.asdict(batch), **changes}
-    return [d[k] for k in SCORED_FIELDS if k != "marks" or d[k]]
+    second = ("p2", "label2_ids", "label2")
+    if any(d[k] for k in second):
+        return [d[k] for k in SCORED_FIELDS]
+    return [d[k] for k in SCORED_FIELDS if k not in second and (k != "marks" or d[k])]
 
 
 @pytest.mark.parametrize(
     "batch",
     [scored_batch(), ScoredBatch(0, 0, [], [], [], [], [], [], []),
-     dataclasses.replace(scored_batch(), p=[NAN, INF, -INF])],
-    ids=["values", "empty", "non-finite-scores"],
+     dataclasses.replace(scored_batch(), p=[NAN, INF, -INF]),
+     dataclasses.replace(scored_batch(), p2=[0.01, NAN, 0.5], label2_ids=["x"], label2=[1])],
+    ids=["values", "empty", "non-finite-scores", "second-label"],
 )  # fmt: skip
 def test_scored_round_trip_is_bit_exact(batch: ScoredBatch) -> None:
     raw = batch.encode()

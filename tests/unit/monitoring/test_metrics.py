@@ -26,6 +26,7 @@ WINDOW_GAUGES = {
 }
 OTHER_GAUGES = {
     "drift_z",
+    "second_label_ratio",
     "model_version",
     "calibrator_version",
     "index_version",
@@ -60,6 +61,12 @@ COUNTERS = {
     "duplicate_impressions",
     "duplicate_clicks",
     "late_clicks",
+    "conversion_events",
+    "conversions",
+    "second_labels",
+    "second_label_predicted",
+    "second_label_judged",
+    "second_label_outcomes",
     "dead_letters",
     "history_fields_dropped",
     "scored",

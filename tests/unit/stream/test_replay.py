@@ -166,7 +166,7 @@ def test_a_log_mostly_refused_by_the_worker_is_refused_and_a_few_bad_rows_are_a_
     assert "a worker would refuse 2 of 200 impressions checked (row 4: bad_value" in caplog.text
 
 
-def test_a_second_outcome_is_never_a_feature_and_its_replay_says_it_is_left_out(
+def test_a_second_outcome_is_never_a_feature_and_is_replayed_as_conversions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     now = 1_800_000_000.0
@@ -181,9 +181,6 @@ def test_a_second_outcome_is_never_a_feature_and_its_replay_says_it_is_left_out(
     assert not any({"conversion", "conversion_ts", "true_cvr"} & set(im.features) for im in imps)
     with caplog.at_level("WARNING", logger="stream.replay"):
         check_replayable(df, "two.csv", final_watermark_gap_s=1_861.0, now=now)
-    assert "two.csv: its conversion columns are not replayed" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="stream.replay"):
-        check_replayable(_recent_log(now - 3_000.0), "one.csv", final_watermark_gap_s=1_861.0,
-                         now=now)  # fmt: skip
-    assert "conversion" not in caplog.text
+    assert "conversion" not in caplog.text  # replayed now, not left out
+    _, _, kind = event_order(df, conversions=True)
+    assert int((kind == 2).sum()) == int(clicked.sum()) > 0
