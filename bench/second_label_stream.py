@@ -5,16 +5,20 @@ better than a constant, and does learning it cost the click task anything?
 Run ``python -m bench.second_label_stream`` (150,000 impressions per arm) or ``--quick``
 (40,000). Per arm, on this machine: the embedded broker (Tansu), one ``streamrec worker``
 with ``ranker.model = "mmoe"``, and :func:`stream.replay.replay` publishing a two-label
-synthetic log (``SyntheticConfig(conversion=True)``, 3,000 impressions a minute of event
-time, ``base_cvr`` 0.2, conversions ``conversion_delay_mean_s`` 600 s after the click) as
-fast as it can, conversions included, then the final watermark. Arms:
+synthetic log (``SyntheticConfig(conversion=True)``, 1,000 impressions a minute of event
+time, so 150 minutes; ``base_cvr`` 0.2, conversions ``conversion_delay_mean_s`` 300 s after
+the click) as fast as it can, conversions included, then the final watermark. The join
+window is the default 1,800 s, the conversion window 1,800 s. Arms:
 
 * ``click_only``: no conversion window (conversions counted and dropped): task 1 never
   trained; the click task's baseline.
-* ``direct_fresh``: ``join.conversion_window_s`` 3,600 s, the worker's default fresh labels
+* ``direct_fresh``: ``join.conversion_window_s`` set, the worker's default fresh labels
   (fake negatives), ``ranker.task1 = "direct"``.
 * ``esmm_fresh``: the same with ``task1 = "esmm"``.
-* ``direct_window``: ``delayed_feedback = "window"`` (final labels), ``task1 = "direct"``.
+* ``direct_window``: ``delayed_feedback = "window"`` (final labels), ``task1 = "direct"``:
+  every clicked impression's second label comes when its conversion window ends, up to an
+  hour of event time after its impression (the log lasts 2.5 hours).
+* ``ple_direct_fresh``: as ``direct_fresh`` with ``ranker.model = "ple"``.
 
 Read back from the ``scored`` topic, each impression's FIRST record (its scores before any
 of its labels were learnt): the click's served ``p`` and task 1's ``p2``. Final labels from
@@ -52,9 +56,10 @@ from stream.demo import read_topic
 from stream.replay import replay
 from stream.settings import Settings
 
-RATE_PER_MIN = 3_000.0
+RATE_PER_MIN = 1_000.0
 WINDOW_S = 1800.0
-CONVERSION_WINDOW_S = 3600.0
+CONVERSION_WINDOW_S = 1800.0
+CONVERSION_DELAY_MEAN_S = 300.0
 #: arm -> the worker's config (TOML)
 ARMS: dict[str, str] = {
     "click_only": '[ranker]\nmodel = "mmoe"\n',
@@ -64,6 +69,8 @@ ARMS: dict[str, str] = {
                   '[ranker]\nmodel = "mmoe"\ntask1 = "esmm"\n',
     "direct_window": f'[join]\nconversion_window_s = {CONVERSION_WINDOW_S}\n'
                      'delayed_feedback = "window"\n[ranker]\nmodel = "mmoe"\ntask1 = "direct"\n',
+    "ple_direct_fresh": f'[join]\nconversion_window_s = {CONVERSION_WINDOW_S}\n'
+                        '[ranker]\nmodel = "ple"\ntask1 = "direct"\n',
 }  # fmt: skip
 WINDOW_ROWS = 5_000
 
@@ -183,7 +190,8 @@ def main(quick: bool = False, results_dir: Path | None = None, n: int | None = N
         log = Path(tmp) / "log.csv"
         df = generate(SyntheticConfig(n_impressions=n, seed=seed, drift_at=None,
                                       impressions_per_s=RATE_PER_MIN / 60.0, conversion=True,
-                                      base_cvr=0.2))  # fmt: skip
+                                      base_cvr=0.2,
+                                      conversion_delay_mean_s=CONVERSION_DELAY_MEAN_S))  # fmt: skip
         write_log(df, log)
         for name in arms:
             work = Path(tmp) / name
