@@ -97,9 +97,9 @@ conversion for an impression not waiting is counted: ``late_conversions`` (its i
 was clicked: after the window, or a duplicate) and dropped; one whose click is not known
 yet waits for it like an orphan click (``orphan_grace_s``, ``max_orphans``), and is
 counted in ``orphan_conversions`` and dropped if it never comes. ``converting`` holds at
-most ``max_pending`` impressions (beyond it the oldest closes early); neither it nor the
-waiting conversions are saved across a restart (a known gap: their second labels are
-lost, README "A second label").
+most ``max_pending`` impressions (beyond it the oldest closes early). ``JoinService``
+journals both, and the ids that leave them (``conversions_left``, ``early_left``), in the
+durable state, and :meth:`OnlineJoiner.restore` reloads them after a restart.
 
 >>> j = OnlineJoiner(JoinConfig(window_s=60, lateness_s=0))
 >>> j.on_impression(Impression("a", 100.0, "u", "i"))
@@ -323,6 +323,10 @@ class OnlineJoiner:
         #: impressions: the click waits as an orphan), id -> conversion ts; bounded like
         #: orphan clicks (``orphan_grace_s``, ``max_orphans``)
         self.early_conversions: OrderedDict[str, float] = OrderedDict()
+        #: ids that left ``converting`` / ``early_conversions`` since the last drain (the
+        #: caller's durable state forgets them; see ``JoinService``)
+        self.conversions_left: list[str] = []
+        self.early_left: list[str] = []
 
     @property
     def state_bytes(self) -> int:
@@ -387,13 +391,17 @@ class OnlineJoiner:
         orphans: list[tuple[str, float]],
         max_ts: dict[str, float],
         done: Iterable[tuple[str, int, float, Impression | PackedImpression | None]] = (),
+        converting: Iterable[tuple[Impression, float, bool, float | None]] = (),
+        early_conversions: Iterable[tuple[str, float]] = (),
     ) -> None:
         """Reload durable state after a restart or a rebalance (see ``JoinService``):
         ``pending`` impressions with their in-window click time (or None), waiting orphan
         clicks (impression_id, click ts), the event time reached on each input, and the
         labelled impressions still inside the dedup horizon (id, label, label ts, the
         impression if negative), so that records read again after a crash are duplicates
-        rather than new impressions."""
+        rather than new impressions; and the second label's clicked impressions waiting
+        for their conversion (impression, click ts, a record carried label2=0, the
+        conversion ts if it came) and conversions waiting for their click (id, ts)."""
         self._start_ts = float("-inf")  # the restored state holds the in-flight clicks
         for iid, label, lts, negative in sorted(done, key=lambda d: d[2]):
             if iid not in self.pending:
@@ -408,6 +416,15 @@ class OnlineJoiner:
             heapq.heappush(self._deadlines, (imp.ts + self._horizon, iid))
         for iid, ts in sorted(orphans, key=lambda o: o[1]):
             self._add_orphan(iid, ts)
+        window = self.config.conversion_window_s
+        if window is not None:
+            for imp, click_ts, zero_sent, conv_ts in converting:
+                iid = imp.impression_id
+                if iid not in self.converting:
+                    self.converting[iid] = _Converting(imp, click_ts, zero_sent, conv_ts)
+                    heapq.heappush(self._conv_deadlines, (click_ts + window, iid))
+            for iid, ts in sorted(early_conversions, key=lambda e: e[1]):
+                self.early_conversions.setdefault(iid, ts)
         for source, ts in max_ts.items():
             if source in self.max_ts and ts > self.max_ts[source]:
                 self.max_ts[source] = ts
@@ -623,6 +640,7 @@ class OnlineJoiner:
         heapq.heappush(self._conv_deadlines, (click_ts + window, iid))
         early = self.early_conversions.pop(iid, None)
         if early is not None:
+            self.early_left.append(iid)
             self._attach(iid, entry, early, out)
 
     def _on_conversion(self, conv: Click, out: list[LabeledExample]) -> None:
@@ -644,7 +662,7 @@ class OnlineJoiner:
         else:  # its click (or impression) has not come yet: it waits, like an orphan click
             self.early_conversions[iid] = conv.ts
             while len(self.early_conversions) > self.config.max_orphans:
-                self.early_conversions.popitem(last=False)
+                self.early_left.append(self.early_conversions.popitem(last=False)[0])
                 c.orphan_conversions += 1
 
     def _attach(self, iid: str, waiting: _Converting, conv_ts: float,
@@ -660,6 +678,7 @@ class OnlineJoiner:
             waiting.conversion_ts = conv_ts
             return
         del self.converting[iid]
+        self.conversions_left.append(iid)
         ts = max(conv_ts, waiting.click_ts)
         out.append(LabeledExample(waiting.impression, 1, ts, 0.0, "conversion", 1))
 
@@ -676,6 +695,7 @@ class OnlineJoiner:
         if click_ts + window > waiting.impression.ts + self.config.window_s:
             return None
         del self.converting[iid]
+        self.conversions_left.append(iid)
         if waiting.conversion_ts is not None:
             return 1
         self.counters.no_conversions += 1
@@ -692,6 +712,7 @@ class OnlineJoiner:
             if entry is None or iid in self.pending:
                 continue  # converted, or its label rides on its positive
             del waiting[iid]
+            self.conversions_left.append(iid)
             if entry.conversion_ts is not None:  # "window": held until its window's end
                 out.append(LabeledExample(entry.impression, 1, entry.conversion_ts, 0.0,
                                           "conversion", 1))  # fmt: skip
@@ -824,6 +845,7 @@ class OnlineJoiner:
             if cts >= wm - self.config.orphan_grace_s:
                 break
             early.popitem(last=False)
+            self.early_left.append(iid)
             self.counters.orphan_conversions += 1
         grace = wm - self.config.orphan_grace_s
         while self.orphan_clicks:

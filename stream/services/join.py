@@ -135,6 +135,8 @@ class JoinService:
         pending: list[tuple[Impression, float | None]] = []
         done: list[tuple[str, int, float, Impression | None]] = []
         orphans: list[tuple[str, float]] = []
+        converting: list[tuple[Impression, float, bool, float | None]] = []
+        early: list[tuple[str, float]] = []
         max_ts: dict[str, float] = {}
         feature_pieces = 0
         feature_deltas = 0
@@ -154,6 +156,14 @@ class JoinService:
                         pending.append((imp, d["c"]))
                 elif key.startswith("c/"):
                     orphans.append((key[2:], float(value)))
+                elif key.startswith("v/"):  # the second label: a click awaiting conversion
+                    d = json.loads(value)
+                    imp = parse_stored_impression(json.dumps(d["i"], ensure_ascii=False))
+                    x = d["x"]
+                    converting.append((imp, float(d["c"]), bool(d["z"]),
+                                       None if x is None else float(x)))  # fmt: skip
+                elif key.startswith("e/"):  # a conversion awaiting its click
+                    early.append((key[2:], float(value)))
                 elif key == "w":
                     max_ts = {k: float(v) for k, v in json.loads(value).items()}
                 elif key == "f":
@@ -186,12 +196,13 @@ class JoinService:
                           partition, exc)  # fmt: skip
                 self.features[partition] = FeatureStage(stage.config)
                 self._feature_journal.pop(partition, None)
-        if pending or orphans or max_ts or done:
-            j.restore(pending, orphans, max_ts, done)
+        if pending or orphans or max_ts or done or converting or early:
+            j.restore(pending, orphans, max_ts, done, converting, early)
             self.n_restored += len(pending)
-            log.info("partition %d: restored %d pending impressions, %d labelled ones and %d"
-                     " orphan clicks", partition, len(pending), len(done),
-                     len(orphans))  # fmt: skip
+            log.info("partition %d: restored %d pending impressions, %d labelled ones, %d"
+                     " orphan clicks, %d clicks awaiting a conversion and %d conversions"
+                     " awaiting a click", partition, len(pending), len(done), len(orphans),
+                     len(converting), len(early))  # fmt: skip
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget revoked partitions (their state stays in the changelog for the next
@@ -230,13 +241,21 @@ class JoinService:
         return out
 
     def _drain_orphans(self, partition: int, j: OnlineJoiner) -> None:
-        if j.forgotten:
+        if j.forgotten or j.conversions_left:
             # a label still in the outbox stays pending in the state until it is sent
             unsent = {e.impression.impression_id for e in self.outbox.get(partition, ())}
             for iid in j.forgotten:
                 if iid not in unsent:
                     self.state.delete(partition, "i/" + iid)
             j.forgotten.clear()
+            for iid in j.conversions_left:  # closed; one with a record unsent: at sent()
+                if iid not in unsent and iid not in j.converting:
+                    self.state.delete(partition, "v/" + iid)
+            j.conversions_left.clear()
+        for iid in j.early_left:
+            if iid not in j.early_conversions:
+                self.state.delete(partition, "e/" + iid)
+        j.early_left.clear()
         for iid, cts in j.expired_orphans:
             self.state.delete(partition, "c/" + iid)
             self.metrics.dead_letters.labels(reason="orphan_click").inc()
@@ -314,14 +333,20 @@ class JoinService:
         j = self.joiner(partition)
         c = j.counters
         before = (c.duplicate_impressions, c.duplicate_clicks, c.late_clicks)
+        conv_before = (
+            self._conversion_entry(j, event.impression_id)
+            if self.settings.join.conversion_window_s is not None
+            and not isinstance(event, Watermark)
+            else None
+        )
         state = self.state
         if isinstance(event, Watermark):
             source = "clicks" if topic == TOPIC_CLICKS else "impressions"
             out = j.on_watermark(event.ts, source)
             self._save_watermark(partition, j, force=True)
         elif isinstance(event, Click) and event.conversion:
-            # the second label: no feature-stage click and no state of its own (the
-            # waiting conversions are not saved: see the module doc of stream.join)
+            # the second label: no feature-stage click; its state is journalled below
+            # (_save_conversion)
             self.metrics.conversion_events.inc()
             out = j.on_click(event)
             self._save_watermark(partition, j)
@@ -377,9 +402,11 @@ class JoinService:
             if had_orphan and iid not in j.orphan_clicks:
                 state.delete(partition, "c/" + iid)
             self._save_watermark(partition, j)
+        if self.settings.join.conversion_window_s is not None and not isinstance(event, Watermark):
+            self._save_conversion(partition, j, event.impression_id, conv_before)
         if out:
             self.outbox.setdefault(partition, []).extend(out)
-        if j.expired_orphans or j.forgotten:
+        if j.expired_orphans or j.forgotten or j.conversions_left or j.early_left:
             self._drain_orphans(partition, j)
         # the global release looks at every partition's watermark: every RELEASE_EVERY
         # records and on producer watermarks is plenty (windows are minutes long)
@@ -397,6 +424,33 @@ class JoinService:
         if self.settings.join.conversion_window_s is not None or c.conversions_ignored:
             self._export_conversions()
         return out
+
+    @staticmethod
+    def _conversion_entry(j: OnlineJoiner, iid: str) -> tuple[object, ...] | None:
+        """What the durable state holds of ``iid``'s second label: its clicked impression
+        awaiting a conversion (click ts, zero sent, conversion ts), or its conversion
+        awaiting the click (ts); None: neither."""
+        entry = j.converting.get(iid)
+        if entry is not None:
+            return ("v", entry.click_ts, entry.zero_sent, entry.conversion_ts)
+        early = j.early_conversions.get(iid)
+        return None if early is None else ("e", early)
+
+    def _save_conversion(
+        self, partition: int, j: OnlineJoiner, iid: str, before: tuple[object, ...] | None
+    ) -> None:
+        """Journal a change of ``iid``'s second-label state made by its event (entries
+        that leave are deleted by :meth:`_drain_orphans` and :meth:`sent`)."""
+        now = self._conversion_entry(j, iid)
+        if now == before or now is None:
+            return
+        if now[0] == "e":
+            self.state.put(partition, "e/" + iid, repr(now[1]).encode())
+            return
+        entry = j.converting[iid]
+        x = b"null" if entry.conversion_ts is None else repr(entry.conversion_ts).encode()
+        self.state.put(partition, "v/" + iid, b'{"c":%r,"z":%d,"x":%s,"i":%s}' % (
+            entry.click_ts, entry.zero_sent, x, state_json(entry.impression)))  # fmt: skip
 
     def _export_conversions(self) -> None:
         """``streamrec_conversions_total`` by outcome: the joiners' counters (a conversion
@@ -538,8 +592,13 @@ class JoinService:
         j = self.joiners.get(partition)
         if j is None:  # revoked meanwhile: the new owner re-emits them
             return
+        conversions = self.settings.join.conversion_window_s is not None
         for e in examples:
             iid = e.impression.impression_id
+            if conversions and e.label and iid not in j.converting:
+                self.state.delete(partition, "v/" + iid)  # its second label is out
+            if e.kind in TASK1_KINDS:  # its click's record set the impression's entry
+                continue
             if iid in j.pending:  # a fake negative: the impression still waits for a click
                 continue
             if iid not in j.done:  # already past the dedup horizon: forgotten

@@ -319,3 +319,76 @@ def test_take_ready_hands_each_label_over_once_and_keeps_small_buffers() -> None
         for buf in taken.values():
             assert len({e.impression.impression_id for e in buf}) == len(buf)
     assert sum(len(buf) for taken in (first, rest) for buf in taken.values()) == total
+
+
+def _two_label_settings(scheme: str) -> Settings:
+    return Settings(
+        join=JoinConfig(
+            window_s=60.0,
+            lateness_s=0.0,
+            delayed_feedback=scheme,
+            conversion_window_s=100.0,
+            orphan_grace_s=300.0,
+        ),  # fmt: skip
+        ranker=RankerConfig(model="mmoe"),
+    )
+
+
+def _conv(iid: str, ts: float) -> bytes:
+    return Click(iid, ts, conversion=True).to_json()
+
+
+@pytest.mark.parametrize("scheme", ["window", "fake_negative"])
+def test_a_click_awaiting_its_conversion_survives_a_restart(scheme: str) -> None:
+    """The second label's waiting state is journalled: a restarted joiner attaches the
+    conversion that comes after the crash, and the state forgets the entry once its
+    record is sent."""
+    settings = _two_label_settings(scheme)
+    state = MemoryJoinState()
+    sink: list[LabeledExample] = []
+    first = JoinService(settings, StreamrecMetrics(), state)
+    first.handle(Impression("a", T0, "u", "i").to_json(), TOPIC_IMPRESSIONS, 0, 0)
+    first.handle(Click("a", T0 + 10).to_json(), TOPIC_CLICKS, 0, 1)
+    drain(first, sink)
+    assert any(k.startswith("v/") for k, _ in state.items(0))
+    second = JoinService(settings, StreamrecMetrics(), state)  # crash, restart
+    second.handle(_conv("a", T0 + 50), TOPIC_CLICKS, 0, 2)
+    end = Watermark(T0 + 1000).to_json()
+    second.handle(end, TOPIC_IMPRESSIONS, 0, 3)
+    second.handle(end, TOPIC_CLICKS, 0, 4)
+    second.tick()
+    drain(second, sink)
+    assert [e.label2 for e in sink if e.kind == "conversion"] == [1]
+    assert second.joiners[0].counters.conversions == 1
+    assert not [k for k, _ in state.items(0) if k[:2] in ("v/", "e/")]
+
+
+def test_a_conversion_awaiting_its_click_survives_a_restart() -> None:
+    settings = _two_label_settings("fake_negative")
+    state = MemoryJoinState()
+    sink: list[LabeledExample] = []
+    first = JoinService(settings, StreamrecMetrics(), state)
+    first.handle(Click("a", T0 + 10).to_json(), TOPIC_CLICKS, 0, 0)  # ahead of its impression
+    first.handle(_conv("a", T0 + 20), TOPIC_CLICKS, 0, 1)
+    assert any(k == "e/a" for k, _ in state.items(0))
+    second = JoinService(settings, StreamrecMetrics(), state)  # crash, restart
+    second.handle(Impression("a", T0, "u", "i").to_json(), TOPIC_IMPRESSIONS, 0, 2)
+    drain(second, sink)
+    assert ("conversion", 1) in [(e.kind, e.label2) for e in sink]
+    assert not [k for k, _ in state.items(0) if k[:2] in ("v/", "e/")]
+
+
+def test_a_window_closed_without_conversion_leaves_the_state() -> None:
+    settings = _two_label_settings("fake_negative")
+    state = MemoryJoinState()
+    service = JoinService(settings, StreamrecMetrics(), state)
+    service.handle(Impression("a", T0, "u", "i").to_json(), TOPIC_IMPRESSIONS, 0, 0)
+    service.handle(Click("a", T0 + 10).to_json(), TOPIC_CLICKS, 0, 1)
+    end = Watermark(T0 + 1000).to_json()
+    service.handle(end, TOPIC_IMPRESSIONS, 0, 2)
+    service.handle(end, TOPIC_CLICKS, 0, 3)
+    sink: list[LabeledExample] = []
+    drain(service, sink)
+    service.tick()
+    assert service.joiners[0].converting == {}
+    assert not [k for k, _ in state.items(0) if k[:2] in ("v/", "e/")]
