@@ -30,7 +30,9 @@ the entropy of the base rate: below 1 beats the constant) and Σp/Σtruth; the w
 ``streamrec_conversions_total`` against the log's; its lifetime second-label ratio; the
 pipeline's wall seconds.
 
-Writes ``bench/results/second_label_stream.json`` (``second_label_stream_quick.json``).
+``--rate R`` replays a world of R impressions a minute instead (``--rate 100``: 150,000
+impressions over 25 hours of event time). Writes ``bench/results/second_label_stream.json``
+(``second_label_stream_quick.json``; ``second_label_stream_<R>.json`` with ``--rate``).
 """
 
 from __future__ import annotations
@@ -182,14 +184,15 @@ def run_arm(name: str, df_path: Path, work: Path) -> dict[str, Any]:
 
 
 def main(quick: bool = False, results_dir: Path | None = None, n: int | None = None,
-         arms: tuple[str, ...] = tuple(ARMS), seed: int = 5) -> dict[str, Any]:  # fmt: skip
+         arms: tuple[str, ...] = tuple(ARMS), seed: int = 5,
+         rate_per_min: float = RATE_PER_MIN) -> dict[str, Any]:  # fmt: skip
     n = n if n is not None else (40_000 if quick else 150_000)
     t0 = time.monotonic()
     runs = []
     with tempfile.TemporaryDirectory(prefix="second_label_") as tmp:
         log = Path(tmp) / "log.csv"
         df = generate(SyntheticConfig(n_impressions=n, seed=seed, drift_at=None,
-                                      impressions_per_s=RATE_PER_MIN / 60.0, conversion=True,
+                                      impressions_per_s=rate_per_min / 60.0, conversion=True,
                                       base_cvr=0.2,
                                       conversion_delay_mean_s=CONVERSION_DELAY_MEAN_S))  # fmt: skip
         write_log(df, log)
@@ -212,13 +215,14 @@ def main(quick: bool = False, results_dir: Path | None = None, n: int | None = N
         "machine": machine(),
         "load_1min_after": os.getloadavg()[0],
         "wall_seconds": time.monotonic() - t0,
-        "rate_per_min": RATE_PER_MIN,
+        "rate_per_min": rate_per_min,
         "window_s": WINDOW_S,
         "conversion_window_s": CONVERSION_WINDOW_S,
         "seed": seed,
         "runs": runs,
     }
-    write_report(report, results_path(results_dir, "second_label_stream", quick))
+    name = "second_label_stream" + ("" if rate_per_min == RATE_PER_MIN else f"_{rate_per_min:g}")
+    write_report(report, results_path(results_dir, name, quick))
     return report
 
 
@@ -227,11 +231,14 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="impressions (default 150,000)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of " + ", ".join(ARMS))
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--rate", type=float, default=RATE_PER_MIN,
+                   help="impressions a minute of event time (results file suffixed _RATE "
+                   "when not the default)")  # fmt: skip
     a = p.parse_args(argv)
     # the workers label with the default scheme unless an arm sets one (the integration
     # tests set this variable to the window scheme for their own workers)
     os.environ.pop("STREAMREC_JOIN__DELAYED_FEEDBACK", None)
-    main(a.quick, a.results_dir, a.n, tuple(a.arms.split(",")), a.seed)
+    main(a.quick, a.results_dir, a.n, tuple(a.arms.split(",")), a.seed, a.rate)
     return 0
 
 

@@ -270,7 +270,7 @@ def pretrain_cmd(
     "--task1",
     default=None,
     type=click.Choice(["direct", "esmm"]),
-    help="With --model mmoe on a log with a conversion column: task 1 learns 'clicked and "
+    help="With --model mmoe or ple on a log with a conversion column: task 1 learns 'clicked and "
     "converted' directly, or as pCTR x pCVR (ESMM); default from settings: direct.",
 )
 @_features_option
@@ -282,7 +282,7 @@ def evaluate_cmd(
 ) -> None:  # fmt: skip
     """Prequential (test-then-train) evaluation in process, no Kafka.
 
-    A log with a second outcome (``conversion``) and ``--model mmoe`` also learns and
+    A log with a second outcome (``conversion``) and ``--model mmoe`` (or ``ple``) learns and
     judges task 1, "clicked and converted" (the report's ``task1``)."""
     import dataclasses
     import json
