@@ -111,7 +111,7 @@ def run_arm(name: str, df_path: Path, work: Path) -> dict[str, Any]:
     df = read_log_frame(df_path)
     config = work / "worker.toml"
     config.write_text(ARMS[name])
-    gap = max(WINDOW_S, CONVERSION_WINDOW_S) + Settings().join.lateness_s + 1
+    gap = WINDOW_S + CONVERSION_WINDOW_S + Settings().join.lateness_s + 1
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
         create_worker_topics(Settings(broker=broker.url))
         with worker_processes(broker.url, work, extra_args=("--config", str(config))) as (w,):

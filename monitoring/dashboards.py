@@ -480,19 +480,14 @@ def calibration_dashboard() -> Dashboard:
         "Second label (clicked and converted): predicted vs conversions",
         [
             ("streamrec_second_label_ratio", "lifetime predicted / conversions"),
-            (
-                "increase(streamrec_second_label_predicted_total[1h]) "
-                "/ increase(streamrec_second_label_outcomes_total[1h])",
-                "last hour predicted / conversions",
-            ),
+            ("streamrec_second_label_window_ratio", "newest window predicted / conversions"),
         ],
         w=12,
         thresholds=_band(0.9, 1.1),
         description="A two-task ranker with join.conversion_window_s set: its P(clicked and "
-        "converted) summed over the impressions judged, over the conversions seen (1 = "
-        "calibrated). Conversions come up to join.window_s + conversion_window_s after "
-        "their impressions, so the ratio runs high while they are on their way; empty "
-        "without a second label.",
+        "converted), summed over the impressions judged on their final second label (once "
+        "join.window_s + conversion_window_s have closed), over their conversions (1 = "
+        "calibrated); empty without a second label.",
     )
     lay.timeseries(
         "Conversions by outcome (per 5m)",

@@ -245,21 +245,25 @@ class StreamrecMetrics:
         self.second_label_predicted = counter(
             "second_label_predicted",
             "Sum of the ranker's P(clicked and converted) over the impressions the monitor "
-            "judged (a two-task ranker; each impression once, its first record's score).",
+            "judged on their final second label (a two-task ranker; each impression once, "
+            "its first record's score, once join.window_s + conversion_window_s closed).",
         )
         self.second_label_judged = counter(
-            "second_label_judged", "Impressions judged with a P(clicked and converted)."
+            "second_label_judged", "Impressions judged on their final second label."
         )
         self.second_label_outcomes = counter(
             "second_label_outcomes",
-            "Conversions (second labels 1) the monitor has seen; with "
-            "second_label_predicted_total, the second task's calibration.",
+            "Conversions among the impressions judged on their final second label.",
         )
         self.second_label_ratio = gauge(
             "second_label_ratio",
-            "Lifetime sum of P(clicked and converted) over conversions seen (1 = calibrated; "
-            "conversions come up to join.window_s + conversion_window_s after their "
-            "impression, so it runs high while they are on their way).",
+            "Lifetime predicted over actual conversions of the impressions judged on their "
+            "final second label (1 = calibrated).",
+        )
+        self.second_label_window_ratio = gauge(
+            "second_label_window_ratio",
+            "Predicted over actual conversions of the newest monitor.window impressions "
+            "judged on their final second label (1 = calibrated).",
         )
         self.monitored = counter(
             "monitored", "Examples the calibration monitor has judged: with fresh labels one "

@@ -487,10 +487,11 @@ class Settings:
     @property
     def final_watermark_gap_s(self) -> float:
         """Seconds past a replayed log's last event for its final watermark: every
-        attribution window (``join.window_s``) and conversion window
-        (``join.conversion_window_s``) closes, lateness included."""
+        attribution window (``join.window_s``) and, after it, every conversion window
+        (``join.conversion_window_s``) closes, lateness included, so the monitor judges
+        each impression's second label too."""
         j = self.join
-        return max(j.window_s, j.conversion_window_s or 0.0) + j.lateness_s + 1
+        return j.window_s + (j.conversion_window_s or 0.0) + j.lateness_s + 1
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security keyword arguments for a kafka-python or aiokafka client ({} for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -120,6 +120,15 @@ class MonitorService:
         self.second_predicted = 0.0
         self.second_judged = 0
         self.second_outcomes = 0
+        cw = settings.join.conversion_window_s
+        #: the second label's final outcomes (None: no conversion window)
+        self.second: FinalOutcomes | None = (
+            None
+            if cw is None
+            else FinalOutcomes(settings.join.window_s + cw, settings.join.lateness_s)
+        )
+        #: (Σp2, conversions, impressions) of the newest judged chunks
+        self._second_recent: deque[tuple[float, float, int]] = deque()
         self.n_alarms = 0
         self.n_recalibrations = 0
         self.n_rejected = 0
@@ -159,8 +168,8 @@ class MonitorService:
         batch may carry only marks."""
         if batch.marks:
             self._take_marks(batch.marks)
-        if batch.label2:
-            self._judge_second(None, batch.label2)
+        if self.second is not None:
+            self._observe_second(batch)
         if not batch.impression_ids:
             return self._observe_labels(batch) if self.outcomes is not None else []
         out = self._feed_offset(batch) if self.offset is not None else []
@@ -176,20 +185,22 @@ class MonitorService:
         n = self.settings.partitions
         kept, moved = self.marks, self._marks_moved
         now = self.wall_clock()
-        if self.outcomes is not None:
+        clocks = [fo for fo in (self.outcomes, self.second) if fo is not None]
+        for fo in clocks:
             # the joiners send marks: from now on only they close windows (the newest
             # impression time ran ahead of the clicks of partitions read more slowly)
-            self.outcomes.marked = True
+            fo.marked = True
         for p, w in marks.items():
             if 0 <= p < n and w > kept.get(p, -np.inf):
                 kept[p] = w
                 moved[p] = now
-        if self.outcomes is None or len(kept) < n:
+        if not clocks or len(kept) < n:
             return
         timeout = self.settings.join.idle_timeout_s
         live = [w for p, w in kept.items() if timeout is None or now - moved[p] < timeout]
         low = min(live) if live else max(kept.values())
-        self.outcomes.advance(low + self.settings.join.lateness_s)
+        for fo in clocks:
+            fo.advance(low + self.settings.join.lateness_s)
 
     def _feed_offset(self, batch: ScoredBatch) -> list[ControlRecord]:
         """Feed the fast offset with a batch's new impressions (first records) and
@@ -236,10 +247,7 @@ class MonitorService:
     def _observe_labels(self, batch: ScoredBatch) -> list[ControlRecord]:
         """The windows, drift tests and recalibration of :meth:`observe`; the second
         label's calibration (:meth:`_judge_second`)."""
-        second = self.settings.join.conversion_window_s is not None
         if self.outcomes is None:
-            if second and batch.p2:
-                self._judge_second(np.asarray(batch.p2, dtype=np.float64), ())
             return self._observe(
                 np.asarray(batch.p, dtype=np.float64),
                 np.asarray(batch.p_raw, dtype=np.float64),
@@ -251,38 +259,60 @@ class MonitorService:
         columns: dict[str, list[Any]] = {
             "p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment,
         }  # fmt: skip
-        if second:  # every batch has the column (NaN: a ranker without a task 1)
-            columns["p2"] = batch.p2 or [np.nan] * len(batch.p)
         self.outcomes.add(batch.impression_ids, ts=batch.ts, label=batch.label, columns=columns)
         if self.outcomes.late_positives > late:
             self.metrics.monitor_late_positives.inc(self.outcomes.late_positives - late)
         done = self.outcomes.resolve()
         if not done:
             return []
-        if "p2" in done:
-            self._judge_second(done["p2"], ())
         return self._observe(done["p"], done["p_raw"], done["label"], done["ts"], done["segment"])
 
-    def _judge_second(self, p2: np.ndarray | None, label2: Sequence[int]) -> None:
-        """The second label's calibration: ``p2`` (N,) the ranker's P(clicked and converted)
-        of impressions judged now (each once, its first record's; NaN entries, a ranker
-        without a task 1, are skipped), ``label2`` second labels that became known
-        (conversions count). Lifetime sums: ``streamrec_second_label_ratio`` is
-        Σp2 / conversions."""
+    def _observe_second(self, batch: ScoredBatch) -> None:
+        """The second label's calibration, on final labels: every impression with a task-1
+        score (its first record's ``p2``) waits until its attribution and conversion
+        windows have closed (:class:`~monitoring.outcomes.FinalOutcomes` over
+        ``join.window_s + join.conversion_window_s``, the same event-time clock as the
+        click's), then is judged once, converted or not. ``streamrec_second_label_*``:
+        Σp2, the impressions and their conversions, the lifetime ratio and the ratio over
+        the newest ``monitor.window`` impressions judged."""
+        fo = self.second
+        assert fo is not None
+        if batch.p2:
+            n = len(batch.p2)
+            fo.add(batch.impression_ids, ts=batch.ts, label=np.zeros(n),
+                   columns={"p2": np.asarray(batch.p2, dtype=np.float64)})  # fmt: skip
+        ones = [iid for iid, y in zip(batch.label2_ids, batch.label2, strict=True) if y]
+        if ones:  # their impressions' records are waiting (or were judged: late)
+            now = max([fo.clock, *batch.ts]) if batch.ts else fo.clock
+            fo.add(ones, ts=np.full(len(ones), now), label=np.ones(len(ones)),
+                   columns={"p2": np.full(len(ones), np.nan)})  # fmt: skip
+        done = fo.resolve()
+        if not done:
+            return
+        p2, y = done["p2"], done["label"]
+        ok = np.isfinite(p2)
+        if not ok.all():  # a ranker without a task 1 scored them: nothing to judge
+            p2, y = p2[ok], y[ok]
+        if not p2.size:
+            return
         m = self.metrics
-        if p2 is not None:
-            ok = p2[np.isfinite(p2)]
-            if ok.size:
-                self.second_predicted += float(ok.sum())
-                self.second_judged += int(ok.size)
-                m.second_label_predicted.inc(float(ok.sum()))
-                m.second_label_judged.inc(int(ok.size))
-        ones = sum(label2)
-        if ones:
-            self.second_outcomes += ones
-            m.second_label_outcomes.inc(ones)
+        sums = (float(p2.sum()), float(y.sum()), int(p2.size))
+        self.second_predicted += sums[0]
+        self.second_outcomes += int(sums[1])
+        self.second_judged += sums[2]
+        m.second_label_predicted.inc(sums[0])
+        m.second_label_outcomes.inc(sums[1])
+        m.second_label_judged.inc(sums[2])
         if self.second_outcomes:
             m.second_label_ratio.set(self.second_predicted / self.second_outcomes)
+        recent = self._second_recent
+        recent.append(sums)
+        size = self.settings.monitor.window
+        while len(recent) > 1 and sum(c[2] for c in recent) - recent[0][2] >= size:
+            recent.popleft()
+        outcomes = sum(c[1] for c in recent)
+        if outcomes:
+            m.second_label_window_ratio.set(sum(c[0] for c in recent) / outcomes)
 
     def _observe(
         self, p: np.ndarray, p_raw: np.ndarray, y: np.ndarray, ts: np.ndarray, segs: np.ndarray

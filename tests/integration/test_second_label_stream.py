@@ -80,7 +80,7 @@ def test_conversions_reach_task1_the_monitor_and_score(tmp_path: Path, scheme: s
 
     try:
         wait_for_port("127.0.0.1", port, timeout_s=60)
-        gap = Settings().join.lateness_s + max(WINDOW_S, CONVERSION_WINDOW_S) + 61
+        gap = Settings().join.lateness_s + WINDOW_S + CONVERSION_WINDOW_S + 61
         stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=gap)
         assert stats.conversions == int((df["conversion"] == 1).sum())
         url = f"http://127.0.0.1:{port}/metrics"

@@ -27,6 +27,7 @@ WINDOW_GAUGES = {
 OTHER_GAUGES = {
     "drift_z",
     "second_label_ratio",
+    "second_label_window_ratio",
     "model_version",
     "calibrator_version",
     "index_version",

@@ -235,7 +235,7 @@ def test_settings_need_a_two_task_ranker_and_turn_serving_on() -> None:
         Settings(join=JoinConfig(conversion_window_s=3600.0))
     s = Settings(join=JoinConfig(conversion_window_s=3600.0), ranker=RankerConfig(model="mmoe"))
     assert s.serving.second_label
-    assert s.final_watermark_gap_s == 3600.0 + s.join.lateness_s + 1
+    assert s.final_watermark_gap_s == s.join.window_s + 3600.0 + s.join.lateness_s + 1
     assert not Settings().serving.second_label
     env = {"STREAMREC_JOIN__CONVERSION_WINDOW_S": "7200", "STREAMREC_RANKER__MODEL": "mmoe"}
     assert load_settings(env=env).join.conversion_window_s == 7200.0
@@ -288,6 +288,14 @@ def joined(scheme: str, n: int = 6000) -> tuple[list[LabeledExample], OnlineJoin
     return out, j
 
 
+def close_all(monitor: MonitorService) -> None:
+    """The end of a stream: every window closes (as the replay's final watermark does)."""
+    for fo in (monitor.outcomes, monitor.second):
+        if fo is not None:
+            fo.advance(float("inf"))
+    monitor.observe(ScoredBatch(0, 0, [], [], [], [], [], [], []))
+
+
 def two_task_settings(scheme: str = "window", task1: str = "direct") -> Settings:
     return Settings(
         ranker=RankerConfig(
@@ -327,6 +335,8 @@ def test_trainer_feeds_task1_and_monitor_judges_it(task1: str) -> None:
     assert sum(sum(b.label2) for b in batches) == j.counters.conversions
     # the scored rows count the click records only: the counts agree
     assert metrics.registry.get_sample_value("streamrec_scored_total") == rows
+    assert monitor.second_judged < rows  # the newest wait for their windows to close
+    close_all(monitor)
     assert monitor.second_outcomes == j.counters.conversions
     assert monitor.second_judged == rows
     # task 1 learnt: its predicted CTCVR over the log is near the conversions (both tasks
@@ -335,6 +345,8 @@ def test_trainer_feeds_task1_and_monitor_judges_it(task1: str) -> None:
     assert 0.6 < ratio < 1.6, ratio
     gauge = metrics.registry.get_sample_value("streamrec_second_label_ratio")
     assert gauge == pytest.approx(ratio)
+    recent = metrics.registry.get_sample_value("streamrec_second_label_window_ratio")
+    assert recent is not None and 0.5 < recent < 2.0
     assert trainer.ranker.task1_centred
 
 
@@ -352,6 +364,7 @@ def test_ple_learns_the_second_label_in_the_trainer() -> None:
     trainer.add(out)
     while (b := trainer.step()) is not None:
         monitor.observe(b)
+    close_all(monitor)
     assert monitor.second_outcomes == j.counters.conversions > 0
     assert 0.5 < monitor.second_predicted / monitor.second_outcomes < 2.0
 
@@ -364,9 +377,7 @@ def test_fake_negative_monitor_judges_second_label_on_first_records() -> None:
     trainer.add(out)
     while (b := trainer.step()) is not None:
         monitor.observe(b)
-    assert monitor.outcomes is not None
-    monitor.outcomes.advance(float("inf"))
-    monitor.observe(ScoredBatch(0, 0, [], [], [], [], [], [], []))
+    close_all(monitor)
     # every impression judged once on its final label, with its first record's p2
     assert monitor.second_judged == j.counters.impressions == monitor.n_seen
     assert monitor.second_outcomes == j.counters.conversions
