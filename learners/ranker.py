@@ -215,28 +215,17 @@ class TorchRanker(Checkpointed):
             )
         if cfg.model == "deepfm":
             return DeepFM(*shape, embedding_dim=dim, hidden=cfg.hidden, generator=gen, **behaviour)
-        if cfg.model == "ple":
+        if cfg.model == "ple":  # MMoE's arguments, and each task's own experts
             return PLE(
-                *shape,
-                embedding_dim=dim,
-                hidden=cfg.hidden,
-                num_experts=cfg.num_experts,
-                num_tasks=cfg.num_tasks,
-                generator=gen,
-                task_experts=cfg.task_experts,
-                levels=cfg.ple_levels,
-                **behaviour,
-            )
+                *shape, embedding_dim=dim, hidden=cfg.hidden, num_experts=cfg.num_experts,
+                num_tasks=cfg.num_tasks, generator=gen, task_experts=cfg.task_experts,
+                levels=cfg.ple_levels, **behaviour,
+            )  # fmt: skip
         if cfg.model == "mmoe":
             return MMoE(
-                *shape,
-                embedding_dim=dim,
-                hidden=cfg.hidden,
-                num_experts=cfg.num_experts,
-                num_tasks=cfg.num_tasks,
-                generator=gen,
-                **behaviour,
-            )
+                *shape, embedding_dim=dim, hidden=cfg.hidden, num_experts=cfg.num_experts,
+                num_tasks=cfg.num_tasks, generator=gen, **behaviour,
+            )  # fmt: skip
         return DCNv2(
             *shape,
             embedding_dim=dim,

@@ -421,8 +421,6 @@ class JoinService:
             m.late_clicks.inc(after[2] - before[2])
         if out:
             self._count_labels(out)
-        if self.settings.join.conversion_window_s is not None or c.conversions_ignored:
-            self._export_conversions()
         return out
 
     @staticmethod
@@ -454,7 +452,9 @@ class JoinService:
 
     def _export_conversions(self) -> None:
         """``streamrec_conversions_total`` by outcome: the joiners' counters (a conversion
-        is attached or given up on by a later click, impression or watermark too)."""
+        is attached or given up on by a later click, impression or watermark too), on
+        every :meth:`tick` and :meth:`update_gauges` (not per event: a sum over the
+        joiners)."""
         js = self.joiners.values()
         now = (
             sum(j.counters.conversions for j in js),
@@ -624,11 +624,11 @@ class JoinService:
         out = self._release()
         if out:
             self._count_labels(out)
-        if self.settings.join.conversion_window_s is not None:
-            self._export_conversions()
+        self._export_conversions()
         return out
 
     def update_gauges(self) -> None:
+        self._export_conversions()
         self.metrics.pending_impressions.set(sum(len(j.pending) for j in self.joiners.values()))
         js = list(self.joiners.values())
         m = self.metrics
