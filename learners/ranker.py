@@ -154,6 +154,7 @@ class TorchRanker(Checkpointed):
         self.bias_centred = False
         self.task1_centred = False  # MMoE: task 1's bias, on its first labels (y2)
         self.task1_warm = (0.0, 0.0)  # ESMM: (clicks, conversions) before that centring
+        self.task1_rows = 0.0  # ESMM: rows with a known y2 before that centring
         #: with a task 1: its P(y2) of the last :meth:`score_and_learn` batch, (B,) float64
         self.last_task1: np.ndarray | None = None
         # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
@@ -355,11 +356,13 @@ class TorchRanker(Checkpointed):
         clicks, then the batch's mean pCVR is set to conversions / clicks (within [1e-4,
         0.9]). That needs clicked rows whose ``y2`` is their final outcome, converted or
         not, in proportion (offline logs; ``join.delayed_feedback="window"`` sends them
-        so); a stream whose only clicked rows with ``y2`` are conversions (fake negatives:
-        the non-conversions' 0 rode on their label-0 records) never centres (no
-        non-conversion among them) and task 1 keeps its start. ``task_logits``:
-        float64 (B, T); ``y``, ``y2``: (B,), ``y2`` NaN where unknown. False (nothing
-        done yet) without enough labels, or with ``bias_prior_strength`` None."""
+        so). A stream whose only clicked rows with ``y2`` are conversions (fresh labels:
+        the non-conversions' 0 rode on their label-0 records) centres once it holds
+        ``bias_prior_strength`` conversions on its CTCVR rate instead: the known rows'
+        y2 rate so far (``task1_rows``) shrunk as for ``"direct"``, matched by the batch's
+        mean pCTR x pCVR. ``task_logits``: float64 (B, T); ``y``, ``y2``: (B,), ``y2``
+        NaN where unknown. False (nothing done yet) without enough labels, or with
+        ``bias_prior_strength`` None."""
         strength = self.config.bias_prior_strength
         known = np.isfinite(y2)
         if strength is None or not known.any():
@@ -369,18 +372,32 @@ class TorchRanker(Checkpointed):
             clicks += float(y[known].sum())
             conversions += float(y2[known].sum())
             self.task1_warm = (clicks, conversions)
-            if clicks < strength or conversions >= clicks:
+            self.task1_rows += float(known.sum())
+            if clicks < strength:
                 return False
+            if conversions >= clicks:  # only conversions among the clicked rows: fresh
+                ctcvr = (conversions + strength * self.config.prior_ctr) / (
+                    self.task1_rows + strength
+                )
+                return self._shift_task1(task_logits[known], ctcvr, esmm=True)
             target = min(max(conversions / clicks, 1e-4), 0.9)
         else:
             target = (float(y2[known].sum()) + strength * self.config.prior_ctr) / (
                 float(known.sum()) + strength
             )
-        l1 = task_logits[known, 1]
+        return self._shift_task1(task_logits[known], target, esmm=False)
+
+    def _shift_task1(self, task_logits: np.ndarray, target: float, esmm: bool) -> bool:
+        """Add to task 1's output bias the shift that makes the mean over ``task_logits``
+        (R, T) float64 of sigmoid(task 1), or with ``esmm`` of sigmoid(task 0) x
+        sigmoid(task 1) (within 0.9 x the mean pCTR), equal ``target``. True."""
+        l1 = task_logits[:, 1]
+        scale = sigmoid(task_logits[:, 0]) if esmm else np.ones_like(l1)
+        target = min(target, 0.9 * float(scale.mean()))
         lo, hi = -40.0, 40.0  # the mean probability increases with the shift
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            if float(np.mean(sigmoid(l1 + mid))) < target:
+            if float(np.mean(scale * sigmoid(l1 + mid))) < target:
                 lo = mid
             else:
                 hi = mid
@@ -701,6 +718,7 @@ class TorchRanker(Checkpointed):
             "bias_centred": self.bias_centred,
             "task1_centred": self.task1_centred,
             "task1_warm": list(self.task1_warm),
+            "task1_rows": self.task1_rows,
             "bias_warm": list(self.bias_warm),
             "mixture": None if self.mixture is None else self.mixture.state(),
         }
@@ -784,6 +802,7 @@ class TorchRanker(Checkpointed):
         ranker.task1_centred = bool(state.get("task1_centred", ranker.n_updates > 0))
         clicks, conversions = state.get("task1_warm", (0.0, 0.0))
         ranker.task1_warm = (float(clicks), float(conversions))
+        ranker.task1_rows = float(state.get("task1_rows", 0.0))
         # Checkpoints from before the warm-up: a trained model has finished warming up.
         done = (0.0, math.inf) if ranker.n_updates > 0 else (0.0, 0.0)
         warm = state.get("bias_warm")

@@ -369,9 +369,10 @@ def test_ple_learns_the_second_label_in_the_trainer() -> None:
     assert 0.5 < monitor.second_predicted / monitor.second_outcomes < 2.0
 
 
-def test_fake_negative_monitor_judges_second_label_on_first_records() -> None:
+@pytest.mark.parametrize("task1", ["direct", "esmm"])
+def test_fake_negative_monitor_judges_second_label_on_first_records(task1: str) -> None:
     out, j = joined("fake_negative", n=3000)
-    settings = two_task_settings(scheme="fake_negative")
+    settings = two_task_settings(scheme="fake_negative", task1=task1)
     metrics = StreamrecMetrics()
     trainer, monitor = TrainerService(settings, metrics), MonitorService(settings, metrics)
     trainer.add(out)
@@ -381,6 +382,11 @@ def test_fake_negative_monitor_judges_second_label_on_first_records() -> None:
     # every impression judged once on its final label, with its first record's p2
     assert monitor.second_judged == j.counters.impressions == monitor.n_seen
     assert monitor.second_outcomes == j.counters.conversions
+    # fresh labels carry no clicked non-conversion rows: ESMM centres on the CTCVR rate
+    # once it has seen enough conversions (else its pCVR would keep its start)
+    assert trainer.ranker.task1_centred
+    if task1 == "esmm":  # kept at its start, pCVR gave 0.06 here
+        assert 0.3 < monitor.second_predicted / monitor.second_outcomes < 2.0
 
 
 def test_retrieval_learns_each_click_once_not_again_with_its_conversion() -> None:
