@@ -97,6 +97,13 @@ def hostile_records(
         lambda: Bad(I, ENVELOPE_MAGIC + b"\x01" + junk(rng.randint(1, 40)), "bad_envelope",
                     "broken_envelope"),
         lambda: Bad(I, ENVELOPE_MAGIC + b"\x09", "unsupported_version", "envelope_v9"),
+        # the second label's conversion events travel on clicks too
+        lambda: Bad(C, _json({"impression_id": "x", "ts": round(rng.uniform(lo, hi), 3),
+                              "type": "purchase"}), "bad_value", "click_unknown_type"),
+        lambda: Bad(C, b'{"impression_id":"x","ts":Infinity,"type":"conversion"}',
+                    "non_finite", "conversion_inf"),
+        lambda: Bad(C, _json({"impression_id": "x", "ts": now + 86_400, "type": "conversion"}),
+                    "future_ts", "future_conversion"),
     ]  # fmt: skip
     out = [rng.choice(makers)() for _ in range(n)]
     if not oversized:
