@@ -31,7 +31,9 @@ the entropy of the base rate: below 1 beats the constant) and Σp/Σtruth; the w
 pipeline's wall seconds.
 
 ``--rate R`` replays a world of R impressions a minute instead (``--rate 100``: 150,000
-impressions over 25 hours of event time). Writes ``bench/results/second_label_stream.json``
+impressions over 25 hours of event time); ``--window-s``, ``--conversion-window-s`` and
+``--delay-s`` set the join window, the conversion window and the world's mean conversion
+delay (a fast world needs short ones to close many windows within its log). Writes ``bench/results/second_label_stream.json``
 (``second_label_stream_quick.json``; ``second_label_stream_<R>.json`` with ``--rate``).
 """
 
@@ -62,18 +64,32 @@ RATE_PER_MIN = 1_000.0
 WINDOW_S = 1800.0
 CONVERSION_WINDOW_S = 1800.0
 CONVERSION_DELAY_MEAN_S = 300.0
-#: arm -> the worker's config (TOML)
-ARMS: dict[str, str] = {
-    "click_only": '[ranker]\nmodel = "mmoe"\n',
-    "direct_fresh": f'[join]\nconversion_window_s = {CONVERSION_WINDOW_S}\n'
-                    '[ranker]\nmodel = "mmoe"\ntask1 = "direct"\n',
-    "esmm_fresh": f'[join]\nconversion_window_s = {CONVERSION_WINDOW_S}\n'
-                  '[ranker]\nmodel = "mmoe"\ntask1 = "esmm"\n',
-    "direct_window": f'[join]\nconversion_window_s = {CONVERSION_WINDOW_S}\n'
-                     'delayed_feedback = "window"\n[ranker]\nmodel = "mmoe"\ntask1 = "direct"\n',
-    "ple_direct_fresh": f'[join]\nconversion_window_s = {CONVERSION_WINDOW_S}\n'
-                        '[ranker]\nmodel = "ple"\ntask1 = "direct"\n',
+#: arm -> (its [join] keys besides the windows, its [ranker] keys); "conversion": a
+#: conversion window is set
+ARMS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    "click_only": ({}, {"model": "mmoe"}),
+    "direct_fresh": ({"conversion": True}, {"model": "mmoe", "task1": "direct"}),
+    "esmm_fresh": ({"conversion": True}, {"model": "mmoe", "task1": "esmm"}),
+    "direct_window": ({"conversion": True, "delayed_feedback": "window"},
+                      {"model": "mmoe", "task1": "direct"}),
+    "ple_direct_fresh": ({"conversion": True}, {"model": "ple", "task1": "direct"}),
 }  # fmt: skip
+
+
+def arm_config(name: str, window_s: float, conversion_window_s: float) -> str:
+    """The worker's settings TOML of arm ``name``."""
+    join, ranker = ARMS[name]
+    lines = ["[join]", f"window_s = {window_s}"]
+    for key, value in join.items():
+        if key == "conversion":
+            lines.append(f"conversion_window_s = {conversion_window_s}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    lines.append("[ranker]")
+    lines += [f'{key} = "{value}"' for key, value in ranker.items()]
+    return "\n".join(lines) + "\n"
+
+
 WINDOW_ROWS = 5_000
 
 
@@ -107,11 +123,14 @@ def summary(p: np.ndarray, y: np.ndarray, truth: np.ndarray) -> dict[str, float]
     }
 
 
-def run_arm(name: str, df_path: Path, work: Path) -> dict[str, Any]:
+def run_arm(
+    name: str, df_path: Path, work: Path, window_s: float = WINDOW_S,
+    conversion_window_s: float = CONVERSION_WINDOW_S,
+) -> dict[str, Any]:  # fmt: skip
     df = read_log_frame(df_path)
     config = work / "worker.toml"
-    config.write_text(ARMS[name])
-    gap = WINDOW_S + CONVERSION_WINDOW_S + Settings().join.lateness_s + 1
+    config.write_text(arm_config(name, window_s, conversion_window_s))
+    gap = window_s + conversion_window_s + Settings().join.lateness_s + 1
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
         create_worker_topics(Settings(broker=broker.url))
         with worker_processes(broker.url, work, extra_args=("--config", str(config))) as (w,):
@@ -134,8 +153,8 @@ def run_arm(name: str, df_path: Path, work: Path) -> dict[str, Any]:
     ids = df["impression_id"].astype(str).to_numpy()
     p = np.array([first[i][0] for i in ids])
     p2 = np.array([first[i][1] for i in ids])
-    clicked = ((df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)).to_numpy()
-    conv_in = (df["conversion_ts"] - df["click_ts"] <= CONVERSION_WINDOW_S).to_numpy()
+    clicked = ((df["click"] == 1) & (df["click_ts"] - df["ts"] <= window_s)).to_numpy()
+    conv_in = (df["conversion_ts"] - df["click_ts"] <= conversion_window_s).to_numpy()
     y2 = (clicked & (df["conversion"] == 1).to_numpy() & conv_in).astype(np.float64)
     y = clicked.astype(np.float64)
     true_p = df["true_p"].to_numpy(np.float64)
@@ -185,7 +204,9 @@ def run_arm(name: str, df_path: Path, work: Path) -> dict[str, Any]:
 
 def main(quick: bool = False, results_dir: Path | None = None, n: int | None = None,
          arms: tuple[str, ...] = tuple(ARMS), seed: int = 5,
-         rate_per_min: float = RATE_PER_MIN) -> dict[str, Any]:  # fmt: skip
+         rate_per_min: float = RATE_PER_MIN, window_s: float = WINDOW_S,
+         conversion_window_s: float = CONVERSION_WINDOW_S,
+         delay_s: float = CONVERSION_DELAY_MEAN_S) -> dict[str, Any]:  # fmt: skip
     n = n if n is not None else (40_000 if quick else 150_000)
     t0 = time.monotonic()
     runs = []
@@ -194,12 +215,12 @@ def main(quick: bool = False, results_dir: Path | None = None, n: int | None = N
         df = generate(SyntheticConfig(n_impressions=n, seed=seed, drift_at=None,
                                       impressions_per_s=rate_per_min / 60.0, conversion=True,
                                       base_cvr=0.2,
-                                      conversion_delay_mean_s=CONVERSION_DELAY_MEAN_S))  # fmt: skip
+                                      conversion_delay_mean_s=delay_s))  # fmt: skip
         write_log(df, log)
         for name in arms:
             work = Path(tmp) / name
             work.mkdir()
-            r = run_arm(name, log, work)
+            r = run_arm(name, log, work, window_s, conversion_window_s)
             runs.append(r)
             t1 = r.get("task1", {}).get("second_half", {})
             attached = r["worker"].get('streamrec_conversions_total{outcome="attached"}')
@@ -216,8 +237,9 @@ def main(quick: bool = False, results_dir: Path | None = None, n: int | None = N
         "load_1min_after": os.getloadavg()[0],
         "wall_seconds": time.monotonic() - t0,
         "rate_per_min": rate_per_min,
-        "window_s": WINDOW_S,
-        "conversion_window_s": CONVERSION_WINDOW_S,
+        "window_s": window_s,
+        "conversion_window_s": conversion_window_s,
+        "conversion_delay_mean_s": delay_s,
         "seed": seed,
         "runs": runs,
     }
@@ -231,14 +253,23 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="impressions (default 150,000)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of " + ", ".join(ARMS))
     p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--rate", type=float, default=RATE_PER_MIN,
-                   help="impressions a minute of event time (results file suffixed _RATE "
-                   "when not the default)")  # fmt: skip
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=RATE_PER_MIN,
+        help="impressions a minute of event time (results file suffixed _RATE "
+        "when not the default)",
+    )
+    p.add_argument("--window-s", type=float, default=WINDOW_S, help="join.window_s")
+    p.add_argument("--conversion-window-s", type=float, default=CONVERSION_WINDOW_S)
+    p.add_argument("--delay-s", type=float, default=CONVERSION_DELAY_MEAN_S,
+                   help="the world's mean conversion delay after the click")  # fmt: skip
     a = p.parse_args(argv)
     # the workers label with the default scheme unless an arm sets one (the integration
     # tests set this variable to the window scheme for their own workers)
     os.environ.pop("STREAMREC_JOIN__DELAYED_FEEDBACK", None)
-    main(a.quick, a.results_dir, a.n, tuple(a.arms.split(",")), a.seed, a.rate)
+    main(a.quick, a.results_dir, a.n, tuple(a.arms.split(",")), a.seed, a.rate, a.window_s,
+         a.conversion_window_s, a.delay_s)  # fmt: skip
     return 0
 
 
