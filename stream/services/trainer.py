@@ -384,7 +384,7 @@ class TrainerService:
                 )  # fmt: skip
                 if p2 is not None and ranker.last_task1 is not None:
                     p2[keep] = ranker.last_task1
-        if y2 is not None and any(e.kind in TASK1_KINDS for e in batch):
+        if any(e.kind in TASK1_KINDS for e in batch):  # whatever this ranker learns
             clicks = [k for k, e in enumerate(batch) if e.kind not in TASK1_KINDS]
             rows, y = [rows[k] for k in clicks], y[clicks]
         if self.fusion is not None:  # its clicks scored against today's retrieval, first

@@ -412,6 +412,33 @@ def test_retrieval_learns_each_click_once_not_again_with_its_conversion() -> Non
     assert sum(seen) == sum(e.label for e in out if e.kind not in TASK1_KINDS)
 
 
+def test_a_trainer_without_a_task_1_ignores_second_label_records() -> None:
+    """Split roles with mismatched settings (a joiner with a conversion window, a trainer
+    without): the second label's own records are scored for nobody and learnt by no
+    click model; the click records go on as before."""
+    out, _ = joined("window", n=2000)
+    settings = Settings(trainer=TrainerConfig(batch_size=256, ramp_from=0))
+    trainer = TrainerService(settings, StreamrecMetrics())
+    assert not trainer.second_label_on
+    fusion = trainer.fusion
+    assert fusion is not None
+    seen: list[float] = []
+    learn = fusion.learn_many
+
+    def spy(rows: object, y: np.ndarray) -> None:
+        seen.extend(np.asarray(y).tolist())
+        learn(rows, y)  # type: ignore[arg-type]
+
+    fusion.learn_many = spy  # type: ignore[method-assign]
+    trainer.add(out)
+    rows = 0
+    while (b := trainer.step()) is not None:
+        rows += len(b.impression_ids)
+        assert not b.p2 and not b.label2_ids
+    clicks = [e for e in out if e.kind not in TASK1_KINDS]
+    assert rows == len(clicks) == len(seen) < len(out)
+
+
 # -- serving -------------------------------------------------------------------------------
 
 
