@@ -33,8 +33,9 @@ pipeline's wall seconds.
 ``--rate R`` replays a world of R impressions a minute instead (``--rate 100``: 150,000
 impressions over 25 hours of event time); ``--window-s``, ``--conversion-window-s`` and
 ``--delay-s`` set the join window, the conversion window and the world's mean conversion
-delay (a fast world needs short ones to close many windows within its log). Writes ``bench/results/second_label_stream.json``
-(``second_label_stream_quick.json``; ``second_label_stream_<R>.json`` with ``--rate``).
+delay (a fast world needs short ones to close many windows within its log). Writes
+``bench/results/second_label_stream.json`` (``second_label_stream_quick.json``;
+``second_label_stream_<R>.json`` with ``--rate``).
 """
 
 from __future__ import annotations
