@@ -655,10 +655,12 @@ class OnlineJoiner:
             self._attach(iid, waiting, conv.ts, out)
             return
         known = self.done.get(iid)
-        if waiting is not None or (known is not None and known[0] == 1):
+        if (
+            waiting is not None
+            or (known is not None and known[0] == 1)
+            or (iid in self.early_conversions)
+        ):
             c.late_conversions += 1  # a duplicate, or after its window closed
-        elif iid in self.early_conversions:
-            c.late_conversions += 1  # a duplicate of one waiting for its click
         else:  # its click (or impression) has not come yet: it waits, like an orphan click
             self.early_conversions[iid] = conv.ts
             while len(self.early_conversions) > self.config.max_orphans:
@@ -706,11 +708,16 @@ class OnlineJoiner:
         ``max_pending`` waiting): a ``no_conversion`` record unless one carried label2=0.
         An impression still pending (``"window"``) is left to its positive."""
         dl, waiting = self._conv_deadlines, self.converting
+        kept: list[tuple[float, str]] = []  # pending, popped for the bound only
         while dl and (dl[0][0] < wm or len(waiting) > self.config.max_pending):
             deadline, iid = heapq.heappop(dl)
             entry = waiting.get(iid)
-            if entry is None or iid in self.pending:
-                continue  # converted, or its label rides on its positive
+            if entry is None:
+                continue  # converted
+            if iid in self.pending:  # its positive decides: rides on it if due, else
+                if deadline >= wm:  # it waits on (pending is bounded by max_pending too)
+                    kept.append((deadline, iid))
+                continue
             del waiting[iid]
             self.conversions_left.append(iid)
             if entry.conversion_ts is not None:  # "window": held until its window's end
@@ -719,6 +726,8 @@ class OnlineJoiner:
             elif not entry.zero_sent:
                 self.counters.no_conversions += 1
                 out.append(LabeledExample(entry.impression, 1, deadline, 0.0, "no_conversion", 0))
+        for item in kept:
+            heapq.heappush(dl, item)
 
     @property
     def _horizon(self) -> float:
@@ -839,15 +848,15 @@ class OnlineJoiner:
                 self._close(imp, deadline, out)
         if self._conv_deadlines:
             self._close_conversions(wm, out)
+        grace = wm - self.config.orphan_grace_s
         early = self.early_conversions
-        while early:
+        while early:  # conversions whose click never came: given up like orphan clicks
             iid, cts = next(iter(early.items()))
-            if cts >= wm - self.config.orphan_grace_s:
+            if cts >= grace:
                 break
             early.popitem(last=False)
             self.early_left.append(iid)
             self.counters.orphan_conversions += 1
-        grace = wm - self.config.orphan_grace_s
         while self.orphan_clicks:
             iid, cts = next(iter(self.orphan_clicks.items()))
             if cts >= grace:

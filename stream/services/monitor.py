@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Any
 
 import numpy as np
 
@@ -116,7 +115,7 @@ class MonitorService:
         self._offset_now = -np.inf  # newest impression time seen (event seconds)
         self.n_seen = 0
         #: the second label (join.conversion_window_s): Σ P(clicked and converted) of the
-        #: impressions judged, how many, and the conversions seen (:meth:`_judge_second`)
+        #: impressions judged, how many, and their conversions (:meth:`_observe_second`)
         self.second_predicted = 0.0
         self.second_judged = 0
         self.second_outcomes = 0
@@ -245,8 +244,7 @@ class MonitorService:
         return [self._calibrator_message(self.calibrator, self._offset_now, "offset")]
 
     def _observe_labels(self, batch: ScoredBatch) -> list[ControlRecord]:
-        """The windows, drift tests and recalibration of :meth:`observe`; the second
-        label's calibration (:meth:`_judge_second`)."""
+        """The windows, drift tests and recalibration of :meth:`observe`."""
         if self.outcomes is None:
             return self._observe(
                 np.asarray(batch.p, dtype=np.float64),
@@ -256,10 +254,12 @@ class MonitorService:
                 np.asarray(batch.segment),
             )
         late = self.outcomes.late_positives
-        columns: dict[str, list[Any]] = {
-            "p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment,
-        }  # fmt: skip
-        self.outcomes.add(batch.impression_ids, ts=batch.ts, label=batch.label, columns=columns)
+        self.outcomes.add(
+            batch.impression_ids,
+            ts=batch.ts,
+            label=batch.label,
+            columns={"p": batch.p, "p_raw": batch.p_raw, "segment": batch.segment},
+        )
         if self.outcomes.late_positives > late:
             self.metrics.monitor_late_positives.inc(self.outcomes.late_positives - late)
         done = self.outcomes.resolve()

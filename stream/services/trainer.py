@@ -75,6 +75,9 @@ class StepResult:
     skipped_nonfinite: bool  # the update was skipped (non-finite loss or gradient)
     #: (N,) float64, the ranker's P(clicked and converted) with a second label, else None
     p2: np.ndarray | None = None
+    #: the indices of the click records (all but the second label's own records,
+    #: ``TASK1_KINDS``); None: every example is one
+    click_rows: list[int] | None = None
 
 
 class TrainerService:
@@ -384,9 +387,10 @@ class TrainerService:
                 )  # fmt: skip
                 if p2 is not None and ranker.last_task1 is not None:
                     p2[keep] = ranker.last_task1
+        click_rows = None
         if any(e.kind in TASK1_KINDS for e in batch):  # whatever this ranker learns
-            clicks = [k for k, e in enumerate(batch) if e.kind not in TASK1_KINDS]
-            rows, y = [rows[k] for k in clicks], y[clicks]
+            click_rows = [k for k, e in enumerate(batch) if e.kind not in TASK1_KINDS]
+            rows, y = [rows[k] for k in click_rows], y[click_rows]
         if self.fusion is not None:  # its clicks scored against today's retrieval, first
             self.fusion.observe_batch(rows, y, self._retrieve_now)
         if self.two_tower is not None:  # every batch: its shown items join the catalogue of
@@ -397,7 +401,7 @@ class TrainerService:
         p = self.calibrator.transform(p_raw)
         skipped = self.ranker.n_skipped_nonfinite > skipped_before
         return StepResult(np.asarray(p_raw, dtype=np.float64), np.asarray(p, np.float64),
-                          seconds, skipped, p2)  # fmt: skip
+                          seconds, skipped, p2, click_rows)  # fmt: skip
 
     def finish(self, taken: TakenBatch, result: StepResult) -> ScoredBatch:
         """Metrics, catalogue and counters after :meth:`compute`; the ``scored`` batch."""
@@ -435,8 +439,8 @@ class TrainerService:
             known = [e for e in batch if e.label and e.label2 is not None]
             label2_ids = [e.impression.impression_id for e in known]
             label2 = [int(e.label2 or 0) for e in known]
-        if any(e.kind in TASK1_KINDS for e in batch):  # the second label's own records
-            clicks = [k for k, e in enumerate(batch) if e.kind not in TASK1_KINDS]
+        clicks = result.click_rows
+        if clicks is not None:  # the second label's own records are no rows of the monitor
             batch = [batch[k] for k in clicks]
             p_raw, p = p_raw[clicks], p[clicks]
             p2 = None if p2 is None else p2[clicks]

@@ -186,6 +186,24 @@ def test_waiting_conversions_are_bounded() -> None:
     assert len(early) >= 3  # the oldest closed early, each with its record
 
 
+def test_the_bound_never_drops_a_pending_impressions_second_label() -> None:
+    """Beyond max_pending the oldest waiting conversions close early, but one whose
+    impression is still pending (final labels) waits for its positive: its second label
+    is sent once, and nothing is left waiting."""
+    j = joiner("window", max_pending=2)
+    out = j.on_impression(imp("A", 0)) + j.on_impression(imp("B", 1))
+    out += j.on_click(click("B", 2))  # B pending, clicked
+    out += j.on_impression(imp("C", 3))  # A forced out unclicked
+    out += j.on_click(click("A", 4))  # a late click on A: its negative carried label2=0
+    out += j.on_click(click("C", 5))  # three waiting, two allowed: B is the oldest
+    out += both(j, 1000)
+    second = [
+        (e.impression.impression_id, e.label2) for e in out if e.label and e.label2 is not None
+    ]
+    assert sorted(i for i, _ in second) == ["B", "C"]  # A's 0 rode on its negative
+    assert not j.converting and not j._conv_deadlines
+
+
 def test_conversion_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="conversion_window_s"):
         JoinConfig(conversion_window_s=0.0)
