@@ -70,9 +70,10 @@ def _json(d: object) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
 
 
-def check_reasons(bad: list[Bad]) -> None:
-    """The constructed reasons agree with the joiner's validation (no broker needed)."""
-    js = JoinService(Settings(), _NullMetrics())
+def check_reasons(bad: list[Bad], settings: Settings | None = None) -> None:
+    """The constructed reasons agree with the joiner's validation under ``settings`` (the
+    default worker's when None; no broker needed)."""
+    js = JoinService(settings or Settings(), _NullMetrics())
     for b in bad:
         _, dls = js.handle_record(b.value, b.topic, 0, 0)
         assert [d.reason for d in dls] == [b.reason], (b.kind, b.value[:120])

@@ -2,34 +2,43 @@
 conversions travel on ``clicks``, the worker's joiner attaches them within the conversion
 window, the trainer teaches MMoE's task 1, the monitor counts its calibration and
 ``/score`` serves pCTCVR. Once with fresh labels (the worker's default) and once with the
-window scheme (final labels)."""
+window scheme (final labels). Hostile input records (``bench.hostile``, conversion events
+with bad fields among them) are sent before and after the log: each is dead-lettered once
+with its reason, and the log's counts stay exact."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
+from bench.hostile import Bad, hostile_records
 from logs.batches import decode_labeled
-from logs.events import TASK1_KINDS, TOPIC_LABELED, LabeledExample
+from logs.events import TASK1_KINDS, TOPIC_DEAD_LETTER, TOPIC_LABELED, LabeledExample
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.demo import read_topic, scrape
 from stream.replay import replay
-from stream.settings import Settings
+from stream.settings import Settings, load_settings
 from tests.integration.conftest import WINDOW_SCHEME_ENV
+from tests.integration.test_faults import read_topic as read_all
+from tests.integration.test_fuzz import check_reasons
 from tests.integration.test_pipeline import http
 
 pytestmark = pytest.mark.integration
 
 N = 1500
+N_HOSTILE = 400
 WINDOW_S = 120.0
 CONVERSION_WINDOW_S = 120.0
 
@@ -62,6 +71,11 @@ def test_conversions_reach_task1_the_monitor_and_score(tmp_path: Path, scheme: s
         f'[join]\nwindow_s = {WINDOW_S}\nlateness_s = 0.0\ndelayed_feedback = "{scheme}"\n'
         f'conversion_window_s = {CONVERSION_WINDOW_S}\n[ranker]\nmodel = "mmoe"\n'
     )
+    settings = load_settings(config, env={})
+    bad = hostile_records(random.Random(17), (float(df["ts"].min()), float(df["ts"].max())),
+                          N_HOSTILE, oversized=False)  # fmt: skip
+    assert any(b.value.find(b'"conversion"') >= 0 for b in bad)  # bad conversion events too
+    check_reasons(bad, settings)  # their reasons hold with the conversion window on
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
     port, web_port = free_port(), free_port()
     create_worker_topics(Settings(broker=broker.url))
@@ -81,7 +95,19 @@ def test_conversions_reach_task1_the_monitor_and_score(tmp_path: Path, scheme: s
     try:
         wait_for_port("127.0.0.1", port, timeout_s=60)
         gap = Settings().join.lateness_s + WINDOW_S + CONVERSION_WINDOW_S + 61
+        producer = KafkaProducer(bootstrap_servers=[broker.url], linger_ms=20)
+        sent: dict[tuple[str, int, int], Bad] = {}
+
+        def send(chunk: list[Bad]) -> None:
+            futures = [(b, producer.send(b.topic, value=b.value)) for b in chunk]
+            for b, f in futures:
+                md = f.get(timeout=60)
+                sent[(md.topic, md.partition, md.offset)] = b
+
+        send(bad[: N_HOSTILE // 2])
         stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=gap)
+        send(bad[N_HOSTILE // 2 :])
+        producer.close()
         assert stats.conversions == int((df["conversion"] == 1).sum())
         url = f"http://127.0.0.1:{port}/metrics"
         deadline = time.monotonic() + 150
@@ -96,6 +122,14 @@ def test_conversions_reach_task1_the_monitor_and_score(tmp_path: Path, scheme: s
             time.sleep(0.5)
         for key, value in want.items():
             assert m[key] == value, key
+        while len(letters := read_all(broker.url, TOPIC_DEAD_LETTER)) < len(bad):
+            alive()
+            assert time.monotonic() < deadline, len(letters)
+            time.sleep(0.5)
+        got = {(d["topic"], d["partition"], d["offset"]): d["reason"]
+               for d in map(json.loads, letters)}  # fmt: skip
+        assert len(got) == len(letters) == len(bad)  # each once
+        assert got == {k: b.reason for k, b in sent.items()}
         conv = 'streamrec_conversions_total{{outcome="{}"}}'
         assert m[conv.format("attached")] == len(converted)
         assert m[conv.format("late")] == late
