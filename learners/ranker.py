@@ -71,7 +71,7 @@ from learners.models import (
     MMoE,
     WideAndDeep,
 )
-from learners.ranker_config import MODELS, RankerConfig
+from learners.ranker_config import MODELS, MULTITASK_MODELS, RankerConfig
 from learners.training import (
     Checkpointed,
     build_module,
@@ -152,9 +152,9 @@ class TorchRanker(Checkpointed):
             with torch.no_grad():
                 self._output_bias().fill_(self._raw_logit(float(logit(config.prior_ctr)[0])))
         self.bias_centred = False
-        self.task1_centred = False  # MMoE: task 1's bias, on its first labels (y2)
-        self.task1_warm = (0.0, 0.0)  # ESMM: (clicks, conversions) before that centring
-        self.task1_rows = 0.0  # ESMM: rows with a known y2 before that centring
+        self.task1_centred = False  # MMoE: task 1's bias, once centred on its labels (y2)
+        self.task1_warm = (0.0, 0.0)  # (clicks, conversions) of its warm-up's known rows
+        self.task1_rows = 0.0  # rows with a known y2 learnt while task 1 warms up
         #: with a task 1: its P(y2) of the last :meth:`score_and_learn` batch, (B,) float64
         self.last_task1: np.ndarray | None = None
         # (sum w y, sum w) of the examples learned while the bias warms up (bias_warmup)
@@ -220,12 +220,13 @@ class TorchRanker(Checkpointed):
             return PLE(
                 *shape, embedding_dim=dim, hidden=cfg.hidden, num_experts=cfg.num_experts,
                 num_tasks=cfg.num_tasks, generator=gen, task_experts=cfg.task_experts,
-                levels=cfg.ple_levels, **behaviour,
+                levels=cfg.ple_levels, cross_layers=cfg.cross_layers, **behaviour,
             )  # fmt: skip
         if cfg.model == "mmoe":
             return MMoE(
                 *shape, embedding_dim=dim, hidden=cfg.hidden, num_experts=cfg.num_experts,
-                num_tasks=cfg.num_tasks, generator=gen, **behaviour,
+                num_tasks=cfg.num_tasks, generator=gen, cross_layers=cfg.cross_layers,
+                **behaviour,
             )  # fmt: skip
         return DCNv2(
             *shape,
@@ -346,45 +347,50 @@ class TorchRanker(Checkpointed):
         return True
 
     def _centre_task1_bias(self, task_logits: np.ndarray, y: np.ndarray, y2: np.ndarray) -> bool:
-        """MMoE: shift task 1's output bias once, when its labels first allow it (a fresh
-        tower starts at ``logit(prior_ctr)``, which plain steps take hundreds of batches
-        to leave). ``task1="direct"``: on the first batch with ``y2`` labels, so that the
-        batch's mean P(y2) is its y2 rate shrunk to ``prior_ctr`` with
-        ``bias_prior_strength`` pseudo-examples. ``"esmm"``: task 1 is P(conversion |
-        click), so it needs clicks: the clicks and conversions of the known rows are
-        summed over batches (``task1_warm``) until they hold ``bias_prior_strength``
-        clicks, then the batch's mean pCVR is set to conversions / clicks (within [1e-4,
-        0.9]). That needs clicked rows whose ``y2`` is their final outcome, converted or
-        not, in proportion (offline logs; ``join.delayed_feedback="window"`` sends them
-        so). A stream whose only clicked rows with ``y2`` are conversions (fresh labels:
-        the non-conversions' 0 rode on their label-0 records) centres once it holds
-        ``bias_prior_strength`` conversions on its CTCVR rate instead: the known rows'
-        y2 rate so far (``task1_rows``) shrunk as for ``"direct"``, matched by the batch's
-        mean pCTR x pCVR. ``task_logits``: float64 (B, T); ``y``, ``y2``: (B,), ``y2``
-        NaN where unknown. False (nothing done yet) without enough labels, or with
-        ``bias_prior_strength`` None."""
+        """MMoE: shift task 1's output bias (a fresh tower starts at ``logit(prior_ctr)``,
+        which plain steps take hundreds of batches to leave). The clicks and conversions of
+        the rows with a known ``y2`` are summed over batches (``task1_warm``, rows in
+        ``task1_rows``).
+
+        ``task1="direct"`` warms up as task 0 does: on every learning step until
+        ``bias_warmup`` known rows have been learnt, the batch's mean P(y2) is set to the
+        y2 rate of every known row so far (this batch's included) shrunk to ``prior_ctr``
+        with ``bias_prior_strength`` pseudo-examples. Until 2026-12-07 it was centred once,
+        on its first batch; its single-task model (the same label as task 0) had the
+        warm-up and the multi-task one did not, which cost task 1 more NE than sharing the
+        experts gained (``bench.multitask``).
+
+        ``"esmm"``: task 1 is P(conversion | click), so it needs clicks; it is shifted
+        once, when the rows hold ``bias_prior_strength`` clicks: the batch's mean pCVR is
+        set to conversions / clicks (within [1e-4, 0.9]). That needs clicked rows whose
+        ``y2`` is their final outcome, converted or not, in proportion (offline logs;
+        ``join.delayed_feedback="window"`` sends them so). A stream whose only clicked
+        rows with ``y2`` are conversions (fresh labels: the non-conversions' 0 rode on
+        their label-0 records) is shifted on its CTCVR rate instead: the y2 rate shrunk as
+        for ``"direct"``, matched by the batch's mean pCTR x pCVR. A warm-up like
+        ``"direct"``'s, on the CTCVR rate, measured worse for both tasks (seed 0 of
+        ``bench.multitask --n 300000``: task-1 NE 0.9748 against 0.9725 shifted once).
+
+        ``task_logits``: float64 (B, T); ``y``, ``y2``: (B,), ``y2`` NaN where unknown.
+        False (nothing done) without enough labels, or with ``bias_prior_strength``
+        None."""
         strength = self.config.bias_prior_strength
         known = np.isfinite(y2)
         if strength is None or not known.any():
             return False
-        if self.config.task1 == "esmm":
-            clicks, conversions = self.task1_warm
-            clicks += float(y[known].sum())
-            conversions += float(y2[known].sum())
-            self.task1_warm = (clicks, conversions)
-            self.task1_rows += float(known.sum())
-            if clicks < strength:
-                return False
-            if conversions >= clicks:  # only conversions among the clicked rows: fresh
-                ctcvr = (conversions + strength * self.config.prior_ctr) / (
-                    self.task1_rows + strength
-                )
-                return self._shift_task1(task_logits[known], ctcvr, esmm=True)
-            target = min(max(conversions / clicks, 1e-4), 0.9)
-        else:
-            target = (float(y2[known].sum()) + strength * self.config.prior_ctr) / (
-                float(known.sum()) + strength
-            )
+        clicks, conversions = self.task1_warm
+        clicks += float(y[known].sum())
+        conversions += float(y2[known].sum())
+        self.task1_warm = (clicks, conversions)
+        self.task1_rows += float(known.sum())
+        shrunk = (conversions + strength * self.config.prior_ctr) / (self.task1_rows + strength)
+        if self.config.task1 == "direct":
+            return self._shift_task1(task_logits[known], shrunk, esmm=False)
+        if clicks < strength:
+            return False
+        if conversions >= clicks:  # only conversions among the clicked rows: fresh
+            return self._shift_task1(task_logits[known], shrunk, esmm=True)
+        target = min(max(conversions / clicks, 1e-4), 0.9)
         return self._shift_task1(task_logits[known], target, esmm=False)
 
     def _shift_task1(self, task_logits: np.ndarray, target: float, esmm: bool) -> bool:
@@ -658,7 +664,10 @@ class TorchRanker(Checkpointed):
                 # The first gradient is taken at the re-centred bias: at a badly wrong CTR it
                 # would push every parameter the same way and Adam's momentum would carry it.
                 logits, task_logits = self._forward(inputs)
-        if targets2 is not None and task_logits is not None and not self.task1_centred:
+        warming1 = not self.task1_centred or (
+            self.config.task1 == "direct" and self.task1_rows < self.config.bias_warmup
+        )
+        if targets2 is not None and task_logits is not None and warming1:
             tl = task_logits.detach().cpu().numpy().astype(np.float64)
             y_now = np.asarray(y, dtype=np.float64).reshape(-1)
             y2_now = np.asarray(y2, dtype=np.float64).reshape(-1)
@@ -718,7 +727,7 @@ class TorchRanker(Checkpointed):
             "bias_centred": self.bias_centred,
             "task1_centred": self.task1_centred,
             "task1_warm": list(self.task1_warm),
-            "task1_rows": self.task1_rows,
+            "task1_warm_rows": self.task1_rows,
             "bias_warm": list(self.bias_warm),
             "mixture": None if self.mixture is None else self.mixture.state(),
         }
@@ -763,6 +772,12 @@ class TorchRanker(Checkpointed):
             RankerConfig.from_dict(state["config"]),
             **{k: v for k, v in given.items() if v is not None},
         )
+        if (
+            config.model in MULTITASK_MODELS
+            and config.cross_layers
+            and not any(k.startswith("cross_heads.") for k in state["model"])
+        ):  # written before the multi-task models had cross layers (2026-12-07)
+            config = dataclasses.replace(config, cross_layers=0)
         if online is None:
             online = bool(state.get("online", True))
         with weights_to_load():  # every weight is loaded below: no random init
@@ -802,7 +817,10 @@ class TorchRanker(Checkpointed):
         ranker.task1_centred = bool(state.get("task1_centred", ranker.n_updates > 0))
         clicks, conversions = state.get("task1_warm", (0.0, 0.0))
         ranker.task1_warm = (float(clicks), float(conversions))
-        ranker.task1_rows = float(state.get("task1_rows", 0.0))
+        # Checkpoints from before task 1's warm-up (2026-12-07, "task1_rows"): centred
+        # once, it has finished warming up.
+        old_rows = math.inf if ranker.task1_centred else state.get("task1_rows", 0.0)
+        ranker.task1_rows = float(state.get("task1_warm_rows", old_rows))
         # Checkpoints from before the warm-up: a trained model has finished warming up.
         done = (0.0, math.inf) if ranker.n_updates > 0 else (0.0, 0.0)
         warm = state.get("bias_warm")

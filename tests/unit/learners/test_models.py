@@ -36,7 +36,15 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
         task_experts=1,
         levels=2,
     ),
-}
+    "mmoe_cross": lambda: MMoE(
+        NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=2, num_tasks=2, generator=_gen(),
+        cross_layers=2,
+    ),
+    "ple_cross": lambda: PLE(
+        NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=2, num_tasks=2, generator=_gen(),
+        task_experts=1, levels=1, cross_layers=1,
+    ),
+}  # fmt: skip
 
 
 @pytest.fixture(params=list(BUILDERS))
@@ -81,6 +89,9 @@ def _silence_deep_part(model: nn.Module) -> None:
                 out = tower[-1]
                 assert isinstance(out, nn.Linear)
                 out.weight.zero_()
+            for head in model.cross_heads:
+                assert isinstance(head, nn.Linear)
+                head.weight.zero_()
         elif isinstance(model, WideAndDeep | DeepFM | DCNv2):
             model.head.weight.zero_()
 
@@ -129,6 +140,32 @@ def test_mmoe_gates_mix_experts_per_task() -> None:
     assert len(model.experts) == 2 and len(model.gates) == 2 and len(model.towers) == 2
     with pytest.raises(ValueError, match="hidden"):
         MMoE(NB, FC, FN, hidden=())
+
+
+@pytest.mark.parametrize("kind", ["mmoe_cross", "ple_cross"])
+def test_multitask_cross_layers_are_each_tasks_own(kind: str) -> None:
+    # each task has its own cross stack and head (DCN-v2's cross network): one task's
+    # loss never moves the other's, while both reach the shared embeddings
+    cat, num = _batch()
+    for task in (0, 1):
+        model = BUILDERS[kind]()
+        assert isinstance(model, MMoE) and len(model.cross) == len(model.cross_heads) == 2
+        model.forward_tasks(cat, num)[:, task].sum().backward()
+        for t in (0, 1):
+            grads = [
+                p.grad for p in [*model.cross[t].parameters(), *model.cross_heads[t].parameters()]
+            ]
+            if t == task:
+                assert all(g is not None and g.abs().sum() > 0 for g in grads)
+            else:  # zeros through the stacking of the tasks' logits
+                assert all(g is None or g.abs().sum() == 0 for g in grads)
+        assert model.embedding.weight.grad is not None
+
+
+def test_multitask_models_without_cross_layers_keep_their_old_layout() -> None:
+    # cross_layers=0 builds the model as written before the cross layers (its checkpoints)
+    model = MMoE(NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=2, num_tasks=2)
+    assert not any(name.startswith("cross") for name, _ in model.named_parameters())
 
 
 def test_reset_parameters_with_the_same_generator_seed_is_reproducible(

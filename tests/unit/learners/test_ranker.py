@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,58 @@ def test_predict_tasks_many_gives_each_tasks_probability(task1: str) -> None:
     assert all(v.shape == (0,) for v in ranker.predict_tasks_many([]).values())
 
 
+def test_direct_task_one_warms_up_like_the_click_then_stops(tmp_path: Path) -> None:
+    # task 0 and a direct task 1 are shifted on every step until bias_warmup rows; a twin
+    # without the warm-up (bias_warmup 0: centred once) moves task 1's bias after its
+    # first step by Adam's small steps alone, as the warmed one does once the warm-up is over
+    warmup = 3 * 32
+    y2 = Y * (np.arange(32) % 2)
+
+    def bias_moves(ranker: TorchRanker) -> list[float]:
+        moves = []
+        for k in range(5):
+            before = float(ranker.model.task_bias(1).detach()[0])
+            ranker.learn_many(ROWS, Y, y2=y2)
+            moves.append(abs(float(ranker.model.task_bias(1).detach()[0]) - before))
+            # rows counted while warming up (the first step counts at least its own)
+            assert ranker.task1_rows == min(32.0 * (k + 1), max(ranker.config.bias_warmup, 32))
+        return moves
+
+    ranker = _mmoe(task1="direct", bias_prior_strength=30.0, bias_warmup=float(warmup))
+    warmed = bias_moves(ranker)
+    once = bias_moves(_mmoe(task1="direct", bias_prior_strength=30.0, bias_warmup=0.0))
+    assert warmed[0] == pytest.approx(once[0]) and warmed[0] > 0.5  # the first centring
+    assert warmed[1] > 0.05 and max(once[1:]) < 0.01, (warmed, once)  # shifted again
+    assert max(warmed[3:]) < 0.01, warmed  # the warm-up is over
+    ranker.save(tmp_path / "r.pt")
+    assert TorchRanker.load(tmp_path / "r.pt").task1_rows == ranker.task1_rows
+    # a checkpoint from before task 1's warm-up (its rows under "task1_rows", centred
+    # once) does not start warming up when loaded
+    state = _mmoe(task1="direct", bias_prior_strength=30.0).state()
+    state["task1_centred"], state["task1_rows"] = True, 0.0
+    del state["task1_warm_rows"]
+    torch.save(state, tmp_path / "old.pt")
+    assert TorchRanker.load(tmp_path / "old.pt").task1_rows == math.inf
+
+
+@pytest.mark.parametrize("model", ["mmoe", "ple"])
+def test_a_multitask_checkpoint_from_before_cross_layers_loads(model: str, tmp_path: Path) -> None:
+    # written when the multi-task models ignored cross_layers (its config says 2, its
+    # weights have none): loaded as it was built, scoring as before
+    old = _mmoe(model=model, cross_layers=0)
+    old.learn_many(ROWS, Y, y2=Y)
+    state = old.state()
+    state["config"]["cross_layers"] = 2
+    torch.save(state, tmp_path / "old.pt")
+    back = TorchRanker.load(tmp_path / "old.pt")
+    assert isinstance(back.model, MMoE) and len(back.model.cross) == 0
+    np.testing.assert_allclose(back.predict_proba_many(ROWS), old.predict_proba_many(ROWS))
+    # a current one keeps its cross layers
+    now = _mmoe(model=model, cross_layers=2)
+    now.save(tmp_path / "now.pt")
+    assert len(TorchRanker.load(tmp_path / "now.pt").model.cross) == 2
+
+
 def test_predict_tasks_many_needs_a_second_task() -> None:
     cfg = RankerConfig(model="dcnv2", device="cpu", encoder=SMALL, hidden=(8,), embedding_dim=4)
     with pytest.raises(ValueError, match="mmoe"):
@@ -252,8 +305,9 @@ def test_predict_tasks_many_needs_a_second_task() -> None:
 @pytest.mark.parametrize("task1", ["direct", "esmm"])
 def test_task_one_starts_at_its_labels_rate(task1: str, tmp_path: Path) -> None:
     # a fresh tower starts at logit(prior_ctr): task 1 is re-centred on its first labels,
-    # direct: on the batch's y2 rate shrunk to the prior; ESMM: pCVR on conversions /
-    # clicks, once 30 clicks (bias_prior_strength) have been seen
+    # direct: on the y2 rate so far shrunk to the prior (again on every step of its
+    # warm-up); ESMM: pCVR on conversions / clicks, once 30 clicks (bias_prior_strength)
+    # have been seen
     ranker = _mmoe(task1=task1, bias_prior_strength=30.0)
     rows = ROWS * 32
     y = np.tile(Y, 32)
@@ -266,7 +320,9 @@ def test_task_one_starts_at_its_labels_rate(task1: str, tmp_path: Path) -> None:
     if task1 == "esmm":
         key, target = "cvr", (y2[few].sum() + y2.sum()) / (y[few].sum() + y.sum())
     else:
-        key, target = "task1", (y2[few].sum() + 30.0 * ranker.config.prior_ctr) / (32 + 30.0)
+        rows_seen = 32 + len(y)  # both batches: the warm-up (10,000 rows) is still on
+        key = "task1"
+        target = (y2[few].sum() + y2.sum() + 30.0 * ranker.config.prior_ctr) / (rows_seen + 30.0)
     # after the centring the Adam steps move the mean by little
     assert ranker.predict_tasks_many(rows)[key].mean() == pytest.approx(target, rel=0.15)
     untouched = _mmoe(task1=task1, bias_prior_strength=None)
