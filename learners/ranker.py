@@ -352,13 +352,22 @@ class TorchRanker(Checkpointed):
         the rows with a known ``y2`` are summed over batches (``task1_warm``, rows in
         ``task1_rows``).
 
-        ``task1="direct"`` warms up as task 0 does: on every learning step until
-        ``bias_warmup`` known rows have been learnt, the batch's mean P(y2) is set to the
-        y2 rate of every known row so far (this batch's included) shrunk to ``prior_ctr``
-        with ``bias_prior_strength`` pseudo-examples. Until 2026-12-07 it was centred once,
-        on its first batch; its single-task model (the same label as task 0) had the
-        warm-up and the multi-task one did not, which cost task 1 more NE than sharing the
-        experts gained (``bench.multitask``).
+        ``task1="direct"``: the batch's mean P(y2) is set to the y2 rate of every known row
+        so far (this batch's included) shrunk to ``prior_ctr`` with ``bias_prior_strength``
+        pseudo-examples, on the first batch with labels. Offline (``online=False``: a log
+        whose rows carry their final labels) it warms up as task 0 does, again on every
+        learning step until ``bias_warmup`` known rows have been learnt: its single-task
+        model (the same label as task 0) has that warm-up, and without it the multi-task
+        one lost more NE on task 1 than sharing the experts gained (``bench.multitask``).
+        Online it is centred once: a stream's second labels arrive after the rest of
+        their impressions' rows (by the conversion delay; with final labels by the
+        conversion window too), so the running y2 rate is low at first, and a warm-up on it
+        held task 1 there. Through the worker at 30,000 impressions a minute with 120 s
+        windows and final labels, task-1 NE 0.996 and 0.998 with the warm-up against 0.979
+        without; a target the lag does not bias (click rate x conversions / clicked
+        outcomes) did no better (1.008, one run). With fresh labels the warm-up gave 0.971
+        against 0.974 at 1,000 a minute and 0.957 both at 30,000 (one run each): one rule
+        for every stream, the one that never measured worse.
 
         ``"esmm"``: task 1 is P(conversion | click), so it needs clicks; it is shifted
         once, when the rows hold ``bias_prior_strength`` clicks: the batch's mean pCVR is
@@ -665,7 +674,9 @@ class TorchRanker(Checkpointed):
                 # would push every parameter the same way and Adam's momentum would carry it.
                 logits, task_logits = self._forward(inputs)
         warming1 = not self.task1_centred or (
-            self.config.task1 == "direct" and self.task1_rows < self.config.bias_warmup
+            self.config.task1 == "direct"
+            and not self.online
+            and self.task1_rows < self.config.bias_warmup
         )
         if targets2 is not None and task_logits is not None and warming1:
             tl = task_logits.detach().cpu().numpy().astype(np.float64)

@@ -265,6 +265,15 @@ def test_direct_task_one_warms_up_like_the_click_then_stops(tmp_path: Path) -> N
     assert warmed[0] == pytest.approx(once[0]) and warmed[0] > 0.5  # the first centring
     assert warmed[1] > 0.05 and max(once[1:]) < 0.01, (warmed, once)  # shifted again
     assert max(warmed[3:]) < 0.01, warmed  # the warm-up is over
+    # online (a stream, whose second labels lag their impressions) it is centred once
+    config = _mmoe(task1="direct", bias_prior_strength=30.0, bias_warmup=float(warmup)).config
+    online = TorchRanker(config, seed=3, online=True)
+    streamed = []
+    for _ in range(3):
+        before = float(online.model.task_bias(1).detach()[0])
+        online.learn_many(ROWS, Y, y2=y2)
+        streamed.append(abs(float(online.model.task_bias(1).detach()[0]) - before))
+    assert streamed[0] > 0.3 and max(streamed[1:]) < 0.01, streamed
     ranker.save(tmp_path / "r.pt")
     assert TorchRanker.load(tmp_path / "r.pt").task1_rows == ranker.task1_rows
     # a checkpoint from before task 1's warm-up (its rows under "task1_rows", centred
