@@ -79,6 +79,17 @@ def check_reasons(bad: list[Bad], settings: Settings | None = None) -> None:
         assert [d.reason for d in dls] == [b.reason], (b.kind, b.value[:120])
 
 
+def send_bad(
+    producer: KafkaProducer, chunk: list[Bad], sent: dict[tuple[str, int, int], Bad]
+) -> None:
+    """Send ``chunk`` and record where each record landed, ``(topic, partition, offset)``
+    -> its :class:`Bad` (a dead letter names that place)."""
+    futures = [(b, producer.send(b.topic, value=b.value)) for b in chunk]
+    for b, f in futures:
+        md = f.get(timeout=60)
+        sent[(md.topic, md.partition, md.offset)] = b
+
+
 class _NullMetrics:
     """Metrics stand-in for :func:`check_reasons` (a real registry would do; this is
     cheaper for 10k records)."""
@@ -138,10 +149,7 @@ def test_fuzz_campaign_no_worker_exit_every_bad_record_dead_lettered(tmp_path: P
         sent: dict[tuple[str, int, int], Bad] = {}
 
         def send(chunk: list[Bad]) -> None:
-            futures = [(b, producer.send(b.topic, value=b.value)) for b in chunk]
-            for b, f in futures:
-                md = f.get(timeout=60)
-                sent[(md.topic, md.partition, md.offset)] = b
+            send_bad(producer, chunk, sent)
 
         for raw in controls:
             producer.send(TOPIC_CONTROL, key=b"hostile", value=raw)

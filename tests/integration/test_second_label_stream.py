@@ -32,7 +32,7 @@ from stream.replay import replay
 from stream.settings import Settings, load_settings
 from tests.integration.conftest import WINDOW_SCHEME_ENV
 from tests.integration.test_faults import read_topic as read_all
-from tests.integration.test_fuzz import check_reasons
+from tests.integration.test_fuzz import check_reasons, send_bad
 from tests.integration.test_pipeline import http
 
 pytestmark = pytest.mark.integration
@@ -97,16 +97,9 @@ def test_conversions_reach_task1_the_monitor_and_score(tmp_path: Path, scheme: s
         gap = Settings().join.lateness_s + WINDOW_S + CONVERSION_WINDOW_S + 61
         producer = KafkaProducer(bootstrap_servers=[broker.url], linger_ms=20)
         sent: dict[tuple[str, int, int], Bad] = {}
-
-        def send(chunk: list[Bad]) -> None:
-            futures = [(b, producer.send(b.topic, value=b.value)) for b in chunk]
-            for b, f in futures:
-                md = f.get(timeout=60)
-                sent[(md.topic, md.partition, md.offset)] = b
-
-        send(bad[: N_HOSTILE // 2])
+        send_bad(producer, bad[: N_HOSTILE // 2], sent)
         stats = replay(log_path, broker.url, progress=False, final_watermark_gap_s=gap)
-        send(bad[N_HOSTILE // 2 :])
+        send_bad(producer, bad[N_HOSTILE // 2 :], sent)
         producer.close()
         assert stats.conversions == int((df["conversion"] == 1).sum())
         url = f"http://127.0.0.1:{port}/metrics"
