@@ -496,26 +496,34 @@ class MMoE(nn.Module):
     ) -> Tensor:
         """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn), optional ``seq`` / ``seq_age``
         (B, N) -> logits float32 (B, T)."""
+        return self._first_tasks(cat, num, seq, seq_age, self.num_tasks)
+
+    def _first_tasks(
+        self, cat: Tensor, num: Tensor, seq: Tensor | None, seq_age: Tensor | None, n: int
+    ) -> Tensor:
+        """The logits of tasks ``0..n-1`` only, float32 (B, n): the other tasks' gates,
+        towers and cross layers are not run (:meth:`forward` needs the click alone)."""
         emb = self.embedding(cat)  # (B, Fc, D)
         x0 = _fields_x0(*self.behaviour.inputs(self.embedding, emb, cat, num, seq, seq_age))
         experts = torch.stack([e(x0) for e in self.experts], dim=1)  # (B, E, H)
         logits = []
-        for gate, tower in zip(self.gates, self.towers, strict=True):
+        for gate, tower in zip(self.gates[:n], self.towers[:n], strict=True):
             g = torch.softmax(gate(x0), dim=-1)  # (B, E)
             mixed = (g[:, :, None] * experts).sum(1)  # (B, H)
             logits.append(tower(mixed).squeeze(-1))
-        out = self._plus_cross(torch.stack(logits, dim=1), x0)  # (B, T)
+        out = self._plus_cross(torch.stack(logits, dim=1), x0)  # (B, n)
         click = out[:, 0] + _pair_dot(emb) + self.behaviour.pair_logit(cat)
         return torch.cat([click[:, None], out[:, 1:]], dim=1)
 
     def _plus_cross(self, out: Tensor, x0: Tensor) -> Tensor:
-        """The towers' logits ``out`` (B, T) plus each task's linear head over its own cross
-        layers' output (DCN-v2's cross layers over ``x0`` (B, d0)); ``out`` as it is
-        without cross layers."""
+        """The first tasks' tower logits ``out`` (B, n) plus each one's linear head over its
+        own cross layers' output (DCN-v2's cross layers over ``x0`` (B, d0)); ``out`` as
+        it is without cross layers."""
         if not self.cross:
             return out
+        n = out.shape[1]
         heads = []
-        for stack, head in zip(self.cross, self.cross_heads, strict=True):
+        for stack, head in zip(self.cross[:n], self.cross_heads[:n], strict=True):
             assert isinstance(stack, nn.ModuleList)
             x = x0
             for layer in stack:
@@ -526,8 +534,9 @@ class MMoE(nn.Module):
     def forward(
         self, cat: Tensor, num: Tensor, seq: Tensor | None = None, seq_age: Tensor | None = None
     ) -> Tensor:
-        """Click logits, float32 (B,): column 0 of :meth:`forward_tasks`."""
-        return self.forward_tasks(cat, num, seq, seq_age)[:, 0]
+        """Click logits, float32 (B,): column 0 of :meth:`forward_tasks`, without running
+        the other tasks."""
+        return self._first_tasks(cat, num, seq, seq_age, 1)[:, 0]
 
 
 class PLE(MMoE):
@@ -634,3 +643,10 @@ class PLE(MMoE):
         out = self._plus_cross(out, x0)
         click = out[:, 0] + _pair_dot(emb) + self.behaviour.pair_logit(cat)
         return torch.cat([click[:, None], out[:, 1:]], dim=1)
+
+    def forward(
+        self, cat: Tensor, num: Tensor, seq: Tensor | None = None, seq_age: Tensor | None = None
+    ) -> Tensor:
+        """Click logits, float32 (B,): column 0 of :meth:`forward_tasks` (every level's
+        experts feed the click, so all tasks run)."""
+        return self.forward_tasks(cat, num, seq, seq_age)[:, 0]

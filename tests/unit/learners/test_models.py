@@ -135,6 +135,15 @@ def test_mmoe_forward_is_task_zero_of_forward_tasks() -> None:
     torch.testing.assert_close(model(cat, num), tasks[:, 0])
 
 
+@pytest.mark.parametrize("kind", ["mmoe", "mmoe_cross", "ple", "ple_cross"])
+def test_multitask_forward_is_the_click_of_forward_tasks(kind: str) -> None:
+    # MMoE's forward runs the click's gate, tower and cross layers only: same logits
+    model = BUILDERS[kind]()
+    assert isinstance(model, MMoE)
+    cat, num = _batch()
+    torch.testing.assert_close(model(cat, num), model.forward_tasks(cat, num)[:, 0])
+
+
 def test_mmoe_gates_mix_experts_per_task() -> None:
     model = MMoE(NB, FC, FN, embedding_dim=D, hidden=(8,), num_experts=2, num_tasks=2)
     assert len(model.experts) == 2 and len(model.gates) == 2 and len(model.towers) == 2
