@@ -502,7 +502,8 @@ class MMoE(nn.Module):
         self, cat: Tensor, num: Tensor, seq: Tensor | None, seq_age: Tensor | None, n: int
     ) -> Tensor:
         """The logits of tasks ``0..n-1`` only, float32 (B, n): the other tasks' gates,
-        towers and cross layers are not run (:meth:`forward` needs the click alone)."""
+        towers and cross layers are not run (:meth:`forward` needs the click alone; PLE
+        overrides this)."""
         emb = self.embedding(cat)  # (B, Fc, D)
         x0 = _fields_x0(*self.behaviour.inputs(self.embedding, emb, cat, num, seq, seq_age))
         experts = torch.stack([e(x0) for e in self.experts], dim=1)  # (B, E, H)
@@ -614,11 +615,12 @@ class PLE(MMoE):
         )
         self.reset_parameters(generator)
 
-    def forward_tasks(
-        self, cat: Tensor, num: Tensor, seq: Tensor | None = None, seq_age: Tensor | None = None
+    def _first_tasks(
+        self, cat: Tensor, num: Tensor, seq: Tensor | None, seq_age: Tensor | None, n: int
     ) -> Tensor:
-        """``cat``: int64 (B, Fc), ``num``: float32 (B, Fn), optional ``seq`` / ``seq_age``
-        (B, N) -> logits float32 (B, T)."""
+        """The logits of tasks ``0..n-1``, float32 (B, n) (:meth:`MMoE.forward_tasks` and
+        :meth:`MMoE.forward` call it). Every task runs: each level's experts feed the
+        next level's shared experts, so the click needs them all."""
         emb = self.embedding(cat)  # (B, Fc, D)
         x0 = _fields_x0(*self.behaviour.inputs(self.embedding, emb, cat, num, seq, seq_age))
         e, k, n_tasks = self.num_experts, self.task_experts, self.num_tasks
@@ -642,11 +644,4 @@ class PLE(MMoE):
         out = torch.stack([tower(x).squeeze(-1) for tower, x in towers], dim=1)  # (B, T)
         out = self._plus_cross(out, x0)
         click = out[:, 0] + _pair_dot(emb) + self.behaviour.pair_logit(cat)
-        return torch.cat([click[:, None], out[:, 1:]], dim=1)
-
-    def forward(
-        self, cat: Tensor, num: Tensor, seq: Tensor | None = None, seq_age: Tensor | None = None
-    ) -> Tensor:
-        """Click logits, float32 (B,): column 0 of :meth:`forward_tasks` (every level's
-        experts feed the click, so all tasks run)."""
-        return self.forward_tasks(cat, num, seq, seq_age)[:, 0]
+        return torch.cat([click[:, None], out[:, 1:n]], dim=1)
