@@ -51,6 +51,11 @@ RUN pip install --no-deps . && rm -rf build *.egg-info
 
 USER streamrec
 
+# the feature stage's compiled kernel (numba), compiled once into the image
+ENV NUMBA_CACHE_DIR=/app/.numba-cache
+RUN python -c "from features.stage import FeatureStage; FeatureStage().process([])" \
+    && python -c "from features.stage import FeatureStage; FeatureStage().impression('w', 1.0, 'u', 'i')"
+
 # the worker's settings (STREAMREC_<KEY>); compose sets STREAMREC_BROKER
 ENV STREAMREC_METRICS_HOST=0.0.0.0 \
     STREAMREC_METRICS_PORT=9464 \

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 import tracemalloc
@@ -30,6 +31,8 @@ import numpy as np
 
 from bench.run import bench_cli, machine, results_path, stamp, write_report
 from features.config import ClickEvent, FeatureConfig, ImpressionEvent
+from features.kernel import APPLY, CLICK, run_events
+from features.records import KeyTable
 from features.stage import FeatureStage
 from stream.producer import partition_of
 
@@ -88,44 +91,59 @@ def throughput(events: list[Any], repeats: int) -> dict[str, float]:
 
 
 def bytes_per_key(n: int) -> dict[str, float]:
-    """tracemalloc bytes per tracked key of each kind (history of 3 events per key)."""
+    """tracemalloc bytes per tracked key of each kind (3 events per key: two impressions
+    and a click), counted the way the stage keeps them: a slot in a
+    :class:`features.records.KeyTable` (its array rows, including the spare capacity its
+    doubling leaves, and its dict entry) written by the compiled kernel; and the bytes of a
+    full click sequence per user (through the stage's public calls)."""
     out: dict[str, float] = {}
     cfg = FeatureConfig(sequence=False)
+    rates = np.array([math.log(2.0) / h for h in cfg.half_lives_s])
+    params = np.array([cfg.lateness_s, cfg.ttl_s, cfg.ctr_prior * cfg.ctr_strength,
+                       cfg.ctr_strength, cfg.ctr_prior])  # fmt: skip
     for kind in ("user", "item", "pair"):
         gc.collect()
         tracemalloc.start()
-        stage = FeatureStage(cfg)
         before = tracemalloc.get_traced_memory()[0]
-        t = 1_700_000_000.0
-        for k in range(n):
-            for j in range(3):
-                t += 1.0
-                # per kind, a stage whose keys are dominated by that kind
-                if kind == "user":
-                    stage._apply("u\x1fu" + str(k), t, j == 2)
-                elif kind == "item":
-                    stage._apply("i\x1fi" + str(k), t, j == 2)
-                else:
-                    stage._apply("p\x1fu" + str(k) + "\x1fi" + str(k), t, j == 2)
+        kt = KeyTable(len(cfg.half_lives_s), cfg.max_buffer)
+        keys = {
+            "user": (f"u\x1fu{k}" for k in range(n)),
+            "item": (f"i\x1fi{k}" for k in range(n)),
+            "pair": (f"p\x1fu{k}\x1fi{k}" for k in range(n)),
+        }[kind]
+        slots = [kt.slot(key) for key in keys]
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
+        # the kernel writes the records in place (no new memory): 3 events per key
+        m = 3 * n
+        ev_slots = np.full((m, 4 + cfg.max_attributes), -2, dtype=np.int64)
+        ev_slots[:, 0] = np.repeat(slots, 3)
+        kinds = np.tile(np.array([APPLY, APPLY, CLICK], dtype=np.int8), n)
+        ts = 1_700_000_000.0 + np.arange(m, dtype=np.float64)
+        stats = np.zeros(2, dtype=np.int64)
+        run_events(kt.F, kt.B, kt.BL, kinds, ts, ev_slots, rates, params, cfg.max_buffer,
+                   np.empty((m, 1)), stats, 0)  # fmt: skip
+        assert len(kt) == n and kt.BL[slots[0]] == 3
         out[kind] = used / n
+        del kt, slots
+    # a click sequence of seq_keep clicks for one user: the same calls with the sequence
+    # on and off, the difference
+    used_by: dict[bool, int] = {}
+    for sequence in (True, False):
+        gc.collect()
+        tracemalloc.start()
+        stage = FeatureStage(FeatureConfig(sequence=sequence))
+        before = tracemalloc.get_traced_memory()[0]
+        for k in range(n // 10):
+            for j in range(stage.config.seq_keep):
+                iid = f"m{k}_{j}"
+                stage.impression(iid, 1_700_000_000.0 + j, f"u{k}", f"i{j}")
+                stage.click(iid, 1_700_000_000.5 + j)
+        gc.collect()
+        used_by[sequence] = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
         del stage
-    # a click sequence of seq_keep clicks for one user
-    gc.collect()
-    tracemalloc.start()
-    stage = FeatureStage()
-    before = tracemalloc.get_traced_memory()[0]
-    for k in range(n // 10):
-        for j in range(stage.config.seq_keep):
-            iid = f"m{k}_{j}"
-            stage.impression(iid, 1_700_000_000.0 + j, f"u{k}", f"i{j}")
-            stage.click(iid, 1_700_000_000.5 + j)
-    stage._keys.clear()
-    stage._imps.clear()
-    gc.collect()
-    used = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+    used = used_by[True] - used_by[False]
     out["sequence_full"] = used / (n // 10)
     return out
 

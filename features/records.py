@@ -1,168 +1,122 @@
-"""Key records of the feature stage: decayed counts plus a buffer of recent events.
+"""Key records of the feature stage: one array row per key, slots by key string.
 
-One record per key (user, item, user x item, ...), a plain list so that the stage's
-``state_dict`` is JSON::
+A :class:`KeyTable` holds every key's record (its decayed counts and buffer of recent
+events; layout in :mod:`features.kernel`) in numpy arrays, and maps each key string to its
+row (its slot). The dict keeps insertion order, as the stage's eviction order needs; freed
+slots are reused; the arrays grow by half when full (so on average a sixth of their rows
+are spare). A record converts to and from the plain
+list the stage's ``state_dict`` writes (JSON)::
 
     [R, n_imp, imp_0..imp_{H-1}, clk_0..clk_{H-1}, last_imp, last_clk, horizon,
      evicted_last_imp, evicted_last_clk, buf]
 
-``R`` (:data:`TIME`) is the key's newest event time; ``imp_j`` / ``clk_j`` the counts of
-impressions and clicks decayed to ``R`` with half-life ``h_j``; ``n_imp`` (:data:`COUNT`)
-the undecayed impression count; ``buf`` a flat list of recent event times, ``+t`` for an
-impression and ``-t`` for a click (event times are > 0). Buffered events let a query at
-``t <= R`` subtract what came at or after ``t``: exact unless an evicted event lies there
-(``t <= horizon``). :class:`KeyRecords` holds the layout and the arithmetic; the stage
-(:mod:`features.stage`) keeps the records and decides which keys an event touches.
-
->>> kr = KeyRecords((3600.0,), lateness_s=600.0, max_buffer=32)
->>> rec = kr.new(100.0)
->>> kr.apply(rec, 100.0, False); kr.apply(rec, 130.0, True)
->>> imps, clks, n, last_imp, last_clk, approx = kr.query(rec, 120.0)
->>> round(imps[0], 6), clks[0], n, last_imp, last_clk, approx  # the click at 130 is after t
-(0.996157, 0.0, 1.0, 100.0, -inf, False)
+>>> kt = KeyTable(half_lives=1, max_buffer=32)
+>>> s = kt.slot("u\\x1fu1")
+>>> kt.record(s)  # a slot given to a new key, not yet written by the kernel
+[nan, 0.0, 0.0, 0.0, -inf, -inf, -inf, -inf, -inf, []]
+>>> kt.load("u\\x1fu2", [100.0, 1.0, 1.0, 0.0, 100.0, -math.inf, -math.inf, -math.inf,
+...                      -math.inf, [100.0]])
+>>> kt.record(kt.slots["u\\x1fu2"])[-1], len(kt)
+([100.0], 2)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from functools import reduce
-from itertools import repeat
-from operator import mul, sub
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["COUNT", "NEVER", "TIME", "KeyRecords"]
+import numpy as np
+
+__all__ = ["COUNT", "NEVER", "TIME", "KeyTable"]
 
 TIME, COUNT = 0, 1  # a record's newest event time, its undecayed impression count
 NEVER = -math.inf  # "no such event" in a record (state_dict writes it as None)
-_LN2 = math.log(2.0)
 
 
-class KeyRecords:
-    """Layout and arithmetic of key records for ``half_lives_s`` (H of them, seconds);
-    buffered events older than ``lateness_s`` are folded away, at most ``max_buffer``
-    kept."""
+class KeyTable:
+    """Records of ``half_lives`` (H) decayed counts per key, with buffers of at most
+    ``max_buffer`` recent events (see the module docstring)."""
 
-    def __init__(self, half_lives_s: Sequence[float], lateness_s: float, max_buffer: int) -> None:
-        self.h = h = len(half_lives_s)
-        self.rates = [_LN2 / x for x in half_lives_s]
-        self.lateness_s, self.max_buffer = lateness_s, max_buffer
-        self.i0, self.c0 = 2, 2 + h
-        self.last_imp, self.last_clk = 2 + 2 * h, 3 + 2 * h
-        self.horizon, self.ev_imp, self.ev_clk = 4 + 2 * h, 5 + 2 * h, 6 + 2 * h
-        self.buf = 7 + 2 * h
+    def __init__(self, half_lives: int, max_buffer: int, capacity: int = 1024) -> None:
+        self.h, self.max_buffer = half_lives, max_buffer
+        self.width = 7 + 2 * half_lives
+        #: key string -> slot (insertion order: the order of first arrival)
+        self.slots: dict[str, int] = {}
+        self._free: list[int] = []
+        self._next = 0
+        self.F = np.empty((0, self.width))
+        # buffers start at most 17 events wide and widen (up to max_buffer + 1) when one
+        # fills (features.kernel.run_events stops there)
+        self.B = np.empty((0, min(max_buffer + 1, 17)))
+        self.BL = np.zeros(0, dtype=np.int64)
+        self._grow(capacity)
 
-    def new(self, te: float) -> list[Any]:
-        """An empty record at event time ``te``."""
-        return [te, 0.0] + [0.0] * (2 * self.h) + [NEVER] * 5 + [[]]
+    def __len__(self) -> int:
+        return len(self.slots)
 
-    def apply(self, rec: list[Any], te: float, is_click: bool) -> None:
-        """Count an impression (or a click) at event time ``te`` into ``rec``."""
-        h = self.h
-        r = rec[TIME]
-        off = self.c0 if is_click else self.i0
-        if te >= r:
-            if te > r:
-                dt = te - r
-                for j, a in enumerate(self.rates):
-                    f = math.exp(-dt * a)
-                    rec[2 + j] *= f
-                    rec[2 + h + j] *= f
-                rec[TIME] = te
-            for j in range(h):
-                rec[off + j] += 1.0
-        else:
-            dt = r - te
-            for j, a in enumerate(self.rates):
-                rec[off + j] += math.exp(-dt * a)
-        if is_click:
-            if te > rec[self.last_clk]:
-                rec[self.last_clk] = te
-        else:
-            rec[COUNT] += 1.0
-            if te > rec[self.last_imp]:
-                rec[self.last_imp] = te
-        buf = rec[self.buf]
-        buf.append(-te if is_click else te)
-        if len(buf) > 4 and abs(buf[0]) <= rec[TIME] - self.lateness_s:
-            self.prune(rec)
-        elif len(buf) > self.max_buffer:
-            self.prune(rec)
+    def _grow(self, capacity: int) -> None:
+        old = self.F.shape[0]
+        F = np.full((capacity, self.width), math.nan)
+        B = np.zeros((capacity, self.B.shape[1]))
+        BL = np.zeros(capacity, dtype=np.int64)
+        F[:old], B[:old], BL[:old] = self.F, self.B, self.BL
+        self.F, self.B, self.BL = F, B, BL
 
-    def query(
-        self, rec: list[Any], t: float
-    ) -> tuple[list[float], list[float], float, float, float, bool]:
-        """``rec``'s decayed impression and click counts ``(H,)`` each, impression count,
-        last impression and last click times as of ``t``, and whether the answer is
-        approximate (an evicted event may lie at or after ``t``)."""
-        h, i0, c0 = self.h, self.i0, self.c0
-        r = rec[TIME]
-        if t > r:
-            dt = t - r
-            fs = [math.exp(-dt * a) for a in self.rates]
-            imps = [rec[i0 + j] * fs[j] for j in range(h)]
-            clks = [rec[c0 + j] * fs[j] for j in range(h)]
-            return imps, clks, rec[COUNT], rec[self.last_imp], rec[self.last_clk], False
-        # t <= R: take out the buffered events at or after t (impressions v > 0, clicks
-        # v < 0), as time differences; each count's subtractions run in buffer order
-        approximate = t <= rec[self.horizon]
-        last_imp, last_clk = rec[self.ev_imp], rec[self.ev_clk]
-        if last_imp >= t:  # only when approximate: an evicted event at or after t
-            last_imp = NEVER
-        if last_clk >= t:
-            last_clk = NEVER
-        # one pass over the buffer: the later events as time differences (buffer order),
-        # the newest earlier ones
-        later_imps: list[float] = []
-        later_clks: list[float] = []
-        for v in rec[self.buf]:
-            if v > 0.0:
-                if v >= t:
-                    later_imps.append(v - t)
-                elif v > last_imp:
-                    last_imp = v
-            else:
-                w = -v
-                if w >= t:
-                    later_clks.append(w - t)
-                elif w > last_clk:
-                    last_clk = w
-        # x - exp(d0 * a) - exp(d1 * a) - ... left to right (reduce runs the same float
-        # operations in the same order as a Python loop, without its overhead)
-        exp = math.exp
-        imps, clks = [], []
-        for j, a in enumerate(self.rates):
-            g = exp((r - t) * a)
-            x = rec[i0 + j] * g
-            if later_imps:
-                x = reduce(sub, map(exp, map(mul, later_imps, repeat(a))), x)
-            imps.append(x if x > 0.0 else 0.0)
-            x = rec[c0 + j] * g
-            if later_clks:
-                x = reduce(sub, map(exp, map(mul, later_clks, repeat(a))), x)
-            clks.append(x if x > 0.0 else 0.0)
-        n = rec[COUNT] - len(later_imps)
-        return imps, clks, n, last_imp, last_clk, approximate
+    def widen(self) -> None:
+        """Double the buffers' width (at most ``max_buffer + 1``)."""
+        width = min(2 * self.B.shape[1], self.max_buffer + 1)
+        B = np.zeros((self.B.shape[0], width))
+        B[:, : self.B.shape[1]] = self.B
+        self.B = B
 
-    def prune(self, rec: list[Any]) -> None:
-        """Fold buffered events older than ``lateness_s`` (and the oldest past half of
-        ``max_buffer``) into the evicted-time fields and the horizon."""
-        buf = rec[self.buf]
-        cut = rec[TIME] - self.lateness_s
-        keep = [v for v in buf if abs(v) > cut]
-        drop = [v for v in buf if abs(v) <= cut]
-        if len(keep) > self.max_buffer // 2:
-            keep.sort(key=abs)
-            extra = len(keep) - self.max_buffer // 2
-            drop.extend(keep[:extra])
-            keep = keep[extra:]
-        for v in drop:
-            te = abs(v)
-            if te > rec[self.horizon]:
-                rec[self.horizon] = te
-            if v > 0:
-                if te > rec[self.ev_imp]:
-                    rec[self.ev_imp] = te
-            elif te > rec[self.ev_clk]:
-                rec[self.ev_clk] = te
-        rec[self.buf] = keep
+    def slot(self, key: str) -> int:
+        """``key``'s slot; a new key gets a fresh one (its ``R`` is ``NaN`` until the
+        kernel writes it)."""
+        s = self.slots.get(key)
+        if s is None:
+            s = self.slots[key] = self._take()
+        return s
+
+    def _take(self) -> int:
+        if self._free:
+            s = self._free.pop()
+            self.F[s, TIME] = math.nan  # the kernel starts the record (features.kernel)
+            return s
+        if self._next == self.F.shape[0]:
+            self._grow(self._next + self._next // 2)  # new rows are NaN
+        s = self._next
+        self._next += 1
+        return s
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Forget ``keys`` (their slots are reused)."""
+        for k in keys:
+            self._free.append(self.slots.pop(k))
+
+    def times(self) -> tuple[list[str], np.ndarray]:
+        """Every key (insertion order) and its newest event time ``R`` (N,)."""
+        keys = list(self.slots)
+        idx = np.fromiter(self.slots.values(), dtype=np.int64, count=len(keys))
+        return keys, self.F[idx, TIME]
+
+    def record(self, s: int) -> list[Any]:
+        """Slot ``s`` as a plain list (``-inf`` for "never")."""
+        return [*self.F[s].tolist(), self.B[s, : self.BL[s]].tolist()]
+
+    def load(self, key: str, rec: Sequence[Any]) -> None:
+        """Set ``key``'s record from a plain list (as :meth:`record` gives)."""
+        buf = list(rec[-1])
+        if len(rec) != self.width + 1 or len(buf) > self.max_buffer:
+            raise ValueError(f"feature state record of {key!r} does not fit this config")
+        while len(buf) > self.B.shape[1]:
+            self.widen()
+        s = self.slot(key)
+        self.F[s] = rec[:-1]
+        self.B[s, : len(buf)] = buf
+        self.BL[s] = len(buf)
+
+    def clear(self) -> None:
+        self.slots.clear()
+        self._free.clear()
+        self._next = 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from features.stage import FeatureStage, paused_gc
+from features.config import ClickEvent, ImpressionEvent
+from features.stage import FeatureStage
 
 __all__ = ["attach_log"]
 
@@ -23,25 +24,24 @@ def attach_log(
     """Features of every row of an impression log (N rows), replayed in event-time order:
     impressions at ``ts``, clicks at ``click_ts`` (``None``/NaN: not clicked), an
     impression before a click at the same time. Returns N feature dicts aligned with the
-    rows (a duplicate id's row gets ``{}``). The cyclic GC is paused for the replay
-    (:func:`features.stage.paused_gc`)."""
+    rows (a duplicate id's row gets ``{}``). One batch through
+    :meth:`features.stage.FeatureStage.process` (one call of its compiled kernel)."""
     n = len(ts)
-    events: list[tuple[float, int, int]] = []
+    order: list[tuple[float, int, int]] = []
     for r in range(n):
-        events.append((float(ts[r]), 0, r))
+        order.append((float(ts[r]), 0, r))
         ct = click_ts[r]
         if ct is not None and ct == ct:
-            events.append((float(ct), 1, r))
-    events.sort()
+            order.append((float(ct), 1, r))
+    order.sort()
+    events: list[ImpressionEvent | ClickEvent] = [
+        ImpressionEvent(impression_id[r], t, user_id[r], item_id[r], position[r], attrs[r])
+        if kind == 0
+        else ClickEvent(impression_id[r], t, user_id[r])
+        for t, kind, r in order
+    ]
     out: list[dict[str, object]] = [{} for _ in range(n)]
-    with paused_gc():
-        for t, kind, r in events:
-            if kind == 0:
-                f = stage.impression(
-                    impression_id[r], t, user_id[r], item_id[r], position[r], attrs[r]
-                )
-                if f is not None:
-                    out[r] = f
-            else:
-                stage.click(impression_id[r], t, user_id[r])
+    for (_, kind, r), f in zip(order, stage.process(events), strict=True):
+        if kind == 0 and f is not None:
+            out[r] = f
     return out

@@ -52,8 +52,14 @@ orphan), the sequences of the users who clicked longest ago (over 20%), then the
 recently updated keys. Every shed is counted in ``stats``; the decisions depend only on
 the calls, so a restore that replays the journal reaches the same state.
 
-State is plain lists/dicts of str/float (``state_dict()`` is JSON-serialisable); one stage
-per partition.
+**Compiled.** The keys' records live in numpy arrays (:class:`features.records.KeyTable`,
+a slot per key string) and every count, decay and read runs in a numba kernel
+(:mod:`features.kernel`) with the same float operations in the same order as the
+pure-Python stage it replaced (outputs and ``state_dict()`` bit-identical:
+``bench.features_vs_ref``). Python stages a batch of events (duplicates, early clicks, the
+click sequence, sweeps and shedding, which flush the batch first when they need the keys'
+times), the kernel runs it in one call, and Python names the values. ``state_dict()`` is
+the same JSON as before (lists, dicts, str, float); one stage per partition.
 
 >>> st = FeatureStage(FeatureConfig(half_lives_s=(3600.0,)))
 >>> st.impression("a", 100.0, "u1", "i1")["hist_ui_n"]
@@ -68,21 +74,26 @@ True
 from __future__ import annotations
 
 import gc
-import heapq
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from features.config import MAX_NAME_LEN, FeatureConfig
-from features.records import COUNT, NEVER, TIME, KeyRecords
+from features.kernel import APPLY, APPROXIMATE, CLICK, EXPIRED, IMPRESSION, READ, run_events
+from features.records import NEVER, KeyTable
 
 _SEP = "\x1f"  # between the parts of a key (its kind's letter, user, item, ...)
 _KINDS = ("user", "item", "ui")
 _KINDS_POS = (*_KINDS, "item_pos")
 _NEG_INF = NEVER
-_R, _N = TIME, COUNT
+_LN2 = math.log(2.0)
+_NO = -2  # a key position an impression does not have (features.kernel)
+_UNKNOWN = -1  # a key the state does not hold (reads only)
+_CHUNK = 4096  # events per kernel call in process (bounds the batch's arrays)
 
 
 def _pair_key(user: str, item: str) -> str:
@@ -99,9 +110,9 @@ def _label(h: float) -> str:
 
 
 # Bytes per entry for approx_bytes (CPython 3.11, tracemalloc; the budget test re-measures):
-# a key record with a few buffered events and its dict slot; an impression id with its
-# entry; an early click; one entry of a user's click sequence.
-KEY_BYTES = 640
+# a key's dict entry and string (its array rows are counted from their width); an impression
+# id with its entry; an early click; one entry of a user's click sequence.
+KEY_DICT_BYTES = 150
 IMPRESSION_BYTES = 420
 EARLY_CLICK_BYTES = 260
 SEQUENCE_ENTRY_BYTES = 220
@@ -125,19 +136,22 @@ class FeatureStage:
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
         self.config = c = config or FeatureConfig()
-        self._rec = kr = KeyRecords(c.half_lives_s, c.lateness_s, c.max_buffer)
-        self._h, self._rates, self._c0 = kr.h, kr.rates, kr.c0
-        self._last_imp, self._last_clk = kr.last_imp, kr.last_clk
-        self._labels = [_label(h) for h in c.half_lives_s]
+        h = len(c.half_lives_s)
+        self._kt = KeyTable(h, c.max_buffer)
+        self._rates = np.array([_LN2 / x for x in c.half_lives_s])
+        self._params = np.array(
+            [c.lateness_s, c.ttl_s, c.ctr_prior * c.ctr_strength, c.ctr_strength, c.ctr_prior]
+        )
+        self._k = 4 + c.max_attributes  # key positions of an impression (features.kernel)
+        self._unknown = [_UNKNOWN] * self._k
+        self._pad = [_NO] * self._k
+        self._labels = [_label(x) for x in c.half_lives_s]
         # the longest item_* attribute name whose features (hist_u_<name>_imp_<label>)
         # stay within MAX_NAME_LEN
         self._max_attr_name = MAX_NAME_LEN - len("hist_u__imp_") - max(map(len, self._labels))
-        # kind -> per half-life (imp name, clk name, ctr name, rate 1/s, imp index, clk
-        # index in a key record)
-        self._names: dict[str, list[tuple[str, str, str, float, int, int]]] = {}
-        # kind -> the features of a key never seen (in feature order)
-        self._empty: dict[str, dict[str, object]] = {}
-        self._keys: dict[str, list[Any]] = {}
+        # kinds (user, item, ...) -> (feature names in kernel order, the names that may be
+        # NaN there: absent recencies)
+        self._names: dict[tuple[str, ...], tuple[list[str], tuple[str, ...]]] = {}
         # impression_id -> [ts, user, item, position, ((item_* name, value), ...), clicked]
         # (its keys are rebuilt when a click comes: ~3x smaller than keeping them)
         self._imps: dict[str, list[Any]] = {}
@@ -151,6 +165,14 @@ class FeatureStage:
         self._last_sweep = _NEG_INF
         self._last_early_sweep = _NEG_INF
         self._last_imp_sweep = _NEG_INF
+        # the batch of events staged for the kernel: kinds, times, slots (flat, K each),
+        # and per event (its position in ``_out``, its feature names and those that may be
+        # absent, its sequence) or None
+        self._pk: list[int] = []
+        self._pt: list[float] = []
+        self._ps: list[int] = []
+        self._pm: list[tuple[int, list[str], tuple[str, ...], Any] | None] = []
+        self._out: list[dict[str, object] | None] = []
         self.stats: dict[str, int] = {
             "impressions": 0,
             "clicks": 0,
@@ -173,24 +195,28 @@ class FeatureStage:
         features (``None`` for a duplicate), ``None`` for a click.
 
         The same values and state as calling :meth:`impression` / :meth:`click` per event
-        (``tests/unit/features/test_stage_batch.py``). The cyclic garbage collector is
+        (``tests/unit/features/test_stage_batch.py``), in one call of the compiled kernel
+        (:mod:`features.kernel`) for the whole batch. The cyclic garbage collector is
         paused for the batch (the stage's state holds no reference cycles, and its
         collections of the growing state cost ~30% of the stage's time; see README
         "Memory and speed") and restored afterwards, also on error."""
         out: list[dict[str, object] | None] = []
+        self._out = out
         append = out.append
-        impression, click = self.impression, self.click
+        stage_imp, click = self._stage_impression, self._stage_click
         with paused_gc():
-            for e in events:
-                if hasattr(e, "item_id"):
-                    append(
-                        impression(
-                            e.impression_id, e.ts, e.user_id, e.item_id, e.position, e.features
-                        )
-                    )
-                else:
-                    click(e.impression_id, e.ts, getattr(e, "user_id", None))
+            try:
+                for e in events:
                     append(None)
+                    if hasattr(e, "item_id"):
+                        stage_imp(len(out) - 1, e.impression_id, e.ts, e.user_id, e.item_id,
+                                  e.position, e.features)  # fmt: skip
+                    else:
+                        click(e.impression_id, e.ts)
+                    if len(self._pk) >= _CHUNK:
+                        self._flush()
+            finally:  # what was staged before an error is applied, as per event
+                self._flush()
         return out
 
     def impression(
@@ -204,21 +230,18 @@ class FeatureStage:
     ) -> dict[str, object] | None:
         """Features of this impression as of ``ts``, then the impression is applied.
         ``None`` (and no change) for a duplicate ``impression_id``."""
-        if impression_id in self._imps:
-            self.stats["duplicate_impressions"] += 1
-            return None
-        cats = self._categoricals(attrs, count=True)
-        kinds, keys = self._key_list(user_id, item_id, position, cats)
-        feats = self._compute(ts, user_id, kinds, keys, update=True)
-        self.stats["impressions"] += 1
-        self._imps[impression_id] = [ts, user_id, item_id, position, cats, 0]
-        early = self._early.pop(impression_id, None)
-        if early is not None:
-            self._click_apply(self._imps[impression_id], early[0])
-        if ts > self._now:
-            self._now = ts
-            self._maybe_sweep()
-        return feats
+        out: list[dict[str, object] | None] = [None]
+        self._out = out
+        self._stage_impression(0, impression_id, ts, user_id, item_id, position, attrs)
+        self._flush()
+        return out[0]
+
+    def click(self, impression_id: str, ts: float, user_id: str | None = None) -> bool:
+        """Apply a click at event time ``ts``. True when it was applied or kept for its
+        impression; False for a duplicate. ``user_id`` is informational."""
+        got = self._stage_click(impression_id, ts)
+        self._flush()
+        return got
 
     def peek(
         self,
@@ -230,11 +253,12 @@ class FeatureStage:
     ) -> dict[str, object]:
         """The features an impression with these fields would get at ``ts``; changes no
         state (serving)."""
-        kinds, keys = self._key_list(user_id, item_id, position, self._categoricals(attrs))
-        approx = self.stats["approximate"]
-        feats = self._compute(ts, user_id, kinds, keys)
-        self.stats["approximate"] = approx
-        return feats
+        cats = self._categoricals(attrs)
+        kinds = self._kinds(position, cats)
+        row = self._row(user_id, item_id, position, cats, alloc=False)
+        out = self._read([row], ts, [kinds])[0]
+        self._sequence_into(out, ts, user_id, count=False)
+        return out
 
     def peek_many(
         self,
@@ -251,7 +275,7 @@ class FeatureStage:
         item_ids[n], position, attrs)``, values and key order alike. ``head``: the user's
         counters and recency; ``parts[n]``: the item's, the user x item pair's and the
         item x position's; ``tail``: the user x attribute counters and the behaviour
-        sequence. Changes no state.
+        sequence. Changes no state; one kernel call for the whole request.
 
         ``cache``: a :class:`PeekCache` of this stage at this ``ts`` and ``position``,
         shared by the users of one serving batch: each item's own counters (and the item x
@@ -260,66 +284,49 @@ class FeatureStage:
         it is ignored.
         """
         cats = self._categoricals(attrs)
-        approx = self.stats["approximate"]
-        user_key = f"u\x1f{user_id}"
-        head = self._compute(ts, user_id, ("user",), [user_key], sequence=False)
-        parts: list[dict[str, object]] = []
-        if cache is not None and self.config.counters:
+        k, no, slots = self._k, [_NO], self._kt.slots
+        full = self._row(user_id, "", position, cats, alloc=False)
+        head_row = [full[0], *no * (k - 1)]
+        tail_row = [*no * 4, *full[4:]]
+        item_kinds = _KINDS_POS[1:] if position is not None else _KINDS[1:]
+        rows: list[list[int]] = [head_row]
+        kinds: list[tuple[str, ...]] = [("user",)]
+        todo: list[tuple[int, str, bool]] = []  # (n, item, seen) of the parts to compute
+        parts: list[dict[str, object]] = [{}] * len(item_ids)
+        use_cache = cache is not None and self.config.counters
+        if use_cache:
+            assert cache is not None
             if cache.stage is not self or cache.ts != ts or cache.position != position:
                 raise ValueError("the PeekCache is of another stage, time or position")
-            self._cached_parts(user_id, item_ids, cache, parts)
-        else:
-            for item in item_ids:
-                kinds, keys = self._key_list(user_id, item, position, ())
-                parts.append(self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False))
-        kinds, keys = self._key_list(user_id, "", position, cats)
-        n = len(_KINDS if position is None else _KINDS_POS)
-        tail = self._compute(ts, user_id, kinds[n:], keys[n:])
-        self.stats["approximate"] = approx
-        return head, parts, tail
-
-    def _cached_parts(
-        self,
-        user_id: str,
-        item_ids: Sequence[str],
-        cache: PeekCache,
-        parts: list[dict[str, object]],
-    ) -> None:
-        """:meth:`peek_many`'s ``parts`` through ``cache`` (appended to ``parts``): a pair
-        the state holds is computed for this user; any other candidate gets its item's
-        shared part, whose user x item features are those of a pair never seen."""
-        ts, position, keys_of, items = cache.ts, cache.position, self._keys, cache.items
-        for item in item_ids:
-            seen = _pair_key(user_id, item) in keys_of
-            got = None if seen else items.get(item)
-            if got is None:
-                kinds, keys = self._key_list(user_id, item, position, ())
-                got = self._compute(ts, user_id, kinds[1:], keys[1:], sequence=False)
-                if not seen:
-                    items[item] = got
-            parts.append(got)
-
-    def click(self, impression_id: str, ts: float, user_id: str | None = None) -> bool:
-        """Apply a click at event time ``ts``. True when it was applied or kept for its
-        impression; False for a duplicate. ``user_id`` is informational."""
-        imp = self._imps.get(impression_id)
-        if imp is None:
-            if impression_id in self._early:
-                self.stats["duplicate_clicks"] += 1
-                return False
-            self._early[impression_id] = [ts, self._now]
-            self.stats["early_clicks"] += 1
-            return True
-        if imp[5]:
-            self.stats["duplicate_clicks"] += 1
-            return False
-        self._click_apply(imp, ts)
-        return True
+        for n, item in enumerate(item_ids):
+            seen = True
+            if use_cache:
+                assert cache is not None
+                seen = _pair_key(user_id, item) in slots
+                got = None if seen else cache.items.get(item)
+                if got is not None:
+                    parts[n] = got
+                    continue
+            r = self._row(user_id, item, position, (), alloc=False)
+            rows.append([_NO, r[1], r[2], r[3], *no * (k - 4)])
+            kinds.append(item_kinds)
+            todo.append((n, item, seen))
+        rows.append(tail_row)
+        kinds.append(tuple("u_" + name for name, _ in cats))
+        got_all = self._read(rows, ts, kinds)
+        for (n, item, seen), got in zip(todo, got_all[1:-1], strict=True):
+            if use_cache and not seen:
+                assert cache is not None
+                got = cache.items.setdefault(item, got)
+            parts[n] = got
+        tail = got_all[-1]
+        self._sequence_into(tail, ts, user_id, count=False)
+        return got_all[0], parts, tail
 
     def n_keys(self) -> dict[str, int]:
         """Tracked keys by kind (u, i, p, a, q), impressions and early clicks held."""
         out = {"u": 0, "i": 0, "p": 0, "a": 0, "q": 0}
-        for k in self._keys:
+        for k in self._kt.slots:
             out[k[0]] += 1
         out["impressions"] = len(self._imps)
         out["early_clicks"] = len(self._early)
@@ -328,7 +335,16 @@ class FeatureStage:
 
     def approx_bytes(self) -> int:
         """Estimated memory of the state, bytes (O(1): counts times measured sizes)."""
-        return len(self._keys) * KEY_BYTES + self._id_bytes() + self._n_seq * SEQUENCE_ENTRY_BYTES
+        return (
+            len(self._kt) * self._key_bytes()
+            + self._id_bytes()
+            + self._n_seq * SEQUENCE_ENTRY_BYTES
+        )
+
+    def _key_bytes(self) -> int:
+        """Estimated bytes of one key: its dict entry and its array rows (record, buffer,
+        buffer length; times 1.2 for the arrays' spare rows, features.records)."""
+        return KEY_DICT_BYTES + int(9.6 * (self._kt.width + self._kt.B.shape[1] + 1))
 
     def _id_bytes(self) -> int:
         """Estimated bytes of the remembered impression ids and early clicks."""
@@ -336,13 +352,15 @@ class FeatureStage:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable state (lists, dicts, str, float, int)."""
+        kt = self._kt
 
-        def rec(v: list[Any]) -> list[Any]:
-            return [None if x == _NEG_INF else x for x in v[:-1]] + [list(v[-1])]
+        def rec(s: int) -> list[Any]:
+            v = kt.record(s)
+            return [None if x == _NEG_INF else x for x in v[:-1]] + [v[-1]]
 
         return {
             "version": 2,
-            "keys": {k: rec(v) for k, v in self._keys.items()},
+            "keys": {k: rec(s) for k, s in kt.slots.items()},
             "imps": {
                 k: [v[0], v[1], v[2], v[3], [list(x) for x in v[4]], v[5]]
                 for k, v in self._imps.items()
@@ -362,8 +380,10 @@ class FeatureStage:
         version = state.get("version")
         if version not in (1, 2):
             raise ValueError(f"unknown feature state version {version!r}")
-        fix = self._fix_record
-        self._keys = {k: fix(v) for k, v in state["keys"].items()}
+        kt = self._kt
+        kt.clear()
+        for k, v in state["keys"].items():
+            kt.load(k, [(_NEG_INF if x is None else x) for x in v[:-1]] + [v[-1]])
         if version == 1:  # [ts, user, item, [(prefix, key), ...], clicked]
             self._imps = {k: _imp_from_v1(v) for k, v in state["imps"].items()}
         else:
@@ -382,6 +402,127 @@ class FeatureStage:
         ls = state["last_sweep"]
         self._last_sweep = _NEG_INF if ls is None else float(ls)
         self.stats.update(state.get("stats", {}))
+
+    # ---------------------------------------------------------------- staging
+    def _stage_impression(
+        self,
+        at: int,
+        impression_id: str,
+        ts: float,
+        user_id: str,
+        item_id: str,
+        position: int | None,
+        attrs: Mapping[str, object] | None,
+    ) -> None:
+        """Stage an impression for the kernel (its features go to ``_out[at]``), in
+        arrival order; ``_out[at]`` stays ``None`` for a duplicate."""
+        ts = float(ts)  # before any change: a bad time fails here, the state intact
+        if impression_id in self._imps:
+            self.stats["duplicate_impressions"] += 1
+            return
+        c = self.config
+        cats = self._categoricals(attrs, count=True) if attrs else ()
+        self._pk.append(IMPRESSION if c.counters else APPLY)
+        self._pt.append(ts)
+        self._ps += self._row(user_id, item_id, position, cats)
+        seq = self._sequence(ts, user_id) if c.sequence and c.seq_len else None
+        if c.counters:
+            names, maybe = self._names_of(self._kinds(position, cats))
+        else:
+            names, maybe = [], ()
+        self._pm.append((at, names, maybe, seq))
+        self.stats["impressions"] += 1
+        imp = self._imps[impression_id] = [ts, user_id, item_id, position, cats, 0]
+        early = self._early.pop(impression_id, None)
+        if early is not None:
+            self._click_apply(imp, early[0])
+        if ts > self._now:
+            self._now = ts
+            self._maybe_sweep()
+
+    def _stage_click(self, impression_id: str, ts: float) -> bool:
+        ts = float(ts)
+        imp = self._imps.get(impression_id)
+        if imp is None:
+            if impression_id in self._early:
+                self.stats["duplicate_clicks"] += 1
+                return False
+            self._early[impression_id] = [ts, self._now]
+            self.stats["early_clicks"] += 1
+            return True
+        if imp[5]:
+            self.stats["duplicate_clicks"] += 1
+            return False
+        self._click_apply(imp, ts)
+        return True
+
+    def _flush(self) -> None:
+        """Run the staged events through the kernel and write the impressions' feature
+        dicts into ``_out``."""
+        if not self._pk:
+            return
+        kinds = np.array(self._pk, dtype=np.int8)
+        n = len(kinds)
+        slots = np.array(self._ps, dtype=np.int64).reshape(n, self._k)
+        ts = np.array(self._pt, dtype=np.float64)
+        res = np.empty((n, 3 * len(self._labels) * self._k + 4))
+        stats = np.zeros(2, dtype=np.int64)
+        kt = self._kt
+        done = 0
+        while True:
+            done = run_events(
+                kt.F, kt.B, kt.BL, kinds, ts, slots, self._rates, self._params,
+                self.config.max_buffer, res, stats, done,
+            )  # fmt: skip
+            if done == n:
+                break
+            kt.widen()
+        self.stats["approximate"] += int(stats[APPROXIMATE])
+        self.stats["expired_keys"] += int(stats[EXPIRED])
+        out = self._out
+        width = max((len(m[1]) for m in self._pm if m is not None), default=0)
+        for row, meta in zip(res[:, :width].tolist(), self._pm, strict=True):
+            if meta is None:
+                continue
+            at, names, maybe, seq = meta
+            d = dict(zip(names, row, strict=False))  # the row may be wider
+            for name in maybe:
+                v = d[name]
+                if v != v:
+                    del d[name]
+            if seq is not None:
+                d["hist_seq"], d["hist_seq_age"] = seq
+            out[at] = d
+        self._pk.clear()
+        self._pt.clear()
+        self._ps.clear()
+        self._pm.clear()
+
+    def _read(
+        self, rows: list[list[int]], ts: float, kinds: list[tuple[str, ...]]
+    ) -> list[dict[str, object]]:
+        """The features at ``ts`` of each row of slots (:mod:`features.kernel`), named by
+        its ``kinds``; changes no state."""
+        if not self.config.counters:
+            return [{} for _ in rows]
+        n = len(rows)
+        res = np.empty((n, 3 * len(self._labels) * self._k + 4))
+        kt = self._kt
+        run_events(
+            kt.F, kt.B, kt.BL, np.full(n, READ, dtype=np.int8), np.full(n, ts),
+            np.array(rows, dtype=np.int64).reshape(n, self._k), self._rates, self._params,
+            self.config.max_buffer, res, np.zeros(2, dtype=np.int64), 0,
+        )  # fmt: skip
+        out: list[dict[str, object]] = []
+        for e, kk in enumerate(kinds):
+            names, maybe = self._names_of(kk)
+            d = dict(zip(names, res[e, : len(names)].tolist(), strict=True))
+            for name in maybe:
+                v = d[name]
+                if v != v:
+                    del d[name]
+            out.append(d)
+        return out
 
     # ---------------------------------------------------------------- internals
     def _categoricals(
@@ -405,160 +546,105 @@ class FeatureStage:
             self.stats["skipped_attributes"] += skipped
         return tuple(out)
 
-    def _fix_record(self, rec: list[Any]) -> list[Any]:
-        # state_dict writes "never" (-inf) as None
-        return [(_NEG_INF if v is None else v) for v in rec[:-1]] + [list(rec[-1])]
-
-    def _key_list(
-        self, user: str, item: str, position: int | None, cats: tuple[tuple[str, str], ...]
-    ) -> tuple[Sequence[str], list[str]]:
-        """The kinds (``user``, ``item``, ``ui``, ``item_pos`` when ``position`` is known,
-        ``u_<attribute>`` per attribute) and the keys of the state an impression touches,
-        in feature order (two lists of the same length)."""
-        keys = [f"u\x1f{user}", f"i\x1f{item}", _pair_key(user, item)]
-        if position is not None:
-            keys.append(f"q\x1f{item}\x1f{position!s}")
-        kinds: Sequence[str] = _KINDS if position is None else _KINDS_POS
+    @staticmethod
+    def _kinds(position: int | None, cats: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+        """The kinds of key an impression touches, in feature order: ``user``, ``item``,
+        ``ui``, ``item_pos`` when ``position`` is known, ``u_<attribute>`` per attribute."""
+        kinds = _KINDS if position is None else _KINDS_POS
         if cats:
-            kinds = [*kinds, *["u_" + name for name, _ in cats]]
-            keys += [f"a\x1f{user}\x1f{name}\x1f{value}" for name, value in cats]
-        return kinds, keys
+            return (*kinds, *["u_" + name for name, _ in cats])
+        return kinds
 
-    def _feature_names(self, ent: str) -> list[tuple[str, str, str, float, int, int]]:
-        """Per half-life of the key kind ``ent``: its imp / clk / ctr feature names, the
-        decay rate (1/s) and the indices of its decayed counts in a key record."""
-        names = self._names.get(ent)
-        if names is None:
-            kr = self._rec
-            names = [
-                (f"hist_{ent}_imp_{lab}", f"hist_{ent}_clk_{lab}", f"hist_{ent}_ctr_{lab}",
-                 a, kr.i0 + j, kr.c0 + j)
-                for j, (lab, a) in enumerate(zip(self._labels, kr.rates, strict=True))
-            ]  # fmt: skip
-            self._names[ent] = names
-            empty: dict[str, object] = {}
-            for ni, nc, nr, _, _, _ in names:
-                empty[ni] = 0.0
-                empty[nc] = 0.0
-                empty[nr] = float(self.config.ctr_prior)
-            if ent == "ui":
-                empty["hist_ui_n"] = 0.0
-            self._empty[ent] = empty
-        return names
-
-    def _compute(
+    def _row(
         self,
-        t: float,
         user: str,
-        kinds: Sequence[str],
-        keys: list[str],
-        update: bool = False,
-        sequence: bool = True,
-    ) -> dict[str, object]:
-        """The features at ``t`` of an impression of ``user`` touching ``keys`` (of
-        ``kinds``, see :meth:`_key_list`). ``update``: also count the impression at
-        ``t`` into each key, right after reading the key (the keys are distinct, so this
-        is the same as reading all of them first; in order, the decay factors read for the
-        features are the ones the update needs). ``sequence``: also read the user's
-        behaviour sequence (last, after every key's features)."""
-        c = self.config
-        out: dict[str, object] = {}
-        keys_of = self._keys
-        kr = self._rec
-        if c.counters:
-            li, lc = self._last_imp, self._last_clk
-            bi, lateness, max_buffer = kr.buf, kr.lateness_s, kr.max_buffer
-            prior, strength = c.ctr_prior * c.ctr_strength, c.ctr_strength
-            log1p, exp = math.log1p, math.exp
-            stale = t - c.ttl_s
-            for ent, key in zip(kinds, keys, strict=True):
-                names = self._names.get(ent) or self._feature_names(ent)
-                rec = keys_of.get(key)
-                if rec is not None and rec[_R] < stale:  # idle past the TTL: expired
-                    rec = None
-                    if update:
-                        self.stats["expired_keys"] += 1
-                if rec is None:
-                    out.update(self._empty[ent])
-                    if update:
-                        rec = keys_of[key] = kr.new(t)
-                        kr.apply(rec, t, False)
-                    continue
-                r = rec[_R]
-                if t > r:  # in order: the aggregates decayed to t (the common case)
-                    mdt = r - t  # -(t - r)
-                    for ni, nc, nr, a, ii, ci in names:
-                        f = exp(mdt * a)
-                        im = rec[ii] * f
-                        cl = rec[ci] * f
-                        out[ni] = log1p(im)
-                        out[nc] = log1p(cl)
-                        out[nr] = (cl + prior) / (im + strength)
-                        if update:  # and KeyRecords.apply(rec, t, False), sharing the decay
-                            rec[ii] = im + 1.0
-                            rec[ci] = cl
-                    n, last_imp, last_clk = rec[_N], rec[li], rec[lc]
-                    if update:
-                        rec[_R] = t
-                        rec[_N] = n + 1.0
-                        if t > last_imp:
-                            rec[li] = t
-                        buf = rec[bi]
-                        buf.append(t)
-                        if (len(buf) > 4 and abs(buf[0]) <= t - lateness) or len(buf) > max_buffer:
-                            kr.prune(rec)
-                else:
-                    imps, clks, n, last_imp, last_clk, approx = kr.query(rec, t)
-                    if approx:
-                        self.stats["approximate"] += 1
-                    for (ni, nc, nr, _, _, _), im, cl in zip(names, imps, clks, strict=True):
-                        out[ni] = log1p(im)
-                        out[nc] = log1p(cl)
-                        out[nr] = (cl + prior) / (im + strength)
-                    if update:
-                        kr.apply(rec, t, False)
-                if ent == "user":
-                    if last_imp > _NEG_INF:
-                        out["hist_user_since_imp"] = log1p(t - last_imp)
-                    if last_clk > _NEG_INF:
-                        out["hist_user_since_clk"] = log1p(t - last_clk)
-                elif ent == "ui":
-                    out["hist_ui_n"] = log1p(n)
-                    if last_imp > _NEG_INF:
-                        out["hist_ui_since_imp"] = log1p(t - last_imp)
-        elif update:
-            for key in keys:
-                self._apply(key, t, False)
-        if sequence and c.sequence and c.seq_len:
-            s = self._seq.get(user)
-            if s is not None and s[1] and s[1][-1][0] >= t - c.ttl_s:  # else expired
-                clicks = s[1]
-                hi = len(clicks)
-                while hi and clicks[hi - 1][0] >= t:
-                    hi -= 1
-                lo = max(0, hi - c.seq_len)
-                if s[0] != _NEG_INF and (hi - lo < c.seq_len or clicks[lo][0] <= s[0]):
-                    # older clicks were dropped and may belong to the answer
-                    self.stats["approximate"] += 1
-                if hi > lo:
-                    picked = clicks[lo:hi][::-1]
-                    out["hist_seq"] = [x[2] for x in picked]
-                    out["hist_seq_age"] = [t - x[0] for x in picked]
-        return out
+        item: str,
+        position: int | None,
+        cats: tuple[tuple[str, str], ...],
+        alloc: bool = True,
+    ) -> list[int]:
+        """The slots (K,) of the keys an impression touches, by key position (see
+        :mod:`features.kernel`). ``alloc``: a key the state does not hold gets a slot
+        (in key order), else reads as ``-1``."""
+        keys = [
+            f"u\x1f{user}",
+            f"i\x1f{item}",
+            f"p\x1f{user}\x1f{item}",
+            "" if position is None else f"q\x1f{item}\x1f{position!s}",
+        ]
+        if cats:
+            keys += [f"a\x1f{user}\x1f{name}\x1f{value}" for name, value in cats]
+        row = list(map(self._kt.slots.get, keys, self._unknown))
+        if position is None:
+            row[3] = _NO
+        if alloc and _UNKNOWN in row:
+            slot = self._kt.slot
+            row = [slot(k) if s == _UNKNOWN else s for k, s in zip(keys, row, strict=True)]
+        if len(row) < self._k:
+            row += self._pad[: self._k - len(row)]
+        return row
 
-    def _apply(self, key: str, te: float, is_click: bool) -> None:
-        rec = self._keys.get(key)
-        if rec is None or rec[_R] < te - self.config.ttl_s:  # new, or idle past the TTL
-            if rec is not None:
-                self.stats["expired_keys"] += 1
-            rec = self._keys[key] = self._rec.new(te)
-        self._rec.apply(rec, te, is_click)
+    def _names_of(self, kinds: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+        """The feature names the kernel writes for keys of ``kinds`` (in its order), and
+        those of them that may be absent (NaN: no such event)."""
+        got = self._names.get(kinds)
+        if got is None:
+            names: list[str] = []
+            maybe: list[str] = []
+            for ent in kinds:
+                for lab in self._labels:
+                    names += [f"hist_{ent}_imp_{lab}", f"hist_{ent}_clk_{lab}",
+                              f"hist_{ent}_ctr_{lab}"]  # fmt: skip
+                if ent == "user":
+                    names += ["hist_user_since_imp", "hist_user_since_clk"]
+                    maybe += ["hist_user_since_imp", "hist_user_since_clk"]
+                elif ent == "ui":
+                    names += ["hist_ui_n", "hist_ui_since_imp"]
+                    maybe.append("hist_ui_since_imp")
+            got = self._names[kinds] = (names, tuple(maybe))
+        return got
+
+    def _sequence(self, t: float, user: str) -> tuple[list[str], list[float]] | None:
+        """The user's last ``seq_len`` clicks visible at ``t`` (items, ages), most recent
+        first; None when there is none (an approximate answer is counted)."""
+        c = self.config
+        s = self._seq.get(user)
+        if s is None or not s[1] or s[1][-1][0] < t - c.ttl_s:  # none, or expired
+            return None
+        clicks = s[1]
+        hi = len(clicks)
+        while hi and clicks[hi - 1][0] >= t:
+            hi -= 1
+        lo = max(0, hi - c.seq_len)
+        if s[0] != _NEG_INF and (hi - lo < c.seq_len or clicks[lo][0] <= s[0]):
+            # older clicks were dropped and may belong to the answer
+            self.stats["approximate"] += 1
+        if hi <= lo:
+            return None
+        picked = clicks[lo:hi][::-1]
+        return [x[2] for x in picked], [t - x[0] for x in picked]
+
+    def _sequence_into(
+        self, out: dict[str, object], t: float, user: str, count: bool = True
+    ) -> None:
+        """Add the user's sequence at ``t`` to ``out`` (``count``: an approximate answer
+        counts in ``stats``)."""
+        if not (self.config.sequence and self.config.seq_len):
+            return
+        approx = self.stats["approximate"]
+        seq = self._sequence(t, user)
+        if not count:
+            self.stats["approximate"] = approx
+        if seq is not None:
+            out["hist_seq"], out["hist_seq_age"] = seq
 
     def _click_apply(self, imp: list[Any], ts: float) -> None:
         imp[5] = 1
         self.stats["clicks"] += 1
-        for k in self._key_list(imp[1], imp[2], imp[3], imp[4])[1]:
-            self._apply(k, ts, True)
+        self._pk.append(CLICK)
+        self._pt.append(ts)
+        self._ps += self._row(imp[1], imp[2], imp[3], imp[4])
+        self._pm.append(None)
         if self.config.sequence:
             user = imp[1]
             s = self._seq.get(user)
@@ -605,16 +691,17 @@ class FeatureStage:
                 self.stats["orphan_clicks"] += len(stale)
         if (
             now - self._last_sweep < c.ttl_s / 16.0
-            and len(self._keys) <= c.max_keys
+            and len(self._kt) <= c.max_keys
             and self.approx_bytes() <= c.max_bytes
         ):
             return
+        self._flush()  # the sweep reads the keys' newest event times
         self._last_sweep = now
         cut = now - c.ttl_s
-        stale = [k for k, rec in self._keys.items() if rec[_R] < cut]
-        for k in stale:
-            del self._keys[k]
-        self.stats["expired_keys"] += len(stale)
+        keys, r = self._kt.times()
+        stale_k = [keys[j] for j in np.flatnonzero(r < cut).tolist()]
+        self._kt.drop(stale_k)
+        self.stats["expired_keys"] += len(stale_k)
         stale_u = [u for u, s in self._seq.items() if not s[1] or s[1][-1][0] < cut]
         for u in stale_u:
             self._n_seq -= len(self._seq.pop(u)[1])
@@ -650,11 +737,13 @@ class FeatureStage:
                 self._n_seq -= len(self._seq.pop(u)[1])
                 self.stats["evicted_sequences"] += 1
         room = budget - imp_bytes - self._n_seq * SEQUENCE_ENTRY_BYTES
-        cap = min(c.max_keys, max(1, int(room // KEY_BYTES)))
-        if len(self._keys) > cap:
-            extra = len(self._keys) - int(cap * 0.9)
-            for k in heapq.nsmallest(extra, self._keys, key=lambda k: self._keys[k][_R]):
-                del self._keys[k]
+        cap = min(c.max_keys, max(1, int(room // self._key_bytes())))
+        if len(self._kt) > cap:
+            extra = len(self._kt) - int(cap * 0.9)
+            # the least recently updated first, ties in insertion order (a stable sort)
+            keys, r = self._kt.times()
+            order = np.argsort(r, kind="stable")[:extra]
+            self._kt.drop([keys[j] for j in order.tolist()])
             self.stats["evicted_keys"] += extra
 
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from features.config import ClickEvent, ImpressionEvent
 from features.stage import FeatureStage, paused_gc
 from logs.events import Impression
 
@@ -131,11 +132,12 @@ def delta_chunks(calls: list[list[Any]], size: int) -> list[bytes]:
 def replay_features(stage: FeatureStage, calls: list[list[Any]]) -> None:
     """Apply journalled stage calls in order (see
     :meth:`stream.services.JoinService.save_features`)."""
-    with paused_gc():
-        for c in calls:
-            if c[0] == "i":
-                stage.impression(c[1], float(c[2]), c[3], c[4], c[5], c[6])
-            elif c[0] == "c":
-                stage.click(c[1], float(c[2]))
-            else:
-                raise ValueError(f"unknown feature journal call {c[0]!r}")
+    events: list[ImpressionEvent | ClickEvent] = []
+    for c in calls:
+        if c[0] == "i":
+            events.append(ImpressionEvent(c[1], float(c[2]), c[3], c[4], c[5], c[6]))
+        elif c[0] == "c":
+            events.append(ClickEvent(c[1], float(c[2])))
+        else:
+            raise ValueError(f"unknown feature journal call {c[0]!r}")
+    stage.process(events)  # one batch (the same state as call by call), GC paused

@@ -154,3 +154,21 @@ def test_process_restores_the_garbage_collector() -> None:
     except AttributeError:
         pass
     assert gc.isenabled()
+
+
+def test_a_bad_event_fails_the_batch_with_the_events_before_it_applied() -> None:
+    """An event the stage cannot read (a time that is not a number) raises; the events
+    staged before it are applied, as they would have been one call at a time, and the bad
+    one changes nothing."""
+    good = [ImpressionEvent("a", 10.0, "u", "i", 1), ClickEvent("a", 12.0)]
+    bad = ImpressionEvent("b", "soon", "u", "i", 1)  # type: ignore[arg-type]
+    stage = FeatureStage()
+    try:
+        stage.process([*good, bad, ImpressionEvent("c", 20.0, "u", "i", 1)])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a time that is not a number was accepted")
+    want = scalar(good, FeatureConfig())[1]
+    assert json.dumps(stage.state_dict()) == json.dumps(want.state_dict())
+    assert stage.stats == want.stats

@@ -209,10 +209,11 @@ def test_a_batch_cache_gives_each_user_the_per_candidate_features(
             assert list(got) == list(want)
             assert all(_same(got[k], want[k]) for k in want), (got, want)
     if counters:
+        keys = stage.state_dict()["keys"]
         for n, item in enumerate(items):
-            seen = f"p\x1fu0\x1f{item}" in stage._keys
+            seen = f"p\x1fu0\x1f{item}" in keys
             assert (got_parts["u0"][n] is got_parts["nobody"][n]) is not seen
-        assert any(f"p\x1fu0\x1f{item}" in stage._keys for item in items)  # not vacuous
+        assert any(f"p\x1fu0\x1f{item}" in keys for item in items)  # not vacuous
     for wrong in (PeekCache(stage, now + 1, pos), PeekCache(FeatureStage(), now, pos)):
         if counters:
             with pytest.raises(ValueError, match="another stage"):
