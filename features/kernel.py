@@ -56,6 +56,19 @@ def _new(F: np.ndarray, BL: np.ndarray, s: int, te: float, h: int) -> None:  # p
 
 
 @njit(cache=True)
+def _evict(F: np.ndarray, s: int, h: int, v: float) -> None:  # pragma: no cover
+    """Fold the buffered event ``v`` of slot ``s`` into its horizon and evicted times."""
+    te = abs(v)
+    if te > F[s, 4 + 2 * h]:
+        F[s, 4 + 2 * h] = te
+    if v > 0:
+        if te > F[s, 5 + 2 * h]:
+            F[s, 5 + 2 * h] = te
+    elif te > F[s, 6 + 2 * h]:
+        F[s, 6 + 2 * h] = te
+
+
+@njit(cache=True)
 def _prune(
     F: np.ndarray, B: np.ndarray, BL: np.ndarray, s: int, h: int, lateness: float, max_buffer: int
 ) -> None:  # pragma: no cover
@@ -65,21 +78,13 @@ def _prune(
     cut = F[s, 0] - lateness
     keep = np.empty(n)
     nk = 0
-    hz, ei, ec = 4 + 2 * h, 5 + 2 * h, 6 + 2 * h
     for k in range(n):
         v = B[s, k]
         if abs(v) > cut:
             keep[nk] = v
             nk += 1
         else:
-            te = abs(v)
-            if te > F[s, hz]:
-                F[s, hz] = te
-            if v > 0:
-                if te > F[s, ei]:
-                    F[s, ei] = te
-            elif te > F[s, ec]:
-                F[s, ec] = te
+            _evict(F, s, h, v)
     start = 0
     half = max_buffer // 2
     if nk > half:
@@ -93,15 +98,7 @@ def _prune(
             keep[b + 1] = x
         start = nk - half
         for k in range(start):
-            v = keep[k]
-            te = abs(v)
-            if te > F[s, hz]:
-                F[s, hz] = te
-            if v > 0:
-                if te > F[s, ei]:
-                    F[s, ei] = te
-            elif te > F[s, ec]:
-                F[s, ec] = te
+            _evict(F, s, h, keep[k])
     for k in range(start, nk):
         B[s, k - start] = keep[k]
     BL[s] = nk - start

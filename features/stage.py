@@ -485,11 +485,7 @@ class FeatureStage:
             if meta is None:
                 continue
             at, names, maybe, seq = meta
-            d = dict(zip(names, row, strict=False))  # the row may be wider
-            for name in maybe:
-                v = d[name]
-                if v != v:
-                    del d[name]
+            d = _named(names, maybe, row)
             if seq is not None:
                 d["hist_seq"], d["hist_seq_age"] = seq
             out[at] = d
@@ -514,14 +510,8 @@ class FeatureStage:
             self.config.max_buffer, res, np.zeros(2, dtype=np.int64), 0,
         )  # fmt: skip
         out: list[dict[str, object]] = []
-        for e, kk in enumerate(kinds):
-            names, maybe = self._names_of(kk)
-            d = dict(zip(names, res[e, : len(names)].tolist(), strict=True))
-            for name in maybe:
-                v = d[name]
-                if v != v:
-                    del d[name]
-            out.append(d)
+        for row, kk in zip(res.tolist(), kinds, strict=True):
+            out.append(_named(*self._names_of(kk), row))
         return out
 
     # ---------------------------------------------------------------- internals
@@ -745,6 +735,17 @@ class FeatureStage:
             order = np.argsort(r, kind="stable")[:extra]
             self._kt.drop([keys[j] for j in order.tolist()])
             self.stats["evicted_keys"] += extra
+
+
+def _named(names: list[str], maybe: tuple[str, ...], row: list[float]) -> dict[str, object]:
+    """A kernel's output ``row`` (at least as long as ``names``) as features: named, in
+    order, without the absent (NaN) ones among ``maybe``."""
+    d: dict[str, object] = dict(zip(names, row, strict=False))
+    for name in maybe:
+        v = d[name]
+        if v != v:
+            del d[name]
+    return d
 
 
 @contextmanager
