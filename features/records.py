@@ -12,8 +12,8 @@ list the stage's ``state_dict`` writes (JSON)::
 
 >>> kt = KeyTable(half_lives=1, max_buffer=32)
 >>> s = kt.slot("u\\x1fu1")
->>> kt.record(s)  # a slot given to a new key, not yet written by the kernel
-[nan, 0.0, 0.0, 0.0, -inf, -inf, -inf, -inf, -inf, []]
+>>> math.isnan(kt.record(s)[TIME])  # a slot given to a new key, not yet written
+True
 >>> kt.load("u\\x1fu2", [100.0, 1.0, 1.0, 0.0, 100.0, -math.inf, -math.inf, -math.inf,
 ...                      -math.inf, [100.0]])
 >>> kt.record(kt.slots["u\\x1fu2"])[-1], len(kt)

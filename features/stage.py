@@ -94,6 +94,7 @@ _LN2 = math.log(2.0)
 _NO = -2  # a key position an impression does not have (features.kernel)
 _UNKNOWN = -1  # a key the state does not hold (reads only)
 _CHUNK = 4096  # events per kernel call in process (bounds the batch's arrays)
+_CATS_CACHE = 65_536  # distinct item_* attribute tuples shared by impression entries
 
 
 def _pair_key(user: str, item: str) -> str:
@@ -154,10 +155,14 @@ class FeatureStage:
         self._names: dict[tuple[str, ...], tuple[list[str], tuple[str, ...]]] = {}
         # impression_id -> [ts, user, item, position, ((item_* name, value), ...), clicked]
         # (its keys are rebuilt when a click comes: ~3x smaller than keeping them)
-        self._imps: dict[str, list[Any]] = {}
+        # (tuples of atomic values and one shared ``cats`` tuple: once the collector has
+        # seen them it stops tracking them, so they add nothing to later collections)
+        self._imps: dict[str, tuple[Any, ...]] = {}
+        # each distinct ``cats`` tuple once (at most _CATS_CACHE of them, then cleared)
+        self._cats: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
         # impression_id -> [click_ts, arrival ts-of-stage] (click before its impression)
         self._early: dict[str, list[float]] = {}
-        # user -> [horizon, [[click_ts, order, item], ...] sorted ascending]
+        # user -> [horizon, [(click_ts, order, item), ...] sorted ascending]
         self._seq: dict[str, list[Any]] = {}
         self._order = 0
         self._n_seq = 0  # entries over all users' sequences
@@ -388,12 +393,12 @@ class FeatureStage:
             self._imps = {k: _imp_from_v1(v) for k, v in state["imps"].items()}
         else:
             self._imps = {
-                k: [v[0], v[1], v[2], v[3], tuple((a, b) for a, b in v[4]), v[5]]
+                k: (v[0], v[1], v[2], v[3], tuple((a, b) for a, b in v[4]), v[5])
                 for k, v in state["imps"].items()
             }
         self._early = {k: list(v) for k, v in state["early"].items()}
         self._seq = {
-            u: [_NEG_INF if v[0] is None else v[0], [list(c) for c in v[1]]]
+            u: [_NEG_INF if v[0] is None else v[0], [tuple(c) for c in v[1]]]
             for u, v in state["seq"].items()
         }
         self._order = int(state["order"])
@@ -432,10 +437,18 @@ class FeatureStage:
             names, maybe = [], ()
         self._pm.append((at, names, maybe, seq))
         self.stats["impressions"] += 1
-        imp = self._imps[impression_id] = [ts, user_id, item_id, position, cats, 0]
+        if cats:
+            shared = self._cats.get(cats)
+            if shared is None:
+                if len(self._cats) >= _CATS_CACHE:
+                    self._cats.clear()
+                shared = self._cats[cats] = cats
+            cats = shared
+        imp = (ts, user_id, item_id, position, cats, 0)
+        self._imps[impression_id] = imp
         early = self._early.pop(impression_id, None)
         if early is not None:
-            self._click_apply(imp, early[0])
+            self._click_apply(impression_id, imp, early[0])
         if ts > self._now:
             self._now = ts
             self._maybe_sweep()
@@ -453,7 +466,7 @@ class FeatureStage:
         if imp[5]:
             self.stats["duplicate_clicks"] += 1
             return False
-        self._click_apply(imp, ts)
+        self._click_apply(impression_id, imp, ts)
         return True
 
     def _flush(self) -> None:
@@ -628,8 +641,8 @@ class FeatureStage:
         if seq is not None:
             out["hist_seq"], out["hist_seq_age"] = seq
 
-    def _click_apply(self, imp: list[Any], ts: float) -> None:
-        imp[5] = 1
+    def _click_apply(self, impression_id: str, imp: tuple[Any, ...], ts: float) -> None:
+        self._imps[impression_id] = (*imp[:5], 1)  # clicked (its place in the order kept)
         self.stats["clicks"] += 1
         self._pk.append(CLICK)
         self._pt.append(ts)
@@ -645,7 +658,7 @@ class FeatureStage:
                 s = self._seq[user] = [_NEG_INF, []]
             self._order += 1
             clicks = s[1]
-            entry = [ts, self._order, imp[2]]
+            entry = (ts, self._order, imp[2])
             i = len(clicks)
             while i and clicks[i - 1][0] > ts:
                 i -= 1
@@ -764,7 +777,7 @@ def paused_gc() -> Iterator[None]:
         gc.enable()
 
 
-def _imp_from_v1(v: Sequence[Any]) -> list[Any]:
+def _imp_from_v1(v: Sequence[Any]) -> tuple[Any, ...]:
     """A version-1 impression entry (it kept its keys) in today's form."""
     position: int | None = None
     cats: list[tuple[str, str]] = []
@@ -774,4 +787,4 @@ def _imp_from_v1(v: Sequence[Any]) -> list[Any]:
             position = int(parts[2])
         elif parts[0] == "a":
             cats.append((parts[2], parts[3]))
-    return [v[0], v[1], v[2], position, tuple(cats), v[4]]
+    return (v[0], v[1], v[2], position, tuple(cats), v[4])
