@@ -83,7 +83,7 @@ from typing import Any
 import numpy as np
 
 from features.config import MAX_NAME_LEN, FeatureConfig
-from features.kernel import APPLY, APPROXIMATE, CLICK, EXPIRED, IMPRESSION, READ, run_events
+from features.kernel import APPLY, APPROXIMATE, CLICK, EXPIRED, IMPRESSION, read_rows, run_events
 from features.records import NEVER, KeyTable
 
 _SEP = "\x1f"  # between the parts of a key (its kind's letter, user, item, ...)
@@ -145,6 +145,7 @@ class FeatureStage:
         )
         self._k = 4 + c.max_attributes  # key positions of an impression (features.kernel)
         self._unknown = [_UNKNOWN] * self._k
+        self._rbuf = np.empty((64, 3 * h * self._k + 4))  # the reads' output rows, reused
         self._pad = [_NO] * self._k
         self._labels = [_label(x) for x in c.half_lives_s]
         # the longest item_* attribute name whose features (hist_u_<name>_imp_<label>)
@@ -303,17 +304,26 @@ class FeatureStage:
             assert cache is not None
             if cache.stage is not self or cache.ts != ts or cache.position != position:
                 raise ValueError("the PeekCache is of another stage, time or position")
+        get, pad = slots.get, no * (k - 4)
+        q = f"\x1f{position!s}"
         for n, item in enumerate(item_ids):
+            pair = f"p\x1f{user_id}\x1f{item}"
             seen = True
             if use_cache:
                 assert cache is not None
-                seen = _pair_key(user_id, item) in slots
+                seen = pair in slots
                 got = None if seen else cache.items.get(item)
                 if got is not None:
                     parts[n] = got
                     continue
-            r = self._row(user_id, item, position, (), alloc=False)
-            rows.append([_NO, r[1], r[2], r[3], *no * (k - 4)])
+            # the item's keys as _row gives them (alloc=False)
+            rows.append([
+                _NO,
+                get(f"i\x1f{item}", _UNKNOWN),
+                get(pair, _UNKNOWN),
+                _NO if position is None else get(f"q\x1f{item}{q}", _UNKNOWN),
+                *pad,
+            ])  # fmt: skip
             kinds.append(item_kinds)
             todo.append((n, item, seen))
         rows.append(tail_row)
@@ -515,13 +525,12 @@ class FeatureStage:
         if not self.config.counters:
             return [{} for _ in rows]
         n = len(rows)
-        res = np.empty((n, 3 * len(self._labels) * self._k + 4))
+        if self._rbuf.shape[0] < n:
+            self._rbuf = np.empty((max(n, 2 * self._rbuf.shape[0]), self._rbuf.shape[1]))
+        res = self._rbuf[:n]
         kt = self._kt
-        run_events(
-            kt.F, kt.B, kt.BL, np.full(n, READ, dtype=np.int8), np.full(n, ts),
-            np.array(rows, dtype=np.int64).reshape(n, self._k), self._rates, self._params,
-            self.config.max_buffer, res, np.zeros(2, dtype=np.int64), 0,
-        )  # fmt: skip
+        read_rows(kt.F, kt.B, kt.BL, np.array(rows, dtype=np.int64), float(ts), self._rates,
+                  self._params, self.config.max_buffer, res)  # fmt: skip
         out: list[dict[str, object]] = []
         for row, kk in zip(res.tolist(), kinds, strict=True):
             out.append(_named(*self._names_of(kk), row))
