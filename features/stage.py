@@ -262,7 +262,7 @@ class FeatureStage:
         cats = self._categoricals(attrs)
         kinds = self._kinds(position, cats)
         row = self._row(user_id, item_id, position, cats, alloc=False)
-        out = self._read([row], ts, [kinds])[0]
+        out = self._read(row, ts, [kinds])[0]
         self._sequence_into(out, ts, user_id, count=False)
         return out
 
@@ -295,7 +295,7 @@ class FeatureStage:
         head_row = [full[0], *no * (k - 1)]
         tail_row = [*no * 4, *full[4:]]
         item_kinds = _KINDS_POS[1:] if position is not None else _KINDS[1:]
-        rows: list[list[int]] = [head_row]
+        rows: list[int] = head_row  # flat: K slots a row
         kinds: list[tuple[str, ...]] = [("user",)]
         todo: list[tuple[int, str, bool]] = []  # (n, item, seen) of the parts to compute
         parts: list[dict[str, object]] = [{}] * len(item_ids)
@@ -317,16 +317,16 @@ class FeatureStage:
                     parts[n] = got
                     continue
             # the item's keys as _row gives them (alloc=False)
-            rows.append([
+            rows += [
                 _NO,
                 get(f"i\x1f{item}", _UNKNOWN),
                 get(pair, _UNKNOWN),
                 _NO if position is None else get(f"q\x1f{item}{q}", _UNKNOWN),
                 *pad,
-            ])  # fmt: skip
+            ]  # fmt: skip
             kinds.append(item_kinds)
             todo.append((n, item, seen))
-        rows.append(tail_row)
+        rows += tail_row
         kinds.append(tuple("u_" + name for name, _ in cats))
         got_all = self._read(rows, ts, kinds)
         for (n, item, seen), got in zip(todo, got_all[1:-1], strict=True):
@@ -518,23 +518,24 @@ class FeatureStage:
         self._pm.clear()
 
     def _read(
-        self, rows: list[list[int]], ts: float, kinds: list[tuple[str, ...]]
+        self, rows: list[int], ts: float, kinds: list[tuple[str, ...]]
     ) -> list[dict[str, object]]:
-        """The features at ``ts`` of each row of slots (:mod:`features.kernel`), named by
-        its ``kinds``; changes no state."""
+        """The features at ``ts`` of each row of slots (``rows``: N rows of K slots, flat;
+        :mod:`features.kernel`), row ``n`` named by ``kinds[n]``; changes no state."""
+        n = len(kinds)
         if not self.config.counters:
-            return [{} for _ in rows]
-        n = len(rows)
+            return [{} for _ in range(n)]
         if self._rbuf.shape[0] < n:
             self._rbuf = np.empty((max(n, 2 * self._rbuf.shape[0]), self._rbuf.shape[1]))
         res = self._rbuf[:n]
         kt = self._kt
-        read_rows(kt.F, kt.B, kt.BL, np.array(rows, dtype=np.int64), float(ts), self._rates,
-                  self._params, self.config.max_buffer, res)  # fmt: skip
-        out: list[dict[str, object]] = []
-        for row, kk in zip(res.tolist(), kinds, strict=True):
-            out.append(_named(*self._names_of(kk), row))
-        return out
+        slots = np.array(rows, dtype=np.int64).reshape(n, self._k)
+        read_rows(kt.F, kt.B, kt.BL, slots, float(ts), self._rates, self._params,
+                  self.config.max_buffer, res)  # fmt: skip
+        named = [self._names_of(kk) for kk in kinds]
+        width = max(len(nm[0]) for nm in named)  # the columns any row has (of 3H K + 4)
+        return [_named(nm, maybe, row) for (nm, maybe), row in
+                zip(named, res[:, :width].tolist(), strict=True)]  # fmt: skip
 
     # ---------------------------------------------------------------- internals
     def _categoricals(
