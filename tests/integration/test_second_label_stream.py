@@ -1,10 +1,11 @@
 """The second label through the embedded broker (issue 17 item 4): a replayed log's
 conversions travel on ``clicks``, the worker's joiner attaches them within the conversion
 window, the trainer teaches MMoE's task 1, the monitor counts its calibration and
-``/score`` serves pCTCVR. Once with fresh labels (the worker's default) and once with the
-window scheme (final labels). Hostile input records (``bench.hostile``, conversion events
-with bad fields among them) are sent before and after the log: each is dead-lettered once
-with its reason, and the log's counts stay exact."""
+``/score`` serves pCTCVR. With fresh labels (the worker's default) and with the window
+scheme (final labels), at 300 impressions a minute of event time, and each scheme once at
+an extreme rate (100 and 30,000 a minute). Hostile input records (``bench.hostile``,
+conversion events with bad fields among them) are sent before and after the log: each is
+dead-lettered once with its reason, and the log's counts stay exact."""
 
 from __future__ import annotations
 
@@ -43,15 +44,20 @@ WINDOW_S = 120.0
 CONVERSION_WINDOW_S = 120.0
 
 
-@pytest.mark.parametrize("scheme", ["fake_negative", "window"])
-def test_conversions_reach_task1_the_monitor_and_score(tmp_path: Path, scheme: str) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "per_min"),
+    [("fake_negative", 300), ("window", 300), ("fake_negative", 100), ("window", 30_000)],
+)
+def test_conversions_reach_task1_the_monitor_and_score(
+    tmp_path: Path, scheme: str, per_min: int
+) -> None:
     log_path = tmp_path / "log.csv"
     write_synthetic(
         SyntheticConfig(
             n_impressions=N,
             seed=12,
             drift_at=None,
-            impressions_per_s=5.0,
+            impressions_per_s=per_min / 60.0,
             base_ctr=0.1,
             click_delay_mean_s=20.0,
             conversion=True,
