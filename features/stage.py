@@ -102,6 +102,13 @@ def _pair_key(user: str, item: str) -> str:
     return f"p\x1f{user}\x1f{item}"
 
 
+def _item_keys(user: str, item: str, position: int | None) -> tuple[str, str, str]:
+    """The state keys of an item, of the user x item pair and of the item x position
+    (``""``, a key never held, when ``position`` is unknown)."""
+    q = "" if position is None else f"q\x1f{item}\x1f{position!s}"
+    return f"i\x1f{item}", _pair_key(user, item), q
+
+
 def _label(h: float) -> str:
     if h % 86_400 == 0:
         return f"{int(h // 86_400)}d"
@@ -305,23 +312,22 @@ class FeatureStage:
             if cache.stage is not self or cache.ts != ts or cache.position != position:
                 raise ValueError("the PeekCache is of another stage, time or position")
         get, pad = slots.get, no * (k - 4)
-        q = f"\x1f{position!s}"
         for n, item in enumerate(item_ids):
-            pair = f"p\x1f{user_id}\x1f{item}"
             seen = True
-            if use_cache:
+            if use_cache:  # a hit needs the pair's key alone
                 assert cache is not None
-                seen = pair in slots
+                seen = _pair_key(user_id, item) in slots
                 got = None if seen else cache.items.get(item)
                 if got is not None:
                     parts[n] = got
                     continue
-            # the item's keys as _row gives them (alloc=False)
+            # the item's slots as _row gives them (alloc=False)
+            key_i, pair, key_q = _item_keys(user_id, item, position)
             rows += [
                 _NO,
-                get(f"i\x1f{item}", _UNKNOWN),
+                get(key_i, _UNKNOWN),
                 get(pair, _UNKNOWN),
-                _NO if position is None else get(f"q\x1f{item}{q}", _UNKNOWN),
+                _NO if position is None else get(key_q, _UNKNOWN),
                 *pad,
             ]  # fmt: skip
             kinds.append(item_kinds)
@@ -579,12 +585,7 @@ class FeatureStage:
         """The slots (K,) of the keys an impression touches, by key position (see
         :mod:`features.kernel`). ``alloc``: a key the state does not hold gets a slot
         (in key order), else reads as ``-1``."""
-        keys = [
-            f"u\x1f{user}",
-            f"i\x1f{item}",
-            f"p\x1f{user}\x1f{item}",
-            "" if position is None else f"q\x1f{item}\x1f{position!s}",
-        ]
+        keys = [f"u\x1f{user}", *_item_keys(user, item, position)]
         if cats:
             keys += [f"a\x1f{user}\x1f{name}\x1f{value}" for name, value in cats]
         row = list(map(self._kt.slots.get, keys, self._unknown))
