@@ -80,6 +80,7 @@ from bench.e2e_measures import (
     Sampler,
     downsample,
     fit_lag_slope,
+    gc_pauses,
     histogram_quantile,
     merged_metrics,
     py_spy_binary,
@@ -250,6 +251,9 @@ def pipeline(
             final.get("streamrec_train_step_seconds_sum", 0.0)
             / max(1.0, final.get("streamrec_train_step_seconds_count", 0.0))
         ),
+        # Python's garbage collector in the worker(s) (stream.collector): collections and
+        # their seconds by generation, and the longest pause's histogram bucket
+        "gc": gc_pauses(final),
         "samples": downsample(samples),
     }
 

@@ -102,6 +102,28 @@ def merged_metrics(workers: list[WorkerProc]) -> dict[str, float]:
     return dict(total)
 
 
+def gc_pauses(final: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """``streamrec_gc_pause_seconds`` of a :func:`merged_metrics` scrape, by generation:
+    ``collections``, ``seconds`` (their sum) and ``longest_below_s``, the upper bound of
+    the highest non-empty bucket (None: no collection, or one beyond the last bound)."""
+    name = "streamrec_gc_pause_seconds"
+    out: dict[str, dict[str, float | None]] = {}
+    for g in ("0", "1", "2"):
+        count = final.get(f'{name}_count{{generation="{g}"}}', 0.0)
+        bounds = sorted(
+            (float(k.split('le="')[1].split('"')[0]), v)
+            for k, v in final.items()
+            if k.startswith(f'{name}_bucket{{generation="{g}",')
+        )
+        longest = next((b for b, c in bounds if c >= count), None) if count else None
+        out[g] = {
+            "collections": count,
+            "seconds": final.get(f'{name}_sum{{generation="{g}"}}', 0.0),
+            "longest_below_s": None if longest == math.inf else longest,
+        }
+    return out
+
+
 def _crossing(samples: list[dict[str, float]], key: str, level: float) -> float | None:
     """Time at which ``samples[key]`` first reaches ``level`` (linear between samples)."""
     prev = None

@@ -633,6 +633,19 @@ def operations_dashboard() -> Dashboard:
             unit=unit,
         )
     lay.timeseries(
+        "Garbage collection (s of pause per s)",
+        [
+            (
+                f"sum by (generation) (rate(streamrec_gc_pause_seconds_sum[{ri}]))",
+                "generation {{generation}}",
+            )
+        ],  # fmt: skip
+        w=12,
+        unit="s",
+        description="Python's collector pauses every thread of a worker, requests included;"
+        " generation 2 passes are the long ones (settings gc_gen0_threshold, gc_freeze).",
+    )
+    lay.timeseries(
         "Index refreshes (/s)",
         [(f"rate(streamrec_index_refreshes_total[{ri}])", "refreshes")],
         w=12,

@@ -404,6 +404,14 @@ class StreamrecMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "streamrec_gc_pause_seconds",
+            "Wall time of each of Python's garbage collections in this worker, seconds, by"
+            " generation (0 young, 2 full): every thread of the process waits meanwhile.",
+            ("generation",),
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
         self.train_step_seconds = Histogram(
             "streamrec_train_step_seconds",
             "Wall time to score and learn one micro-batch, seconds.",

@@ -283,6 +283,13 @@ class Settings:
     #: thread's arena; 0 = glibc's own moving threshold. ``MALLOC_MMAP_THRESHOLD_`` in the
     #: environment wins over it
     malloc_mmap_threshold_kb: int = 1024
+    #: Python's garbage collector in the worker (``stream.collector``): the young
+    #: generation's threshold, net container allocations between two collections (0:
+    #: Python's default, 700), and whether the objects made at start (models, libraries)
+    #: are frozen out of every later collection. Measured on ``bench.e2e``: see README
+    #: "Memory and speed"
+    gc_gen0_threshold: int = 10_000
+    gc_freeze: bool = True
     #: raise the worker's CPU niceness by this much at start (``os.nice``, 0-19; 0: leave
     #: it): a trainer that shares its cores with serving replicas gives them the CPU first
     #: and trains with what is left (``streamrec stack up --serve M`` starts its trainer at
@@ -450,6 +457,8 @@ class Settings:
             raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         if not 0 <= self.malloc_mmap_threshold_kb <= 32 * 1024:
             raise ValueError("malloc_mmap_threshold_kb must be in [0, 32768] (0: glibc's own)")
+        if self.gc_gen0_threshold < 0:
+            raise ValueError("gc_gen0_threshold must be >= 0 (0: Python's default)")
         if self.max_message_bytes < 64 * 1024:
             raise ValueError("max_message_bytes must be >= 65536 (an event is up to 64 KiB)")
         if not 0 < self.fetch_max_wait_s <= 30:  # NaN fails too

@@ -10,6 +10,7 @@ from modelstore.store import StoreError
 from monitoring.metrics import StreamrecMetrics, serve_metrics
 from stream.app import create_app, create_worker_topics, group_id
 from stream.broker import free_port, is_tansu
+from stream.collector import PauseRecorder, configure_collector
 from stream.heap import configure_mmap_threshold
 from stream.memdiag import HeapGauges, MallocTrimmer, census_from_env, tracemalloc_from_env
 from stream.runs import note_exit, note_start
@@ -85,6 +86,11 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         if manifest is not None:
             log.info("final model-store version %d", manifest.version)
 
+    # after the app, its models and libraries are made: they are frozen out of every
+    # later collection (stream.collector)
+    configure_collector(settings.gc_gen0_threshold, settings.gc_freeze)
+    pauses = PauseRecorder(metrics.gc_pause_seconds)
+    pauses.install()
     tracer = tracemalloc_from_env()  # STREAMREC_TRACEMALLOC=<dir>: a diagnostic, off by default
     counter = census_from_env()  # STREAMREC_CENSUS=<dir>: likewise
     trimmer = MallocTrimmer(settings.memory_trim_s) if settings.memory_trim_s > 0 else None
@@ -110,6 +116,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         # a background write under way finishes (its files are atomic either way)
         app.trainer_agents.writer.shutdown(wait=True)  # type: ignore[attr-defined]
         server.shutdown()
+        pauses.remove()
         for thread in (tracer, counter, trimmer, heap_gauges):
             if thread is not None:
                 thread.stop()

@@ -193,6 +193,8 @@ def test_metrics_serve_plausible_calibration_gauges(pipeline: dict) -> None:
     assert m["streamrec_update_freshness_seconds_count"] == N_IMPRESSIONS
     assert 0 < m["streamrec_update_freshness_seconds_sum"] / N_IMPRESSIONS < 30  # seconds
     assert m["streamrec_train_step_seconds_count"] == m["streamrec_train_batches_total"]
+    # the worker times Python's garbage collections (stream.collector): young ones ran
+    assert m['streamrec_gc_pause_seconds_count{generation="0"}'] > 0
 
 
 def test_scored_topic_has_progressive_scores_for_every_impression(pipeline: dict) -> None:

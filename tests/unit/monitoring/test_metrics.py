@@ -112,6 +112,7 @@ HISTOGRAMS = {
     "label_delay_seconds",
     "update_freshness_seconds",
     "train_step_seconds",
+    "gc_pause_seconds",
     "serving_seconds",
 }
 STORE = {

@@ -1,0 +1,242 @@
+"""Python's garbage collector in the worker's services: Python's defaults against the
+worker's settings (``gc_gen0_threshold``, ``gc_freeze``; :mod:`stream.collector`).
+
+Run ``python -m bench.collector`` (about 2 minutes on 2 cores; ``--quick``: 10k
+impressions, one round). Each run is a fresh process (the collector's state is the
+process's) that drives the worker's services in process, as the worker chains them:
+:class:`stream.services.JoinService` → :class:`~stream.services.TrainerService` (a step
+whenever one is due, as the trainer agent steps) → :class:`~stream.services.MonitorService`,
+control messages fed back, on a synthetic log of 50k impressions (10 a second of event
+time, default settings: historical features, fresh labels, dcnv2, one torch thread as the
+worker has). The two arms alternate, three rounds. Reported per run: wall seconds, the
+join's and the trainer's share, and every collection by generation (count, total and
+longest pause, timed with :class:`stream.collector.PauseRecorder`'s callback); per arm the
+median. The worker's arm freezes after the services are built, as ``run_worker`` freezes
+after ``create_app``.
+
+No Kafka here: ``bench.e2e`` reports the same collector figures for the worker process
+(``pipeline.gc``), where the end-to-end throughput is too noisy (±15% between runs) to
+show a 5-10% change.
+
+Writes ``bench/results/collector.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.run import bench_parser, machine, results_path, stamp, write_report
+
+FULL_N, QUICK_N = 50_000, 10_000
+ARMS = {"python_defaults": (0, False), "worker_settings": None}  # None: Settings() defaults
+
+
+def one_run(n: int, arm: str) -> dict[str, Any]:
+    """Drive the services over ``n`` impressions in this process under ``arm``."""
+    import gc
+
+    import torch
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
+    from logs.synthetic import SyntheticConfig, generate
+    from monitoring.metrics import StreamrecMetrics
+    from stream.collector import PauseRecorder, configure_collector
+    from stream.services import JoinService, MonitorService, TrainerService
+    from stream.settings import Settings
+
+    settings = Settings()
+    torch.set_num_threads(settings.trainer.torch_threads)
+    df = generate(SyntheticConfig(n_impressions=n, seed=0, impressions_per_s=10.0))
+    events: list[tuple[float, int, bytes]] = []
+    for row in df.itertuples(index=False):
+        imp = Impression(
+            impression_id=row.impression_id, ts=float(row.ts), user_id=row.user_id,
+            item_id=row.item_id, position=int(row.position),
+            features={"ctx_device": row.ctx_device, "item_price": float(row.item_price)},
+        )  # fmt: skip
+        events.append((float(row.ts), 0, imp.to_json()))
+        if int(row.click):
+            click = Click(row.impression_id, float(row.click_ts), user_id=row.user_id)
+            events.append((float(row.click_ts), 1, click.to_json()))
+    events.sort(key=lambda e: (e[0], e[1]))
+    join = JoinService(settings, StreamrecMetrics())
+    trainer = TrainerService(settings, StreamrecMetrics())
+    monitor = MonitorService(settings, StreamrecMetrics())
+    chosen = ARMS[arm]
+    threshold, freeze = (
+        (settings.gc_gen0_threshold, settings.gc_freeze) if chosen is None else chosen
+    )
+    configure_collector(threshold, freeze)
+    hist = Histogram("pause", "", ("generation",), registry=CollectorRegistry(),
+                     buckets=(1.0, float("inf")))  # fmt: skip
+    longest = [0.0, 0.0, 0.0]
+    rec = PauseRecorder(hist)
+    start = [0.0]
+
+    def longest_pause(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            g = info["generation"]
+            longest[g] = max(longest[g], time.perf_counter() - start[0])
+
+    seconds = {"join": 0.0, "trainer": 0.0}
+    topics = (TOPIC_IMPRESSIONS, TOPIC_CLICKS)
+    offsets = [0, 0]
+
+    def route(labels: list[Any], final: bool = False) -> None:
+        t = time.perf_counter()
+        trainer.add(labels)
+        while trainer.due() or (final and trainer.buffer):
+            batch = trainer.step()
+            if batch is None:
+                break
+            for msg in monitor.observe(batch):
+                trainer.apply_control(msg)
+                monitor.apply_control(msg)
+        seconds["trainer"] += time.perf_counter() - t
+
+    def handle(raw: bytes, which: int) -> list[Any]:
+        t = time.perf_counter()
+        out, _ = join.handle(raw, topics[which], 0, offsets[which])
+        offsets[which] += 1
+        seconds["join"] += time.perf_counter() - t
+        return out
+
+    rec.install()
+    gc.callbacks.append(longest_pause)
+    t0 = time.perf_counter()
+    try:
+        for i, (ts, which, raw) in enumerate(events):
+            route(handle(raw, which))
+            if i % 200 == 199:
+                for w in (0, 1):
+                    route(handle(Watermark(ts).to_json(), w))
+        end = Watermark(events[-1][0] + 10_000.0).to_json()
+        for w in (0, 1):
+            route(handle(end, w), final=True)
+        wall = time.perf_counter() - t0
+    finally:
+        gc.callbacks.remove(longest_pause)
+        rec.remove()
+    by_gen = {
+        str(g): {"collections": _count(hist, g), "seconds": _sum(hist, g), "longest_s": longest[g]}
+        for g in range(3)
+    }
+    return {
+        "arm": arm,
+        "gen0_threshold": threshold,
+        "freeze": freeze,
+        "impressions": n,
+        "examples": trainer.n_examples,
+        "seconds": wall,
+        "impressions_per_s": n / wall,
+        "join_seconds": seconds["join"],
+        "trainer_seconds": seconds["trainer"],
+        "gc": by_gen,
+        "gc_seconds": sum(v["seconds"] for v in by_gen.values()),
+    }
+
+
+def _sample(hist: Any, g: int, suffix: str) -> float:
+    for metric in hist.collect():
+        for s in metric.samples:
+            if s.name.endswith(suffix) and s.labels.get("generation") == str(g):
+                return float(s.value)
+    return 0.0
+
+
+def _count(hist: Any, g: int) -> float:
+    return _sample(hist, g, "_count")
+
+
+def _sum(hist: Any, g: int) -> float:
+    return _sample(hist, g, "_sum")
+
+
+def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, Any]:
+    n = QUICK_N if quick else FULL_N
+    rounds = 1 if quick else 3
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for arm in ARMS:
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.collector", "--one", arm, "--n", str(n)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            run = json.loads(out.stdout.strip().splitlines()[-1])
+            run["round"] = r + 1
+            runs.append(run)
+            print(f"round {r + 1} {arm}: {run['seconds']:.2f} s, collector "
+                  f"{run['gc_seconds']:.2f} s", flush=True)  # fmt: skip
+    medians = {}
+    for arm in ARMS:
+        mine = [x for x in runs if x["arm"] == arm]
+        medians[arm] = {
+            "seconds": statistics.median(x["seconds"] for x in mine),
+            "gc_seconds": statistics.median(x["gc_seconds"] for x in mine),
+            "longest_pause_s": statistics.median(
+                max(v["longest_s"] for v in x["gc"].values()) for x in mine
+            ),
+        }
+    base, new = medians["python_defaults"], medians["worker_settings"]
+    report = {
+        **stamp("collector", quick),
+        "machine": machine(),
+        "impressions": n,
+        "rounds": rounds,
+        "runs": runs,
+        "median": medians,
+        "ratios": {
+            "seconds_worker_over_defaults": new["seconds"] / base["seconds"],
+            "gc_seconds_worker_over_defaults": new["gc_seconds"] / max(base["gc_seconds"], 1e-9),
+        },
+    }
+    write_report(report, path := results_path(results_dir, "collector", quick))
+    print(table(report))
+    print(f"wrote {path}")
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [
+        "| arm | seconds (median) | collector seconds | longest pause (ms) |",
+        "|---|---|---|---|",
+    ]
+    for arm, m in report["median"].items():
+        rows.append(f"| {arm} | {m['seconds']:.2f} | {m['gc_seconds']:.2f} | "
+                    f"{1e3 * m['longest_pause_s']:.0f} |")  # fmt: skip
+    r = report["ratios"]
+    rows.append("")
+    time_ratio, gc_ratio = r["seconds_worker_over_defaults"], r["gc_seconds_worker_over_defaults"]
+    rows.append(f"worker settings / Python's defaults: time {time_ratio:.2f}x, "
+                f"collector time {gc_ratio:.2f}x")  # fmt: skip
+    return "\n".join(rows)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = bench_parser("collector", __doc__, f"{QUICK_N:,} impressions, one round")
+    parser.add_argument(
+        "--one",
+        choices=sorted(ARMS),
+        default=None,
+        help="internal: one run of this arm in this process, JSON on stdout",
+    )
+    parser.add_argument("--n", type=int, default=FULL_N)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(one_run(args.n, args.one)))
+        return 0
+    main(args.quick, results_dir=args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
