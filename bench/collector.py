@@ -7,8 +7,10 @@ process's) that drives the worker's services in process, as the worker chains th
 :class:`stream.services.JoinService` → :class:`~stream.services.TrainerService` (a step
 whenever one is due, as the trainer agent steps) → :class:`~stream.services.MonitorService`,
 control messages fed back, on a synthetic log of 50k impressions (10 a second of event
-time, default settings: historical features, fresh labels, dcnv2, one torch thread as the
-worker has). The two arms alternate, three rounds. Reported per run: wall seconds, the
+time; ``--rate R``: R a second, e.g. 1.6667 for 100 a minute, 500 for 30,000) with default
+settings (historical features, fresh labels, dcnv2, one torch thread as the worker has);
+``--log PATH``: the first 50k impressions of that log instead (e.g. MovieLens, ``streamrec
+convert-movielens``). The two arms alternate, three rounds. Reported per run: wall seconds, the
 join's and the trainer's share, and every collection by generation (count, total and
 longest pause, timed with :class:`stream.collector.PauseRecorder`'s callback); per arm the
 median. The worker's arm freezes after the services are built, as ``run_worker`` freezes
@@ -34,38 +36,40 @@ from typing import Any
 from bench.run import bench_parser, machine, results_path, stamp, write_report
 
 FULL_N, QUICK_N = 50_000, 10_000
+RATE = 10.0  # impressions per second of event time (the 30-minute window holds 18,000)
 ARMS = {"python_defaults": (0, False), "worker_settings": None}  # None: Settings() defaults
 
 
-def one_run(n: int, arm: str) -> dict[str, Any]:
-    """Drive the services over ``n`` impressions in this process under ``arm``."""
+def one_run(n: int, arm: str, rate: float = RATE, log: str | None = None) -> dict[str, Any]:
+    """Drive the services over ``n`` impressions (synthetic, ``rate`` a second of event time;
+    or the first ``n`` of the log ``log``) in this process under ``arm``."""
     import gc
 
     import torch
     from prometheus_client import CollectorRegistry, Histogram
 
-    from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Impression, Watermark
+    from logs.events import TOPIC_CLICKS, TOPIC_IMPRESSIONS, Click, Watermark
+    from logs.io import log_impressions, read_log_frame
     from logs.synthetic import SyntheticConfig, generate
     from monitoring.metrics import StreamrecMetrics
     from stream.collector import PauseRecorder, configure_collector
+    from stream.replay import event_order
     from stream.services import JoinService, MonitorService, TrainerService
     from stream.settings import Settings
 
     settings = Settings()
     torch.set_num_threads(settings.trainer.torch_threads)
-    df = generate(SyntheticConfig(n_impressions=n, seed=0, impressions_per_s=10.0))
+    if log is None:
+        df = generate(SyntheticConfig(n_impressions=n, seed=0, impressions_per_s=rate))
+    else:  # the first n impressions of a log in the streamrec format
+        df = read_log_frame(log).sort_values("ts", kind="stable").head(n).reset_index(drop=True)
+    imps = log_impressions(df)
+    ev_ts, ev_row, is_click = event_order(df)
     events: list[tuple[float, int, bytes]] = []
-    for row in df.itertuples(index=False):
-        imp = Impression(
-            impression_id=row.impression_id, ts=float(row.ts), user_id=row.user_id,
-            item_id=row.item_id, position=int(row.position),
-            features={"ctx_device": row.ctx_device, "item_price": float(row.item_price)},
-        )  # fmt: skip
-        events.append((float(row.ts), 0, imp.to_json()))
-        if int(row.click):
-            click = Click(row.impression_id, float(row.click_ts), user_id=row.user_id)
-            events.append((float(row.click_ts), 1, click.to_json()))
-    events.sort(key=lambda e: (e[0], e[1]))
+    for ts, row, click in zip(ev_ts.tolist(), ev_row.tolist(), is_click.tolist(), strict=True):
+        imp = imps[row]
+        raw = Click(imp.impression_id, ts, user_id=imp.user_id).to_json() if click else None
+        events.append((ts, int(click), raw or imp.to_json()))
     join = JoinService(settings, StreamrecMetrics())
     trainer = TrainerService(settings, StreamrecMetrics())
     monitor = MonitorService(settings, StreamrecMetrics())
@@ -132,6 +136,8 @@ def one_run(n: int, arm: str) -> dict[str, Any]:
     }
     return {
         "arm": arm,
+        "impressions_per_s_event_time": None if log else rate,
+        "log": log,
         "gen0_threshold": threshold,
         "freeze": freeze,
         "impressions": n,
@@ -161,14 +167,21 @@ def _sum(hist: Any, g: int) -> float:
     return _sample(hist, g, "_sum")
 
 
-def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, Any]:
+def main(
+    quick: bool = False,
+    *,
+    results_dir: Path | None = None,
+    rate: float = RATE,
+    log: str | None = None,
+) -> dict[str, Any]:
     n = QUICK_N if quick else FULL_N
     rounds = 1 if quick else 3
     runs: list[dict[str, Any]] = []
     for r in range(rounds):
         for arm in ARMS:
             out = subprocess.run(
-                [sys.executable, "-m", "bench.collector", "--one", arm, "--n", str(n)],
+                [sys.executable, "-m", "bench.collector", "--one", arm, "--n", str(n),
+                 "--rate", str(rate), *(["--log", log] if log else [])],
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             run = json.loads(out.stdout.strip().splitlines()[-1])
@@ -191,6 +204,8 @@ def main(quick: bool = False, *, results_dir: Path | None = None) -> dict[str, A
         **stamp("collector", quick),
         "machine": machine(),
         "impressions": n,
+        "impressions_per_s_event_time": None if log else rate,
+        "log": log,
         "rounds": rounds,
         "runs": runs,
         "median": medians,
@@ -230,11 +245,14 @@ def cli(argv: list[str] | None = None) -> int:
         help="internal: one run of this arm in this process, JSON on stdout",
     )
     parser.add_argument("--n", type=int, default=FULL_N)
+    parser.add_argument("--rate", type=float, default=RATE,
+                        help="impressions per second of event time (traffic)")  # fmt: skip
+    parser.add_argument("--log", default=None, help="a log in the streamrec format instead")
     args = parser.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one_run(args.n, args.one)))
+        print(json.dumps(one_run(args.n, args.one, args.rate, args.log)))
         return 0
-    main(args.quick, results_dir=args.results_dir)
+    main(args.quick, results_dir=args.results_dir, rate=args.rate, log=args.log)
     return 0
 
 
