@@ -24,7 +24,10 @@ of event time and at most ``max_step`` impressions. Each step:
    event time, for the label latency);
 3. *train + monitor*: the trainer takes everything emitted (micro-batches of at most
    ``trainer.batch_size``), scores then learns; each scored batch goes to the monitor and
-   every control message the monitor returns is applied to the trainer at once.
+   every control message the monitor returns is applied to the trainer at once. The
+   joiner's event-time mark (:func:`stream.services.join.joiner_mark`) goes with the
+   step's labels, as the worker's joiner sends it on ``labeled``, and reaches the monitor
+   after them (also in a step with no label).
 
 Only ``p_serve`` is judged against the truth: the progressive scores the monitor sees are
 taken when an example reaches the trainer, up to a window later.
@@ -42,6 +45,7 @@ import pandas as pd
 from prometheus_client import CollectorRegistry
 
 from learners.ranker import TorchRanker
+from logs.batches import ScoredBatch
 from logs.events import Click, LabeledExample, example_row
 from logs.io import log_impressions
 from logs.synthetic import SyntheticConfig, generate
@@ -49,6 +53,7 @@ from monitoring.metrics import StreamrecMetrics
 from monitoring.offset import LogitOffset
 from stream.join import OnlineJoiner
 from stream.services import MonitorService, TrainerService
+from stream.services.join import joiner_mark
 from stream.settings import Settings
 
 __all__ = ["World", "SimResult", "make_world", "simulate", "window_stats"]
@@ -176,6 +181,21 @@ def simulate(
     alarm_rows: list[int] = []
     refit_rows: list[int] = []
     rollback_rows: list[int] = []
+
+    def observe(batch: ScoredBatch, row: int) -> None:
+        """The monitor judges ``batch``; its control messages go to the trainer at once;
+        an alarm, an accepted refit or a rollback is noted at impression ``row``."""
+        n_alarms, n_acc = monitor.n_alarms, monitor.n_recalibrations
+        n_rb = getattr(monitor, "n_rollbacks", 0)
+        for msg in monitor.observe(batch):
+            trainer.apply_control(msg)
+        if monitor.n_alarms > n_alarms:
+            alarm_rows.append(row)
+        if monitor.n_recalibrations > n_acc:
+            refit_rows.append(row)
+        if getattr(monitor, "n_rollbacks", 0) > n_rb:
+            rollback_rows.append(row)
+
     ci = 0  # next click (in click-time order)
     i = 0
     trained = 0
@@ -212,13 +232,16 @@ def simulate(
             if e.label and e.weight > 0:  # not a dfm late click (scored, never trained on)
                 latency.append(t_end - e.label_ts)
         i = j
-        if not out:
-            continue
         t_emit = time.perf_counter()
         labels = np.fromiter((e.label for e in out), dtype=np.int64, count=len(out))
         bs = settings.trainer.batch_size
         n_batch = 0
-        trainer.add(out)
+        # the joiner's event-time mark goes with the step's labels, as the worker's joiner
+        # sends it in a labeled record's header (also with no label: the monitor then
+        # closes the attribution windows the impressions' own times never pass); this one
+        # joiner stands for every input partition
+        mark = joiner_mark(joiner)
+        trainer.add(out, marks=dict.fromkeys(range(settings.partitions), mark))
         trained += len(out)
         while trainer.buffer:
             batch = trainer.step()
@@ -227,16 +250,10 @@ def simulate(
             done = labels[n_batch * bs : (n_batch + 1) * bs].sum()
             update_wall.extend([time.perf_counter() - t_emit] * int(done))
             n_batch += 1
-            n_alarms, n_acc = monitor.n_alarms, monitor.n_recalibrations
-            n_rb = getattr(monitor, "n_rollbacks", 0)
-            for msg in monitor.observe(batch):
-                trainer.apply_control(msg)
-            if monitor.n_alarms > n_alarms:
-                alarm_rows.append(i)
-            if monitor.n_recalibrations > n_acc:
-                refit_rows.append(i)
-            if getattr(monitor, "n_rollbacks", 0) > n_rb:
-                rollback_rows.append(i)
+            observe(batch, i)
+        marks_only = trainer.marks_batch()  # marks with no example left to follow
+        if marks_only is not None:
+            observe(marks_only, i)
     del row_of
     return SimResult(
         p_serve=p_serve,
@@ -256,6 +273,8 @@ def simulate(
             "rejected": monitor.n_rejected,
             "rollbacks": getattr(monitor, "n_rollbacks", 0),
             "monitored": monitor.n_seen,
+            # the final labels' clock followed the joiner's marks, as in the worker
+            "marks": len(monitor.marks),
         },
     )
 

@@ -54,6 +54,14 @@ def feature_config(settings: Settings) -> FeatureConfig:
     return FeatureConfig(max_bytes=max(2**20, settings.feature_max_bytes // settings.partitions))
 
 
+def joiner_mark(j: OnlineJoiner) -> float:
+    """One input partition's event-time mark (see :meth:`JoinService.marks`): its joiner's
+    watermark, capped where its releases are capped; ``MIN_TS`` while it is not a time a
+    ``labeled`` header may carry."""
+    w = min(j.watermark, j.limit)
+    return w if MIN_TS <= w < MAX_TS else MIN_TS
+
+
 def segment_of(position: int | None) -> str:
     """Bounded segment label: the slate position 1..9, ``10+`` or ``unknown``."""
     if position is None:
@@ -569,8 +577,7 @@ class JoinService:
         released = self._released_to if MIN_TS <= self._released_to < MAX_TS else MIN_TS
         out = dict.fromkeys(assigned, released)
         for p, j in self.joiners.items():
-            w = min(j.watermark, j.limit)
-            out[p] = w if MIN_TS <= w < MAX_TS else MIN_TS  # a time the header may carry
+            out[p] = joiner_mark(j)
         return out
 
     def take_ready(self, min_size: int | None = None) -> dict[int, list[LabeledExample]]:

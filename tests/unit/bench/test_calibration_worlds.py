@@ -38,6 +38,9 @@ def test_fresh_labels_reach_the_trainer_at_click_time_and_the_monitor_sees_final
     closed = int((df["ts"] < end - 30.0).sum())
     assert closed - 100 <= res.monitor["monitored"] <= closed
     assert res.monitor["recalibrations"] == 0
+    # the joiner's event-time marks reached the monitor for every input partition, as the
+    # worker's joiner sends them on labeled: they, not the impressions' times, closed windows
+    assert res.monitor["marks"] == s.partitions
 
 
 def test_summary_bars_and_table_on_made_up_runs() -> None:
