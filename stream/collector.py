@@ -12,7 +12,8 @@ batch die young: fewer of them survive into the older generations whose collecti
 expensive) and, once the app is built, moves every object made so far into the permanent
 generation (:func:`gc.freeze`), which no collection walks again. Reference counting still
 frees everything that is not in a cycle at once; a cycle among the frozen start-up objects
-would be kept (they live as long as the worker anyway).
+would be kept. The models are not in one: a ranker replaced later (a replica loading a
+store version, a warm start) is freed by reference counting alone (tested).
 
 :class:`PauseRecorder` times every collection into ``streamrec_gc_pause_seconds`` (by
 generation), so a latency spike can be told apart from a slow request.

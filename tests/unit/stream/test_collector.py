@@ -74,6 +74,23 @@ def test_every_collection_is_timed_by_generation() -> None:
     assert seconds is not None and 0 < seconds < 10
 
 
+def test_a_replaced_ranker_is_freed_without_the_collector() -> None:
+    # the frozen start-up objects include the first models: were a model in a reference
+    # cycle, a replica that swaps it for a store version would keep it for good
+    import weakref
+
+    from learners.ranker import RankerConfig, TorchRanker
+
+    ranker = TorchRanker(RankerConfig(), seed=0, online=True)
+    model, encoder = weakref.ref(ranker.model), weakref.ref(ranker.encoder)
+    gc.disable()
+    try:
+        del ranker
+        assert model() is None and encoder() is None
+    finally:
+        gc.enable()
+
+
 def test_the_settings_are_checked() -> None:
     s = Settings()
     assert s.gc_gen0_threshold == 10_000 and s.gc_freeze
