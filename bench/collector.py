@@ -78,10 +78,11 @@ def one_run(n: int, arm: str, rate: float = RATE, log: str | None = None) -> dic
         (settings.gc_gen0_threshold, settings.gc_freeze) if chosen is None else chosen
     )
     configure_collector(threshold, freeze)
-    hist = Histogram("pause", "", ("generation",), registry=CollectorRegistry(),
+    registry = CollectorRegistry()
+    hist = Histogram("pause", "", ("generation",), registry=registry,
                      buckets=(1.0, float("inf")))  # fmt: skip
-    longest = [0.0, 0.0, 0.0]
     rec = PauseRecorder(hist)
+    longest = [0.0, 0.0, 0.0]
     start = [0.0]
 
     def longest_pause(phase: str, info: dict[str, int]) -> None:
@@ -131,7 +132,11 @@ def one_run(n: int, arm: str, rate: float = RATE, log: str | None = None) -> dic
         gc.callbacks.remove(longest_pause)
         rec.remove()
     by_gen = {
-        str(g): {"collections": _count(hist, g), "seconds": _sum(hist, g), "longest_s": longest[g]}
+        str(g): {
+            "collections": registry.get_sample_value("pause_count", {"generation": str(g)}),
+            "seconds": registry.get_sample_value("pause_sum", {"generation": str(g)}),
+            "longest_s": longest[g],
+        }
         for g in range(3)
     }
     return {
@@ -149,22 +154,6 @@ def one_run(n: int, arm: str, rate: float = RATE, log: str | None = None) -> dic
         "gc": by_gen,
         "gc_seconds": sum(v["seconds"] for v in by_gen.values()),
     }
-
-
-def _sample(hist: Any, g: int, suffix: str) -> float:
-    for metric in hist.collect():
-        for s in metric.samples:
-            if s.name.endswith(suffix) and s.labels.get("generation") == str(g):
-                return float(s.value)
-    return 0.0
-
-
-def _count(hist: Any, g: int) -> float:
-    return _sample(hist, g, "_count")
-
-
-def _sum(hist: Any, g: int) -> float:
-    return _sample(hist, g, "_sum")
 
 
 def main(

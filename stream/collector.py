@@ -1,11 +1,12 @@
 """Python's cyclic garbage collector in the worker: fewer, cheaper collections.
 
-Measured in the worker (``python -m bench.e2e --n 50000``, one worker, Python 3.11): with
-Python's defaults (a young-generation collection every 700 net container allocations) the
-collector ran 8 full collections in the pipeline phase, 1.7 s of 14-15 s of worker CPU, the
-longest pausing every thread 297 ms. A full collection walks every tracked object, and
-most of them were made at start and live as long as the process: torch, numba, Faust and
-the models (~350k objects; one full collection of them alone took 150 ms here).
+Measured in the worker (``python -m bench.e2e --n 50000``, one worker, Python 3.11;
+``bench/results/gc_ab``): with Python's defaults (a young-generation collection every 700
+net container allocations) the collector ran 5 full collections in the pipeline phase,
+1.4-1.8 s of the worker's 15-20 s of CPU, the longest pausing every thread up to 0.5 s.
+A full collection walks every tracked object, and most of them were made at start and
+live as long as the process: torch, numba, Faust and the models (~350k objects; one full
+collection of them alone took 150 ms here).
 
 :func:`configure_collector` raises the young generation's threshold (most objects of a
 batch die young: fewer of them survive into the older generations whose collections are

@@ -286,8 +286,8 @@ class Settings:
     #: Python's garbage collector in the worker (``stream.collector``): the young
     #: generation's threshold, net container allocations between two collections (0:
     #: Python's default, 700), and whether the objects made at start (models, libraries)
-    #: are frozen out of every later collection. Measured on ``bench.e2e``: see README
-    #: "Memory and speed"
+    #: are frozen out of every later collection. Measured with ``bench.collector`` and
+    #: ``bench.e2e``: see README, "Known gaps", Throughput
     gc_gen0_threshold: int = 10_000
     gc_freeze: bool = True
     #: raise the worker's CPU niceness by this much at start (``os.nice``, 0-19; 0: leave
