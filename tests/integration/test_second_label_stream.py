@@ -22,8 +22,15 @@ import pytest
 from kafka import KafkaProducer
 
 from bench.hostile import Bad, hostile_records
-from logs.batches import decode_labeled
-from logs.events import TASK1_KINDS, TOPIC_DEAD_LETTER, TOPIC_LABELED, LabeledExample
+from bench.second_label_stream import first_records
+from logs.batches import ScoredBatch, decode_labeled
+from logs.events import (
+    TASK1_KINDS,
+    TOPIC_DEAD_LETTER,
+    TOPIC_LABELED,
+    TOPIC_SCORED,
+    LabeledExample,
+)
 from logs.io import read_log_frame
 from logs.synthetic import SyntheticConfig, write_synthetic
 from stream.app import create_worker_topics
@@ -134,10 +141,20 @@ def test_conversions_reach_task1_the_monitor_and_score(
         assert m[conv.format("late")] == late
         assert m[conv.format("orphan")] == 0 and m[conv.format("ignored")] == 0
         assert m['streamrec_second_labels_total{label="1"}'] == len(converted)
-        # the ratio of the second task: its lifetime P(clicked and converted) over the
-        # conversions; a task 1 never fed (its tower at the prior CTR) would be far off
-        ratio = m["streamrec_second_label_predicted_total"] / len(converted)
-        assert 0.3 < ratio < 3.0, ratio
+        # task 1 was fed: the trainer's batches carried every conversion as a second label
+        # (the ranker learns task 1 on them), and the monitor judged each impression once
+        # on the P(clicked and converted) of its first scored row. How calibrated task 1
+        # is, this short stream cannot say (at first only unclicked rows' zeros are known,
+        # the conversions lag them: a 1,500-impression run scored 0.3-0.9x the
+        # conversions); bench.second_label_stream measures it over 150,000 impressions.
+        scored = [ScoredBatch.decode(raw) for raw in read_topic(broker.url, TOPIC_SCORED)]
+        fed = {i for b in scored for i, y2 in zip(b.label2_ids, b.label2, strict=True) if y2}
+        assert fed == converted
+        first = first_records(scored)
+        assert len(first) == N
+        p2 = [q for _, q in first.values()]
+        assert all(0.0 < q < 1.0 for q in p2), p2
+        assert m["streamrec_second_label_predicted_total"] == pytest.approx(math.fsum(p2))
 
         examples = [e for raw in read_topic(broker.url, TOPIC_LABELED) for e in decode_labeled(raw)]
         by_id: dict[str, list[LabeledExample]] = {}
