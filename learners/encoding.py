@@ -225,6 +225,8 @@ def bucket_of(field: str, value: object, num_buckets: int) -> int:
 
 def _age(value: object) -> float:
     """An age in seconds, or -1.0 (unknown) for anything but a finite number >= 0."""
+    if type(value) is float:  # the stream's case, without the ABC check below
+        return value if 0.0 <= value < math.inf else -1.0
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         a = float(value)
         if 0.0 <= a < math.inf:
@@ -348,19 +350,26 @@ class FeatureEncoder:
         n = len(rows)
         cat = np.zeros((n, cfg.max_cat_fields), dtype=np.int64)
         num = np.zeros((n, cfg.max_num_fields), dtype=np.float32)
-        # Column-wise: one cheap pass gathers values per key, then each column is converted
-        # in bulk (a per-value loop with type checks is ~5x slower in CPython).
-        columns: dict[str, tuple[list[int], list[object]]] = {}
+        # Column-wise: rows are grouped by their key tuple (a stream's rows share a few),
+        # each group is transposed in C (zip), then each column is converted in bulk (a
+        # per-value loop with type checks is ~5x slower in CPython).
+        groups: dict[tuple[str, ...], list[int]] = {}
         for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
+            if type(row) is not dict and not isinstance(row, Mapping):
                 raise TypeError(f"row {i} is {type(row).__name__}, expected a mapping")
-            for key, value in row.items():
-                col = columns.get(key)
-                if col is None:
-                    col = columns[key] = ([], [])
-                col[0].append(i)
-                col[1].append(value)
-        split: list[tuple[str, bool, list[int], list[object]]] = []
+            keys = tuple(row)
+            group = groups.get(keys)
+            if group is None:
+                groups[keys] = [i]
+            else:
+                group.append(i)
+        columns: dict[str, tuple[list[int], Sequence[object]]] = {}
+        for keys, idx in groups.items():
+            values = zip(*[tuple(rows[i].values()) for i in idx], strict=True)
+            for key, got in zip(keys, values, strict=True):
+                col = columns.get(key)  # new lists, never extended: idx is shared
+                columns[key] = (idx, got) if col is None else (col[0] + idx, [*col[1], *got])
+        split: list[tuple[str, bool, list[int], Sequence[object]]] = []
         for key, (idx, vals) in columns.items():
             if key not in SEQ_FIELDS:
                 split.extend(self._split_column(key, idx, vals))
@@ -555,23 +564,27 @@ class FeatureEncoder:
             ages = row.get(SEQ_AGE_FIELD)
             if isinstance(ages, str | bytes) or not isinstance(ages, Sequence | np.ndarray):
                 ages = ()
-            j = 0
+            n_ages = len(ages)
+            ids: list[int] = []
+            row_ages: list[float] = []
             for k, item in enumerate(items):
-                if j == max_len:
+                if len(ids) == max_len:
                     break
                 if item is None or type(item) is bool:
                     continue
                 b = cache.get(item)
                 if b is None:
                     b = cache[item] = bucket_of(ITEM_FIELD, item, nb)
-                seq[i, j] = b
-                age[i, j] = _age(ages[k]) if k < len(ages) else -1.0
-                j += 1
+                ids.append(b)
+                row_ages.append(_age(ages[k]) if k < n_ages else -1.0)
+            if ids:  # one slice each: numpy's per-element assignment is the slow part
+                seq[i, : len(ids)] = ids
+                age[i, : len(ids)] = row_ages
         return seq, age
 
     def _split_column(
-        self, key: str, idx: list[int], vals: list[object]
-    ) -> list[tuple[str, bool, list[int], list[object]]]:
+        self, key: str, idx: list[int], vals: Sequence[object]
+    ) -> list[tuple[str, bool, list[int], Sequence[object]]]:
         """Split one column into its categorical and numeric parts, dropping None."""
         types = set(map(type, vals))
         if types == {str} or (key in self._cat_keys and type(None) not in types):
@@ -591,14 +604,14 @@ class FeatureEncoder:
             else:
                 ni.append(i)
                 nv.append(float(v))  # type: ignore[arg-type]  # numbers.Real checked
-        out: list[tuple[str, bool, list[int], list[object]]] = []
+        out: list[tuple[str, bool, list[int], Sequence[object]]] = []
         if ci:
             out.append((key, True, ci, cv))
         if ni:
             out.append((key, False, ni, nv))
         return out
 
-    def _buckets(self, key: str, vals: list[object]) -> np.ndarray:
+    def _buckets(self, key: str, vals: Sequence[object]) -> np.ndarray:
         """Bucket ids (N,) of ``key=value``; a bounded per-field cache skips repeat hashing."""
         cache = self._cache.get(key)
         if cache is None or len(cache) > _CACHE_MAX:

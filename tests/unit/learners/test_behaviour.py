@@ -64,6 +64,7 @@ def test_bad_sequences_are_skipped_and_counted_bad_ages_are_unknown() -> None:
         {"hist_seq": [None, "a", "b"], "hist_seq_age": [1.0, float("nan"), -3.0]},
         {"hist_seq": ["a", "b"], "hist_seq_age": [2.0]},  # ages too short
         {"hist_seq": ["a"], "hist_seq_age": "old"},
+        {"hist_seq": ["a", "b", "c"], "hist_seq_age": [float("inf"), True, 0.0]},
     ]
     batch = enc.encode(rows)
     assert batch.seq is not None and batch.seq_age is not None
@@ -72,6 +73,7 @@ def test_bad_sequences_are_skipped_and_counted_bad_ages_are_unknown() -> None:
     assert batch.seq[2, 0] == a and batch.seq_age[2, :2].tolist() == [-1.0, -1.0]
     assert batch.seq_age[3, :2].tolist() == [2.0, -1.0]
     assert batch.seq_age[4, 0] == -1.0
+    assert batch.seq_age[5].tolist() == [-1.0, -1.0, 0.0]  # inf and a bool are unknown
 
 
 # -- modules -----------------------------------------------------------------------------------
