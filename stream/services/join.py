@@ -321,7 +321,7 @@ class JoinService:
         except InvalidEvent as exc:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return [], [DeadLetter.of(topic, partition, offset, exc, raw)]
-        out: list[LabeledExample] = []
+        valid: list[Impression | Click] = []
         dead: list[DeadLetter] = []
         for event, b in decoded:
             if not isinstance(event, InvalidEvent):
@@ -330,14 +330,38 @@ class JoinService:
                 self.metrics.dead_letters.labels(reason=event.reason).inc()
                 dead.append(DeadLetter.of(topic, partition, offset, event, b))
             else:
-                out.extend(self._apply(event, None, topic, partition))
+                valid.append(event)
+        staged = self._stage_features(valid, partition)
+        out: list[LabeledExample] = []
+        for k, event in enumerate(valid):
+            out.extend(self._apply(event, None, topic, partition,
+                                   None if staged is None else staged[k]))  # fmt: skip
         return out, dead
+
+    def _stage_features(
+        self, events: list[Impression | Click], partition: int
+    ) -> list[tuple[dict[str, object] | None]] | None:
+        """The feature stage over an envelope's valid events in one batch
+        (:meth:`features.stage.FeatureStage.process`: the same values and state as one
+        event at a time, its compiled kernel called once): per event a 1-tuple, the
+        impression's features (None: a duplicate; for a click, None: applied). None
+        without a feature stage."""
+        self.joiner(partition)  # the partition's stage, restored, exists from here on
+        stage = self.features.get(partition)
+        if stage is None or not events:
+            return None
+        fed = [e for e in events if not (isinstance(e, Click) and e.conversion)]
+        got = iter(stage.process(fed))
+        return [(None,) if isinstance(e, Click) and e.conversion else (next(got),)
+                for e in events]  # fmt: skip
 
     def _apply(
         self, event: Impression | Click | Watermark, raw: bytes | None, topic: str,
-        partition: int,
+        partition: int, staged: tuple[dict[str, object] | None] | None = None,
     ) -> list[LabeledExample]:  # fmt: skip
-        """Apply one validated input event; ``raw`` is its JSON (None: re-encode it)."""
+        """Apply one validated input event; ``raw`` is its JSON (None: re-encode it).
+        ``staged``: the feature stage has taken the event already (see
+        :meth:`_stage_features`), with this result."""
         j = self.joiner(partition)
         c = j.counters
         before = (c.duplicate_impressions, c.duplicate_clicks, c.late_clicks)
@@ -363,7 +387,8 @@ class JoinService:
             iid = event.impression_id
             stage = self.features.get(partition)
             if stage is not None:
-                stage.click(iid, event.ts)
+                if staged is None:
+                    stage.click(iid, event.ts)
                 self._feature_log.setdefault(partition, []).append(["c", iid, event.ts])
             had_orphan = iid in j.orphan_clicks
             out = j.on_click(event)
@@ -379,8 +404,12 @@ class JoinService:
             iid = event.impression_id
             stage = self.features.get(partition)
             if stage is not None:
-                hist = stage.impression(iid, event.ts, event.user_id, event.item_id,
-                                        event.position, event.features)  # fmt: skip
+                hist = (
+                    staged[0]
+                    if staged is not None
+                    else stage.impression(iid, event.ts, event.user_id, event.item_id,
+                                          event.position, event.features)
+                )  # fmt: skip
                 if hist is not None:  # None: a duplicate (the joiner drops it too)
                     self._feature_log.setdefault(partition, []).append(
                         [

@@ -240,3 +240,62 @@ def test_the_same_events_in_json_and_in_an_envelope_are_labelled_once() -> None:
     c = svc.joiner(0).counters
     assert c.duplicate_impressions == 6 + 8
     assert c.duplicate_clicks == len(clicks)
+
+
+def test_envelopes_get_the_feature_stage_values_of_one_event_at_a_time() -> None:
+    """The joiner runs the feature stage once per envelope (its batch path): every
+    labelled example carries the same ``hist_*`` values as when the same events come as
+    JSON records one by one, with duplicates inside and across envelopes, clicks between
+    impression envelopes and conversions (which the stage never sees) among the clicks."""
+    rng = random.Random(5)
+    events = [imp(i, user=f"u{i % 4}") for i in range(60)]
+    events.insert(10, dict(events[3]))  # a duplicate inside an envelope ...
+    events.append(dict(events[20]))  # ... and one in a later envelope
+    clicked = sorted(rng.sample(range(60), 15))
+    clicks: list[dict[str, Any]] = [{"impression_id": f"i{i}", "ts": T0 + i + 2} for i in clicked]
+    clicks += [
+        {"impression_id": f"i{i}", "ts": T0 + i + 3, "type": "conversion"} for i in clicked[:4]
+    ]
+    clicks.sort(key=lambda c: c["ts"])
+
+    def record(topic: str, e: dict[str, Any]) -> bytes:
+        if topic == TOPIC_IMPRESSIONS:
+            return Impression(**e).to_json()
+        return Click(
+            e["impression_id"], e["ts"], conversion=e.get("type") == "conversion"
+        ).to_json()
+
+    # arrival order: impressions in envelopes of 8, each followed by the clicks due by then
+    batches: list[tuple[str, list[dict[str, Any]]]] = []
+    k = 0
+    for start in range(0, len(events), 8):
+        chunk = events[start : start + 8]
+        batches.append((TOPIC_IMPRESSIONS, chunk))
+        due = max(e["ts"] for e in chunk)
+        take = [c for c in clicks[k:] if c["ts"] <= due]
+        k += len(take)
+        if take:
+            batches.append((TOPIC_CLICKS, take))
+    batches.append((TOPIC_CLICKS, clicks[k:]))
+    json_svc, env_svc = _service(), _service()
+    json_out, env_out = [], []
+    for topic, chunk in batches:
+        for e in chunk:
+            json_out += json_svc.handle_record(record(topic, e), topic, 0, 0)[0]
+        env_out += env_svc.handle_record(encode_envelope(topic, chunk), topic, 0, 0)[0]
+    wm = Watermark(T0 + 5000).to_json()
+    for svc, out in ((json_svc, json_out), (env_svc, env_out)):
+        for topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS):
+            out += svc.handle_record(wm, topic, 0, 1)[0]
+
+    def rows(out: list[Any]) -> list[tuple[str, int, list[tuple[str, object]]]]:
+        return sorted(
+            (e.impression.impression_id, e.label, sorted(e.impression.features.items()))
+            for e in out
+        )
+
+    assert len(env_out) == 60
+    assert any(k.startswith("hist_") for k in env_out[0].impression.features)
+    assert rows(env_out) == rows(json_out)
+    assert env_svc.features[0].stats == json_svc.features[0].stats
+    assert env_svc.features[0].stats["duplicate_impressions"] == 2
