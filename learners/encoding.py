@@ -363,13 +363,28 @@ class FeatureEncoder:
                 groups[keys] = [i]
             else:
                 group.append(i)
-        columns: dict[str, tuple[list[int], Sequence[object]]] = {}
+        columns: dict[str, tuple[list[int], list[object]]] = {}
+        alone: list[int] = []  # rows whose key tuple no other row has: value by value
         for keys, idx in groups.items():
+            if len(idx) == 1:
+                alone.append(idx[0])
+                continue
             values = zip(*[tuple(rows[i].values()) for i in idx], strict=True)
             for key, got in zip(keys, values, strict=True):
-                col = columns.get(key)  # new lists, never extended: idx is shared
-                columns[key] = (idx, got) if col is None else (col[0] + idx, [*col[1], *got])
-        split: list[tuple[str, bool, list[int], Sequence[object]]] = []
+                col = columns.get(key)
+                if col is None:
+                    columns[key] = (idx.copy(), list(got))
+                else:
+                    col[0].extend(idx)
+                    col[1].extend(got)
+        for i in alone:
+            for key, value in rows[i].items():
+                col = columns.get(key)
+                if col is None:
+                    col = columns[key] = ([], [])
+                col[0].append(i)
+                col[1].append(value)
+        split: list[tuple[str, bool, list[int], list[object]]] = []
         for key, (idx, vals) in columns.items():
             if key not in SEQ_FIELDS:
                 split.extend(self._split_column(key, idx, vals))
@@ -583,8 +598,8 @@ class FeatureEncoder:
         return seq, age
 
     def _split_column(
-        self, key: str, idx: list[int], vals: Sequence[object]
-    ) -> list[tuple[str, bool, list[int], Sequence[object]]]:
+        self, key: str, idx: list[int], vals: list[object]
+    ) -> list[tuple[str, bool, list[int], list[object]]]:
         """Split one column into its categorical and numeric parts, dropping None."""
         types = set(map(type, vals))
         if types == {str} or (key in self._cat_keys and type(None) not in types):
@@ -604,7 +619,7 @@ class FeatureEncoder:
             else:
                 ni.append(i)
                 nv.append(float(v))  # type: ignore[arg-type]  # numbers.Real checked
-        out: list[tuple[str, bool, list[int], Sequence[object]]] = []
+        out: list[tuple[str, bool, list[int], list[object]]] = []
         if ci:
             out.append((key, True, ci, cv))
         if ni:
