@@ -71,7 +71,7 @@ def _wait_judged(url: str, clicked: set[str], deadline: float, check: Callable[[
         time.sleep(0.5)
     assert m["streamrec_monitored_total"] == N
     # no click came after its impression was judged unclicked (marks ran ahead of labels)
-    assert m.get("streamrec_monitor_late_positives_total", 0) == 0
+    assert m["streamrec_monitor_late_positives_total"] == 0
     assert m[lifetime] == pytest.approx(want)
 
 
