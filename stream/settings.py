@@ -121,8 +121,8 @@ class MonitorConfig:
     #: the stream), "window_z" (configured by [drift]: click noise only), "cusum",
     #: "page_hinkley", "adwin", "river_page_hinkley" (their library defaults). Default
     #: "wander_z": on the worker services' own monitored streams (bench/results/
-    #: drift_worlds.json) it raised 0 false alarms where window_z raised 36 per million at
-    #: 30,000 impressions a minute, and found the same abrupt x1.6 drift as fast
+    #: drift_worlds.json) it raised 0 false alarms where window_z raised 24-36 per million
+    #: at 30,000 impressions a minute (two runs), and found the same abrupt x1.6 drift as fast
     detector: str = "wander_z"
     #: calibrator refitted on an alarm: "shift" (logit shift, 1 parameter: stable on the
     #: small post-alarm window), "platt", "isotonic" or "histogram"
