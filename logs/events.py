@@ -504,25 +504,24 @@ def with_history(imp: Impression, hist: Mapping[str, object]) -> Impression:
     ``hist_seq`` / ``hist_seq_age`` (lists) are stored as ``SEQ_SEP``-joined strings
     (events carry str/float features only), cut to fit ``MAX_FEATURE_VALUE_LEN``;
     :func:`example_row` turns them back into lists. The impression's own ``hist_*``
-    features are dropped first (:func:`without_history`)."""
-    feats: dict[str, str | float] = without_history(imp.features)[0]
-    for k, v in hist.items():
-        if isinstance(v, list):
-            continue
-        feats[k] = float(v)  # type: ignore[arg-type]
-    seq = hist.get("hist_seq")
+    features are dropped first (:func:`without_history`). ``hist``: the stage's values,
+    floats and the two lists (one ``update``: this runs for every impression)."""
+    feats = without_history(imp.features)[0]
+    feats.update(hist)  # type: ignore[arg-type]  # floats; the two lists are popped here
+    seq: object = feats.pop("hist_seq", None)
+    ages: object = feats.pop("hist_seq_age", None)
     if isinstance(seq, list) and seq:
-        ages = hist.get("hist_seq_age")
-        items = [str(x) for x in seq]
-        age_s = [repr(float(a)) for a in ages] if isinstance(ages, list) else []
+        items = list(map(str, seq))
+        age_s = list(map(repr, map(float, ages))) if isinstance(ages, list) else []
+        joined, joined_ages = SEQ_SEP.join(items), SEQ_SEP.join(age_s[: len(items)])
         while items and (
-            len(SEQ_SEP.join(items)) > MAX_FEATURE_VALUE_LEN
-            or len(SEQ_SEP.join(age_s[: len(items)])) > MAX_FEATURE_VALUE_LEN
+            len(joined) > MAX_FEATURE_VALUE_LEN or len(joined_ages) > MAX_FEATURE_VALUE_LEN
         ):
             items.pop()
+            joined, joined_ages = SEQ_SEP.join(items), SEQ_SEP.join(age_s[: len(items)])
         if items:
-            feats["hist_seq"] = SEQ_SEP.join(items)
-            feats["hist_seq_age"] = SEQ_SEP.join(age_s[: len(items)])
+            feats["hist_seq"] = joined
+            feats["hist_seq_age"] = joined_ages
     return Impression(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.position, feats,
                       imp.served_score, imp.model_version, imp.true_p)  # fmt: skip
 
