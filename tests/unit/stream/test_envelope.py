@@ -299,3 +299,14 @@ def test_envelopes_get_the_feature_stage_values_of_one_event_at_a_time() -> None
     assert rows(env_out) == rows(json_out)
     assert env_svc.features[0].stats == json_svc.features[0].stats
     assert env_svc.features[0].stats["duplicate_impressions"] == 2
+    # the counters, incremented once per envelope, agree with one event at a time
+    series = [("impressions", None), ("clicks", None), ("conversion_events", None),
+              ("labeled", "positive"), ("labeled", "negative")]  # fmt: skip
+
+    def counts(svc: JoinService) -> list[float | None]:
+        reg = svc.metrics.registry
+        return [reg.get_sample_value(f"streamrec_{name}_total", {"label": label} if label else {})
+                for name, label in series]  # fmt: skip
+
+    assert counts(env_svc) == counts(json_svc)
+    assert counts(env_svc)[:3] == [62, len(clicked), 4]
