@@ -286,8 +286,11 @@ class JoinService:
         except InvalidEvent as exc:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return [], DeadLetter.of(topic, partition, offset, exc, raw)
-        out = self._apply(event, raw, topic, partition)
-        self._count_inputs((event,), out)
+        out: list[LabeledExample] = []
+        try:
+            out = self._apply(event, raw, topic, partition)
+        finally:  # an event that raised was received all the same
+            self._count_inputs((event,), out)
         return out, None
 
     def _time_error(self, event: Impression | Click | Watermark) -> InvalidEvent | None:
@@ -335,10 +338,14 @@ class JoinService:
                 valid.append(event)
         staged = self._stage_features(valid, partition)
         out: list[LabeledExample] = []
-        for k, event in enumerate(valid):
-            out.extend(self._apply(event, None, topic, partition,
-                                   None if staged is None else staged[k]))  # fmt: skip
-        self._count_inputs(valid, out)
+        done = 0
+        try:
+            for k, event in enumerate(valid):
+                done = k + 1
+                out.extend(self._apply(event, None, topic, partition,
+                                       None if staged is None else staged[k]))  # fmt: skip
+        finally:  # the events taken so far, also when one raised
+            self._count_inputs(valid[:done], out)
         return out, dead
 
     def _count_inputs(
@@ -378,10 +385,9 @@ class JoinService:
         stage = self.features.get(partition)
         if stage is None or not events:
             return None
-        fed = [e for e in events if not (isinstance(e, Click) and e.conversion)]
-        got = iter(stage.process(fed))
-        return [(None,) if isinstance(e, Click) and e.conversion else (next(got),)
-                for e in events]  # fmt: skip
+        takes = [not (isinstance(e, Click) and e.conversion) for e in events]
+        got = iter(stage.process([e for e, t in zip(events, takes, strict=True) if t]))
+        return [(next(got),) if t else (None,) for t in takes]
 
     def _apply(
         self, event: Impression | Click | Watermark, raw: bytes | None, topic: str,
