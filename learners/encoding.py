@@ -626,7 +626,7 @@ class FeatureEncoder:
             out.append((key, False, ni, nv))
         return out
 
-    def _buckets(self, key: str, vals: Sequence[object]) -> np.ndarray:
+    def _buckets(self, key: str, vals: list[object]) -> np.ndarray:
         """Bucket ids (N,) of ``key=value``; a bounded per-field cache skips repeat hashing."""
         cache = self._cache.get(key)
         if cache is None or len(cache) > _CACHE_MAX:

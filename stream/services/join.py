@@ -288,7 +288,9 @@ class JoinService:
             return [], DeadLetter.of(topic, partition, offset, exc, raw)
         out: list[LabeledExample] = []
         try:
-            out = self._apply(event, raw, topic, partition)
+            staged = self._stage_features([event], partition)
+            out = self._apply(event, raw, topic, partition,
+                              None if staged is None else staged[0])  # fmt: skip
         finally:  # an event that raised was received all the same
             self._count_inputs((event,), out)
         return out, None
@@ -374,18 +376,21 @@ class JoinService:
             self._count_labels(out)
 
     def _stage_features(
-        self, events: list[Impression | Click], partition: int
+        self, events: Sequence[Impression | Click | Watermark], partition: int
     ) -> list[tuple[dict[str, object] | None]] | None:
-        """The feature stage over an envelope's valid events in one batch
+        """The feature stage over a record's (or an envelope's) valid events in one batch
         (:meth:`features.stage.FeatureStage.process`: the same values and state as one
-        event at a time, its compiled kernel called once): per event a 1-tuple, the
-        impression's features (None: a duplicate; for a click, None: applied). None
-        without a feature stage."""
+        event at a time, its compiled kernel called once per envelope): per event a
+        1-tuple, the impression's features (None: a duplicate; for a click, a conversion
+        or a watermark, which the stage does not take or takes without output: None).
+        None without a feature stage."""
         self.joiner(partition)  # the partition's stage, restored, exists from here on
         stage = self.features.get(partition)
         if stage is None or not events:
             return None
-        takes = [not (isinstance(e, Click) and e.conversion) for e in events]
+        takes = [
+            isinstance(e, Impression) or (isinstance(e, Click) and not e.conversion) for e in events
+        ]
         got = iter(stage.process([e for e, t in zip(events, takes, strict=True) if t]))
         return [(next(got),) if t else (None,) for t in takes]
 
@@ -394,8 +399,8 @@ class JoinService:
         partition: int, staged: tuple[dict[str, object] | None] | None = None,
     ) -> list[LabeledExample]:  # fmt: skip
         """Apply one validated input event; ``raw`` is its JSON (None: re-encode it).
-        ``staged``: the feature stage has taken the event already (see
-        :meth:`_stage_features`), with this result."""
+        ``staged``: the feature stage's result for it (:meth:`_stage_features`, which has
+        taken it already); None without a feature stage."""
         j = self.joiner(partition)
         c = j.counters
         before = (c.duplicate_impressions, c.duplicate_clicks, c.late_clicks)
@@ -418,9 +423,7 @@ class JoinService:
         elif isinstance(event, Click):
             iid = event.impression_id
             stage = self.features.get(partition)
-            if stage is not None:
-                if staged is None:
-                    stage.click(iid, event.ts)
+            if stage is not None:  # it took the click (_stage_features)
                 self._feature_log.setdefault(partition, []).append(["c", iid, event.ts])
             had_orphan = iid in j.orphan_clicks
             out = j.on_click(event)
@@ -435,12 +438,8 @@ class JoinService:
             iid = event.impression_id
             stage = self.features.get(partition)
             if stage is not None:
-                hist = (
-                    staged[0]
-                    if staged is not None
-                    else stage.impression(iid, event.ts, event.user_id, event.item_id,
-                                          event.position, event.features)
-                )  # fmt: skip
+                assert staged is not None  # it took the impression (_stage_features)
+                hist = staged[0]
                 if hist is not None:  # None: a duplicate (the joiner drops it too)
                     self._feature_log.setdefault(partition, []).append(
                         [
