@@ -630,11 +630,24 @@ class JoinService:
         its mark is where this worker released everything (``MIN_TS`` while nothing is
         known: "a joiner that sends marks", so the monitor waits for them). Read right
         after :meth:`take_ready` took everything: every label a partition emitted up to
-        now is in what was taken, or sent before."""
+        now is in what was taken, or sent before.
+
+        A quiet partition (the idle rule of :meth:`_release`: no record and no backlog for
+        ``join.idle_timeout_s`` wall seconds, and no fake negative held back) is marked
+        where this worker released everything too, like a partition without events: it
+        stops holding the monitor back as it stops holding the other partitions back here
+        (Flink's idle sources). Only the joiner can tell quiet from stalled, so the
+        monitor has no wall-clock rule of its own: a stalled joiner's marks stand still
+        and the monitor waits for them."""
         released = self._released_to if MIN_TS <= self._released_to < MAX_TS else MIN_TS
         out = dict.fromkeys(assigned, released)
+        timeout = self.settings.join.idle_timeout_s
+        now = time.monotonic()
         for p, j in self.joiners.items():
-            out[p] = joiner_mark(j)
+            mark = joiner_mark(j)
+            if timeout is not None and now - j.last_activity >= timeout and not j.held:
+                mark = max(mark, released)
+            out[p] = mark
         return out
 
     def take_ready(self, min_size: int | None = None) -> dict[int, list[LabeledExample]]:

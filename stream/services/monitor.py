@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import deque
 
 import numpy as np
@@ -99,11 +98,8 @@ class MonitorService:
             if scheme in ("fake_negative", "dfm")
             else None
         )
-        #: input partition -> the newest event-time mark the joiner sent for it, and the
-        #: wall time (``wall_clock``, s) it last moved
+        #: input partition -> the newest event-time mark the joiner sent for it
         self.marks: dict[int, float] = {}
-        self._marks_moved: dict[int, float] = {}
-        self.wall_clock = time.monotonic
         ocfg = settings.offset
         if ocfg.enabled and ocfg.max_delay_s is None:  # delays are capped by the window
             ocfg = dataclasses.replace(ocfg, max_delay_s=settings.join.window_s)
@@ -177,13 +173,13 @@ class MonitorService:
     def _take_marks(self, marks: dict[int, float]) -> None:
         """Keep each input partition's newest mark. From the first mark on, the final
         labels' clock follows the marks only: once every partition has one, the lowest
-        (plus the lateness: a mark is a watermark, lateness taken off). The joiner's own
-        idle rule: a partition whose mark has not moved for ``join.idle_timeout_s`` wall
-        seconds (no traffic) does not hold the others back; with every one idle, the
-        newest holds."""
+        (plus the lateness: a mark is a watermark, lateness taken off). No wall-clock rule
+        here: a quiet partition's joiner moves its mark itself (its idle rule, see
+        :meth:`stream.services.JoinService.marks`), so a partition whose mark stands still
+        is one whose joiner is stalled (a rebalance, a restart, a slow start), and the
+        windows wait for it rather than judge clicks it has not sent yet."""
         n = self.settings.partitions
-        kept, moved = self.marks, self._marks_moved
-        now = self.wall_clock()
+        kept = self.marks
         clocks = [fo for fo in (self.outcomes, self.second) if fo is not None]
         for fo in clocks:
             # the joiners send marks: from now on only they close windows (the newest
@@ -192,12 +188,9 @@ class MonitorService:
         for p, w in marks.items():
             if 0 <= p < n and w > kept.get(p, -np.inf):
                 kept[p] = w
-                moved[p] = now
         if not clocks or len(kept) < n:
             return
-        timeout = self.settings.join.idle_timeout_s
-        live = [w for p, w in kept.items() if timeout is None or now - moved[p] < timeout]
-        low = min(live) if live else max(kept.values())
+        low = min(kept.values())
         for fo in clocks:
             fo.advance(low + self.settings.join.lateness_s)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from logs.events import MIN_TS, Impression
 from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig, OnlineJoiner
@@ -49,6 +51,13 @@ def imp(iid: str, ts: float) -> bytes:
 
 def wm(ts: float) -> bytes:
     return json.dumps({"type": "watermark", "ts": T0 + ts}).encode()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_feature_kernel() -> None:
+    """The first impression a process stages loads the feature kernel (numba's cache,
+    ~0.3 s): longer than the idle timeouts below, it would make a partition idle."""
+    JoinService(Settings(), StreamrecMetrics()).handle(imp("warm", 0.0), "impressions", 0, 0)
 
 
 def test_an_idle_partition_stops_holding_back_the_others() -> None:
@@ -102,3 +111,50 @@ def test_marks_cover_every_assigned_partition() -> None:
     svc.handle(wm(900.0), "impressions", 0, 2)
     svc.tick()
     assert svc.marks([0, 3]) == {0: T0 + 895.0, 3: T0 + 895.0}
+
+
+def test_a_quiet_partition_is_marked_where_the_worker_released_everything() -> None:
+    """The joiner's idle rule reaches the monitor through the marks: a quiet partition
+    (no record and no backlog for idle_timeout_s) is marked at the release point, as it
+    stops holding the other partitions back here; until then it holds the marks too."""
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
+    svc = JoinService(settings, StreamrecMetrics())
+    svc.handle(wm(50.0), "impressions", 1, 0)
+    svc.handle(wm(50.0), "clicks", 1, 1)
+    svc.handle(imp("a", 100.0), "impressions", 0, 0)
+    svc.handle(wm(1000.0), "clicks", 0, 1)
+    svc.handle(wm(1000.0), "impressions", 0, 2)
+    svc.tick()
+    assert svc.marks([0, 1]) == {0: T0 + 50.0, 1: T0 + 50.0}
+    time.sleep(0.25)
+    # partition 1 has a backlog: not quiet, so its mark still holds
+    svc.note_backlog({("impressions", 1): 5000})
+    svc.tick()
+    assert svc.marks([0, 1]) == {0: T0 + 50.0, 1: T0 + 50.0}
+    time.sleep(0.25)  # caught up and quiet now; partition 0 stays live
+    svc.handle(wm(1010.0), "clicks", 0, 3)
+    svc.handle(wm(1010.0), "impressions", 0, 4)
+    svc.tick()
+    assert svc.marks([0, 1]) == {0: T0 + 1010.0, 1: T0 + 1010.0}
+
+
+def test_a_quiet_partition_holding_a_fake_negative_keeps_its_mark() -> None:
+    """A fake negative held back (its clicks input behind its time, until the next release
+    finds that input idle and sends it) is a label still to send: its partition is not
+    marked past it."""
+    join = JoinConfig(
+        window_s=60, lateness_s=0, idle_timeout_s=0.2, delayed_feedback="fake_negative"
+    )
+    svc = JoinService(Settings(join=join), StreamrecMetrics())
+    svc.handle(wm(50.0), "impressions", 1, 0)
+    svc.handle(wm(50.0), "clicks", 1, 1)
+    svc.handle(wm(1000.0), "clicks", 0, 0)
+    svc.handle(wm(1000.0), "impressions", 0, 1)
+    time.sleep(0.25)
+    svc.handle(wm(1010.0), "clicks", 0, 2)
+    svc.handle(wm(1010.0), "impressions", 0, 3)
+    svc.tick()
+    assert svc.marks([0, 1]) == {0: T0 + 1010.0, 1: T0 + 1010.0}
+    j = svc.joiners[1]
+    j.held.append(Impression("b", T0 + 80.0, "u", "i"))  # not sent yet
+    assert svc.marks([0, 1]) == {0: T0 + 1010.0, 1: T0 + 50.0}
