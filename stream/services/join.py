@@ -109,6 +109,8 @@ class JoinService:
         self.state: JoinState = state if state is not None else MemoryJoinState()
         self.joiners: dict[int, OnlineJoiner] = {}
         self._released_to = float("-inf")
+        #: assigned input partitions without a joiner yet -> wall time first seen (marks)
+        self._unseen_since: dict[int, float] = {}
         self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset
         self.outbox: dict[int, list[LabeledExample]] = {}  # partition -> labels to send
         self.orphans: list[DeadLetter] = []  # orphan clicks given up on, to dead-letter
@@ -223,6 +225,7 @@ class JoinService:
             self._feature_journal.pop(p, None)
             self.outbox.pop(p, None)
             self._wm_saved.pop(p, None)
+            self._unseen_since.pop(p, None)
         self.state.drop(partitions)
 
     def _release(self) -> list[LabeledExample]:
@@ -625,24 +628,31 @@ class JoinService:
 
     def marks(self, assigned: Iterable[int] = ()) -> dict[int, float]:
         """Each owned input partition's event-time mark (:func:`logs.batches.encode_marks`):
-        its watermark, capped where releases are capped. ``assigned``: input partitions
-        this worker owns that may have no event yet; such a partition holds nothing, so
-        its mark is where this worker released everything (``MIN_TS`` while nothing is
-        known: "a joiner that sends marks", so the monitor waits for them). Read right
-        after :meth:`take_ready` took everything: every label a partition emitted up to
-        now is in what was taken, or sent before.
+        its watermark, capped where releases are capped. Read right after
+        :meth:`take_ready` took everything: every label a partition emitted up to now is
+        in what was taken, or sent before.
 
         A quiet partition (the idle rule of :meth:`_release`: no record and no backlog for
         ``join.idle_timeout_s`` wall seconds, and no fake negative held back) is marked
-        where this worker released everything too, like a partition without events: it
-        stops holding the monitor back as it stops holding the other partitions back here
-        (Flink's idle sources). Only the joiner can tell quiet from stalled, so the
-        monitor has no wall-clock rule of its own: a stalled joiner's marks stand still
-        and the monitor waits for them."""
+        where this worker released everything: it stops holding the monitor back as it
+        stops holding the other partitions back here (Flink's idle sources). Only the
+        joiner can tell quiet from stalled, so the monitor has no wall-clock rule of its
+        own: a stalled joiner's marks stand still and the monitor waits for them.
+        ``assigned``: input partitions this worker owns that may have no event yet. Such
+        a partition is marked ``MIN_TS`` ("a joiner that sends marks": the monitor waits
+        for it) until it has been assigned without a record for ``idle_timeout_s``, then
+        where this worker released everything: not at once, because a partition the
+        consumer has not fetched yet may hold a backlog of old impressions whose clicks
+        would reach the monitor after their windows were judged (late positives)."""
         released = self._released_to if MIN_TS <= self._released_to < MAX_TS else MIN_TS
-        out = dict.fromkeys(assigned, released)
         timeout = self.settings.join.idle_timeout_s
         now = time.monotonic()
+        out: dict[int, float] = {}
+        for p in assigned:
+            if p not in self.joiners:
+                since = self._unseen_since.setdefault(p, now)
+                quiet = timeout is not None and now - since >= timeout
+                out[p] = released if quiet else MIN_TS
         for p, j in self.joiners.items():
             mark = joiner_mark(j)
             if timeout is not None and now - j.last_activity >= timeout and not j.held:

@@ -100,9 +100,11 @@ def test_a_partition_with_unconsumed_records_is_not_idle() -> None:
 
 def test_marks_cover_every_assigned_partition() -> None:
     """A joiner's event-time marks (for the monitor): a partition's watermark capped
-    where releases are; an assigned partition without events holds nothing, so its mark
-    is where the worker released everything; MIN_TS while nothing is known."""
-    settings = Settings(join=JoinConfig(window_s=60, lateness_s=5, idle_timeout_s=None))
+    where releases are; MIN_TS while nothing is known. An assigned partition without
+    events holds (MIN_TS) until it was quiet for idle_timeout_s: the consumer may not
+    have fetched its backlog yet; then its mark is where the worker released
+    everything."""
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=5, idle_timeout_s=0.2))
     svc = JoinService(settings, StreamrecMetrics())
     assert svc.marks([0, 3]) == {0: MIN_TS, 3: MIN_TS}
     svc.handle(imp("a", 100.0), "impressions", 0, 0)
@@ -110,7 +112,25 @@ def test_marks_cover_every_assigned_partition() -> None:
     svc.handle(wm(1000.0), "clicks", 0, 1)
     svc.handle(wm(900.0), "impressions", 0, 2)
     svc.tick()
-    assert svc.marks([0, 3]) == {0: T0 + 895.0, 3: T0 + 895.0}
+    # partition 3 has sent nothing yet: it may hold old impressions, so it holds
+    assert svc.marks([0, 3]) == {0: T0 + 895.0, 3: MIN_TS}
+    time.sleep(0.25)  # 3 stayed quiet; 0 stays live
+    svc.handle(wm(1000.0), "impressions", 0, 3)
+    svc.tick()
+    assert svc.marks([0, 3]) == {0: T0 + 995.0, 3: T0 + 995.0}
+    # a partition revoked and assigned again starts over
+    svc.drop([3])
+    assert svc.marks([0, 3])[3] == MIN_TS
+
+
+def test_without_an_idle_timeout_a_partition_without_events_holds() -> None:
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=None))
+    svc = JoinService(settings, StreamrecMetrics())
+    svc.handle(wm(1000.0), "clicks", 0, 1)
+    svc.handle(wm(900.0), "impressions", 0, 2)
+    svc.tick()
+    time.sleep(0.05)
+    assert svc.marks([0, 3]) == {0: T0 + 900.0, 3: MIN_TS}
 
 
 def test_a_quiet_partition_is_marked_where_the_worker_released_everything() -> None:
