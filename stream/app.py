@@ -45,7 +45,7 @@ from stream.agents import (
     install_web,
 )
 from stream.agents.runtime import Runtime
-from stream.broker import create_topics
+from stream.broker import TopicPartitionsMismatch, create_topics
 from stream.producer import partition_of
 from stream.segments import SegmentedState
 from stream.services import (
@@ -56,7 +56,7 @@ from stream.services import (
     MonitorService,
     TrainerService,
 )
-from stream.settings import Settings
+from stream.settings import Settings, SettingsError
 from stream.transport import StreamrecApp
 
 __all__ = [
@@ -110,13 +110,34 @@ def topic_plan(settings: Settings) -> dict[str, int]:
     }
 
 
-def create_worker_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
-    """Create the topics of :func:`topic_plan` that are missing (the changelog compacted)."""
-    return create_topics(
-        bootstrap or settings.bootstrap, topic_plan(settings),
-        compacted=[changelog_topic(settings)], max_message_bytes=settings.max_message_bytes,
-        client_options=settings.kafka_client_options(),
-    )  # fmt: skip
+def create_worker_topics(
+    settings: Settings, bootstrap: str | None = None, *, check: bool = False
+) -> list[str]:
+    """Create the topics of :func:`topic_plan` that are missing (the changelog compacted).
+
+    ``check`` (a worker starting): the input topics and the join-state changelog that
+    exist already must have ``settings.partitions`` partitions, else a
+    :class:`stream.settings.SettingsError` says which and how to fix it. A worker whose
+    setting differs from its inputs would size its state for the wrong count, and its
+    monitor would wait forever for marks of partitions that do not exist (fewer) or
+    close windows without the marks of those it does not know (more)."""
+    changelog = changelog_topic(settings)
+    try:
+        return create_topics(
+            bootstrap or settings.bootstrap, topic_plan(settings),
+            compacted=[changelog], max_message_bytes=settings.max_message_bytes,
+            client_options=settings.kafka_client_options(),
+            exact=(TOPIC_IMPRESSIONS, TOPIC_CLICKS, changelog) if check else (),
+        )  # fmt: skip
+    except TopicPartitionsMismatch as exc:
+        fix = (
+            f"a changed partition count needs a new app_id (the join state's changelog was"
+            f" made for {exc.have})"
+            if exc.topic == changelog
+            else f"set partitions = {exc.have} (STREAMREC_PARTITIONS={exc.have}) on every"
+            " worker, or recreate the input topics"
+        )
+        raise SettingsError(f"partitions = {settings.partitions}, but {exc}: {fix}") from None
 
 
 #: RocksDB's memory properties summed by :meth:`TableJoinState.native_memory`

@@ -36,6 +36,15 @@ class BrokerNotFound(RuntimeError):
     """No Tansu binary could be found."""
 
 
+class TopicPartitionsMismatch(ValueError):
+    """An existing topic has another partition count than the one asked for: ``topic``,
+    ``have`` (the broker's) and ``want``."""
+
+    def __init__(self, topic: str, have: int, want: int) -> None:
+        super().__init__(f"topic {topic!r} has {have} partitions, not {want}")
+        self.topic, self.have, self.want = topic, have, want
+
+
 class BrokerStartError(RuntimeError):
     """The broker process did not start or did not accept connections in time."""
 
@@ -282,8 +291,14 @@ def create_topics(
     timeout_s: float = 30.0,
     max_message_bytes: int | None = None,
     client_options: Mapping[str, Any] | None = None,
+    exact: Iterable[str] = (),
 ) -> list[str]:
     """Create topics that do not exist yet; returns the names created.
+
+    ``exact``: topics whose partition count must be the one in ``topics`` when they exist
+    already (a worker whose ``partitions`` setting differs from its input topics' would
+    judge calibration by the wrong partitions' marks); a difference raises
+    :class:`TopicPartitionsMismatch` (the first one, in ``exact``'s order).
 
     Tansu lacks some admin APIs (DescribeConfigs), so topics are created explicitly with
     their partition counts instead of relying on auto-creation. ``max_message_bytes``: the
@@ -327,6 +342,15 @@ def create_topics(
             except TopicAlreadyExistsError:
                 pass
             created = [t.name for t in new]
+        check = [t for t in exact if t in existing and t in items]
+        if check:
+            have = {
+                str(d.get("name") or d.get("topic")): len(d.get("partitions") or ())
+                for d in admin.describe_topics(check)
+            }
+            for t in check:
+                if t in have and have[t] != items[t]:
+                    raise TopicPartitionsMismatch(t, have[t], items[t])
     finally:
         admin.close()
     return created

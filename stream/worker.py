@@ -32,7 +32,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
         os.nice(settings.nice)
     if settings.web_port == 0:
         settings = settings.replace(web_port=free_port(settings.web_host))
-    created = create_worker_topics(settings)
+    created = create_worker_topics(settings, check=True)
     if settings.recovery_consistency_check is None:
         # Tansu's ListOffsets trips Faust's check on a restart (see Settings); Kafka keeps it
         tansu = is_tansu(settings.bootstrap, settings.kafka_client_options())

@@ -13,6 +13,7 @@ import pytest
 from stream.broker import (
     BrokerNotFound,
     EmbeddedBroker,
+    TopicPartitionsMismatch,
     create_topics,
     find_tansu_binary,
     free_port,
@@ -117,3 +118,43 @@ def test_create_topics_is_idempotent(broker: EmbeddedBroker) -> None:
     finally:
         admin.close()
     assert len(meta["partitions"]) == 2
+
+
+def test_create_topics_checks_the_partition_counts_of_exact_topics(
+    broker: EmbeddedBroker,
+) -> None:
+    assert create_topics(broker.url, [("t-exact", 2)]) == ["t-exact"]
+    # asked for exactly 2: fine; asked for 4: the existing topic's 2 is named
+    assert create_topics(broker.url, [("t-exact", 2)], exact=["t-exact"]) == []
+    with pytest.raises(TopicPartitionsMismatch, match="'t-exact' has 2 partitions, not 4") as e:
+        create_topics(broker.url, [("t-exact", 4), ("t-exact-new", 3)], exact=["t-exact"])
+    assert (e.value.topic, e.value.have, e.value.want) == ("t-exact", 2, 4)
+    # a topic created by the call itself is not checked, and one not in exact never is
+    assert create_topics(broker.url, [("t-exact", 4)]) == []
+
+
+def test_a_worker_whose_partitions_setting_differs_from_its_inputs_says_how_to_fix_it(
+    broker: EmbeddedBroker,
+) -> None:
+    """Input topics made with 2 partitions (by hand, or by a worker with other settings):
+    a worker set to 4 would wait forever for the marks of partitions 2 and 3; it stops at
+    start with the fix instead (the CLI prints a SettingsError as an error, not a
+    traceback)."""
+    from stream.app import create_worker_topics
+    from stream.settings import Settings, SettingsError
+
+    two = Settings(broker=broker.url, partitions=2, app_id="t-mismatch")
+    create_worker_topics(two, check=True)
+    create_worker_topics(two, check=True)  # the same count again: fine
+    four = two.replace(partitions=4)
+    with pytest.raises(SettingsError, match=r"partitions = 4, but topic 'impressions' has 2"
+                       r" partitions, not 4: set partitions = 2"):  # fmt: skip
+        create_worker_topics(four, check=True)
+    assert create_worker_topics(four) == []  # replay and the tools do not check
+    # inputs right, but the join state's changelog was made for another count
+    from stream.app import changelog_topic
+
+    other = two.replace(app_id="t-mismatch-2")
+    create_topics(broker.url, [(changelog_topic(other), 3)])
+    with pytest.raises(SettingsError, match="needs a new app_id .* made for 3"):
+        create_worker_topics(other, check=True)
