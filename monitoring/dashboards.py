@@ -553,17 +553,26 @@ def operations_dashboard() -> Dashboard:
     )
     lay.timeseries(
         "Pending impressions",
-        [("streamrec_pending_impressions", "pending")],
+        [
+            ("streamrec_pending_impressions", "pending in the join"),
+            ("streamrec_monitor_pending_impressions", "awaiting their final label (monitor)"),
+        ],
         w=8,
-        description="Impressions waiting in the join window for a click.",
+        description="Impressions waiting in the join window for a click, and those the "
+        "calibration monitor holds until the lowest partition mark closes their window.",
     )
     lay.timeseries(
         "Event-time watermark lag",
-        [("time() - streamrec_event_time_watermark_seconds", "lag")],
+        [
+            ("time() - streamrec_event_time_watermark_seconds", "joiner"),
+            ("time() - streamrec_monitor_mark_seconds", "monitor, partition {{partition}}"),
+        ],
         w=8,
         unit="s",
-        description="Wall clock minus the joiner's event-time watermark. Replayed logs lag "
-        "by their age; what matters is that it does not grow.",
+        description="Wall clock minus the joiner's event-time watermark, and minus each "
+        "partition's mark at the monitor (the lowest closes its windows: one partition "
+        "falling behind the others is a stalled joiner). Replayed logs lag by their age; "
+        "what matters is that it does not grow.",
     )
     lay.timeseries(
         "Duplicates and late clicks (/s)",

@@ -270,6 +270,18 @@ class StreamrecMetrics:
             "per impression, on its final label once its attribution window closed (so below "
             "scored_total, which counts each click's row too); else one per scored row."
         )  # fmt: skip
+        self.monitor_pending_impressions = gauge(
+            "monitor_pending_impressions",
+            "Impressions the calibration monitor holds until their final label (fresh labels:"
+            " until the lowest partition mark passes their attribution window).",
+        )
+        self.monitor_mark_seconds = gauge(
+            "monitor_mark_seconds",
+            "Each input partition's newest event-time mark at the monitor, epoch seconds; the"
+            " lowest closes the windows, so one that stands still while the others move is a"
+            " stalled joiner holding the monitor (a quiet partition's joiner moves it).",
+            ("partition",),
+        )
         self.monitor_late_positives = counter(
             "monitor_late_positives", "Clicks that reached the monitor after their impression "
             "was judged unclicked (counted, not applied: the stream lagged past the lateness)."

@@ -37,6 +37,7 @@ ALERTS = {
     "StreamrecCrashLoop",
     "StreamrecStageErrors",
     "StreamrecControlRejected",
+    "StreamrecMonitorPartitionStalled",
 }
 
 

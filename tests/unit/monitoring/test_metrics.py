@@ -36,6 +36,8 @@ OTHER_GAUGES = {
     "pending_impressions",
     "train_loss",
     "event_time_watermark_seconds",
+    "monitor_pending_impressions",
+    "monitor_mark_seconds",
     "join_state_entries",
     "join_state_bytes",
     "feature_state_bytes",

@@ -191,6 +191,12 @@ def test_once_marked_only_marks_move_the_clock_and_a_stalled_partition_holds() -
     for mark in (700.0, 800.0, 900.0):
         mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: mark}))
     assert mon.n_seen == 2 and mon.outcomes.pending == 1
+    # the gauges show which partition holds the monitor, and what waits for it
+    mon.publish()
+    r = mon.metrics.registry
+    assert r.get_sample_value("streamrec_monitor_mark_seconds", {"partition": "1"}) == 171.0
+    assert r.get_sample_value("streamrec_monitor_mark_seconds", {"partition": "0"}) == 900.0
+    assert r.get_sample_value("streamrec_monitor_pending_impressions") == 1
     mon.observe(_batch(["c"], [500.0], [1], 0.1))
     mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={1: 700.0}))
     assert mon.n_seen == 3 and mon.outcomes.late_positives == 0
