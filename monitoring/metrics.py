@@ -282,6 +282,11 @@ class StreamrecMetrics:
             " stalled joiner holding the monitor (a quiet partition's joiner moves it).",
             ("partition",),
         )
+        self.monitor_forced = counter(
+            "monitor_forced", "Impressions the calibration monitor judged before their "
+            "attribution window closed, on the clicks known then, because it held "
+            "monitor.max_pending of them (a joiner stalled for long holds the windows)."
+        )  # fmt: skip
         self.monitor_late_positives = counter(
             "monitor_late_positives", "Clicks that reached the monitor after their impression "
             "was judged unclicked (counted, not applied: the stream lagged past the lateness)."

@@ -25,7 +25,10 @@ yet as that impression's record (label 1 at once), so every impression is still 
 on its final label, with the score of its first record.
 
 Memory: the provisional records of one window (``window_s`` of event time) as numpy
-columns, plus the ids of the clicked ones.
+columns, plus the ids of the clicked ones; with ``max_pending``, at most that many records
+however long the clock stands still (a stalled joiner's partition holds the marks): beyond
+it the oldest are judged early on the clicks known then, and counted in
+:attr:`FinalOutcomes.forced`.
 
 >>> fo = FinalOutcomes(window_s=60.0, lateness_s=0.0)
 >>> fo.add(["a", "b"], ts=[0.0, 1.0], label=[0, 0], columns={"p": [0.1, 0.2]})
@@ -57,6 +60,8 @@ class FinalOutcomes:
         lateness_s: extra seconds of event time before an impression is resolved.
         positives_first: a label-1 record of an impression with no record yet is its
             record (the ``"dfm"`` stream); False: label-1 records only mark clicks.
+        max_pending: bound on the records waiting for their window (None: none); beyond
+            it :meth:`resolve` judges the oldest at once (:attr:`forced` counts them).
 
     >>> fo = FinalOutcomes(window_s=60.0, positives_first=True)
     >>> fo.add(["a", "b"], ts=[0.0, 1.0], label=[1, 0], columns={"p": [0.4, 0.2]})
@@ -68,10 +73,18 @@ class FinalOutcomes:
     """
 
     def __init__(
-        self, window_s: float, lateness_s: float = 0.0, *, positives_first: bool = False
+        self,
+        window_s: float,
+        lateness_s: float = 0.0,
+        *,
+        positives_first: bool = False,
+        max_pending: int | None = None,
     ) -> None:
         if window_s < 0 or lateness_s < 0:
             raise ValueError("window_s and lateness_s must be >= 0")
+        if max_pending is not None and max_pending < 1:
+            raise ValueError("max_pending must be >= 1 (or None)")
+        self.max_pending = max_pending
         self.horizon_s = float(window_s) + float(lateness_s)
         self.positives_first = positives_first
         self._chunks: deque[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = deque()
@@ -84,6 +97,8 @@ class FinalOutcomes:
         self.late_positives = 0
         self.duplicates = 0
         self.resolved = 0
+        #: records judged before their window closed, to stay within ``max_pending``
+        self.forced = 0
 
     def advance(self, clock: float) -> None:
         """Move the clock (newest-impression-time scale, epoch s) forward to ``clock``
@@ -157,6 +172,19 @@ class FinalOutcomes:
         if t.size and not self.marked:
             self.clock = max(self.clock, float(t.max()))
 
+    def _take_oldest(self, n: int) -> list[tuple[list[str], FloatArray, dict[str, np.ndarray]]]:
+        """The ``n`` oldest waiting records (arrival order), taken out of the chunks."""
+        out: list[tuple[list[str], FloatArray, dict[str, np.ndarray]]] = []
+        chunks = self._chunks
+        while n > 0 and chunks:
+            ids_c, ts_c, cols_c = chunks.popleft()
+            if len(ids_c) > n:  # split: the rest goes back in front
+                chunks.appendleft((ids_c[n:], ts_c[n:], {k: v[n:] for k, v in cols_c.items()}))
+                ids_c, ts_c, cols_c = ids_c[:n], ts_c[:n], {k: v[:n] for k, v in cols_c.items()}
+            out.append((ids_c, ts_c, cols_c))
+            n -= len(ids_c)
+        return out
+
     def resolve(self, *, flush: bool = False) -> dict[str, np.ndarray]:
         """The records whose window closed (all of them when ``flush``), oldest first:
         the kept columns plus ``ts`` and ``label`` (float64 0/1). Each record is resolved
@@ -180,6 +208,11 @@ class FinalOutcomes:
                         dest.append(([ids_c[int(k)] for k in sel], ts_c[sel],
                                      {n: v[sel] for n, v in cols_c.items()}))  # fmt: skip
             self._chunks = keep
+        over = 0 if self.max_pending is None else self.pending - self.max_pending
+        over -= sum(len(c[0]) for c in parts)
+        if over > 0:
+            self.forced += over
+            parts.extend(self._take_oldest(over))
         if not parts:
             return {}
         ids = [iid for p in parts for iid in p[0]]

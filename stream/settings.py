@@ -155,6 +155,11 @@ class MonitorConfig:
     #: equal-mass reliability bins exported for the count window (fixed bins for the time
     #: window: monitoring.calibration.DEFAULT_RELIABILITY_EDGES)
     reliability_bins: int = 10
+    #: impressions waiting for their final label (fresh labels) at most: beyond it the
+    #: oldest are judged early, on the clicks known then (streamrec_monitor_forced_total),
+    #: so a joiner stalled for long (its partition holds the windows) cannot grow the
+    #: monitor without bound; 2M = about 66 minutes at 30,000 impressions a minute
+    max_pending: int = 2_000_000
 
     def __post_init__(self) -> None:
         from learners.calibration import CALIBRATOR_KINDS
@@ -172,6 +177,8 @@ class MonitorConfig:
             raise ValueError("monitor: need refit_every >= 1, recal_max_window >= recal_window")
         if not 0.0 < self.time_bucket_s <= self.time_window_s:
             raise ValueError("monitor: need 0 < time_bucket_s <= time_window_s")
+        if self.max_pending < 1:
+            raise ValueError("monitor.max_pending must be >= 1")
         if self.reliability_bins < 1:
             raise ValueError("monitor.reliability_bins must be >= 1")
         self.tracking()  # its own checks, with the monitor's names in the message

@@ -94,6 +94,7 @@ class MonitorService:
                 settings.join.window_s,
                 settings.join.lateness_s,
                 positives_first=scheme == "dfm",
+                max_pending=settings.monitor.max_pending,
             )
             if scheme in ("fake_negative", "dfm")
             else None
@@ -120,7 +121,11 @@ class MonitorService:
         self.second: FinalOutcomes | None = (
             None
             if cw is None
-            else FinalOutcomes(settings.join.window_s + cw, settings.join.lateness_s)
+            else FinalOutcomes(
+                settings.join.window_s + cw,
+                settings.join.lateness_s,
+                max_pending=settings.monitor.max_pending,
+            )
         )
         #: (Σp2, conversions, impressions) of the newest judged chunks
         self._second_recent: deque[tuple[float, float, int]] = deque()
@@ -246,7 +251,7 @@ class MonitorService:
                 np.asarray(batch.ts, dtype=np.float64),
                 np.asarray(batch.segment),
             )
-        late = self.outcomes.late_positives
+        late, forced = self.outcomes.late_positives, self.outcomes.forced
         self.outcomes.add(
             batch.impression_ids,
             ts=batch.ts,
@@ -256,9 +261,18 @@ class MonitorService:
         if self.outcomes.late_positives > late:
             self.metrics.monitor_late_positives.inc(self.outcomes.late_positives - late)
         done = self.outcomes.resolve()
+        if self.outcomes.forced > forced:
+            self._count_forced(self.outcomes.forced - forced)
         if not done:
             return []
         return self._observe(done["p"], done["p_raw"], done["label"], done["ts"], done["segment"])
+
+    def _count_forced(self, n: int) -> None:
+        """``n`` impressions judged before their window closed (``monitor.max_pending``)."""
+        self.metrics.monitor_forced.inc(n)
+        log.warning("the monitor held monitor.max_pending = %d impressions (is a joiner"
+                    " stalled? see streamrec_monitor_mark_seconds): judged the %d oldest"
+                    " early", self.settings.monitor.max_pending, n)  # fmt: skip
 
     def _observe_second(self, batch: ScoredBatch) -> None:
         """The second label's calibration, on final labels: every impression with a task-1
@@ -279,7 +293,10 @@ class MonitorService:
             now = max([fo.clock, *batch.ts]) if batch.ts else fo.clock
             fo.add(ones, ts=np.full(len(ones), now), label=np.ones(len(ones)),
                    columns={"p2": np.full(len(ones), np.nan)})  # fmt: skip
+        forced = fo.forced
         done = fo.resolve()
+        if fo.forced > forced:
+            self._count_forced(fo.forced - forced)
         if not done:
             return
         p2, y = done["p2"], done["label"]

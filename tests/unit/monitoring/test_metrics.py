@@ -75,6 +75,7 @@ COUNTERS = {
     "scored",
     "monitored",
     "monitor_late_positives",
+    "monitor_forced",
     "train_batches",
     "nonfinite_batches",
     "drift_alarms",

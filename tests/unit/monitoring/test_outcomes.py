@@ -15,7 +15,7 @@ from monitoring.metrics import StreamrecMetrics
 from monitoring.outcomes import FinalOutcomes
 from stream.join import JoinConfig
 from stream.services import MonitorService
-from stream.settings import Settings
+from stream.settings import MonitorConfig, Settings
 
 
 def test_each_impression_is_judged_once_on_its_final_label() -> None:
@@ -229,3 +229,35 @@ def test_late_positives_are_counted_in_the_metrics() -> None:
     mon.observe(_batch(["a", "b"], [100.0, 150.0], [1, 1], 0.1))  # a's click, too late
     late = metrics.registry.get_sample_value("streamrec_monitor_late_positives_total")
     assert late == 1 and mon.outcomes is not None and mon.outcomes.late_positives == 1
+
+
+def test_max_pending_judges_the_oldest_early_when_the_clock_stands_still() -> None:
+    """A stalled joiner holds the marks (the clock): at most max_pending records wait,
+    the oldest beyond it are judged on the clicks known then, counted as forced."""
+    fo = FinalOutcomes(window_s=60.0, max_pending=5)
+    fo.advance(0.0)
+    fo.add(["a", "b", "c"], ts=[1.0, 2.0, 3.0], label=[0, 0, 0], columns={"p": [0.1] * 3})
+    fo.add(["b"], ts=[2.0], label=[1], columns={"p": [0.2]})
+    assert fo.resolve() == {} and fo.forced == 0
+    fo.add(["d", "e", "f", "g"], ts=[4.0, 5.0, 6.0, 7.0], label=[0] * 4,
+           columns={"p": [0.1] * 4})  # fmt: skip
+    out = fo.resolve()  # 7 waiting, 5 allowed: a and b, split off the first chunk's front
+    assert out["ts"].tolist() == [1.0, 2.0] and out["label"].tolist() == [0.0, 1.0]
+    assert fo.forced == 2 and fo.pending == 5
+    fo.advance(63.5)  # the clock moves again: c (3.0) is due, d.. are not
+    out = fo.resolve()
+    assert out["ts"].tolist() == [3.0] and fo.forced == 2 and fo.pending == 4
+    with pytest.raises(ValueError, match="max_pending"):
+        FinalOutcomes(window_s=1.0, max_pending=0)
+
+
+def test_the_monitor_counts_impressions_judged_early_for_its_bound() -> None:
+    join = JoinConfig(window_s=60.0, lateness_s=0.0, delayed_feedback="fake_negative")
+    settings = Settings(join=join, partitions=1, monitor=MonitorConfig(max_pending=3))
+    metrics = StreamrecMetrics(registry=CollectorRegistry())
+    mon = MonitorService(settings, metrics)
+    mon.observe(dataclasses.replace(_batch([], [], [], 0.1), marks={0: 0.0}))
+    mon.observe(_batch(["a", "b", "c", "d", "e"], [1.0, 2.0, 3.0, 4.0, 5.0], [0] * 5, 0.1))
+    assert mon.n_seen == 2
+    forced = metrics.registry.get_sample_value("streamrec_monitor_forced_total")
+    assert forced == 2
