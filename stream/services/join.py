@@ -705,6 +705,24 @@ class JoinService:
             if j is not None and lag > 0:
                 j.last_seen["clicks" if topic == TOPIC_CLICKS else "impressions"] = now
 
+    def note_stall(self, seconds: float) -> None:
+        """The worker stood still for ``seconds`` (its timer ran that much late: a stop, a
+        long pause, an event loop held): that time does not count as any input being
+        quiet. Idleness is the wall time since an input's last record, with the backlog
+        read at the consumer's last fetch; after a stall both are stale (records may wait
+        that no fetch has seen yet), and a partition judged quiet then would be marked
+        past clicks still in its backlog. So every input's last-seen time (and an
+        assigned partition's without events) moves forward by the stall, at most to now."""
+        if seconds <= 0:
+            return
+        now = time.monotonic()
+        for j in self.joiners.values():
+            seen = j.last_seen
+            for k, t in seen.items():
+                seen[k] = min(now, t + seconds)
+        for p, t in self._unseen_since.items():
+            self._unseen_since[p] = min(now, t + seconds)
+
     def tick(self) -> list[LabeledExample]:
         """Called periodically: releases what became due (inputs went idle, or the records
         since the last release moved the watermarks)."""

@@ -178,3 +178,29 @@ def test_a_quiet_partition_holding_a_fake_negative_keeps_its_mark() -> None:
     j = svc.joiners[1]
     j.held.append(Impression("b", T0 + 80.0, "u", "i"))  # not sent yet
     assert svc.marks([0, 1]) == {0: T0 + 1010.0, 1: T0 + 50.0}
+
+
+def test_a_stall_of_the_worker_is_not_quiet_time() -> None:
+    """After the worker stood still (its timer ran late), its inputs' backlog is unknown
+    until the next fetch: the stall does not count towards idleness, so no partition is
+    marked (or released) past records that may be waiting."""
+    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
+    svc = JoinService(settings, StreamrecMetrics())
+    svc.handle(wm(50.0), "impressions", 1, 0)
+    svc.handle(wm(50.0), "clicks", 1, 1)
+    svc.handle(imp("a", 100.0), "impressions", 0, 0)
+    svc.handle(wm(1000.0), "clicks", 0, 1)
+    svc.handle(wm(1000.0), "impressions", 0, 2)
+    assert svc.marks([0, 1, 2]) == {0: T0 + 50.0, 1: T0 + 50.0, 2: MIN_TS}
+    time.sleep(0.25)  # stopped: not quiet
+    svc.note_stall(0.25)
+    assert svc.tick() == []
+    assert svc.marks([0, 1, 2]) == {0: T0 + 50.0, 1: T0 + 50.0, 2: MIN_TS}
+    time.sleep(0.25)  # running and quiet now
+    assert [e.impression.impression_id for e in svc.tick()] == ["a"]
+    marks = svc.marks([0, 1, 2])
+    assert marks[1] == marks[2] == T0 + 1000.0
+    svc.note_stall(0.0)  # nothing to take off
+    svc.note_stall(100.0)  # at most to now: quiet again after one idle timeout
+    time.sleep(0.25)
+    assert svc.marks([0, 1, 2])[2] == T0 + 1000.0
