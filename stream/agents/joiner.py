@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from typing import Any
 
 import faust
@@ -36,9 +35,6 @@ log = logging.getLogger(__name__)
 #: the longest a released label waits in the joiner's output buffer (wall seconds).
 LABELED_FLUSH_SIZE = 1000
 LABELED_FLUSH_S = 0.2
-#: a timer this much later than its interval means the worker stood still (a stop, a long
-#: pause): the time is taken off the inputs' idleness (JoinService.note_stall)
-STALL_S = 1.0
 #: input records between two flushes of the join state by the joiner itself (the labels'
 #: flusher flushes it every LABELED_FLUSH_S too)
 STATE_FLUSH_RECORDS = 2000
@@ -62,7 +58,6 @@ class JoinerAgents:
         self.acks = InputAcks(lambda event: event.message.partition, on_failed=errors.inc)
         self._flushing = 0  # flushes sending now (a mark is read only when none is)
         self._sent_marks: dict[int, float] = {}  # input partition -> the last mark sent
-        self._timer_at: float | None = None  # monotonic time of the last timed flush
 
     def install(self) -> None:
         """Register the agent on the input topics and the flush timer."""
@@ -222,12 +217,7 @@ class JoinerAgents:
         """The timer: stall and backlog notes, release due labels, send them; never
         raises."""
         try:
-            now = time.monotonic()
-            if self._timer_at is not None:
-                late = now - self._timer_at - LABELED_FLUSH_S
-                if late > STALL_S:
-                    self.rt.join.note_stall(late)
-            self._timer_at = now
+            self.rt.join.beat()
             self.rt.join.note_backlog(self.input_lags())
             self.rt.join.tick()
             await self.flush_labeled(force=True)

@@ -54,6 +54,11 @@ def feature_config(settings: Settings) -> FeatureConfig:
     return FeatureConfig(max_bytes=max(2**20, settings.feature_max_bytes // settings.partitions))
 
 
+#: a gap between two beats of the worker (JoinService.beat: every input record, and the
+#: flush timer every 0.2 s) longer than this is a stall, not quiet time (seconds)
+STALL_S = 1.0
+
+
 def joiner_mark(j: OnlineJoiner) -> float:
     """One input partition's event-time mark (see :meth:`JoinService.marks`): its joiner's
     watermark, capped where its releases are capped; ``MIN_TS`` while it is not a time a
@@ -109,6 +114,7 @@ class JoinService:
         self.state: JoinState = state if state is not None else MemoryJoinState()
         self.joiners: dict[int, OnlineJoiner] = {}
         self._released_to = float("-inf")
+        self._beat_at = time.monotonic()  # the last beat() (a record or the timer)
         #: assigned input partitions without a joiner yet -> wall time first seen (marks)
         self._unseen_since: dict[int, float] = {}
         self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset
@@ -321,6 +327,7 @@ class JoinService:
         """Process one raw record: a single JSON event or an envelope of many
         (:mod:`stream.envelope`). Returns the labels released and the dead letters (one
         per rejected event of an envelope, or one for the whole record)."""
+        self.beat()
         if not is_envelope(raw):
             released, dl = self.handle(raw, topic, partition, offset)
             return released, [] if dl is None else [dl]
@@ -704,6 +711,16 @@ class JoinService:
             j = self.joiners.get(partition)
             if j is not None and lag > 0:
                 j.last_seen["clicks" if topic == TOPIC_CLICKS else "impressions"] = now
+
+    def beat(self) -> None:
+        """The worker runs: called for every input record and by the flush timer (every
+        0.2 s), so a gap of more than :data:`STALL_S` between two beats is a stall of
+        the worker (a stop, a long pause, an event loop held), taken off the inputs'
+        idleness by :meth:`note_stall` before the record or the timer acts on it."""
+        now = time.monotonic()
+        gap, self._beat_at = now - self._beat_at, now
+        if gap > STALL_S:
+            self.note_stall(gap)
 
     def note_stall(self, seconds: float) -> None:
         """The worker stood still for ``seconds`` (its timer ran that much late: a stop, a

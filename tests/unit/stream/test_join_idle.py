@@ -11,6 +11,7 @@ from logs.events import MIN_TS, Impression
 from monitoring.metrics import StreamrecMetrics
 from stream.join import JoinConfig, OnlineJoiner
 from stream.services import JoinService
+from stream.services.join import STALL_S
 from stream.settings import Settings
 
 
@@ -181,22 +182,23 @@ def test_a_quiet_partition_holding_a_fake_negative_keeps_its_mark() -> None:
 
 
 def test_a_stall_of_the_worker_is_not_quiet_time() -> None:
-    """After the worker stood still (its timer ran late), its inputs' backlog is unknown
-    until the next fetch: the stall does not count towards idleness, so no partition is
-    marked (or released) past records that may be waiting."""
+    """After the worker stood still (no record and no timer beat for longer than
+    STALL_S), its inputs' backlog is unknown until the next fetch: the stall does not
+    count towards idleness, so no partition is marked (or released) past records that
+    may be waiting, even when the first record after it comes before the timer."""
     settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
     svc = JoinService(settings, StreamrecMetrics())
-    svc.handle(wm(50.0), "impressions", 1, 0)
-    svc.handle(wm(50.0), "clicks", 1, 1)
-    svc.handle(imp("a", 100.0), "impressions", 0, 0)
-    svc.handle(wm(1000.0), "clicks", 0, 1)
-    svc.handle(wm(1000.0), "impressions", 0, 2)
+    svc.handle_record(wm(50.0), "impressions", 1, 0)
+    svc.handle_record(wm(50.0), "clicks", 1, 1)
+    svc.handle_record(imp("a", 100.0), "impressions", 0, 0)
+    svc.handle_record(wm(1000.0), "clicks", 0, 1)
     assert svc.marks([0, 1, 2]) == {0: T0 + 50.0, 1: T0 + 50.0, 2: MIN_TS}
-    time.sleep(0.25)  # stopped: not quiet
-    svc.note_stall(0.25)
-    assert svc.tick() == []
+    time.sleep(STALL_S + 0.1)  # stopped: not quiet
+    out, _ = svc.handle_record(wm(1000.0), "impressions", 0, 2)  # the first record after
+    assert out == [] and svc.tick() == []
     assert svc.marks([0, 1, 2]) == {0: T0 + 50.0, 1: T0 + 50.0, 2: MIN_TS}
-    time.sleep(0.25)  # running and quiet now
+    time.sleep(0.25)  # running (a beat) and quiet now
+    svc.beat()
     assert [e.impression.impression_id for e in svc.tick()] == ["a"]
     marks = svc.marks([0, 1, 2])
     assert marks[1] == marks[2] == T0 + 1000.0
