@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,3 +162,71 @@ def test_two_joiner_workers_marks_reach_the_trainer_workers_monitor(
             imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
             assert sum(imps) == len(ids) and min(imps) > 0, imps
             assert t.metrics().get("streamrec_impressions_total", 0) == 0
+
+
+def test_a_stalled_joiner_holds_the_monitor_instead_of_losing_its_clicks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two joiners and a trainer; a paced replay (10 event seconds a wall second). One
+    joiner is stopped (SIGSTOP) for 12 s, far past ``join.idle_timeout_s`` (2 s), while
+    the other's marks move on, then resumed (inside the 30 s session timeout: no
+    rebalance). Idleness is the joiner's to judge, so the stalled joiner's partitions hold
+    the monitor's windows, and the clicks it sends after it resumes are on time: every
+    impression judged once, on its final label, no late positive. (Before, the monitor let
+    a partition whose mark stood still for idle_timeout_s stop holding: ~9 late positives
+    were expected in this world, 10% CTR and 60 s click delays.)"""
+    monkeypatch.delenv(WINDOW_SCHEME_ENV, raising=False)
+    monkeypatch.setenv("STREAMREC_RECOVERY_CONSISTENCY_CHECK", "false")  # Tansu: see settings
+    log_path = tmp_path / "log.csv"
+    write_synthetic(
+        SyntheticConfig(
+            n_impressions=N, seed=5, drift_at=None, impressions_per_s=5.0,
+            click_delay_mean_s=60.0, base_ctr=0.1,
+        ),
+        log_path,
+    )  # fmt: skip
+    df = read_log_frame(log_path)
+    clicked = set(df["impression_id"][(df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)])
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        "session_timeout_s = 30.0\n"
+        f"[join]\nwindow_s = {WINDOW_S}\nlateness_s = 0.0\nidle_timeout_s = 2.0\n"
+    )
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        create_worker_topics(Settings(broker=broker.url))
+        roles = ("joiner", "joiner", "trainer")
+        with worker_processes(
+            broker.url, tmp_path, roles=roles, extra_args=("--config", str(config))
+        ) as (j1, j2, t):
+            errors: list[BaseException] = []
+
+            def run_replay() -> None:
+                try:
+                    replay(log_path, broker.url, speedup=10.0, progress=False,
+                           final_watermark_gap_s=WINDOW_S + 61)  # fmt: skip
+                except BaseException as exc:  # noqa: BLE001 - reported by the test
+                    errors.append(exc)
+
+            feeder = threading.Thread(target=run_replay)
+            feeder.start()
+            time.sleep(10.0)  # 100 s of event time: windows are open on every partition
+            j2.proc.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(12.0)
+                during = t.metrics()
+            finally:
+                j2.proc.send_signal(signal.SIGCONT)
+            feeder.join(timeout=120)
+            assert not feeder.is_alive() and not errors, errors
+
+            def alive() -> None:
+                for w in (j1, j2, t):
+                    w.check()
+
+            _wait_judged(t.metrics_url, clicked, time.monotonic() + 120, alive)
+            # during the stall the monitor showed which partitions held it: their marks
+            # stood ~120 s of event time behind the others'
+            marks = [v for k, v in during.items() if k.startswith("streamrec_monitor_mark_")]
+            assert len(marks) == 4 and max(marks) - min(marks) > 30.0, during
+            imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
+            assert sum(imps) == N and min(imps) > 0, imps
