@@ -38,6 +38,8 @@ LABELED_FLUSH_S = 0.2
 #: input records between two flushes of the join state by the joiner itself (the labels'
 #: flusher flushes it every LABELED_FLUSH_S too)
 STATE_FLUSH_RECORDS = 2000
+#: seconds a revocation waits for the revoked partitions' queued labels to be sent
+REVOKE_SEND_S = 10.0
 #: input records the joiner handles before it lets the event loop run the other tasks: a
 #: buffered stream never suspends it, so without this a backlog starves the trainer agent
 #: (its finished training steps wait to be resumed), the timers and the web requests
@@ -76,6 +78,7 @@ class JoinerAgents:
 
         async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
             revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
+            await self.send_revoked(revoked)
             self.revoked(revoked)
 
         self.app.on_partitions_revoked.connect(on_revoked)
@@ -223,6 +226,34 @@ class JoinerAgents:
             await self.flush_labeled(force=True)
         except Exception:  # a timer that raises stops the worker: count it, retry next tick
             self.out.stage_error("labeled_flusher", "a timed flush")
+
+    async def send_revoked(self, revoked: set[TP]) -> None:
+        """Send the queued labels of revoked input partitions before they are dropped.
+
+        The next owner re-emits a label only where the durable state still says it is
+        due, and reads again only the input records not acked. A click-time positive
+        leaves the state pending until :meth:`flush_labeled` has sent it, but its click
+        record may be acked before that (a state commit while a flush awaits the
+        broker): dropped with the outbox, that positive was lost. Sent here instead, at
+        least once (the trainer drops the duplicates the new owner may emit), and
+        without touching the state: the partition is no longer this worker's. Bounded by
+        :data:`REVOKE_SEND_S`; a failure is counted as a stage error."""
+        gone = {tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)}
+        outbox, out = self.rt.join.outbox, self.out
+        ready = {p: outbox.pop(p) for p in sorted(gone) if outbox.get(p)}
+
+        async def send() -> None:
+            for partition, buf in ready.items():
+                records, _ = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
+                key = str(partition).encode()
+                await asyncio.gather(*[await out.labeled.send(key=key, value=v) for v in records])
+
+        if not ready:
+            return
+        try:
+            await asyncio.wait_for(send(), timeout=REVOKE_SEND_S)
+        except Exception:  # the rebalance must go on: counted and logged
+            out.stage_error("labeled_flusher", f"the labels of revoked partitions {gone}")
 
     def revoked(self, revoked: set[TP]) -> None:
         """A revoked input partition's joiner is dropped: the next owner rebuilds it from

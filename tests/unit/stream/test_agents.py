@@ -167,6 +167,38 @@ def test_labels_reach_the_broker_before_state_or_acks_let_go(wired: Any) -> None
     assert [e.acks for e in events] == [1] * len(events)  # each input acked exactly once
 
 
+def test_a_revoked_partitions_queued_labels_are_sent_not_dropped(wired: Any) -> None:
+    """Labels still queued when their input partition is revoked leave before it is
+    dropped (the next owner re-emits only what the state says is due, and a click-time
+    positive's click record may be acked already); the state is not touched (the
+    partition is no longer this worker's), and other partitions keep theirs."""
+    from faust.types import TP
+
+    app, rt, out = wired
+    agents = JoinerAgents(app, rt, out)
+    wm = Watermark(T0 + 100).to_json()
+    events = [
+        FakeEvent(TOPIC_IMPRESSIONS, 0, 0, imp("a", 0)),
+        FakeEvent(TOPIC_IMPRESSIONS, 1, 0, imp("b", 0)),
+        *[FakeEvent(t, p, 1, wm) for t in (TOPIC_IMPRESSIONS, TOPIC_CLICKS) for p in (0, 1)],
+    ]
+    let_go: list[int] = []
+    rt.join.sent = lambda partition, buf: let_go.append(partition)  # type: ignore[method-assign]
+
+    async def go() -> None:
+        await agents.run(FakeStream(events))
+        rt.join.tick()
+        assert out.labeled.sent == [] and set(rt.join.outbox) == {0, 1}
+        await agents.send_revoked({TP(TOPIC_IMPRESSIONS, 0), TP(TOPIC_CLICKS, 0)})
+        agents.revoked({TP(TOPIC_IMPRESSIONS, 0), TP(TOPIC_CLICKS, 0)})
+        await agents.send_revoked(set())  # nothing revoked: nothing sent
+
+    asyncio.run(go())
+    assert [(k, [e.impression.impression_id for e in decode_labeled(v)])
+            for k, v in out.labeled.sent] == [(b"0", ["a"])]  # fmt: skip
+    assert let_go == [] and set(rt.join.outbox) == {1} and 0 not in rt.join.joiners
+
+
 def test_a_moved_mark_is_sent_once_alone_after_the_labels(wired: Any) -> None:
     app, rt, out = wired
     agents = JoinerAgents(app, rt, out)
