@@ -52,7 +52,8 @@ class InputAcks:
     ) -> None:
         self._partition_of = partition_of
         self._on_failed = on_failed  # called with the number of records left unacked
-        self._events: list[Ackable] = []
+        self._events: list[tuple[int, Ackable]] = []  # (position, record), oldest first
+        self._added = 0  # records added so far: the next position
         #: records flushed whose writes the broker has not confirmed yet
         self.waiting = 0
         #: records never acked because a write of their flush failed (they are read again
@@ -63,17 +64,30 @@ class InputAcks:
         return len(self._events)
 
     def add(self, event: Ackable) -> None:
-        self._events.append(event)
+        self._events.append((self._added, event))
+        self._added += 1
 
-    def commit(self, flush: Callable[[], Iterable[asyncio.Future[Any]] | None]) -> None:
-        """``flush()`` the state, then ack every record added so far (not if it raises).
+    def mark(self) -> int:
+        """A position: :meth:`commit` with ``upto`` this acks only the records added before
+        it (a flush that took the labels queued so far must not ack the records handled
+        while it awaited the broker: their labels are still queued)."""
+        return self._added
+
+    def commit(
+        self, flush: Callable[[], Iterable[asyncio.Future[Any]] | None], upto: int | None = None
+    ) -> None:
+        """``flush()`` the state, then ack every record added so far, or with ``upto`` (a
+        :meth:`mark`) only those added before it (not if ``flush`` raises); the others
+        wait for a later commit.
 
         ``flush`` may return the futures of the writes it made (Faust's changelog sends):
         the records are then acked when every one of them is delivered, from their done
         callbacks; a failed or cancelled write leaves them unacked (and counted in
         :attr:`failed`), so their offsets are never committed."""
         writes = list(flush() or ())
-        events, self._events = self._events, []
+        k = len(self._events) if upto is None else sum(1 for pos, _ in self._events if pos < upto)
+        events = [e for _, e in self._events[:k]]
+        del self._events[:k]
         if any(f.done() and not _delivered(f) for f in writes):  # already failed
             self._fail(events)
             return
@@ -111,7 +125,7 @@ class InputAcks:
         """Forget (without acking) the records of revoked partitions: uncommitted, they go
         to the next owner with their inputs."""
         gone = set(gone)
-        self._events = [e for e in self._events if self._partition_of(e) not in gone]
+        self._events = [(k, e) for k, e in self._events if self._partition_of(e) not in gone]
 
 
 def _delivered(fut: asyncio.Future[Any]) -> bool:

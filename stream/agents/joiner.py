@@ -59,6 +59,8 @@ class JoinerAgents:
         errors = rt.metrics.stage_errors.labels(stage="join_state_write")
         self.acks = InputAcks(lambda event: event.message.partition, on_failed=errors.inc)
         self._flushing = 0  # flushes sending now (a mark is read only when none is)
+        self._taken_to = 0  # acks position up to which a forced flush took the labels
+        self._sending: dict[object, int] = {}  # flushes sending -> their start
         self._sent_marks: dict[int, float] = {}  # input partition -> the last mark sent
 
     def install(self) -> None:
@@ -110,7 +112,7 @@ class JoinerAgents:
                 if labels and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
                     await self.flush_labeled(force=False)
                 elif len(self.acks) >= STATE_FLUSH_RECORDS:
-                    self.commit_state()
+                    await self.flush_labeled(force=True)
             except Exception:  # producing failed: the labels stay pending in the state
                 out.stage_error("joiner", out.where(event))
 
@@ -120,20 +122,36 @@ class JoinerAgents:
         A forced flush that no other flush overlaps also sends each partition's
         event-time mark when it moved (:meth:`stream.services.JoinService.marks`): as a
         header of the partition's last record, or of an empty record (same key, so after
-        its labels), so the monitor can close windows no later impression passes."""
+        its labels), so the monitor can close windows no later impression passes.
+
+        Only a forced flush commits the state and acks input records, and only the
+        records whose labels have left: those handled before its take, less those whose
+        labels an overlapping flush may still be sending. A record handled while a
+        flush awaits the broker has its labels queued (a click-time positive, a fake
+        negative); acked then, and the worker killed, they were lost, since its state
+        (the impression, the click) says nothing about them being sent."""
         rt, out = self.rt, self.out
         # taken in one go: the other flusher (timer or agent) runs while this one awaits
         ready = rt.join.take_ready(None if force else LABELED_FLUSH_SIZE)
         # marks read with the take: an overlapping flush may still be sending older labels
         marks = self._moved_marks() if force and not self._flushing else {}
+        # a forced take holds the labels of the records in [start, end) (acks positions);
+        # a partial one some of those of the records from start on
+        start, end = self._taken_to, self.acks.mark()
+        token = object()
+        self._sending[token] = start
+        if force:
+            self._taken_to = end
         self._flushing += 1
         try:
             await self._send_labeled(ready, marks)
         finally:
             self._flushing -= 1
+            self._sending.pop(token, None)
         while rt.join.orphans:
             await out.dead.send(value=rt.join.orphans.pop().to_json())
-        self.commit_state()
+        if force:
+            self.commit_state(upto=min([end, *self._sending.values()]))
 
     def _moved_marks(self) -> dict[int, float]:
         """The partitions' marks (every assigned input partition's, also one without
@@ -194,10 +212,11 @@ class JoinerAgents:
             if mark is not None:
                 self._sent_marks[partition] = mark
 
-    def commit_state(self) -> None:
-        """Flush the join state (and the feature state) to the producer; the inputs are
-        acked once the broker has every changelog write made since the last commit."""
-        self.acks.commit(self._flush_state)
+    def commit_state(self, upto: int | None = None) -> None:
+        """Flush the join state (and the feature state) to the producer; the inputs (all,
+        or those before the :meth:`stream.acks.InputAcks.mark` ``upto``) are acked once
+        the broker has every changelog write made since the last commit."""
+        self.acks.commit(self._flush_state, upto)
 
     def _flush_state(self) -> list[Any]:
         self.rt.join.save_features()

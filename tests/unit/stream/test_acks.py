@@ -64,6 +64,25 @@ def test_input_acks_wait_for_the_flush_and_skip_revoked_partitions() -> None:
     assert [e.acks for e in events] == [1, 0, 1, 0] and len(acks) == 0
 
 
+def test_input_acks_commit_up_to_a_mark_keeps_the_later_records() -> None:
+    """commit(upto=mark) acks only the records added before the mark, whatever was
+    dropped meanwhile; the rest wait for a later commit."""
+    acks = InputAcks(lambda e: e.partition)
+    events = [Event(p) for p in (0, 1, 0, 1, 0)]
+    for e in events[:3]:
+        acks.add(e)
+    mark = acks.mark()
+    for e in events[3:]:
+        acks.add(e)
+    acks.drop_partitions({1})  # the records of partition 1 go to the next owner
+    acks.commit(lambda: None, upto=mark)
+    assert [e.acks for e in events] == [1, 0, 1, 0, 0] and len(acks) == 1
+    acks.commit(lambda: None, upto=mark)  # nothing before the mark is left
+    assert events[4].acks == 0
+    acks.commit(lambda: None)
+    assert [e.acks for e in events] == [1, 0, 1, 0, 1] and len(acks) == 0
+
+
 def test_input_acks_wait_for_the_brokers_confirmation_of_every_write() -> None:
     """Faust may commit offsets while its producer buffer still holds changelog writes, so
     records are acked only when the writes of their flush are delivered."""

@@ -199,6 +199,46 @@ def test_a_revoked_partitions_queued_labels_are_sent_not_dropped(wired: Any) -> 
     assert let_go == [] and set(rt.join.outbox) == {1} and 0 not in rt.join.joiners
 
 
+def test_a_record_handled_while_a_flush_awaits_the_broker_is_acked_by_the_next(
+    wired: Any,
+) -> None:
+    """A forced flush acks only the records whose labels it took: one handled while it
+    awaited the broker has its labels still queued (acked and the worker killed, they
+    would be lost), so it waits for the next flush."""
+    app, rt, out = wired
+    agents = JoinerAgents(app, rt, out)
+    held: list[asyncio.Future[None]] = []
+    send = out.labeled.send
+
+    async def gated(*args: Any, **kwargs: Any) -> asyncio.Future[None]:
+        await send(*args, **kwargs)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        held.append(fut)
+        return fut
+
+    out.labeled.send = gated
+    wm = Watermark(T0 + 100).to_json()
+    first = [FakeEvent(TOPIC_IMPRESSIONS, 0, 0, imp("a", 0)),
+             FakeEvent(TOPIC_IMPRESSIONS, 0, 1, wm), FakeEvent(TOPIC_CLICKS, 0, 0, wm)]  # fmt: skip
+    late = FakeEvent(TOPIC_IMPRESSIONS, 0, 2, imp("b", 90))
+
+    async def go() -> None:
+        await agents.run(FakeStream(first))
+        flush = asyncio.create_task(agents.timed_flush())
+        while not held:  # the flush took a's label and awaits the broker
+            await asyncio.sleep(0)
+        await agents.run(FakeStream([late]))
+        for fut in held:
+            fut.set_result(None)
+        await flush
+        assert [e.acks for e in first] == [1, 1, 1] and late.acks == 0
+        out.labeled.send = send
+        await agents.timed_flush()
+        assert late.acks == 1
+
+    asyncio.run(go())
+
+
 def test_a_moved_mark_is_sent_once_alone_after_the_labels(wired: Any) -> None:
     app, rt, out = wired
     agents = JoinerAgents(app, rt, out)
