@@ -111,7 +111,9 @@ class JoinerAgents:
                     await out.dead.send(value=dl.to_json())
                 if labels and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
                     await self.flush_labeled(force=False)
-                elif len(self.acks) >= STATE_FLUSH_RECORDS:
+                elif len(self.acks) >= STATE_FLUSH_RECORDS and not self._flushing:
+                    # not while a flush awaits the broker: it holds acks back, and every
+                    # further record would start one more flush
                     await self.flush_labeled(force=True)
             except Exception:  # producing failed: the labels stay pending in the state
                 out.stage_error("joiner", out.where(event))
