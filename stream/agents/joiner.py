@@ -251,14 +251,15 @@ class JoinerAgents:
     async def send_revoked(self, revoked: set[TP]) -> None:
         """Send the queued labels of revoked input partitions before they are dropped.
 
-        The next owner re-emits a label only where the durable state still says it is
-        due, and reads again only the input records not acked. A click-time positive
-        leaves the state pending until :meth:`flush_labeled` has sent it, but its click
-        record may be acked before that (a state commit while a flush awaits the
-        broker): dropped with the outbox, that positive was lost. Sent here instead, at
-        least once (the trainer drops the duplicates the new owner may emit), and
-        without touching the state: the partition is no longer this worker's. Bounded by
-        :data:`REVOKE_SEND_S`; a failure is counted as a stage error."""
+        The next owner reads again the input records not acked (those whose labels are
+        queued, see :meth:`flush_labeled`), but re-emits a label only where the restored
+        state says it is due: a window's label or a click's positive, not a fake
+        negative, whose impression it restores as pending and then reads as a
+        duplicate. Dropped with the outbox, that fake negative was lost. Sent here
+        instead, at least once (the trainer drops the duplicates the new owner may
+        emit), and without touching the state: the partition is no longer this
+        worker's. Bounded by :data:`REVOKE_SEND_S`; a failure is counted as a stage
+        error."""
         gone = {tp.partition for tp in revoked if tp.topic in (TOPIC_IMPRESSIONS, TOPIC_CLICKS)}
         outbox, out = self.rt.join.outbox, self.out
         ready = {p: outbox.pop(p) for p in sorted(gone) if outbox.get(p)}
