@@ -12,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.workers import worker_processes
+from bench.workers import WorkerProc, worker_processes
 from logs.batches import decode_labeled
 from logs.events import TOPIC_LABELED, LabeledExample
 from logs.io import read_log_frame
@@ -36,21 +37,44 @@ N = 1500
 WINDOW_S = 120.0
 
 
-def _world(tmp_path: Path) -> tuple[Path, set[str], set[str], Path]:
-    """A slow log (5 impressions/s, clicks 20 s late), its impression ids, the clicks
-    inside the window, and the workers' config (window WINDOW_S, no lateness)."""
+def _world(
+    tmp_path: Path, seed: int = 11, delay_s: float = 20.0, ctr: float = 0.04, top: str = "",
+    idle_s: float = 60.0,
+) -> tuple[Path, set[str], set[str], Path]:  # fmt: skip
+    """A slow log (5 impressions/s, clicks ``delay_s`` late on average, base CTR ``ctr``),
+    its impression ids, the clicks inside the window, and the workers' config (window
+    WINDOW_S, no lateness, ``join.idle_timeout_s`` ``idle_s``; ``top``: lines above the
+    sections)."""
     log_path = tmp_path / "log.csv"
     write_synthetic(
         SyntheticConfig(
-            n_impressions=N, seed=11, drift_at=None, impressions_per_s=5.0, click_delay_mean_s=20.0
+            n_impressions=N, seed=seed, drift_at=None, impressions_per_s=5.0,
+            click_delay_mean_s=delay_s, base_ctr=ctr,
         ),
         log_path,
-    )
+    )  # fmt: skip
     df = read_log_frame(log_path)
     clicked = set(df["impression_id"][(df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)])
     config = tmp_path / "worker.toml"
-    config.write_text(f"[join]\nwindow_s = {WINDOW_S}\nlateness_s = 0.0\n")  # scheme: default
+    config.write_text(  # scheme: default
+        f"{top}[join]\nwindow_s = {WINDOW_S}\nlateness_s = 0.0\nidle_timeout_s = {idle_s}\n"
+    )
     return log_path, set(df["impression_id"].astype(str)), clicked, config
+
+
+@contextmanager
+def _two_joiners_and_a_trainer(
+    tmp_path: Path, config: Path
+) -> Iterator[tuple[EmbeddedBroker, WorkerProc, WorkerProc, WorkerProc]]:
+    """The embedded broker, its topics, and two joiner workers and a trainer worker with
+    ``config``."""
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        create_worker_topics(Settings(broker=broker.url))
+        roles = ("joiner", "joiner", "trainer")
+        with worker_processes(
+            broker.url, tmp_path, roles=roles, extra_args=("--config", str(config))
+        ) as (j1, j2, t):
+            yield broker, j1, j2, t
 
 
 def _wait_judged(url: str, clicked: set[str], deadline: float, check: Callable[[], None]) -> None:
@@ -145,23 +169,18 @@ def test_two_joiner_workers_marks_reach_the_trainer_workers_monitor(
     monkeypatch.delenv(WINDOW_SCHEME_ENV, raising=False)
     monkeypatch.setenv("STREAMREC_RECOVERY_CONSISTENCY_CHECK", "false")  # Tansu: see settings
     log_path, ids, clicked, config = _world(tmp_path)
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
-        create_worker_topics(Settings(broker=broker.url))
-        roles = ("joiner", "joiner", "trainer")
-        with worker_processes(
-            broker.url, tmp_path, roles=roles, extra_args=("--config", str(config))
-        ) as (j1, j2, t):
-            replay(log_path, broker.url, progress=False, final_watermark_gap_s=WINDOW_S + 61)
+    with _two_joiners_and_a_trainer(tmp_path, config) as (broker, j1, j2, t):
+        replay(log_path, broker.url, progress=False, final_watermark_gap_s=WINDOW_S + 61)
 
-            def alive() -> None:
-                for w in (j1, j2, t):
-                    w.check()
+        def alive() -> None:
+            for w in (j1, j2, t):
+                w.check()
 
-            _wait_judged(t.metrics_url, clicked, time.monotonic() + 120, alive)
-            # both joiners labelled (each owns some of the input partitions)
-            imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
-            assert sum(imps) == len(ids) and min(imps) > 0, imps
-            assert t.metrics().get("streamrec_impressions_total", 0) == 0
+        _wait_judged(t.metrics_url, clicked, time.monotonic() + 120, alive)
+        # both joiners labelled (each owns some of the input partitions)
+        imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
+        assert sum(imps) == len(ids) and min(imps) > 0, imps
+        assert t.metrics().get("streamrec_impressions_total", 0) == 0
 
 
 def test_a_stalled_joiner_holds_the_monitor_instead_of_losing_its_clicks(
@@ -177,56 +196,39 @@ def test_a_stalled_joiner_holds_the_monitor_instead_of_losing_its_clicks(
     were expected in this world, 10% CTR and 60 s click delays.)"""
     monkeypatch.delenv(WINDOW_SCHEME_ENV, raising=False)
     monkeypatch.setenv("STREAMREC_RECOVERY_CONSISTENCY_CHECK", "false")  # Tansu: see settings
-    log_path = tmp_path / "log.csv"
-    write_synthetic(
-        SyntheticConfig(
-            n_impressions=N, seed=5, drift_at=None, impressions_per_s=5.0,
-            click_delay_mean_s=60.0, base_ctr=0.1,
-        ),
-        log_path,
-    )  # fmt: skip
-    df = read_log_frame(log_path)
-    clicked = set(df["impression_id"][(df["click"] == 1) & (df["click_ts"] - df["ts"] <= WINDOW_S)])
-    config = tmp_path / "worker.toml"
-    config.write_text(
-        "session_timeout_s = 30.0\n"
-        f"[join]\nwindow_s = {WINDOW_S}\nlateness_s = 0.0\nidle_timeout_s = 2.0\n"
+    log_path, _, clicked, config = _world(
+        tmp_path, seed=5, delay_s=60.0, ctr=0.1, top="session_timeout_s = 30.0\n", idle_s=2.0
     )
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
-        create_worker_topics(Settings(broker=broker.url))
-        roles = ("joiner", "joiner", "trainer")
-        with worker_processes(
-            broker.url, tmp_path, roles=roles, extra_args=("--config", str(config))
-        ) as (j1, j2, t):
-            errors: list[BaseException] = []
+    with _two_joiners_and_a_trainer(tmp_path, config) as (broker, j1, j2, t):
+        errors: list[BaseException] = []
 
-            def run_replay() -> None:
-                try:
-                    replay(log_path, broker.url, speedup=10.0, progress=False,
-                           final_watermark_gap_s=WINDOW_S + 61)  # fmt: skip
-                except BaseException as exc:  # noqa: BLE001 - reported by the test
-                    errors.append(exc)
-
-            feeder = threading.Thread(target=run_replay)
-            feeder.start()
-            time.sleep(10.0)  # 100 s of event time: windows are open on every partition
-            j2.proc.send_signal(signal.SIGSTOP)
+        def run_replay() -> None:
             try:
-                time.sleep(12.0)
-                during = t.metrics()
-            finally:
-                j2.proc.send_signal(signal.SIGCONT)
-            feeder.join(timeout=120)
-            assert not feeder.is_alive() and not errors, errors
+                replay(log_path, broker.url, speedup=10.0, progress=False,
+                       final_watermark_gap_s=WINDOW_S + 61)  # fmt: skip
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
 
-            def alive() -> None:
-                for w in (j1, j2, t):
-                    w.check()
+        feeder = threading.Thread(target=run_replay)
+        feeder.start()
+        time.sleep(10.0)  # 100 s of event time: windows are open on every partition
+        j2.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(12.0)
+            during = t.metrics()
+        finally:
+            j2.proc.send_signal(signal.SIGCONT)
+        feeder.join(timeout=120)
+        assert not feeder.is_alive() and not errors, errors
 
-            _wait_judged(t.metrics_url, clicked, time.monotonic() + 120, alive)
-            # during the stall the monitor showed which partitions held it: their marks
-            # stood ~120 s of event time behind the others'
-            marks = [v for k, v in during.items() if k.startswith("streamrec_monitor_mark_")]
-            assert len(marks) == 4 and max(marks) - min(marks) > 30.0, during
-            imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
-            assert sum(imps) == N and min(imps) > 0, imps
+        def alive() -> None:
+            for w in (j1, j2, t):
+                w.check()
+
+        _wait_judged(t.metrics_url, clicked, time.monotonic() + 120, alive)
+        # during the stall the monitor showed which partitions held it: their marks
+        # stood ~120 s of event time behind the others'
+        marks = [v for k, v in during.items() if k.startswith("streamrec_monitor_mark_")]
+        assert len(marks) == 4 and max(marks) - min(marks) > 30.0, during
+        imps = [w.metrics().get("streamrec_impressions_total", 0) for w in (j1, j2)]
+        assert sum(imps) == N and min(imps) > 0, imps

@@ -82,14 +82,21 @@ def test_an_idle_partition_stops_holding_back_the_others() -> None:
     assert labeled == 1
 
 
-def test_a_partition_with_unconsumed_records_is_not_idle() -> None:
-    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
-    svc = JoinService(settings, StreamrecMetrics())
+def _behind_and_ahead(join: JoinConfig, impression: bool = True) -> JoinService:
+    """Partition 1 at 50 s of event time on both inputs, partition 0 at 1,000 s (with
+    impression "a" at 100 s when ``impression``): partition 1 holds partition 0 back."""
+    svc = JoinService(Settings(join=join), StreamrecMetrics())
     svc.handle(wm(50.0), "impressions", 1, 0)
     svc.handle(wm(50.0), "clicks", 1, 1)
-    svc.handle(imp("a", 100.0), "impressions", 0, 0)
+    if impression:
+        svc.handle(imp("a", 100.0), "impressions", 0, 0)
     svc.handle(wm(1000.0), "clicks", 0, 1)
     svc.handle(wm(1000.0), "impressions", 0, 2)
+    return svc
+
+
+def test_a_partition_with_unconsumed_records_is_not_idle() -> None:
+    svc = _behind_and_ahead(JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
     time.sleep(0.25)
     # partition 1 has a backlog: the consumer is just busy elsewhere
     svc.note_backlog({("impressions", 1): 5000, ("clicks", 1): 0, ("impressions", 0): 0})
@@ -138,13 +145,7 @@ def test_a_quiet_partition_is_marked_where_the_worker_released_everything() -> N
     """The joiner's idle rule reaches the monitor through the marks: a quiet partition
     (no record and no backlog for idle_timeout_s) is marked at the release point, as it
     stops holding the other partitions back here; until then it holds the marks too."""
-    settings = Settings(join=JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
-    svc = JoinService(settings, StreamrecMetrics())
-    svc.handle(wm(50.0), "impressions", 1, 0)
-    svc.handle(wm(50.0), "clicks", 1, 1)
-    svc.handle(imp("a", 100.0), "impressions", 0, 0)
-    svc.handle(wm(1000.0), "clicks", 0, 1)
-    svc.handle(wm(1000.0), "impressions", 0, 2)
+    svc = _behind_and_ahead(JoinConfig(window_s=60, lateness_s=0, idle_timeout_s=0.2))
     svc.tick()
     assert svc.marks([0, 1]) == {0: T0 + 50.0, 1: T0 + 50.0}
     time.sleep(0.25)
@@ -166,11 +167,7 @@ def test_a_quiet_partition_holding_a_fake_negative_keeps_its_mark() -> None:
     join = JoinConfig(
         window_s=60, lateness_s=0, idle_timeout_s=0.2, delayed_feedback="fake_negative"
     )
-    svc = JoinService(Settings(join=join), StreamrecMetrics())
-    svc.handle(wm(50.0), "impressions", 1, 0)
-    svc.handle(wm(50.0), "clicks", 1, 1)
-    svc.handle(wm(1000.0), "clicks", 0, 0)
-    svc.handle(wm(1000.0), "impressions", 0, 1)
+    svc = _behind_and_ahead(join, impression=False)
     time.sleep(0.25)
     svc.handle(wm(1010.0), "clicks", 0, 2)
     svc.handle(wm(1010.0), "impressions", 0, 3)
