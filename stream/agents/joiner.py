@@ -58,9 +58,9 @@ class JoinerAgents:
         self.app, self.rt, self.out = app, rt, out
         errors = rt.metrics.stage_errors.labels(stage="join_state_write")
         self.acks = InputAcks(lambda event: event.message.partition, on_failed=errors.inc)
-        self._flushing = 0  # flushes sending now (a mark is read only when none is)
         self._taken_to = 0  # acks position up to which a forced flush took the labels
-        self._sending: dict[object, int] = {}  # flushes sending -> their start
+        #: flushes sending now -> their start (a mark is read only when none is)
+        self._sending: dict[object, int] = {}
         self._sent_marks: dict[int, float] = {}  # input partition -> the last mark sent
 
     def install(self) -> None:
@@ -111,7 +111,7 @@ class JoinerAgents:
                     await out.dead.send(value=dl.to_json())
                 if labels and len(rt.join.outbox.get(msg.partition, ())) >= LABELED_FLUSH_SIZE:
                     await self.flush_labeled(force=False)
-                elif len(self.acks) >= STATE_FLUSH_RECORDS and not self._flushing:
+                elif len(self.acks) >= STATE_FLUSH_RECORDS and not self._sending:
                     # not while a flush awaits the broker: it holds acks back, and every
                     # further record would start one more flush
                     await self.flush_labeled(force=True)
@@ -136,7 +136,7 @@ class JoinerAgents:
         # taken in one go: the other flusher (timer or agent) runs while this one awaits
         ready = rt.join.take_ready(None if force else LABELED_FLUSH_SIZE)
         # marks read with the take: an overlapping flush may still be sending older labels
-        marks = self._moved_marks() if force and not self._flushing else {}
+        marks = self._moved_marks() if force and not self._sending else {}
         # a forced take holds the labels of the records in [start, end) (acks positions);
         # a partial one some of those of the records from start on
         start, end = self._taken_to, self.acks.mark()
@@ -144,11 +144,9 @@ class JoinerAgents:
         self._sending[token] = start
         if force:
             self._taken_to = end
-        self._flushing += 1
         try:
             await self._send_labeled(ready, marks)
         finally:
-            self._flushing -= 1
             self._sending.pop(token, None)
         while rt.join.orphans:
             await out.dead.send(value=rt.join.orphans.pop().to_json())
@@ -185,34 +183,42 @@ class JoinerAgents:
                 await out.labeled.send(
                     key=key, value=encode_labeled([]), headers=_mark_header(partition, MIN_TS)
                 )
-            # split by bytes (and count) under the record limit: valid but large impressions
-            # in one batch must not make the producer refuse it
-            records, too_large = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
             mark = marks.get(partition)
-            if mark is not None and not records:
-                records = [encode_labeled([])]
-            last = len(records) - 1
-            sending = [
-                await out.labeled.send(
-                    key=key,
-                    value=value,
-                    headers=_mark_header(partition, mark)
-                    if mark is not None and k == last
-                    else None,
-                )
-                for k, value in enumerate(records)
-            ]
-            for e in too_large:  # cannot happen with a limit >= 64 KiB events; kept safe
-                exc = InvalidEvent("too_large", "labelled example over max_message_bytes")
-                rt.metrics.dead_letters.labels(reason=exc.reason).inc()
-                letter = DeadLetter.of(TOPIC_LABELED, partition, -1, exc, e.impression.to_json())
-                await out.dead.send(value=letter.to_json())
             # the broker has the labels before the state says so: a RocksDB store is
             # local and durable at once, so marking them earlier could lose them
-            await asyncio.gather(*sending)
+            await self._send_records(partition, buf, mark)
             rt.join.sent(partition, buf)
             if mark is not None:
                 self._sent_marks[partition] = mark
+
+    async def _send_records(
+        self, partition: int, buf: list[LabeledExample], mark: float | None
+    ) -> None:
+        """Send one input partition's labels (``mark``, when given, in the header of the
+        last record, an empty one if there are no labels) and wait for the broker; a
+        label too large for a record goes to the dead letters."""
+        out = self.out
+        key = str(partition).encode()
+        # split by bytes (and count) under the record limit: valid but large impressions
+        # in one batch must not make the producer refuse it
+        records, too_large = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
+        if mark is not None and not records:
+            records = [encode_labeled([])]
+        last = len(records) - 1
+        sending = [
+            await out.labeled.send(
+                key=key,
+                value=value,
+                headers=_mark_header(partition, mark) if mark is not None and k == last else None,
+            )
+            for k, value in enumerate(records)
+        ]
+        for e in too_large:  # cannot happen with a limit >= 64 KiB events; kept safe
+            exc = InvalidEvent("too_large", "labelled example over max_message_bytes")
+            self.rt.metrics.dead_letters.labels(reason=exc.reason).inc()
+            letter = DeadLetter.of(TOPIC_LABELED, partition, -1, exc, e.impression.to_json())
+            await out.dead.send(value=letter.to_json())
+        await asyncio.gather(*sending)
 
     def commit_state(self, upto: int | None = None) -> None:
         """Flush the join state (and the feature state) to the producer; the inputs (all,
@@ -266,9 +272,7 @@ class JoinerAgents:
 
         async def send() -> None:
             for partition, buf in ready.items():
-                records, _ = labeled_records(buf, out.max_payload, LABELED_FLUSH_SIZE)
-                key = str(partition).encode()
-                await asyncio.gather(*[await out.labeled.send(key=key, value=v) for v in records])
+                await self._send_records(partition, buf, None)
 
         if not ready:
             return

@@ -239,10 +239,9 @@ class JoinService:
         longer than ``join.idle_timeout_s`` wall seconds do not hold the others back)."""
         if not self.joiners:
             return []
-        timeout = self.settings.join.idle_timeout_s
         now = time.monotonic()
         marks = [(j.watermark, j.last_activity) for j in self.joiners.values()]
-        live = [wm for wm, seen in marks if timeout is None or now - seen < timeout]
+        live = [wm for wm, seen in marks if not self._quiet(seen, now)]
         low = min(live) if live else max(wm for wm, _ in marks)
         self._since_release = 0
         if low <= self._released_to:
@@ -652,20 +651,25 @@ class JoinService:
         consumer has not fetched yet may hold a backlog of old impressions whose clicks
         would reach the monitor after their windows were judged (late positives)."""
         released = self._released_to if MIN_TS <= self._released_to < MAX_TS else MIN_TS
-        timeout = self.settings.join.idle_timeout_s
         now = time.monotonic()
         out: dict[int, float] = {}
         for p in assigned:
             if p not in self.joiners:
-                since = self._unseen_since.setdefault(p, now)
-                quiet = timeout is not None and now - since >= timeout
+                quiet = self._quiet(self._unseen_since.setdefault(p, now), now)
                 out[p] = released if quiet else MIN_TS
         for p, j in self.joiners.items():
             mark = joiner_mark(j)
-            if timeout is not None and now - j.last_activity >= timeout and not j.held:
+            if self._quiet(j.last_activity, now) and not j.held:
                 mark = max(mark, released)
             out[p] = mark
         return out
+
+    def _quiet(self, since: float, now: float) -> bool:
+        """The joiner's idle rule: an input partition whose last record (or backlog, or
+        assignment) was at wall time ``since`` is quiet at ``now`` after
+        ``join.idle_timeout_s`` (never without a timeout)."""
+        timeout = self.settings.join.idle_timeout_s
+        return timeout is not None and now - since >= timeout
 
     def take_ready(self, min_size: int | None = None) -> dict[int, list[LabeledExample]]:
         """Hand over the queued labels of every partition holding at least ``min_size``

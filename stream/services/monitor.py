@@ -436,8 +436,7 @@ class MonitorService:
         off = self.offset
         delays = off.delays if off is not None and off.delay_source == "estimated" else None
         m.offset_delay_clicks.set(0 if delays is None else delays.n_clicks)
-        pending = [fo.pending for fo in (self.outcomes,) if fo is not None]
-        m.monitor_pending_impressions.set(sum(pending))
+        m.monitor_pending_impressions.set(0 if self.outcomes is None else self.outcomes.pending)
         for p, w in self.marks.items():
             m.monitor_mark_seconds.labels(partition=str(p)).set(w)
 
